@@ -1,0 +1,79 @@
+# pullbox — the one entry point for building and testing.
+#
+# `make pullers` builds the two puller components (wasm32-unknown-unknown, no WASI):
+#   target/release/pullbox-puller.wasm   the default puller (guest/)
+#   target/release/pullbox-refuse.wasm   the puller that refuses every pull (guest/refuse/)
+#
+# Toolchain: where rustup has the wasm32-unknown-unknown target installed, the normal
+# cargo builds the guests. Otherwise (an offline machine) Debian's rustc-web, cargo-web,
+# rust-web-src and lld-22 build the standard library for the target with -Zbuild-std;
+# RUSTC must name Debian's compiler, whose version matches rust-web-src, or the rustup
+# proxy earlier on PATH wins. The guests get their own target directory, so the host
+# build's cache is never invalidated by guest flags. The core modules become components
+# with `wasm-tools component new`, which is installed with cargo when missing.
+
+.PHONY: pullers
+
+# ---- variables ------------------------------------------------------------------------
+
+CARGO          ?= cargo
+CARGO_BIN      ?= $(or $(CARGO_HOME),$(HOME)/.cargo)/bin
+WASM_TOOLS_VERSION := 1.263.0
+WASM_TOOLS     ?= $(or $(shell command -v wasm-tools 2>/dev/null),$(CARGO_BIN)/wasm-tools)
+
+WASM_TARGET    := wasm32-unknown-unknown
+WASM_PROFILE   := wasm
+GUEST_TARGET_DIR := target/wasm
+CORE_DIR       := $(GUEST_TARGET_DIR)/$(WASM_TARGET)/$(WASM_PROFILE)
+OUT_DIR        := target/release
+
+PULLER_CORE    := $(CORE_DIR)/pullbox_puller.wasm
+REFUSE_CORE    := $(CORE_DIR)/pullbox_refuse.wasm
+PULLER         := $(OUT_DIR)/pullbox-puller.wasm
+REFUSE         := $(OUT_DIR)/pullbox-refuse.wasm
+
+# Everything a guest build reads. Cargo.lock is left out on purpose: the host's
+# dependencies change it, and the guests' own pins are checked by cargo itself.
+GUEST_SOURCES  := Cargo.toml $(wildcard wit/*.wit) \
+                  $(shell find guest -name '*.rs' -o -name Cargo.toml 2>/dev/null)
+
+# rustup with the target installed: the ordinary build. Otherwise Debian's toolchain.
+HAVE_RUSTUP_WASM := $(shell rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) && echo yes)
+ifeq ($(HAVE_RUSTUP_WASM),yes)
+GUEST_CARGO    := $(CARGO)
+GUEST_ENV      :=
+GUEST_FLAGS    :=
+else
+DEBIAN_RUSTC   ?= /usr/bin/rustc
+DEBIAN_CARGO   ?= /usr/bin/cargo
+# rustc links wasm with `rust-lld` (Debian's rust-web-llvm ships /usr/bin/rust-lld); where
+# only lld-22's wasm-ld exists, name it as the linker for this target alone.
+WASM_LINKER    ?= $(if $(shell command -v rust-lld 2>/dev/null),,$(shell command -v wasm-ld-22 2>/dev/null || command -v wasm-ld 2>/dev/null))
+GUEST_CARGO    := $(DEBIAN_CARGO)
+GUEST_ENV      := RUSTC=$(DEBIAN_RUSTC) RUSTC_BOOTSTRAP=1 \
+                  $(if $(WASM_LINKER),CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=$(WASM_LINKER))
+GUEST_FLAGS    := -Zbuild-std=std,panic_abort
+endif
+
+# ---- pullers --------------------------------------------------------------------------
+
+pullers: $(PULLER) $(REFUSE)
+
+# One cargo run builds both core modules. Cargo does not touch an output it did not
+# relink, so the outputs are touched to stay newer than the sources make compared.
+$(PULLER_CORE) $(REFUSE_CORE) &: $(GUEST_SOURCES)
+	@test -n "$(HAVE_RUSTUP_WASM)" || test -x $(DEBIAN_RUSTC) || { \
+	  echo "error: no wasm32 toolchain: rustup target add $(WASM_TARGET), or apt-get install rustc-web cargo-web rust-web-src lld-22" >&2; exit 1; }
+	$(GUEST_ENV) CARGO_TARGET_DIR=$(GUEST_TARGET_DIR) $(GUEST_CARGO) build $(GUEST_FLAGS) \
+	  --target $(WASM_TARGET) --profile $(WASM_PROFILE) -p pullbox-puller -p pullbox-refuse
+	touch $(PULLER_CORE) $(REFUSE_CORE)
+
+# Core module -> component, validated before it replaces the old one.
+$(OUT_DIR)/pullbox-%.wasm: $(CORE_DIR)/pullbox_%.wasm | $(WASM_TOOLS)
+	@mkdir -p $(OUT_DIR)
+	$(WASM_TOOLS) component new $< -o $@.tmp
+	$(WASM_TOOLS) validate --features component-model $@.tmp
+	mv $@.tmp $@
+
+$(CARGO_BIN)/wasm-tools:
+	$(CARGO) install wasm-tools --version $(WASM_TOOLS_VERSION) --locked

@@ -1,0 +1,272 @@
+//! The component boundary (wasm32 only): the generated WIT bindings, the [`Host`] that
+//! calls the imports, and the export of interface `puller`.
+//!
+//! This is the only module that sees generated types. It converts them field by field to
+//! and from the plain types in [`crate::types`] and [`crate::error::Error`], one case to
+//! the same case, and forwards each export to the function of the same name at the crate
+//! root, so everything else compiles and is tested natively.
+
+use crate::error::Error;
+use crate::host::Host;
+use crate::types as t;
+
+wit_bindgen::generate!({
+    path: "../wit",
+    world: "puller-world",
+});
+
+use exports::pullbox::image::puller as exp;
+use pullbox::image::{content, diff, images, log, registry, snapshots, types as wit};
+
+/// The exported component.
+struct Puller;
+
+impl exp::Guest for Puller {
+    fn configure(settings: String) -> Result<(), wit::Error> {
+        crate::configure(&settings).map_err(to_wit)
+    }
+
+    fn pull_image(request: exp::PullRequest) -> Result<exp::ImageInfo, wit::Error> {
+        let request = t::PullRequest {
+            reference: request.reference,
+            platform: platform_from(request.platform),
+        };
+        crate::pull_image(&WitHost, &request).map(info_to).map_err(to_wit)
+    }
+
+    fn image_status(reference: String) -> Result<Option<exp::ImageInfo>, wit::Error> {
+        crate::image_status(&WitHost, &reference)
+            .map(|o| o.map(info_to))
+            .map_err(to_wit)
+    }
+
+    fn list_images() -> Result<Vec<exp::ImageInfo>, wit::Error> {
+        crate::list_images(&WitHost)
+            .map(|v| v.into_iter().map(info_to).collect())
+            .map_err(to_wit)
+    }
+
+    fn remove_image(reference: String) -> Result<(), wit::Error> {
+        crate::remove_image(&WitHost, &reference).map_err(to_wit)
+    }
+}
+
+export!(Puller);
+
+/// [`Host`] over the component's imports.
+struct WitHost;
+
+impl Host for WitHost {
+    fn resolve(&self, name: &str, reference: &str) -> crate::error::Result<t::Descriptor> {
+        registry::resolve(name, reference).map(descriptor_from).map_err(from_wit)
+    }
+
+    fn fetch(&self, name: &str, blobs: &[t::Descriptor]) -> crate::error::Result<()> {
+        let blobs: Vec<wit::Descriptor> = blobs.iter().map(descriptor_to).collect();
+        registry::fetch(name, &blobs).map_err(from_wit)
+    }
+
+    fn content_info(&self, digest: &str) -> crate::error::Result<t::ContentInfo> {
+        content::info(digest)
+            .map(|i| t::ContentInfo { digest: i.digest, size: i.size, labels: i.labels })
+            .map_err(from_wit)
+    }
+
+    fn content_read(&self, digest: &str, offset: u64, length: u32) -> crate::error::Result<Vec<u8>> {
+        content::read(digest, offset, length).map_err(from_wit)
+    }
+
+    fn content_max_read(&self) -> u32 {
+        content::max_read()
+    }
+
+    fn content_set_labels(&self, digest: &str, labels: &[(String, String)]) -> crate::error::Result<()> {
+        content::set_labels(digest, labels).map_err(from_wit)
+    }
+
+    fn snapshotter(&self) -> String {
+        snapshots::name()
+    }
+
+    fn snapshot_prepare(&self, key: &str, parent: &str) -> crate::error::Result<Vec<t::Mount>> {
+        snapshots::prepare(key, parent)
+            .map(|v| v.into_iter().map(mount_from).collect())
+            .map_err(from_wit)
+    }
+
+    fn snapshot_commit(&self, name: &str, key: &str) -> crate::error::Result<()> {
+        snapshots::commit(name, key).map_err(from_wit)
+    }
+
+    fn snapshot_stat(&self, key: &str) -> crate::error::Result<t::SnapshotInfo> {
+        snapshots::stat(key)
+            .map(|i| t::SnapshotInfo {
+                name: i.name,
+                parent: i.parent,
+                kind: match i.kind {
+                    snapshots::Kind::View => t::SnapshotKind::View,
+                    snapshots::Kind::Active => t::SnapshotKind::Active,
+                    snapshots::Kind::Committed => t::SnapshotKind::Committed,
+                },
+                labels: i.labels,
+            })
+            .map_err(from_wit)
+    }
+
+    fn snapshot_remove(&self, key: &str) -> crate::error::Result<()> {
+        snapshots::remove(key).map_err(from_wit)
+    }
+
+    fn diff_apply(&self, layer: &t::Descriptor, mounts: &[t::Mount]) -> crate::error::Result<String> {
+        let mounts: Vec<wit::Mount> = mounts.iter().map(mount_to).collect();
+        diff::apply(&descriptor_to(layer), &mounts).map_err(from_wit)
+    }
+
+    fn image_get(&self, name: &str) -> crate::error::Result<t::ImageRecord> {
+        images::get(name).map(image_from).map_err(from_wit)
+    }
+
+    fn image_list(&self) -> crate::error::Result<Vec<t::ImageRecord>> {
+        images::list()
+            .map(|v| v.into_iter().map(image_from).collect())
+            .map_err(from_wit)
+    }
+
+    fn image_create(&self, image: &t::ImageRecord) -> crate::error::Result<t::ImageRecord> {
+        images::create(&image_to(image)).map(image_from).map_err(from_wit)
+    }
+
+    fn image_update(&self, image: &t::ImageRecord) -> crate::error::Result<t::ImageRecord> {
+        images::update(&image_to(image)).map(image_from).map_err(from_wit)
+    }
+
+    fn image_delete(&self, name: &str) -> crate::error::Result<()> {
+        images::delete(name).map_err(from_wit)
+    }
+
+    fn log(&self, level: t::Level, message: &str) {
+        let level = match level {
+            t::Level::Trace => log::Level::Trace,
+            t::Level::Debug => log::Level::Debug,
+            t::Level::Info => log::Level::Info,
+            t::Level::Warn => log::Level::Warn,
+            t::Level::Error => log::Level::Error,
+        };
+        log::log(level, message);
+    }
+
+    fn progress(&self, stage: &str, detail: &str) {
+        log::progress(stage, detail);
+    }
+}
+
+fn to_wit(e: Error) -> wit::Error {
+    match e {
+        Error::NotFound(m) => wit::Error::NotFound(m),
+        Error::AlreadyExists(m) => wit::Error::AlreadyExists(m),
+        Error::InvalidArgument(m) => wit::Error::InvalidArgument(m),
+        Error::FailedPrecondition(m) => wit::Error::FailedPrecondition(m),
+        Error::PermissionDenied(m) => wit::Error::PermissionDenied(m),
+        Error::ResourceExhausted(m) => wit::Error::ResourceExhausted(m),
+        Error::Unavailable(m) => wit::Error::Unavailable(m),
+        Error::Cancelled(m) => wit::Error::Cancelled(m),
+        Error::Internal(m) => wit::Error::Internal(m),
+    }
+}
+
+fn from_wit(e: wit::Error) -> Error {
+    match e {
+        wit::Error::NotFound(m) => Error::NotFound(m),
+        wit::Error::AlreadyExists(m) => Error::AlreadyExists(m),
+        wit::Error::InvalidArgument(m) => Error::InvalidArgument(m),
+        wit::Error::FailedPrecondition(m) => Error::FailedPrecondition(m),
+        wit::Error::PermissionDenied(m) => Error::PermissionDenied(m),
+        wit::Error::ResourceExhausted(m) => Error::ResourceExhausted(m),
+        wit::Error::Unavailable(m) => Error::Unavailable(m),
+        wit::Error::Cancelled(m) => Error::Cancelled(m),
+        wit::Error::Internal(m) => Error::Internal(m),
+    }
+}
+
+fn platform_from(p: wit::Platform) -> t::Platform {
+    t::Platform {
+        os: p.os,
+        architecture: p.architecture,
+        variant: p.variant,
+        os_version: p.os_version,
+        os_features: p.os_features,
+    }
+}
+
+fn platform_to(p: &t::Platform) -> wit::Platform {
+    wit::Platform {
+        os: p.os.clone(),
+        architecture: p.architecture.clone(),
+        variant: p.variant.clone(),
+        os_version: p.os_version.clone(),
+        os_features: p.os_features.clone(),
+    }
+}
+
+fn descriptor_from(d: wit::Descriptor) -> t::Descriptor {
+    t::Descriptor {
+        media_type: d.media_type,
+        digest: d.digest,
+        size: d.size,
+        annotations: d.annotations,
+        platform: d.platform.map(platform_from),
+        urls: d.urls,
+    }
+}
+
+fn descriptor_to(d: &t::Descriptor) -> wit::Descriptor {
+    wit::Descriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: d.size,
+        annotations: d.annotations.clone(),
+        platform: d.platform.as_ref().map(platform_to),
+        urls: d.urls.clone(),
+    }
+}
+
+fn mount_from(m: wit::Mount) -> t::Mount {
+    t::Mount { kind: m.kind, source: m.source, options: m.options }
+}
+
+fn mount_to(m: &t::Mount) -> wit::Mount {
+    wit::Mount { kind: m.kind.clone(), source: m.source.clone(), options: m.options.clone() }
+}
+
+fn image_from(i: wit::Image) -> t::ImageRecord {
+    t::ImageRecord {
+        name: i.name,
+        target: descriptor_from(i.target),
+        labels: i.labels,
+        created_at: i.created_at,
+        updated_at: i.updated_at,
+    }
+}
+
+fn image_to(i: &t::ImageRecord) -> wit::Image {
+    wit::Image {
+        name: i.name.clone(),
+        target: descriptor_to(&i.target),
+        labels: i.labels.clone(),
+        created_at: i.created_at,
+        updated_at: i.updated_at,
+    }
+}
+
+fn info_to(i: t::ImageInfo) -> exp::ImageInfo {
+    exp::ImageInfo {
+        id: i.id,
+        repo_tags: i.repo_tags,
+        repo_digests: i.repo_digests,
+        size: i.size,
+        chain_id: i.chain_id,
+        manifest_digest: i.manifest_digest,
+        user: i.user,
+        pinned: i.pinned,
+    }
+}

@@ -1,0 +1,390 @@
+//! An in-memory [`Host`] for the unit tests of the pull and catalog logic.
+//!
+//! [`FakeHost`] plays registry (blobs and tags pushed by the tests), content store,
+//! snapshotter, differ and image store with the semantics the WIT documents, including the
+//! error cases the puller must handle, and records every mutating call in
+//! [`State::calls`] so tests can assert what was asked and in which order. Layers are
+//! uncompressed: a layer's diff ID is the sha256 of its bytes unless
+//! [`State::diff_override`] says otherwise. [`State::commit_race`] makes another
+//! (imaginary) pull commit a snapshot just before ours.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::digest::sha256;
+use crate::error::{Error, Result};
+use crate::host::Host;
+use crate::oci;
+use crate::types::{
+    ContentInfo, Descriptor, ImageRecord, Level, Mount, Platform, SnapshotInfo, SnapshotKind,
+};
+
+/// Media type of the fake's layers.
+pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// One snapshot.
+#[derive(Debug, Clone)]
+pub struct Snap {
+    pub parent: String,
+    pub kind: SnapshotKind,
+}
+
+/// Everything the fake holds.
+#[derive(Debug, Default)]
+pub struct State {
+    /// The registry's blobs.
+    pub remote: BTreeMap<String, Vec<u8>>,
+    /// The registry's manifests: (name, tag or digest) → root descriptor.
+    pub refs: BTreeMap<(String, String), Descriptor>,
+    /// The content store: digest → (bytes, labels).
+    pub content: BTreeMap<String, (Vec<u8>, BTreeMap<String, String>)>,
+    pub snapshots: BTreeMap<String, Snap>,
+    pub images: BTreeMap<String, ImageRecord>,
+    pub logs: Vec<(Level, String)>,
+    pub progress: Vec<(String, String)>,
+    /// Mutating calls, in order: `fetch <digests>`, `prepare <key> <parent>`, `apply
+    /// <digest> <key>`, `commit <name> <key>`, `remove <key>`, `label <digest>`, `create
+    /// <name>`, `update <name>`, `delete <name>`.
+    pub calls: Vec<String>,
+    /// Number of `content.read` calls.
+    pub reads: usize,
+    pub max_read: u32,
+    /// Layer digest → the diff ID `apply` reports.
+    pub diff_override: BTreeMap<String, String>,
+    /// Layer digest → the error `apply` fails with.
+    pub apply_error: BTreeMap<String, Error>,
+    /// Snapshot names another pull commits right before ours.
+    pub commit_race: BTreeSet<String>,
+    pub clock: u64,
+}
+
+/// The fake host.
+pub struct FakeHost {
+    pub s: RefCell<State>,
+}
+
+/// A pushed single-platform image.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    pub manifest: Descriptor,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    pub diff_ids: Vec<String>,
+}
+
+impl FakeHost {
+    pub fn new() -> FakeHost {
+        FakeHost { s: RefCell::new(State { max_read: 1 << 20, ..State::default() }) }
+    }
+
+    /// Puts a blob into the registry.
+    pub fn push_blob(&self, media_type: &str, bytes: &[u8]) -> Descriptor {
+        let digest = sha256(bytes);
+        self.s.borrow_mut().remote.insert(digest.clone(), bytes.to_vec());
+        Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size: bytes.len() as u64,
+            ..Descriptor::default()
+        }
+    }
+
+    /// Pushes layers, a config and an OCI manifest.
+    pub fn push_image(&self, layers: &[&[u8]], user: &str) -> Pushed {
+        let layers: Vec<Descriptor> = layers.iter().map(|l| self.push_blob(LAYER_TAR, l)).collect();
+        let diff_ids: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"User": user},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let config = self.push_blob(oci::OCI_CONFIG, config.to_string().as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": oci::OCI_MANIFEST,
+            "config": desc_json(&config),
+            "layers": layers.iter().map(desc_json).collect::<Vec<_>>(),
+        });
+        let manifest = self.push_blob(oci::OCI_MANIFEST, manifest.to_string().as_bytes());
+        Pushed { manifest, config, layers, diff_ids }
+    }
+
+    /// Pushes an OCI index of `entries`.
+    pub fn push_index(&self, entries: &[(&Descriptor, &str)]) -> Descriptor {
+        let manifests: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(d, platform)| {
+                let mut v = desc_json(d);
+                if !platform.is_empty() {
+                    let mut parts = platform.split('/');
+                    let mut p = serde_json::json!({
+                        "os": parts.next().unwrap(), "architecture": parts.next().unwrap(),
+                    });
+                    if let Some(variant) = parts.next() {
+                        p["variant"] = variant.into();
+                    }
+                    v["platform"] = p;
+                }
+                v
+            })
+            .collect();
+        let index = serde_json::json!({
+            "schemaVersion": 2, "mediaType": oci::OCI_INDEX, "manifests": manifests,
+        });
+        self.push_blob(oci::OCI_INDEX, index.to_string().as_bytes())
+    }
+
+    /// Makes `name:tag` and `name@digest` resolve to `root`.
+    pub fn tag(&self, name: &str, tag: &str, root: &Descriptor) {
+        let mut s = self.s.borrow_mut();
+        s.refs.insert((name.into(), tag.into()), root.clone());
+        s.refs.insert((name.into(), root.digest.clone()), root.clone());
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.s.borrow().calls.clone()
+    }
+
+    pub fn clear_calls(&self) {
+        self.s.borrow_mut().calls.clear();
+    }
+
+    pub fn content_labels(&self, digest: &str) -> BTreeMap<String, String> {
+        self.s.borrow().content.get(digest).map(|c| c.1.clone()).unwrap_or_default()
+    }
+
+    pub fn record_names(&self) -> Vec<String> {
+        self.s.borrow().images.keys().cloned().collect()
+    }
+
+    fn call(&self, c: String) {
+        self.s.borrow_mut().calls.push(c);
+    }
+}
+
+pub fn desc_json(d: &Descriptor) -> serde_json::Value {
+    serde_json::json!({"mediaType": d.media_type, "digest": d.digest, "size": d.size})
+}
+
+/// `linux/amd64`-style platform.
+pub fn platform(s: &str) -> Platform {
+    let mut parts = s.split('/');
+    Platform {
+        os: parts.next().unwrap_or_default().into(),
+        architecture: parts.next().unwrap_or_default().into(),
+        variant: parts.next().unwrap_or_default().into(),
+        ..Platform::default()
+    }
+}
+
+impl Host for FakeHost {
+    fn resolve(&self, name: &str, reference: &str) -> Result<Descriptor> {
+        let mut s = self.s.borrow_mut();
+        let desc = s
+            .refs
+            .get(&(name.to_string(), reference.to_string()))
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("{name}:{reference}: manifest unknown")))?;
+        if let Some(bytes) = s.remote.get(&desc.digest).cloned() {
+            s.content.entry(desc.digest.clone()).or_insert((bytes, BTreeMap::new()));
+        }
+        Ok(desc)
+    }
+
+    fn fetch(&self, _name: &str, blobs: &[Descriptor]) -> Result<()> {
+        let digests: Vec<&str> = blobs.iter().map(|b| b.digest.as_str()).collect();
+        self.call(format!("fetch {}", digests.join(",")));
+        let mut s = self.s.borrow_mut();
+        for b in blobs {
+            if let Some(bytes) = s.remote.get(&b.digest).cloned() {
+                s.content.entry(b.digest.clone()).or_insert((bytes, BTreeMap::new()));
+            }
+        }
+        Ok(())
+    }
+
+    fn content_info(&self, digest: &str) -> Result<ContentInfo> {
+        let s = self.s.borrow();
+        let (bytes, labels) = s
+            .content
+            .get(digest)
+            .ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
+        Ok(ContentInfo {
+            digest: digest.into(),
+            size: bytes.len() as u64,
+            labels: labels.clone().into_iter().collect(),
+        })
+    }
+
+    fn content_read(&self, digest: &str, offset: u64, length: u32) -> Result<Vec<u8>> {
+        let mut s = self.s.borrow_mut();
+        s.reads += 1;
+        if length > s.max_read {
+            return Err(Error::ResourceExhausted(format!("read of {length} bytes over the cap")));
+        }
+        let (bytes, _) = s
+            .content
+            .get(digest)
+            .ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
+        if offset > bytes.len() as u64 {
+            return Err(Error::InvalidArgument(format!("offset {offset} past the end of {digest}")));
+        }
+        let start = offset as usize;
+        let end = (start + length as usize).min(bytes.len());
+        Ok(bytes[start..end].to_vec())
+    }
+
+    fn content_max_read(&self) -> u32 {
+        self.s.borrow().max_read
+    }
+
+    fn content_set_labels(&self, digest: &str, labels: &[(String, String)]) -> Result<()> {
+        self.call(format!("label {digest}"));
+        let mut s = self.s.borrow_mut();
+        let (_, have) = s
+            .content
+            .get_mut(digest)
+            .ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
+        for (k, v) in labels {
+            if v.is_empty() {
+                have.remove(k);
+            } else {
+                have.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshotter(&self) -> String {
+        "overlayfs".into()
+    }
+
+    fn snapshot_prepare(&self, key: &str, parent: &str) -> Result<Vec<Mount>> {
+        self.call(format!("prepare {key} {parent}"));
+        let mut s = self.s.borrow_mut();
+        if s.snapshots.contains_key(key) {
+            return Err(Error::AlreadyExists(format!("snapshot {key}")));
+        }
+        if !parent.is_empty() {
+            match s.snapshots.get(parent) {
+                None => return Err(Error::NotFound(format!("parent {parent}"))),
+                Some(p) if p.kind != SnapshotKind::Committed => {
+                    return Err(Error::FailedPrecondition(format!("parent {parent} not committed")))
+                }
+                Some(_) => {}
+            }
+        }
+        s.snapshots.insert(key.into(), Snap { parent: parent.into(), kind: SnapshotKind::Active });
+        Ok(vec![Mount { kind: "bind".into(), source: key.into(), options: vec!["rw".into()] }])
+    }
+
+    fn snapshot_commit(&self, name: &str, key: &str) -> Result<()> {
+        self.call(format!("commit {name} {key}"));
+        let mut s = self.s.borrow_mut();
+        if s.commit_race.remove(name) {
+            let parent = s.snapshots.get(key).map(|k| k.parent.clone()).unwrap_or_default();
+            s.snapshots.insert(name.into(), Snap { parent, kind: SnapshotKind::Committed });
+        }
+        if s.snapshots.contains_key(name) {
+            return Err(Error::AlreadyExists(format!("snapshot {name}")));
+        }
+        let snap = s.snapshots.remove(key).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        if snap.kind != SnapshotKind::Active {
+            return Err(Error::FailedPrecondition(format!("snapshot {key} is not active")));
+        }
+        s.snapshots.insert(name.into(), Snap { kind: SnapshotKind::Committed, ..snap });
+        Ok(())
+    }
+
+    fn snapshot_stat(&self, key: &str) -> Result<SnapshotInfo> {
+        let s = self.s.borrow();
+        let snap = s.snapshots.get(key).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        Ok(SnapshotInfo { name: key.into(), parent: snap.parent.clone(), kind: snap.kind, labels: vec![] })
+    }
+
+    fn snapshot_remove(&self, key: &str) -> Result<()> {
+        self.call(format!("remove {key}"));
+        let mut s = self.s.borrow_mut();
+        if s.snapshots.values().any(|c| c.parent == key) {
+            return Err(Error::FailedPrecondition(format!("snapshot {key} has children")));
+        }
+        s.snapshots.remove(key).map(|_| ()).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
+    }
+
+    fn diff_apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<String> {
+        let key = mounts.first().map(|m| m.source.clone()).unwrap_or_default();
+        self.call(format!("apply {} {key}", layer.digest));
+        let s = self.s.borrow();
+        if let Some(e) = s.apply_error.get(&layer.digest) {
+            return Err(e.clone());
+        }
+        match s.snapshots.get(&key) {
+            Some(snap) if snap.kind == SnapshotKind::Active => {}
+            _ => return Err(Error::InvalidArgument(format!("mounts of {key:?} are not active"))),
+        }
+        let (bytes, _) = s
+            .content
+            .get(&layer.digest)
+            .ok_or_else(|| Error::NotFound(format!("content {}", layer.digest)))?;
+        Ok(s.diff_override.get(&layer.digest).cloned().unwrap_or_else(|| sha256(bytes)))
+    }
+
+    fn image_get(&self, name: &str) -> Result<ImageRecord> {
+        self.s.borrow().images.get(name).cloned().ok_or_else(|| Error::NotFound(format!("image {name}")))
+    }
+
+    fn image_list(&self) -> Result<Vec<ImageRecord>> {
+        Ok(self.s.borrow().images.values().cloned().collect())
+    }
+
+    fn image_create(&self, image: &ImageRecord) -> Result<ImageRecord> {
+        self.call(format!("create {}", image.name));
+        let mut s = self.s.borrow_mut();
+        if s.images.contains_key(&image.name) {
+            return Err(Error::AlreadyExists(format!("image {}", image.name)));
+        }
+        s.clock += 1;
+        let mut rec = image.clone();
+        rec.labels.sort();
+        rec.created_at = s.clock;
+        rec.updated_at = s.clock;
+        s.images.insert(rec.name.clone(), rec.clone());
+        Ok(rec)
+    }
+
+    fn image_update(&self, image: &ImageRecord) -> Result<ImageRecord> {
+        self.call(format!("update {}", image.name));
+        let mut s = self.s.borrow_mut();
+        s.clock += 1;
+        let clock = s.clock;
+        let old = s.images.get_mut(&image.name).ok_or_else(|| Error::NotFound(format!("image {}", image.name)))?;
+        old.target = image.target.clone();
+        old.labels = image.labels.clone();
+        old.labels.sort();
+        old.updated_at = clock;
+        Ok(old.clone())
+    }
+
+    fn image_delete(&self, name: &str) -> Result<()> {
+        self.call(format!("delete {name}"));
+        self.s.borrow_mut().images.remove(name).map(|_| ()).ok_or_else(|| Error::NotFound(format!("image {name}")))
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        self.s.borrow_mut().logs.push((level, message.into()));
+    }
+
+    fn progress(&self, stage: &str, detail: &str) {
+        self.s.borrow_mut().progress.push((stage.into(), detail.into()));
+    }
+}
+
+impl FakeHost {
+    /// Leaves an active snapshot `key` behind, as a killed pull would.
+    pub fn snapshot_prepare_direct(&self, key: &str) {
+        self.s
+            .borrow_mut()
+            .snapshots
+            .insert(key.into(), Snap { parent: String::new(), kind: SnapshotKind::Active });
+    }
+}

@@ -1,0 +1,70 @@
+//! [`Host`]: everything the puller asks of pullbox's native side, one method per WIT import.
+//!
+//! The pull, status, list and remove logic is written against this trait, not against the
+//! generated bindings, so it compiles natively and its unit tests run it against an
+//! in-memory fake. In the component, `bindings::WitHost` implements it by calling the
+//! imports. Methods take `&self`: the imports are free functions, and the fake keeps its
+//! state behind a `RefCell`.
+
+use crate::error::Result;
+use crate::types::{ContentInfo, Descriptor, ImageRecord, Level, Mount, SnapshotInfo};
+
+/// The imports of world `puller-world`, as the puller logic uses them.
+pub trait Host {
+    // --- registry ---
+
+    /// `registry.resolve`: resolves `name` + tag or digest to the root descriptor, whose
+    /// blob is then in the content store.
+    fn resolve(&self, name: &str, reference: &str) -> Result<Descriptor>;
+    /// `registry.fetch`: starts fetching `blobs` of repository `name`; returns at once.
+    fn fetch(&self, name: &str, blobs: &[Descriptor]) -> Result<()>;
+
+    // --- content ---
+
+    /// `content.info`: what the store knows of a blob; waits for a fetch in flight.
+    fn content_info(&self, digest: &str) -> Result<ContentInfo>;
+    /// `content.read`: up to `length` bytes from `offset`.
+    fn content_read(&self, digest: &str, offset: u64, length: u32) -> Result<Vec<u8>>;
+    /// `content.max-read`: the largest `length` `content_read` accepts.
+    fn content_max_read(&self) -> u32;
+    /// `content.set-labels`: sets (empty value: removes) labels on a blob.
+    fn content_set_labels(&self, digest: &str, labels: &[(String, String)]) -> Result<()>;
+
+    // --- snapshots ---
+
+    /// `snapshots.name`: the snapshotter's name, for the GC label.
+    fn snapshotter(&self) -> String;
+    /// `snapshots.prepare`: an active snapshot `key` on top of `parent` (empty: none).
+    fn snapshot_prepare(&self, key: &str, parent: &str) -> Result<Vec<Mount>>;
+    /// `snapshots.commit`: commits active `key` as `name`.
+    fn snapshot_commit(&self, name: &str, key: &str) -> Result<()>;
+    /// `snapshots.stat`: what the snapshotter knows of `key`.
+    fn snapshot_stat(&self, key: &str) -> Result<SnapshotInfo>;
+    /// `snapshots.remove`: removes a snapshot.
+    fn snapshot_remove(&self, key: &str) -> Result<()>;
+
+    // --- diff ---
+
+    /// `diff.apply`: applies `layer` onto `mounts`, returns its diff ID.
+    fn diff_apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<String>;
+
+    // --- images ---
+
+    /// `images.get`.
+    fn image_get(&self, name: &str) -> Result<ImageRecord>;
+    /// `images.list`.
+    fn image_list(&self) -> Result<Vec<ImageRecord>>;
+    /// `images.create`.
+    fn image_create(&self, image: &ImageRecord) -> Result<ImageRecord>;
+    /// `images.update`.
+    fn image_update(&self, image: &ImageRecord) -> Result<ImageRecord>;
+    /// `images.delete`.
+    fn image_delete(&self, name: &str) -> Result<()>;
+
+    // --- log ---
+
+    /// `log.log`.
+    fn log(&self, level: Level, message: &str);
+    /// `log.progress`.
+    fn progress(&self, stage: &str, detail: &str);
+}

@@ -1,0 +1,245 @@
+//! The layer applier: decompresses a committed layer blob, unpacks it onto an active
+//! snapshot's upper directory, and returns its diff ID.
+//!
+//! [`Applier`] implements [`Differ`]. The pipeline runs on the blocking pool, streaming:
+//! blob file → decompressor (chosen by [`Compression::of_layer`]: none, gzip or zstd) →
+//! [`HashingReader`] (sha256 of the uncompressed stream: the diff ID) → [`unpack`]. After the
+//! archive's end marker, the rest of the uncompressed stream is drained into the hash, so the
+//! diff ID covers every byte, as the OCI spec defines it.
+//!
+//! The upper directory comes from the mounts: a `bind` mount's source, or an `overlay`
+//! mount's `upperdir=`. Because mounts arrive from the puller (untrusted), the applier only
+//! writes into a directory that is the `fs` of an *active* snapshot of this store; anything
+//! else is `InvalidArgument`.
+
+use std::{
+    fs::File,
+    io::{self, BufReader, Read},
+    path::{Component, PathBuf},
+};
+
+use async_trait::async_trait;
+
+use super::{blocking, content::blob_error, db::Db, snapshots, unpack::unpack, Layout};
+use crate::{
+    backend::Differ,
+    error::{Error, Result},
+    oci::{Algorithm, Compression, Descriptor, Digest, Hasher, Mount},
+};
+
+/// The embedded layer applier.
+pub(crate) struct Applier {
+    layout: Layout,
+    db: Db,
+}
+
+/// A reader that hashes everything read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Hasher,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// The directory a layer is applied to, from an active snapshot's mounts.
+fn upper_dir(mounts: &[Mount]) -> Result<PathBuf> {
+    let [mount] = mounts else {
+        return Err(Error::InvalidArgument(format!("a layer is applied onto exactly one mount, not {}", mounts.len())));
+    };
+    match mount.kind.as_str() {
+        "bind" if mount.options.iter().any(|o| o == "ro") => {
+            Err(Error::InvalidArgument(format!("cannot apply a layer onto read-only mount {}", mount.source)))
+        }
+        "bind" => Ok(PathBuf::from(&mount.source)),
+        "overlay" => {
+            mount.options.iter().find_map(|o| o.strip_prefix("upperdir=")).map(PathBuf::from).ok_or_else(|| {
+                Error::InvalidArgument("cannot apply a layer onto a read-only overlay (no upperdir)".into())
+            })
+        }
+        other => Err(Error::InvalidArgument(format!("cannot apply a layer onto a mount of type {other:?}"))),
+    }
+}
+
+impl Applier {
+    pub(crate) fn new(layout: Layout, db: Db) -> Applier {
+        Applier { layout, db }
+    }
+
+    /// Checks that `upper` is the `fs` directory of an active snapshot of this store.
+    async fn check_upper(&self, upper: &std::path::Path) -> Result<()> {
+        let refused = || Error::InvalidArgument(format!("{} is not an active snapshot of this store", upper.display()));
+        let rel = upper.strip_prefix(self.layout.snapshots()).map_err(|_| refused())?;
+        let parts: Vec<_> = rel.components().collect();
+        let id = match parts.as_slice() {
+            [Component::Normal(id), Component::Normal(fs)] if *fs == "fs" => {
+                id.to_str().and_then(|s| s.parse::<i64>().ok())
+            }
+            _ => None,
+        }
+        .ok_or_else(refused)?;
+        if self.db.read(move |conn| snapshots::is_active(conn, id)).await? {
+            Ok(())
+        } else {
+            Err(refused())
+        }
+    }
+}
+
+#[async_trait]
+impl Differ for Applier {
+    async fn apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<Digest> {
+        let compression = Compression::of_layer(&layer.media_type).ok_or_else(|| {
+            Error::InvalidArgument(format!("{} has media type {:?}, not a layer", layer.digest, layer.media_type))
+        })?;
+        let upper = upper_dir(mounts)?;
+        self.check_upper(&upper).await?;
+        let (blob, layer) = (self.layout.blob(&layer.digest), layer.clone());
+        blocking(move || {
+            let digest = &layer.digest;
+            let file = File::open(&blob).map_err(blob_error(digest))?;
+            let size = file.metadata().map_err(blob_error(digest))?.len();
+            if size != layer.size {
+                return Err(Error::Mismatch {
+                    what: format!("size of layer {digest}"),
+                    expected: format!("{} bytes", layer.size),
+                    actual: format!("{size} bytes"),
+                });
+            }
+            let file = BufReader::new(file);
+            let bad =
+                |e: io::Error| Error::BadLayer { layer: digest.to_string(), reason: format!("decompressing: {e}") };
+            let decompressed: Box<dyn Read> = match compression {
+                Compression::None => Box::new(file),
+                Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(file)),
+                Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file).map_err(bad)?),
+            };
+            let reader = HashingReader { inner: decompressed, hasher: Hasher::new(Algorithm::Sha256) };
+            let mut rest = unpack(reader, &upper, digest.as_str())?;
+            io::copy(&mut rest, &mut io::sink()).map_err(bad)?;
+            Ok(rest.hasher.finish())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, io::Write, os::unix::fs::FileTypeExt};
+
+    use super::*;
+    use crate::backend::{embedded::open, embedded::unpack::tests::Tar, Backend, LeaseId};
+
+    async fn setup() -> (tempfile::TempDir, Backend, LeaseId) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = open(dir.path()).unwrap();
+        let lease = backend.leases.create().await.unwrap();
+        (dir, backend, lease)
+    }
+
+    async fn store(b: &Backend, lease: &LeaseId, media_type: &str, data: &[u8]) -> Descriptor {
+        let desc = Descriptor {
+            media_type: media_type.into(),
+            digest: Digest::sha256_of(data),
+            size: data.len() as u64,
+            annotations: Default::default(),
+            platform: None,
+            urls: vec![],
+        };
+        let mut w = b.content.writer(&desc, lease).await.unwrap();
+        w.write(data).await.unwrap();
+        w.commit().await.unwrap();
+        desc
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[tokio::test]
+    async fn applies_layers_and_returns_diff_ids() {
+        let (_dir, b, lease) = setup().await;
+        let base = Tar::new().dir("etc/", 0o755).file("etc/os-release", b"pullbox").file("etc/old", b"x").finish();
+        // Trailing zero blocks after the end marker still count in the diff ID.
+        let mut top = Tar::new().file("etc/.wh.old", b"").file("usr/bin/tool", b"tool").finish();
+        top.extend_from_slice(&[0; 4096]);
+
+        let base_desc = store(&b, &lease, "application/vnd.oci.image.layer.v1.tar+gzip", &gzip(&base)).await;
+        let mounts = b.snapshots.prepare("l1", "", &lease).await.unwrap();
+        let diff_id = b.differ.apply(&base_desc, &mounts).await.unwrap();
+        assert_eq!(diff_id, Digest::sha256_of(&base));
+        let l1 = PathBuf::from(&mounts[0].source);
+        assert_eq!(fs::read(l1.join("etc/os-release")).unwrap(), b"pullbox");
+        b.snapshots.commit("base", "l1", &lease).await.unwrap();
+
+        let top_desc =
+            store(&b, &lease, "application/vnd.oci.image.layer.v1.tar+zstd", &zstd::encode_all(&top[..], 3).unwrap())
+                .await;
+        let mounts = b.snapshots.prepare("l2", "base", &lease).await.unwrap();
+        assert_eq!(b.differ.apply(&top_desc, &mounts).await.unwrap(), Digest::sha256_of(&top));
+        let upper = upper_dir(&mounts).unwrap();
+        assert_eq!(fs::read(upper.join("usr/bin/tool")).unwrap(), b"tool");
+        assert!(fs::symlink_metadata(upper.join("etc/old")).unwrap().file_type().is_char_device());
+        assert!(l1.join("etc/old").exists(), "lower layers are untouched");
+
+        let plain = Tar::new().file("plain", b"p").finish();
+        let plain_desc = store(&b, &lease, "application/vnd.docker.image.rootfs.diff.tar", &plain).await;
+        let mounts = b.snapshots.prepare("l3", "", &lease).await.unwrap();
+        assert_eq!(b.differ.apply(&plain_desc, &mounts).await.unwrap(), Digest::sha256_of(&plain));
+    }
+
+    #[tokio::test]
+    async fn refuses_what_it_cannot_or_must_not_apply() {
+        let (dir, b, lease) = setup().await;
+        let data = Tar::new().file("f", b"f").finish();
+        let desc = store(&b, &lease, "application/vnd.oci.image.layer.v1.tar", &data).await;
+        let mounts = b.snapshots.prepare("a", "", &lease).await.unwrap();
+
+        let mut config = desc.clone();
+        config.media_type = "application/vnd.oci.image.config.v1+json".into();
+        assert!(matches!(b.differ.apply(&config, &mounts).await, Err(Error::InvalidArgument(_))));
+
+        // Mounts that are not an active snapshot of this store: never written to.
+        let outside = tempfile::tempdir().unwrap();
+        let hostile = [
+            vec![Mount {
+                kind: "bind".into(),
+                source: outside.path().display().to_string(),
+                options: vec!["rw".into()],
+            }],
+            vec![Mount {
+                kind: "bind".into(),
+                source: format!("{}/../../{}", mounts[0].source, outside.path().display()),
+                options: vec![],
+            }],
+            vec![Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![format!("lowerdir={}", mounts[0].source)],
+            }],
+            vec![],
+        ];
+        for m in hostile {
+            assert!(matches!(b.differ.apply(&desc, &m).await, Err(Error::InvalidArgument(_))), "{m:?}");
+        }
+        b.snapshots.commit("c", "a", &lease).await.unwrap();
+        let view = b.snapshots.view("v", "c", &lease).await.unwrap();
+        assert!(matches!(b.differ.apply(&desc, &view).await, Err(Error::InvalidArgument(_))));
+        assert!(matches!(b.differ.apply(&desc, &mounts).await, Err(Error::InvalidArgument(_))), "committed");
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+
+        // A blob that is not gzip although it says so.
+        let mut fake = desc.clone();
+        fake.media_type = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+        let mounts = b.snapshots.prepare("b", "", &lease).await.unwrap();
+        assert!(matches!(b.differ.apply(&fake, &mounts).await, Err(Error::BadLayer { .. })));
+        drop(dir);
+    }
+}

@@ -1,0 +1,87 @@
+//! Small filesystem helpers shared by the embedded stores (all blocking; call them from the
+//! blocking pool).
+//!
+//! - [`FileLock`]: an exclusive `flock(2)` on a lock file, which the kernel releases when the
+//!   holder dies, so a killed pull never leaves a stale lock behind.
+//! - [`disk_usage`]: bytes allocated and inodes of a tree, hardlinks counted once, as
+//!   containerd's `fs.DiskUsage` computes them (allocated 512-byte blocks, not apparent size,
+//!   because the question is "how much disk does this use").
+//! - [`sync_dir`]: makes a rename durable.
+
+use std::{
+    collections::HashSet,
+    fs::{self, File, OpenOptions},
+    io,
+    os::unix::fs::MetadataExt,
+    path::Path,
+};
+
+use rustix::fs::{flock, FlockOperation};
+
+use crate::backend::Usage;
+
+/// An exclusive lock on a file, held until dropped.
+#[derive(Debug)]
+pub(crate) struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    /// Takes the lock on `path` (creating the file) without waiting; `None` when another
+    /// holder has it. When the file is unlinked while we wait for it (a holder finishing an
+    /// ingest removes its directory), the lock we got would be on a dead inode, so it is
+    /// dropped and `NotFound` returned: the caller recreates the directory and tries again.
+    pub(crate) fn try_acquire(path: &Path) -> io::Result<Option<FileLock>> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let held = file.metadata()?;
+        let current = fs::symlink_metadata(path)?;
+        if (held.dev(), held.ino()) != (current.dev(), current.ino()) {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "lock file replaced while waiting"));
+        }
+        Ok(Some(FileLock { _file: file }))
+    }
+}
+
+/// The disk use of `path` (a file or a whole tree), without following symlinks.
+pub(crate) fn disk_usage(path: &Path) -> io::Result<Usage> {
+    let mut usage = Usage::default();
+    let mut seen = HashSet::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = fs::symlink_metadata(&path)?;
+        if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        usage.inodes += 1;
+        usage.size += meta.blocks() * 512;
+        if meta.is_dir() {
+            for entry in fs::read_dir(&path)? {
+                stack.push(entry?.path());
+            }
+        }
+    }
+    Ok(usage)
+}
+
+/// Removes a file or a whole tree (std's removal never follows symlinks); absent is fine.
+pub(crate) fn remove_all(path: &Path) -> io::Result<()> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Flushes a directory's entries (after a rename into it) to disk.
+pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}

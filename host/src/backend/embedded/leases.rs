@@ -1,0 +1,136 @@
+//! Leases: what a pull has written, kept alive until its image records exist.
+//!
+//! [`LeaseManager`] implements [`Leases`]; garbage collection itself is in [`super::gc`].
+//!
+//! A lease records its owning process as an [`Owner`]: the pid, the process's start time
+//! (field 22 of `/proc/<pid>/stat`, in clock ticks since boot) and the kernel's boot id. A
+//! lease whose owner is gone (no such pid, or a pid reused by a process that started at
+//! another time, or another boot) belongs to a killed pull, and the next collection deletes
+//! it. Pids are those of the PID namespace the processes run in: processes sharing one root
+//! must share a PID namespace (as the daemon and its CLI on one node do).
+
+use std::fs;
+
+use async_trait::async_trait;
+use rusqlite::params;
+
+use super::{db::Db, gc, now_nanos, Layout};
+use crate::{
+    backend::{GcReport, LeaseId, Leases},
+    error::{Error, Result},
+};
+
+/// The embedded lease manager.
+pub(crate) struct LeaseManager {
+    layout: Layout,
+    db: Db,
+}
+
+impl LeaseManager {
+    pub(crate) fn new(layout: Layout, db: Db) -> LeaseManager {
+        LeaseManager { layout, db }
+    }
+}
+
+/// The process that owns a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Owner {
+    pub(crate) pid: u32,
+    pub(crate) start_time: u64,
+    pub(crate) boot_id: String,
+}
+
+impl Owner {
+    /// This process.
+    fn current() -> Result<Owner> {
+        let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+        let start_time = start_time(pid).ok_or_else(|| Error::Io {
+            context: "reading this process's start time".into(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("/proc/{pid}/stat unreadable or malformed"),
+            ),
+        })?;
+        Ok(Owner { pid, start_time, boot_id: boot_id() })
+    }
+
+    /// Whether the owning process still runs.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.boot_id == boot_id() && start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+/// The start time of process `pid`, or `None` when there is no such process.
+fn start_time(pid: u32) -> Option<u64> {
+    parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line. Field 2, the command name, is in parentheses and may
+/// itself contain spaces and parentheses, so counting starts after the last `)`, at field 3.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// The kernel's boot id (empty when unavailable: then only the start time tells reuse).
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+#[async_trait]
+impl Leases for LeaseManager {
+    async fn create(&self) -> Result<LeaseId> {
+        self.db
+            .write(|tx| {
+                let owner = Owner::current()?;
+                let id = LeaseId(format!("pullbox-{}", uuid::Uuid::new_v4().simple()));
+                tx.execute(
+                    "INSERT INTO leases (id, pid, start_time, boot_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![id.0, owner.pid, owner.start_time as i64, owner.boot_id, now_nanos() as i64],
+                )?;
+                Ok(id)
+            })
+            .await
+    }
+
+    async fn delete(&self, lease: &LeaseId) -> Result<()> {
+        let lease = lease.clone();
+        self.db
+            .write(move |tx| {
+                if tx.execute("DELETE FROM leases WHERE id = ?1", [&lease.0])? == 0 {
+                    return Err(Error::NotFound(format!("lease {}", lease.0)));
+                }
+                tx.execute("DELETE FROM lease_resources WHERE lease = ?1", [&lease.0])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn collect(&self) -> Result<GcReport> {
+        gc::collect(&self.layout, &self.db).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_stat() {
+        let line = "4242 (a (weird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_start_time(line), Some(987654));
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_is_alive_and_a_reused_pid_is_not() {
+        let me = Owner::current().unwrap();
+        assert!(me.is_alive());
+        assert!(!Owner { start_time: me.start_time + 1, ..me.clone() }.is_alive());
+        assert!(!Owner { boot_id: "another boot".into(), ..me.clone() }.is_alive());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!Owner { pid, ..me }.is_alive());
+    }
+}

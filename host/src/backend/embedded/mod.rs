@@ -1,0 +1,194 @@
+//! The embedded backend: every store on local disk under one root directory, nothing else to
+//! run.
+//!
+//! The layout follows containerd's content store and its overlayfs snapshotter, so the tree is
+//! familiar to anyone who has looked inside `/var/lib/containerd`:
+//!
+//! ```text
+//! <root>/content/blobs/<alg>/<hex>                 committed blobs             (content)
+//! <root>/content/ingest/<sha256(ref)>/{data,ref,total,lock}
+//!                                                  writes in progress, resumable
+//! <root>/snapshots/<id>/fs, <root>/snapshots/<id>/work
+//!                                                  one directory per snapshot  (snapshots)
+//! <root>/metadata.db                               SQLite: images, content labels,
+//!                                                  snapshots, leases           (db)
+//! ```
+//!
+//! [`open`] returns a [`Backend`] made of: [`content::Content`] (content store and writers),
+//! [`snapshots::Snapshots`] (the `overlayfs` snapshotter), [`differ::Applier`] (the layer
+//! applier, which uses [`unpack`] for the hostile-archive-safe tar extraction),
+//! [`images::Images`] and [`leases::LeaseManager`] (leases, and garbage collection in [`gc`]).
+//!
+//! Several processes (the daemon and CLI invocations) may use one root at once: the database
+//! serializes their writes, and every decision that could race with another process (is this
+//! blob still referenced? is this directory an orphan?) is taken inside a database write
+//! transaction. Every blocking filesystem or database call runs on tokio's blocking pool
+//! through [`blocking`].
+
+mod content;
+mod db;
+mod differ;
+mod fsutil;
+mod gc;
+mod images;
+mod leases;
+mod snapshots;
+mod unpack;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    backend::Backend,
+    error::{Error, Result},
+    oci::{Algorithm, Digest},
+};
+
+/// Opens (creating if needed) the embedded backend rooted at `root`.
+///
+/// This creates the directory layout and the database schema; it blocks briefly (and up to the
+/// database's busy timeout if another process is migrating the same root), so call it at
+/// start-up or from a blocking context.
+///
+/// `root` is made absolute (symlinks resolved). It must be valid UTF-8 without `,` or `:`:
+/// its subdirectories become overlay mount options, where those characters are separators.
+pub fn open(root: &Path) -> Result<Backend> {
+    let layout = Layout::create(root)?;
+    let db = db::Db::open(&layout.db())?;
+    Ok(Backend {
+        content: Arc::new(content::Content::new(layout.clone(), db.clone())),
+        snapshots: Arc::new(snapshots::Snapshots::new(layout.clone(), db.clone())),
+        differ: Arc::new(differ::Applier::new(layout.clone(), db.clone())),
+        images: Arc::new(images::Images::new(db.clone())),
+        leases: Arc::new(leases::LeaseManager::new(layout, db)),
+    })
+}
+
+/// Where everything lives under the root. All paths derive from one canonical, absolute root,
+/// so the mounts handed out and the upper directories handed back can be compared directly.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// Creates the directory tree under `root` and returns its layout.
+    fn create(root: &Path) -> Result<Layout> {
+        let shown = root.display().to_string();
+        std::fs::create_dir_all(root).map_err(Error::io(format!("creating {shown}")))?;
+        let root = root.canonicalize().map_err(Error::io(format!("resolving {shown}")))?;
+        match root.to_str() {
+            Some(s) if !s.contains([',', ':']) => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "storage root {shown:?} must be UTF-8 without ',' or ':' (it becomes overlay mount options)"
+                )))
+            }
+        }
+        let layout = Layout { root };
+        let blobs = ALGORITHMS.map(|alg| layout.blobs(alg));
+        for dir in blobs.iter().chain([&layout.ingests(), &layout.snapshots()]) {
+            std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        }
+        // Snapshots hold image files with their setuid bits and owners: like containerd, keep
+        // unprivileged users from reaching (and running) them.
+        let snapshots = layout.snapshots();
+        std::fs::set_permissions(&snapshots, std::fs::Permissions::from_mode(0o700))
+            .map_err(Error::io(format!("restricting {}", snapshots.display())))?;
+        Ok(layout)
+    }
+
+    fn db(&self) -> PathBuf {
+        self.root.join("metadata.db")
+    }
+
+    /// The directory of committed blobs of one algorithm.
+    fn blobs(&self, alg: Algorithm) -> PathBuf {
+        self.root.join("content/blobs").join(algorithm_name(alg))
+    }
+
+    /// The file of a committed blob. Safe as a path: a [`Digest`] is validated hex.
+    fn blob(&self, digest: &Digest) -> PathBuf {
+        self.blobs(digest.algorithm()).join(digest.hex())
+    }
+
+    fn ingests(&self) -> PathBuf {
+        self.root.join("content/ingest")
+    }
+
+    /// The directory of the ingest `reference`: named by the reference's sha256, as containerd
+    /// does, so any reference string is a safe directory name.
+    fn ingest(&self, reference: &str) -> PathBuf {
+        self.ingests().join(ingest_dir_name(reference))
+    }
+
+    fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    fn snapshot(&self, id: i64) -> PathBuf {
+        self.snapshots().join(id.to_string())
+    }
+
+    /// The snapshot's own layer: a bind mount's source, an overlay's upper or lower dir.
+    fn snapshot_fs(&self, id: i64) -> PathBuf {
+        self.snapshot(id).join("fs")
+    }
+
+    /// The overlay work directory of an active snapshot.
+    fn snapshot_work(&self, id: i64) -> PathBuf {
+        self.snapshot(id).join("work")
+    }
+
+    /// A fresh name to move a doomed snapshot directory to, inside a transaction, before
+    /// deleting it outside: renaming is instant, deleting a tree is not. The name is unique
+    /// (ids can repeat after a rolled-back transaction) and never numeric, so a leftover is an
+    /// orphan the collector removes.
+    fn snapshot_trash(&self) -> PathBuf {
+        self.snapshots().join(format!("{TRASH_PREFIX}{}", uuid::Uuid::new_v4().simple()))
+    }
+}
+
+/// The algorithms the content store keeps blobs of.
+const ALGORITHMS: [Algorithm; 2] = [Algorithm::Sha256, Algorithm::Sha512];
+
+/// An algorithm's name, as in digests and blob directories.
+fn algorithm_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::Sha256 => "sha256",
+        Algorithm::Sha512 => "sha512",
+    }
+}
+
+/// The name prefix of snapshot directories being deleted.
+const TRASH_PREFIX: &str = "rm-";
+
+/// The directory name of an ingest reference.
+fn ingest_dir_name(reference: &str) -> String {
+    Digest::sha256_of(reference.as_bytes()).hex().to_owned()
+}
+
+/// Runs blocking filesystem or database work on tokio's blocking pool. A panic in `f` is
+/// resumed in the caller, as if `f` had run inline.
+async fn blocking<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(Error::Cancelled(format!("storage task cancelled: {e}"))),
+        },
+    }
+}
+
+/// Nanoseconds since the Unix epoch, as stored in records.
+fn now_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}

@@ -1,0 +1,413 @@
+//! The snapshotter: containerd's `overlayfs` snapshotter layout and mount shapes, with its
+//! metadata in the database.
+//!
+//! [`Snapshots`] implements [`Snapshotter`]. Each snapshot gets a numeric id (SQLite
+//! `AUTOINCREMENT`, so a committed id is never reused and a child's id is always greater than
+//! its parent's) and a directory `snapshots/<id>/` holding `fs` (the snapshot's own layer) and,
+//! for active snapshots, `work` (overlayfs's work directory). The `snapshots` table maps the key
+//! (an active snapshot's key, a committed snapshot's name: one namespace, as in containerd) to
+//! the id, the parent's name, the [`SnapshotKind`] and labels.
+//!
+//! Mounts ([`mounts_of`]), as containerd's overlayfs snapshotter returns them:
+//!
+//! | snapshot | no parent | one parent | more |
+//! |---|---|---|---|
+//! | active | `bind` own `fs`, `rw` | `overlay` `upperdir`+`workdir`+`lowerdir` | same |
+//! | view | `bind` own `fs`, `ro` | `bind` parent's `fs`, `ro` | `overlay` `lowerdir` only |
+//!
+//! `lowerdir` lists the parents nearest first. Storing needs no privilege; mounting needs root.
+//!
+//! Directories are created inside the transaction that inserts the row, and renamed away
+//! inside the one that deletes it, so the garbage collector (which sweeps directories without
+//! a row inside its own transaction) never sees a half-made snapshot.
+
+use std::{
+    fs::DirBuilder,
+    io,
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Row as SqlRow};
+
+use super::{
+    blocking,
+    db::{add_resource, drop_resource, Db, Resource},
+    fsutil::{disk_usage, remove_all},
+    now_nanos, Layout,
+};
+use crate::{
+    backend::{Labels, LeaseId, SnapshotInfo, SnapshotKind, Snapshotter, Usage},
+    error::{Error, Result},
+    oci::Mount,
+};
+
+/// The snapshotter's name, as in `containerd.io/gc.ref.snapshot.overlayfs` labels.
+pub(crate) const NAME: &str = "overlayfs";
+
+/// The embedded snapshotter.
+pub(crate) struct Snapshots {
+    layout: Layout,
+    db: Db,
+}
+
+/// One row of the `snapshots` table.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub(crate) id: i64,
+    pub(crate) key: String,
+    pub(crate) parent: String,
+    pub(crate) kind: SnapshotKind,
+    pub(crate) labels: Labels,
+}
+
+const COLUMNS: &str = "id, key, parent, kind, labels";
+
+fn kind_str(kind: SnapshotKind) -> &'static str {
+    match kind {
+        SnapshotKind::Active => "active",
+        SnapshotKind::View => "view",
+        SnapshotKind::Committed => "committed",
+    }
+}
+
+impl Row {
+    fn from_sql(row: &SqlRow<'_>) -> rusqlite::Result<Row> {
+        let corrupt = |i, e: Box<dyn std::error::Error + Send + Sync>| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
+        };
+        let kind = match row.get_ref(3)?.as_str()? {
+            "active" => SnapshotKind::Active,
+            "view" => SnapshotKind::View,
+            "committed" => SnapshotKind::Committed,
+            other => return Err(corrupt(3, format!("unknown snapshot kind {other:?}").into())),
+        };
+        let labels = serde_json::from_str(row.get_ref(4)?.as_str()?).map_err(|e| corrupt(4, e.into()))?;
+        Ok(Row { id: row.get(0)?, key: row.get(1)?, parent: row.get(2)?, kind, labels })
+    }
+}
+
+/// The snapshot `key`, if any.
+pub(crate) fn get(conn: &Connection, key: &str) -> Result<Option<Row>> {
+    let sql = format!("SELECT {COLUMNS} FROM snapshots WHERE key = ?1");
+    Ok(conn.query_row(&sql, [key], Row::from_sql).optional()?)
+}
+
+/// Every snapshot.
+pub(crate) fn all(conn: &Connection) -> Result<Vec<Row>> {
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM snapshots"))?;
+    let rows = stmt.query_map([], Row::from_sql)?.collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// Whether the snapshot with id `id` exists and is active.
+pub(crate) fn is_active(conn: &Connection, id: i64) -> Result<bool> {
+    let kind: Option<String> =
+        conn.query_row("SELECT kind FROM snapshots WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+    Ok(kind.as_deref() == Some(kind_str(SnapshotKind::Active)))
+}
+
+fn require(conn: &Connection, key: &str) -> Result<Row> {
+    get(conn, key)?.ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
+}
+
+/// The ids of `name` and its ancestors, nearest first ("" gives none).
+fn chain(conn: &Connection, name: &str) -> Result<Vec<i64>> {
+    let mut ids = Vec::new();
+    let mut name = name.to_owned();
+    while !name.is_empty() {
+        let row = get(conn, &name)?
+            .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {name}, an ancestor, is missing")))?;
+        ids.push(row.id);
+        name = row.parent;
+    }
+    Ok(ids)
+}
+
+/// Renames a snapshot directory to a fresh trash name, to be deleted outside the transaction;
+/// `None` when it does not exist.
+pub(crate) fn move_to_trash(layout: &Layout, dir: &Path) -> io::Result<Option<PathBuf>> {
+    let trash = layout.snapshot_trash();
+    match std::fs::rename(dir, &trash) {
+        Ok(()) => Ok(Some(trash)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The mounts of an active snapshot or a view whose ancestors are `lowers` (nearest first).
+fn mounts_of(layout: &Layout, row: &Row, lowers: &[i64]) -> Vec<Mount> {
+    // The root is checked to be UTF-8 at open, so nothing is lost here.
+    let fs = |id| layout.snapshot_fs(id).to_string_lossy().into_owned();
+    let bind = |source, mode: &str| Mount { kind: "bind".into(), source, options: vec![mode.into(), "rbind".into()] };
+    let overlay = |options| Mount { kind: "overlay".into(), source: "overlay".into(), options };
+    let lowerdir = || format!("lowerdir={}", lowers.iter().map(|&id| fs(id)).collect::<Vec<_>>().join(":"));
+    match (row.kind, lowers) {
+        (SnapshotKind::Active, []) => vec![bind(fs(row.id), "rw")],
+        (SnapshotKind::Active, _) => vec![overlay(vec![
+            format!("workdir={}", layout.snapshot_work(row.id).to_string_lossy()),
+            format!("upperdir={}", fs(row.id)),
+            lowerdir(),
+        ])],
+        (_, []) => vec![bind(fs(row.id), "ro")],
+        (_, [parent]) => vec![bind(fs(*parent), "ro")],
+        (_, _) => vec![overlay(vec![lowerdir()])],
+    }
+}
+
+impl Snapshots {
+    pub(crate) fn new(layout: Layout, db: Db) -> Snapshots {
+        Snapshots { layout, db }
+    }
+
+    /// Creates an active snapshot or a view on `parent`.
+    async fn create(&self, key: &str, parent: &str, kind: SnapshotKind, lease: &LeaseId) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("a snapshot key must not be empty".into()));
+        }
+        let (layout, key, parent, lease) = (self.layout.clone(), key.to_owned(), parent.to_owned(), lease.clone());
+        self.db
+            .write(move |tx| {
+                add_resource(tx, &lease, Resource::Snapshot, &key)?;
+                if get(tx, &key)?.is_some() {
+                    return Err(Error::AlreadyExists(format!("snapshot {key}")));
+                }
+                if !parent.is_empty() {
+                    let p = require(tx, &parent)?;
+                    if p.kind != SnapshotKind::Committed {
+                        return Err(Error::FailedPrecondition(format!("parent snapshot {parent} is not committed")));
+                    }
+                }
+                let lowers = chain(tx, &parent)?;
+                let now = now_nanos() as i64;
+                tx.execute(
+                    "INSERT INTO snapshots (key, parent, kind, labels, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, '{}', ?4, ?4)",
+                    params![key, parent, kind_str(kind), now],
+                )?;
+                let row = Row { id: tx.last_insert_rowid(), key, parent, kind, labels: Labels::new() };
+
+                let dir = layout.snapshot(row.id);
+                let context = format!("creating snapshot {} in {}", row.key, dir.display());
+                // A rolled-back transaction may have used this id and left its directory.
+                remove_all(&dir).map_err(Error::io(context.clone()))?;
+                let mut builder = DirBuilder::new();
+                builder.mode(0o755).create(&dir).map_err(Error::io(context.clone()))?;
+                builder.create(layout.snapshot_fs(row.id)).map_err(Error::io(context.clone()))?;
+                if kind == SnapshotKind::Active {
+                    builder.mode(0o700).create(layout.snapshot_work(row.id)).map_err(Error::io(context))?;
+                }
+                Ok(mounts_of(&layout, &row, &lowers))
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Snapshotter for Snapshots {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn prepare(&self, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>> {
+        self.create(key, parent, SnapshotKind::Active, lease).await
+    }
+
+    async fn view(&self, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>> {
+        self.create(key, parent, SnapshotKind::View, lease).await
+    }
+
+    async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let (layout, key) = (self.layout.clone(), key.to_owned());
+        self.db
+            .read(move |conn| {
+                let row = require(conn, &key)?;
+                if row.kind == SnapshotKind::Committed {
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {key} is committed: only active snapshots and views have mounts"
+                    )));
+                }
+                Ok(mounts_of(&layout, &row, &chain(conn, &row.parent)?))
+            })
+            .await
+    }
+
+    async fn commit(&self, name: &str, key: &str, lease: &LeaseId) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("a snapshot name must not be empty".into()));
+        }
+        let (name, key, lease) = (name.to_owned(), key.to_owned(), lease.clone());
+        self.db
+            .write(move |tx| {
+                add_resource(tx, &lease, Resource::Snapshot, &name)?;
+                let row = require(tx, &key)?;
+                if row.kind != SnapshotKind::Active {
+                    return Err(Error::FailedPrecondition(format!("snapshot {key} is not active")));
+                }
+                if get(tx, &name)?.is_some() {
+                    return Err(Error::AlreadyExists(format!("snapshot {name}")));
+                }
+                tx.execute(
+                    "UPDATE snapshots SET key = ?1, kind = ?2, updated_at = ?3 WHERE id = ?4",
+                    params![name, kind_str(SnapshotKind::Committed), now_nanos() as i64, row.id],
+                )?;
+                drop_resource(tx, Resource::Snapshot, &key)
+            })
+            .await
+    }
+
+    async fn stat(&self, key: &str) -> Result<SnapshotInfo> {
+        let key = key.to_owned();
+        let row = self.db.read(move |conn| require(conn, &key)).await?;
+        Ok(SnapshotInfo { name: row.key, parent: row.parent, kind: row.kind, labels: row.labels })
+    }
+
+    async fn remove(&self, key: &str) -> Result<()> {
+        let (layout, key) = (self.layout.clone(), key.to_owned());
+        let trash = self
+            .db
+            .write(move |tx| {
+                let row = require(tx, &key)?;
+                let children: i64 =
+                    tx.query_row("SELECT COUNT(*) FROM snapshots WHERE parent = ?1", [&key], |r| r.get(0))?;
+                if children > 0 {
+                    return Err(Error::FailedPrecondition(format!("snapshot {key} has {children} children")));
+                }
+                tx.execute("DELETE FROM snapshots WHERE id = ?1", [row.id])?;
+                drop_resource(tx, Resource::Snapshot, &key)?;
+                move_to_trash(&layout, &layout.snapshot(row.id)).map_err(Error::io(format!("removing snapshot {key}")))
+            })
+            .await?;
+        if let Some(trash) = trash {
+            let context = format!("deleting {}", trash.display());
+            if let Err(e) = blocking(move || remove_all(&trash).map_err(Error::io(context))).await {
+                // The row is gone; the collector removes the directory later.
+                tracing::warn!(error = %e.chain(), "leaving a removed snapshot's files behind");
+            }
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, key: &str) -> Result<Usage> {
+        let key = key.to_owned();
+        let row = self
+            .db
+            .read({
+                let key = key.clone();
+                move |conn| require(conn, &key)
+            })
+            .await?;
+        let fs = self.layout.snapshot_fs(row.id);
+        blocking(move || disk_usage(&fs).map_err(Error::io(format!("measuring snapshot {key}")))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::backend::{embedded::open, Backend};
+
+    async fn setup() -> (tempfile::TempDir, Backend, LeaseId, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = open(dir.path()).unwrap();
+        let lease = backend.leases.create().await.unwrap();
+        let snapshots = dir.path().canonicalize().unwrap().join("snapshots");
+        (dir, backend, lease, snapshots)
+    }
+
+    fn fs_of(snapshots: &Path, id: i64) -> String {
+        snapshots.join(id.to_string()).join("fs").display().to_string()
+    }
+
+    #[tokio::test]
+    async fn prepare_commit_view_remove() {
+        let (_dir, b, lease, snaps) = setup().await;
+        let s = &b.snapshots;
+        assert_eq!(s.name(), "overlayfs");
+
+        // A base layer: a read-write bind mount of its own directory.
+        let m = s.prepare("extract-1", "", &lease).await.unwrap();
+        assert_eq!(
+            m,
+            vec![Mount { kind: "bind".into(), source: fs_of(&snaps, 1), options: vec!["rw".into(), "rbind".into()] }]
+        );
+        assert!(snaps.join("1/work").is_dir());
+        assert_eq!(s.mounts("extract-1").await.unwrap(), m);
+        fs::write(snaps.join("1/fs/hello"), b"hi").unwrap();
+        assert!(matches!(s.prepare("extract-1", "", &lease).await, Err(Error::AlreadyExists(_))));
+        assert!(matches!(s.prepare("x", "extract-1", &lease).await, Err(Error::FailedPrecondition(_))));
+        assert!(matches!(s.prepare("x", "nope", &lease).await, Err(Error::NotFound(_))));
+
+        s.commit("base", "extract-1", &lease).await.unwrap();
+        assert!(matches!(s.stat("extract-1").await, Err(Error::NotFound(_))));
+        let info = s.stat("base").await.unwrap();
+        assert_eq!((info.name.as_str(), info.parent.as_str(), info.kind), ("base", "", SnapshotKind::Committed));
+        assert!(matches!(s.mounts("base").await, Err(Error::FailedPrecondition(_))));
+
+        // A second layer: overlay with the base below.
+        let m = s.prepare("extract-2", "base", &lease).await.unwrap();
+        let upper = fs_of(&snaps, 2);
+        assert_eq!(
+            m,
+            vec![Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![
+                    format!("workdir={}", snaps.join("2/work").display()),
+                    format!("upperdir={upper}"),
+                    format!("lowerdir={}", fs_of(&snaps, 1)),
+                ],
+            }]
+        );
+        s.prepare("other", "", &lease).await.unwrap();
+        assert!(matches!(s.commit("base", "other", &lease).await, Err(Error::AlreadyExists(_))));
+        s.commit("top", "extract-2", &lease).await.unwrap();
+        assert_eq!(s.stat("top").await.unwrap().parent, "base");
+
+        // Views: one parent is a read-only bind, more are a lowerdir-only overlay.
+        let m = s.view("v-base", "base", &lease).await.unwrap();
+        assert_eq!(
+            m,
+            vec![Mount { kind: "bind".into(), source: fs_of(&snaps, 1), options: vec!["ro".into(), "rbind".into()] }]
+        );
+        let m = s.view("v-top", "top", &lease).await.unwrap();
+        assert_eq!(
+            m,
+            vec![Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![format!("lowerdir={}:{}", fs_of(&snaps, 2), fs_of(&snaps, 1))],
+            }]
+        );
+        assert_eq!(s.stat("v-top").await.unwrap().kind, SnapshotKind::View);
+        assert!(matches!(s.commit("x", "v-top", &lease).await, Err(Error::FailedPrecondition(_))));
+
+        // Removal: refused while children exist; children first.
+        assert!(matches!(s.remove("base").await, Err(Error::FailedPrecondition(_))));
+        for key in ["v-base", "v-top", "top", "base"] {
+            s.remove(key).await.unwrap();
+        }
+        assert!(matches!(s.remove("base").await, Err(Error::NotFound(_))));
+        let left: Vec<_> = fs::read_dir(&snaps).unwrap().map(|e| e.unwrap().file_name()).collect();
+        // Only "other" (id 3) remains.
+        assert_eq!(left, vec![std::ffi::OsString::from("3")]);
+    }
+
+    #[tokio::test]
+    async fn usage_counts_hardlinks_once() {
+        let (_dir, b, lease, snaps) = setup().await;
+        b.snapshots.prepare("k", "", &lease).await.unwrap();
+        let fs_dir = snaps.join("1/fs");
+        fs::write(fs_dir.join("a"), vec![7u8; 10_000]).unwrap();
+        fs::hard_link(fs_dir.join("a"), fs_dir.join("b")).unwrap();
+        fs::create_dir(fs_dir.join("d")).unwrap();
+        let u = b.snapshots.usage("k").await.unwrap();
+        // fs itself, a (= b), d.
+        assert_eq!(u.inodes, 3);
+        assert!(u.size >= 10_000, "{u:?}");
+        assert!(matches!(b.snapshots.usage("nope").await, Err(Error::NotFound(_))));
+    }
+}

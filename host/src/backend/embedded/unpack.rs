@@ -1,0 +1,883 @@
+//! Tar extraction onto a snapshot's upper directory that is safe against hostile archives.
+//!
+//! [`unpack`] applies one layer's (uncompressed) tar stream onto a directory, converting OCI
+//! whiteouts into overlayfs's as it goes, as containerd's applier does when it writes straight
+//! into an overlay upper directory:
+//!
+//! - `.wh.<name>` becomes an overlayfs whiteout (a character device 0:0) named `<name>`;
+//! - `.wh..wh..opq` sets `trusted.overlay.opaque=y` on its directory;
+//! - other `.wh..wh.` names are aufs bookkeeping and are skipped.
+//!
+//! Safety, the reason this module exists instead of `tar::Entry::unpack_in`:
+//!
+//! - Names are cleaned as containerd does: taken relative to the root, `.` dropped, `..`
+//!   popped but never above the root. `../x` and `/x` land at `<root>/x`.
+//! - Every entry is created relative to a directory file descriptor opened component by
+//!   component from the root with `O_NOFOLLOW`: a symlink in any component of a path is
+//!   never followed. containerd resolves such a symlink within the root; we refuse the entry
+//!   (`BadLayer`), which real image layers never need, since a tar of a filesystem never has
+//!   an entry below a symlink.
+//! - Files are created with `O_CREAT | O_EXCL | O_NOFOLLOW` after whatever was at the name is
+//!   removed (a directory replacing a directory merges instead), so writing to an existing
+//!   symlink never writes through it. Device nodes and FIFOs are never opened.
+//! - Hard link targets are cleaned and walked the same way and must already exist in this
+//!   layer's directory; `linkat` without `AT_SYMLINK_FOLLOW` links a symlink itself.
+//! - `trusted.overlay.*` extended attributes in the archive are dropped: they would let a
+//!   layer forge overlayfs metadata (opacity, redirects) about the layers below it.
+//!
+//! Metadata: modes (setuid, setgid and sticky included), owners (when running as root),
+//! modification and access times (nanoseconds from PAX records), and PAX `SCHILY.xattr.*`
+//! attributes on files and directories are preserved. Owners are set before modes and
+//! attributes, because `chown` clears setuid bits and file capabilities. Directory times are
+//! set after the whole archive, because adding children changes them. Device nodes are
+//! created only as root (skipped otherwise, as containerd does in a user namespace).
+//!
+//! Errors name the layer and the entry: [`Error::BadLayer`] for what the archive says or is,
+//! [`Error::Io`] for the host's own failures (a full disk, an I/O error), via
+//! [`Unpacker::fs_error`].
+
+use std::{
+    ffi::{OsStr, OsString},
+    fs::File,
+    io::{self, Read, Write},
+    os::{
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::ffi::{OsStrExt, OsStringExt},
+    },
+    path::Path,
+};
+
+use rustix::{
+    fs::{self as rfs, AtFlags, Dir, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags},
+    io::Errno,
+};
+use tar::EntryType;
+
+use crate::error::{Error, Result};
+
+/// The prefix that marks an OCI whiteout.
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+/// The prefix of aufs metadata names, which are not whiteouts.
+const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
+/// The name that makes its directory opaque.
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// overlayfs's opaque-directory attribute (set to `y`).
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// overlayfs's own attributes: never taken from an archive.
+const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
+/// How PAX records carry extended attributes (GNU tar's and Go's spelling).
+const PAX_XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
+/// Copy buffer size: large enough to amortize syscalls, small enough to not matter.
+const COPY_BUF: usize = 128 * 1024;
+
+/// Opening a directory along a path: never follow a symlink, never leak the fd to children.
+const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
+
+/// Applies the tar stream `archive` onto the directory `root`; `layer` names the layer in
+/// errors. Returns the reader, positioned after the archive's end-of-archive marker (the
+/// caller may have more bytes to consume from it).
+pub(crate) fn unpack<R: Read>(archive: R, root: &Path, layer: &str) -> Result<R> {
+    let root_fd = rfs::open(root, DIR_FLAGS, Mode::empty())
+        .map_err(|e| Error::Io { context: format!("opening {}", root.display()), source: e.into() })?;
+    let mut unpacker = Unpacker {
+        root: root_fd,
+        layer,
+        privileged: rustix::process::geteuid().is_root(),
+        dirs: Vec::new(),
+        buf: vec![0; COPY_BUF],
+    };
+    let mut archive = tar::Archive::new(archive);
+    for entry in archive.entries().map_err(|e| unpacker.corrupt(e))? {
+        let mut entry = entry.map_err(|e| unpacker.corrupt(e))?;
+        unpacker.entry(&mut entry)?;
+    }
+    unpacker.set_dir_times()?;
+    Ok(archive.into_inner())
+}
+
+/// A path inside the root: cleaned, never empty components, never `.` or `..`.
+type Components = Vec<OsString>;
+
+/// Cleans an archive path relative to the root, as containerd does (`filepath.Join("/",
+/// name)`): `..` never climbs above the root, absolute paths are taken relative to it.
+fn clean(raw: &[u8]) -> Components {
+    let mut out: Components = Vec::new();
+    for part in raw.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                out.pop();
+            }
+            name => out.push(OsString::from_vec(name.to_vec())),
+        }
+    }
+    out
+}
+
+fn display(components: &[impl AsRef<OsStr>]) -> String {
+    let parts: Vec<_> = components.iter().map(|c| c.as_ref().to_string_lossy()).collect();
+    parts.join("/")
+}
+
+/// The metadata of one entry, from its header and PAX records.
+struct Meta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: Timespec,
+    atime: Option<Timespec>,
+    xattrs: Vec<(OsString, Vec<u8>)>,
+}
+
+impl Meta {
+    fn read<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
+        let header = entry.header();
+        let raw = header.as_old();
+        let mode = numeric(header.mode().map(u64::from), &raw.mode, "mode")? as u32 & 0o7777;
+        let mut uid = numeric(header.uid(), &raw.uid, "uid")?;
+        let mut gid = numeric(header.gid(), &raw.gid, "gid")?;
+        let mtime = numeric(header.mtime(), &raw.mtime, "mtime")?;
+        let mut mtime = Timespec { tv_sec: i64::try_from(mtime).map_err(|_| "mtime out of range")?, tv_nsec: 0 };
+        let mut atime = None;
+        let mut xattrs = Vec::new();
+        if let Some(records) = entry.pax_extensions().map_err(|e| format!("PAX records: {e}"))? {
+            for record in records {
+                let record = record.map_err(|e| format!("PAX records: {e}"))?;
+                let (key, value) = (record.key_bytes(), record.value_bytes());
+                let text = || {
+                    std::str::from_utf8(value)
+                        .map_err(|_| format!("PAX record {}: not UTF-8", String::from_utf8_lossy(key)))
+                };
+                let number = |v: &str| {
+                    v.parse::<u64>()
+                        .map_err(|_| format!("PAX record {}: bad number {v:?}", String::from_utf8_lossy(key)))
+                };
+                match key {
+                    b"uid" => uid = number(text()?)?,
+                    b"gid" => gid = number(text()?)?,
+                    b"mtime" => mtime = pax_time(text()?)?,
+                    b"atime" => atime = Some(pax_time(text()?)?),
+                    _ => {
+                        if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
+                            xattrs.push((OsString::from_vec(name.to_vec()), value.to_vec()));
+                        }
+                    }
+                }
+            }
+        }
+        // -1 is "no change" to chown: never a real owner.
+        let id =
+            |v: u64, what| u32::try_from(v).ok().filter(|&v| v != u32::MAX).ok_or(format!("{what} {v} out of range"));
+        Ok(Meta { mode, uid: id(uid, "uid")?, gid: id(gid, "gid")?, mtime, atime, xattrs })
+    }
+
+    fn times(&self) -> Timestamps {
+        Timestamps { last_access: self.atime.unwrap_or(self.mtime), last_modification: self.mtime }
+    }
+}
+
+/// A numeric header field. A blank one (all NUL or space) reads as 0, as Go's `archive/tar`
+/// (containerd's reader) reads it.
+fn numeric(value: io::Result<u64>, raw: &[u8], what: &str) -> Result<u64, String> {
+    match value {
+        Ok(v) => Ok(v),
+        Err(_) if raw.iter().all(|&b| b == 0 || b == b' ') => Ok(0),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+/// Parses a PAX time, `seconds[.fraction]`, possibly negative.
+fn pax_time(s: &str) -> Result<Timespec, String> {
+    let bad = || format!("bad PAX time {s:?}");
+    let (negative, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (secs, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let secs: i64 = secs.parse().map_err(|_| bad())?;
+    let nanos: i64 = format!("{:0<9}", &frac[..frac.len().min(9)]).parse().map_err(|_| bad())?;
+    Ok(match (negative, nanos) {
+        (false, _) => Timespec { tv_sec: secs, tv_nsec: nanos },
+        (true, 0) => Timespec { tv_sec: -secs, tv_nsec: 0 },
+        (true, _) => Timespec { tv_sec: -secs - 1, tv_nsec: 1_000_000_000 - nanos },
+    })
+}
+
+/// A node to set metadata on: an open file or directory, or a name in a directory for what
+/// must not be opened (device nodes and FIFOs) or cannot be (symlinks, which have no mode).
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Fd(BorrowedFd<'a>),
+    At(BorrowedFd<'a>, &'a OsStr),
+    Symlink(BorrowedFd<'a>, &'a OsStr),
+}
+
+/// Where walking a path failed, and how.
+struct WalkError {
+    at: String,
+    errno: Errno,
+}
+
+/// The state of one extraction.
+struct Unpacker<'a> {
+    root: OwnedFd,
+    layer: &'a str,
+    /// Running as root: owners and device nodes are applied.
+    privileged: bool,
+    /// Directories whose times are set at the end, in archive order.
+    dirs: Vec<(Components, Timestamps)>,
+    buf: Vec<u8>,
+}
+
+impl Unpacker<'_> {
+    fn bad(&self, entry: &str, reason: impl std::fmt::Display) -> Error {
+        Error::BadLayer { layer: self.layer.to_owned(), reason: format!("{entry}: {reason}") }
+    }
+
+    fn corrupt(&self, e: io::Error) -> Error {
+        Error::BadLayer { layer: self.layer.to_owned(), reason: format!("reading the archive: {e}") }
+    }
+
+    /// A failed filesystem operation on `entry`: the host's fault (`Io`, so a full disk reads
+    /// as resource exhaustion) when the error is the host's, the archive's otherwise.
+    fn fs_error(&self, entry: &str, op: &str, e: impl Into<io::Error>) -> Error {
+        let e: io::Error = e.into();
+        let host = [Errno::NOSPC, Errno::DQUOT, Errno::IO, Errno::ROFS, Errno::NOMEM, Errno::MFILE, Errno::NFILE];
+        if host.iter().any(|errno| e.raw_os_error() == Some(errno.raw_os_error())) {
+            Error::Io { context: format!("layer {}: {entry}: {op}", self.layer), source: e }
+        } else {
+            self.bad(entry, format_args!("{op}: {e}"))
+        }
+    }
+
+    /// Opens the directory at `path` below the root, one component at a time, never following
+    /// a symlink; creates missing components (mode 0755, as containerd) when `create`.
+    fn open_dir(&self, path: &[impl AsRef<OsStr>], create: bool) -> Result<OwnedFd, WalkError> {
+        let fail = |i: Option<usize>, errno| WalkError { at: i.map_or(".".into(), |i| display(&path[..=i])), errno };
+        let mut dir = rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|e| fail(None, e))?;
+        for (i, name) in path.iter().enumerate() {
+            let name = name.as_ref();
+            let mut next = rfs::openat(&dir, name, DIR_FLAGS, Mode::empty());
+            if create && matches!(next, Err(Errno::NOENT)) {
+                rfs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)).map_err(|e| fail(Some(i), e))?;
+                next = rfs::openat(&dir, name, DIR_FLAGS, Mode::empty());
+            }
+            // O_DIRECTORY reports a symlink as "not a directory": say what it is.
+            let is_symlink = || {
+                rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
+            };
+            dir = next.map_err(|e| fail(Some(i), if e == Errno::NOTDIR && is_symlink() { Errno::LOOP } else { e }))?;
+        }
+        Ok(dir)
+    }
+
+    /// The error for a failed [`Unpacker::open_dir`] while unpacking `entry`; `what` says
+    /// whose path it was, when not the entry's own.
+    fn walk_error(&self, entry: &str, what: &str, e: WalkError) -> Error {
+        let at = e.at;
+        match e.errno {
+            Errno::LOOP => self.bad(entry, format_args!("{what}{at} is a symbolic link, which is not followed")),
+            Errno::NOTDIR => self.bad(entry, format_args!("{what}{at} is not a directory")),
+            Errno::NOENT => self.bad(entry, format_args!("{what}{at} is not in this layer")),
+            errno => self.fs_error(entry, &format!("opening {at}"), errno),
+        }
+    }
+
+    /// Clears `name` in `dir` for a new entry: removes whatever is there, except that an
+    /// existing directory is kept when `merge_dir` (a directory entry over a directory).
+    /// Returns whether a directory was kept.
+    fn make_room(&self, entry: &str, dir: &OwnedFd, name: &OsStr, merge_dir: bool) -> Result<bool> {
+        match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(self.fs_error(entry, "inspecting the existing entry", e)),
+            Ok(st) if merge_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory => Ok(true),
+            Ok(_) => {
+                remove_at(dir.as_fd(), name).map_err(|e| self.fs_error(entry, "removing the existing entry", e))?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
+        let kind = entry.header().entry_type();
+        if kind.is_pax_global_extensions() {
+            return Ok(());
+        }
+        let raw = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw).into_owned();
+        let path = clean(&raw);
+        // The root itself ("./"): containerd leaves it alone too.
+        let Some((name, parents)) = path.split_last() else { return Ok(()) };
+        let meta = Meta::read(entry).map_err(|e| self.bad(&shown, e))?;
+        let parent = self.open_dir(parents, true).map_err(|e| self.walk_error(&shown, "", e))?;
+        let name = name.as_os_str();
+
+        if name.as_bytes().starts_with(WHITEOUT_PREFIX) {
+            return self.whiteout(&shown, &parent, name, &meta);
+        }
+        match kind {
+            EntryType::Directory => {
+                if !self.make_room(&shown, &parent, name, true)? {
+                    rfs::mkdirat(&parent, name, Mode::from_raw_mode(0o700))
+                        .map_err(|e| self.fs_error(&shown, "creating the directory", e))?;
+                }
+                let dir = rfs::openat(&parent, name, DIR_FLAGS, Mode::empty())
+                    .map_err(|e| self.fs_error(&shown, "opening the directory", e))?;
+                self.set_metadata(&shown, Node::Fd(dir.as_fd()), &meta)?;
+                self.set_xattrs(&shown, dir.as_fd(), &meta)?;
+                self.dirs.push((path.clone(), meta.times()));
+            }
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                self.make_room(&shown, &parent, name, false)?;
+                let fd = rfs::openat(
+                    &parent,
+                    name,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| self.fs_error(&shown, "creating the file", e))?;
+                let mut file = File::from(fd);
+                self.copy(&shown, entry, &mut file)?;
+                self.set_metadata(&shown, Node::Fd(file.as_fd()), &meta)?;
+                self.set_xattrs(&shown, file.as_fd(), &meta)?;
+                self.set_times(&shown, Node::Fd(file.as_fd()), &meta.times())?;
+            }
+            EntryType::Symlink => {
+                let target =
+                    entry.link_name_bytes().ok_or_else(|| self.bad(&shown, "symbolic link without a target"))?;
+                let target = OsStr::from_bytes(&target).to_owned();
+                self.make_room(&shown, &parent, name, false)?;
+                rfs::symlinkat(&target, &parent, name)
+                    .map_err(|e| self.fs_error(&shown, "creating the symbolic link", e))?;
+                let node = Node::Symlink(parent.as_fd(), name);
+                self.set_metadata(&shown, node, &meta)?;
+                self.set_times(&shown, node, &meta.times())?;
+            }
+            EntryType::Link => self.hardlink(&shown, entry, &parent, name)?,
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                let file_type = match kind {
+                    EntryType::Char => FileType::CharacterDevice,
+                    EntryType::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
+                };
+                if file_type != FileType::Fifo && !self.privileged {
+                    tracing::debug!(layer = self.layer, entry = shown, "skipping a device node: not running as root");
+                    return Ok(());
+                }
+                let header = entry.header();
+                let number =
+                    |n: io::Result<Option<u32>>| n.map(Option::unwrap_or_default).map_err(|e| self.bad(&shown, e));
+                let dev = rfs::makedev(number(header.device_major())?, number(header.device_minor())?);
+                self.make_room(&shown, &parent, name, false)?;
+                rfs::mknodat(&parent, name, file_type, Mode::from_raw_mode(0o600), dev)
+                    .map_err(|e| self.fs_error(&shown, "creating the node", e))?;
+                let node = Node::At(parent.as_fd(), name);
+                self.set_metadata(&shown, node, &meta)?;
+                self.set_times(&shown, node, &meta.times())?;
+            }
+            other => return Err(self.bad(&shown, format_args!("unsupported entry type {other:?}"))),
+        }
+        Ok(())
+    }
+
+    /// Copies an entry's data into `file`, telling the archive's errors from the host's.
+    fn copy<R: Read>(&mut self, shown: &str, entry: &mut tar::Entry<'_, R>, file: &mut File) -> Result<()> {
+        loop {
+            let n = match entry.read(&mut self.buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.bad(shown, format_args!("reading data: {e}"))),
+            };
+            file.write_all(&self.buf[..n]).map_err(|e| self.fs_error(shown, "writing data", e))?;
+        }
+    }
+
+    /// A hard link: the target is cleaned and walked like any path and must exist in this
+    /// layer's directory.
+    fn hardlink<R: Read>(&self, shown: &str, entry: &tar::Entry<'_, R>, parent: &OwnedFd, name: &OsStr) -> Result<()> {
+        let raw = entry.link_name_bytes().ok_or_else(|| self.bad(shown, "hard link without a target"))?;
+        let target = clean(&raw);
+        let Some((target_name, target_parents)) = target.split_last() else {
+            return Err(self.bad(shown, "hard link to the root directory"));
+        };
+        let shown_target = display(&target);
+        let target_dir = self
+            .open_dir(target_parents, false)
+            .map_err(|e| self.walk_error(shown, &format!("hard link target {shown_target}: "), e))?;
+        match rfs::statat(&target_dir, target_name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                return Err(self.bad(shown, format_args!("hard link to directory {shown_target}")))
+            }
+            Ok(_) => {}
+            Err(Errno::NOENT) => {
+                return Err(self.bad(shown, format_args!("hard link target {shown_target} is not in this layer")))
+            }
+            Err(e) => return Err(self.fs_error(shown, "inspecting the hard link target", e)),
+        }
+        self.make_room(shown, parent, name, false)?;
+        rfs::linkat(&target_dir, target_name, parent, name, AtFlags::empty())
+            .map_err(|e| self.fs_error(shown, &format!("linking to {shown_target}"), e))
+    }
+
+    /// An OCI whiteout entry, converted to overlayfs's form.
+    fn whiteout(&self, shown: &str, parent: &OwnedFd, name: &OsStr, meta: &Meta) -> Result<()> {
+        let name = name.as_bytes();
+        if name == OPAQUE_MARKER {
+            return rfs::fsetxattr(parent, OPAQUE_XATTR, b"y", XattrFlags::empty())
+                .map_err(|e| self.fs_error(shown, "marking the directory opaque", e));
+        }
+        if name.starts_with(WHITEOUT_META_PREFIX) {
+            return Ok(());
+        }
+        let hidden = &name[WHITEOUT_PREFIX.len()..];
+        if matches!(hidden, b"" | b"." | b"..") {
+            return Err(self.bad(shown, "whiteout without a name"));
+        }
+        let hidden = OsStr::from_bytes(hidden);
+        self.make_room(shown, parent, hidden, false)?;
+        rfs::mknodat(parent, hidden, FileType::CharacterDevice, Mode::empty(), rfs::makedev(0, 0))
+            .map_err(|e| self.fs_error(shown, "creating the whiteout", e))?;
+        self.set_owner(shown, Node::At(parent.as_fd(), hidden), meta)
+    }
+
+    fn set_owner(&self, shown: &str, node: Node<'_>, meta: &Meta) -> Result<()> {
+        if !self.privileged {
+            return Ok(());
+        }
+        let (uid, gid) = (Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)));
+        match node {
+            Node::Fd(fd) => rfs::fchown(fd, uid, gid),
+            Node::At(dir, name) | Node::Symlink(dir, name) => {
+                rfs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+            }
+        }
+        .map_err(|e| self.fs_error(shown, "setting the owner", e))
+    }
+
+    /// Owner, then mode (`chmod` after `chown`, which clears setuid bits).
+    fn set_metadata(&self, shown: &str, node: Node<'_>, meta: &Meta) -> Result<()> {
+        self.set_owner(shown, node, meta)?;
+        let mode = Mode::from_raw_mode(meta.mode);
+        match node {
+            Node::Fd(fd) => rfs::fchmod(fd, mode),
+            // A node this unpacker just created with mknodat, so not a symlink to follow.
+            Node::At(dir, name) => rfs::chmodat(dir, name, mode, AtFlags::empty()),
+            Node::Symlink(..) => Ok(()),
+        }
+        .map_err(|e| self.fs_error(shown, "setting the mode", e))
+    }
+
+    /// Extended attributes from PAX records, after the owner (which clears capabilities).
+    fn set_xattrs(&self, shown: &str, fd: BorrowedFd<'_>, meta: &Meta) -> Result<()> {
+        for (name, value) in &meta.xattrs {
+            if name.as_bytes().starts_with(OVERLAY_XATTR_PREFIX) {
+                tracing::debug!(
+                    layer = self.layer,
+                    entry = shown,
+                    ?name,
+                    "dropping an overlayfs attribute from the archive"
+                );
+                continue;
+            }
+            match rfs::fsetxattr(fd, name.as_os_str(), value, XattrFlags::empty()) {
+                Ok(()) => {}
+                // The filesystem does not support it, or (unprivileged) may not set it.
+                Err(Errno::NOTSUP) => {}
+                Err(Errno::PERM) if !self.privileged => {}
+                Err(e) => {
+                    return Err(self.fs_error(shown, &format!("setting attribute {}", name.to_string_lossy()), e))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_times(&self, shown: &str, node: Node<'_>, times: &Timestamps) -> Result<()> {
+        match node {
+            Node::Fd(fd) => rfs::futimens(fd, times),
+            Node::At(dir, name) | Node::Symlink(dir, name) => {
+                rfs::utimensat(dir, name, times, AtFlags::SYMLINK_NOFOLLOW)
+            }
+        }
+        .map_err(|e| self.fs_error(shown, "setting times", e))
+    }
+
+    /// Sets directory times last, deepest first; a directory a later entry replaced is skipped.
+    fn set_dir_times(&mut self) -> Result<()> {
+        let dirs = std::mem::take(&mut self.dirs);
+        for (path, times) in dirs.iter().rev() {
+            let shown = display(path);
+            if let Ok(dir) = self.open_dir(path, false) {
+                self.set_times(&shown, Node::Fd(dir.as_fd()), times)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes `name` in `dir`, recursively, without following symlinks.
+fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
+    let st = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return rfs::unlinkat(dir, name, AtFlags::empty());
+    }
+    let sub = rfs::openat(dir, name, DIR_FLAGS, Mode::empty())?;
+    let mut children = Vec::new();
+    for child in Dir::read_from(&sub)? {
+        let child = child?;
+        let child = child.file_name().to_bytes();
+        if child != b"." && child != b".." {
+            children.push(OsString::from_vec(child.to_vec()));
+        }
+    }
+    for child in &children {
+        remove_at(sub.as_fd(), child)?;
+    }
+    rfs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::{
+        fs,
+        os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
+        path::PathBuf,
+    };
+
+    use super::*;
+
+    /// Builds tar archives in tests, including hostile ones the `tar` builder would refuse.
+    pub(crate) struct Tar(tar::Builder<Vec<u8>>);
+
+    impl Tar {
+        pub(crate) fn new() -> Tar {
+            Tar(tar::Builder::new(Vec::new()))
+        }
+
+        /// Appends an entry with a raw name (and link name), unchecked.
+        fn raw(
+            &mut self,
+            kind: EntryType,
+            name: &str,
+            link: &str,
+            mode: u32,
+            data: &[u8],
+            edit: impl FnOnce(&mut tar::Header),
+        ) -> &mut Tar {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_600_000_000);
+            h.set_uid(0);
+            h.set_gid(0);
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+            edit(&mut h);
+            h.set_cksum();
+            self.0.append(&h, data).unwrap();
+            self
+        }
+
+        pub(crate) fn file(&mut self, name: &str, data: &[u8]) -> &mut Tar {
+            self.raw(EntryType::Regular, name, "", 0o644, data, |_| {})
+        }
+
+        pub(crate) fn file_with(
+            &mut self,
+            name: &str,
+            mode: u32,
+            data: &[u8],
+            edit: impl FnOnce(&mut tar::Header),
+        ) -> &mut Tar {
+            self.raw(EntryType::Regular, name, "", mode, data, edit)
+        }
+
+        pub(crate) fn dir(&mut self, name: &str, mode: u32) -> &mut Tar {
+            self.raw(EntryType::Directory, name, "", mode, b"", |_| {})
+        }
+
+        pub(crate) fn symlink(&mut self, name: &str, target: &str) -> &mut Tar {
+            self.raw(EntryType::Symlink, name, target, 0o777, b"", |_| {})
+        }
+
+        pub(crate) fn hardlink(&mut self, name: &str, target: &str) -> &mut Tar {
+            self.raw(EntryType::Link, name, target, 0o644, b"", |_| {})
+        }
+
+        pub(crate) fn node(&mut self, kind: EntryType, name: &str, mode: u32, major: u32, minor: u32) -> &mut Tar {
+            self.raw(kind, name, "", mode, b"", |h| {
+                h.set_device_major(major).unwrap();
+                h.set_device_minor(minor).unwrap();
+            })
+        }
+
+        /// A file with PAX records (xattrs, precise times).
+        pub(crate) fn pax_file(&mut self, name: &str, records: &[(&str, &[u8])], data: &[u8]) -> &mut Tar {
+            self.0.append_pax_extensions(records.iter().copied()).unwrap();
+            self.file(name, data)
+        }
+
+        pub(crate) fn finish(&mut self) -> Vec<u8> {
+            std::mem::replace(&mut self.0, tar::Builder::new(Vec::new())).into_inner().unwrap()
+        }
+    }
+
+    /// A layer directory inside a sandbox directory, so escapes land in the sandbox, visibly.
+    struct Sandbox {
+        _dir: tempfile::TempDir,
+        outside: PathBuf,
+        root: PathBuf,
+    }
+
+    fn sandbox() -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        let root = dir.path().join("a/b/layer");
+        fs::create_dir_all(&outside).unwrap();
+        fs::create_dir_all(&root).unwrap();
+        Sandbox { outside, root, _dir: dir }
+    }
+
+    fn apply(root: &Path, tar: Vec<u8>) -> Result<()> {
+        unpack(&tar[..], root, "sha256:test").map(|_| ())
+    }
+
+    /// Every path under `dir`, relative, sorted.
+    fn tree(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+                if fs::symlink_metadata(&p).unwrap().is_dir() {
+                    stack.push(p);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 256];
+        let n = rfs::lgetxattr(path, name, &mut buf[..]).ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+
+    #[test]
+    fn cleans_paths_like_containerd() {
+        let c = |s: &str| display(&clean(s.as_bytes()));
+        assert_eq!(c("./a/b/"), "a/b");
+        assert_eq!(c("../../etc/passwd"), "etc/passwd");
+        assert_eq!(c("/abs/./x/../y"), "abs/y");
+        assert_eq!(c("a/../../.."), "");
+    }
+
+    #[test]
+    fn blank_numeric_fields_read_as_zero() {
+        let failed = || Err(io::Error::other("not a number"));
+        assert_eq!(numeric(failed(), b"\0\0 \0", "uid"), Ok(0));
+        assert!(numeric(failed(), b"12x", "uid").unwrap_err().starts_with("uid: "));
+        assert_eq!(numeric(Ok(7), b"7", "uid"), Ok(7));
+    }
+
+    #[test]
+    fn pax_times_parse() {
+        assert_eq!(pax_time("12.5").unwrap(), Timespec { tv_sec: 12, tv_nsec: 500_000_000 });
+        assert_eq!(pax_time("7").unwrap(), Timespec { tv_sec: 7, tv_nsec: 0 });
+        assert_eq!(pax_time("-1.25").unwrap(), Timespec { tv_sec: -2, tv_nsec: 750_000_000 });
+        assert!(pax_time("1.2.3").is_err() && pax_time("").is_err() && pax_time("x").is_err());
+    }
+
+    #[test]
+    fn unpacks_files_dirs_links_and_metadata() {
+        let s = sandbox();
+        let tar = Tar::new()
+            .dir("./", 0o755)
+            .dir("bin/", 0o755)
+            .file_with("bin/su", 0o4755, b"#!setuid", |h| {
+                h.set_uid(1000);
+                h.set_gid(2000);
+            })
+            .dir("tmp/", 0o1777)
+            .file("tmp/x", b"x")
+            .symlink("bin/sh", "/bin/busybox")
+            .hardlink("bin/su2", "./bin/su")
+            .file("implicit/parent/file", b"deep")
+            .node(EntryType::Fifo, "fifo", 0o640, 0, 0)
+            .node(EntryType::Char, "null", 0o666, 1, 3)
+            .pax_file(
+                "precise",
+                &[
+                    ("mtime", b"1234.5"),
+                    ("SCHILY.xattr.user.pullbox", b"yes"),
+                    ("SCHILY.xattr.trusted.overlay.redirect", b"/x"),
+                ],
+                b"p",
+            )
+            .finish();
+        apply(&s.root, tar).unwrap();
+        let r = &s.root;
+
+        let su = fs::metadata(r.join("bin/su")).unwrap();
+        assert_eq!(fs::read(r.join("bin/su")).unwrap(), b"#!setuid");
+        assert_eq!(su.mode() & 0o7777, 0o4755, "setuid kept after chown");
+        assert_eq!((su.uid(), su.gid()), (1000, 2000));
+        assert_eq!(su.mtime(), 1_600_000_000);
+        assert_eq!(fs::metadata(r.join("bin/su2")).unwrap().ino(), su.ino(), "hard link");
+        let tmp = fs::metadata(r.join("tmp")).unwrap();
+        assert_eq!(tmp.mode() & 0o7777, 0o1777, "sticky bit");
+        assert_eq!(tmp.mtime(), 1_600_000_000, "directory time set after its children");
+        assert_eq!(fs::read_link(r.join("bin/sh")).unwrap(), Path::new("/bin/busybox"));
+        assert_eq!(fs::read(r.join("implicit/parent/file")).unwrap(), b"deep");
+        assert_eq!(fs::metadata(r.join("implicit")).unwrap().mode() & 0o777, 0o755);
+        let fifo = fs::symlink_metadata(r.join("fifo")).unwrap();
+        assert!(fifo.file_type().is_fifo());
+        assert_eq!(fifo.mode() & 0o777, 0o640);
+        let null = fs::symlink_metadata(r.join("null")).unwrap();
+        assert!(null.file_type().is_char_device());
+        assert_eq!(null.rdev(), rfs::makedev(1, 3));
+        let precise = fs::metadata(r.join("precise")).unwrap();
+        assert_eq!((precise.mtime(), precise.mtime_nsec()), (1234, 500_000_000));
+        if let Some(v) = xattr(&r.join("precise"), "user.pullbox") {
+            assert_eq!(v, b"yes");
+        }
+        assert_eq!(xattr(&r.join("precise"), "trusted.overlay.redirect"), None, "overlay xattrs are dropped");
+    }
+
+    #[test]
+    fn converts_whiteouts_and_opaque_dirs() {
+        let s = sandbox();
+        let tar = Tar::new()
+            .dir("etc/", 0o755)
+            .file("etc/.wh.old.conf", b"")
+            .dir("var/cache/", 0o755)
+            .file("var/cache/.wh..wh..opq", b"")
+            .file("var/cache/fresh", b"new")
+            .file(".wh..wh.plnk", b"")
+            .finish();
+        apply(&s.root, tar).unwrap();
+        let wh = fs::symlink_metadata(s.root.join("etc/old.conf")).unwrap();
+        assert!(wh.file_type().is_char_device());
+        assert_eq!(wh.rdev(), 0);
+        assert!(!s.root.join("etc/.wh.old.conf").exists());
+        assert_eq!(xattr(&s.root.join("var/cache"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+        assert_eq!(fs::read(s.root.join("var/cache/fresh")).unwrap(), b"new");
+        assert_eq!(tree(&s.root), ["etc", "etc/old.conf", "var", "var/cache", "var/cache/fresh"]);
+    }
+
+    #[test]
+    fn entries_replace_what_was_there() {
+        let s = sandbox();
+        fs::create_dir_all(s.root.join("d/keep")).unwrap();
+        fs::create_dir_all(s.root.join("was-dir/sub")).unwrap();
+        fs::write(s.root.join("was-dir/sub/f"), b"old").unwrap();
+        fs::write(s.root.join("was-file"), b"old").unwrap();
+        let tar = Tar::new()
+            .dir("d/", 0o750)
+            .file("d/new", b"n")
+            .file("was-dir", b"now a file")
+            .dir("was-file/", 0o755)
+            .file("twice", b"first")
+            .file("twice", b"second")
+            .finish();
+        apply(&s.root, tar).unwrap();
+        assert!(s.root.join("d/keep").is_dir(), "directories merge");
+        assert_eq!(fs::metadata(s.root.join("d")).unwrap().permissions().mode() & 0o777, 0o750);
+        assert_eq!(fs::read(s.root.join("was-dir")).unwrap(), b"now a file");
+        assert!(s.root.join("was-file").is_dir());
+        assert_eq!(fs::read(s.root.join("twice")).unwrap(), b"second");
+    }
+
+    #[test]
+    fn dot_dot_and_absolute_names_stay_inside() {
+        let s = sandbox();
+        let tar = Tar::new()
+            .file("../../../outside/escape", b"1")
+            .file("/abs", b"2")
+            .file("a/../../b/../../c", b"3")
+            .finish();
+        apply(&s.root, tar).unwrap();
+        assert_eq!(tree(&s.outside), Vec::<String>::new());
+        assert_eq!(fs::read(s.root.join("outside/escape")).unwrap(), b"1");
+        assert_eq!(fs::read(s.root.join("abs")).unwrap(), b"2");
+        assert_eq!(fs::read(s.root.join("c")).unwrap(), b"3");
+        assert_eq!(
+            tree(s.root.parent().unwrap()),
+            ["layer", "layer/abs", "layer/c", "layer/outside", "layer/outside/escape"]
+        );
+    }
+
+    #[test]
+    fn never_writes_through_symlinks() {
+        let s = sandbox();
+        let victim = s.outside.join("victim");
+        fs::write(&victim, b"original").unwrap();
+        let outside = s.outside.display().to_string();
+
+        // A file below a symlinked directory is refused.
+        let tar = Tar::new().symlink("link", &outside).file("link/pwned", b"x").finish();
+        let err = apply(&s.root, tar).unwrap_err();
+        assert!(
+            matches!(&err, Error::BadLayer { reason, .. } if reason.contains("link/pwned") && reason.contains("symbolic link")),
+            "{err}"
+        );
+        // Relative climbing links too.
+        let tar = Tar::new().symlink("up", "../../../outside").dir("up/d/", 0o755).finish();
+        assert!(matches!(apply(&s.root, tar), Err(Error::BadLayer { .. })));
+        // A file over a symlink replaces the symlink rather than writing through it.
+        let tar = Tar::new().symlink("v", &victim.display().to_string()).file("v", b"overwritten").finish();
+        apply(&s.root, tar).unwrap();
+        assert_eq!(fs::read(s.root.join("v")).unwrap(), b"overwritten");
+        assert!(!fs::symlink_metadata(s.root.join("v")).unwrap().is_symlink());
+        // The opaque marker below a symlink is refused too.
+        let tar = Tar::new().symlink("o", &outside).file("o/.wh..wh..opq", b"").file("o/.wh.victim", b"").finish();
+        assert!(matches!(apply(&s.root, tar), Err(Error::BadLayer { .. })));
+
+        assert_eq!(fs::read(&victim).unwrap(), b"original");
+        assert_eq!(tree(&s.outside), ["victim"]);
+        assert_eq!(xattr(&s.outside, "trusted.overlay.opaque"), None);
+    }
+
+    #[test]
+    fn hard_links_stay_inside_the_layer() {
+        let s = sandbox();
+        let passwd_links = fs::metadata("/etc/passwd").unwrap().nlink();
+        let victim = s.outside.join("victim");
+        fs::write(&victim, b"secret").unwrap();
+
+        for target in ["/etc/passwd", "../../../../../../../etc/passwd"] {
+            let err = apply(&s.root, Tar::new().hardlink("passwd", target).finish()).unwrap_err();
+            assert!(matches!(&err, Error::BadLayer { reason, .. } if reason.contains("not in this layer")), "{err}");
+        }
+        // Through a symlink to the outside.
+        let tar = Tar::new().symlink("out", &s.outside.display().to_string()).hardlink("h", "out/victim").finish();
+        assert!(matches!(apply(&s.root, tar), Err(Error::BadLayer { .. })));
+        // To a symlink in the layer: links the symlink itself, not its target.
+        let tar = Tar::new().symlink("s", &victim.display().to_string()).hardlink("h2", "s").finish();
+        apply(&s.root, tar).unwrap();
+        assert!(fs::symlink_metadata(s.root.join("h2")).unwrap().is_symlink());
+
+        assert_eq!(fs::metadata("/etc/passwd").unwrap().nlink(), passwd_links);
+        assert_eq!(fs::metadata(&victim).unwrap().nlink(), 1);
+        assert!(!s.root.join("passwd").exists() && !s.root.join("h").exists());
+    }
+
+    #[test]
+    fn corrupt_archives_are_bad_layers() {
+        let s = sandbox();
+        let mut tar = Tar::new().file("f", &[1u8; 2000]).finish();
+        tar.truncate(1200);
+        let err = apply(&s.root, tar).unwrap_err();
+        assert!(matches!(&err, Error::BadLayer { layer, .. } if layer == "sha256:test"), "{err}");
+    }
+}

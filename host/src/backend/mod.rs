@@ -1,0 +1,209 @@
+//! The storage backends, behind small async traits.
+//!
+//! The interface modules (`crate::interfaces`) and the registry transport only ever talk to
+//! these traits, so the same puller runs unchanged on either backend:
+//!
+//! - [`ContentStore`] / [`ContentWriter`]: blobs by digest, with labels; writes are verified
+//!   against the expected size and digest before they become visible.
+//! - [`Snapshotter`]: containerd's snapshot model (active → committed, views).
+//! - [`Differ`]: applies a layer blob onto an active snapshot's mounts, returning the diff ID.
+//! - [`ImageStore`]: named image records.
+//! - [`Leases`]: what a pull has written, kept alive until its records exist, and garbage
+//!   collection of whatever no image and no lease refers to.
+//!
+//! [`Backend`] bundles one implementation of each. `embedded` is the default backend.
+
+pub mod embedded;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncRead;
+
+use crate::{
+    error::Result,
+    oci::{Descriptor, Digest, Mount},
+};
+
+/// Labels of a blob, snapshot or record.
+pub type Labels = BTreeMap<String, String>;
+
+/// The identifier of a lease. Every write made on behalf of a pull names the pull's lease.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LeaseId(pub String);
+
+/// What the content store knows about one blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentInfo {
+    pub digest: Digest,
+    pub size: u64,
+    pub labels: Labels,
+}
+
+/// A byte stream of one blob.
+pub type BlobReader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// Blobs by digest.
+#[async_trait]
+pub trait ContentStore: Send + Sync {
+    /// What the store knows of a committed blob. `NotFound` when absent.
+    async fn info(&self, digest: &Digest) -> Result<ContentInfo>;
+
+    /// Reads up to `len` bytes from `offset` of a committed blob.
+    async fn read(&self, digest: &Digest, offset: u64, len: usize) -> Result<Vec<u8>>;
+
+    /// Opens a committed blob for streaming.
+    async fn open(&self, digest: &Digest) -> Result<BlobReader>;
+
+    /// Starts (or resumes) writing the blob `expected` under `lease`. The writer's
+    /// [`ContentWriter::offset`] says how many bytes an earlier, interrupted write of the
+    /// same blob left; the caller continues from there. `AlreadyExists` when the blob is
+    /// committed already (the lease then holds it).
+    async fn writer(&self, expected: &Descriptor, lease: &LeaseId) -> Result<Box<dyn ContentWriter>>;
+
+    /// Sets labels on a blob; an empty value removes the label.
+    async fn set_labels(&self, digest: &Digest, labels: &Labels) -> Result<ContentInfo>;
+
+    /// Deletes a committed blob.
+    async fn delete(&self, digest: &Digest) -> Result<()>;
+}
+
+/// An open ingest of one blob.
+#[async_trait]
+pub trait ContentWriter: Send {
+    /// Bytes written so far (including those of an interrupted earlier write).
+    fn offset(&self) -> u64;
+
+    /// Discards what was written, to restart from offset 0 (a registry that does not honour
+    /// range requests).
+    async fn truncate(&mut self) -> Result<()>;
+
+    /// Appends bytes. Fails with `Mismatch` as soon as more bytes arrive than expected.
+    async fn write(&mut self, data: &[u8]) -> Result<()>;
+
+    /// Verifies size and digest and makes the blob visible. On a mismatch the ingest is
+    /// discarded and nothing becomes visible.
+    async fn commit(self: Box<Self>) -> Result<ContentInfo>;
+}
+
+/// The state of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotKind {
+    View,
+    Active,
+    Committed,
+}
+
+/// What the snapshotter knows of one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// The parent's name, empty when none.
+    pub parent: String,
+    pub kind: SnapshotKind,
+    pub labels: Labels,
+}
+
+/// Disk use of one snapshot's own layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub size: u64,
+    pub inodes: u64,
+}
+
+/// Layered filesystem trees, in containerd's model.
+#[async_trait]
+pub trait Snapshotter: Send + Sync {
+    /// The snapshotter's name, as used in `containerd.io/gc.ref.snapshot.<name>` labels.
+    fn name(&self) -> &str;
+
+    /// Creates an active snapshot `key` on the committed snapshot `parent` ("" for none).
+    async fn prepare(&self, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>>;
+
+    /// Creates a read-only view `key` of the committed snapshot `parent`.
+    async fn view(&self, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>>;
+
+    /// The mounts of an active snapshot or view.
+    async fn mounts(&self, key: &str) -> Result<Vec<Mount>>;
+
+    /// Commits the active snapshot `key` as `name`.
+    async fn commit(&self, name: &str, key: &str, lease: &LeaseId) -> Result<()>;
+
+    /// What the snapshotter knows of `key`.
+    async fn stat(&self, key: &str) -> Result<SnapshotInfo>;
+
+    /// Removes a snapshot that has no children.
+    async fn remove(&self, key: &str) -> Result<()>;
+
+    /// Disk use of a snapshot's own layer.
+    async fn usage(&self, key: &str) -> Result<Usage>;
+}
+
+/// Applies layers onto snapshots.
+#[async_trait]
+pub trait Differ: Send + Sync {
+    /// Applies the committed blob `layer` onto `mounts` and returns its diff ID.
+    async fn apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<Digest>;
+}
+
+/// A named image record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    pub target: Descriptor,
+    #[serde(default)]
+    pub labels: Labels,
+    /// Nanoseconds since the Unix epoch.
+    #[serde(default)]
+    pub created_at: u64,
+    #[serde(default)]
+    pub updated_at: u64,
+}
+
+/// Named image records.
+#[async_trait]
+pub trait ImageStore: Send + Sync {
+    async fn get(&self, name: &str) -> Result<ImageRecord>;
+    async fn list(&self) -> Result<Vec<ImageRecord>>;
+    /// Creates a record; sets both timestamps. `AlreadyExists` when the name is taken.
+    async fn create(&self, image: ImageRecord) -> Result<ImageRecord>;
+    /// Replaces target and labels; keeps `created_at`, sets `updated_at`.
+    async fn update(&self, image: ImageRecord) -> Result<ImageRecord>;
+    async fn delete(&self, name: &str) -> Result<()>;
+}
+
+/// What a garbage collection removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub blobs: u64,
+    pub snapshots: u64,
+    pub ingests: u64,
+    pub leases: u64,
+    /// Bytes freed on disk.
+    pub bytes: u64,
+}
+
+/// Leases and garbage collection.
+#[async_trait]
+pub trait Leases: Send + Sync {
+    /// Creates a lease owned by this process.
+    async fn create(&self) -> Result<LeaseId>;
+
+    /// Deletes a lease; what only it held becomes garbage.
+    async fn delete(&self, lease: &LeaseId) -> Result<()>;
+
+    /// Removes leases whose owning process is gone, then everything that no image record and
+    /// no lease refers to (following `containerd.io/gc.ref.*` labels and snapshot parents).
+    async fn collect(&self) -> Result<GcReport>;
+}
+
+/// One implementation of each store.
+#[derive(Clone)]
+pub struct Backend {
+    pub content: Arc<dyn ContentStore>,
+    pub snapshots: Arc<dyn Snapshotter>,
+    pub differ: Arc<dyn Differ>,
+    pub images: Arc<dyn ImageStore>,
+    pub leases: Arc<dyn Leases>,
+}

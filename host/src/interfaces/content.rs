@@ -1,0 +1,103 @@
+//! Host side of `pullbox:image/content`: bounded reads and labels on the content store.
+//! Reads wait for a download of the same blob that the request started.
+//!
+//! [`MAX_READ`] is 1 MiB: large enough that a 4 MiB manifest takes four calls, small
+//! enough that one call cannot make the host allocate much on the guest's behalf.
+
+use std::sync::Arc;
+
+use crate::{
+    engine::{
+        bindings::pullbox::image::content::{Host, BlobInfo},
+        CallState,
+    },
+    error::Error,
+    oci::Digest,
+    session::Session,
+};
+
+use super::{answer, digest, label_pairs, labels, ImportResult};
+
+/// The largest read one call may ask for.
+pub const MAX_READ: u32 = 1 << 20;
+
+/// Waits for a download of `d` in flight, turning its failure into an error for this call.
+pub(crate) async fn wait(s: &Session, d: &Digest) -> Result<(), Error> {
+    s.wait_fetched(d).await.map_err(|e: Arc<Error>| shared(&e))
+}
+
+/// A copy of a shared download error, same code and message.
+fn shared(e: &Error) -> Error {
+    let msg = e.chain();
+    match e.code() {
+        crate::error::Code::NotFound => Error::NotFound(msg),
+        crate::error::Code::PermissionDenied => Error::PermissionDenied(msg),
+        crate::error::Code::ResourceExhausted => Error::ResourceExhausted(msg),
+        crate::error::Code::Unavailable => Error::Unavailable { what: msg, source: None },
+        crate::error::Code::Cancelled => Error::Cancelled(msg),
+        crate::error::Code::InvalidArgument => Error::InvalidArgument(msg),
+        _ => Error::FailedPrecondition(msg),
+    }
+}
+
+impl Host for CallState {
+    async fn info(&mut self, d: String) -> ImportResult<BlobInfo> {
+        let s = self.session.clone();
+        answer(
+            async {
+                let d = digest(&d)?;
+                wait(&s, &d).await?;
+                let info = s.backend.content.info(&d).await?;
+                Ok(BlobInfo { digest: info.digest.to_string(), size: info.size, labels: label_pairs(info.labels) })
+            }
+            .await,
+        )
+    }
+
+    async fn read(&mut self, d: String, offset: u64, length: u32) -> ImportResult<Vec<u8>> {
+        let s = self.session.clone();
+        answer(
+            async {
+                let d = digest(&d)?;
+                if length > MAX_READ {
+                    return Err(Error::ResourceExhausted(format!(
+                        "read of {length} bytes is over the limit of {MAX_READ}"
+                    )));
+                }
+                wait(&s, &d).await?;
+                s.backend.content.read(&d, offset, length as usize).await
+            }
+            .await,
+        )
+    }
+
+    async fn max_read(&mut self) -> wasmtime::Result<u32> {
+        Ok(MAX_READ)
+    }
+
+    async fn set_labels(&mut self, d: String, l: Vec<(String, String)>) -> ImportResult<()> {
+        let s = self.session.clone();
+        answer(
+            async {
+                let d = digest(&d)?;
+                let l = labels(l)?;
+                s.lease()?;
+                wait(&s, &d).await?;
+                s.backend.content.set_labels(&d, &l).await.map(|_| ())
+            }
+            .await,
+        )
+    }
+
+    async fn delete(&mut self, d: String) -> ImportResult<()> {
+        let s = self.session.clone();
+        answer(
+            async {
+                let d = digest(&d)?;
+                wait(&s, &d).await?;
+                s.backend.content.delete(&d).await
+            }
+            .await,
+        )
+    }
+}

@@ -1,0 +1,192 @@
+//! The host side of the WIT interfaces: one module per interface, as wasmtime's own WASI
+//! crates do. Each module implements the generated `Host` trait on [`CallState`] by
+//! validating what the guest sent, calling a backend trait through the request's session,
+//! and converting the answer back.
+//!
+//! Backend failures become the WIT `error` variant ([`to_wit_error`]); only host bugs and
+//! hostile guests trap. Everything a guest hands to the host is bounded here: strings,
+//! lists and label maps larger than the limits below are refused before any work is done.
+
+mod content;
+mod diff;
+mod images;
+mod log;
+mod registry;
+mod snapshots;
+
+use std::collections::BTreeMap;
+
+use crate::{
+    backend::Labels,
+    engine::{bindings::pullbox::image::types as wit, CallState},
+    error::{Code, Error},
+    oci::{Descriptor, Digest, Mount, Platform},
+};
+
+/// The most labels or annotations one guest-supplied map may hold.
+pub const MAX_LABELS: usize = 256;
+/// The longest label key or value, string argument, or name (containerd's label limit is 4096
+/// bytes for key plus value).
+pub const MAX_STRING: usize = 4096;
+/// The most descriptors one `registry.fetch` may name (an image with more layers than this is
+/// not a real image: Docker caps layers at 127, OCI tools at a few hundred).
+pub const MAX_BATCH: usize = 1024;
+
+impl wit::Host for CallState {}
+
+/// Converts a host error into the WIT error the guest sees.
+pub(crate) fn to_wit_error(e: &Error) -> wit::Error {
+    wit_error(e.code(), e.chain())
+}
+
+/// The WIT error of `code` with `message`.
+pub(crate) fn wit_error(code: Code, message: String) -> wit::Error {
+    match code {
+        Code::NotFound => wit::Error::NotFound(message),
+        Code::AlreadyExists => wit::Error::AlreadyExists(message),
+        Code::InvalidArgument => wit::Error::InvalidArgument(message),
+        Code::FailedPrecondition => wit::Error::FailedPrecondition(message),
+        Code::PermissionDenied => wit::Error::PermissionDenied(message),
+        Code::ResourceExhausted => wit::Error::ResourceExhausted(message),
+        Code::Unavailable => wit::Error::Unavailable(message),
+        Code::Cancelled => wit::Error::Cancelled(message),
+        Code::Internal => wit::Error::Internal(message),
+    }
+}
+
+/// Splits a WIT error into its code and message.
+pub(crate) fn from_wit_error(e: wit::Error) -> (Code, String) {
+    match e {
+        wit::Error::NotFound(m) => (Code::NotFound, m),
+        wit::Error::AlreadyExists(m) => (Code::AlreadyExists, m),
+        wit::Error::InvalidArgument(m) => (Code::InvalidArgument, m),
+        wit::Error::FailedPrecondition(m) => (Code::FailedPrecondition, m),
+        wit::Error::PermissionDenied(m) => (Code::PermissionDenied, m),
+        wit::Error::ResourceExhausted(m) => (Code::ResourceExhausted, m),
+        wit::Error::Unavailable(m) => (Code::Unavailable, m),
+        wit::Error::Cancelled(m) => (Code::Cancelled, m),
+        wit::Error::Internal(m) => (Code::Internal, m),
+    }
+}
+
+/// The result type of a fallible import: the outer `Err` traps, the inner is the WIT error.
+pub(crate) type ImportResult<T> = wasmtime::Result<Result<T, wit::Error>>;
+
+/// Turns a host result into an import result.
+pub(crate) fn answer<T>(r: Result<T, Error>) -> ImportResult<T> {
+    Ok(r.map_err(|e| to_wit_error(&e)))
+}
+
+/// Refuses a guest-supplied string longer than [`MAX_STRING`].
+pub(crate) fn bounded<'a>(what: &str, s: &'a str) -> Result<&'a str, Error> {
+    if s.len() > MAX_STRING {
+        return Err(Error::InvalidArgument(format!("{what} is longer than {MAX_STRING} bytes")));
+    }
+    Ok(s)
+}
+
+/// Validates a guest-supplied digest.
+pub(crate) fn digest(s: &str) -> Result<Digest, Error> {
+    bounded("digest", s)?.parse()
+}
+
+/// Validates a guest-supplied label or annotation map.
+pub(crate) fn labels(pairs: Vec<(String, String)>) -> Result<Labels, Error> {
+    if pairs.len() > MAX_LABELS {
+        return Err(Error::InvalidArgument(format!("more than {MAX_LABELS} labels")));
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in pairs {
+        if k.is_empty() || k.len() + v.len() > MAX_STRING {
+            return Err(Error::InvalidArgument(format!(
+                "label {:?}: keys must be non-empty and key plus value at most {MAX_STRING} bytes",
+                k.chars().take(64).collect::<String>()
+            )));
+        }
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+/// Converts a label map for the guest.
+pub(crate) fn label_pairs(labels: Labels) -> Vec<(String, String)> {
+    labels.into_iter().collect()
+}
+
+/// Validates a guest-supplied descriptor.
+pub(crate) fn descriptor(d: wit::Descriptor) -> Result<Descriptor, Error> {
+    if d.urls.len() > MAX_LABELS {
+        return Err(Error::InvalidArgument("descriptor has too many urls".into()));
+    }
+    Ok(Descriptor {
+        media_type: bounded("media type", &d.media_type)?.to_owned(),
+        digest: digest(&d.digest)?,
+        size: d.size,
+        annotations: labels(d.annotations)?,
+        platform: d.platform.map(platform).transpose()?,
+        urls: d.urls.into_iter().map(|u| bounded("url", &u).map(|_| u.clone())).collect::<Result<_, _>>()?,
+    })
+}
+
+/// Converts a descriptor for the guest.
+pub(crate) fn wit_descriptor(d: Descriptor) -> wit::Descriptor {
+    wit::Descriptor {
+        media_type: d.media_type,
+        digest: d.digest.to_string(),
+        size: d.size,
+        annotations: label_pairs(d.annotations),
+        platform: d.platform.map(wit_platform),
+        urls: d.urls,
+    }
+}
+
+fn platform(p: wit::Platform) -> Result<Platform, Error> {
+    if p.os_features.len() > MAX_LABELS {
+        return Err(Error::InvalidArgument("platform has too many os features".into()));
+    }
+    Ok(Platform {
+        os: bounded("os", &p.os)?.to_owned(),
+        architecture: bounded("architecture", &p.architecture)?.to_owned(),
+        variant: bounded("variant", &p.variant)?.to_owned(),
+        os_version: bounded("os version", &p.os_version)?.to_owned(),
+        os_features: p.os_features,
+    })
+}
+
+/// Converts a platform for the guest.
+pub(crate) fn wit_platform(p: Platform) -> wit::Platform {
+    wit::Platform {
+        os: p.os,
+        architecture: p.architecture,
+        variant: p.variant,
+        os_version: p.os_version,
+        os_features: p.os_features,
+    }
+}
+
+/// Validates guest-supplied mounts.
+pub(crate) fn mounts(ms: Vec<wit::Mount>) -> Result<Vec<Mount>, Error> {
+    if ms.len() > 16 {
+        return Err(Error::InvalidArgument("too many mounts".into()));
+    }
+    ms.into_iter()
+        .map(|m| {
+            if m.options.len() > 64 {
+                return Err(Error::InvalidArgument("too many mount options".into()));
+            }
+            for o in &m.options {
+                bounded("mount option", o)?;
+            }
+            Ok(Mount {
+                kind: bounded("mount type", &m.kind)?.to_owned(),
+                source: bounded("mount source", &m.source)?.to_owned(),
+                options: m.options,
+            })
+        })
+        .collect()
+}
+
+/// Converts mounts for the guest.
+pub(crate) fn wit_mounts(ms: Vec<Mount>) -> Vec<wit::Mount> {
+    ms.into_iter().map(|m| wit::Mount { kind: m.kind, source: m.source, options: m.options }).collect()
+}

@@ -1,0 +1,45 @@
+//! Host side of `pullbox:image/registry`: resolve and fetch through [`crate::registry`],
+//! writing under the request's lease. Credentials stay in the host.
+
+use crate::{
+    engine::{
+        bindings::pullbox::image::{registry::Host, types::Descriptor},
+        CallState,
+    },
+    error::Error,
+    registry::Repository,
+};
+
+use super::{answer, bounded, descriptor, wit_descriptor, ImportResult, MAX_BATCH};
+
+impl Host for CallState {
+    async fn resolve(&mut self, name: String, reference: String) -> ImportResult<Descriptor> {
+        let s = self.session.clone();
+        answer(
+            async {
+                let repo = Repository::parse(bounded("name", &name)?)?;
+                let reference = bounded("reference", &reference)?;
+                let lease = s.lease()?;
+                let desc = s.registry.resolve(&repo, reference, s.backend.content.as_ref(), lease).await?;
+                tracing::debug!(%repo, reference, digest = %desc.digest, "resolved");
+                Ok(wit_descriptor(desc))
+            }
+            .await,
+        )
+    }
+
+    async fn fetch(&mut self, name: String, blobs: Vec<Descriptor>) -> ImportResult<()> {
+        let s = self.session.clone();
+        answer((|| {
+            if blobs.len() > MAX_BATCH {
+                return Err(Error::InvalidArgument(format!("more than {MAX_BATCH} blobs in one fetch")));
+            }
+            let repo = Repository::parse(bounded("name", &name)?)?;
+            let descs = blobs.into_iter().map(descriptor).collect::<Result<Vec<_>, _>>()?;
+            for d in &descs {
+                s.start_fetch(&repo, d)?;
+            }
+            Ok(())
+        })())
+    }
+}

@@ -1,0 +1,16 @@
+//! pullbox: pulls container images for Kubernetes nodes through a sandboxed WebAssembly
+//! puller.
+//!
+//! The host is the data plane: registry transport ([`registry`]), the storage backends
+//! ([`backend`]), the wasmtime embedding ([`engine`]) and one module per WIT interface
+//! ([`interfaces`]). Every decision about what to pull and how to record it is made by the
+//! puller component the engine loads.
+
+pub mod backend;
+pub mod error;
+pub mod oci;
+pub mod engine;
+pub mod interfaces;
+pub mod registry;
+pub mod session;
+pub mod service;

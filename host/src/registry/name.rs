@@ -1,0 +1,123 @@
+//! Repository names as the transport sees them: `registry[:port]/path`, already normalized by
+//! the puller. The host re-validates everything it puts into a URL, because the guest is not
+//! trusted to have done so.
+
+use std::{fmt, net::IpAddr};
+
+use crate::error::{Error, Result};
+
+/// A repository on a registry, for example `127.0.0.1:5000/team/app`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Repository {
+    /// Registry host as written in the name (`docker.io`, `127.0.0.1:5000`, `[::1]:5000`).
+    registry: String,
+    /// Repository path on the registry (`library/busybox`).
+    path: String,
+}
+
+/// The longest repository name accepted (the distribution spec's limit).
+const MAX_NAME: usize = 255;
+
+impl Repository {
+    /// Parses and validates `registry/path`.
+    pub fn parse(name: &str) -> Result<Repository> {
+        let bad = |why: &str| Error::InvalidArgument(format!("invalid repository name {name:?}: {why}"));
+        let (registry, path) = name.split_once('/').ok_or_else(|| bad("no registry host"))?;
+        if registry.is_empty() || !registry.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
+            return Err(bad("invalid registry host"));
+        }
+        if path.is_empty() || path.len() > MAX_NAME {
+            return Err(bad("repository path must have 1 to 255 characters"));
+        }
+        for component in path.split('/') {
+            let ok = !component.is_empty()
+                && component.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && component.as_bytes()[0].is_ascii_alphanumeric()
+                && component.as_bytes()[component.len() - 1].is_ascii_alphanumeric();
+            if !ok {
+                return Err(bad("path components are lowercase letters, digits and separators"));
+            }
+        }
+        Ok(Repository { registry: registry.to_owned(), path: path.to_owned() })
+    }
+
+    /// The registry host as written in the name.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// The repository path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Whether the registry is on this machine: such registries are spoken to in plain HTTP.
+    pub fn is_loopback(&self) -> bool {
+        let host = host_of(&self.registry);
+        host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// The URL of `tail` (`manifests/…`, `blobs/…`) under this repository.
+    pub fn url(&self, tail: &str) -> String {
+        let scheme = if self.is_loopback() { "http" } else { "https" };
+        let host = if self.registry == "docker.io" { "registry-1.docker.io" } else { &self.registry };
+        format!("{scheme}://{host}/v2/{}/{tail}", self.path)
+    }
+}
+
+impl fmt::Display for Repository {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.registry, self.path)
+    }
+}
+
+/// The host part of `host[:port]`, without IPv6 brackets.
+fn host_of(registry: &str) -> &str {
+    if let Some(rest) = registry.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or_default();
+    }
+    registry.split(':').next().unwrap_or_default()
+}
+
+/// Whether `tag` is a valid tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_registries_use_http() {
+        for (name, http) in [
+            ("127.0.0.1:5000/team/app", true),
+            ("127.1.2.3/a", true),
+            ("localhost:5000/a", true),
+            ("[::1]:5000/a", true),
+            ("registry.io/a", false),
+            ("localhost.evil.com/a", false),
+            ("docker.io/library/busybox", false),
+        ] {
+            let r = Repository::parse(name).unwrap();
+            assert_eq!(r.url("x").starts_with("http://"), http, "{name}");
+        }
+        assert_eq!(
+            Repository::parse("docker.io/library/busybox").unwrap().url("manifests/latest"),
+            "https://registry-1.docker.io/v2/library/busybox/manifests/latest"
+        );
+    }
+
+    #[test]
+    fn names_are_validated() {
+        for bad in ["busybox", "reg.io/", "reg.io/UPPER", "reg.io/a//b", "reg.io/a/../b", "reg io/a", "reg.io/-a"] {
+            assert!(Repository::parse(bad).is_err(), "{bad} accepted");
+        }
+        assert!(valid_tag("1.0-rc_1"));
+        assert!(!valid_tag("../x") && !valid_tag("") && !valid_tag(".x"));
+    }
+}

@@ -1,0 +1,132 @@
+//! The image service: what the CLI (and the CRI server) call. Each operation builds a
+//! [`Session`], calls one export of the puller, and owns the lease lifecycle around it:
+//!
+//! - a pull runs under a fresh lease; when the puller returns, its downloads are settled and
+//!   the lease is deleted — on success the image records now hold everything, on failure what
+//!   the pull wrote is garbage and is collected at once;
+//! - status, list and remove run without a lease, so they cannot write;
+//! - a remove is followed by a collection, so an image with no records left releases its
+//!   content and snapshots.
+
+use std::sync::Arc;
+
+use crate::{
+    backend::{Backend, GcReport},
+    engine::{CallError, ImageInfo, PullRequest, Puller},
+    error::{Code, Error},
+    interfaces::wit_platform,
+    oci::{Digest, Platform},
+    registry::{Progress, SharedClient},
+    session::Session,
+};
+
+/// A failed image-service operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The puller refused or failed.
+    #[error(transparent)]
+    Puller(#[from] CallError),
+    /// A host store failed.
+    #[error(transparent)]
+    Host(#[from] Error),
+}
+
+impl ServiceError {
+    /// The gRPC code of this error.
+    pub fn code(&self) -> Code {
+        match self {
+            ServiceError::Puller(e) => e.code(),
+            ServiceError::Host(e) => e.code(),
+        }
+    }
+}
+
+/// The image service over one backend and one puller.
+pub struct ImageService {
+    backend: Backend,
+    registry: SharedClient,
+    puller: Puller,
+}
+
+impl ImageService {
+    /// A service over `backend` using `puller`.
+    pub fn new(backend: Backend, registry: SharedClient, puller: Puller) -> ImageService {
+        ImageService { backend, registry, puller }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    fn session(&self, lease: Option<crate::backend::LeaseId>, progress: Arc<dyn Progress>) -> Arc<Session> {
+        Arc::new(Session::new(self.backend.clone(), self.registry.clone(), lease, progress))
+    }
+
+    /// Checks that the puller accepts its settings.
+    pub async fn check(&self) -> Result<(), ServiceError> {
+        Ok(self.puller.check(self.session(None, Arc::new(crate::registry::NoProgress))).await?)
+    }
+
+    /// Pulls `reference` for `platform` and returns the READY image.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        platform: Platform,
+        progress: Arc<dyn Progress>,
+    ) -> Result<ImageInfo, ServiceError> {
+        let lease = self.backend.leases.create().await?;
+        let session = self.session(Some(lease.clone()), progress);
+        let request = PullRequest { reference: reference.to_owned(), platform: wit_platform(platform) };
+        let result = self.puller.pull(session.clone(), &request).await;
+        match &result {
+            Ok(_) => {
+                // A puller may have started downloads it never waited for; let them end
+                // before the lease that protects them goes.
+                if let Err(e) = session.settle().await {
+                    tracing::warn!("a download the puller did not use failed: {}", e.chain());
+                }
+            }
+            Err(_) => session.abort().await,
+        }
+        self.backend.leases.delete(&lease).await?;
+        if result.is_err() {
+            match self.backend.leases.collect().await {
+                Ok(r) => tracing::debug!(?r, "collected what the failed pull wrote"),
+                Err(e) => tracing::warn!("cannot collect what the failed pull wrote: {}", e.chain()),
+            }
+        }
+        Ok(result?)
+    }
+
+    /// The READY image `reference` (a reference, an image ID or an ID prefix) names.
+    pub async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, ServiceError> {
+        Ok(self.puller.status(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?)
+    }
+
+    /// Every READY image.
+    pub async fn list(&self) -> Result<Vec<ImageInfo>, ServiceError> {
+        Ok(self.puller.list(self.session(None, Arc::new(crate::registry::NoProgress))).await?)
+    }
+
+    /// Removes the image `reference` names, then collects what it no longer holds. Returns
+    /// how many records went and what the collection freed.
+    pub async fn remove(&self, reference: &str) -> Result<(usize, GcReport), ServiceError> {
+        let before = self.backend.images.list().await?.len();
+        self.puller.remove(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?;
+        let removed = before.saturating_sub(self.backend.images.list().await?.len());
+        let report = self.backend.leases.collect().await?;
+        Ok((removed, report))
+    }
+
+    /// The image config of the image whose ID is `id` (its config digest), as JSON.
+    pub async fn config(&self, id: &str) -> Result<serde_json::Value, ServiceError> {
+        let digest: Digest = id.parse()?;
+        let info = self.backend.content.info(&digest).await?;
+        if info.size > crate::registry::MAX_MANIFEST {
+            return Err(Error::ResourceExhausted(format!("config {digest} is too large")).into());
+        }
+        let bytes = self.backend.content.read(&digest, 0, info.size as usize).await?;
+        Ok(serde_json::from_slice(&bytes).map_err(Error::Corrupt)?)
+    }
+}

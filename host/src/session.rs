@@ -1,0 +1,128 @@
+//! One request's context: the store state every host import of that request sees.
+//!
+//! A [`Session`] holds the backend, the registry client, the request's lease and the
+//! downloads it started. `registry.fetch` starts downloads as tokio tasks and returns at once;
+//! `content.*` and `diff.apply` on a digest being fetched first wait for that download
+//! ([`Session::wait_fetched`]), so a guest overlaps downloads with unpacking without knowing
+//! how. At most [`PARALLEL_DOWNLOADS`] blobs download at a time per request (containerd's
+//! default `max_concurrent_downloads` is 3; layers of a pull are few and large, so a little
+//! more parallelism keeps a fast link busy without thrashing a slow disk).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use futures::{future::Shared, FutureExt};
+use tokio::sync::Semaphore;
+
+use crate::{
+    backend::{Backend, LeaseId},
+    error::{Error, Result},
+    oci::{Descriptor, Digest},
+    registry::{Progress, Repository, SharedClient},
+};
+
+/// How many blobs one request downloads at the same time.
+pub const PARALLEL_DOWNLOADS: usize = 4;
+
+/// The outcome of one download, shared by everyone who waits for it.
+type FetchOutcome = Result<(), Arc<Error>>;
+type FetchFuture = Shared<futures::future::BoxFuture<'static, FetchOutcome>>;
+
+/// The context of one request.
+pub struct Session {
+    pub backend: Backend,
+    pub registry: SharedClient,
+    /// The lease of a pull; `None` for requests that must not write (status, list, remove).
+    pub lease: Option<LeaseId>,
+    pub progress: Arc<dyn Progress>,
+    fetches: Mutex<HashMap<Digest, (FetchFuture, tokio::task::AbortHandle)>>,
+    downloads: Arc<Semaphore>,
+}
+
+impl Session {
+    /// A session whose writes go under `lease`; without one, writes are refused.
+    pub fn new(
+        backend: Backend,
+        registry: SharedClient,
+        lease: Option<LeaseId>,
+        progress: Arc<dyn Progress>,
+    ) -> Session {
+        Session {
+            backend,
+            registry,
+            lease,
+            progress,
+            fetches: Mutex::new(HashMap::new()),
+            downloads: Arc::new(Semaphore::new(PARALLEL_DOWNLOADS)),
+        }
+    }
+
+    /// The lease writes go under; `FailedPrecondition` for a request that may not write.
+    pub fn lease(&self) -> Result<&LeaseId> {
+        self.lease
+            .as_ref()
+            .ok_or_else(|| Error::FailedPrecondition("only pull-image may write to the stores".into()))
+    }
+
+    /// Starts downloading `desc` from `repo` unless this session already does.
+    pub fn start_fetch(&self, repo: &Repository, desc: &Descriptor) -> Result<()> {
+        let lease = self.lease()?.clone();
+        let mut fetches = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
+        if fetches.contains_key(&desc.digest) {
+            return Ok(());
+        }
+        let (backend, registry, progress) = (self.backend.clone(), self.registry.clone(), self.progress.clone());
+        let (repo, desc2, permits) = (repo.clone(), desc.clone(), self.downloads.clone());
+        let task = tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await.map_err(|_| Error::Cancelled("download queue closed".into()))?;
+            registry.fetch(&repo, &desc2, backend.content.as_ref(), &lease, progress.as_ref()).await
+        });
+        let abort = task.abort_handle();
+        let fut = async move {
+            match task.await {
+                Ok(r) => r.map_err(Arc::new),
+                Err(e) => Err(Arc::new(Error::Cancelled(format!("download stopped: {e}")))),
+            }
+        }
+        .boxed()
+        .shared();
+        fetches.insert(desc.digest.clone(), (fut, abort));
+        Ok(())
+    }
+
+    /// Waits for a download of `digest` started by this session, if there is one.
+    pub async fn wait_fetched(&self, digest: &Digest) -> Result<(), Arc<Error>> {
+        let fut = self.fetches.lock().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(f, _)| f.clone());
+        match fut {
+            Some(f) => f.await,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for every download this session started; the first error wins. Used when the
+    /// request ends, so no task outlives it and writes under a lease that is being released.
+    pub async fn settle(&self) -> Result<(), Arc<Error>> {
+        let all: Vec<FetchFuture> =
+            self.fetches.lock().unwrap_or_else(|e| e.into_inner()).values().map(|(f, _)| f.clone()).collect();
+        let mut first = Ok(());
+        for f in all {
+            if let Err(e) = f.await {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    /// Stops every download this session started (a failed or cancelled request), then waits
+    /// until they have stopped.
+    pub async fn abort(&self) {
+        for (_, handle) in self.fetches.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            handle.abort();
+        }
+        let _ = self.settle().await;
+    }
+}

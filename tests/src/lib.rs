@@ -1,0 +1,29 @@
+//! The integration-test harness for pullbox: real parts, started by the tests themselves.
+//!
+//! - [`registry::Registry`]: Debian's `docker-registry` on a free port of 127.0.0.1,
+//!   stopped (and its files deleted) when dropped or when the test process ends.
+//! - [`oci`]: building images with `umoci` ([`oci::Layout`]), pushing and reading them back
+//!   with `skopeo` ([`oci::RemoteImage`], [`oci::RemoteIndex`]), [`oci::chain_id`].
+//! - [`fixture::fixture`]: the shared images, built and pushed once per test binary
+//!   (about a second); [`fixture::app`] lists what the main image contains.
+//! - [`pullbox::Pullbox`]: the `pullbox` binary with a private store root.
+//! - [`tree`]: scanning snapshot directories and comparing them with `umoci unpack`.
+//! - [`process`]: running programs with captured output and a deadline.
+//!
+//! Needs, on `PATH` or where Debian installs them: `docker-registry`, `umoci`, `skopeo`,
+//! `/bin/busybox` (busybox-static), `/bin/sh`. The CLI tests also need `make build`'s
+//! output (see [`pullbox`] for where it is looked for). Errors are `anyhow` errors: this is
+//! test code, and every message says which command failed and what it printed.
+
+pub mod fixture;
+pub mod oci;
+pub mod process;
+pub mod pullbox;
+pub mod registry;
+pub mod tree;
+
+pub use fixture::{app, fixture, Fixture};
+pub use oci::{chain_id, Platform, RemoteImage, RemoteIndex};
+pub use process::Captured;
+pub use pullbox::Pullbox;
+pub use registry::Registry;
