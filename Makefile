@@ -13,6 +13,7 @@
 # with `wasm-tools component new`, which is installed with cargo when missing.
 
 .PHONY: pullers
+.DELETE_ON_ERROR:
 
 # ---- variables ------------------------------------------------------------------------
 
@@ -32,9 +33,9 @@ REFUSE_CORE    := $(CORE_DIR)/pullbox_refuse.wasm
 PULLER         := $(OUT_DIR)/pullbox-puller.wasm
 REFUSE         := $(OUT_DIR)/pullbox-refuse.wasm
 
-# Everything a guest build reads. Cargo.lock is left out on purpose: the host's
-# dependencies change it, and the guests' own pins are checked by cargo itself.
-GUEST_SOURCES  := Cargo.toml $(wildcard wit/*.wit) \
+# Everything a guest build reads. When only the host's part of Cargo.lock changed, cargo
+# finds nothing to do and the components are merely re-wrapped (about a second).
+GUEST_SOURCES  := Cargo.toml Cargo.lock $(wildcard wit/*.wit) \
                   $(shell find guest -name '*.rs' -o -name Cargo.toml 2>/dev/null)
 
 # rustup with the target installed: the ordinary build. Otherwise Debian's toolchain.
@@ -62,7 +63,7 @@ pullers: $(PULLER) $(REFUSE)
 # One cargo run builds both core modules. Cargo does not touch an output it did not
 # relink, so the outputs are touched to stay newer than the sources make compared.
 $(PULLER_CORE) $(REFUSE_CORE) &: $(GUEST_SOURCES)
-	@test -n "$(HAVE_RUSTUP_WASM)" || test -x $(DEBIAN_RUSTC) || { \
+	@test -n "$(HAVE_RUSTUP_WASM)" || { test -x $(DEBIAN_RUSTC) && test -x $(DEBIAN_CARGO); } || { \
 	  echo "error: no wasm32 toolchain: rustup target add $(WASM_TARGET), or apt-get install rustc-web cargo-web rust-web-src lld-22" >&2; exit 1; }
 	$(GUEST_ENV) CARGO_TARGET_DIR=$(GUEST_TARGET_DIR) $(GUEST_CARGO) build $(GUEST_FLAGS) \
 	  --target $(WASM_TARGET) --profile $(WASM_PROFILE) -p pullbox-puller -p pullbox-refuse
@@ -71,9 +72,9 @@ $(PULLER_CORE) $(REFUSE_CORE) &: $(GUEST_SOURCES)
 # Core module -> component, validated before it replaces the old one.
 $(OUT_DIR)/pullbox-%.wasm: $(CORE_DIR)/pullbox_%.wasm | $(WASM_TOOLS)
 	@mkdir -p $(OUT_DIR)
-	$(WASM_TOOLS) component new $< -o $@.tmp
-	$(WASM_TOOLS) validate --features component-model $@.tmp
-	mv $@.tmp $@
+	$(WASM_TOOLS) component new $< -o $@.tmp && \
+	  $(WASM_TOOLS) validate --features component-model $@.tmp && \
+	  mv $@.tmp $@ || { rm -f $@.tmp; exit 1; }
 
 $(CARGO_BIN)/wasm-tools:
 	$(CARGO) install wasm-tools --version $(WASM_TOOLS_VERSION) --locked

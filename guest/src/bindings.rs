@@ -31,7 +31,9 @@ impl exp::Guest for Puller {
             reference: request.reference,
             platform: platform_from(request.platform),
         };
-        crate::pull_image(&WitHost, &request).map(info_to).map_err(to_wit)
+        crate::pull_image(&WitHost, &request)
+            .map(info_to)
+            .map_err(to_wit)
     }
 
     fn image_status(reference: String) -> Result<Option<exp::ImageInfo>, wit::Error> {
@@ -58,7 +60,9 @@ struct WitHost;
 
 impl Host for WitHost {
     fn resolve(&self, name: &str, reference: &str) -> crate::error::Result<t::Descriptor> {
-        registry::resolve(name, reference).map(descriptor_from).map_err(from_wit)
+        registry::resolve(name, reference)
+            .map(descriptor_from)
+            .map_err(from_wit)
     }
 
     fn fetch(&self, name: &str, blobs: &[t::Descriptor]) -> crate::error::Result<()> {
@@ -68,11 +72,20 @@ impl Host for WitHost {
 
     fn content_info(&self, digest: &str) -> crate::error::Result<t::ContentInfo> {
         content::info(digest)
-            .map(|i| t::ContentInfo { digest: i.digest, size: i.size, labels: i.labels })
+            .map(|i| t::ContentInfo {
+                digest: i.digest,
+                size: i.size,
+                labels: i.labels,
+            })
             .map_err(from_wit)
     }
 
-    fn content_read(&self, digest: &str, offset: u64, length: u32) -> crate::error::Result<Vec<u8>> {
+    fn content_read(
+        &self,
+        digest: &str,
+        offset: u64,
+        length: u32,
+    ) -> crate::error::Result<Vec<u8>> {
         content::read(digest, offset, length).map_err(from_wit)
     }
 
@@ -80,7 +93,11 @@ impl Host for WitHost {
         content::max_read()
     }
 
-    fn content_set_labels(&self, digest: &str, labels: &[(String, String)]) -> crate::error::Result<()> {
+    fn content_set_labels(
+        &self,
+        digest: &str,
+        labels: &[(String, String)],
+    ) -> crate::error::Result<()> {
         content::set_labels(digest, labels).map_err(from_wit)
     }
 
@@ -117,7 +134,11 @@ impl Host for WitHost {
         snapshots::remove(key).map_err(from_wit)
     }
 
-    fn diff_apply(&self, layer: &t::Descriptor, mounts: &[t::Mount]) -> crate::error::Result<String> {
+    fn diff_apply(
+        &self,
+        layer: &t::Descriptor,
+        mounts: &[t::Mount],
+    ) -> crate::error::Result<String> {
         let mounts: Vec<wit::Mount> = mounts.iter().map(mount_to).collect();
         diff::apply(&descriptor_to(layer), &mounts).map_err(from_wit)
     }
@@ -133,11 +154,15 @@ impl Host for WitHost {
     }
 
     fn image_create(&self, image: &t::ImageRecord) -> crate::error::Result<t::ImageRecord> {
-        images::create(&image_to(image)).map(image_from).map_err(from_wit)
+        images::create(&image_to(image))
+            .map(image_from)
+            .map_err(from_wit)
     }
 
     fn image_update(&self, image: &t::ImageRecord) -> crate::error::Result<t::ImageRecord> {
-        images::update(&image_to(image)).map(image_from).map_err(from_wit)
+        images::update(&image_to(image))
+            .map(image_from)
+            .map_err(from_wit)
     }
 
     fn image_delete(&self, name: &str) -> crate::error::Result<()> {
@@ -231,11 +256,19 @@ fn descriptor_to(d: &t::Descriptor) -> wit::Descriptor {
 }
 
 fn mount_from(m: wit::Mount) -> t::Mount {
-    t::Mount { kind: m.kind, source: m.source, options: m.options }
+    t::Mount {
+        kind: m.kind,
+        source: m.source,
+        options: m.options,
+    }
 }
 
 fn mount_to(m: &t::Mount) -> wit::Mount {
-    wit::Mount { kind: m.kind.clone(), source: m.source.clone(), options: m.options.clone() }
+    wit::Mount {
+        kind: m.kind.clone(),
+        source: m.source.clone(),
+        options: m.options.clone(),
+    }
 }
 
 fn image_from(i: wit::Image) -> t::ImageRecord {

@@ -128,13 +128,23 @@ pub fn gather(records: &[ImageRecord], id: &str) -> Option<ImageInfo> {
 /// and also counts as not ready, so one broken image does not fail a whole list.
 pub fn is_ready<H: Host + ?Sized>(host: &H, info: &ImageInfo) -> bool {
     let not_ready = |why: String, e: &Error| {
-        let level = if e.is_not_found() { Level::Debug } else { Level::Warn };
-        host.log(level, &format!("image {} is not ready: {why}: {e}", info.id));
+        let level = if e.is_not_found() {
+            Level::Debug
+        } else {
+            Level::Warn
+        };
+        host.log(
+            level,
+            &format!("image {} is not ready: {why}: {e}", info.id),
+        );
         false
     };
     for (what, d) in [("manifest", &info.manifest_digest), ("config", &info.id)] {
         if d.is_empty() {
-            return not_ready(format!("no {what} digest recorded"), &Error::NotFound(String::new()));
+            return not_ready(
+                format!("no {what} digest recorded"),
+                &Error::NotFound(String::new()),
+            );
         }
         if let Err(e) = host.content_info(d) {
             return not_ready(format!("{what} {d}"), &e);
@@ -155,7 +165,9 @@ pub fn is_ready<H: Host + ?Sized>(host: &H, info: &ImageInfo) -> bool {
 
 /// `image-status`: the READY image `arg` names, or `None`.
 pub fn status<H: Host + ?Sized>(host: &H, arg: &str) -> Result<Option<ImageInfo>> {
-    let records = host.image_list().context_with(|| format!("listing images for {arg:?}"))?;
+    let records = host
+        .image_list()
+        .context_with(|| format!("listing images for {arg:?}"))?;
     let Some(id) = find_image_id(&records, arg)? else {
         host.log(Level::Debug, &format!("status {arg:?}: no such image"));
         return Ok(None);
@@ -185,16 +197,24 @@ pub fn list<H: Host + ?Sized>(host: &H) -> Result<Vec<ImageInfo>> {
             }
         }
     }
-    host.log(Level::Debug, &format!("list: {} ready images", images.len()));
+    host.log(
+        Level::Debug,
+        &format!("list: {} ready images", images.len()),
+    );
     Ok(images)
 }
 
 /// `remove-image`: deletes every record of the image `arg` names; an unknown image is
 /// fine.
 pub fn remove<H: Host + ?Sized>(host: &H, arg: &str) -> Result<()> {
-    let records = host.image_list().context_with(|| format!("listing images for {arg:?}"))?;
+    let records = host
+        .image_list()
+        .context_with(|| format!("listing images for {arg:?}"))?;
     let Some(id) = find_image_id(&records, arg)? else {
-        host.log(Level::Info, &format!("remove {arg:?}: no such image, nothing to do"));
+        host.log(
+            Level::Info,
+            &format!("remove {arg:?}: no such image, nothing to do"),
+        );
         return Ok(());
     };
     // The ID record last, so an interrupted remove still leaves the image findable by ID.
@@ -213,7 +233,11 @@ pub fn remove<H: Host + ?Sized>(host: &H, arg: &str) -> Result<()> {
     }
     host.log(
         Level::Info,
-        &format!("removed image {id} ({} records: {})", names.len(), names.join(", ")),
+        &format!(
+            "removed image {id} ({} records: {})",
+            names.len(),
+            names.join(", ")
+        ),
     );
     Ok(())
 }

@@ -74,13 +74,21 @@ pub struct Pushed {
 
 impl FakeHost {
     pub fn new() -> FakeHost {
-        FakeHost { s: RefCell::new(State { max_read: 1 << 20, ..State::default() }) }
+        FakeHost {
+            s: RefCell::new(State {
+                max_read: 1 << 20,
+                ..State::default()
+            }),
+        }
     }
 
     /// Puts a blob into the registry.
     pub fn push_blob(&self, media_type: &str, bytes: &[u8]) -> Descriptor {
         let digest = sha256(bytes);
-        self.s.borrow_mut().remote.insert(digest.clone(), bytes.to_vec());
+        self.s
+            .borrow_mut()
+            .remote
+            .insert(digest.clone(), bytes.to_vec());
         Descriptor {
             media_type: media_type.into(),
             digest,
@@ -91,7 +99,10 @@ impl FakeHost {
 
     /// Pushes layers, a config and an OCI manifest.
     pub fn push_image(&self, layers: &[&[u8]], user: &str) -> Pushed {
-        let layers: Vec<Descriptor> = layers.iter().map(|l| self.push_blob(LAYER_TAR, l)).collect();
+        let layers: Vec<Descriptor> = layers
+            .iter()
+            .map(|l| self.push_blob(LAYER_TAR, l))
+            .collect();
         let diff_ids: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
         let config = serde_json::json!({
             "architecture": "amd64", "os": "linux",
@@ -106,7 +117,12 @@ impl FakeHost {
             "layers": layers.iter().map(desc_json).collect::<Vec<_>>(),
         });
         let manifest = self.push_blob(oci::OCI_MANIFEST, manifest.to_string().as_bytes());
-        Pushed { manifest, config, layers, diff_ids }
+        Pushed {
+            manifest,
+            config,
+            layers,
+            diff_ids,
+        }
     }
 
     /// Pushes an OCI index of `entries`.
@@ -138,7 +154,8 @@ impl FakeHost {
     pub fn tag(&self, name: &str, tag: &str, root: &Descriptor) {
         let mut s = self.s.borrow_mut();
         s.refs.insert((name.into(), tag.into()), root.clone());
-        s.refs.insert((name.into(), root.digest.clone()), root.clone());
+        s.refs
+            .insert((name.into(), root.digest.clone()), root.clone());
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -150,7 +167,12 @@ impl FakeHost {
     }
 
     pub fn content_labels(&self, digest: &str) -> BTreeMap<String, String> {
-        self.s.borrow().content.get(digest).map(|c| c.1.clone()).unwrap_or_default()
+        self.s
+            .borrow()
+            .content
+            .get(digest)
+            .map(|c| c.1.clone())
+            .unwrap_or_default()
     }
 
     pub fn record_names(&self) -> Vec<String> {
@@ -186,7 +208,9 @@ impl Host for FakeHost {
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("{name}:{reference}: manifest unknown")))?;
         if let Some(bytes) = s.remote.get(&desc.digest).cloned() {
-            s.content.entry(desc.digest.clone()).or_insert((bytes, BTreeMap::new()));
+            s.content
+                .entry(desc.digest.clone())
+                .or_insert((bytes, BTreeMap::new()));
         }
         Ok(desc)
     }
@@ -197,7 +221,9 @@ impl Host for FakeHost {
         let mut s = self.s.borrow_mut();
         for b in blobs {
             if let Some(bytes) = s.remote.get(&b.digest).cloned() {
-                s.content.entry(b.digest.clone()).or_insert((bytes, BTreeMap::new()));
+                s.content
+                    .entry(b.digest.clone())
+                    .or_insert((bytes, BTreeMap::new()));
             }
         }
         Ok(())
@@ -220,14 +246,18 @@ impl Host for FakeHost {
         let mut s = self.s.borrow_mut();
         s.reads += 1;
         if length > s.max_read {
-            return Err(Error::ResourceExhausted(format!("read of {length} bytes over the cap")));
+            return Err(Error::ResourceExhausted(format!(
+                "read of {length} bytes over the cap"
+            )));
         }
         let (bytes, _) = s
             .content
             .get(digest)
             .ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
         if offset > bytes.len() as u64 {
-            return Err(Error::InvalidArgument(format!("offset {offset} past the end of {digest}")));
+            return Err(Error::InvalidArgument(format!(
+                "offset {offset} past the end of {digest}"
+            )));
         }
         let start = offset as usize;
         let end = (start + length as usize).min(bytes.len());
@@ -269,46 +299,92 @@ impl Host for FakeHost {
             match s.snapshots.get(parent) {
                 None => return Err(Error::NotFound(format!("parent {parent}"))),
                 Some(p) if p.kind != SnapshotKind::Committed => {
-                    return Err(Error::FailedPrecondition(format!("parent {parent} not committed")))
+                    return Err(Error::FailedPrecondition(format!(
+                        "parent {parent} not committed"
+                    )))
                 }
                 Some(_) => {}
             }
         }
-        s.snapshots.insert(key.into(), Snap { parent: parent.into(), kind: SnapshotKind::Active });
-        Ok(vec![Mount { kind: "bind".into(), source: key.into(), options: vec!["rw".into()] }])
+        s.snapshots.insert(
+            key.into(),
+            Snap {
+                parent: parent.into(),
+                kind: SnapshotKind::Active,
+            },
+        );
+        Ok(vec![Mount {
+            kind: "bind".into(),
+            source: key.into(),
+            options: vec!["rw".into()],
+        }])
     }
 
     fn snapshot_commit(&self, name: &str, key: &str) -> Result<()> {
         self.call(format!("commit {name} {key}"));
         let mut s = self.s.borrow_mut();
         if s.commit_race.remove(name) {
-            let parent = s.snapshots.get(key).map(|k| k.parent.clone()).unwrap_or_default();
-            s.snapshots.insert(name.into(), Snap { parent, kind: SnapshotKind::Committed });
+            let parent = s
+                .snapshots
+                .get(key)
+                .map(|k| k.parent.clone())
+                .unwrap_or_default();
+            s.snapshots.insert(
+                name.into(),
+                Snap {
+                    parent,
+                    kind: SnapshotKind::Committed,
+                },
+            );
         }
         if s.snapshots.contains_key(name) {
             return Err(Error::AlreadyExists(format!("snapshot {name}")));
         }
-        let snap = s.snapshots.remove(key).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        let snap = s
+            .snapshots
+            .remove(key)
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
         if snap.kind != SnapshotKind::Active {
-            return Err(Error::FailedPrecondition(format!("snapshot {key} is not active")));
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key} is not active"
+            )));
         }
-        s.snapshots.insert(name.into(), Snap { kind: SnapshotKind::Committed, ..snap });
+        s.snapshots.insert(
+            name.into(),
+            Snap {
+                kind: SnapshotKind::Committed,
+                ..snap
+            },
+        );
         Ok(())
     }
 
     fn snapshot_stat(&self, key: &str) -> Result<SnapshotInfo> {
         let s = self.s.borrow();
-        let snap = s.snapshots.get(key).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
-        Ok(SnapshotInfo { name: key.into(), parent: snap.parent.clone(), kind: snap.kind, labels: vec![] })
+        let snap = s
+            .snapshots
+            .get(key)
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        Ok(SnapshotInfo {
+            name: key.into(),
+            parent: snap.parent.clone(),
+            kind: snap.kind,
+            labels: vec![],
+        })
     }
 
     fn snapshot_remove(&self, key: &str) -> Result<()> {
         self.call(format!("remove {key}"));
         let mut s = self.s.borrow_mut();
         if s.snapshots.values().any(|c| c.parent == key) {
-            return Err(Error::FailedPrecondition(format!("snapshot {key} has children")));
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key} has children"
+            )));
         }
-        s.snapshots.remove(key).map(|_| ()).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
+        s.snapshots
+            .remove(key)
+            .map(|_| ())
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
     }
 
     fn diff_apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<String> {
@@ -320,17 +396,29 @@ impl Host for FakeHost {
         }
         match s.snapshots.get(&key) {
             Some(snap) if snap.kind == SnapshotKind::Active => {}
-            _ => return Err(Error::InvalidArgument(format!("mounts of {key:?} are not active"))),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "mounts of {key:?} are not active"
+                )))
+            }
         }
         let (bytes, _) = s
             .content
             .get(&layer.digest)
             .ok_or_else(|| Error::NotFound(format!("content {}", layer.digest)))?;
-        Ok(s.diff_override.get(&layer.digest).cloned().unwrap_or_else(|| sha256(bytes)))
+        Ok(s.diff_override
+            .get(&layer.digest)
+            .cloned()
+            .unwrap_or_else(|| sha256(bytes)))
     }
 
     fn image_get(&self, name: &str) -> Result<ImageRecord> {
-        self.s.borrow().images.get(name).cloned().ok_or_else(|| Error::NotFound(format!("image {name}")))
+        self.s
+            .borrow()
+            .images
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("image {name}")))
     }
 
     fn image_list(&self) -> Result<Vec<ImageRecord>> {
@@ -357,7 +445,10 @@ impl Host for FakeHost {
         let mut s = self.s.borrow_mut();
         s.clock += 1;
         let clock = s.clock;
-        let old = s.images.get_mut(&image.name).ok_or_else(|| Error::NotFound(format!("image {}", image.name)))?;
+        let old = s
+            .images
+            .get_mut(&image.name)
+            .ok_or_else(|| Error::NotFound(format!("image {}", image.name)))?;
         old.target = image.target.clone();
         old.labels = image.labels.clone();
         old.labels.sort();
@@ -367,7 +458,12 @@ impl Host for FakeHost {
 
     fn image_delete(&self, name: &str) -> Result<()> {
         self.call(format!("delete {name}"));
-        self.s.borrow_mut().images.remove(name).map(|_| ()).ok_or_else(|| Error::NotFound(format!("image {name}")))
+        self.s
+            .borrow_mut()
+            .images
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| Error::NotFound(format!("image {name}")))
     }
 
     fn log(&self, level: Level, message: &str) {
@@ -375,16 +471,22 @@ impl Host for FakeHost {
     }
 
     fn progress(&self, stage: &str, detail: &str) {
-        self.s.borrow_mut().progress.push((stage.into(), detail.into()));
+        self.s
+            .borrow_mut()
+            .progress
+            .push((stage.into(), detail.into()));
     }
 }
 
 impl FakeHost {
     /// Leaves an active snapshot `key` behind, as a killed pull would.
     pub fn snapshot_prepare_direct(&self, key: &str) {
-        self.s
-            .borrow_mut()
-            .snapshots
-            .insert(key.into(), Snap { parent: String::new(), kind: SnapshotKind::Active });
+        self.s.borrow_mut().snapshots.insert(
+            key.into(),
+            Snap {
+                parent: String::new(),
+                kind: SnapshotKind::Active,
+            },
+        );
     }
 }

@@ -48,7 +48,10 @@ pub fn configure(doc: &str) -> Result<()> {
 /// `pull-image`, with the instance's current settings.
 pub fn pull_image<H: Host + ?Sized>(host: &H, request: &PullRequest) -> Result<ImageInfo> {
     pull::pull(host, &settings::current(), request).inspect_err(|e| {
-        host.log(Level::Info, &format!("pull of {:?} failed: {e}", request.reference));
+        host.log(
+            Level::Info,
+            &format!("pull of {:?} failed: {e}", request.reference),
+        );
     })
 }
 

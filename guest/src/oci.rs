@@ -72,7 +72,10 @@ pub fn kind_of(media_type: &str) -> Kind {
 /// Whether a media type names a generic JSON document whose kind must be read from the
 /// document itself (registries that answer `application/json`, or nothing).
 pub fn is_generic_json(media_type: &str) -> bool {
-    matches!(media_type, "" | "application/json" | "application/octet-stream" | "text/plain")
+    matches!(
+        media_type,
+        "" | "application/json" | "application/octet-stream" | "text/plain"
+    )
 }
 
 /// Classifies a document by its content, for roots with a generic media type: its own
@@ -232,9 +235,14 @@ pub fn parse_index(desc: &Descriptor, bytes: &[u8]) -> Result<Index> {
         media_type: Option<String>,
         manifests: Vec<JsonDescriptor>,
     }
-    let doc: Doc = serde_json::from_slice(bytes).map_err(|e| malformed("index", &desc.digest, e))?;
+    let doc: Doc =
+        serde_json::from_slice(bytes).map_err(|e| malformed("index", &desc.digest, e))?;
     if doc.schema_version != 2 {
-        return Err(malformed("index", &desc.digest, format!("schemaVersion {}", doc.schema_version)));
+        return Err(malformed(
+            "index",
+            &desc.digest,
+            format!("schemaVersion {}", doc.schema_version),
+        ));
     }
     check_media_type("index", desc, doc.media_type.as_deref())?;
     let within = format!("index {}", desc.digest);
@@ -260,9 +268,14 @@ pub fn parse_manifest(desc: &Descriptor, bytes: &[u8]) -> Result<Manifest> {
         #[serde(default)]
         layers: Vec<JsonDescriptor>,
     }
-    let doc: Doc = serde_json::from_slice(bytes).map_err(|e| malformed("manifest", &desc.digest, e))?;
+    let doc: Doc =
+        serde_json::from_slice(bytes).map_err(|e| malformed("manifest", &desc.digest, e))?;
     if doc.schema_version != 2 {
-        return Err(malformed("manifest", &desc.digest, format!("schemaVersion {}", doc.schema_version)));
+        return Err(malformed(
+            "manifest",
+            &desc.digest,
+            format!("schemaVersion {}", doc.schema_version),
+        ));
     }
     check_media_type("manifest", desc, doc.media_type.as_deref())?;
     let within = format!("manifest {}", desc.digest);
@@ -298,9 +311,14 @@ pub fn parse_config(desc: &Descriptor, bytes: &[u8]) -> Result<Config> {
         #[serde(default)]
         config: Option<Exec>,
     }
-    let doc: Doc = serde_json::from_slice(bytes).map_err(|e| malformed("config", &desc.digest, e))?;
+    let doc: Doc =
+        serde_json::from_slice(bytes).map_err(|e| malformed("config", &desc.digest, e))?;
     if doc.rootfs.kind != "layers" {
-        return Err(malformed("config", &desc.digest, format!("rootfs type {:?}, expected \"layers\"", doc.rootfs.kind)));
+        return Err(malformed(
+            "config",
+            &desc.digest,
+            format!("rootfs type {:?}, expected \"layers\"", doc.rootfs.kind),
+        ));
     }
     for d in &doc.rootfs.diff_ids {
         crate::digest::parse(d).map_err(|e| malformed("config", &desc.digest, e.message()))?;
@@ -319,7 +337,11 @@ mod tests {
     const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
 
     fn desc(mt: &str) -> Descriptor {
-        Descriptor { media_type: mt.into(), digest: D1.into(), ..Descriptor::default() }
+        Descriptor {
+            media_type: mt.into(),
+            digest: D1.into(),
+            ..Descriptor::default()
+        }
     }
 
     #[test]
@@ -329,11 +351,17 @@ mod tests {
         assert_eq!(kind_of(OCI_MANIFEST), Kind::Manifest);
         assert_eq!(kind_of(DOCKER_MANIFEST), Kind::Manifest);
         assert_eq!(kind_of(DOCKER_SCHEMA1_SIGNED), Kind::Schema1);
-        assert_eq!(kind_of("application/vnd.cncf.helm.config.v1+json"), Kind::Unknown);
+        assert_eq!(
+            kind_of("application/vnd.cncf.helm.config.v1+json"),
+            Kind::Unknown
+        );
         assert_eq!(sniff(br#"{"schemaVersion":1,"name":"x"}"#), Kind::Schema1);
         assert_eq!(sniff(br#"{"schemaVersion":2,"manifests":[]}"#), Kind::Index);
         assert_eq!(sniff(br#"{"schemaVersion":2,"config":{}}"#), Kind::Manifest);
-        assert_eq!(sniff(format!(r#"{{"mediaType":"{DOCKER_MANIFEST}"}}"#).as_bytes()), Kind::Manifest);
+        assert_eq!(
+            sniff(format!(r#"{{"mediaType":"{DOCKER_MANIFEST}"}}"#).as_bytes()),
+            Kind::Manifest
+        );
         assert_eq!(sniff(b"not json"), Kind::Unknown);
     }
 
@@ -349,35 +377,62 @@ mod tests {
         let idx = parse_index(&desc(OCI_INDEX), doc.as_bytes()).unwrap();
         assert_eq!(idx.manifests.len(), 2);
         let p = idx.manifests[0].platform.as_ref().unwrap();
-        assert_eq!((p.os.as_str(), p.architecture.as_str(), p.variant.as_str()), ("linux", "arm64", "v8"));
+        assert_eq!(
+            (p.os.as_str(), p.architecture.as_str(), p.variant.as_str()),
+            ("linux", "arm64", "v8")
+        );
         assert_eq!(p.os_features, vec!["x".to_string()]);
-        assert_eq!(idx.manifests[0].annotations, vec![("a".into(), "1".into()), ("b".into(), "2".into())]);
+        assert_eq!(
+            idx.manifests[0].annotations,
+            vec![("a".into(), "1".into()), ("b".into(), "2".into())]
+        );
         assert_eq!(idx.manifests[1].platform, None);
         assert_eq!(idx.manifests[1].size, 20);
     }
 
     #[test]
     fn refuses_bad_documents() {
-        let mismatch = format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST_LIST}","manifests":[]}}"#);
-        assert!(matches!(parse_index(&desc(OCI_INDEX), mismatch.as_bytes()), Err(Error::FailedPrecondition(m)) if m.contains("does not match")));
-        let negative = format!(r#"{{"schemaVersion":2,"config":{{"digest":"{D1}","size":-1}},"layers":[]}}"#);
-        assert!(matches!(parse_manifest(&desc(OCI_MANIFEST), negative.as_bytes()), Err(Error::FailedPrecondition(m)) if m.contains("negative size")));
-        let bad_digest = r#"{"schemaVersion":2,"config":{"digest":"sha256:abc","size":1},"layers":[]}"#;
-        assert!(matches!(parse_manifest(&desc(OCI_MANIFEST), bad_digest.as_bytes()), Err(Error::FailedPrecondition(m)) if m.contains("manifest ") && m.contains("sha256:abc")));
-        assert!(matches!(parse_manifest(&desc(OCI_MANIFEST), b"{"), Err(Error::FailedPrecondition(m)) if m.contains("malformed manifest")));
+        let mismatch =
+            format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST_LIST}","manifests":[]}}"#);
+        assert!(
+            matches!(parse_index(&desc(OCI_INDEX), mismatch.as_bytes()), Err(Error::FailedPrecondition(m)) if m.contains("does not match"))
+        );
+        let negative =
+            format!(r#"{{"schemaVersion":2,"config":{{"digest":"{D1}","size":-1}},"layers":[]}}"#);
+        assert!(
+            matches!(parse_manifest(&desc(OCI_MANIFEST), negative.as_bytes()), Err(Error::FailedPrecondition(m)) if m.contains("negative size"))
+        );
+        let bad_digest =
+            r#"{"schemaVersion":2,"config":{"digest":"sha256:abc","size":1},"layers":[]}"#;
+        assert!(
+            matches!(parse_manifest(&desc(OCI_MANIFEST), bad_digest.as_bytes()), Err(Error::FailedPrecondition(m)) if m.contains("manifest ") && m.contains("sha256:abc"))
+        );
+        assert!(
+            matches!(parse_manifest(&desc(OCI_MANIFEST), b"{"), Err(Error::FailedPrecondition(m)) if m.contains("malformed manifest"))
+        );
         let v1 = format!(r#"{{"schemaVersion":1,"config":{{"digest":"{D1}","size":1}}}}"#);
         assert!(parse_manifest(&desc(OCI_MANIFEST), v1.as_bytes()).is_err());
     }
 
     #[test]
     fn parses_config() {
-        let doc = format!(r#"{{"architecture":"amd64","config":{{"User":"1000:1000","Env":["A=B"]}},"rootfs":{{"type":"layers","diff_ids":["{D1}","{D2}"]}}}}"#);
+        let doc = format!(
+            r#"{{"architecture":"amd64","config":{{"User":"1000:1000","Env":["A=B"]}},"rootfs":{{"type":"layers","diff_ids":["{D1}","{D2}"]}}}}"#
+        );
         let c = parse_config(&desc(OCI_CONFIG), doc.as_bytes()).unwrap();
         assert_eq!(c.diff_ids, vec![D1.to_string(), D2.to_string()]);
         assert_eq!(c.user, "1000:1000");
         let no_user = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{D1}"]}}}}"#);
-        assert_eq!(parse_config(&desc(OCI_CONFIG), no_user.as_bytes()).unwrap().user, "");
+        assert_eq!(
+            parse_config(&desc(OCI_CONFIG), no_user.as_bytes())
+                .unwrap()
+                .user,
+            ""
+        );
         let bad = r#"{"rootfs":{"type":"layers","diff_ids":["nope"]}}"#;
-        assert!(matches!(parse_config(&desc(OCI_CONFIG), bad.as_bytes()), Err(Error::FailedPrecondition(_))));
+        assert!(matches!(
+            parse_config(&desc(OCI_CONFIG), bad.as_bytes()),
+            Err(Error::FailedPrecondition(_))
+        ));
     }
 }

@@ -41,7 +41,11 @@ pub fn normalize(os: &str, architecture: &str, variant: &str) -> Normalized {
     let (arch, variant) = match arch.as_str() {
         "i386" => ("386".to_string(), String::new()),
         "x86_64" | "x86-64" | "amd64" => {
-            let v = if variant == "v1" { String::new() } else { variant };
+            let v = if variant == "v1" {
+                String::new()
+            } else {
+                variant
+            };
             ("amd64".to_string(), v)
         }
         "aarch64" | "arm64" => {
@@ -64,7 +68,11 @@ pub fn normalize(os: &str, architecture: &str, variant: &str) -> Normalized {
         }
         _ => (arch, variant),
     };
-    Normalized { os, architecture: arch, variant }
+    Normalized {
+        os,
+        architecture: arch,
+        variant,
+    }
 }
 
 fn arm_level(variant: &str) -> Option<u32> {
@@ -105,7 +113,12 @@ pub fn select(want: &Platform, manifests: &[Descriptor]) -> Option<usize> {
     manifests
         .iter()
         .enumerate()
-        .filter_map(|(i, d)| d.platform.as_ref().and_then(|p| rank(want, p)).map(|r| (r, i)))
+        .filter_map(|(i, d)| {
+            d.platform
+                .as_ref()
+                .and_then(|p| rank(want, p))
+                .map(|r| (r, i))
+        })
         .min()
         .map(|(_, i)| i)
 }
@@ -174,7 +187,12 @@ mod tests {
 
     #[test]
     fn select_prefers_the_best_then_the_first() {
-        let idx = entries(&["linux/amd64", "linux/arm64/v8", "linux/arm/v7", "linux/arm/v6"]);
+        let idx = entries(&[
+            "linux/amd64",
+            "linux/arm64/v8",
+            "linux/arm/v7",
+            "linux/arm/v6",
+        ]);
         assert_eq!(select(&p("linux/amd64"), &idx), Some(0));
         assert_eq!(select(&p("linux/arm64"), &idx), Some(1));
         assert_eq!(select(&p("linux/arm"), &idx), Some(2));

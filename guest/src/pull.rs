@@ -33,7 +33,9 @@ use crate::oci::{self, Kind};
 use crate::platform;
 use crate::reference::Reference;
 use crate::settings::Settings;
-use crate::types::{Descriptor, ImageInfo, ImageRecord, Level, Platform, PullRequest, SnapshotKind};
+use crate::types::{
+    Descriptor, ImageInfo, ImageRecord, Level, Platform, PullRequest, SnapshotKind,
+};
 
 /// Prefix of the key of an active snapshot a layer is unpacked into; the chain ID's hex
 /// follows.
@@ -55,7 +57,11 @@ struct Resolved {
 /// that does not match; `not-found` when the index has no manifest for the platform;
 /// `resource-exhausted` for metadata blobs over 4 MiB; any error of the imports, with the
 /// reference or digest it concerns.
-pub fn pull<H: Host + ?Sized>(host: &H, settings: &Settings, req: &PullRequest) -> Result<ImageInfo> {
+pub fn pull<H: Host + ?Sized>(
+    host: &H,
+    settings: &Settings,
+    req: &PullRequest,
+) -> Result<ImageInfo> {
     let reference = Reference::parse(&req.reference)?;
     let want = request_platform(&req.platform);
     host.log(
@@ -75,7 +81,10 @@ pub fn pull<H: Host + ?Sized>(host: &H, settings: &Settings, req: &PullRequest) 
     }
     host.log(
         Level::Debug,
-        &format!("fetching config {id} and {} layers of {reference}", resolved.manifest.layers.len()),
+        &format!(
+            "fetching config {id} and {} layers of {reference}",
+            resolved.manifest.layers.len()
+        ),
     );
     host.progress("fetching", &format!("{} blobs", batch.len()));
     host.fetch(&name, &batch)
@@ -92,16 +101,32 @@ pub fn pull<H: Host + ?Sized>(host: &H, settings: &Settings, req: &PullRequest) 
         )));
     }
     let chain = digest::chain_ids(&config.diff_ids);
-    unpack(host, &reference, &resolved.manifest.layers, &config.diff_ids, &chain)?;
+    unpack(
+        host,
+        &reference,
+        &resolved.manifest.layers,
+        &config.diff_ids,
+        &chain,
+    )?;
     let top = chain.last().cloned().unwrap_or_default();
 
     set_gc_labels(host, settings, &resolved, &top)?;
 
-    let size = image_size(&resolved.root, resolved.from_index.as_ref(), &resolved.manifest);
+    let size = image_size(
+        &resolved.root,
+        resolved.from_index.as_ref(),
+        &resolved.manifest,
+    );
     let record_labels = vec![
-        (labels::CRI_IMAGE.to_string(), labels::CRI_IMAGE_MANAGED.to_string()),
+        (
+            labels::CRI_IMAGE.to_string(),
+            labels::CRI_IMAGE_MANAGED.to_string(),
+        ),
         (labels::IMAGE_ID.to_string(), id.clone()),
-        (labels::IMAGE_MANIFEST.to_string(), resolved.manifest_desc.digest.clone()),
+        (
+            labels::IMAGE_MANIFEST.to_string(),
+            resolved.manifest_desc.digest.clone(),
+        ),
         (labels::IMAGE_CHAIN_ID.to_string(), top.clone()),
         (labels::IMAGE_SIZE.to_string(), size.to_string()),
         (labels::IMAGE_USER.to_string(), config.user.clone()),
@@ -113,9 +138,13 @@ pub fn pull<H: Host + ?Sized>(host: &H, settings: &Settings, req: &PullRequest) 
         write_record(host, record_name, &resolved.root, &record_labels)?;
     }
 
-    let records = host.image_list().context_with(|| format!("listing images after pulling {reference}"))?;
+    let records = host
+        .image_list()
+        .context_with(|| format!("listing images after pulling {reference}"))?;
     let info = crate::catalog::gather(&records, &id).ok_or_else(|| {
-        Error::Internal(format!("image {id} has no records right after pulling {reference}"))
+        Error::Internal(format!(
+            "image {id} has no records right after pulling {reference}"
+        ))
     })?;
     host.log(
         Level::Info,
@@ -155,7 +184,10 @@ fn resolve<H: Host + ?Sized>(host: &H, reference: &Reference, want: &Platform) -
     }
     host.log(
         Level::Debug,
-        &format!("resolved {reference} to {} ({}, {} bytes)", root.digest, root.media_type, root.size),
+        &format!(
+            "resolved {reference} to {} ({}, {} bytes)",
+            root.digest, root.media_type, root.size
+        ),
     );
     host.progress("resolved", &root.digest);
 
@@ -166,7 +198,10 @@ fn resolve<H: Host + ?Sized>(host: &H, reference: &Reference, want: &Platform) -
         kind = oci::sniff(&bytes);
         host.log(
             Level::Debug,
-            &format!("{}: media type {:?} read as {kind:?}", root.digest, root.media_type),
+            &format!(
+                "{}: media type {:?} read as {kind:?}",
+                root.digest, root.media_type
+            ),
         );
         root_bytes = Some(bytes);
     }
@@ -275,33 +310,52 @@ fn unpack<H: Host + ?Sized>(
             Ok(info) if info.kind == SnapshotKind::Committed => {
                 host.log(
                     Level::Debug,
-                    &format!("layer {} of {reference}: snapshot {chain_id} is committed, skipped", layer.digest),
+                    &format!(
+                        "layer {} of {reference}: snapshot {chain_id} is committed, skipped",
+                        layer.digest
+                    ),
                 );
                 host.progress("skipped", &layer.digest);
                 continue;
             }
             Ok(info) => host.log(
                 Level::Debug,
-                &format!("snapshot {chain_id} exists as {:?}, not committed; unpacking again", info.kind),
+                &format!(
+                    "snapshot {chain_id} exists as {:?}, not committed; unpacking again",
+                    info.kind
+                ),
             ),
             Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e.context(format!("looking up snapshot {chain_id} of {reference}"))),
+            Err(e) => {
+                return Err(e.context(format!("looking up snapshot {chain_id} of {reference}")))
+            }
         }
 
         let key = format!("{EXTRACT_KEY_PREFIX}{}", digest::hex_part(chain_id));
         let mounts = match host.snapshot_prepare(&key, parent) {
             Err(e) if e.is_already_exists() => {
-                host.log(Level::Debug, &format!("removing stale active snapshot {key}"));
+                host.log(
+                    Level::Debug,
+                    &format!("removing stale active snapshot {key}"),
+                );
                 remove_key(host, &key);
                 host.snapshot_prepare(&key, parent)
             }
             other => other,
         }
-        .context_with(|| format!("preparing snapshot {key} for layer {} of {reference}", layer.digest))?;
+        .context_with(|| {
+            format!(
+                "preparing snapshot {key} for layer {} of {reference}",
+                layer.digest
+            )
+        })?;
 
         host.log(
             Level::Debug,
-            &format!("applying layer {} ({}, {} bytes) onto {key}", layer.digest, layer.media_type, layer.size),
+            &format!(
+                "applying layer {} ({}, {} bytes) onto {key}",
+                layer.digest, layer.media_type, layer.size
+            ),
         );
         host.progress("unpacking", &layer.digest);
         let diff_id = match host.diff_apply(layer, &mounts) {
@@ -348,17 +402,29 @@ fn remove_key<H: Host + ?Sized>(host: &H, key: &str) {
 }
 
 /// Step 5a: containerd's GC labels on index, manifest and config.
-fn set_gc_labels<H: Host + ?Sized>(host: &H, settings: &Settings, r: &Resolved, top: &str) -> Result<()> {
+fn set_gc_labels<H: Host + ?Sized>(
+    host: &H,
+    settings: &Settings,
+    r: &Resolved,
+    top: &str,
+) -> Result<()> {
     if let Some(chosen) = &r.from_index {
         let labels = vec![(labels::gc_manifest(0), chosen.digest.clone())];
         host.content_set_labels(&r.root.digest, &labels)
             .context_with(|| format!("labelling index {}", r.root.digest))?;
     }
-    let mut labels = vec![(labels::GC_CONFIG.to_string(), r.manifest.config.digest.clone())];
+    let mut labels = vec![(
+        labels::GC_CONFIG.to_string(),
+        r.manifest.config.digest.clone(),
+    )];
     for (i, layer) in r.manifest.layers.iter().enumerate() {
         // With discard_unpacked_layers, an empty value removes a reference left by an
         // earlier pull, so the layer blobs go once nothing else holds them.
-        let value = if settings.discard_unpacked_layers { String::new() } else { layer.digest.clone() };
+        let value = if settings.discard_unpacked_layers {
+            String::new()
+        } else {
+            layer.digest.clone()
+        };
         labels.push((labels::gc_layer(i), value));
     }
     host.content_set_labels(&r.manifest_desc.digest, &labels)
@@ -372,10 +438,18 @@ fn set_gc_labels<H: Host + ?Sized>(host: &H, settings: &Settings, r: &Resolved, 
         Level::Debug,
         &format!(
             "GC labels set on {}{} and config {}{}",
-            if r.from_index.is_some() { "index, " } else { "" },
+            if r.from_index.is_some() {
+                "index, "
+            } else {
+                ""
+            },
             r.manifest_desc.digest,
             r.manifest.config.digest,
-            if settings.discard_unpacked_layers { " (layers discarded)" } else { "" }
+            if settings.discard_unpacked_layers {
+                " (layers discarded)"
+            } else {
+                ""
+            }
         ),
     );
     Ok(())
@@ -407,13 +481,18 @@ fn write_record<H: Host + ?Sized>(
     };
     match host.image_create(&record) {
         Ok(_) => {
-            host.log(Level::Debug, &format!("created image record {name} -> {}", target.digest));
+            host.log(
+                Level::Debug,
+                &format!("created image record {name} -> {}", target.digest),
+            );
             return Ok(());
         }
         Err(e) if e.is_already_exists() => {}
         Err(e) => return Err(e.context(format!("creating image record {name}"))),
     }
-    let old = host.image_get(name).context_with(|| format!("reading image record {name}"))?;
+    let old = host
+        .image_get(name)
+        .context_with(|| format!("reading image record {name}"))?;
     let mut merged = old.labels.clone();
     for (k, v) in labels {
         crate::types::set_label(&mut merged, k, v);
@@ -425,10 +504,17 @@ fn write_record<H: Host + ?Sized>(
     if old.target.digest != target.digest {
         host.log(
             Level::Info,
-            &format!("moving {name} from {} to {}", old.target.digest, target.digest),
+            &format!(
+                "moving {name} from {} to {}",
+                old.target.digest, target.digest
+            ),
         );
     }
-    let record = ImageRecord { labels: merged, ..record };
-    host.image_update(&record).context_with(|| format!("updating image record {name}"))?;
+    let record = ImageRecord {
+        labels: merged,
+        ..record
+    };
+    host.image_update(&record)
+        .context_with(|| format!("updating image record {name}"))?;
     Ok(())
 }

@@ -176,7 +176,11 @@ fn parse(s: &str) -> std::result::Result<Reference, String> {
         }
         None => (DEFAULT_DOMAIN, name),
     };
-    let domain = if domain == LEGACY_DEFAULT_DOMAIN { DEFAULT_DOMAIN } else { domain };
+    let domain = if domain == LEGACY_DEFAULT_DOMAIN {
+        DEFAULT_DOMAIN
+    } else {
+        domain
+    };
     check_domain(domain)?;
     let path = if domain == DEFAULT_DOMAIN && !remainder.contains('/') {
         format!("{OFFICIAL_NAMESPACE}/{remainder}")
@@ -195,7 +199,12 @@ fn parse(s: &str) -> std::result::Result<Reference, String> {
         (None, None) => Some(DEFAULT_TAG.to_string()),
         (None, Some(_)) => None,
     };
-    Ok(Reference { domain: domain.to_string(), path, tag, digest })
+    Ok(Reference {
+        domain: domain.to_string(),
+        path,
+        tag,
+        digest,
+    })
 }
 
 fn check_tag(tag: &str) -> std::result::Result<(), String> {
@@ -218,7 +227,9 @@ fn check_tag(tag: &str) -> std::result::Result<(), String> {
 fn check_domain(domain: &str) -> std::result::Result<(), String> {
     let bad = || Err(format!("invalid registry host {domain:?}"));
     let (host, port) = if let Some(inner) = domain.strip_prefix('[') {
-        let Some(end) = inner.find(']') else { return bad() };
+        let Some(end) = inner.find(']') else {
+            return bad();
+        };
         let ip = &inner[..end];
         if ip.is_empty() || !ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
             return bad();
@@ -289,7 +300,8 @@ fn path_component_ok(c: &str) -> bool {
             i += 1;
         }
         let sep = &c[sep_start..i];
-        let sep_ok = matches!(sep, "." | "_" | "__") || (!sep.is_empty() && sep.bytes().all(|x| x == b'-'));
+        let sep_ok =
+            matches!(sep, "." | "_" | "__") || (!sep.is_empty() && sep.bytes().all(|x| x == b'-'));
         if !sep_ok {
             return false;
         }
@@ -303,39 +315,154 @@ mod tests {
     const D: &str = "sha256:7cc4b5aefd1d0cadf8d97d4350462ba51c694ebca145b08d7d41b41acc8db5aa";
 
     /// (input, name, tag, digest)
-    fn ok_cases() -> Vec<(String, &'static str, Option<&'static str>, Option<&'static str>)> {
+    fn ok_cases() -> Vec<(
+        String,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    )> {
         let mut v = vec![
-            ("busybox".to_string(), "docker.io/library/busybox", Some("latest"), None),
-            ("busybox:1.36".into(), "docker.io/library/busybox", Some("1.36"), None),
-            ("library/busybox".into(), "docker.io/library/busybox", Some("latest"), None),
-            ("docker.io/busybox".into(), "docker.io/library/busybox", Some("latest"), None),
-            ("index.docker.io/busybox".into(), "docker.io/library/busybox", Some("latest"), None),
-            ("user/repo".into(), "docker.io/user/repo", Some("latest"), None),
-            ("user/repo:v1".into(), "docker.io/user/repo", Some("v1"), None),
+            (
+                "busybox".to_string(),
+                "docker.io/library/busybox",
+                Some("latest"),
+                None,
+            ),
+            (
+                "busybox:1.36".into(),
+                "docker.io/library/busybox",
+                Some("1.36"),
+                None,
+            ),
+            (
+                "library/busybox".into(),
+                "docker.io/library/busybox",
+                Some("latest"),
+                None,
+            ),
+            (
+                "docker.io/busybox".into(),
+                "docker.io/library/busybox",
+                Some("latest"),
+                None,
+            ),
+            (
+                "index.docker.io/busybox".into(),
+                "docker.io/library/busybox",
+                Some("latest"),
+                None,
+            ),
+            (
+                "user/repo".into(),
+                "docker.io/user/repo",
+                Some("latest"),
+                None,
+            ),
+            (
+                "user/repo:v1".into(),
+                "docker.io/user/repo",
+                Some("v1"),
+                None,
+            ),
             ("a/b/c/d".into(), "docker.io/a/b/c/d", Some("latest"), None),
-            ("quay.io/coreos/etcd".into(), "quay.io/coreos/etcd", Some("latest"), None),
+            (
+                "quay.io/coreos/etcd".into(),
+                "quay.io/coreos/etcd",
+                Some("latest"),
+                None,
+            ),
             ("gcr.io/pause:3.9".into(), "gcr.io/pause", Some("3.9"), None),
-            ("localhost/app".into(), "localhost/app", Some("latest"), None),
-            ("localhost:5000/app:1.0".into(), "localhost:5000/app", Some("1.0"), None),
-            ("127.0.0.1:5000/team/app:1.0".into(), "127.0.0.1:5000/team/app", Some("1.0"), None),
-            ("[::1]:5000/app:v2".into(), "[::1]:5000/app", Some("v2"), None),
-            ("[fe80::1]/app".into(), "[fe80::1]/app", Some("latest"), None),
-            ("Registry.Example.COM/app".into(), "Registry.Example.COM/app", Some("latest"), None),
-            ("my-reg.io:443/a.b/c_d/e__f/g--h".into(), "my-reg.io:443/a.b/c_d/e__f/g--h", Some("latest"), None),
-            ("busybox:Tag_with.dots-1".into(), "docker.io/library/busybox", Some("Tag_with.dots-1"), None),
-            ("localhost:5000".into(), "docker.io/library/localhost", Some("5000"), None),
-            (format!("busybox@{D}"), "docker.io/library/busybox", None, Some(D)),
-            (format!("busybox:1.36@{D}"), "docker.io/library/busybox", Some("1.36"), Some(D)),
-            (format!("127.0.0.1:5000/app@{D}"), "127.0.0.1:5000/app", None, Some(D)),
+            (
+                "localhost/app".into(),
+                "localhost/app",
+                Some("latest"),
+                None,
+            ),
+            (
+                "localhost:5000/app:1.0".into(),
+                "localhost:5000/app",
+                Some("1.0"),
+                None,
+            ),
+            (
+                "127.0.0.1:5000/team/app:1.0".into(),
+                "127.0.0.1:5000/team/app",
+                Some("1.0"),
+                None,
+            ),
+            (
+                "[::1]:5000/app:v2".into(),
+                "[::1]:5000/app",
+                Some("v2"),
+                None,
+            ),
+            (
+                "[fe80::1]/app".into(),
+                "[fe80::1]/app",
+                Some("latest"),
+                None,
+            ),
+            (
+                "Registry.Example.COM/app".into(),
+                "Registry.Example.COM/app",
+                Some("latest"),
+                None,
+            ),
+            (
+                "my-reg.io:443/a.b/c_d/e__f/g--h".into(),
+                "my-reg.io:443/a.b/c_d/e__f/g--h",
+                Some("latest"),
+                None,
+            ),
+            (
+                "busybox:Tag_with.dots-1".into(),
+                "docker.io/library/busybox",
+                Some("Tag_with.dots-1"),
+                None,
+            ),
+            (
+                "localhost:5000".into(),
+                "docker.io/library/localhost",
+                Some("5000"),
+                None,
+            ),
+            (
+                format!("busybox@{D}"),
+                "docker.io/library/busybox",
+                None,
+                Some(D),
+            ),
+            (
+                format!("busybox:1.36@{D}"),
+                "docker.io/library/busybox",
+                Some("1.36"),
+                Some(D),
+            ),
+            (
+                format!("127.0.0.1:5000/app@{D}"),
+                "127.0.0.1:5000/app",
+                None,
+                Some(D),
+            ),
         ];
         let sha512 = Box::leak(format!("sha512:{}", "0".repeat(128)).into_boxed_str());
-        v.push((format!("app@{sha512}"), "docker.io/library/app", None, Some(sha512)));
+        v.push((
+            format!("app@{sha512}"),
+            "docker.io/library/app",
+            None,
+            Some(sha512),
+        ));
         // The longest name allowed: "docker.io/" + 245 characters = 255.
         let long = format!("docker.io/u/{}", "a".repeat(243));
         let long_name = Box::leak(long.clone().into_boxed_str());
         v.push((long, long_name, Some("latest"), None));
         let long_tag = Box::leak(format!("a{}", "b".repeat(127)).into_boxed_str());
-        v.push((format!("app:{long_tag}"), "docker.io/library/app", Some(long_tag), None));
+        v.push((
+            format!("app:{long_tag}"),
+            "docker.io/library/app",
+            Some(long_tag),
+            None,
+        ));
         v
     }
 
@@ -369,8 +496,14 @@ mod tests {
             ("busybox@".into(), "invalid digest"),
             ("busybox@sha256:abc".into(), "expected 64 hex digits"),
             (format!("busybox@sha256:{}", "A".repeat(64)), "lowercase"),
-            (format!("busybox@md5:{}", "a".repeat(32)), "unsupported algorithm"),
-            (format!("busybox@sha512:{}", "a".repeat(64)), "expected 128 hex digits"),
+            (
+                format!("busybox@md5:{}", "a".repeat(32)),
+                "unsupported algorithm",
+            ),
+            (
+                format!("busybox@sha512:{}", "a".repeat(64)),
+                "expected 128 hex digits",
+            ),
             ("a..b/c".into(), "invalid registry host"),
             ("-bad.io/c".into(), "invalid registry host"),
             ("reg.io:/c".into(), "invalid registry host"),
@@ -385,7 +518,10 @@ mod tests {
             ("bad name".into(), "invalid path component"),
             ("a/b$".into(), "invalid path component"),
             ("a".repeat(64), "64-byte hexadecimal"),
-            (format!("docker.io/u/{}", "a".repeat(244)), "more than 255 characters"),
+            (
+                format!("docker.io/u/{}", "a".repeat(244)),
+                "more than 255 characters",
+            ),
         ]
     }
 
@@ -395,7 +531,10 @@ mod tests {
             match Reference::parse(&input) {
                 Err(Error::InvalidArgument(m)) => {
                     assert!(m.contains(want), "{input:?}: message {m:?} lacks {want:?}");
-                    assert!(m.contains(&format!("{input:?}")), "{input:?}: message {m:?} does not name it");
+                    assert!(
+                        m.contains(&format!("{input:?}")),
+                        "{input:?}: message {m:?} does not name it"
+                    );
                 }
                 other => panic!("{input:?}: expected invalid-argument, got {other:?}"),
             }
@@ -406,13 +545,20 @@ mod tests {
     fn records_and_targets() {
         let r = Reference::parse("busybox").unwrap();
         assert_eq!(r.resolve_target(), "latest");
-        assert_eq!(r.repo_tag().as_deref(), Some("docker.io/library/busybox:latest"));
+        assert_eq!(
+            r.repo_tag().as_deref(),
+            Some("docker.io/library/busybox:latest")
+        );
         assert_eq!(r.record_name(), "docker.io/library/busybox:latest");
         assert_eq!(r.repo_digest(D), format!("docker.io/library/busybox@{D}"));
 
         let r = Reference::parse(&format!("busybox:1.36@{D}")).unwrap();
         assert_eq!(r.resolve_target(), D);
-        assert_eq!(r.repo_tag(), None, "containerd's CRI drops the tag of tag+digest");
+        assert_eq!(
+            r.repo_tag(),
+            None,
+            "containerd's CRI drops the tag of tag+digest"
+        );
         assert_eq!(r.record_name(), format!("docker.io/library/busybox@{D}"));
         assert_eq!(r.to_string(), format!("docker.io/library/busybox:1.36@{D}"));
 

@@ -29,7 +29,9 @@ pub struct Settings {
 
 impl Settings {
     /// The defaults, usable in a `const`.
-    pub const DEFAULT: Settings = Settings { discard_unpacked_layers: false };
+    pub const DEFAULT: Settings = Settings {
+        discard_unpacked_layers: false,
+    };
 }
 
 static CURRENT: Mutex<Settings> = Mutex::new(Settings::DEFAULT);
@@ -54,7 +56,9 @@ pub fn parse(doc: &str) -> Result<Settings> {
         match key.as_str() {
             "discard_unpacked_layers" => {
                 settings.discard_unpacked_layers = value.as_bool().ok_or_else(|| {
-                    Error::InvalidArgument(format!("setting {key:?} must be true or false, not {value}"))
+                    Error::InvalidArgument(format!(
+                        "setting {key:?} must be true or false, not {value}"
+                    ))
                 })?;
             }
             _ => {
@@ -94,14 +98,21 @@ mod tests {
         for doc in ["", "  \n", "{}", r#"{"discard_unpacked_layers": false}"#] {
             assert_eq!(parse(doc).unwrap(), Settings::DEFAULT, "{doc:?}");
         }
-        assert!(parse(r#"{"discard_unpacked_layers": true}"#).unwrap().discard_unpacked_layers);
+        assert!(
+            parse(r#"{"discard_unpacked_layers": true}"#)
+                .unwrap()
+                .discard_unpacked_layers
+        );
 
         let bad: &[(&str, &str)] = &[
             (r#"{"pinned": ["busybox"]}"#, "unknown setting \"pinned\""),
             ("[]", "must be a JSON object"),
             ("true", "must be a JSON object"),
             ("{", "not valid JSON"),
-            (r#"{"discard_unpacked_layers": "yes"}"#, "setting \"discard_unpacked_layers\" must be true or false"),
+            (
+                r#"{"discard_unpacked_layers": "yes"}"#,
+                "setting \"discard_unpacked_layers\" must be true or false",
+            ),
         ];
         for (doc, want) in bad {
             match parse(doc) {

@@ -16,11 +16,17 @@ use crate::types::{label, Descriptor, ImageInfo, Level, PullRequest, SnapshotKin
 const BUSYBOX: &str = "docker.io/library/busybox";
 
 fn req(reference: &str) -> PullRequest {
-    PullRequest { reference: reference.into(), platform: platform("linux/amd64") }
+    PullRequest {
+        reference: reference.into(),
+        platform: platform("linux/amd64"),
+    }
 }
 
 fn req_on(reference: &str, p: &str) -> PullRequest {
-    PullRequest { reference: reference.into(), platform: platform(p) }
+    PullRequest {
+        reference: reference.into(),
+        platform: platform(p),
+    }
 }
 
 fn pull_ok(host: &FakeHost, r: &PullRequest) -> ImageInfo {
@@ -47,7 +53,10 @@ fn pulls_a_single_manifest_image() {
 
     assert_eq!(info.id, img.config.digest);
     assert_eq!(info.repo_tags, vec![format!("{BUSYBOX}:latest")]);
-    assert_eq!(info.repo_digests, vec![format!("{BUSYBOX}@{}", img.manifest.digest)]);
+    assert_eq!(
+        info.repo_digests,
+        vec![format!("{BUSYBOX}@{}", img.manifest.digest)]
+    );
     assert_eq!(info.chain_id, chain[1]);
     assert_eq!(info.manifest_digest, img.manifest.digest);
     assert_eq!(info.user, "nobody");
@@ -56,7 +65,12 @@ fn pulls_a_single_manifest_image() {
 
     let k0 = format!("extract-{}", hex_part(&chain[0]));
     let k1 = format!("extract-{}", hex_part(&chain[1]));
-    let (m, c, l0, l1) = (&img.manifest.digest, &img.config.digest, &img.layers[0].digest, &img.layers[1].digest);
+    let (m, c, l0, l1) = (
+        &img.manifest.digest,
+        &img.config.digest,
+        &img.layers[0].digest,
+        &img.layers[1].digest,
+    );
     assert_eq!(
         host.calls(),
         vec![
@@ -89,25 +103,53 @@ fn pulls_a_single_manifest_image() {
     assert_eq!(host.record_names().len(), 3);
     let rec = host.s.borrow().images[&format!("{BUSYBOX}:latest")].clone();
     assert_eq!(rec.target, img.manifest);
-    assert_eq!(label(&rec.labels, "io.cri-containerd.image"), Some("managed"));
+    assert_eq!(
+        label(&rec.labels, "io.cri-containerd.image"),
+        Some("managed")
+    );
     assert_eq!(label(&rec.labels, labels::IMAGE_ID), Some(c.as_str()));
     assert_eq!(label(&rec.labels, labels::IMAGE_MANIFEST), Some(m.as_str()));
-    assert_eq!(label(&rec.labels, labels::IMAGE_CHAIN_ID), Some(chain[1].as_str()));
-    assert_eq!(label(&rec.labels, labels::IMAGE_SIZE), Some(info.size.to_string().as_str()));
+    assert_eq!(
+        label(&rec.labels, labels::IMAGE_CHAIN_ID),
+        Some(chain[1].as_str())
+    );
+    assert_eq!(
+        label(&rec.labels, labels::IMAGE_SIZE),
+        Some(info.size.to_string().as_str())
+    );
     assert_eq!(label(&rec.labels, labels::IMAGE_USER), Some("nobody"));
 
     // Snapshots: two committed, no active key left.
     let s = host.s.borrow();
     assert_eq!(s.snapshots.len(), 2);
-    assert!(s.snapshots.values().all(|x| x.kind == SnapshotKind::Committed));
+    assert!(s
+        .snapshots
+        .values()
+        .all(|x| x.kind == SnapshotKind::Committed));
     assert_eq!(s.snapshots[&chain[1]].parent, chain[0]);
 
     // Progress and log.
     let stages: Vec<&str> = s.progress.iter().map(|(st, _)| st.as_str()).collect();
-    assert_eq!(stages, ["resolving", "resolved", "fetching", "unpacking", "unpacked", "unpacking", "unpacked", "done"]);
+    assert_eq!(
+        stages,
+        [
+            "resolving",
+            "resolved",
+            "fetching",
+            "unpacking",
+            "unpacked",
+            "unpacking",
+            "unpacked",
+            "done"
+        ]
+    );
     assert!(s.progress.contains(&("unpacked".into(), l1.clone())));
-    assert!(s.logs.iter().any(|(l, m)| *l == Level::Info && m.starts_with("pulling docker.io/library/busybox:latest")));
-    assert!(s.logs.iter().any(|(l, m)| *l == Level::Info && m.starts_with("pulled docker.io/library/busybox:latest")));
+    assert!(s.logs.iter().any(
+        |(l, m)| *l == Level::Info && m.starts_with("pulling docker.io/library/busybox:latest")
+    ));
+    assert!(s.logs.iter().any(
+        |(l, m)| *l == Level::Info && m.starts_with("pulled docker.io/library/busybox:latest")
+    ));
 }
 
 #[test]
@@ -126,13 +168,19 @@ fn pulls_the_platform_manifest_from_an_index() {
     let info = pull_ok(&host, &req_on("127.0.0.1:5000/team/app:1.0", "linux/arm64"));
     assert_eq!(info.id, arm.config.digest);
     assert_eq!(info.manifest_digest, arm.manifest.digest);
-    assert_eq!(info.repo_digests, vec![format!("127.0.0.1:5000/team/app@{}", index.digest)]);
+    assert_eq!(
+        info.repo_digests,
+        vec![format!("127.0.0.1:5000/team/app@{}", index.digest)]
+    );
     // Size: index + chosen manifest + config + layers, as containerd's CRI.
     assert_eq!(info.size, index.size + size_of(&arm.manifest, &arm));
 
     let calls = host.calls();
     assert_eq!(calls[0], format!("fetch {}", arm.manifest.digest));
-    assert_eq!(calls[1], format!("fetch {},{}", arm.config.digest, arm.layers[0].digest));
+    assert_eq!(
+        calls[1],
+        format!("fetch {},{}", arm.config.digest, arm.layers[0].digest)
+    );
     assert!(!calls.iter().any(|c| c.contains(&amd.config.digest)));
 
     let il = host.content_labels(&index.digest);
@@ -145,8 +193,22 @@ fn pulls_the_platform_manifest_from_an_index() {
     let host2 = FakeHost::new();
     host2.s.borrow_mut().remote = host.s.borrow().remote.clone();
     host2.tag("127.0.0.1:5000/team/app", "1.0", &index);
-    assert_eq!(pull_ok(&host2, &req_on("127.0.0.1:5000/team/app:1.0", "linux/arm/v7")).id, armv7.config.digest);
-    assert_eq!(pull_ok(&host2, &req_on("127.0.0.1:5000/team/app:1.0", "linux/aarch64/v8")).id, arm.config.digest);
+    assert_eq!(
+        pull_ok(
+            &host2,
+            &req_on("127.0.0.1:5000/team/app:1.0", "linux/arm/v7")
+        )
+        .id,
+        armv7.config.digest
+    );
+    assert_eq!(
+        pull_ok(
+            &host2,
+            &req_on("127.0.0.1:5000/team/app:1.0", "linux/aarch64/v8")
+        )
+        .id,
+        arm.config.digest
+    );
 }
 
 #[test]
@@ -158,7 +220,10 @@ fn refuses_an_index_without_the_platform() {
     match pull(&host, &Settings::DEFAULT, &req_on("busybox", "linux/s390x")) {
         Err(Error::NotFound(m)) => {
             assert!(m.contains("docker.io/library/busybox:latest"), "{m}");
-            assert!(m.contains("linux/s390x") && m.contains("it has: linux/amd64"), "{m}");
+            assert!(
+                m.contains("linux/s390x") && m.contains("it has: linux/amd64"),
+                "{m}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -178,16 +243,30 @@ fn second_pull_skips_committed_layers_and_shares_base_layers() {
     let again = pull_ok(&host, &req("busybox:latest"));
     assert_eq!(first, again);
     let calls = host.calls();
-    assert!(!calls.iter().any(|c| c.starts_with("apply") || c.starts_with("prepare") || c.starts_with("update")), "{calls:?}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("apply") || c.starts_with("prepare") || c.starts_with("update")),
+        "{calls:?}"
+    );
     assert_eq!(host.record_names().len(), 3);
-    assert!(host.s.borrow().progress.iter().any(|(s, d)| s == "skipped" && *d == img.layers[0].digest));
+    assert!(host
+        .s
+        .borrow()
+        .progress
+        .iter()
+        .any(|(s, d)| s == "skipped" && *d == img.layers[0].digest));
 
     // Another image on the same base layer unpacks only its own layer.
     let other = host.push_image(&[b"base layer", b"other top"], "");
     host.tag("docker.io/user/other", "v1", &other.manifest);
     host.clear_calls();
     pull_ok(&host, &req("user/other:v1"));
-    let applies: Vec<String> = host.calls().into_iter().filter(|c| c.starts_with("apply")).collect();
+    let applies: Vec<String> = host
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("apply"))
+        .collect();
     assert_eq!(applies.len(), 1);
     assert!(applies[0].contains(&other.layers[1].digest));
 }
@@ -202,7 +281,10 @@ fn removes_a_stale_extract_key() {
     host.clear_calls();
     pull_ok(&host, &req("busybox"));
     let calls = host.calls();
-    let i = calls.iter().position(|c| *c == format!("remove {key}")).expect("stale key removed");
+    let i = calls
+        .iter()
+        .position(|c| *c == format!("remove {key}"))
+        .expect("stale key removed");
     assert_eq!(calls[i - 1], format!("prepare {key} "));
     assert_eq!(calls[i + 1], format!("prepare {key} "));
 }
@@ -227,16 +309,26 @@ fn refuses_a_layer_with_the_wrong_diff_id() {
     let host = FakeHost::new();
     let img = busybox(&host);
     let wrong = crate::digest::sha256(b"something else");
-    host.s.borrow_mut().diff_override.insert(img.layers[1].digest.clone(), wrong.clone());
+    host.s
+        .borrow_mut()
+        .diff_override
+        .insert(img.layers[1].digest.clone(), wrong.clone());
     match pull(&host, &Settings::DEFAULT, &req("busybox")) {
         Err(Error::FailedPrecondition(m)) => {
-            assert!(m.contains(&img.layers[1].digest) && m.contains(&wrong) && m.contains("busybox"), "{m}");
+            assert!(
+                m.contains(&img.layers[1].digest) && m.contains(&wrong) && m.contains("busybox"),
+                "{m}"
+            );
         }
         other => panic!("{other:?}"),
     }
     let chain = chain_ids(&img.diff_ids);
     let s = host.s.borrow();
-    assert!(!s.snapshots.contains_key(&format!("extract-{}", hex_part(&chain[1]))), "key removed");
+    assert!(
+        !s.snapshots
+            .contains_key(&format!("extract-{}", hex_part(&chain[1]))),
+        "key removed"
+    );
     assert!(!s.snapshots.contains_key(&chain[1]));
     assert!(s.images.is_empty(), "no records for a failed pull");
 }
@@ -245,10 +337,19 @@ fn refuses_a_layer_with_the_wrong_diff_id() {
 fn apply_errors_keep_their_case_and_drop_the_key() {
     let host = FakeHost::new();
     let img = busybox(&host);
-    host.s.borrow_mut().apply_error.insert(img.layers[0].digest.clone(), Error::FailedPrecondition("corrupt gzip".into()));
+    host.s.borrow_mut().apply_error.insert(
+        img.layers[0].digest.clone(),
+        Error::FailedPrecondition("corrupt gzip".into()),
+    );
     match pull(&host, &Settings::DEFAULT, &req("busybox")) {
         Err(Error::FailedPrecondition(m)) => {
-            assert_eq!(m, format!("applying layer {} of docker.io/library/busybox:latest: corrupt gzip", img.layers[0].digest));
+            assert_eq!(
+                m,
+                format!(
+                    "applying layer {} of docker.io/library/busybox:latest: corrupt gzip",
+                    img.layers[0].digest
+                )
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -265,7 +366,9 @@ fn refuses_a_config_with_the_wrong_number_of_diff_ids() {
     let manifest = host.push_blob(crate::oci::OCI_MANIFEST, manifest.to_string().as_bytes());
     host.tag(BUSYBOX, "latest", &manifest);
     match pull(&host, &Settings::DEFAULT, &req("busybox")) {
-        Err(Error::FailedPrecondition(m)) => assert!(m.contains("0 diff IDs") && m.contains("1 layers"), "{m}"),
+        Err(Error::FailedPrecondition(m)) => {
+            assert!(m.contains("0 diff IDs") && m.contains("1 layers"), "{m}")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -276,18 +379,25 @@ fn refuses_what_is_not_an_image() {
     let schema1 = host.push_blob(crate::oci::DOCKER_SCHEMA1_SIGNED, br#"{"schemaVersion":1}"#);
     host.tag(BUSYBOX, "old", &schema1);
     match pull(&host, &Settings::DEFAULT, &req("busybox:old")) {
-        Err(Error::FailedPrecondition(m)) => assert!(m.contains("schema 1") && m.contains(&schema1.digest), "{m}"),
+        Err(Error::FailedPrecondition(m)) => {
+            assert!(m.contains("schema 1") && m.contains(&schema1.digest), "{m}")
+        }
         other => panic!("{other:?}"),
     }
     // schema 1 served as application/json is recognized by its content.
     let generic = host.push_blob("application/json", br#"{"schemaVersion":1,"name":"x"}"#);
     host.tag(BUSYBOX, "generic", &generic);
-    assert!(matches!(pull(&host, &Settings::DEFAULT, &req("busybox:generic")), Err(Error::FailedPrecondition(_))));
+    assert!(matches!(
+        pull(&host, &Settings::DEFAULT, &req("busybox:generic")),
+        Err(Error::FailedPrecondition(_))
+    ));
 
     let odd = host.push_blob("application/vnd.example.thing", b"{}");
     host.tag(BUSYBOX, "odd", &odd);
     match pull(&host, &Settings::DEFAULT, &req("busybox:odd")) {
-        Err(Error::InvalidArgument(m)) => assert!(m.contains("application/vnd.example.thing"), "{m}"),
+        Err(Error::InvalidArgument(m)) => {
+            assert!(m.contains("application/vnd.example.thing"), "{m}")
+        }
         other => panic!("{other:?}"),
     }
 
@@ -299,17 +409,25 @@ fn refuses_what_is_not_an_image() {
         Err(Error::InvalidArgument(m)) => assert!(m.contains("not a container image"), "{m}"),
         other => panic!("{other:?}"),
     }
-    assert!(!host.calls().iter().any(|c| c.starts_with("fetch")), "nothing fetched for refused images");
+    assert!(
+        !host.calls().iter().any(|c| c.starts_with("fetch")),
+        "nothing fetched for refused images"
+    );
 }
 
 #[test]
 fn resolve_errors_name_the_reference() {
     let host = FakeHost::new();
     match pull(&host, &Settings::DEFAULT, &req("nope:1")) {
-        Err(Error::NotFound(m)) => assert!(m.starts_with("resolving docker.io/library/nope:1: "), "{m}"),
+        Err(Error::NotFound(m)) => {
+            assert!(m.starts_with("resolving docker.io/library/nope:1: "), "{m}")
+        }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(pull(&host, &Settings::DEFAULT, &req("Bad")), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        pull(&host, &Settings::DEFAULT, &req("Bad")),
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 #[test]
@@ -342,7 +460,10 @@ fn digest_references_record_no_tag() {
     let by_digest = format!("busybox@{}", img.manifest.digest);
     let info = pull_ok(&host, &req(&by_digest));
     assert!(info.repo_tags.is_empty());
-    assert_eq!(info.repo_digests, vec![format!("{BUSYBOX}@{}", img.manifest.digest)]);
+    assert_eq!(
+        info.repo_digests,
+        vec![format!("{BUSYBOX}@{}", img.manifest.digest)]
+    );
     assert_eq!(host.record_names().len(), 2);
 
     // tag + digest: resolved by digest; containerd's CRI records no tag.
@@ -352,7 +473,10 @@ fn digest_references_record_no_tag() {
 
     // A digest the registry does not have.
     let missing = format!("busybox@{}", crate::digest::sha256(b"x"));
-    assert!(matches!(pull(&host, &Settings::DEFAULT, &req(&missing)), Err(Error::NotFound(_))));
+    assert!(matches!(
+        pull(&host, &Settings::DEFAULT, &req(&missing)),
+        Err(Error::NotFound(_))
+    ));
 }
 
 #[test]
@@ -373,7 +497,10 @@ fn a_moved_tag_follows_the_new_image() {
     // The old image keeps its ID and digest records, without the tag.
     let old = catalog::status(&host, &v1.config.digest).unwrap().unwrap();
     assert!(old.repo_tags.is_empty());
-    assert_eq!(old.repo_digests, vec![format!("{BUSYBOX}@{}", v1.manifest.digest)]);
+    assert_eq!(
+        old.repo_digests,
+        vec![format!("{BUSYBOX}@{}", v1.manifest.digest)]
+    );
 }
 
 #[test]
@@ -382,13 +509,25 @@ fn keeps_foreign_labels_when_updating_a_record() {
     let img = busybox(&host);
     pull_ok(&host, &req("busybox"));
     let name = format!("{BUSYBOX}:latest");
-    host.s.borrow_mut().images.get_mut(&name).unwrap().labels.push(("io.cri-containerd.pinned".into(), "pinned".into()));
+    host.s
+        .borrow_mut()
+        .images
+        .get_mut(&name)
+        .unwrap()
+        .labels
+        .push(("io.cri-containerd.pinned".into(), "pinned".into()));
     let v2 = host.push_image(&[b"v2"], "");
     host.tag(BUSYBOX, "latest", &v2.manifest);
     pull_ok(&host, &req("busybox"));
     let rec = host.s.borrow().images[&name].clone();
-    assert_eq!(label(&rec.labels, "io.cri-containerd.pinned"), Some("pinned"));
-    assert_eq!(label(&rec.labels, labels::IMAGE_ID), Some(v2.config.digest.as_str()));
+    assert_eq!(
+        label(&rec.labels, "io.cri-containerd.pinned"),
+        Some("pinned")
+    );
+    assert_eq!(
+        label(&rec.labels, labels::IMAGE_ID),
+        Some(v2.config.digest.as_str())
+    );
     let _ = img;
 }
 
@@ -397,8 +536,12 @@ fn discard_unpacked_layers_drops_layer_references() {
     let host = FakeHost::new();
     let img = busybox(&host);
     pull_ok(&host, &req("busybox"));
-    assert!(host.content_labels(&img.manifest.digest).contains_key("containerd.io/gc.ref.content.l.0"));
-    let discard = Settings { discard_unpacked_layers: true };
+    assert!(host
+        .content_labels(&img.manifest.digest)
+        .contains_key("containerd.io/gc.ref.content.l.0"));
+    let discard = Settings {
+        discard_unpacked_layers: true,
+    };
     pull(&host, &discard, &req("busybox")).unwrap();
     let ml = host.content_labels(&img.manifest.digest);
     assert_eq!(ml.len(), 1, "{ml:?}");
@@ -422,7 +565,11 @@ fn status_finds_images_by_name_id_and_prefix() {
         hex[..12].to_string(),
         format!("sha256:{}", &hex[..5]),
     ] {
-        assert_eq!(catalog::status(&host, &arg).unwrap().as_ref(), Some(&info), "{arg}");
+        assert_eq!(
+            catalog::status(&host, &arg).unwrap().as_ref(),
+            Some(&info),
+            "{arg}"
+        );
     }
     for arg in ["busybox:other", "alpine", "sha256:ffff", "fffff"] {
         // (a prefix that matches nothing, unless the random ID starts with it)
@@ -431,8 +578,14 @@ fn status_finds_images_by_name_id_and_prefix() {
         }
         assert_eq!(catalog::status(&host, arg).unwrap(), None, "{arg}");
     }
-    assert!(matches!(catalog::status(&host, "Bad Name"), Err(Error::InvalidArgument(_))));
-    assert!(matches!(catalog::status(&host, ""), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        catalog::status(&host, "Bad Name"),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        catalog::status(&host, ""),
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 #[test]
@@ -443,10 +596,16 @@ fn a_hex_name_is_a_name_first() {
     let other = busybox(&host);
     pull_ok(&host, &req("abc"));
     pull_ok(&host, &req("busybox"));
-    assert_eq!(catalog::status(&host, "abc").unwrap().unwrap().id, named.config.digest);
+    assert_eq!(
+        catalog::status(&host, "abc").unwrap().unwrap().id,
+        named.config.digest
+    );
     // Without a record named abc, "abc…" would be an ID prefix.
     let prefix = &hex_part(&other.config.digest)[..6];
-    assert_eq!(catalog::status(&host, prefix).unwrap().unwrap().id, other.config.digest);
+    assert_eq!(
+        catalog::status(&host, prefix).unwrap().unwrap().id,
+        other.config.digest
+    );
 }
 
 #[test]
@@ -460,13 +619,19 @@ fn an_ambiguous_prefix_is_refused() {
         host.tag(&name, "latest", &img.manifest);
         ids.push(pull_ok(&host, &req(&name)).id);
         let first = &hex_part(&ids[ids.len() - 1])[..1];
-        if ids[..ids.len() - 1].iter().any(|id| hex_part(id).starts_with(first)) {
+        if ids[..ids.len() - 1]
+            .iter()
+            .any(|id| hex_part(id).starts_with(first))
+        {
             let query = format!("sha256:{first}");
             match catalog::status(&host, &query) {
                 Err(Error::FailedPrecondition(m)) => assert!(m.contains("ambiguous"), "{m}"),
                 other => panic!("{other:?}"),
             }
-            assert!(matches!(catalog::remove(&host, &query), Err(Error::FailedPrecondition(_))));
+            assert!(matches!(
+                catalog::remove(&host, &query),
+                Err(Error::FailedPrecondition(_))
+            ));
             return;
         }
     }
@@ -507,7 +672,10 @@ fn records_of_others_are_ignored() {
     let info = pull_ok(&host, &req("busybox"));
     host.s.borrow_mut().images.insert(
         "docker.io/library/foreign:latest".into(),
-        crate::types::ImageRecord { name: "docker.io/library/foreign:latest".into(), ..Default::default() },
+        crate::types::ImageRecord {
+            name: "docker.io/library/foreign:latest".into(),
+            ..Default::default()
+        },
     );
     assert_eq!(catalog::list(&host).unwrap(), vec![info]);
     assert_eq!(catalog::status(&host, "foreign").unwrap(), None);
@@ -525,20 +693,34 @@ fn remove_deletes_every_record_of_the_image() {
     let other = host.push_image(&[b"other"], "");
     host.tag("docker.io/user/other", "latest", &other.manifest);
     let kept = pull_ok(&host, &req("user/other"));
-    assert_eq!(catalog::status(&host, "busybox:1.36").unwrap().unwrap().repo_tags.len(), 2);
+    assert_eq!(
+        catalog::status(&host, "busybox:1.36")
+            .unwrap()
+            .unwrap()
+            .repo_tags
+            .len(),
+        2
+    );
 
     host.clear_calls();
     catalog::remove(&host, "busybox:1.36").unwrap();
     let calls = host.calls();
     assert_eq!(calls.len(), 4, "{calls:?}");
-    assert_eq!(calls[3], format!("delete {}", img.config.digest), "the ID record goes last");
+    assert_eq!(
+        calls[3],
+        format!("delete {}", img.config.digest),
+        "the ID record goes last"
+    );
     assert_eq!(catalog::status(&host, "busybox").unwrap(), None);
     assert_eq!(catalog::list(&host).unwrap(), vec![kept]);
 
     // Unknown images are fine.
     catalog::remove(&host, "busybox").unwrap();
     catalog::remove(&host, &img.config.digest).unwrap();
-    assert!(matches!(catalog::remove(&host, "UPPER"), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        catalog::remove(&host, "UPPER"),
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 #[test]
@@ -548,11 +730,19 @@ fn facade_uses_the_configured_settings() {
     let host = FakeHost::new();
     busybox(&host);
     let info = crate::pull_image(&host, &req("busybox")).unwrap();
-    assert_eq!(crate::image_status(&host, "busybox").unwrap(), Some(info.clone()));
+    assert_eq!(
+        crate::image_status(&host, "busybox").unwrap(),
+        Some(info.clone())
+    );
     assert_eq!(crate::list_images(&host).unwrap(), vec![info]);
     crate::remove_image(&host, "busybox").unwrap();
     assert!(crate::list_images(&host).unwrap().is_empty());
     let err = crate::pull_image(&host, &req("nope")).unwrap_err();
     assert!(err.is_not_found());
-    assert!(host.s.borrow().logs.iter().any(|(_, m)| m.starts_with("pull of \"nope\" failed: not-found")));
+    assert!(host
+        .s
+        .borrow()
+        .logs
+        .iter()
+        .any(|(_, m)| m.starts_with("pull of \"nope\" failed: not-found")));
 }

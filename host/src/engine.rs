@@ -43,6 +43,11 @@ use bindings::{PullerWorld, PullerWorldPre};
 /// The most linear memory one guest instance may use.
 pub const MEMORY_LIMIT: usize = 64 << 20;
 
+/// The most core instances, memories and tables one component instance may create (a
+/// component made by `wasm-tools component new` has a few core instances: the module and
+/// its adapter shims).
+pub const MAX_INSTANCES: usize = 16;
+
 /// The store data of one call.
 pub struct CallState {
     pub(crate) session: Arc<Session>,
@@ -153,7 +158,12 @@ impl Puller {
 
     /// A fresh store and instance, configured with the current settings.
     async fn instance(&self, session: Arc<Session>) -> Result<(Store<CallState>, PullerWorld), CallError> {
-        let limits = StoreLimitsBuilder::new().memory_size(MEMORY_LIMIT).instances(1).build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(MEMORY_LIMIT)
+            .instances(MAX_INSTANCES)
+            .memories(MAX_INSTANCES)
+            .tables(MAX_INSTANCES)
+            .build();
         let mut store = Store::new(&self.engine, CallState { session, limits });
         store.limiter(|s| &mut s.limits);
         let world = self.pre.instantiate_async(&mut store).await.map_err(trap)?;
