@@ -74,6 +74,10 @@ pub enum Error {
     /// The request was cancelled.
     #[error("{0}")]
     Cancelled(String),
+    /// The failure of an operation shared by several waiters (a download), as each of them
+    /// reports it: same code, same message.
+    #[error("{message}")]
+    Shared { code: Code, message: String },
     /// A filesystem operation failed.
     #[error("{context}")]
     Io {
@@ -103,6 +107,7 @@ impl Error {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable { .. } => Code::Unavailable,
             Error::Cancelled(_) => Code::Cancelled,
+            Error::Shared { code, .. } => *code,
             Error::Io { source, .. } if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => {
                 Code::ResourceExhausted
             }

@@ -23,21 +23,7 @@ pub const MAX_READ: u32 = 1 << 20;
 
 /// Waits for a download of `d` in flight, turning its failure into an error for this call.
 pub(crate) async fn wait(s: &Session, d: &Digest) -> Result<(), Error> {
-    s.wait_fetched(d).await.map_err(|e: Arc<Error>| shared(&e))
-}
-
-/// A copy of a shared download error, same code and message.
-fn shared(e: &Error) -> Error {
-    let msg = e.chain();
-    match e.code() {
-        crate::error::Code::NotFound => Error::NotFound(msg),
-        crate::error::Code::PermissionDenied => Error::PermissionDenied(msg),
-        crate::error::Code::ResourceExhausted => Error::ResourceExhausted(msg),
-        crate::error::Code::Unavailable => Error::Unavailable { what: msg, source: None },
-        crate::error::Code::Cancelled => Error::Cancelled(msg),
-        crate::error::Code::InvalidArgument => Error::InvalidArgument(msg),
-        _ => Error::FailedPrecondition(msg),
-    }
+    s.wait_fetched(d).await.map_err(|e: Arc<Error>| Error::Shared { code: e.code(), message: e.chain() })
 }
 
 impl Host for CallState {

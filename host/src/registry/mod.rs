@@ -191,10 +191,17 @@ impl Client {
         mut writer: Box<dyn ContentWriter>,
         progress: &dyn Progress,
     ) -> Result<()> {
-        let url = repo.url(&format!("blobs/{}", desc.digest));
-        let what = format!("blob {}", desc.digest);
+        // Manifests and indexes live under `manifests/`, everything else under `blobs/`.
+        let endpoint = if is_manifest(&desc.media_type) { "manifests" } else { "blobs" };
+        let url = repo.url(&format!("{endpoint}/{}", desc.digest));
+        let what = format!("{} {}", &endpoint[..endpoint.len() - 1], desc.digest);
         let offset = writer.offset();
         let mut headers = Vec::new();
+        if endpoint == "manifests" {
+            // The distribution registry answers 404 for an OCI manifest that the request
+            // does not say it accepts.
+            headers.push((header::ACCEPT, MANIFEST_ACCEPT.to_owned()));
+        }
         if offset > 0 && offset < desc.size {
             headers.push((header::RANGE, format!("bytes={offset}-")));
         }
@@ -275,6 +282,19 @@ async fn check_status(resp: reqwest::Response, what: &str) -> Result<reqwest::Re
         s if s.is_server_error() => Error::Unavailable { what: msg, source: None },
         _ => Error::FailedPrecondition(msg),
     })
+}
+
+/// Whether `media_type` is a manifest or index, served under `manifests/`.
+fn is_manifest(media_type: &str) -> bool {
+    matches!(
+        media_type,
+        "application/vnd.oci.image.index.v1+json"
+            | "application/vnd.oci.image.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.list.v2+json"
+            | "application/vnd.docker.distribution.manifest.v2+json"
+            | "application/vnd.docker.distribution.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    )
 }
 
 /// The first message of a distribution-spec error body, if there is one.
