@@ -12,7 +12,7 @@
 # build's cache is never invalidated by guest flags. The core modules become components
 # with `wasm-tools component new`, which is installed with cargo when missing.
 
-.PHONY: pullers
+.PHONY: all build pullers host setup test test-unit test-integration check demo clippy fmt clean-demo
 .DELETE_ON_ERROR:
 
 # ---- variables ------------------------------------------------------------------------
@@ -76,5 +76,60 @@ $(OUT_DIR)/pullbox-%.wasm: $(CORE_DIR)/pullbox_%.wasm | $(WASM_TOOLS)
 	  $(WASM_TOOLS) validate --features component-model $@.tmp && \
 	  mv $@.tmp $@ || { rm -f $@.tmp; exit 1; }
 
+# Only the subcommands the build uses: a full wasm-tools takes several times longer to build.
+WASM_TOOLS_FEATURES := component,validate,print,parse
+
 $(CARGO_BIN)/wasm-tools:
-	$(CARGO) install wasm-tools --version $(WASM_TOOLS_VERSION) --locked
+	$(CARGO) install wasm-tools --version $(WASM_TOOLS_VERSION) --locked \
+	  --no-default-features --features $(WASM_TOOLS_FEATURES)
+
+# ---- host, build, tests ----------------------------------------------------------------
+
+all: build
+
+# The host binary and the test harness binaries (the demo) in one cargo run.
+host:
+	$(CARGO) build --release --locked -p pullbox -p pullbox-tests
+
+build: host pullers
+
+# Debian packages and cargo tools the build and the tests need (run as root).
+APT_PACKAGES := build-essential pkg-config ca-certificates git \
+                rustc-web cargo-web rust-web-src lld-22 protobuf-compiler \
+                docker-registry umoci skopeo busybox-static containerd runc jq
+
+setup:
+	@if ! dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -qv '^install ok installed$$' \
+	    && [ "$$(dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | wc -l)" -eq "$(words $(APT_PACKAGES))" ]; then \
+	  echo "Debian packages: all present"; \
+	else \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES) </dev/null; \
+	fi
+	@if [ "$$($(WASM_TOOLS) --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_TOOLS_VERSION)" ]; then \
+	  $(CARGO) install wasm-tools --version $(WASM_TOOLS_VERSION) --locked --no-default-features --features $(WASM_TOOLS_FEATURES); \
+	fi
+
+# Unit tests: host (backends, transport, engine glue) and the pullers' logic, natively.
+test-unit:
+	$(CARGO) test --release --locked -p pullbox -p pullbox-puller -p pullbox-refuse
+
+# Integration tests: the real binary and pullers against a real registry, umoci, skopeo.
+test-integration: build
+	$(CARGO) test --release --locked -p pullbox-tests
+
+test: build test-unit test-integration
+
+# What CI runs, and the README's test command: set up the machine, then build and test.
+check: setup test
+
+# The main job on a machine without internet: a local registry with an image built from
+# busybox-static, pulled with the default puller into an embedded store under target/.
+DEMO_ROOT ?= target/demo-root
+demo: setup build
+	./target/release/pullbox-demo $(DEMO_ROOT)
+
+clippy:
+	$(CARGO) clippy --release --locked -p pullbox -p pullbox-tests -p pullbox-puller -p pullbox-refuse --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

@@ -95,6 +95,14 @@ impl Runtime {
     /// export, is refused here with a message naming it.
     pub async fn load(&self, path: &Path, settings: String) -> anyhow::Result<Puller> {
         let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read puller {}: {e}", path.display()))?;
+        match bytes.get(..8) {
+            Some([0, b'a', b's', b'm', 0x0d, 0, 1, 0]) => {}
+            Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => anyhow::bail!(
+                "puller {} is a core WebAssembly module, not a component (make one with `wasm-tools component new`)",
+                path.display()
+            ),
+            _ => anyhow::bail!("puller {} is not a WebAssembly component", path.display()),
+        }
         let component = self
             .compile(&bytes)
             .map_err(|e| anyhow::anyhow!("cannot load puller {}: {e:#}", path.display()))?;

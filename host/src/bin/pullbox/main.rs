@@ -1,28 +1,25 @@
-//! The `pullbox` command line: `pull`, `images`, `inspect`, `rmi` and `gc` on a store root.
+//! The `pullbox` command line: `pull`, `images`, `inspect`, `rmi` and `gc` on a store root,
+//! `policy check` on a puller component. One module per command family.
 //!
 //! Every store command takes `--root DIR` (or `PULLBOX_ROOT`); the default is
 //! `/var/lib/pullbox` for root and `$XDG_DATA_HOME/pullbox` (or `~/.local/share/pullbox`)
 //! otherwise. The puller is `--puller FILE` (or `PULLBOX_PULLER`), else the default puller
 //! installed beside the binary. Errors go to stderr with a non-zero exit.
 
+mod images;
+mod policy;
 mod progress;
+mod pull;
 
 use std::{
-    io::IsTerminal,
     path::{Path, PathBuf},
     process::ExitCode,
     sync::Arc,
 };
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pullbox::{
-    backend::embedded,
-    engine::{ImageInfo, Runtime},
-    oci::Platform,
-    registry::Client,
-    service::ImageService,
-};
+use pullbox::{backend::embedded, engine::Runtime, registry::Client, service::ImageService};
 
 /// Pulls container images through a sandboxed WebAssembly puller.
 #[derive(Parser)]
@@ -76,6 +73,19 @@ enum Command {
     },
     /// Remove content and snapshots that no image and no live pull refers to.
     Gc,
+    /// Work with puller components.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check that a component implements pullbox's puller world and accepts the settings
+    /// (`--settings FILE`, default none).
+    Check {
+        /// The component (.wasm).
+        component: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,76 +111,33 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = match &cli.settings {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read settings {}", p.display()))?,
+        None => String::new(),
+    };
+    if let Command::Policy(PolicyCommand::Check { component }) = &cli.command {
+        return policy::check(component, settings).await;
+    }
     let root = cli.root.clone().map(Ok).unwrap_or_else(default_root)?;
     let backend = embedded::open(&root).with_context(|| format!("cannot open the store at {}", root.display()))?;
     if let Command::Gc = cli.command {
-        let r = backend.leases.collect().await?;
-        println!(
-            "removed {} blobs, {} snapshots, {} ingests, {} leases; freed {}",
-            r.blobs,
-            r.snapshots,
-            r.ingests,
-            r.leases,
-            progress::human_bytes(r.bytes)
-        );
-        return Ok(());
+        return images::gc(&backend).await;
     }
     let puller_path = match &cli.puller {
         Some(p) => p.clone(),
         None => default_puller()?,
     };
-    let settings = match &cli.settings {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read settings {}", p.display()))?,
-        None => String::new(),
-    };
     let runtime = Runtime::new(Some(root.join("cache")))?;
     let puller = runtime.load(&puller_path, settings).await?;
     let service = ImageService::new(backend, Arc::new(Client::new()?), puller);
 
-    match cli.command {
-        Command::Pull { platform, reference } => {
-            let platform = match platform {
-                Some(p) => p.parse()?,
-                None => Platform::host(),
-            };
-            let bars = Arc::new(progress::Bars::new(std::io::stderr().is_terminal()));
-            let image = service.pull(&reference, platform, bars.clone()).await;
-            bars.finish();
-            let image = image.with_context(|| format!("pull {reference}"))?;
-            println!("{}", image.id);
-        }
-        Command::Images { json } => {
-            let images = service.list().await?;
-            if json {
-                let list: Vec<_> = images.iter().map(image_json).collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print_table(&images);
-            }
-        }
-        Command::Inspect { image } => {
-            let Some(info) = service.status(&image).await? else {
-                bail!("image {image:?} not found");
-            };
-            let mut v = image_json(&info);
-            v["config"] = service.config(&info.id).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        Command::Rmi { image } => {
-            let (removed, gc) = service.remove(&image).await?;
-            if removed == 0 {
-                bail!("image {image:?} not found");
-            }
-            println!(
-                "removed {image} ({removed} records); freed {} blobs, {} snapshots, {}",
-                gc.blobs,
-                gc.snapshots,
-                progress::human_bytes(gc.bytes)
-            );
-        }
-        Command::Gc => unreachable!("handled above"),
+    match &cli.command {
+        Command::Pull { platform, reference } => pull::pull(&service, platform.as_deref(), reference).await,
+        Command::Images { json } => images::images(&service, *json).await,
+        Command::Inspect { image } => images::inspect(&service, image).await,
+        Command::Rmi { image } => images::rmi(&service, image).await,
+        Command::Gc | Command::Policy(_) => unreachable!("handled above"),
     }
-    Ok(())
 }
 
 /// The default store root.
@@ -202,33 +169,3 @@ fn default_puller() -> anyhow::Result<PathBuf> {
     })
 }
 
-/// The JSON shape of an image, as `images --json` and `inspect` print it.
-fn image_json(i: &ImageInfo) -> serde_json::Value {
-    serde_json::json!({
-        "id": i.id,
-        "repoTags": i.repo_tags,
-        "repoDigests": i.repo_digests,
-        "chainId": i.chain_id,
-        "manifestDigest": i.manifest_digest,
-        "size": i.size,
-        "user": i.user,
-        "pinned": i.pinned,
-    })
-}
-
-/// Prints images as a table: one row per repo tag (or per repo digest for untagged images).
-fn print_table(images: &[ImageInfo]) {
-    let mut rows = vec![["IMAGE".to_owned(), "DIGEST".to_owned(), "IMAGE ID".to_owned(), "SIZE".to_owned()]];
-    for i in images {
-        let short = |d: &str| d.split(':').nth(1).map(|h| h[..h.len().min(12)].to_owned()).unwrap_or_default();
-        let names: Vec<&String> = if i.repo_tags.is_empty() { i.repo_digests.iter().collect() } else { i.repo_tags.iter().collect() };
-        let names = if names.is_empty() { vec![&i.id] } else { names };
-        for n in names {
-            rows.push([n.clone(), short(&i.manifest_digest), short(&i.id), progress::human_bytes(i.size)]);
-        }
-    }
-    let widths: Vec<usize> = (0..4).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
-    for r in rows {
-        println!("{:<w0$}  {:<w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
-    }
-}
