@@ -1,8 +1,9 @@
 # pullbox — the one entry point for building and testing.
 #
-# `make pullers` builds the two puller components (wasm32-unknown-unknown, no WASI):
-#   target/release/pullbox-puller.wasm   the default puller (guest/)
-#   target/release/pullbox-refuse.wasm   the puller that refuses every pull (guest/refuse/)
+# `make pullers` builds the puller components (wasm32-unknown-unknown, no WASI):
+#   target/release/pullbox-puller.wasm     the default puller (guest/)
+#   target/release/pullbox-refuse.wasm     the puller that refuses every pull (guest/refuse/)
+#   target/release/pullbox-allowlist.wasm  the example policy puller (guest/allowlist/)
 #
 # Toolchain: where rustup has the wasm32-unknown-unknown target installed, the normal
 # cargo builds the guests. Otherwise (an offline machine) Debian's rustc-web, cargo-web,
@@ -30,8 +31,10 @@ OUT_DIR        := target/release
 
 PULLER_CORE    := $(CORE_DIR)/pullbox_puller.wasm
 REFUSE_CORE    := $(CORE_DIR)/pullbox_refuse.wasm
+ALLOWLIST_CORE := $(CORE_DIR)/pullbox_allowlist.wasm
 PULLER         := $(OUT_DIR)/pullbox-puller.wasm
 REFUSE         := $(OUT_DIR)/pullbox-refuse.wasm
+ALLOWLIST      := $(OUT_DIR)/pullbox-allowlist.wasm
 
 # Everything a guest build reads. When only the host's part of Cargo.lock changed, cargo
 # finds nothing to do and the components are merely re-wrapped (about a second).
@@ -58,16 +61,30 @@ endif
 
 # ---- pullers --------------------------------------------------------------------------
 
-pullers: $(PULLER) $(REFUSE)
+pullers: $(PULLER) $(REFUSE) $(ALLOWLIST)
 
-# One cargo run builds both core modules. Cargo does not touch an output it did not
-# relink, so the outputs are touched to stay newer than the sources make compared.
-$(PULLER_CORE) $(REFUSE_CORE) &: $(GUEST_SOURCES)
-	@test -n "$(HAVE_RUSTUP_WASM)" || { test -x $(DEBIAN_RUSTC) && test -x $(DEBIAN_CARGO); } || { \
+WASM_TOOLCHAIN_CHECK = @test -n "$(HAVE_RUSTUP_WASM)" || { test -x $(DEBIAN_RUSTC) && test -x $(DEBIAN_CARGO); } || { \
 	  echo "error: no wasm32 toolchain: rustup target add $(WASM_TARGET), or apt-get install rustc-web cargo-web rust-web-src lld-22" >&2; exit 1; }
+
+# One cargo run builds the default and refuse core modules. Cargo does not touch an output
+# it did not relink, so the outputs are touched to stay newer than the sources make compared.
+$(PULLER_CORE) $(REFUSE_CORE) &: $(GUEST_SOURCES)
+	$(WASM_TOOLCHAIN_CHECK)
 	$(GUEST_ENV) CARGO_TARGET_DIR=$(GUEST_TARGET_DIR) $(GUEST_CARGO) build $(GUEST_FLAGS) \
 	  --target $(WASM_TARGET) --profile $(WASM_PROFILE) -p pullbox-puller -p pullbox-refuse
 	touch $(PULLER_CORE) $(REFUSE_CORE)
+
+# The allowlist puller links pullbox-puller as a library with its exports off (no feature
+# `component`). It gets a cargo run of its own: in one run cargo would unify the features
+# and link the default puller's exports into it too. Both runs write pullbox-puller's
+# dependency cdylib under the same name, so each recompiles that crate (seconds) when the
+# other ran last; the uplifted core modules are only written by their own run. The
+# order-only prerequisite keeps the two runs from interleaving under `make -j`.
+$(ALLOWLIST_CORE): $(GUEST_SOURCES) | $(PULLER_CORE)
+	$(WASM_TOOLCHAIN_CHECK)
+	$(GUEST_ENV) CARGO_TARGET_DIR=$(GUEST_TARGET_DIR) $(GUEST_CARGO) build $(GUEST_FLAGS) \
+	  --target $(WASM_TARGET) --profile $(WASM_PROFILE) -p pullbox-allowlist
+	touch $(ALLOWLIST_CORE)
 
 # Core module -> component, validated before it replaces the old one.
 $(OUT_DIR)/pullbox-%.wasm: $(CORE_DIR)/pullbox_%.wasm | $(WASM_TOOLS)
@@ -96,7 +113,7 @@ build: host pullers
 # Debian packages and cargo tools the build and the tests need (run as root).
 APT_PACKAGES := build-essential pkg-config ca-certificates git \
                 rustc-web cargo-web rust-web-src lld-22 protobuf-compiler \
-                docker-registry umoci skopeo busybox-static containerd runc jq
+                docker-registry umoci skopeo busybox-static containerd runc jq curl
 
 setup:
 	@if ! dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -qv '^install ok installed$$' \

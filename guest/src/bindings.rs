@@ -1,10 +1,17 @@
 //! The component boundary (wasm32 only): the generated WIT bindings, the [`Host`] that
-//! calls the imports, and the export of interface `puller`.
+//! calls the imports ([`WitHost`]), and the glue from interface `puller`'s exports to a
+//! [`Puller`].
 //!
 //! This is the only module that sees generated types. It converts them field by field to
 //! and from the plain types in [`crate::types`] and [`crate::error::Error`], one case to
-//! the same case, and forwards each export to the function of the same name at the crate
-//! root, so everything else compiles and is tested natively.
+//! the same case, and forwards each export to the [`Puller`] method of the same name, so
+//! everything else compiles and is tested natively.
+//!
+//! It is public (but hidden from the docs) for one reason: [`crate::export_puller!`], used
+//! by the default puller and by pullers built on this crate, expands in the exporting crate
+//! and names the generated export macro and the glue functions here. The bindings are
+//! generated with `pub_export_macro`, so the custom section describing the world is emitted
+//! where the export happens, once per component.
 
 use crate::error::Error;
 use crate::host::Host;
@@ -13,50 +20,50 @@ use crate::types as t;
 wit_bindgen::generate!({
     path: "../wit",
     world: "puller-world",
+    pub_export_macro: true,
 });
 
+use crate::Puller;
 use exports::pullbox::image::puller as exp;
 use pullbox::image::{content, diff, images, log, registry, snapshots, types as wit};
 
-/// The exported component.
-struct Puller;
-
-impl exp::Guest for Puller {
-    fn configure(settings: String) -> Result<(), wit::Error> {
-        crate::configure(&settings).map_err(to_wit)
-    }
-
-    fn pull_image(request: exp::PullRequest) -> Result<exp::ImageInfo, wit::Error> {
-        let request = t::PullRequest {
-            reference: request.reference,
-            platform: platform_from(request.platform),
-        };
-        crate::pull_image(&WitHost, &request)
-            .map(info_to)
-            .map_err(to_wit)
-    }
-
-    fn image_status(reference: String) -> Result<Option<exp::ImageInfo>, wit::Error> {
-        crate::image_status(&WitHost, &reference)
-            .map(|o| o.map(info_to))
-            .map_err(to_wit)
-    }
-
-    fn list_images() -> Result<Vec<exp::ImageInfo>, wit::Error> {
-        crate::list_images(&WitHost)
-            .map(|v| v.into_iter().map(info_to).collect())
-            .map_err(to_wit)
-    }
-
-    fn remove_image(reference: String) -> Result<(), wit::Error> {
-        crate::remove_image(&WitHost, &reference).map_err(to_wit)
-    }
+/// `configure`, for [`crate::export_puller!`].
+pub fn configure<P: Puller>(settings: String) -> Result<(), wit::Error> {
+    P::configure(&settings).map_err(to_wit)
 }
 
-export!(Puller);
+/// `pull-image`, for [`crate::export_puller!`].
+pub fn pull_image<P: Puller>(request: exp::PullRequest) -> Result<exp::ImageInfo, wit::Error> {
+    let request = t::PullRequest {
+        reference: request.reference,
+        platform: platform_from(request.platform),
+    };
+    P::pull_image(&WitHost, &request)
+        .map(info_to)
+        .map_err(to_wit)
+}
+
+/// `image-status`, for [`crate::export_puller!`].
+pub fn image_status<P: Puller>(reference: String) -> Result<Option<exp::ImageInfo>, wit::Error> {
+    P::image_status(&WitHost, &reference)
+        .map(|o| o.map(info_to))
+        .map_err(to_wit)
+}
+
+/// `list-images`, for [`crate::export_puller!`].
+pub fn list_images<P: Puller>() -> Result<Vec<exp::ImageInfo>, wit::Error> {
+    P::list_images(&WitHost)
+        .map(|v| v.into_iter().map(info_to).collect())
+        .map_err(to_wit)
+}
+
+/// `remove-image`, for [`crate::export_puller!`].
+pub fn remove_image<P: Puller>(reference: String) -> Result<(), wit::Error> {
+    P::remove_image(&WitHost, &reference).map_err(to_wit)
+}
 
 /// [`Host`] over the component's imports.
-struct WitHost;
+pub struct WitHost;
 
 impl Host for WitHost {
     fn resolve(&self, name: &str, reference: &str) -> crate::error::Result<t::Descriptor> {

@@ -194,6 +194,8 @@ pub struct Manifest {
     pub config: Descriptor,
     /// The layer descriptors, bottom first.
     pub layers: Vec<Descriptor>,
+    /// `artifactType` (OCI 1.1 artifacts); empty when none.
+    pub artifact_type: String,
 }
 
 /// The parts of an image config the puller uses.
@@ -203,6 +205,24 @@ pub struct Config {
     pub diff_ids: Vec<String>,
     /// `config.User`; empty when none.
     pub user: String,
+    /// `os`; empty when none.
+    pub os: String,
+    /// `architecture`; empty when none.
+    pub architecture: String,
+    /// `variant`; empty when none.
+    pub variant: String,
+}
+
+impl Config {
+    /// The platform the config declares (`os`, `architecture`, `variant`).
+    pub fn platform(&self) -> Platform {
+        Platform {
+            os: self.os.clone(),
+            architecture: self.architecture.clone(),
+            variant: self.variant.clone(),
+            ..Platform::default()
+        }
+    }
 }
 
 fn malformed(what: &str, digest: &str, e: impl std::fmt::Display) -> Error {
@@ -267,6 +287,8 @@ pub fn parse_manifest(desc: &Descriptor, bytes: &[u8]) -> Result<Manifest> {
         config: JsonDescriptor,
         #[serde(default)]
         layers: Vec<JsonDescriptor>,
+        #[serde(default)]
+        artifact_type: Option<String>,
     }
     let doc: Doc =
         serde_json::from_slice(bytes).map_err(|e| malformed("manifest", &desc.digest, e))?;
@@ -286,6 +308,7 @@ pub fn parse_manifest(desc: &Descriptor, bytes: &[u8]) -> Result<Manifest> {
             .into_iter()
             .map(|d| d.into_descriptor(&within))
             .collect::<Result<Vec<_>>>()?,
+        artifact_type: doc.artifact_type.unwrap_or_default(),
     })
 }
 
@@ -310,6 +333,12 @@ pub fn parse_config(desc: &Descriptor, bytes: &[u8]) -> Result<Config> {
         rootfs: RootFs,
         #[serde(default)]
         config: Option<Exec>,
+        #[serde(default)]
+        os: Option<String>,
+        #[serde(default)]
+        architecture: Option<String>,
+        #[serde(default)]
+        variant: Option<String>,
     }
     let doc: Doc =
         serde_json::from_slice(bytes).map_err(|e| malformed("config", &desc.digest, e))?;
@@ -326,6 +355,9 @@ pub fn parse_config(desc: &Descriptor, bytes: &[u8]) -> Result<Config> {
     Ok(Config {
         diff_ids: doc.rootfs.diff_ids,
         user: doc.config.and_then(|c| c.user).unwrap_or_default(),
+        os: doc.os.unwrap_or_default(),
+        architecture: doc.architecture.unwrap_or_default(),
+        variant: doc.variant.unwrap_or_default(),
     })
 }
 
@@ -422,6 +454,15 @@ mod tests {
         let c = parse_config(&desc(OCI_CONFIG), doc.as_bytes()).unwrap();
         assert_eq!(c.diff_ids, vec![D1.to_string(), D2.to_string()]);
         assert_eq!(c.user, "1000:1000");
+        assert_eq!(
+            (c.os.as_str(), c.architecture.as_str(), c.variant.as_str()),
+            ("", "amd64", "")
+        );
+        let arm = format!(
+            r#"{{"os":"linux","architecture":"arm","variant":"v6","rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+        );
+        let c = parse_config(&desc(OCI_CONFIG), arm.as_bytes()).unwrap();
+        assert_eq!(crate::platform::display(&c.platform()), "linux/arm/v6");
         let no_user = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{D1}"]}}}}"#);
         assert_eq!(
             parse_config(&desc(OCI_CONFIG), no_user.as_bytes())

@@ -1,22 +1,44 @@
-//! `pull-image`: resolve, pick the platform's manifest, fetch, unpack, label, record.
+//! `pull-image`: check, resolve, pick the platform's manifest, fetch, unpack, label, record.
 //!
-//! The order follows cri-containerd's `PullImage` and containerd's unpacker:
+//! The order follows cri-containerd's `PullImage` and containerd's unpacker, with the
+//! policy ([`Policy`]) asked at each stage as soon as what it judges is known, and before
+//! anything that depends on it is fetched:
 //!
-//! 1. normalize the reference ([`Reference`]) and resolve it to the root descriptor;
-//! 2. for an index (OCI) or manifest list (Docker), read it and pick the manifest for the
-//!    requested platform ([`platform::select`]), fetch and read that manifest;
-//! 3. fetch the config and every layer in one batch (the host downloads them in parallel
-//!    and returns at once), read the config, check it lists one diff ID per layer;
-//! 4. for each layer, bottom first: skip it when the snapshot named by its chain ID is
+//! 1. normalize the reference ([`Reference`]); **policy: reference** (registries,
+//!    repositories, tags, digest required) — before the registry is contacted;
+//! 2. resolve it to the root descriptor (the host stores the root blob, checked against a
+//!    digest the reference names); **policy: resolved** (the root digest);
+//! 3. for an index (OCI) or manifest list (Docker), read it and pick the manifest for the
+//!    requested platform ([`platform::select`], containerd's `platforms.Only`); when no entry
+//!    with a platform matches, entries without one are tried in order by their config's OS
+//!    and architecture, as containerd's `images.Manifest` does. Fetch (unless present) and
+//!    read that manifest. Schema 1 manifests and anything that is not a container image
+//!    (OCI artifacts, Helm charts, …) are refused here, as are layers `diff.apply` cannot
+//!    unpack; **policy: manifest** (platform of the index entry, size, layer count, layer
+//!    media types) — before config and layers are fetched;
+//! 4. fetch the config (unless present), read it, check it lists one diff ID per layer;
+//!    **policy: config** (the platform the config declares) — before any layer is fetched;
+//! 5. fetch only what is missing: layers below the highest committed chain ID are not
+//!    fetched at all (their snapshots exist; with `discard_unpacked_layers` their blobs
+//!    may be long gone), nor are blobs the content store already has. Non-distributable
+//!    layers (with `urls`) are fetched like the others, as containerd does: its fetcher
+//!    tries the URLs first and falls back to the registry; pullbox's host fetches from the
+//!    registry, and URLs the policy refuses ([`Policy::allows_url_host`]) or that are not
+//!    `http`/`https` are dropped from the descriptor;
+//! 6. for each layer, bottom first: skip it when the snapshot named by its chain ID is
 //!    committed; otherwise prepare `extract-<chain hex>` on the parent chain ID, apply the
 //!    layer, check the diff ID the host computed against the config, commit as the chain ID;
-//! 5. set containerd's GC labels (index → manifest, manifest → config and layers, config →
+//! 7. set containerd's GC labels (index → manifest, manifest → config and layers, config →
 //!    top snapshot), then write the image records: the image ID (config digest), the repo
 //!    tag and the repo digest (`name@<root digest>`), in that order, as containerd's CRI.
 //!
-//! The records carry the `pullbox.io/image.*` labels ([`crate::labels`]) that status and list
-//! read. Everything a pull writes belongs to the host's lease for the request until the
-//! records exist, so a failure here leaves no garbage behind.
+//! Records are merged as cri-containerd's `updateImageMetadata` merged repo tags and
+//! digests: each is a record of its own, so pulling a second tag of an image adds that
+//! tag and keeps the others, pulling by digest adds only the repo digest, and a tag that
+//! now names another image moves to it (the old image keeps its other names). The records
+//! carry the `pullbox.io/image.*` labels ([`crate::labels`]) that status and list read.
+//! Everything a pull writes belongs to the host's lease for the request until the records
+//! exist, so a failure here leaves no garbage behind.
 //!
 //! Size ([`image_size`]) is what containerd 1.6's CRI reports as `Image.size`: its
 //! `images.Image.Size` walks the image for the platform with
@@ -31,6 +53,7 @@ use crate::host::Host;
 use crate::labels;
 use crate::oci::{self, Kind};
 use crate::platform;
+use crate::policy::{self, canonical_host, Image, Policy, Stage};
 use crate::reference::Reference;
 use crate::settings::Settings;
 use crate::types::{
@@ -41,6 +64,14 @@ use crate::types::{
 /// follows.
 pub const EXTRACT_KEY_PREFIX: &str = "extract-";
 
+/// How a pull writes what it pulled (policy aside).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Drop the GC references from manifests to layer blobs, so they are collected once
+    /// unpacked (containerd's `discard_unpacked_layers`).
+    pub discard_unpacked_layers: bool,
+}
+
 /// What `pull` resolved and read, before unpacking.
 struct Resolved {
     root: Descriptor,
@@ -50,16 +81,43 @@ struct Resolved {
     manifest: oci::Manifest,
 }
 
-/// Pulls the image `req` names, with `settings`, through `host`.
-///
-/// Errors: `invalid-argument` for a malformed reference or platform, or a root that is not
-/// an image; `failed-precondition` for schema 1 manifests, malformed documents, a diff ID
-/// that does not match; `not-found` when the index has no manifest for the platform;
-/// `resource-exhausted` for metadata blobs over 4 MiB; any error of the imports, with the
-/// reference or digest it concerns.
+impl Resolved {
+    fn image(&self) -> Image<'_> {
+        Image {
+            root: &self.root,
+            index_entry: self.from_index.as_ref(),
+            manifest_desc: &self.manifest_desc,
+            manifest: &self.manifest,
+        }
+    }
+}
+
+/// Pulls the image `req` names with the default puller's `settings` as options and policy.
+/// See [`pull_with`].
 pub fn pull<H: Host + ?Sized>(
     host: &H,
     settings: &Settings,
+    req: &PullRequest,
+) -> Result<ImageInfo> {
+    let options = Options {
+        discard_unpacked_layers: settings.discard_unpacked_layers,
+    };
+    pull_with(host, &options, settings, req)
+}
+
+/// Pulls the image `req` names through `host`, asking `policy` at every stage (see the
+/// module docs), and records it.
+///
+/// Errors: `invalid-argument` for a malformed reference or platform, or a root that is not
+/// an image; `permission-denied` when the policy refuses the image (the message names each
+/// rule broken and why); `failed-precondition` for schema 1 manifests, malformed documents,
+/// a diff ID that does not match; `not-found` when the index has no manifest for the
+/// platform; `resource-exhausted` for metadata blobs over 4 MiB; any error of the imports,
+/// with the reference or digest it concerns.
+pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
+    host: &H,
+    options: &Options,
+    policy: &P,
     req: &PullRequest,
 ) -> Result<ImageInfo> {
     let reference = Reference::parse(&req.reference)?;
@@ -68,28 +126,23 @@ pub fn pull<H: Host + ?Sized>(
         Level::Info,
         &format!("pulling {reference} for {}", platform::display(&want)),
     );
-    let resolved = resolve(host, &reference, &want)?;
+    policy::enforce(host, policy, Stage::Reference, &reference, policy.check_reference(&reference))?;
+
+    let root = resolve_root(host, &reference)?;
+    policy::enforce(host, policy, Stage::Root, &reference, policy.check_root(&reference, &root))?;
+
+    let resolved = select_manifest(host, &reference, &want, root)?;
+    policy::enforce(
+        host,
+        policy,
+        Stage::Manifest,
+        &reference,
+        policy.check_manifest(&reference, &resolved.image()),
+    )?;
     let id = resolved.manifest.config.digest.clone();
-    let name = reference.name();
 
-    // One batch: config and layers, each blob once.
-    let mut batch: Vec<Descriptor> = Vec::with_capacity(resolved.manifest.layers.len() + 1);
-    for d in std::iter::once(&resolved.manifest.config).chain(&resolved.manifest.layers) {
-        if !batch.iter().any(|b| b.digest == d.digest) {
-            batch.push(d.clone());
-        }
-    }
-    host.log(
-        Level::Debug,
-        &format!(
-            "fetching config {id} and {} layers of {reference}",
-            resolved.manifest.layers.len()
-        ),
-    );
-    host.progress("fetching", &format!("{} blobs", batch.len()));
-    host.fetch(&name, &batch)
-        .context_with(|| format!("fetching config and layers of {reference}"))?;
-
+    // The config: small, read before any layer is fetched.
+    fetch_missing(host, &reference, std::slice::from_ref(&resolved.manifest.config))?;
     let config_bytes = read_small(host, &resolved.manifest.config, "config")?;
     let config = oci::parse_config(&resolved.manifest.config, &config_bytes)?;
     if config.diff_ids.len() != resolved.manifest.layers.len() {
@@ -100,17 +153,36 @@ pub fn pull<H: Host + ?Sized>(
             resolved.manifest.layers.len()
         )));
     }
-    let chain = digest::chain_ids(&config.diff_ids);
-    unpack(
+    policy::enforce(
         host,
+        policy,
+        Stage::Config,
         &reference,
-        &resolved.manifest.layers,
-        &config.diff_ids,
-        &chain,
+        policy.check_config(&reference, &resolved.image(), &config),
     )?;
+
+    // Layers: only those above the highest committed snapshot, only blobs not present.
+    let chain = digest::chain_ids(&config.diff_ids);
+    let first = first_uncommitted(host, &reference, &chain)?;
+    let mut layers = resolved.manifest.layers.clone();
+    for layer in &mut layers[first..] {
+        *layer = with_allowed_urls(host, policy, &reference, layer);
+    }
+    if first > 0 {
+        host.log(
+            Level::Debug,
+            &format!(
+                "{reference}: the snapshots of the lowest {first} of {} layers are committed; \
+                 those layers are not fetched",
+                chain.len()
+            ),
+        );
+    }
+    fetch_missing(host, &reference, &layers[first..])?;
+    unpack(host, &reference, first, &layers, &config.diff_ids, &chain)?;
     let top = chain.last().cloned().unwrap_or_default();
 
-    set_gc_labels(host, settings, &resolved, &top)?;
+    set_gc_labels(host, options, &resolved, &top)?;
 
     let size = image_size(
         &resolved.root,
@@ -167,8 +239,8 @@ fn request_platform(p: &Platform) -> Platform {
     p
 }
 
-/// Steps 1 and 2: the root, and the manifest for the platform.
-fn resolve<H: Host + ?Sized>(host: &H, reference: &Reference, want: &Platform) -> Result<Resolved> {
+/// Step 2: the root descriptor, checked against the reference's digest.
+fn resolve_root<H: Host + ?Sized>(host: &H, reference: &Reference) -> Result<Descriptor> {
     let name = reference.name();
     host.progress("resolving", &reference.to_string());
     let root = host
@@ -190,7 +262,64 @@ fn resolve<H: Host + ?Sized>(host: &H, reference: &Reference, want: &Platform) -
         ),
     );
     host.progress("resolved", &root.digest);
+    Ok(root)
+}
 
+/// Starts fetching those of `blobs` the content store does not have (with the right size).
+/// Returns at once; reads and applies wait for the downloads.
+fn fetch_missing<H: Host + ?Sized>(
+    host: &H,
+    reference: &Reference,
+    blobs: &[Descriptor],
+) -> Result<()> {
+    let mut missing: Vec<Descriptor> = Vec::with_capacity(blobs.len());
+    for d in blobs {
+        if missing.iter().any(|m| m.digest == d.digest) {
+            continue;
+        }
+        match host.content_info(&d.digest) {
+            Ok(info) if info.size == d.size => {
+                host.log(
+                    Level::Debug,
+                    &format!("{} is in the content store, not fetched", d.digest),
+                );
+                continue;
+            }
+            Ok(info) => host.log(
+                Level::Warn,
+                &format!(
+                    "{} is in the content store with {} bytes, its descriptor says {}; fetching",
+                    d.digest, info.size, d.size
+                ),
+            ),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                return Err(e.context(format!("looking up {} of {reference}", d.digest)));
+            }
+        }
+        missing.push(d.clone());
+    }
+    if missing.is_empty() {
+        host.log(Level::Debug, &format!("{reference}: nothing to fetch"));
+        return Ok(());
+    }
+    let digests: Vec<&str> = missing.iter().map(|d| d.digest.as_str()).collect();
+    host.log(
+        Level::Debug,
+        &format!("{reference}: fetching {}", digests.join(", ")),
+    );
+    host.progress("fetching", &format!("{} blobs", missing.len()));
+    host.fetch(&reference.name(), &missing)
+        .context_with(|| format!("fetching {} of {reference}", digests.join(", ")))
+}
+
+/// Step 3: the manifest for the platform, read and checked.
+fn select_manifest<H: Host + ?Sized>(
+    host: &H,
+    reference: &Reference,
+    want: &Platform,
+    root: Descriptor,
+) -> Result<Resolved> {
     let mut kind = oci::kind_of(&root.media_type);
     let mut root_bytes = None;
     if kind == Kind::Unknown && oci::is_generic_json(&root.media_type) {
@@ -230,60 +359,120 @@ fn resolve<H: Host + ?Sized>(host: &H, reference: &Reference, want: &Platform) -
                 None => read_small(host, &root, "index")?,
             };
             let index = oci::parse_index(&root, &bytes)?;
+            if want.architecture.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "{reference} is a multi-platform index and the request names no architecture"
+                )));
+            }
             let manifests: Vec<Descriptor> = index
                 .manifests
                 .iter()
                 .filter(|d| oci::kind_of(&d.media_type) == Kind::Manifest)
                 .cloned()
                 .collect();
-            if want.architecture.is_empty() {
-                return Err(Error::InvalidArgument(format!(
-                    "{reference} is a multi-platform index and the request names no architecture"
-                )));
-            }
-            let chosen = match platform::select(want, &manifests) {
-                Some(i) => manifests[i].clone(),
-                None => {
-                    let have: Vec<String> = manifests
-                        .iter()
-                        .filter_map(|d| d.platform.as_ref().map(platform::display))
-                        .collect();
-                    return Err(Error::NotFound(format!(
-                        "{reference}: index {} has no manifest for platform {} (it has: {})",
-                        root.digest,
-                        platform::display(want),
-                        if have.is_empty() { "none".to_string() } else { have.join(", ") }
-                    )));
+            let (chosen, manifest) = match platform::select(want, &manifests) {
+                Some(i) => {
+                    let chosen = manifests[i].clone();
+                    host.log(
+                        Level::Debug,
+                        &format!(
+                            "{reference}: chose manifest {} ({}) of {} in index {} for {}",
+                            chosen.digest,
+                            chosen.platform.as_ref().map(platform::display).unwrap_or_default(),
+                            index.manifests.len(),
+                            root.digest,
+                            platform::display(want)
+                        ),
+                    );
+                    let manifest = read_manifest(host, reference, &chosen)?;
+                    (chosen, manifest)
                 }
+                None => match by_config_platform(host, reference, want, &manifests)? {
+                    Some(found) => found,
+                    None => {
+                        let have: Vec<String> = index
+                            .manifests
+                            .iter()
+                            .filter_map(|d| d.platform.as_ref().map(platform::display))
+                            .collect();
+                        return Err(Error::NotFound(format!(
+                            "{reference}: index {} has no manifest for platform {} (it has: {})",
+                            root.digest,
+                            platform::display(want),
+                            if have.is_empty() { "none".to_string() } else { have.join(", ") }
+                        )));
+                    }
+                },
             };
-            host.log(
-                Level::Debug,
-                &format!(
-                    "{reference}: chose manifest {} ({}) of {} in index {} for {}",
-                    chosen.digest,
-                    chosen.platform.as_ref().map(platform::display).unwrap_or_default(),
-                    index.manifests.len(),
-                    root.digest,
-                    platform::display(want)
-                ),
-            );
-            host.fetch(&name, std::slice::from_ref(&chosen))
-                .context_with(|| format!("fetching manifest {} of {reference}", chosen.digest))?;
-            let bytes = read_small(host, &chosen, "manifest")?;
-            let manifest = oci::parse_manifest(&chosen, &bytes)?;
             check_manifest(reference, &chosen, &manifest)?;
             Ok(Resolved { root, from_index: Some(chosen.clone()), manifest_desc: chosen, manifest })
         }
     }
 }
 
+/// Fetches (unless present) and reads the manifest an index entry points at.
+fn read_manifest<H: Host + ?Sized>(
+    host: &H,
+    reference: &Reference,
+    desc: &Descriptor,
+) -> Result<oci::Manifest> {
+    fetch_missing(host, reference, std::slice::from_ref(desc))?;
+    let bytes = read_small(host, desc, "manifest")?;
+    oci::parse_manifest(desc, &bytes)
+}
+
+/// containerd's fallback for index entries without a platform: in index order, the first
+/// whose config's OS and architecture run on `want`.
+fn by_config_platform<H: Host + ?Sized>(
+    host: &H,
+    reference: &Reference,
+    want: &Platform,
+    manifests: &[Descriptor],
+) -> Result<Option<(Descriptor, oci::Manifest)>> {
+    for entry in manifests.iter().filter(|d| d.platform.is_none()) {
+        let manifest = read_manifest(host, reference, entry)?;
+        if !oci::is_image_config(&manifest.config.media_type) {
+            continue;
+        }
+        fetch_missing(host, reference, std::slice::from_ref(&manifest.config))?;
+        let bytes = read_small(host, &manifest.config, "config")?;
+        let config = oci::parse_config(&manifest.config, &bytes)?;
+        let fits = platform::config_matches(want, &config.os, &config.architecture);
+        host.log(
+            Level::Debug,
+            &format!(
+                "{reference}: index entry {} has no platform; its config is for {}/{}: {}",
+                entry.digest,
+                config.os,
+                config.architecture,
+                if fits { "chosen" } else { "skipped" }
+            ),
+        );
+        if fits {
+            return Ok(Some((entry.clone(), manifest)));
+        }
+    }
+    Ok(None)
+}
+
 /// Refuses manifests that are not container images or whose layers `diff.apply` cannot
-/// unpack, before anything is fetched.
+/// unpack, before anything more is fetched.
 fn check_manifest(reference: &Reference, desc: &Descriptor, m: &oci::Manifest) -> Result<()> {
     if !oci::is_image_config(&m.config.media_type) {
+        let what = if m.artifact_type.is_empty() {
+            format!("a config of media type {:?}", m.config.media_type)
+        } else {
+            format!(
+                "artifact type {:?} (config media type {:?})",
+                m.artifact_type, m.config.media_type
+            )
+        };
         return Err(Error::InvalidArgument(format!(
-            "{reference}: manifest {} has a config of media type {:?}: not a container image",
-            desc.digest, m.config.media_type
+            "{reference}: manifest {} has {what}: it is not a container image; \
+             pullbox pulls only images (config {:?} or {:?})",
+            desc.digest,
+            oci::OCI_CONFIG,
+            oci::DOCKER_CONFIG
         )));
     }
     if let Some(layer) = m.layers.iter().find(|l| !oci::is_layer(&l.media_type)) {
@@ -295,16 +484,101 @@ fn check_manifest(reference: &Reference, desc: &Descriptor, m: &oci::Manifest) -
     Ok(())
 }
 
-/// Step 4: one committed snapshot per layer, named by its chain ID.
+/// The number of layers, from the bottom, whose snapshots are committed (the highest
+/// committed chain ID implies all below it).
+fn first_uncommitted<H: Host + ?Sized>(
+    host: &H,
+    reference: &Reference,
+    chain: &[String],
+) -> Result<usize> {
+    for i in (0..chain.len()).rev() {
+        match host.snapshot_stat(&chain[i]) {
+            Ok(info) if info.kind == SnapshotKind::Committed => return Ok(i + 1),
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                return Err(e.context(format!("looking up snapshot {} of {reference}", chain[i])))
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `layer` with only the alternative URLs that may be handed to the host: `http`/`https`
+/// URLs whose host the policy allows. The others are dropped (and logged); the blob then
+/// comes from the registry.
+fn with_allowed_urls<H: Host + ?Sized, P: Policy + ?Sized>(
+    host: &H,
+    policy: &P,
+    reference: &Reference,
+    layer: &Descriptor,
+) -> Descriptor {
+    if layer.urls.is_empty() {
+        return layer.clone();
+    }
+    let mut layer = layer.clone();
+    let urls = std::mem::take(&mut layer.urls);
+    for url in urls {
+        let verdict = match url_host(&url) {
+            Some(h) if policy.allows_url_host(&h) => None,
+            Some(h) => Some(format!("policy refuses its host {h}")),
+            None => Some("not an http or https URL with a valid host".to_string()),
+        };
+        match verdict {
+            None => layer.urls.push(url),
+            Some(why) => host.log(
+                Level::Warn,
+                &format!(
+                    "{reference}: dropped URL {url:?} of non-distributable layer {}: {why}; \
+                     it is fetched from the registry",
+                    layer.digest
+                ),
+            ),
+        }
+    }
+    host.log(
+        Level::Debug,
+        &format!(
+            "{reference}: layer {} is non-distributable ({}), URLs kept: {:?}",
+            layer.digest, layer.media_type, layer.urls
+        ),
+    );
+    layer
+}
+
+/// The host of an `http(s)://host[:port]/…` URL, canonical.
+fn url_host(url: &str) -> Option<crate::policy::HostPort> {
+    let lower = url.get(..8).map(str::to_ascii_lowercase).unwrap_or_default();
+    let rest = if lower.starts_with("https://") {
+        &url[8..]
+    } else if lower.starts_with("http://") {
+        &url[7..]
+    } else {
+        return None;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return None; // credentials in a URL: refuse rather than guess
+    }
+    canonical_host(authority).ok()
+}
+
+/// Step 6: one committed snapshot per layer, named by its chain ID. The lowest `first`
+/// layers are known to be committed already.
 fn unpack<H: Host + ?Sized>(
     host: &H,
     reference: &Reference,
+    first: usize,
     layers: &[Descriptor],
     diff_ids: &[String],
     chain: &[String],
 ) -> Result<()> {
     for (i, layer) in layers.iter().enumerate() {
         let chain_id = &chain[i];
+        if i < first {
+            host.progress("skipped", &layer.digest);
+            continue;
+        }
         let parent = if i == 0 { "" } else { chain[i - 1].as_str() };
         match host.snapshot_stat(chain_id) {
             Ok(info) if info.kind == SnapshotKind::Committed => {
@@ -401,10 +675,10 @@ fn remove_key<H: Host + ?Sized>(host: &H, key: &str) {
     }
 }
 
-/// Step 5a: containerd's GC labels on index, manifest and config.
+/// Step 7a: containerd's GC labels on index, manifest and config.
 fn set_gc_labels<H: Host + ?Sized>(
     host: &H,
-    settings: &Settings,
+    settings: &Options,
     r: &Resolved,
     top: &str,
 ) -> Result<()> {

@@ -1,20 +1,28 @@
 //! Image reference normalization, in the Docker grammar that containerd's CRI uses.
 //!
-//! [`Reference::parse`] does what `ParseNormalizedNamed` + `TagNameOnly` do in
-//! `docker/distribution/reference` (vendored by containerd 1.6): `busybox` becomes
+//! [`Reference::parse`] does what `ParseNormalizedNamed` + `TagNameOnly` do in containerd's
+//! `reference/docker` (the distribution reference grammar): `busybox` becomes
 //! `docker.io/library/busybox:latest`, `user/repo` becomes `docker.io/user/repo:latest`, the
-//! first path component is a registry host only when it contains `.` or `:` or is
-//! `localhost`, `index.docker.io` is spelled `docker.io`. The grammar:
+//! first path component is a registry host only when it contains `.` or `:`, is
+//! `localhost`, or has an uppercase letter (`Foo/bar` is repository `bar` on host `Foo`,
+//! since repository paths are lowercase), and `index.docker.io` is spelled `docker.io`. The
+//! grammar:
 //!
 //! ```text
 //! reference      := name [ ":" tag ] [ "@" digest ]
 //! name           := [domain "/"] path-component ("/" path-component)*
-//! domain         := (domain-name | "[" ipv6 "]") [":" port]
+//! domain         := host [":" port]
+//! host           := domain-name | "[" ipv6-address "]"
+//! domain-name    := component ("." component)*   component := [a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?
+//! port           := [0-9]+
 //! path-component := [a-z0-9]+ (([._] | "__" | "-"+) [a-z0-9]+)*
 //! tag            := [A-Za-z0-9_] [A-Za-z0-9_.-]{0,127}
 //! ```
 //!
-//! Bracketed IPv6 hosts (`[::1]:5000/app`) are accepted as in newer releases of the grammar.
+//! Bracketed IPv6 hosts (`[::1]:5000/app`) are accepted as in the current grammar, which
+//! allows hex digits and colons between the brackets; pullbox also requires them to be an
+//! address (`[1]` is refused), so that policy can compare hosts canonically. Zones
+//! (`%eth0`) and embedded dotted IPv4 are refused, as in the grammar.
 //! Digests are `sha256` or `sha512` with lowercase hex ([`crate::digest::parse`]). The
 //! normalized name (domain + `/` + path) is at most [`NAME_TOTAL_LENGTH_MAX`] = 255
 //! characters, Docker's limit. A reference with both a tag and a digest resolves by digest;
@@ -168,7 +176,10 @@ fn parse(s: &str) -> std::result::Result<Reference, String> {
     let (domain, remainder) = match name.find('/') {
         Some(i) => {
             let first = &name[..i];
-            if first.contains(['.', ':']) || first == "localhost" {
+            if first.contains(['.', ':'])
+                || first == "localhost"
+                || first.bytes().any(|b| b.is_ascii_uppercase())
+            {
                 (first, &name[i + 1..])
             } else {
                 (DEFAULT_DOMAIN, name)
@@ -224,7 +235,10 @@ fn check_tag(tag: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn check_domain(domain: &str) -> std::result::Result<(), String> {
+/// Checks that `domain` is a registry host with an optional port, in the grammar above.
+///
+/// Errors: a message naming `domain`.
+pub fn check_domain(domain: &str) -> std::result::Result<(), String> {
     let bad = || Err(format!("invalid registry host {domain:?}"));
     let (host, port) = if let Some(inner) = domain.strip_prefix('[') {
         let Some(end) = inner.find(']') else {
@@ -233,6 +247,11 @@ fn check_domain(domain: &str) -> std::result::Result<(), String> {
         let ip = &inner[..end];
         if ip.is_empty() || !ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
             return bad();
+        }
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!(
+                "invalid registry host {domain:?}: {ip:?} is not an IPv6 address"
+            ));
         }
         (None, &inner[end + 1..])
     } else {
@@ -445,7 +464,72 @@ mod tests {
                 Some(D),
             ),
         ];
+        // From containerd's reference/docker tests (TestValidateReferenceName,
+        // TestValidateRemoteName, TestParseRepositoryInfo, TestNormalizedSplitHostname).
+        let hex64 = "1a3f5e7d9c1b3a5f7e9d1c3b5a7f9e1d3c5b7a9f1e3d5d7c9b1a3f5e7d9c1b3a";
+        let song = "thisisthesongthatneverendsitgoesonandonandonthisisthesongthatnev";
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        for (input, name, tag) in [
+            ("docker/docker", "docker.io/docker/docker", "latest"),
+            ("library/debian", "docker.io/library/debian", "latest"),
+            ("index.docker.io/docker/docker", "docker.io/docker/docker", "latest"),
+            ("index.docker.io/debian", "docker.io/library/debian", "latest"),
+            ("127.0.0.1:5000/docker/docker", "127.0.0.1:5000/docker/docker", "latest"),
+            ("127.0.0.1:5000/debian", "127.0.0.1:5000/debian", "latest"),
+            ("192.168.0.1", "docker.io/library/192.168.0.1", "latest"),
+            ("192.168.0.1:80", "docker.io/library/192.168.0.1", "80"),
+            ("192.168.0.1:8/debian", "192.168.0.1:8/debian", "latest"),
+            ("[fc00::1]:5000/docker", "[fc00::1]:5000/docker", "latest"),
+            ("[fc00::1]:5000/docker/docker", "[fc00::1]:5000/docker/docker", "latest"),
+            (
+                "[fc00:1:2:3:4:5:6:7]:5000/library/debian",
+                "[fc00:1:2:3:4:5:6:7]:5000/library/debian",
+                "latest",
+            ),
+            ("Docker/docker", "Docker/docker", "latest"),
+            ("DOCKER/docker", "DOCKER/docker", "latest"),
+            ("Foo/bar:Tag", "Foo/bar", "Tag"),
+            ("docker-rules/docker", "docker.io/docker-rules/docker", "latest"),
+            ("docker---rules/docker", "docker.io/docker---rules/docker", "latest"),
+            ("d/docker", "docker.io/d/docker", "latest"),
+            ("jess/t", "docker.io/jess/t", "latest"),
+            ("dock__er/docker", "docker.io/dock__er/docker", "latest"),
+            ("test_com/foo", "docker.io/test_com/foo", "latest"),
+            ("test-com:8080/foo", "test-com:8080/foo", "latest"),
+            ("xn--n3h.com:18080/foo", "xn--n3h.com:18080/foo", "latest"),
+            ("docker.io/library/foo/bar", "docker.io/library/foo/bar", "latest"),
+            ("store/foo/bar", "docker.io/store/foo/bar", "latest"),
+            ("localhost/app:v1", "localhost/app", "v1"),
+        ] {
+            v.push((input.to_string(), name, Some(tag), None));
+        }
+        v.push((song.to_string(), leak(format!("docker.io/library/{song}")), Some("latest"), None));
+        v.push((
+            format!("docker.io/{hex64}"),
+            leak(format!("docker.io/library/{hex64}")),
+            Some("latest"),
+            None,
+        ));
+        // 63 hex digits are a name, not an ID.
+        v.push((
+            hex64[..63].to_string(),
+            leak(format!("docker.io/library/{}", &hex64[..63])),
+            Some("latest"),
+            None,
+        ));
+        v.push((
+            format!("[::1]:5000/app:v2@{D}"),
+            "[::1]:5000/app",
+            Some("v2"),
+            Some(D),
+        ));
         let sha512 = Box::leak(format!("sha512:{}", "0".repeat(128)).into_boxed_str());
+        v.push((
+            format!("quay.io/a/b:c@{sha512}"),
+            "quay.io/a/b",
+            Some("c"),
+            Some(sha512),
+        ));
         v.push((
             format!("app@{sha512}"),
             "docker.io/library/app",
@@ -482,8 +566,43 @@ mod tests {
             ("".into(), "empty reference"),
             ("Busybox".into(), "must be lowercase"),
             ("user/Repo".into(), "must be lowercase"),
-            ("Foo/bar".into(), "must be lowercase"),
+            ("docker/Docker".into(), "must be lowercase"),
+            ("Foo/Bar".into(), "must be lowercase"),
             ("quay.io/Coreos/etcd".into(), "must be lowercase"),
+            ("docker.io/docker/Docker".into(), "must be lowercase"),
+            ("https://github.com/docker/docker".into(), "invalid registry host"),
+            ("-docker".into(), "invalid path component"),
+            ("-docker/docker".into(), "invalid path component"),
+            ("docker-/docker".into(), "invalid path component"),
+            ("-docker-/docker".into(), "invalid path component"),
+            ("-docker.io/docker/docker".into(), "invalid registry host"),
+            ("docker///docker".into(), "empty path component"),
+            ("docker.io/docker///docker".into(), "empty path component"),
+            ("____/____".into(), "invalid path component"),
+            ("_docker/_docker".into(), "invalid path component"),
+            ("dock..er/docker".into(), "invalid path component"),
+            ("dock_.er/docker".into(), "invalid path component"),
+            ("dock-.er/docker".into(), "invalid path component"),
+            ("docker/".into(), "empty path component"),
+            ("[fc00::1]".into(), "invalid tag"),
+            ("[fc00::1]:5000".into(), "invalid tag"),
+            ("fc00::1:5000/debian".into(), "invalid registry host"),
+            ("[fe80::1%eth0]:5000/debian".into(), "invalid registry host"),
+            ("[2001:db8:3:4::192.0.2.33]:5000/debian".into(), "invalid registry host"),
+            ("[1]:5000/app".into(), "is not an IPv6 address"),
+            ("[:::::]/app".into(), "is not an IPv6 address"),
+            ("[]/app".into(), "invalid registry host"),
+            ("[::1]5000/app".into(), "invalid registry host"),
+            ("localhost:5000/app:v1:v2".into(), "invalid tag"),
+            ("app@sha256:7cc4b5aefd1d0cadf8d97d4350462ba51c694ebca145b08d7d41b41acc8db5aa@x".into(), "invalid digest"),
+            (format!("app@{D}:tag"), "invalid digest"),
+            (
+                format!(
+                    "{}/docker",
+                    ["this_is_not_a_valid_namespace_because_its_lenth_is_greater_than_255"; 4].join("_")
+                ),
+                "more than 255 characters",
+            ),
             ("user//repo".into(), "empty path component"),
             ("user/repo/".into(), "empty path component"),
             ("/repo".into(), "empty path component"),

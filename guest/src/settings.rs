@@ -1,66 +1,267 @@
-//! Policy settings of the default puller, taken by `configure` as a JSON object.
+//! Settings of the default puller, taken by `configure` as a JSON object, and the pull
+//! policy they define ([`Settings`] implements [`Policy`]).
 //!
-//! An empty document (or only whitespace) and `{}` mean the defaults. Known keys:
+//! An empty document (or only whitespace) and `{}` mean the defaults: no policy, everything
+//! allowed. Keys (camelCase, except `discard_unpacked_layers`, which keeps containerd's
+//! name); `null` is the same as leaving a key out:
 //!
-//! - `discard_unpacked_layers` (bool, default `false`): do not keep layer blobs once they are
-//!   unpacked, as containerd's CRI option of that name: the manifest gets no
-//!   `containerd.io/gc.ref.content.l.<i>` labels, so the garbage collector removes the
-//!   compressed layers when the pull's lease ends.
+//! | key | value | checked at |
+//! |---|---|---|
+//! | `mode` | `"enforce"` (default): violations refuse the pull; `"audit"`: they are logged as warnings and the pull goes on | — |
+//! | `allowedRegistries` | host patterns ([`HostPattern`]): only these registries | reference |
+//! | `blockedRegistries` | host patterns: never these registries | reference |
+//! | `allowedRepositories` | repository patterns ([`RepositoryPattern`]): only these | reference |
+//! | `blockedRepositories` | repository patterns: never these | reference |
+//! | `deniedTags` | tag globs (`*` within the tag): refuse pulls by these tags | reference |
+//! | `requireDigest` | `true`: only references with a digest (`name@sha256:…`) | reference |
+//! | `platforms` | `os/arch[/variant]` ([`PlatformPattern`]): the image's platform must be one | manifest (index entry), config |
+//! | `maxImageSize` | bytes: compressed layers plus config, as the manifest declares them | manifest |
+//! | `maxLayers` | the most layers an image may have | manifest |
+//! | `allowedLayerMediaTypes` | every layer's media type must be one of these | manifest |
+//! | `discard_unpacked_layers` | `true`: do not keep layer blobs once unpacked (containerd's option: the manifest gets no `containerd.io/gc.ref.content.l.<i>` labels) | — |
 //!
-//! Any other key is refused with `invalid-argument` naming it, and a refused document leaves
-//! the previous settings in force. The host creates a fresh instance for every call and
-//! calls `configure` right before it, so the settings live in a global of the instance
-//! ([`set`], [`current`]).
+//! An `allowed…` list that is present allows only what it lists (an empty list allows
+//! nothing); a `blocked…` match refuses whatever the allow list says. Registry rules apply
+//! to the registry of the normalized reference (`busybox` is on `docker.io`) and to the
+//! hosts of non-distributable layers' URLs ([`Policy::allows_url_host`]). Tags are checked
+//! only for references without a digest: with a digest, the tag plays no part in what is
+//! pulled.
+//!
+//! Any other key, a value of the wrong type, a malformed pattern or a key given twice is
+//! refused with `invalid-argument` naming the key, and a refused document leaves the
+//! previous settings in force. The host creates a fresh instance for every call and calls
+//! `configure` right before it, so the settings live in a global of the instance ([`set`],
+//! [`current`]).
 
+use std::fmt;
 use std::sync::Mutex;
 
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::Value;
+
 use crate::error::{Error, Result};
+use crate::oci;
+use crate::platform::{self, PlatformPattern};
+use crate::policy::{
+    canonical_host, glob, HostPattern, HostPort, Image, Policy, RepositoryPattern, Verdict,
+};
+use crate::reference::Reference;
+use crate::types::Descriptor;
 
 /// The keys [`parse`] accepts.
-pub const KNOWN_KEYS: &[&str] = &["discard_unpacked_layers"];
+pub const KNOWN_KEYS: &[&str] = &[
+    "mode",
+    "allowedRegistries",
+    "blockedRegistries",
+    "allowedRepositories",
+    "blockedRepositories",
+    "deniedTags",
+    "requireDigest",
+    "platforms",
+    "maxImageSize",
+    "maxLayers",
+    "allowedLayerMediaTypes",
+    "discard_unpacked_layers",
+];
 
-/// The default puller's settings.
+/// What a policy violation does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Violations refuse the pull with `permission-denied`.
+    #[default]
+    Enforce,
+    /// Violations are logged as warnings; the pull goes on.
+    Audit,
+}
+
+/// The default puller's settings. See the module docs for each field's key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// Drop the GC references from manifests to layer blobs, so they are collected once
-    /// unpacked.
+    /// `discard_unpacked_layers`.
     pub discard_unpacked_layers: bool,
+    /// `mode`.
+    pub mode: Mode,
+    /// `allowedRegistries`; `None`: any.
+    pub allowed_registries: Option<Vec<HostPattern>>,
+    /// `blockedRegistries`.
+    pub blocked_registries: Vec<HostPattern>,
+    /// `allowedRepositories`; `None`: any.
+    pub allowed_repositories: Option<Vec<RepositoryPattern>>,
+    /// `blockedRepositories`.
+    pub blocked_repositories: Vec<RepositoryPattern>,
+    /// `deniedTags`.
+    pub denied_tags: Vec<String>,
+    /// `requireDigest`.
+    pub require_digest: bool,
+    /// `platforms`; `None`: any.
+    pub platforms: Option<Vec<PlatformPattern>>,
+    /// `maxImageSize`, bytes.
+    pub max_image_size: Option<u64>,
+    /// `maxLayers`.
+    pub max_layers: Option<u64>,
+    /// `allowedLayerMediaTypes`; `None`: any that the host can unpack.
+    pub allowed_layer_media_types: Option<Vec<String>>,
 }
 
 impl Settings {
-    /// The defaults, usable in a `const`.
+    /// The defaults, usable in a `const`: no policy, layers kept.
     pub const DEFAULT: Settings = Settings {
         discard_unpacked_layers: false,
+        mode: Mode::Enforce,
+        allowed_registries: None,
+        blocked_registries: Vec::new(),
+        allowed_repositories: None,
+        blocked_repositories: Vec::new(),
+        denied_tags: Vec::new(),
+        require_digest: false,
+        platforms: None,
+        max_image_size: None,
+        max_layers: None,
+        allowed_layer_media_types: None,
     };
 }
 
 static CURRENT: Mutex<Settings> = Mutex::new(Settings::DEFAULT);
 
+/// The top-level members of a JSON object in document order, duplicates kept (serde_json's
+/// maps keep only the last one, and a repeated key is a mistake worth refusing).
+struct Members(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                    members.push((k, v));
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn invalid(key: &str, why: impl fmt::Display) -> Error {
+    Error::InvalidArgument(format!("setting {key:?} {why}"))
+}
+
+fn bool_of(key: &str, v: &Value) -> Result<bool> {
+    v.as_bool()
+        .ok_or_else(|| invalid(key, format!("must be true or false, not {v}")))
+}
+
+fn u64_of(key: &str, v: &Value) -> Result<u64> {
+    v.as_u64()
+        .ok_or_else(|| invalid(key, format!("must be a whole number of 0 or more, not {v}")))
+}
+
+/// A list of strings, each turned into a `T` by `item` (whose error names the entry).
+fn list_of<T>(
+    key: &str,
+    v: &Value,
+    item: impl Fn(&str) -> std::result::Result<T, String>,
+) -> Result<Vec<T>> {
+    let Value::Array(items) = v else {
+        return Err(invalid(key, format!("must be a list of strings, not {v}")));
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let s = x
+                .as_str()
+                .ok_or_else(|| invalid(key, format!("must be a list of strings; entry {i} is {x}")))?;
+            item(s).map_err(|why| invalid(key, format!("entry {i}: {why}")))
+        })
+        .collect()
+}
+
+fn tag_pattern(s: &str) -> std::result::Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= crate::reference::TAG_LENGTH_MAX
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'*'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a tag pattern (letters, digits, '_', '.', '-', and * for any run)"
+        ))
+    }
+}
+
+fn media_type(s: &str) -> std::result::Result<String, String> {
+    let ok = s.split_once('/').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+        && !s.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a media type (type/subtype)"))
+    }
+}
+
 /// Parses a settings document.
 ///
-/// Errors: `invalid-argument` for a document that is not a JSON object, an unknown key
-/// (named), or a value of the wrong type (named).
+/// Errors: `invalid-argument` for a document that is not a JSON object, an unknown or
+/// repeated key, or a bad value (the key and, for lists, the entry are named).
 pub fn parse(doc: &str) -> Result<Settings> {
     if doc.trim().is_empty() {
         return Ok(Settings::DEFAULT);
     }
-    let value: serde_json::Value = serde_json::from_str(doc)
+    let value: Value = serde_json::from_str(doc)
         .map_err(|e| Error::InvalidArgument(format!("settings are not valid JSON: {e}")))?;
-    let serde_json::Value::Object(map) = &value else {
+    if !value.is_object() {
         return Err(Error::InvalidArgument(
             "settings must be a JSON object (for example {})".into(),
         ));
-    };
+    }
+    let Members(members) = serde_json::from_str(doc)
+        .map_err(|e| Error::InvalidArgument(format!("settings are not valid JSON: {e}")))?;
     let mut settings = Settings::DEFAULT;
-    for (key, value) in map {
+    let mut seen: Vec<&str> = Vec::new();
+    for (key, value) in &members {
+        if seen.contains(&key.as_str()) {
+            return Err(invalid(key, "is given twice"));
+        }
+        seen.push(key);
+        let v = value;
+        if v.is_null() && KNOWN_KEYS.contains(&key.as_str()) {
+            continue; // null: the default
+        }
         match key.as_str() {
-            "discard_unpacked_layers" => {
-                settings.discard_unpacked_layers = value.as_bool().ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "setting {key:?} must be true or false, not {value}"
-                    ))
-                })?;
+            "mode" => {
+                settings.mode = match v.as_str() {
+                    Some("enforce") => Mode::Enforce,
+                    Some("audit") => Mode::Audit,
+                    _ => return Err(invalid(key, format!("must be \"enforce\" or \"audit\", not {v}"))),
+                }
             }
+            "allowedRegistries" => {
+                settings.allowed_registries = Some(list_of(key, v, HostPattern::parse)?)
+            }
+            "blockedRegistries" => settings.blocked_registries = list_of(key, v, HostPattern::parse)?,
+            "allowedRepositories" => {
+                settings.allowed_repositories = Some(list_of(key, v, RepositoryPattern::parse)?)
+            }
+            "blockedRepositories" => {
+                settings.blocked_repositories = list_of(key, v, RepositoryPattern::parse)?
+            }
+            "deniedTags" => settings.denied_tags = list_of(key, v, tag_pattern)?,
+            "requireDigest" => settings.require_digest = bool_of(key, v)?,
+            "platforms" => settings.platforms = Some(list_of(key, v, PlatformPattern::parse)?),
+            "maxImageSize" => settings.max_image_size = Some(u64_of(key, v)?),
+            "maxLayers" => settings.max_layers = Some(u64_of(key, v)?),
+            "allowedLayerMediaTypes" => {
+                settings.allowed_layer_media_types = Some(list_of(key, v, media_type)?)
+            }
+            "discard_unpacked_layers" => settings.discard_unpacked_layers = bool_of(key, v)?,
             _ => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown setting {key:?} (known: {})",
@@ -89,13 +290,211 @@ pub fn current() -> Settings {
     CURRENT.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+fn texts<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
+    items
+        .into_iter()
+        .map(|t| format!("{t:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Settings {
+    /// The registry rules on one host (of the reference, or of a layer URL); `what` names it
+    /// in reasons.
+    fn registry_rules(&self, verdict: &mut Verdict, what: &str, domain: &str) {
+        let host = canonical_host(domain);
+        if !self.blocked_registries.is_empty() {
+            let outcome = match &host {
+                Err(e) => Err(format!("{what} cannot be checked: {e}")),
+                Ok(h) => match self.blocked_registries.iter().find(|p| p.matches(h)) {
+                    Some(p) => Err(format!("{what} {h} matches blocked pattern {:?}", p.text)),
+                    None => Ok(()),
+                },
+            };
+            verdict.rule("blockedRegistries", outcome);
+        }
+        if let Some(allowed) = &self.allowed_registries {
+            let outcome = match &host {
+                Err(e) => Err(format!("{what} cannot be checked: {e}")),
+                Ok(h) if allowed.iter().any(|p| p.matches(h)) => Ok(()),
+                Ok(h) => Err(format!(
+                    "{what} {h} is not an allowed registry (allowed: {})",
+                    if allowed.is_empty() {
+                        "none".to_string()
+                    } else {
+                        texts(allowed.iter().map(|p| &p.text))
+                    }
+                )),
+            };
+            verdict.rule("allowedRegistries", outcome);
+        }
+    }
+
+    fn platform_rule(&self, verdict: &mut Verdict, what: &str, p: &crate::types::Platform) {
+        let Some(allowed) = &self.platforms else {
+            return;
+        };
+        let outcome = if p.architecture.is_empty() {
+            Err(format!("{what} names no platform (allowed: {})", texts(allowed.iter().map(|a| &a.text))))
+        } else if allowed.iter().any(|a| a.matches(p)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} is for {}, not an allowed platform (allowed: {})",
+                platform::display(p),
+                texts(allowed.iter().map(|a| &a.text))
+            ))
+        };
+        verdict.rule("platforms", outcome);
+    }
+}
+
+impl Policy for Settings {
+    fn audit(&self) -> bool {
+        self.mode == Mode::Audit
+    }
+
+    fn check_reference(&self, reference: &Reference) -> Verdict {
+        let mut v = Verdict::new();
+        self.registry_rules(&mut v, "registry", reference.domain());
+        let name = reference.name();
+        if !self.blocked_repositories.is_empty() {
+            let outcome = match self.blocked_repositories.iter().find(|p| p.matches(reference)) {
+                Some(p) => Err(format!("repository {name} matches blocked pattern {:?}", p.text)),
+                None => Ok(()),
+            };
+            v.rule("blockedRepositories", outcome);
+        }
+        if let Some(allowed) = &self.allowed_repositories {
+            let outcome = if allowed.iter().any(|p| p.matches(reference)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "repository {name} is not an allowed repository (allowed: {})",
+                    if allowed.is_empty() {
+                        "none".to_string()
+                    } else {
+                        texts(allowed.iter().map(|p| &p.text))
+                    }
+                ))
+            };
+            v.rule("allowedRepositories", outcome);
+        }
+        if self.require_digest {
+            let outcome = match reference.digest() {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "the reference names no digest; pull by digest, for example {name}@sha256:…"
+                )),
+            };
+            v.rule("requireDigest", outcome);
+        }
+        if !self.denied_tags.is_empty() {
+            let outcome = match (reference.digest(), reference.tag()) {
+                (None, Some(tag)) => match self.denied_tags.iter().find(|p| glob(p, tag)) {
+                    Some(p) if p == tag => Err(format!("tag {tag:?} is denied")),
+                    Some(p) => Err(format!("tag {tag:?} is denied (pattern {p:?})")),
+                    None => Ok(()),
+                },
+                _ => Ok(()),
+            };
+            v.rule("deniedTags", outcome);
+        }
+        v
+    }
+
+    fn check_manifest(&self, _reference: &Reference, image: &Image<'_>) -> Verdict {
+        let mut v = Verdict::new();
+        let m = image.manifest;
+        if let Some(entry) = image.index_entry {
+            if let Some(p) = &entry.platform {
+                self.platform_rule(&mut v, &format!("index entry {}", entry.digest), p);
+            }
+        }
+        if let Some(max) = self.max_layers {
+            let n = m.layers.len() as u64;
+            let outcome = if n > max {
+                Err(format!(
+                    "manifest {} has {n} layers, more than the {max} allowed",
+                    image.manifest_desc.digest
+                ))
+            } else {
+                Ok(())
+            };
+            v.rule("maxLayers", outcome);
+        }
+        if let Some(max) = self.max_image_size {
+            let size = image.declared_size();
+            let outcome = if size > max {
+                Err(format!(
+                    "the image is {size} bytes (config and compressed layers of manifest {}), \
+                     more than the {max} allowed",
+                    image.manifest_desc.digest
+                ))
+            } else {
+                Ok(())
+            };
+            v.rule("maxImageSize", outcome);
+        }
+        if let Some(allowed) = &self.allowed_layer_media_types {
+            let bad: Vec<&Descriptor> = m
+                .layers
+                .iter()
+                .filter(|l| !allowed.contains(&l.media_type))
+                .collect();
+            let outcome = match bad.first() {
+                None => Ok(()),
+                Some(first) => Err(format!(
+                    "{} of {} layers {} a media type that is not allowed, for example layer {} \
+                     of type {:?} (allowed: {})",
+                    bad.len(),
+                    m.layers.len(),
+                    if bad.len() == 1 { "has" } else { "have" },
+                    first.digest,
+                    first.media_type,
+                    texts(allowed)
+                )),
+            };
+            v.rule("allowedLayerMediaTypes", outcome);
+        }
+        v
+    }
+
+    fn check_config(&self, _reference: &Reference, _image: &Image<'_>, config: &oci::Config) -> Verdict {
+        let mut v = Verdict::new();
+        self.platform_rule(&mut v, "the image config", &config.platform());
+        v
+    }
+
+    fn allows_url_host(&self, host: &HostPort) -> bool {
+        let mut v = Verdict::new();
+        self.registry_rules(&mut v, "layer URL host", &host.to_string());
+        v.allows()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn invalid_message(doc: &str) -> String {
+        match parse(doc) {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("{doc}: expected invalid-argument, got {other:?}"),
+        }
+    }
+
     #[test]
     fn parse_table() {
-        for doc in ["", "  \n", "{}", r#"{"discard_unpacked_layers": false}"#] {
+        for doc in [
+            "",
+            "  \n",
+            "{}",
+            r#"{"discard_unpacked_layers": false}"#,
+            r#"{"mode": "enforce"}"#,
+            r#"{"mode": null, "maxLayers": null, "platforms": null}"#,
+            r#"{"blockedRegistries": [], "deniedTags": [], "requireDigest": false}"#,
+        ] {
             assert_eq!(parse(doc).unwrap(), Settings::DEFAULT, "{doc:?}");
         }
         assert!(
@@ -103,21 +502,70 @@ mod tests {
                 .unwrap()
                 .discard_unpacked_layers
         );
+        let full = parse(
+            r#"{
+                "mode": "audit",
+                "allowedRegistries": ["docker.io", "*.example.com", "127.0.0.1:5000", "[::1]"],
+                "blockedRegistries": ["evil.io"],
+                "allowedRepositories": ["docker.io/library/*", "quay.io/team/**", "busybox"],
+                "blockedRepositories": ["docker.io/library/bad"],
+                "deniedTags": ["latest", "*-dev"],
+                "requireDigest": true,
+                "platforms": ["linux/amd64", "linux/arm64/v8"],
+                "maxImageSize": 1073741824,
+                "maxLayers": 40,
+                "allowedLayerMediaTypes": ["application/vnd.oci.image.layer.v1.tar+gzip"],
+                "discard_unpacked_layers": true
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(full.mode, Mode::Audit);
+        assert_eq!(full.allowed_registries.as_ref().unwrap().len(), 4);
+        assert_eq!(full.allowed_repositories.as_ref().unwrap().len(), 3);
+        assert_eq!(full.denied_tags, vec!["latest".to_string(), "*-dev".into()]);
+        assert!(full.require_digest && full.discard_unpacked_layers);
+        assert_eq!(full.platforms.as_ref().unwrap().len(), 2);
+        assert_eq!((full.max_image_size, full.max_layers), (Some(1 << 30), Some(40)));
+        // An empty allow list is kept: it allows nothing.
+        assert_eq!(
+            parse(r#"{"allowedRegistries": []}"#).unwrap().allowed_registries,
+            Some(vec![])
+        );
 
-        let bad: &[(&str, &str)] = &[
-            (r#"{"pinned": ["busybox"]}"#, "unknown setting \"pinned\""),
-            ("[]", "must be a JSON object"),
-            ("true", "must be a JSON object"),
-            ("{", "not valid JSON"),
-            (
-                r#"{"discard_unpacked_layers": "yes"}"#,
-                "setting \"discard_unpacked_layers\" must be true or false",
-            ),
+        // (document, what the message must say: the key, and why)
+        let bad: &[(&str, &[&str])] = &[
+            (r#"{"pinned": ["busybox"]}"#, &["unknown setting \"pinned\"", "allowedRegistries"]),
+            (r#"{"AllowedRegistries": []}"#, &["unknown setting \"AllowedRegistries\""]),
+            ("[]", &["must be a JSON object"]),
+            ("true", &["must be a JSON object"]),
+            ("{", &["not valid JSON"]),
+            (r#"{"mode": "audit", "mode": "enforce"}"#, &["\"mode\" is given twice"]),
+            (r#"{"discard_unpacked_layers": "yes"}"#, &["\"discard_unpacked_layers\" must be true or false"]),
+            (r#"{"mode": "warn"}"#, &["\"mode\"", "\"enforce\" or \"audit\""]),
+            (r#"{"mode": 1}"#, &["\"mode\""]),
+            (r#"{"allowedRegistries": "docker.io"}"#, &["\"allowedRegistries\" must be a list of strings"]),
+            (r#"{"allowedRegistries": [1]}"#, &["\"allowedRegistries\"", "entry 0 is 1"]),
+            (r#"{"allowedRegistries": ["https://docker.io"]}"#, &["\"allowedRegistries\" entry 0", "not a registry host pattern"]),
+            (r#"{"blockedRegistries": ["ok.io", "*"]}"#, &["\"blockedRegistries\" entry 1"]),
+            (r#"{"blockedRegistries": ["reg*.io"]}"#, &["\"blockedRegistries\"", "leading *."]),
+            (r#"{"allowedRepositories": ["team/*"]}"#, &["\"allowedRepositories\" entry 0", "registry"]),
+            (r#"{"blockedRepositories": ["docker.io/Library/x*"]}"#, &["\"blockedRepositories\"", "lowercase"]),
+            (r#"{"blockedRepositories": ["busybox:latest"]}"#, &["\"blockedRepositories\"", "without tag"]),
+            (r#"{"deniedTags": ["a b"]}"#, &["\"deniedTags\" entry 0", "tag pattern"]),
+            (r#"{"deniedTags": [""]}"#, &["\"deniedTags\""]),
+            (r#"{"requireDigest": "true"}"#, &["\"requireDigest\" must be true or false"]),
+            (r#"{"platforms": ["linux"]}"#, &["\"platforms\" entry 0", "os/architecture"]),
+            (r#"{"platforms": "linux/amd64"}"#, &["\"platforms\" must be a list"]),
+            (r#"{"maxImageSize": -1}"#, &["\"maxImageSize\" must be a whole number"]),
+            (r#"{"maxImageSize": 1.5}"#, &["\"maxImageSize\""]),
+            (r#"{"maxImageSize": "1G"}"#, &["\"maxImageSize\""]),
+            (r#"{"maxLayers": true}"#, &["\"maxLayers\""]),
+            (r#"{"allowedLayerMediaTypes": ["gzip"]}"#, &["\"allowedLayerMediaTypes\" entry 0", "type/subtype"]),
         ];
-        for (doc, want) in bad {
-            match parse(doc) {
-                Err(Error::InvalidArgument(m)) => assert!(m.contains(want), "{doc}: {m}"),
-                other => panic!("{doc}: {other:?}"),
+        for (doc, wants) in bad {
+            let m = invalid_message(doc);
+            for want in *wants {
+                assert!(m.contains(want), "{doc}: {m:?} lacks {want:?}");
             }
         }
     }
@@ -126,6 +574,7 @@ mod tests {
     fn refused_document_keeps_previous() {
         configure(r#"{"discard_unpacked_layers": true}"#).unwrap();
         assert!(configure(r#"{"nope": 1}"#).is_err());
+        assert!(configure(r#"{"maxLayers": "x"}"#).is_err());
         assert!(current().discard_unpacked_layers);
         configure("").unwrap();
         assert_eq!(current(), Settings::DEFAULT);

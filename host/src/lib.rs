@@ -14,3 +14,6 @@ pub mod interfaces;
 pub mod registry;
 pub mod session;
 pub mod service;
+pub mod config;
+pub mod cri;
+pub mod metrics;

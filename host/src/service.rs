@@ -16,9 +16,10 @@ use crate::{
     error::{Code, Error},
     interfaces::wit_platform,
     oci::{Digest, Platform},
-    registry::{Progress, SharedClient},
+    registry::{Credentials, Progress, SharedClient},
     session::Session,
 };
+use tokio_util::sync::CancellationToken;
 
 /// A failed image-service operation.
 #[derive(Debug, thiserror::Error)]
@@ -45,13 +46,25 @@ impl ServiceError {
 pub struct ImageService {
     backend: Backend,
     registry: SharedClient,
-    puller: Puller,
+    /// The current puller; swapped whole by [`ImageService::swap_puller`], so a call in flight
+    /// finishes on the puller it started with.
+    puller: std::sync::RwLock<Arc<Puller>>,
 }
 
 impl ImageService {
     /// A service over `backend` using `puller`.
     pub fn new(backend: Backend, registry: SharedClient, puller: Puller) -> ImageService {
-        ImageService { backend, registry, puller }
+        ImageService { backend, registry, puller: std::sync::RwLock::new(Arc::new(puller)) }
+    }
+
+    /// The current puller.
+    pub fn puller(&self) -> Arc<Puller> {
+        self.puller.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the puller; calls in flight finish on the old one.
+    pub fn swap_puller(&self, puller: Puller) {
+        *self.puller.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(puller);
     }
 
     /// The backend.
@@ -65,20 +78,29 @@ impl ImageService {
 
     /// Checks that the puller accepts its settings.
     pub async fn check(&self) -> Result<(), ServiceError> {
-        Ok(self.puller.check(self.session(None, Arc::new(crate::registry::NoProgress))).await?)
+        Ok(self.puller().check(self.session(None, Arc::new(crate::registry::NoProgress))).await?)
     }
 
-    /// Pulls `reference` for `platform` and returns the READY image.
+    /// Pulls `reference` for `platform` and returns the READY image. The registry is
+    /// accessed with `credentials` (for this request only; the puller never sees them).
+    /// Cancelling `cancel` stops the downloads and makes the registry imports answer
+    /// `cancelled`, so the pull fails and its lease is deleted like any failed pull's.
     pub async fn pull(
         &self,
         reference: &str,
         platform: Platform,
         progress: Arc<dyn Progress>,
+        credentials: Credentials,
+        cancel: CancellationToken,
     ) -> Result<ImageInfo, ServiceError> {
         let lease = self.backend.leases.create().await?;
-        let session = self.session(Some(lease.clone()), progress);
+        let session = Arc::new(
+            Session::new(self.backend.clone(), self.registry.clone(), Some(lease.clone()), progress)
+                .with_credentials(credentials)
+                .with_cancel(cancel),
+        );
         let request = PullRequest { reference: reference.to_owned(), platform: wit_platform(platform) };
-        let result = self.puller.pull(session.clone(), &request).await;
+        let result = self.puller().pull(session.clone(), &request).await;
         match &result {
             Ok(_) => {
                 // A puller may have started downloads it never waited for; let them end
@@ -101,19 +123,19 @@ impl ImageService {
 
     /// The READY image `reference` (a reference, an image ID or an ID prefix) names.
     pub async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, ServiceError> {
-        Ok(self.puller.status(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?)
+        Ok(self.puller().status(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?)
     }
 
     /// Every READY image.
     pub async fn list(&self) -> Result<Vec<ImageInfo>, ServiceError> {
-        Ok(self.puller.list(self.session(None, Arc::new(crate::registry::NoProgress))).await?)
+        Ok(self.puller().list(self.session(None, Arc::new(crate::registry::NoProgress))).await?)
     }
 
     /// Removes the image `reference` names, then collects what it no longer holds. Returns
     /// how many records went and what the collection freed.
     pub async fn remove(&self, reference: &str) -> Result<(usize, GcReport), ServiceError> {
         let before = self.backend.images.list().await?.len();
-        self.puller.remove(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?;
+        self.puller().remove(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?;
         let removed = before.saturating_sub(self.backend.images.list().await?.len());
         let report = self.backend.leases.collect().await?;
         Ok((removed, report))

@@ -7,6 +7,12 @@
 //! how. At most [`PARALLEL_DOWNLOADS`] blobs download at a time per request (containerd's
 //! default `max_concurrent_downloads` is 3; layers of a pull are few and large, so a little
 //! more parallelism keeps a fast link busy without thrashing a slow disk).
+//!
+//! A session also carries the request's registry [`Credentials`] (applied by the host, never
+//! shown to the guest) and a [`CancellationToken`]: once it is cancelled (CLI Ctrl-C, a CRI
+//! client that went away, daemon shutdown) every download of the session stops with
+//! `cancelled`, and the registry imports answer `cancelled`, so the puller fails and the
+//! service deletes the pull's lease.
 
 use std::{
     collections::HashMap,
@@ -15,12 +21,13 @@ use std::{
 
 use futures::{future::Shared, FutureExt};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     backend::{Backend, LeaseId},
     error::{Error, Result},
     oci::{Descriptor, Digest},
-    registry::{Progress, Repository, SharedClient},
+    registry::{Credentials, Progress, Repository, SharedClient},
 };
 
 /// How many blobs one request downloads at the same time.
@@ -37,6 +44,10 @@ pub struct Session {
     /// The lease of a pull; `None` for requests that must not write (status, list, remove).
     pub lease: Option<LeaseId>,
     pub progress: Arc<dyn Progress>,
+    /// The request's registry credentials. Never logged, never handed to the guest.
+    pub credentials: Credentials,
+    /// Cancels the request: its downloads stop, its registry imports answer `cancelled`.
+    pub cancel: CancellationToken,
     fetches: Mutex<HashMap<Digest, (FetchFuture, tokio::task::AbortHandle)>>,
     downloads: Arc<Semaphore>,
 }
@@ -54,9 +65,31 @@ impl Session {
             registry,
             lease,
             progress,
+            credentials: Credentials::anonymous(),
+            cancel: CancellationToken::new(),
             fetches: Mutex::new(HashMap::new()),
             downloads: Arc::new(Semaphore::new(PARALLEL_DOWNLOADS)),
         }
+    }
+
+    /// The same session with the request's registry credentials.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Session {
+        self.credentials = credentials;
+        self
+    }
+
+    /// The same session, cancelled when `cancel` is.
+    pub fn with_cancel(mut self, cancel: CancellationToken) -> Session {
+        self.cancel = cancel;
+        self
+    }
+
+    /// `Cancelled` once the request is cancelled.
+    pub fn check_cancelled(&self) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            return Err(Error::Cancelled("the pull was cancelled".into()));
+        }
+        Ok(())
     }
 
     /// The lease writes go under; `FailedPrecondition` for a request that may not write.
@@ -69,15 +102,26 @@ impl Session {
     /// Starts downloading `desc` from `repo` unless this session already does.
     pub fn start_fetch(&self, repo: &Repository, desc: &Descriptor) -> Result<()> {
         let lease = self.lease()?.clone();
+        self.check_cancelled()?;
         let mut fetches = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
         if fetches.contains_key(&desc.digest) {
             return Ok(());
         }
         let (backend, registry, progress) = (self.backend.clone(), self.registry.clone(), self.progress.clone());
         let (repo, desc2, permits) = (repo.clone(), desc.clone(), self.downloads.clone());
+        let (credentials, cancel) = (self.credentials.clone(), self.cancel.clone());
         let task = tokio::spawn(async move {
-            let _permit = permits.acquire_owned().await.map_err(|_| Error::Cancelled("download queue closed".into()))?;
-            registry.fetch(&repo, &desc2, backend.content.as_ref(), &lease, progress.as_ref()).await
+            let download = async {
+                let _permit = permits.acquire_owned().await.map_err(|_| Error::Cancelled("download queue closed".into()))?;
+                registry.fetch(&repo, &desc2, backend.content.as_ref(), &lease, progress.as_ref(), &credentials).await
+            };
+            tokio::select! {
+                r = download => r,
+                () = cancel.cancelled() => {
+                    tracing::debug!(digest = %desc2.digest, "download cancelled");
+                    Err(Error::Cancelled(format!("download of {} cancelled", desc2.digest)))
+                }
+            }
         });
         let abort = task.abort_handle();
         let fut = async move {

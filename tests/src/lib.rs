@@ -15,6 +15,8 @@
 //! output (see [`pullbox`] for where it is looked for). Errors are `anyhow` errors: this is
 //! test code, and every message says which command failed and what it printed.
 
+pub mod containerd;
+pub mod cri;
 pub mod fixture;
 pub mod oci;
 pub mod process;

@@ -13,6 +13,7 @@
 //!
 //! [`Backend`] bundles one implementation of each. `embedded` is the default backend.
 
+pub mod containerd;
 pub mod embedded;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -189,6 +190,14 @@ pub struct GcReport {
 pub trait Leases: Send + Sync {
     /// Creates a lease owned by this process.
     async fn create(&self) -> Result<LeaseId>;
+
+    /// Creates a lease that no process owns, for what must outlive the command that creates
+    /// it (the view behind `pullbox mount`): it lasts until [`Leases::delete`] (the embedded
+    /// backend also ends it at the next boot, which no mount survives). `FailedPrecondition`
+    /// on a backend that has no such leases.
+    async fn create_detached(&self) -> Result<LeaseId> {
+        Err(crate::error::Error::FailedPrecondition("this backend has no leases that outlive their process".into()))
+    }
 
     /// Deletes a lease; what only it held becomes garbage.
     async fn delete(&self, lease: &LeaseId) -> Result<()>;

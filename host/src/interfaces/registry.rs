@@ -1,5 +1,7 @@
 //! Host side of `pullbox:image/registry`: resolve and fetch through [`crate::registry`],
-//! writing under the request's lease. Credentials stay in the host.
+//! writing under the request's lease. Credentials stay in the host: the session holds them
+//! and the transport applies them; the guest only names repositories. Both imports answer
+//! `cancelled` once the request is cancelled.
 
 use crate::{
     engine::{
@@ -20,7 +22,12 @@ impl Host for CallState {
                 let repo = Repository::parse(bounded("name", &name)?)?;
                 let reference = bounded("reference", &reference)?;
                 let lease = s.lease()?;
-                let desc = s.registry.resolve(&repo, reference, s.backend.content.as_ref(), lease).await?;
+                s.check_cancelled()?;
+                let resolving = s.registry.resolve(&repo, reference, s.backend.content.as_ref(), lease, &s.credentials);
+                let desc = tokio::select! {
+                    r = resolving => r?,
+                    () = s.cancel.cancelled() => return Err(Error::Cancelled("the pull was cancelled".into())),
+                };
                 tracing::debug!(%repo, reference, digest = %desc.digest, "resolved");
                 Ok(wit_descriptor(desc))
             }

@@ -1,97 +1,551 @@
-//! The bearer-token flow of the distribution spec: on a 401 with
-//! `WWW-Authenticate: Bearer realm="…",service="…",scope="…"`, ask the realm for a token and
-//! retry. Tokens are cached per registry and repository and never logged.
+//! Registry authentication: the credentials of a request and the challenge–response flows of
+//! the distribution spec.
+//!
+//! Key types:
+//! - [`Credentials`]: what one request may authenticate with — nothing, one secret (from the
+//!   CRI's `AuthConfig`, see [`AuthConfig`]), or a [`CredentialProvider`] asked per registry
+//!   host (Docker's `config.json`, see [`super::docker_config`]). Its `Debug` prints no secret.
+//! - [`Secret`]: a username and password, an identity (OAuth2 refresh) token, or a registry
+//!   (bearer) token. Never logged, never in an error message, never handed to the guest.
+//! - `Authorizer`: shared by every pull of a process. It remembers which scheme each registry
+//!   host challenged with (so later requests authenticate up front, as containerd's
+//!   authorizer does) and caches bearer tokens per realm, service, scope and credential until
+//!   they expire.
+//!
+//! The flow, as containerd's `remotes/docker` authorizer: a request goes out without
+//! credentials until the host has answered 401 with `WWW-Authenticate`; then `Basic` sends
+//! the username and password, `Bearer realm=…,service=…,scope=…` fetches a token from the
+//! realm (`GET` with basic auth for a password, the OAuth2 `POST` with `refresh_token` for an
+//! identity token, anonymously without credentials) and the request is retried once. A
+//! second 401 is a permission error. A registry token is sent as the bearer token as is.
+//!
+//! Tokens obtained with credentials are cached under a fingerprint of those credentials (a
+//! SHA-256 keyed with a random per-process salt), so one request's token never serves another
+//! request that has other (or no) credentials. Tokens live `expires_in` seconds (60 when the
+//! token service does not say, as the spec prescribes) less a margin of 10 % (at most 30 s),
+//! so a token is not used in the last moments of its life.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use reqwest::header::HeaderValue;
+use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
 
-use super::Repository;
+/// How long a token lives when the token service does not say (the spec's default).
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
-/// Tokens by `(registry, repository)`.
-#[derive(Default)]
-pub struct TokenCache {
-    tokens: Mutex<HashMap<String, String>>,
+/// The longest token-service answer read.
+const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
+
+/// The `client_id` sent with OAuth2 token requests.
+const CLIENT_ID: &str = "pullbox";
+
+/// A secret for one registry host. `Debug` redacts everything.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// A username and password: HTTP basic auth, or the token realm's basic auth.
+    Basic { username: String, password: String },
+    /// An identity token: an OAuth2 refresh token exchanged at the token realm.
+    IdentityToken(String),
+    /// A registry token: sent to the registry as the bearer token as is.
+    RegistryToken(String),
 }
 
-impl TokenCache {
-    /// The cached token for `repo`, if any.
-    pub fn get(&self, repo: &Repository) -> Option<String> {
-        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(&repo.to_string()).cloned()
-    }
-
-    /// Answers a challenge: fetches a token from the realm and caches it.
-    pub async fn fetch(&self, http: &reqwest::Client, repo: &Repository, challenge: &str) -> Result<String> {
-        let params = parse_challenge(challenge).ok_or_else(|| {
-            Error::PermissionDenied(format!("{} requires authentication this client cannot perform", repo.registry()))
-        })?;
-        let realm = params.get("realm").ok_or_else(|| {
-            Error::PermissionDenied(format!("{}: bearer challenge without realm", repo.registry()))
-        })?;
-        let mut url = url::Url::parse(realm)
-            .map_err(|_| Error::PermissionDenied(format!("{}: invalid token realm", repo.registry())))?;
-        if url.scheme() != "https" && !(url.scheme() == "http" && repo.is_loopback()) {
-            return Err(Error::PermissionDenied(format!(
-                "{}: refusing a token realm that is not HTTPS",
-                repo.registry()
-            )));
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Secret::Basic { .. } => f.write_str("Secret::Basic(<redacted>)"),
+            Secret::IdentityToken(_) => f.write_str("Secret::IdentityToken(<redacted>)"),
+            Secret::RegistryToken(_) => f.write_str("Secret::RegistryToken(<redacted>)"),
         }
-        {
-            let mut q = url.query_pairs_mut();
-            if let Some(service) = params.get("service") {
-                q.append_pair("service", service);
+    }
+}
+
+impl Secret {
+    /// A keyed hash of the secret: equal secrets give equal fingerprints within one process;
+    /// nothing about the secret can be learnt from it.
+    fn fingerprint(&self) -> [u8; 32] {
+        static SALT: OnceLock<[u8; 16]> = OnceLock::new();
+        let salt = SALT.get_or_init(|| *uuid::Uuid::new_v4().as_bytes());
+        let mut h = Sha256::new();
+        h.update(salt);
+        let mut field = |tag: u8, s: &str| {
+            h.update([tag]);
+            h.update((s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        };
+        match self {
+            Secret::Basic { username, password } => {
+                field(1, username);
+                field(2, password);
             }
-            q.append_pair("scope", &format!("repository:{}:pull", repo.path()));
+            Secret::IdentityToken(t) => field(3, t),
+            Secret::RegistryToken(t) => field(4, t),
         }
-        let resp = http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| Error::unavailable(format!("cannot reach the token service of {}", repo.registry()), e))?;
-        if !resp.status().is_success() {
-            return Err(Error::PermissionDenied(format!(
-                "token service of {} answered {}",
-                repo.registry(),
-                resp.status()
-            )));
-        }
-        #[derive(serde::Deserialize)]
-        struct TokenResponse {
-            token: Option<String>,
-            access_token: Option<String>,
-        }
-        let body: TokenResponse = resp
-            .json()
-            .await
-            .map_err(|e| Error::unavailable(format!("invalid answer from the token service of {}", repo.registry()), e))?;
-        let token = body.token.or(body.access_token).ok_or_else(|| {
-            Error::PermissionDenied(format!("token service of {} returned no token", repo.registry()))
-        })?;
-        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(repo.to_string(), token.clone());
-        Ok(token)
+        h.finalize().into()
+    }
+
+    /// The `Authorization` value for HTTP basic auth, marked sensitive (never printed by the
+    /// HTTP stack's `Debug`).
+    fn basic_header(username: &str, password: &str) -> Result<HeaderValue> {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+        sensitive(format!("Basic {encoded}"))
     }
 }
 
-/// Parses `Bearer k="v",k2="v2"` into its parameters; `None` for other schemes.
-fn parse_challenge(header: &str) -> Option<HashMap<String, String>> {
-    let rest = header.trim().strip_prefix("Bearer ").or_else(|| header.trim().strip_prefix("bearer "))?;
+/// An `Authorization` header value marked sensitive; the error names no part of it.
+fn sensitive(value: String) -> Result<HeaderValue> {
+    let mut v = HeaderValue::from_str(&value)
+        .map_err(|_| Error::InvalidArgument("credentials contain characters that cannot be sent in a header".into()))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// Looks up a secret per registry host: Docker's `config.json` and its credential helpers,
+/// or anything else that keeps credentials.
+#[async_trait::async_trait]
+pub trait CredentialProvider: Send + Sync {
+    /// The secret for `host` (`host[:port]` as contacted, for example `registry-1.docker.io`
+    /// or `127.0.0.1:5000`); `registry` is the registry the image is named after
+    /// (`docker.io`), which differs from `host` for mirrors and Docker Hub. `Ok(None)` when
+    /// there is none. Errors must not contain the secret.
+    async fn secret(&self, registry: &str, host: &str) -> Result<Option<Secret>>;
+}
+
+/// The fields of the CRI's `AuthConfig` (runtime.v1), empty strings for absent fields.
+#[derive(Clone, Default)]
+pub struct AuthConfig {
+    pub username: String,
+    pub password: String,
+    /// Base64 of `username:password`.
+    pub auth: String,
+    /// The registry these credentials are for; empty for "the image's registry".
+    pub server_address: String,
+    pub identity_token: String,
+    pub registry_token: String,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("server_address", &self.server_address)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one request may authenticate with. See the module docs. `Debug` prints no secret.
+#[derive(Clone, Default)]
+pub struct Credentials(Inner);
+
+#[derive(Clone, Default)]
+enum Inner {
+    #[default]
+    Anonymous,
+    /// One secret for every host of the pull, or only for `server` when it is set.
+    Static { secret: Secret, server: Option<String> },
+    Provider(Arc<dyn CredentialProvider>),
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Inner::Anonymous => f.write_str("Credentials::Anonymous"),
+            Inner::Static { secret, server } => {
+                f.debug_struct("Credentials::Static").field("secret", secret).field("server", server).finish()
+            }
+            Inner::Provider(_) => f.write_str("Credentials::Provider"),
+        }
+    }
+}
+
+impl Credentials {
+    /// No credentials: anonymous access (anonymous bearer tokens still work).
+    pub fn anonymous() -> Credentials {
+        Credentials(Inner::Anonymous)
+    }
+
+    /// One secret, sent to whichever host of the pull asks for credentials.
+    pub fn with_secret(secret: Secret) -> Credentials {
+        Credentials(Inner::Static { secret, server: None })
+    }
+
+    /// A username and password.
+    pub fn basic(username: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials::with_secret(Secret::Basic { username: username.into(), password: password.into() })
+    }
+
+    /// Credentials looked up per host when a host asks for them.
+    pub fn from_provider(provider: Arc<dyn CredentialProvider>) -> Credentials {
+        Credentials(Inner::Provider(provider))
+    }
+
+    /// The credentials of a CRI `AuthConfig`, interpreted as containerd's CRI plugin does:
+    /// `username` (with `password`) first, then `identity_token`, then `auth`
+    /// (base64 of `username:password`), then `registry_token`; all empty is anonymous. A
+    /// non-empty `server_address` limits them to that registry (its host, any scheme or path
+    /// ignored); Docker Hub's names (`docker.io`, `index.docker.io`,
+    /// `registry-1.docker.io`) are one registry. `InvalidArgument` for an `auth` that is not
+    /// base64 of `user:password`; the message does not contain it.
+    pub fn from_auth_config(config: &AuthConfig) -> Result<Credentials> {
+        let secret = if !config.username.is_empty() {
+            Some(Secret::Basic { username: config.username.clone(), password: config.password.clone() })
+        } else if !config.identity_token.is_empty() {
+            Some(Secret::IdentityToken(config.identity_token.clone()))
+        } else if !config.auth.is_empty() {
+            let bad = || Error::InvalidArgument("the auth field of the credentials is not base64 of user:password".into());
+            let decoded = base64::engine::general_purpose::STANDARD.decode(config.auth.trim()).map_err(|_| bad())?;
+            let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
+            let (user, pass) = decoded.split_once(':').ok_or_else(bad)?;
+            Some(Secret::Basic { username: user.to_owned(), password: pass.trim_end_matches('\0').to_owned() })
+        } else if !config.registry_token.is_empty() {
+            Some(Secret::RegistryToken(config.registry_token.clone()))
+        } else {
+            None
+        };
+        let Some(secret) = secret else { return Ok(Credentials::anonymous()) };
+        let server = match config.server_address.trim() {
+            "" => None,
+            s => Some(server_host(s)),
+        };
+        Ok(Credentials(Inner::Static { secret, server }))
+    }
+
+    /// Whether these are anonymous.
+    pub fn is_anonymous(&self) -> bool {
+        matches!(self.0, Inner::Anonymous)
+    }
+
+    /// The secret for `host` of `registry`, if any.
+    pub(crate) async fn secret_for(&self, registry: &str, host: &str) -> Result<Option<Secret>> {
+        match &self.0 {
+            Inner::Anonymous => Ok(None),
+            Inner::Static { secret, server } => {
+                let applies = match server {
+                    None => true,
+                    Some(s) => same_registry(s, host) || same_registry(s, registry),
+                };
+                Ok(applies.then(|| secret.clone()))
+            }
+            Inner::Provider(p) => p.secret(registry, host).await,
+        }
+    }
+}
+
+/// The `host[:port]` of a server address: `https://index.docker.io/v1/` → `index.docker.io`.
+pub(crate) fn server_host(address: &str) -> String {
+    let s = address.trim();
+    let s = s.split_once("://").map(|(_, rest)| rest).unwrap_or(s);
+    s.split('/').next().unwrap_or_default().to_ascii_lowercase()
+}
+
+/// Whether two registry hosts name the same registry, Docker Hub's aliases included.
+pub(crate) fn same_registry(a: &str, b: &str) -> bool {
+    let hub = |h: &str| matches!(h, "docker.io" | "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com");
+    let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
+    a == b || (hub(&a) && hub(&b))
+}
+
+/// A `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Challenge {
+    Basic,
+    Bearer { realm: String, service: Option<String>, scopes: Vec<String> },
+}
+
+/// Parses the `WWW-Authenticate` values of a 401; `Bearer` wins over `Basic` (as containerd
+/// prefers it). `None` when no value is a scheme pullbox speaks.
+pub(crate) fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<Challenge> {
+    let mut basic = false;
+    for v in values {
+        let v = v.trim();
+        let (scheme, rest) = v.split_once(char::is_whitespace).unwrap_or((v, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let params = parse_params(rest)?;
+            let realm = params.get("realm").filter(|r| !r.is_empty())?.clone();
+            let scopes = params
+                .get("scope")
+                .map(|s| s.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default();
+            return Some(Challenge::Bearer { realm, service: params.get("service").cloned(), scopes });
+        }
+        if scheme.eq_ignore_ascii_case("basic") {
+            basic = true;
+        }
+    }
+    basic.then_some(Challenge::Basic)
+}
+
+/// Parses `k="v", k2=v2` (auth-params) into lowercase keys and unquoted values.
+fn parse_params(s: &str) -> Option<HashMap<String, String>> {
     let mut out = HashMap::new();
-    let mut s = rest.trim();
+    let mut s = s.trim();
     while !s.is_empty() {
         let (key, after) = s.split_once('=')?;
         let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
         let after = after.trim_start();
         let (value, tail) = if let Some(q) = after.strip_prefix('"') {
-            let end = q.find('"')?;
-            (&q[..end], &q[end + 1..])
+            // A quoted string; `\"` escapes a quote.
+            let mut value = String::new();
+            let mut chars = q.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            value.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = Some(i);
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            (value, &q[end? + 1..])
         } else {
             let end = after.find(',').unwrap_or(after.len());
-            (&after[..end], &after[end..])
+            (after[..end].trim().to_owned(), &after[end..])
         };
-        out.insert(key, value.to_owned());
+        out.insert(key, value);
         s = tail.trim_start().trim_start_matches(',').trim_start();
     }
     Some(out)
+}
+
+/// A cached bearer token.
+struct CachedToken {
+    token: String,
+    expires: Instant,
+}
+
+/// Key of the token cache: realm, service, scopes (sorted, space-joined) and the fingerprint
+/// of the credentials (`None`: anonymous).
+type TokenKey = (String, String, String, Option<[u8; 32]>);
+
+/// What the authorizer decided to send with one request.
+#[derive(Default)]
+pub(crate) struct Authorization {
+    /// The `Authorization` header, marked sensitive.
+    pub header: Option<HeaderValue>,
+    /// The token-cache entry the header came from, to drop when the registry refuses it.
+    token_key: Option<TokenKey>,
+    /// Whether any credentials were available for the host (for error messages).
+    pub had_credentials: bool,
+}
+
+/// The transport's memory of hosts' challenges and the token cache. See the module docs.
+#[derive(Default)]
+pub(crate) struct Authorizer {
+    /// The last challenge of each host, by `scheme://host[:port]`.
+    challenges: Mutex<HashMap<String, Challenge>>,
+    tokens: Mutex<HashMap<TokenKey, CachedToken>>,
+}
+
+/// Where a request goes and for what; everything the authorizer needs to know about it.
+pub(crate) struct Target<'a> {
+    /// `scheme://host[:port]` of the host contacted.
+    pub origin: &'a str,
+    /// `host[:port]` of the host contacted.
+    pub host: &'a str,
+    /// Whether the host is spoken to in plain HTTP (then a plain-HTTP realm is allowed too).
+    pub plain_http: bool,
+    /// The registry the image is named after (`docker.io`).
+    pub registry: &'a str,
+    /// The repository path (`library/busybox`).
+    pub repository: &'a str,
+}
+
+impl Target<'_> {
+    fn pull_scope(&self) -> String {
+        format!("repository:{}:pull", self.repository)
+    }
+}
+
+impl Authorizer {
+    /// Records the challenge of a 401 from `target`'s host. Returns `false` when the answer
+    /// has no challenge pullbox can answer.
+    pub fn challenged(&self, target: &Target<'_>, resp: &reqwest::Response, sent: &Authorization) -> bool {
+        if let Some(key) = &sent.token_key {
+            // The registry refused a token: never offer it again.
+            self.tokens.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        }
+        let values = resp.headers().get_all(reqwest::header::WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok());
+        match parse_challenges(values) {
+            Some(c) => {
+                tracing::debug!(host = target.host, challenge = ?c, "registry asks for authentication");
+                self.challenges.lock().unwrap_or_else(|e| e.into_inner()).insert(target.origin.to_owned(), c);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The `Authorization` for a request to `target`: nothing until the host has
+    /// challenged; then basic auth, or a bearer token (cached, or fetched now with `http`).
+    pub async fn authorize(
+        &self,
+        http: &reqwest::Client,
+        target: &Target<'_>,
+        credentials: &Credentials,
+        timeout: Duration,
+    ) -> Result<Authorization> {
+        let challenge = self.challenges.lock().unwrap_or_else(|e| e.into_inner()).get(target.origin).cloned();
+        let Some(challenge) = challenge else { return Ok(Authorization::default()) };
+        let secret = credentials.secret_for(target.registry, target.host).await?;
+        let had_credentials = secret.is_some();
+        match (challenge, secret) {
+            (Challenge::Basic, Some(Secret::Basic { username, password })) => Ok(Authorization {
+                header: Some(Secret::basic_header(&username, &password)?),
+                token_key: None,
+                had_credentials,
+            }),
+            (Challenge::Basic, _) => Ok(Authorization { had_credentials, ..Default::default() }),
+            (Challenge::Bearer { .. }, Some(Secret::RegistryToken(token))) => Ok(Authorization {
+                header: Some(sensitive(format!("Bearer {token}"))?),
+                token_key: None,
+                had_credentials,
+            }),
+            (Challenge::Bearer { realm, service, scopes }, secret) => {
+                let mut all: Vec<String> = scopes;
+                all.push(target.pull_scope());
+                all.sort();
+                all.dedup();
+                let key: TokenKey =
+                    (realm.clone(), service.clone().unwrap_or_default(), all.join(" "), secret.as_ref().map(Secret::fingerprint));
+                let cached = {
+                    let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+                    let now = Instant::now();
+                    tokens.retain(|_, t| t.expires > now);
+                    tokens.get(&key).map(|t| t.token.clone())
+                };
+                let token = match cached {
+                    Some(t) => t,
+                    None => {
+                        let (token, lifetime) =
+                            fetch_token(http, target, &realm, service.as_deref(), &all, secret.as_ref(), timeout).await?;
+                        let margin = (lifetime / 10).min(Duration::from_secs(30));
+                        self.tokens
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(key.clone(), CachedToken { token: token.clone(), expires: Instant::now() + lifetime - margin });
+                        token
+                    }
+                };
+                Ok(Authorization {
+                    header: Some(sensitive(format!("Bearer {token}"))?),
+                    token_key: Some(key),
+                    had_credentials,
+                })
+            }
+        }
+    }
+}
+
+/// Asks the token realm for a token; returns it and its lifetime.
+async fn fetch_token(
+    http: &reqwest::Client,
+    target: &Target<'_>,
+    realm: &str,
+    service: Option<&str>,
+    scopes: &[String],
+    secret: Option<&Secret>,
+    timeout: Duration,
+) -> Result<(String, Duration)> {
+    let who = format!("the token service of {}", target.host);
+    let url = url::Url::parse(realm).map_err(|_| Error::PermissionDenied(format!("{}: invalid token realm", target.host)))?;
+    let realm_loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    let allowed = match url.scheme() {
+        "https" => true,
+        "http" => realm_loopback || target.plain_http,
+        _ => false,
+    };
+    if !allowed {
+        return Err(Error::PermissionDenied(format!(
+            "{}: refusing token realm {}://{}: only HTTPS (or plain HTTP on loopback or for a plain-HTTP registry)",
+            target.host,
+            url.scheme(),
+            url.host_str().unwrap_or_default()
+        )));
+    }
+    tracing::debug!(host = target.host, realm = %url, ?scopes, with_credentials = secret.is_some(), "fetching a bearer token");
+    let request = match secret {
+        Some(Secret::IdentityToken(refresh)) => {
+            let mut form = vec![
+                ("grant_type", "refresh_token".to_owned()),
+                ("refresh_token", refresh.clone()),
+                ("client_id", CLIENT_ID.to_owned()),
+                ("scope", scopes.join(" ")),
+            ];
+            if let Some(s) = service {
+                form.push(("service", s.to_owned()));
+            }
+            let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+            http.post(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(body)
+        }
+        other => {
+            let mut url = url;
+            {
+                let mut q = url.query_pairs_mut();
+                if let Some(s) = service {
+                    q.append_pair("service", s);
+                }
+                for s in scopes {
+                    q.append_pair("scope", s);
+                }
+                if matches!(other, Some(Secret::Basic { .. })) {
+                    q.append_pair("client_id", CLIENT_ID);
+                }
+            }
+            let mut req = http.get(url);
+            if let Some(Secret::Basic { username, password }) = other {
+                req = req.header(reqwest::header::AUTHORIZATION, Secret::basic_header(username, password)?);
+            }
+            req
+        }
+    };
+    let resp = match tokio::time::timeout(timeout, request.send()).await {
+        Ok(r) => r.map_err(|e| Error::unavailable(format!("cannot reach {who}"), e.without_url()))?,
+        Err(_) => return Err(Error::Unavailable { what: format!("{who} did not answer within {timeout:?}"), source: None }),
+    };
+    let status = resp.status();
+    if status.is_server_error() {
+        return Err(Error::Unavailable { what: format!("{who} answered {status}"), source: None });
+    }
+    if !status.is_success() {
+        let why = if secret.is_some() { "refused the credentials" } else { "refused anonymous access" };
+        return Err(Error::PermissionDenied(format!("{who} {why} ({status})")));
+    }
+    let body = super::read_capped(resp, MAX_TOKEN_RESPONSE, &who, timeout).await?;
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        token: Option<String>,
+        access_token: Option<String>,
+        expires_in: Option<u64>,
+    }
+    let parsed: TokenResponse = serde_json::from_slice(&body)
+        .map_err(|_| Error::Unavailable { what: format!("{who} answered something that is not a token response"), source: None })?;
+    let token = parsed
+        .token
+        .filter(|t| !t.is_empty())
+        .or(parsed.access_token.filter(|t| !t.is_empty()))
+        .ok_or_else(|| Error::PermissionDenied(format!("{who} returned no token")))?;
+    let lifetime = parsed.expires_in.filter(|&s| s > 0).map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFETIME);
+    Ok((token, lifetime))
 }
 
 #[cfg(test)]
@@ -100,13 +554,123 @@ mod tests {
 
     #[test]
     fn challenges_parse() {
-        let p = parse_challenge(
+        let c = parse_challenges([
             r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
-        )
+        ])
         .unwrap();
-        assert_eq!(p["realm"], "https://auth.docker.io/token");
-        assert_eq!(p["service"], "registry.docker.io");
-        assert_eq!(p["scope"], "repository:library/busybox:pull");
-        assert!(parse_challenge("Basic realm=\"x\"").is_none());
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scopes: vec!["repository:library/busybox:pull".into()],
+            }
+        );
+        assert_eq!(parse_challenges([r#"Basic realm="registry""#]), Some(Challenge::Basic));
+        // Bearer wins whatever the order; unknown schemes are ignored.
+        assert!(matches!(
+            parse_challenges(["Basic realm=x", "Negotiate", r#"bearer realm="http://127.0.0.1/t""#]),
+            Some(Challenge::Bearer { .. })
+        ));
+        assert_eq!(parse_challenges(["Negotiate abc"]), None);
+        assert_eq!(parse_challenges([r#"Bearer service="x""#]), None, "a bearer challenge needs a realm");
+        let p = parse_params(r#"realm="a\"b", scope="x y",service=plain"#).unwrap();
+        assert_eq!(p["realm"], "a\"b");
+        assert_eq!(p["scope"], "x y");
+        assert_eq!(p["service"], "plain");
+    }
+
+    fn auth_config(f: impl FnOnce(&mut AuthConfig)) -> AuthConfig {
+        let mut c = AuthConfig::default();
+        f(&mut c);
+        c
+    }
+
+    async fn secret(c: &Credentials, registry: &str, host: &str) -> Option<Secret> {
+        c.secret_for(registry, host).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn cri_auth_configs_map_like_containerd() {
+        let basic = |u: &str, p: &str| Some(Secret::Basic { username: u.into(), password: p.into() });
+        let c = Credentials::from_auth_config(&auth_config(|c| {
+            c.username = "u".into();
+            c.password = "p".into();
+            c.identity_token = "ignored".into();
+        }))
+        .unwrap();
+        assert_eq!(secret(&c, "r.io", "r.io").await, basic("u", "p"));
+
+        let c = Credentials::from_auth_config(&auth_config(|c| c.auth = "dXNlcjpwYTpzcw==".into())).unwrap();
+        assert_eq!(secret(&c, "r.io", "mirror.local").await, basic("user", "pa:ss"), "applies to every host");
+
+        let c = Credentials::from_auth_config(&auth_config(|c| {
+            c.identity_token = "refresh".into();
+            c.auth = "dXNlcjpwYXNz".into();
+        }))
+        .unwrap();
+        assert_eq!(secret(&c, "r.io", "r.io").await, Some(Secret::IdentityToken("refresh".into())));
+
+        let c = Credentials::from_auth_config(&auth_config(|c| c.registry_token = "tok".into())).unwrap();
+        assert_eq!(secret(&c, "r.io", "r.io").await, Some(Secret::RegistryToken("tok".into())));
+
+        let c = Credentials::from_auth_config(&AuthConfig::default()).unwrap();
+        assert!(c.is_anonymous());
+
+        let err = Credentials::from_auth_config(&auth_config(|c| c.auth = "not base64 s3cr3t!".into())).unwrap_err();
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        let err = Credentials::from_auth_config(&auth_config(|c| c.auth = "bm9jb2xvbg==".into())).unwrap_err();
+        assert_eq!(err.code(), crate::error::Code::InvalidArgument);
+
+        // A server address limits the credentials to that registry.
+        let c = Credentials::from_auth_config(&auth_config(|c| {
+            c.username = "u".into();
+            c.server_address = "https://index.docker.io/v1/".into();
+        }))
+        .unwrap();
+        assert!(secret(&c, "docker.io", "registry-1.docker.io").await.is_some());
+        assert!(secret(&c, "other.io", "other.io").await.is_none());
+        let c = Credentials::from_auth_config(&auth_config(|c| {
+            c.username = "u".into();
+            c.server_address = "r.io:5000".into();
+        }))
+        .unwrap();
+        assert!(secret(&c, "r.io:5000", "mirror.local").await.is_some(), "the image's registry matches");
+        assert!(secret(&c, "r.io", "r.io").await.is_none());
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let c = Credentials::basic("alice", "hunter2-password");
+        let s = format!("{c:?} {:?}", Secret::IdentityToken("tok-123".into()));
+        assert!(!s.contains("alice") && !s.contains("hunter2") && !s.contains("tok-123"), "{s}");
+        let a = auth_config(|c| {
+            c.username = "alice".into();
+            c.password = "hunter2".into();
+            c.auth = "YWxpY2U6aHVudGVyMg==".into();
+        });
+        let s = format!("{a:?}");
+        assert!(!s.contains("alice") && !s.contains("hunter2") && !s.contains("YWxp"), "{s}");
+        let h = Secret::basic_header("alice", "hunter2").unwrap();
+        assert!(h.is_sensitive());
+        assert!(!format!("{h:?}").contains("YWxp"));
+    }
+
+    #[test]
+    fn fingerprints_tell_secrets_apart() {
+        let a = Secret::Basic { username: "a".into(), password: "bc".into() };
+        let b = Secret::Basic { username: "ab".into(), password: "c".into() };
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint(), a.clone().fingerprint());
+        assert_ne!(Secret::IdentityToken("x".into()).fingerprint(), Secret::RegistryToken("x".into()).fingerprint());
+    }
+
+    #[test]
+    fn server_hosts() {
+        assert_eq!(server_host("https://index.docker.io/v1/"), "index.docker.io");
+        assert_eq!(server_host("Reg.IO:5000"), "reg.io:5000");
+        assert_eq!(server_host("http://127.0.0.1:5000/x"), "127.0.0.1:5000");
+        assert!(same_registry("docker.io", "registry-1.docker.io"));
+        assert!(!same_registry("docker.io", "quay.io"));
     }
 }

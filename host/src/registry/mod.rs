@@ -1,33 +1,65 @@
-//! Registry transport: the OCI distribution protocol over HTTP.
+//! Registry transport: the OCI distribution protocol over HTTP(S), with containerd's host
+//! configuration, authentication, retries, resumption and a stall timeout.
 //!
 //! [`Client`] resolves references to root manifests and streams blobs into a
 //! [`ContentWriter`], verifying size and digest on the way (the writer checks both before the
-//! blob becomes visible). It owns everything the guest must not see: the scheme choice, the
-//! bearer-token dance, and (later) credentials.
+//! blob becomes visible). It owns everything the guest must not see: which hosts serve a
+//! registry, TLS, credentials and tokens. Key types:
 //!
-//! - HTTPS by default; registries on loopback (`127.0.0.0/8`, `localhost`, `[::1]`) are
-//!   spoken to in plain HTTP, as containerd and Docker allow.
-//! - `docker.io` is served by `registry-1.docker.io`.
-//! - Anonymous bearer tokens (`WWW-Authenticate: Bearer realm=…,service=…,scope=…`) are
-//!   fetched on the first 401 and cached per registry and repository.
-//! - Blobs are streamed chunk by chunk; nothing is held whole in memory. An interrupted blob
-//!   resumes from the ingest's offset with a `Range` request.
+//! - [`Config`]: the hosts directory, the stall timeout and the retry policy.
+//! - [`Credentials`] (with [`AuthConfig`] for the CRI and [`DockerConfig`] for the CLI): what
+//!   one request authenticates with; passed with every call, never stored beyond it except as
+//!   the tokens it bought (see `auth`).
+//! - [`Progress`]: per-blob events for progress bars and metrics.
 //!
-//! Manifests are capped at [`MAX_MANIFEST`] bytes (4 MiB, as containerd's limit on manifests
-//! and indexes), so a hostile registry cannot make the host buffer arbitrary amounts.
+//! How a request travels:
+//!
+//! 1. The hosts of the registry come from `hosts.toml` (see `hosts`): mirrors in file order,
+//!    the upstream last; only hosts with the `resolve` capability resolve, only hosts with
+//!    `pull` serve blobs. The file is read on every call, so edits apply to the next pull
+//!    without a restart, as in containerd.
+//! 2. Each host is tried in turn. On one host, connection errors, broken bodies and 5xx
+//!    answers (except 501 and 505) are retried [`Config::attempts`] times with exponential
+//!    backoff from [`Config::backoff`] (capped at [`Config::max_backoff`], with jitter); a
+//!    download that made progress before it broke resumes with `Range` from where the ingest
+//!    stopped and does not use up an attempt. A 404, a refused authorization, a host that
+//!    gives no answer within the stall timeout, or retries used up move on to the next
+//!    host; the error of the last host is reported.
+//! 3. A digest or size mismatch, a failing content store, or a body that stalls (no bytes
+//!    for [`Config::stall_timeout`]) fails the call at once: the content writer never
+//!    commits bytes that do not match their digest, and a stalled pull is cancelled rather
+//!    than retried forever.
+//! 4. Authentication follows the host's `WWW-Authenticate` challenge (see `auth`).
+//!
+//! HTTP errors are reported without URLs (`reqwest::Error::without_url`): a redirect to
+//! blob storage may carry a signed query string. Manifests are capped at [`MAX_MANIFEST`]
+//! bytes (4 MiB, as containerd's limit on manifests and indexes), so a hostile registry cannot
+//! make the host buffer arbitrary amounts.
 
 mod auth;
+mod docker_config;
+pub mod hosts;
 mod name;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use futures::StreamExt;
 use reqwest::{header, StatusCode};
+use sha2::{Digest as _, Sha256};
 
+pub use auth::{AuthConfig, CredentialProvider, Credentials, Secret};
+pub use docker_config::DockerConfig;
+pub use hosts::Host;
 pub use name::Repository;
 
 use crate::{
-    backend::{ContentWriter, LeaseId, ContentStore},
+    backend::{ContentStore, ContentWriter, LeaseId},
     error::{Error, Result},
     oci::{Descriptor, Digest, Hasher},
 };
@@ -35,8 +67,8 @@ use crate::{
 /// The largest manifest or index the host accepts (containerd uses the same bound).
 pub const MAX_MANIFEST: u64 = 4 << 20;
 
-/// How many times a blob download is attempted before its error is reported.
-const ATTEMPTS: u32 = 3;
+/// containerd's default hosts directory, shared with it.
+pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 
 /// Media types asked for when resolving, most specific first.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -45,6 +77,38 @@ application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.docker.distribution.manifest.v1+prettyjws;q=0.5, \
 application/json;q=0.1";
+
+/// Settings of the transport.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// containerd's hosts directory; `None`: no host configuration, defaults only.
+    pub hosts_dir: Option<PathBuf>,
+    /// No bytes for this long cancels a download; no answer for this long gives up on a
+    /// host. 60 s by default: long enough for a slow registry to start sending a large
+    /// blob, short enough that a dead connection does not hold a pull (and kubelet) for long.
+    pub stall_timeout: Duration,
+    /// How long a TCP connection may take (containerd: 30 s).
+    pub connect_timeout: Duration,
+    /// How many times one host is tried for one request before the next host is (4).
+    pub attempts: u32,
+    /// The first retry's delay (250 ms), doubled for each retry after it.
+    pub backoff: Duration,
+    /// The longest delay between retries (4 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            hosts_dir: Some(PathBuf::from(DEFAULT_HOSTS_DIR)),
+            stall_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(30),
+            attempts: 4,
+            backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(4),
+        }
+    }
+}
 
 /// Reports bytes as they arrive.
 pub trait Progress: Send + Sync {
@@ -65,22 +129,204 @@ impl Progress for NoProgress {
     fn done(&self, _: &Digest) {}
 }
 
+/// How one attempt on one host failed, which decides what happens next.
+#[derive(Debug)]
+enum Failure {
+    /// Transient: try the same host again after a backoff.
+    Retry(Error),
+    /// This host cannot serve the request: try the next host.
+    NextHost(Error),
+    /// Nothing else will help: fail the call.
+    Fatal(Error),
+}
+
+impl Failure {
+    fn into_error(self) -> Error {
+        match self {
+            Failure::Retry(e) | Failure::NextHost(e) | Failure::Fatal(e) => e,
+        }
+    }
+}
+
+/// An error of the token service or the credential lookup, as a failure of the request.
+fn auth_failure(e: Error) -> Failure {
+    match e.code() {
+        crate::error::Code::Unavailable => Failure::Retry(e),
+        crate::error::Code::PermissionDenied => Failure::NextHost(e),
+        _ => Failure::Fatal(e),
+    }
+}
+
+/// The key of a TLS configuration: a hash of the files' contents and `skip_verify`.
+type TlsKey = [u8; 32];
+
 /// An OCI distribution client shared by every pull of a process.
 pub struct Client {
+    config: Config,
+    /// The client for hosts without TLS settings (system roots).
     http: reqwest::Client,
-    tokens: auth::TokenCache,
+    /// Clients for hosts with their own CAs, client certificates or `skip_verify`.
+    tls_clients: Mutex<HashMap<TlsKey, reqwest::Client>>,
+    auth: auth::Authorizer,
 }
 
 impl Client {
-    /// A client with the platform's TLS roots.
+    /// A client with the default [`Config`] (containerd's hosts directory, system roots).
     pub fn new() -> Result<Client> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("pullbox/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(30))
-            .read_timeout(Duration::from_secs(60))
+        Client::with_config(Config::default())
+    }
+
+    /// A client with `config`.
+    pub fn with_config(config: Config) -> Result<Client> {
+        let http = Self::builder(&config)
             .build()
             .map_err(|e| Error::unavailable("cannot set up the HTTP client", e))?;
-        Ok(Client { http, tokens: auth::TokenCache::default() })
+        Ok(Client { config, http, tls_clients: Mutex::new(HashMap::new()), auth: auth::Authorizer::default() })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn builder(config: &Config) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .user_agent(concat!("pullbox/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.connect_timeout)
+            .use_rustls_tls()
+    }
+
+    /// The hosts to try for `registry`, in order.
+    pub fn hosts(&self, registry: &str) -> Result<Vec<Host>> {
+        hosts::hosts_for(self.config.hosts_dir.as_deref(), registry)
+    }
+
+    /// The HTTP client for `host`: the shared one, or one with the host's TLS settings.
+    fn http_for(&self, host: &Host) -> Result<reqwest::Client> {
+        if host.plain_http() || host.tls == hosts::TlsFiles::default() {
+            return Ok(self.http.clone());
+        }
+        let bad = |what: String| Error::FailedPrecondition(format!("TLS settings of {}: {what}", host.authority));
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| bad(format!("cannot read {}: {e}", p.display())));
+        let mut key = Sha256::new();
+        key.update([host.tls.skip_verify as u8]);
+        let mut cas = Vec::new();
+        for p in &host.tls.ca {
+            let pem = read(p)?;
+            key.update(b"ca");
+            key.update(Sha256::digest(&pem));
+            cas.push((p, pem));
+        }
+        let mut identities = Vec::new();
+        for (cert, keyfile) in &host.tls.client {
+            let mut pem = read(cert)?;
+            if let Some(k) = keyfile {
+                pem.push(b'\n');
+                pem.extend(read(k)?);
+            }
+            key.update(b"client");
+            key.update(Sha256::digest(&pem));
+            identities.push((cert, pem));
+        }
+        let key: TlsKey = key.finalize().into();
+        if let Some(c) = self.tls_clients.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(c.clone());
+        }
+        let mut b = Self::builder(&self.config);
+        for (p, pem) in cas {
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|_| bad(format!("{} is not a PEM certificate bundle", p.display())))?;
+            if certs.is_empty() {
+                return Err(bad(format!("{} holds no certificate", p.display())));
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        if identities.len() > 1 {
+            tracing::warn!(host = %host.authority, "several client certificates configured; using the first");
+        }
+        if let Some((p, pem)) = identities.into_iter().next() {
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|_| bad(format!("{} (and its key) is not a PEM certificate with a private key", p.display())))?;
+            b = b.identity(id);
+        }
+        if host.tls.skip_verify {
+            tracing::warn!(host = %host.authority, "skip_verify: the certificate of this host is not verified");
+            b = b.danger_accept_invalid_certs(true);
+        }
+        let client = b.build().map_err(|e| bad(format!("cannot set up TLS: {}", Error::unavailable("", e).chain())))?;
+        self.tls_clients.lock().unwrap_or_else(|e| e.into_inner()).insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// The delay before retry number `failures` (1-based): exponential, capped, with up to
+    /// 50 % jitter so that parallel downloads do not retry in lockstep.
+    fn backoff(&self, failures: u32) -> Duration {
+        let base = self.config.backoff.saturating_mul(1 << failures.saturating_sub(1).min(16));
+        let base = base.min(self.config.max_backoff);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        base + base.mul_f64(f64::from(nanos % 500) / 1000.0)
+    }
+
+    /// Runs `op` on each host in turn (see the module docs). `op` gets the host and its
+    /// HTTP client and does its own retries.
+    async fn on_hosts<T, F, Fut>(&self, registry: &str, hosts: Vec<Host>, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut(Host, reqwest::Client) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        if hosts.is_empty() {
+            return Err(Error::FailedPrecondition(format!("no configured host of {registry} may serve {what}")));
+        }
+        let count = hosts.len();
+        let mut last = None;
+        for (i, host) in hosts.into_iter().enumerate() {
+            let authority = host.authority.clone();
+            let http = match self.http_for(&host) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(host = %authority, "skipping host: {}", e.chain());
+                    last = Some(e);
+                    continue;
+                }
+            };
+            match op(host, http).await {
+                Ok(v) => return Ok(v),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(f) => {
+                    let e = f.into_error();
+                    if i + 1 < count {
+                        tracing::info!(host = %authority, "{what}: trying the next host: {}", e.chain());
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one host was tried"))
+    }
+
+    /// Retries `op` on one host while it fails transiently.
+    async fn retrying<T, F, Fut>(&self, host: &Host, what: &str, mut op: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let mut failures = 0;
+        loop {
+            match op().await {
+                Err(Failure::Retry(e)) => {
+                    failures += 1;
+                    if failures >= self.config.attempts {
+                        return Err(Failure::NextHost(e));
+                    }
+                    let delay = self.backoff(failures);
+                    tracing::warn!(host = %host.authority, attempt = failures, ?delay, "{what} failed, retrying: {}", e.chain());
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Fetches the manifest or index `reference` (a tag or digest) of `repo`, verifies it,
@@ -91,52 +337,24 @@ impl Client {
         reference: &str,
         content: &dyn ContentStore,
         lease: &LeaseId,
+        credentials: &Credentials,
     ) -> Result<Descriptor> {
         let pinned: Option<Digest> = if reference.contains(':') { Some(reference.parse()?) } else { None };
         if pinned.is_none() && !name::valid_tag(reference) {
             return Err(Error::InvalidArgument(format!("invalid tag {reference:?}")));
         }
-        let url = repo.url(&format!("manifests/{reference}"));
-        let what = format!("manifest {}:{reference}", repo);
-        let resp = self.get(repo, &url, &[(header::ACCEPT, MANIFEST_ACCEPT.to_owned())], &what).await?;
-        let header_digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(str::parse::<Digest>)
-            .transpose()?;
-        let content_type = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned());
-        if resp.content_length().is_some_and(|n| n > MAX_MANIFEST) {
-            return Err(Error::ResourceExhausted(format!("{what} is larger than {MAX_MANIFEST} bytes")));
-        }
-        let body = read_capped(resp, MAX_MANIFEST, &what).await?;
-
-        // The digest we trust: the one asked for, else the registry's, else our own hash.
-        let expected = pinned.or(header_digest).unwrap_or_else(|| Digest::sha256_of(&body));
-        let mut hasher = Hasher::new(expected.algorithm());
-        hasher.update(&body);
-        let actual = hasher.finish();
-        if actual != expected {
-            return Err(Error::Mismatch { what, expected: expected.to_string(), actual: actual.to_string() });
-        }
-        let media_type = match content_type.filter(|t| !t.is_empty() && t != "application/json" && t != "text/plain") {
-            Some(t) => t,
-            None => media_type_of(&body).ok_or_else(|| {
-                Error::FailedPrecondition(format!("{what} has no media type"))
-            })?,
-        };
-        let desc = Descriptor {
-            media_type,
-            digest: expected,
-            size: body.len() as u64,
-            annotations: Default::default(),
-            platform: None,
-            urls: Vec::new(),
-        };
+        let what = format!("manifest {repo}:{reference}");
+        let hosts: Vec<Host> = self.hosts(repo.registry())?.into_iter().filter(|h| h.capabilities.resolve).collect();
+        let (desc, body) = self
+            .on_hosts(repo.registry(), hosts, &what, |host, http| {
+                let (what, pinned) = (&what, pinned.clone());
+                async move {
+                    self.retrying(&host, what, || self.resolve_once(&host, &http, repo, reference, pinned.clone(), credentials, what))
+                        .await
+                }
+            })
+            .await?;
+        tracing::debug!(%repo, reference, digest = %desc.digest, size = desc.size, "resolved");
         match content.writer(&desc, lease).await {
             Ok(mut w) => {
                 w.truncate().await?;
@@ -149,8 +367,71 @@ impl Client {
         Ok(desc)
     }
 
+    #[allow(clippy::too_many_arguments)]
+    async fn resolve_once(
+        &self,
+        host: &Host,
+        http: &reqwest::Client,
+        repo: &Repository,
+        reference: &str,
+        pinned: Option<Digest>,
+        credentials: &Credentials,
+        what: &str,
+    ) -> Result<(Descriptor, Vec<u8>), Failure> {
+        let url = host.url(repo.registry(), repo.path(), &format!("manifests/{reference}"));
+        let accept = [(header::ACCEPT, MANIFEST_ACCEPT.to_owned())];
+        let resp = self.get(http, host, repo, &url, &accept, credentials, what).await?;
+        let header_digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::parse::<Digest>)
+            .transpose()
+            .map_err(Failure::NextHost)?;
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned());
+        if resp.content_length().is_some_and(|n| n > MAX_MANIFEST) {
+            return Err(Failure::Fatal(Error::ResourceExhausted(format!("{what} is larger than {MAX_MANIFEST} bytes"))));
+        }
+        let body = read_capped(resp, MAX_MANIFEST, what, self.config.stall_timeout).await.map_err(|e| match e.code() {
+            crate::error::Code::Unavailable => Failure::Retry(e),
+            _ => Failure::Fatal(e),
+        })?;
+
+        // The digest we trust: the one asked for, else the registry's, else our own hash.
+        let expected = pinned.or(header_digest).unwrap_or_else(|| Digest::sha256_of(&body));
+        let mut hasher = Hasher::new(expected.algorithm());
+        hasher.update(&body);
+        let actual = hasher.finish();
+        if actual != expected {
+            return Err(Failure::Fatal(Error::Mismatch {
+                what: format!("{what} from {}", host.authority),
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            }));
+        }
+        let media_type = match content_type.filter(|t| !t.is_empty() && t != "application/json" && t != "text/plain") {
+            Some(t) => t,
+            None => media_type_of(&body)
+                .ok_or_else(|| Failure::Fatal(Error::FailedPrecondition(format!("{what} has no media type"))))?,
+        };
+        let desc = Descriptor {
+            media_type,
+            digest: expected,
+            size: body.len() as u64,
+            annotations: Default::default(),
+            platform: None,
+            urls: Vec::new(),
+        };
+        Ok((desc, body))
+    }
+
     /// Streams the blob `desc` of `repo` into `content` under `lease`, resuming an
-    /// interrupted ingest, retrying transient failures. Returns once the blob is committed.
+    /// interrupted ingest, retrying transient failures, falling back to the next host.
+    /// Returns once the blob is committed.
     pub async fn fetch(
         &self,
         repo: &Repository,
@@ -158,44 +439,75 @@ impl Client {
         content: &dyn ContentStore,
         lease: &LeaseId,
         progress: &dyn Progress,
-    ) -> Result<()> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let writer = match content.writer(desc, lease).await {
-                Ok(w) => w,
-                Err(Error::AlreadyExists(_)) => {
-                    progress.done(&desc.digest);
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            };
-            match self.fetch_once(repo, desc, writer, progress).await {
-                Ok(()) => {
-                    progress.done(&desc.digest);
-                    return Ok(());
-                }
-                Err(e) if attempt < ATTEMPTS && e.code() == crate::error::Code::Unavailable => {
-                    tracing::warn!(digest = %desc.digest, attempt, "blob download failed, retrying: {}", e.chain());
-                    tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    async fn fetch_once(
-        &self,
-        repo: &Repository,
-        desc: &Descriptor,
-        mut writer: Box<dyn ContentWriter>,
-        progress: &dyn Progress,
+        credentials: &Credentials,
     ) -> Result<()> {
         // Manifests and indexes live under `manifests/`, everything else under `blobs/`.
         let endpoint = if is_manifest(&desc.media_type) { "manifests" } else { "blobs" };
-        let url = repo.url(&format!("{endpoint}/{}", desc.digest));
         let what = format!("{} {}", &endpoint[..endpoint.len() - 1], desc.digest);
-        let offset = writer.offset();
+        let hosts: Vec<Host> = self.hosts(repo.registry())?.into_iter().filter(|h| h.capabilities.pull).collect();
+        let started = Instant::now();
+        let result = self
+            .on_hosts(repo.registry(), hosts, &what, |host, http| {
+                let what = &what;
+                async move {
+                    let mut failures = 0;
+                    loop {
+                        let writer = match content.writer(desc, lease).await {
+                            Ok(w) => w,
+                            Err(Error::AlreadyExists(_)) => return Ok(()),
+                            Err(e) => return Err(Failure::Fatal(e)),
+                        };
+                        let mut written = 0;
+                        let attempt =
+                            self.fetch_once(&host, &http, repo, desc, endpoint, writer, progress, credentials, what, &mut written).await;
+                        match attempt {
+                            Err(Failure::Retry(e)) => {
+                                // Progress made: the next attempt resumes; it is a first failure.
+                                failures = if written > 0 { 1 } else { failures + 1 };
+                                if failures >= self.config.attempts {
+                                    return Err(Failure::NextHost(e));
+                                }
+                                let delay = self.backoff(failures);
+                                tracing::warn!(host = %host.authority, attempt = failures, written, ?delay, "{what} failed, retrying: {}", e.chain());
+                                tokio::time::sleep(delay).await;
+                            }
+                            other => return other,
+                        }
+                    }
+                }
+            })
+            .await;
+        match &result {
+            Ok(()) => {
+                progress.done(&desc.digest);
+                tracing::debug!(digest = %desc.digest, size = desc.size, elapsed = ?started.elapsed(), "blob ready");
+            }
+            Err(e) => tracing::debug!(digest = %desc.digest, "blob download failed: {}", e.chain()),
+        }
+        result
+    }
+
+    /// One download attempt from one host; `written` counts the bytes it stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_once(
+        &self,
+        host: &Host,
+        http: &reqwest::Client,
+        repo: &Repository,
+        desc: &Descriptor,
+        endpoint: &str,
+        mut writer: Box<dyn ContentWriter>,
+        progress: &dyn Progress,
+        credentials: &Credentials,
+        what: &str,
+        written: &mut u64,
+    ) -> Result<(), Failure> {
+        let url = host.url(repo.registry(), repo.path(), &format!("{endpoint}/{}", desc.digest));
+        let mut offset = writer.offset();
+        if offset > desc.size {
+            writer.truncate().await.map_err(Failure::Fatal)?;
+            offset = 0;
+        }
         let mut headers = Vec::new();
         if endpoint == "manifests" {
             // The distribution registry answers 404 for an OCI manifest that the request
@@ -205,82 +517,197 @@ impl Client {
         if offset > 0 && offset < desc.size {
             headers.push((header::RANGE, format!("bytes={offset}-")));
         }
-        let resp = self.get(repo, &url, &headers, &what).await?;
-        if offset > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
-            writer.truncate().await?;
-        }
-        if let Some(len) = resp.content_length() {
-            if writer.offset() + len > desc.size {
-                return Err(Error::Mismatch {
-                    what: format!("size of {what}"),
-                    expected: desc.size.to_string(),
-                    actual: (writer.offset() + len).to_string(),
-                });
+        let resp = self.get(http, host, repo, &url, &headers, credentials, what).await?;
+        if offset > 0 {
+            let resumed_at = (resp.status() == StatusCode::PARTIAL_CONTENT)
+                .then(|| resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(range_start))
+                .flatten();
+            if resumed_at != Some(offset) {
+                // The host sent the whole blob (or another range): start over.
+                tracing::debug!(host = %host.authority, digest = %desc.digest, offset, "host does not resume; starting over");
+                writer.truncate().await.map_err(Failure::Fatal)?;
+                if resp.status() == StatusCode::PARTIAL_CONTENT {
+                    return Err(Failure::Retry(Error::Unavailable {
+                        what: format!("{what}: {} answered a range that was not asked for", host.authority),
+                        source: None,
+                    }));
+                }
             }
         }
-        progress.start(&desc.digest, writer.offset(), desc.size);
+        let mut pos = writer.offset();
+        if let Some(len) = resp.content_length() {
+            if pos + len != desc.size {
+                return Err(Failure::Fatal(Error::Mismatch {
+                    what: format!("size of {what} from {}", host.authority),
+                    expected: desc.size.to_string(),
+                    actual: (pos + len).to_string(),
+                }));
+            }
+        }
+        tracing::debug!(host = %host.authority, digest = %desc.digest, offset = pos, size = desc.size, "downloading");
+        progress.start(&desc.digest, pos, desc.size);
+        let stall = self.config.stall_timeout;
         let mut body = resp.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| Error::unavailable(format!("reading {what}"), e))?;
-            writer.write(&chunk).await?;
+        loop {
+            let chunk = match tokio::time::timeout(stall, body.next()).await {
+                Err(_) => {
+                    return Err(Failure::Fatal(Error::Unavailable {
+                        what: format!(
+                            "download of {what} from {} stalled: no data for {} (stall timeout) at byte {pos} of {}",
+                            host.authority,
+                            seconds(stall),
+                            desc.size
+                        ),
+                        source: None,
+                    }))
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(Failure::Retry(Error::unavailable(
+                        format!("reading {what} from {} at byte {pos}", host.authority),
+                        e.without_url(),
+                    )))
+                }
+                Ok(Some(Ok(c))) => c,
+            };
+            if pos + chunk.len() as u64 > desc.size {
+                return Err(Failure::Fatal(Error::Mismatch {
+                    what: format!("size of {what} from {}", host.authority),
+                    expected: desc.size.to_string(),
+                    actual: format!("more than {}", desc.size),
+                }));
+            }
+            writer.write(&chunk).await.map_err(Failure::Fatal)?;
+            pos += chunk.len() as u64;
+            *written += chunk.len() as u64;
             progress.advance(&desc.digest, chunk.len() as u64);
         }
-        writer.commit().await?;
+        if pos < desc.size {
+            // The connection ended early without an error: resume.
+            return Err(Failure::Retry(Error::Unavailable {
+                what: format!("{what} from {} ended at byte {pos} of {}", host.authority, desc.size),
+                source: None,
+            }));
+        }
+        writer.commit().await.map_err(Failure::Fatal)?;
         Ok(())
     }
 
-    /// Sends a GET, answering a bearer challenge once; maps HTTP failures to errors.
+    /// Sends a GET to `host`, answering an authentication challenge once; maps HTTP failures
+    /// to [`Failure`]s.
+    #[allow(clippy::too_many_arguments)]
     async fn get(
         &self,
+        http: &reqwest::Client,
+        host: &Host,
         repo: &Repository,
         url: &str,
         headers: &[(header::HeaderName, String)],
+        credentials: &Credentials,
         what: &str,
-    ) -> Result<reqwest::Response> {
-        let send = |token: Option<String>| {
-            let mut req = self.http.get(url);
+    ) -> Result<reqwest::Response, Failure> {
+        let origin = host.origin();
+        let target = auth::Target {
+            origin: &origin,
+            host: &host.authority,
+            plain_http: host.plain_http(),
+            registry: repo.registry(),
+            repository: repo.path(),
+        };
+        let stall = self.config.stall_timeout;
+        let mut authz = self.auth.authorize(http, &target, credentials, stall).await.map_err(auth_failure)?;
+        let mut challenged = false;
+        loop {
+            let mut req = http.get(url);
+            for (k, v) in &host.headers {
+                req = req.header(k, v);
+            }
             for (k, v) in headers {
                 req = req.header(k, v);
             }
-            if let Some(t) = token {
-                req = req.bearer_auth(t);
+            if let Some(h) = &authz.header {
+                req = req.header(header::AUTHORIZATION, h.clone());
             }
-            req.send()
-        };
-        let token = self.tokens.get(repo);
-        let mut resp = send(token.clone())
-            .await
-            .map_err(|e| Error::unavailable(format!("cannot reach {} for {what}", repo.registry()), e))?;
-        if resp.status() == StatusCode::UNAUTHORIZED {
-            if let Some(challenge) = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()) {
-                let challenge = challenge.to_owned();
-                let token = self.tokens.fetch(&self.http, repo, &challenge).await?;
-                resp = send(Some(token))
-                    .await
-                    .map_err(|e| Error::unavailable(format!("cannot reach {} for {what}", repo.registry()), e))?;
+            tracing::trace!(url, authorized = authz.header.is_some(), "GET");
+            let resp = match tokio::time::timeout(stall, req.send()).await {
+                Err(_) => {
+                    return Err(Failure::NextHost(Error::Unavailable {
+                        what: format!("{} did not answer {what} within {} (stall timeout)", host.authority, seconds(stall)),
+                        source: None,
+                    }))
+                }
+                Ok(Err(e)) => {
+                    return Err(Failure::Retry(Error::unavailable(
+                        format!("cannot reach {} for {what}", host.authority),
+                        e.without_url(),
+                    )))
+                }
+                Ok(Ok(r)) => r,
+            };
+            tracing::trace!(url, status = %resp.status(), "answer");
+            if resp.status() == StatusCode::UNAUTHORIZED && !challenged {
+                challenged = true;
+                if self.auth.challenged(&target, &resp, &authz) {
+                    let next = self.auth.authorize(http, &target, credentials, stall).await.map_err(auth_failure)?;
+                    if next.header.is_some() {
+                        authz = next;
+                        continue;
+                    }
+                    authz = next;
+                }
             }
+            return check_status(resp, what, &host.authority, &authz, stall).await;
         }
-        check_status(resp, what).await
     }
 }
 
-/// Maps an HTTP status to pullbox's errors, keeping the registry's own error message.
-async fn check_status(resp: reqwest::Response, what: &str) -> Result<reqwest::Response> {
+/// `N s` or `N ms`, for messages.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// The first byte of a `Content-Range: bytes A-B/N` value.
+fn range_start(v: &str) -> Option<u64> {
+    v.trim().strip_prefix("bytes")?.trim().split('-').next()?.trim().parse().ok()
+}
+
+/// Maps an HTTP status to a [`Failure`], keeping the registry's own error message.
+async fn check_status(
+    resp: reqwest::Response,
+    what: &str,
+    host: &str,
+    authz: &auth::Authorization,
+    stall: Duration,
+) -> Result<reqwest::Response, Failure> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
     }
-    let detail = registry_message(resp).await;
-    let msg = match detail {
-        Some(d) => format!("{what}: {status}: {d}"),
-        None => format!("{what}: {status}"),
+    let detail = registry_message(resp, stall).await;
+    let mut msg = match detail {
+        Some(d) => format!("{what}: {host} answered {status}: {d}"),
+        None => format!("{what}: {host} answered {status}"),
     };
     Err(match status {
-        StatusCode::NOT_FOUND => Error::NotFound(what.to_owned()),
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::PermissionDenied(msg),
-        StatusCode::TOO_MANY_REQUESTS => Error::Unavailable { what: msg, source: None },
-        s if s.is_server_error() => Error::Unavailable { what: msg, source: None },
-        _ => Error::FailedPrecondition(msg),
+        StatusCode::NOT_FOUND => Failure::NextHost(Error::NotFound(format!("{what} on {host}"))),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            msg.push_str(match (authz.header.is_some(), authz.had_credentials) {
+                (true, _) => " (the credentials were refused)",
+                (false, true) => " (the credentials do not fit the authentication the host asks for)",
+                (false, false) => " (no credentials for this host)",
+            });
+            Failure::NextHost(Error::PermissionDenied(msg))
+        }
+        StatusCode::NOT_IMPLEMENTED | StatusCode::HTTP_VERSION_NOT_SUPPORTED => {
+            Failure::NextHost(Error::Unavailable { what: msg, source: None })
+        }
+        s if s.is_server_error() => Failure::Retry(Error::Unavailable { what: msg, source: None }),
+        StatusCode::TOO_MANY_REQUESTS => Failure::NextHost(Error::Unavailable { what: msg, source: None }),
+        _ => Failure::NextHost(Error::FailedPrecondition(msg)),
     })
 }
 
@@ -298,8 +725,8 @@ fn is_manifest(media_type: &str) -> bool {
 }
 
 /// The first message of a distribution-spec error body, if there is one.
-async fn registry_message(resp: reqwest::Response) -> Option<String> {
-    let body = read_capped(resp, 16 << 10, "error body").await.ok()?;
+async fn registry_message(resp: reqwest::Response, stall: Duration) -> Option<String> {
+    let body = read_capped(resp, 16 << 10, "error body", stall).await.ok()?;
     let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
     let e = v.get("errors")?.get(0)?;
     let code = e.get("code").and_then(|c| c.as_str()).unwrap_or_default();
@@ -307,12 +734,19 @@ async fn registry_message(resp: reqwest::Response) -> Option<String> {
     Some(format!("{code} {message}").trim().to_owned())
 }
 
-/// Reads a whole response body, refusing one larger than `cap` bytes.
-async fn read_capped(resp: reqwest::Response, cap: u64, what: &str) -> Result<Vec<u8>> {
+/// Reads a whole response body, refusing one larger than `cap` bytes or one that stalls for
+/// `stall`.
+async fn read_capped(resp: reqwest::Response, cap: u64, what: &str, stall: Duration) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let mut body = resp.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| Error::unavailable(format!("reading {what}"), e))?;
+    loop {
+        let chunk = match tokio::time::timeout(stall, body.next()).await {
+            Err(_) => {
+                return Err(Error::Unavailable { what: format!("reading {what}: no data for {}", seconds(stall)), source: None })
+            }
+            Ok(None) => break,
+            Ok(Some(c)) => c.map_err(|e| Error::unavailable(format!("reading {what}"), e.without_url()))?,
+        };
         if out.len() as u64 + chunk.len() as u64 > cap {
             return Err(Error::ResourceExhausted(format!("{what} is larger than {cap} bytes")));
         }
@@ -340,3 +774,6 @@ fn media_type_of(body: &[u8]) -> Option<String> {
 
 /// Shared handle to the client.
 pub type SharedClient = Arc<Client>;
+
+#[cfg(test)]
+mod tests;

@@ -51,17 +51,10 @@ impl Repository {
         &self.path
     }
 
-    /// Whether the registry is on this machine: such registries are spoken to in plain HTTP.
+    /// Whether the registry is on this machine: such registries are spoken to in plain HTTP
+    /// unless configured otherwise.
     pub fn is_loopback(&self) -> bool {
-        let host = host_of(&self.registry);
-        host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-    }
-
-    /// The URL of `tail` (`manifests/…`, `blobs/…`) under this repository.
-    pub fn url(&self, tail: &str) -> String {
-        let scheme = if self.is_loopback() { "http" } else { "https" };
-        let host = if self.registry == "docker.io" { "registry-1.docker.io" } else { &self.registry };
-        format!("{scheme}://{host}/v2/{}/{tail}", self.path)
+        is_loopback_host(&self.registry)
     }
 }
 
@@ -69,6 +62,12 @@ impl fmt::Display for Repository {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.registry, self.path)
     }
+}
+
+/// Whether `registry` (`host[:port]`) is on loopback: `localhost`, `127.0.0.0/8`, `[::1]`.
+pub fn is_loopback_host(registry: &str) -> bool {
+    let host = host_of(registry);
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The host part of `host[:port]`, without IPv6 brackets.
@@ -93,8 +92,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_registries_use_http() {
-        for (name, http) in [
+    fn loopback_registries() {
+        for (name, loopback) in [
             ("127.0.0.1:5000/team/app", true),
             ("127.1.2.3/a", true),
             ("localhost:5000/a", true),
@@ -103,13 +102,8 @@ mod tests {
             ("localhost.evil.com/a", false),
             ("docker.io/library/busybox", false),
         ] {
-            let r = Repository::parse(name).unwrap();
-            assert_eq!(r.url("x").starts_with("http://"), http, "{name}");
+            assert_eq!(Repository::parse(name).unwrap().is_loopback(), loopback, "{name}");
         }
-        assert_eq!(
-            Repository::parse("docker.io/library/busybox").unwrap().url("manifests/latest"),
-            "https://registry-1.docker.io/v2/library/busybox/manifests/latest"
-        );
     }
 
     #[test]

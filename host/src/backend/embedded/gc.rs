@@ -169,8 +169,8 @@ fn mark_and_sweep(conn: &Connection, layout: &Layout) -> Result<(GcReport, Vec<P
     Ok((report, trash))
 }
 
-/// Deletes the leases (and their resource lists) of processes that are gone.
-fn collect_dead_leases(conn: &Connection) -> Result<u64> {
+/// Every lease with its owner.
+fn leases(conn: &Connection) -> Result<Vec<(String, Owner)>> {
     let mut stmt = conn.prepare("SELECT id, pid, start_time, boot_id FROM leases")?;
     let leases = stmt
         .query_map([], |r| {
@@ -178,8 +178,18 @@ fn collect_dead_leases(conn: &Connection) -> Result<u64> {
             Ok((r.get::<_, String>(0)?, owner))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(leases)
+}
+
+/// Whether some lease's owner is gone: then a collection has something to do.
+pub(crate) fn has_dead_leases(conn: &Connection) -> Result<bool> {
+    Ok(leases(conn)?.iter().any(|(_, owner)| !owner.is_alive()))
+}
+
+/// Deletes the leases (and their resource lists) of processes that are gone.
+fn collect_dead_leases(conn: &Connection) -> Result<u64> {
     let mut dead = 0;
-    for (id, owner) in leases.into_iter().filter(|(_, owner)| !owner.is_alive()) {
+    for (id, owner) in leases(conn)?.into_iter().filter(|(_, owner)| !owner.is_alive()) {
         tracing::info!(lease = id, pid = owner.pid, "deleting the lease of a process that is gone");
         conn.execute("DELETE FROM leases WHERE id = ?1", [&id])?;
         conn.execute("DELETE FROM lease_resources WHERE lease = ?1", [&id])?;

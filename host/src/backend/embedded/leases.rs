@@ -8,6 +8,15 @@
 //! another time, or another boot) belongs to a killed pull, and the next collection deletes
 //! it. Pids are those of the PID namespace the processes run in: processes sharing one root
 //! must share a PID namespace (as the daemon and its CLI on one node do).
+//!
+//! A *detached* lease ([`Leases::create_detached`]) has no owner process (pid 0): it holds
+//! what must outlive the command that made it, such as the view behind `pullbox mount`, until
+//! it is deleted. It records the boot id only, and dies with the boot: no mount survives a
+//! reboot.
+//!
+//! Creating a lease first collects garbage when some lease's owner is gone (a killed pull), so
+//! the next pull after a crash cleans up after it ("collected at the next start"); checking
+//! costs one query and a `/proc` read per lease.
 
 use std::fs;
 
@@ -54,9 +63,18 @@ impl Owner {
         Ok(Owner { pid, start_time, boot_id: boot_id() })
     }
 
-    /// Whether the owning process still runs.
+    /// No process: a detached lease, alive until deleted or until the next boot.
+    fn detached() -> Owner {
+        Owner { pid: 0, start_time: 0, boot_id: boot_id() }
+    }
+
+    /// Whether the owning process still runs (for a detached lease: whether the machine has not
+    /// rebooted since).
     pub(crate) fn is_alive(&self) -> bool {
-        self.boot_id == boot_id() && start_time(self.pid) == Some(self.start_time)
+        if self.boot_id != boot_id() {
+            return false;
+        }
+        self.pid == 0 || start_time(self.pid) == Some(self.start_time)
     }
 }
 
@@ -77,12 +95,19 @@ fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
-#[async_trait]
-impl Leases for LeaseManager {
-    async fn create(&self) -> Result<LeaseId> {
+impl LeaseManager {
+    /// Inserts a lease owned by `owner`, after collecting the garbage of dead owners' leases.
+    async fn insert(&self, owner: impl FnOnce() -> Result<Owner> + Send + 'static) -> Result<LeaseId> {
+        if self.db.read(|conn| gc::has_dead_leases(conn)).await? {
+            match gc::collect(&self.layout, &self.db).await {
+                Ok(report) => tracing::info!(?report, "collected what killed pulls left behind"),
+                // The new lease does not depend on it; the next collection retries.
+                Err(e) => tracing::warn!(error = %e.chain(), "cannot collect what killed pulls left behind"),
+            }
+        }
         self.db
             .write(|tx| {
-                let owner = Owner::current()?;
+                let owner = owner()?;
                 let id = LeaseId(format!("pullbox-{}", uuid::Uuid::new_v4().simple()));
                 tx.execute(
                     "INSERT INTO leases (id, pid, start_time, boot_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -91,6 +116,17 @@ impl Leases for LeaseManager {
                 Ok(id)
             })
             .await
+    }
+}
+
+#[async_trait]
+impl Leases for LeaseManager {
+    async fn create(&self) -> Result<LeaseId> {
+        self.insert(Owner::current).await
+    }
+
+    async fn create_detached(&self) -> Result<LeaseId> {
+        self.insert(|| Ok(Owner::detached())).await
     }
 
     async fn delete(&self, lease: &LeaseId) -> Result<()> {
@@ -132,5 +168,28 @@ mod tests {
         let pid = child.id();
         child.wait().unwrap();
         assert!(!Owner { pid, ..me }.is_alive());
+        assert!(Owner::detached().is_alive());
+        assert!(!Owner { boot_id: "another boot".into(), ..Owner::detached() }.is_alive());
+    }
+
+    #[tokio::test]
+    async fn a_new_lease_collects_what_dead_owners_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = crate::backend::embedded::open(dir.path()).unwrap();
+        let dead = b.leases.create().await.unwrap();
+        let detached = b.leases.create_detached().await.unwrap();
+        b.snapshots.prepare("orphan", "", &dead).await.unwrap();
+        b.snapshots.prepare("kept", "", &detached).await.unwrap();
+        // The owner of `dead` "was killed": its pid now runs another process.
+        let db = rusqlite::Connection::open(dir.path().join("metadata.db")).unwrap();
+        db.execute("UPDATE leases SET start_time = start_time + 1 WHERE id = ?1", [&dead.0]).unwrap();
+
+        let _next = b.leases.create().await.unwrap();
+        assert!(matches!(b.snapshots.stat("orphan").await, Err(Error::NotFound(_))));
+        assert!(matches!(b.leases.delete(&dead).await, Err(Error::NotFound(_))));
+        assert!(b.snapshots.stat("kept").await.is_ok(), "a detached lease outlives its creator");
+        b.leases.delete(&detached).await.unwrap();
+        b.leases.collect().await.unwrap();
+        assert!(matches!(b.snapshots.stat("kept").await, Err(Error::NotFound(_))));
     }
 }

@@ -5,21 +5,35 @@
 //! `/var/lib/pullbox` for root and `$XDG_DATA_HOME/pullbox` (or `~/.local/share/pullbox`)
 //! otherwise. The puller is `--puller FILE` (or `PULLBOX_PULLER`), else the default puller
 //! installed beside the binary. Errors go to stderr with a non-zero exit.
+//!
+//! Registry access: `--hosts-dir` is containerd's hosts directory (mirrors, CAs, client
+//! certificates; default `/etc/containerd/certs.d`), `--docker-config` Docker's
+//! `config.json` with credentials (default `$DOCKER_CONFIG/config.json`, else
+//! `~/.docker/config.json`), `--stall-timeout` the seconds without data after which a
+//! download is cancelled. Ctrl-C during `pull` cancels it: downloads stop and what the pull
+//! wrote is collected.
 
 mod images;
 mod policy;
 mod progress;
 mod pull;
+mod serve;
 
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pullbox::{backend::embedded, engine::Runtime, registry::Client, service::ImageService};
+use pullbox::{
+    backend::embedded,
+    engine::Runtime,
+    registry::{self, Client},
+    service::ImageService,
+};
 
 /// Pulls container images through a sandboxed WebAssembly puller.
 #[derive(Parser)]
@@ -40,6 +54,21 @@ struct Cli {
     /// Log filter, for example `info` or `pullbox=debug,puller=debug`.
     #[arg(long, global = true, env = "PULLBOX_LOG", default_value = "warn")]
     log: String,
+
+    /// containerd's registry hosts directory (`<registry>/hosts.toml`: mirrors, CAs, client
+    /// certificates, skip_verify, headers).
+    #[arg(long, global = true, env = "PULLBOX_HOSTS_DIR", default_value = registry::DEFAULT_HOSTS_DIR)]
+    hosts_dir: PathBuf,
+
+    /// Docker's config.json with registry credentials (`auths`, `credHelpers`, `credsStore`);
+    /// default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json.
+    #[arg(long, global = true, env = "PULLBOX_DOCKER_CONFIG")]
+    docker_config: Option<PathBuf>,
+
+    /// Seconds without data from a registry after which a download is cancelled (fractions
+    /// allowed, for example 2.5).
+    #[arg(long, global = true, env = "PULLBOX_STALL_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    stall_timeout: Duration,
 
     #[command(subcommand)]
     command: Command,
@@ -73,6 +102,12 @@ enum Command {
     },
     /// Remove content and snapshots that no image and no live pull refers to.
     Gc,
+    /// Serve the CRI ImageService (runtime.v1) on a unix socket.
+    Serve {
+        /// Configuration file (TOML); default: every default (see the README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Work with puller components.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -118,6 +153,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Policy(PolicyCommand::Check { component }) = &cli.command {
         return policy::check(component, settings).await;
     }
+    if let Command::Serve { config } = &cli.command {
+        let overrides = serve::Overrides { root: cli.root.clone(), puller: cli.puller.clone(), settings: cli.settings.clone() };
+        return serve::serve(config.as_deref(), overrides).await;
+    }
     let root = cli.root.clone().map(Ok).unwrap_or_else(default_root)?;
     let backend = embedded::open(&root).with_context(|| format!("cannot open the store at {}", root.display()))?;
     if let Command::Gc = cli.command {
@@ -129,15 +168,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let runtime = Runtime::new(Some(root.join("cache")))?;
     let puller = runtime.load(&puller_path, settings).await?;
-    let service = ImageService::new(backend, Arc::new(Client::new()?), puller);
+    let transport = registry::Config {
+        hosts_dir: Some(cli.hosts_dir.clone()),
+        stall_timeout: cli.stall_timeout,
+        ..registry::Config::default()
+    };
+    let service = ImageService::new(backend, Arc::new(Client::with_config(transport)?), puller);
 
     match &cli.command {
-        Command::Pull { platform, reference } => pull::pull(&service, platform.as_deref(), reference).await,
+        Command::Pull { platform, reference } => {
+            pull::pull(&service, platform.as_deref(), reference, cli.docker_config.as_deref()).await
+        }
         Command::Images { json } => images::images(&service, *json).await,
         Command::Inspect { image } => images::inspect(&service, image).await,
         Command::Rmi { image } => images::rmi(&service, image).await,
-        Command::Gc | Command::Policy(_) => unreachable!("handled above"),
+        Command::Gc | Command::Policy(_) | Command::Serve { .. } => unreachable!("handled above"),
     }
+}
+
+/// A positive number of seconds, fractions allowed.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("{s:?} must be a positive number of seconds"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
 /// The default store root.
@@ -154,7 +209,7 @@ fn default_root() -> anyhow::Result<PathBuf> {
 
 /// The default puller: installed beside the binary (`make build` puts it there), or under
 /// a `share/pullbox` directory of the installation prefix.
-fn default_puller() -> anyhow::Result<PathBuf> {
+pub(crate) fn default_puller() -> anyhow::Result<PathBuf> {
     const NAME: &str = "pullbox-puller.wasm";
     let exe = std::env::current_exe().context("cannot find the pullbox binary")?;
     let dir = exe.parent().unwrap_or(Path::new("/"));

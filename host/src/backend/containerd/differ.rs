@@ -1,0 +1,52 @@
+//! The layer applier over containerd's diff service.
+//!
+//! [`Differ`] implements [`crate::backend::Differ`] with `Apply`: containerd reads the layer
+//! blob from its content store, decompresses it (gzip, zstd or none, by media type), unpacks
+//! it onto the mounts of an active snapshot and answers with the descriptor of the
+//! uncompressed stream, whose digest is the diff ID. The mounts are those containerd's
+//! snapshots service returned; containerd mounts them itself.
+
+use async_trait::async_trait;
+use containerd_client::services::v1::{diff_client::DiffClient, ApplyRequest};
+
+use super::{parse_digest, to_descriptor, to_mount, Conn};
+use crate::{
+    error::{Error, Result},
+    oci::{Descriptor, Digest, Mount},
+};
+
+/// containerd's diff service, in the connection's namespace.
+pub(crate) struct Differ {
+    conn: Conn,
+}
+
+impl Differ {
+    pub(crate) fn new(conn: Conn) -> Differ {
+        Differ { conn }
+    }
+}
+
+#[async_trait]
+impl crate::backend::Differ for Differ {
+    async fn apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<Digest> {
+        let req = self.conn.request(ApplyRequest {
+            diff: Some(to_descriptor(layer)),
+            mounts: mounts.iter().map(to_mount).collect(),
+            ..Default::default()
+        });
+        let applied = DiffClient::new(self.conn.channel.clone())
+            .apply(req)
+            .await
+            .map_err(|s| match self.conn.error(s) {
+                // containerd reports a broken archive as an error without a code.
+                Error::Io { context, .. } if context.contains("failed to extract layer") || context.contains("decompress") => {
+                    Error::BadLayer { layer: layer.digest.to_string(), reason: context }
+                }
+                e => e,
+            })?
+            .into_inner()
+            .applied
+            .ok_or_else(|| Error::FailedPrecondition(format!("containerd applied layer {} without a diff ID", layer.digest)))?;
+        parse_digest(&applied.digest)
+    }
+}

@@ -1,0 +1,163 @@
+//! The daemon's configuration file (`pullbox serve --config FILE`, TOML).
+//!
+//! Every key is optional; [`DaemonConfig::default`] documents the defaults, and the README
+//! lists them. Unknown keys are refused, so a typo is an error at start rather than a
+//! setting silently ignored.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Which backend stores images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Everything under `root` (the default; nothing else to run).
+    #[default]
+    Embedded,
+    /// containerd's content, snapshot, diff, image and lease services.
+    Containerd,
+}
+
+/// The daemon's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// The CRI socket kubelet's `--image-service-endpoint` points at.
+    pub socket: PathBuf,
+    /// Permission bits of the socket, as an octal string ("0660": owner and group only).
+    pub socket_mode: String,
+    /// The embedded store's root (also holds the compiled-puller cache for both backends).
+    pub root: PathBuf,
+    /// `embedded` or `containerd`.
+    pub backend: BackendKind,
+    /// The puller component; empty: the default puller installed with pullbox.
+    pub puller: Option<PathBuf>,
+    /// The puller's settings document; empty: none (the puller's defaults).
+    pub settings: Option<PathBuf>,
+    /// Where Prometheus metrics are served (`/metrics`); must be a loopback address. Empty:
+    /// no metrics endpoint.
+    pub metrics_address: Option<SocketAddr>,
+    /// How long SIGTERM waits for in-flight requests before cancelling them, in seconds.
+    pub shutdown_grace_seconds: u64,
+    /// The containerd backend's settings.
+    pub containerd: ContainerdSection,
+}
+
+/// `[containerd]`: where containerd is and what of it pullbox uses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdSection {
+    /// containerd's gRPC socket.
+    pub address: PathBuf,
+    /// The namespace images are written in (`k8s.io` is the one containerd's CRI uses).
+    pub namespace: String,
+    /// The snapshotter layers are unpacked with.
+    pub snapshotter: String,
+    /// containerd's root directory: `ImageFsInfo` reports the snapshotter's directory in it.
+    pub root: PathBuf,
+}
+
+impl Default for ContainerdSection {
+    fn default() -> Self {
+        ContainerdSection {
+            address: PathBuf::from("/run/containerd/containerd.sock"),
+            namespace: "k8s.io".into(),
+            snapshotter: "overlayfs".into(),
+            root: PathBuf::from("/var/lib/containerd"),
+        }
+    }
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: PathBuf::from("/run/pullbox/pullbox.sock"),
+            socket_mode: "0660".into(),
+            root: PathBuf::from("/var/lib/pullbox"),
+            backend: BackendKind::Embedded,
+            puller: None,
+            settings: None,
+            metrics_address: None,
+            shutdown_grace_seconds: 10,
+            containerd: ContainerdSection::default(),
+        }
+    }
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid configuration in {path}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid configuration in {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+impl DaemonConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: DaemonConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        config.validate().map_err(|reason| ConfigError::Invalid { path: path.into(), reason })?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        self.mode()?;
+        if let Some(addr) = self.metrics_address {
+            if !addr.ip().is_loopback() {
+                return Err(format!("metrics_address {addr} is not a loopback address"));
+            }
+        }
+        if self.containerd.namespace.is_empty() || self.containerd.snapshotter.is_empty() {
+            return Err("containerd.namespace and containerd.snapshotter must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The socket's permission bits.
+    pub fn mode(&self) -> Result<u32, String> {
+        let m = u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .map_err(|_| format!("socket_mode {:?} is not an octal mode", self.socket_mode))?;
+        if m > 0o777 {
+            return Err(format!("socket_mode {:?} is not a permission mode", self.socket_mode));
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c: DaemonConfig = toml::from_str("").unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/pullbox/pullbox.sock"));
+        assert_eq!(c.mode().unwrap(), 0o660);
+        assert_eq!(c.backend, BackendKind::Embedded);
+        let c: DaemonConfig =
+            toml::from_str("backend = \"containerd\"\n[containerd]\nnamespace = \"x\"\n").unwrap();
+        assert_eq!(c.backend, BackendKind::Containerd);
+        assert_eq!(c.containerd.namespace, "x");
+        assert_eq!(c.containerd.snapshotter, "overlayfs");
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        assert!(toml::from_str::<DaemonConfig>("sokcet = \"/x\"").is_err());
+        assert!(toml::from_str::<DaemonConfig>("backend = \"zfs\"").is_err());
+        let c: DaemonConfig = toml::from_str("socket_mode = \"999\"").unwrap();
+        assert!(c.validate().is_err());
+        let c: DaemonConfig = toml::from_str("metrics_address = \"0.0.0.0:9000\"").unwrap();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,242 @@
+//! The CRI `ImageService` (runtime.v1) over the image service: what kubelet talks to.
+//!
+//! Each RPC goes through one export of the puller. Where the CRI leaves behaviour open, this
+//! does what containerd's CRI plugin does:
+//!
+//! - `PullImage` answers `image_ref` = the image ID (the config digest), which is also
+//!   `Image.id` in every other answer; the pull runs in its own task, so a client that hangs
+//!   up does not cut a pull in half (the pull finishes or fails and cleans up its lease).
+//! - `ImageStatus` of an unknown image is an empty response, not an error; with `verbose`,
+//!   `info["info"]` holds a JSON document with the chain ID, manifest digest and image config.
+//! - `ListImages` with a filter answers the one image the filter names (or none).
+//! - `RemoveImage` of an unknown image succeeds.
+//! - `ImageFsInfo` reports the filesystem holding the snapshots and what the images use.
+//! - `uid`/`username` come from the config's `User`: a numeric user (before any `:group`) is
+//!   a uid, anything else a user name, as containerd's `getUserFromImage`.
+//!
+//! Errors map to gRPC status codes in one place, [`status`].
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use k8s_cri::v1::{
+    image_service_server::ImageService as CriImageService, FilesystemIdentifier, FilesystemUsage, Image,
+    ImageFsInfoRequest, ImageFsInfoResponse, ImageSpec, ImageStatusRequest, ImageStatusResponse, Int64Value,
+    ListImagesRequest, ListImagesResponse, PullImageRequest, PullImageResponse, RemoveImageRequest,
+    RemoveImageResponse, UInt64Value,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    engine::ImageInfo,
+    error::Code,
+    metrics::Metrics,
+    oci::Platform,
+    registry::{AuthConfig, Credentials},
+    service::{ImageService, ServiceError},
+};
+use tokio_util::sync::CancellationToken;
+
+/// The CRI image service.
+pub struct Cri {
+    service: Arc<ImageService>,
+    metrics: Arc<Metrics>,
+    /// The directory reported by `ImageFsInfo` (where snapshots live).
+    fs_root: PathBuf,
+}
+
+impl Cri {
+    /// The CRI service over `service`; `fs_root` is the directory `ImageFsInfo` reports.
+    pub fn new(service: Arc<ImageService>, metrics: Arc<Metrics>, fs_root: PathBuf) -> Cri {
+        Cri { service, metrics, fs_root }
+    }
+}
+
+/// The gRPC status of a failed operation.
+pub fn status(e: &ServiceError) -> Status {
+    let code = match e.code() {
+        Code::NotFound => tonic::Code::NotFound,
+        Code::AlreadyExists => tonic::Code::AlreadyExists,
+        Code::InvalidArgument => tonic::Code::InvalidArgument,
+        Code::FailedPrecondition => tonic::Code::FailedPrecondition,
+        Code::PermissionDenied => tonic::Code::PermissionDenied,
+        Code::ResourceExhausted => tonic::Code::ResourceExhausted,
+        Code::Unavailable => tonic::Code::Unavailable,
+        Code::Cancelled => tonic::Code::Cancelled,
+        Code::Internal => tonic::Code::Internal,
+    };
+    let message = match e {
+        ServiceError::Host(h) => h.chain(),
+        other => other.to_string(),
+    };
+    Status::new(code, message)
+}
+
+/// The image reference of a request, or `InvalidArgument`.
+/// The registry's view of a CRI `AuthConfig` (same fields).
+fn pullbox_auth(a: &k8s_cri::v1::AuthConfig) -> AuthConfig {
+    AuthConfig {
+        username: a.username.clone(),
+        password: a.password.clone(),
+        auth: a.auth.clone(),
+        server_address: a.server_address.clone(),
+        identity_token: a.identity_token.clone(),
+        registry_token: a.registry_token.clone(),
+    }
+}
+
+fn reference(spec: Option<&ImageSpec>) -> Result<&str, Status> {
+    match spec.map(|s| s.image.as_str()) {
+        Some(r) if !r.is_empty() => Ok(r),
+        _ => Err(Status::invalid_argument("no image reference in the request")),
+    }
+}
+
+/// Splits a config `User` into CRI's uid or user name.
+fn user(u: &str) -> (Option<Int64Value>, String) {
+    let name = u.split(':').next().unwrap_or_default();
+    if name.is_empty() {
+        return (None, String::new());
+    }
+    match name.parse::<i64>() {
+        Ok(uid) => (Some(Int64Value { value: uid }), String::new()),
+        Err(_) => (None, name.to_owned()),
+    }
+}
+
+/// The CRI image of a puller answer.
+fn image(i: ImageInfo) -> Image {
+    let (uid, username) = user(&i.user);
+    Image {
+        spec: Some(ImageSpec { image: i.id.clone(), ..ImageSpec::default() }),
+        id: i.id,
+        repo_tags: i.repo_tags,
+        repo_digests: i.repo_digests,
+        size: i.size,
+        uid,
+        username,
+        pinned: i.pinned,
+    }
+}
+
+#[tonic::async_trait]
+impl CriImageService for Cri {
+    async fn list_images(&self, req: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+        let filter = req.into_inner().filter.and_then(|f| f.image).map(|s| s.image).filter(|s| !s.is_empty());
+        let images = match filter {
+            Some(r) => self.service.status(&r).await.map_err(|e| status(&e))?.into_iter().collect(),
+            None => self.service.list().await.map_err(|e| status(&e))?,
+        };
+        Ok(Response::new(ListImagesResponse { images: images.into_iter().map(image).collect() }))
+    }
+
+    async fn image_status(&self, req: Request<ImageStatusRequest>) -> Result<Response<ImageStatusResponse>, Status> {
+        let req = req.into_inner();
+        let r = reference(req.image.as_ref())?;
+        let Some(info) = self.service.status(r).await.map_err(|e| status(&e))? else {
+            return Ok(Response::new(ImageStatusResponse::default()));
+        };
+        let mut extra = std::collections::HashMap::new();
+        if req.verbose {
+            let config = self.service.config(&info.id).await.map_err(|e| status(&e))?;
+            let doc = serde_json::json!({
+                "chainID": info.chain_id,
+                "manifestDigest": info.manifest_digest,
+                "imageSpec": config,
+            });
+            extra.insert("info".to_owned(), doc.to_string());
+        }
+        Ok(Response::new(ImageStatusResponse { image: Some(image(info)), info: extra }))
+    }
+
+    async fn pull_image(&self, req: Request<PullImageRequest>) -> Result<Response<PullImageResponse>, Status> {
+        let req = req.into_inner();
+        let r = reference(req.image.as_ref())?.to_owned();
+        // The request's credentials, for this pull only; the error never quotes them.
+        let credentials = match &req.auth {
+            Some(a) => Credentials::from_auth_config(&pullbox_auth(a)).map_err(|e| Status::invalid_argument(e.to_string()))?,
+            None => Credentials::anonymous(),
+        };
+        let (service, metrics) = (self.service.clone(), self.metrics.clone());
+        let started = Instant::now();
+        // In its own task: a client hanging up must not cut the pull (and its cleanup) short.
+        let task = tokio::spawn(async move {
+            // TODO(lead): a token cancelled when the client goes away, if pulls should stop then.
+            let result = service.pull(&r, Platform::host(), metrics.clone(), credentials, CancellationToken::new()).await;
+            metrics.pull_done(result.as_ref().map(|_| ()).map_err(|e| e.code()), started.elapsed().as_secs_f64());
+            match &result {
+                Ok(i) => tracing::info!(reference = %r, id = %i.id, "pulled"),
+                Err(e) => tracing::warn!(reference = %r, "pull failed: {e}"),
+            }
+            result
+        });
+        let info = task
+            .await
+            .map_err(|e| Status::internal(format!("pull task failed: {e}")))?
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(PullImageResponse { image_ref: info.id }))
+    }
+
+    async fn remove_image(&self, req: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
+        let req = req.into_inner();
+        let r = reference(req.image.as_ref())?;
+        self.service.remove(r).await.map_err(|e| status(&e))?;
+        Ok(Response::new(RemoveImageResponse {}))
+    }
+
+    async fn image_fs_info(&self, _: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
+        let root = self.fs_root.clone();
+        let (bytes, inodes) = tokio::task::spawn_blocking(move || disk_usage(&root))
+            .await
+            .map_err(|e| Status::internal(format!("disk usage task failed: {e}")))?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let usage = FilesystemUsage {
+            timestamp: now,
+            fs_id: Some(FilesystemIdentifier { mountpoint: self.fs_root.display().to_string() }),
+            used_bytes: Some(UInt64Value { value: bytes }),
+            inodes_used: Some(UInt64Value { value: inodes }),
+        };
+        Ok(Response::new(ImageFsInfoResponse { image_filesystems: vec![usage], container_filesystems: vec![] }))
+    }
+}
+
+/// Bytes (allocated blocks) and inodes under `dir`, hard links counted once; unreadable
+/// entries are skipped.
+fn disk_usage(dir: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let (mut bytes, mut inodes) = (0u64, 0u64);
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let Ok(md) = e.path().symlink_metadata() else { continue };
+            if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
+                continue;
+            }
+            bytes += md.blocks() * 512;
+            inodes += 1;
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    (bytes, inodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_split_like_containerd() {
+        assert_eq!(user(""), (None, String::new()));
+        assert_eq!(user("1000"), (Some(Int64Value { value: 1000 }), String::new()));
+        assert_eq!(user("1000:1000"), (Some(Int64Value { value: 1000 }), String::new()));
+        assert_eq!(user("nobody"), (None, "nobody".to_owned()));
+        assert_eq!(user("www-data:www-data"), (None, "www-data".to_owned()));
+    }
+}

@@ -1,0 +1,281 @@
+//! A real containerd for the tests: Debian's `containerd` (1.6) with its own root, state and
+//! gRPC socket in a temporary directory, the CRI plugin on the same socket, `runc` as its
+//! runtime.
+//!
+//! Key type: [`Containerd`]. [`Containerd::start`] writes a config, starts containerd and
+//! waits until `ctr version` answers on the socket; dropping the value stops it and removes
+//! its files. [`Containerd::ctr`] runs `ctr --address SOCKET -n k8s.io ARGS...`.
+//!
+//! As the registry does ([`crate::registry`]), containerd runs under a small `sh` supervisor
+//! whose stdin is a pipe from the test process: when that pipe closes (the value is dropped,
+//! or the test process ends, even killed) the supervisor stops containerd, kills the shims of
+//! this containerd (containerd leaves them running by design; they are found by the socket
+//! path on their command line, which no other containerd shares), unmounts whatever is still
+//! mounted under the directory, and deletes it.
+//!
+//! The directory is under the system's temporary directory (`$TMPDIR`, else `/tmp`), or under
+//! `$PULLBOX_TEST_CONTAINERD_DIR` when set. It must be on a filesystem where overlayfs works
+//! (ext4, xfs, tmpfs; not overlayfs itself): the `overlayfs` snapshotter keeps its layers
+//! there. Its path is short on purpose: unix socket paths are limited to 108 bytes, and
+//! overlay mount options (every layer's path) to a page.
+//!
+//! Needs root (containerd, mounts, runc), `/usr/bin/containerd`, `/usr/bin/ctr`,
+//! `containerd-shim-runc-v2` and `runc` on `PATH`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::process::{run, wait_until, Captured};
+
+/// Debian's package installs containerd here.
+pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
+/// And its client here.
+pub const CTR_BIN: &str = "/usr/bin/ctr";
+
+/// The namespace containerd's CRI plugin (hence kubelet) uses, and [`Containerd::ctr`]'s.
+pub const NAMESPACE: &str = "k8s.io";
+
+/// How long containerd may take to answer. It starts in well under a second.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one `ctr` command may run: a pull or a run of the test images takes a second or
+/// two; a minute means something is stuck.
+pub const CTR_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `PATH` for containerd and its shims: runc is in `/usr/sbin` on Debian.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The supervisor: `$0` is containerd, `$1` its config, `$2` the directory to delete
+/// afterwards, `$3` the socket. It exits when containerd does. Its watcher (a subshell,
+/// reading the pipe from the test process kept on fd 3) stops containerd at end of file,
+/// then kills this containerd's shims, unmounts what is left under the directory, and
+/// deletes it.
+const SUPERVISOR: &str = r#"
+exec 3<&0
+"$0" --config "$1" </dev/null 3<&- &
+pid=$!
+(
+    read -r _ <&3
+    kill "$pid" 2>/dev/null
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    for p in /proc/[0-9]*; do
+        if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "-address $3 "; then
+            kill -9 "${p#/proc/}" 2>/dev/null
+        fi
+    done
+    awk -v d="$2/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
+        umount -l "$m" 2>/dev/null
+    done
+    rm -rf "$2"
+) &
+wait "$pid"
+"#;
+
+/// A running containerd. See the module docs.
+#[derive(Debug)]
+pub struct Containerd {
+    dir: PathBuf,
+    socket: PathBuf,
+    supervisor: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Containerd {
+    /// Starts containerd in a fresh directory and waits until it answers.
+    pub fn start() -> Result<Self> {
+        let parent = std::env::var_os("PULLBOX_TEST_CONTAINERD_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        fs::create_dir_all(&parent)?;
+        let dir = tempfile::Builder::new()
+            .prefix("pbctd-")
+            .tempdir_in(&parent)?
+            .keep();
+        let socket = dir.join("c.sock");
+        if socket.as_os_str().len() > 100 {
+            let _ = fs::remove_dir_all(&dir);
+            bail!(
+                "{} is too long for a unix socket: set PULLBOX_TEST_CONTAINERD_DIR to a shorter directory",
+                socket.display()
+            );
+        }
+        let config = dir.join("config.toml");
+        fs::write(&config, config_toml(&dir, &socket))?;
+        fs::create_dir_all(dir.join("certs.d"))?;
+        let log_path = dir.join("containerd.log");
+        let log = fs::File::create(&log_path)?;
+        let spawned = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(SUPERVISOR)
+            .arg(CONTAINERD_BIN)
+            .arg(&config)
+            .arg(&dir)
+            .arg(&socket)
+            .env("PATH", PATH)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn();
+        let mut supervisor = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e).context("cannot start /bin/sh");
+            }
+        };
+        let stdin = supervisor.stdin.take();
+        // From here on, dropping `containerd` stops everything and cleans up.
+        let mut containerd = Containerd { dir, socket, supervisor, stdin };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = containerd.supervisor.try_wait()? {
+                bail!(
+                    "containerd exited ({status}) before answering on {}:\n{}",
+                    containerd.socket.display(),
+                    containerd.log()
+                );
+            }
+            if containerd.socket.exists() {
+                let version = containerd.ctr_in("default", &["version"]);
+                if version.as_ref().is_ok_and(Captured::success) {
+                    return Ok(containerd);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "containerd did not answer on {} within {READY_TIMEOUT:?}:\n{}",
+                    containerd.socket.display(),
+                    containerd.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// containerd's gRPC socket (CRI's too).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// containerd's directory (config, log, root, state). It is deleted when containerd stops.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// containerd's root directory (content, snapshots, metadata).
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// What containerd logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Lets containerd's CRI plugin pull from `addr` (`127.0.0.1:PORT`) over plain HTTP: a
+    /// `hosts.toml` in the plugin's `config_path`, read at each pull.
+    pub fn allow_plain_http(&self, addr: &str) -> Result<()> {
+        let dir = self.dir.join("certs.d").join(addr);
+        fs::create_dir_all(&dir)?;
+        fs::write(
+            dir.join("hosts.toml"),
+            format!("server = \"http://{addr}\"\n\n[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+        )?;
+        Ok(())
+    }
+
+    /// Runs `ctr --address SOCKET -n k8s.io ARGS...` (with [`CTR_TIMEOUT`]).
+    pub fn ctr(&self, args: &[&str]) -> Result<Captured> {
+        self.ctr_in(NAMESPACE, args)
+    }
+
+    /// Runs `ctr --address SOCKET -n NAMESPACE ARGS...` (with [`CTR_TIMEOUT`]).
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<Captured> {
+        let mut cmd = Command::new(CTR_BIN);
+        cmd.arg("--address").arg(&self.socket).args(["-n", namespace]).args(args).env("PATH", PATH);
+        run(cmd, CTR_TIMEOUT)
+    }
+
+    /// Like [`Containerd::ctr_in`], but the command must succeed; returns its stdout.
+    pub fn ctr_ok(&self, namespace: &str, args: &[&str]) -> Result<String> {
+        let out = self.ctr_in(namespace, args)?;
+        if !out.success() {
+            bail!("ctr failed:\n{out}");
+        }
+        Ok(out.stdout)
+    }
+
+    /// The first column of `ctr -n NAMESPACE <what> ls` (image names, blob digests, snapshot
+    /// keys, lease ids), without the header.
+    pub fn list(&self, namespace: &str, what: &str) -> Result<Vec<String>> {
+        let out = self.ctr_ok(namespace, &[what, "ls"])?;
+        Ok(out
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Closing the pipe tells the supervisor to stop containerd and clean up.
+        drop(self.stdin.take());
+        if !matches!(
+            wait_until(&mut self.supervisor, Instant::now() + Duration::from_secs(30)),
+            Ok(Some(_))
+        ) {
+            let _ = self.supervisor.kill();
+            let _ = self.supervisor.wait();
+        }
+    }
+}
+
+/// containerd's configuration: everything under `dir`, the gRPC (and CRI) socket at `socket`,
+/// no TCP listener (the CRI streaming server on an ephemeral loopback port), snapshotters
+/// that cannot work here disabled, CRI with `overlayfs` and runc.
+fn config_toml(dir: &Path, socket: &Path) -> String {
+    let d = dir.display();
+    let s = socket.display();
+    format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+
+[grpc]
+  address = "{s}"
+
+[ttrpc]
+  address = "{s}.ttrpc"
+
+[debug]
+  level = "info"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{d}/certs.d"
+"#
+    )
+}

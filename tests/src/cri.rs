@@ -1,0 +1,123 @@
+//! A CRI client and a `pullbox serve` daemon for tests.
+//!
+//! - [`connect`]: the `k8s-cri` crate's generated `ImageServiceClient` over a unix socket
+//!   (pullbox's, or containerd's own CRI for comparisons).
+//! - [`Daemon`]: `pullbox serve` on a private socket and store root, with a generated TOML
+//!   config; stopped with SIGTERM on drop (the test can also stop it and check the exit).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::Pullbox;
+
+/// A CRI image-service client on the unix socket `socket`.
+pub async fn connect(socket: &Path) -> Result<ImageServiceClient<Channel>> {
+    let socket = socket.to_owned();
+    // The URI is required by the API and unused: the connector dials the socket.
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .context("cannot connect to the CRI socket")?;
+    Ok(ImageServiceClient::new(channel))
+}
+
+/// `pullbox serve` with its own socket and root.
+pub struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon with the TOML `extra` appended to a config that sets the socket and
+    /// the root; waits until the socket accepts connections.
+    pub fn start(extra: &str) -> Result<Daemon> {
+        let dir = tempfile::Builder::new().prefix("pbd-").tempdir_in("/tmp")?;
+        let socket = dir.path().join("pullbox.sock");
+        let root = dir.path().join("root");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!("socket = {:?}\nroot = {:?}\n{extra}\n", socket.display().to_string(), root.display().to_string()),
+        )?;
+        let stderr = dir.path().join("stderr.log");
+        let child = Command::new(Pullbox::bin()?)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("PULLBOX_LOG", "info")
+            .env_remove("PULLBOX_ROOT")
+            .env_remove("PULLBOX_PULLER")
+            .env_remove("PULLBOX_SETTINGS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr)?)
+            .spawn()
+            .context("cannot start pullbox serve")?;
+        let mut d = Daemon { child: Some(child), dir, socket, stderr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("pullbox serve exited with {status}: {}", d.log());
+            }
+            if Instant::now() > deadline {
+                bail!("pullbox serve did not open {} in 30 s: {}", d.socket.display(), d.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    /// The CRI socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The store root (embedded backend).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns whether it exited successfully.
+    pub fn stop(&mut self) -> Result<bool> {
+        let Some(mut child) = self.child.take() else { return Ok(true) };
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                bail!("pullbox serve ignored SIGTERM for 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! The containerd backend against a real containerd (the harness's [`Containerd`]) and the
+//! fixture registry, through pullbox's library: the backend traits directly, and the
+//! [`ImageService`] with the default puller (`make build`'s `pullbox-puller.wasm`).
+//!
+//! One containerd serves every test of this binary; each test works in its own namespace, so
+//! one test's garbage collection never finds another's images missing. Needs root. Run them
+//! alone with `cargo test --release -p pullbox-tests --test containerd_backend`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::{Arc, OnceLock};
+
+use pullbox::{
+    backend::{
+        containerd::{connect, Config},
+        Backend, ImageRecord, LeaseId, SnapshotKind,
+    },
+    engine::Runtime,
+    error::{Code, Error},
+    oci::{Descriptor, Digest, Platform},
+    registry::{Client, NoProgress},
+    service::ImageService,
+};
+use pullbox_tests::{app, containerd::Containerd, fixture, Pullbox};
+use tokio::io::AsyncReadExt;
+
+/// The containerd of this test binary, started on first use.
+fn containerd() -> &'static Containerd {
+    static CONTAINERD: OnceLock<Result<Containerd, String>> = OnceLock::new();
+    CONTAINERD
+        .get_or_init(|| Containerd::start().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .unwrap_or_else(|e| panic!("starting containerd failed: {e}"))
+}
+
+fn config(namespace: &str) -> Config {
+    Config {
+        address: containerd().socket().to_owned(),
+        namespace: namespace.to_owned(),
+        ..Config::default()
+    }
+}
+
+async fn backend(namespace: &str) -> Backend {
+    connect(&config(namespace)).await.expect("connecting to containerd")
+}
+
+/// The image service over the containerd backend in `namespace`, with the default puller.
+async fn service(namespace: &str) -> ImageService {
+    let puller_path = Pullbox::puller("pullbox-puller.wasm").unwrap();
+    let runtime = Runtime::new(None).unwrap();
+    let puller = runtime.load(&puller_path, String::new()).await.unwrap();
+    ImageService::new(
+        backend(namespace).await,
+        Arc::new(Client::new().unwrap()),
+        puller,
+    )
+}
+
+fn descriptor(media_type: &str, data: &[u8]) -> Descriptor {
+    Descriptor {
+        media_type: media_type.into(),
+        digest: Digest::sha256_of(data),
+        size: data.len() as u64,
+        annotations: Default::default(),
+        platform: None,
+        urls: vec![],
+    }
+}
+
+/// Deterministic bytes that do not compress (xorshift64).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// Writes `data` as the blob `desc` under `lease`, in chunks of `chunk` bytes.
+async fn write_blob(b: &Backend, desc: &Descriptor, data: &[u8], lease: &LeaseId, chunk: usize) {
+    let mut w = b.content.writer(desc, lease).await.unwrap();
+    assert_eq!(w.offset(), 0);
+    for c in data.chunks(chunk) {
+        w.write(c).await.unwrap();
+    }
+    let info = w.commit().await.unwrap();
+    assert_eq!((info.digest.clone(), info.size), (desc.digest.clone(), data.len() as u64));
+}
+
+/// The labels `ctr content ls` shows on blob `digest` in `namespace`.
+fn content_labels(ctd: &Containerd, namespace: &str, digest: &str) -> BTreeMap<String, String> {
+    let out = ctd.ctr_ok(namespace, &["content", "ls"]).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(digest))
+        .unwrap_or_else(|| panic!("{digest} not in `ctr -n {namespace} content ls`:\n{out}"));
+    let labels = line.split('\t').last().unwrap_or_default();
+    labels
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The `containerd.io/gc.ref.*` labels among `labels`.
+fn gc_refs(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .filter(|(k, _)| k.starts_with("containerd.io/gc.ref."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The `ctr images ls` row of `name` in `namespace`, split on whitespace.
+fn image_row(ctd: &Containerd, namespace: &str, name: &str) -> Vec<String> {
+    let out = ctd.ctr_ok(namespace, &["images", "ls"]).unwrap();
+    out.lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .find(|cols| cols.first().map(String::as_str) == Some(name))
+        .unwrap_or_else(|| panic!("{name} not in `ctr -n {namespace} images ls`:\n{out}"))
+}
+
+/// Pulls `team/app:1.0` with pullbox into `k8s.io`, runs it with `ctr run`, and compares it
+/// with the same image pulled by `ctr images pull` into another namespace.
+#[tokio::test(flavor = "multi_thread")]
+async fn pulled_image_runs_and_matches_ctr_pull() {
+    let f = fixture();
+    let ctd = containerd();
+    let ns = "k8s.io";
+    let svc = service(ns).await;
+    let reference = f.app.reference.clone();
+    let info = svc
+        .pull(&reference, Platform::host(), Arc::new(NoProgress))
+        .await
+        .unwrap_or_else(|e| panic!("pull failed: {e}\ncontainerd log:\n{}", ctd.log()));
+    assert_eq!(info.id, f.app.config_digest);
+    assert_eq!(info.manifest_digest, f.app.manifest_digest);
+    assert_eq!(info.chain_id, f.app.chain_id());
+    assert_eq!(info.repo_tags, vec![reference.clone()]);
+    assert_eq!(info.repo_digests, vec![f.app.digest_reference()]);
+
+    // containerd lists the records, with CRI's label, and pullbox's lease is gone.
+    let names = ctd.list(ns, "images").unwrap();
+    for name in [&reference, &f.app.digest_reference(), &f.app.config_digest] {
+        assert!(names.contains(name), "{name} not among {names:?}");
+    }
+    let row = image_row(ctd, ns, &reference);
+    assert!(
+        row.iter().any(|c| c.contains("io.cri-containerd.image=managed")),
+        "{row:?}"
+    );
+    let leases = ctd.list(ns, "leases").unwrap();
+    assert!(
+        !leases.iter().any(|l| l.starts_with("pullbox-")),
+        "a pullbox lease is left: {leases:?}"
+    );
+
+    // containerd runs it.
+    let run = ctd
+        .ctr(&["run", "--rm", &reference, "pullbox-run-app", "/bin/sh", "-c", "echo hello"])
+        .unwrap();
+    run.assert_success();
+    assert_eq!(run.stdout.trim(), "hello", "{run}");
+    let file = format!("/{}", app::LAYER3_FILE);
+    let run = ctd
+        .ctr(&["run", "--rm", &reference, "pullbox-run-app-2", "/bin/cat", &file])
+        .unwrap();
+    run.assert_success();
+    assert_eq!(run.stdout, app::LAYER3_CONTENT, "{run}");
+
+    // `ctr images pull` of the same reference, in another namespace: same manifest, config
+    // and top snapshot, and the same garbage-collection references.
+    let other = "ctr-reference";
+    ctd.ctr_ok(other, &["images", "pull", "--plain-http", &reference]).unwrap();
+    assert_eq!(image_row(ctd, other, &reference)[2], image_row(ctd, ns, &reference)[2]);
+    assert_eq!(image_row(ctd, ns, &reference)[2], f.app.manifest_digest);
+    let manifest = |namespace| {
+        ctd.ctr_ok(namespace, &["content", "get", &f.app.manifest_digest]).unwrap()
+    };
+    assert_eq!(manifest(ns), manifest(other));
+    let parsed: serde_json::Value = serde_json::from_str(&manifest(other)).unwrap();
+    assert_eq!(parsed["config"]["digest"], info.id.as_str());
+    let chain = f.app.chain_id();
+    for namespace in [ns, other] {
+        let snapshots = ctd.ctr_ok(namespace, &["snapshots", "ls"]).unwrap();
+        assert!(
+            snapshots
+                .lines()
+                .any(|l| l.starts_with(&chain) && l.trim_end().ends_with("Committed")),
+            "{chain} is not committed in {namespace}:\n{snapshots}"
+        );
+    }
+    for digest in [&f.app.manifest_digest, &f.app.config_digest] {
+        assert_eq!(
+            gc_refs(&content_labels(ctd, ns, digest)),
+            gc_refs(&content_labels(ctd, other, digest)),
+            "GC labels of {digest} differ from containerd's"
+        );
+    }
+    assert_eq!(
+        content_labels(ctd, ns, &f.app.config_digest)
+            .get("containerd.io/gc.ref.snapshot.overlayfs"),
+        Some(&chain)
+    );
+
+    // Status through the service reads it back from containerd.
+    let status = svc.status(&reference).await.unwrap().expect("image is READY");
+    assert_eq!(status.id, info.id);
+}
+
+/// Removing the image through the service lets containerd's collector reclaim its blobs and
+/// snapshots.
+#[tokio::test(flavor = "multi_thread")]
+async fn removed_image_is_collected_by_containerd() {
+    let f = fixture();
+    let ctd = containerd();
+    let ns = "pullbox-gc";
+    let svc = service(ns).await;
+    // zstd layers: containerd's differ decompresses them too.
+    let image = &f.app_zstd;
+    let info = svc
+        .pull(&image.reference, Platform::host(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert_eq!(info.id, image.config_digest);
+    let content = ctd.list(ns, "content").unwrap();
+    for blob in image.blobs() {
+        assert!(content.contains(&blob), "{blob} not in {content:?}");
+    }
+    let snapshots = ctd.list(ns, "snapshots").unwrap();
+    assert_eq!(snapshots.len(), app::LAYERS, "{snapshots:?}");
+    let layer_file = |digest: &str| {
+        ctd.root()
+            .join("io.containerd.content.v1.content/blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    for layer in &image.layers {
+        assert!(layer_file(&layer.digest).is_file());
+    }
+
+    let (removed, report) = svc.remove(&image.reference).await.unwrap();
+    assert_eq!(removed, 3, "image ID, repo tag and repo digest");
+    assert!(ctd.list(ns, "images").unwrap().is_empty());
+    let content = ctd.list(ns, "content").unwrap();
+    assert!(content.is_empty(), "content left after removal: {content:?}");
+    let snapshots = ctd.list(ns, "snapshots").unwrap();
+    assert!(snapshots.is_empty(), "snapshots left after removal: {snapshots:?}");
+    // Only this namespace held the zstd layers: their files are gone from disk too.
+    for layer in &image.layers {
+        assert!(!layer_file(&layer.digest).exists(), "{} is still on disk", layer.digest);
+    }
+    assert_eq!(report.blobs, image.blobs().len() as u64, "{report:?}");
+    assert_eq!(report.snapshots, app::LAYERS as u64, "{report:?}");
+    assert!(report.bytes > 0, "{report:?}");
+    // And the service no longer knows it.
+    assert!(svc.status(&image.reference).await.unwrap().is_none());
+}
+
+/// Content: streamed writes larger than the writer's window, bounded reads, streaming reads,
+/// resume, mismatches, labels, delete.
+#[tokio::test(flavor = "multi_thread")]
+async fn content_store_contract() {
+    let ctd = containerd();
+    let ns = "pullbox-content";
+    let b = backend(ns).await;
+    let lease = b.leases.create().await.unwrap();
+
+    // 9 MiB + a bit, in odd chunks: many messages, more than the window.
+    let data = noise(9 * 1024 * 1024 + 4321, 1);
+    let desc = descriptor("application/octet-stream", &data);
+    write_blob(&b, &desc, &data, &lease, 65_519).await;
+    assert_eq!(b.content.info(&desc.digest).await.unwrap().size, data.len() as u64);
+    assert_eq!(b.content.read(&desc.digest, 7, 5).await.unwrap(), &data[7..12]);
+    let tail = b.content.read(&desc.digest, data.len() as u64 - 3, 1000).await.unwrap();
+    assert_eq!(tail, &data[data.len() - 3..]);
+    assert_eq!(b.content.read(&desc.digest, 1 << 40, 10).await.unwrap(), Vec::<u8>::new());
+    assert_eq!(b.content.read(&desc.digest, 0, 0).await.unwrap(), Vec::<u8>::new());
+    let big = b.content.read(&desc.digest, 100, 3 * 1024 * 1024).await.unwrap();
+    assert_eq!(big, &data[100..100 + 3 * 1024 * 1024]);
+    let mut all = Vec::new();
+    b.content.open(&desc.digest).await.unwrap().read_to_end(&mut all).await.unwrap();
+    assert!(all == data, "streamed read differs");
+
+    // Writing it again: already there (and the second lease holds it).
+    let lease2 = b.leases.create().await.unwrap();
+    let err = b.content.writer(&desc, &lease2).await.err().unwrap();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+
+    // Interrupted: the next writer resumes where containerd's ingest ends.
+    let data = noise(3 * 1024 * 1024 + 17, 2);
+    let desc = descriptor("application/vnd.oci.image.layer.v1.tar", &data);
+    let mut w = b.content.writer(&desc, &lease).await.unwrap();
+    w.write(&data[..2 * 1024 * 1024 + 5]).await.unwrap();
+    drop(w);
+    let active = ctd.ctr_ok(ns, &["content", "active"]).unwrap();
+    assert!(active.contains(&format!("layer-{}", desc.digest)), "{active}");
+    // containerd unlocks the ingest when it sees the stream end; until then the writer waits.
+    let mut w = b.content.writer(&desc, &lease).await.unwrap();
+    let offset = w.offset() as usize;
+    assert!(offset > 0 && offset <= 2 * 1024 * 1024 + 5, "resumed at {offset}");
+    w.write(&data[offset..]).await.unwrap();
+    assert_eq!(w.commit().await.unwrap().digest, desc.digest);
+
+    // truncate restarts from zero.
+    let data = b"restart me".to_vec();
+    let desc = descriptor("application/octet-stream", &data);
+    let mut w = b.content.writer(&desc, &lease).await.unwrap();
+    w.write(b"garbage").await.unwrap();
+    w.truncate().await.unwrap();
+    assert_eq!(w.offset(), 0);
+    w.write(&data).await.unwrap();
+    w.commit().await.unwrap();
+
+    // Mismatches: nothing becomes visible, the ingest is discarded.
+    let data = noise(300_000, 3);
+    let desc = descriptor("application/octet-stream", &data);
+    let mut wrong = data.clone();
+    wrong[299_999] ^= 1;
+    let mut w = b.content.writer(&desc, &lease).await.unwrap();
+    w.write(&wrong).await.unwrap();
+    let err = w.commit().await.err().unwrap();
+    assert!(matches!(&err, Error::Mismatch { .. }), "{err}");
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
+    let mut w = b.content.writer(&desc, &lease).await.unwrap();
+    assert_eq!(w.offset(), 0, "the mismatched ingest was resumed");
+    w.write(&data[..1000]).await.unwrap();
+    assert!(matches!(w.commit().await, Err(Error::Mismatch { .. })), "too short");
+    let mut w = b.content.writer(&desc, &lease).await.unwrap();
+    assert_eq!(w.offset(), 0);
+    w.write(&data[..299_000]).await.unwrap();
+    let err = w.write(&data[..2000]).await.err().unwrap();
+    assert!(matches!(&err, Error::Mismatch { .. }), "too long: {err}");
+    assert_eq!(w.offset(), 0);
+    w.write(&data).await.unwrap();
+    w.commit().await.unwrap();
+
+    // Labels; an empty value removes one.
+    let labels = [("a".to_owned(), "1".to_owned()), ("b".to_owned(), "2".to_owned())].into();
+    assert_eq!(b.content.set_labels(&desc.digest, &labels).await.unwrap().labels, labels);
+    let info = b
+        .content
+        .set_labels(&desc.digest, &[("a".to_owned(), String::new())].into())
+        .await
+        .unwrap();
+    assert_eq!(info.labels, [("b".to_owned(), "2".to_owned())].into());
+    assert_eq!(b.content.info(&desc.digest).await.unwrap(), info);
+
+    // Delete.
+    b.content.delete(&desc.digest).await.unwrap();
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.content.delete(&desc.digest).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.content.read(&desc.digest, 0, 10).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.content.set_labels(&desc.digest, &labels).await, Err(Error::NotFound(_))));
+
+    b.leases.delete(&lease).await.unwrap();
+    b.leases.delete(&lease2).await.unwrap();
+}
+
+/// A second writer of a blob waits for the first, then finds the blob committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_writer_waits_for_the_first() {
+    containerd();
+    let b = backend("pullbox-writers").await;
+    let lease = b.leases.create().await.unwrap();
+    let data = noise(100_000, 4);
+    let desc = descriptor("application/octet-stream", &data);
+    let mut first = b.content.writer(&desc, &lease).await.unwrap();
+    first.write(&data[..50_000]).await.unwrap();
+
+    let content = b.content.clone();
+    let (desc2, lease2) = (desc.clone(), b.leases.create().await.unwrap());
+    let second = tokio::spawn(async move { content.writer(&desc2, &lease2).await.map(|_| ()) });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "the second writer must wait");
+
+    first.write(&data[50_000..]).await.unwrap();
+    first.commit().await.unwrap();
+    let err = second.await.unwrap().err().unwrap();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+    b.leases.delete(&lease).await.unwrap();
+}
+
+/// A gzip layer of one file, and its diff ID.
+fn layer(path: &str, contents: &[u8]) -> (Vec<u8>, Digest) {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(contents.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, path, contents).unwrap();
+    let tar = tar.into_inner().unwrap();
+    let diff_id = Digest::sha256_of(&tar);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).unwrap();
+    (gz.finish().unwrap(), diff_id)
+}
+
+/// Snapshots and the differ: prepare, apply, commit, stat, view, mounts, usage, remove, and
+/// their errors.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_and_differ_contract() {
+    let ctd = containerd();
+    let ns = "pullbox-snapshots";
+    let b = backend(ns).await;
+    let s = &b.snapshots;
+    assert_eq!(s.name(), "overlayfs");
+    let lease = b.leases.create().await.unwrap();
+
+    let (blob, diff_id) = layer("hello.txt", b"hello from a layer\n");
+    let desc = descriptor("application/vnd.oci.image.layer.v1.tar+gzip", &blob);
+    write_blob(&b, &desc, &blob, &lease, 1000).await;
+
+    let mounts = s.prepare("extract-1", "", &lease).await.unwrap();
+    assert_eq!(s.mounts("extract-1").await.unwrap(), mounts);
+    assert_eq!(s.stat("extract-1").await.unwrap().kind, SnapshotKind::Active);
+    assert!(matches!(s.prepare("extract-1", "", &lease).await, Err(Error::AlreadyExists(_))));
+    assert_eq!(b.differ.apply(&desc, &mounts).await.unwrap(), diff_id);
+    s.commit("base", "extract-1", &lease).await.unwrap();
+    assert!(matches!(s.stat("extract-1").await, Err(Error::NotFound(_))));
+    let info = s.stat("base").await.unwrap();
+    assert_eq!((info.name.as_str(), info.parent.as_str(), info.kind), ("base", "", SnapshotKind::Committed));
+    assert!(matches!(s.mounts("base").await, Err(Error::FailedPrecondition(_)) | Err(Error::NotFound(_))));
+    let usage = s.usage("base").await.unwrap();
+    assert!(usage.size > 0 && usage.inodes >= 1, "{usage:?}");
+
+    // A second layer on top, a view, removal order.
+    let (blob2, diff_id2) = layer("second.txt", b"second\n");
+    let desc2 = descriptor("application/vnd.oci.image.layer.v1.tar+gzip", &blob2);
+    write_blob(&b, &desc2, &blob2, &lease, 100).await;
+    let mounts = s.prepare("extract-2", "base", &lease).await.unwrap();
+    assert_eq!(b.differ.apply(&desc2, &mounts).await.unwrap(), diff_id2);
+    s.commit("top", "extract-2", &lease).await.unwrap();
+    assert_eq!(s.stat("top").await.unwrap().parent, "base");
+    let view = s.view("v-top", "top", &lease).await.unwrap();
+    assert!(!view.is_empty());
+    assert_eq!(s.stat("v-top").await.unwrap().kind, SnapshotKind::View);
+    assert!(matches!(s.prepare("x", "nope", &lease).await, Err(Error::NotFound(_))));
+    assert!(s.remove("base").await.is_err(), "a snapshot with children is not removed");
+    for key in ["v-top", "top", "base"] {
+        s.remove(key).await.unwrap();
+    }
+    assert!(matches!(s.remove("base").await, Err(Error::NotFound(_))));
+    assert!(matches!(s.stat("base").await, Err(Error::NotFound(_))));
+
+    // A layer that is not gzip although its media type says so: an error, not a diff ID.
+    let bad = b"not a gzip stream at all".to_vec();
+    let bad_desc = descriptor("application/vnd.oci.image.layer.v1.tar+gzip", &bad);
+    write_blob(&b, &bad_desc, &bad, &lease, 100).await;
+    let mounts = s.prepare("extract-bad", "", &lease).await.unwrap();
+    let err = b.differ.apply(&bad_desc, &mounts).await.err().unwrap();
+    assert_ne!(err.code(), Code::NotFound, "{err}");
+    s.remove("extract-bad").await.unwrap();
+    // A layer that is not in the content store.
+    let missing = descriptor("application/vnd.oci.image.layer.v1.tar", b"absent");
+    let mounts = s.prepare("extract-missing", "", &lease).await.unwrap();
+    assert!(b.differ.apply(&missing, &mounts).await.is_err());
+    s.remove("extract-missing").await.unwrap();
+
+    b.leases.delete(&lease).await.unwrap();
+    assert!(ctd.list(ns, "snapshots").unwrap().is_empty());
+}
+
+/// Image records: create, get, list, update, delete, and their errors.
+#[tokio::test(flavor = "multi_thread")]
+async fn image_store_contract() {
+    containerd();
+    let b = backend("pullbox-images").await;
+    let lease = b.leases.create().await.unwrap();
+    let manifest = br#"{"schemaVersion":2}"#;
+    let target = descriptor("application/vnd.oci.image.manifest.v1+json", manifest);
+    write_blob(&b, &target, manifest, &lease, 100).await;
+    let record = |name: &str, target: &Descriptor| ImageRecord {
+        name: name.into(),
+        target: target.clone(),
+        labels: [("io.cri-containerd.image".to_owned(), "managed".to_owned())].into(),
+        created_at: 0,
+        updated_at: 0,
+    };
+    let created = b.images.create(record("example.com/b:1", &target)).await.unwrap();
+    assert!(created.created_at > 0 && created.updated_at >= created.created_at);
+    assert_eq!(created.target, target);
+    let err = b.images.create(record("example.com/b:1", &target)).await.err().unwrap();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+    b.images.create(record("example.com/a:1", &target)).await.unwrap();
+    assert_eq!(b.images.get("example.com/b:1").await.unwrap(), created);
+    let names: Vec<_> = b.images.list().await.unwrap().into_iter().map(|i| i.name).collect();
+    assert_eq!(names, ["example.com/a:1", "example.com/b:1"]);
+
+    let other = descriptor("application/vnd.oci.image.manifest.v1+json", br#"{"schemaVersion":2,"x":1}"#);
+    let mut changed = record("example.com/b:1", &other);
+    changed.labels.insert("k".into(), "v".into());
+    let updated = b.images.update(changed.clone()).await.unwrap();
+    assert_eq!(updated.created_at, created.created_at);
+    assert!(updated.updated_at >= created.updated_at);
+    assert_eq!((updated.target.clone(), updated.labels.clone()), (other, changed.labels));
+    let err = b.images.update(record("example.com/nope:1", &target)).await.err().unwrap();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+
+    for name in ["example.com/a:1", "example.com/b:1"] {
+        b.images.delete(name).await.unwrap();
+    }
+    assert!(matches!(b.images.get("example.com/b:1").await, Err(Error::NotFound(_))));
+    assert!(matches!(b.images.delete("example.com/b:1").await, Err(Error::NotFound(_))));
+    b.leases.delete(&lease).await.unwrap();
+}
+
+/// Leases: their labels, what deleting one frees, and collection of a dead owner's lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_hold_and_release_and_dead_owners_are_collected() {
+    let ctd = containerd();
+    let ns = "pullbox-leases";
+    let b = backend(ns).await;
+
+    // A lease carries an expiry and its owner.
+    let lease = b.leases.create().await.unwrap();
+    let out = ctd.ctr_ok(ns, &["leases", "ls"]).unwrap();
+    let line = out.lines().find(|l| l.starts_with(&lease.0)).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("containerd.io/gc.expire="), "{line}");
+    assert!(line.contains("pullbox.io/owner="), "{line}");
+    assert!(line.contains(&format!("/{}/", std::process::id())), "{line}");
+
+    // What only a lease holds goes when it is deleted (synchronously).
+    let data = noise(10_000, 5);
+    let desc = descriptor("application/octet-stream", &data);
+    write_blob(&b, &desc, &data, &lease, 4096).await;
+    b.leases.collect().await.unwrap();
+    assert!(b.content.info(&desc.digest).await.is_ok(), "collected under a live lease");
+    b.leases.delete(&lease).await.unwrap();
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.leases.delete(&lease).await, Err(Error::NotFound(_))));
+
+    // A lease of a process that is gone is deleted by the next collection, and what it held
+    // is collected; a lease of a live process stays.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let pid_ns = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/self/ns/pid").unwrap());
+    let owner = format!("pullbox.io/owner={}/{pid_ns}/{dead_pid}/1", boot.trim());
+    ctd.ctr_ok(ns, &["leases", "create", "--id", "pullbox-dead", &owner]).unwrap();
+    let live = b.leases.create().await.unwrap();
+    let data = noise(20_000, 6);
+    let desc = descriptor("application/octet-stream", &data);
+    write_blob(&b, &desc, &data, &LeaseId("pullbox-dead".into()), 4096).await;
+    let report = b.leases.collect().await.unwrap();
+    assert_eq!(report.leases, 1, "{report:?}");
+    assert!(report.blobs >= 1 && report.bytes >= 20_000, "{report:?}");
+    let leases = ctd.list(ns, "leases").unwrap();
+    assert!(!leases.contains(&"pullbox-dead".to_owned()), "{leases:?}");
+    assert!(leases.contains(&live.0), "{leases:?}");
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
+    b.leases.delete(&live).await.unwrap();
+}
+
+/// `connect` says what is wrong: no containerd, no such snapshotter, a bad namespace.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_reports_misconfiguration() {
+    containerd();
+    let mut c = config("default");
+    c.address = "/nonexistent/containerd.sock".into();
+    let err = connect(&c).await.err().unwrap();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.to_string().contains("/nonexistent/containerd.sock"), "{err}");
+
+    let mut c = config("default");
+    c.snapshotter = "no-such-snapshotter".into();
+    let err = connect(&c).await.err().unwrap();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("no-such-snapshotter"), "{err}");
+
+    let err = connect(&config("not a namespace")).await.err().unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+}

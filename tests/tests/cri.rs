@@ -1,0 +1,154 @@
+//! The daemon: `pullbox serve` speaking CRI runtime.v1 `ImageService` on a unix socket, with
+//! the embedded backend, driven by the `k8s-cri` crate's generated client the way kubelet
+//! drives it. Every answer is checked against what the registry (via skopeo) says.
+
+use std::{os::unix::fs::PermissionsExt, process::Command};
+
+use k8s_cri::v1::{
+    ImageFilter, ImageFsInfoRequest, ImageSpec, ImageStatusRequest, ListImagesRequest, PullImageRequest,
+    RemoveImageRequest,
+};
+use pullbox_tests::{app, chain_id, cri, fixture, Pullbox};
+
+fn spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec { image: image.to_owned(), ..ImageSpec::default() })
+}
+
+fn pull_req(image: &str) -> PullImageRequest {
+    PullImageRequest { image: spec(image), ..PullImageRequest::default() }
+}
+
+fn status_req(image: &str, verbose: bool) -> ImageStatusRequest {
+    ImageStatusRequest { image: spec(image), verbose }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cri_conversation_on_the_embedded_backend() {
+    let f = fixture();
+    let daemon = cri::Daemon::start("").unwrap();
+    let mut c = cri::connect(daemon.socket()).await.unwrap();
+    let reference = f.reference("team/app:1.0");
+
+    // ImageFsInfo answers at connect, before any image exists.
+    let fs = c.image_fs_info(ImageFsInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(fs.image_filesystems.len(), 1);
+    let mountpoint = &fs.image_filesystems[0].fs_id.as_ref().unwrap().mountpoint;
+    assert!(mountpoint.ends_with("/snapshots"), "{mountpoint}");
+
+    // Unknown image: an empty status, not an error.
+    let none = c.image_status(status_req(&reference, false)).await.unwrap().into_inner();
+    assert!(none.image.is_none());
+
+    // PullImage answers the image ID, which is the config digest.
+    let pulled = c.pull_image(pull_req(&reference)).await.unwrap().into_inner();
+    assert_eq!(pulled.image_ref, f.app.config_digest);
+
+    let status = c.image_status(status_req(&reference, true)).await.unwrap().into_inner();
+    let image = status.image.expect("pulled image has a status");
+    assert_eq!(image.id, pulled.image_ref);
+    assert_eq!(image.repo_tags, vec![reference.clone()]);
+    assert_eq!(image.repo_digests, vec![format!("{}/team/app@{}", f.registry.addr(), f.app.manifest_digest)]);
+    assert!(image.size > 0);
+    assert_eq!(image.uid.map(|u| u.value), Some(1000), "config User is {}", app::USER);
+    assert_eq!(image.username, "");
+    let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
+    assert_eq!(info["chainID"], chain_id(&f.app.diff_ids));
+    assert_eq!(info["imageSpec"]["config"]["User"], app::USER);
+
+    // Status by ID and by ID prefix name the same image.
+    for by in [image.id.clone(), image.id["sha256:".len().."sha256:".len() + 12].to_owned()] {
+        let s = c.image_status(status_req(&by, false)).await.unwrap().into_inner();
+        assert_eq!(s.image.map(|i| i.id), Some(image.id.clone()), "status by {by}");
+    }
+
+    // ListImages, with and without a filter.
+    let all = c.list_images(ListImagesRequest::default()).await.unwrap().into_inner().images;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0], image);
+    let filtered = c
+        .list_images(ListImagesRequest { filter: Some(ImageFilter { image: spec(&reference) }) })
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert_eq!(filtered, vec![image.clone()]);
+    let other = c
+        .list_images(ListImagesRequest { filter: Some(ImageFilter { image: spec(&f.reference("team/nope:1")) }) })
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert!(other.is_empty());
+
+    // Errors carry kubelet-meaningful codes.
+    let bad = c.pull_image(pull_req("UPPER/Case:tag")).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    let missing = c.pull_image(pull_req(&f.reference("team/nope:1.0"))).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+
+    // RemoveImage removes every name; removing an unknown image succeeds.
+    c.remove_image(RemoveImageRequest { image: spec(&reference) }).await.unwrap();
+    assert!(c.image_status(status_req(&image.id, false)).await.unwrap().into_inner().image.is_none());
+    assert!(c.list_images(ListImagesRequest::default()).await.unwrap().into_inner().images.is_empty());
+    c.remove_image(RemoveImageRequest { image: spec(&reference) }).await.unwrap();
+    let blobs = daemon.root().join("content/blobs/sha256");
+    let left: Vec<_> = std::fs::read_dir(&blobs).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "content left after RemoveImage: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_mode_and_clean_shutdown() {
+    let mut daemon = cri::Daemon::start("socket_mode = \"0600\"").unwrap();
+    let mode = std::fs::metadata(daemon.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(daemon.stop().unwrap(), "serve exits 0 on SIGTERM: {}", daemon.log());
+    assert!(!daemon.socket().exists(), "socket removed on shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_puller_decides_through_the_daemon() {
+    let f = fixture();
+    let refuse = Pullbox::bin().unwrap().with_file_name("pullbox-refuse.wasm");
+    let daemon = cri::Daemon::start(&format!("puller = {:?}", refuse.display().to_string())).unwrap();
+    let mut c = cri::connect(daemon.socket()).await.unwrap();
+    let err = c.pull_image(pull_req(&f.reference("team/app:1.0"))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("refus"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_pulls() {
+    let f = fixture();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let daemon = cri::Daemon::start(&format!("metrics_address = \"127.0.0.1:{port}\"")).unwrap();
+    let mut c = cri::connect(daemon.socket()).await.unwrap();
+    c.pull_image(pull_req(&f.reference("team/app:1.0"))).await.unwrap();
+    let _ = c.pull_image(pull_req(&f.reference("team/nope:1.0"))).await.unwrap_err();
+    let out = Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("pullbox_pulls_total{result=\"ok\"} 1"), "{text}");
+    assert!(text.contains("pullbox_pulls_total{result=\"not_found\"} 1"), "{text}");
+    assert!(text.contains("pullbox_policy_decisions_total{decision=\"allow\"} 1"), "{text}");
+    let fetched = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pullbox_fetched_bytes_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(fetched > 0, "{text}");
+}
+
+#[test]
+fn invalid_configs_are_refused_at_start() {
+    for (config, needle) in [
+        ("sokcet = \"/tmp/x\"", "unknown field"),
+        ("backend = \"zfs\"", "unknown variant"),
+        ("metrics_address = \"0.0.0.0:9464\"", "loopback"),
+        ("puller = \"/nonexistent.wasm\"", "nonexistent"),
+    ] {
+        let err = match cri::Daemon::start(config) {
+            Ok(_) => panic!("{config} accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(needle), "{config}: {err}");
+    }
+}
