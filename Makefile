@@ -4,6 +4,7 @@
 #   target/release/pullbox-puller.wasm     the default puller (guest/)
 #   target/release/pullbox-refuse.wasm     the puller that refuses every pull (guest/refuse/)
 #   target/release/pullbox-allowlist.wasm  the example policy puller (guest/allowlist/)
+#   target/release/pullbox-hostile.wasm    the misbehaving puller of the sandbox tests (guest/hostile/)
 #
 # Toolchain: where rustup has the wasm32-unknown-unknown target installed, the normal
 # cargo builds the guests. Otherwise (an offline machine) Debian's rustc-web, cargo-web,
@@ -32,9 +33,11 @@ OUT_DIR        := target/release
 PULLER_CORE    := $(CORE_DIR)/pullbox_puller.wasm
 REFUSE_CORE    := $(CORE_DIR)/pullbox_refuse.wasm
 ALLOWLIST_CORE := $(CORE_DIR)/pullbox_allowlist.wasm
+HOSTILE_CORE   := $(CORE_DIR)/pullbox_hostile.wasm
 PULLER         := $(OUT_DIR)/pullbox-puller.wasm
 REFUSE         := $(OUT_DIR)/pullbox-refuse.wasm
 ALLOWLIST      := $(OUT_DIR)/pullbox-allowlist.wasm
+HOSTILE        := $(OUT_DIR)/pullbox-hostile.wasm
 
 # Everything a guest build reads. When only the host's part of Cargo.lock changed, cargo
 # finds nothing to do and the components are merely re-wrapped (about a second).
@@ -61,7 +64,7 @@ endif
 
 # ---- pullers --------------------------------------------------------------------------
 
-pullers: $(PULLER) $(REFUSE) $(ALLOWLIST)
+pullers: $(PULLER) $(REFUSE) $(ALLOWLIST) $(HOSTILE)
 
 WASM_TOOLCHAIN_CHECK = @test -n "$(HAVE_RUSTUP_WASM)" || { test -x $(DEBIAN_RUSTC) && test -x $(DEBIAN_CARGO); } || { \
 	  echo "error: no wasm32 toolchain: rustup target add $(WASM_TARGET), or apt-get install rustc-web cargo-web rust-web-src lld-22" >&2; exit 1; }
@@ -85,6 +88,14 @@ $(ALLOWLIST_CORE): $(GUEST_SOURCES) | $(PULLER_CORE)
 	$(GUEST_ENV) CARGO_TARGET_DIR=$(GUEST_TARGET_DIR) $(GUEST_CARGO) build $(GUEST_FLAGS) \
 	  --target $(WASM_TARGET) --profile $(WASM_PROFILE) -p pullbox-allowlist
 	touch $(ALLOWLIST_CORE)
+
+# The hostile puller (tests/tests/sandbox.rs) depends on no other guest crate; a run of its
+# own keeps this rule apart from the others'.
+$(HOSTILE_CORE): $(GUEST_SOURCES) | $(PULLER_CORE)
+	$(WASM_TOOLCHAIN_CHECK)
+	$(GUEST_ENV) CARGO_TARGET_DIR=$(GUEST_TARGET_DIR) $(GUEST_CARGO) build $(GUEST_FLAGS) \
+	  --target $(WASM_TARGET) --profile $(WASM_PROFILE) -p pullbox-hostile
+	touch $(HOSTILE_CORE)
 
 # Core module -> component, validated before it replaces the old one.
 $(OUT_DIR)/pullbox-%.wasm: $(CORE_DIR)/pullbox_%.wasm | $(WASM_TOOLS)

@@ -471,7 +471,7 @@ impl RepositoryPattern {
             });
         }
         let parts: Vec<&str> = text.split('/').collect();
-        if parts.len() < 2 {
+        if parts.len() < 2 && text != "**" {
             return Err(bad("a registry and a path"));
         }
         let mut segments = Vec::with_capacity(parts.len());

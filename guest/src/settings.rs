@@ -36,7 +36,7 @@
 use std::fmt;
 use std::sync::Mutex;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
 use crate::error::{Error, Result};

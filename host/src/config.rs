@@ -45,6 +45,8 @@ pub struct DaemonConfig {
     pub shutdown_grace_seconds: u64,
     /// The containerd backend's settings.
     pub containerd: ContainerdSection,
+    /// The puller's sandbox.
+    pub sandbox: crate::engine::Limits,
 }
 
 /// `[containerd]`: where containerd is and what of it pullbox uses.
@@ -84,6 +86,7 @@ impl Default for DaemonConfig {
             metrics_address: None,
             shutdown_grace_seconds: 10,
             containerd: ContainerdSection::default(),
+            sandbox: crate::engine::Limits::default(),
         }
     }
 }
@@ -112,6 +115,7 @@ impl DaemonConfig {
     /// Checks what the types cannot.
     pub fn validate(&self) -> Result<(), String> {
         self.mode()?;
+        self.sandbox.validate()?;
         if let Some(addr) = self.metrics_address {
             if !addr.ip().is_loopback() {
                 return Err(format!("metrics_address {addr} is not a loopback address"));

@@ -11,18 +11,33 @@
 //!
 //! A guest-visible error (the WIT `error` variant) is a [`CallError::Refused`]; a trap — a
 //! host bug, a hostile guest, or a limit hit — is a [`CallError::Trap`].
-//! [`MEMORY_LIMIT`] bounds a guest's linear memory (64 MiB: a puller parses manifests and
-//! configs of at most 4 MiB each, so this leaves ample headroom while bounding a runaway).
+//!
+//! The sandbox ([`Limits`], the daemon's `[sandbox]` section):
+//! - linear memory per instance (64 MiB by default: a puller parses manifests and configs
+//!   of at most 4 MiB each, so this leaves ample headroom while bounding a runaway), and
+//!   counts of core instances, memories and tables;
+//! - wasm stack depth (1 MiB by default; deep enough for any parser, shallow enough that
+//!   unbounded recursion traps at once);
+//! - guest CPU time per call (5 s by default): a call hook accounts the time spent executing
+//!   guest code, excluding host imports (downloads, unpacking); an epoch ticker
+//!   ([`TICK`] = 10 ms) interrupts guest code, which then yields to the async executor — so
+//!   a looping guest never starves other requests — and traps once over budget;
+//! - the pooling allocator where the machine allows it (a pool of [`Limits::max_calls`]
+//!   instances; calls beyond it fail with `resource-exhausted`), the on-demand allocator
+//!   otherwise.
 
 use std::{
     hash::{Hash, Hasher as _},
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
+use serde::Deserialize;
 use wasmtime::{
     component::{Component, HasSelf, Linker},
-    Config, Engine, Store, StoreLimits, StoreLimitsBuilder,
+    CallHook, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, UpdateDeadline,
 };
 
 use crate::{error::Code, oci::Digest, session::Session};
@@ -40,18 +55,75 @@ pub(crate) mod bindings {
 pub use bindings::exports::pullbox::image::puller::{ImageInfo, PullRequest};
 use bindings::{PullerWorld, PullerWorldPre};
 
-/// The most linear memory one guest instance may use.
-pub const MEMORY_LIMIT: usize = 64 << 20;
+/// How often the epoch ticker interrupts guest code to account its CPU time.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// The sandbox's limits (the daemon's `[sandbox]` section).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Bytes of linear memory one instance may use.
+    pub memory_limit: usize,
+    /// Milliseconds of guest execution one call may use (host imports do not count).
+    pub cpu_limit_ms: u64,
+    /// Bytes of wasm stack.
+    pub stack_limit: usize,
+    /// Calls that may run at once (the size of the instance pool).
+    pub max_calls: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { memory_limit: 64 << 20, cpu_limit_ms: 5000, stack_limit: 1 << 20, max_calls: 64 }
+    }
+}
+
+impl Limits {
+    /// Checks the values are usable.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1 << 20..=4 << 30).contains(&self.memory_limit) {
+            return Err("sandbox.memory_limit must be between 1 MiB and 4 GiB".into());
+        }
+        if self.cpu_limit_ms == 0 {
+            return Err("sandbox.cpu_limit_ms must be positive".into());
+        }
+        if !(64 << 10..=64 << 20).contains(&self.stack_limit) {
+            return Err("sandbox.stack_limit must be between 64 KiB and 64 MiB".into());
+        }
+        if !(1..=10_000).contains(&self.max_calls) {
+            return Err("sandbox.max_calls must be between 1 and 10000".into());
+        }
+        Ok(())
+    }
+}
+
+/// Time accounting of one call: guest execution only.
+struct CpuClock {
+    limit: Duration,
+    used: Duration,
+    /// When guest code last started running; `None` while the host runs.
+    running_since: Option<Instant>,
+}
+
+impl CpuClock {
+    fn used_now(&self) -> Duration {
+        self.used + self.running_since.map(|t| t.elapsed()).unwrap_or_default()
+    }
+}
 
 /// The most core instances, memories and tables one component instance may create (a
 /// component made by `wasm-tools component new` has a few core instances: the module and
 /// its adapter shims).
 pub const MAX_INSTANCES: usize = 16;
 
+/// The most elements one table may hold (function tables of real pullers hold hundreds).
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+
 /// The store data of one call.
 pub struct CallState {
     pub(crate) session: Arc<Session>,
     limits: StoreLimits,
+    clock: CpuClock,
 }
 
 /// What went wrong in a call into the guest.
@@ -60,7 +132,10 @@ pub enum CallError {
     /// The guest answered with an error.
     #[error("{message}")]
     Refused { code: Code, message: String },
-    /// The guest trapped or hit a limit; the request fails, the daemon goes on.
+    /// The guest hit a sandbox limit (CPU time, memory, stack, instance pool).
+    #[error("puller stopped: {0}")]
+    Limit(String),
+    /// The guest trapped; the request fails, the daemon goes on.
     #[error("puller failed: {0:#}")]
     Trap(anyhow::Error),
 }
@@ -70,24 +145,63 @@ impl CallError {
     pub fn code(&self) -> Code {
         match self {
             CallError::Refused { code, .. } => *code,
+            CallError::Limit(_) => Code::ResourceExhausted,
             CallError::Trap(_) => Code::Internal,
         }
     }
 }
 
+/// The trap raised when a call uses more guest CPU time than allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("the puller exceeded its CPU time limit of {} ms", .0.as_millis())]
+struct CpuLimit(Duration);
+
 /// The wasmtime engine and the compiled-component cache.
 pub struct Runtime {
     engine: Engine,
     cache_dir: Option<PathBuf>,
+    limits: Limits,
 }
 
 impl Runtime {
-    /// An engine whose compiled components are cached under `cache_dir`.
-    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
+    /// An engine with `limits` whose compiled components are cached under `cache_dir`.
+    pub fn new(cache_dir: Option<PathBuf>, limits: Limits) -> anyhow::Result<Runtime> {
+        limits.validate().map_err(anyhow::Error::msg)?;
         let mut config = Config::new();
-        config.wasm_component_model(true);
-        let engine = Engine::new(&config)?;
-        Ok(Runtime { engine, cache_dir })
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(limits.stack_limit)
+            .async_stack_size(limits.stack_limit + (1 << 20));
+        let mut pool = PoolingAllocationConfig::default();
+        let n = limits.max_calls;
+        pool.total_component_instances(n)
+            .total_core_instances(n * MAX_INSTANCES as u32)
+            .total_memories(n * MAX_INSTANCES as u32)
+            .total_tables(n * MAX_INSTANCES as u32)
+            .total_stacks(n)
+            .max_core_instances_per_component(MAX_INSTANCES as u32)
+            .max_memories_per_component(MAX_INSTANCES as u32)
+            .max_tables_per_component(MAX_INSTANCES as u32)
+            .max_memory_size(limits.memory_limit);
+        let mut pooled = config.clone();
+        pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = match Engine::new(&pooled) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::info!("pooling allocator unavailable ({e}); allocating instances on demand");
+                Engine::new(&config)?
+            }
+        };
+        let weak = engine.weak();
+        std::thread::Builder::new().name("pullbox-epoch".into()).spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(TICK);
+            }
+        })?;
+        Ok(Runtime { engine, cache_dir, limits })
     }
 
     /// Loads, links and pre-instantiates the component in `path`, then checks that it accepts
@@ -113,7 +227,8 @@ impl Runtime {
             .map_err(|e| anyhow::anyhow!("puller {} does not fit pullbox: {e:#}", path.display()))?;
         let pre = PullerWorldPre::new(pre)
             .map_err(|e| anyhow::anyhow!("puller {} does not fit pullbox: {e:#}", path.display()))?;
-        let puller = Puller { engine: self.engine.clone(), pre, settings, path: path.to_owned() };
+        let puller =
+            Puller { engine: self.engine.clone(), pre, settings, path: path.to_owned(), limits: self.limits.clone() };
         Ok(puller)
     }
 
@@ -156,6 +271,7 @@ pub struct Puller {
     pre: PullerWorldPre<CallState>,
     settings: String,
     path: PathBuf,
+    limits: Limits,
 }
 
 impl Puller {
@@ -167,13 +283,41 @@ impl Puller {
     /// A fresh store and instance, configured with the current settings.
     async fn instance(&self, session: Arc<Session>) -> Result<(Store<CallState>, PullerWorld), CallError> {
         let limits = StoreLimitsBuilder::new()
-            .memory_size(MEMORY_LIMIT)
+            .memory_size(self.limits.memory_limit)
             .instances(MAX_INSTANCES)
             .memories(MAX_INSTANCES)
             .tables(MAX_INSTANCES)
+            .table_elements(MAX_TABLE_ELEMENTS)
+            .trap_on_grow_failure(true)
             .build();
-        let mut store = Store::new(&self.engine, CallState { session, limits });
+        let clock = CpuClock {
+            limit: Duration::from_millis(self.limits.cpu_limit_ms),
+            used: Duration::ZERO,
+            running_since: None,
+        };
+        let mut store = Store::new(&self.engine, CallState { session, limits, clock });
         store.limiter(|s| &mut s.limits);
+        store.call_hook(|mut ctx, hook| {
+            let clock = &mut ctx.data_mut().clock;
+            match hook {
+                CallHook::CallingWasm | CallHook::ReturningFromHost => clock.running_since = Some(Instant::now()),
+                CallHook::CallingHost | CallHook::ReturningFromWasm => {
+                    if let Some(t) = clock.running_since.take() {
+                        clock.used += t.elapsed();
+                    }
+                }
+            }
+            Ok(())
+        });
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            let clock = &ctx.data().clock;
+            if clock.used_now() > clock.limit {
+                return Err(wasmtime::Error::new(CpuLimit(clock.limit)));
+            }
+            // Let other requests run between slices of this guest's execution.
+            Ok(UpdateDeadline::Yield(1))
+        });
         let world = self.pre.instantiate_async(&mut store).await.map_err(trap)?;
         world
             .pullbox_image_puller()
@@ -214,7 +358,21 @@ impl Puller {
     }
 }
 
+/// Classifies a trap: a limit hit, or anything else.
 fn trap(e: wasmtime::Error) -> CallError {
+    if let Some(l) = e.downcast_ref::<CpuLimit>() {
+        return CallError::Limit(l.to_string());
+    }
+    if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::StackOverflow) {
+        return CallError::Limit("the puller exhausted its stack (stack limit)".into());
+    }
+    let text = format!("{e:#}");
+    if text.contains("forcing trap when growing memory") || text.contains("memory minimum size") {
+        return CallError::Limit(format!("the puller exceeded its memory limit: {e}"));
+    }
+    if text.contains("maximum concurrent") {
+        return CallError::Limit(format!("too many puller calls at once: {e}"));
+    }
     CallError::Trap(e.into())
 }
 

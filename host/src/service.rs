@@ -7,8 +7,21 @@
 //! - status, list and remove run without a lease, so they cannot write;
 //! - a remove is followed by a collection, so an image with no records left releases its
 //!   content and snapshots.
+//!
+//! One pull in flight per reference and platform: a pull that finds one running waits for it
+//! and returns its result (a failure as [`Error::Shared`], same code and message) instead of
+//! pulling again. A waiter pulls by itself when the pull it waited for was cancelled or refused
+//! access (both depend on that caller's request, not on the image), or was dropped. A remove
+//! waits for the pulls in flight of the same reference. Across processes the stores serialize
+//! the work instead: a second writer of a blob waits for the first, and a second unpack of a
+//! layer waits for the first (see `backend::embedded`).
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::watch;
 
 use crate::{
     backend::{Backend, GcReport},
@@ -42,8 +55,49 @@ impl ServiceError {
     }
 }
 
+/// What the waiters of a pull in flight get: the image, or the failure's code and message.
+type PullOutcome = Result<ImageInfo, (Code, String)>;
+
+/// The pulls in flight, by (reference, platform): each publishes its outcome once.
+type InFlight = Arc<Mutex<HashMap<(String, String), watch::Receiver<Option<PullOutcome>>>>>;
+
+/// Removes a pull's entry from the in-flight map when the pull ends or is dropped; waiters of
+/// a dropped pull see the channel close and pull by themselves.
+struct InFlightEntry {
+    map: InFlight,
+    key: (String, String),
+}
+
+impl Drop for InFlightEntry {
+    fn drop(&mut self) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+    }
+}
+
+/// Deletes a pull's lease (and collects what it held) should the pull's future be dropped
+/// before it deleted the lease itself, so an abandoned pull leaves nothing held.
+struct LeaseGuard {
+    backend: Backend,
+    lease: Option<crate::backend::LeaseId>,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let backend = self.backend.clone();
+        runtime.spawn(async move {
+            tracing::debug!(lease = lease.0, "releasing the lease of an abandoned pull");
+            if backend.leases.delete(&lease).await.is_ok() {
+                let _ = backend.leases.collect().await;
+            }
+        });
+    }
+}
+
 /// The image service over one backend and one puller.
 pub struct ImageService {
+    in_flight: InFlight,
     backend: Backend,
     registry: SharedClient,
     /// The current puller; swapped whole by [`ImageService::swap_puller`], so a call in flight
@@ -54,7 +108,7 @@ pub struct ImageService {
 impl ImageService {
     /// A service over `backend` using `puller`.
     pub fn new(backend: Backend, registry: SharedClient, puller: Puller) -> ImageService {
-        ImageService { backend, registry, puller: std::sync::RwLock::new(Arc::new(puller)) }
+        ImageService { in_flight: InFlight::default(), backend, registry, puller: std::sync::RwLock::new(Arc::new(puller)) }
     }
 
     /// The current puller.
@@ -85,6 +139,9 @@ impl ImageService {
     /// accessed with `credentials` (for this request only; the puller never sees them).
     /// Cancelling `cancel` stops the downloads and makes the registry imports answer
     /// `cancelled`, so the pull fails and its lease is deleted like any failed pull's.
+    ///
+    /// A pull of the same reference and platform already in flight is waited for instead (see
+    /// the module docs).
     pub async fn pull(
         &self,
         reference: &str,
@@ -93,7 +150,60 @@ impl ImageService {
         credentials: Credentials,
         cancel: CancellationToken,
     ) -> Result<ImageInfo, ServiceError> {
+        let key = (reference.to_owned(), serde_json::to_string(&platform).unwrap_or_default());
+        loop {
+            let joined = {
+                let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                match map.get(&key) {
+                    Some(rx) => Err(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        map.insert(key.clone(), rx);
+                        Ok(tx)
+                    }
+                }
+            };
+            let mut rx = match joined {
+                Ok(tx) => {
+                    let _entry = InFlightEntry { map: self.in_flight.clone(), key };
+                    let result = self.pull_once(reference, platform, progress, credentials, cancel).await;
+                    tx.send_replace(Some(match &result {
+                        Ok(image) => Ok(image.clone()),
+                        Err(ServiceError::Host(e)) => Err((e.code(), e.chain())),
+                        Err(e) => Err((e.code(), e.to_string())),
+                    }));
+                    return result;
+                }
+                Err(rx) => rx,
+            };
+            tracing::info!(reference, "a pull of the same image is in flight; waiting for it");
+            let outcome = tokio::select! {
+                outcome = rx.wait_for(Option::is_some) => outcome.ok().and_then(|o| o.clone()),
+                () = cancel.cancelled() => {
+                    return Err(Error::Cancelled(format!("pull of {reference} cancelled")).into());
+                }
+            };
+            match outcome {
+                Some(Ok(image)) => return Ok(image),
+                Some(Err((code, _))) if matches!(code, Code::Cancelled | Code::PermissionDenied) => {}
+                Some(Err((code, message))) => return Err(Error::Shared { code, message }.into()),
+                None => {}
+            }
+            tracing::info!(reference, "the pull waited for did not finish for this caller; pulling");
+        }
+    }
+
+    /// One pull, under its own lease.
+    async fn pull_once(
+        &self,
+        reference: &str,
+        platform: Platform,
+        progress: Arc<dyn Progress>,
+        credentials: Credentials,
+        cancel: CancellationToken,
+    ) -> Result<ImageInfo, ServiceError> {
         let lease = self.backend.leases.create().await?;
+        let mut guard = LeaseGuard { backend: self.backend.clone(), lease: Some(lease.clone()) };
         let session = Arc::new(
             Session::new(self.backend.clone(), self.registry.clone(), Some(lease.clone()), progress)
                 .with_credentials(credentials)
@@ -111,7 +221,9 @@ impl ImageService {
             }
             Err(_) => session.abort().await,
         }
-        self.backend.leases.delete(&lease).await?;
+        let deleted = self.backend.leases.delete(&lease).await;
+        guard.lease = None;
+        deleted?;
         if result.is_err() {
             match self.backend.leases.collect().await {
                 Ok(r) => tracing::debug!(?r, "collected what the failed pull wrote"),
@@ -134,6 +246,14 @@ impl ImageService {
     /// Removes the image `reference` names, then collects what it no longer holds. Returns
     /// how many records went and what the collection freed.
     pub async fn remove(&self, reference: &str) -> Result<(usize, GcReport), ServiceError> {
+        // A pull of the same reference in flight finishes first (or fails, or is dropped).
+        let pulls: Vec<_> = {
+            let map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            map.iter().filter(|((r, _), _)| r == reference).map(|(_, rx)| rx.clone()).collect()
+        };
+        for mut rx in pulls {
+            let _ = rx.wait_for(Option::is_some).await;
+        }
         let before = self.backend.images.list().await?.len();
         self.puller().remove(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?;
         let removed = before.saturating_sub(self.backend.images.list().await?.len());

@@ -9,6 +9,8 @@
 //! - [`pullbox::Pullbox`]: the `pullbox` binary with a private store root.
 //! - [`tree`]: scanning snapshot directories and comparing them with `umoci unpack`.
 //! - [`process`]: running programs with captured output and a deadline.
+//! - [`sandbox`]: the hostile-puller suite's helpers (a daemon whose puller is swapped live,
+//!   store leftovers, components built from WIT with `wasm-tools`).
 //!
 //! Needs, on `PATH` or where Debian installs them: `docker-registry`, `umoci`, `skopeo`,
 //! `/bin/busybox` (busybox-static), `/bin/sh`. The CLI tests also need `make build`'s
@@ -22,6 +24,7 @@ pub mod oci;
 pub mod process;
 pub mod pullbox;
 pub mod registry;
+pub mod sandbox;
 pub mod tree;
 
 pub use fixture::{app, fixture, Fixture};

@@ -18,11 +18,12 @@ use pullbox::{
     engine::Runtime,
     error::{Code, Error},
     oci::{Descriptor, Digest, Platform},
-    registry::{Client, NoProgress},
+    registry::{Client, Credentials, NoProgress},
     service::ImageService,
 };
 use pullbox_tests::{app, containerd::Containerd, fixture, Pullbox};
 use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
 
 /// The containerd of this test binary, started on first use.
 fn containerd() -> &'static Containerd {
@@ -48,7 +49,7 @@ async fn backend(namespace: &str) -> Backend {
 /// The image service over the containerd backend in `namespace`, with the default puller.
 async fn service(namespace: &str) -> ImageService {
     let puller_path = Pullbox::puller("pullbox-puller.wasm").unwrap();
-    let runtime = Runtime::new(None).unwrap();
+    let runtime = Runtime::new(None, Default::default()).unwrap();
     let puller = runtime.load(&puller_path, String::new()).await.unwrap();
     ImageService::new(
         backend(namespace).await,
@@ -135,7 +136,13 @@ async fn pulled_image_runs_and_matches_ctr_pull() {
     let svc = service(ns).await;
     let reference = f.app.reference.clone();
     let info = svc
-        .pull(&reference, Platform::host(), Arc::new(NoProgress))
+        .pull(
+            &reference,
+            Platform::host(),
+            Arc::new(NoProgress),
+            Credentials::default(),
+            CancellationToken::new(),
+        )
         .await
         .unwrap_or_else(|e| panic!("pull failed: {e}\ncontainerd log:\n{}", ctd.log()));
     assert_eq!(info.id, f.app.config_digest);
@@ -224,7 +231,13 @@ async fn removed_image_is_collected_by_containerd() {
     // zstd layers: containerd's differ decompresses them too.
     let image = &f.app_zstd;
     let info = svc
-        .pull(&image.reference, Platform::host(), Arc::new(NoProgress))
+        .pull(
+            &image.reference,
+            Platform::host(),
+            Arc::new(NoProgress),
+            Credentials::default(),
+            CancellationToken::new(),
+        )
         .await
         .unwrap();
     assert_eq!(info.id, image.config_digest);

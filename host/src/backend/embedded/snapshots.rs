@@ -20,12 +20,37 @@
 //! Directories are created inside the transaction that inserts the row, and renamed away
 //! inside the one that deletes it, so the garbage collector (which sweeps directories without
 //! a row inside its own transaction) never sees a half-made snapshot.
+//!
+//! Concurrent unpacks of one layer (two pulls, in one process or several, of images that share
+//! it). A puller unpacks into an active snapshot whose key derives from the chain ID it will
+//! commit as (pullbox's puller: `extract-<chain hex>`; containerd's unpacker:
+//! `extract-<unique> <chain ID>`), and when `prepare` finds that key taken it removes the
+//! "stale" snapshot and prepares again. Were that snapshot another live pull's, the other pull
+//! would fail. So:
+//!
+//! - `prepare` of a key that is an active snapshot held by *another live lease* waits
+//!   (polling every [`WAIT_POLL`]) until that pull commits or removes it, or dies, then
+//!   prepares; `AlreadyExists` is left for keys of this lease or of dead ones (really stale);
+//! - `stat` of a name that does not exist while a live lease's active snapshot is about to be
+//!   committed as that name (recognized by the two key shapes above) waits for that unpack to
+//!   end, up to [`STAT_WAIT_LIMIT`]: a puller that checks for the committed layer before
+//!   unpacking it (as pullbox's does) then finds it and skips the layer instead of unpacking it
+//!   a second time.
+//!
+//! A waiting call stops waiting when its future is dropped (a cancelled pull).
+//!
+//! Snapshots removed behind pullbox's back. A snapshot whose directory is gone, or one of whose
+//! ancestors (row or directory) is, cannot be mounted: `stat` reports it as `NotFound` (so an
+//! image that needs it is not READY, and a pull unpacks it again), `prepare` and `view` on it
+//! fail with `FailedPrecondition`, and a `commit` under its name replaces it (children keep
+//! working: they name their parent, and a chain ID names the same content).
 
 use std::{
     fs::DirBuilder,
     io,
     os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -35,6 +60,7 @@ use super::{
     blocking,
     db::{add_resource, drop_resource, Db, Resource},
     fsutil::{disk_usage, remove_all},
+    leases::Owner,
     now_nanos, Layout,
 };
 use crate::{
@@ -45,6 +71,18 @@ use crate::{
 
 /// The snapshotter's name, as in `containerd.io/gc.ref.snapshot.overlayfs` labels.
 pub(crate) const NAME: &str = "overlayfs";
+
+/// How often a call waiting for another pull's active snapshot looks again: a layer takes far
+/// longer to unpack, and one indexed query per poll costs nothing.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// How long `stat` waits for another pull's unpack of the snapshot asked about before it
+/// answers `NotFound` anyway. `stat` also serves image status, which should not hang on a
+/// stuck pull; a pull that gets `NotFound` prepares the snapshot and waits there instead.
+const STAT_WAIT_LIMIT: Duration = Duration::from_secs(300);
+
+/// The prefix of the keys pullers unpack layers into (see the module docs).
+const EXTRACT_PREFIX: &str = "extract-";
 
 /// The embedded snapshotter.
 pub(crate) struct Snapshots {
@@ -112,17 +150,101 @@ fn require(conn: &Connection, key: &str) -> Result<Row> {
     get(conn, key)?.ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
 }
 
-/// The ids of `name` and its ancestors, nearest first ("" gives none).
-fn chain(conn: &Connection, name: &str) -> Result<Vec<i64>> {
+/// The ids of `name` and its ancestors, nearest first ("" gives none). `FailedPrecondition`
+/// when one of them, or its directory, is missing.
+fn chain(conn: &Connection, layout: &Layout, name: &str) -> Result<Vec<i64>> {
     let mut ids = Vec::new();
     let mut name = name.to_owned();
     while !name.is_empty() {
         let row = get(conn, &name)?
             .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {name}, an ancestor, is missing")))?;
+        if is_missing(&layout.snapshot_fs(row.id)) {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {name} has lost its directory {} (removed behind pullbox's back)",
+                layout.snapshot_fs(row.id).display()
+            )));
+        }
         ids.push(row.id);
         name = row.parent;
     }
     Ok(ids)
+}
+
+/// Whether `path` is certainly absent (any other failure to look is not taken as absence).
+fn is_missing(path: &Path) -> bool {
+    matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound)
+}
+
+/// Why `row` cannot be used, if it cannot: its directory, or an ancestor or its directory, is
+/// missing.
+fn damage(conn: &Connection, layout: &Layout, row: &Row) -> Result<Option<String>> {
+    let fs = layout.snapshot_fs(row.id);
+    if is_missing(&fs) {
+        return Ok(Some(format!("its directory {} is missing", fs.display())));
+    }
+    Ok(match chain(conn, layout, &row.parent) {
+        Ok(_) => None,
+        Err(Error::FailedPrecondition(why)) => Some(why),
+        Err(e) => return Err(e),
+    })
+}
+
+/// A live lease other than `except` that holds the snapshot `key`, if any.
+fn live_holder(conn: &Connection, key: &str, except: Option<&LeaseId>) -> Result<Option<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT l.id, l.pid, l.start_time, l.boot_id FROM lease_resources r JOIN leases l ON l.id = r.lease
+         WHERE r.kind = ?1 AND r.key = ?2",
+    )?;
+    let holders = stmt
+        .query_map(params![Resource::Snapshot.as_str(), key], |r| {
+            let owner = Owner { pid: r.get(1)?, start_time: r.get::<_, i64>(2)? as u64, boot_id: r.get(3)? };
+            Ok((r.get::<_, String>(0)?, owner))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(holders
+        .into_iter()
+        .find(|(id, owner)| except.is_none_or(|e| e.0 != *id) && owner.is_alive())
+        .map(|(id, _)| id))
+}
+
+/// The name an active snapshot `key` will be committed as, when its key says so (see the
+/// module docs): `extract-<hex>` → `sha256:<hex>`, `<anything> <name>` → `<name>`.
+fn unpack_target(key: &str) -> Option<String> {
+    if let Some((_, name)) = key.rsplit_once(' ') {
+        return (!name.is_empty()).then(|| name.to_owned());
+    }
+    let hex = key.strip_prefix(EXTRACT_PREFIX)?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("sha256:{hex}"))
+}
+
+/// The key of a live lease's active snapshot that is being unpacked to become `name`, if any.
+fn pending_unpack(conn: &Connection, name: &str) -> Result<Option<String>> {
+    let mut stmt = conn.prepare_cached("SELECT key FROM snapshots WHERE kind = ?1")?;
+    let active = stmt
+        .query_map([kind_str(SnapshotKind::Active)], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for key in active {
+        if unpack_target(&key).as_deref() == Some(name) && live_holder(conn, &key, None)?.is_some() {
+            return Ok(Some(key));
+        }
+    }
+    Ok(None)
+}
+
+/// What one look at a snapshot found, for `stat`.
+enum Look {
+    Found(Row),
+    /// Absent, or unusable (the reason).
+    Absent(Option<String>),
+    /// Absent, but the active snapshot with this key is being unpacked to become it.
+    Pending(String),
+}
+
+/// What `create` found.
+enum Created {
+    Mounts(Vec<Mount>),
+    /// The key is another live lease's active snapshot (that lease).
+    Busy(String),
 }
 
 /// Renames a snapshot directory to a fresh trash name, to be deleted outside the transaction;
@@ -161,25 +283,53 @@ impl Snapshots {
         Snapshots { layout, db }
     }
 
-    /// Creates an active snapshot or a view on `parent`.
+    /// Creates an active snapshot or a view on `parent`, first waiting while `key` is another
+    /// live pull's active snapshot (see the module docs).
     async fn create(&self, key: &str, parent: &str, kind: SnapshotKind, lease: &LeaseId) -> Result<Vec<Mount>> {
         if key.is_empty() {
             return Err(Error::InvalidArgument("a snapshot key must not be empty".into()));
         }
+        let started = Instant::now();
+        let mut announced = false;
+        loop {
+            match self.try_create(key, parent, kind, lease).await? {
+                Created::Mounts(mounts) => {
+                    if announced {
+                        tracing::info!(key, waited = ?started.elapsed(), "the other pull is done with the snapshot");
+                    }
+                    return Ok(mounts);
+                }
+                Created::Busy(holder) => {
+                    if !announced {
+                        tracing::info!(key, holder, "another pull is unpacking into this snapshot; waiting for it");
+                        announced = true;
+                    }
+                    tokio::time::sleep(WAIT_POLL).await;
+                }
+            }
+        }
+    }
+
+    async fn try_create(&self, key: &str, parent: &str, kind: SnapshotKind, lease: &LeaseId) -> Result<Created> {
         let (layout, key, parent, lease) = (self.layout.clone(), key.to_owned(), parent.to_owned(), lease.clone());
         self.db
             .write(move |tx| {
-                add_resource(tx, &lease, Resource::Snapshot, &key)?;
-                if get(tx, &key)?.is_some() {
+                if let Some(existing) = get(tx, &key)? {
+                    if existing.kind == SnapshotKind::Active && kind == SnapshotKind::Active {
+                        if let Some(holder) = live_holder(tx, &key, Some(&lease))? {
+                            return Ok(Created::Busy(holder));
+                        }
+                    }
                     return Err(Error::AlreadyExists(format!("snapshot {key}")));
                 }
+                add_resource(tx, &lease, Resource::Snapshot, &key)?;
                 if !parent.is_empty() {
                     let p = require(tx, &parent)?;
                     if p.kind != SnapshotKind::Committed {
                         return Err(Error::FailedPrecondition(format!("parent snapshot {parent} is not committed")));
                     }
                 }
-                let lowers = chain(tx, &parent)?;
+                let lowers = chain(tx, &layout, &parent)?;
                 let now = now_nanos() as i64;
                 tx.execute(
                     "INSERT INTO snapshots (key, parent, kind, labels, created_at, updated_at)
@@ -198,9 +348,20 @@ impl Snapshots {
                 if kind == SnapshotKind::Active {
                     builder.mode(0o700).create(layout.snapshot_work(row.id)).map_err(Error::io(context))?;
                 }
-                Ok(mounts_of(&layout, &row, &lowers))
+                Ok(Created::Mounts(mounts_of(&layout, &row, &lowers)))
             })
             .await
+    }
+
+    /// Deletes a trashed snapshot directory, outside any transaction; a failure is only
+    /// logged (the collector deletes trash).
+    async fn delete_trash(trash: Option<PathBuf>) {
+        if let Some(trash) = trash {
+            let context = format!("deleting {}", trash.display());
+            if let Err(e) = blocking(move || remove_all(&trash).map_err(Error::io(context))).await {
+                tracing::warn!(error = %e.chain(), "leaving a removed snapshot's files behind");
+            }
+        }
     }
 }
 
@@ -228,7 +389,7 @@ impl Snapshotter for Snapshots {
                         "snapshot {key} is committed: only active snapshots and views have mounts"
                     )));
                 }
-                Ok(mounts_of(&layout, &row, &chain(conn, &row.parent)?))
+                Ok(mounts_of(&layout, &row, &chain(conn, &layout, &row.parent)?))
             })
             .await
     }
@@ -237,30 +398,77 @@ impl Snapshotter for Snapshots {
         if name.is_empty() {
             return Err(Error::InvalidArgument("a snapshot name must not be empty".into()));
         }
-        let (name, key, lease) = (name.to_owned(), key.to_owned(), lease.clone());
-        self.db
+        let (layout, name, key, lease) = (self.layout.clone(), name.to_owned(), key.to_owned(), lease.clone());
+        let trash = self
+            .db
             .write(move |tx| {
                 add_resource(tx, &lease, Resource::Snapshot, &name)?;
                 let row = require(tx, &key)?;
                 if row.kind != SnapshotKind::Active {
                     return Err(Error::FailedPrecondition(format!("snapshot {key} is not active")));
                 }
-                if get(tx, &name)?.is_some() {
-                    return Err(Error::AlreadyExists(format!("snapshot {name}")));
+                let mut trash = None;
+                if let Some(existing) = get(tx, &name)? {
+                    let Some(why) = damage(tx, &layout, &existing)? else {
+                        return Err(Error::AlreadyExists(format!("snapshot {name}")));
+                    };
+                    // Unusable: this commit takes its place (see the module docs).
+                    tracing::warn!(snapshot = name, "replacing a snapshot that was damaged behind pullbox's back: {why}");
+                    tx.execute("DELETE FROM snapshots WHERE id = ?1", [existing.id])?;
+                    trash = move_to_trash(&layout, &layout.snapshot(existing.id))
+                        .map_err(Error::io(format!("replacing snapshot {name}")))?;
                 }
                 tx.execute(
                     "UPDATE snapshots SET key = ?1, kind = ?2, updated_at = ?3 WHERE id = ?4",
                     params![name, kind_str(SnapshotKind::Committed), now_nanos() as i64, row.id],
                 )?;
-                drop_resource(tx, Resource::Snapshot, &key)
+                drop_resource(tx, Resource::Snapshot, &key)?;
+                Ok(trash)
             })
-            .await
+            .await?;
+        Self::delete_trash(trash).await;
+        Ok(())
     }
 
     async fn stat(&self, key: &str) -> Result<SnapshotInfo> {
-        let key = key.to_owned();
-        let row = self.db.read(move |conn| require(conn, &key)).await?;
-        Ok(SnapshotInfo { name: row.key, parent: row.parent, kind: row.kind, labels: row.labels })
+        let deadline = Instant::now() + STAT_WAIT_LIMIT;
+        let mut announced = false;
+        loop {
+            let (layout, name) = (self.layout.clone(), key.to_owned());
+            let look = self
+                .db
+                .read(move |conn| {
+                    let why = match get(conn, &name)? {
+                        Some(row) => match damage(conn, &layout, &row)? {
+                            None => return Ok(Look::Found(row)),
+                            why => why,
+                        },
+                        None => None,
+                    };
+                    Ok(match pending_unpack(conn, &name)? {
+                        Some(active) => Look::Pending(active),
+                        None => Look::Absent(why),
+                    })
+                })
+                .await?;
+            match look {
+                Look::Found(row) => {
+                    return Ok(SnapshotInfo { name: row.key, parent: row.parent, kind: row.kind, labels: row.labels })
+                }
+                Look::Pending(active) if Instant::now() < deadline => {
+                    if !announced {
+                        tracing::info!(snapshot = key, active, "another pull is unpacking this snapshot; waiting for it");
+                        announced = true;
+                    }
+                    tokio::time::sleep(WAIT_POLL).await;
+                }
+                Look::Pending(_) | Look::Absent(None) => return Err(Error::NotFound(format!("snapshot {key}"))),
+                Look::Absent(Some(why)) => {
+                    tracing::info!(snapshot = key, "snapshot is unusable: {why}");
+                    return Err(Error::NotFound(format!("snapshot {key} (unusable: {why})")));
+                }
+            }
+        }
     }
 
     async fn remove(&self, key: &str) -> Result<()> {
@@ -279,13 +487,8 @@ impl Snapshotter for Snapshots {
                 move_to_trash(&layout, &layout.snapshot(row.id)).map_err(Error::io(format!("removing snapshot {key}")))
             })
             .await?;
-        if let Some(trash) = trash {
-            let context = format!("deleting {}", trash.display());
-            if let Err(e) = blocking(move || remove_all(&trash).map_err(Error::io(context))).await {
-                // The row is gone; the collector removes the directory later.
-                tracing::warn!(error = %e.chain(), "leaving a removed snapshot's files behind");
-            }
-        }
+        // The row is gone; should deleting the files fail, the collector deletes them later.
+        Self::delete_trash(trash).await;
         Ok(())
     }
 

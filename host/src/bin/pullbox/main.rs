@@ -51,6 +51,10 @@ struct Cli {
     #[arg(long, global = true, env = "PULLBOX_SETTINGS")]
     settings: Option<PathBuf>,
 
+    /// Guest CPU time one puller call may use, in milliseconds (default 5000).
+    #[arg(long, global = true, env = "PULLBOX_GUEST_CPU_MS")]
+    guest_cpu_ms: Option<u64>,
+
     /// Log filter, for example `info` or `pullbox=debug,puller=debug`.
     #[arg(long, global = true, env = "PULLBOX_LOG", default_value = "warn")]
     log: String,
@@ -166,7 +170,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => default_puller()?,
     };
-    let runtime = Runtime::new(Some(root.join("cache")))?;
+    let mut limits = pullbox::engine::Limits::default();
+    if let Some(ms) = cli.guest_cpu_ms {
+        limits.cpu_limit_ms = ms;
+    }
+    let runtime = Runtime::new(Some(root.join("cache")), limits)?;
     let puller = runtime.load(&puller_path, settings).await?;
     let transport = registry::Config {
         hosts_dir: Some(cli.hosts_dir.clone()),

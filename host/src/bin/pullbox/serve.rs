@@ -66,7 +66,7 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read settings {}", p.display()))?,
         None => String::new(),
     };
-    let runtime = Runtime::new(Some(config.root.join("cache")))?;
+    let runtime = Runtime::new(Some(config.root.join("cache")), config.sandbox.clone())?;
     let puller = runtime.load(&puller_path, settings).await?;
     let service = Arc::new(ImageService::new(backend, Arc::new(Client::new()?), puller));
     service.check().await.with_context(|| format!("puller {} refuses its settings", puller_path.display()))?;
