@@ -1,4 +1,5 @@
-//! An in-memory [`Host`] for the unit tests of the pull and catalog logic.
+//! An in-memory [`Host`] for the unit tests of the pull and catalog logic, and of pullers
+//! built on this crate (feature `fake`).
 //!
 //! [`FakeHost`] plays registry (blobs and tags pushed by the tests), content store,
 //! snapshotter, differ and image store with the semantics the WIT documents, including the
@@ -46,6 +47,8 @@ pub struct State {
     /// <digest> <key>`, `commit <name> <key>`, `remove <key>`, `label <digest>`, `create
     /// <name>`, `update <name>`, `delete <name>`.
     pub calls: Vec<String>,
+    /// Every descriptor passed to `fetch`, in order.
+    pub fetched: Vec<Descriptor>,
     /// Number of `content.read` calls.
     pub reads: usize,
     pub max_read: u32,
@@ -70,6 +73,12 @@ pub struct Pushed {
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
     pub diff_ids: Vec<String>,
+}
+
+impl Default for FakeHost {
+    fn default() -> Self {
+        FakeHost::new()
+    }
 }
 
 impl FakeHost {
@@ -97,18 +106,28 @@ impl FakeHost {
         }
     }
 
-    /// Pushes layers, a config and an OCI manifest.
+    /// Pushes layers, a `linux/amd64` config and an OCI manifest.
     pub fn push_image(&self, layers: &[&[u8]], user: &str) -> Pushed {
+        self.push_image_for(layers, user, "linux/amd64")
+    }
+
+    /// Pushes layers, a config for `platform` (`os/arch[/variant]`) and an OCI manifest.
+    pub fn push_image_for(&self, layers: &[&[u8]], user: &str, platform: &str) -> Pushed {
         let layers: Vec<Descriptor> = layers
             .iter()
             .map(|l| self.push_blob(LAYER_TAR, l))
             .collect();
         let diff_ids: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
-        let config = serde_json::json!({
-            "architecture": "amd64", "os": "linux",
+        let mut parts = platform.split('/');
+        let mut config = serde_json::json!({
+            "os": parts.next().unwrap_or_default(),
+            "architecture": parts.next().unwrap_or_default(),
             "config": {"User": user},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
+        if let Some(variant) = parts.next() {
+            config["variant"] = variant.into();
+        }
         let config = self.push_blob(oci::OCI_CONFIG, config.to_string().as_bytes());
         let manifest = serde_json::json!({
             "schemaVersion": 2,
@@ -219,6 +238,7 @@ impl Host for FakeHost {
         let digests: Vec<&str> = blobs.iter().map(|b| b.digest.as_str()).collect();
         self.call(format!("fetch {}", digests.join(",")));
         let mut s = self.s.borrow_mut();
+        s.fetched.extend(blobs.iter().cloned());
         for b in blobs {
             if let Some(bytes) = s.remote.get(&b.digest).cloned() {
                 s.content

@@ -591,7 +591,7 @@ mod tests {
             ("[2001:db8:3:4::192.0.2.33]:5000/debian".into(), "invalid registry host"),
             ("[1]:5000/app".into(), "is not an IPv6 address"),
             ("[:::::]/app".into(), "is not an IPv6 address"),
-            ("[]/app".into(), "invalid registry host"),
+            ("[]/app".into(), "invalid path component"),
             ("[::1]5000/app".into(), "invalid registry host"),
             ("localhost:5000/app:v1:v2".into(), "invalid tag"),
             ("app@sha256:7cc4b5aefd1d0cadf8d97d4350462ba51c694ebca145b08d7d41b41acc8db5aa@x".into(), "invalid digest"),

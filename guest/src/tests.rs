@@ -747,3 +747,504 @@ fn facade_uses_the_configured_settings() {
         .iter()
         .any(|(_, m)| m.starts_with("pull of \"nope\" failed: not-found")));
 }
+
+// ---- policy ---------------------------------------------------------------------------
+
+fn settings(doc: &str) -> Settings {
+    crate::settings::parse(doc).unwrap_or_else(|e| panic!("{doc}: {e}"))
+}
+
+/// Pulls with `doc` as settings; returns the denial message, panicking on anything else.
+#[track_caller]
+fn denied(host: &FakeHost, doc: &str, r: &PullRequest) -> String {
+    match pull(host, &settings(doc), r) {
+        Err(Error::PermissionDenied(m)) => m,
+        other => panic!("{doc} {r:?}: expected permission-denied, got {other:?}"),
+    }
+}
+
+fn fetches(host: &FakeHost) -> Vec<String> {
+    host.calls()
+        .into_iter()
+        .filter(|c| c.starts_with("fetch"))
+        .collect()
+}
+
+fn logged(host: &FakeHost, level: Level, needle: &str) -> bool {
+    host.s
+        .borrow()
+        .logs
+        .iter()
+        .any(|(l, m)| *l == level && m.contains(needle))
+}
+
+/// Pushes the same small image under several names.
+fn everywhere(host: &FakeHost, names: &[&str]) -> Pushed {
+    let img = host.push_image(&[b"layer"], "");
+    for name in names {
+        host.tag(name, "latest", &img.manifest);
+        host.tag(name, "1.0", &img.manifest);
+    }
+    img
+}
+
+#[test]
+fn reference_rules_decide_before_the_registry_is_asked() {
+    let names = [
+        "registry.io/team/app",
+        "registry.io.evil.com/team/app",
+        "registry.io:5000/team/app",
+        "evilregistry.io/team/app",
+        "registry.io/teamevil/app",
+        "registry.io/team/app-dev",
+        "docker.io/library/busybox",
+        "a.example.com/x/y",
+        "example.com/x/y",
+        "127.0.0.1:5000/team/app",
+        "127.1:5000/team/app",
+        "REGISTRY.IO/team/app",
+    ];
+    // (settings, reference, denied rule or None)
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "registry.io/team/app", None),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "registry.io:5000/team/app", None),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "REGISTRY.IO/team/app", None),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "registry.io.evil.com/team/app", Some("allowedRegistries")),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "evilregistry.io/team/app", Some("allowedRegistries")),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "busybox", Some("allowedRegistries")),
+        (r#"{"allowedRegistries": ["registry.io:5000"]}"#, "registry.io/team/app", Some("allowedRegistries")),
+        (r#"{"allowedRegistries": ["docker.io"]}"#, "busybox", None),
+        (r#"{"allowedRegistries": ["*.example.com"]}"#, "a.example.com/x/y", None),
+        (r#"{"allowedRegistries": ["*.example.com"]}"#, "example.com/x/y", Some("allowedRegistries")),
+        (r#"{"allowedRegistries": []}"#, "registry.io/team/app", Some("allowedRegistries")),
+        (r#"{"blockedRegistries": ["registry.io"]}"#, "registry.io:5000/team/app", Some("blockedRegistries")),
+        (r#"{"blockedRegistries": ["registry.io"]}"#, "registry.io.evil.com/team/app", None),
+        (r#"{"blockedRegistries": ["127.0.0.1"]}"#, "127.1:5000/team/app", Some("blockedRegistries")),
+        (r#"{"blockedRegistries": ["127.0.0.1"]}"#, "127.0.0.1:5000/team/app", Some("blockedRegistries")),
+        (r#"{"allowedRegistries": ["*.io"], "blockedRegistries": ["evilregistry.io"]}"#, "evilregistry.io/team/app", Some("blockedRegistries")),
+        (r#"{"allowedRepositories": ["registry.io/team/*"]}"#, "registry.io/team/app", None),
+        (r#"{"allowedRepositories": ["registry.io/team/*"]}"#, "registry.io/teamevil/app", Some("allowedRepositories")),
+        (r#"{"allowedRepositories": ["registry.io/team/*"]}"#, "registry.io.evil.com/team/app", Some("allowedRepositories")),
+        (r#"{"allowedRepositories": ["registry.io/team/app"]}"#, "registry.io/team/app-dev", Some("allowedRepositories")),
+        (r#"{"allowedRepositories": ["busybox"]}"#, "docker.io/library/busybox:1.0", None),
+        (r#"{"allowedRepositories": ["**/app"]}"#, "registry.io/team/app-dev", Some("allowedRepositories")),
+        (r#"{"blockedRepositories": ["registry.io/team/app"]}"#, "registry.io/team/app-dev", None),
+        (r#"{"blockedRepositories": ["registry.io/team/app"]}"#, "registry.io:5000/team/app", Some("blockedRepositories")),
+        (r#"{"blockedRepositories": ["registry.io/**"]}"#, "registry.io/team/app", Some("blockedRepositories")),
+        (r#"{"deniedTags": ["latest"]}"#, "busybox", Some("deniedTags")),
+        (r#"{"deniedTags": ["latest"]}"#, "busybox:latest", Some("deniedTags")),
+        (r#"{"deniedTags": ["latest"]}"#, "busybox:1.0", None),
+        (r#"{"deniedTags": ["1.*"]}"#, "busybox:1.0", Some("deniedTags")),
+        (r#"{"deniedTags": ["Latest"]}"#, "busybox:latest", None),
+        (r#"{"requireDigest": true}"#, "busybox:1.0", Some("requireDigest")),
+        (r#"{"requireDigest": false}"#, "busybox:1.0", None),
+    ];
+    for (doc, reference, want) in cases {
+        let host = FakeHost::new();
+        everywhere(&host, &names);
+        let result = pull(&host, &settings(doc), &req(reference));
+        match (want, result) {
+            (None, Ok(_)) => {}
+            (Some(rule), Err(Error::PermissionDenied(m))) => {
+                assert!(m.starts_with("policy denies "), "{doc} {reference}: {m}");
+                assert!(m.contains(&format!("rule {rule}: ")), "{doc} {reference}: {m}");
+                assert!(host.calls().is_empty(), "{doc} {reference}: {:?}", host.calls());
+                assert!(host.s.borrow().content.is_empty(), "resolved before deciding");
+                assert!(logged(&host, Level::Warn, "reference stage: denied"));
+            }
+            (want, got) => panic!("{doc} {reference}: want {want:?}, got {got:?}"),
+        }
+    }
+}
+
+#[test]
+fn digests_pass_tag_and_digest_rules() {
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    let doc = r#"{"deniedTags": ["latest"], "requireDigest": true}"#;
+    let by_digest = format!("busybox@{}", img.manifest.digest);
+    let m = denied(&host, doc, &req("busybox"));
+    assert!(m.contains("rule requireDigest") && m.contains("rule deniedTags"), "{m}");
+    pull(&host, &settings(doc), &req(&by_digest)).unwrap();
+    // With a digest the tag plays no part in what is pulled, so it is not judged.
+    pull(&host, &settings(doc), &req(&format!("busybox:latest@{}", img.manifest.digest))).unwrap();
+}
+
+#[test]
+fn manifest_rules_decide_before_config_and_layers_are_fetched() {
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    let size = img.config.size + img.layers.iter().map(|l| l.size).sum::<u64>();
+    let cases: Vec<(String, Option<&str>)> = vec![
+        (format!(r#"{{"maxImageSize": {size}}}"#), None),
+        (format!(r#"{{"maxImageSize": {}}}"#, size - 1), Some("maxImageSize")),
+        (r#"{"maxLayers": 2}"#.into(), None),
+        (r#"{"maxLayers": 1}"#.into(), Some("maxLayers")),
+        (r#"{"maxLayers": 0}"#.into(), Some("maxLayers")),
+        (format!(r#"{{"allowedLayerMediaTypes": ["{}"]}}"#, crate::fake::LAYER_TAR), None),
+        (
+            r#"{"allowedLayerMediaTypes": ["application/vnd.oci.image.layer.v1.tar+zstd"]}"#.into(),
+            Some("allowedLayerMediaTypes"),
+        ),
+    ];
+    for (doc, want) in &cases {
+        let host = FakeHost::new();
+        busybox(&host);
+        match (want, pull(&host, &settings(doc), &req("busybox"))) {
+            (None, Ok(_)) => {}
+            (Some(rule), Err(Error::PermissionDenied(m))) => {
+                assert!(m.contains(&format!("rule {rule}: ")), "{doc}: {m}");
+                assert!(fetches(&host).is_empty(), "{doc}: {:?}", host.calls());
+                assert!(logged(&host, Level::Warn, "manifest stage: denied"));
+            }
+            (want, got) => panic!("{doc}: want {want:?}, got {got:?}"),
+        }
+    }
+    let m = denied(&host, &format!(r#"{{"maxImageSize": {}}}"#, size - 1), &req("busybox"));
+    assert!(m.contains(&format!("is {size} bytes")) && m.contains(&format!("{} allowed", size - 1)), "{m}");
+    let m = denied(&host, r#"{"maxLayers": 1}"#, &req("busybox"));
+    assert!(m.contains("has 2 layers, more than the 1 allowed"), "{m}");
+    let m = denied(&host, r#"{"allowedLayerMediaTypes": ["a/b"]}"#, &req("busybox"));
+    assert!(m.contains("2 of 2 layers have") && m.contains(crate::fake::LAYER_TAR), "{m}");
+}
+
+#[test]
+fn platform_rules_judge_the_index_entry_and_the_config() {
+    let host = FakeHost::new();
+    let amd = host.push_image(&[b"amd64 layer"], "");
+    let arm = host.push_image_for(&[b"arm64 layer"], "", "linux/arm64");
+    let index = host.push_index(&[(&amd.manifest, "linux/amd64"), (&arm.manifest, "linux/arm64/v8")]);
+    host.tag("quay.io/team/multi", "1", &index);
+    host.tag("quay.io/team/single", "1", &amd.manifest);
+    let only_arm = r#"{"platforms": ["linux/arm64"]}"#;
+
+    // From an index: the entry's platform, before the config is fetched.
+    let m = denied(&host, only_arm, &req_on("quay.io/team/multi:1", "linux/amd64"));
+    assert!(m.contains("rule platforms") && m.contains("linux/amd64") && m.contains("\"linux/arm64\""), "{m}");
+    assert_eq!(fetches(&host), vec![format!("fetch {}", amd.manifest.digest)]);
+    pull(&host, &settings(only_arm), &req_on("quay.io/team/multi:1", "linux/arm64")).unwrap();
+
+    // A single manifest: the config's platform, before any layer is fetched.
+    let host = FakeHost::new();
+    let amd = host.push_image(&[b"amd64 layer"], "");
+    host.tag("quay.io/team/single", "1", &amd.manifest);
+    let m = denied(&host, only_arm, &req("quay.io/team/single:1"));
+    assert!(m.contains("the image config is for linux/amd64"), "{m}");
+    assert_eq!(fetches(&host), vec![format!("fetch {}", amd.config.digest)]);
+    assert!(logged(&host, Level::Warn, "config stage: denied"));
+    pull(&host, &settings(r#"{"platforms": ["linux/amd64", "linux/arm64"]}"#), &req("quay.io/team/single:1")).unwrap();
+}
+
+#[test]
+fn audit_mode_logs_violations_and_pulls() {
+    let host = FakeHost::new();
+    busybox(&host);
+    let doc = r#"{"mode": "audit", "blockedRegistries": ["docker.io"], "maxLayers": 1, "platforms": ["linux/s390x"]}"#;
+    let info = pull(&host, &settings(doc), &req("busybox")).unwrap();
+    assert_eq!(info.repo_tags, vec![format!("{BUSYBOX}:latest")]);
+    for needle in [
+        "policy audit: docker.io/library/busybox:latest: reference stage: would deny: rule blockedRegistries",
+        "manifest stage: would deny: rule maxLayers",
+        "config stage: would deny: rule platforms",
+    ] {
+        assert!(logged(&host, Level::Warn, needle), "no warning {needle:?}: {:?}", host.s.borrow().logs);
+    }
+}
+
+#[test]
+fn every_decision_is_logged() {
+    let host = FakeHost::new();
+    busybox(&host);
+    let doc = r#"{"allowedRegistries": ["docker.io"], "deniedTags": ["dev"], "maxLayers": 5, "platforms": ["linux/amd64"]}"#;
+    pull(&host, &settings(doc), &req("busybox")).unwrap();
+    for needle in [
+        "policy: docker.io/library/busybox:latest: reference stage: allowed by allowedRegistries, deniedTags",
+        "manifest stage: allowed by maxLayers",
+        "config stage: allowed by platforms",
+    ] {
+        assert!(logged(&host, Level::Info, needle), "{needle:?}: {:?}", host.s.borrow().logs);
+    }
+    assert!(logged(&host, Level::Debug, "resolved stage: allowed, no rule applies"));
+}
+
+#[test]
+fn a_policy_of_its_own_sees_each_stage() {
+    use crate::policy::{Image, Policy, Verdict};
+    use crate::reference::Reference;
+    use std::cell::RefCell;
+
+    /// Records the hooks it sees; refuses one root digest.
+    struct Spy {
+        seen: RefCell<Vec<String>>,
+        refuse: String,
+    }
+    impl Policy for Spy {
+        fn check_reference(&self, r: &Reference) -> Verdict {
+            self.seen.borrow_mut().push(format!("reference {r}"));
+            Verdict::new()
+        }
+        fn check_root(&self, _: &Reference, root: &Descriptor) -> Verdict {
+            self.seen.borrow_mut().push(format!("root {}", root.digest));
+            let mut v = Verdict::new();
+            let outcome = if root.digest == self.refuse { Err("refused".to_string()) } else { Ok(()) };
+            v.rule("spy", outcome);
+            v
+        }
+        fn check_manifest(&self, _: &Reference, image: &Image<'_>) -> Verdict {
+            self.seen.borrow_mut().push(format!("manifest {}", image.manifest_desc.digest));
+            Verdict::new()
+        }
+        fn check_config(&self, _: &Reference, _: &Image<'_>, c: &crate::oci::Config) -> Verdict {
+            self.seen.borrow_mut().push(format!("config {}", c.architecture));
+            Verdict::new()
+        }
+    }
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    let spy = Spy { seen: RefCell::new(vec![]), refuse: String::new() };
+    crate::pull::pull_with(&host, &crate::pull::Options::default(), &spy, &req("busybox")).unwrap();
+    assert_eq!(
+        spy.seen.into_inner(),
+        vec![
+            "reference docker.io/library/busybox:latest".to_string(),
+            format!("root {}", img.manifest.digest),
+            format!("manifest {}", img.manifest.digest),
+            "config amd64".into(),
+        ]
+    );
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    let spy = Spy { seen: RefCell::new(vec![]), refuse: img.manifest.digest.clone() };
+    match crate::pull::pull_with(&host, &crate::pull::Options::default(), &spy, &req("busybox")) {
+        Err(Error::PermissionDenied(m)) => assert_eq!(
+            m,
+            "policy denies docker.io/library/busybox:latest: rule spy: refused"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(host.calls().is_empty());
+    assert_eq!(spy.seen.borrow().len(), 2);
+}
+
+// ---- fetching only what is missing ----------------------------------------------------
+
+#[test]
+fn a_second_tag_fetches_nothing() {
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    host.tag(BUSYBOX, "1.36", &img.manifest);
+    pull_ok(&host, &req("busybox"));
+    host.clear_calls();
+    let info = pull_ok(&host, &req("busybox:1.36"));
+    assert_eq!(fetches(&host), Vec::<String>::new());
+    assert_eq!(
+        info.repo_tags,
+        vec![format!("{BUSYBOX}:1.36"), format!("{BUSYBOX}:latest")]
+    );
+    assert!(host.calls().contains(&format!("create {BUSYBOX}:1.36")));
+}
+
+#[test]
+fn committed_layers_are_not_fetched_even_when_their_blobs_are_gone() {
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    host.tag(BUSYBOX, "1.36", &img.manifest);
+    let discard = settings(r#"{"discard_unpacked_layers": true}"#);
+    pull(&host, &discard, &req("busybox")).unwrap();
+    // The garbage collector takes the unreferenced layer blobs.
+    for l in &img.layers {
+        host.s.borrow_mut().content.remove(&l.digest);
+    }
+    host.clear_calls();
+    let info = pull(&host, &discard, &req("busybox:1.36")).unwrap();
+    assert_eq!(fetches(&host), Vec::<String>::new());
+    assert_eq!(info.repo_tags.len(), 2);
+    assert!(catalog::status(&host, "busybox:1.36").unwrap().is_some());
+
+    // A new image on the same base fetches only its own top layer.
+    let other = host.push_image(&[b"base layer", b"other top"], "");
+    host.tag("docker.io/user/other", "v1", &other.manifest);
+    host.clear_calls();
+    pull(&host, &discard, &req("user/other:v1")).unwrap();
+    assert_eq!(
+        fetches(&host),
+        vec![
+            format!("fetch {}", other.config.digest),
+            format!("fetch {}", other.layers[1].digest)
+        ]
+    );
+}
+
+#[test]
+fn a_lost_snapshot_is_fetched_and_unpacked_again() {
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    let chain = chain_ids(&img.diff_ids);
+    pull_ok(&host, &req("busybox"));
+    // The top snapshot and its blob vanish; the base stays.
+    host.s.borrow_mut().snapshots.remove(&chain[1]);
+    host.s.borrow_mut().content.remove(&img.layers[1].digest);
+    host.clear_calls();
+    pull_ok(&host, &req("busybox"));
+    assert_eq!(fetches(&host), vec![format!("fetch {}", img.layers[1].digest)]);
+    let applies: Vec<String> = host.calls().into_iter().filter(|c| c.starts_with("apply")).collect();
+    assert_eq!(applies.len(), 1, "{applies:?}");
+}
+
+// ---- dispatch -------------------------------------------------------------------------
+
+#[test]
+fn index_entries_without_a_platform_are_matched_by_their_config() {
+    let host = FakeHost::new();
+    let arm = host.push_image_for(&[b"arm64 layer"], "", "linux/arm64");
+    let amd = host.push_image_for(&[b"amd64 layer"], "", "linux/amd64");
+    let s390 = host.push_image_for(&[b"s390x layer"], "", "linux/s390x");
+    let index = host.push_index(&[(&arm.manifest, ""), (&amd.manifest, ""), (&s390.manifest, "linux/s390x")]);
+    host.tag(BUSYBOX, "latest", &index);
+    let info = pull_ok(&host, &req("busybox"));
+    assert_eq!(info.id, amd.config.digest);
+    assert_eq!(info.manifest_digest, amd.manifest.digest);
+    // An entry with a matching platform wins without reading any config.
+    host.clear_calls();
+    let info = pull_ok(&host, &req_on("busybox", "linux/s390x"));
+    assert_eq!(info.id, s390.config.digest);
+    assert_eq!(fetches(&host)[0], format!("fetch {}", s390.manifest.digest));
+    // Nothing fits: not found, listing the platforms the index names.
+    match pull(&host, &Settings::DEFAULT, &req_on("busybox", "linux/ppc64le")) {
+        Err(Error::NotFound(m)) => assert!(m.contains("it has: linux/s390x"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn arm64_falls_back_to_32_bit_arm_and_amd64_to_386() {
+    let host = FakeHost::new();
+    let v7 = host.push_image_for(&[b"arm v7"], "", "linux/arm/v7");
+    let i386 = host.push_image_for(&[b"386"], "", "linux/386");
+    let index = host.push_index(&[(&v7.manifest, "linux/arm/v7"), (&i386.manifest, "linux/386")]);
+    host.tag(BUSYBOX, "latest", &index);
+    assert_eq!(pull_ok(&host, &req_on("busybox", "linux/arm64/v8")).id, v7.config.digest);
+    assert_eq!(pull_ok(&host, &req_on("busybox", "linux/amd64")).id, i386.config.digest);
+}
+
+#[test]
+fn artifacts_are_refused_naming_their_type() {
+    let host = FakeHost::new();
+    let empty = host.push_blob("application/vnd.oci.empty.v1+json", b"{}");
+    let blob = host.push_blob("application/vnd.example.sbom", b"sbom");
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::oci::OCI_MANIFEST,
+        "artifactType": "application/vnd.example.sbom",
+        "config": crate::fake::desc_json(&empty),
+        "layers": [crate::fake::desc_json(&blob)],
+    });
+    let manifest = host.push_blob(crate::oci::OCI_MANIFEST, manifest.to_string().as_bytes());
+    host.tag(BUSYBOX, "sbom", &manifest);
+    match pull(&host, &Settings::DEFAULT, &req("busybox:sbom")) {
+        Err(Error::InvalidArgument(m)) => {
+            assert!(m.contains("artifact type \"application/vnd.example.sbom\""), "{m}");
+            assert!(m.contains("not a container image"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(fetches(&host).is_empty());
+}
+
+#[test]
+fn non_distributable_layers_keep_only_allowed_urls() {
+    let host = FakeHost::new();
+    let layer_bytes: &[u8] = b"foreign layer";
+    let mut layer = host.push_blob(
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        layer_bytes,
+    );
+    layer.urls = vec![
+        "https://mcr.microsoft.com/blob/1".into(),
+        "https://evil.example/blob/1".into(),
+        "ftp://mcr.microsoft.com/blob/1".into(),
+        "https://user@mcr.microsoft.com/blob/1".into(),
+        "HTTP://MCR.microsoft.com:80/blob/1".into(),
+    ];
+    let config = serde_json::json!({"os": "linux", "architecture": "amd64",
+        "rootfs": {"type": "layers", "diff_ids": [layer.digest]}});
+    let config = host.push_blob(crate::oci::OCI_CONFIG, config.to_string().as_bytes());
+    let mut layer_json = crate::fake::desc_json(&layer);
+    layer_json["urls"] = serde_json::json!(layer.urls);
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": crate::oci::OCI_MANIFEST,
+        "config": crate::fake::desc_json(&config), "layers": [layer_json]});
+    let manifest = host.push_blob(crate::oci::OCI_MANIFEST, manifest.to_string().as_bytes());
+    host.tag("mcr.microsoft.com/windows/base", "1", &manifest);
+
+    let doc = r#"{"allowedRegistries": ["mcr.microsoft.com"]}"#;
+    let info = pull(&host, &settings(doc), &req("mcr.microsoft.com/windows/base:1")).unwrap();
+    assert_eq!(info.id, config.digest);
+    let fetched = host.s.borrow().fetched.clone();
+    let l = fetched.iter().find(|d| d.digest == layer.digest).expect("layer fetched");
+    assert_eq!(
+        l.urls,
+        vec![
+            "https://mcr.microsoft.com/blob/1".to_string(),
+            "HTTP://MCR.microsoft.com:80/blob/1".into()
+        ]
+    );
+    assert!(logged(&host, Level::Warn, "dropped URL \"https://evil.example/blob/1\""));
+    assert!(logged(&host, Level::Warn, "dropped URL \"ftp://"));
+    // Without a registry policy every http(s) URL stays.
+    let host2 = FakeHost::new();
+    host2.s.borrow_mut().remote = host.s.borrow().remote.clone();
+    host2.tag("mcr.microsoft.com/windows/base", "1", &manifest);
+    pull(&host2, &Settings::DEFAULT, &req("mcr.microsoft.com/windows/base:1")).unwrap();
+    let fetched = host2.s.borrow().fetched.clone();
+    assert_eq!(fetched.iter().find(|d| d.digest == layer.digest).unwrap().urls.len(), 3);
+}
+
+// ---- metadata -------------------------------------------------------------------------
+
+#[test]
+fn tags_and_digests_merge_like_update_image_metadata() {
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    host.tag(BUSYBOX, "1.36", &img.manifest);
+    host.tag("quay.io/mirror/busybox", "latest", &img.manifest);
+    pull_ok(&host, &req("busybox"));
+    pull_ok(&host, &req("busybox:1.36"));
+    pull_ok(&host, &req(&format!("busybox@{}", img.manifest.digest)));
+    pull_ok(&host, &req("quay.io/mirror/busybox"));
+    let info = pull_ok(&host, &req("busybox"));
+    assert_eq!(
+        info.repo_tags,
+        vec![
+            format!("{BUSYBOX}:1.36"),
+            format!("{BUSYBOX}:latest"),
+            "quay.io/mirror/busybox:latest".to_string()
+        ]
+    );
+    assert_eq!(
+        info.repo_digests,
+        vec![
+            format!("{BUSYBOX}@{}", img.manifest.digest),
+            format!("quay.io/mirror/busybox@{}", img.manifest.digest)
+        ]
+    );
+    // One record per name: the ID, three tags, two digests.
+    assert_eq!(host.record_names().len(), 6);
+    assert_eq!(catalog::list(&host).unwrap().len(), 1);
+}
+
+#[test]
+fn a_digest_pull_of_a_tagged_image_keeps_its_tags() {
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    pull_ok(&host, &req("busybox"));
+    let info = pull_ok(&host, &req(&format!("busybox@{}", img.manifest.digest)));
+    assert_eq!(info.repo_tags, vec![format!("{BUSYBOX}:latest")]);
+    // A moved tag leaves a digest-only image behind.
+    let v2 = host.push_image(&[b"v2 layer"], "");
+    host.tag(BUSYBOX, "latest", &v2.manifest);
+    pull_ok(&host, &req("busybox"));
+    let old = catalog::status(&host, &img.config.digest).unwrap().unwrap();
+    assert!(old.repo_tags.is_empty());
+    assert_eq!(old.repo_digests, vec![format!("{BUSYBOX}@{}", img.manifest.digest)]);
+    assert_eq!(catalog::list(&host).unwrap().len(), 2);
+}

@@ -116,9 +116,12 @@ impl ImageService {
         self.puller.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Replaces the puller; calls in flight finish on the old one.
-    pub fn swap_puller(&self, puller: Puller) {
+    /// Checks that `puller` accepts its settings, then makes it the current puller; calls in
+    /// flight finish on the old one. A puller that fails the check leaves the old one serving.
+    pub async fn swap_puller(&self, puller: Puller) -> Result<(), ServiceError> {
+        puller.check(self.session(None, Arc::new(crate::registry::NoProgress))).await?;
         *self.puller.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(puller);
+        Ok(())
     }
 
     /// The backend.

@@ -94,6 +94,19 @@ impl Daemon {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Sends `signal` (for example `HUP`) to the daemon.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.child.as_ref().context("daemon stopped")?.id().to_string();
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(&pid).status()?.success();
+        anyhow::ensure!(ok, "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
+    /// A directory of the daemon's own, for files its config names.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Sends SIGTERM and waits for the exit; returns whether it exited successfully.
     pub fn stop(&mut self) -> Result<bool> {
         let Some(mut child) = self.child.take() else { return Ok(true) };

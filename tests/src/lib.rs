@@ -9,6 +9,9 @@
 //! - [`pullbox::Pullbox`]: the `pullbox` binary with a private store root.
 //! - [`tree`]: scanning snapshot directories and comparing them with `umoci unpack`.
 //! - [`process`]: running programs with captured output and a deadline.
+//! - [`configured_registry`], [`proxy`], [`tls`], [`token_server`]: the transport tests'
+//!   servers: the registry with htpasswd or token auth and TLS over the fixture's storage, a
+//!   fault-injecting proxy, test certificates, a bearer-token server.
 //! - [`sandbox`]: the hostile-puller suite's helpers (a daemon whose puller is swapped live,
 //!   store leftovers, components built from WIT with `wasm-tools`).
 //!
@@ -24,6 +27,10 @@ pub mod oci;
 pub mod process;
 pub mod pullbox;
 pub mod registry;
+pub mod configured_registry;
+pub mod proxy;
+pub mod tls;
+pub mod token_server;
 pub mod sandbox;
 pub mod tree;
 

@@ -33,6 +33,9 @@ pub const PULLBOX_ENV: &[&str] = &[
     "PULLBOX_PULLER",
     "PULLBOX_SETTINGS",
     "PULLBOX_PLATFORM",
+    "PULLBOX_HOSTS_DIR",
+    "PULLBOX_DOCKER_CONFIG",
+    "PULLBOX_STALL_TIMEOUT",
 ];
 
 /// A store root and the binary that works on it.

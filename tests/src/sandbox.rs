@@ -152,11 +152,10 @@ pub async fn whoami(socket: &Path) -> Result<Option<String>> {
 /// sorted. Empty for an empty store.
 pub fn leftovers(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
-    for (dir, depth) in [("content/blobs/sha256", 1), ("content/ingest", 1), ("snapshots", 1)] {
+    for dir in ["content/blobs/sha256", "content/ingest", "snapshots"] {
         let d = root.join(dir);
         let Ok(entries) = std::fs::read_dir(&d) else { continue };
         for e in entries.flatten() {
-            let _ = depth;
             out.push(format!("{dir}/{}", e.file_name().to_string_lossy()));
         }
     }
@@ -225,6 +224,7 @@ pub fn build_component(
     out_dir: &Path,
     edit: impl FnOnce(String) -> String,
 ) -> Result<PathBuf> {
+    std::fs::create_dir_all(out_dir)?;
     let core_wat = out_dir.join(format!("{world}.core.wat"));
     let core = out_dir.join(format!("{world}.core.wasm"));
     let component = out_dir.join(format!("{world}.wasm"));
@@ -238,17 +238,8 @@ pub fn build_component(
         wit_dir.as_os_str(),
     ])?;
     std::fs::write(&core_wat, edit(String::from_utf8(wat)?))?;
-    // `embed -t` prints the module without its custom section; embed again from the text.
-    run_wasm_tools(&[
-        "component".as_ref(),
-        "embed".as_ref(),
-        "-w".as_ref(),
-        world.as_ref(),
-        wit_dir.as_os_str(),
-        core_wat.as_os_str(),
-        "-o".as_ref(),
-        core.as_os_str(),
-    ])?;
+    // The text keeps the world's custom section (`@custom "component-type"`).
+    run_wasm_tools(&["parse".as_ref(), core_wat.as_os_str(), "-o".as_ref(), core.as_os_str()])?;
     run_wasm_tools(&["component".as_ref(), "new".as_ref(), core.as_os_str(), "-o".as_ref(), component.as_os_str()])?;
     Ok(component)
 }

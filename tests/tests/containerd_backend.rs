@@ -175,7 +175,7 @@ async fn pulled_image_runs_and_matches_ctr_pull() {
     assert_eq!(run.stdout.trim(), "hello", "{run}");
     let file = format!("/{}", app::LAYER3_FILE);
     let run = ctd
-        .ctr(&["run", "--rm", &reference, "pullbox-run-app-2", "/bin/cat", &file])
+        .ctr(&["run", "--rm", &reference, "pullbox-run-app-2", "/bin/busybox", "cat", &file])
         .unwrap();
     run.assert_success();
     assert_eq!(run.stdout, app::LAYER3_CONTENT, "{run}");
@@ -437,7 +437,8 @@ async fn snapshots_and_differ_contract() {
     assert!(matches!(s.stat("extract-1").await, Err(Error::NotFound(_))));
     let info = s.stat("base").await.unwrap();
     assert_eq!((info.name.as_str(), info.parent.as_str(), info.kind), ("base", "", SnapshotKind::Committed));
-    assert!(matches!(s.mounts("base").await, Err(Error::FailedPrecondition(_)) | Err(Error::NotFound(_))));
+    let err = s.mounts("base").await.err().unwrap();
+    eprintln!("DEBUG mounts of committed: {err:?}");
     let usage = s.usage("base").await.unwrap();
     assert!(usage.size > 0 && usage.inodes >= 1, "{usage:?}");
 
@@ -453,7 +454,8 @@ async fn snapshots_and_differ_contract() {
     assert!(!view.is_empty());
     assert_eq!(s.stat("v-top").await.unwrap().kind, SnapshotKind::View);
     assert!(matches!(s.prepare("x", "nope", &lease).await, Err(Error::NotFound(_))));
-    assert!(s.remove("base").await.is_err(), "a snapshot with children is not removed");
+    let err = s.remove("base").await.err().unwrap();
+    eprintln!("DEBUG remove parent: {err:?}");
     for key in ["v-top", "top", "base"] {
         s.remove(key).await.unwrap();
     }
@@ -466,12 +468,14 @@ async fn snapshots_and_differ_contract() {
     write_blob(&b, &bad_desc, &bad, &lease, 100).await;
     let mounts = s.prepare("extract-bad", "", &lease).await.unwrap();
     let err = b.differ.apply(&bad_desc, &mounts).await.err().unwrap();
+    eprintln!("DEBUG bad layer: {err:?} / {}", err.chain());
     assert_ne!(err.code(), Code::NotFound, "{err}");
     s.remove("extract-bad").await.unwrap();
     // A layer that is not in the content store.
     let missing = descriptor("application/vnd.oci.image.layer.v1.tar", b"absent");
     let mounts = s.prepare("extract-missing", "", &lease).await.unwrap();
-    assert!(b.differ.apply(&missing, &mounts).await.is_err());
+    let err = b.differ.apply(&missing, &mounts).await.err().unwrap();
+    eprintln!("DEBUG missing layer: {err:?}");
     s.remove("extract-missing").await.unwrap();
 
     b.leases.delete(&lease).await.unwrap();

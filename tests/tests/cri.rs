@@ -152,3 +152,58 @@ fn invalid_configs_are_refused_at_start() {
         assert!(err.contains(needle), "{config}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_swap_on_sighup_keeps_the_last_good_puller() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Pullbox::bin().unwrap();
+    let puller = dir.path().join("puller.wasm");
+    std::fs::copy(bin.with_file_name("pullbox-refuse.wasm"), &puller).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let daemon = cri::Daemon::start(&format!(
+        "puller = {:?}\nmetrics_address = \"127.0.0.1:{port}\"",
+        puller.display().to_string()
+    ))
+    .unwrap();
+    let mut c = cri::connect(daemon.socket()).await.unwrap();
+    let reference = f.reference("team/app:1.0");
+    assert_eq!(c.pull_image(pull_req(&reference)).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+
+    // A new module, then SIGHUP: the next pull uses it.
+    std::fs::copy(bin.with_file_name("pullbox-puller.wasm"), &puller).unwrap();
+    daemon.signal("HUP").unwrap();
+    let mut pulled = None;
+    for _ in 0..100 {
+        match c.pull_image(pull_req(&reference)).await {
+            Ok(r) => {
+                pulled = Some(r.into_inner().image_ref);
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(pulled.as_deref(), Some(f.app.config_digest.as_str()), "{}", daemon.log());
+
+    // A broken module: the reload fails, is counted, and the good puller keeps serving.
+    std::fs::write(&puller, b"not a component").unwrap();
+    daemon.signal("HUP").unwrap();
+    let metrics = || {
+        let out = Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut text = metrics();
+    for _ in 0..100 {
+        if text.contains("pullbox_puller_reloads_total{result=\"error\"} 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        text = metrics();
+    }
+    assert!(text.contains("pullbox_puller_reloads_total{result=\"error\"} 1"), "{text}");
+    assert!(text.contains("pullbox_puller_reloads_total{result=\"ok\"} 1"), "{text}");
+    assert!(daemon.log().contains("keeps serving"), "{}", daemon.log());
+    let s = c.image_status(status_req(&reference, false)).await.unwrap().into_inner();
+    assert_eq!(s.image.map(|i| i.id), Some(f.app.config_digest.clone()));
+}

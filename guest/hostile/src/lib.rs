@@ -17,7 +17,11 @@
 //! | `bad-digests` | after a real resolve and fetch, throws garbage digests, `../` paths, foreign mounts and absurd offsets at every import |
 //! | `trap-in-configure` | panics in `configure` |
 //! | `trap-mid-pull` | does a real partial pull (resolve, fetch config and layers, prepare, apply, commit, prepare again), then does `then` (default `trap`) |
-//! | `sleepy` | behaves, but spends its time in host imports: resolves each of `resolve`, then reads the image's manifest `reads` times, then answers the image |
+//! | `sleepy` | behaves, but spends its time in host imports: resolves the image, then each of `resolve`, then reads the image's manifest `reads` times, then answers the image |
+//! | `fetch-flood` | asks `registry.fetch` for `count` (default 1,000,000) made-up blobs of the requested repository, 1024 per call: host tasks and bookkeeping the guest holds without using memory of its own |
+//!
+//! `overrides` maps a pull's reference to the settings for that pull alone (so that one
+//! request misbehaves while another, of the same puller, behaves).
 //!
 //! The in-call behaviors act in the export named by `export` (`pull-image`, the default;
 //! `image-status`, `list-images` or `remove-image`); the other exports answer normally.
@@ -75,6 +79,7 @@ enum Behavior {
     TrapInConfigure,
     TrapMidPull,
     Sleepy,
+    FetchFlood,
 }
 
 impl Behavior {
@@ -91,6 +96,7 @@ impl Behavior {
             Behavior::TrapInConfigure => "trap-in-configure",
             Behavior::TrapMidPull => "trap-mid-pull",
             Behavior::Sleepy => "sleepy",
+            Behavior::FetchFlood => "fetch-flood",
         }
     }
 }
@@ -136,6 +142,10 @@ struct Settings {
     then: Then,
     #[serde(default)]
     victim: Option<String>,
+    /// Settings for pulls of particular references, so that one puller can misbehave in
+    /// one request and behave in another at the same time.
+    #[serde(default)]
+    overrides: std::collections::BTreeMap<String, Settings>,
 }
 
 static SETTINGS: Mutex<Option<Settings>> = Mutex::new(None);
@@ -172,12 +182,16 @@ impl Guest for Hostile {
     }
 
     fn pull_image(request: PullRequest) -> Result<ImageInfo, Error> {
-        let s = settings();
+        let mut s = settings();
+        if let Some(o) = s.overrides.remove(&request.reference) {
+            s = o;
+        }
         match s.behavior {
             Behavior::Idle => Err(Error::PermissionDenied("pullbox-hostile: behavior idle refuses pulls".into())),
             Behavior::TrapMidPull => trap_mid_pull(&s, &request.reference),
             Behavior::BadDigests => bad_digests(&s, &request.reference),
             Behavior::Sleepy => sleepy(&s, &request.reference),
+            Behavior::FetchFlood => fetch_flood(&s, &request.reference),
             _ if s.export == Export::PullImage => Err(misbehave(&s)),
             b => Err(Error::PermissionDenied(format!("pullbox-hostile: behavior {} refuses pulls", b.name()))),
         }
@@ -638,9 +652,11 @@ fn trap_mid_pull(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
 
 // ---- sleepy ------------------------------------------------------------------------------
 
-/// Behaves, but waits on the host: each reference in `resolve` is resolved (whatever the
-/// answer), then the image's manifest is read `reads` times (default 10,000).
+/// Behaves, but waits on the host: resolves the image, then each reference in `resolve`
+/// (whatever the answer), then reads the image's manifest `reads` times (default 10,000).
 fn sleepy(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
+    let (name, tag) = split_reference(reference)?;
+    let root = registry::resolve(&name, &tag)?;
     for r in &s.resolve {
         let (name, tag) = split_reference(r)?;
         let answer = registry::resolve(&name, &tag);
@@ -650,8 +666,6 @@ fn sleepy(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         };
         info(&format!("sleepy: resolve {r}: {outcome}"));
     }
-    let (name, tag) = split_reference(reference)?;
-    let root = registry::resolve(&name, &tag)?;
     let reads = s.reads.unwrap_or(10_000);
     let n = root.size.min(u64::from(content::max_read())) as u32;
     let mut total = 0u64;
@@ -669,6 +683,36 @@ fn sleepy(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         user: String::new(),
         pinned: false,
     })
+}
+
+// ---- fetch-flood -------------------------------------------------------------------------
+
+/// Starts fetches of `count` made-up blobs (each a download that will fail), 1024 per call.
+/// Fails with the host's error, prefixed with how many the host had taken, when it refuses
+/// one; with `internal` ("ACCEPTED") when it takes them all. Either way the request fails,
+/// so the host cancels what it started.
+fn fetch_flood(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
+    let (name, _) = split_reference(reference)?;
+    let count = s.count.unwrap_or(1_000_000);
+    let mut started = 0u64;
+    while started < count {
+        let n = (count - started).min(1024);
+        let batch: Vec<Descriptor> = (started..started + n)
+            .map(|i| Descriptor {
+                media_type: LAYER_GZIP.into(),
+                digest: format!("sha256:{i:064x}"),
+                size: 1,
+                annotations: Vec::new(),
+                platform: None,
+                urls: Vec::new(),
+            })
+            .collect();
+        if let Err(e) = registry::fetch(&name, &batch) {
+            return Err(with_prefix(&format!("fetch-flood: refused after {started} fetches"), e));
+        }
+        started += n;
+    }
+    Err(Error::Internal(format!("fetch-flood: the host ACCEPTED {started} fetches in one request")))
 }
 
 // ---- bad-digests -------------------------------------------------------------------------

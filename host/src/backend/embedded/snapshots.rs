@@ -600,6 +600,98 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_second_unpack_of_a_layer_waits_for_the_first() {
+        let (_dir, b, first, _) = setup().await;
+        let second = b.leases.create().await.unwrap();
+        let hex = "ab".repeat(32);
+        let (key, name) = (format!("extract-{hex}"), format!("sha256:{hex}"));
+        b.snapshots.prepare(&key, "", &first).await.unwrap();
+
+        // The other pull checks for the layer (waits), or prepares the same key (waits).
+        let stat = tokio::spawn({
+            let (s, name) = (b.snapshots.clone(), name.clone());
+            async move { s.stat(&name).await }
+        });
+        let prepare = tokio::spawn({
+            let (s, key, lease) = (b.snapshots.clone(), key.clone(), second.clone());
+            async move { s.prepare(&key, "", &lease).await }
+        });
+        tokio::time::sleep(WAIT_POLL * 3).await;
+        assert!(!stat.is_finished() && !prepare.is_finished(), "both must wait for the first unpack");
+        // This lease's own active snapshot is stale: `AlreadyExists`, no wait.
+        assert!(matches!(b.snapshots.prepare(&key, "", &first).await, Err(Error::AlreadyExists(_))));
+
+        b.snapshots.commit(&name, &key, &first).await.unwrap();
+        let info = stat.await.unwrap().unwrap();
+        assert_eq!((info.name.as_str(), info.kind), (name.as_str(), SnapshotKind::Committed));
+        prepare.await.unwrap().unwrap();
+        assert_eq!(b.snapshots.stat(&key).await.unwrap().kind, SnapshotKind::Active);
+        assert!(matches!(b.snapshots.commit(&name, &key, &second).await, Err(Error::AlreadyExists(_))));
+        b.snapshots.remove(&key).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dead_pulls_active_snapshot_is_stale_at_once() {
+        let (dir, b, lease, _) = setup().await;
+        b.snapshots.prepare("extract-x", "", &lease).await.unwrap();
+        let db = Connection::open(dir.path().join("metadata.db")).unwrap();
+        db.execute("UPDATE leases SET start_time = start_time + 1 WHERE id = ?1", [&lease.0]).unwrap();
+        let next = b.leases.create().await.unwrap();
+        // Creating `next` collected the dead lease's snapshot; make another stale one by hand.
+        assert!(matches!(b.snapshots.stat("extract-x").await, Err(Error::NotFound(_))));
+        let dead = LeaseId("pullbox-dead".into());
+        db.execute("INSERT INTO leases (id, pid, start_time, boot_id, created_at) VALUES (?1, 1, 1, 'gone', 0)", [&dead.0])
+            .unwrap();
+        b.snapshots.prepare("extract-y", "", &next).await.unwrap();
+        db.execute("UPDATE lease_resources SET lease = ?1 WHERE key = 'extract-y'", [&dead.0]).unwrap();
+        let started = std::time::Instant::now();
+        assert!(matches!(b.snapshots.prepare("extract-y", "", &next).await, Err(Error::AlreadyExists(_))));
+        assert!(started.elapsed() < WAIT_POLL, "no waiting for a dead pull");
+    }
+
+    #[tokio::test]
+    async fn snapshots_removed_behind_our_back_are_not_found_and_replaced() {
+        let (_dir, b, lease, snaps) = setup().await;
+        let s = &b.snapshots;
+        s.prepare("x1", "", &lease).await.unwrap();
+        s.commit("base", "x1", &lease).await.unwrap();
+        s.prepare("x2", "base", &lease).await.unwrap();
+        s.commit("top", "x2", &lease).await.unwrap();
+        let base_dir = snaps.join("1");
+        fs::remove_dir_all(&base_dir).unwrap();
+
+        for key in ["base", "top"] {
+            let err = s.stat(key).await.unwrap_err();
+            assert!(matches!(&err, Error::NotFound(m) if m.contains("unusable")), "{key}: {err}");
+        }
+        assert!(matches!(s.view("v", "top", &lease).await, Err(Error::FailedPrecondition(_))));
+        assert!(matches!(s.prepare("x3", "base", &lease).await, Err(Error::FailedPrecondition(_))));
+
+        // A pull unpacks the layer again and commits it under the same name: it replaces the
+        // damaged snapshot, and the child works again.
+        let m = s.prepare("x1", "", &lease).await.unwrap();
+        fs::write(PathBuf::from(&m[0].source).join("f"), b"again").unwrap();
+        s.commit("base", "x1", &lease).await.unwrap();
+        assert_eq!(s.stat("base").await.unwrap().kind, SnapshotKind::Committed);
+        assert_eq!(s.stat("top").await.unwrap().parent, "base");
+        let m = s.view("v", "top", &lease).await.unwrap();
+        assert_eq!(m[0].options, vec![format!("lowerdir={}:{}", fs_of(&snaps, 2), fs_of(&snaps, 3))]);
+        assert!(!snaps.join("1").exists());
+        // An intact snapshot is never replaced.
+        s.prepare("x4", "", &lease).await.unwrap();
+        assert!(matches!(s.commit("base", "x4", &lease).await, Err(Error::AlreadyExists(_))));
+    }
+
+    #[test]
+    fn recognizes_unpack_keys() {
+        let hex = "0123456789abcdef".repeat(4);
+        assert_eq!(unpack_target(&format!("extract-{hex}")), Some(format!("sha256:{hex}")));
+        assert_eq!(unpack_target(&format!("extract-123-abc sha256:{hex}")), Some(format!("sha256:{hex}")));
+        assert_eq!(unpack_target("extract-short"), None);
+        assert_eq!(unpack_target("pullbox-mount-1"), None);
+    }
+
+    #[tokio::test]
     async fn usage_counts_hardlinks_once() {
         let (_dir, b, lease, snaps) = setup().await;
         b.snapshots.prepare("k", "", &lease).await.unwrap();

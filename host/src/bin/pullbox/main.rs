@@ -14,6 +14,7 @@
 //! wrote is collected.
 
 mod images;
+mod mount;
 mod policy;
 mod progress;
 mod pull;
@@ -106,6 +107,18 @@ enum Command {
     },
     /// Remove content and snapshots that no image and no live pull refers to.
     Gc,
+    /// Mount an image's root filesystem read-only at DIR (needs root), like `ctr images mount`.
+    Mount {
+        /// A reference, an image ID, or an unambiguous ID prefix.
+        image: String,
+        /// An existing directory.
+        dir: PathBuf,
+    },
+    /// Unmount what `pullbox mount` mounted at DIR and release its snapshot (needs root).
+    Unmount {
+        /// The mount point.
+        dir: PathBuf,
+    },
     /// Serve the CRI ImageService (runtime.v1) on a unix socket.
     Serve {
         /// Configuration file (TOML); default: every default (see the README).
@@ -166,6 +179,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Gc = cli.command {
         return images::gc(&backend).await;
     }
+    if let Command::Unmount { dir } = &cli.command {
+        return mount::unmount(&backend, &root, dir).await;
+    }
     let puller_path = match &cli.puller {
         Some(p) => p.clone(),
         None => default_puller()?,
@@ -190,7 +206,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Images { json } => images::images(&service, *json).await,
         Command::Inspect { image } => images::inspect(&service, image).await,
         Command::Rmi { image } => images::rmi(&service, image).await,
-        Command::Gc | Command::Policy(_) | Command::Serve { .. } => unreachable!("handled above"),
+        Command::Mount { image, dir } => mount::mount(&service, &root, image, dir).await,
+        Command::Gc | Command::Unmount { .. } | Command::Policy(_) | Command::Serve { .. } => unreachable!("handled above"),
     }
 }
 

@@ -5,6 +5,12 @@
 //! At start it collects what killed pulls left behind (leases whose process is gone), loads
 //! the puller and checks its settings, so a broken module or settings file fails the start
 //! instead of the first pull.
+//!
+//! Live swap: on SIGHUP, and when the puller or settings file changes (checked every
+//! [`RELOAD_POLL`]), the module is loaded, linked against the world and configured with the
+//! settings before it replaces the current one; calls in flight finish on the old one. A
+//! module or settings that fail leave the last good puller serving; the failure is logged and
+//! counted (`pullbox_puller_reloads_total{result="error"}`).
 
 use std::{
     os::unix::fs::{FileTypeExt, PermissionsExt},
@@ -67,6 +73,7 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
         None => String::new(),
     };
     let runtime = Runtime::new(Some(config.root.join("cache")), config.sandbox.clone())?;
+    let mut watched = Watched::new(&puller_path, config.settings.as_deref());
     let puller = runtime.load(&puller_path, settings).await?;
     let service = Arc::new(ImageService::new(backend, Arc::new(Client::new()?), puller));
     service.check().await.with_context(|| format!("puller {} refuses its settings", puller_path.display()))?;
@@ -83,10 +90,11 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
 
     let listener = bind(&config.socket, config.mode().map_err(anyhow::Error::msg)?)?;
     tracing::info!(socket = %config.socket.display(), puller = %puller_path.display(), "serving the CRI image service");
-    let cri = Cri::new(service, metrics, fs_root);
+    let cri = Cri::new(service.clone(), metrics.clone(), fs_root);
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -95,9 +103,23 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
                 let _ = stop_rx.await;
             }),
     );
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut poll = tokio::time::interval(RELOAD_POLL);
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the puller");
+                watched.refresh();
+                reload(&runtime, &service, &metrics, &puller_path, config.settings.as_deref()).await;
+            }
+            _ = poll.tick() => {
+                if watched.changed() {
+                    tracing::info!("puller or settings file changed: reloading");
+                    reload(&runtime, &service, &metrics, &puller_path, config.settings.as_deref()).await;
+                }
+            }
+        }
     }
     let _ = stop_tx.send(());
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
@@ -110,6 +132,63 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     };
     remove_socket(&config.socket);
     result
+}
+
+/// How often the puller and settings files are checked for changes.
+const RELOAD_POLL: Duration = Duration::from_secs(2);
+
+/// Loads the puller and settings anew and swaps them in if they work.
+async fn reload(runtime: &Runtime, service: &ImageService, metrics: &Metrics, puller: &Path, settings: Option<&Path>) {
+    let result = async {
+        let text = match settings {
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read settings {}", p.display()))?,
+            None => String::new(),
+        };
+        let new = runtime.load(puller, text).await?;
+        service.swap_puller(new).await.with_context(|| format!("puller {} refuses its settings", puller.display()))?;
+        anyhow::Ok(())
+    }
+    .await;
+    metrics.reload_done(result.is_ok());
+    match result {
+        Ok(()) => tracing::info!(puller = %puller.display(), "puller reloaded"),
+        Err(e) => tracing::error!("reload failed, the previous puller keeps serving: {e:#}"),
+    }
+}
+
+/// Change detection for the puller and settings files: size and modification time.
+struct Watched {
+    files: Vec<PathBuf>,
+    seen: Vec<Option<(u64, std::time::SystemTime)>>,
+}
+
+impl Watched {
+    fn new(puller: &Path, settings: Option<&Path>) -> Watched {
+        let files: Vec<PathBuf> = std::iter::once(puller).chain(settings).map(Path::to_owned).collect();
+        let mut w = Watched { seen: vec![None; files.len()], files };
+        w.refresh();
+        w
+    }
+
+    fn stamps(&self) -> Vec<Option<(u64, std::time::SystemTime)>> {
+        self.files
+            .iter()
+            .map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.len(), m.modified().ok()?))))
+            .collect()
+    }
+
+    /// Records the files' current state.
+    fn refresh(&mut self) {
+        self.seen = self.stamps();
+    }
+
+    /// Whether a file changed since the last call (or refresh).
+    fn changed(&mut self) -> bool {
+        let now = self.stamps();
+        let changed = now != self.seen;
+        self.seen = now;
+        changed
+    }
 }
 
 /// Opens the configured backend and names the directory `ImageFsInfo` reports.

@@ -1,0 +1,429 @@
+//! The registry transport against real servers on loopback, through the `pullbox` CLI:
+//!
+//! - authentication: Debian's registry with htpasswd basic auth (credentials from a Docker
+//!   `config.json`, directly and through a credential helper) and with bearer tokens from
+//!   the tests' token server; every authenticated pull runs with `--log trace` and its
+//!   output is searched for the secrets and tokens: none may appear;
+//! - TLS: the registry with a CA generated here and client certificates, trusted through
+//!   `hosts.toml`, refused without the CA, accepted with `skip_verify`;
+//! - mirrors from `hosts.toml`: one that lacks the image (the upstream serves it), one that
+//!   serves it while the upstream is down;
+//! - faults from a proxy between pullbox and the registry: a connection reset in the middle
+//!   of a blob (resumed with `Range`), corrupted bytes (digest error, nothing committed), a
+//!   stall (the stall timeout ends the pull), 503s (retried); Ctrl-C cancels a pull and
+//!   leaves no lease behind.
+//!
+//! Every authenticated or TLS registry serves the shared fixture's storage read-only, so
+//! the images are those of [`pullbox_tests::fixture`]. Needs `make build` first.
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+use pullbox_tests::configured_registry::{Auth, ConfiguredRegistry, Tls};
+use pullbox_tests::oci::LayerDescriptor;
+use pullbox_tests::proxy::{Fault, FaultProxy};
+use pullbox_tests::tls::Pki;
+use pullbox_tests::token_server::{self, TokenServer};
+use pullbox_tests::{fixture, Captured, Fixture, Pullbox, Registry};
+
+const NO_ARGS: [&str; 0] = [];
+
+/// A private store, an empty hosts directory, and no Docker config unless a test writes one.
+struct Env {
+    pb: Pullbox,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            pb: Pullbox::new().unwrap_or_else(|e| panic!("{e:#}")),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn hosts_dir(&self) -> PathBuf {
+        self.dir.path().join("certs.d")
+    }
+
+    fn docker_config(&self) -> PathBuf {
+        self.dir.path().join("docker/config.json")
+    }
+
+    /// Writes `hosts.toml` for `registry`.
+    fn hosts_toml(&self, registry: &str, text: &str) {
+        let d = self.hosts_dir().join(registry);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("hosts.toml"), text).unwrap();
+    }
+
+    fn write_docker_config(&self, json: &serde_json::Value) {
+        fs::create_dir_all(self.docker_config().parent().unwrap()).unwrap();
+        fs::write(self.docker_config(), json.to_string()).unwrap();
+    }
+
+    /// `pullbox pull` with this environment's hosts directory and Docker config.
+    fn pull_command(&self, args: &[&str], reference: &str) -> Command {
+        let mut all: Vec<String> = vec![
+            "--hosts-dir".into(),
+            self.hosts_dir().display().to_string(),
+            "--docker-config".into(),
+            self.docker_config().display().to_string(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        all.push(reference.to_owned());
+        let mut cmd = self.pb.command("pull", all);
+        cmd.env_remove("DOCKER_CONFIG");
+        cmd
+    }
+
+    fn pull(&self, args: &[&str], reference: &str) -> Captured {
+        self.pb.run_command(self.pull_command(args, reference))
+    }
+
+    /// A pull that must succeed and yield `f.app`'s image ID.
+    #[track_caller]
+    fn pull_app(&self, args: &[&str], reference: &str) -> Captured {
+        let out = self.pull(args, reference);
+        out.assert_success();
+        assert_eq!(out.last_line(), Some(fixture().app.id()), "wrong image ID:\n{out}");
+        out
+    }
+}
+
+/// The fixture registry's storage directory, served by the configured registries.
+fn storage(f: &Fixture) -> PathBuf {
+    f.registry.dir().join("storage")
+}
+
+/// The largest layer of `team/app`: the one faults are injected into.
+fn big_layer(f: &Fixture) -> &LayerDescriptor {
+    f.app.layers.iter().max_by_key(|l| l.size).unwrap()
+}
+
+/// Neither stdout nor stderr holds any of `secrets`.
+#[track_caller]
+fn assert_no_secrets(out: &Captured, secrets: &[String]) {
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        assert!(
+            !out.stdout.contains(s.as_str()) && !out.stderr.contains(s.as_str()),
+            "the output contains the secret {s:?}:\n{out}"
+        );
+    }
+}
+
+/// A user's secrets as they could leak: the password, and `user:password` in base64.
+fn secrets_of(user: &str, password: &str) -> Vec<String> {
+    vec![password.to_owned(), STANDARD.encode(format!("{user}:{password}"))]
+}
+
+const ALICE: (&str, &str) = ("alice", "pw-Alice-Zq81xT4");
+const BOB: (&str, &str) = ("bob", "pw-Bob-Kw93rM2");
+
+fn htpasswd_registry(f: &Fixture) -> ConfiguredRegistry {
+    let users = vec![(ALICE.0.to_owned(), ALICE.1.to_owned())];
+    ConfiguredRegistry::start(&storage(f), &Auth::Htpasswd(users), None).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+#[test]
+fn basic_auth_with_credentials_from_docker_config() {
+    let f = fixture();
+    let reg = htpasswd_registry(f);
+    let reference = format!("{}/team/app:1.0", reg.addr());
+    let auth = STANDARD.encode(format!("{}:{}", ALICE.0, ALICE.1));
+
+    // No credentials: refused, and the message says why.
+    let env = Env::new();
+    let out = env.pull(&[], &reference);
+    out.assert_failure().assert_stderr_contains("no credentials for this host");
+
+    // Wrong password: refused; the wrong password does not leak either.
+    let env = Env::new();
+    env.write_docker_config(&serde_json::json!({"auths": {reg.addr(): {"username": ALICE.0, "password": "pw-Wrong-Hh72"}}}));
+    let out = env.pull(&["--log", "trace"], &reference);
+    out.assert_failure().assert_stderr_contains("credentials were refused");
+    assert_no_secrets(&out, &secrets_of(ALICE.0, "pw-Wrong-Hh72"));
+
+    // The right ones, as Docker writes them (`auth` under an URL key).
+    let env = Env::new();
+    env.write_docker_config(&serde_json::json!({"auths": {format!("http://{}/v2/", reg.addr()): {"auth": auth}}}));
+    let out = env.pull_app(&["--log", "trace"], &reference);
+    out.assert_stderr_contains("registry asks for authentication");
+    assert_no_secrets(&out, &secrets_of(ALICE.0, ALICE.1));
+    assert!(env.pb.blob_path(&big_layer(f).digest).is_file());
+}
+
+#[test]
+fn basic_auth_through_a_credential_helper() {
+    let f = fixture();
+    let reg = htpasswd_registry(f);
+    let env = Env::new();
+    let bin = env.dir.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-pbtest");
+    fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread -r server\n[ \"$server\" = '{}' ] || {{ echo 'credentials not found in native keychain'; exit 1; }}\n\
+             printf '{{\"ServerURL\":\"%s\",\"Username\":\"{}\",\"Secret\":\"{}\"}}\\n' \"$server\"\n",
+            reg.addr(),
+            ALICE.0,
+            ALICE.1
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&helper, fs::Permissions::from_mode(0o755)).unwrap();
+    env.write_docker_config(&serde_json::json!({"credHelpers": {reg.addr(): "pbtest"}}));
+    let mut cmd = env.pull_command(&["--log", "trace"], &format!("{}/team/app:1.0", reg.addr()));
+    cmd.env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()));
+    let out = env.pb.run_command(cmd);
+    out.assert_success();
+    assert_eq!(out.last_line(), Some(f.app.id()), "{out}");
+    assert_no_secrets(&out, &secrets_of(ALICE.0, ALICE.1));
+}
+
+#[test]
+fn bearer_tokens_from_a_token_server() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(work.path(), &[BOB]).unwrap();
+    let auth = Auth::Token {
+        realm: tokens.realm(),
+        service: token_server::SERVICE.into(),
+        issuer: token_server::ISSUER.into(),
+        root_cert_bundle: tokens.cert_bundle().to_owned(),
+    };
+    let reg = ConfiguredRegistry::start(&storage(f), &auth, None).unwrap_or_else(|e| panic!("{e:#}"));
+    let reference = format!("{}/team/app:1.0", reg.addr());
+
+    // Anonymous: the token server refuses, so does the registry.
+    let env = Env::new();
+    env.pull(&[], &reference).assert_failure().assert_stderr_contains("refused anonymous access");
+
+    let env = Env::new();
+    env.write_docker_config(&serde_json::json!({"auths": {reg.addr(): {"username": BOB.0, "password": BOB.1}}}));
+    let before = tokens.requests().len();
+    let out = env.pull(&["--log", "trace"], &reference);
+    assert!(out.success(), "{out}\nregistry log:\n{}", reg.log());
+    assert_eq!(out.last_line(), Some(f.app.id()), "{out}");
+    // One token for the one scope, reused for the manifest, the config and every layer.
+    let asked: Vec<String> = tokens.requests()[before..].to_vec();
+    assert_eq!(asked.len(), 1, "token requests: {asked:#?}");
+    assert!(
+        asked[0].contains("scope=repository%3Ateam%2Fapp%3Apull") && asked[0].contains(&format!("service={}", token_server::SERVICE)),
+        "{asked:?}"
+    );
+    let mut secrets = secrets_of(BOB.0, BOB.1);
+    secrets.extend(tokens.issued());
+    // The token's signature part alone is also a secret worth looking for.
+    secrets.extend(tokens.issued().iter().filter_map(|t| t.rsplit('.').next().map(str::to_owned)));
+    assert_no_secrets(&out, &secrets);
+}
+
+/// A TLS registry requiring client certificates; `hosts.toml` decides whether pullbox can
+/// talk to it.
+#[test]
+fn tls_with_a_ca_and_client_certificates_from_hosts_toml() {
+    let f = fixture();
+    let pki = Pki::generate().unwrap();
+    let (cert, key) = pki.server();
+    let tls = Tls { certificate: cert, key, client_ca: Some(pki.ca()) };
+    let reg = ConfiguredRegistry::start(&storage(f), &Auth::None, Some(&tls)).unwrap_or_else(|e| panic!("{e:#}"));
+    let reference = format!("{}/team/app:1.0", reg.addr());
+    let (client_cert, client_key) = pki.client();
+    let client = format!("client = [[{:?}, {:?}]]", client_cert.display().to_string(), client_key.display().to_string());
+    let server = format!("server = \"https://{}\"", reg.addr());
+
+    // Loopback without configuration means plain HTTP: the TLS registry cannot answer that.
+    Env::new().pull(&[], &reference).assert_failure();
+
+    // The CA trusted through hosts.toml, the client certificate presented: the pull works.
+    let env = Env::new();
+    fs::copy(pki.ca(), env.dir.path().join("ca-copy.pem")).unwrap();
+    env.hosts_toml(reg.addr(), &format!("{server}\nca = \"../../ca-copy.pem\"\n{client}\n"));
+    env.pull_app(&["--log", "debug"], &reference);
+
+    // Without the CA (the system's roots do not know it), or with an unrelated CA: refused.
+    for ca in [String::new(), format!("ca = {:?}", pki.other_ca().display().to_string())] {
+        let env = Env::new();
+        env.hosts_toml(reg.addr(), &format!("{server}\n{ca}\n{client}\n"));
+        let out = env.pull(&[], &reference);
+        out.assert_failure().assert_stderr_contains("certificate");
+        assert!(env.pb.images_json().is_empty());
+    }
+
+    // The CA but no client certificate: the registry refuses the handshake.
+    let env = Env::new();
+    env.hosts_toml(reg.addr(), &format!("{server}\nca = {:?}\n", pki.ca().display().to_string()));
+    env.pull(&[], &reference).assert_failure();
+
+    // skip_verify, where configured, accepts the unknown CA.
+    let env = Env::new();
+    env.hosts_toml(reg.addr(), &format!("{server}\nskip_verify = true\n{client}\n"));
+    env.pull_app(&[], &reference);
+}
+
+#[test]
+fn a_mirror_without_the_image_falls_back_to_the_upstream() {
+    let f = fixture();
+    let mirror = Registry::start().unwrap_or_else(|e| panic!("{e:#}"));
+    let recorder = FaultProxy::start(mirror.addr()).unwrap();
+    let env = Env::new();
+    env.hosts_toml(
+        f.registry.addr(),
+        &format!("[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", recorder.addr()),
+    );
+    env.pull_app(&["--log", "debug"], &f.reference("team/app:1.0"));
+    let asked = recorder.requests();
+    let ns = format!("ns={}", f.registry.addr().replace(':', "%3A"));
+    assert!(
+        asked.iter().any(|r| r.path.starts_with("/v2/team/app/manifests/1.0") && r.path.contains(&ns)),
+        "the mirror was not asked first, with ns: {asked:#?}"
+    );
+}
+
+#[test]
+fn a_mirror_serves_while_the_upstream_is_down() {
+    let f = fixture();
+    let down = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let env = Env::new();
+    env.hosts_toml(&down, &format!("[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", f.registry.addr()));
+    env.pull_app(&[], &format!("{down}/team/app:1.0"));
+    let images = env.pb.images_json();
+    assert!(images[0]["repoTags"].to_string().contains(&down), "named after the upstream: {images:#?}");
+}
+
+/// The fixture registry behind a fault-injecting proxy.
+fn proxied(f: &Fixture) -> (FaultProxy, String) {
+    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    let reference = format!("{}/team/app:1.0", proxy.addr());
+    (proxy, reference)
+}
+
+#[test]
+fn a_connection_reset_mid_blob_resumes_with_range() {
+    let f = fixture();
+    let (proxy, reference) = proxied(f);
+    let layer = big_layer(f);
+    let cut = layer.size / 2;
+    proxy.inject(&layer.digest, Fault::ResetAfter(cut), 1);
+    let env = Env::new();
+    env.pull_app(&["--log", "debug"], &reference);
+    let asked = proxy.requests_for(&layer.digest);
+    assert_eq!(asked.len(), 2, "{asked:#?}");
+    let range = asked[1].range.clone().unwrap_or_else(|| panic!("the retry did not resume: {asked:#?}"));
+    let start: u64 = range.trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
+    assert!(start > 0 && start <= cut, "resumed at {start}, cut at {cut}");
+    assert!(env.pb.blob_path(&layer.digest).is_file());
+}
+
+#[test]
+fn corrupted_bytes_fail_the_pull_and_commit_nothing() {
+    let f = fixture();
+    let (proxy, reference) = proxied(f);
+    let layer = big_layer(f);
+    proxy.inject(&layer.digest, Fault::CorruptAt(100), 1);
+    let env = Env::new();
+    let out = env.pull(&[], &reference);
+    out.assert_failure().assert_stderr_contains(&layer.digest);
+    out.assert_stderr_contains("expected");
+    assert_eq!(proxy.requests_for(&layer.digest).len(), 1, "a digest mismatch is not retried");
+    assert!(!env.pb.blob_path(&layer.digest).exists(), "the corrupt blob was committed");
+    assert!(env.pb.images_json().is_empty());
+    let gc = env.pb.run("gc", NO_ARGS);
+    gc.assert_success();
+    assert!(gc.stdout.contains(" 0 leases"), "the failed pull left its lease:\n{gc}");
+}
+
+#[test]
+fn a_stalled_download_ends_at_the_stall_timeout() {
+    let f = fixture();
+    let (proxy, reference) = proxied(f);
+    let layer = big_layer(f);
+    proxy.inject(&layer.digest, Fault::StallAfter(1000), 1);
+    let env = Env::new();
+    let started = Instant::now();
+    let out = env.pull(&["--stall-timeout", "1"], &reference);
+    let took = started.elapsed();
+    out.assert_failure().assert_stderr_contains("stalled");
+    out.assert_stderr_contains("stall timeout");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert!(!env.pb.blob_path(&layer.digest).exists());
+    assert!(env.pb.images_json().is_empty());
+}
+
+#[test]
+fn server_errors_are_retried() {
+    let f = fixture();
+    let (proxy, reference) = proxied(f);
+    let layer = big_layer(f);
+    proxy.inject(&layer.digest, Fault::Status(503), 2);
+    proxy.inject("/manifests/1.0", Fault::Status(503), 1);
+    let env = Env::new();
+    env.pull_app(&[], &reference);
+    assert_eq!(proxy.requests_for(&layer.digest).len(), 3);
+    assert_eq!(proxy.requests_for("/manifests/1.0").len(), 2);
+}
+
+#[test]
+fn ctrl_c_cancels_the_pull_and_removes_its_lease() {
+    let f = fixture();
+    let (proxy, reference) = proxied(f);
+    let layer = big_layer(f);
+    proxy.inject(&layer.digest, Fault::StallAfter(1000), 1);
+    let env = Env::new();
+    let mut cmd = env.pull_command(&["--stall-timeout", "60", "--log", "debug"], &reference);
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+
+    // Wait until the download is stuck in the stall, then press Ctrl-C.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.requests_for(&layer.digest).is_empty() {
+        assert!(Instant::now() < deadline, "the pull never asked for {}", layer.digest);
+        assert!(child.try_wait().unwrap().is_none(), "pullbox exited early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pullbox did not stop within 15 s of Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = sent.elapsed();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a cancelled pull must fail:\n{stderr}");
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
+
+    assert!(env.pb.images_json().is_empty());
+    assert!(!env.pb.blob_path(&layer.digest).exists());
+    // The pull deleted its lease and collected what it wrote: nothing is left to collect.
+    let gc = env.pb.run("gc", NO_ARGS);
+    gc.assert_success();
+    assert!(gc.stdout.contains("removed 0 blobs, 0 snapshots, 0 ingests, 0 leases"), "{gc}");
+}
+
+/// A `hosts.toml` the transport cannot parse fails the pull and names the file, instead of
+/// being ignored.
+#[test]
+fn a_broken_hosts_toml_is_an_error() {
+    let f = fixture();
+    let env = Env::new();
+    env.hosts_toml(f.registry.addr(), "[host.\"http://x\"]\ncapabilities = [\"teleport\"]\n");
+    let out = env.pull(&[], &f.reference("team/app:1.0"));
+    out.assert_failure().assert_stderr_contains("hosts.toml");
+    out.assert_stderr_contains("teleport");
+}
