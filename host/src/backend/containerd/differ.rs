@@ -15,6 +15,10 @@ use crate::{
     oci::{Descriptor, Digest, Mount},
 };
 
+/// What containerd's messages say when unpacking a layer failed (as opposed to reaching the
+/// content or mounting the snapshot).
+const UNPACK_FAILURES: &[&str] = &["mount callback failed", "failed to extract layer", "decompress"];
+
 /// containerd's diff service, in the connection's namespace.
 pub(crate) struct Differ {
     conn: Conn,
@@ -38,9 +42,11 @@ impl crate::backend::Differ for Differ {
             .apply(req)
             .await
             .map_err(|s| match self.conn.error(s) {
-                // containerd reports a broken archive as an error without a code.
-                Error::Io { context, .. } if context.contains("failed to extract layer") || context.contains("decompress") => {
-                    Error::BadLayer { layer: layer.digest.to_string(), reason: context }
+                // containerd reports what went wrong while unpacking (a broken compressed
+                // stream or archive) as an error without a code, from its mount callback.
+                Error::Io { context, .. } if UNPACK_FAILURES.iter().any(|m| context.contains(m)) => {
+                    let reason = context.strip_prefix("containerd: ").unwrap_or(&context).to_owned();
+                    Error::BadLayer { layer: layer.digest.to_string(), reason }
                 }
                 e => e,
             })?
