@@ -14,7 +14,7 @@
 # build's cache is never invalidated by guest flags. The core modules become components
 # with `wasm-tools component new`, which is installed with cargo when missing.
 
-.PHONY: all build pullers host setup test test-unit test-integration check demo clippy fmt clean-demo
+.PHONY: bench-engine all build pullers host setup test test-unit test-integration check demo clippy fmt clean-demo
 .DELETE_ON_ERROR:
 
 # ---- variables ------------------------------------------------------------------------
@@ -155,6 +155,11 @@ check: setup test
 DEMO_ROOT ?= target/demo-root
 demo: setup build
 	./target/release/pullbox-demo $(DEMO_ROOT)
+
+# Printed figures, not timed tests: the sandbox's per-request overhead and the guest's share
+# of a pull's wall time.
+bench-engine: build
+	./target/release/pullbox-bench-engine
 
 clippy:
 	$(CARGO) clippy --release --locked -p pullbox -p pullbox-tests -p pullbox-puller -p pullbox-refuse --all-targets -- -D warnings

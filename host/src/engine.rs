@@ -97,6 +97,15 @@ impl Limits {
     }
 }
 
+/// Guest execution time of every call of this process, in nanoseconds.
+static GUEST_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Total time this process spent executing guest code (the `pullbox_guest_seconds` metric;
+/// benchmarks compare it with a pull's wall time).
+pub fn guest_time() -> Duration {
+    Duration::from_nanos(GUEST_NANOS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// Time accounting of one call: guest execution only.
 struct CpuClock {
     limit: Duration,
@@ -303,7 +312,9 @@ impl Puller {
                 CallHook::CallingWasm | CallHook::ReturningFromHost => clock.running_since = Some(Instant::now()),
                 CallHook::CallingHost | CallHook::ReturningFromWasm => {
                     if let Some(t) = clock.running_since.take() {
-                        clock.used += t.elapsed();
+                        let slice = t.elapsed();
+                        clock.used += slice;
+                        GUEST_NANOS.fetch_add(slice.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }

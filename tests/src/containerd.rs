@@ -129,7 +129,12 @@ impl Containerd {
         };
         let stdin = supervisor.stdin.take();
         // From here on, dropping `containerd` stops everything and cleans up.
-        let mut containerd = Containerd { dir, socket, supervisor, stdin };
+        let mut containerd = Containerd {
+            dir,
+            socket,
+            supervisor,
+            stdin,
+        };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = containerd.supervisor.try_wait()? {
@@ -196,7 +201,11 @@ impl Containerd {
     /// Runs `ctr --address SOCKET -n NAMESPACE ARGS...` (with [`CTR_TIMEOUT`]).
     pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<Captured> {
         let mut cmd = Command::new(CTR_BIN);
-        cmd.arg("--address").arg(&self.socket).args(["-n", namespace]).args(args).env("PATH", PATH);
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .args(["-n", namespace])
+            .args(args)
+            .env("PATH", PATH);
         run(cmd, CTR_TIMEOUT)
     }
 
@@ -227,7 +236,10 @@ impl Drop for Containerd {
         // Closing the pipe tells the supervisor to stop containerd and clean up.
         drop(self.stdin.take());
         if !matches!(
-            wait_until(&mut self.supervisor, Instant::now() + Duration::from_secs(30)),
+            wait_until(
+                &mut self.supervisor,
+                Instant::now() + Duration::from_secs(30)
+            ),
             Ok(Some(_))
         ) {
             let _ = self.supervisor.kill();

@@ -21,6 +21,9 @@
 //! `ADDR/store/corpus-mixed:1` is the same image (same config, so the same image ID and chain
 //! IDs) whose manifest names layer 2 uncompressed and layer 6 zstd-compressed (skopeo's
 //! recompression of it): one image, all three layer formats.
+//!
+//! `ADDR/store/app-plus:1` is the fixture's `team/app` with one more layer: an image that
+//! shares all of `app`'s layers, for the tests of concurrent pulls.
 
 use std::fs;
 use std::io::Read;
@@ -57,6 +60,8 @@ pub struct Corpus {
     pub mixed_media_types: Vec<String>,
     /// The image ID (config digest) of both.
     pub id: String,
+    /// `ADDR/store/app-plus:1`: `team/app`'s three layers and one more.
+    pub app_plus: String,
     /// `umoci unpack`'s root filesystem of the image.
     pub rootfs: PathBuf,
 }
@@ -96,7 +101,13 @@ fn build() -> Result<Corpus> {
     skopeo_copy(&oci("corpus-mixed"), &format!("docker://{mixed}"), &[])?;
 
     let rootfs = layout.unpack("corpus", &work.join("unpacked"))?;
-    Ok(Corpus { image, mixed, mixed_media_types, id, rootfs })
+
+    let app = &fixture().layout;
+    app.config_as("app", "store-app-plus", &["--no-history"])?;
+    app.add_layer("store-app-plus", |root| write(root, "opt/app/plus.txt", "one more layer\n", 0o644))?;
+    let app_plus = format!("{addr}/store/app-plus:1");
+    skopeo_copy(&format!("oci:{}", app.image("store-app-plus")), &format!("docker://{app_plus}"), &[])?;
+    Ok(Corpus { image, mixed, mixed_media_types, id, app_plus, rootfs })
 }
 
 fn write(root: &Path, path: &str, contents: impl AsRef<[u8]>, mode: u32) -> Result<()> {

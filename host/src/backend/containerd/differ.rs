@@ -52,7 +52,9 @@ impl crate::backend::Differ for Differ {
             })?
             .into_inner()
             .applied
-            .ok_or_else(|| Error::FailedPrecondition(format!("containerd applied layer {} without a diff ID", layer.digest)))?;
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!("containerd applied layer {} without a diff ID", layer.digest))
+            })?;
         parse_digest(&applied.digest)
     }
 }

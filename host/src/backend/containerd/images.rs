@@ -9,8 +9,8 @@
 use async_trait::async_trait;
 use containerd_client::{
     services::v1::{
-        images_client::ImagesClient, CreateImageRequest, DeleteImageRequest, GetImageRequest, Image,
-        ListImagesRequest, UpdateImageRequest,
+        images_client::ImagesClient, CreateImageRequest, DeleteImageRequest, GetImageRequest, Image, ListImagesRequest,
+        UpdateImageRequest,
     },
     tonic::transport::Channel,
 };
@@ -48,9 +48,8 @@ fn to_image(r: &ImageRecord) -> Image {
 
 fn from_image(i: Option<Image>) -> Result<ImageRecord> {
     let i = i.ok_or_else(|| Error::FailedPrecondition("containerd answered without an image".into()))?;
-    let target = i
-        .target
-        .ok_or_else(|| Error::FailedPrecondition(format!("containerd's image {} has no target", i.name)))?;
+    let target =
+        i.target.ok_or_else(|| Error::FailedPrecondition(format!("containerd's image {} has no target", i.name)))?;
     Ok(ImageRecord {
         target: from_descriptor(target)?,
         labels: i.labels.into_iter().collect(),

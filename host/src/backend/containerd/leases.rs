@@ -109,16 +109,14 @@ impl LeaseManager {
     async fn inventory(&self) -> Result<Inventory> {
         let mut blobs = HashMap::new();
         let req = self.conn.request(ListContentRequest { filters: Vec::new() });
-        let mut stream = ContentClient::new(self.conn.channel.clone())
-            .list(req)
-            .await
-            .map_err(|s| self.conn.error(s))?
-            .into_inner();
+        let mut stream =
+            ContentClient::new(self.conn.channel.clone()).list(req).await.map_err(|s| self.conn.error(s))?.into_inner();
         while let Some(page) = stream.message().await.map_err(|s| self.conn.error(s))? {
             blobs.extend(page.info.into_iter().map(|i| (i.digest, u64::try_from(i.size).unwrap_or(0))));
         }
         let mut snapshots = HashSet::new();
-        let req = self.conn.request(ListSnapshotsRequest { snapshotter: self.snapshotter.clone(), filters: Vec::new() });
+        let req =
+            self.conn.request(ListSnapshotsRequest { snapshotter: self.snapshotter.clone(), filters: Vec::new() });
         let mut stream = SnapshotsClient::new(self.conn.channel.clone())
             .list(req)
             .await
@@ -227,7 +225,9 @@ struct Here {
 impl Here {
     fn current() -> Here {
         Here {
-            boot_id: fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default(),
+            boot_id: fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
             pid_ns: fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino()),
         }
     }
@@ -237,7 +237,10 @@ impl Here {
         let pid = std::process::id();
         let start_time = start_time(pid).ok_or_else(|| Error::Io {
             context: "reading this process's start time".into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("/proc/{pid}/stat unreadable or malformed")),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("/proc/{pid}/stat unreadable or malformed"),
+            ),
         })?;
         Ok(Owner { boot_id: self.boot_id.clone(), pid_ns: self.pid_ns, pid, start_time })
     }

@@ -223,7 +223,11 @@ fn from_status(status: Status, address: &str) -> Error {
         GrpcCode::PermissionDenied | GrpcCode::Unauthenticated => Error::PermissionDenied(message),
         GrpcCode::ResourceExhausted => Error::ResourceExhausted(message),
         GrpcCode::Unavailable | GrpcCode::DeadlineExceeded => Error::Unavailable {
-            what: if address.is_empty() { format!("containerd: {message}") } else { format!("containerd at {address}: {message}") },
+            what: if address.is_empty() {
+                format!("containerd: {message}")
+            } else {
+                format!("containerd at {address}: {message}")
+            },
             source: None,
         },
         GrpcCode::Cancelled => Error::Cancelled(message),

@@ -93,14 +93,10 @@ impl Snapshotter for Snapshots {
 
     async fn stat(&self, key: &str) -> Result<SnapshotInfo> {
         let req = self.conn.request(StatSnapshotRequest { snapshotter: self.name.clone(), key: key.to_owned() });
-        let info = self
-            .client()
-            .stat(req)
-            .await
-            .map_err(|s| self.conn.error(s))?
-            .into_inner()
-            .info
-            .ok_or_else(|| Error::FailedPrecondition(format!("containerd answered without info on snapshot {key}")))?;
+        let info =
+            self.client().stat(req).await.map_err(|s| self.conn.error(s))?.into_inner().info.ok_or_else(|| {
+                Error::FailedPrecondition(format!("containerd answered without info on snapshot {key}"))
+            })?;
         let kind = match Kind::try_from(info.kind) {
             Ok(Kind::View) => SnapshotKind::View,
             Ok(Kind::Active) => SnapshotKind::Active,
