@@ -26,6 +26,7 @@ pub mod containerd;
 pub mod cri;
 pub mod fixture;
 pub mod oci;
+pub mod policy;
 pub mod process;
 pub mod pullbox;
 pub mod registry;

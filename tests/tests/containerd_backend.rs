@@ -105,7 +105,7 @@ fn content_labels(ctd: &Containerd, namespace: &str, digest: &str) -> BTreeMap<S
         .lines()
         .find(|l| l.starts_with(digest))
         .unwrap_or_else(|| panic!("{digest} not in `ctr -n {namespace} content ls`:\n{out}"));
-    let labels = line.split('\t').last().unwrap_or_default();
+    let labels = line.rsplit('\t').next().unwrap_or_default();
     labels
         .split(',')
         .filter_map(|kv| kv.split_once('='))

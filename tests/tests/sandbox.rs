@@ -56,6 +56,8 @@ struct Expect {
     codes: &'static [Code],
     /// Words the message must contain (case-insensitive).
     needles: Vec<String>,
+    /// Words of which the message must contain at least one, when not empty.
+    any: Vec<String>,
     /// The least time the request may take (for example the CPU limit).
     at_least: Duration,
     /// The most time it may take.
@@ -67,6 +69,7 @@ impl Expect {
         Expect {
             codes,
             needles: needles.iter().map(|s| s.to_string()).collect(),
+            any: Vec::new(),
             at_least: Duration::ZERO,
             at_most: Duration::from_secs(10),
         }
@@ -81,6 +84,12 @@ impl Expect {
         }
     }
 
+    /// The message must also contain one of `words`.
+    fn or_any(mut self, words: &[&str]) -> Expect {
+        self.any = words.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
     /// A trap: the guest panicked (`unreachable`).
     fn trap() -> Expect {
         Expect::new(&[Code::Internal], &["puller failed", "unreachable"])
@@ -93,6 +102,12 @@ impl Expect {
         for n in &self.needles {
             assert!(m.contains(&n.to_lowercase()), "{what}: the message does not mention {n:?}: {}", status.message());
         }
+        assert!(
+            self.any.is_empty() || self.any.iter().any(|n| m.contains(&n.to_lowercase())),
+            "{what}: the message mentions none of {:?}: {}",
+            self.any,
+            status.message()
+        );
         assert!(took >= self.at_least, "{what}: failed after {took:?}, before {:?}: {}", self.at_least, status.message());
         assert!(took <= self.at_most, "{what}: took {took:?}, more than {:?}: {}", self.at_most, status.message());
     }
@@ -317,7 +332,9 @@ async fn huge_arguments_fail_the_request_not_the_host() {
         &d,
         json!({"behavior": "huge-argument", "variant": "string", "bytes": 100 << 20}),
         &app(),
-        &Expect::new(&[Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &["huge-argument"]),
+        // Refused after lifting ("longer than"), or before (wasmtime's hostcall fuel).
+        &Expect::new(&[Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &[])
+            .or_any(&["longer than", "too much data"]),
     )
     .await;
     round(
@@ -331,7 +348,8 @@ async fn huge_arguments_fail_the_request_not_the_host() {
         &d,
         json!({"behavior": "huge-argument", "variant": "list", "count": 1_000_000}),
         &app(),
-        &Expect::new(&[Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &[]),
+        &Expect::new(&[Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &[])
+            .or_any(&["more than 1024", "too much data"]),
     )
     .await;
 }
@@ -352,7 +370,9 @@ async fn malformed_abi_arguments_trap_the_call_not_the_host() {
 
 /// A guest's strings are lifted into host strings one by one, so a list whose elements all
 /// point at one big string costs the host `count * bytes` while the guest holds `bytes`.
-/// The host must bound what it lifts on a guest's behalf, not only what it keeps.
+/// The host must bound what it lifts on a guest's behalf, not only what it keeps: no more
+/// than the guest may hold itself (wasmtime's per-call "hostcall fuel" defaults to 128 MiB,
+/// twice this test's memory limit, and applies to each of the calls running at once).
 #[tokio::test(flavor = "multi_thread")]
 async fn aliased_arguments_do_not_amplify_into_host_memory() {
     let memory_limit: u64 = 64 << 20;
@@ -370,19 +390,20 @@ async fn aliased_arguments_do_not_amplify_into_host_memory() {
     eprintln!("aliased 512 x 1 MiB labels: {:?} {}; daemon peak RSS {} -> {} MiB (+{grew_mib} MiB)", status.code(), first_line(status.message()), before / 1024, after / 1024);
     still_serves(&d, "aliased labels").await;
     assert!(
-        grew_mib < 2 * memory_limit / (1 << 20),
+        grew_mib < memory_limit / (1 << 20),
         "the host allocated {grew_mib} MiB for a guest holding 1 MiB (memory limit {} MiB)",
         memory_limit >> 20
     );
 }
 
 /// Every `registry.fetch` starts downloads the host tracks for the request; a guest that asks
-/// for a million made-up blobs must be refused long before the host holds a million tasks.
+/// for a hundred thousand made-up blobs must be refused long before the host holds that many
+/// tasks (each costs the host about 5 KiB: 500 MiB here, from a guest using almost nothing).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_fetches_is_bounded() {
     let d = hostile_daemon("[sandbox]\ncpu_limit_ms = 5000\n");
     good_pull(&d, "start").await;
-    let doc = json!({"behavior": "fetch-flood", "count": 1_000_000});
+    let doc = json!({"behavior": "fetch-flood", "count": 100_000});
     use_hostile(&d, &doc.to_string()).await;
     let pid = d.pid().unwrap();
     let before = peak_rss_kib(pid).unwrap();
@@ -409,6 +430,8 @@ async fn a_flood_of_fetches_is_bounded() {
         first_line(status.message())
     );
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let grew_mib = after.saturating_sub(before) / 1024;
+    assert!(grew_mib < 128, "the host grew by {grew_mib} MiB for one request's fetches");
 }
 
 // ---- time ----------------------------------------------------------------------------------
@@ -445,10 +468,11 @@ async fn looping_pullers_do_not_starve_other_requests() {
         &format!("[sandbox]\ncpu_limit_ms = {}\n", cpu.as_millis()),
     )
     .unwrap();
-    // More looping guests than the machine has cores; distinct references, so that no pull
-    // waits for another of the same image.
+    // Distinct references, so that no pull waits for another of the same image.
     let started = Instant::now();
-    let loops: Vec<_> = (0..4)
+    // One more looping guest than the daemon's async runtime has worker threads (one per core).
+    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) + 1;
+    let loops: Vec<_> = (0..n)
         .map(|i| {
             let socket = d.daemon.socket().to_owned();
             tokio::spawn(async move {
@@ -470,7 +494,7 @@ async fn looping_pullers_do_not_starve_other_requests() {
         worst = worst.max(t.elapsed());
     }
     let served = started.elapsed();
-    eprintln!("while 4 guests loop: 10 x (ListImages, ImageStatus, ImageFsInfo), the slowest {worst:?}, all done {served:?} after the loops started");
+    eprintln!("while {n} guests loop: 10 x (ListImages, ImageStatus, ImageFsInfo), the slowest {worst:?}, all done {served:?} after the loops started");
     assert!(worst < Duration::from_millis(500), "a request took {worst:?} while guests looped");
     assert!(served < cpu, "the requests were answered only after {served:?}, when the loops were stopped");
     for l in loops {
@@ -478,7 +502,7 @@ async fn looping_pullers_do_not_starve_other_requests() {
         let status = r.expect_err("a looping pull succeeded");
         Expect::cpu(cpu).check("looping pull", &status, took);
     }
-    good_pull(&d, "four looping pulls").await;
+    good_pull(&d, "looping pulls").await;
 }
 
 // ---- configure, start and live reload ------------------------------------------------------
@@ -567,10 +591,17 @@ fn cli_hostile(pb: &Pullbox, subcommand: &str, settings: &serde_json::Value, arg
 /// A hostile CLI pull fails naming `needle`, leaves the store clean, and a good pull with
 /// the default puller on the same store follows.
 fn cli_case(settings: serde_json::Value, needle: &str) {
+    cli_case_any(settings, &[needle]);
+}
+
+/// [`cli_case`] where the message names one of `needles`.
+fn cli_case_any(settings: serde_json::Value, needles: &[&str]) {
     let pb = pullbox();
     let (out, took) = cli_hostile(&pb, "pull", &settings, &[&app()]);
     eprintln!("{settings}: exit {:?} after {took:?}: {}", out.status.code(), out.stderr.lines().last().unwrap_or_default());
-    out.assert_failure().assert_stderr_contains(needle);
+    out.assert_failure();
+    let stderr = out.stderr.to_lowercase();
+    assert!(needles.iter().any(|n| stderr.contains(&n.to_lowercase())), "{settings}: stderr mentions none of {needles:?}:\n{out}");
     assert!(took < Duration::from_secs(10), "{settings}: took {took:?}");
     assert_clean(pb.root(), &settings.to_string());
     assert_eq!(pb.pull(&[], &app()), fixture().app.config_digest);
@@ -614,7 +645,7 @@ fn cli_bad_digests() {
 
 #[test]
 fn cli_huge_argument_and_bad_abi() {
-    cli_case(json!({"behavior": "huge-argument", "variant": "string", "bytes": 32 << 20}), "longer than");
+    cli_case_any(json!({"behavior": "huge-argument", "variant": "string", "bytes": 32 << 20}), &["longer than", "too much data"]);
     cli_case(json!({"behavior": "bad-abi", "variant": "oob-string"}), "puller failed");
 }
 
@@ -719,26 +750,29 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
         (build_component(&next_version, "puller-world", &w.join("out-next"), keep).unwrap(), &["@0.2.0"]),
     ];
     let pb = pullbox();
+    // Every case is checked before the test fails, so one run lists every gap.
+    let mut wrong = Vec::new();
     for (component, needles) in &cases {
         for (what, out) in [
             ("policy check", pb.run("policy", ["check".as_ref(), component.as_os_str()])),
             ("pull --puller", pb.run("pull", ["--puller".as_ref(), component.as_os_str(), app().as_ref()])),
         ] {
             eprintln!("{what} {}: {}", component.display(), out.stderr.trim());
-            out.assert_failure();
-            for n in *needles {
-                out.assert_stderr_contains(n);
+            if out.success() || needles.iter().any(|n| !out.stderr.contains(n)) || out.stderr.contains("unreachable") {
+                wrong.push(format!("{what} {}: wanted a refusal naming {needles:?} before running it:\n{out}", component.display()));
             }
-            assert!(!out.stderr.contains("unreachable"), "{what}: the component was run: {out}");
         }
-        let err = match cri::Daemon::start(&format!("puller = {:?}", component.display().to_string())) {
-            Ok(_) => panic!("serve started with {}", component.display()),
-            Err(e) => format!("{e:#}"),
-        };
-        for n in *needles {
-            assert!(err.contains(n), "serve with {}: {err}", component.display());
+        match cri::Daemon::start(&format!("puller = {:?}", component.display().to_string())) {
+            Ok(_) => wrong.push(format!("serve started with {}", component.display())),
+            Err(e) => {
+                let err = format!("{e:#}");
+                if needles.iter().any(|n| !err.contains(n)) {
+                    wrong.push(format!("serve with {}: wanted {needles:?}: {err}", component.display()));
+                }
+            }
         }
     }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
     assert_clean(pb.root(), "refused components");
 }
 

@@ -637,10 +637,9 @@ impl Client {
                     }))
                 }
                 Ok(Err(e)) => {
-                    return Err(Failure::Retry(Error::unavailable(
-                        format!("cannot reach {} for {what}", host.authority),
-                        e.without_url(),
-                    )))
+                    let retry = transient(&e);
+                    let e = Error::unavailable(format!("cannot reach {} for {what}", host.authority), e.without_url());
+                    return Err(if retry { Failure::Retry(e) } else { Failure::NextHost(e) });
                 }
                 Ok(Ok(r)) => r,
             };
@@ -659,6 +658,20 @@ impl Client {
             return check_status(resp, what, &host.authority, &authz, stall).await;
         }
     }
+}
+
+/// Whether a failed request is worth retrying on the same host: refused or reset
+/// connections and timeouts are; TLS failures (a certificate that is not trusted does not
+/// become trusted) and malformed answers, which surface as `InvalidData`, are not.
+fn transient(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData) {
+            return false;
+        }
+        source = s.source();
+    }
+    true
 }
 
 /// `N s` or `N ms`, for messages.

@@ -10,7 +10,10 @@
 //! The upper directory comes from the mounts: a `bind` mount's source, or an `overlay`
 //! mount's `upperdir=`. Because mounts arrive from the puller (untrusted), the applier only
 //! writes into a directory that is the `fs` of an *active* snapshot of this store; anything
-//! else is `InvalidArgument`.
+//! else is `InvalidArgument`. The layers below come from the snapshot's own ancestry in the
+//! database, never from the mount's `lowerdir=`: [`unpack`] reads them (only) to give the
+//! parent directories it must create the metadata they have below, as containerd's applier
+//! does with its `WithParents` option.
 
 use std::{
     fs::File,
@@ -71,8 +74,9 @@ impl Applier {
         Applier { layout, db }
     }
 
-    /// Checks that `upper` is the `fs` directory of an active snapshot of this store.
-    async fn check_upper(&self, upper: &std::path::Path) -> Result<()> {
+    /// Checks that `upper` is the `fs` directory of an active snapshot of this store; returns
+    /// the `fs` directories of the snapshot's ancestors, nearest first.
+    async fn check_upper(&self, upper: &std::path::Path) -> Result<Vec<PathBuf>> {
         let refused = || Error::InvalidArgument(format!("{} is not an active snapshot of this store", upper.display()));
         let rel = upper.strip_prefix(self.layout.snapshots()).map_err(|_| refused())?;
         let parts: Vec<_> = rel.components().collect();
@@ -83,11 +87,8 @@ impl Applier {
             _ => None,
         }
         .ok_or_else(refused)?;
-        if self.db.read(move |conn| snapshots::is_active(conn, id)).await? {
-            Ok(())
-        } else {
-            Err(refused())
-        }
+        let layout = self.layout.clone();
+        self.db.read(move |conn| snapshots::active_lowers(conn, &layout, id)).await?.ok_or_else(refused)
     }
 }
 
@@ -98,7 +99,7 @@ impl Differ for Applier {
             Error::InvalidArgument(format!("{} has media type {:?}, not a layer", layer.digest, layer.media_type))
         })?;
         let upper = upper_dir(mounts)?;
-        self.check_upper(&upper).await?;
+        let lowers = self.check_upper(&upper).await?;
         let (blob, layer) = (self.layout.blob(&layer.digest), layer.clone());
         blocking(move || {
             let digest = &layer.digest;
@@ -120,7 +121,7 @@ impl Differ for Applier {
                 Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file).map_err(bad)?),
             };
             let reader = HashingReader { inner: decompressed, hasher: Hasher::new(Algorithm::Sha256) };
-            let mut rest = unpack(reader, &upper, digest.as_str())?;
+            let mut rest = unpack(reader, &upper, &lowers, digest.as_str())?;
             io::copy(&mut rest, &mut io::sink()).map_err(bad)?;
             Ok(rest.hasher.finish())
         })

@@ -139,11 +139,19 @@ pub(crate) fn all(conn: &Connection) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Whether the snapshot with id `id` exists and is active.
-pub(crate) fn is_active(conn: &Connection, id: i64) -> Result<bool> {
-    let kind: Option<String> =
-        conn.query_row("SELECT kind FROM snapshots WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-    Ok(kind.as_deref() == Some(kind_str(SnapshotKind::Active)))
+/// The `fs` directories of the ancestors of the active snapshot with id `id`, nearest first
+/// (what an overlay mount of it has as `lowerdir`); `None` when there is no such active
+/// snapshot.
+pub(crate) fn active_lowers(conn: &Connection, layout: &Layout, id: i64) -> Result<Option<Vec<PathBuf>>> {
+    let row: Option<(String, String)> = conn
+        .query_row("SELECT kind, parent FROM snapshots WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match row {
+        Some((kind, parent)) if kind == kind_str(SnapshotKind::Active) => {
+            Ok(Some(chain(conn, layout, &parent)?.into_iter().map(|id| layout.snapshot_fs(id)).collect()))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn require(conn: &Connection, key: &str) -> Result<Row> {

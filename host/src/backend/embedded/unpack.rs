@@ -22,8 +22,16 @@
 //!   symlink never writes through it. Device nodes and FIFOs are never opened.
 //! - Hard link targets are cleaned and walked the same way and must already exist in this
 //!   layer's directory; `linkat` without `AT_SYMLINK_FOLLOW` links a symlink itself.
+//! - A whiteout below a non-directory that this layer put there (a directory the layer turned
+//!   into a file or a symlink, which umoci writes as the new entry plus whiteouts of the old
+//!   children) has nothing left to hide and is skipped; nothing is followed to reach it.
 //! - `trusted.overlay.*` extended attributes in the archive are dropped: they would let a
 //!   layer forge overlayfs metadata (opacity, redirects) about the layers below it.
+//!
+//! Parent directories an archive does not list are created, as containerd's applier creates
+//! them when given the layers below (`WithParents`): with the mode, owner and times of the
+//! same directory in the nearest lower layer that has it (so the overlay view keeps them),
+//! 0755 and root's when none has. The lower layers are only read, walked like the upper one.
 //!
 //! Metadata: modes (setuid, setgid and sticky included), owners (when running as root),
 //! modification and access times (nanoseconds from PAX records), and PAX `SCHILY.xattr.*`
@@ -37,6 +45,7 @@
 //! [`Unpacker::fs_error`].
 
 use std::{
+    cell::RefCell,
     ffi::{OsStr, OsString},
     fs::File,
     io::{self, Read, Write},
@@ -44,7 +53,7 @@ use std::{
         fd::{AsFd, BorrowedFd, OwnedFd},
         unix::ffi::{OsStrExt, OsStringExt},
     },
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use rustix::{
@@ -73,17 +82,20 @@ const COPY_BUF: usize = 128 * 1024;
 /// Opening a directory along a path: never follow a symlink, never leak the fd to children.
 const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
 
-/// Applies the tar stream `archive` onto the directory `root`; `layer` names the layer in
-/// errors. Returns the reader, positioned after the archive's end-of-archive marker (the
-/// caller may have more bytes to consume from it).
-pub(crate) fn unpack<R: Read>(archive: R, root: &Path, layer: &str) -> Result<R> {
-    let root_fd = rfs::open(root, DIR_FLAGS, Mode::empty())
-        .map_err(|e| Error::Io { context: format!("opening {}", root.display()), source: e.into() })?;
+/// Applies the tar stream `archive` onto the directory `root`, whose lower layers (nearest
+/// first) are `lowers`; `layer` names the layer in errors. Returns the reader, positioned after
+/// the archive's end-of-archive marker (the caller may have more bytes to consume from it).
+pub(crate) fn unpack<R: Read>(archive: R, root: &Path, lowers: &[PathBuf], layer: &str) -> Result<R> {
+    let open = |dir: &Path| {
+        rfs::open(dir, DIR_FLAGS, Mode::empty())
+            .map_err(|e| Error::Io { context: format!("opening {}", dir.display()), source: e.into() })
+    };
     let mut unpacker = Unpacker {
-        root: root_fd,
+        root: open(root)?,
+        lowers: lowers.iter().map(|l| open(l)).collect::<Result<_>>()?,
         layer,
         privileged: rustix::process::geteuid().is_root(),
-        dirs: Vec::new(),
+        dirs: RefCell::new(Vec::new()),
         buf: vec![0; COPY_BUF],
     };
     let mut archive = tar::Archive::new(archive);
@@ -224,11 +236,13 @@ struct WalkError {
 /// The state of one extraction.
 struct Unpacker<'a> {
     root: OwnedFd,
+    /// The layers below, nearest first: read only, for the metadata of created parents.
+    lowers: Vec<OwnedFd>,
     layer: &'a str,
     /// Running as root: owners and device nodes are applied.
     privileged: bool,
     /// Directories whose times are set at the end, in archive order.
-    dirs: Vec<(Components, Timestamps)>,
+    dirs: RefCell<Vec<(Components, Timestamps)>>,
     buf: Vec<u8>,
 }
 
@@ -254,7 +268,8 @@ impl Unpacker<'_> {
     }
 
     /// Opens the directory at `path` below the root, one component at a time, never following
-    /// a symlink; creates missing components (mode 0755, as containerd) when `create`.
+    /// a symlink; creates missing components when `create` (with the metadata of the layers
+    /// below, see [`Unpacker::inherit`]; 0755 as containerd when they have none).
     fn open_dir(&self, path: &[impl AsRef<OsStr>], create: bool) -> Result<OwnedFd, WalkError> {
         let fail = |i: Option<usize>, errno| WalkError { at: i.map_or(".".into(), |i| display(&path[..=i])), errno };
         let mut dir = rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|e| fail(None, e))?;
@@ -264,6 +279,9 @@ impl Unpacker<'_> {
             if create && matches!(next, Err(Errno::NOENT)) {
                 rfs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)).map_err(|e| fail(Some(i), e))?;
                 next = rfs::openat(&dir, name, DIR_FLAGS, Mode::empty());
+                if let Ok(created) = &next {
+                    self.inherit(&path[..=i], created.as_fd());
+                }
             }
             // O_DIRECTORY reports a symlink as "not a directory": say what it is.
             let is_symlink = || {
@@ -273,6 +291,53 @@ impl Unpacker<'_> {
             dir = next.map_err(|e| fail(Some(i), if e == Errno::NOTDIR && is_symlink() { Errno::LOOP } else { e }))?;
         }
         Ok(dir)
+    }
+
+    /// Gives the directory `created` at `path` (just made, not listed in the archive) the mode,
+    /// owner and times of the same directory in the nearest lower layer that has one there; a
+    /// lower layer with a non-directory there (a file, a whiteout, a symlink) ends the search,
+    /// as it hides the layers below it. Best effort: a failure leaves the defaults.
+    fn inherit(&self, path: &[impl AsRef<OsStr>], created: BorrowedFd<'_>) {
+        for lower in &self.lowers {
+            let mut dir = match rfs::openat(lower, ".", DIR_FLAGS, Mode::empty()) {
+                Ok(d) => d,
+                Err(_) => return,
+            };
+            let mut absent = false;
+            for name in path {
+                match rfs::openat(&dir, name.as_ref(), DIR_FLAGS, Mode::empty()) {
+                    Ok(next) => dir = next,
+                    Err(Errno::NOENT) => {
+                        absent = true;
+                        break;
+                    }
+                    // A non-directory on the way: the merged view has no directory here.
+                    Err(_) => return,
+                }
+            }
+            if absent {
+                continue;
+            }
+            let Ok(st) = rfs::fstat(&dir) else { return };
+            let owner = if self.privileged {
+                rfs::fchown(created, Some(Uid::from_raw(st.st_uid)), Some(Gid::from_raw(st.st_gid)))
+            } else {
+                Ok(())
+            };
+            let mode = rfs::fchmod(created, Mode::from_raw_mode(st.st_mode & 0o7777));
+            if let Err(e) = owner.and(mode) {
+                let shown = display(path);
+                tracing::debug!(layer = self.layer, dir = shown, error = %e, "cannot copy a parent's metadata from below");
+                return;
+            }
+            let times = Timestamps {
+                last_access: Timespec { tv_sec: st.st_atime as i64, tv_nsec: st.st_atime_nsec as i64 },
+                last_modification: Timespec { tv_sec: st.st_mtime as i64, tv_nsec: st.st_mtime_nsec as i64 },
+            };
+            let path: Components = path.iter().map(|c| c.as_ref().to_owned()).collect();
+            self.dirs.borrow_mut().push((path, times));
+            return;
+        }
     }
 
     /// The error for a failed [`Unpacker::open_dir`] while unpacking `entry`; `what` says
@@ -313,10 +378,19 @@ impl Unpacker<'_> {
         // The root itself ("./"): containerd leaves it alone too.
         let Some((name, parents)) = path.split_last() else { return Ok(()) };
         let meta = Meta::read(entry).map_err(|e| self.bad(&shown, e))?;
-        let parent = self.open_dir(parents, true).map_err(|e| self.walk_error(&shown, "", e))?;
         let name = name.as_os_str();
+        let is_whiteout = name.as_bytes().starts_with(WHITEOUT_PREFIX);
+        let parent = match self.open_dir(parents, true) {
+            Ok(parent) => parent,
+            // Below a file or symlink this layer made of a directory: already hidden.
+            Err(e) if is_whiteout && matches!(e.errno, Errno::NOTDIR | Errno::LOOP) => {
+                tracing::debug!(layer = self.layer, entry = shown, "skipping a whiteout below a non-directory");
+                return Ok(());
+            }
+            Err(e) => return Err(self.walk_error(&shown, "", e)),
+        };
 
-        if name.as_bytes().starts_with(WHITEOUT_PREFIX) {
+        if is_whiteout {
             return self.whiteout(&shown, &parent, name, &meta);
         }
         match kind {
@@ -329,7 +403,7 @@ impl Unpacker<'_> {
                     .map_err(|e| self.fs_error(&shown, "opening the directory", e))?;
                 self.set_metadata(&shown, Node::Fd(dir.as_fd()), &meta)?;
                 self.set_xattrs(&shown, dir.as_fd(), &meta)?;
-                self.dirs.push((path.clone(), meta.times()));
+                self.dirs.borrow_mut().push((path.clone(), meta.times()));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.make_room(&shown, &parent, name, false)?;
@@ -509,8 +583,14 @@ impl Unpacker<'_> {
 
     /// Sets directory times last, deepest first; a directory a later entry replaced is skipped.
     fn set_dir_times(&mut self) -> Result<()> {
-        let dirs = std::mem::take(&mut self.dirs);
+        let dirs = std::mem::take(self.dirs.get_mut());
+        let mut done = std::collections::HashSet::new();
+        // The last entry for a directory wins (an archive may list one twice, or list one
+        // that was first created as a parent).
         for (path, times) in dirs.iter().rev() {
+            if !done.insert(path) {
+                continue;
+            }
             let shown = display(path);
             if let Ok(dir) = self.open_dir(path, false) {
                 self.set_times(&shown, Node::Fd(dir.as_fd()), times)?;
@@ -646,7 +726,7 @@ pub(crate) mod tests {
     }
 
     fn apply(root: &Path, tar: Vec<u8>) -> Result<()> {
-        unpack(&tar[..], root, "sha256:test").map(|_| ())
+        unpack(&tar[..], root, &[], "sha256:test").map(|_| ())
     }
 
     /// Every path under `dir`, relative, sorted.
@@ -839,9 +919,10 @@ pub(crate) mod tests {
         apply(&s.root, tar).unwrap();
         assert_eq!(fs::read(s.root.join("v")).unwrap(), b"overwritten");
         assert!(!fs::symlink_metadata(s.root.join("v")).unwrap().is_symlink());
-        // The opaque marker below a symlink is refused too.
+        // Whiteouts below a symlink are skipped (the symlink hides everything below it), never
+        // followed.
         let tar = Tar::new().symlink("o", &outside).file("o/.wh..wh..opq", b"").file("o/.wh.victim", b"").finish();
-        assert!(matches!(apply(&s.root, tar), Err(Error::BadLayer { .. })));
+        apply(&s.root, tar).unwrap();
 
         assert_eq!(fs::read(&victim).unwrap(), b"original");
         assert_eq!(tree(&s.outside), ["victim"]);
@@ -870,6 +951,54 @@ pub(crate) mod tests {
         assert_eq!(fs::metadata("/etc/passwd").unwrap().nlink(), passwd_links);
         assert_eq!(fs::metadata(&victim).unwrap().nlink(), 1);
         assert!(!s.root.join("passwd").exists() && !s.root.join("h").exists());
+    }
+
+    #[test]
+    fn whiteouts_below_what_replaced_a_directory_are_skipped() {
+        let s = sandbox();
+        // umoci's way of turning a directory into a file: the file, then whiteouts of the
+        // directory's old children.
+        let tar = Tar::new()
+            .file("opt/was-dir", b"now a file")
+            .file("opt/was-dir/.wh.child", b"")
+            .symlink("lib", "usr/lib")
+            .file("lib/.wh.old", b"")
+            .file("lib/.wh..wh..opq", b"")
+            .finish();
+        apply(&s.root, tar).unwrap();
+        assert_eq!(fs::read(s.root.join("opt/was-dir")).unwrap(), b"now a file");
+        assert!(fs::symlink_metadata(s.root.join("lib")).unwrap().is_symlink());
+        assert_eq!(tree(&s.root), ["lib", "opt", "opt/was-dir"]);
+    }
+
+    #[test]
+    fn created_parents_take_their_metadata_from_the_layers_below() {
+        let s = sandbox();
+        let (lower, lowest) = (s.outside.join("lower"), s.outside.join("lowest"));
+        fs::create_dir_all(lower.join("etc")).unwrap();
+        fs::create_dir_all(lowest.join("srv/data")).unwrap();
+        fs::create_dir_all(lowest.join("etc")).unwrap();
+        fs::create_dir_all(lowest.join("gone")).unwrap();
+        fs::write(lower.join("gone"), b"a file hides the directory below").unwrap();
+        let perm = |p: &Path, mode| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+        perm(&lower.join("etc"), 0o750);
+        perm(&lowest.join("etc"), 0o700);
+        perm(&lowest.join("srv"), 0o711);
+        perm(&lowest.join("srv/data"), 0o1770);
+        let tar = Tar::new()
+            .file("etc/new", b"n")
+            .file("srv/data/new", b"n")
+            .file("gone/new", b"n")
+            .file("fresh/new", b"n")
+            .finish();
+        unpack(&tar[..], &s.root, &[lower.clone(), lowest.clone()], "sha256:test").unwrap();
+        let mode = |p: &str| fs::metadata(s.root.join(p)).unwrap().mode() & 0o7777;
+        assert_eq!(mode("etc"), 0o750, "the nearest lower layer wins");
+        assert_eq!((mode("srv"), mode("srv/data")), (0o711, 0o1770));
+        assert_eq!(mode("gone"), 0o755, "a file in a lower layer hides the directory below it");
+        assert_eq!(mode("fresh"), 0o755);
+        let lower_mtime = fs::metadata(lowest.join("srv/data")).unwrap().mtime();
+        assert_eq!(fs::metadata(s.root.join("srv/data")).unwrap().mtime(), lower_mtime);
     }
 
     #[test]
