@@ -4,8 +4,9 @@
 //! does what containerd's CRI plugin does:
 //!
 //! - `PullImage` answers `image_ref` = the image ID (the config digest), which is also
-//!   `Image.id` in every other answer; the pull runs in its own task, so a client that hangs
-//!   up does not cut a pull in half (the pull finishes or fails and cleans up its lease).
+//!   `Image.id` in every other answer. The pull runs in its own task with a cancellation
+//!   token: a client that hangs up, or the daemon shutting down, cancels it, and the pull
+//!   then stops its downloads and deletes its lease before the task ends — never cut in half.
 //! - `ImageStatus` of an unknown image is an empty response, not an error; with `verbose`,
 //!   `info["info"]` holds a JSON document with the chain ID, manifest digest and image config.
 //! - `ListImages` with a filter answers the one image the filter names (or none).
@@ -46,12 +47,23 @@ pub struct Cri {
     metrics: Arc<Metrics>,
     /// The directory reported by `ImageFsInfo` (where snapshots live).
     fs_root: PathBuf,
+    /// Cancelled at shutdown; every pull's token is a child of it.
+    shutdown: CancellationToken,
+    /// Pulls in flight, so shutdown can wait for their cleanup.
+    pulls: tokio_util::task::TaskTracker,
 }
 
 impl Cri {
-    /// The CRI service over `service`; `fs_root` is the directory `ImageFsInfo` reports.
-    pub fn new(service: Arc<ImageService>, metrics: Arc<Metrics>, fs_root: PathBuf) -> Cri {
-        Cri { service, metrics, fs_root }
+    /// The CRI service over `service`; `fs_root` is the directory `ImageFsInfo` reports;
+    /// cancelling `shutdown` cancels every pull in flight.
+    pub fn new(service: Arc<ImageService>, metrics: Arc<Metrics>, fs_root: PathBuf, shutdown: CancellationToken) -> Cri {
+        Cri { service, metrics, fs_root, shutdown, pulls: tokio_util::task::TaskTracker::new() }
+    }
+
+    /// The tracker of pulls in flight: after cancelling the shutdown token, close it and wait
+    /// on it so that every cancelled pull has cleaned up before the process exits.
+    pub fn pulls(&self) -> tokio_util::task::TaskTracker {
+        self.pulls.clone()
     }
 }
 
@@ -162,10 +174,12 @@ impl CriImageService for Cri {
         };
         let (service, metrics) = (self.service.clone(), self.metrics.clone());
         let started = Instant::now();
-        // In its own task: a client hanging up must not cut the pull (and its cleanup) short.
-        let task = tokio::spawn(async move {
-            // TODO(lead): a token cancelled when the client goes away, if pulls should stop then.
-            let result = service.pull(&r, Platform::host(), metrics.clone(), credentials, CancellationToken::new()).await;
+        let cancel = self.shutdown.child_token();
+        // Dropping this RPC's future (the client hung up) cancels the pull.
+        let _cancel_on_hangup = cancel.clone().drop_guard();
+        // In its own task: cancellation reaches the pull as a token, so it cleans up.
+        let task = self.pulls.spawn(async move {
+            let result = service.pull(&r, Platform::host(), metrics.clone(), credentials, cancel).await;
             metrics.pull_done(result.as_ref().map(|_| ()).map_err(|e| e.code()), started.elapsed().as_secs_f64());
             match &result {
                 Ok(i) => tracing::info!(reference = %r, id = %i.id, "pulled"),

@@ -34,8 +34,8 @@ impl HostileTar {
         HostileTar(tar::Builder::new(Vec::new()))
     }
 
-    /// An entry with `name` (up to 100 bytes: the header field) and `link` written verbatim.
-    /// Longer names go into a PAX `path` record, as GNU tar and Go write them.
+    /// An entry with `name` and `link` written verbatim: in the header's 100-byte fields, or,
+    /// when longer, in PAX `path` and `linkpath` records, as GNU tar and Go write them.
     pub fn entry(&mut self, kind: EntryType, name: &str, link: &str, mode: u32, data: &[u8]) -> &mut Self {
         let mut h = Header::new_gnu();
         h.set_entry_type(kind);
@@ -44,13 +44,20 @@ impl HostileTar {
         h.set_mtime(1_700_000_000);
         h.set_uid(0);
         h.set_gid(0);
+        let mut pax: Vec<(&str, &[u8])> = Vec::new();
         if name.len() > 100 {
-            self.0.append_pax_extensions([("path", name.as_bytes())]).unwrap();
+            pax.push(("path", name.as_bytes()));
         } else {
             h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
         }
-        assert!(link.len() <= 100, "link targets up to 100 bytes");
-        h.as_gnu_mut().unwrap().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        if link.len() > 100 {
+            pax.push(("linkpath", link.as_bytes()));
+        } else {
+            h.as_gnu_mut().unwrap().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        if !pax.is_empty() {
+            self.0.append_pax_extensions(pax).unwrap();
+        }
         h.set_cksum();
         self.0.append(&h, data).unwrap();
         self

@@ -9,8 +9,9 @@
 //! - [`pullbox::Pullbox`]: the `pullbox` binary with a private store root.
 //! - [`tree`]: scanning snapshot directories and comparing them with `umoci unpack`.
 //! - [`process`]: running programs with captured output and a deadline.
-//! - [`corpus`], [`hostile`], [`mounts`]: the store suite's images (umoci-built, and hand-made
-//!   hostile layers) and its views of a store (mounted root filesystems, what is on disk).
+//! - [`corpus`], [`hostile`], [`mounts`], [`gate`]: the store suite's images (umoci-built,
+//!   and hand-made hostile layers), its views of a store (mounted root filesystems, what is on
+//!   disk) and a proxy that holds downloads part-way until released.
 //! - [`configured_registry`], [`proxy`], [`tls`], [`token_server`]: the transport tests'
 //!   servers: the registry with htpasswd or token auth and TLS over the fixture's storage, a
 //!   fault-injecting proxy, test certificates, a bearer-token server.
@@ -37,6 +38,7 @@ pub mod token_server;
 pub mod sandbox;
 pub mod tree;
 pub mod corpus;
+pub mod gate;
 pub mod hostile;
 pub mod mounts;
 

@@ -207,3 +207,47 @@ async fn live_swap_on_sighup_keeps_the_last_good_puller() {
     let s = c.image_status(status_req(&reference, false)).await.unwrap().into_inner();
     assert_eq!(s.image.map(|i| i.id), Some(f.app.config_digest.clone()));
 }
+
+#[test]
+fn sigterm_cancels_pulls_in_flight_and_cleans_up() {
+    use pullbox_tests::proxy::{Fault, FaultProxy};
+    let f = fixture();
+    // The proxy runs its own runtime: start (and drop) it outside the test's.
+    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(sigterm_during_a_stalled_pull(&proxy));
+}
+
+async fn sigterm_during_a_stalled_pull(proxy: &pullbox_tests::proxy::FaultProxy) {
+    use pullbox_tests::proxy::Fault;
+    let f = fixture();
+    // Every layer download stalls after a few bytes: the pull hangs in the middle.
+    for layer in &f.app.layers {
+        proxy.inject(&layer.digest, Fault::StallAfter(64), 10);
+    }
+    let mut daemon = cri::Daemon::start("shutdown_grace_seconds = 20").unwrap();
+    let mut c = cri::connect(daemon.socket()).await.unwrap();
+    let reference = format!("{}/team/app:1.0", proxy.addr());
+    let pull = tokio::spawn(async move {
+        c.pull_image(pull_req(&reference)).await
+    });
+    // Wait until the layers are being downloaded.
+    for _ in 0..200 {
+        if f.app.layers.iter().any(|l| !proxy.requests_for(&l.digest).is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(f.app.layers.iter().any(|l| !proxy.requests_for(&l.digest).is_empty()), "the pull never reached a layer");
+    let started = std::time::Instant::now();
+    assert!(daemon.stop().unwrap(), "serve exits 0 on SIGTERM: {}", daemon.log());
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "shutdown waited for the stalled pull");
+    let err = pull.await.unwrap().unwrap_err();
+    assert!(matches!(err.code(), tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown), "{err:?}");
+    // The cancelled pull deleted its lease and what it wrote.
+    let root = daemon.root();
+    for dir in ["content/blobs/sha256", "content/ingest"] {
+        let left: Vec<_> =
+            std::fs::read_dir(root.join(dir)).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "{dir} not cleaned after shutdown: {left:?}\n{}", daemon.log());
+    }
+}

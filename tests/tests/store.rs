@@ -5,8 +5,8 @@
 //! Needs `make build` first. Mount-based checks need root (CI runs as root); without it they
 //! are skipped with a message. Images: the shared fixture's `team/app`, the umoci-built corpus
 //! of [`pullbox_tests::corpus`] and hand-made hostile layers ([`pullbox_tests::hostile`]).
-//! Slow pulls are made with the fault-injecting proxy ([`pullbox_tests::proxy`]): a download
-//! that stalls after some bytes holds a pull in a known state.
+//! Pulls are held in a known state with the gated proxy ([`pullbox_tests::gate`]): a download
+//! held after some bytes, until the test releases it.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -21,7 +21,7 @@ use pullbox_tests::corpus::{corpus, LAYERS};
 use pullbox_tests::hostile::{nonce, push_image, HostileTar};
 use pullbox_tests::mounts::{can_mount, compare_rootfs, find_named, Inventory, Mounted};
 use pullbox_tests::oci::{file_digest, is_root, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD};
-use pullbox_tests::proxy::{Fault, FaultProxy};
+use pullbox_tests::gate::GateProxy;
 use pullbox_tests::tree::{diff, scan};
 use pullbox_tests::{app, fixture, Captured, Pullbox};
 
@@ -57,25 +57,36 @@ fn wait_for(child: &mut Child, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Waits for a background pull and captures its output.
-fn finish(child: Child, command: &str) -> Captured {
-    let out = child.wait_with_output().unwrap();
-    Captured {
-        command: command.to_owned(),
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+/// A pull running in the background, its stderr in a file the test can read meanwhile.
+struct Background {
+    child: Child,
+    stderr: tempfile::NamedTempFile,
 }
 
-/// `pullbox pull ARGS REF` in the background, output captured.
-fn spawn_pull(pb: &Pullbox, args: &[&str], reference: &str) -> Child {
-    pb.command("pull", args.iter().copied().chain([reference]))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+impl Background {
+    /// `pullbox pull --log pullbox=info ARGS REF` in the background.
+    fn pull(pb: &Pullbox, args: &[&str], reference: &str) -> Background {
+        let stderr = tempfile::NamedTempFile::new().unwrap();
+        let child = pb
+            .command("pull", ["--log", "pullbox=info"].iter().chain(args).copied().chain([reference]))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        Background { child, stderr }
+    }
+
+    /// Waits for the pull to end and captures its output.
+    fn finish(self) -> Captured {
+        let out = self.child.wait_with_output().unwrap();
+        Captured {
+            command: "background pull".to_owned(),
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: fs::read_to_string(self.stderr.path()).unwrap_or_default(),
+        }
+    }
 }
 
 /// The blob digests of the fixture's `team/app`.
@@ -83,15 +94,14 @@ fn app_blobs() -> BTreeSet<String> {
     fixture().app.blobs().into_iter().collect()
 }
 
-/// A proxy in front of the fixture's registry.
-fn proxy() -> FaultProxy {
-    FaultProxy::start(fixture().registry.addr()).unwrap_or_else(|e| panic!("{e:#}"))
+/// A gated proxy in front of the fixture's registry.
+fn proxy() -> GateProxy {
+    GateProxy::start(fixture().registry.addr()).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// The GETs of blob `digest` through `proxy` that started a download (no `Range`: not a
-/// resumption).
-fn downloads(proxy: &FaultProxy, digest: &str) -> usize {
-    proxy.requests_for(&format!("/blobs/{digest}")).iter().filter(|r| r.method == "GET" && r.range.is_none()).count()
+/// The GETs of blob `digest` through `proxy` that started a download (not a resumption).
+fn downloads(proxy: &GateProxy, digest: &str) -> usize {
+    proxy.downloads(&format!("/blobs/{digest}"))
 }
 
 /// The store holds exactly `app`, pulled once: its blobs, three snapshots, nothing in progress.
@@ -271,7 +281,7 @@ fn images_damaged_behind_pullboxs_back_are_not_ready_and_a_pull_repairs_them() {
 
 // ---- leases and garbage collection after kill -9 ------------------------------------------
 
-/// Starts a pull of `app` through a proxy that stalls layer 2 halfway, and waits until the
+/// Starts a pull of `app` through a proxy that holds layer 2 halfway, and waits until the
 /// pull holds everything a crash can leave: committed blobs, the committed snapshot of layer
 /// 1, the active snapshot layer 2 is to be unpacked into, and layer 2's partial ingest. Then
 /// kills it with SIGKILL.
@@ -280,14 +290,14 @@ fn kill_a_pull_midway(pb: &Pullbox) {
     let proxy = proxy();
     let layer2 = &f.app.layers[1];
     let half = layer2.size / 2;
-    proxy.inject(&layer2.digest, Fault::StallAfter(half), 1);
+    proxy.hold(&layer2.digest, half);
     let reference = format!("{}/{}:1.0", proxy.addr(), f.app.path());
-    let mut child = spawn_pull(pb, &[], &reference);
-    wait_for(&mut child, "layer 2 is half downloaded and its snapshot prepared", || {
-        Inventory::ingest_bytes(pb.root()) >= half && inventory(pb).snapshots.len() == 2
+    let mut pull = Background::pull(pb, &[], &reference);
+    wait_for(&mut pull.child, "layer 2 is half downloaded and its snapshot prepared", || {
+        proxy.held() == 1 && Inventory::ingest_bytes(pb.root()) >= half && inventory(pb).snapshots.len() == 2
     });
-    child.kill().unwrap();
-    child.wait().unwrap();
+    pull.child.kill().unwrap();
+    pull.child.wait().unwrap();
     let inv = inventory(pb);
     assert_eq!(inv.ingests.len(), 1, "{inv:#?}");
     assert!(inv.blobs.contains(&f.app.layers[0].digest) && inv.blobs.contains(f.app.id()), "{inv:#?}");
@@ -388,12 +398,21 @@ fn hostile_archives_are_refused_or_sanitized_and_nothing_lands_outside_the_store
             Expect::Refused(format!("{n}-up/made-outside")),
         ),
         (
+            // The upper layer gets a directory of its own there, which hides the symlink below.
             "symlink-in-a-lower-layer",
             vec![
                 HostileTar::new().symlink(&format!("{n}-lower"), &outside_s).finish(),
-                HostileTar::new().file(&format!("{n}-lower/pwned"), b"x").finish(),
+                HostileTar::new().file(&format!("{n}-lower/kept-inside"), b"x").finish(),
             ],
-            Expect::Refused(format!("{n}-lower/pwned")),
+            Expect::Sanitized(Box::new({
+                let n = n.clone();
+                move |pb, _| {
+                    let dirs = pb.snapshot_fs_dirs().unwrap();
+                    let top = dirs.last().unwrap().join(format!("{n}-lower"));
+                    assert!(fs::symlink_metadata(&top).unwrap().is_dir(), "{}", top.display());
+                    assert_eq!(fs::read(top.join("kept-inside")).unwrap(), b"x");
+                }
+            })),
         ),
         (
             "hardlink-to-an-absolute-path",
@@ -539,20 +558,25 @@ fn a_pull_waits_for_another_process_unpacking_a_shared_layer() {
     let c = corpus();
     let proxy = proxy();
     let pb = pullbox();
-    // Pull A: `app`, its top layer stalling halfway (for one second: then it resumes).
+    // Pull A: `app`, its top layer held halfway, so A holds the active snapshot of layer 3.
     let layer3 = &f.app.layers[2];
-    proxy.inject(&layer3.digest, Fault::StallAfter(layer3.size / 2), 1);
+    proxy.hold(&layer3.digest, layer3.size / 2);
     let app_ref = format!("{}/{}:1.0", proxy.addr(), f.app.path());
-    let mut a = spawn_pull(&pb, &["--stall-timeout", "1"], &app_ref);
-    wait_for(&mut a, "pull A has prepared the snapshot for layer 3", || {
-        inventory(&pb).snapshots.len() == 3 && Inventory::ingest_bytes(pb.root()) >= layer3.size / 2
+    let mut a = Background::pull(&pb, &[], &app_ref);
+    wait_for(&mut a.child, "pull A has prepared the snapshot for layer 3", || {
+        proxy.held() == 1 && inventory(&pb).snapshots.len() == 3
     });
-    // Pull B: `app-plus` shares all three layers, and finds layer 3 being unpacked.
+    // Pull B: `app-plus` shares all three layers; it finds layer 3 being unpacked, and waits.
     let plus_ref = c.app_plus.replace(f.registry.addr(), proxy.addr());
-    let b = pb.run("pull", [&plus_ref]);
-    b.assert_success();
-    let a = finish(a, "pull A");
+    let mut b = Background::pull(&pb, &[], &plus_ref);
+    let b_log = b.stderr.path().to_owned();
+    wait_for(&mut b.child, "pull B waits for A's unpack of layer 3", || {
+        fs::read_to_string(&b_log).unwrap_or_default().contains("another pull is unpacking this snapshot")
+    });
+    proxy.release(&layer3.digest);
+    let (a, b) = (a.finish(), b.finish());
     a.assert_success();
+    b.assert_success();
 
     for layer in &f.app.layers {
         assert_eq!(downloads(&proxy, &layer.digest), 1, "layer {} downloaded twice", layer.digest);
@@ -628,12 +652,13 @@ fn removes_racing_pulls_leave_a_consistent_store() {
 
     // A remove and a collection while a pull is half-way: the pull still completes whole.
     let layer2 = &f.app.layers[1];
-    proxy.inject(&layer2.digest, Fault::StallAfter(layer2.size / 2), 1);
-    let mut pull = spawn_pull(&pb, &["--stall-timeout", "1"], &reference);
-    wait_for(&mut pull, "the pull is under way", || Inventory::ingest_bytes(pb.root()) > 0);
+    proxy.hold(&layer2.digest, layer2.size / 2);
+    let mut pull = Background::pull(&pb, &[], &reference);
+    wait_for(&mut pull.child, "the pull is under way", || proxy.held() == 1 && inventory(&pb).snapshots.len() == 2);
     pb.run("rmi", [&reference]).assert_failure().assert_stderr_contains("not found");
     pb.run("gc", NO_ARGS).assert_success();
-    finish(pull, "pull").assert_success();
+    proxy.release(&layer2.digest);
+    pull.finish().assert_success();
     assert_eq!(listed(&pb), vec![f.app.id().to_owned()]);
     assert_only_app(&pb);
 

@@ -18,6 +18,7 @@
 //! | `trap-in-configure` | panics in `configure` |
 //! | `trap-mid-pull` | does a real partial pull (resolve, fetch config and layers, prepare, apply, commit, prepare again), then does `then` (default `trap`) |
 //! | `sleepy` | behaves, but spends its time in host imports: resolves the image, then each of `resolve`, then reads the image's manifest `reads` times, then answers the image |
+//! | `log-flood` | logs `count` (default 1,000,000) error messages and as many progress events, then refuses the pull |
 //! | `fetch-flood` | asks `registry.fetch` for `count` (default 1,000,000) made-up blobs of the requested repository, 1024 per call: host tasks and bookkeeping the guest holds without using memory of its own |
 //!
 //! `overrides` maps a pull's reference to the settings for that pull alone (so that one
@@ -80,6 +81,7 @@ enum Behavior {
     TrapMidPull,
     Sleepy,
     FetchFlood,
+    LogFlood,
 }
 
 impl Behavior {
@@ -97,6 +99,7 @@ impl Behavior {
             Behavior::TrapMidPull => "trap-mid-pull",
             Behavior::Sleepy => "sleepy",
             Behavior::FetchFlood => "fetch-flood",
+            Behavior::LogFlood => "log-flood",
         }
     }
 }
@@ -243,7 +246,15 @@ export!(Hostile);
 
 /// Whether `b` misbehaves inside the export named by `export`.
 fn in_call(b: Behavior) -> bool {
-    matches!(b, Behavior::LoopInPull | Behavior::GrowMemory | Behavior::Recursion | Behavior::HugeArgument | Behavior::BadAbi)
+    matches!(
+        b,
+        Behavior::LoopInPull
+            | Behavior::GrowMemory
+            | Behavior::Recursion
+            | Behavior::HugeArgument
+            | Behavior::BadAbi
+            | Behavior::LogFlood
+    )
 }
 
 /// Does the in-call misbehavior of `s`; returns only when the host answered an import.
@@ -254,6 +265,7 @@ fn misbehave(s: &Settings) -> Error {
         Behavior::Recursion => Error::Internal(format!("recursion returned {}", recurse(black_box(u64::MAX)))),
         Behavior::HugeArgument => huge_argument(s),
         Behavior::BadAbi => bad_abi(s),
+        Behavior::LogFlood => log_flood(s),
         b => Error::Internal(format!("behavior {} does not act in a call", b.name())),
     }
 }
@@ -336,6 +348,16 @@ fn code(e: &Error) -> &'static str {
         Error::Cancelled(_) => "cancelled",
         Error::Internal(_) => "internal",
     }
+}
+
+/// Many small messages: the host caps their rate, not only their size.
+fn log_flood(s: &Settings) -> Error {
+    let n = s.count.unwrap_or(1_000_000);
+    for i in 0..n {
+        log::log(log::Level::Error, &format!("pullbox-hostile: log-flood message {i} of {n}"));
+        log::progress("log-flood", &format!("{i}"));
+    }
+    Error::PermissionDenied(format!("log-flood: logged {n} messages"))
 }
 
 // ---- huge arguments ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! `serve`: the daemon. Serves the CRI `ImageService` on a unix socket until SIGTERM or
-//! SIGINT, then stops accepting, lets requests in flight finish for the configured grace
-//! period, and removes the socket.
+//! SIGINT, then stops accepting, cancels the pulls in flight and waits (up to the configured
+//! grace period) until they have cleaned up, and removes the socket.
 //!
 //! At start it collects what killed pulls left behind (leases whose process is gone), loads
 //! the puller and checks its settings, so a broken module or settings file fails the start
@@ -90,7 +90,9 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
 
     let listener = bind(&config.socket, config.mode().map_err(anyhow::Error::msg)?)?;
     tracing::info!(socket = %config.socket.display(), puller = %puller_path.display(), "serving the CRI image service");
-    let cri = Cri::new(service.clone(), metrics.clone(), fs_root);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let cri = Cri::new(service.clone(), metrics.clone(), fs_root, shutdown.clone());
+    let pulls = cri.pulls();
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -122,7 +124,13 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
         }
     }
     let _ = stop_tx.send(());
+    // In-flight pulls are cancelled: each stops its downloads and deletes its lease.
+    shutdown.cancel();
+    pulls.close();
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    if tokio::time::timeout(grace, pulls.wait()).await.is_err() {
+        tracing::warn!("pulls still cleaning up after {grace:?}; their leases are collected at the next start");
+    }
     let result = match tokio::time::timeout(grace, server).await {
         Ok(joined) => joined.context("server task failed")?.context("CRI server failed"),
         Err(_) => {
