@@ -14,7 +14,7 @@
 # build's cache is never invalidated by guest flags. The core modules become components
 # with `wasm-tools component new`, which is installed with cargo when missing.
 
-.PHONY: bench-engine all build pullers host setup test test-unit test-integration check demo clippy fmt clean-demo
+.PHONY: bench bench-engine all build pullers host setup test test-unit test-integration check demo clippy fmt clean-demo
 .DELETE_ON_ERROR:
 
 # ---- variables ------------------------------------------------------------------------
@@ -124,7 +124,7 @@ build: host pullers
 # Debian packages and cargo tools the build and the tests need (run as root).
 APT_PACKAGES := build-essential pkg-config ca-certificates git \
                 rustc-web cargo-web rust-web-src lld-22 protobuf-compiler \
-                docker-registry umoci skopeo busybox-static containerd runc jq curl
+                docker-registry umoci skopeo busybox-static containerd runc jq curl time zstd
 
 setup:
 	@if ! dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -qv '^install ok installed$$' \
@@ -160,6 +160,11 @@ demo: setup build
 # of a pull's wall time.
 bench-engine: build
 	./target/release/pullbox-bench-engine
+
+# Side by side with containerd's own pull (issue 8): images built once under
+# target/bench-images/, pushed to a local registry; needs root (containerd). BENCHMARKS.md.
+bench: build
+	./target/release/pullbox-bench-pull
 
 clippy:
 	$(CARGO) clippy --release --locked -p pullbox -p pullbox-tests -p pullbox-puller -p pullbox-refuse --all-targets -- -D warnings

@@ -133,6 +133,8 @@ pub struct CallState {
     pub(crate) session: Arc<Session>,
     limits: StoreLimits,
     clock: CpuClock,
+    /// Log messages and progress events this call has sent (see `interfaces::log`).
+    pub(crate) log_events: u32,
 }
 
 /// What went wrong in a call into the guest.
@@ -304,7 +306,7 @@ impl Puller {
             used: Duration::ZERO,
             running_since: None,
         };
-        let mut store = Store::new(&self.engine, CallState { session, limits, clock });
+        let mut store = Store::new(&self.engine, CallState { session, limits, clock, log_events: 0 });
         store.limiter(|s| &mut s.limits);
         store.call_hook(|mut ctx, hook| {
             let clock = &mut ctx.data_mut().clock;

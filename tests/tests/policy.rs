@@ -403,6 +403,35 @@ fn policy_check_accepts_and_refuses() {
         .assert_stderr_contains("cannot read");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cri_answers_permission_denied() {
+    use k8s_cri::v1::{ImageSpec, PullImageRequest};
+    let f = fixture();
+    let settings = SettingsFile::new(format!(
+        r#"{{"blockedRepositories": ["{}/team/app"]}}"#,
+        f.registry.addr()
+    ));
+    let daemon = pullbox_tests::cri::Daemon::start(&format!(
+        "settings = {:?}",
+        settings.path().display().to_string()
+    ))
+    .unwrap();
+    let mut c = pullbox_tests::cri::connect(daemon.socket()).await.unwrap();
+    let pull = |image: &str| PullImageRequest {
+        image: Some(ImageSpec { image: image.to_owned(), ..ImageSpec::default() }),
+        ..PullImageRequest::default()
+    };
+    let err = c.pull_image(pull(&f.app.reference)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("policy denies") && err.message().contains("rule blockedRepositories"),
+        "{}",
+        err.message()
+    );
+    let ok = c.pull_image(pull(&f.app_zstd.reference)).await.unwrap().into_inner();
+    assert_eq!(ok.image_ref, f.app_zstd.id());
+}
+
 // ---- the example allowlist puller ------------------------------------------------------
 
 fn allowlist_args() -> Vec<String> {

@@ -304,17 +304,21 @@ async fn garbage_digests_paths_and_foreign_mounts_are_refused() {
     let victim = tempfile::Builder::new().prefix("pullbox-victim-").tempdir_in("/tmp").unwrap();
     std::fs::write(victim.path().join("file"), "victim\n").unwrap();
     let beside_root: Vec<_> = dir_names(d.daemon.root().parent().unwrap());
-    let status = round(
-        &d,
-        json!({"behavior": "bad-digests", "victim": victim.path()}),
-        &app(),
-        &Expect::new(&[Code::FailedPrecondition], &["bad-digests: every probe refused"]),
-    )
-    .await;
-    eprintln!("{}", status.message());
+    let doc = json!({"behavior": "bad-digests", "victim": victim.path()}).to_string();
+    use_hostile(&d, &doc).await;
+    let mut c = cri::connect(d.daemon.socket()).await.unwrap();
+    let status = c.pull_image(pull_req(&app())).await.expect_err("bad-digests succeeded");
+    eprintln!("bad-digests: {:?}: {}", status.code(), status.message());
+    // Nothing escaped, whatever the host answered.
     assert_eq!(dir_names(victim.path()), vec!["file".to_string()], "the victim directory changed");
     assert_eq!(std::fs::read_to_string(victim.path().join("file")).unwrap(), "victim\n");
     assert_eq!(dir_names(d.daemon.root().parent().unwrap()), beside_root, "files appeared beside the store root");
+    still_serves(&d, &doc).await;
+    assert_clean(&d.daemon.root(), &doc);
+    // Every probe the WIT contract says is an error was one (the message lists any the
+    // host accepted).
+    Expect::new(&[Code::FailedPrecondition], &["bad-digests: every probe refused"]).check(&doc, &status, Duration::ZERO);
+    good_pull(&d, &doc).await;
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {
@@ -432,6 +436,61 @@ async fn a_flood_of_fetches_is_bounded() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let grew_mib = after.saturating_sub(before) / 1024;
     assert!(grew_mib < 128, "the host grew by {grew_mib} MiB for one request's fetches");
+}
+
+/// The log interface promises that a guest cannot flood the host's log: message sizes *and
+/// rates* are capped. A hundred thousand messages in one call must not become a hundred
+/// thousand lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_log_messages_is_capped() {
+    let d = hostile_daemon(SANDBOX);
+    let doc = json!({"behavior": "log-flood", "count": 100_000}).to_string();
+    use_hostile(&d, &doc).await;
+    let before = d.daemon.log().len();
+    let mut c = cri::connect(d.daemon.socket()).await.unwrap();
+    let t = Instant::now();
+    let status = c.pull_image(pull_req(&app())).await.expect_err("log-flood succeeded");
+    let took = t.elapsed();
+    let grew = d.daemon.log().len() - before;
+    eprintln!("log-flood of 100000: {:?} after {took:?}: {}; the daemon's log grew by {} KiB", status.code(), first_line(status.message()), grew / 1024);
+    still_serves(&d, &doc).await;
+    assert!(grew < 1 << 20, "100000 guest messages grew the daemon's log by {} KiB", grew / 1024);
+    good_pull(&d, &doc).await;
+}
+
+/// Calls beyond the instance pool (`max_calls`) fail at once with `resource-exhausted`; they
+/// neither wait for a looping guest nor break the daemon, which serves again as soon as the
+/// loops are stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_beyond_the_instance_pool_fail_fast() {
+    let d = SwapDaemon::start(
+        &hostile().unwrap(),
+        &json!({"behavior": "loop-in-pull"}).to_string(),
+        "[sandbox]\ncpu_limit_ms = 1500\nmax_calls = 2\n",
+    )
+    .unwrap();
+    let loops: Vec<_> = (0..2)
+        .map(|i| {
+            let socket = d.daemon.socket().to_owned();
+            tokio::spawn(async move {
+                let mut c = cri::connect(&socket).await.unwrap();
+                c.pull_image(pull_req(&format!("pullbox-hostile/pool-{i}:1"))).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = cri::connect(d.daemon.socket()).await.unwrap();
+    let t = Instant::now();
+    let status = c.list_images(ListImagesRequest::default()).await.expect_err("a third call found room in a pool of two");
+    let took = t.elapsed();
+    eprintln!("third call with a pool of 2 busy: {:?} after {took:?}: {}", status.code(), first_line(status.message()));
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(took < Duration::from_millis(1000), "the refusal took {took:?}");
+    for l in loops {
+        let status = l.await.unwrap().expect_err("a looping pull succeeded");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    }
+    c.list_images(ListImagesRequest::default()).await.expect("the pool is free again");
 }
 
 // ---- time ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-//! Host side of `pullbox:image/images`: the backend's image store.
+//! Host side of `pullbox:image/images`: the backend's image store. `list` answers at most
+//! [`MAX_RECORDS`] records.
 
 use crate::{
     backend::ImageRecord,
@@ -10,6 +11,10 @@ use crate::{
 };
 
 use super::{answer, bounded, descriptor, label_pairs, labels, wit_descriptor, ImportResult};
+
+/// The most records `list` hands to a guest in one call (each record is a few hundred bytes:
+/// this keeps the answer well inside a guest's default 64 MiB of memory).
+pub const MAX_RECORDS: usize = 100_000;
 
 fn record(i: Image) -> Result<ImageRecord, Error> {
     if i.name.is_empty() {
@@ -42,7 +47,19 @@ impl Host for CallState {
 
     async fn list(&mut self) -> ImportResult<Vec<Image>> {
         let s = self.session.clone();
-        answer(async { Ok(s.backend.images.list().await?.into_iter().map(image).collect()) }.await)
+        answer(
+            async {
+                let all = s.backend.images.list().await?;
+                if all.len() > MAX_RECORDS {
+                    return Err(Error::ResourceExhausted(format!(
+                        "{} image records are more than one call may return ({MAX_RECORDS})",
+                        all.len()
+                    )));
+                }
+                Ok(all.into_iter().map(image).collect())
+            }
+            .await,
+        )
     }
 
     async fn create(&mut self, i: Image) -> ImportResult<Image> {
