@@ -458,9 +458,7 @@ mod tests {
             (c.os.as_str(), c.architecture.as_str(), c.variant.as_str()),
             ("", "amd64", "")
         );
-        let arm = format!(
-            r#"{{"os":"linux","architecture":"arm","variant":"v6","rootfs":{{"type":"layers","diff_ids":[]}}}}"#
-        );
+        let arm = r#"{"os":"linux","architecture":"arm","variant":"v6","rootfs":{"type":"layers","diff_ids":[]}}"#;
         let c = parse_config(&desc(OCI_CONFIG), arm.as_bytes()).unwrap();
         assert_eq!(crate::platform::display(&c.platform()), "linux/arm/v6");
         let no_user = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{D1}"]}}}}"#);

@@ -138,7 +138,11 @@ fn vector(os: &str, arch: &str, variant: &str, out: &mut Vec<Normalized>) {
                 };
                 if major == 9 {
                     for m in (0..minor).rev() {
-                        let v = if m == 0 { "v9".to_string() } else { format!("v9.{m}") };
+                        let v = if m == 0 {
+                            "v9".to_string()
+                        } else {
+                            format!("v9.{m}")
+                        };
                         out.push(Normalized::new(os, "arm64", &v));
                     }
                     // v9.x diverged from v8.(x+5).
@@ -316,18 +320,41 @@ mod tests {
             ("linux/amd64/v1", &["linux/amd64", "linux/386"]),
             (
                 "linux/amd64/v3",
-                &["linux/amd64/v3", "linux/amd64/v2", "linux/amd64", "linux/386"],
+                &[
+                    "linux/amd64/v3",
+                    "linux/amd64/v2",
+                    "linux/amd64",
+                    "linux/386",
+                ],
             ),
-            ("linux/arm/v7", &["linux/arm/v7", "linux/arm/v6", "linux/arm/v5"]),
-            ("linux/arm", &["linux/arm/v7", "linux/arm/v6", "linux/arm/v5"]),
+            (
+                "linux/arm/v7",
+                &["linux/arm/v7", "linux/arm/v6", "linux/arm/v5"],
+            ),
+            (
+                "linux/arm",
+                &["linux/arm/v7", "linux/arm/v6", "linux/arm/v5"],
+            ),
             ("linux/arm/v5", &["linux/arm/v5"]),
             (
                 "linux/arm64",
-                &["linux/arm64", "linux/arm/v8", "linux/arm/v7", "linux/arm/v6", "linux/arm/v5"],
+                &[
+                    "linux/arm64",
+                    "linux/arm/v8",
+                    "linux/arm/v7",
+                    "linux/arm/v6",
+                    "linux/arm/v5",
+                ],
             ),
             (
                 "linux/arm64/v8",
-                &["linux/arm64", "linux/arm/v8", "linux/arm/v7", "linux/arm/v6", "linux/arm/v5"],
+                &[
+                    "linux/arm64",
+                    "linux/arm/v8",
+                    "linux/arm/v7",
+                    "linux/arm/v6",
+                    "linux/arm/v5",
+                ],
             ),
             (
                 "linux/arm64/v8.2",
@@ -446,7 +473,10 @@ mod tests {
         let idx = entries(&["linux/amd64/v2", "linux/amd64/v3", "linux/amd64"]);
         assert_eq!(select(&p("linux/amd64/v3"), &idx), Some(1));
         assert_eq!(select(&p("linux/amd64"), &idx), Some(2));
-        assert_eq!(select(&p("linux/amd64"), &entries(&["linux/amd64/v3"])), None);
+        assert_eq!(
+            select(&p("linux/amd64"), &entries(&["linux/amd64/v3"])),
+            None
+        );
 
         // Entries without a platform and attestation entries are never ranked.
         let idx = entries(&["", "unknown/unknown", "linux/amd64"]);
@@ -488,7 +518,15 @@ mod tests {
             let pat = PlatformPattern::parse(pattern).unwrap();
             assert_eq!(pat.matches(&p(platform)), *want, "{pattern} vs {platform}");
         }
-        for bad in ["", "linux", "linux/", "/amd64", "linux/amd64/v8/x", "linux/amd 64", "*/amd64"] {
+        for bad in [
+            "",
+            "linux",
+            "linux/",
+            "/amd64",
+            "linux/amd64/v8/x",
+            "linux/amd 64",
+            "*/amd64",
+        ] {
             assert!(PlatformPattern::parse(bad).is_err(), "{bad:?}");
         }
     }

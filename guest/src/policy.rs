@@ -124,7 +124,9 @@ impl Image<'_> {
         self.manifest
             .layers
             .iter()
-            .fold(self.manifest.config.size, |sum, l| sum.saturating_add(l.size))
+            .fold(self.manifest.config.size, |sum, l| {
+                sum.saturating_add(l.size)
+            })
     }
 }
 
@@ -214,7 +216,9 @@ pub fn enforce<H: Host + ?Sized, P: Policy + ?Sized>(
     if policy.audit() {
         host.log(
             Level::Warn,
-            &format!("policy audit: {reference}: {stage} stage: would deny: {reasons}; pulling anyway"),
+            &format!(
+                "policy audit: {reference}: {stage} stage: would deny: {reasons}; pulling anyway"
+            ),
         );
         return Ok(());
     }
@@ -306,16 +310,14 @@ pub fn inet_aton(s: &str) -> Option<Ipv4Addr> {
     }
     let mut values = Vec::with_capacity(parts.len());
     for part in &parts {
-        let (digits, radix) = if let Some(hex) = part
-            .strip_prefix("0x")
-            .or_else(|| part.strip_prefix("0X"))
-        {
-            (hex, 16)
-        } else if part.len() > 1 && part.starts_with('0') {
-            (&part[1..], 8)
-        } else {
-            (*part, 10)
-        };
+        let (digits, radix) =
+            if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+                (hex, 16)
+            } else if part.len() > 1 && part.starts_with('0') {
+                (&part[1..], 8)
+            } else {
+                (*part, 10)
+            };
         if digits.is_empty() && radix != 16 {
             return None;
         }
@@ -488,7 +490,9 @@ impl RepositoryPattern {
             } else if part.bytes().any(|b| b.is_ascii_uppercase()) {
                 return Err(bad("repository paths are lowercase"));
             } else if !part.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b'*')
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'.' | b'_' | b'-' | b'*')
             }) {
                 return Err(bad("invalid path component"));
             } else {
@@ -520,7 +524,9 @@ enum Component<'a> {
 fn match_segments(pattern: &[Segment], name: &[Component<'_>]) -> bool {
     match pattern.split_first() {
         None => name.is_empty(),
-        Some((Segment::Any, rest)) => (0..=name.len()).any(|skip| match_segments(rest, &name[skip..])),
+        Some((Segment::Any, rest)) => {
+            (0..=name.len()).any(|skip| match_segments(rest, &name[skip..]))
+        }
         Some((segment, rest)) => {
             let Some((first, name_rest)) = name.split_first() else {
                 return false;
@@ -669,8 +675,17 @@ mod tests {
             assert_eq!(p.matches(&hp(host)), *want, "{pattern} vs {host}");
         }
         for bad in [
-            "", "*", "*.", "https://registry.io", "registry.io/x", "reg*.io", "*.*.io", "a..b",
-            "registry.io:", "registry.io:http", "*.1.2.3.4",
+            "",
+            "*",
+            "*.",
+            "https://registry.io",
+            "registry.io/x",
+            "reg*.io",
+            "*.*.io",
+            "a..b",
+            "registry.io:",
+            "registry.io:http",
+            "*.1.2.3.4",
         ] {
             assert!(HostPattern::parse(bad).is_err(), "{bad:?} accepted");
         }
@@ -689,7 +704,11 @@ mod tests {
             ("busybox", "docker.io/library/busybox", true),
             ("docker.io/busybox", "busybox", true),
             ("docker.io/library/busybox", "busybox/evil", false),
-            ("docker.io/library/busybox", "docker.io/library/busybox2", false),
+            (
+                "docker.io/library/busybox",
+                "docker.io/library/busybox2",
+                false,
+            ),
             ("docker.io/library/*", "busybox", true),
             ("docker.io/library/*", "library/a/b", false),
             ("docker.io/library/**", "library/a/b", true),

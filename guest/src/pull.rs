@@ -126,10 +126,22 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
         Level::Info,
         &format!("pulling {reference} for {}", platform::display(&want)),
     );
-    policy::enforce(host, policy, Stage::Reference, &reference, policy.check_reference(&reference))?;
+    policy::enforce(
+        host,
+        policy,
+        Stage::Reference,
+        &reference,
+        policy.check_reference(&reference),
+    )?;
 
     let root = resolve_root(host, &reference)?;
-    policy::enforce(host, policy, Stage::Root, &reference, policy.check_root(&reference, &root))?;
+    policy::enforce(
+        host,
+        policy,
+        Stage::Root,
+        &reference,
+        policy.check_root(&reference, &root),
+    )?;
 
     let resolved = select_manifest(host, &reference, &want, root)?;
     policy::enforce(
@@ -142,7 +154,11 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
     let id = resolved.manifest.config.digest.clone();
 
     // The config: small, read before any layer is fetched.
-    fetch_missing(host, &reference, std::slice::from_ref(&resolved.manifest.config))?;
+    fetch_missing(
+        host,
+        &reference,
+        std::slice::from_ref(&resolved.manifest.config),
+    )?;
     let config_bytes = read_small(host, &resolved.manifest.config, "config")?;
     let config = oci::parse_config(&resolved.manifest.config, &config_bytes)?;
     if config.diff_ids.len() != resolved.manifest.layers.len() {
@@ -548,7 +564,10 @@ fn with_allowed_urls<H: Host + ?Sized, P: Policy + ?Sized>(
 
 /// The host of an `http(s)://host[:port]/…` URL, canonical.
 fn url_host(url: &str) -> Option<crate::policy::HostPort> {
-    let lower = url.get(..8).map(str::to_ascii_lowercase).unwrap_or_default();
+    let lower = url
+        .get(..8)
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
     let rest = if lower.starts_with("https://") {
         &url[8..]
     } else if lower.starts_with("http://") {

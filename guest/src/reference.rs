@@ -472,15 +472,31 @@ mod tests {
         for (input, name, tag) in [
             ("docker/docker", "docker.io/docker/docker", "latest"),
             ("library/debian", "docker.io/library/debian", "latest"),
-            ("index.docker.io/docker/docker", "docker.io/docker/docker", "latest"),
-            ("index.docker.io/debian", "docker.io/library/debian", "latest"),
-            ("127.0.0.1:5000/docker/docker", "127.0.0.1:5000/docker/docker", "latest"),
+            (
+                "index.docker.io/docker/docker",
+                "docker.io/docker/docker",
+                "latest",
+            ),
+            (
+                "index.docker.io/debian",
+                "docker.io/library/debian",
+                "latest",
+            ),
+            (
+                "127.0.0.1:5000/docker/docker",
+                "127.0.0.1:5000/docker/docker",
+                "latest",
+            ),
             ("127.0.0.1:5000/debian", "127.0.0.1:5000/debian", "latest"),
             ("192.168.0.1", "docker.io/library/192.168.0.1", "latest"),
             ("192.168.0.1:80", "docker.io/library/192.168.0.1", "80"),
             ("192.168.0.1:8/debian", "192.168.0.1:8/debian", "latest"),
             ("[fc00::1]:5000/docker", "[fc00::1]:5000/docker", "latest"),
-            ("[fc00::1]:5000/docker/docker", "[fc00::1]:5000/docker/docker", "latest"),
+            (
+                "[fc00::1]:5000/docker/docker",
+                "[fc00::1]:5000/docker/docker",
+                "latest",
+            ),
             (
                 "[fc00:1:2:3:4:5:6:7]:5000/library/debian",
                 "[fc00:1:2:3:4:5:6:7]:5000/library/debian",
@@ -489,21 +505,38 @@ mod tests {
             ("Docker/docker", "Docker/docker", "latest"),
             ("DOCKER/docker", "DOCKER/docker", "latest"),
             ("Foo/bar:Tag", "Foo/bar", "Tag"),
-            ("docker-rules/docker", "docker.io/docker-rules/docker", "latest"),
-            ("docker---rules/docker", "docker.io/docker---rules/docker", "latest"),
+            (
+                "docker-rules/docker",
+                "docker.io/docker-rules/docker",
+                "latest",
+            ),
+            (
+                "docker---rules/docker",
+                "docker.io/docker---rules/docker",
+                "latest",
+            ),
             ("d/docker", "docker.io/d/docker", "latest"),
             ("jess/t", "docker.io/jess/t", "latest"),
             ("dock__er/docker", "docker.io/dock__er/docker", "latest"),
             ("test_com/foo", "docker.io/test_com/foo", "latest"),
             ("test-com:8080/foo", "test-com:8080/foo", "latest"),
             ("xn--n3h.com:18080/foo", "xn--n3h.com:18080/foo", "latest"),
-            ("docker.io/library/foo/bar", "docker.io/library/foo/bar", "latest"),
+            (
+                "docker.io/library/foo/bar",
+                "docker.io/library/foo/bar",
+                "latest",
+            ),
             ("store/foo/bar", "docker.io/store/foo/bar", "latest"),
             ("localhost/app:v1", "localhost/app", "v1"),
         ] {
             v.push((input.to_string(), name, Some(tag), None));
         }
-        v.push((song.to_string(), leak(format!("docker.io/library/{song}")), Some("latest"), None));
+        v.push((
+            song.to_string(),
+            leak(format!("docker.io/library/{song}")),
+            Some("latest"),
+            None,
+        ));
         v.push((
             format!("docker.io/{hex64}"),
             leak(format!("docker.io/library/{hex64}")),
@@ -570,7 +603,10 @@ mod tests {
             ("Foo/Bar".into(), "must be lowercase"),
             ("quay.io/Coreos/etcd".into(), "must be lowercase"),
             ("docker.io/docker/Docker".into(), "must be lowercase"),
-            ("https://github.com/docker/docker".into(), "invalid registry host"),
+            (
+                "https://github.com/docker/docker".into(),
+                "invalid registry host",
+            ),
             ("-docker".into(), "invalid path component"),
             ("-docker/docker".into(), "invalid path component"),
             ("docker-/docker".into(), "invalid path component"),
@@ -588,18 +624,26 @@ mod tests {
             ("[fc00::1]:5000".into(), "invalid tag"),
             ("fc00::1:5000/debian".into(), "invalid registry host"),
             ("[fe80::1%eth0]:5000/debian".into(), "invalid registry host"),
-            ("[2001:db8:3:4::192.0.2.33]:5000/debian".into(), "invalid registry host"),
+            (
+                "[2001:db8:3:4::192.0.2.33]:5000/debian".into(),
+                "invalid registry host",
+            ),
             ("[1]:5000/app".into(), "is not an IPv6 address"),
             ("[:::::]/app".into(), "is not an IPv6 address"),
             ("[]/app".into(), "invalid path component"),
             ("[::1]5000/app".into(), "invalid registry host"),
             ("localhost:5000/app:v1:v2".into(), "invalid tag"),
-            ("app@sha256:7cc4b5aefd1d0cadf8d97d4350462ba51c694ebca145b08d7d41b41acc8db5aa@x".into(), "invalid digest"),
+            (
+                "app@sha256:7cc4b5aefd1d0cadf8d97d4350462ba51c694ebca145b08d7d41b41acc8db5aa@x"
+                    .into(),
+                "invalid digest",
+            ),
             (format!("app@{D}:tag"), "invalid digest"),
             (
                 format!(
                     "{}/docker",
-                    ["this_is_not_a_valid_namespace_because_its_lenth_is_greater_than_255"; 4].join("_")
+                    ["this_is_not_a_valid_namespace_because_its_lenth_is_greater_than_255"; 4]
+                        .join("_")
                 ),
                 "more than 255 characters",
             ),

@@ -135,7 +135,10 @@ impl<'de> serde::Deserialize<'de> for Members {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Members, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Members, A::Error> {
                 let mut members = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, Value>()? {
                     members.push((k, v));
@@ -174,9 +177,9 @@ fn list_of<T>(
         .iter()
         .enumerate()
         .map(|(i, x)| {
-            let s = x
-                .as_str()
-                .ok_or_else(|| invalid(key, format!("must be a list of strings; entry {i} is {x}")))?;
+            let s = x.as_str().ok_or_else(|| {
+                invalid(key, format!("must be a list of strings; entry {i} is {x}"))
+            })?;
             item(s).map_err(|why| invalid(key, format!("entry {i}: {why}")))
         })
         .collect()
@@ -185,8 +188,7 @@ fn list_of<T>(
 fn tag_pattern(s: &str) -> std::result::Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= crate::reference::TAG_LENGTH_MAX
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'*'));
     if ok {
         Ok(s.to_string())
@@ -198,8 +200,12 @@ fn tag_pattern(s: &str) -> std::result::Result<String, String> {
 }
 
 fn media_type(s: &str) -> std::result::Result<String, String> {
-    let ok = s.split_once('/').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
-        && !s.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+    let ok = s
+        .split_once('/')
+        .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+        && !s
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
     if ok {
         Ok(s.to_string())
     } else {
@@ -240,13 +246,20 @@ pub fn parse(doc: &str) -> Result<Settings> {
                 settings.mode = match v.as_str() {
                     Some("enforce") => Mode::Enforce,
                     Some("audit") => Mode::Audit,
-                    _ => return Err(invalid(key, format!("must be \"enforce\" or \"audit\", not {v}"))),
+                    _ => {
+                        return Err(invalid(
+                            key,
+                            format!("must be \"enforce\" or \"audit\", not {v}"),
+                        ))
+                    }
                 }
             }
             "allowedRegistries" => {
                 settings.allowed_registries = Some(list_of(key, v, HostPattern::parse)?)
             }
-            "blockedRegistries" => settings.blocked_registries = list_of(key, v, HostPattern::parse)?,
+            "blockedRegistries" => {
+                settings.blocked_registries = list_of(key, v, HostPattern::parse)?
+            }
             "allowedRepositories" => {
                 settings.allowed_repositories = Some(list_of(key, v, RepositoryPattern::parse)?)
             }
@@ -335,7 +348,10 @@ impl Settings {
             return;
         };
         let outcome = if p.architecture.is_empty() {
-            Err(format!("{what} names no platform (allowed: {})", texts(allowed.iter().map(|a| &a.text))))
+            Err(format!(
+                "{what} names no platform (allowed: {})",
+                texts(allowed.iter().map(|a| &a.text))
+            ))
         } else if allowed.iter().any(|a| a.matches(p)) {
             Ok(())
         } else {
@@ -359,8 +375,15 @@ impl Policy for Settings {
         self.registry_rules(&mut v, "registry", reference.domain());
         let name = reference.name();
         if !self.blocked_repositories.is_empty() {
-            let outcome = match self.blocked_repositories.iter().find(|p| p.matches(reference)) {
-                Some(p) => Err(format!("repository {name} matches blocked pattern {:?}", p.text)),
+            let outcome = match self
+                .blocked_repositories
+                .iter()
+                .find(|p| p.matches(reference))
+            {
+                Some(p) => Err(format!(
+                    "repository {name} matches blocked pattern {:?}",
+                    p.text
+                )),
                 None => Ok(()),
             };
             v.rule("blockedRepositories", outcome);
@@ -460,7 +483,12 @@ impl Policy for Settings {
         v
     }
 
-    fn check_config(&self, _reference: &Reference, _image: &Image<'_>, config: &oci::Config) -> Verdict {
+    fn check_config(
+        &self,
+        _reference: &Reference,
+        _image: &Image<'_>,
+        config: &oci::Config,
+    ) -> Verdict {
         let mut v = Verdict::new();
         self.platform_rule(&mut v, "the image config", &config.platform());
         v
@@ -525,42 +553,107 @@ mod tests {
         assert_eq!(full.denied_tags, vec!["latest".to_string(), "*-dev".into()]);
         assert!(full.require_digest && full.discard_unpacked_layers);
         assert_eq!(full.platforms.as_ref().unwrap().len(), 2);
-        assert_eq!((full.max_image_size, full.max_layers), (Some(1 << 30), Some(40)));
+        assert_eq!(
+            (full.max_image_size, full.max_layers),
+            (Some(1 << 30), Some(40))
+        );
         // An empty allow list is kept: it allows nothing.
         assert_eq!(
-            parse(r#"{"allowedRegistries": []}"#).unwrap().allowed_registries,
+            parse(r#"{"allowedRegistries": []}"#)
+                .unwrap()
+                .allowed_registries,
             Some(vec![])
         );
 
         // (document, what the message must say: the key, and why)
         let bad: &[(&str, &[&str])] = &[
-            (r#"{"pinned": ["busybox"]}"#, &["unknown setting \"pinned\"", "allowedRegistries"]),
-            (r#"{"AllowedRegistries": []}"#, &["unknown setting \"AllowedRegistries\""]),
+            (
+                r#"{"pinned": ["busybox"]}"#,
+                &["unknown setting \"pinned\"", "allowedRegistries"],
+            ),
+            (
+                r#"{"AllowedRegistries": []}"#,
+                &["unknown setting \"AllowedRegistries\""],
+            ),
             ("[]", &["must be a JSON object"]),
             ("true", &["must be a JSON object"]),
             ("{", &["not valid JSON"]),
-            (r#"{"mode": "audit", "mode": "enforce"}"#, &["\"mode\" is given twice"]),
-            (r#"{"discard_unpacked_layers": "yes"}"#, &["\"discard_unpacked_layers\" must be true or false"]),
-            (r#"{"mode": "warn"}"#, &["\"mode\"", "\"enforce\" or \"audit\""]),
+            (
+                r#"{"mode": "audit", "mode": "enforce"}"#,
+                &["\"mode\" is given twice"],
+            ),
+            (
+                r#"{"discard_unpacked_layers": "yes"}"#,
+                &["\"discard_unpacked_layers\" must be true or false"],
+            ),
+            (
+                r#"{"mode": "warn"}"#,
+                &["\"mode\"", "\"enforce\" or \"audit\""],
+            ),
             (r#"{"mode": 1}"#, &["\"mode\""]),
-            (r#"{"allowedRegistries": "docker.io"}"#, &["\"allowedRegistries\" must be a list of strings"]),
-            (r#"{"allowedRegistries": [1]}"#, &["\"allowedRegistries\"", "entry 0 is 1"]),
-            (r#"{"allowedRegistries": ["https://docker.io"]}"#, &["\"allowedRegistries\" entry 0", "not a registry host pattern"]),
-            (r#"{"blockedRegistries": ["ok.io", "*"]}"#, &["\"blockedRegistries\" entry 1"]),
-            (r#"{"blockedRegistries": ["reg*.io"]}"#, &["\"blockedRegistries\"", "leading *."]),
-            (r#"{"allowedRepositories": ["team/*"]}"#, &["\"allowedRepositories\" entry 0", "registry"]),
-            (r#"{"blockedRepositories": ["docker.io/Library/x*"]}"#, &["\"blockedRepositories\"", "lowercase"]),
-            (r#"{"blockedRepositories": ["busybox:latest"]}"#, &["\"blockedRepositories\"", "without tag"]),
-            (r#"{"deniedTags": ["a b"]}"#, &["\"deniedTags\" entry 0", "tag pattern"]),
+            (
+                r#"{"allowedRegistries": "docker.io"}"#,
+                &["\"allowedRegistries\" must be a list of strings"],
+            ),
+            (
+                r#"{"allowedRegistries": [1]}"#,
+                &["\"allowedRegistries\"", "entry 0 is 1"],
+            ),
+            (
+                r#"{"allowedRegistries": ["https://docker.io"]}"#,
+                &[
+                    "\"allowedRegistries\" entry 0",
+                    "not a registry host pattern",
+                ],
+            ),
+            (
+                r#"{"blockedRegistries": ["ok.io", "*"]}"#,
+                &["\"blockedRegistries\" entry 1"],
+            ),
+            (
+                r#"{"blockedRegistries": ["reg*.io"]}"#,
+                &["\"blockedRegistries\"", "leading *."],
+            ),
+            (
+                r#"{"allowedRepositories": ["team/*"]}"#,
+                &["\"allowedRepositories\" entry 0", "registry"],
+            ),
+            (
+                r#"{"blockedRepositories": ["docker.io/Library/x*"]}"#,
+                &["\"blockedRepositories\"", "lowercase"],
+            ),
+            (
+                r#"{"blockedRepositories": ["busybox:latest"]}"#,
+                &["\"blockedRepositories\"", "without tag"],
+            ),
+            (
+                r#"{"deniedTags": ["a b"]}"#,
+                &["\"deniedTags\" entry 0", "tag pattern"],
+            ),
             (r#"{"deniedTags": [""]}"#, &["\"deniedTags\""]),
-            (r#"{"requireDigest": "true"}"#, &["\"requireDigest\" must be true or false"]),
-            (r#"{"platforms": ["linux"]}"#, &["\"platforms\" entry 0", "os/architecture"]),
-            (r#"{"platforms": "linux/amd64"}"#, &["\"platforms\" must be a list"]),
-            (r#"{"maxImageSize": -1}"#, &["\"maxImageSize\" must be a whole number"]),
+            (
+                r#"{"requireDigest": "true"}"#,
+                &["\"requireDigest\" must be true or false"],
+            ),
+            (
+                r#"{"platforms": ["linux"]}"#,
+                &["\"platforms\" entry 0", "os/architecture"],
+            ),
+            (
+                r#"{"platforms": "linux/amd64"}"#,
+                &["\"platforms\" must be a list"],
+            ),
+            (
+                r#"{"maxImageSize": -1}"#,
+                &["\"maxImageSize\" must be a whole number"],
+            ),
             (r#"{"maxImageSize": 1.5}"#, &["\"maxImageSize\""]),
             (r#"{"maxImageSize": "1G"}"#, &["\"maxImageSize\""]),
             (r#"{"maxLayers": true}"#, &["\"maxLayers\""]),
-            (r#"{"allowedLayerMediaTypes": ["gzip"]}"#, &["\"allowedLayerMediaTypes\" entry 0", "type/subtype"]),
+            (
+                r#"{"allowedLayerMediaTypes": ["gzip"]}"#,
+                &["\"allowedLayerMediaTypes\" entry 0", "type/subtype"],
+            ),
         ];
         for (doc, wants) in bad {
             let m = invalid_message(doc);

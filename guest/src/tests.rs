@@ -806,37 +806,149 @@ fn reference_rules_decide_before_the_registry_is_asked() {
     ];
     // (settings, reference, denied rule or None)
     let cases: &[(&str, &str, Option<&str>)] = &[
-        (r#"{"allowedRegistries": ["registry.io"]}"#, "registry.io/team/app", None),
-        (r#"{"allowedRegistries": ["registry.io"]}"#, "registry.io:5000/team/app", None),
-        (r#"{"allowedRegistries": ["registry.io"]}"#, "REGISTRY.IO/team/app", None),
-        (r#"{"allowedRegistries": ["registry.io"]}"#, "registry.io.evil.com/team/app", Some("allowedRegistries")),
-        (r#"{"allowedRegistries": ["registry.io"]}"#, "evilregistry.io/team/app", Some("allowedRegistries")),
-        (r#"{"allowedRegistries": ["registry.io"]}"#, "busybox", Some("allowedRegistries")),
-        (r#"{"allowedRegistries": ["registry.io:5000"]}"#, "registry.io/team/app", Some("allowedRegistries")),
+        (
+            r#"{"allowedRegistries": ["registry.io"]}"#,
+            "registry.io/team/app",
+            None,
+        ),
+        (
+            r#"{"allowedRegistries": ["registry.io"]}"#,
+            "registry.io:5000/team/app",
+            None,
+        ),
+        (
+            r#"{"allowedRegistries": ["registry.io"]}"#,
+            "REGISTRY.IO/team/app",
+            None,
+        ),
+        (
+            r#"{"allowedRegistries": ["registry.io"]}"#,
+            "registry.io.evil.com/team/app",
+            Some("allowedRegistries"),
+        ),
+        (
+            r#"{"allowedRegistries": ["registry.io"]}"#,
+            "evilregistry.io/team/app",
+            Some("allowedRegistries"),
+        ),
+        (
+            r#"{"allowedRegistries": ["registry.io"]}"#,
+            "busybox",
+            Some("allowedRegistries"),
+        ),
+        (
+            r#"{"allowedRegistries": ["registry.io:5000"]}"#,
+            "registry.io/team/app",
+            Some("allowedRegistries"),
+        ),
         (r#"{"allowedRegistries": ["docker.io"]}"#, "busybox", None),
-        (r#"{"allowedRegistries": ["*.example.com"]}"#, "a.example.com/x/y", None),
-        (r#"{"allowedRegistries": ["*.example.com"]}"#, "example.com/x/y", Some("allowedRegistries")),
-        (r#"{"allowedRegistries": []}"#, "registry.io/team/app", Some("allowedRegistries")),
-        (r#"{"blockedRegistries": ["registry.io"]}"#, "registry.io:5000/team/app", Some("blockedRegistries")),
-        (r#"{"blockedRegistries": ["registry.io"]}"#, "registry.io.evil.com/team/app", None),
-        (r#"{"blockedRegistries": ["127.0.0.1"]}"#, "127.1:5000/team/app", Some("blockedRegistries")),
-        (r#"{"blockedRegistries": ["127.0.0.1"]}"#, "127.0.0.1:5000/team/app", Some("blockedRegistries")),
-        (r#"{"allowedRegistries": ["*.io"], "blockedRegistries": ["evilregistry.io"]}"#, "evilregistry.io/team/app", Some("blockedRegistries")),
-        (r#"{"allowedRepositories": ["registry.io/team/*"]}"#, "registry.io/team/app", None),
-        (r#"{"allowedRepositories": ["registry.io/team/*"]}"#, "registry.io/teamevil/app", Some("allowedRepositories")),
-        (r#"{"allowedRepositories": ["registry.io/team/*"]}"#, "registry.io.evil.com/team/app", Some("allowedRepositories")),
-        (r#"{"allowedRepositories": ["registry.io/team/app"]}"#, "registry.io/team/app-dev", Some("allowedRepositories")),
-        (r#"{"allowedRepositories": ["busybox"]}"#, "docker.io/library/busybox:1.0", None),
-        (r#"{"allowedRepositories": ["**/app"]}"#, "registry.io/team/app-dev", Some("allowedRepositories")),
-        (r#"{"blockedRepositories": ["registry.io/team/app"]}"#, "registry.io/team/app-dev", None),
-        (r#"{"blockedRepositories": ["registry.io/team/app"]}"#, "registry.io:5000/team/app", Some("blockedRepositories")),
-        (r#"{"blockedRepositories": ["registry.io/**"]}"#, "registry.io/team/app", Some("blockedRepositories")),
-        (r#"{"deniedTags": ["latest"]}"#, "busybox", Some("deniedTags")),
-        (r#"{"deniedTags": ["latest"]}"#, "busybox:latest", Some("deniedTags")),
+        (
+            r#"{"allowedRegistries": ["*.example.com"]}"#,
+            "a.example.com/x/y",
+            None,
+        ),
+        (
+            r#"{"allowedRegistries": ["*.example.com"]}"#,
+            "example.com/x/y",
+            Some("allowedRegistries"),
+        ),
+        (
+            r#"{"allowedRegistries": []}"#,
+            "registry.io/team/app",
+            Some("allowedRegistries"),
+        ),
+        (
+            r#"{"blockedRegistries": ["registry.io"]}"#,
+            "registry.io:5000/team/app",
+            Some("blockedRegistries"),
+        ),
+        (
+            r#"{"blockedRegistries": ["registry.io"]}"#,
+            "registry.io.evil.com/team/app",
+            None,
+        ),
+        (
+            r#"{"blockedRegistries": ["127.0.0.1"]}"#,
+            "127.1:5000/team/app",
+            Some("blockedRegistries"),
+        ),
+        (
+            r#"{"blockedRegistries": ["127.0.0.1"]}"#,
+            "127.0.0.1:5000/team/app",
+            Some("blockedRegistries"),
+        ),
+        (
+            r#"{"allowedRegistries": ["*.io"], "blockedRegistries": ["evilregistry.io"]}"#,
+            "evilregistry.io/team/app",
+            Some("blockedRegistries"),
+        ),
+        (
+            r#"{"allowedRepositories": ["registry.io/team/*"]}"#,
+            "registry.io/team/app",
+            None,
+        ),
+        (
+            r#"{"allowedRepositories": ["registry.io/team/*"]}"#,
+            "registry.io/teamevil/app",
+            Some("allowedRepositories"),
+        ),
+        (
+            r#"{"allowedRepositories": ["registry.io/team/*"]}"#,
+            "registry.io.evil.com/team/app",
+            Some("allowedRepositories"),
+        ),
+        (
+            r#"{"allowedRepositories": ["registry.io/team/app"]}"#,
+            "registry.io/team/app-dev",
+            Some("allowedRepositories"),
+        ),
+        (
+            r#"{"allowedRepositories": ["busybox"]}"#,
+            "docker.io/library/busybox:1.0",
+            None,
+        ),
+        (
+            r#"{"allowedRepositories": ["**/app"]}"#,
+            "registry.io/team/app-dev",
+            Some("allowedRepositories"),
+        ),
+        (
+            r#"{"blockedRepositories": ["registry.io/team/app"]}"#,
+            "registry.io/team/app-dev",
+            None,
+        ),
+        (
+            r#"{"blockedRepositories": ["registry.io/team/app"]}"#,
+            "registry.io:5000/team/app",
+            Some("blockedRepositories"),
+        ),
+        (
+            r#"{"blockedRepositories": ["registry.io/**"]}"#,
+            "registry.io/team/app",
+            Some("blockedRepositories"),
+        ),
+        (
+            r#"{"deniedTags": ["latest"]}"#,
+            "busybox",
+            Some("deniedTags"),
+        ),
+        (
+            r#"{"deniedTags": ["latest"]}"#,
+            "busybox:latest",
+            Some("deniedTags"),
+        ),
         (r#"{"deniedTags": ["latest"]}"#, "busybox:1.0", None),
-        (r#"{"deniedTags": ["1.*"]}"#, "busybox:1.0", Some("deniedTags")),
+        (
+            r#"{"deniedTags": ["1.*"]}"#,
+            "busybox:1.0",
+            Some("deniedTags"),
+        ),
         (r#"{"deniedTags": ["Latest"]}"#, "busybox:latest", None),
-        (r#"{"requireDigest": true}"#, "busybox:1.0", Some("requireDigest")),
+        (
+            r#"{"requireDigest": true}"#,
+            "busybox:1.0",
+            Some("requireDigest"),
+        ),
         (r#"{"requireDigest": false}"#, "busybox:1.0", None),
     ];
     for (doc, reference, want) in cases {
@@ -847,9 +959,19 @@ fn reference_rules_decide_before_the_registry_is_asked() {
             (None, Ok(_)) => {}
             (Some(rule), Err(Error::PermissionDenied(m))) => {
                 assert!(m.starts_with("policy denies "), "{doc} {reference}: {m}");
-                assert!(m.contains(&format!("rule {rule}: ")), "{doc} {reference}: {m}");
-                assert!(host.calls().is_empty(), "{doc} {reference}: {:?}", host.calls());
-                assert!(host.s.borrow().content.is_empty(), "resolved before deciding");
+                assert!(
+                    m.contains(&format!("rule {rule}: ")),
+                    "{doc} {reference}: {m}"
+                );
+                assert!(
+                    host.calls().is_empty(),
+                    "{doc} {reference}: {:?}",
+                    host.calls()
+                );
+                assert!(
+                    host.s.borrow().content.is_empty(),
+                    "resolved before deciding"
+                );
                 assert!(logged(&host, Level::Warn, "reference stage: denied"));
             }
             (want, got) => panic!("{doc} {reference}: want {want:?}, got {got:?}"),
@@ -864,10 +986,18 @@ fn digests_pass_tag_and_digest_rules() {
     let doc = r#"{"deniedTags": ["latest"], "requireDigest": true}"#;
     let by_digest = format!("busybox@{}", img.manifest.digest);
     let m = denied(&host, doc, &req("busybox"));
-    assert!(m.contains("rule requireDigest") && m.contains("rule deniedTags"), "{m}");
+    assert!(
+        m.contains("rule requireDigest") && m.contains("rule deniedTags"),
+        "{m}"
+    );
     pull(&host, &settings(doc), &req(&by_digest)).unwrap();
     // With a digest the tag plays no part in what is pulled, so it is not judged.
-    pull(&host, &settings(doc), &req(&format!("busybox:latest@{}", img.manifest.digest))).unwrap();
+    pull(
+        &host,
+        &settings(doc),
+        &req(&format!("busybox:latest@{}", img.manifest.digest)),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -877,11 +1007,20 @@ fn manifest_rules_decide_before_config_and_layers_are_fetched() {
     let size = img.config.size + img.layers.iter().map(|l| l.size).sum::<u64>();
     let cases: Vec<(String, Option<&str>)> = vec![
         (format!(r#"{{"maxImageSize": {size}}}"#), None),
-        (format!(r#"{{"maxImageSize": {}}}"#, size - 1), Some("maxImageSize")),
+        (
+            format!(r#"{{"maxImageSize": {}}}"#, size - 1),
+            Some("maxImageSize"),
+        ),
         (r#"{"maxLayers": 2}"#.into(), None),
         (r#"{"maxLayers": 1}"#.into(), Some("maxLayers")),
         (r#"{"maxLayers": 0}"#.into(), Some("maxLayers")),
-        (format!(r#"{{"allowedLayerMediaTypes": ["{}"]}}"#, crate::fake::LAYER_TAR), None),
+        (
+            format!(
+                r#"{{"allowedLayerMediaTypes": ["{}"]}}"#,
+                crate::fake::LAYER_TAR
+            ),
+            None,
+        ),
         (
             r#"{"allowedLayerMediaTypes": ["application/vnd.oci.image.layer.v1.tar+zstd"]}"#.into(),
             Some("allowedLayerMediaTypes"),
@@ -900,12 +1039,26 @@ fn manifest_rules_decide_before_config_and_layers_are_fetched() {
             (want, got) => panic!("{doc}: want {want:?}, got {got:?}"),
         }
     }
-    let m = denied(&host, &format!(r#"{{"maxImageSize": {}}}"#, size - 1), &req("busybox"));
-    assert!(m.contains(&format!("is {size} bytes")) && m.contains(&format!("{} allowed", size - 1)), "{m}");
+    let m = denied(
+        &host,
+        &format!(r#"{{"maxImageSize": {}}}"#, size - 1),
+        &req("busybox"),
+    );
+    assert!(
+        m.contains(&format!("is {size} bytes")) && m.contains(&format!("{} allowed", size - 1)),
+        "{m}"
+    );
     let m = denied(&host, r#"{"maxLayers": 1}"#, &req("busybox"));
     assert!(m.contains("has 2 layers, more than the 1 allowed"), "{m}");
-    let m = denied(&host, r#"{"allowedLayerMediaTypes": ["a/b"]}"#, &req("busybox"));
-    assert!(m.contains("2 of 2 layers have") && m.contains(crate::fake::LAYER_TAR), "{m}");
+    let m = denied(
+        &host,
+        r#"{"allowedLayerMediaTypes": ["a/b"]}"#,
+        &req("busybox"),
+    );
+    assert!(
+        m.contains("2 of 2 layers have") && m.contains(crate::fake::LAYER_TAR),
+        "{m}"
+    );
 }
 
 #[test]
@@ -913,16 +1066,34 @@ fn platform_rules_judge_the_index_entry_and_the_config() {
     let host = FakeHost::new();
     let amd = host.push_image(&[b"amd64 layer"], "");
     let arm = host.push_image_for(&[b"arm64 layer"], "", "linux/arm64");
-    let index = host.push_index(&[(&amd.manifest, "linux/amd64"), (&arm.manifest, "linux/arm64/v8")]);
+    let index = host.push_index(&[
+        (&amd.manifest, "linux/amd64"),
+        (&arm.manifest, "linux/arm64/v8"),
+    ]);
     host.tag("quay.io/team/multi", "1", &index);
     host.tag("quay.io/team/single", "1", &amd.manifest);
     let only_arm = r#"{"platforms": ["linux/arm64"]}"#;
 
     // From an index: the entry's platform, before the config is fetched.
-    let m = denied(&host, only_arm, &req_on("quay.io/team/multi:1", "linux/amd64"));
-    assert!(m.contains("rule platforms") && m.contains("linux/amd64") && m.contains("\"linux/arm64\""), "{m}");
-    assert_eq!(fetches(&host), vec![format!("fetch {}", amd.manifest.digest)]);
-    pull(&host, &settings(only_arm), &req_on("quay.io/team/multi:1", "linux/arm64")).unwrap();
+    let m = denied(
+        &host,
+        only_arm,
+        &req_on("quay.io/team/multi:1", "linux/amd64"),
+    );
+    assert!(
+        m.contains("rule platforms") && m.contains("linux/amd64") && m.contains("\"linux/arm64\""),
+        "{m}"
+    );
+    assert_eq!(
+        fetches(&host),
+        vec![format!("fetch {}", amd.manifest.digest)]
+    );
+    pull(
+        &host,
+        &settings(only_arm),
+        &req_on("quay.io/team/multi:1", "linux/arm64"),
+    )
+    .unwrap();
 
     // A single manifest: the config's platform, before any layer is fetched.
     let host = FakeHost::new();
@@ -932,7 +1103,12 @@ fn platform_rules_judge_the_index_entry_and_the_config() {
     assert!(m.contains("the image config is for linux/amd64"), "{m}");
     assert_eq!(fetches(&host), vec![format!("fetch {}", amd.config.digest)]);
     assert!(logged(&host, Level::Warn, "config stage: denied"));
-    pull(&host, &settings(r#"{"platforms": ["linux/amd64", "linux/arm64"]}"#), &req("quay.io/team/single:1")).unwrap();
+    pull(
+        &host,
+        &settings(r#"{"platforms": ["linux/amd64", "linux/arm64"]}"#),
+        &req("quay.io/team/single:1"),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -964,7 +1140,11 @@ fn every_decision_is_logged() {
     ] {
         assert!(logged(&host, Level::Info, needle), "{needle:?}: {:?}", host.s.borrow().logs);
     }
-    assert!(logged(&host, Level::Debug, "resolved stage: allowed, no rule applies"));
+    assert!(logged(
+        &host,
+        Level::Debug,
+        "resolved stage: allowed, no rule applies"
+    ));
 }
 
 #[test]
@@ -986,23 +1166,40 @@ fn a_policy_of_its_own_sees_each_stage() {
         fn check_root(&self, _: &Reference, root: &Descriptor) -> Verdict {
             self.seen.borrow_mut().push(format!("root {}", root.digest));
             let mut v = Verdict::new();
-            let outcome = if root.digest == self.refuse { Err("refused".to_string()) } else { Ok(()) };
+            let outcome = if root.digest == self.refuse {
+                Err("refused".to_string())
+            } else {
+                Ok(())
+            };
             v.rule("spy", outcome);
             v
         }
         fn check_manifest(&self, _: &Reference, image: &Image<'_>) -> Verdict {
-            self.seen.borrow_mut().push(format!("manifest {}", image.manifest_desc.digest));
+            self.seen
+                .borrow_mut()
+                .push(format!("manifest {}", image.manifest_desc.digest));
             Verdict::new()
         }
         fn check_config(&self, _: &Reference, _: &Image<'_>, c: &crate::oci::Config) -> Verdict {
-            self.seen.borrow_mut().push(format!("config {}", c.architecture));
+            self.seen
+                .borrow_mut()
+                .push(format!("config {}", c.architecture));
             Verdict::new()
         }
     }
     let host = FakeHost::new();
     let img = busybox(&host);
-    let spy = Spy { seen: RefCell::new(vec![]), refuse: String::new() };
-    crate::pull::pull_with(&host, &crate::pull::Options::default(), &spy, &req("busybox")).unwrap();
+    let spy = Spy {
+        seen: RefCell::new(vec![]),
+        refuse: String::new(),
+    };
+    crate::pull::pull_with(
+        &host,
+        &crate::pull::Options::default(),
+        &spy,
+        &req("busybox"),
+    )
+    .unwrap();
     assert_eq!(
         spy.seen.into_inner(),
         vec![
@@ -1014,8 +1211,16 @@ fn a_policy_of_its_own_sees_each_stage() {
     );
     let host = FakeHost::new();
     let img = busybox(&host);
-    let spy = Spy { seen: RefCell::new(vec![]), refuse: img.manifest.digest.clone() };
-    match crate::pull::pull_with(&host, &crate::pull::Options::default(), &spy, &req("busybox")) {
+    let spy = Spy {
+        seen: RefCell::new(vec![]),
+        refuse: img.manifest.digest.clone(),
+    };
+    match crate::pull::pull_with(
+        &host,
+        &crate::pull::Options::default(),
+        &spy,
+        &req("busybox"),
+    ) {
         Err(Error::PermissionDenied(m)) => assert_eq!(
             m,
             "policy denies docker.io/library/busybox:latest: rule spy: refused"
@@ -1086,8 +1291,15 @@ fn a_lost_snapshot_is_fetched_and_unpacked_again() {
     host.s.borrow_mut().content.remove(&img.layers[1].digest);
     host.clear_calls();
     pull_ok(&host, &req("busybox"));
-    assert_eq!(fetches(&host), vec![format!("fetch {}", img.layers[1].digest)]);
-    let applies: Vec<String> = host.calls().into_iter().filter(|c| c.starts_with("apply")).collect();
+    assert_eq!(
+        fetches(&host),
+        vec![format!("fetch {}", img.layers[1].digest)]
+    );
+    let applies: Vec<String> = host
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("apply"))
+        .collect();
     assert_eq!(applies.len(), 1, "{applies:?}");
 }
 
@@ -1099,7 +1311,11 @@ fn index_entries_without_a_platform_are_matched_by_their_config() {
     let arm = host.push_image_for(&[b"arm64 layer"], "", "linux/arm64");
     let amd = host.push_image_for(&[b"amd64 layer"], "", "linux/amd64");
     let s390 = host.push_image_for(&[b"s390x layer"], "", "linux/s390x");
-    let index = host.push_index(&[(&arm.manifest, ""), (&amd.manifest, ""), (&s390.manifest, "linux/s390x")]);
+    let index = host.push_index(&[
+        (&arm.manifest, ""),
+        (&amd.manifest, ""),
+        (&s390.manifest, "linux/s390x"),
+    ]);
     host.tag(BUSYBOX, "latest", &index);
     let info = pull_ok(&host, &req("busybox"));
     assert_eq!(info.id, amd.config.digest);
@@ -1110,7 +1326,11 @@ fn index_entries_without_a_platform_are_matched_by_their_config() {
     assert_eq!(info.id, s390.config.digest);
     assert_eq!(fetches(&host)[0], format!("fetch {}", s390.manifest.digest));
     // Nothing fits: not found, listing the platforms the index names.
-    match pull(&host, &Settings::DEFAULT, &req_on("busybox", "linux/ppc64le")) {
+    match pull(
+        &host,
+        &Settings::DEFAULT,
+        &req_on("busybox", "linux/ppc64le"),
+    ) {
         Err(Error::NotFound(m)) => assert!(m.contains("it has: linux/s390x"), "{m}"),
         other => panic!("{other:?}"),
     }
@@ -1121,10 +1341,19 @@ fn arm64_falls_back_to_32_bit_arm_and_amd64_to_386() {
     let host = FakeHost::new();
     let v7 = host.push_image_for(&[b"arm v7"], "", "linux/arm/v7");
     let i386 = host.push_image_for(&[b"386"], "", "linux/386");
-    let index = host.push_index(&[(&v7.manifest, "linux/arm/v7"), (&i386.manifest, "linux/386")]);
+    let index = host.push_index(&[
+        (&v7.manifest, "linux/arm/v7"),
+        (&i386.manifest, "linux/386"),
+    ]);
     host.tag(BUSYBOX, "latest", &index);
-    assert_eq!(pull_ok(&host, &req_on("busybox", "linux/arm64/v8")).id, v7.config.digest);
-    assert_eq!(pull_ok(&host, &req_on("busybox", "linux/amd64")).id, i386.config.digest);
+    assert_eq!(
+        pull_ok(&host, &req_on("busybox", "linux/arm64/v8")).id,
+        v7.config.digest
+    );
+    assert_eq!(
+        pull_ok(&host, &req_on("busybox", "linux/amd64")).id,
+        i386.config.digest
+    );
 }
 
 #[test]
@@ -1143,7 +1372,10 @@ fn artifacts_are_refused_naming_their_type() {
     host.tag(BUSYBOX, "sbom", &manifest);
     match pull(&host, &Settings::DEFAULT, &req("busybox:sbom")) {
         Err(Error::InvalidArgument(m)) => {
-            assert!(m.contains("artifact type \"application/vnd.example.sbom\""), "{m}");
+            assert!(
+                m.contains("artifact type \"application/vnd.example.sbom\""),
+                "{m}"
+            );
             assert!(m.contains("not a container image"), "{m}");
         }
         other => panic!("{other:?}"),
@@ -1177,10 +1409,18 @@ fn non_distributable_layers_keep_only_allowed_urls() {
     host.tag("mcr.microsoft.com/windows/base", "1", &manifest);
 
     let doc = r#"{"allowedRegistries": ["mcr.microsoft.com"]}"#;
-    let info = pull(&host, &settings(doc), &req("mcr.microsoft.com/windows/base:1")).unwrap();
+    let info = pull(
+        &host,
+        &settings(doc),
+        &req("mcr.microsoft.com/windows/base:1"),
+    )
+    .unwrap();
     assert_eq!(info.id, config.digest);
     let fetched = host.s.borrow().fetched.clone();
-    let l = fetched.iter().find(|d| d.digest == layer.digest).expect("layer fetched");
+    let l = fetched
+        .iter()
+        .find(|d| d.digest == layer.digest)
+        .expect("layer fetched");
     assert_eq!(
         l.urls,
         vec![
@@ -1188,15 +1428,32 @@ fn non_distributable_layers_keep_only_allowed_urls() {
             "HTTP://MCR.microsoft.com:80/blob/1".into()
         ]
     );
-    assert!(logged(&host, Level::Warn, "dropped URL \"https://evil.example/blob/1\""));
+    assert!(logged(
+        &host,
+        Level::Warn,
+        "dropped URL \"https://evil.example/blob/1\""
+    ));
     assert!(logged(&host, Level::Warn, "dropped URL \"ftp://"));
     // Without a registry policy every http(s) URL stays.
     let host2 = FakeHost::new();
     host2.s.borrow_mut().remote = host.s.borrow().remote.clone();
     host2.tag("mcr.microsoft.com/windows/base", "1", &manifest);
-    pull(&host2, &Settings::DEFAULT, &req("mcr.microsoft.com/windows/base:1")).unwrap();
+    pull(
+        &host2,
+        &Settings::DEFAULT,
+        &req("mcr.microsoft.com/windows/base:1"),
+    )
+    .unwrap();
     let fetched = host2.s.borrow().fetched.clone();
-    assert_eq!(fetched.iter().find(|d| d.digest == layer.digest).unwrap().urls.len(), 3);
+    assert_eq!(
+        fetched
+            .iter()
+            .find(|d| d.digest == layer.digest)
+            .unwrap()
+            .urls
+            .len(),
+        3
+    );
 }
 
 // ---- metadata -------------------------------------------------------------------------
@@ -1245,6 +1502,9 @@ fn a_digest_pull_of_a_tagged_image_keeps_its_tags() {
     pull_ok(&host, &req("busybox"));
     let old = catalog::status(&host, &img.config.digest).unwrap().unwrap();
     assert!(old.repo_tags.is_empty());
-    assert_eq!(old.repo_digests, vec![format!("{BUSYBOX}@{}", img.manifest.digest)]);
+    assert_eq!(
+        old.repo_digests,
+        vec![format!("{BUSYBOX}@{}", img.manifest.digest)]
+    );
     assert_eq!(catalog::list(&host).unwrap().len(), 2);
 }

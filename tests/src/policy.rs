@@ -48,7 +48,12 @@ impl SettingsFile {
 
 /// `pullbox pull --settings FILE ARGS... REF` on `pb`'s store; `args` go before the
 /// reference (for example `--puller`, `--platform`, `--log`).
-pub fn pull_with(pb: &Pullbox, settings: &SettingsFile, args: &[&str], reference: &str) -> Captured {
+pub fn pull_with(
+    pb: &Pullbox,
+    settings: &SettingsFile,
+    args: &[&str],
+    reference: &str,
+) -> Captured {
     let mut all: Vec<OsString> = vec!["--settings".into(), settings.path().into()];
     all.extend(args.iter().map(OsString::from));
     all.push(reference.into());
@@ -65,7 +70,11 @@ pub fn assert_denied(pb: &Pullbox, out: &Captured, rule: &str) {
         out.stderr.contains("policy denies") && out.stderr.contains(&format!("rule {rule}: ")),
         "expected a denial by rule {rule}:\n{out}"
     );
-    assert_eq!(pb.images_json().len(), 0, "a refused pull recorded an image:\n{out}");
+    assert_eq!(
+        pb.images_json().len(),
+        0,
+        "a refused pull recorded an image:\n{out}"
+    );
     assert_eq!(
         pb.blob_digests().unwrap(),
         Vec::<String>::new(),
@@ -85,7 +94,11 @@ pub fn private_copy(addr: &str, src: &str, dest: &str) -> Result<RemoteImage> {
 /// `DIR:tag`) to `ADDR/<dest>` and reads it back.
 pub fn push_layout_image(layout_image: &str, addr: &str, dest: &str) -> Result<RemoteImage> {
     let dest = format!("{addr}/{dest}");
-    skopeo_copy(&format!("oci:{layout_image}"), &format!("docker://{dest}"), &[])?;
+    skopeo_copy(
+        &format!("oci:{layout_image}"),
+        &format!("docker://{dest}"),
+        &[],
+    )?;
     RemoteImage::inspect(&dest)
 }
 

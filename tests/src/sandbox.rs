@@ -49,7 +49,9 @@ impl SwapDaemon {
     /// Starts a daemon running a copy of `puller` with the settings document `settings`, and
     /// the TOML `extra` (for example a `[sandbox]` section) in its config.
     pub fn start(puller: &Path, settings: &str, extra: &str) -> Result<SwapDaemon> {
-        let files = tempfile::Builder::new().prefix("pbd-files-").tempdir_in("/tmp")?;
+        let files = tempfile::Builder::new()
+            .prefix("pbd-files-")
+            .tempdir_in("/tmp")?;
         let p = files.path().join("puller.wasm");
         let s = files.path().join("settings.json");
         std::fs::copy(puller, &p).with_context(|| format!("copy {}", puller.display()))?;
@@ -81,7 +83,9 @@ impl SwapDaemon {
 
     /// Sends SIGHUP: reload the puller and its settings.
     pub fn sighup(&self) -> Result<()> {
-        let status = Command::new("kill").args(["-HUP", &self.pid()?.to_string()]).status()?;
+        let status = Command::new("kill")
+            .args(["-HUP", &self.pid()?.to_string()])
+            .status()?;
         ensure!(status.success(), "kill -HUP failed");
         Ok(())
     }
@@ -112,7 +116,10 @@ impl SwapDaemon {
                 }
             }
             if Instant::now() > deadline {
-                bail!("the daemon did not switch to {want:?} in 15 s (last answer {last:?}): {}", self.daemon.log());
+                bail!(
+                    "the daemon did not switch to {want:?} in 15 s (last answer {last:?}): {}",
+                    self.daemon.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -126,9 +133,20 @@ pub fn daemon_pid(daemon: &cri::Daemon) -> Result<u32> {
     let config = config.to_string_lossy();
     for entry in std::fs::read_dir("/proc")? {
         let entry = entry?;
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<_> = cmdline.split(|b| *b == 0).map(String::from_utf8_lossy).collect();
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<_> = cmdline
+            .split(|b| *b == 0)
+            .map(String::from_utf8_lossy)
+            .collect();
         if args.iter().any(|a| a == "serve") && args.iter().any(|a| a == config.as_ref()) {
             return Ok(pid);
         }
@@ -141,11 +159,20 @@ pub fn daemon_pid(daemon: &cri::Daemon) -> Result<u32> {
 pub async fn whoami(socket: &Path) -> Result<Option<String>> {
     let mut c = cri::connect(socket).await?;
     let req = ImageStatusRequest {
-        image: Some(ImageSpec { image: WHOAMI.to_owned(), ..ImageSpec::default() }),
+        image: Some(ImageSpec {
+            image: WHOAMI.to_owned(),
+            ..ImageSpec::default()
+        }),
         verbose: false,
     };
-    let status = c.image_status(req).await.map_err(|e| anyhow::anyhow!("ImageStatus: {e:?}"))?.into_inner();
-    Ok(status.image.map(|i| i.repo_tags.get(1).cloned().unwrap_or_default()))
+    let status = c
+        .image_status(req)
+        .await
+        .map_err(|e| anyhow::anyhow!("ImageStatus: {e:?}"))?
+        .into_inner();
+    Ok(status
+        .image
+        .map(|i| i.repo_tags.get(1).cloned().unwrap_or_default()))
 }
 
 /// Everything under `root`'s blobs, ingests and snapshots, as paths relative to `root`,
@@ -154,7 +181,9 @@ pub fn leftovers(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for dir in ["content/blobs/sha256", "content/ingest", "snapshots"] {
         let d = root.join(dir);
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             out.push(format!("{dir}/{}", e.file_name().to_string_lossy()));
         }
@@ -167,7 +196,11 @@ pub fn leftovers(root: &Path) -> Vec<String> {
 #[track_caller]
 pub fn assert_clean(root: &Path, after: &str) {
     let left = leftovers(root);
-    assert!(left.is_empty(), "{after} left behind in {}: {left:#?}", root.display());
+    assert!(
+        left.is_empty(),
+        "{after} left behind in {}: {left:#?}",
+        root.display()
+    );
 }
 
 /// The peak resident set size of process `pid`, in KiB (`VmHWM`).
@@ -199,13 +232,19 @@ pub fn wasm_tools() -> Result<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .context("no CARGO_HOME or HOME")?;
     let p = home.join("bin/wasm-tools");
-    ensure!(p.is_file(), "wasm-tools not found (run `make setup`, or set WASM_TOOLS)");
+    ensure!(
+        p.is_file(),
+        "wasm-tools not found (run `make setup`, or set WASM_TOOLS)"
+    );
     Ok(p)
 }
 
 /// Runs `wasm-tools ARGS`, which must succeed; returns stdout.
 pub fn run_wasm_tools(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
-    let out = Command::new(wasm_tools()?).args(args).output().context("cannot run wasm-tools")?;
+    let out = Command::new(wasm_tools()?)
+        .args(args)
+        .output()
+        .context("cannot run wasm-tools")?;
     ensure!(
         out.status.success(),
         "wasm-tools {:?} failed: {}",
@@ -239,14 +278,29 @@ pub fn build_component(
     ])?;
     std::fs::write(&core_wat, edit(String::from_utf8(wat)?))?;
     // The text keeps the world's custom section (`@custom "component-type"`).
-    run_wasm_tools(&["parse".as_ref(), core_wat.as_os_str(), "-o".as_ref(), core.as_os_str()])?;
-    run_wasm_tools(&["component".as_ref(), "new".as_ref(), core.as_os_str(), "-o".as_ref(), component.as_os_str()])?;
+    run_wasm_tools(&[
+        "parse".as_ref(),
+        core_wat.as_os_str(),
+        "-o".as_ref(),
+        core.as_os_str(),
+    ])?;
+    run_wasm_tools(&[
+        "component".as_ref(),
+        "new".as_ref(),
+        core.as_os_str(),
+        "-o".as_ref(),
+        component.as_os_str(),
+    ])?;
     Ok(component)
 }
 
 /// A copy of the workspace's `wit/` in `dir`, with `edit` applied to each file's text and
 /// the files of `extra` (name, text) added.
-pub fn wit_copy(dir: &Path, edit: impl Fn(&str, String) -> String, extra: &[(&str, &str)]) -> Result<PathBuf> {
+pub fn wit_copy(
+    dir: &Path,
+    edit: impl Fn(&str, String) -> String,
+    extra: &[(&str, &str)],
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     for entry in std::fs::read_dir(Pullbox::workspace().join("wit"))? {
         let entry = entry?;

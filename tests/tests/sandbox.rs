@@ -19,11 +19,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{
-    ImageFsInfoRequest, ImageSpec, ImageStatusRequest, ListImagesRequest, PullImageRequest, RemoveImageRequest,
+    ImageFsInfoRequest, ImageSpec, ImageStatusRequest, ListImagesRequest, PullImageRequest,
+    RemoveImageRequest,
 };
 use pullbox_tests::sandbox::{
-    assert_clean, build_component, default_puller, hostile, peak_rss_kib, wit_copy, SlowServer, SwapDaemon,
-    WHOAMI,
+    assert_clean, build_component, default_puller, hostile, peak_rss_kib, wit_copy, SlowServer,
+    SwapDaemon, WHOAMI,
 };
 use pullbox_tests::{cri, fixture, Captured, Pullbox};
 use serde_json::json;
@@ -33,17 +34,24 @@ use tonic::Code;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `[sandbox]` of most daemons here.
-const SANDBOX: &str = "[sandbox]\nmemory_limit = 33554432\ncpu_limit_ms = 500\nstack_limit = 262144\n";
+const SANDBOX: &str =
+    "[sandbox]\nmemory_limit = 33554432\ncpu_limit_ms = 500\nstack_limit = 262144\n";
 
 /// The CPU limit of [`SANDBOX`].
 const CPU_LIMIT: Duration = Duration::from_millis(500);
 
 fn spec(image: &str) -> Option<ImageSpec> {
-    Some(ImageSpec { image: image.to_owned(), ..ImageSpec::default() })
+    Some(ImageSpec {
+        image: image.to_owned(),
+        ..ImageSpec::default()
+    })
 }
 
 fn pull_req(image: &str) -> PullImageRequest {
-    PullImageRequest { image: spec(image), ..PullImageRequest::default() }
+    PullImageRequest {
+        image: spec(image),
+        ..PullImageRequest::default()
+    }
 }
 
 fn app() -> String {
@@ -80,7 +88,10 @@ impl Expect {
         Expect {
             at_least: limit,
             at_most: limit + Duration::from_secs(4),
-            ..Expect::new(&[Code::ResourceExhausted, Code::Internal], &["CPU time limit"])
+            ..Expect::new(
+                &[Code::ResourceExhausted, Code::Internal],
+                &["CPU time limit"],
+            )
         }
     }
 
@@ -97,10 +108,19 @@ impl Expect {
 
     #[track_caller]
     fn check(&self, what: &str, status: &tonic::Status, took: Duration) {
-        assert!(self.codes.contains(&status.code()), "{what}: code {:?}, wanted one of {:?}: {status:?}", status.code(), self.codes);
+        assert!(
+            self.codes.contains(&status.code()),
+            "{what}: code {:?}, wanted one of {:?}: {status:?}",
+            status.code(),
+            self.codes
+        );
         let m = status.message().to_lowercase();
         for n in &self.needles {
-            assert!(m.contains(&n.to_lowercase()), "{what}: the message does not mention {n:?}: {}", status.message());
+            assert!(
+                m.contains(&n.to_lowercase()),
+                "{what}: the message does not mention {n:?}: {}",
+                status.message()
+            );
         }
         assert!(
             self.any.is_empty() || self.any.iter().any(|n| m.contains(&n.to_lowercase())),
@@ -108,21 +128,37 @@ impl Expect {
             self.any,
             status.message()
         );
-        assert!(took >= self.at_least, "{what}: failed after {took:?}, before {:?}: {}", self.at_least, status.message());
-        assert!(took <= self.at_most, "{what}: took {took:?}, more than {:?}: {}", self.at_most, status.message());
+        assert!(
+            took >= self.at_least,
+            "{what}: failed after {took:?}, before {:?}: {}",
+            self.at_least,
+            status.message()
+        );
+        assert!(
+            took <= self.at_most,
+            "{what}: took {took:?}, more than {:?}: {}",
+            self.at_most,
+            status.message()
+        );
     }
 }
 
 /// A daemon running `pullbox-hostile` (settings `idle`) with the TOML `extra`.
 fn hostile_daemon(extra: &str) -> SwapDaemon {
-    SwapDaemon::start(&hostile().unwrap(), &json!({"behavior": "idle"}).to_string(), extra)
-        .unwrap_or_else(|e| panic!("{e:#}"))
+    SwapDaemon::start(
+        &hostile().unwrap(),
+        &json!({"behavior": "idle"}).to_string(),
+        extra,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Swaps `pullbox-hostile` with `settings` in and waits until it serves.
 async fn use_hostile(d: &SwapDaemon, settings: &str) {
     d.swap(Some(&hostile().unwrap()), settings).unwrap();
-    d.wait_for(Some(settings)).await.unwrap_or_else(|e| panic!("{e:#}"));
+    d.wait_for(Some(settings))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// The daemon answers the calls that need no pull, with whatever puller serves.
@@ -135,10 +171,17 @@ async fn still_serves(d: &SwapDaemon, what: &str) {
     c.image_fs_info(ImageFsInfoRequest {})
         .await
         .unwrap_or_else(|e| panic!("after {what}: ImageFsInfo failed: {e:?}"));
-    c.image_status(ImageStatusRequest { image: spec(WHOAMI), verbose: false })
-        .await
-        .unwrap_or_else(|e| panic!("after {what}: ImageStatus failed: {e:?}"));
-    assert!(t.elapsed() < Duration::from_secs(2), "after {what}: the daemon took {:?} to answer", t.elapsed());
+    c.image_status(ImageStatusRequest {
+        image: spec(WHOAMI),
+        verbose: false,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("after {what}: ImageStatus failed: {e:?}"));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "after {what}: the daemon took {:?} to answer",
+        t.elapsed()
+    );
 }
 
 /// Swaps the default puller in, pulls the fixture's image, checks it, removes it, and checks
@@ -150,29 +193,59 @@ async fn good_pull(d: &SwapDaemon, after: &str) {
     let pulled = tokio::time::timeout(REQUEST_TIMEOUT, c.pull_image(pull_req(&app())))
         .await
         .unwrap_or_else(|_| panic!("after {after}: the good pull did not finish"))
-        .unwrap_or_else(|e| panic!("after {after}: the good pull failed: {e:?}\n{}", d.daemon.log()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "after {after}: the good pull failed: {e:?}\n{}",
+                d.daemon.log()
+            )
+        })
         .into_inner();
-    assert_eq!(pulled.image_ref, fixture().app.config_digest, "after {after}");
-    c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.unwrap();
-    assert_clean(&d.daemon.root(), &format!("the good pull after {after}, removed"));
+    assert_eq!(
+        pulled.image_ref,
+        fixture().app.config_digest,
+        "after {after}"
+    );
+    c.remove_image(RemoveImageRequest {
+        image: spec(&app()),
+    })
+    .await
+    .unwrap();
+    assert_clean(
+        &d.daemon.root(),
+        &format!("the good pull after {after}, removed"),
+    );
 }
 
 /// One round: the hostile puller with `settings` pulls `reference`; that fails as `expect`
 /// says; the daemon still serves; nothing is left in the store; a good pull follows.
-async fn round(d: &SwapDaemon, settings: serde_json::Value, reference: &str, expect: &Expect) -> tonic::Status {
+async fn round(
+    d: &SwapDaemon,
+    settings: serde_json::Value,
+    reference: &str,
+    expect: &Expect,
+) -> tonic::Status {
     let doc = settings.to_string();
     use_hostile(d, &doc).await;
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
     let answer = tokio::time::timeout(REQUEST_TIMEOUT, c.pull_image(pull_req(reference)))
         .await
-        .unwrap_or_else(|_| panic!("{doc}: the pull did not end in {REQUEST_TIMEOUT:?}\n{}", d.daemon.log()));
+        .unwrap_or_else(|_| {
+            panic!(
+                "{doc}: the pull did not end in {REQUEST_TIMEOUT:?}\n{}",
+                d.daemon.log()
+            )
+        });
     let took = t.elapsed();
     let status = match answer {
         Ok(r) => panic!("{doc}: the pull succeeded: {:?}", r.into_inner()),
         Err(s) => s,
     };
-    eprintln!("{doc}: {:?} after {took:?}: {}", status.code(), first_line(status.message()));
+    eprintln!(
+        "{doc}: {:?} after {took:?}: {}",
+        status.code(),
+        first_line(status.message())
+    );
     expect.check(&doc, &status, took);
     still_serves(d, &doc).await;
     assert_clean(&d.daemon.root(), &doc);
@@ -189,12 +262,21 @@ fn first_line(s: &str) -> &str {
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_stop_the_guest_and_the_daemon_serves_on() {
     let d = hostile_daemon(SANDBOX);
-    round(&d, json!({"behavior": "loop-in-pull"}), &app(), &Expect::cpu(CPU_LIMIT)).await;
+    round(
+        &d,
+        json!({"behavior": "loop-in-pull"}),
+        &app(),
+        &Expect::cpu(CPU_LIMIT),
+    )
+    .await;
     round(
         &d,
         json!({"behavior": "grow-memory"}),
         &app(),
-        &Expect::new(&[Code::ResourceExhausted, Code::Internal], &["memory limit"]),
+        &Expect::new(
+            &[Code::ResourceExhausted, Code::Internal],
+            &["memory limit"],
+        ),
     )
     .await;
     round(
@@ -209,24 +291,51 @@ async fn limits_stop_the_guest_and_the_daemon_serves_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_apply_to_every_export_not_only_pulls() {
     let d = hostile_daemon(SANDBOX);
-    for (export, call) in [("list-images", "ListImages"), ("image-status", "ImageStatus"), ("remove-image", "RemoveImage")] {
+    for (export, call) in [
+        ("list-images", "ListImages"),
+        ("image-status", "ImageStatus"),
+        ("remove-image", "RemoveImage"),
+    ] {
         for (behavior, expect) in [
             ("loop-in-pull", Expect::cpu(CPU_LIMIT)),
-            ("grow-memory", Expect::new(&[Code::ResourceExhausted, Code::Internal], &["memory limit"])),
+            (
+                "grow-memory",
+                Expect::new(
+                    &[Code::ResourceExhausted, Code::Internal],
+                    &["memory limit"],
+                ),
+            ),
         ] {
             let doc = json!({"behavior": behavior, "export": export}).to_string();
             use_hostile(&d, &doc).await;
             let mut c = cri::connect(d.daemon.socket()).await.unwrap();
             let t = Instant::now();
             let answer = match call {
-                "ListImages" => c.list_images(ListImagesRequest::default()).await.map(|_| ()),
-                "ImageStatus" => c.image_status(ImageStatusRequest { image: spec(&app()), verbose: false }).await.map(|_| ()),
-                _ => c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.map(|_| ()),
+                "ListImages" => c
+                    .list_images(ListImagesRequest::default())
+                    .await
+                    .map(|_| ()),
+                "ImageStatus" => c
+                    .image_status(ImageStatusRequest {
+                        image: spec(&app()),
+                        verbose: false,
+                    })
+                    .await
+                    .map(|_| ()),
+                _ => c
+                    .remove_image(RemoveImageRequest {
+                        image: spec(&app()),
+                    })
+                    .await
+                    .map(|_| ()),
             };
             let status = answer.expect_err(&format!("{call} with {doc} succeeded"));
             expect.check(&format!("{call} with {doc}"), &status, t.elapsed());
             // The other exports of the same puller answer.
-            let pulled = c.pull_image(pull_req(&app())).await.expect_err("hostile pulls refuse");
+            let pulled = c
+                .pull_image(pull_req(&app()))
+                .await
+                .expect_err("hostile pulls refuse");
             assert_eq!(pulled.code(), Code::PermissionDenied, "{doc}: {pulled:?}");
         }
     }
@@ -238,13 +347,28 @@ async fn limits_apply_to_every_export_not_only_pulls() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pull_stopped_midway_leaves_nothing_behind() {
     let d = hostile_daemon(SANDBOX);
-    round(&d, json!({"behavior": "trap-mid-pull"}), &app(), &Expect::trap()).await;
-    round(&d, json!({"behavior": "trap-mid-pull", "then": "loop"}), &app(), &Expect::cpu(CPU_LIMIT)).await;
+    round(
+        &d,
+        json!({"behavior": "trap-mid-pull"}),
+        &app(),
+        &Expect::trap(),
+    )
+    .await;
+    round(
+        &d,
+        json!({"behavior": "trap-mid-pull", "then": "loop"}),
+        &app(),
+        &Expect::cpu(CPU_LIMIT),
+    )
+    .await;
     round(
         &d,
         json!({"behavior": "trap-mid-pull", "then": "grow-memory"}),
         &app(),
-        &Expect::new(&[Code::ResourceExhausted, Code::Internal], &["memory limit"]),
+        &Expect::new(
+            &[Code::ResourceExhausted, Code::Internal],
+            &["memory limit"],
+        ),
     )
     .await;
     round(
@@ -255,7 +379,11 @@ async fn a_pull_stopped_midway_leaves_nothing_behind() {
     )
     .await;
     // The hostile puller did write: the daemon's log shows the layer it applied.
-    assert!(d.daemon.log().contains("applied sha256:"), "trap-mid-pull never got to apply a layer:\n{}", d.daemon.log());
+    assert!(
+        d.daemon.log().contains("applied sha256:"),
+        "trap-mid-pull never got to apply a layer:\n{}",
+        d.daemon.log()
+    );
 }
 
 /// One puller, two requests at once: a well-behaved pull that holds a blob under its lease
@@ -283,9 +411,15 @@ async fn a_trap_does_not_disturb_a_pull_in_flight() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
-    let status = c.pull_image(pull_req(&app())).await.expect_err("trap-mid-pull succeeded");
+    let status = c
+        .pull_image(pull_req(&app()))
+        .await
+        .expect_err("trap-mid-pull succeeded");
     Expect::trap().check("trap-mid-pull", &status, t.elapsed());
-    assert!(!in_flight.is_finished(), "the sleepy pull ended before the trap: the test proves nothing");
+    assert!(
+        !in_flight.is_finished(),
+        "the sleepy pull ended before the trap: the test proves nothing"
+    );
     let pulled = in_flight
         .await
         .unwrap()
@@ -301,29 +435,53 @@ async fn a_trap_does_not_disturb_a_pull_in_flight() {
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_digests_paths_and_foreign_mounts_are_refused() {
     let d = hostile_daemon(SANDBOX);
-    let victim = tempfile::Builder::new().prefix("pullbox-victim-").tempdir_in("/tmp").unwrap();
+    let victim = tempfile::Builder::new()
+        .prefix("pullbox-victim-")
+        .tempdir_in("/tmp")
+        .unwrap();
     std::fs::write(victim.path().join("file"), "victim\n").unwrap();
     let beside_root: Vec<_> = dir_names(d.daemon.root().parent().unwrap());
     let doc = json!({"behavior": "bad-digests", "victim": victim.path()}).to_string();
     use_hostile(&d, &doc).await;
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
-    let status = c.pull_image(pull_req(&app())).await.expect_err("bad-digests succeeded");
+    let status = c
+        .pull_image(pull_req(&app()))
+        .await
+        .expect_err("bad-digests succeeded");
     eprintln!("bad-digests: {:?}: {}", status.code(), status.message());
     // Nothing escaped, whatever the host answered.
-    assert_eq!(dir_names(victim.path()), vec!["file".to_string()], "the victim directory changed");
-    assert_eq!(std::fs::read_to_string(victim.path().join("file")).unwrap(), "victim\n");
-    assert_eq!(dir_names(d.daemon.root().parent().unwrap()), beside_root, "files appeared beside the store root");
+    assert_eq!(
+        dir_names(victim.path()),
+        vec!["file".to_string()],
+        "the victim directory changed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(victim.path().join("file")).unwrap(),
+        "victim\n"
+    );
+    assert_eq!(
+        dir_names(d.daemon.root().parent().unwrap()),
+        beside_root,
+        "files appeared beside the store root"
+    );
     still_serves(&d, &doc).await;
     assert_clean(&d.daemon.root(), &doc);
     // Every probe the WIT contract says is an error was one (the message lists any the
     // host accepted).
-    Expect::new(&[Code::FailedPrecondition], &["bad-digests: every probe refused"]).check(&doc, &status, Duration::ZERO);
+    Expect::new(
+        &[Code::FailedPrecondition],
+        &["bad-digests: every probe refused"],
+    )
+    .check(&doc, &status, Duration::ZERO);
     good_pull(&d, &doc).await;
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<_> =
-        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -331,29 +489,53 @@ fn dir_names(dir: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_arguments_fail_the_request_not_the_host() {
     // Room for a 100 MiB string in the guest.
-    let d = hostile_daemon("[sandbox]\nmemory_limit = 268435456\ncpu_limit_ms = 5000\nstack_limit = 262144\n");
+    let d = hostile_daemon(
+        "[sandbox]\nmemory_limit = 268435456\ncpu_limit_ms = 5000\nstack_limit = 262144\n",
+    );
     round(
         &d,
         json!({"behavior": "huge-argument", "variant": "string", "bytes": 100 << 20}),
         &app(),
         // Refused after lifting ("longer than"), or before (wasmtime's hostcall fuel).
-        &Expect::new(&[Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &[])
-            .or_any(&["longer than", "too much data"]),
+        &Expect::new(
+            &[
+                Code::InvalidArgument,
+                Code::ResourceExhausted,
+                Code::Internal,
+            ],
+            &[],
+        )
+        .or_any(&["longer than", "too much data"]),
     )
     .await;
     round(
         &d,
         json!({"behavior": "huge-argument", "variant": "log", "bytes": 100 << 20}),
         &app(),
-        &Expect::new(&[Code::PermissionDenied, Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &[]),
+        &Expect::new(
+            &[
+                Code::PermissionDenied,
+                Code::InvalidArgument,
+                Code::ResourceExhausted,
+                Code::Internal,
+            ],
+            &[],
+        ),
     )
     .await;
     round(
         &d,
         json!({"behavior": "huge-argument", "variant": "list", "count": 1_000_000}),
         &app(),
-        &Expect::new(&[Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &[])
-            .or_any(&["more than 1024", "too much data"]),
+        &Expect::new(
+            &[
+                Code::InvalidArgument,
+                Code::ResourceExhausted,
+                Code::Internal,
+            ],
+            &[],
+        )
+        .or_any(&["more than 1024", "too much data"]),
     )
     .await;
 }
@@ -361,7 +543,14 @@ async fn huge_arguments_fail_the_request_not_the_host() {
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_abi_arguments_trap_the_call_not_the_host() {
     let d = hostile_daemon(SANDBOX);
-    for variant in ["oob-string", "oob-list", "misaligned", "utf8", "discriminant", "enum"] {
+    for variant in [
+        "oob-string",
+        "oob-list",
+        "misaligned",
+        "utf8",
+        "discriminant",
+        "enum",
+    ] {
         round(
             &d,
             json!({"behavior": "bad-abi", "variant": variant}),
@@ -380,18 +569,30 @@ async fn malformed_abi_arguments_trap_the_call_not_the_host() {
 #[tokio::test(flavor = "multi_thread")]
 async fn aliased_arguments_do_not_amplify_into_host_memory() {
     let memory_limit: u64 = 64 << 20;
-    let d = hostile_daemon(&format!("[sandbox]\nmemory_limit = {memory_limit}\ncpu_limit_ms = 5000\n"));
+    let d = hostile_daemon(&format!(
+        "[sandbox]\nmemory_limit = {memory_limit}\ncpu_limit_ms = 5000\n"
+    ));
     // Warm up (compile both pullers, one good pull), so the peak below is the abuse's.
     good_pull(&d, "start").await;
-    let doc = json!({"behavior": "huge-argument", "variant": "aliased", "count": 512, "bytes": 1 << 20});
+    let doc =
+        json!({"behavior": "huge-argument", "variant": "aliased", "count": 512, "bytes": 1 << 20});
     use_hostile(&d, &doc.to_string()).await;
     let pid = d.pid().unwrap();
     let before = peak_rss_kib(pid).unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
-    let status = c.pull_image(pull_req(&app())).await.expect_err("aliased labels succeeded");
+    let status = c
+        .pull_image(pull_req(&app()))
+        .await
+        .expect_err("aliased labels succeeded");
     let after = peak_rss_kib(pid).unwrap();
     let grew_mib = after.saturating_sub(before) / 1024;
-    eprintln!("aliased 512 x 1 MiB labels: {:?} {}; daemon peak RSS {} -> {} MiB (+{grew_mib} MiB)", status.code(), first_line(status.message()), before / 1024, after / 1024);
+    eprintln!(
+        "aliased 512 x 1 MiB labels: {:?} {}; daemon peak RSS {} -> {} MiB (+{grew_mib} MiB)",
+        status.code(),
+        first_line(status.message()),
+        before / 1024,
+        after / 1024
+    );
     still_serves(&d, "aliased labels").await;
     assert!(
         grew_mib < memory_limit / (1 << 20),
@@ -413,7 +614,8 @@ async fn a_flood_of_fetches_is_bounded() {
     let before = peak_rss_kib(pid).unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
-    let answer = tokio::time::timeout(Duration::from_secs(30), c.pull_image(pull_req(&app()))).await;
+    let answer =
+        tokio::time::timeout(Duration::from_secs(30), c.pull_image(pull_req(&app()))).await;
     let took = t.elapsed();
     let after = peak_rss_kib(pid).unwrap();
     let status = answer
@@ -435,7 +637,10 @@ async fn a_flood_of_fetches_is_bounded() {
     );
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let grew_mib = after.saturating_sub(before) / 1024;
-    assert!(grew_mib < 128, "the host grew by {grew_mib} MiB for one request's fetches");
+    assert!(
+        grew_mib < 128,
+        "the host grew by {grew_mib} MiB for one request's fetches"
+    );
 }
 
 /// The log interface promises that a guest cannot flood the host's log: message sizes *and
@@ -449,12 +654,24 @@ async fn a_flood_of_log_messages_is_capped() {
     let before = d.daemon.log().len();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
-    let status = c.pull_image(pull_req(&app())).await.expect_err("log-flood succeeded");
+    let status = c
+        .pull_image(pull_req(&app()))
+        .await
+        .expect_err("log-flood succeeded");
     let took = t.elapsed();
     let grew = d.daemon.log().len() - before;
-    eprintln!("log-flood of 100000: {:?} after {took:?}: {}; the daemon's log grew by {} KiB", status.code(), first_line(status.message()), grew / 1024);
+    eprintln!(
+        "log-flood of 100000: {:?} after {took:?}: {}; the daemon's log grew by {} KiB",
+        status.code(),
+        first_line(status.message()),
+        grew / 1024
+    );
     still_serves(&d, &doc).await;
-    assert!(grew < 1 << 20, "100000 guest messages grew the daemon's log by {} KiB", grew / 1024);
+    assert!(
+        grew < 1 << 20,
+        "100000 guest messages grew the daemon's log by {} KiB",
+        grew / 1024
+    );
     good_pull(&d, &doc).await;
 }
 
@@ -474,23 +691,36 @@ async fn calls_beyond_the_instance_pool_fail_fast() {
             let socket = d.daemon.socket().to_owned();
             tokio::spawn(async move {
                 let mut c = cri::connect(&socket).await.unwrap();
-                c.pull_image(pull_req(&format!("pullbox-hostile/pool-{i}:1"))).await
+                c.pull_image(pull_req(&format!("pullbox-hostile/pool-{i}:1")))
+                    .await
             })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
-    let status = c.list_images(ListImagesRequest::default()).await.expect_err("a third call found room in a pool of two");
+    let status = c
+        .list_images(ListImagesRequest::default())
+        .await
+        .expect_err("a third call found room in a pool of two");
     let took = t.elapsed();
-    eprintln!("third call with a pool of 2 busy: {:?} after {took:?}: {}", status.code(), first_line(status.message()));
+    eprintln!(
+        "third call with a pool of 2 busy: {:?} after {took:?}: {}",
+        status.code(),
+        first_line(status.message())
+    );
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(took < Duration::from_millis(1000), "the refusal took {took:?}");
+    assert!(
+        took < Duration::from_millis(1000),
+        "the refusal took {took:?}"
+    );
     for l in loops {
         let status = l.await.unwrap().expect_err("a looping pull succeeded");
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     }
-    c.list_images(ListImagesRequest::default()).await.expect("the pool is free again");
+    c.list_images(ListImagesRequest::default())
+        .await
+        .expect("the pool is free again");
 }
 
 // ---- time ----------------------------------------------------------------------------------
@@ -504,7 +734,8 @@ async fn time_in_host_imports_does_not_count_against_the_cpu_limit() {
         "reads": 2000,
     })
     .to_string();
-    let d = SwapDaemon::start(&hostile().unwrap(), &doc, "[sandbox]\ncpu_limit_ms = 300\n").unwrap();
+    let d =
+        SwapDaemon::start(&hostile().unwrap(), &doc, "[sandbox]\ncpu_limit_ms = 300\n").unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
     let pulled = c
@@ -515,7 +746,10 @@ async fn time_in_host_imports_does_not_count_against_the_cpu_limit() {
     let took = t.elapsed();
     eprintln!("sleepy: {took:?} for a pull with a CPU limit of 300 ms");
     assert_eq!(pulled.image_ref, fixture().app.manifest_digest);
-    assert!(took >= Duration::from_millis(1500), "sleepy took only {took:?}: the slow server was not waited for");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "sleepy took only {took:?}: the slow server was not waited for"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -530,14 +764,19 @@ async fn looping_pullers_do_not_starve_other_requests() {
     // Distinct references, so that no pull waits for another of the same image.
     let started = Instant::now();
     // One more looping guest than the daemon's async runtime has worker threads (one per core).
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) + 1;
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        + 1;
     let loops: Vec<_> = (0..n)
         .map(|i| {
             let socket = d.daemon.socket().to_owned();
             tokio::spawn(async move {
                 let mut c = cri::connect(&socket).await.unwrap();
                 let t = Instant::now();
-                let r = c.pull_image(pull_req(&format!("pullbox-hostile/loop-{i}:1"))).await;
+                let r = c
+                    .pull_image(pull_req(&format!("pullbox-hostile/loop-{i}:1")))
+                    .await;
                 (r, t.elapsed())
             })
         })
@@ -548,14 +787,25 @@ async fn looping_pullers_do_not_starve_other_requests() {
     for _ in 0..10 {
         let t = Instant::now();
         c.list_images(ListImagesRequest::default()).await.unwrap();
-        c.image_status(ImageStatusRequest { image: spec(WHOAMI), verbose: false }).await.unwrap();
+        c.image_status(ImageStatusRequest {
+            image: spec(WHOAMI),
+            verbose: false,
+        })
+        .await
+        .unwrap();
         c.image_fs_info(ImageFsInfoRequest {}).await.unwrap();
         worst = worst.max(t.elapsed());
     }
     let served = started.elapsed();
     eprintln!("while {n} guests loop: 10 x (ListImages, ImageStatus, ImageFsInfo), the slowest {worst:?}, all done {served:?} after the loops started");
-    assert!(worst < Duration::from_millis(500), "a request took {worst:?} while guests looped");
-    assert!(served < cpu, "the requests were answered only after {served:?}, when the loops were stopped");
+    assert!(
+        worst < Duration::from_millis(500),
+        "a request took {worst:?} while guests looped"
+    );
+    assert!(
+        served < cpu,
+        "the requests were answered only after {served:?}, when the loops were stopped"
+    );
     for l in loops {
         let (r, took) = l.await.unwrap();
         let status = r.expect_err("a looping pull succeeded");
@@ -576,23 +826,44 @@ async fn wait_failed_reload(d: &SwapDaemon, from: usize) -> String {
         if new.contains("reload failed") {
             return new.to_owned();
         }
-        assert!(Instant::now() < deadline, "the daemon did not log a failed reload in 15 s:\n{new}");
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not log a failed reload in 15 s:\n{new}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_that_traps_or_loops_keeps_the_last_good_puller() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let d = hostile_daemon(&format!("metrics_address = \"127.0.0.1:{port}\"\n{SANDBOX}"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = hostile_daemon(&format!(
+        "metrics_address = \"127.0.0.1:{port}\"\n{SANDBOX}"
+    ));
     let idle = json!({"behavior": "idle"}).to_string();
     d.wait_for(Some(&idle)).await.unwrap();
     let garbage = d.settings_path().with_file_name("garbage.wasm");
     std::fs::write(&garbage, b"\0asm\x0d\0\x01\0 not really").unwrap();
     let cases = [
-        (None, json!({"behavior": "loop-in-configure"}).to_string(), "CPU time limit"),
-        (None, json!({"behavior": "trap-in-configure"}).to_string(), "unreachable"),
-        (None, json!({"behavior": "no-such-behaviour"}).to_string(), "no-such-behaviour"),
+        (
+            None,
+            json!({"behavior": "loop-in-configure"}).to_string(),
+            "CPU time limit",
+        ),
+        (
+            None,
+            json!({"behavior": "trap-in-configure"}).to_string(),
+            "unreachable",
+        ),
+        (
+            None,
+            json!({"behavior": "no-such-behaviour"}).to_string(),
+            "no-such-behaviour",
+        ),
         (Some(garbage.as_path()), idle.clone(), "cannot load puller"),
     ];
     for (puller, settings, needle) in &cases {
@@ -601,32 +872,58 @@ async fn a_reload_that_traps_or_loops_keeps_the_last_good_puller() {
         d.swap(*puller, settings).unwrap();
         let logged = wait_failed_reload(&d, from).await;
         eprintln!("reload with {settings} refused after {:?}", t.elapsed());
-        assert!(logged.contains(needle), "the failed reload with {settings} does not mention {needle:?}:\n{logged}");
+        assert!(
+            logged.contains(needle),
+            "the failed reload with {settings} does not mention {needle:?}:\n{logged}"
+        );
         // Still the last good puller and settings, answering at once.
-        assert_eq!(pullbox_tests::sandbox::whoami(d.daemon.socket()).await.unwrap().as_deref(), Some(idle.as_str()));
+        assert_eq!(
+            pullbox_tests::sandbox::whoami(d.daemon.socket())
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(idle.as_str())
+        );
         still_serves(&d, &format!("a refused reload ({settings})")).await;
     }
-    let out = std::process::Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")]).output().unwrap();
+    let out = std::process::Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let failed = text
         .lines()
         .find_map(|l| l.strip_prefix("pullbox_puller_reloads_total{result=\"error\"} "))
         .and_then(|v| v.trim().parse::<u64>().ok());
-    assert!(failed >= Some(cases.len() as u64), "failed reloads not counted: {failed:?}\n{text}");
+    assert!(
+        failed >= Some(cases.len() as u64),
+        "failed reloads not counted: {failed:?}\n{text}"
+    );
     good_pull(&d, "refused reloads").await;
 }
 
 #[test]
 fn the_daemon_does_not_start_with_a_configure_that_traps_or_loops() {
     let hostile = hostile().unwrap();
-    for (behavior, needle) in [("loop-in-configure", "CPU time limit"), ("trap-in-configure", "unreachable")] {
+    for (behavior, needle) in [
+        ("loop-in-configure", "CPU time limit"),
+        ("trap-in-configure", "unreachable"),
+    ] {
         let t = Instant::now();
-        let err = match SwapDaemon::start(&hostile, &json!({"behavior": behavior}).to_string(), SANDBOX) {
+        let err = match SwapDaemon::start(
+            &hostile,
+            &json!({"behavior": behavior}).to_string(),
+            SANDBOX,
+        ) {
             Ok(_) => panic!("the daemon started with {behavior}"),
             Err(e) => format!("{e:#}"),
         };
         assert!(err.contains(needle), "{behavior}: {err}");
-        assert!(t.elapsed() < Duration::from_secs(10), "{behavior}: start took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{behavior}: start took {:?}",
+            t.elapsed()
+        );
     }
 }
 
@@ -637,11 +934,22 @@ fn pullbox() -> Pullbox {
 }
 
 /// `pullbox pull --puller pullbox-hostile.wasm --settings S REF` with a 500 ms CPU limit.
-fn cli_hostile(pb: &Pullbox, subcommand: &str, settings: &serde_json::Value, args: &[&str]) -> (Captured, Duration) {
+fn cli_hostile(
+    pb: &Pullbox,
+    subcommand: &str,
+    settings: &serde_json::Value,
+    args: &[&str],
+) -> (Captured, Duration) {
     let file = pb.root().join("hostile-settings.json");
     std::fs::write(&file, settings.to_string()).unwrap();
-    let mut cmd = pb.command(subcommand, ["--puller".as_ref(), hostile().unwrap().as_os_str()]);
-    cmd.arg("--settings").arg(&file).args(args).env("PULLBOX_GUEST_CPU_MS", "500");
+    let mut cmd = pb.command(
+        subcommand,
+        ["--puller".as_ref(), hostile().unwrap().as_os_str()],
+    );
+    cmd.arg("--settings")
+        .arg(&file)
+        .args(args)
+        .env("PULLBOX_GUEST_CPU_MS", "500");
     let t = Instant::now();
     let out = pb.run_command(cmd);
     (out, t.elapsed())
@@ -657,10 +965,17 @@ fn cli_case(settings: serde_json::Value, needle: &str) {
 fn cli_case_any(settings: serde_json::Value, needles: &[&str]) {
     let pb = pullbox();
     let (out, took) = cli_hostile(&pb, "pull", &settings, &[&app()]);
-    eprintln!("{settings}: exit {:?} after {took:?}: {}", out.status.code(), out.stderr.lines().last().unwrap_or_default());
+    eprintln!(
+        "{settings}: exit {:?} after {took:?}: {}",
+        out.status.code(),
+        out.stderr.lines().last().unwrap_or_default()
+    );
     out.assert_failure();
     let stderr = out.stderr.to_lowercase();
-    assert!(needles.iter().any(|n| stderr.contains(&n.to_lowercase())), "{settings}: stderr mentions none of {needles:?}:\n{out}");
+    assert!(
+        needles.iter().any(|n| stderr.contains(&n.to_lowercase())),
+        "{settings}: stderr mentions none of {needles:?}:\n{out}"
+    );
     assert!(took < Duration::from_secs(10), "{settings}: took {took:?}");
     assert_clean(pb.root(), &settings.to_string());
     assert_eq!(pb.pull(&[], &app()), fixture().app.config_digest);
@@ -694,7 +1009,10 @@ fn cli_trap_in_configure() {
 #[test]
 fn cli_trap_mid_pull() {
     cli_case(json!({"behavior": "trap-mid-pull"}), "unreachable");
-    cli_case(json!({"behavior": "trap-mid-pull", "then": "loop"}), "CPU time limit");
+    cli_case(
+        json!({"behavior": "trap-mid-pull", "then": "loop"}),
+        "CPU time limit",
+    );
 }
 
 #[test]
@@ -704,24 +1022,44 @@ fn cli_bad_digests() {
 
 #[test]
 fn cli_huge_argument_and_bad_abi() {
-    cli_case_any(json!({"behavior": "huge-argument", "variant": "string", "bytes": 32 << 20}), &["longer than", "too much data"]);
-    cli_case(json!({"behavior": "bad-abi", "variant": "oob-string"}), "puller failed");
+    cli_case_any(
+        json!({"behavior": "huge-argument", "variant": "string", "bytes": 32 << 20}),
+        &["longer than", "too much data"],
+    );
+    cli_case(
+        json!({"behavior": "bad-abi", "variant": "oob-string"}),
+        "puller failed",
+    );
 }
 
 #[test]
 fn cli_sleepy_pull_succeeds_under_a_small_cpu_limit() {
     let pb = pullbox();
-    let (out, took) = cli_hostile(&pb, "pull", &json!({"behavior": "sleepy", "reads": 5000}), &[&app()]);
+    let (out, took) = cli_hostile(
+        &pb,
+        "pull",
+        &json!({"behavior": "sleepy", "reads": 5000}),
+        &[&app()],
+    );
     out.assert_success();
     eprintln!("sleepy, 5000 reads: {took:?}");
-    assert_eq!(out.last_line(), Some(fixture().app.manifest_digest.as_str()));
+    assert_eq!(
+        out.last_line(),
+        Some(fixture().app.manifest_digest.as_str())
+    );
 }
 
 #[test]
 fn cli_images_with_a_looping_list() {
     let pb = pullbox();
-    let (out, took) = cli_hostile(&pb, "images", &json!({"behavior": "loop-in-pull", "export": "list-images"}), &[]);
-    out.assert_failure().assert_stderr_contains("CPU time limit");
+    let (out, took) = cli_hostile(
+        &pb,
+        "images",
+        &json!({"behavior": "loop-in-pull", "export": "list-images"}),
+        &[],
+    );
+    out.assert_failure()
+        .assert_stderr_contains("CPU time limit");
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
 
@@ -731,18 +1069,35 @@ fn policy_check_reports_a_configure_that_traps_or_loops() {
     let hostile = hostile().unwrap();
     let file = pb.root().join("settings.json");
     for (settings, needle) in [
-        (json!({"behavior": "loop-in-configure"}), Some("CPU time limit")),
-        (json!({"behavior": "trap-in-configure"}), Some("unreachable")),
+        (
+            json!({"behavior": "loop-in-configure"}),
+            Some("CPU time limit"),
+        ),
+        (
+            json!({"behavior": "trap-in-configure"}),
+            Some("unreachable"),
+        ),
         (json!({"behavior": "no-such"}), Some("no-such")),
         (json!({"behavior": "idle"}), None),
     ] {
         std::fs::write(&file, settings.to_string()).unwrap();
-        let mut cmd = pb.command("policy", ["check".as_ref(), hostile.as_os_str(), "--settings".as_ref(), file.as_os_str()]);
+        let mut cmd = pb.command(
+            "policy",
+            [
+                "check".as_ref(),
+                hostile.as_os_str(),
+                "--settings".as_ref(),
+                file.as_os_str(),
+            ],
+        );
         cmd.env("PULLBOX_GUEST_CPU_MS", "500");
         let t = Instant::now();
         let out = pb.run_command(cmd);
         let took = t.elapsed();
-        eprintln!("policy check {settings}: exit {:?} after {took:?}", out.status.code());
+        eprintln!(
+            "policy check {settings}: exit {:?} after {took:?}",
+            out.status.code()
+        );
         match needle {
             Some(n) => {
                 out.assert_failure().assert_stderr_contains(n);
@@ -751,7 +1106,10 @@ fn policy_check_reports_a_configure_that_traps_or_loops() {
                 out.assert_success();
             }
         }
-        assert!(took < Duration::from_secs(3), "policy check {settings} took {took:?} (PULLBOX_GUEST_CPU_MS=500)");
+        assert!(
+            took < Duration::from_secs(3),
+            "policy check {settings} took {took:?} (PULLBOX_GUEST_CPU_MS=500)"
+        );
     }
 }
 
@@ -770,10 +1128,24 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
         world wasi-import { include puller-world; import wasi:cli/environment@0.2.0; }\n\
         world no-export { import log; import content; }\n";
     let wasi = "package wasi:cli@0.2.0;\ninterface environment { get-environment: func() -> list<tuple<string, string>>; }\n";
-    let base = wit_copy(&w.join("wit"), same, &[("hostile-test.wit", extra_wit), ("deps/wasi-cli/environment.wit", wasi)]).unwrap();
+    let base = wit_copy(
+        &w.join("wit"),
+        same,
+        &[
+            ("hostile-test.wit", extra_wit),
+            ("deps/wasi-cli/environment.wit", wasi),
+        ],
+    )
+    .unwrap();
     let lacking = wit_copy(
         &w.join("wit-lacking"),
-        |name, t| if name == "world.wit" { drop_function(&t, "remove-image") } else { t },
+        |name, t| {
+            if name == "world.wit" {
+                drop_function(&t, "remove-image")
+            } else {
+                t
+            }
+        },
         &[],
     )
     .unwrap();
@@ -781,7 +1153,11 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
         &w.join("wit-extra-fn"),
         |name, t| {
             if name == "content.wit" {
-                t.replacen("max-read: func() -> u32;", "max-read: func() -> u32;\n    exec: func(command: string);", 1)
+                t.replacen(
+                    "max-read: func() -> u32;",
+                    "max-read: func() -> u32;\n    exec: func(command: string);",
+                    1,
+                )
             } else {
                 t
             }
@@ -791,34 +1167,84 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
     .unwrap();
     let wrong_type = wit_copy(
         &w.join("wit-wrong-type"),
-        |name, t| if name == "world.wit" { t.replace("configure: func(settings: string)", "configure: func(settings: u32)") } else { t },
+        |name, t| {
+            if name == "world.wit" {
+                t.replace(
+                    "configure: func(settings: string)",
+                    "configure: func(settings: u32)",
+                )
+            } else {
+                t
+            }
+        },
         &[],
     )
     .unwrap();
-    let next_version = wit_copy(&w.join("wit-next"), |_, t| t.replace("pullbox:image@0.1.0", "pullbox:image@0.2.0"), &[]).unwrap();
+    let next_version = wit_copy(
+        &w.join("wit-next"),
+        |_, t| t.replace("pullbox:image@0.1.0", "pullbox:image@0.2.0"),
+        &[],
+    )
+    .unwrap();
     let out = w.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let keep = |t: String| t;
     let cases: Vec<(PathBuf, &[&str])> = vec![
-        (build_component(&base, "extra-import", &out, keep).unwrap(), &["pullbox:image/shell@0.1.0"]),
-        (build_component(&base, "wasi-import", &out, keep).unwrap(), &["wasi:cli/environment@0.2.0"]),
-        (build_component(&base, "no-export", &out, keep).unwrap(), &["pullbox:image/puller@0.1.0"]),
-        (build_component(&lacking, "puller-world", &w.join("out-lacking"), keep).unwrap(), &["remove-image"]),
-        (build_component(&extra_fn, "puller-world", &w.join("out-extra-fn"), keep).unwrap(), &["exec"]),
-        (build_component(&wrong_type, "puller-world", &w.join("out-wrong-type"), keep).unwrap(), &["configure"]),
-        (build_component(&next_version, "puller-world", &w.join("out-next"), keep).unwrap(), &["@0.2.0"]),
+        (
+            build_component(&base, "extra-import", &out, keep).unwrap(),
+            &["pullbox:image/shell@0.1.0"],
+        ),
+        (
+            build_component(&base, "wasi-import", &out, keep).unwrap(),
+            &["wasi:cli/environment@0.2.0"],
+        ),
+        (
+            build_component(&base, "no-export", &out, keep).unwrap(),
+            &["pullbox:image/puller@0.1.0"],
+        ),
+        (
+            build_component(&lacking, "puller-world", &w.join("out-lacking"), keep).unwrap(),
+            &["remove-image"],
+        ),
+        (
+            build_component(&extra_fn, "puller-world", &w.join("out-extra-fn"), keep).unwrap(),
+            &["exec"],
+        ),
+        (
+            build_component(&wrong_type, "puller-world", &w.join("out-wrong-type"), keep).unwrap(),
+            &["configure"],
+        ),
+        (
+            build_component(&next_version, "puller-world", &w.join("out-next"), keep).unwrap(),
+            &["@0.2.0"],
+        ),
     ];
     let pb = pullbox();
     // Every case is checked before the test fails, so one run lists every gap.
     let mut wrong = Vec::new();
     for (component, needles) in &cases {
         for (what, out) in [
-            ("policy check", pb.run("policy", ["check".as_ref(), component.as_os_str()])),
-            ("pull --puller", pb.run("pull", ["--puller".as_ref(), component.as_os_str(), app().as_ref()])),
+            (
+                "policy check",
+                pb.run("policy", ["check".as_ref(), component.as_os_str()]),
+            ),
+            (
+                "pull --puller",
+                pb.run(
+                    "pull",
+                    ["--puller".as_ref(), component.as_os_str(), app().as_ref()],
+                ),
+            ),
         ] {
             eprintln!("{what} {}: {}", component.display(), out.stderr.trim());
-            if out.success() || needles.iter().any(|n| !out.stderr.contains(n)) || out.stderr.contains("unreachable") {
-                wrong.push(format!("{what} {}: wanted a refusal naming {needles:?} before running it:\n{out}", component.display()));
+            if out.success()
+                || needles.iter().any(|n| !out.stderr.contains(n))
+                || out.stderr.contains("unreachable")
+            {
+                wrong.push(format!(
+                    "{what} {}: wanted a refusal naming {needles:?} before running it:\n{out}",
+                    component.display()
+                ));
             }
         }
         match cri::Daemon::start(&format!("puller = {:?}", component.display().to_string())) {
@@ -826,7 +1252,10 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
             Err(e) => {
                 let err = format!("{e:#}");
                 if needles.iter().any(|n| !err.contains(n)) {
-                    wrong.push(format!("serve with {}: wanted {needles:?}: {err}", component.display()));
+                    wrong.push(format!(
+                        "serve with {}: wanted {needles:?}: {err}",
+                        component.display()
+                    ));
                 }
             }
         }
@@ -877,9 +1306,16 @@ fn oversized_memories_and_tables_are_refused_at_instantiation() {
     let pb = pullbox();
     for (component, needle) in [(big_memory, "memory"), (big_table, "table")] {
         let out = pb.run("policy", ["check".as_ref(), component.as_os_str()]);
-        eprintln!("policy check {}: {}", component.display(), out.stderr.trim());
+        eprintln!(
+            "policy check {}: {}",
+            component.display(),
+            out.stderr.trim()
+        );
         out.assert_failure().assert_stderr_contains(needle);
-        assert!(!out.stderr.contains("unreachable"), "the component was run: {out}");
+        assert!(
+            !out.stderr.contains("unreachable"),
+            "the component was run: {out}"
+        );
     }
 }
 
@@ -902,6 +1338,8 @@ fn replace_memory(wat: &str, decl: &str) -> String {
 
 /// `text` inserted before the module's first function definition (after imports and types).
 fn add_before_first_func(wat: &str, text: &str) -> String {
-    let i = wat.find("\n  (func ").expect("no function in the dummy module");
+    let i = wat
+        .find("\n  (func ")
+        .expect("no function in the dummy module");
     format!("{}\n{}{}", &wat[..i], text, &wat[i + 1..])
 }

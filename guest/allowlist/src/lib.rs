@@ -87,7 +87,10 @@ impl Allowlist {
                     ))
                 })?;
                 digest::parse(d).map_err(|e| {
-                    Error::InvalidArgument(format!("setting \"digests\" entry {i}: {}", e.message()))
+                    Error::InvalidArgument(format!(
+                        "setting \"digests\" entry {i}: {}",
+                        e.message()
+                    ))
                 })?;
                 if !list.digests.insert(d.to_string()) {
                     return Err(Error::InvalidArgument(format!(
@@ -119,7 +122,10 @@ impl Policy for Allowlist {
     fn check_reference(&self, reference: &Reference) -> Verdict {
         let mut v = Verdict::new();
         if self.is_empty() {
-            v.rule(RULE, Err("the allowlist is empty: no image may be pulled".into()));
+            v.rule(
+                RULE,
+                Err("the allowlist is empty: no image may be pulled".into()),
+            );
         } else if reference.digest().is_some_and(|d| self.contains(d)) {
             v.rule(RULE, Ok(()));
         }
@@ -144,22 +150,21 @@ impl Policy for Allowlist {
 
     fn check_manifest(&self, _reference: &Reference, image: &Image<'_>) -> Verdict {
         let mut v = Verdict::new();
-        let outcome = if self.contains(&image.root.digest)
-            || self.contains(&image.manifest_desc.digest)
-        {
-            Ok(())
-        } else if let Some(entry) = image.index_entry {
-            Err(format!(
+        let outcome =
+            if self.contains(&image.root.digest) || self.contains(&image.manifest_desc.digest) {
+                Ok(())
+            } else if let Some(entry) = image.index_entry {
+                Err(format!(
                 "neither index {} nor its manifest {entry} for the platform is on the allowlist",
                 image.root.digest,
                 entry = entry.digest
             ))
-        } else {
-            Err(format!(
-                "manifest {} is not on the allowlist",
-                image.manifest_desc.digest
-            ))
-        };
+            } else {
+                Err(format!(
+                    "manifest {} is not on the allowlist",
+                    image.manifest_desc.digest
+                ))
+            };
         v.rule(RULE, outcome);
         v
     }
@@ -235,9 +240,15 @@ mod tests {
             ("[]".to_string(), "must be a JSON object"),
             ("{".into(), "not valid JSON"),
             (r#"{"digest": []}"#.into(), "unknown setting \"digest\""),
-            (r#"{"digests": "sha256:x"}"#.into(), "\"digests\" must be a list"),
+            (
+                r#"{"digests": "sha256:x"}"#.into(),
+                "\"digests\" must be a list",
+            ),
             (r#"{"digests": [1]}"#.into(), "entry 0 must be a string"),
-            (r#"{"digests": ["sha256:abc"]}"#.into(), "entry 0: invalid digest"),
+            (
+                r#"{"digests": ["sha256:abc"]}"#.into(),
+                "entry 0: invalid digest",
+            ),
             (format!(r#"{{"digests": ["{d1}", "{d1}"]}}"#), "entry 1"),
             (
                 format!(r#"{{"digests": ["{}"]}}"#, d1.to_uppercase()),
@@ -250,7 +261,6 @@ mod tests {
             }
         }
     }
-
 
     #[test]
     fn pulls_only_listed_manifests() {
@@ -270,7 +280,13 @@ mod tests {
         let other = Allowlist::new([digest::sha256(b"something else")]);
         match pull(&host, &other, "quay.io/team/app:1.0", "linux/amd64") {
             Err(Error::PermissionDenied(m)) => {
-                assert!(m.contains(&format!("manifest {} is not on the allowlist", img.manifest.digest)), "{m}");
+                assert!(
+                    m.contains(&format!(
+                        "manifest {} is not on the allowlist",
+                        img.manifest.digest
+                    )),
+                    "{m}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -280,7 +296,10 @@ mod tests {
         let info = pull(&host, &listed, "quay.io/team/app:1.0", "linux/amd64").unwrap();
         assert_eq!(info.id, img.config.digest);
         let by_digest = format!("quay.io/team/app@{}", img.manifest.digest);
-        assert_eq!(pull(&host, &listed, &by_digest, "linux/amd64").unwrap().id, img.config.digest);
+        assert_eq!(
+            pull(&host, &listed, &by_digest, "linux/amd64").unwrap().id,
+            img.config.digest
+        );
     }
 
     #[test]
@@ -288,14 +307,27 @@ mod tests {
         let host = FakeHost::new();
         let amd = host.push_image_for(&[b"amd"], "", "linux/amd64");
         let arm = host.push_image_for(&[b"arm"], "", "linux/arm64");
-        let index = host.push_index(&[(&amd.manifest, "linux/amd64"), (&arm.manifest, "linux/arm64")]);
+        let index = host.push_index(&[
+            (&amd.manifest, "linux/amd64"),
+            (&arm.manifest, "linux/arm64"),
+        ]);
         host.tag("quay.io/team/multi", "1", &index);
 
         let by_index = Allowlist::new([index.digest.clone()]);
-        assert_eq!(pull(&host, &by_index, "quay.io/team/multi:1", "linux/arm64").unwrap().id, arm.config.digest);
+        assert_eq!(
+            pull(&host, &by_index, "quay.io/team/multi:1", "linux/arm64")
+                .unwrap()
+                .id,
+            arm.config.digest
+        );
 
         let only_amd = Allowlist::new([amd.manifest.digest.clone()]);
-        assert_eq!(pull(&host, &only_amd, "quay.io/team/multi:1", "linux/amd64").unwrap().id, amd.config.digest);
+        assert_eq!(
+            pull(&host, &only_amd, "quay.io/team/multi:1", "linux/amd64")
+                .unwrap()
+                .id,
+            amd.config.digest
+        );
         // A fresh store over the same registry: nothing fetched yet.
         let remote = host.s.borrow().remote.clone();
         let host = FakeHost::new();
@@ -303,7 +335,10 @@ mod tests {
         host.tag("quay.io/team/multi", "1", &index);
         match pull(&host, &only_amd, "quay.io/team/multi:1", "linux/arm64") {
             Err(Error::PermissionDenied(m)) => {
-                assert!(m.contains(&index.digest) && m.contains(&arm.manifest.digest), "{m}")
+                assert!(
+                    m.contains(&index.digest) && m.contains(&arm.manifest.digest),
+                    "{m}"
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -317,13 +352,18 @@ mod tests {
         let d = digest::sha256(b"x");
         AllowlistPuller::configure(&format!(r#"{{"digests": ["{d}"]}}"#)).unwrap();
         assert!(AllowlistPuller::configure(r#"{"digests": ["nope"]}"#).is_err());
-        assert!(AllowlistPuller::current().contains(&d), "a refused document keeps the old list");
+        assert!(
+            AllowlistPuller::current().contains(&d),
+            "a refused document keeps the old list"
+        );
 
         let host = FakeHost::new();
         let img = host.push_image(&[b"layer"], "");
         host.tag("quay.io/team/app", "1.0", &img.manifest);
-        AllowlistPuller::configure(&format!(r#"{{"digests": ["{}"]}}"#, img.manifest.digest)).unwrap();
-        let info = AllowlistPuller::pull_image(&host, &req("quay.io/team/app:1.0", "linux/amd64")).unwrap();
+        AllowlistPuller::configure(&format!(r#"{{"digests": ["{}"]}}"#, img.manifest.digest))
+            .unwrap();
+        let info = AllowlistPuller::pull_image(&host, &req("quay.io/team/app:1.0", "linux/amd64"))
+            .unwrap();
         assert_eq!(
             AllowlistPuller::image_status(&host, "quay.io/team/app:1.0").unwrap(),
             Some(info.clone())
@@ -332,6 +372,9 @@ mod tests {
         AllowlistPuller::remove_image(&host, "quay.io/team/app:1.0").unwrap();
         assert!(AllowlistPuller::list_images(&host).unwrap().is_empty());
         AllowlistPuller::configure("").unwrap();
-        assert!(AllowlistPuller::pull_image(&host, &req("quay.io/team/app:1.0", "linux/amd64")).is_err());
+        assert!(
+            AllowlistPuller::pull_image(&host, &req("quay.io/team/app:1.0", "linux/amd64"))
+                .is_err()
+        );
     }
 }

@@ -156,7 +156,11 @@ static SETTINGS: Mutex<Option<Settings>> = Mutex::new(None);
 static DOCUMENT: Mutex<String> = Mutex::new(String::new());
 
 fn settings() -> Settings {
-    SETTINGS.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()
+    SETTINGS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default()
 }
 
 fn info(message: &str) {
@@ -168,11 +172,14 @@ struct Hostile;
 impl Guest for Hostile {
     fn configure(doc: String) -> Result<(), Error> {
         // Panics show up in the daemon's log before the trap.
-        std::panic::set_hook(Box::new(|p| log::log(log::Level::Error, &format!("pullbox-hostile: {p}"))));
+        std::panic::set_hook(Box::new(|p| {
+            log::log(log::Level::Error, &format!("pullbox-hostile: {p}"))
+        }));
         let s: Settings = if doc.trim().is_empty() {
             Settings::default()
         } else {
-            serde_json::from_str(&doc).map_err(|e| Error::InvalidArgument(format!("pullbox-hostile settings: {e}")))?
+            serde_json::from_str(&doc)
+                .map_err(|e| Error::InvalidArgument(format!("pullbox-hostile settings: {e}")))?
         };
         match s.behavior {
             Behavior::LoopInConfigure => spin(),
@@ -190,13 +197,18 @@ impl Guest for Hostile {
             s = o;
         }
         match s.behavior {
-            Behavior::Idle => Err(Error::PermissionDenied("pullbox-hostile: behavior idle refuses pulls".into())),
+            Behavior::Idle => Err(Error::PermissionDenied(
+                "pullbox-hostile: behavior idle refuses pulls".into(),
+            )),
             Behavior::TrapMidPull => trap_mid_pull(&s, &request.reference),
             Behavior::BadDigests => bad_digests(&s, &request.reference),
             Behavior::Sleepy => sleepy(&s, &request.reference),
             Behavior::FetchFlood => fetch_flood(&s, &request.reference),
             _ if s.export == Export::PullImage => Err(misbehave(&s)),
-            b => Err(Error::PermissionDenied(format!("pullbox-hostile: behavior {} refuses pulls", b.name()))),
+            b => Err(Error::PermissionDenied(format!(
+                "pullbox-hostile: behavior {} refuses pulls",
+                b.name()
+            ))),
         }
     }
 
@@ -262,7 +274,10 @@ fn misbehave(s: &Settings) -> Error {
     match s.behavior {
         Behavior::LoopInPull => spin(),
         Behavior::GrowMemory => grow_memory(),
-        Behavior::Recursion => Error::Internal(format!("recursion returned {}", recurse(black_box(u64::MAX)))),
+        Behavior::Recursion => Error::Internal(format!(
+            "recursion returned {}",
+            recurse(black_box(u64::MAX))
+        )),
         Behavior::HugeArgument => huge_argument(s),
         Behavior::BadAbi => bad_abi(s),
         Behavior::LogFlood => log_flood(s),
@@ -298,14 +313,9 @@ fn grow_memory() -> Error {
     const MIB: usize = 1 << 20;
     let mut kept: Vec<Vec<u8>> = Vec::new();
     loop {
-        let mut chunk = Vec::<u8>::with_capacity(MIB);
-        // SAFETY: u8 has no invalid values; every byte is written right after.
-        unsafe { chunk.set_len(MIB) };
-        for i in (0..MIB).step_by(4096) {
-            chunk[i] = black_box(1);
-        }
-        kept.push(chunk);
-        if kept.len() % 16 == 0 {
+        // Non-zero bytes: every page is written, none is left to the allocator's zeroing.
+        kept.push(black_box(vec![1u8; MIB]));
+        if kept.len().is_multiple_of(16) {
             info(&format!("grow-memory: holding {} MiB", kept.len()));
         }
     }
@@ -354,7 +364,10 @@ fn code(e: &Error) -> &'static str {
 fn log_flood(s: &Settings) -> Error {
     let n = s.count.unwrap_or(1_000_000);
     for i in 0..n {
-        log::log(log::Level::Error, &format!("pullbox-hostile: log-flood message {i} of {n}"));
+        log::log(
+            log::Level::Error,
+            &format!("pullbox-hostile: log-flood message {i} of {n}"),
+        );
         log::progress("log-flood", &format!("{i}"));
     }
     Error::PermissionDenied(format!("log-flood: logged {n} messages"))
@@ -372,19 +385,25 @@ fn huge_argument(s: &Settings) -> Error {
     let bytes = s.bytes.unwrap_or(100 << 20) as usize;
     let count = s.count.unwrap_or(1_000_000) as usize;
     let variant = s.variant.as_deref().unwrap_or("string");
-    info(&format!("huge-argument {variant}: bytes={bytes} count={count}"));
+    info(&format!(
+        "huge-argument {variant}: bytes={bytes} count={count}"
+    ));
     match variant {
         "string" => {
             let huge = "a".repeat(bytes);
             match content::info(&huge) {
-                Ok(_) => Error::Internal(format!("huge-argument string: the host ACCEPTED a {bytes}-byte digest")),
+                Ok(_) => Error::Internal(format!(
+                    "huge-argument string: the host ACCEPTED a {bytes}-byte digest"
+                )),
                 Err(e) => with_prefix("huge-argument string: the host answered", e),
             }
         }
         "log" => {
             let huge = "a".repeat(bytes);
             log::log(log::Level::Info, &huge);
-            Error::PermissionDenied(format!("huge-argument log: the host took a {bytes}-byte message"))
+            Error::PermissionDenied(format!(
+                "huge-argument log: the host took a {bytes}-byte message"
+            ))
         }
         "list" => raw::fetch_aliased(count),
         "aliased" => raw::set_labels_aliased(count, bytes),
@@ -411,7 +430,13 @@ mod raw {
         #[link_name = "info"]
         fn content_info(ptr: *const u8, len: usize, ret: *mut u8);
         #[link_name = "set-labels"]
-        fn content_set_labels(dptr: *const u8, dlen: usize, lptr: *const u8, llen: usize, ret: *mut u8);
+        fn content_set_labels(
+            dptr: *const u8,
+            dlen: usize,
+            lptr: *const u8,
+            llen: usize,
+            ret: *mut u8,
+        );
     }
 
     #[link(wasm_import_module = "pullbox:image/registry@0.1.0")]
@@ -444,10 +469,12 @@ mod raw {
             return Error::Internal(format!("{what}: the host ACCEPTED it"));
         }
         let d = ret.0[at];
-        let ptr = u32::from_le_bytes(ret.0[at + 4..at + 8].try_into().unwrap()) as usize as *const u8;
+        let ptr =
+            u32::from_le_bytes(ret.0[at + 4..at + 8].try_into().unwrap()) as usize as *const u8;
         let len = u32::from_le_bytes(ret.0[at + 8..at + 12].try_into().unwrap()) as usize;
         // SAFETY: the host wrote a string of `len` bytes at `ptr` through cabi_realloc.
-        let m = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr, len) }).into_owned();
+        let m =
+            String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr, len) }).into_owned();
         let m = format!("{what}: the host answered: {m}");
         match d {
             0 => Error::NotFound(m),
@@ -470,7 +497,9 @@ mod raw {
         let name = b"127.0.0.1:1/pullbox-hostile/list";
         let mut list = vec![0u64; count * DESCRIPTOR_SIZE / 8];
         // SAFETY: a u64 buffer viewed as bytes (8-aligned, as a descriptor list must be).
-        let bytes = unsafe { std::slice::from_raw_parts_mut(list.as_mut_ptr() as *mut u8, count * DESCRIPTOR_SIZE) };
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(list.as_mut_ptr() as *mut u8, count * DESCRIPTOR_SIZE)
+        };
         let base = bytes.as_ptr() as u32;
         for i in 0..count {
             let r = &mut bytes[i * DESCRIPTOR_SIZE..(i + 1) * DESCRIPTOR_SIZE];
@@ -486,8 +515,20 @@ mod raw {
         let mut ret = RetArea([0; 64]);
         // SAFETY: every pointer names memory of this instance; the host reads, and writes
         // the return area.
-        unsafe { registry_fetch(name.as_ptr(), name.len(), bytes.as_ptr(), count, ret.0.as_mut_ptr()) };
-        decode(&ret, 4, &format!("huge-argument list of {count} descriptors"))
+        unsafe {
+            registry_fetch(
+                name.as_ptr(),
+                name.len(),
+                bytes.as_ptr(),
+                count,
+                ret.0.as_mut_ptr(),
+            )
+        };
+        decode(
+            &ret,
+            4,
+            &format!("huge-argument list of {count} descriptors"),
+        )
     }
 
     /// `count` label pairs whose keys and values all point at one `bytes`-long string.
@@ -496,14 +537,29 @@ mod raw {
         let digest = zero_digest();
         let mut pairs = vec![0u32; count * 4];
         for p in pairs.chunks_mut(4) {
-            p.copy_from_slice(&[big.as_ptr() as u32, bytes as u32, big.as_ptr() as u32, bytes as u32]);
+            p.copy_from_slice(&[
+                big.as_ptr() as u32,
+                bytes as u32,
+                big.as_ptr() as u32,
+                bytes as u32,
+            ]);
         }
         let mut ret = RetArea([0; 64]);
         // SAFETY: as in `fetch_aliased`.
         unsafe {
-            content_set_labels(digest.as_ptr(), digest.len(), pairs.as_ptr() as *const u8, count, ret.0.as_mut_ptr())
+            content_set_labels(
+                digest.as_ptr(),
+                digest.len(),
+                pairs.as_ptr() as *const u8,
+                count,
+                ret.0.as_mut_ptr(),
+            )
         };
-        decode(&ret, 4, &format!("huge-argument aliased: {count} label pairs of one {bytes}-byte string"))
+        decode(
+            &ret,
+            4,
+            &format!("huge-argument aliased: {count} label pairs of one {bytes}-byte string"),
+        )
     }
 
     /// One malformed call; the host must trap it.
@@ -516,11 +572,27 @@ mod raw {
         // canonical ABI's rules. The host must trap before it reads out of bounds.
         unsafe {
             match variant {
-                "oob-string" => content_info((memory_end - 16) as *const u8, 100 << 20, ret.0.as_mut_ptr()),
-                "oob-list" => registry_fetch(name.as_ptr(), name.len(), (memory_end - 64) as *const u8, 1 << 20, ret.0.as_mut_ptr()),
+                "oob-string" => content_info(
+                    (memory_end - 16) as *const u8,
+                    100 << 20,
+                    ret.0.as_mut_ptr(),
+                ),
+                "oob-list" => registry_fetch(
+                    name.as_ptr(),
+                    name.len(),
+                    (memory_end - 64) as *const u8,
+                    1 << 20,
+                    ret.0.as_mut_ptr(),
+                ),
                 "misaligned" => {
                     let buf = vec![0u64; 2 * DESCRIPTOR_SIZE / 8];
-                    registry_fetch(name.as_ptr(), name.len(), (buf.as_ptr() as *const u8).add(1), 1, ret.0.as_mut_ptr())
+                    registry_fetch(
+                        name.as_ptr(),
+                        name.len(),
+                        (buf.as_ptr() as *const u8).add(1),
+                        1,
+                        ret.0.as_mut_ptr(),
+                    )
                 }
                 "utf8" => {
                     let bad = [b's', b'h', 0xff, 0xfe, 0xc0, 0x80];
@@ -528,7 +600,10 @@ mod raw {
                 }
                 "discriminant" => {
                     let mut list = vec![0u64; DESCRIPTOR_SIZE / 8];
-                    let r = std::slice::from_raw_parts_mut(list.as_mut_ptr() as *mut u8, DESCRIPTOR_SIZE);
+                    let r = std::slice::from_raw_parts_mut(
+                        list.as_mut_ptr() as *mut u8,
+                        DESCRIPTOR_SIZE,
+                    );
                     put32(r, 0, LAYER_GZIP.as_ptr() as u32);
                     put32(r, 4, LAYER_GZIP.len() as u32);
                     put32(r, 8, digest.as_ptr() as u32);
@@ -541,7 +616,9 @@ mod raw {
                     log_log(99, m.as_ptr(), m.len());
                     return Error::Internal("bad-abi enum: the host ACCEPTED log level 99".into());
                 }
-                other => return Error::InvalidArgument(format!("unknown bad-abi variant {other:?}")),
+                other => {
+                    return Error::InvalidArgument(format!("unknown bad-abi variant {other:?}"))
+                }
             }
         }
         decode(&ret, 4, &format!("bad-abi {variant}"))
@@ -574,7 +651,10 @@ fn split_reference(reference: &str) -> Result<(String, String), Error> {
     }
     let slash = reference.rfind('/').unwrap_or(0);
     match reference[slash..].rfind(':') {
-        Some(i) => Ok((reference[..slash + i].to_owned(), reference[slash + i + 1..].to_owned())),
+        Some(i) => Ok((
+            reference[..slash + i].to_owned(),
+            reference[slash + i + 1..].to_owned(),
+        )),
         None => Ok((reference.to_owned(), "latest".to_owned())),
     }
 }
@@ -633,15 +713,27 @@ fn resolve_and_fetch(reference: &str) -> Result<Partial, Error> {
     let (name, tag) = split_reference(reference)?;
     let root = registry::resolve(&name, &tag)?;
     let manifest = read_all(&root.digest, root.size)?;
-    let m: OciManifest = serde_json::from_slice(&manifest)
-        .map_err(|e| Error::InvalidArgument(format!("pullbox-hostile reads single-platform manifests only: {e}")))?;
+    let m: OciManifest = serde_json::from_slice(&manifest).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "pullbox-hostile reads single-platform manifests only: {e}"
+        ))
+    })?;
     let config = wit_descriptor(&m.config);
     let layers: Vec<Descriptor> = m.layers.iter().map(wit_descriptor).collect();
     let mut blobs = vec![config.clone()];
     blobs.extend(layers.iter().cloned());
     registry::fetch(&name, &blobs)?;
-    info(&format!("resolved {reference} to {}; fetching {} blobs", root.digest, blobs.len()));
-    Ok(Partial { name, root, config, layers })
+    info(&format!(
+        "resolved {reference} to {}; fetching {} blobs",
+        root.digest,
+        blobs.len()
+    ));
+    Ok(Partial {
+        name,
+        root,
+        config,
+        layers,
+    })
 }
 
 // ---- trap-mid-pull -----------------------------------------------------------------------
@@ -653,7 +745,10 @@ fn trap_mid_pull(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     let p = resolve_and_fetch(reference)?;
     let config = read_all(&p.config.digest, p.config.size)?;
     info(&format!("read the config ({} bytes)", config.len()));
-    let first = p.layers.first().ok_or_else(|| Error::InvalidArgument("image has no layers".into()))?;
+    let first = p
+        .layers
+        .first()
+        .ok_or_else(|| Error::InvalidArgument("image has no layers".into()))?;
     let key = format!("pullbox-hostile/active/{}", &p.root.digest);
     let mounts = snapshots::prepare(&key, "")?;
     let diff_id = diff::apply(first, &mounts)?;
@@ -665,11 +760,20 @@ fn trap_mid_pull(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     content::set_labels(
         &p.root.digest,
         &[
-            ("containerd.io/gc.ref.content.config".into(), p.config.digest.clone()),
-            (format!("containerd.io/gc.ref.snapshot.{}", snapshots::name()), committed.clone()),
+            (
+                "containerd.io/gc.ref.content.config".into(),
+                p.config.digest.clone(),
+            ),
+            (
+                format!("containerd.io/gc.ref.snapshot.{}", snapshots::name()),
+                committed.clone(),
+            ),
         ],
     )?;
-    then(s.then, &format!("a partial pull of {} from {}", p.root.digest, p.name))
+    then(
+        s.then,
+        &format!("a partial pull of {} from {}", p.root.digest, p.name),
+    )
 }
 
 // ---- sleepy ------------------------------------------------------------------------------
@@ -694,7 +798,10 @@ fn sleepy(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     for _ in 0..reads {
         total += content::read(&root.digest, 0, n)?.len() as u64;
     }
-    info(&format!("sleepy: {reads} reads of {}, {total} bytes", root.digest));
+    info(&format!(
+        "sleepy: {reads} reads of {}, {total} bytes",
+        root.digest
+    ));
     Ok(ImageInfo {
         id: root.digest.clone(),
         repo_tags: vec![reference.to_owned()],
@@ -730,11 +837,16 @@ fn fetch_flood(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
             })
             .collect();
         if let Err(e) = registry::fetch(&name, &batch) {
-            return Err(with_prefix(&format!("fetch-flood: refused after {started} fetches"), e));
+            return Err(with_prefix(
+                &format!("fetch-flood: refused after {started} fetches"),
+                e,
+            ));
         }
         started += n;
     }
-    Err(Error::Internal(format!("fetch-flood: the host ACCEPTED {started} fetches in one request")))
+    Err(Error::Internal(format!(
+        "fetch-flood: the host ACCEPTED {started} fetches in one request"
+    )))
 }
 
 // ---- bad-digests -------------------------------------------------------------------------
@@ -768,11 +880,18 @@ impl Probes {
 }
 
 fn layer_at(layer: &Descriptor, digest: &str) -> Descriptor {
-    Descriptor { digest: digest.to_owned(), ..layer.clone() }
+    Descriptor {
+        digest: digest.to_owned(),
+        ..layer.clone()
+    }
 }
 
 fn bind(source: &str) -> Vec<Mount> {
-    vec![Mount { kind: "bind".into(), source: source.to_owned(), options: vec!["rw".into()] }]
+    vec![Mount {
+        kind: "bind".into(),
+        source: source.to_owned(),
+        options: vec!["rw".into()],
+    }]
 }
 
 /// Garbage at every import, after a real resolve and fetch so that the digests and layers it
@@ -782,10 +901,17 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     let p = resolve_and_fetch(reference)?;
     // The config arriving means the fetch works; the layer is waited for by the probes.
     read_all(&p.config.digest, p.config.size)?;
-    let layer = p.layers.first().ok_or_else(|| Error::InvalidArgument("image has no layers".into()))?.clone();
+    let layer = p
+        .layers
+        .first()
+        .ok_or_else(|| Error::InvalidArgument("image has no layers".into()))?
+        .clone();
     let real = p.root.digest.clone();
     let up = "../".repeat(24);
-    let victim = s.victim.clone().unwrap_or_else(|| "/nonexistent/pullbox-hostile-victim".into());
+    let victim = s
+        .victim
+        .clone()
+        .unwrap_or_else(|| "/nonexistent/pullbox-hostile-victim".into());
     let victim_rel = victim.trim_start_matches('/').to_owned();
     let mut pr = Probes::default();
 
@@ -808,8 +934,14 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     ] {
         pr.must_refuse(&format!("content.info({d:?})"), content::info(&d));
         pr.must_refuse(&format!("content.read({d:?})"), content::read(&d, 0, 4096));
-        pr.must_refuse(&format!("content.set-labels({d:?})"), content::set_labels(&d, &[("a".into(), "b".into())]));
-        pr.must_refuse(&format!("diff.apply(layer {d:?})"), diff::apply(&layer_at(&layer, &d), &bind("/nonexistent")));
+        pr.must_refuse(
+            &format!("content.set-labels({d:?})"),
+            content::set_labels(&d, &[("a".into(), "b".into())]),
+        );
+        pr.must_refuse(
+            &format!("diff.apply(layer {d:?})"),
+            diff::apply(&layer_at(&layer, &d), &bind("/nonexistent")),
+        );
     }
     // Deletes aimed at the victim's file, through the content store's paths.
     for d in [
@@ -820,10 +952,22 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         pr.must_refuse(&format!("content.delete({d:?})"), content::delete(&d));
     }
     // Absurd offsets and lengths on a real blob.
-    pr.must_refuse("content.read(real, offset u64::MAX)", content::read(&real, u64::MAX, 1));
-    pr.must_refuse("content.read(real, offset u64::MAX - 1, 1 MiB)", content::read(&real, u64::MAX - 1, 1 << 20));
-    pr.must_refuse("content.read(real, offset size + 1)", content::read(&real, p.root.size + 1, 1));
-    pr.must_refuse("content.read(real, length u32::MAX)", content::read(&real, 0, u32::MAX));
+    pr.must_refuse(
+        "content.read(real, offset u64::MAX)",
+        content::read(&real, u64::MAX, 1),
+    );
+    pr.must_refuse(
+        "content.read(real, offset u64::MAX - 1, 1 MiB)",
+        content::read(&real, u64::MAX - 1, 1 << 20),
+    );
+    pr.must_refuse(
+        "content.read(real, offset size + 1)",
+        content::read(&real, p.root.size + 1, 1),
+    );
+    pr.must_refuse(
+        "content.read(real, length u32::MAX)",
+        content::read(&real, 0, u32::MAX),
+    );
     // Labels no store should take.
     pr.must_refuse(
         "content.set-labels(real, empty key)",
@@ -834,9 +978,18 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         content::set_labels(&real, &[("k".into(), "v".repeat(5000))]),
     );
     // The registry, with paths for names and references.
-    pr.must_refuse("registry.resolve(\"../../etc/passwd\", latest)", registry::resolve("../../etc/passwd", "latest"));
-    pr.must_refuse("registry.resolve(name, \"../../../etc/passwd\")", registry::resolve(&p.name, "../../../etc/passwd"));
-    pr.must_refuse("registry.resolve(name, \"sha256:../../etc/passwd\")", registry::resolve(&p.name, "sha256:../../etc/passwd"));
+    pr.must_refuse(
+        "registry.resolve(\"../../etc/passwd\", latest)",
+        registry::resolve("../../etc/passwd", "latest"),
+    );
+    pr.must_refuse(
+        "registry.resolve(name, \"../../../etc/passwd\")",
+        registry::resolve(&p.name, "../../../etc/passwd"),
+    );
+    pr.must_refuse(
+        "registry.resolve(name, \"sha256:../../etc/passwd\")",
+        registry::resolve(&p.name, "sha256:../../etc/passwd"),
+    );
     pr.must_refuse("registry.resolve(\"\", \"\")", registry::resolve("", ""));
     pr.must_refuse(
         "registry.fetch(name, [digest \"sha256:../../etc/passwd\"])",
@@ -844,7 +997,14 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     );
     pr.must_refuse(
         "registry.fetch(name, [size u64::MAX])",
-        registry::fetch(&p.name, &[Descriptor { digest: zero_digest(), size: u64::MAX, ..layer.clone() }]),
+        registry::fetch(
+            &p.name,
+            &[Descriptor {
+                digest: zero_digest(),
+                size: u64::MAX,
+                ..layer.clone()
+            }],
+        ),
     );
     pr.must_refuse(
         "registry.fetch(\"../../etc\", [layer])",
@@ -854,17 +1014,40 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     // Snapshots: a real active one, a committed one, a view; then applies of the real layer
     // onto everything that is not an active snapshot of the store.
     let active = snapshots::prepare("pullbox-hostile/probe/active", "")?;
-    let upper = upper_of(&active).ok_or_else(|| Error::Internal(format!("no upper directory in {active:?}")))?;
+    let upper = upper_of(&active)
+        .ok_or_else(|| Error::Internal(format!("no upper directory in {active:?}")))?;
     let committed_mounts = snapshots::prepare("pullbox-hostile/probe/to-commit", "")?;
     let committed_dir = upper_of(&committed_mounts).unwrap_or_default();
-    snapshots::commit("pullbox-hostile/probe/committed", "pullbox-hostile/probe/to-commit")?;
-    let view = snapshots::view("pullbox-hostile/probe/view", "pullbox-hostile/probe/committed")?;
-    let snapshots_dir = upper.rsplitn(3, '/').nth(2).unwrap_or("/nonexistent").to_owned();
+    snapshots::commit(
+        "pullbox-hostile/probe/committed",
+        "pullbox-hostile/probe/to-commit",
+    )?;
+    let view = snapshots::view(
+        "pullbox-hostile/probe/view",
+        "pullbox-hostile/probe/committed",
+    )?;
+    let snapshots_dir = upper
+        .rsplitn(3, '/')
+        .nth(2)
+        .unwrap_or("/nonexistent")
+        .to_owned();
     for (what, mounts) in [
         ("bind victim", bind(&victim)),
-        ("bind victim/../victim", bind(&format!("{victim}/../{}", victim.rsplit('/').next().unwrap_or("")))),
-        ("bind <active>/<up>victim", bind(&format!("{upper}/{up}{victim_rel}"))),
-        ("bind <active>/../../<id>/fs with a made-up id", bind(&format!("{snapshots_dir}/999999/fs"))),
+        (
+            "bind victim/../victim",
+            bind(&format!(
+                "{victim}/../{}",
+                victim.rsplit('/').next().unwrap_or("")
+            )),
+        ),
+        (
+            "bind <active>/<up>victim",
+            bind(&format!("{upper}/{up}{victim_rel}")),
+        ),
+        (
+            "bind <active>/../../<id>/fs with a made-up id",
+            bind(&format!("{snapshots_dir}/999999/fs")),
+        ),
         ("bind <snapshots>", bind(&snapshots_dir)),
         ("bind <committed>", bind(&committed_dir)),
         ("bind relative victim", bind(&format!("{up}{victim_rel}"))),
@@ -873,59 +1056,148 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
             vec![Mount {
                 kind: "overlay".into(),
                 source: "overlay".into(),
-                options: vec![format!("upperdir={victim}"), format!("workdir={victim}/work"), "lowerdir=/".into()],
+                options: vec![
+                    format!("upperdir={victim}"),
+                    format!("workdir={victim}/work"),
+                    "lowerdir=/".into(),
+                ],
             }],
         ),
         ("the view", view.clone()),
-        ("bind active, ro", vec![Mount { options: vec!["ro".into()], ..bind(&upper)[0].clone() }]),
-        ("two mounts: active and victim", [bind(&upper), bind(&victim)].concat()),
+        (
+            "bind active, ro",
+            vec![Mount {
+                options: vec!["ro".into()],
+                ..bind(&upper)[0].clone()
+            }],
+        ),
+        (
+            "two mounts: active and victim",
+            [bind(&upper), bind(&victim)].concat(),
+        ),
         ("no mounts", Vec::new()),
-        ("tmpfs", vec![Mount { kind: "tmpfs".into(), source: victim.clone(), options: Vec::new() }]),
+        (
+            "tmpfs",
+            vec![Mount {
+                kind: "tmpfs".into(),
+                source: victim.clone(),
+                options: Vec::new(),
+            }],
+        ),
     ] {
-        pr.must_refuse(&format!("diff.apply(real layer, {what})"), diff::apply(&layer, &mounts));
+        pr.must_refuse(
+            &format!("diff.apply(real layer, {what})"),
+            diff::apply(&layer, &mounts),
+        );
     }
     pr.must_refuse(
         "diff.apply(real layer with a config media type, active)",
-        diff::apply(&Descriptor { media_type: "application/vnd.oci.image.config.v1+json".into(), ..layer.clone() }, &active),
+        diff::apply(
+            &Descriptor {
+                media_type: "application/vnd.oci.image.config.v1+json".into(),
+                ..layer.clone()
+            },
+            &active,
+        ),
     );
     pr.must_refuse(
         "diff.apply(real layer with a wrong size, active)",
-        diff::apply(&Descriptor { size: layer.size + 1, ..layer.clone() }, &active),
+        diff::apply(
+            &Descriptor {
+                size: layer.size + 1,
+                ..layer.clone()
+            },
+            &active,
+        ),
     );
     pr.must_refuse(
         "diff.apply(the config as a gzip layer, active)",
-        diff::apply(&Descriptor { media_type: LAYER_GZIP.into(), ..p.config.clone() }, &active),
+        diff::apply(
+            &Descriptor {
+                media_type: LAYER_GZIP.into(),
+                ..p.config.clone()
+            },
+            &active,
+        ),
     );
     // Snapshot names that look like paths: opaque names, so the host may take them, but it
     // must not create anything outside its store.
-    pr.may_accept(&format!("snapshots.prepare(\"{up}{victim_rel}/snap\", \"\")"), snapshots::prepare(&format!("{up}{victim_rel}/snap"), ""));
+    pr.may_accept(
+        &format!("snapshots.prepare(\"{up}{victim_rel}/snap\", \"\")"),
+        snapshots::prepare(&format!("{up}{victim_rel}/snap"), ""),
+    );
     pr.may_accept(
         &format!("snapshots.commit(\"{up}{victim_rel}/committed\", active)"),
-        snapshots::commit(&format!("{up}{victim_rel}/committed"), "pullbox-hostile/probe/active"),
+        snapshots::commit(
+            &format!("{up}{victim_rel}/committed"),
+            "pullbox-hostile/probe/active",
+        ),
     );
-    pr.must_refuse("snapshots.prepare(k, parent \"../../../etc\")", snapshots::prepare("pullbox-hostile/probe/k", "../../../etc"));
-    pr.must_refuse("snapshots.prepare(k, parent: an active snapshot)", snapshots::prepare("pullbox-hostile/probe/k2", "pullbox-hostile/probe/view"));
-    pr.must_refuse("snapshots.mounts(\"../../../etc\")", snapshots::mounts("../../../etc"));
-    pr.must_refuse("snapshots.mounts(committed)", snapshots::mounts("pullbox-hostile/probe/committed"));
-    pr.must_refuse("snapshots.remove(\"../../..\")", snapshots::remove("../../.."));
-    pr.must_refuse("snapshots.remove(committed with a child view)", snapshots::remove("pullbox-hostile/probe/committed"));
-    pr.must_refuse("snapshots.commit(x, \"../../..\")", snapshots::commit("pullbox-hostile/probe/x", "../../.."));
-    pr.must_refuse("snapshots.commit(x, view)", snapshots::commit("pullbox-hostile/probe/y", "pullbox-hostile/probe/view"));
+    pr.must_refuse(
+        "snapshots.prepare(k, parent \"../../../etc\")",
+        snapshots::prepare("pullbox-hostile/probe/k", "../../../etc"),
+    );
+    pr.must_refuse(
+        "snapshots.prepare(k, parent: an active snapshot)",
+        snapshots::prepare("pullbox-hostile/probe/k2", "pullbox-hostile/probe/view"),
+    );
+    pr.must_refuse(
+        "snapshots.mounts(\"../../../etc\")",
+        snapshots::mounts("../../../etc"),
+    );
+    pr.must_refuse(
+        "snapshots.mounts(committed)",
+        snapshots::mounts("pullbox-hostile/probe/committed"),
+    );
+    pr.must_refuse(
+        "snapshots.remove(\"../../..\")",
+        snapshots::remove("../../.."),
+    );
+    pr.must_refuse(
+        "snapshots.remove(committed with a child view)",
+        snapshots::remove("pullbox-hostile/probe/committed"),
+    );
+    pr.must_refuse(
+        "snapshots.commit(x, \"../../..\")",
+        snapshots::commit("pullbox-hostile/probe/x", "../../.."),
+    );
+    pr.must_refuse(
+        "snapshots.commit(x, view)",
+        snapshots::commit("pullbox-hostile/probe/y", "pullbox-hostile/probe/view"),
+    );
     pr.must_refuse("snapshots.stat(\"\")", snapshots::stat(""));
     pr.must_refuse("snapshots.usage(\"/etc\")", snapshots::usage("/etc"));
-    pr.must_refuse("snapshots.prepare(existing key)", snapshots::prepare("pullbox-hostile/probe/view", ""));
+    pr.must_refuse(
+        "snapshots.prepare(existing key)",
+        snapshots::prepare("pullbox-hostile/probe/view", ""),
+    );
     // Image records with malformed targets, and names that are not there.
     let record = |name: &str, digest: &str| Image {
         name: name.to_owned(),
-        target: Descriptor { digest: digest.to_owned(), ..p.root.clone() },
+        target: Descriptor {
+            digest: digest.to_owned(),
+            ..p.root.clone()
+        },
         labels: Vec::new(),
         created_at: 0,
         updated_at: 0,
     };
-    pr.must_refuse("images.create(target \"sha256:../../etc/passwd\")", images::create(&record("pullbox-hostile/bad", "sha256:../../etc/passwd")));
-    pr.must_refuse("images.create(empty name)", images::create(&record("", &real)));
-    pr.must_refuse("images.update(absent)", images::update(&record("pullbox-hostile/absent", &real)));
-    pr.must_refuse("images.get(\"../../etc/passwd\")", images::get("../../etc/passwd"));
+    pr.must_refuse(
+        "images.create(target \"sha256:../../etc/passwd\")",
+        images::create(&record("pullbox-hostile/bad", "sha256:../../etc/passwd")),
+    );
+    pr.must_refuse(
+        "images.create(empty name)",
+        images::create(&record("", &real)),
+    );
+    pr.must_refuse(
+        "images.update(absent)",
+        images::update(&record("pullbox-hostile/absent", &real)),
+    );
+    pr.must_refuse(
+        "images.get(\"../../etc/passwd\")",
+        images::get("../../etc/passwd"),
+    );
     pr.must_refuse("images.delete(\"../../..\")", images::delete("../../.."));
 
     let summary = format!(
@@ -936,9 +1208,14 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     );
     info(&format!("bad-digests: {summary}"));
     if pr.accepted.is_empty() {
-        Err(Error::FailedPrecondition(format!("bad-digests: every probe refused: {summary}")))
+        Err(Error::FailedPrecondition(format!(
+            "bad-digests: every probe refused: {summary}"
+        )))
     } else {
-        Err(Error::Internal(format!("bad-digests: the host ACCEPTED [{}]; {summary}", pr.accepted.join("; "))))
+        Err(Error::Internal(format!(
+            "bad-digests: the host ACCEPTED [{}]; {summary}",
+            pr.accepted.join("; ")
+        )))
     }
 }
 
@@ -948,5 +1225,8 @@ fn upper_of(mounts: &[Mount]) -> Option<String> {
     if m.kind == "bind" {
         return Some(m.source.clone());
     }
-    m.options.iter().find_map(|o| o.strip_prefix("upperdir=")).map(str::to_owned)
+    m.options
+        .iter()
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(str::to_owned)
 }

@@ -530,8 +530,14 @@ async fn pull_one(proxy: &str, reference: &str, n: usize) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// A plain HTTP/1.1 request to the registry; returns the status.
-fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> Result<u16> {
+/// The proxy runs its own tokio runtime, which cannot be built from inside ours.
+fn start_proxy(upstream: &str) -> Result<FaultProxy> {
+    let upstream = upstream.to_owned();
+    std::thread::spawn(move || FaultProxy::start(&upstream)).join().unwrap()
+}
+
+/// A plain HTTP/1.1 request to the registry; returns the status and the response head.
+fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
     write!(
         s,
@@ -539,10 +545,28 @@ fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -
         body.len()
     )?;
     s.write_all(body)?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
+    let mut response = Vec::new();
+    s.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response).into_owned();
     let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok(status)
+    Ok((status, response))
+}
+
+/// Uploads a blob: POST starts an upload, PUT to its Location with the digest completes it.
+fn upload(addr: &str, repo: &str, bytes: &[u8]) -> Result<String> {
+    let digest = oci::sha256_digest(bytes);
+    let (st, head) = http(addr, "POST", &format!("/v2/{repo}/blobs/uploads/"), "application/octet-stream", &[])?;
+    ensure!(st == 202, "upload start: {st}: {head}");
+    let location = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: ")))
+        .context("no Location")?
+        .trim();
+    let location = location.strip_prefix(&format!("http://{addr}")).unwrap_or(location);
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let (st, head) = http(addr, "PUT", &format!("{location}{sep}digest={digest}"), "application/octet-stream", bytes)?;
+    ensure!(st == 201, "upload: {st}: {head}");
+    Ok(digest)
 }
 
 /// 1,000 images (distinct configs, one shared tiny layer) pulled over CRI into an embedded
@@ -563,17 +587,15 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize)>
     gz.write_all(&tar_bytes)?;
     let layer_bytes = gz.finish()?;
     let layer = Layer { media_type: GZIP_LAYER, digest: oci::sha256_digest(&layer_bytes), size: layer_bytes.len() as u64, diff_id, unpacked: 0 };
-    let st = http(addr, "POST", &format!("/v2/bench/many/blobs/uploads/?digest={}", layer.digest), "application/octet-stream", &layer_bytes)?;
-    ensure!(st == 201, "layer upload: {st}");
+    upload(addr, "bench/many", &layer_bytes)?;
     let t = Instant::now();
     for i in 0..N {
         let (_, _, manifest) = image_json(scratch.path(), std::slice::from_ref(&layer), &format!("n{i}"))?;
         let m: Value = serde_json::from_slice(&manifest)?;
         let config = fs::read(scratch.path().join("blobs/sha256").join(oci::digest_hex(m["config"]["digest"].as_str().unwrap())))?;
-        let st = http(addr, "POST", &format!("/v2/bench/many/blobs/uploads/?digest={}", m["config"]["digest"].as_str().unwrap()), "application/octet-stream", &config)?;
-        ensure!(st == 201, "config upload: {st}");
-        let st = http(addr, "PUT", &format!("/v2/bench/many/manifests/t{i}"), MANIFEST, &manifest)?;
-        ensure!(st == 201, "manifest put: {st}");
+        upload(addr, "bench/many", &config)?;
+        let (st, head) = http(addr, "PUT", &format!("/v2/bench/many/manifests/t{i}"), MANIFEST, &manifest)?;
+        ensure!(st == 201, "manifest put: {st}: {head}");
     }
     eprintln!("pushed {N} images in {:.1} s", t.elapsed().as_secs_f64());
     let daemon = Arc::new(cri::Daemon::start("")?);
@@ -686,10 +708,10 @@ async fn main() -> Result<()> {
 
     // 20 concurrent pulls of one image through a counting proxy, against one pull.
     let multi = &images[0];
-    let proxy = FaultProxy::start(registry.addr())?;
+    let proxy = start_proxy(registry.addr())?;
     let single = pull_one(proxy.addr(), "bench/multi:1", 1).await?;
     let single_gets = proxy.requests().iter().filter(|r| r.method == "GET" && r.path.contains("/blobs/")).count();
-    let proxy = FaultProxy::start(registry.addr())?;
+    let proxy = start_proxy(registry.addr())?;
     let twenty = pull_one(proxy.addr(), "bench/multi:1", 20).await?;
     let requests = proxy.requests();
     let mut per_blob = Vec::new();

@@ -148,6 +148,13 @@ impl ContentStore for Content {
         // The writer we may have waited for may have committed the blob meanwhile (and dropped
         // the ingest from every lease, so record it again).
         if self.hold_if_committed(digest, lease, Some(reference.clone())).await? {
+            // Waiting recreated the ingest directory that writer removed: remove it again,
+            // lock held, so no empty ingest is left behind.
+            let (dir, context) = (dir.clone(), format!("removing the ingest of blob {digest}"));
+            if let Err(e) = blocking(move || remove_all(&dir).map_err(Error::io(context))).await {
+                tracing::warn!(error = %e.chain(), "leaving an empty ingest behind");
+            }
+            drop(lock);
             return Err(already());
         }
         let (file, hasher, offset) = {
@@ -515,7 +522,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_writer_waits_for_the_first() {
-        let (_dir, b, lease) = setup().await;
+        let (dir, b, lease) = setup().await;
         let data = b"shared layer".to_vec();
         let desc = descriptor(&data);
         let mut first = b.content.writer(&desc, &lease).await.unwrap();
@@ -531,6 +538,7 @@ mod tests {
         first.commit().await.unwrap();
         let err = second.await.unwrap().err().unwrap();
         assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        assert_eq!(fs::read_dir(dir.path().join("content/ingest")).unwrap().count(), 0, "an ingest was left behind");
     }
 
     #[tokio::test]
