@@ -125,6 +125,10 @@ impl CpuClock {
 /// its adapter shims).
 pub const MAX_INSTANCES: usize = 16;
 
+/// The most bytes one import call may copy from the guest into the host (the largest real
+/// argument, a fetch of 1024 descriptors, is about 300 kB; wasmtime's default is 128 MiB).
+pub const HOSTCALL_BYTES: usize = 4 << 20;
+
 /// The most elements one table may hold (function tables of real pullers hold hundreds).
 pub const MAX_TABLE_ELEMENTS: usize = 100_000;
 
@@ -238,6 +242,8 @@ impl Runtime {
             .map_err(|e| anyhow::anyhow!("puller {} does not fit pullbox: {e:#}", path.display()))?;
         let pre = PullerWorldPre::new(pre)
             .map_err(|e| anyhow::anyhow!("puller {} does not fit pullbox: {e:#}", path.display()))?;
+        check_exports(&self.engine, &component)
+            .map_err(|e| anyhow::anyhow!("puller {} does not fit pullbox: {e}", path.display()))?;
         let puller =
             Puller { engine: self.engine.clone(), pre, settings, path: path.to_owned(), limits: self.limits.clone() };
         Ok(puller)
@@ -266,6 +272,48 @@ impl Runtime {
         }
         Ok(component)
     }
+}
+
+/// The exported interface every puller implements.
+const PULLER_EXPORT: &str = "pullbox:image/puller@0.1.0";
+
+/// Checks the shape of each export function (parameter and result kinds), so a component
+/// whose export has the right name but another type is refused at load, naming the export,
+/// instead of at its first call.
+fn check_exports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
+    use wasmtime::component::types::{ComponentItem, Type};
+    let ty = component.component_type();
+    let Some(export) = ty.get_export(engine, PULLER_EXPORT) else {
+        anyhow::bail!("it does not export {PULLER_EXPORT}");
+    };
+    let ComponentItem::ComponentInstance(instance) = export.ty else {
+        anyhow::bail!("its export {PULLER_EXPORT} is not an instance");
+    };
+    let is_string = |t: &Type| matches!(t, Type::String);
+    let is_record = |t: &Type| matches!(t, Type::Record(_));
+    let expected: [(&str, &[&dyn Fn(&Type) -> bool]); 5] = [
+        ("configure", &[&is_string]),
+        ("pull-image", &[&is_record]),
+        ("image-status", &[&is_string]),
+        ("list-images", &[]),
+        ("remove-image", &[&is_string]),
+    ];
+    for (name, params) in expected {
+        let Some(item) = instance.get_export(engine, name) else {
+            anyhow::bail!("it lacks the export {PULLER_EXPORT}#{name}");
+        };
+        let ComponentItem::ComponentFunc(f) = item.ty else {
+            anyhow::bail!("its export {PULLER_EXPORT}#{name} is not a function");
+        };
+        let got: Vec<Type> = f.params().map(|(_, t)| t).collect();
+        let results: Vec<Type> = f.results().collect();
+        let params_ok = got.len() == params.len() && got.iter().zip(params).all(|(t, ok)| ok(t));
+        let results_ok = results.len() == 1 && matches!(results[0], Type::Result(_));
+        if !params_ok || !results_ok {
+            anyhow::bail!("its export {PULLER_EXPORT}#{name} has the wrong type ({got:?} -> {results:?})");
+        }
+    }
+    Ok(())
 }
 
 /// Writes a cache entry atomically.
@@ -308,6 +356,7 @@ impl Puller {
         };
         let mut store = Store::new(&self.engine, CallState { session, limits, clock, log_events: 0 });
         store.limiter(|s| &mut s.limits);
+        store.set_hostcall_fuel(HOSTCALL_BYTES);
         store.call_hook(|mut ctx, hook| {
             let clock = &mut ctx.data_mut().clock;
             match hook {
@@ -381,12 +430,19 @@ fn trap(e: wasmtime::Error) -> CallError {
     }
     let text = format!("{e:#}");
     if text.contains("forcing trap when growing memory") || text.contains("memory minimum size") {
-        return CallError::Limit(format!("the puller exceeded its memory limit: {e}"));
+        return CallError::Limit("the puller exceeded its memory limit (sandbox.memory_limit)".into());
+    }
+    if text.contains("too much data is being copied between the host and the guest") {
+        return CallError::Limit(format!(
+            "the puller passed too much data to one host call (more than {HOSTCALL_BYTES} bytes)"
+        ));
     }
     if text.contains("maximum concurrent") {
-        return CallError::Limit(format!("too many puller calls at once: {e}"));
+        return CallError::Limit("too many puller calls at once (sandbox.max_calls)".into());
     }
-    CallError::Trap(e.into())
+    // The cause first, for people and kubelet; the wasm backtrace goes to the debug log.
+    tracing::debug!("puller trap: {e:?}");
+    CallError::Trap(anyhow::anyhow!("{}", e.root_cause()))
 }
 
 fn refused(e: bindings::pullbox::image::types::Error) -> CallError {

@@ -33,6 +33,10 @@ use crate::{
 /// How many blobs one request downloads at the same time.
 pub const PARALLEL_DOWNLOADS: usize = 4;
 
+/// The most distinct blobs one request may fetch (an image index with its manifests, configs
+/// and layers has far fewer; each download in flight costs the host a few kilobytes).
+pub const MAX_FETCHES: usize = 4096;
+
 /// The outcome of one download, shared by everyone who waits for it.
 type FetchOutcome = Result<(), Arc<Error>>;
 type FetchFuture = Shared<futures::future::BoxFuture<'static, FetchOutcome>>;
@@ -106,6 +110,9 @@ impl Session {
         let mut fetches = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
         if fetches.contains_key(&desc.digest) {
             return Ok(());
+        }
+        if fetches.len() >= MAX_FETCHES {
+            return Err(Error::ResourceExhausted(format!("one request may fetch at most {MAX_FETCHES} blobs")));
         }
         let (backend, registry, progress) = (self.backend.clone(), self.registry.clone(), self.progress.clone());
         let (repo, desc2, permits) = (repo.clone(), desc.clone(), self.downloads.clone());

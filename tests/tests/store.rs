@@ -30,8 +30,15 @@ const NO_ARGS: [&str; 0] = [];
 /// How long a test waits for a background pull to reach a state.
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A fresh store whose compiled-puller cache is shared with every other store of this test
+/// binary: compiling the puller takes a second, the rest of a pull milliseconds. (Cache
+/// entries are written atomically, so sharing them between processes is safe.)
 fn pullbox() -> Pullbox {
-    Pullbox::new().unwrap_or_else(|e| panic!("{e:#}"))
+    let pb = Pullbox::new().unwrap_or_else(|e| panic!("{e:#}"));
+    let shared = fixture().registry.dir().join("store-puller-cache");
+    fs::create_dir_all(&shared).unwrap();
+    std::os::unix::fs::symlink(&shared, pb.root().join("cache")).unwrap();
+    pb
 }
 
 /// The IDs `images --json` lists.
@@ -611,7 +618,8 @@ fn in_process_pulls_of_one_reference_share_one_pull() {
         let root = tempfile::tempdir().unwrap();
         let ids = rt.block_on(async {
             let backend = pullbox::backend::embedded::open(root.path()).unwrap();
-            let runtime = Runtime::new(None, Limits::default()).unwrap();
+            let cache = fixture().registry.dir().join("store-puller-cache");
+            let runtime = Runtime::new(Some(cache), Limits::default()).unwrap();
             let puller = runtime.load(&puller, String::new()).await.unwrap();
             let service = Arc::new(ImageService::new(backend, Arc::new(Client::new().unwrap()), puller));
             let tasks: Vec<_> = (0..pulls)

@@ -51,6 +51,10 @@ impl Host for CallState {
                     )));
                 }
                 wait(&s, &d).await?;
+                let size = s.backend.content.info(&d).await?.size;
+                if offset > size {
+                    return Err(Error::InvalidArgument(format!("offset {offset} is past the end of {d} ({size} bytes)")));
+                }
                 s.backend.content.read(&d, offset, length as usize).await
             }
             .await,

@@ -113,8 +113,15 @@ pub(crate) fn label_pairs(labels: Labels) -> Vec<(String, String)> {
     labels.into_iter().collect()
 }
 
+/// The largest blob the host accepts (1 TiB: larger than any real layer, small enough that
+/// size arithmetic and progress reporting never overflow).
+pub const MAX_BLOB: u64 = 1 << 40;
+
 /// Validates a guest-supplied descriptor.
 pub(crate) fn descriptor(d: wit::Descriptor) -> Result<Descriptor, Error> {
+    if d.size > MAX_BLOB {
+        return Err(Error::InvalidArgument(format!("descriptor {} has a size over {MAX_BLOB} bytes", d.digest)));
+    }
     if d.urls.len() > MAX_LABELS {
         return Err(Error::InvalidArgument("descriptor has too many urls".into()));
     }

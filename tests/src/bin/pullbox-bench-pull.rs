@@ -90,7 +90,7 @@ fn content(rng: &mut Rng, len: usize) -> Vec<u8> {
             while out.len() < end {
                 let r = rng.next();
                 out.extend_from_slice(WORDS[(r % WORDS.len() as u64) as usize].as_bytes());
-                out.push(if (r >> 32) % 11 == 0 { b'\n' } else { b' ' });
+                out.push(if (r >> 32).is_multiple_of(11) { b'\n' } else { b' ' });
             }
             out.truncate(end);
         }

@@ -146,7 +146,9 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Runtime::new() {
+    // Poll for I/O after every task: a looping puller yields every epoch tick (10 ms), and
+    // with the default interval (61 polls) a socket would wait ~0.6 s behind such yields.
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().event_interval(1).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pullbox: cannot start the async runtime: {e}");
@@ -168,7 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => String::new(),
     };
     if let Command::Policy(PolicyCommand::Check { component }) = &cli.command {
-        return policy::check(component, settings).await;
+        return policy::check(component, settings, limits(&cli)).await;
     }
     if let Command::Serve { config } = &cli.command {
         let overrides = serve::Overrides { root: cli.root.clone(), puller: cli.puller.clone(), settings: cli.settings.clone() };
@@ -182,15 +184,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Unmount { dir } = &cli.command {
         return mount::unmount(&backend, &root, dir).await;
     }
+    if let Command::Mount { .. } = &cli.command {
+        mount::require_root("mount")?;
+    }
     let puller_path = match &cli.puller {
         Some(p) => p.clone(),
         None => default_puller()?,
     };
-    let mut limits = pullbox::engine::Limits::default();
-    if let Some(ms) = cli.guest_cpu_ms {
-        limits.cpu_limit_ms = ms;
-    }
-    let runtime = Runtime::new(Some(root.join("cache")), limits)?;
+    let runtime = Runtime::new(Some(root.join("cache")), limits(&cli))?;
     let puller = runtime.load(&puller_path, settings).await?;
     let transport = registry::Config {
         hosts_dir: Some(cli.hosts_dir.clone()),
@@ -218,6 +219,15 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} must be a positive number of seconds"));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+/// The sandbox limits of CLI commands: the defaults, with `--guest-cpu-ms`.
+fn limits(cli: &Cli) -> pullbox::engine::Limits {
+    let mut limits = pullbox::engine::Limits::default();
+    if let Some(ms) = cli.guest_cpu_ms {
+        limits.cpu_limit_ms = ms;
+    }
+    limits
 }
 
 /// The default store root.

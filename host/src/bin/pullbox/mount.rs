@@ -115,7 +115,7 @@ pub async fn unmount(backend: &Backend, root: &Path, dir: &Path) -> anyhow::Resu
 }
 
 /// Fails unless this process may mount.
-fn require_root(command: &str) -> anyhow::Result<()> {
+pub fn require_root(command: &str) -> anyhow::Result<()> {
     if !rustix::process::geteuid().is_root() {
         bail!("`pullbox {command}` needs root: overlay and bind mounts need CAP_SYS_ADMIN");
     }
