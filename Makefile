@@ -139,7 +139,7 @@ setup:
 
 # Unit tests: host (backends, transport, engine glue) and the pullers' logic, natively.
 test-unit:
-	$(CARGO) test --release --locked -p pullbox -p pullbox-puller -p pullbox-refuse
+	$(CARGO) test --release --locked -p pullbox -p pullbox-puller -p pullbox-refuse -p pullbox-allowlist
 
 # Integration tests: the real binary and pullers against a real registry, umoci, skopeo.
 test-integration: build
@@ -167,7 +167,7 @@ bench: build
 	./target/release/pullbox-bench-pull
 
 clippy:
-	$(CARGO) clippy --release --locked -p pullbox -p pullbox-tests -p pullbox-puller -p pullbox-refuse --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked -p pullbox -p pullbox-tests -p pullbox-puller -p pullbox-refuse -p pullbox-allowlist -p pullbox-hostile --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
