@@ -259,8 +259,8 @@ fn tls_with_a_ca_and_client_certificates_from_hosts_toml() {
         let env = Env::new();
         env.hosts_toml(reg.addr(), &format!("{server}\n{ca}\n{client}\n"));
         let out = env.pull(&[], &reference);
-        eprintln!("TLSDEBUG {out}");
         out.assert_failure().assert_stderr_contains("certificate");
+        assert!(!out.stderr.contains("retrying"), "an untrusted certificate is not retried:\n{out}");
         assert!(env.pb.images_json().is_empty());
     }
 

@@ -664,6 +664,15 @@ impl Client {
 /// connections and timeouts are; TLS failures (a certificate that is not trusted does not
 /// become trusted) and malformed answers, which surface as `InvalidData`, are not.
 fn transient(e: &reqwest::Error) -> bool {
+    // rustls's errors are boxed inside the connector's errors; their variant names are the
+    // stable way to recognize them through the layers.
+    let debug = format!("{e:?}");
+    if ["InvalidCertificate", "AlertReceived", "InvalidMessage", "PeerIncompatible", "PeerMisbehaved", "NoCertificatesPresented"]
+        .iter()
+        .any(|v| debug.contains(v))
+    {
+        return false;
+    }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData) {

@@ -420,15 +420,3 @@ fn content_ranges_parse() {
     assert_eq!(seconds(Duration::from_millis(1500)), "1500ms");
 }
 
-#[tokio::test]
-async fn zz_debug_tls_error_chain() {
-    let server = Server::start(|_| status(200)).await;
-    let http = reqwest::Client::builder().use_rustls_tls().build().unwrap();
-    let e = http.get(format!("https://{}/v2/", server.addr)).send().await.unwrap_err();
-    let mut s = std::error::Error::source(&e);
-    while let Some(x) = s {
-        eprintln!("SRC {x:?} io={}", x.downcast_ref::<std::io::Error>().map(|i| format!("{:?}", i.kind())).unwrap_or_default());
-        s = x.source();
-    }
-    eprintln!("TRANSIENT {}", transient(&e));
-}
