@@ -153,7 +153,12 @@ impl ImageService {
         credentials: Credentials,
         cancel: CancellationToken,
     ) -> Result<ImageInfo, ServiceError> {
-        let key = (reference.to_owned(), serde_json::to_string(&platform).unwrap_or_default());
+        // Pulls share only with pulls of the same image, platform and credentials: a request
+        // must never get an image through someone else's access rights.
+        let key = (
+            reference.to_owned(),
+            format!("{}|{}", serde_json::to_string(&platform).unwrap_or_default(), credentials.identity()),
+        );
         loop {
             let joined = {
                 let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());

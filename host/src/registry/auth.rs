@@ -217,6 +217,19 @@ impl Credentials {
         Ok(Credentials(Inner::Static { secret, server }))
     }
 
+    /// Who these credentials are, without revealing them: `anonymous`, a keyed hash of the
+    /// secret (with the server it is limited to), or `provider` (the process's credential
+    /// store). Requests with different identities never share one pull.
+    pub fn identity(&self) -> String {
+        match &self.0 {
+            Inner::Anonymous => "anonymous".into(),
+            Inner::Static { secret, server } => {
+                format!("{}@{}", hex::encode(secret.fingerprint()), server.as_deref().unwrap_or("*"))
+            }
+            Inner::Provider(p) => format!("provider:{:p}", Arc::as_ptr(p)),
+        }
+    }
+
     /// Whether these are anonymous.
     pub fn is_anonymous(&self) -> bool {
         matches!(self.0, Inner::Anonymous)
