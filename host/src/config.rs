@@ -47,6 +47,47 @@ pub struct DaemonConfig {
     pub containerd: ContainerdSection,
     /// The puller's sandbox.
     pub sandbox: crate::engine::Limits,
+    /// The registry transport.
+    pub registry: RegistrySection,
+}
+
+/// `[registry]`: how registries are reached.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// containerd's `hosts.toml` directory (mirrors, CAs, client certificates).
+    pub hosts_dir: PathBuf,
+    /// Seconds without a byte before a download is given up.
+    pub stall_timeout_seconds: f64,
+    /// Seconds a TCP connection may take.
+    pub connect_timeout_seconds: f64,
+    /// Attempts per host before the next host is tried.
+    pub attempts: u32,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        let d = crate::registry::Config::default();
+        RegistrySection {
+            hosts_dir: PathBuf::from(crate::registry::DEFAULT_HOSTS_DIR),
+            stall_timeout_seconds: d.stall_timeout.as_secs_f64(),
+            connect_timeout_seconds: d.connect_timeout.as_secs_f64(),
+            attempts: d.attempts,
+        }
+    }
+}
+
+impl RegistrySection {
+    /// The transport settings.
+    pub fn transport(&self) -> crate::registry::Config {
+        crate::registry::Config {
+            hosts_dir: Some(self.hosts_dir.clone()),
+            stall_timeout: std::time::Duration::from_secs_f64(self.stall_timeout_seconds),
+            connect_timeout: std::time::Duration::from_secs_f64(self.connect_timeout_seconds),
+            attempts: self.attempts,
+            ..crate::registry::Config::default()
+        }
+    }
 }
 
 /// `[containerd]`: where containerd is and what of it pullbox uses.
@@ -87,6 +128,7 @@ impl Default for DaemonConfig {
             shutdown_grace_seconds: 10,
             containerd: ContainerdSection::default(),
             sandbox: crate::engine::Limits::default(),
+            registry: RegistrySection::default(),
         }
     }
 }
@@ -116,6 +158,11 @@ impl DaemonConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.mode()?;
         self.sandbox.validate()?;
+        let r = &self.registry;
+        let ok = |v: f64| v.is_finite() && v > 0.0 && v <= 86_400.0;
+        if !ok(r.stall_timeout_seconds) || !ok(r.connect_timeout_seconds) || r.attempts == 0 {
+            return Err("registry timeouts must be between 0 and 86400 seconds and attempts positive".into());
+        }
         if let Some(addr) = self.metrics_address {
             if !addr.ip().is_loopback() {
                 return Err(format!("metrics_address {addr} is not a loopback address"));

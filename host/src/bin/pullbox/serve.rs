@@ -75,7 +75,7 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     let runtime = Runtime::new(Some(config.root.join("cache")), config.sandbox.clone())?;
     let mut watched = Watched::new(&puller_path, config.settings.as_deref());
     let puller = runtime.load(&puller_path, settings).await?;
-    let service = Arc::new(ImageService::new(backend, Arc::new(Client::new()?), puller));
+    let service = Arc::new(ImageService::new(backend, Arc::new(Client::with_config(config.registry.transport())?), puller));
     service.check().await.with_context(|| format!("puller {} refuses its settings", puller_path.display()))?;
 
     let metrics = Arc::new(Metrics::new());
