@@ -193,7 +193,7 @@ impl ImageService {
             };
             match outcome {
                 Some(Ok(image)) => return Ok(image),
-                Some(Err((code, _))) if matches!(code, Code::Cancelled | Code::PermissionDenied) => {}
+                Some(Err((Code::Cancelled | Code::PermissionDenied, _))) => {}
                 Some(Err((code, message))) => return Err(Error::Shared { code, message }.into()),
                 None => {}
             }

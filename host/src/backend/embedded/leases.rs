@@ -98,7 +98,7 @@ fn boot_id() -> String {
 impl LeaseManager {
     /// Inserts a lease owned by `owner`, after collecting the garbage of dead owners' leases.
     async fn insert(&self, owner: impl FnOnce() -> Result<Owner> + Send + 'static) -> Result<LeaseId> {
-        if self.db.read(|conn| gc::has_dead_leases(conn)).await? {
+        if self.db.read(gc::has_dead_leases).await? {
             match gc::collect(&self.layout, &self.db).await {
                 Ok(report) => tracing::info!(?report, "collected what killed pulls left behind"),
                 // The new lease does not depend on it; the next collection retries.

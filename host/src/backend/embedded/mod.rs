@@ -12,6 +12,7 @@
 //!                                                  one directory per snapshot  (snapshots)
 //! <root>/metadata.db                               SQLite: images, content labels,
 //!                                                  snapshots, leases           (db)
+//! <root>/mounts/<sha256(dir)>.json                 `pullbox mount` records (the CLI's)
 //! ```
 //!
 //! [`open`] returns a [`Backend`] made of: [`content::Content`] (content store and writers),
@@ -23,7 +24,14 @@
 //! serializes their writes, and every decision that could race with another process (is this
 //! blob still referenced? is this directory an orphan?) is taken inside a database write
 //! transaction. Every blocking filesystem or database call runs on tokio's blocking pool
-//! through [`blocking`].
+//! through [`blocking`]. Two pulls that need the same blob or layer, in one process or two,
+//! do the work once: the second writer of a blob waits for the first ([`content`]), and the
+//! second unpack of a layer waits for the first ([`snapshots`]).
+//!
+//! Crashes: what a killed pull wrote is held by its lease, whose owner process is gone; the
+//! next lease created (the next pull) or `pullbox gc` collects it ([`leases`], [`gc`]).
+//! Content or snapshots removed behind pullbox's back read as absent, so the image is not
+//! READY and a pull writes them again ([`snapshots`]).
 
 mod content;
 mod db;

@@ -330,6 +330,8 @@ impl Unpacker<'_> {
                 tracing::debug!(layer = self.layer, dir = shown, error = %e, "cannot copy a parent's metadata from below");
                 return;
             }
+            // The field types of `stat` differ between architectures.
+            #[allow(clippy::unnecessary_cast)]
             let times = Timestamps {
                 last_access: Timespec { tv_sec: st.st_atime as i64, tv_nsec: st.st_atime_nsec as i64 },
                 last_modification: Timespec { tv_sec: st.st_mtime as i64, tv_nsec: st.st_mtime_nsec as i64 },
