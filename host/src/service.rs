@@ -263,9 +263,10 @@ impl ImageService {
             let _ = rx.wait_for(Option::is_some).await;
         }
         let before = self.backend.images.list().await?.len();
+        let census = self.backend.leases.census().await?;
         self.puller().remove(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?;
         let removed = before.saturating_sub(self.backend.images.list().await?.len());
-        let report = self.backend.leases.collect().await?;
+        let report = self.backend.leases.collect_since(census).await?;
         Ok((removed, report))
     }
 

@@ -204,7 +204,45 @@ pub trait Leases: Send + Sync {
 
     /// Removes leases whose owning process is gone, then everything that no image record and
     /// no lease refers to (following `containerd.io/gc.ref.*` labels and snapshot parents).
-    async fn collect(&self) -> Result<GcReport>;
+    async fn collect(&self) -> Result<GcReport> {
+        let census = self.census().await?;
+        self.collect_since(census).await
+    }
+
+    /// What the store holds now, for a backend whose own collector may free things at any time
+    /// (containerd's scheduler runs at its own pace after a delete): given to
+    /// [`Leases::collect_since`] after the delete, it makes the report count those too. `None`
+    /// (the default) for a backend whose collections only [`Leases::collect_since`] runs.
+    async fn census(&self) -> Result<Option<Census>> {
+        Ok(None)
+    }
+
+    /// [`Leases::collect`], reporting what went since `census` was taken.
+    async fn collect_since(&self, census: Option<Census>) -> Result<GcReport>;
+}
+
+/// What a store held at one moment: blobs with their sizes, snapshot names, ingest references.
+/// See [`Leases::census`].
+#[derive(Debug, Clone, Default)]
+pub struct Census {
+    pub blobs: std::collections::HashMap<String, u64>,
+    pub snapshots: std::collections::HashSet<String>,
+    pub ingests: std::collections::HashSet<String>,
+}
+
+impl Census {
+    /// What went between `self` and `after`, as a report (`leases` is left to the caller).
+    pub fn gone(&self, after: &Census) -> GcReport {
+        let gone_blobs: Vec<u64> =
+            self.blobs.iter().filter(|(d, _)| !after.blobs.contains_key(*d)).map(|(_, size)| *size).collect();
+        GcReport {
+            blobs: gone_blobs.len() as u64,
+            bytes: gone_blobs.iter().sum(),
+            snapshots: self.snapshots.difference(&after.snapshots).count() as u64,
+            ingests: self.ingests.difference(&after.ingests).count() as u64,
+            leases: 0,
+        }
+    }
 }
 
 /// One implementation of each store.

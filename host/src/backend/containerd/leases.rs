@@ -16,6 +16,8 @@
 //! `collect` creates a short-lived lease and deletes it synchronously, which runs the
 //! collector, and reports what disappeared from the namespace's content, snapshots and
 //! ingests meanwhile (containerd does not say what it removed; `bytes` counts blobs only).
+//! containerd's scheduler may also collect on its own soon after an image is deleted, so the
+//! service takes a [`Leases::census`] before it removes an image and reports against that.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -36,7 +38,7 @@ use containerd_client::{
 
 use super::{now_secs, rfc3339, Conn};
 use crate::{
-    backend::{GcReport, LeaseId, Leases},
+    backend::{Census, GcReport, LeaseId, Leases},
     error::{Error, Result},
 };
 
@@ -106,7 +108,7 @@ impl LeaseManager {
 
     /// What the namespace holds that a collection may remove: blobs with their sizes,
     /// snapshot names, ingest references.
-    async fn inventory(&self) -> Result<Inventory> {
+    async fn inventory(&self) -> Result<Census> {
         let mut blobs = HashMap::new();
         let req = self.conn.request(ListContentRequest { filters: Vec::new() });
         let mut stream =
@@ -135,15 +137,8 @@ impl LeaseManager {
             .into_iter()
             .map(|s| s.r#ref)
             .collect();
-        Ok(Inventory { blobs, snapshots, ingests })
+        Ok(Census { blobs, snapshots, ingests })
     }
-}
-
-/// See [`LeaseManager::inventory`].
-struct Inventory {
-    blobs: HashMap<String, u64>,
-    snapshots: HashSet<String>,
-    ingests: HashSet<String>,
 }
 
 #[async_trait]
@@ -161,9 +156,16 @@ impl Leases for LeaseManager {
         self.delete_with(lease, true).await
     }
 
-    async fn collect(&self) -> Result<GcReport> {
+    async fn census(&self) -> Result<Option<Census>> {
+        Ok(Some(self.inventory().await?))
+    }
+
+    async fn collect_since(&self, census: Option<Census>) -> Result<GcReport> {
         let leases = self.delete_dead().await?;
-        let before = self.inventory().await?;
+        let before = match census {
+            Some(census) => census,
+            None => self.inventory().await?,
+        };
         // Run containerd's collector and wait for it: the synchronous delete of a lease does.
         let id = format!("pullbox-gc-{}", uuid::Uuid::new_v4().simple());
         let labels = HashMap::from([(EXPIRE_LABEL.to_owned(), rfc3339(now_secs() + GC_LEASE_EXPIRY.as_secs()))]);
@@ -174,15 +176,7 @@ impl Leases for LeaseManager {
             Err(e) => return Err(e),
         }
         let after = self.inventory().await?;
-        let gone_blobs: Vec<u64> =
-            before.blobs.iter().filter(|(d, _)| !after.blobs.contains_key(*d)).map(|(_, size)| *size).collect();
-        let report = GcReport {
-            blobs: gone_blobs.len() as u64,
-            bytes: gone_blobs.iter().sum(),
-            snapshots: before.snapshots.difference(&after.snapshots).count() as u64,
-            ingests: before.ingests.difference(&after.ingests).count() as u64,
-            leases,
-        };
+        let report = GcReport { leases, ..before.gone(&after) };
         tracing::info!(?report, "containerd garbage collected");
         Ok(report)
     }

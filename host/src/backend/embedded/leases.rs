@@ -25,7 +25,7 @@ use rusqlite::params;
 
 use super::{db::Db, gc, now_nanos, Layout};
 use crate::{
-    backend::{GcReport, LeaseId, Leases},
+    backend::{Census, GcReport, LeaseId, Leases},
     error::{Error, Result},
 };
 
@@ -142,7 +142,8 @@ impl Leases for LeaseManager {
             .await
     }
 
-    async fn collect(&self) -> Result<GcReport> {
+    /// Only this collector removes anything here: no census is needed.
+    async fn collect_since(&self, _census: Option<Census>) -> Result<GcReport> {
         gc::collect(&self.layout, &self.db).await
     }
 }
