@@ -229,6 +229,7 @@ impl ImageService {
             }
             Err(_) => session.abort().await,
         }
+        session.discard_stages().await;
         let deleted = self.backend.leases.delete(&lease).await;
         guard.lease = None;
         deleted?;

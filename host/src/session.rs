@@ -4,7 +4,9 @@
 //! downloads it started. `registry.fetch` starts downloads as tokio tasks and returns at once;
 //! `content.*` and `diff.apply` on a digest being fetched first wait for that download
 //! ([`Session::wait_fetched`]), so a guest overlaps downloads with unpacking without knowing
-//! how. At most [`PARALLEL_DOWNLOADS`] blobs download at a time per request (containerd's
+//! how. A backend whose differ can ([`crate::backend::Differ::stage`]) also unpacks each layer
+//! while it downloads, and `diff.apply` then only moves it into place ([`Session::stage`]).
+//! At most [`PARALLEL_DOWNLOADS`] blobs download at a time per request (containerd's
 //! default `max_concurrent_downloads` is 3; layers of a pull are few and large, so a little
 //! more parallelism keeps a fast link busy without thrashing a slow disk).
 //!
@@ -24,7 +26,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backend::{Backend, LeaseId},
+    backend::{Backend, LeaseId, Stage},
     error::{Error, Result},
     oci::{Descriptor, Digest},
     registry::{Credentials, Progress, Repository, SharedClient},
@@ -53,7 +55,20 @@ pub struct Session {
     /// Cancels the request: its downloads stop, its registry imports answer `cancelled`.
     pub cancel: CancellationToken,
     fetches: Mutex<HashMap<Digest, (FetchFuture, tokio::task::AbortHandle)>>,
+    /// Layers being unpacked while they download.
+    stages: Mutex<HashMap<Digest, Arc<dyn Stage>>>,
     downloads: Arc<Semaphore>,
+}
+
+/// Tells a stage its download has ended, however the download task ends (even aborted).
+struct EndStage(Option<Arc<dyn Stage>>);
+
+impl Drop for EndStage {
+    fn drop(&mut self) {
+        if let Some(stage) = &self.0 {
+            stage.end();
+        }
+    }
 }
 
 impl Session {
@@ -72,6 +87,7 @@ impl Session {
             credentials: Credentials::anonymous(),
             cancel: CancellationToken::new(),
             fetches: Mutex::new(HashMap::new()),
+            stages: Mutex::new(HashMap::new()),
             downloads: Arc::new(Semaphore::new(PARALLEL_DOWNLOADS)),
         }
     }
@@ -117,10 +133,16 @@ impl Session {
         let (backend, registry, progress) = (self.backend.clone(), self.registry.clone(), self.progress.clone());
         let (repo, desc2, permits) = (repo.clone(), desc.clone(), self.downloads.clone());
         let (credentials, cancel) = (self.credentials.clone(), self.cancel.clone());
+        let stage = self.backend.differ.stage(desc);
+        if let Some(stage) = &stage {
+            self.stages.lock().unwrap_or_else(|e| e.into_inner()).insert(desc.digest.clone(), stage.clone());
+        }
         let task = tokio::spawn(async move {
+            let stage = EndStage(stage);
             let download = async {
                 let _permit = permits.acquire_owned().await.map_err(|_| Error::Cancelled("download queue closed".into()))?;
-                registry.fetch(&repo, &desc2, backend.content.as_ref(), &lease, progress.as_ref(), &credentials).await
+                let (content, stage) = (backend.content.as_ref(), stage.0.as_deref());
+                registry.fetch(&repo, &desc2, content, &lease, stage, progress.as_ref(), &credentials).await
             };
             tokio::select! {
                 r = download => r,
@@ -141,6 +163,20 @@ impl Session {
         .shared();
         fetches.insert(desc.digest.clone(), (fut, abort));
         Ok(())
+    }
+
+    /// The layer `digest` as unpacked while it downloaded, if this session stages it.
+    pub fn stage(&self, digest: &Digest) -> Option<Arc<dyn Stage>> {
+        self.stages.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()
+    }
+
+    /// Deletes what was unpacked while downloading and never applied, and waits until it is
+    /// gone: called when the request ends, after its downloads have.
+    pub async fn discard_stages(&self) {
+        let stages: Vec<_> = self.stages.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, s)| s).collect();
+        for stage in stages {
+            stage.discard().await;
+        }
     }
 
     /// Waits for a download of `digest` started by this session, if there is one.

@@ -132,6 +132,8 @@ pub struct Inventory {
     pub ingests: BTreeSet<String>,
     /// The `mounts/` records of `pullbox mount`.
     pub mounts: BTreeSet<String>,
+    /// The `staging/` directories of layers unpacked while they downloaded.
+    pub staging: BTreeSet<String>,
 }
 
 fn names(dir: &Path) -> Result<BTreeSet<String>> {
@@ -149,6 +151,7 @@ impl Inventory {
             blobs: names(&root.join("content/blobs/sha256"))?.into_iter().map(|h| format!("sha256:{h}")).collect(),
             ingests: names(&root.join("content/ingest"))?,
             mounts: names(&root.join("mounts"))?,
+            staging: names(&root.join("staging"))?,
             ..Inventory::default()
         };
         for name in names(&root.join("snapshots"))? {
@@ -171,6 +174,7 @@ impl Inventory {
             && self.snapshot_strays.is_empty()
             && self.ingests.is_empty()
             && self.mounts.is_empty()
+            && self.staging.is_empty()
     }
 
     /// The bytes written to ingests so far.

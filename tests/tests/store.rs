@@ -117,7 +117,10 @@ fn assert_only_app(pb: &Pullbox) -> Inventory {
     let inv = inventory(pb);
     assert_eq!(inv.blobs, app_blobs(), "{inv:#?}");
     assert_eq!(inv.snapshots.len(), app::LAYERS, "{inv:#?}");
-    assert!(inv.ingests.is_empty() && inv.snapshot_strays.is_empty() && inv.mounts.is_empty(), "{inv:#?}");
+    assert!(
+        inv.ingests.is_empty() && inv.snapshot_strays.is_empty() && inv.mounts.is_empty() && inv.staging.is_empty(),
+        "{inv:#?}"
+    );
     inv
 }
 
@@ -310,6 +313,7 @@ fn kill_a_pull_midway(pb: &Pullbox) {
     pull.child.wait().unwrap();
     let inv = inventory(pb);
     assert_eq!(inv.ingests.len(), 1, "{inv:#?}");
+    assert!(!inv.staging.is_empty(), "layer 2 was being unpacked as it downloaded: {inv:#?}");
     assert!(inv.blobs.contains(&f.app.layers[0].digest) && inv.blobs.contains(f.app.id()), "{inv:#?}");
 }
 
@@ -319,10 +323,15 @@ fn gc_removes_what_a_killed_pull_left_and_a_re_pull_succeeds() {
     let pb = pullbox();
     kill_a_pull_midway(&pb);
     assert!(listed(&pb).is_empty());
+    // Two snapshots, and the layers that were being unpacked as they downloaded.
+    let snapshots = 2 + inventory(&pb).staging.len();
 
     let out = pb.run("gc", NO_ARGS);
     out.assert_success();
-    assert!(out.stdout.contains(", 2 snapshots, 1 ingests, 1 leases;"), "gc must report what it removed:\n{out}");
+    assert!(
+        out.stdout.contains(&format!(", {snapshots} snapshots, 1 ingests, 1 leases;")),
+        "gc must report what it removed:\n{out}"
+    );
     let inv = inventory(&pb);
     assert!(inv.is_empty(), "orphans left after gc: {inv:#?}");
 

@@ -6,7 +6,8 @@
 //! - [`ContentStore`] / [`ContentWriter`]: blobs by digest, with labels; writes are verified
 //!   against the expected size and digest before they become visible.
 //! - [`Snapshotter`]: containerd's snapshot model (active → committed, views).
-//! - [`Differ`]: applies a layer blob onto an active snapshot's mounts, returning the diff ID.
+//! - [`Differ`]: applies a layer blob onto an active snapshot's mounts, returning the diff ID;
+//!   optionally unpacks a layer while it downloads ([`Stage`]).
 //! - [`ImageStore`]: named image records.
 //! - [`Leases`]: what a pull has written, kept alive until its records exist, and garbage
 //!   collection of whatever no image and no lease refers to.
@@ -146,6 +147,35 @@ pub trait Snapshotter: Send + Sync {
 pub trait Differ: Send + Sync {
     /// Applies the committed blob `layer` onto `mounts` and returns its diff ID.
     async fn apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<Digest>;
+
+    /// Starts unpacking `layer` from its bytes as they download, before anyone asks for it to
+    /// be applied: layers then decompress and unpack in parallel, in the same pass as their
+    /// download. `None` when this differ does not (the default) or `layer` is no layer.
+    fn stage(&self, _layer: &Descriptor) -> Option<Arc<dyn Stage>> {
+        None
+    }
+}
+
+/// A layer unpacked while it downloads, into a place of its own; see [`Differ::stage`].
+/// Dropping it discards what was unpacked and not applied.
+#[async_trait]
+pub trait Stage: Send + Sync {
+    /// The next downloaded bytes of the blob, which start at `offset`. Bytes that do not
+    /// continue the ones before (a download that starts over) end the staging.
+    async fn feed(&self, offset: u64, bytes: bytes::Bytes);
+
+    /// The download has ended, whatever its outcome: no more bytes come.
+    fn end(&self);
+
+    /// Once the download has succeeded (so the blob's digest is verified): moves the unpacked
+    /// layer onto `mounts` (an empty active snapshot, as for [`Differ::apply`]) and returns its
+    /// diff ID. `None` when nothing usable was staged (an incomplete or restarted download, a
+    /// layer that failed to unpack, a snapshot that is not empty, a second apply): the caller
+    /// then uses [`Differ::apply`], which also says what is wrong with a bad layer.
+    async fn apply(&self, mounts: &[Mount]) -> Result<Option<Digest>>;
+
+    /// Deletes what was staged and not applied, and waits until it is gone.
+    async fn discard(&self);
 }
 
 /// A named image record.

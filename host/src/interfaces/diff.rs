@@ -1,5 +1,6 @@
 //! Host side of `pullbox:image/diff`: applies a layer with the backend's differ, after the
-//! request's download of that layer (if any) has finished.
+//! request's download of that layer (if any) has finished; a layer the session unpacked while
+//! it downloaded ([`crate::session::Session::stage`]) is moved into place instead.
 
 use crate::engine::{
     bindings::pullbox::image::{
@@ -20,7 +21,14 @@ impl Host for CallState {
                 let ms = mounts(ms)?;
                 s.lease()?;
                 wait(&s, &layer.digest).await?;
-                let diff_id = s.backend.differ.apply(&layer, &ms).await?;
+                let staged = match s.stage(&layer.digest) {
+                    Some(stage) => stage.apply(&ms).await?,
+                    None => None,
+                };
+                let diff_id = match staged {
+                    Some(diff_id) => diff_id,
+                    None => s.backend.differ.apply(&layer, &ms).await?,
+                };
                 s.progress.done(&layer.digest);
                 Ok(diff_id.to_string())
             }

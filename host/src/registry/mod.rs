@@ -59,7 +59,7 @@ pub use hosts::Host;
 pub use name::Repository;
 
 use crate::{
-    backend::{ContentStore, ContentWriter, LeaseId},
+    backend::{ContentStore, ContentWriter, LeaseId, Stage},
     error::{Error, Result},
     oci::{Descriptor, Digest, Hasher},
 };
@@ -430,14 +430,17 @@ impl Client {
     }
 
     /// Streams the blob `desc` of `repo` into `content` under `lease`, resuming an
-    /// interrupted ingest, retrying transient failures, falling back to the next host.
-    /// Returns once the blob is committed.
+    /// interrupted ingest, retrying transient failures, falling back to the next host; every
+    /// chunk stored also goes to `stage`, a layer unpacking as it downloads. Returns once the
+    /// blob is committed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn fetch(
         &self,
         repo: &Repository,
         desc: &Descriptor,
         content: &dyn ContentStore,
         lease: &LeaseId,
+        stage: Option<&dyn Stage>,
         progress: &dyn Progress,
         credentials: &Credentials,
     ) -> Result<()> {
@@ -459,7 +462,7 @@ impl Client {
                         };
                         let mut written = 0;
                         let attempt =
-                            self.fetch_once(&host, &http, repo, desc, endpoint, writer, progress, credentials, what, &mut written).await;
+                            self.fetch_once(&host, &http, repo, desc, endpoint, writer, stage, progress, credentials, what, &mut written).await;
                         match attempt {
                             Err(Failure::Retry(e)) => {
                                 // Progress made: the next attempt resumes; it is a first failure.
@@ -497,6 +500,7 @@ impl Client {
         desc: &Descriptor,
         endpoint: &str,
         mut writer: Box<dyn ContentWriter>,
+        stage: Option<&dyn Stage>,
         progress: &dyn Progress,
         credentials: &Credentials,
         what: &str,
@@ -578,6 +582,9 @@ impl Client {
                 }));
             }
             writer.write(&chunk).await.map_err(Failure::Fatal)?;
+            if let Some(stage) = stage {
+                stage.feed(pos, chunk.clone()).await;
+            }
             pos += chunk.len() as u64;
             *written += chunk.len() as u64;
             progress.advance(&desc.digest, chunk.len() as u64);

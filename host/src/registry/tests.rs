@@ -182,7 +182,7 @@ fn repo(addr: &str) -> Repository {
 }
 
 async fn fetch(c: &Client, s: &Store, addr: &str, desc: &Descriptor, creds: &Credentials) -> Result<()> {
-    c.fetch(&repo(addr), desc, s.backend.content.as_ref(), &s.lease, &NoProgress, creds).await
+    c.fetch(&repo(addr), desc, s.backend.content.as_ref(), &s.lease, None, &NoProgress, creds).await
 }
 
 async fn committed(s: &Store, digest: &Digest) -> bool {

@@ -16,28 +16,33 @@
 //! does with its `WithParents` option.
 
 use std::{
+    sync::Arc,
     fs::File,
-    io::{self, BufReader, Read},
+    io::{self, BufRead, BufReader, Read},
     path::{Component, PathBuf},
 };
 
 use async_trait::async_trait;
 
-use super::{blocking, content::blob_error, db::Db, snapshots, unpack::unpack, Layout};
+use super::{blocking, content::blob_error, db::Db, snapshots, stage::Staging, unpack::unpack, Layout};
 use crate::{
-    backend::Differ,
+    backend::{Differ, Stage},
     error::{Error, Result},
     oci::{Algorithm, Compression, Descriptor, Digest, Hasher, Mount},
 };
 
+/// How much of a stored blob is read at a time.
+const READ_BUF: usize = 256 * 1024;
+
 /// The embedded layer applier.
+#[derive(Clone)]
 pub(crate) struct Applier {
-    layout: Layout,
+    pub(super) layout: Layout,
     db: Db,
 }
 
 /// A reader that hashes everything read through it.
-struct HashingReader<R> {
+pub(super) struct HashingReader<R> {
     inner: R,
     hasher: Hasher,
 }
@@ -51,7 +56,7 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// The directory a layer is applied to, from an active snapshot's mounts.
-fn upper_dir(mounts: &[Mount]) -> Result<PathBuf> {
+pub(super) fn upper_dir(mounts: &[Mount]) -> Result<PathBuf> {
     let [mount] = mounts else {
         return Err(Error::InvalidArgument(format!("a layer is applied onto exactly one mount, not {}", mounts.len())));
     };
@@ -76,7 +81,7 @@ impl Applier {
 
     /// Checks that `upper` is the `fs` directory of an active snapshot of this store; returns
     /// the `fs` directories of the snapshot's ancestors, nearest first.
-    async fn check_upper(&self, upper: &std::path::Path) -> Result<Vec<PathBuf>> {
+    pub(super) async fn check_upper(&self, upper: &std::path::Path) -> Result<Vec<PathBuf>> {
         let refused = || Error::InvalidArgument(format!("{} is not an active snapshot of this store", upper.display()));
         let rel = upper.strip_prefix(self.layout.snapshots()).map_err(|_| refused())?;
         let parts: Vec<_> = rel.components().collect();
@@ -90,6 +95,33 @@ impl Applier {
         let layout = self.layout.clone();
         self.db.read(move |conn| snapshots::active_lowers(conn, &layout, id)).await?.ok_or_else(refused)
     }
+}
+
+/// The uncompressed stream of the layer blob `blob`, hashed as it is read.
+pub(super) type LayerStream = HashingReader<Box<dyn Read + Send>>;
+
+/// Decompresses `blob`, the layer `digest`, by `compression`.
+pub(super) fn layer_stream(
+    blob: impl BufRead + Send + 'static,
+    compression: Compression,
+    digest: &Digest,
+) -> Result<LayerStream> {
+    let decompressed: Box<dyn Read + Send> = match compression {
+        Compression::None => Box::new(blob),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(blob).map_err(decompress_error(digest))?),
+    };
+    Ok(HashingReader { inner: decompressed, hasher: Hasher::new(Algorithm::Sha256) })
+}
+
+/// Reads what follows the archive's end marker into the hash; returns the diff ID.
+pub(super) fn finish_layer(mut rest: LayerStream, digest: &Digest) -> Result<Digest> {
+    io::copy(&mut rest, &mut io::sink()).map_err(decompress_error(digest))?;
+    Ok(rest.hasher.finish())
+}
+
+fn decompress_error(digest: &Digest) -> impl Fn(io::Error) -> Error + '_ {
+    |e| Error::BadLayer { layer: digest.to_string(), reason: format!("decompressing: {e}") }
 }
 
 #[async_trait]
@@ -112,20 +144,16 @@ impl Differ for Applier {
                     actual: format!("{size} bytes"),
                 });
             }
-            let file = BufReader::new(file);
-            let bad =
-                |e: io::Error| Error::BadLayer { layer: digest.to_string(), reason: format!("decompressing: {e}") };
-            let decompressed: Box<dyn Read> = match compression {
-                Compression::None => Box::new(file),
-                Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(file)),
-                Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file).map_err(bad)?),
-            };
-            let reader = HashingReader { inner: decompressed, hasher: Hasher::new(Algorithm::Sha256) };
-            let mut rest = unpack(reader, &upper, &lowers, digest.as_str())?;
-            io::copy(&mut rest, &mut io::sink()).map_err(bad)?;
-            Ok(rest.hasher.finish())
+            let stream = layer_stream(BufReader::with_capacity(READ_BUF, file), compression, digest)?;
+            let rest = unpack(stream, &upper, &lowers, digest.as_str())?;
+            finish_layer(rest, digest)
         })
         .await
+    }
+
+    fn stage(&self, layer: &Descriptor) -> Option<Arc<dyn Stage>> {
+        let compression = Compression::of_layer(&layer.media_type)?;
+        Some(Arc::new(Staging::new(self.clone(), layer.clone(), compression)))
     }
 }
 

@@ -10,7 +10,8 @@
 //!    name); from a snapshot, its parent and the same labels;
 //! 3. sweep: unreferenced blobs (files in `content/blobs/`), unreferenced snapshots (children
 //!    before parents: a child's id is always greater), ingests no live lease holds and no
-//!    writer has locked, and snapshot directories without a row (left by a crash).
+//!    writer has locked, and snapshot directories without a row (left by a crash); after the
+//!    transaction, staging directories (layers unpacked while downloading) no process holds.
 //!
 //! Why this is safe against a pull in another process: every write that makes something
 //! reachable (a lease resource, a committed blob, a snapshot row and its directory) happens in
@@ -34,7 +35,9 @@ use super::{
     fsutil::{disk_usage, remove_all, FileLock},
     images, ingest_dir_name,
     leases::Owner,
-    snapshots, Layout, ALGORITHMS, TRASH_PREFIX,
+    snapshots,
+    stage::STAGING_LOCK,
+    Layout, ALGORITHMS, TRASH_PREFIX,
 };
 use crate::{
     backend::GcReport,
@@ -49,9 +52,10 @@ const SNAPSHOT_REF_PREFIX: &str = "containerd.io/gc.ref.snapshot.";
 
 /// Collects garbage under `layout`.
 pub(crate) async fn collect(layout: &Layout, db: &Db) -> Result<GcReport> {
+    let sweeping = layout.clone();
+    let (mut report, trash) = db.write(move |tx| mark_and_sweep(tx, &sweeping)).await?;
     let layout = layout.clone();
-    let (mut report, trash) = db.write(move |tx| mark_and_sweep(tx, &layout)).await?;
-    report.bytes += blocking(move || {
+    let (bytes, staged) = blocking(move || {
         let mut bytes = 0;
         for dir in trash {
             bytes += disk_usage(&dir).map(|u| u.size).unwrap_or_default();
@@ -59,9 +63,12 @@ pub(crate) async fn collect(layout: &Layout, db: &Db) -> Result<GcReport> {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not delete a collected snapshot; the next collection retries");
             }
         }
-        Ok(bytes)
+        let staged = sweep_staging(&layout)?;
+        Ok((bytes + staged.bytes, staged.snapshots))
     })
     .await?;
+    report.bytes += bytes;
+    report.snapshots += staged;
     if report != GcReport::default() {
         tracing::info!(?report, "garbage collected");
     }
@@ -271,6 +278,28 @@ fn sweep_snapshots(conn: &Connection, layout: &Layout, marks: &Marks, report: &m
         }
     }
     Ok(trash)
+}
+
+/// Deletes the staging directories of layers unpacked while downloading that no process has
+/// locked (left by a killed process): outside the database transaction, as no record refers to
+/// them. Counted as snapshots.
+fn sweep_staging(layout: &Layout) -> Result<GcReport> {
+    let mut report = GcReport::default();
+    for (_, path) in entries(&layout.staging())? {
+        let lock = match FileLock::try_acquire(&path.join(STAGING_LOCK)) {
+            Ok(Some(lock)) => lock,
+            // Its pull is running, or it finished and deleted the directory just now.
+            Ok(None) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err("locking", &path)(e)),
+        };
+        tracing::info!(dir = %path.display(), "deleting a layer a killed pull unpacked");
+        report.bytes += disk_usage(&path).map(|u| u.size).unwrap_or_default();
+        remove_all(&path).map_err(io_err("deleting", &path))?;
+        drop(lock);
+        report.snapshots += 1;
+    }
+    Ok(report)
 }
 
 /// Deletes ingests that no live lease holds and no writer has locked.

@@ -10,6 +10,8 @@
 //!                                                  writes in progress, resumable
 //! <root>/snapshots/<id>/fs, <root>/snapshots/<id>/work
 //!                                                  one directory per snapshot  (snapshots)
+//! <root>/staging/<uuid>/{fs,lock}                  layers unpacked while they
+//!                                                  download                    (stage)
 //! <root>/metadata.db                               SQLite: images, content labels,
 //!                                                  snapshots, leases           (db)
 //! <root>/mounts/<sha256(dir)>.json                 `pullbox mount` records (the CLI's)
@@ -17,7 +19,8 @@
 //!
 //! [`open`] returns a [`Backend`] made of: [`content::Content`] (content store and writers),
 //! [`snapshots::Snapshots`] (the `overlayfs` snapshotter), [`differ::Applier`] (the layer
-//! applier, which uses [`unpack`] for the hostile-archive-safe tar extraction),
+//! applier, which uses [`unpack`] for the hostile-archive-safe tar extraction, and unpacks
+//! layers while they download with [`stage::Staging`]),
 //! [`images::Images`] and [`leases::LeaseManager`] (leases, and garbage collection in [`gc`]).
 //!
 //! Several processes (the daemon and CLI invocations) may use one root at once: the database
@@ -41,6 +44,7 @@ mod gc;
 mod images;
 mod leases;
 mod snapshots;
+mod stage;
 mod unpack;
 
 use std::{
@@ -99,14 +103,15 @@ impl Layout {
         }
         let layout = Layout { root };
         let blobs = ALGORITHMS.map(|alg| layout.blobs(alg));
-        for dir in blobs.iter().chain([&layout.ingests(), &layout.snapshots()]) {
+        for dir in blobs.iter().chain([&layout.ingests(), &layout.snapshots(), &layout.staging()]) {
             std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         }
-        // Snapshots hold image files with their setuid bits and owners: like containerd, keep
-        // unprivileged users from reaching (and running) them.
-        let snapshots = layout.snapshots();
-        std::fs::set_permissions(&snapshots, std::fs::Permissions::from_mode(0o700))
-            .map_err(Error::io(format!("restricting {}", snapshots.display())))?;
+        // Snapshots (and layers unpacked for them) hold image files with their setuid bits and
+        // owners: like containerd, keep unprivileged users from reaching (and running) them.
+        for dir in [layout.snapshots(), layout.staging()] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(Error::io(format!("restricting {}", dir.display())))?;
+        }
         Ok(layout)
     }
 
@@ -145,6 +150,11 @@ impl Layout {
     /// The snapshot's own layer: a bind mount's source, an overlay's upper or lower dir.
     fn snapshot_fs(&self, id: i64) -> PathBuf {
         self.snapshot(id).join("fs")
+    }
+
+    /// Layers unpacked while they download, before their snapshots exist (see [`stage`]).
+    fn staging(&self) -> PathBuf {
+        self.root.join("staging")
     }
 
     /// The overlay work directory of an active snapshot.

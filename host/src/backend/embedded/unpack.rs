@@ -32,6 +32,9 @@
 //! them when given the layers below (`WithParents`): with the mode, owner and times of the
 //! same directory in the nearest lower layer that has it (so the overlay view keeps them),
 //! 0755 and root's when none has. The lower layers are only read, walked like the upper one.
+//! A layer unpacked before the layers below it exist ([`unpack_staged`], while it downloads)
+//! records the parents it created instead, and [`inherit_parents`] gives them that metadata
+//! once it is moved onto its snapshot: the result is the same tree.
 //!
 //! Metadata: modes (setuid, setgid and sticky included), owners (when running as root),
 //! modification and access times (nanoseconds from PAX records), and PAX `SCHILY.xattr.*`
@@ -46,6 +49,7 @@
 
 use std::{
     cell::RefCell,
+    collections::BTreeSet,
     ffi::{OsStr, OsString},
     fs::File,
     io::{self, Read, Write},
@@ -86,25 +90,42 @@ const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::
 /// first) are `lowers`; `layer` names the layer in errors. Returns the reader, positioned after
 /// the archive's end-of-archive marker (the caller may have more bytes to consume from it).
 pub(crate) fn unpack<R: Read>(archive: R, root: &Path, lowers: &[PathBuf], layer: &str) -> Result<R> {
-    let open = |dir: &Path| {
-        rfs::open(dir, DIR_FLAGS, Mode::empty())
-            .map_err(|e| Error::Io { context: format!("opening {}", dir.display()), source: e.into() })
-    };
-    let mut unpacker = Unpacker {
-        root: open(root)?,
-        lowers: lowers.iter().map(|l| open(l)).collect::<Result<_>>()?,
-        layer,
-        privileged: rustix::process::geteuid().is_root(),
-        dirs: RefCell::new(Vec::new()),
-        buf: vec![0; COPY_BUF],
-    };
-    let mut archive = tar::Archive::new(archive);
-    for entry in archive.entries().map_err(|e| unpacker.corrupt(e))? {
-        let mut entry = entry.map_err(|e| unpacker.corrupt(e))?;
-        unpacker.entry(&mut entry)?;
+    let lowers = lowers.iter().map(|l| open_root(l)).collect::<Result<_>>()?;
+    let mut unpacker = Unpacker::new(root, Parents::Inherit(lowers), layer)?;
+    unpacker.run(archive)
+}
+
+/// The parent directories a layer unpacked by [`unpack_staged`] created without listing them.
+#[derive(Debug, Default)]
+pub(crate) struct CreatedParents(BTreeSet<Components>);
+
+/// [`unpack`] for a layer whose lower layers are not known yet: the parent directories it
+/// creates get the defaults and are returned, for [`inherit_parents`] to finish.
+pub(crate) fn unpack_staged<R: Read>(archive: R, root: &Path, layer: &str) -> Result<(R, CreatedParents)> {
+    let mut unpacker = Unpacker::new(root, Parents::Record(RefCell::default()), layer)?;
+    let rest = unpacker.run(archive)?;
+    let Parents::Record(created) = unpacker.parents else { unreachable!("recording parents") };
+    Ok((rest, CreatedParents(created.into_inner())))
+}
+
+/// Gives the directories `created` under `root` (a layer [`unpack_staged`] unpacked, now on
+/// its snapshot) the metadata [`unpack`] would have given them with `lowers` below.
+pub(crate) fn inherit_parents(root: &Path, lowers: &[PathBuf], created: &CreatedParents, layer: &str) -> Result<()> {
+    let lowers = lowers.iter().map(|l| open_root(l)).collect::<Result<_>>()?;
+    let mut unpacker = Unpacker::new(root, Parents::Inherit(lowers), layer)?;
+    for path in &created.0 {
+        // Gone or replaced by a non-directory since: nothing to give metadata to.
+        if let Ok(dir) = unpacker.open_dir(path, false) {
+            unpacker.inherit(path, dir.as_fd());
+        }
     }
-    unpacker.set_dir_times()?;
-    Ok(archive.into_inner())
+    unpacker.set_dir_times()
+}
+
+/// Opens a directory the unpacker works on or reads.
+fn open_root(dir: &Path) -> Result<OwnedFd> {
+    rfs::open(dir, DIR_FLAGS, Mode::empty())
+        .map_err(|e| Error::Io { context: format!("opening {}", dir.display()), source: e.into() })
 }
 
 /// A path inside the root: cleaned, never empty components, never `.` or `..`.
@@ -233,11 +254,18 @@ struct WalkError {
     errno: Errno,
 }
 
+/// Where the parent directories an archive does not list get their metadata.
+enum Parents {
+    /// From the layers below, nearest first (read only), as they are created.
+    Inherit(Vec<OwnedFd>),
+    /// Later: the ones created are recorded (and forgotten when an entry replaces them).
+    Record(RefCell<BTreeSet<Components>>),
+}
+
 /// The state of one extraction.
 struct Unpacker<'a> {
     root: OwnedFd,
-    /// The layers below, nearest first: read only, for the metadata of created parents.
-    lowers: Vec<OwnedFd>,
+    parents: Parents,
     layer: &'a str,
     /// Running as root: owners and device nodes are applied.
     privileged: bool,
@@ -247,6 +275,28 @@ struct Unpacker<'a> {
 }
 
 impl Unpacker<'_> {
+    fn new<'a>(root: &Path, parents: Parents, layer: &'a str) -> Result<Unpacker<'a>> {
+        Ok(Unpacker {
+            root: open_root(root)?,
+            parents,
+            layer,
+            privileged: rustix::process::geteuid().is_root(),
+            dirs: RefCell::new(Vec::new()),
+            buf: vec![0; COPY_BUF],
+        })
+    }
+
+    /// Unpacks every entry, then sets directory times; returns the reader after the archive.
+    fn run<R: Read>(&mut self, archive: R) -> Result<R> {
+        let mut archive = tar::Archive::new(archive);
+        for entry in archive.entries().map_err(|e| self.corrupt(e))? {
+            let mut entry = entry.map_err(|e| self.corrupt(e))?;
+            self.entry(&mut entry)?;
+        }
+        self.set_dir_times()?;
+        Ok(archive.into_inner())
+    }
+
     fn bad(&self, entry: &str, reason: impl std::fmt::Display) -> Error {
         Error::BadLayer { layer: self.layer.to_owned(), reason: format!("{entry}: {reason}") }
     }
@@ -280,7 +330,12 @@ impl Unpacker<'_> {
                 rfs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)).map_err(|e| fail(Some(i), e))?;
                 next = rfs::openat(&dir, name, DIR_FLAGS, Mode::empty());
                 if let Ok(created) = &next {
-                    self.inherit(&path[..=i], created.as_fd());
+                    match &self.parents {
+                        Parents::Inherit(_) => self.inherit(&path[..=i], created.as_fd()),
+                        Parents::Record(created) => {
+                            created.borrow_mut().insert(path[..=i].iter().map(|c| c.as_ref().to_owned()).collect());
+                        }
+                    }
                 }
             }
             // O_DIRECTORY reports a symlink as "not a directory": say what it is.
@@ -298,7 +353,8 @@ impl Unpacker<'_> {
     /// lower layer with a non-directory there (a file, a whiteout, a symlink) ends the search,
     /// as it hides the layers below it. Best effort: a failure leaves the defaults.
     fn inherit(&self, path: &[impl AsRef<OsStr>], created: BorrowedFd<'_>) {
-        for lower in &self.lowers {
+        let Parents::Inherit(lowers) = &self.parents else { return };
+        for lower in lowers {
             let mut dir = match rfs::openat(lower, ".", DIR_FLAGS, Mode::empty()) {
                 Ok(d) => d,
                 Err(_) => return,
@@ -394,6 +450,11 @@ impl Unpacker<'_> {
 
         if is_whiteout {
             return self.whiteout(&shown, &parent, name, &meta);
+        }
+        let skipped_device = matches!(kind, EntryType::Char | EntryType::Block) && !self.privileged;
+        if let (Parents::Record(created), false) = (&self.parents, skipped_device) {
+            // The entry takes the name: its own metadata from now on, or no directory at all.
+            created.borrow_mut().remove(&path);
         }
         match kind {
             EntryType::Directory => {
@@ -1001,6 +1062,40 @@ pub(crate) mod tests {
         assert_eq!(mode("fresh"), 0o755);
         let lower_mtime = fs::metadata(lowest.join("srv/data")).unwrap().mtime();
         assert_eq!(fs::metadata(s.root.join("srv/data")).unwrap().mtime(), lower_mtime);
+    }
+
+    #[test]
+    fn a_layer_unpacked_before_its_lowers_exist_ends_up_the_same() {
+        let s = sandbox();
+        let lower = s.outside.join("lower");
+        fs::create_dir_all(lower.join("srv/data")).unwrap();
+        fs::create_dir_all(lower.join("opt")).unwrap();
+        let perm = |p: &Path, mode| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+        perm(&lower.join("srv"), 0o711);
+        perm(&lower.join("srv/data"), 0o1770);
+        perm(&lower.join("opt"), 0o700);
+        // `opt` is created as a parent, then listed (0750): the listing wins.
+        let tar = Tar::new()
+            .file("srv/data/new", b"n")
+            .file("opt/x", b"x")
+            .dir("opt/", 0o750)
+            .file("fresh/new", b"n")
+            .finish();
+        let direct = s.outside.join("direct");
+        fs::create_dir_all(&direct).unwrap();
+        unpack(&tar[..], &direct, &[lower.clone()], "sha256:test").unwrap();
+
+        let (_, created) = unpack_staged(&tar[..], &s.root, "sha256:test").unwrap();
+        let mode = |root: &Path, p: &str| fs::metadata(root.join(p)).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&s.root, "srv/data"), 0o755, "defaults until the lowers are known");
+        inherit_parents(&s.root, &[lower.clone()], &created, "sha256:test").unwrap();
+        assert_eq!(tree(&s.root), tree(&direct));
+        for p in ["srv", "srv/data", "opt", "fresh"] {
+            assert_eq!(mode(&s.root, p), mode(&direct, p), "{p}");
+        }
+        assert_eq!((mode(&s.root, "srv/data"), mode(&s.root, "opt")), (0o1770, 0o750));
+        let mtime = |root: &Path, p: &str| fs::metadata(root.join(p)).unwrap().mtime();
+        assert_eq!(mtime(&s.root, "srv/data"), mtime(&lower, "srv/data"));
     }
 
     #[test]
