@@ -3,39 +3,19 @@
 //! the fixture images behind htpasswd basic auth, bearer-token auth or TLS (optionally with
 //! client certificates) without pushing anything again.
 //!
-//! Key types: [`ConfiguredRegistry`], [`Auth`], [`Tls`]. The registry runs under the same
-//! kind of `sh` supervisor as [`crate::registry::Registry`]: when the value is dropped or the
-//! test process ends, the registry is stopped and its directory deleted. The storage it
-//! serves is not touched: `maintenance.readonly` refuses writes and upload purging is off.
+//! Key types: [`ConfiguredRegistry`], [`Auth`], [`Tls`]. The registry runs as a [`Service`],
+//! as [`crate::registry::Registry`] does: when the value is dropped or the test process ends,
+//! the registry is stopped and its directory deleted. The storage it serves is not touched:
+//! `maintenance.readonly` refuses writes and upload purging is off.
 
 use std::fs;
-use std::io::Write as _;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 
-use crate::process::wait_until;
-use crate::registry::REGISTRY_BIN;
-
-/// How long the registry may take to listen.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// See [`crate::registry`]: `$0` the binary, `$1` its config, `$2` the directory to delete.
-const SUPERVISOR: &str = r#"
-exec 3<&0
-"$0" serve "$1" </dev/null 3<&- &
-pid=$!
-(
-    read -r _ <&3
-    kill "$pid" 2>/dev/null
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-    rm -rf "$2"
-) &
-wait "$pid"
-"#;
+use crate::registry::{serve, REGISTRY_BIN};
+use crate::service::{loopback_addr, start_retrying, Service};
 
 /// How clients must authenticate.
 #[derive(Debug, Clone)]
@@ -66,28 +46,21 @@ pub struct Tls {
 #[derive(Debug)]
 pub struct ConfiguredRegistry {
     addr: String,
-    dir: PathBuf,
-    supervisor: Child,
-    stdin: Option<ChildStdin>,
+    service: Service,
 }
 
 impl ConfiguredRegistry {
     /// Starts a registry over `storage` (a registry `rootdirectory`) on a free port.
     pub fn start(storage: &Path, auth: &Auth, tls: Option<&Tls>) -> Result<Self> {
-        let mut errors = Vec::new();
-        for _ in 0..5 {
-            match Self::try_start(storage, auth, tls) {
-                Ok(r) => return Ok(r),
-                Err(e) => errors.push(format!("{e:#}")),
-            }
-        }
-        bail!("cannot start {REGISTRY_BIN}:\n{}", errors.join("\n"))
+        start_retrying(REGISTRY_BIN, || Self::try_start(storage, auth, tls))
     }
 
     fn try_start(storage: &Path, auth: &Auth, tls: Option<&Tls>) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("pullbox-registry-cfg-").tempdir()?.keep();
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
+        let dir = tempfile::Builder::new()
+            .prefix("pullbox-registry-cfg-")
+            .tempdir()?
+            .keep();
+        let addr = loopback_addr()?;
         let mut config = format!(
             "version: 0.1\n\
              log:\n  level: warn\n  accesslog:\n    disabled: true\n\
@@ -111,14 +84,23 @@ impl ConfiguredRegistry {
                 let mut file = String::new();
                 for (user, password) in users {
                     // The lowest cost bcrypt allows: the registry checks it on every request.
-                    let hash = bcrypt::hash_with_result(password, 4)?.format_for_version(bcrypt::Version::TwoA);
+                    let hash = bcrypt::hash_with_result(password, 4)?
+                        .format_for_version(bcrypt::Version::TwoA);
                     file.push_str(&format!("{user}:{hash}\n"));
                 }
                 let path = dir.join("htpasswd");
                 fs::write(&path, file)?;
-                config.push_str(&format!("auth:\n  htpasswd:\n    realm: pullbox-test\n    path: {}\n", path.display()));
+                config.push_str(&format!(
+                    "auth:\n  htpasswd:\n    realm: pullbox-test\n    path: {}\n",
+                    path.display()
+                ));
             }
-            Auth::Token { realm, service, issuer, root_cert_bundle } => {
+            Auth::Token {
+                realm,
+                service,
+                issuer,
+                root_cert_bundle,
+            } => {
                 config.push_str(&format!(
                     "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
                     root_cert_bundle.display()
@@ -127,40 +109,10 @@ impl ConfiguredRegistry {
         }
         let config_path = dir.join("config.yml");
         fs::write(&config_path, config)?;
-        let log_path = dir.join("registry.log");
-        let log = fs::File::create(&log_path)?;
-        let mut supervisor = match Command::new("/bin/sh")
-            .arg("-c")
-            .arg(SUPERVISOR)
-            .arg(REGISTRY_BIN)
-            .arg(&config_path)
-            .arg(&dir)
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = fs::remove_dir_all(&dir);
-                return Err(e).context("cannot start /bin/sh");
-            }
-        };
-        let stdin = supervisor.stdin.take();
-        let mut registry = ConfiguredRegistry { addr, dir, supervisor, stdin };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = registry.supervisor.try_wait()? {
-                bail!("docker-registry exited ({status}):\n{}", fs::read_to_string(&log_path).unwrap_or_default());
-            }
-            if TcpStream::connect(&registry.addr).is_ok() {
-                return Ok(registry);
-            }
-            if Instant::now() >= deadline {
-                bail!("docker-registry did not listen on {} within {READY_TIMEOUT:?}", registry.addr);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let service = serve(&config_path, dir, &addr, || {
+            TcpStream::connect(&addr).is_ok()
+        })?;
+        Ok(ConfiguredRegistry { addr, service })
     }
 
     /// `127.0.0.1:PORT`.
@@ -170,18 +122,6 @@ impl ConfiguredRegistry {
 
     /// The registry's own log, for failure messages.
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for ConfiguredRegistry {
-    fn drop(&mut self) {
-        if let Some(mut stdin) = self.stdin.take() {
-            let _ = stdin.write_all(b"\n");
-        }
-        if !matches!(wait_until(&mut self.supervisor, Instant::now() + Duration::from_secs(10)), Ok(Some(_))) {
-            let _ = self.supervisor.kill();
-            let _ = self.supervisor.wait();
-        }
+        self.service.log()
     }
 }

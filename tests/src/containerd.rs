@@ -6,12 +6,11 @@
 //! waits until `ctr version` answers on the socket; dropping the value stops it and removes
 //! its files. [`Containerd::ctr`] runs `ctr --address SOCKET -n k8s.io ARGS...`.
 //!
-//! As the registry does ([`crate::registry`]), containerd runs under a small `sh` supervisor
-//! whose stdin is a pipe from the test process: when that pipe closes (the value is dropped,
-//! or the test process ends, even killed) the supervisor stops containerd, kills the shims of
-//! this containerd (containerd leaves them running by design; they are found by the socket
-//! path on their command line, which no other containerd shares), unmounts whatever is still
-//! mounted under the directory, and deletes it.
+//! As the registry does ([`crate::registry`]), containerd runs as a [`Service`]: when the
+//! value is dropped, or the test process ends (even killed), containerd is stopped, the shims
+//! of this containerd are killed (containerd leaves them running by design; they are found by
+//! the socket path on their command line, which no other containerd shares), whatever is
+//! still mounted under the directory is unmounted, and the directory is deleted.
 //!
 //! The directory is under the system's temporary directory (`$TMPDIR`, else `/tmp`), or under
 //! `$PULLBOX_TEST_CONTAINERD_DIR` when set. It must be on a filesystem where overlayfs works
@@ -24,12 +23,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
-use crate::process::{run, wait_until, Captured};
+use crate::process::{run, Captured};
+use crate::service::{Service, Spec};
 
 /// Debian's package installs containerd here.
 pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
@@ -42,6 +42,9 @@ pub const NAMESPACE: &str = "k8s.io";
 /// How long containerd may take to answer. It starts in well under a second.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a stopping containerd (with its shims and mounts) may take before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long one `ctr` command may run: a pull or a run of the test images takes a second or
 /// two; a minute means something is stuck.
 pub const CTR_TIMEOUT: Duration = Duration::from_secs(120);
@@ -49,39 +52,26 @@ pub const CTR_TIMEOUT: Duration = Duration::from_secs(120);
 /// `PATH` for containerd and its shims: runc is in `/usr/sbin` on Debian.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The supervisor: `$0` is containerd, `$1` its config, `$2` the directory to delete
-/// afterwards, `$3` the socket. It exits when containerd does. Its watcher (a subshell,
-/// reading the pipe from the test process kept on fd 3) stops containerd at end of file,
-/// then kills this containerd's shims, unmounts what is left under the directory, and
-/// deletes it.
-const SUPERVISOR: &str = r#"
-exec 3<&0
-"$0" --config "$1" </dev/null 3<&- &
-pid=$!
-(
-    read -r _ <&3
-    kill "$pid" 2>/dev/null
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-    for p in /proc/[0-9]*; do
-        if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "-address $3 "; then
+/// The socket's name in containerd's directory; [`CLEANUP`] finds it as `$dir/c.sock`.
+const SOCKET: &str = "c.sock";
+
+/// What the supervisor does once containerd stopped, before it deletes the directory
+/// (`$dir`): it kills this containerd's shims, found by the socket on their command line,
+/// and unmounts what is left under the directory.
+const CLEANUP: &str = r#"    for p in /proc/[0-9]*; do
+        if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "-address $dir/c.sock "; then
             kill -9 "${p#/proc/}" 2>/dev/null
         fi
     done
-    awk -v d="$2/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
+    awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
         umount -l "$m" 2>/dev/null
-    done
-    rm -rf "$2"
-) &
-wait "$pid"
-"#;
+    done"#;
 
 /// A running containerd. See the module docs.
 #[derive(Debug)]
 pub struct Containerd {
-    dir: PathBuf,
     socket: PathBuf,
-    supervisor: Child,
-    stdin: Option<ChildStdin>,
+    service: Service,
 }
 
 impl Containerd {
@@ -95,7 +85,7 @@ impl Containerd {
             .prefix("pbctd-")
             .tempdir_in(&parent)?
             .keep();
-        let socket = dir.join("c.sock");
+        let socket = dir.join(SOCKET);
         if socket.as_os_str().len() > 100 {
             let _ = fs::remove_dir_all(&dir);
             bail!(
@@ -106,59 +96,20 @@ impl Containerd {
         let config = dir.join("config.toml");
         fs::write(&config, config_toml(&dir, &socket))?;
         fs::create_dir_all(dir.join("certs.d"))?;
-        let log_path = dir.join("containerd.log");
-        let log = fs::File::create(&log_path)?;
-        let spawned = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(SUPERVISOR)
-            .arg(CONTAINERD_BIN)
-            .arg(&config)
-            .arg(&dir)
-            .arg(&socket)
-            .env("PATH", PATH)
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn();
-        let mut supervisor = match spawned {
-            Ok(child) => child,
-            Err(e) => {
-                let _ = fs::remove_dir_all(&dir);
-                return Err(e).context("cannot start /bin/sh");
-            }
-        };
-        let stdin = supervisor.stdin.take();
-        // From here on, dropping `containerd` stops everything and cleans up.
-        let mut containerd = Containerd {
+        let mut command = Command::new(CONTAINERD_BIN);
+        command.arg("--config").arg(&config).env("PATH", PATH);
+        let service = Service::start(Spec {
+            name: "containerd",
+            command,
             dir,
-            socket,
-            supervisor,
-            stdin,
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = containerd.supervisor.try_wait()? {
-                bail!(
-                    "containerd exited ({status}) before answering on {}:\n{}",
-                    containerd.socket.display(),
-                    containerd.log()
-                );
-            }
-            if containerd.socket.exists() {
-                let version = containerd.ctr_in("default", &["version"]);
-                if version.as_ref().is_ok_and(Captured::success) {
-                    return Ok(containerd);
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "containerd did not answer on {} within {READY_TIMEOUT:?}:\n{}",
-                    containerd.socket.display(),
-                    containerd.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            log: "containerd.log",
+            cleanup: CLEANUP,
+            stop_timeout: STOP_TIMEOUT,
+        })?
+        .ready(&socket.display().to_string(), READY_TIMEOUT, || {
+            socket.exists() && ctr(&socket, "default", &["version"]).is_ok_and(|c| c.success())
+        })?;
+        Ok(Containerd { socket, service })
     }
 
     /// containerd's gRPC socket (CRI's too).
@@ -168,23 +119,23 @@ impl Containerd {
 
     /// containerd's directory (config, log, root, state). It is deleted when containerd stops.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.service.dir()
     }
 
     /// containerd's root directory (content, snapshots, metadata).
     pub fn root(&self) -> PathBuf {
-        self.dir.join("root")
+        self.dir().join("root")
     }
 
     /// What containerd logged so far.
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+        self.service.log()
     }
 
     /// Lets containerd's CRI plugin pull from `addr` (`127.0.0.1:PORT`) over plain HTTP: a
     /// `hosts.toml` in the plugin's `config_path`, read at each pull.
     pub fn allow_plain_http(&self, addr: &str) -> Result<()> {
-        let dir = self.dir.join("certs.d").join(addr);
+        let dir = self.dir().join("certs.d").join(addr);
         fs::create_dir_all(&dir)?;
         fs::write(
             dir.join("hosts.toml"),
@@ -200,13 +151,7 @@ impl Containerd {
 
     /// Runs `ctr --address SOCKET -n NAMESPACE ARGS...` (with [`CTR_TIMEOUT`]).
     pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<Captured> {
-        let mut cmd = Command::new(CTR_BIN);
-        cmd.arg("--address")
-            .arg(&self.socket)
-            .args(["-n", namespace])
-            .args(args)
-            .env("PATH", PATH);
-        run(cmd, CTR_TIMEOUT)
+        ctr(&self.socket, namespace, args)
     }
 
     /// Like [`Containerd::ctr_in`], but the command must succeed; returns its stdout.
@@ -231,21 +176,15 @@ impl Containerd {
     }
 }
 
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // Closing the pipe tells the supervisor to stop containerd and clean up.
-        drop(self.stdin.take());
-        if !matches!(
-            wait_until(
-                &mut self.supervisor,
-                Instant::now() + Duration::from_secs(30)
-            ),
-            Ok(Some(_))
-        ) {
-            let _ = self.supervisor.kill();
-            let _ = self.supervisor.wait();
-        }
-    }
+/// Runs `ctr --address SOCKET -n NAMESPACE ARGS...` (with [`CTR_TIMEOUT`]).
+fn ctr(socket: &Path, namespace: &str, args: &[&str]) -> Result<Captured> {
+    let mut cmd = Command::new(CTR_BIN);
+    cmd.arg("--address")
+        .arg(socket)
+        .args(["-n", namespace])
+        .args(args)
+        .env("PATH", PATH);
+    run(cmd, CTR_TIMEOUT)
 }
 
 /// containerd's configuration: everything under `dir`, the gRPC (and CRI) socket at `socket`,

@@ -9,6 +9,8 @@
 //! - [`pullbox::Pullbox`]: the `pullbox` binary with a private store root.
 //! - [`tree`]: scanning snapshot directories and comparing them with `umoci unpack`.
 //! - [`process`]: running programs with captured output and a deadline.
+//! - [`service`]: long-running programs (the registries, containerd) under a supervisor that
+//!   stops them and deletes their files when the value is dropped or the test process ends.
 //! - [`corpus`], [`hostile`], [`mounts`], [`gate`]: the store suite's images (umoci-built,
 //!   and hand-made hostile layers), its views of a store (mounted root filesystems, what is on
 //!   disk) and a proxy that holds downloads part-way until released.
@@ -31,6 +33,7 @@ pub mod policy;
 pub mod process;
 pub mod pullbox;
 pub mod registry;
+pub mod service;
 pub mod configured_registry;
 pub mod proxy;
 pub mod tls;

@@ -169,10 +169,11 @@ pub trait Stage: Send + Sync {
 
     /// Once the download has succeeded (so the blob's digest is verified): moves the unpacked
     /// layer onto `mounts` (an empty active snapshot, as for [`Differ::apply`]) and returns its
-    /// diff ID. `None` when nothing usable was staged (an incomplete or restarted download, a
-    /// layer that failed to unpack, a snapshot that is not empty, a second apply): the caller
-    /// then uses [`Differ::apply`], which also says what is wrong with a bad layer.
-    async fn apply(&self, mounts: &[Mount]) -> Result<Option<Digest>>;
+    /// diff ID. `None` when nothing usable was staged for `layer` (an incomplete or restarted
+    /// download, a layer that failed to unpack, a descriptor other than the one staged, a
+    /// snapshot that is not empty, a second apply): the caller then uses [`Differ::apply`],
+    /// which also says what is wrong with a bad layer or descriptor.
+    async fn apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<Option<Digest>>;
 
     /// Deletes what was staged and not applied, and waits until it is gone.
     async fn discard(&self);

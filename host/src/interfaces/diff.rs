@@ -22,7 +22,7 @@ impl Host for CallState {
                 s.lease()?;
                 wait(&s, &layer.digest).await?;
                 let staged = match s.stage(&layer.digest) {
-                    Some(stage) => stage.apply(&ms).await?,
+                    Some(stage) => stage.apply(&layer, &ms).await?,
                     None => None,
                 };
                 let diff_id = match staged {

@@ -35,6 +35,35 @@ impl Snapshots {
     fn client(&self) -> SnapshotsClient<Channel> {
         SnapshotsClient::new(self.conn.channel.clone())
     }
+
+    /// `prepare` or `view`: the same fields, under the pull's lease; the mounts of the new
+    /// snapshot back.
+    async fn create(&self, new: New, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>> {
+        let (snapshotter, key, parent, labels) =
+            (self.name.clone(), key.to_owned(), parent.to_owned(), Default::default());
+        let mut client = self.client();
+        let mounts = match new {
+            New::Active => {
+                let req = self.conn.leased(PrepareSnapshotRequest { snapshotter, key, parent, labels }, lease)?;
+                client.prepare(req).await.map(|r| r.into_inner().mounts)
+            }
+            New::View => {
+                let req = self.conn.leased(ViewSnapshotRequest { snapshotter, key, parent, labels }, lease)?;
+                client.view(req).await.map(|r| r.into_inner().mounts)
+            }
+        }
+        .map_err(|s| self.conn.error(s))?;
+        Ok(mounts.into_iter().map(from_mount).collect())
+    }
+}
+
+/// Which snapshot [`Snapshots::create`] makes.
+#[derive(Clone, Copy)]
+enum New {
+    /// An active snapshot, to write in (`prepare`).
+    Active,
+    /// A read-only view (`view`).
+    View,
 }
 
 #[async_trait]
@@ -44,31 +73,11 @@ impl Snapshotter for Snapshots {
     }
 
     async fn prepare(&self, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>> {
-        let req = self.conn.leased(
-            PrepareSnapshotRequest {
-                snapshotter: self.name.clone(),
-                key: key.to_owned(),
-                parent: parent.to_owned(),
-                labels: Default::default(),
-            },
-            lease,
-        )?;
-        let resp = self.client().prepare(req).await.map_err(|s| self.conn.error(s))?;
-        Ok(resp.into_inner().mounts.into_iter().map(from_mount).collect())
+        self.create(New::Active, key, parent, lease).await
     }
 
     async fn view(&self, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>> {
-        let req = self.conn.leased(
-            ViewSnapshotRequest {
-                snapshotter: self.name.clone(),
-                key: key.to_owned(),
-                parent: parent.to_owned(),
-                labels: Default::default(),
-            },
-            lease,
-        )?;
-        let resp = self.client().view(req).await.map_err(|s| self.conn.error(s))?;
-        Ok(resp.into_inner().mounts.into_iter().map(from_mount).collect())
+        self.create(New::View, key, parent, lease).await
     }
 
     async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {

@@ -133,7 +133,11 @@ impl Stage for Staging {
         self.state().give_up();
     }
 
-    async fn apply(&self, mounts: &[Mount]) -> Result<Option<Digest>> {
+    async fn apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<Option<Digest>> {
+        let staged_as = (&self.layer.digest, self.layer.size, &self.layer.media_type);
+        if (&layer.digest, layer.size, &layer.media_type) != staged_as {
+            return Ok(None);
+        }
         let upper = upper_dir(mounts)?;
         let lowers = self.applier.check_upper(&upper).await?;
         let job = {
@@ -340,9 +344,9 @@ mod tests {
         let mounts = b.snapshots.prepare("l1", "", &lease).await.unwrap();
         let stage = b.differ.stage(&base_desc).unwrap();
         feed_all(stage.as_ref(), &base_blob, 7).await;
-        assert_eq!(stage.apply(&mounts).await.unwrap(), Some(Digest::sha256_of(&base)));
+        assert_eq!(stage.apply(&base_desc, &mounts).await.unwrap(), Some(Digest::sha256_of(&base)));
         assert_eq!(fs::read(PathBuf::from(&mounts[0].source).join("etc/os-release")).unwrap(), b"pullbox");
-        assert_eq!(stage.apply(&mounts).await.unwrap(), None, "a staged layer is applied once");
+        assert_eq!(stage.apply(&base_desc, &mounts).await.unwrap(), None, "a staged layer is applied once");
         b.snapshots.commit("base", "l1", &lease).await.unwrap();
 
         // The upper layer's unlisted parent takes the metadata of the layer below.
@@ -351,7 +355,7 @@ mod tests {
         let stage = b.differ.stage(&top_desc).unwrap();
         feed_all(stage.as_ref(), &top_blob, 1000).await;
         let mounts = b.snapshots.prepare("l2", "base", &lease).await.unwrap();
-        assert_eq!(stage.apply(&mounts).await.unwrap(), Some(Digest::sha256_of(&top)));
+        assert_eq!(stage.apply(&top_desc, &mounts).await.unwrap(), Some(Digest::sha256_of(&top)));
         let upper = upper_dir(&mounts).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(upper.join("etc")).unwrap().permissions().mode() & 0o7777, 0o750);
@@ -379,9 +383,15 @@ mod tests {
         fake.size = tar.len() as u64;
         let bad = b.differ.stage(&fake).unwrap();
         feed_all(bad.as_ref(), &tar, 100).await;
-        for (i, stage) in [restarted, short, unfed, bad].into_iter().enumerate() {
+        // And a descriptor other than the one staged (a layer applied as a config).
+        let other = b.differ.stage(&desc).unwrap();
+        feed_all(other.as_ref(), &blob, 64).await;
+        let mut as_config = desc.clone();
+        as_config.media_type = "application/vnd.oci.image.config.v1+json".into();
+        let cases = [(restarted, &desc), (short, &desc), (unfed, &desc), (bad, &fake), (other, &as_config)];
+        for (i, (stage, applied_as)) in cases.into_iter().enumerate() {
             let mounts = b.snapshots.prepare(&format!("s{i}"), "", &lease).await.unwrap();
-            assert_eq!(stage.apply(&mounts).await.unwrap(), None, "case {i}");
+            assert_eq!(stage.apply(applied_as, &mounts).await.unwrap(), None, "case {i}");
             assert_eq!(fs::read_dir(&mounts[0].source).unwrap().count(), 0, "case {i}: nothing moved");
         }
 
@@ -390,7 +400,7 @@ mod tests {
         feed_all(stage.as_ref(), &blob, 64).await;
         let mounts = b.snapshots.prepare("full", "", &lease).await.unwrap();
         fs::write(PathBuf::from(&mounts[0].source).join("mine"), b"m").unwrap();
-        assert_eq!(stage.apply(&mounts).await.unwrap(), None);
+        assert_eq!(stage.apply(&desc, &mounts).await.unwrap(), None);
         assert!(PathBuf::from(&mounts[0].source).join("mine").exists());
 
         // Mounts that are no active snapshot of this store are refused, as by the differ.
@@ -399,7 +409,7 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let hostile =
             vec![Mount { kind: "bind".into(), source: outside.path().display().to_string(), options: vec![] }];
-        assert!(matches!(stage.apply(&hostile).await, Err(Error::InvalidArgument(_))));
+        assert!(matches!(stage.apply(&desc, &hostile).await, Err(Error::InvalidArgument(_))));
         let discarded = b.differ.stage(&desc).unwrap();
         feed_all(discarded.as_ref(), &blob, 64).await;
         discarded.discard().await;
