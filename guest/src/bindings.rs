@@ -87,6 +87,15 @@ impl Host for WitHost {
             .map_err(from_wit)
     }
 
+    fn content_sizes(
+        &self,
+        digests: &[String],
+    ) -> crate::error::Result<Vec<crate::error::Result<u64>>> {
+        content::sizes(digests)
+            .map(|v| v.into_iter().map(|r| r.map_err(from_wit)).collect())
+            .map_err(from_wit)
+    }
+
     fn content_read(
         &self,
         digest: &str,
@@ -123,16 +132,18 @@ impl Host for WitHost {
     }
 
     fn snapshot_stat(&self, key: &str) -> crate::error::Result<t::SnapshotInfo> {
-        snapshots::stat(key)
-            .map(|i| t::SnapshotInfo {
-                name: i.name,
-                parent: i.parent,
-                kind: match i.kind {
-                    snapshots::Kind::View => t::SnapshotKind::View,
-                    snapshots::Kind::Active => t::SnapshotKind::Active,
-                    snapshots::Kind::Committed => t::SnapshotKind::Committed,
-                },
-                labels: i.labels,
+        snapshots::stat(key).map(snapshot_from).map_err(from_wit)
+    }
+
+    fn snapshot_stats(
+        &self,
+        keys: &[String],
+    ) -> crate::error::Result<Vec<crate::error::Result<t::SnapshotInfo>>> {
+        snapshots::stats(keys)
+            .map(|v| {
+                v.into_iter()
+                    .map(|r| r.map(snapshot_from).map_err(from_wit))
+                    .collect()
             })
             .map_err(from_wit)
     }
@@ -157,6 +168,19 @@ impl Host for WitHost {
     fn image_list(&self) -> crate::error::Result<Vec<t::ImageRecord>> {
         images::list()
             .map(|v| v.into_iter().map(image_from).collect())
+            .map_err(from_wit)
+    }
+
+    fn image_list_labels(&self, keys: &[String]) -> crate::error::Result<Vec<t::Labelled>> {
+        images::list_labels(keys)
+            .map(|v| {
+                v.into_iter()
+                    .map(|l| t::Labelled {
+                        name: l.name,
+                        values: l.values,
+                    })
+                    .collect()
+            })
             .map_err(from_wit)
     }
 
@@ -217,6 +241,19 @@ fn from_wit(e: wit::Error) -> Error {
         wit::Error::Unavailable(m) => Error::Unavailable(m),
         wit::Error::Cancelled(m) => Error::Cancelled(m),
         wit::Error::Internal(m) => Error::Internal(m),
+    }
+}
+
+fn snapshot_from(i: snapshots::SnapshotInfo) -> t::SnapshotInfo {
+    t::SnapshotInfo {
+        name: i.name,
+        parent: i.parent,
+        kind: match i.kind {
+            snapshots::Kind::View => t::SnapshotKind::View,
+            snapshots::Kind::Active => t::SnapshotKind::Active,
+            snapshots::Kind::Committed => t::SnapshotKind::Committed,
+        },
+        labels: i.labels,
     }
 }
 

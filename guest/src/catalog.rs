@@ -11,26 +11,81 @@
 //! images, so content or snapshots removed behind pullbox's back make an image disappear
 //! instead of failing later in the runtime.
 //!
+//! Status, list and remove read the records with `images.list-labels` ([`records`]): names
+//! and the five labels of [`Record`] only, a fraction of what `images.list` would copy into
+//! the guest. `list` scales with the number of records, not images × records: it groups the
+//! records by image ID in one pass ([`by_image`]) and checks every image's readiness with a
+//! few batched look-ups ([`ready_all`]: `content.sizes` and `snapshots.stats`, each shared
+//! digest or chain ID asked once) instead of three host calls per image.
+//!
 //! An argument names an image ([`find_image_id`]) as containerd's CRI `localResolve` does:
 //! a full digest is an image ID; `sha256:` plus hex is an ID prefix; anything else is a
 //! reference first (`busybox` means `docker.io/library/busybox:latest`), and, when no record
 //! has that name and the argument is all lowercase hex, an ID prefix. Two images matching a
 //! prefix is `failed-precondition`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::digest;
 use crate::error::{Error, Result, ResultExt};
-use crate::host::Host;
+use crate::host::{Host, MAX_BATCH};
 use crate::labels;
 use crate::reference::Reference;
-use crate::types::{label, ImageInfo, ImageRecord, Level, SnapshotKind};
+use crate::types::{ImageInfo, Level, SnapshotKind};
+
+/// The labels of a record that the catalog reads, in the order of [`Record`]'s fields.
+pub const RECORD_LABELS: [&str; 5] = [
+    labels::IMAGE_ID,
+    labels::IMAGE_MANIFEST,
+    labels::IMAGE_CHAIN_ID,
+    labels::IMAGE_SIZE,
+    labels::IMAGE_USER,
+];
+
+/// An image record as the catalog reads it: its name and the values of its
+/// [`RECORD_LABELS`] (`None`: the record has no such label).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    /// The record's name: a repo tag, a repo digest or an image ID.
+    pub name: String,
+    /// `pullbox.io/image.id`: the ID of the image the record belongs to.
+    pub id: Option<String>,
+    /// `pullbox.io/image.manifest`.
+    pub manifest: Option<String>,
+    /// `pullbox.io/image.chain-id`.
+    pub chain_id: Option<String>,
+    /// `pullbox.io/image.size`.
+    pub size: Option<String>,
+    /// `pullbox.io/image.user`.
+    pub user: Option<String>,
+}
+
+/// Every record, read with `images.list-labels` (see [`Record`]).
+pub fn records<H: Host + ?Sized>(host: &H) -> Result<Vec<Record>> {
+    let keys: Vec<String> = RECORD_LABELS.iter().map(|k| k.to_string()).collect();
+    Ok(host
+        .image_list_labels(&keys)?
+        .into_iter()
+        .map(|l| {
+            let mut values = l.values.into_iter();
+            let mut next = || values.next().flatten();
+            Record {
+                id: next(),
+                manifest: next(),
+                chain_id: next(),
+                size: next(),
+                user: next(),
+                name: l.name,
+            }
+        })
+        .collect())
+}
 
 /// The image `arg` names among `records`: its ID, or `None` when none does.
 ///
 /// Errors: `invalid-argument` for an argument that is neither a reference nor an ID
 /// (prefix); `failed-precondition` for an ambiguous ID prefix.
-pub fn find_image_id(records: &[ImageRecord], arg: &str) -> Result<Option<String>> {
+pub fn find_image_id(records: &[Record], arg: &str) -> Result<Option<String>> {
     if arg.is_empty() {
         return Err(Error::InvalidArgument("empty image reference".into()));
     }
@@ -46,8 +101,8 @@ pub fn find_image_id(records: &[ImageRecord], arg: &str) -> Result<Option<String
         Ok(reference) => {
             let name = reference.record_name();
             if let Some(record) = records.iter().find(|r| r.name == name) {
-                if let Some(id) = label(&record.labels, labels::IMAGE_ID) {
-                    return Ok(Some(id.to_string()));
+                if let Some(id) = &record.id {
+                    return Ok(Some(id.clone()));
                 }
             }
             if digest::is_lower_hex(arg) {
@@ -62,14 +117,14 @@ pub fn find_image_id(records: &[ImageRecord], arg: &str) -> Result<Option<String
 }
 
 /// The one image ID matching `query` (`sha256:<hex prefix>` or `<hex prefix>`).
-fn by_id_prefix(records: &[ImageRecord], query: &str) -> Result<Option<String>> {
+fn by_id_prefix(records: &[Record], query: &str) -> Result<Option<String>> {
     let (alg, hex) = match query.split_once(':') {
         Some((alg, hex)) => (Some(alg), hex),
         None => (None, query),
     };
     let ids: BTreeSet<&str> = records
         .iter()
-        .filter_map(|r| label(&r.labels, labels::IMAGE_ID))
+        .filter_map(|r| r.id.as_deref())
         .filter(|id| {
             let (id_alg, id_hex) = id.split_once(':').unwrap_or(("", id));
             alg.is_none_or(|a| a == id_alg) && id_hex.starts_with(hex)
@@ -86,38 +141,67 @@ fn by_id_prefix(records: &[ImageRecord], query: &str) -> Result<Option<String>> 
 }
 
 /// The image `id` as its records describe it; `None` when it has none.
-pub fn gather(records: &[ImageRecord], id: &str) -> Option<ImageInfo> {
-    let mine: Vec<&ImageRecord> = records
+pub fn gather(records: &[Record], id: &str) -> Option<ImageInfo> {
+    let mine: Vec<Record> = records
         .iter()
-        .filter(|r| label(&r.labels, labels::IMAGE_ID) == Some(id))
+        .filter(|r| r.id.as_deref() == Some(id))
+        .cloned()
         .collect();
-    // The metadata comes from the ID record when there is one (it moves with every pull of
-    // the image), else from the first record by name.
-    let meta = mine
-        .iter()
-        .find(|r| r.name == id)
-        .or_else(|| mine.iter().min_by(|a, b| a.name.cmp(&b.name)))?;
-    let get = |key| label(&meta.labels, key).unwrap_or_default().to_string();
-    let mut repo_tags = BTreeSet::new();
-    let mut repo_digests = BTreeSet::new();
-    for r in &mine {
-        if r.name == id {
-            continue;
-        }
-        if r.name.contains('@') {
-            repo_digests.insert(r.name.clone());
-        } else {
-            repo_tags.insert(r.name.clone());
+    describe(id.to_string(), mine)
+}
+
+/// Every image's records, by image ID, in one pass; records without the ID label are not
+/// pullbox's and are left out.
+pub fn by_image(records: Vec<Record>) -> HashMap<String, Vec<Record>> {
+    let mut images: HashMap<String, Vec<Record>> = HashMap::new();
+    for mut r in records {
+        if let Some(id) = r.id.take() {
+            images.entry(id).or_default().push(r);
         }
     }
+    images
+}
+
+/// The image `id` as `mine`, its records, describe it (their strings move into the answer);
+/// `None` when there are none.
+fn describe(id: String, mut mine: Vec<Record>) -> Option<ImageInfo> {
+    // The metadata comes from the ID record when there is one (it moves with every pull of
+    // the image), else from the first record by name.
+    let meta = match mine.iter().position(|r| r.name == id) {
+        Some(i) => i,
+        None => (0..mine.len()).min_by(|&a, &b| mine[a].name.cmp(&mine[b].name))?,
+    };
+    let mut meta = mine.swap_remove(meta);
+    let mut repo_tags = Vec::new();
+    let mut repo_digests = Vec::new();
+    let names = mine.into_iter().map(|r| r.name);
+    for name in names.chain([std::mem::take(&mut meta.name)]) {
+        if name == id {
+            continue;
+        }
+        if name.contains('@') {
+            repo_digests.push(name);
+        } else {
+            repo_tags.push(name);
+        }
+    }
+    for names in [&mut repo_tags, &mut repo_digests] {
+        names.sort_unstable();
+        names.dedup();
+    }
     Some(ImageInfo {
-        id: id.to_string(),
-        repo_tags: repo_tags.into_iter().collect(),
-        repo_digests: repo_digests.into_iter().collect(),
-        size: get(labels::IMAGE_SIZE).parse().unwrap_or(0),
-        chain_id: get(labels::IMAGE_CHAIN_ID),
-        manifest_digest: get(labels::IMAGE_MANIFEST),
-        user: get(labels::IMAGE_USER),
+        id,
+        repo_tags,
+        repo_digests,
+        size: meta
+            .size
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or(0),
+        chain_id: meta.chain_id.unwrap_or_default(),
+        manifest_digest: meta.manifest.unwrap_or_default(),
+        user: meta.user.unwrap_or_default(),
         pinned: false,
     })
 }
@@ -127,47 +211,137 @@ pub fn gather(records: &[ImageRecord], id: &str) -> Option<ImageInfo> {
 /// A missing piece is "not ready"; any other failure of the checks is logged as a warning
 /// and also counts as not ready, so one broken image does not fail a whole list.
 pub fn is_ready<H: Host + ?Sized>(host: &H, info: &ImageInfo) -> bool {
-    let not_ready = |why: String, e: &Error| {
-        let level = if e.is_not_found() {
-            Level::Debug
-        } else {
-            Level::Warn
-        };
-        host.log(
-            level,
-            &format!("image {} is not ready: {why}: {e}", info.id),
-        );
-        false
-    };
+    let verdict = check(
+        info,
+        |d| host.content_info(d).map(drop),
+        |key| host.snapshot_stat(key).map(|s| s.kind),
+    );
+    report(host, info, verdict)
+}
+
+/// [`is_ready`] of every image in `infos`, in order, from batched look-ups: every distinct
+/// digest in `content.sizes` calls and every distinct chain ID in `snapshots.stats` calls,
+/// at most [`MAX_BATCH`] a call.
+///
+/// Errors: the error of a batched call that failed as a whole (a failure of one look-up
+/// only makes its images not ready, as in [`is_ready`]).
+pub fn ready_all<H: Host + ?Sized>(host: &H, infos: &[ImageInfo]) -> Result<Vec<bool>> {
+    // Each distinct digest and chain ID once, in first-seen order.
+    let mut digests = Distinct::default();
+    let mut chains = Distinct::default();
+    for info in infos {
+        digests.add(&info.manifest_digest);
+        digests.add(&info.id);
+        chains.add(&info.chain_id);
+    }
+    let mut sizes = Vec::with_capacity(digests.all.len());
+    for batch in digests.all.chunks(MAX_BATCH) {
+        let answers = host
+            .content_sizes(batch)
+            .context_with(|| format!("looking up {} blobs", batch.len()))?;
+        sizes.extend(answers.into_iter().map(|a| a.map(drop)));
+    }
+    let mut kinds = Vec::with_capacity(chains.all.len());
+    for batch in chains.all.chunks(MAX_BATCH) {
+        let answers = host
+            .snapshot_stats(batch)
+            .context_with(|| format!("looking up {} snapshots", batch.len()))?;
+        kinds.extend(answers.into_iter().map(|a| a.map(|s| s.kind)));
+    }
+    Ok(infos
+        .iter()
+        .map(|info| {
+            let verdict = check(
+                info,
+                |d| digests.answer(&sizes, d),
+                |key| chains.answer(&kinds, key),
+            );
+            report(host, info, verdict)
+        })
+        .collect())
+}
+
+/// Distinct non-empty strings in first-seen order, for batched look-ups.
+#[derive(Default)]
+struct Distinct<'a> {
+    /// The strings, in order.
+    all: Vec<String>,
+    /// Where each is in `all`.
+    at: HashMap<&'a str, usize>,
+}
+
+impl<'a> Distinct<'a> {
+    fn add(&mut self, s: &'a str) {
+        if !s.is_empty() && !self.at.contains_key(s) {
+            self.at.insert(s, self.all.len());
+            self.all.push(s.to_string());
+        }
+    }
+
+    /// The answer about `s` among `answers` (one per string of `all`, in order).
+    fn answer<T: Clone>(&self, answers: &[Result<T>], s: &str) -> Result<T> {
+        self.at
+            .get(s)
+            .and_then(|&i| answers.get(i).cloned())
+            .unwrap_or_else(|| Err(Error::Internal(format!("the host gave no answer for {s}"))))
+    }
+}
+
+/// Why the image is not READY (what, and the error), given how to look up a blob and a
+/// snapshot's kind; `Ok` when it is.
+fn check(
+    info: &ImageInfo,
+    mut content: impl FnMut(&str) -> Result<()>,
+    mut snapshot: impl FnMut(&str) -> Result<SnapshotKind>,
+) -> std::result::Result<(), (String, Error)> {
     for (what, d) in [("manifest", &info.manifest_digest), ("config", &info.id)] {
         if d.is_empty() {
-            return not_ready(
+            return Err((
                 format!("no {what} digest recorded"),
-                &Error::NotFound(String::new()),
-            );
+                Error::NotFound(String::new()),
+            ));
         }
-        if let Err(e) = host.content_info(d) {
-            return not_ready(format!("{what} {d}"), &e);
-        }
+        content(d).map_err(|e| (format!("{what} {d}"), e))?;
     }
     if info.chain_id.is_empty() {
-        return true; // an image without layers has no snapshot
+        return Ok(()); // an image without layers has no snapshot
     }
-    match host.snapshot_stat(&info.chain_id) {
-        Ok(s) if s.kind == SnapshotKind::Committed => true,
-        Ok(s) => not_ready(
-            format!("snapshot {}", info.chain_id),
-            &Error::FailedPrecondition(format!("it is {:?}, not committed", s.kind)),
-        ),
-        Err(e) => not_ready(format!("snapshot {}", info.chain_id), &e),
+    let what = || format!("snapshot {}", info.chain_id);
+    match snapshot(&info.chain_id) {
+        Ok(SnapshotKind::Committed) => Ok(()),
+        Ok(kind) => Err((
+            what(),
+            Error::FailedPrecondition(format!("it is {kind:?}, not committed")),
+        )),
+        Err(e) => Err((what(), e)),
     }
+}
+
+/// Logs why an image is not ready (debug for a missing piece, warning for anything else);
+/// whether it is ready.
+fn report<H: Host + ?Sized>(
+    host: &H,
+    info: &ImageInfo,
+    verdict: std::result::Result<(), (String, Error)>,
+) -> bool {
+    let Err((why, e)) = verdict else {
+        return true;
+    };
+    let level = if e.is_not_found() {
+        Level::Debug
+    } else {
+        Level::Warn
+    };
+    host.log(
+        level,
+        &format!("image {} is not ready: {why}: {e}", info.id),
+    );
+    false
 }
 
 /// `image-status`: the READY image `arg` names, or `None`.
 pub fn status<H: Host + ?Sized>(host: &H, arg: &str) -> Result<Option<ImageInfo>> {
-    let records = host
-        .image_list()
-        .context_with(|| format!("listing images for {arg:?}"))?;
+    let records = records(host).context_with(|| format!("listing images for {arg:?}"))?;
     let Some(id) = find_image_id(&records, arg)? else {
         host.log(Level::Debug, &format!("status {arg:?}: no such image"));
         return Ok(None);
@@ -184,19 +358,19 @@ pub fn status<H: Host + ?Sized>(host: &H, arg: &str) -> Result<Option<ImageInfo>
 
 /// `list-images`: every READY image, sorted by ID.
 pub fn list<H: Host + ?Sized>(host: &H) -> Result<Vec<ImageInfo>> {
-    let records = host.image_list().context_with(|| "listing images")?;
-    let ids: BTreeSet<&str> = records
-        .iter()
-        .filter_map(|r| label(&r.labels, labels::IMAGE_ID))
+    let records = records(host).context_with(|| "listing images")?;
+    let mut by_id: Vec<(String, Vec<Record>)> = by_image(records).into_iter().collect();
+    by_id.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+    let infos: Vec<ImageInfo> = by_id
+        .into_iter()
+        .filter_map(|(id, mine)| describe(id, mine))
         .collect();
-    let mut images = Vec::with_capacity(ids.len());
-    for id in ids {
-        if let Some(info) = gather(&records, id) {
-            if is_ready(host, &info) {
-                images.push(info);
-            }
-        }
-    }
+    let ready = ready_all(host, &infos)?;
+    let images: Vec<ImageInfo> = infos
+        .into_iter()
+        .zip(ready)
+        .filter_map(|(info, ready)| ready.then_some(info))
+        .collect();
     host.log(
         Level::Debug,
         &format!("list: {} ready images", images.len()),
@@ -207,9 +381,7 @@ pub fn list<H: Host + ?Sized>(host: &H) -> Result<Vec<ImageInfo>> {
 /// `remove-image`: deletes every record of the image `arg` names; an unknown image is
 /// fine.
 pub fn remove<H: Host + ?Sized>(host: &H, arg: &str) -> Result<()> {
-    let records = host
-        .image_list()
-        .context_with(|| format!("listing images for {arg:?}"))?;
+    let records = records(host).context_with(|| format!("listing images for {arg:?}"))?;
     let Some(id) = find_image_id(&records, arg)? else {
         host.log(
             Level::Info,
@@ -220,7 +392,7 @@ pub fn remove<H: Host + ?Sized>(host: &H, arg: &str) -> Result<()> {
     // The ID record last, so an interrupted remove still leaves the image findable by ID.
     let mut names: Vec<&str> = records
         .iter()
-        .filter(|r| label(&r.labels, labels::IMAGE_ID) == Some(id.as_str()))
+        .filter(|r| r.id.as_deref() == Some(id.as_str()))
         .map(|r| r.name.as_str())
         .collect();
     names.sort_by_key(|n| (*n == id, *n));

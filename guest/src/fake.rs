@@ -14,10 +14,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::digest::sha256;
 use crate::error::{Error, Result};
-use crate::host::Host;
+use crate::host::{Host, MAX_BATCH, MAX_LIST_KEYS};
 use crate::oci;
 use crate::types::{
-    ContentInfo, Descriptor, ImageRecord, Level, Mount, Platform, SnapshotInfo, SnapshotKind,
+    label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, Mount, Platform, SnapshotInfo,
+    SnapshotKind,
 };
 
 /// Media type of the fake's layers.
@@ -47,6 +48,9 @@ pub struct State {
     /// <digest> <key>`, `commit <name> <key>`, `remove <key>`, `label <digest>`, `create
     /// <name>`, `update <name>`, `delete <name>`.
     pub calls: Vec<String>,
+    /// Reads, in order: `list`, `list-labels <keys>`, `info <digest>`, `sizes <count>`,
+    /// `stat <key>`, `stats <count>`.
+    pub lookups: Vec<String>,
     /// Every descriptor passed to `fetch`, in order.
     pub fetched: Vec<Descriptor>,
     /// Number of `content.read` calls.
@@ -201,6 +205,39 @@ impl FakeHost {
     fn call(&self, c: String) {
         self.s.borrow_mut().calls.push(c);
     }
+
+    fn lookup(&self, l: String) {
+        self.s.borrow_mut().lookups.push(l);
+    }
+
+    /// `content.info` without recording the look-up.
+    fn info_of(&self, digest: &str) -> Result<ContentInfo> {
+        let s = self.s.borrow();
+        let (bytes, labels) = s
+            .content
+            .get(digest)
+            .ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
+        Ok(ContentInfo {
+            digest: digest.into(),
+            size: bytes.len() as u64,
+            labels: labels.clone().into_iter().collect(),
+        })
+    }
+
+    /// `snapshots.stat` without recording the look-up.
+    fn stat_of(&self, key: &str) -> Result<SnapshotInfo> {
+        let s = self.s.borrow();
+        let snap = s
+            .snapshots
+            .get(key)
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        Ok(SnapshotInfo {
+            name: key.into(),
+            parent: snap.parent.clone(),
+            kind: snap.kind,
+            labels: vec![],
+        })
+    }
 }
 
 pub fn desc_json(d: &Descriptor) -> serde_json::Value {
@@ -250,16 +287,22 @@ impl Host for FakeHost {
     }
 
     fn content_info(&self, digest: &str) -> Result<ContentInfo> {
-        let s = self.s.borrow();
-        let (bytes, labels) = s
-            .content
-            .get(digest)
-            .ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
-        Ok(ContentInfo {
-            digest: digest.into(),
-            size: bytes.len() as u64,
-            labels: labels.clone().into_iter().collect(),
-        })
+        self.lookup(format!("info {digest}"));
+        self.info_of(digest)
+    }
+
+    fn content_sizes(&self, digests: &[String]) -> Result<Vec<Result<u64>>> {
+        self.lookup(format!("sizes {}", digests.len()));
+        if digests.len() > MAX_BATCH {
+            return Err(Error::ResourceExhausted(format!(
+                "{} digests in one sizes call",
+                digests.len()
+            )));
+        }
+        Ok(digests
+            .iter()
+            .map(|d| self.info_of(d).map(|i| i.size))
+            .collect())
     }
 
     fn content_read(&self, digest: &str, offset: u64, length: u32) -> Result<Vec<u8>> {
@@ -380,17 +423,19 @@ impl Host for FakeHost {
     }
 
     fn snapshot_stat(&self, key: &str) -> Result<SnapshotInfo> {
-        let s = self.s.borrow();
-        let snap = s
-            .snapshots
-            .get(key)
-            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
-        Ok(SnapshotInfo {
-            name: key.into(),
-            parent: snap.parent.clone(),
-            kind: snap.kind,
-            labels: vec![],
-        })
+        self.lookup(format!("stat {key}"));
+        self.stat_of(key)
+    }
+
+    fn snapshot_stats(&self, keys: &[String]) -> Result<Vec<Result<SnapshotInfo>>> {
+        self.lookup(format!("stats {}", keys.len()));
+        if keys.len() > MAX_BATCH {
+            return Err(Error::ResourceExhausted(format!(
+                "{} keys in one stats call",
+                keys.len()
+            )));
+        }
+        Ok(keys.iter().map(|k| self.stat_of(k)).collect())
     }
 
     fn snapshot_remove(&self, key: &str) -> Result<()> {
@@ -442,7 +487,28 @@ impl Host for FakeHost {
     }
 
     fn image_list(&self) -> Result<Vec<ImageRecord>> {
+        self.lookup("list".into());
         Ok(self.s.borrow().images.values().cloned().collect())
+    }
+
+    fn image_list_labels(&self, keys: &[String]) -> Result<Vec<Labelled>> {
+        self.lookup(format!("list-labels {}", keys.join(",")));
+        if keys.len() > MAX_LIST_KEYS || keys.iter().any(String::is_empty) {
+            return Err(Error::InvalidArgument(format!("label keys {keys:?}")));
+        }
+        Ok(self
+            .s
+            .borrow()
+            .images
+            .values()
+            .map(|r| Labelled {
+                name: r.name.clone(),
+                values: keys
+                    .iter()
+                    .map(|k| label(&r.labels, k).map(str::to_string))
+                    .collect(),
+            })
+            .collect())
     }
 
     fn image_create(&self, image: &ImageRecord) -> Result<ImageRecord> {

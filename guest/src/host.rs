@@ -7,7 +7,17 @@
 //! state behind a `RefCell`.
 
 use crate::error::Result;
-use crate::types::{ContentInfo, Descriptor, ImageRecord, Level, Mount, SnapshotInfo};
+use crate::types::{
+    label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, Mount, SnapshotInfo,
+};
+
+/// The most digests one `content.sizes` call, and the most keys one `snapshots.stats` call,
+/// may name (the WIT documents this bound; the host refuses more with `resource-exhausted`).
+pub const MAX_BATCH: usize = 1024;
+
+/// The most label keys one `images.list-labels` call may name (the WIT documents this bound;
+/// the host refuses more with `invalid-argument`).
+pub const MAX_LIST_KEYS: usize = 16;
 
 /// The imports of world `puller-world`, as the puller logic uses them.
 pub trait Host {
@@ -23,6 +33,15 @@ pub trait Host {
 
     /// `content.info`: what the store knows of a blob; waits for a fetch in flight.
     fn content_info(&self, digest: &str) -> Result<ContentInfo>;
+    /// `content.sizes`: the size (as `content_info` has it) of each of at most [`MAX_BATCH`]
+    /// digests, in order, in one call. The outer error fails the whole call. The default asks
+    /// `content_info` for each.
+    fn content_sizes(&self, digests: &[String]) -> Result<Vec<Result<u64>>> {
+        Ok(digests
+            .iter()
+            .map(|d| self.content_info(d).map(|i| i.size))
+            .collect())
+    }
     /// `content.read`: up to `length` bytes from `offset`.
     fn content_read(&self, digest: &str, offset: u64, length: u32) -> Result<Vec<u8>>;
     /// `content.max-read`: the largest `length` `content_read` accepts.
@@ -40,6 +59,12 @@ pub trait Host {
     fn snapshot_commit(&self, name: &str, key: &str) -> Result<()>;
     /// `snapshots.stat`: what the snapshotter knows of `key`.
     fn snapshot_stat(&self, key: &str) -> Result<SnapshotInfo>;
+    /// `snapshots.stats`: `snapshot_stat` of each of at most [`MAX_BATCH`] keys, in order, in
+    /// one call. The outer error fails the whole call. The default asks `snapshot_stat` for
+    /// each.
+    fn snapshot_stats(&self, keys: &[String]) -> Result<Vec<Result<SnapshotInfo>>> {
+        Ok(keys.iter().map(|k| self.snapshot_stat(k)).collect())
+    }
     /// `snapshots.remove`: removes a snapshot.
     fn snapshot_remove(&self, key: &str) -> Result<()>;
 
@@ -54,6 +79,21 @@ pub trait Host {
     fn image_get(&self, name: &str) -> Result<ImageRecord>;
     /// `images.list`.
     fn image_list(&self) -> Result<Vec<ImageRecord>>;
+    /// `images.list-labels`: every record's name and the values of the labels `keys` (at
+    /// most [`MAX_LIST_KEYS`]). The default takes them from `image_list`.
+    fn image_list_labels(&self, keys: &[String]) -> Result<Vec<Labelled>> {
+        Ok(self
+            .image_list()?
+            .into_iter()
+            .map(|r| Labelled {
+                values: keys
+                    .iter()
+                    .map(|k| label(&r.labels, k).map(str::to_string))
+                    .collect(),
+                name: r.name,
+            })
+            .collect())
+    }
     /// `images.create`.
     fn image_create(&self, image: &ImageRecord) -> Result<ImageRecord>;
     /// `images.update`.

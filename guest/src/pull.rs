@@ -226,8 +226,7 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
         write_record(host, record_name, &resolved.root, &record_labels)?;
     }
 
-    let records = host
-        .image_list()
+    let records = crate::catalog::records(host)
         .context_with(|| format!("listing images after pulling {reference}"))?;
     let info = crate::catalog::gather(&records, &id).ok_or_else(|| {
         Error::Internal(format!(

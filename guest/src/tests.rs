@@ -667,6 +667,125 @@ fn images_that_lost_content_or_snapshots_are_not_ready() {
 }
 
 #[test]
+fn list_checks_readiness_in_batches_and_agrees_with_status() {
+    use crate::digest::sha256;
+    use crate::fake::Snap;
+    use crate::host::MAX_BATCH;
+    use crate::types::ImageRecord;
+
+    // 600 images (1,200 digests: more than one `content.sizes` call takes) over 4 chain IDs,
+    // written straight into the fake's stores, three records each.
+    const N: usize = 600;
+    let host = FakeHost::new();
+    let chains: Vec<String> = (0..4)
+        .map(|c| sha256(format!("chain {c}").as_bytes()))
+        .collect();
+    let mut ids = Vec::new();
+    {
+        let mut s = host.s.borrow_mut();
+        for chain in &chains {
+            s.snapshots.insert(
+                chain.clone(),
+                Snap {
+                    parent: String::new(),
+                    kind: SnapshotKind::Committed,
+                },
+            );
+        }
+        for i in 0..N {
+            let config = format!("config {i}").into_bytes();
+            let manifest = format!("manifest {i}").into_bytes();
+            let (id, mdigest) = (sha256(&config), sha256(&manifest));
+            s.content.insert(id.clone(), (config, Default::default()));
+            s.content
+                .insert(mdigest.clone(), (manifest, Default::default()));
+            let labels = vec![
+                (labels::IMAGE_ID.to_string(), id.clone()),
+                (labels::IMAGE_MANIFEST.to_string(), mdigest.clone()),
+                (labels::IMAGE_CHAIN_ID.to_string(), chains[i % 4].clone()),
+                (labels::IMAGE_SIZE.to_string(), i.to_string()),
+            ];
+            let name = format!("docker.io/library/img{i}");
+            for record in [
+                id.clone(),
+                format!("{name}:latest"),
+                format!("{name}@{mdigest}"),
+            ] {
+                s.images.insert(
+                    record.clone(),
+                    ImageRecord {
+                        name: record,
+                        labels: labels.clone(),
+                        ..Default::default()
+                    },
+                );
+            }
+            ids.push((id, mdigest));
+        }
+        // Not ready: a lost config, a lost manifest, a chain that is only active, a chain
+        // that is gone (each chain is shared by a quarter of the images).
+        s.content.remove(&ids[5].0);
+        s.content.remove(&ids[6].1);
+        s.snapshots.get_mut(&chains[2]).unwrap().kind = SnapshotKind::Active;
+        s.snapshots.remove(&chains[3]);
+    }
+    let ready = |i: usize| i != 5 && i != 6 && i % 4 < 2;
+
+    host.s.borrow_mut().lookups.clear();
+    let listed = catalog::list(&host).unwrap();
+    assert_eq!(
+        host.s.borrow().lookups,
+        vec![
+            format!("list-labels {}", catalog::RECORD_LABELS.join(",")),
+            format!("sizes {MAX_BATCH}"),
+            format!("sizes {}", 2 * N - MAX_BATCH),
+            "stats 4".to_string(),
+        ],
+        "the records' names and labels only, then one look-up per batch, none per image"
+    );
+    let mut want: Vec<&str> = (0..N)
+        .filter(|&i| ready(i))
+        .map(|i| ids[i].0.as_str())
+        .collect();
+    want.sort_unstable();
+    let got: Vec<&str> = listed.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(got, want, "sorted by ID, ready images only");
+    let first = listed.iter().find(|i| i.id == ids[0].0).unwrap();
+    assert_eq!(first.repo_tags, vec!["docker.io/library/img0:latest"]);
+    assert_eq!(
+        first.repo_digests,
+        vec![format!("docker.io/library/img0@{}", ids[0].1)]
+    );
+    assert_eq!(first.chain_id, chains[0]);
+
+    // The batched path and the single-image path (status) agree (on the first 40 images:
+    // every kind of not-ready one is among them).
+    for (i, (id, _)) in ids.iter().enumerate().take(40) {
+        let status = catalog::status(&host, id).unwrap();
+        assert_eq!(status.is_some(), ready(i), "image {i}");
+        if let Some(status) = status {
+            assert_eq!(Some(&status), listed.iter().find(|l| &l.id == id));
+        }
+    }
+    assert!(
+        !host.s.borrow().lookups.contains(&"list".to_string()),
+        "status and list read names and labels only"
+    );
+    // Why each one is not ready is logged, as by status.
+    let logs = host.s.borrow().logs.clone();
+    for what in ["config", "manifest", "snapshot"] {
+        assert!(
+            logs.iter()
+                .any(|(_, m)| m.contains("is not ready") && m.contains(what)),
+            "{what}: {logs:?}"
+        );
+    }
+    assert!(logs
+        .iter()
+        .any(|(l, m)| *l == Level::Warn && m.contains("not committed")));
+}
+
+#[test]
 fn records_of_others_are_ignored() {
     let host = FakeHost::new();
     busybox(&host);

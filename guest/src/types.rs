@@ -65,6 +65,15 @@ pub struct ImageRecord {
     pub updated_at: u64,
 }
 
+/// A record's name with the values of some of its labels (`images.labelled`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labelled {
+    /// The record's name.
+    pub name: String,
+    /// The values of the labels asked for, in the order asked; `None` where absent.
+    pub values: Vec<Option<String>>,
+}
+
 /// What the content store knows of a blob (`content.info`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ContentInfo {

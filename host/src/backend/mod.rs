@@ -52,6 +52,18 @@ pub trait ContentStore: Send + Sync {
     /// What the store knows of a committed blob. `NotFound` when absent.
     async fn info(&self, digest: &Digest) -> Result<ContentInfo>;
 
+    /// The size of each of `digests`: one answer per digest, in order, each as
+    /// [`ContentStore::info`] answers it (`NotFound` when absent). The outer error is a failure
+    /// of the whole batch.
+    ///
+    /// The default asks `info` for each digest, up to 16 at a time; a backend that can answer
+    /// many at once more cheaply overrides it.
+    async fn sizes(&self, digests: &[Digest]) -> Result<Vec<Result<u64>>> {
+        use futures::StreamExt as _;
+        let asks: Vec<_> = digests.iter().map(|d| self.info(d)).collect();
+        Ok(futures::stream::iter(asks).buffered(16).map(|i| i.map(|i| i.size)).collect().await)
+    }
+
     /// Reads up to `len` bytes from `offset` of a committed blob.
     async fn read(&self, digest: &Digest, offset: u64, len: usize) -> Result<Vec<u8>>;
 
@@ -134,6 +146,17 @@ pub trait Snapshotter: Send + Sync {
 
     /// What the snapshotter knows of `key`.
     async fn stat(&self, key: &str) -> Result<SnapshotInfo>;
+
+    /// What the snapshotter knows of each of `keys`: one answer per key, in order, each as
+    /// [`Snapshotter::stat`] answers it. The outer error is a failure of the whole batch.
+    ///
+    /// The default asks `stat` for each key, up to 16 at a time; a backend that can answer
+    /// many at once (one database read) overrides it.
+    async fn stats(&self, keys: &[String]) -> Result<Vec<Result<SnapshotInfo>>> {
+        use futures::StreamExt as _;
+        let asks: Vec<_> = keys.iter().map(|k| self.stat(k)).collect();
+        Ok(futures::stream::iter(asks).buffered(16).collect().await)
+    }
 
     /// Removes a snapshot that has no children.
     async fn remove(&self, key: &str) -> Result<()>;

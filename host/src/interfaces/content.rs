@@ -8,15 +8,18 @@ use std::sync::Arc;
 
 use crate::{
     engine::{
-        bindings::pullbox::image::content::{Host, BlobInfo},
+        bindings::pullbox::image::{
+            content::{Host, BlobInfo},
+            types::Error as WitError,
+        },
         CallState,
     },
-    error::Error,
+    error::{Code, Error},
     oci::Digest,
     session::Session,
 };
 
-use super::{answer, digest, label_pairs, labels, ImportResult};
+use super::{answer, digest, label_pairs, labels, to_wit_error, wit_error, ImportResult, MAX_BATCH};
 
 /// The largest read one call may ask for.
 pub const MAX_READ: u32 = 1 << 20;
@@ -35,6 +38,47 @@ impl Host for CallState {
                 wait(&s, &d).await?;
                 let info = s.backend.content.info(&d).await?;
                 Ok(BlobInfo { digest: info.digest.to_string(), size: info.size, labels: label_pairs(info.labels) })
+            }
+            .await,
+        )
+    }
+
+    async fn sizes(&mut self, ds: Vec<String>) -> ImportResult<Vec<Result<u64, WitError>>> {
+        let s = self.session.clone();
+        answer(
+            async {
+                if ds.len() > MAX_BATCH {
+                    return Err(Error::ResourceExhausted(format!(
+                        "{} digests are more than one sizes call may ask for ({MAX_BATCH})",
+                        ds.len()
+                    )));
+                }
+                // Each digest as `info` takes it; the ones that pass go to the store together.
+                let mut answers: Vec<Option<Result<u64, WitError>>> = Vec::with_capacity(ds.len());
+                let mut asked = Vec::new();
+                for d in &ds {
+                    let checked = match digest(d) {
+                        Ok(d) => wait(&s, &d).await.map(|()| d),
+                        Err(e) => Err(e),
+                    };
+                    match checked {
+                        Ok(d) => {
+                            asked.push(d);
+                            answers.push(None);
+                        }
+                        Err(e) => answers.push(Some(Err(to_wit_error(&e)))),
+                    }
+                }
+                let mut found = s.backend.content.sizes(&asked).await?.into_iter();
+                Ok(answers
+                    .into_iter()
+                    .map(|a| {
+                        a.unwrap_or_else(|| match found.next() {
+                            Some(r) => r.map_err(|e| to_wit_error(&e)),
+                            None => Err(wit_error(Code::Internal, "the content store answered too few digests".into())),
+                        })
+                    })
+                    .collect())
             }
             .await,
         )

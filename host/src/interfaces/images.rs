@@ -1,13 +1,17 @@
-//! Host side of `pullbox:image/images`: the backend's image store. `list` answers at most
-//! [`MAX_RECORDS`] records.
+//! Host side of `pullbox:image/images`: the backend's image store. `list` and `list-labels`
+//! answer at most [`MAX_RECORDS`] records; `list-labels` takes at most [`MAX_LIST_KEYS`] keys.
 
 use crate::{
     backend::ImageRecord,
     engine::{
-        bindings::pullbox::image::{images::Host, types::Image},
+        bindings::pullbox::image::{
+            images::{Host, Labelled},
+            types::Image,
+        },
         CallState,
     },
     error::Error,
+    session::Session,
 };
 
 use super::{answer, bounded, descriptor, label_pairs, labels, wit_descriptor, ImportResult};
@@ -15,6 +19,10 @@ use super::{answer, bounded, descriptor, label_pairs, labels, wit_descriptor, Im
 /// The most records `list` hands to a guest in one call (each record is a few hundred bytes:
 /// this keeps the answer well inside a guest's default 64 MiB of memory).
 pub const MAX_RECORDS: usize = 100_000;
+
+/// The most label keys one `list-labels` call may name: it is for a few labels of every
+/// record, and keys × records is what the host builds before handing it over.
+pub const MAX_LIST_KEYS: usize = 16;
 
 fn record(i: Image) -> Result<ImageRecord, Error> {
     if i.name.is_empty() {
@@ -39,6 +47,18 @@ fn image(r: ImageRecord) -> Image {
     }
 }
 
+/// Every record, or `resource-exhausted` when there are more than [`MAX_RECORDS`].
+async fn all(s: &Session) -> Result<Vec<ImageRecord>, Error> {
+    let all = s.backend.images.list().await?;
+    if all.len() > MAX_RECORDS {
+        return Err(Error::ResourceExhausted(format!(
+            "{} image records are more than one call may return ({MAX_RECORDS})",
+            all.len()
+        )));
+    }
+    Ok(all)
+}
+
 impl Host for CallState {
     async fn get(&mut self, name: String) -> ImportResult<Image> {
         let s = self.session.clone();
@@ -47,16 +67,36 @@ impl Host for CallState {
 
     async fn list(&mut self) -> ImportResult<Vec<Image>> {
         let s = self.session.clone();
+        answer(async { Ok(all(&s).await?.into_iter().map(image).collect()) }.await)
+    }
+
+    async fn list_labels(&mut self, keys: Vec<String>) -> ImportResult<Vec<Labelled>> {
+        let s = self.session.clone();
         answer(
             async {
-                let all = s.backend.images.list().await?;
-                if all.len() > MAX_RECORDS {
-                    return Err(Error::ResourceExhausted(format!(
-                        "{} image records are more than one call may return ({MAX_RECORDS})",
-                        all.len()
-                    )));
+                if keys.len() > MAX_LIST_KEYS {
+                    return Err(Error::InvalidArgument(format!("more than {MAX_LIST_KEYS} label keys")));
                 }
-                Ok(all.into_iter().map(image).collect())
+                for k in &keys {
+                    if k.is_empty() {
+                        return Err(Error::InvalidArgument("a label key must not be empty".into()));
+                    }
+                    bounded("label key", k)?;
+                }
+                // Values move out of the records; a key asked for twice gets a copy.
+                let first: Vec<usize> = keys.iter().map(|k| keys.iter().position(|x| x == k).unwrap_or(0)).collect();
+                Ok(all(&s)
+                    .await?
+                    .into_iter()
+                    .map(|mut r| {
+                        let mut values: Vec<Option<String>> = Vec::with_capacity(keys.len());
+                        for (i, k) in keys.iter().enumerate() {
+                            let value = if first[i] == i { r.labels.remove(k) } else { values[first[i]].clone() };
+                            values.push(value);
+                        }
+                        Labelled { name: r.name, values }
+                    })
+                    .collect())
             }
             .await,
         )

@@ -2,17 +2,31 @@
 //! the request's lease.
 
 use crate::{
-    backend::SnapshotKind,
+    backend::{self, SnapshotKind},
     engine::{
         bindings::pullbox::image::{
             snapshots::{Host, SnapshotInfo, Kind, DiskUsage},
-            types::Mount,
+            types::{Error as WitError, Mount},
         },
         CallState,
     },
+    error::{Code, Error},
 };
 
-use super::{answer, bounded, label_pairs, wit_mounts, ImportResult};
+use super::{answer, bounded, label_pairs, to_wit_error, wit_error, wit_mounts, ImportResult, MAX_BATCH};
+
+fn snapshot_info(i: backend::SnapshotInfo) -> SnapshotInfo {
+    SnapshotInfo {
+        name: i.name,
+        parent: i.parent,
+        kind: match i.kind {
+            SnapshotKind::View => Kind::View,
+            SnapshotKind::Active => Kind::Active,
+            SnapshotKind::Committed => Kind::Committed,
+        },
+        labels: label_pairs(i.labels),
+    }
+}
 
 impl Host for CallState {
     async fn name(&mut self) -> wasmtime::Result<String> {
@@ -59,19 +73,41 @@ impl Host for CallState {
 
     async fn stat(&mut self, key: String) -> ImportResult<SnapshotInfo> {
         let s = self.session.clone();
+        answer(async { s.backend.snapshots.stat(bounded("key", &key)?).await.map(snapshot_info) }.await)
+    }
+
+    async fn stats(&mut self, keys: Vec<String>) -> ImportResult<Vec<Result<SnapshotInfo, WitError>>> {
+        let s = self.session.clone();
         answer(
             async {
-                let i = s.backend.snapshots.stat(bounded("key", &key)?).await?;
-                Ok(SnapshotInfo {
-                    name: i.name,
-                    parent: i.parent,
-                    kind: match i.kind {
-                        SnapshotKind::View => Kind::View,
-                        SnapshotKind::Active => Kind::Active,
-                        SnapshotKind::Committed => Kind::Committed,
-                    },
-                    labels: label_pairs(i.labels),
-                })
+                if keys.len() > MAX_BATCH {
+                    return Err(Error::ResourceExhausted(format!(
+                        "{} keys are more than one stats call may ask for ({MAX_BATCH})",
+                        keys.len()
+                    )));
+                }
+                // Overlong keys are answered here; the others go to the snapshotter together.
+                let mut answers: Vec<Option<Result<SnapshotInfo, WitError>>> = Vec::with_capacity(keys.len());
+                let mut asked = Vec::new();
+                for key in keys {
+                    match bounded("key", &key) {
+                        Ok(_) => {
+                            asked.push(key);
+                            answers.push(None);
+                        }
+                        Err(e) => answers.push(Some(Err(to_wit_error(&e)))),
+                    }
+                }
+                let mut found = s.backend.snapshots.stats(&asked).await?.into_iter();
+                Ok(answers
+                    .into_iter()
+                    .map(|a| {
+                        a.unwrap_or_else(|| match found.next() {
+                            Some(r) => r.map(snapshot_info).map_err(|e| to_wit_error(&e)),
+                            None => Err(wit_error(Code::Internal, "the snapshotter answered too few keys".into())),
+                        })
+                    })
+                    .collect())
             }
             .await,
         )

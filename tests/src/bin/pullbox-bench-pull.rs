@@ -8,6 +8,9 @@
 //!    The layers are written with the `tar` crate and compressed with flate2 (gzip, level 6,
 //!    as Go's default) or the `zstd` CLI (level 3): umoci's unpack/repack per layer is far
 //!    too slow for a gigabyte. `PULLBOX_BENCH_SCALE` (default 1) scales every size.
+//!    `PULLBOX_BENCH_ONLY=list` skips everything but the `ListImages` measurement below (no
+//!    images are built, no containerd is started); `PULLBOX_BENCH_LIST_CALLS` (default 21)
+//!    sets how many `ListImages` calls it times.
 //! 2. Pushes them with `skopeo` to a fresh `docker-registry` on loopback.
 //! 3. For each image, measures wall time and peak RSS (`/usr/bin/time -f '%e %M'` for
 //!    processes; `VmHWM` from `/proc` for daemons, each started fresh per run) of:
@@ -569,6 +572,11 @@ fn upload(addr: &str, repo: &str, bytes: &[u8]) -> Result<String> {
     Ok(digest)
 }
 
+/// How many `ListImages` calls [`list_images_1000`] times: `PULLBOX_BENCH_LIST_CALLS`, default 21.
+fn list_calls() -> usize {
+    std::env::var("PULLBOX_BENCH_LIST_CALLS").ok().and_then(|s| s.parse().ok()).unwrap_or(21).max(1)
+}
+
 /// 1,000 images (distinct configs, one shared tiny layer) pulled over CRI into an embedded
 /// daemon; returns (time to pull them all, ListImages median, ListImages max, count).
 async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize)> {
@@ -624,7 +632,7 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize)>
     let pull_all = t.elapsed().as_secs_f64();
     let mut times = Vec::new();
     let mut count = 0;
-    for _ in 0..21 {
+    for _ in 0..list_calls() {
         let t = Instant::now();
         let r = client.clone().list_images(ListImagesRequest::default()).await?.into_inner();
         times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -634,11 +642,25 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize)>
     Ok((pull_all, times[times.len() / 2], times[times.len() - 1], count))
 }
 
+/// Runs [`list_images_1000`] and prints its figures.
+async fn list_images_report(registry: &Registry) -> Result<()> {
+    let (pull_all, median, max, count) = list_images_1000(registry).await?;
+    println!(
+        "ListImages over {count} images (embedded daemon): median {median:.2} ms, max {max:.2} ms of {} calls; \
+         pulling them (8 at a time) took {pull_all:.1} s",
+        list_calls()
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let scale: f64 = std::env::var("PULLBOX_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let runs: usize = std::env::var("PULLBOX_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let started = Instant::now();
+    if std::env::var("PULLBOX_BENCH_ONLY").is_ok_and(|v| v == "list") {
+        return list_images_report(&Registry::start()?).await;
+    }
     let (layout, images) = build_images(scale)?;
     let registry = Registry::start()?;
     for image in &images {
@@ -724,9 +746,8 @@ async fn main() -> Result<()> {
     println!("  1 pull: {single:.2} s ({single_gets} blob GETs); 20 pulls: {twenty:.2} s = {:.2}× one pull", twenty / single);
     println!("  blob GETs in the 20 pulls: {blob_gets} (layer GETs per layer: {per_blob:?}); all requests: {}", requests.len());
 
-    let (pull_all, median, max, count) = list_images_1000(&registry).await?;
     println!();
-    println!("ListImages over {count} images (embedded daemon): median {median:.2} ms, max {max:.2} ms of 21 calls; pulling them (8 at a time) took {pull_all:.1} s");
+    list_images_report(&registry).await?;
     println!();
     println!("total benchmark time {:.0} s", started.elapsed().as_secs_f64());
     Ok(())

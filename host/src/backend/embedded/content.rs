@@ -28,6 +28,7 @@
 
 use std::{
     fs::{self, File, OpenOptions},
+    os::fd::OwnedFd,
     io::{self, Read, Seek, SeekFrom},
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
@@ -36,6 +37,7 @@ use std::{
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection};
+use rustix::fs::{AtFlags, Mode, OFlags};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::{
@@ -47,7 +49,7 @@ use super::{
 use crate::{
     backend::{BlobReader, ContentInfo, ContentStore, ContentWriter, Labels, LeaseId},
     error::{Error, Result},
-    oci::{Descriptor, Digest, Hasher},
+    oci::{Algorithm, Descriptor, Digest, Hasher},
 };
 
 /// How often a writer waiting for another writer of the same blob checks the lock: short
@@ -110,11 +112,46 @@ fn info_of(conn: &Connection, layout: &Layout, digest: &Digest) -> Result<Conten
     Ok(ContentInfo { digest: digest.clone(), size, labels })
 }
 
+/// The sizes of committed blobs, in order: each from a `stat` relative to the directory of its
+/// algorithm (opened once), the short path lookup of one name. No database: a blob is
+/// committed when its file is in `blobs/` (see the module docs).
+fn sizes_of(layout: &Layout, digests: &[Digest]) -> Vec<Result<u64>> {
+    // The directory of each algorithm met so far; `None` when it cannot be opened, and then
+    // the blob's own path is looked at, so the answer is what `info` would give.
+    let mut dirs: Vec<(Algorithm, Option<OwnedFd>)> = Vec::new();
+    digests
+        .iter()
+        .map(|digest| {
+            let alg = digest.algorithm();
+            let i = match dirs.iter().position(|(a, _)| *a == alg) {
+                Some(i) => i,
+                None => {
+                    let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
+                    dirs.push((alg, rustix::fs::open(layout.blobs(alg), flags, Mode::empty()).ok()));
+                    dirs.len() - 1
+                }
+            };
+            match &dirs[i].1 {
+                Some(dir) => rustix::fs::statat(dir, digest.hex(), AtFlags::empty())
+                    .map(|st| st.st_size as u64)
+                    .map_err(|e| blob_error(digest)(e.into())),
+                None => fs::metadata(layout.blob(digest)).map(|m| m.len()).map_err(blob_error(digest)),
+            }
+        })
+        .collect()
+}
+
 #[async_trait]
 impl ContentStore for Content {
     async fn info(&self, digest: &Digest) -> Result<ContentInfo> {
         let (layout, digest) = (self.layout.clone(), digest.clone());
         self.db.read(move |conn| info_of(conn, &layout, &digest)).await
+    }
+
+    /// One task on the blocking pool for the whole batch, and no database: see [`sizes_of`].
+    async fn sizes(&self, digests: &[Digest]) -> Result<Vec<Result<u64>>> {
+        let (layout, digests) = (self.layout.clone(), digests.to_vec());
+        blocking(move || Ok(sizes_of(&layout, &digests))).await
     }
 
     async fn read(&self, digest: &Digest, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -464,6 +501,80 @@ mod tests {
         assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
         assert!(matches!(b.content.delete(&desc.digest).await, Err(Error::NotFound(_))));
         assert!(matches!(b.content.set_labels(&desc.digest, &labels).await, Err(Error::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn sizes_answer_each_digest_as_info_does() {
+        let (dir, b, lease) = setup().await;
+        let mut digests = Vec::new();
+        for data in [&b"one"[..], b"three"] {
+            let desc = descriptor(data);
+            let mut w = b.content.writer(&desc, &lease).await.unwrap();
+            w.write(data).await.unwrap();
+            w.commit().await.unwrap();
+            digests.push(desc.digest);
+        }
+        let gone = descriptor(b"removed behind our back").digest;
+        let sha512: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
+        let asked = [digests[0].clone(), gone.clone(), digests[1].clone(), sha512, digests[0].clone()];
+        let sizes = b.content.sizes(&asked).await.unwrap();
+        assert_eq!(sizes.len(), asked.len());
+        assert_eq!(sizes[0].as_ref().unwrap(), &3);
+        assert!(matches!(&sizes[1], Err(Error::NotFound(m)) if m.contains(gone.as_str())), "{:?}", sizes[1]);
+        assert_eq!(sizes[2].as_ref().unwrap(), &5);
+        assert!(matches!(&sizes[3], Err(Error::NotFound(_))), "{:?}", sizes[3]);
+        assert_eq!(sizes[4].as_ref().unwrap(), &3);
+        for (d, size) in asked.iter().zip(&sizes) {
+            let info = b.content.info(d).await.map(|i| i.size).map_err(|e| e.to_string());
+            assert_eq!(info, size.as_ref().copied().map_err(|e| e.to_string()), "{d}");
+        }
+        // A blob deleted behind pullbox's back is absent at once.
+        fs::remove_file(blob_path(dir.path(), &digests[1])).unwrap();
+        assert!(matches!(b.content.sizes(&digests).await.unwrap()[1], Err(Error::NotFound(_))));
+        assert!(b.content.sizes(&[]).await.unwrap().is_empty());
+    }
+
+    /// [`ContentStore::sizes`] as a backend without its own gets it: `info` of each digest.
+    #[tokio::test]
+    async fn the_default_sizes_asks_info_for_each_digest() {
+        use std::sync::Arc;
+        struct InfoOnly(Arc<dyn ContentStore>);
+        #[async_trait]
+        impl ContentStore for InfoOnly {
+            async fn info(&self, digest: &Digest) -> Result<ContentInfo> {
+                self.0.info(digest).await
+            }
+            async fn read(&self, digest: &Digest, offset: u64, len: usize) -> Result<Vec<u8>> {
+                self.0.read(digest, offset, len).await
+            }
+            async fn open(&self, digest: &Digest) -> Result<BlobReader> {
+                self.0.open(digest).await
+            }
+            async fn writer(&self, expected: &Descriptor, lease: &LeaseId) -> Result<Box<dyn ContentWriter>> {
+                self.0.writer(expected, lease).await
+            }
+            async fn set_labels(&self, digest: &Digest, labels: &Labels) -> Result<ContentInfo> {
+                self.0.set_labels(digest, labels).await
+            }
+            async fn delete(&self, digest: &Digest) -> Result<()> {
+                self.0.delete(digest).await
+            }
+        }
+        let (_dir, b, lease) = setup().await;
+        let desc = descriptor(b"present");
+        let mut w = b.content.writer(&desc, &lease).await.unwrap();
+        w.write(b"present").await.unwrap();
+        w.commit().await.unwrap();
+        let absent = |i: u8| descriptor(&[i]).digest;
+        let asked: Vec<Digest> = (0..40).map(|i| if i % 2 == 0 { desc.digest.clone() } else { absent(i) }).collect();
+        let sizes = InfoOnly(b.content.clone()).sizes(&asked).await.unwrap();
+        assert_eq!(sizes.len(), 40);
+        for (i, size) in sizes.iter().enumerate() {
+            match i % 2 {
+                0 => assert_eq!(size.as_ref().unwrap(), &7),
+                _ => assert!(matches!(size, Err(Error::NotFound(_))), "{i}: {size:?}"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -4,6 +4,14 @@
 //! [`Images`] implements [`ImageStore`]. The store sets the timestamps (nanoseconds since the
 //! epoch): `create` sets both, `update` keeps `created_at` and sets `updated_at`. An image
 //! record is a garbage-collection root: its target's graph is kept.
+//!
+//! `list` keeps the records it read, decoded, with SQLite's `PRAGMA data_version` at the time,
+//! and answers from them while nothing has changed: `data_version` moves when another process
+//! (another connection) commits, and this store's own writes drop the copy. Decoding every
+//! record's JSON is most of a list's cost, and status and list (kubelet asks for them all the
+//! time) read every record.
+
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -17,11 +25,23 @@ use crate::{
 /// The embedded image store.
 pub(crate) struct Images {
     db: Db,
+    /// What `list` read last, with the `data_version` it read it at (see the module docs).
+    listed: Listed,
 }
+
+/// The records a `list` read and the `data_version` of the database then; `None` after a
+/// write.
+type Listed = Arc<Mutex<Option<(i64, Arc<Vec<ImageRecord>>)>>>;
 
 impl Images {
     pub(crate) fn new(db: Db) -> Images {
-        Images { db }
+        Images { db, listed: Listed::default() }
+    }
+
+    /// Forgets what `list` read: called inside every write transaction, so no `list` can read
+    /// between the write and this.
+    fn forget(listed: &Listed) {
+        *listed.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 }
 
@@ -32,11 +52,21 @@ fn get(conn: &Connection, name: &str) -> Result<Option<ImageRecord>> {
     Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
 }
 
-/// Every record.
+/// Every record, by name.
 pub(crate) fn all(conn: &Connection) -> Result<Vec<ImageRecord>> {
-    let mut stmt = conn.prepare("SELECT record FROM images ORDER BY name")?;
-    let json = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(json.iter().map(|j| serde_json::from_str(j)).collect::<Result<_, _>>()?)
+    // In table order, sorted here: `ORDER BY name` walks the name index and looks every row
+    // up from it, which takes longer than reading the table straight and sorting.
+    let mut stmt = conn.prepare_cached("SELECT record FROM images")?;
+    let mut rows = stmt.query([])?;
+    let mut all = Vec::new();
+    while let Some(row) = rows.next()? {
+        let json = row.get_ref(0)?.as_str().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+        all.push(serde_json::from_str::<ImageRecord>(json)?);
+    }
+    all.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    Ok(all)
 }
 
 fn put(conn: &Connection, image: &ImageRecord) -> Result<()> {
@@ -60,15 +90,34 @@ impl ImageStore for Images {
     }
 
     async fn list(&self) -> Result<Vec<ImageRecord>> {
-        self.db.read(all).await
+        let listed = self.listed.clone();
+        self.db
+            .read(move |conn| {
+                // One read transaction: the version read is that of the records read.
+                let tx = conn.unchecked_transaction()?;
+                let version: i64 = tx.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+                let kept = listed.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                let records = match kept {
+                    Some((v, records)) if v == version => records,
+                    _ => {
+                        let records = Arc::new(all(&tx)?);
+                        *listed.lock().unwrap_or_else(PoisonError::into_inner) = Some((version, records.clone()));
+                        records
+                    }
+                };
+                Ok(records.as_ref().clone())
+            })
+            .await
     }
 
     async fn create(&self, mut image: ImageRecord) -> Result<ImageRecord> {
         if image.name.is_empty() {
             return Err(Error::InvalidArgument("an image name must not be empty".into()));
         }
+        let listed = self.listed.clone();
         self.db
             .write(move |tx| {
+                Self::forget(&listed);
                 if get(tx, &image.name)?.is_some() {
                     return Err(Error::AlreadyExists(format!("image {}", image.name)));
                 }
@@ -81,8 +130,10 @@ impl ImageStore for Images {
     }
 
     async fn update(&self, mut image: ImageRecord) -> Result<ImageRecord> {
+        let listed = self.listed.clone();
         self.db
             .write(move |tx| {
+                Self::forget(&listed);
                 let old = get(tx, &image.name)?.ok_or_else(|| not_found(&image.name))?;
                 image.created_at = old.created_at;
                 image.updated_at = now_nanos().max(old.created_at);
@@ -93,11 +144,14 @@ impl ImageStore for Images {
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
-        let name = name.to_owned();
+        let (name, listed) = (name.to_owned(), self.listed.clone());
         self.db
-            .write(move |tx| match tx.execute("DELETE FROM images WHERE name = ?1", [&name])? {
-                0 => Err(not_found(&name)),
-                _ => Ok(()),
+            .write(move |tx| {
+                Self::forget(&listed);
+                match tx.execute("DELETE FROM images WHERE name = ?1", [&name])? {
+                    0 => Err(not_found(&name)),
+                    _ => Ok(()),
+                }
             })
             .await
     }
@@ -150,5 +204,28 @@ mod tests {
         images.delete("docker.io/library/b:1").await.unwrap();
         assert!(matches!(images.get("docker.io/library/b:1").await, Err(Error::NotFound(_))));
         assert!(matches!(images.delete("docker.io/library/b:1").await, Err(Error::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn list_sees_every_write_of_this_and_other_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two connections to one root, as two processes have.
+        let (ours, theirs) = (open(dir.path()).unwrap().images, open(dir.path()).unwrap().images);
+        let names = |list: Vec<ImageRecord>| list.into_iter().map(|i| i.name).collect::<Vec<_>>();
+        let digest = |list: Vec<ImageRecord>| list[0].target.digest.clone();
+        ours.create(record("a", b"one")).await.unwrap();
+        assert_eq!(names(ours.list().await.unwrap()), ["a"]);
+        assert_eq!(names(ours.list().await.unwrap()), ["a"], "answered from what was read");
+        theirs.create(record("b", b"two")).await.unwrap();
+        assert_eq!(names(ours.list().await.unwrap()), ["a", "b"]);
+        ours.update(record("a", b"three")).await.unwrap();
+        assert_eq!(digest(ours.list().await.unwrap()), Digest::sha256_of(b"three"));
+        theirs.update(record("a", b"four")).await.unwrap();
+        assert_eq!(digest(ours.list().await.unwrap()), Digest::sha256_of(b"four"));
+        ours.delete("b").await.unwrap();
+        assert_eq!(names(ours.list().await.unwrap()), ["a"]);
+        assert_eq!(names(theirs.list().await.unwrap()), ["a"]);
+        theirs.delete("a").await.unwrap();
+        assert!(ours.list().await.unwrap().is_empty());
     }
 }

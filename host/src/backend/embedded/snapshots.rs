@@ -46,6 +46,7 @@
 //! working: they name their parent, and a chain ID names the same content).
 
 use std::{
+    collections::HashMap,
     fs::DirBuilder,
     io,
     os::unix::fs::DirBuilderExt,
@@ -128,8 +129,8 @@ impl Row {
 
 /// The snapshot `key`, if any.
 pub(crate) fn get(conn: &Connection, key: &str) -> Result<Option<Row>> {
-    let sql = format!("SELECT {COLUMNS} FROM snapshots WHERE key = ?1");
-    Ok(conn.query_row(&sql, [key], Row::from_sql).optional()?)
+    let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM snapshots WHERE key = ?1"))?;
+    Ok(stmt.query_row([key], Row::from_sql).optional()?)
 }
 
 /// Every snapshot.
@@ -164,18 +165,25 @@ fn chain(conn: &Connection, layout: &Layout, name: &str) -> Result<Vec<i64>> {
     let mut ids = Vec::new();
     let mut name = name.to_owned();
     while !name.is_empty() {
-        let row = get(conn, &name)?
-            .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {name}, an ancestor, is missing")))?;
+        let row = get(conn, &name)?.ok_or_else(|| Error::FailedPrecondition(missing_ancestor(&name)))?;
         if is_missing(&layout.snapshot_fs(row.id)) {
-            return Err(Error::FailedPrecondition(format!(
-                "snapshot {name} has lost its directory {} (removed behind pullbox's back)",
-                layout.snapshot_fs(row.id).display()
-            )));
+            return Err(Error::FailedPrecondition(lost_directory(layout, &name, row.id)));
         }
         ids.push(row.id);
         name = row.parent;
     }
     Ok(ids)
+}
+
+/// Why a chain is unusable when its snapshot `name` has no row.
+fn missing_ancestor(name: &str) -> String {
+    format!("snapshot {name}, an ancestor, is missing")
+}
+
+/// Why a chain is unusable when the directory of its snapshot `name` (id `id`) is gone.
+fn lost_directory(layout: &Layout, name: &str, id: i64) -> String {
+    let dir = layout.snapshot_fs(id);
+    format!("snapshot {name} has lost its directory {} (removed behind pullbox's back)", dir.display())
 }
 
 /// Whether `path` is certainly absent (any other failure to look is not taken as absence).
@@ -186,15 +194,53 @@ fn is_missing(path: &Path) -> bool {
 /// Why `row` cannot be used, if it cannot: its directory, or an ancestor or its directory, is
 /// missing.
 fn damage(conn: &Connection, layout: &Layout, row: &Row) -> Result<Option<String>> {
+    damage_seen(conn, layout, row, &mut Seen::default())
+}
+
+/// What the looks of one batch of `stat`s share, so that a batch reads each ancestor and the
+/// list of active snapshots once, however many snapshots share them.
+#[derive(Default)]
+struct Seen {
+    /// Name → why the chain from that snapshot down to the root is unusable (`None`: usable),
+    /// for every ancestor walked so far.
+    chains: HashMap<String, Option<String>>,
+    /// The keys of the active snapshots, once a look has needed them.
+    active: Option<Vec<String>>,
+}
+
+/// [`damage`], reusing and extending what `seen` knows of the ancestors.
+fn damage_seen(conn: &Connection, layout: &Layout, row: &Row, seen: &mut Seen) -> Result<Option<String>> {
     let fs = layout.snapshot_fs(row.id);
     if is_missing(&fs) {
         return Ok(Some(format!("its directory {} is missing", fs.display())));
     }
-    Ok(match chain(conn, layout, &row.parent) {
-        Ok(_) => None,
-        Err(Error::FailedPrecondition(why)) => Some(why),
-        Err(e) => return Err(e),
-    })
+    // As `chain(row.parent)`, nearest ancestor first; every name walked gets the verdict of
+    // the first unusable snapshot at or above it (the same one `chain` would report).
+    let mut walked = Vec::new();
+    let mut name = row.parent.clone();
+    let verdict = loop {
+        if name.is_empty() {
+            break None;
+        }
+        if let Some(known) = seen.chains.get(&name) {
+            break known.clone();
+        }
+        let Some(ancestor) = get(conn, &name)? else {
+            let why = missing_ancestor(&name);
+            walked.push(name);
+            break Some(why);
+        };
+        if is_missing(&layout.snapshot_fs(ancestor.id)) {
+            let why = lost_directory(layout, &name, ancestor.id);
+            walked.push(name);
+            break Some(why);
+        }
+        walked.push(std::mem::replace(&mut name, ancestor.parent));
+    };
+    for name in walked {
+        seen.chains.insert(name, verdict.clone());
+    }
+    Ok(verdict)
 }
 
 /// A live lease other than `except` that holds the snapshot `key`, if any.
@@ -225,15 +271,19 @@ fn unpack_target(key: &str) -> Option<String> {
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("sha256:{hex}"))
 }
 
-/// The key of a live lease's active snapshot that is being unpacked to become `name`, if any.
-fn pending_unpack(conn: &Connection, name: &str) -> Result<Option<String>> {
-    let mut stmt = conn.prepare_cached("SELECT key FROM snapshots WHERE kind = ?1")?;
-    let active = stmt
-        .query_map([kind_str(SnapshotKind::Active)], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    for key in active {
-        if unpack_target(&key).as_deref() == Some(name) && live_holder(conn, &key, None)?.is_some() {
-            return Ok(Some(key));
+/// The key of a live lease's active snapshot that is being unpacked to become `name`, if any;
+/// the active snapshots are read once per `seen`.
+fn pending_unpack(conn: &Connection, name: &str, seen: &mut Seen) -> Result<Option<String>> {
+    if seen.active.is_none() {
+        let mut stmt = conn.prepare_cached("SELECT key FROM snapshots WHERE kind = ?1")?;
+        let active = stmt
+            .query_map([kind_str(SnapshotKind::Active)], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        seen.active = Some(active);
+    }
+    for key in seen.active.iter().flatten() {
+        if unpack_target(key).as_deref() == Some(name) && live_holder(conn, key, None)?.is_some() {
+            return Ok(Some(key.clone()));
         }
     }
     Ok(None)
@@ -246,6 +296,33 @@ enum Look {
     Absent(Option<String>),
     /// Absent, but the active snapshot with this key is being unpacked to become it.
     Pending(String),
+}
+
+/// One look at the snapshot `name`, for `stat` and `stats`.
+fn look(conn: &Connection, layout: &Layout, name: &str, seen: &mut Seen) -> Result<Look> {
+    let why = match get(conn, name)? {
+        Some(row) => match damage_seen(conn, layout, &row, seen)? {
+            None => return Ok(Look::Found(row)),
+            why => why,
+        },
+        None => None,
+    };
+    Ok(match pending_unpack(conn, name, seen)? {
+        Some(active) => Look::Pending(active),
+        None => Look::Absent(why),
+    })
+}
+
+/// `stat`'s answer for `key` from a look that is not waited on any longer.
+fn settled(key: &str, look: Look) -> Result<SnapshotInfo> {
+    match look {
+        Look::Found(row) => Ok(SnapshotInfo { name: row.key, parent: row.parent, kind: row.kind, labels: row.labels }),
+        Look::Pending(_) | Look::Absent(None) => Err(Error::NotFound(format!("snapshot {key}"))),
+        Look::Absent(Some(why)) => {
+            tracing::info!(snapshot = key, "snapshot is unusable: {why}");
+            Err(Error::NotFound(format!("snapshot {key} (unusable: {why})")))
+        }
+    }
 }
 
 /// What `create` found.
@@ -443,26 +520,8 @@ impl Snapshotter for Snapshots {
         let mut announced = false;
         loop {
             let (layout, name) = (self.layout.clone(), key.to_owned());
-            let look = self
-                .db
-                .read(move |conn| {
-                    let why = match get(conn, &name)? {
-                        Some(row) => match damage(conn, &layout, &row)? {
-                            None => return Ok(Look::Found(row)),
-                            why => why,
-                        },
-                        None => None,
-                    };
-                    Ok(match pending_unpack(conn, &name)? {
-                        Some(active) => Look::Pending(active),
-                        None => Look::Absent(why),
-                    })
-                })
-                .await?;
+            let look = self.db.read(move |conn| look(conn, &layout, &name, &mut Seen::default())).await?;
             match look {
-                Look::Found(row) => {
-                    return Ok(SnapshotInfo { name: row.key, parent: row.parent, kind: row.kind, labels: row.labels })
-                }
                 Look::Pending(active) if Instant::now() < deadline => {
                     if !announced {
                         tracing::info!(snapshot = key, active, "another pull is unpacking this snapshot; waiting for it");
@@ -470,13 +529,32 @@ impl Snapshotter for Snapshots {
                     }
                     tokio::time::sleep(WAIT_POLL).await;
                 }
-                Look::Pending(_) | Look::Absent(None) => return Err(Error::NotFound(format!("snapshot {key}"))),
-                Look::Absent(Some(why)) => {
-                    tracing::info!(snapshot = key, "snapshot is unusable: {why}");
-                    return Err(Error::NotFound(format!("snapshot {key} (unusable: {why})")));
-                }
+                look => return settled(key, look),
             }
         }
+    }
+
+    /// One database read (one task on the blocking pool) looks at every key, reading shared
+    /// ancestors once; only a key that another pull is unpacking right now is then waited for
+    /// on its own, as `stat` does.
+    async fn stats(&self, keys: &[String]) -> Result<Vec<Result<SnapshotInfo>>> {
+        let (layout, names) = (self.layout.clone(), keys.to_vec());
+        let looks = self
+            .db
+            .read(move |conn| {
+                let mut seen = Seen::default();
+                Ok(names.iter().map(|name| look(conn, &layout, name, &mut seen)).collect::<Vec<_>>())
+            })
+            .await?;
+        let mut answers = Vec::with_capacity(looks.len());
+        for (key, look) in keys.iter().zip(looks) {
+            answers.push(match look {
+                Ok(Look::Pending(_)) => self.stat(key).await,
+                Ok(look) => settled(key, look),
+                Err(e) => Err(e),
+            });
+        }
+        Ok(answers)
     }
 
     async fn remove(&self, key: &str) -> Result<()> {
@@ -688,6 +766,39 @@ mod tests {
         // An intact snapshot is never replaced.
         s.prepare("x4", "", &lease).await.unwrap();
         assert!(matches!(s.commit("base", "x4", &lease).await, Err(Error::AlreadyExists(_))));
+    }
+
+    #[tokio::test]
+    async fn stats_answer_each_key_as_stat_does() {
+        let (_dir, b, lease, snaps) = setup().await;
+        let s = &b.snapshots;
+        // base <- mid <- top, and base2 <- other: then mid's directory goes.
+        s.prepare("x1", "", &lease).await.unwrap();
+        s.commit("base", "x1", &lease).await.unwrap();
+        s.prepare("x2", "base", &lease).await.unwrap();
+        s.commit("mid", "x2", &lease).await.unwrap();
+        s.prepare("x3", "mid", &lease).await.unwrap();
+        s.commit("top", "x3", &lease).await.unwrap();
+        s.prepare("x4", "", &lease).await.unwrap();
+        s.commit("base2", "x4", &lease).await.unwrap();
+        s.prepare("other", "base2", &lease).await.unwrap();
+        fs::remove_dir_all(snaps.join("2")).unwrap();
+
+        let keys: Vec<String> =
+            ["top", "base", "mid", "missing", "other", "top", "base2", ""].iter().map(|k| k.to_string()).collect();
+        let stats = s.stats(&keys).await.unwrap();
+        assert_eq!(stats.len(), keys.len());
+        for (key, got) in keys.iter().zip(&stats) {
+            let want = s.stat(key).await;
+            assert_eq!(got.as_ref().map_err(|e| e.to_string()), want.as_ref().map_err(|e| e.to_string()), "{key}");
+        }
+        assert_eq!(stats[1].as_ref().unwrap().kind, SnapshotKind::Committed);
+        assert_eq!(stats[4].as_ref().unwrap().kind, SnapshotKind::Active);
+        for i in [0, 2, 5] {
+            assert!(matches!(&stats[i], Err(Error::NotFound(m)) if m.contains("unusable")), "{:?}", stats[i]);
+        }
+        assert!(matches!(&stats[3], Err(Error::NotFound(_))));
+        assert!(s.stats(&[]).await.unwrap().is_empty());
     }
 
     #[test]
