@@ -32,6 +32,7 @@ use k8s_cri::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
+    backend::embedded::fsutil::disk_usage_lenient,
     engine::ImageInfo,
     error::Code,
     metrics::Metrics,
@@ -203,9 +204,10 @@ impl CriImageService for Cri {
 
     async fn image_fs_info(&self, _: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
         let root = self.fs_root.clone();
-        let (bytes, inodes) = tokio::task::spawn_blocking(move || disk_usage(&root))
+        let usage = tokio::task::spawn_blocking(move || disk_usage_lenient(&root))
             .await
             .map_err(|e| Status::internal(format!("disk usage task failed: {e}")))?;
+        let (bytes, inodes) = (usage.size, usage.inodes);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
         let usage = FilesystemUsage {
             timestamp: now,
@@ -215,30 +217,6 @@ impl CriImageService for Cri {
         };
         Ok(Response::new(ImageFsInfoResponse { image_filesystems: vec![usage], container_filesystems: vec![] }))
     }
-}
-
-/// Bytes (allocated blocks) and inodes under `dir`, hard links counted once; unreadable
-/// entries are skipped.
-fn disk_usage(dir: &std::path::Path) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    let mut seen = std::collections::HashSet::new();
-    let (mut bytes, mut inodes) = (0u64, 0u64);
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            let Ok(md) = e.path().symlink_metadata() else { continue };
-            if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
-                continue;
-            }
-            bytes += md.blocks() * 512;
-            inodes += 1;
-            if md.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    (bytes, inodes)
 }
 
 #[cfg(test)]

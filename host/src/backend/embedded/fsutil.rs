@@ -5,7 +5,8 @@
 //!   holder dies, so a killed pull never leaves a stale lock behind.
 //! - [`disk_usage`]: bytes allocated and inodes of a tree, hardlinks counted once, as
 //!   containerd's `fs.DiskUsage` computes them (allocated 512-byte blocks, not apparent size,
-//!   because the question is "how much disk does this use").
+//!   because the question is "how much disk does this use"); [`disk_usage_lenient`] for a
+//!   tree that changes while it is walked (the CRI's `ImageFsInfo`).
 //! - [`sync_dir`]: makes a rename durable.
 
 use std::{
@@ -49,19 +50,47 @@ impl FileLock {
 
 /// The disk use of `path` (a file or a whole tree), without following symlinks.
 pub(crate) fn disk_usage(path: &Path) -> io::Result<Usage> {
+    walk_usage(path, false)
+}
+
+/// [`disk_usage`] of a tree that others change meanwhile (the daemon's whole root, for CRI's
+/// `ImageFsInfo`, while pulls and collections run): entries that vanish or cannot be read
+/// are skipped instead of failing the walk.
+pub(crate) fn disk_usage_lenient(path: &Path) -> Usage {
+    walk_usage(path, true).unwrap_or_default()
+}
+
+fn walk_usage(path: &Path, lenient: bool) -> io::Result<Usage> {
     let mut usage = Usage::default();
     let mut seen = HashSet::new();
     let mut stack = vec![path.to_path_buf()];
+    let skip = |e: io::Error| if lenient { Ok(()) } else { Err(e) };
     while let Some(path) = stack.pop() {
-        let meta = fs::symlink_metadata(&path)?;
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) => {
+                skip(e)?;
+                continue;
+            }
+        };
         if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
             continue;
         }
         usage.inodes += 1;
         usage.size += meta.blocks() * 512;
         if meta.is_dir() {
-            for entry in fs::read_dir(&path)? {
-                stack.push(entry?.path());
+            let entries = match fs::read_dir(&path) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    skip(e)?;
+                    continue;
+                }
+            };
+            for entry in entries {
+                match entry {
+                    Ok(entry) => stack.push(entry.path()),
+                    Err(e) => skip(e)?,
+                }
             }
         }
     }

@@ -39,7 +39,7 @@
 mod content;
 mod db;
 mod differ;
-mod fsutil;
+pub(crate) mod fsutil;
 mod gc;
 mod images;
 mod leases;
