@@ -14,12 +14,12 @@ use crate::{
         },
         CallState,
     },
-    error::{Code, Error},
+    error::Error,
     oci::Digest,
     session::Session,
 };
 
-use super::{answer, digest, label_pairs, labels, to_wit_error, wit_error, ImportResult, MAX_BATCH};
+use super::{answer, batch, digest, label_pairs, labels, ImportResult};
 
 /// The largest read one call may ask for.
 pub const MAX_READ: u32 = 1 << 20;
@@ -45,43 +45,18 @@ impl Host for CallState {
 
     async fn sizes(&mut self, ds: Vec<String>) -> ImportResult<Vec<Result<u64, WitError>>> {
         let s = self.session.clone();
-        answer(
-            async {
-                if ds.len() > MAX_BATCH {
-                    return Err(Error::ResourceExhausted(format!(
-                        "{} digests are more than one sizes call may ask for ({MAX_BATCH})",
-                        ds.len()
-                    )));
-                }
-                // Each digest as `info` takes it; the ones that pass go to the store together.
-                let mut answers: Vec<Option<Result<u64, WitError>>> = Vec::with_capacity(ds.len());
-                let mut asked = Vec::new();
-                for d in &ds {
-                    let checked = match digest(d) {
-                        Ok(d) => wait(&s, &d).await.map(|()| d),
-                        Err(e) => Err(e),
-                    };
-                    match checked {
-                        Ok(d) => {
-                            asked.push(d);
-                            answers.push(None);
-                        }
-                        Err(e) => answers.push(Some(Err(to_wit_error(&e)))),
-                    }
-                }
-                let mut found = s.backend.content.sizes(&asked).await?.into_iter();
-                Ok(answers
-                    .into_iter()
-                    .map(|a| {
-                        a.unwrap_or_else(|| match found.next() {
-                            Some(r) => r.map_err(|e| to_wit_error(&e)),
-                            None => Err(wit_error(Code::Internal, "the content store answered too few digests".into())),
-                        })
-                    })
-                    .collect())
+        // Each digest as `info` takes it; the ones that pass go to the store together.
+        let check = |d: String| {
+            let s = s.clone();
+            async move {
+                let d = digest(&d)?;
+                wait(&s, &d).await?;
+                Ok(d)
             }
-            .await,
-        )
+        };
+        let content = s.backend.content.clone();
+        let ask = |asked: Vec<Digest>| async move { content.sizes(&asked).await };
+        answer(batch(ds, ("digests", "sizes"), check, ask).await)
     }
 
     async fn read(&mut self, d: String, offset: u64, length: u32) -> ImportResult<Vec<u8>> {

@@ -14,7 +14,7 @@ mod log;
 mod registry;
 mod snapshots;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, future::Future};
 
 use crate::{
     backend::Labels,
@@ -33,6 +33,49 @@ pub const MAX_STRING: usize = 4096;
 pub const MAX_BATCH: usize = 1024;
 
 impl wit::Host for CallState {}
+
+/// Answers a batched import (`content.sizes`, `snapshots.stats`): at most [`MAX_BATCH`]
+/// `items` (`ResourceExhausted` naming the `noun`s and the `call` otherwise); each is checked
+/// by `check`, whose failure is that item's answer; the ones that pass are asked of the store
+/// in one `ask`; the answers come back in the order of `items`.
+pub(crate) async fn batch<I, K, T, C, A>(
+    items: Vec<I>,
+    (noun, call): (&str, &str),
+    mut check: impl FnMut(I) -> C,
+    ask: impl FnOnce(Vec<K>) -> A,
+) -> Result<Vec<Result<T, wit::Error>>, Error>
+where
+    C: Future<Output = Result<K, Error>>,
+    A: Future<Output = Result<Vec<Result<T, Error>>, Error>>,
+{
+    if items.len() > MAX_BATCH {
+        return Err(Error::ResourceExhausted(format!(
+            "{} {noun} are more than one {call} call may ask for ({MAX_BATCH})",
+            items.len()
+        )));
+    }
+    let mut answers: Vec<Option<Result<T, wit::Error>>> = Vec::with_capacity(items.len());
+    let mut asked = Vec::new();
+    for item in items {
+        match check(item).await {
+            Ok(k) => {
+                asked.push(k);
+                answers.push(None);
+            }
+            Err(e) => answers.push(Some(Err(to_wit_error(&e)))),
+        }
+    }
+    let mut found = ask(asked).await?.into_iter();
+    Ok(answers
+        .into_iter()
+        .map(|a| {
+            a.unwrap_or_else(|| match found.next() {
+                Some(r) => r.map_err(|e| to_wit_error(&e)),
+                None => Err(wit_error(Code::Internal, format!("the store answered too few {noun}"))),
+            })
+        })
+        .collect())
+}
 
 /// Converts a host error into the WIT error the guest sees.
 pub(crate) fn to_wit_error(e: &Error) -> wit::Error {

@@ -10,10 +10,9 @@ use crate::{
         },
         CallState,
     },
-    error::{Code, Error},
 };
 
-use super::{answer, bounded, label_pairs, to_wit_error, wit_error, wit_mounts, ImportResult, MAX_BATCH};
+use super::{answer, batch, bounded, label_pairs, wit_mounts, ImportResult};
 
 fn snapshot_info(i: backend::SnapshotInfo) -> SnapshotInfo {
     SnapshotInfo {
@@ -78,39 +77,17 @@ impl Host for CallState {
 
     async fn stats(&mut self, keys: Vec<String>) -> ImportResult<Vec<Result<SnapshotInfo, WitError>>> {
         let s = self.session.clone();
-        answer(
-            async {
-                if keys.len() > MAX_BATCH {
-                    return Err(Error::ResourceExhausted(format!(
-                        "{} keys are more than one stats call may ask for ({MAX_BATCH})",
-                        keys.len()
-                    )));
-                }
-                // Overlong keys are answered here; the others go to the snapshotter together.
-                let mut answers: Vec<Option<Result<SnapshotInfo, WitError>>> = Vec::with_capacity(keys.len());
-                let mut asked = Vec::new();
-                for key in keys {
-                    match bounded("key", &key) {
-                        Ok(_) => {
-                            asked.push(key);
-                            answers.push(None);
-                        }
-                        Err(e) => answers.push(Some(Err(to_wit_error(&e)))),
-                    }
-                }
-                let mut found = s.backend.snapshots.stats(&asked).await?.into_iter();
-                Ok(answers
-                    .into_iter()
-                    .map(|a| {
-                        a.unwrap_or_else(|| match found.next() {
-                            Some(r) => r.map(snapshot_info).map_err(|e| to_wit_error(&e)),
-                            None => Err(wit_error(Code::Internal, "the snapshotter answered too few keys".into())),
-                        })
-                    })
-                    .collect())
-            }
-            .await,
-        )
+        // Overlong keys are answered here; the others go to the snapshotter together.
+        let check = |key: String| {
+            std::future::ready(match bounded("key", &key).err() {
+                None => Ok(key),
+                Some(e) => Err(e),
+            })
+        };
+        let ask = |keys: Vec<String>| async move {
+            Ok(s.backend.snapshots.stats(&keys).await?.into_iter().map(|r| r.map(snapshot_info)).collect())
+        };
+        answer(batch(keys, ("keys", "stats"), check, ask).await)
     }
 
     async fn remove(&mut self, key: String) -> ImportResult<()> {

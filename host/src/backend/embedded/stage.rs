@@ -86,6 +86,13 @@ impl Staging {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Ends the staging and takes the unpacker, if it was started and not taken yet.
+    fn take_job(&self) -> Option<JoinHandle<Result<Staged>>> {
+        let mut state = self.state();
+        state.give_up();
+        state.job.take()
+    }
+
     /// Starts the unpacker on the chunks `rx` will carry.
     fn spawn(&self, rx: mpsc::Receiver<Bytes>) -> JoinHandle<Result<Staged>> {
         let (layout, layer, compression) = (self.applier.layout.clone(), self.layer.clone(), self.compression);
@@ -140,12 +147,7 @@ impl Stage for Staging {
         }
         let upper = upper_dir(mounts)?;
         let lowers = self.applier.check_upper(&upper).await?;
-        let job = {
-            let mut state = self.state();
-            state.give_up();
-            state.job.take()
-        };
-        let Some(job) = job else { return Ok(None) };
+        let Some(job) = self.take_job() else { return Ok(None) };
         let digest = self.layer.digest.clone();
         let staged = match job.await {
             Ok(Ok(staged)) => staged,
@@ -162,12 +164,7 @@ impl Stage for Staging {
     }
 
     async fn discard(&self) {
-        let job = {
-            let mut state = self.state();
-            state.give_up();
-            state.job.take()
-        };
-        if let Some(job) = job {
+        if let Some(job) = self.take_job() {
             if let Ok(Ok(staged)) = job.await {
                 let _ = blocking(move || {
                     drop(staged);
@@ -183,7 +180,7 @@ impl Drop for Staging {
     /// Deletes what was staged and never applied or discarded, off the async threads (it may be
     /// a big tree).
     fn drop(&mut self) {
-        let Some(job) = self.state().job.take() else { return };
+        let Some(job) = self.take_job() else { return };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Ok(Ok(staged)) = job.await {
