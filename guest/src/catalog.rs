@@ -11,8 +11,14 @@
 //! images, so content or snapshots removed behind pullbox's back make an image disappear
 //! instead of failing later in the runtime.
 //!
+//! An image is *pinned* (CRI `pinned`: kubelet never garbage-collects it) when one of its
+//! records carries containerd CRI's label `io.cri-containerd.pinned=pinned`, or when one of
+//! its names is among the names the caller passes (the default puller's `pinnedImages`
+//! setting, see [`crate::settings`]): the setting takes effect for images already pulled,
+//! and dropping a name from it unpins them.
+//!
 //! Status, list and remove read the records with `images.list-labels` ([`records`]): names
-//! and the five labels of [`Record`] only, a fraction of what `images.list` would copy into
+//! and the six labels of [`Record`] only, a fraction of what `images.list` would copy into
 //! the guest. `list` scales with the number of records, not images × records: it groups the
 //! records by image ID in one pass ([`by_image`]) and checks every image's readiness with a
 //! few batched look-ups ([`ready_all`]: `content.sizes` and `snapshots.stats`, each shared
@@ -34,12 +40,13 @@ use crate::reference::Reference;
 use crate::types::{ImageInfo, Level, SnapshotKind};
 
 /// The labels of a record that the catalog reads, in the order of [`Record`]'s fields.
-pub const RECORD_LABELS: [&str; 5] = [
+pub const RECORD_LABELS: [&str; 6] = [
     labels::IMAGE_ID,
     labels::IMAGE_MANIFEST,
     labels::IMAGE_CHAIN_ID,
     labels::IMAGE_SIZE,
     labels::IMAGE_USER,
+    labels::CRI_PINNED,
 ];
 
 /// An image record as the catalog reads it: its name and the values of its
@@ -58,6 +65,8 @@ pub struct Record {
     pub size: Option<String>,
     /// `pullbox.io/image.user`.
     pub user: Option<String>,
+    /// `io.cri-containerd.pinned` is `pinned`.
+    pub pinned: bool,
 }
 
 /// Every record, read with `images.list-labels` (see [`Record`]).
@@ -75,6 +84,7 @@ pub fn records<H: Host + ?Sized>(host: &H) -> Result<Vec<Record>> {
                 chain_id: next(),
                 size: next(),
                 user: next(),
+                pinned: next().as_deref() == Some(labels::CRI_PINNED_PINNED),
                 name: l.name,
             }
         })
@@ -140,14 +150,15 @@ fn by_id_prefix(records: &[Record], query: &str) -> Result<Option<String>> {
     }
 }
 
-/// The image `id` as its records describe it; `None` when it has none.
-pub fn gather(records: &[Record], id: &str) -> Option<ImageInfo> {
+/// The image `id` as its records describe it; `None` when it has none. `pinned`: the record
+/// names the `pinnedImages` setting pins.
+pub fn gather(records: &[Record], id: &str, pinned: &[String]) -> Option<ImageInfo> {
     let mine: Vec<Record> = records
         .iter()
         .filter(|r| r.id.as_deref() == Some(id))
         .cloned()
         .collect();
-    describe(id.to_string(), mine)
+    describe(id.to_string(), mine, pinned)
 }
 
 /// Every image's records, by image ID, in one pass; records without the ID label are not
@@ -163,8 +174,9 @@ pub fn by_image(records: Vec<Record>) -> HashMap<String, Vec<Record>> {
 }
 
 /// The image `id` as `mine`, its records, describe it (their strings move into the answer);
-/// `None` when there are none.
-fn describe(id: String, mut mine: Vec<Record>) -> Option<ImageInfo> {
+/// `None` when there are none. `pinned`: the record names the `pinnedImages` setting pins.
+fn describe(id: String, mut mine: Vec<Record>, pinned: &[String]) -> Option<ImageInfo> {
+    let is_pinned = mine.iter().any(|r| r.pinned || pinned.contains(&r.name));
     // The metadata comes from the ID record when there is one (it moves with every pull of
     // the image), else from the first record by name.
     let meta = match mine.iter().position(|r| r.name == id) {
@@ -202,7 +214,7 @@ fn describe(id: String, mut mine: Vec<Record>) -> Option<ImageInfo> {
         chain_id: meta.chain_id.unwrap_or_default(),
         manifest_digest: meta.manifest.unwrap_or_default(),
         user: meta.user.unwrap_or_default(),
-        pinned: false,
+        pinned: is_pinned,
     })
 }
 
@@ -339,14 +351,19 @@ fn report<H: Host + ?Sized>(
     false
 }
 
-/// `image-status`: the READY image `arg` names, or `None`.
-pub fn status<H: Host + ?Sized>(host: &H, arg: &str) -> Result<Option<ImageInfo>> {
+/// `image-status`: the READY image `arg` names, or `None`. `pinned`: the record names the
+/// puller's settings pin.
+pub fn status<H: Host + ?Sized>(
+    host: &H,
+    arg: &str,
+    pinned: &[String],
+) -> Result<Option<ImageInfo>> {
     let records = records(host).context_with(|| format!("listing images for {arg:?}"))?;
     let Some(id) = find_image_id(&records, arg)? else {
         host.log(Level::Debug, &format!("status {arg:?}: no such image"));
         return Ok(None);
     };
-    let Some(info) = gather(&records, &id) else {
+    let Some(info) = gather(&records, &id, pinned) else {
         return Ok(None);
     };
     if !is_ready(host, &info) {
@@ -356,14 +373,15 @@ pub fn status<H: Host + ?Sized>(host: &H, arg: &str) -> Result<Option<ImageInfo>
     Ok(Some(info))
 }
 
-/// `list-images`: every READY image, sorted by ID.
-pub fn list<H: Host + ?Sized>(host: &H) -> Result<Vec<ImageInfo>> {
+/// `list-images`: every READY image, sorted by ID. `pinned`: the record names the puller's
+/// settings pin.
+pub fn list<H: Host + ?Sized>(host: &H, pinned: &[String]) -> Result<Vec<ImageInfo>> {
     let records = records(host).context_with(|| "listing images")?;
     let mut by_id: Vec<(String, Vec<Record>)> = by_image(records).into_iter().collect();
     by_id.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
     let infos: Vec<ImageInfo> = by_id
         .into_iter()
-        .filter_map(|(id, mine)| describe(id, mine))
+        .filter_map(|(id, mine)| describe(id, mine, pinned))
         .collect();
     let ready = ready_all(host, &infos)?;
     let images: Vec<ImageInfo> = infos

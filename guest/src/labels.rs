@@ -13,6 +13,11 @@
 pub const CRI_IMAGE: &str = "io.cri-containerd.image";
 /// Value of [`CRI_IMAGE`].
 pub const CRI_IMAGE_MANAGED: &str = "managed";
+/// containerd CRI's label on the records of images kubelet must never garbage-collect (its
+/// `pinned_images`, such as the sandbox image).
+pub const CRI_PINNED: &str = "io.cri-containerd.pinned";
+/// Value of [`CRI_PINNED`].
+pub const CRI_PINNED_PINNED: &str = "pinned";
 
 /// Image ID (config digest).
 pub const IMAGE_ID: &str = "pullbox.io/image.id";

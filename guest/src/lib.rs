@@ -68,14 +68,14 @@ pub trait Puller {
     /// `pull-image`.
     fn pull_image(host: &dyn Host, request: &PullRequest) -> Result<ImageInfo>;
 
-    /// `image-status`.
+    /// `image-status` (no image is pinned but by its records' label).
     fn image_status(host: &dyn Host, reference: &str) -> Result<Option<ImageInfo>> {
-        catalog::status(host, reference)
+        catalog::status(host, reference, &[])
     }
 
-    /// `list-images`.
+    /// `list-images` (no image is pinned but by its records' label).
     fn list_images(host: &dyn Host) -> Result<Vec<ImageInfo>> {
-        catalog::list(host)
+        catalog::list(host, &[])
     }
 
     /// `remove-image`.
@@ -99,6 +99,14 @@ impl Puller for DefaultPuller {
                 &format!("pull of {:?} failed: {e}", request.reference),
             );
         })
+    }
+
+    fn image_status(host: &dyn Host, reference: &str) -> Result<Option<ImageInfo>> {
+        catalog::status(host, reference, &settings::current().pinned_images)
+    }
+
+    fn list_images(host: &dyn Host) -> Result<Vec<ImageInfo>> {
+        catalog::list(host, &settings::current().pinned_images)
     }
 }
 

@@ -65,11 +65,14 @@ use crate::types::{
 pub const EXTRACT_KEY_PREFIX: &str = "extract-";
 
 /// How a pull writes what it pulled (policy aside).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
     /// Drop the GC references from manifests to layer blobs, so they are collected once
     /// unpacked (containerd's `discard_unpacked_layers`).
     pub discard_unpacked_layers: bool,
+    /// Record names (normalized references) of pinned images: the answer's `pinned` counts
+    /// them (see [`crate::catalog`]).
+    pub pinned_images: Vec<String>,
 }
 
 /// What `pull` resolved and read, before unpacking.
@@ -101,6 +104,7 @@ pub fn pull<H: Host + ?Sized>(
 ) -> Result<ImageInfo> {
     let options = Options {
         discard_unpacked_layers: settings.discard_unpacked_layers,
+        pinned_images: settings.pinned_images.clone(),
     };
     pull_with(host, &options, settings, req)
 }
@@ -228,7 +232,7 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
 
     let records = crate::catalog::records(host)
         .context_with(|| format!("listing images after pulling {reference}"))?;
-    let info = crate::catalog::gather(&records, &id).ok_or_else(|| {
+    let info = crate::catalog::gather(&records, &id, &options.pinned_images).ok_or_else(|| {
         Error::Internal(format!(
             "image {id} has no records right after pulling {reference}"
         ))

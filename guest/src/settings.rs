@@ -19,6 +19,7 @@
 //! | `maxLayers` | the most layers an image may have | manifest |
 //! | `allowedLayerMediaTypes` | every layer's media type must be one of these | manifest |
 //! | `discard_unpacked_layers` | `true`: do not keep layer blobs once unpacked (containerd's option: the manifest gets no `containerd.io/gc.ref.content.l.<i>` labels) | — |
+//! | `pinnedImages` | references (`registry.k8s.io/pause:3.10`, `busybox`, `name@sha256:…`): images with one of these names are reported `pinned`, so kubelet never garbage-collects them (containerd CRI's `pinned_images`) | status, list |
 //!
 //! An `allowed…` list that is present allows only what it lists (an empty list allows
 //! nothing); a `blocked…` match refuses whatever the allow list says. Registry rules apply
@@ -62,6 +63,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "maxLayers",
     "allowedLayerMediaTypes",
     "discard_unpacked_layers",
+    "pinnedImages",
 ];
 
 /// What a policy violation does.
@@ -101,6 +103,8 @@ pub struct Settings {
     pub max_layers: Option<u64>,
     /// `allowedLayerMediaTypes`; `None`: any that the host can unpack.
     pub allowed_layer_media_types: Option<Vec<String>>,
+    /// `pinnedImages`, normalized to record names (`docker.io/library/busybox:latest`).
+    pub pinned_images: Vec<String>,
 }
 
 impl Settings {
@@ -118,6 +122,7 @@ impl Settings {
         max_image_size: None,
         max_layers: None,
         allowed_layer_media_types: None,
+        pinned_images: Vec::new(),
     };
 }
 
@@ -199,6 +204,13 @@ fn tag_pattern(s: &str) -> std::result::Result<String, String> {
     }
 }
 
+/// A reference as the record name it normalizes to.
+fn pinned_name(s: &str) -> std::result::Result<String, String> {
+    Reference::parse(s)
+        .map(|r| r.record_name())
+        .map_err(|e| e.message().to_string())
+}
+
 fn media_type(s: &str) -> std::result::Result<String, String> {
     let ok = s
         .split_once('/')
@@ -275,6 +287,7 @@ pub fn parse(doc: &str) -> Result<Settings> {
                 settings.allowed_layer_media_types = Some(list_of(key, v, media_type)?)
             }
             "discard_unpacked_layers" => settings.discard_unpacked_layers = bool_of(key, v)?,
+            "pinnedImages" => settings.pinned_images = list_of(key, v, pinned_name)?,
             _ => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown setting {key:?} (known: {})",
@@ -543,7 +556,8 @@ mod tests {
                 "maxImageSize": 1073741824,
                 "maxLayers": 40,
                 "allowedLayerMediaTypes": ["application/vnd.oci.image.layer.v1.tar+gzip"],
-                "discard_unpacked_layers": true
+                "discard_unpacked_layers": true,
+                "pinnedImages": ["registry.k8s.io/pause:3.10", "busybox"]
             }"#,
         )
         .unwrap();
@@ -553,6 +567,13 @@ mod tests {
         assert_eq!(full.denied_tags, vec!["latest".to_string(), "*-dev".into()]);
         assert!(full.require_digest && full.discard_unpacked_layers);
         assert_eq!(full.platforms.as_ref().unwrap().len(), 2);
+        assert_eq!(
+            full.pinned_images,
+            vec![
+                "registry.k8s.io/pause:3.10".to_string(),
+                "docker.io/library/busybox:latest".into()
+            ]
+        );
         assert_eq!(
             (full.max_image_size, full.max_layers),
             (Some(1 << 30), Some(40))
@@ -653,6 +674,14 @@ mod tests {
             (
                 r#"{"allowedLayerMediaTypes": ["gzip"]}"#,
                 &["\"allowedLayerMediaTypes\" entry 0", "type/subtype"],
+            ),
+            (
+                r#"{"pinnedImages": ["pause", "Team/App"]}"#,
+                &["\"pinnedImages\" entry 1", "invalid reference \"Team/App\""],
+            ),
+            (
+                r#"{"pinnedImages": "pause"}"#,
+                &["\"pinnedImages\" must be a list"],
             ),
         ];
         for (doc, wants) in bad {

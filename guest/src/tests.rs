@@ -495,7 +495,9 @@ fn a_moved_tag_follows_the_new_image() {
     assert_eq!(label(&rec.labels, labels::IMAGE_USER), Some("root"));
 
     // The old image keeps its ID and digest records, without the tag.
-    let old = catalog::status(&host, &v1.config.digest).unwrap().unwrap();
+    let old = catalog::status(&host, &v1.config.digest, &[])
+        .unwrap()
+        .unwrap();
     assert!(old.repo_tags.is_empty());
     assert_eq!(
         old.repo_digests,
@@ -529,6 +531,69 @@ fn keeps_foreign_labels_when_updating_a_record() {
         Some(v2.config.digest.as_str())
     );
     let _ = img;
+}
+
+#[test]
+fn pinned_images_by_setting_and_by_containerds_label() {
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    let other = host.push_image(&[b"other"], "");
+    host.tag("docker.io/user/other", "latest", &other.manifest);
+    let pinning = crate::settings::parse(r#"{"pinnedImages": ["busybox"]}"#).unwrap();
+    let pinned = &pinning.pinned_images;
+
+    // The setting: the pull's answer, status (by any name) and list.
+    assert!(pull(&host, &pinning, &req("busybox")).unwrap().pinned);
+    assert!(!pull(&host, &pinning, &req("user/other")).unwrap().pinned);
+    for arg in ["busybox", img.config.digest.as_str()] {
+        assert!(
+            catalog::status(&host, arg, pinned).unwrap().unwrap().pinned,
+            "{arg}"
+        );
+        assert!(
+            !catalog::status(&host, arg, &[]).unwrap().unwrap().pinned,
+            "{arg}"
+        );
+    }
+    let listed = |pinned: &[String]| -> Vec<(String, bool)> {
+        catalog::list(&host, pinned)
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.id, i.pinned))
+            .collect()
+    };
+    let mut want = vec![
+        (img.config.digest.clone(), true),
+        (other.config.digest.clone(), false),
+    ];
+    want.sort();
+    assert_eq!(listed(pinned), want);
+
+    // containerd CRI's label on any one record pins the image, whatever the setting says.
+    host.s
+        .borrow_mut()
+        .images
+        .get_mut("docker.io/user/other:latest")
+        .unwrap()
+        .labels
+        .push((labels::CRI_PINNED.into(), labels::CRI_PINNED_PINNED.into()));
+    assert!(
+        catalog::status(&host, "user/other", &[])
+            .unwrap()
+            .unwrap()
+            .pinned
+    );
+    let all_pinned: Vec<(String, bool)> = want.iter().map(|(id, _)| (id.clone(), true)).collect();
+    assert_eq!(listed(pinned), all_pinned);
+    // Another value of the label does not.
+    for record in host.s.borrow_mut().images.values_mut() {
+        for (k, v) in record.labels.iter_mut() {
+            if k == labels::CRI_PINNED {
+                *v = "no".into();
+            }
+        }
+    }
+    assert_eq!(listed(pinned), want);
 }
 
 #[test]
@@ -567,7 +632,7 @@ fn status_finds_images_by_name_id_and_prefix() {
         format!("sha256:{}", &hex[..5]),
     ] {
         assert_eq!(
-            catalog::status(&host, &arg).unwrap().as_ref(),
+            catalog::status(&host, &arg, &[]).unwrap().as_ref(),
             Some(&info),
             "{arg}"
         );
@@ -577,14 +642,14 @@ fn status_finds_images_by_name_id_and_prefix() {
         if hex.starts_with("ffff") {
             continue;
         }
-        assert_eq!(catalog::status(&host, arg).unwrap(), None, "{arg}");
+        assert_eq!(catalog::status(&host, arg, &[]).unwrap(), None, "{arg}");
     }
     assert!(matches!(
-        catalog::status(&host, "Bad Name"),
+        catalog::status(&host, "Bad Name", &[]),
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
-        catalog::status(&host, ""),
+        catalog::status(&host, "", &[]),
         Err(Error::InvalidArgument(_))
     ));
 }
@@ -598,13 +663,13 @@ fn a_hex_name_is_a_name_first() {
     pull_ok(&host, &req("abc"));
     pull_ok(&host, &req("busybox"));
     assert_eq!(
-        catalog::status(&host, "abc").unwrap().unwrap().id,
+        catalog::status(&host, "abc", &[]).unwrap().unwrap().id,
         named.config.digest
     );
     // Without a record named abc, "abc…" would be an ID prefix.
     let prefix = &hex_part(&other.config.digest)[..6];
     assert_eq!(
-        catalog::status(&host, prefix).unwrap().unwrap().id,
+        catalog::status(&host, prefix, &[]).unwrap().unwrap().id,
         other.config.digest
     );
 }
@@ -625,7 +690,7 @@ fn an_ambiguous_prefix_is_refused() {
             .any(|id| hex_part(id).starts_with(first))
         {
             let query = format!("sha256:{first}");
-            match catalog::status(&host, &query) {
+            match catalog::status(&host, &query, &[]) {
                 Err(Error::FailedPrecondition(m)) => assert!(m.contains("ambiguous"), "{m}"),
                 other => panic!("{other:?}"),
             }
@@ -649,21 +714,24 @@ fn images_that_lost_content_or_snapshots_are_not_ready() {
     let b = pull_ok(&host, &req("user/other"));
     let mut want = vec![a.clone(), b.clone()];
     want.sort_by(|x, y| x.id.cmp(&y.id));
-    assert_eq!(catalog::list(&host).unwrap(), want);
+    assert_eq!(catalog::list(&host, &[]).unwrap(), want);
 
     // Snapshot removed behind pullbox's back.
     host.s.borrow_mut().snapshots.remove(&a.chain_id);
-    assert_eq!(catalog::status(&host, "busybox").unwrap(), None);
-    assert_eq!(catalog::list(&host).unwrap(), vec![b.clone()]);
+    assert_eq!(catalog::status(&host, "busybox", &[]).unwrap(), None);
+    assert_eq!(catalog::list(&host, &[]).unwrap(), vec![b.clone()]);
 
     // Config removed.
     host.s.borrow_mut().content.remove(&other.config.digest);
-    assert_eq!(catalog::status(&host, "user/other").unwrap(), None);
-    assert!(catalog::list(&host).unwrap().is_empty());
+    assert_eq!(catalog::status(&host, "user/other", &[]).unwrap(), None);
+    assert!(catalog::list(&host, &[]).unwrap().is_empty());
 
     // Pulling again repairs it.
     assert_eq!(pull_ok(&host, &req("busybox")), a);
-    assert_eq!(catalog::status(&host, &img.config.digest).unwrap(), Some(a));
+    assert_eq!(
+        catalog::status(&host, &img.config.digest, &[]).unwrap(),
+        Some(a)
+    );
 }
 
 #[test]
@@ -732,7 +800,7 @@ fn list_checks_readiness_in_batches_and_agrees_with_status() {
     let ready = |i: usize| i != 5 && i != 6 && i % 4 < 2;
 
     host.s.borrow_mut().lookups.clear();
-    let listed = catalog::list(&host).unwrap();
+    let listed = catalog::list(&host, &[]).unwrap();
     assert_eq!(
         host.s.borrow().lookups,
         vec![
@@ -761,7 +829,7 @@ fn list_checks_readiness_in_batches_and_agrees_with_status() {
     // The batched path and the single-image path (status) agree (on the first 40 images:
     // every kind of not-ready one is among them).
     for (i, (id, _)) in ids.iter().enumerate().take(40) {
-        let status = catalog::status(&host, id).unwrap();
+        let status = catalog::status(&host, id, &[]).unwrap();
         assert_eq!(status.is_some(), ready(i), "image {i}");
         if let Some(status) = status {
             assert_eq!(Some(&status), listed.iter().find(|l| &l.id == id));
@@ -797,8 +865,8 @@ fn records_of_others_are_ignored() {
             ..Default::default()
         },
     );
-    assert_eq!(catalog::list(&host).unwrap(), vec![info]);
-    assert_eq!(catalog::status(&host, "foreign").unwrap(), None);
+    assert_eq!(catalog::list(&host, &[]).unwrap(), vec![info]);
+    assert_eq!(catalog::status(&host, "foreign", &[]).unwrap(), None);
     catalog::remove(&host, "foreign").unwrap();
     assert_eq!(host.record_names().len(), 4);
 }
@@ -814,7 +882,7 @@ fn remove_deletes_every_record_of_the_image() {
     host.tag("docker.io/user/other", "latest", &other.manifest);
     let kept = pull_ok(&host, &req("user/other"));
     assert_eq!(
-        catalog::status(&host, "busybox:1.36")
+        catalog::status(&host, "busybox:1.36", &[])
             .unwrap()
             .unwrap()
             .repo_tags
@@ -831,8 +899,8 @@ fn remove_deletes_every_record_of_the_image() {
         format!("delete {}", img.config.digest),
         "the ID record goes last"
     );
-    assert_eq!(catalog::status(&host, "busybox").unwrap(), None);
-    assert_eq!(catalog::list(&host).unwrap(), vec![kept]);
+    assert_eq!(catalog::status(&host, "busybox", &[]).unwrap(), None);
+    assert_eq!(catalog::list(&host, &[]).unwrap(), vec![kept]);
 
     // Unknown images are fine.
     catalog::remove(&host, "busybox").unwrap();
@@ -1383,7 +1451,9 @@ fn committed_layers_are_not_fetched_even_when_their_blobs_are_gone() {
     let info = pull(&host, &discard, &req("busybox:1.36")).unwrap();
     assert_eq!(fetches(&host), Vec::<String>::new());
     assert_eq!(info.repo_tags.len(), 2);
-    assert!(catalog::status(&host, "busybox:1.36").unwrap().is_some());
+    assert!(catalog::status(&host, "busybox:1.36", &[])
+        .unwrap()
+        .is_some());
 
     // A new image on the same base fetches only its own top layer.
     let other = host.push_image(&[b"base layer", b"other top"], "");
@@ -1605,7 +1675,7 @@ fn tags_and_digests_merge_like_update_image_metadata() {
     );
     // One record per name: the ID, three tags, two digests.
     assert_eq!(host.record_names().len(), 6);
-    assert_eq!(catalog::list(&host).unwrap().len(), 1);
+    assert_eq!(catalog::list(&host, &[]).unwrap().len(), 1);
 }
 
 #[test]
@@ -1619,11 +1689,13 @@ fn a_digest_pull_of_a_tagged_image_keeps_its_tags() {
     let v2 = host.push_image(&[b"v2 layer"], "");
     host.tag(BUSYBOX, "latest", &v2.manifest);
     pull_ok(&host, &req("busybox"));
-    let old = catalog::status(&host, &img.config.digest).unwrap().unwrap();
+    let old = catalog::status(&host, &img.config.digest, &[])
+        .unwrap()
+        .unwrap();
     assert!(old.repo_tags.is_empty());
     assert_eq!(
         old.repo_digests,
         vec![format!("{BUSYBOX}@{}", img.manifest.digest)]
     );
-    assert_eq!(catalog::list(&host).unwrap().len(), 2);
+    assert_eq!(catalog::list(&host, &[]).unwrap().len(), 2);
 }

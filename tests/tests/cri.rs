@@ -208,6 +208,35 @@ async fn live_swap_on_sighup_keeps_the_last_good_puller() {
     assert_eq!(s.image.map(|i| i.id), Some(f.app.config_digest.clone()));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn pinned_images_follow_the_settings() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("settings.json");
+    let reference = f.reference("team/app:1.0");
+    std::fs::write(&settings, serde_json::json!({ "pinnedImages": [reference] }).to_string()).unwrap();
+    let daemon = cri::Daemon::start(&format!("settings = {:?}", settings.display().to_string())).unwrap();
+    let mut c = cri::connect(daemon.socket()).await.unwrap();
+    c.pull_image(pull_req(&reference)).await.unwrap();
+    let pinned = |images: Vec<k8s_cri::v1::Image>| images.into_iter().map(|i| i.pinned).collect::<Vec<_>>();
+    let status = c.image_status(status_req(&f.app.config_digest, false)).await.unwrap().into_inner();
+    assert_eq!(pinned(status.image.into_iter().collect()), [true], "status by ID of a pinned tag");
+    assert_eq!(pinned(c.list_images(ListImagesRequest::default()).await.unwrap().into_inner().images), [true]);
+
+    // Dropping the name from the settings unpins the image already pulled.
+    std::fs::write(&settings, "{}").unwrap();
+    daemon.signal("HUP").unwrap();
+    let mut listed = vec![];
+    for _ in 0..100 {
+        listed = pinned(c.list_images(ListImagesRequest::default()).await.unwrap().into_inner().images);
+        if listed == [false] {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(listed, [false], "{}", daemon.log());
+}
+
 #[test]
 fn sigterm_cancels_pulls_in_flight_and_cleans_up() {
     use pullbox_tests::proxy::{Fault, FaultProxy};
