@@ -11,8 +11,9 @@
 //! 3. for an index (OCI) or manifest list (Docker), read it and pick the manifest for the
 //!    requested platform ([`platform::select`], containerd's `platforms.Only`); when no entry
 //!    with a platform matches, entries without one are tried in order by their config's OS
-//!    and architecture, as containerd's `images.Manifest` does. Fetch (unless present) and
-//!    read that manifest. Schema 1 manifests and anything that is not a container image
+//!    and architecture, as containerd's `images.Manifest` does, and then indexes nested in
+//!    the index (at most [`MAX_INDEX_NESTING`] deep). Fetch (unless present) and read that
+//!    manifest. Schema 1 manifests and anything that is not a container image
 //!    (OCI artifacts, Helm charts, …) are refused here, as are layers `diff.apply` cannot
 //!    unpack; **policy: manifest** (platform of the index entry, size, layer count, layer
 //!    media types) — before config and layers are fetched;
@@ -28,7 +29,7 @@
 //! 6. for each layer, bottom first: skip it when the snapshot named by its chain ID is
 //!    committed; otherwise prepare `extract-<chain hex>` on the parent chain ID, apply the
 //!    layer, check the diff ID the host computed against the config, commit as the chain ID;
-//! 7. set containerd's GC labels (index → manifest, manifest → config and layers, config →
+//! 7. set containerd's GC labels (index → nested index → manifest, manifest → config and layers, config →
 //!    top snapshot), then write the image records: the image ID (config digest), the repo
 //!    tag and the repo digest (`name@<root digest>`), in that order, as containerd's CRI.
 //!
@@ -43,8 +44,8 @@
 //! Size ([`image_size`]) is what containerd 1.6's CRI reports as `Image.size`: its
 //! `images.Image.Size` walks the image for the platform with
 //! `LimitManifests(FilterPlatforms(ChildrenHandler), platform, 1)` and adds up the `size` of
-//! every descriptor it visits: the root (index or manifest), the one chosen manifest under
-//! an index, the config and every layer (compressed sizes, repeated layers counted again).
+//! every descriptor it visits: the root (index or manifest), any nested indexes, the one
+//! chosen manifest under an index, the config and every layer (compressed sizes, repeated layers counted again).
 
 use crate::blob::read_small;
 use crate::digest;
@@ -78,6 +79,9 @@ pub struct Options {
 /// What `pull` resolved and read, before unpacking.
 struct Resolved {
     root: Descriptor,
+    /// Indexes nested in the root index, from the root's entry down to the one whose
+    /// entry `from_index` is (usually none).
+    nested: Vec<Descriptor>,
     /// The chosen index entry, when the root is an index.
     from_index: Option<Descriptor>,
     manifest_desc: Descriptor,
@@ -205,8 +209,9 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
     set_gc_labels(host, options, &resolved, &top)?;
 
     let size = image_size(
-        &resolved.root,
-        resolved.from_index.as_ref(),
+        std::iter::once(&resolved.root)
+            .chain(&resolved.nested)
+            .chain(&resolved.from_index),
         &resolved.manifest,
     );
     let record_labels = vec![
@@ -370,63 +375,150 @@ fn select_manifest<H: Host + ?Sized>(
             };
             let manifest = oci::parse_manifest(&root, &bytes)?;
             check_manifest(reference, &root, &manifest)?;
-            Ok(Resolved { manifest_desc: root.clone(), root, from_index: None, manifest })
+            Ok(Resolved {
+                manifest_desc: root.clone(),
+                root,
+                nested: vec![],
+                from_index: None,
+                manifest,
+            })
         }
         Kind::Index => {
             let bytes = match root_bytes {
                 Some(b) => b,
                 None => read_small(host, &root, "index")?,
             };
-            let index = oci::parse_index(&root, &bytes)?;
             if want.architecture.is_empty() {
                 return Err(Error::InvalidArgument(format!(
                     "{reference} is a multi-platform index and the request names no architecture"
                 )));
             }
-            let manifests: Vec<Descriptor> = index
-                .manifests
-                .iter()
-                .filter(|d| oci::kind_of(&d.media_type) == Kind::Manifest)
-                .cloned()
-                .collect();
-            let (chosen, manifest) = match platform::select(want, &manifests) {
-                Some(i) => {
-                    let chosen = manifests[i].clone();
-                    host.log(
-                        Level::Debug,
-                        &format!(
-                            "{reference}: chose manifest {} ({}) of {} in index {} for {}",
-                            chosen.digest,
-                            chosen.platform.as_ref().map(platform::display).unwrap_or_default(),
-                            index.manifests.len(),
-                            root.digest,
-                            platform::display(want)
-                        ),
-                    );
-                    let manifest = read_manifest(host, reference, &chosen)?;
-                    (chosen, manifest)
-                }
-                None => match by_config_platform(host, reference, want, &manifests)? {
-                    Some(found) => found,
-                    None => {
-                        let have: Vec<String> = index
-                            .manifests
-                            .iter()
-                            .filter_map(|d| d.platform.as_ref().map(platform::display))
-                            .collect();
-                        return Err(Error::NotFound(format!(
-                            "{reference}: index {} has no manifest for platform {} (it has: {})",
-                            root.digest,
-                            platform::display(want),
-                            if have.is_empty() { "none".to_string() } else { have.join(", ") }
-                        )));
-                    }
-                },
+            let Some(found) = select_in_index(host, reference, want, &root, &bytes, 0)? else {
+                let index = oci::parse_index(&root, &bytes)?;
+                let have: Vec<String> = index
+                    .manifests
+                    .iter()
+                    .filter_map(|d| d.platform.as_ref().map(platform::display))
+                    .collect();
+                return Err(Error::NotFound(format!(
+                    "{reference}: index {} has no manifest for platform {} (it has: {})",
+                    root.digest,
+                    platform::display(want),
+                    if have.is_empty() { "none".to_string() } else { have.join(", ") }
+                )));
             };
-            check_manifest(reference, &chosen, &manifest)?;
-            Ok(Resolved { root, from_index: Some(chosen.clone()), manifest_desc: chosen, manifest })
+            check_manifest(reference, &found.chosen, &found.manifest)?;
+            Ok(Resolved {
+                root,
+                nested: found.nested,
+                from_index: Some(found.chosen.clone()),
+                manifest_desc: found.chosen,
+                manifest: found.manifest,
+            })
         }
     }
+}
+
+/// The most indexes nested in an index that a pull follows (the root index not counted).
+pub const MAX_INDEX_NESTING: usize = 4;
+
+/// A manifest found in an index, and the nested indexes on the way to it.
+struct Found {
+    /// Nested indexes from the root's entry down to the one listing `chosen`.
+    nested: Vec<Descriptor>,
+    chosen: Descriptor,
+    manifest: oci::Manifest,
+}
+
+/// The manifest for `want` in the index `desc` (its bytes: `bytes`), or `None`: the best
+/// manifest entry with a platform ([`platform::select`]); else, in order, the first entry
+/// without a platform whose config runs on `want` ([`by_config_platform`]); else the first
+/// nested index (an entry without a platform, or with one `want` runs) that has one,
+/// searched the same way, as containerd's `images.Manifest` walks nested indexes.
+/// `depth`: how many indexes are above this one.
+///
+/// Errors: `invalid-argument` for indexes nested deeper than [`MAX_INDEX_NESTING`]; those
+/// of reading the index, its manifests and configs.
+fn select_in_index<H: Host + ?Sized>(
+    host: &H,
+    reference: &Reference,
+    want: &Platform,
+    desc: &Descriptor,
+    bytes: &[u8],
+    depth: usize,
+) -> Result<Option<Found>> {
+    let index = oci::parse_index(desc, bytes)?;
+    let of_kind = |kind: Kind| -> Vec<Descriptor> {
+        index
+            .manifests
+            .iter()
+            .filter(|d| oci::kind_of(&d.media_type) == kind)
+            .cloned()
+            .collect()
+    };
+    let manifests = of_kind(Kind::Manifest);
+    if let Some(i) = platform::select(want, &manifests) {
+        let chosen = manifests[i].clone();
+        host.log(
+            Level::Debug,
+            &format!(
+                "{reference}: chose manifest {} ({}) of {} in index {} for {}",
+                chosen.digest,
+                chosen
+                    .platform
+                    .as_ref()
+                    .map(platform::display)
+                    .unwrap_or_default(),
+                index.manifests.len(),
+                desc.digest,
+                platform::display(want)
+            ),
+        );
+        let manifest = read_manifest(host, reference, &chosen)?;
+        return Ok(Some(Found {
+            nested: vec![],
+            chosen,
+            manifest,
+        }));
+    }
+    if let Some((chosen, manifest)) = by_config_platform(host, reference, want, &manifests)? {
+        return Ok(Some(Found {
+            nested: vec![],
+            chosen,
+            manifest,
+        }));
+    }
+    for entry in of_kind(Kind::Index) {
+        let runs = entry.platform.is_none()
+            || platform::select(want, std::slice::from_ref(&entry)).is_some();
+        if !runs {
+            continue;
+        }
+        if depth >= MAX_INDEX_NESTING {
+            return Err(Error::InvalidArgument(format!(
+                "{reference}: index {} nests indexes more than {MAX_INDEX_NESTING} deep",
+                desc.digest
+            )));
+        }
+        host.log(
+            Level::Debug,
+            &format!(
+                "{reference}: looking for {} in index {} nested in {}",
+                platform::display(want),
+                entry.digest,
+                desc.digest
+            ),
+        );
+        fetch_missing(host, reference, std::slice::from_ref(&entry))?;
+        let nested_bytes = read_small(host, &entry, "index")?;
+        if let Some(mut found) =
+            select_in_index(host, reference, want, &entry, &nested_bytes, depth + 1)?
+        {
+            found.nested.insert(0, entry);
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
 }
 
 /// Fetches (unless present) and reads the manifest an index entry points at.
@@ -705,9 +797,14 @@ fn set_gc_labels<H: Host + ?Sized>(
     top: &str,
 ) -> Result<()> {
     if let Some(chosen) = &r.from_index {
-        let labels = vec![(labels::gc_manifest(0), chosen.digest.clone())];
-        host.content_set_labels(&r.root.digest, &labels)
-            .context_with(|| format!("labelling index {}", r.root.digest))?;
+        // Each index references the next one down, the last one the manifest.
+        let parents = std::iter::once(&r.root).chain(&r.nested);
+        let children = r.nested.iter().chain([chosen]);
+        for (parent, child) in parents.zip(children) {
+            let labels = vec![(labels::gc_manifest(0), child.digest.clone())];
+            host.content_set_labels(&parent.digest, &labels)
+                .context_with(|| format!("labelling index {}", parent.digest))?;
+        }
     }
     let mut labels = vec![(
         labels::GC_CONFIG.to_string(),
@@ -751,11 +848,10 @@ fn set_gc_labels<H: Host + ?Sized>(
     Ok(())
 }
 
-/// The image size containerd 1.6's CRI reports (see the module doc): root, chosen manifest
-/// under an index, config and layers.
-pub fn image_size(root: &Descriptor, from_index: Option<&Descriptor>, m: &oci::Manifest) -> u64 {
-    root.size
-        + from_index.map_or(0, |d| d.size)
+/// The image size containerd 1.6's CRI reports (see the module doc): `path` (the root, any
+/// nested indexes and the chosen manifest under an index), config and layers.
+pub fn image_size<'a>(path: impl IntoIterator<Item = &'a Descriptor>, m: &oci::Manifest) -> u64 {
+    path.into_iter().map(|d| d.size).sum::<u64>()
         + m.config.size
         + m.layers.iter().map(|l| l.size).sum::<u64>()
 }

@@ -212,6 +212,65 @@ fn pulls_the_platform_manifest_from_an_index() {
 }
 
 #[test]
+fn follows_indexes_nested_in_an_index() {
+    let host = FakeHost::new();
+    let amd = host.push_image(&[b"amd64 layer"], "");
+    let arm = host.push_image_for(&[b"arm64 layer"], "", "linux/arm64");
+    // The root lists an index for arm64 (skipped for amd64) and one without a platform,
+    // which holds another index holding the amd64 manifest.
+    let for_arm = host.push_index(&[(&arm.manifest, "linux/arm64")]);
+    let inner = host.push_index(&[(&amd.manifest, "linux/amd64")]);
+    let outer = host.push_index(&[(&inner, "")]);
+    let root = host.push_index(&[(&for_arm, "linux/arm64"), (&outer, "")]);
+    host.tag("127.0.0.1:5000/team/app", "1.0", &root);
+
+    let info = pull_ok(&host, &req_on("127.0.0.1:5000/team/app:1.0", "linux/amd64"));
+    assert_eq!(info.id, amd.config.digest);
+    assert_eq!(info.manifest_digest, amd.manifest.digest);
+    assert_eq!(
+        info.size,
+        root.size + outer.size + inner.size + size_of(&amd.manifest, &amd)
+    );
+    assert!(
+        !host.calls().iter().any(|c| c.contains(&for_arm.digest)),
+        "the arm64 index is not fetched for amd64: {:?}",
+        host.calls()
+    );
+    // GC labels: root → outer → inner → manifest, so the whole path stays while the image does.
+    for (parent, child) in [
+        (&root, &outer.digest),
+        (&outer, &inner.digest),
+        (&inner, &amd.manifest.digest),
+    ] {
+        assert_eq!(
+            host.content_labels(&parent.digest)["containerd.io/gc.ref.content.m.0"],
+            *child
+        );
+    }
+    assert_eq!(
+        pull_ok(&host, &req_on("127.0.0.1:5000/team/app:1.0", "linux/arm64")).id,
+        arm.config.digest
+    );
+
+    // Nesting deeper than the limit is refused, not followed.
+    let mut deep = host.push_index(&[(&amd.manifest, "linux/amd64")]);
+    for _ in 0..crate::pull::MAX_INDEX_NESTING + 1 {
+        deep = host.push_index(&[(&deep, "")]);
+    }
+    host.tag("127.0.0.1:5000/team/deep", "1.0", &deep);
+    match pull(
+        &host,
+        &Settings::DEFAULT,
+        &req_on("127.0.0.1:5000/team/deep:1.0", "linux/amd64"),
+    ) {
+        Err(Error::InvalidArgument(m)) => {
+            assert!(m.contains("nests indexes more than 4 deep"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn refuses_an_index_without_the_platform() {
     let host = FakeHost::new();
     let amd = host.push_image(&[b"amd64 layer"], "");

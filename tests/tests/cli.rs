@@ -531,6 +531,53 @@ fn invalid_settings_are_refused() {
 }
 
 #[test]
+fn an_index_nested_in_an_index_is_followed() {
+    let f = fixture();
+    let multi = &f.multi;
+    // An index whose one entry, without a platform, is team/multi's index, pushed next to it.
+    let nested = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": pullbox_tests::oci::MEDIA_TYPE_INDEX,
+        "manifests": [{
+            "mediaType": pullbox_tests::oci::MEDIA_TYPE_INDEX,
+            "digest": multi.index_digest,
+            "size": multi.index_size,
+        }],
+    }))
+    .unwrap();
+    let reference = format!("{}:nested", multi.repo);
+    let path = reference.replacen('/', "/v2/", 1).replacen(":nested", "/manifests/nested", 1);
+    let put = std::process::Command::new("curl")
+        .args(["-sSf", "-X", "PUT", "-H"])
+        .arg(format!("Content-Type: {}", pullbox_tests::oci::MEDIA_TYPE_INDEX))
+        .args(["--data-binary", "@-", &format!("http://{path}")])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&nested)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(put.status.success(), "pushing the nested index: {put:?}");
+
+    let image = multi.image_for(&Platform::parse("linux/arm64")).unwrap();
+    let pb = pullbox();
+    assert_eq!(pb.pull(&["--platform", "linux/arm64"], &reference), image.id());
+    let info = pb.inspect(&reference);
+    let nested_digest = pullbox_tests::oci::sha256_digest(&nested);
+    assert_has(&info, "repoDigests", &format!("{}@{nested_digest}", multi.repo));
+    assert_eq!(info["chainId"], image.chain_id().as_str());
+    // containerd's size: both indexes, the manifest, the config and the layers.
+    let size = nested.len() as u64 + multi.index_size + image.manifest_size + image.content_size();
+    assert_eq!(size_of(&info), size);
+    for index in [&nested_digest, &multi.index_digest] {
+        assert!(pb.blob_path(index).is_file(), "index {index} is not in the content store");
+    }
+    assert_app_unpacked(&pb, f);
+}
+
+#[test]
 fn platform_selects_an_index_entry() {
     let f = fixture();
     let multi = &f.multi;
