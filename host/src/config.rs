@@ -34,6 +34,9 @@ pub struct DaemonConfig {
     pub root: PathBuf,
     /// `embedded` or `containerd`.
     pub backend: BackendKind,
+    /// Embedded store: flush each snapshot to disk before committing it (see
+    /// [`crate::backend::embedded::Options::sync_fs`]).
+    pub sync_fs: bool,
     /// The puller component; empty: the default puller installed with pullbox.
     pub puller: Option<PathBuf>,
     /// The puller's settings document; empty: none (the puller's defaults).
@@ -122,6 +125,7 @@ impl Default for DaemonConfig {
             socket_mode: "0660".into(),
             root: PathBuf::from("/var/lib/pullbox"),
             backend: BackendKind::Embedded,
+            sync_fs: false,
             puller: None,
             settings: None,
             metrics_address: None,

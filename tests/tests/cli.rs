@@ -634,9 +634,10 @@ fn platform_selects_an_index_entry() {
 #[test]
 fn zstd_and_uncompressed_layers_unpack_alike() {
     let f = fixture();
-    for image in [&f.app_zstd, &f.app_uncompressed] {
+    // The zstd pull also syncs each snapshot to disk before committing it.
+    for (image, args) in [(&f.app_zstd, &["--sync-fs"][..]), (&f.app_uncompressed, &[][..])] {
         let pb = pullbox();
-        let id = pb.pull(&[], &image.reference);
+        let id = pb.pull(args, &image.reference);
         assert_eq!(
             id,
             f.app.id(),

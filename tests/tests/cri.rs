@@ -142,6 +142,7 @@ fn invalid_configs_are_refused_at_start() {
     for (config, needle) in [
         ("sokcet = \"/tmp/x\"", "unknown field"),
         ("backend = \"zfs\"", "unknown variant"),
+        ("sync_fs = \"yes\"", "invalid type"),
         ("metrics_address = \"0.0.0.0:9464\"", "loopback"),
         ("puller = \"/nonexistent.wasm\"", "nonexistent"),
     ] {

@@ -14,7 +14,8 @@
 //! 2. Pushes them with `skopeo` to a fresh `docker-registry` on loopback.
 //! 3. For each image, measures wall time and peak RSS (`/usr/bin/time -f '%e %M'` for
 //!    processes; `VmHWM` from `/proc` for daemons, each started fresh per run) of:
-//!    `pullbox pull` into a fresh embedded store; `pullbox serve` (backend containerd) over
+//!    `pullbox pull` into a fresh embedded store (also with `--sync-fs`: one `syncfs` per
+//!    snapshot before its commit); `pullbox serve` (backend containerd) over
 //!    CRI `PullImage`; `ctr images pull --plain-http` (fresh containerd and namespace each
 //!    run); `skopeo copy` to an OCI layout; `tar` extracting the layer files from local disk
 //!    one after another and all in parallel (the lower bound, no fsync).
@@ -429,15 +430,16 @@ fn spec(image: &str) -> Option<ImageSpec> {
     Some(ImageSpec { image: image.to_owned(), ..ImageSpec::default() })
 }
 
-fn pullbox_cli(reference: &str) -> Result<Figure> {
+/// `pullbox pull [ARGS] REFERENCE` into a fresh embedded store.
+fn pullbox_cli(reference: &str, args: &[&str]) -> Result<Figure> {
     let root = tempfile::Builder::new().prefix("pbbench-").tempdir_in(Pullbox::workspace().join("target"))?;
     let bin = Pullbox::bin()?;
     // Warm the compiled-puller cache, as any node's store has it.
     let warm = Command::new(&bin).arg("images").arg("--root").arg(root.path()).output()?;
     ensure!(warm.status.success(), "pullbox images: {}", String::from_utf8_lossy(&warm.stderr));
     let mut cmd = Command::new(&bin);
-    cmd.arg("pull").arg("--root").arg(root.path()).arg(reference);
-    for var in ["PULLBOX_ROOT", "PULLBOX_PULLER", "PULLBOX_SETTINGS", "PULLBOX_LOG"] {
+    cmd.arg("pull").arg("--root").arg(root.path()).args(args).arg(reference);
+    for var in ["PULLBOX_ROOT", "PULLBOX_PULLER", "PULLBOX_SETTINGS", "PULLBOX_LOG", "PULLBOX_SYNC_FS"] {
         cmd.env_remove(var);
     }
     timed(cmd)
@@ -701,7 +703,8 @@ async fn main() -> Result<()> {
             best("tar, one after another", tar_extract(&layout, image, false)?);
             best("tar, all in parallel", tar_extract(&layout, image, true)?);
             best("ctr images pull", ctr_pull(&reference, run_id)?);
-            best("pullbox pull (embedded)", pullbox_cli(&reference)?);
+            best("pullbox pull (embedded)", pullbox_cli(&reference, &[])?);
+            best("pullbox pull --sync-fs (embedded)", pullbox_cli(&reference, &["--sync-fs"])?);
             best("pullbox serve -> containerd", pullbox_containerd(&reference, run_id).await?);
             best("skopeo copy (download only)", skopeo_copy(&reference)?);
         }
@@ -712,12 +715,12 @@ async fn main() -> Result<()> {
         "pullbox pull benchmark: {} cores, scale {scale}, best of {runs} run(s); RSS = peak resident set (daemon: VmHWM)",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
-    println!("{:<58} {:<30} {:>8} {:>8} {:>8} {:>9} {:>12}", "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd");
+    println!("{:<58} {:<34} {:>8} {:>8} {:>8} {:>9} {:>12}", "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd");
     for r in &rows {
         let ctr = rows.iter().find(|x| x.image == r.image && x.tool == "ctr images pull").map(|x| x.fig.wall);
         let par = rows.iter().find(|x| x.image == r.image && x.tool == "tar, all in parallel").map(|x| x.fig.wall);
         println!(
-            "{:<58} {:<30} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>12}",
+            "{:<58} {:<34} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>12}",
             r.image,
             r.tool,
             r.fig.wall,

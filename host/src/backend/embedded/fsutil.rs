@@ -110,6 +110,12 @@ pub(crate) fn remove_all(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Flushes everything written to the filesystem that holds `path` to disk: one `syncfs(2)`,
+/// however many files a layer wrote.
+pub(crate) fn sync_filesystem(path: &Path) -> io::Result<()> {
+    rustix::fs::syncfs(File::open(path)?).map_err(io::Error::from)
+}
+
 /// Flushes a directory's entries (after a rename into it) to disk.
 pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()

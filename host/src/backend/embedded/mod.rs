@@ -69,11 +69,25 @@ use crate::{
 /// `root` is made absolute (symlinks resolved). It must be valid UTF-8 without `,` or `:`:
 /// its subdirectories become overlay mount options, where those characters are separators.
 pub fn open(root: &Path) -> Result<Backend> {
+    open_with(root, Options::default())
+}
+
+/// How the embedded backend writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Flush each snapshot's filesystem (one `syncfs`) before committing it, so a committed
+    /// snapshot survives a power loss (containerd CRI's `image_pull_with_sync_fs`; off by
+    /// default, as there). Blobs are always fsynced when committed.
+    pub sync_fs: bool,
+}
+
+/// [`open`] with `options`.
+pub fn open_with(root: &Path, options: Options) -> Result<Backend> {
     let layout = Layout::create(root)?;
     let db = db::Db::open(&layout.db())?;
     Ok(Backend {
         content: Arc::new(content::Content::new(layout.clone(), db.clone())),
-        snapshots: Arc::new(snapshots::Snapshots::new(layout.clone(), db.clone())),
+        snapshots: Arc::new(snapshots::Snapshots::new(layout.clone(), db.clone(), options.sync_fs)),
         differ: Arc::new(differ::Applier::new(layout.clone(), db.clone())),
         images: Arc::new(images::Images::new(db.clone())),
         leases: Arc::new(leases::LeaseManager::new(layout, db)),

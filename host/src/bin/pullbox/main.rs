@@ -75,6 +75,11 @@ struct Cli {
     #[arg(long, global = true, env = "PULLBOX_STALL_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
     stall_timeout: Duration,
 
+    /// Flush each snapshot to disk (one syncfs) before committing it, so that pulled images
+    /// survive a power loss (containerd CRI's image_pull_with_sync_fs).
+    #[arg(long, global = true, env = "PULLBOX_SYNC_FS")]
+    sync_fs: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -173,11 +178,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return policy::check(component, settings, limits(&cli)).await;
     }
     if let Command::Serve { config } = &cli.command {
-        let overrides = serve::Overrides { root: cli.root.clone(), puller: cli.puller.clone(), settings: cli.settings.clone() };
+        let overrides = serve::Overrides {
+            root: cli.root.clone(),
+            puller: cli.puller.clone(),
+            settings: cli.settings.clone(),
+            sync_fs: cli.sync_fs,
+        };
         return serve::serve(config.as_deref(), overrides).await;
     }
     let root = cli.root.clone().map(Ok).unwrap_or_else(default_root)?;
-    let backend = embedded::open(&root).with_context(|| format!("cannot open the store at {}", root.display()))?;
+    let backend = embedded::open_with(&root, embedded::Options { sync_fs: cli.sync_fs })
+        .with_context(|| format!("cannot open the store at {}", root.display()))?;
     if let Command::Gc = cli.command {
         return images::gc(&backend).await;
     }

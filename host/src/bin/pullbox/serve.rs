@@ -37,6 +37,8 @@ pub struct Overrides {
     pub root: Option<PathBuf>,
     pub puller: Option<PathBuf>,
     pub settings: Option<PathBuf>,
+    /// `--sync-fs`: on when given (the file's `sync_fs` otherwise).
+    pub sync_fs: bool,
 }
 
 /// `pullbox serve [--config FILE]`.
@@ -50,6 +52,7 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     }
     config.puller = overrides.puller.or(config.puller);
     config.settings = overrides.settings.or(config.settings);
+    config.sync_fs |= overrides.sync_fs;
 
     let (backend, fs_root) = open_backend(&config).await?;
     match backend.leases.collect().await {
@@ -203,7 +206,8 @@ impl Watched {
 async fn open_backend(config: &DaemonConfig) -> anyhow::Result<(Backend, PathBuf)> {
     Ok(match config.backend {
         BackendKind::Embedded => {
-            let backend = embedded::open(&config.root)
+            let options = embedded::Options { sync_fs: config.sync_fs };
+            let backend = embedded::open_with(&config.root, options)
                 .with_context(|| format!("cannot open the store at {}", config.root.display()))?;
             (backend, config.root.join("snapshots"))
         }
