@@ -306,8 +306,9 @@ fn kill_a_pull_midway(pb: &Pullbox) {
     proxy.hold(&layer2.digest, half);
     let reference = format!("{}/{}:1.0", proxy.addr(), f.app.path());
     let mut pull = Background::pull(pb, &[], &reference);
-    wait_for(&mut pull.child, "layer 2 is half downloaded and its snapshot prepared", || {
-        proxy.held() == 1 && Inventory::ingest_bytes(pb.root()) >= half && inventory(pb).snapshots.len() == 2
+    wait_for(&mut pull.child, "layer 2 is half downloaded (the only download left) and its snapshot prepared", || {
+        let inv = inventory(pb);
+        proxy.held() == 1 && Inventory::ingest_bytes(pb.root()) >= half && inv.snapshots.len() == 2 && inv.ingests.len() == 1
     });
     pull.child.kill().unwrap();
     pull.child.wait().unwrap();
