@@ -21,7 +21,11 @@
 //! - guest CPU time per call (5 s by default): a call hook accounts the time spent executing
 //!   guest code, excluding host imports (downloads, unpacking); an epoch ticker
 //!   ([`TICK`] = 10 ms) interrupts guest code, which then yields to the async executor — so
-//!   a looping guest never starves other requests — and traps once over budget;
+//!   a looping guest never starves other requests — and traps once over budget. An import's
+//!   answer is copied into guest memory through the guest's allocator (one call into the guest
+//!   per string of it); from the first such call to the import's return counts as guest time,
+//!   as one slice, so that a 21,000-string answer costs two clock reads, not 42,000 (see
+//!   [`CpuClock`]);
 //! - the pooling allocator where the machine allows it (a pool of [`Limits::max_calls`]
 //!   instances; calls beyond it fail with `resource-exhausted`), the on-demand allocator
 //!   otherwise.
@@ -106,17 +110,65 @@ pub fn guest_time() -> Duration {
     Duration::from_nanos(GUEST_NANOS.load(std::sync::atomic::Ordering::Relaxed))
 }
 
-/// Time accounting of one call: guest execution only.
+/// Time accounting of one call: guest execution only, read from the clock at the call hook's
+/// transitions ([`CpuClock::hook`]).
+///
+/// Inside a host import the host calls back into the guest to allocate room for the import's
+/// answer, once per string and list of it. The clock starts at the first of those calls and
+/// runs on until the import returns: copying the answer into the guest counts as guest time
+/// (it is work the guest asked for), and the guest's allocator is charged as before, without
+/// two clock reads around each allocation.
 struct CpuClock {
     limit: Duration,
     used: Duration,
     /// When guest code last started running; `None` while the host runs.
     running_since: Option<Instant>,
+    /// Host imports under way: 0 while the guest runs on its own, 1 inside an import (a
+    /// count, not a flag, though the component model forbids an allocation the host calls
+    /// from inside an import to call an import again).
+    in_host: u32,
 }
 
 impl CpuClock {
+    fn new(limit: Duration) -> CpuClock {
+        CpuClock { limit, used: Duration::ZERO, running_since: None, in_host: 0 }
+    }
+
     fn used_now(&self) -> Duration {
         self.used + self.running_since.map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// Guest code starts (or goes on) running.
+    fn start(&mut self) {
+        self.running_since.get_or_insert_with(Instant::now);
+    }
+
+    /// The host takes over: adds the slice that ends now to this call's and the process's
+    /// guest time.
+    fn stop(&mut self) {
+        if let Some(t) = self.running_since.take() {
+            let slice = t.elapsed();
+            self.used += slice;
+            GUEST_NANOS.fetch_add(slice.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The call hook: see the type's docs for what counts.
+    fn hook(&mut self, hook: CallHook) {
+        match hook {
+            CallHook::CallingWasm => self.start(),
+            // A return from an allocation inside an import leaves the clock running.
+            CallHook::ReturningFromWasm if self.in_host == 0 => self.stop(),
+            CallHook::ReturningFromWasm => {}
+            CallHook::CallingHost => {
+                self.stop();
+                self.in_host += 1;
+            }
+            CallHook::ReturningFromHost => {
+                self.in_host = self.in_host.saturating_sub(1);
+                self.start();
+            }
+        }
     }
 }
 
@@ -349,26 +401,12 @@ impl Puller {
             .table_elements(MAX_TABLE_ELEMENTS)
             .trap_on_grow_failure(true)
             .build();
-        let clock = CpuClock {
-            limit: Duration::from_millis(self.limits.cpu_limit_ms),
-            used: Duration::ZERO,
-            running_since: None,
-        };
+        let clock = CpuClock::new(Duration::from_millis(self.limits.cpu_limit_ms));
         let mut store = Store::new(&self.engine, CallState { session, limits, clock, log_events: 0 });
         store.limiter(|s| &mut s.limits);
         store.set_hostcall_fuel(HOSTCALL_BYTES);
         store.call_hook(|mut ctx, hook| {
-            let clock = &mut ctx.data_mut().clock;
-            match hook {
-                CallHook::CallingWasm | CallHook::ReturningFromHost => clock.running_since = Some(Instant::now()),
-                CallHook::CallingHost | CallHook::ReturningFromWasm => {
-                    if let Some(t) = clock.running_since.take() {
-                        let slice = t.elapsed();
-                        clock.used += slice;
-                        GUEST_NANOS.fetch_add(slice.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            }
+            ctx.data_mut().clock.hook(hook);
             Ok(())
         });
         store.set_epoch_deadline(1);
@@ -448,4 +486,60 @@ fn trap(e: wasmtime::Error) -> CallError {
 fn refused(e: bindings::pullbox::image::types::Error) -> CallError {
     let (code, message) = crate::interfaces::from_wit_error(e);
     CallError::Refused { code, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives a clock through `steps`: a hook, or a pause of some milliseconds.
+    fn run(steps: &[Result<CallHook, u64>]) -> Duration {
+        let mut clock = CpuClock::new(Duration::from_secs(60));
+        for step in steps {
+            match step {
+                Ok(hook) => clock.hook(*hook),
+                Err(ms) => std::thread::sleep(Duration::from_millis(*ms)),
+            }
+        }
+        assert!(clock.running_since.is_none() && clock.in_host == 0, "the call ended with the clock stopped");
+        clock.used
+    }
+
+    #[test]
+    fn the_clock_counts_guest_code_and_copying_answers_into_it_not_host_imports() {
+        use CallHook::*;
+        // An export that calls an import whose host side takes 200 ms and whose answer is
+        // copied in with three allocations; guest code runs 20 ms before and after.
+        let used = run(&[
+            Ok(CallingWasm),
+            Err(20),
+            Ok(CallingHost),
+            Err(200),
+            Ok(CallingWasm),
+            Ok(ReturningFromWasm),
+            Err(10),
+            Ok(CallingWasm),
+            Ok(ReturningFromWasm),
+            Ok(CallingWasm),
+            Ok(ReturningFromWasm),
+            Ok(ReturningFromHost),
+            Err(20),
+            Ok(ReturningFromWasm),
+        ]);
+        assert!(used >= Duration::from_millis(50), "guest code and the copying count: {used:?}");
+        assert!(used < Duration::from_millis(200), "the import's own work does not: {used:?}");
+
+        // An argument allocated in the guest before an export call: each counts on its own,
+        // and the time between them is the host's.
+        let used = run(&[
+            Ok(CallingWasm),
+            Err(10),
+            Ok(ReturningFromWasm),
+            Err(200),
+            Ok(CallingWasm),
+            Err(10),
+            Ok(ReturningFromWasm),
+        ]);
+        assert!(used >= Duration::from_millis(20) && used < Duration::from_millis(200), "{used:?}");
+    }
 }

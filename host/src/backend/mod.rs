@@ -216,11 +216,52 @@ pub struct ImageRecord {
     pub updated_at: u64,
 }
 
+/// The records [`ImageStore::list`] answers, shared: a store may keep the records it read and
+/// hand the same ones to every caller until they change, so a caller that needs a few fields
+/// of each (the `images.list-labels` import) borrows them ([`std::ops::Deref`] to a slice) and
+/// copies just those. Iterating by value gives owned records, copied only while someone else
+/// holds them too.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageRecords(Arc<Vec<ImageRecord>>);
+
+impl From<Vec<ImageRecord>> for ImageRecords {
+    fn from(records: Vec<ImageRecord>) -> Self {
+        ImageRecords(Arc::new(records))
+    }
+}
+
+impl std::ops::Deref for ImageRecords {
+    type Target = [ImageRecord];
+
+    fn deref(&self) -> &[ImageRecord] {
+        &self.0
+    }
+}
+
+impl IntoIterator for ImageRecords {
+    type Item = ImageRecord;
+    type IntoIter = std::vec::IntoIter<ImageRecord>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Arc::unwrap_or_clone(self.0).into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a ImageRecords {
+    type Item = &'a ImageRecord;
+    type IntoIter = std::slice::Iter<'a, ImageRecord>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// Named image records.
 #[async_trait]
 pub trait ImageStore: Send + Sync {
     async fn get(&self, name: &str) -> Result<ImageRecord>;
-    async fn list(&self) -> Result<Vec<ImageRecord>>;
+    /// Every record, by name (see [`ImageRecords`]: shared, not copied).
+    async fn list(&self) -> Result<ImageRecords>;
     /// Creates a record; sets both timestamps. `AlreadyExists` when the name is taken.
     async fn create(&self, image: ImageRecord) -> Result<ImageRecord>;
     /// Replaces target and labels; keeps `created_at`, sets `updated_at`.

@@ -1,8 +1,12 @@
 //! Host side of `pullbox:image/images`: the backend's image store. `list` and `list-labels`
 //! answer at most [`MAX_RECORDS`] records; `list-labels` takes at most [`MAX_LIST_KEYS`] keys.
+//!
+//! The store's records are shared ([`ImageRecords`]): `list-labels`, which the catalog asks
+//! for on every list and status, copies only each record's name and the values asked for,
+//! never whole records.
 
 use crate::{
-    backend::ImageRecord,
+    backend::{ImageRecord, ImageRecords},
     engine::{
         bindings::pullbox::image::{
             images::{Host, Labelled},
@@ -48,7 +52,7 @@ fn image(r: ImageRecord) -> Image {
 }
 
 /// Every record, or `resource-exhausted` when there are more than [`MAX_RECORDS`].
-async fn all(s: &Session) -> Result<Vec<ImageRecord>, Error> {
+async fn all(s: &Session) -> Result<ImageRecords, Error> {
     let all = s.backend.images.list().await?;
     if all.len() > MAX_RECORDS {
         return Err(Error::ResourceExhausted(format!(
@@ -83,18 +87,12 @@ impl Host for CallState {
                     }
                     bounded("label key", k)?;
                 }
-                // Values move out of the records; a key asked for twice gets a copy.
-                let first: Vec<usize> = keys.iter().map(|k| keys.iter().position(|x| x == k).unwrap_or(0)).collect();
                 Ok(all(&s)
                     .await?
-                    .into_iter()
-                    .map(|mut r| {
-                        let mut values: Vec<Option<String>> = Vec::with_capacity(keys.len());
-                        for (i, k) in keys.iter().enumerate() {
-                            let value = if first[i] == i { r.labels.remove(k) } else { values[first[i]].clone() };
-                            values.push(value);
-                        }
-                        Labelled { name: r.name, values }
+                    .iter()
+                    .map(|r| Labelled {
+                        name: r.name.clone(),
+                        values: keys.iter().map(|k| r.labels.get(k).cloned()).collect(),
                     })
                     .collect())
             }

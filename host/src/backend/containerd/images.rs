@@ -17,7 +17,7 @@ use containerd_client::{
 
 use super::{from_descriptor, nanos, to_descriptor, Conn};
 use crate::{
-    backend::{ImageRecord, ImageStore},
+    backend::{ImageRecord, ImageRecords, ImageStore},
     error::{Error, Result},
 };
 
@@ -66,7 +66,7 @@ impl ImageStore for Images {
         from_image(self.client().get(req).await.map_err(|s| self.conn.error(s))?.into_inner().image)
     }
 
-    async fn list(&self) -> Result<Vec<ImageRecord>> {
+    async fn list(&self) -> Result<ImageRecords> {
         let req = self.conn.request(ListImagesRequest { filters: Vec::new() });
         let images = self.client().list(req).await.map_err(|s| self.conn.error(s))?.into_inner().images;
         let mut records = Vec::with_capacity(images.len());
@@ -80,7 +80,7 @@ impl ImageStore for Images {
             }
         }
         records.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(records)
+        Ok(records.into())
     }
 
     async fn create(&self, image: ImageRecord) -> Result<ImageRecord> {

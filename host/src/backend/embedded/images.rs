@@ -9,7 +9,8 @@
 //! and answers from them while nothing has changed: `data_version` moves when another process
 //! (another connection) commits, and this store's own writes drop the copy. Decoding every
 //! record's JSON is most of a list's cost, and status and list (kubelet asks for them all the
-//! time) read every record.
+//! time) read every record. The records kept are shared with every caller
+//! ([`ImageRecords`]), never copied out.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -18,7 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{db::Db, now_nanos};
 use crate::{
-    backend::{ImageRecord, ImageStore},
+    backend::{ImageRecord, ImageRecords, ImageStore},
     error::{Error, Result},
 };
 
@@ -31,7 +32,7 @@ pub(crate) struct Images {
 
 /// The records a `list` read and the `data_version` of the database then; `None` after a
 /// write.
-type Listed = Arc<Mutex<Option<(i64, Arc<Vec<ImageRecord>>)>>>;
+type Listed = Arc<Mutex<Option<(i64, ImageRecords)>>>;
 
 impl Images {
     pub(crate) fn new(db: Db) -> Images {
@@ -89,7 +90,7 @@ impl ImageStore for Images {
         self.db.read(move |conn| get(conn, &name)?.ok_or_else(|| not_found(&name))).await
     }
 
-    async fn list(&self) -> Result<Vec<ImageRecord>> {
+    async fn list(&self) -> Result<ImageRecords> {
         let listed = self.listed.clone();
         self.db
             .read(move |conn| {
@@ -97,15 +98,14 @@ impl ImageStore for Images {
                 let tx = conn.unchecked_transaction()?;
                 let version: i64 = tx.query_row("PRAGMA data_version", [], |r| r.get(0))?;
                 let kept = listed.lock().unwrap_or_else(PoisonError::into_inner).clone();
-                let records = match kept {
+                Ok(match kept {
                     Some((v, records)) if v == version => records,
                     _ => {
-                        let records = Arc::new(all(&tx)?);
+                        let records = ImageRecords::from(all(&tx)?);
                         *listed.lock().unwrap_or_else(PoisonError::into_inner) = Some((version, records.clone()));
                         records
                     }
-                };
-                Ok(records.as_ref().clone())
+                })
             })
             .await
     }
@@ -211,11 +211,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Two connections to one root, as two processes have.
         let (ours, theirs) = (open(dir.path()).unwrap().images, open(dir.path()).unwrap().images);
-        let names = |list: Vec<ImageRecord>| list.into_iter().map(|i| i.name).collect::<Vec<_>>();
-        let digest = |list: Vec<ImageRecord>| list[0].target.digest.clone();
+        let names = |list: ImageRecords| list.into_iter().map(|i| i.name).collect::<Vec<_>>();
+        let digest = |list: ImageRecords| list[0].target.digest.clone();
         ours.create(record("a", b"one")).await.unwrap();
         assert_eq!(names(ours.list().await.unwrap()), ["a"]);
-        assert_eq!(names(ours.list().await.unwrap()), ["a"], "answered from what was read");
+        let (first, again) = (ours.list().await.unwrap(), ours.list().await.unwrap());
+        assert!(std::ptr::eq(first.as_ptr(), again.as_ptr()), "answered from what was read, shared");
+        assert_eq!(names(again), ["a"]);
         theirs.create(record("b", b"two")).await.unwrap();
         assert_eq!(names(ours.list().await.unwrap()), ["a", "b"]);
         ours.update(record("a", b"three")).await.unwrap();
