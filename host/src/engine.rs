@@ -341,9 +341,11 @@ fn check_exports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
     let ComponentItem::ComponentInstance(instance) = export.ty else {
         anyhow::bail!("its export {PULLER_EXPORT} is not an instance");
     };
+    /// A test of one parameter's type.
+    type Param<'a> = &'a dyn Fn(&Type) -> bool;
     let is_string = |t: &Type| matches!(t, Type::String);
     let is_record = |t: &Type| matches!(t, Type::Record(_));
-    let expected: [(&str, &[&dyn Fn(&Type) -> bool]); 5] = [
+    let expected: [(&str, &[Param]); 5] = [
         ("configure", &[&is_string]),
         ("pull-image", &[&is_record]),
         ("image-status", &[&is_string]),

@@ -198,7 +198,7 @@ fn sign(s: &State, user: &str, scopes: &[String]) -> String {
         })
         .collect();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    let jti = hex::encode(&ring::rand::generate::<[u8; 16]>(&SystemRandom::new()).unwrap().expose());
+    let jti = hex::encode(ring::rand::generate::<[u8; 16]>(&SystemRandom::new()).unwrap().expose());
     let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [STANDARD.encode(&s.cert_der)]});
     let claims = serde_json::json!({
         "iss": ISSUER,

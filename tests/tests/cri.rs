@@ -240,7 +240,7 @@ async fn pinned_images_follow_the_settings() {
 
 #[test]
 fn sigterm_cancels_pulls_in_flight_and_cleans_up() {
-    use pullbox_tests::proxy::{Fault, FaultProxy};
+    use pullbox_tests::proxy::FaultProxy;
     let f = fixture();
     // The proxy runs its own runtime: start (and drop) it outside the test's.
     let proxy = FaultProxy::start(f.registry.addr()).unwrap();

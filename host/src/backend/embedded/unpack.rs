@@ -1083,12 +1083,12 @@ pub(crate) mod tests {
             .finish();
         let direct = s.outside.join("direct");
         fs::create_dir_all(&direct).unwrap();
-        unpack(&tar[..], &direct, &[lower.clone()], "sha256:test").unwrap();
+        unpack(&tar[..], &direct, std::slice::from_ref(&lower), "sha256:test").unwrap();
 
         let (_, created) = unpack_staged(&tar[..], &s.root, "sha256:test").unwrap();
         let mode = |root: &Path, p: &str| fs::metadata(root.join(p)).unwrap().mode() & 0o7777;
         assert_eq!(mode(&s.root, "srv/data"), 0o755, "defaults until the lowers are known");
-        inherit_parents(&s.root, &[lower.clone()], &created, "sha256:test").unwrap();
+        inherit_parents(&s.root, std::slice::from_ref(&lower), &created, "sha256:test").unwrap();
         assert_eq!(tree(&s.root), tree(&direct));
         for p in ["srv", "srv/data", "opt", "fresh"] {
             assert_eq!(mode(&s.root, p), mode(&direct, p), "{p}");
