@@ -29,9 +29,10 @@
 //! 6. for each layer, bottom first: skip it when the snapshot named by its chain ID is
 //!    committed; otherwise prepare `extract-<chain hex>` on the parent chain ID, apply the
 //!    layer, check the diff ID the host computed against the config, commit as the chain ID;
-//! 7. set containerd's GC labels (index → nested index → manifest, manifest → config and layers, config →
-//!    top snapshot), then write the image records: the image ID (config digest), the repo
-//!    tag and the repo digest (`name@<root digest>`), in that order, as containerd's CRI.
+//! 7. set containerd's GC labels (index → any nested index → manifest, manifest → config
+//!    and layers, config → top snapshot), then write the image records: the image ID
+//!    (config digest), the repo tag and the repo digest (`name@<root digest>`), in that
+//!    order, as containerd's CRI.
 //!
 //! Records are merged as cri-containerd's `updateImageMetadata` merged repo tags and
 //! digests: each is a record of its own, so pulling a second tag of an image adds that
@@ -45,7 +46,8 @@
 //! `images.Image.Size` walks the image for the platform with
 //! `LimitManifests(FilterPlatforms(ChildrenHandler), platform, 1)` and adds up the `size` of
 //! every descriptor it visits: the root (index or manifest), any nested indexes, the one
-//! chosen manifest under an index, the config and every layer (compressed sizes, repeated layers counted again).
+//! chosen manifest under an index, the config and every layer (compressed sizes, repeated
+//! layers counted again).
 
 use crate::blob::read_small;
 use crate::digest;
