@@ -10,6 +10,11 @@
 //! default `max_concurrent_downloads` is 3; layers of a pull are few and large, so a little
 //! more parallelism keeps a fast link busy without thrashing a slow disk).
 //!
+//! A pull's session holds, under its lease, every blob and snapshot the puller asks about
+//! ([`Session::hold`], from `content.info` and `snapshots.stat`) before answering: what a
+//! puller finds stored and then relies on (a base layer another image unpacked, a manifest
+//! already fetched) cannot be collected under it when another image is removed meanwhile.
+//!
 //! A session also carries the request's registry [`Credentials`] (applied by the host, never
 //! shown to the guest) and a [`CancellationToken`]: once it is cancelled (CLI Ctrl-C, a CRI
 //! client that went away, daemon shutdown) every download of the session stops with
@@ -26,7 +31,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backend::{Backend, LeaseId, Stage},
+    backend::{Backend, Held, LeaseId, Stage},
     error::{Error, Result},
     oci::{Descriptor, Digest},
     registry::{Credentials, Progress, Repository, SharedClient},
@@ -110,6 +115,15 @@ impl Session {
             return Err(Error::Cancelled("the pull was cancelled".into()));
         }
         Ok(())
+    }
+
+    /// Adds `resource` to the pull's lease, whether it exists or not (see the module docs);
+    /// nothing for a request without a lease (status, list, remove).
+    pub async fn hold(&self, resource: Held<'_>) -> Result<()> {
+        match &self.lease {
+            Some(lease) => self.backend.leases.hold(lease, resource).await,
+            None => Ok(()),
+        }
     }
 
     /// The lease writes go under; `FailedPrecondition` for a request that may not write.

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use pullbox::{
     backend::{
         containerd::{connect, Config},
-        Backend, ImageRecord, LeaseId, SnapshotKind,
+        Backend, Held, ImageRecord, LeaseId, SnapshotKind,
     },
     engine::Runtime,
     error::{Code, Error},
@@ -743,6 +743,26 @@ async fn leases_hold_and_release_and_dead_owners_are_collected() {
         b.leases.delete(&lease).await,
         Err(Error::NotFound(_))
     ));
+
+    // A blob and a snapshot another lease holds (as a pull holds what it found stored)
+    // outlive the lease that wrote them, and go with the holder.
+    let (writer, reader) = (b.leases.create().await.unwrap(), b.leases.create().await.unwrap());
+    let data = noise(12_000, 7);
+    let desc = descriptor("application/octet-stream", &data);
+    write_blob(&b, &desc, &data, &writer, 4096).await;
+    let key = format!("pullbox-held-{}", std::process::id());
+    b.snapshots.prepare(&format!("{key}-active"), "", &writer).await.unwrap();
+    b.snapshots.commit(&key, &format!("{key}-active"), &writer).await.unwrap();
+    b.leases.hold(&reader, Held::Content(&desc.digest)).await.unwrap();
+    b.leases.hold(&reader, Held::Snapshot(&key)).await.unwrap();
+    b.leases.delete(&writer).await.unwrap();
+    b.leases.collect().await.unwrap();
+    assert!(b.content.info(&desc.digest).await.is_ok(), "a held blob was collected");
+    assert!(b.snapshots.stat(&key).await.is_ok(), "a held snapshot was collected");
+    b.leases.delete(&reader).await.unwrap();
+    b.leases.collect().await.unwrap();
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.snapshots.stat(&key).await, Err(Error::NotFound(_))));
 
     // A lease of a process that is gone is deleted by the next collection, and what it held
     // is collected; a lease of a live process stays.

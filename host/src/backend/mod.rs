@@ -280,11 +280,25 @@ pub struct GcReport {
     pub bytes: u64,
 }
 
+/// What [`Leases::hold`] adds to a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held<'a> {
+    /// A blob, by digest.
+    Content(&'a Digest),
+    /// A snapshot of the backend's snapshotter, by key or name.
+    Snapshot(&'a str),
+}
+
 /// Leases and garbage collection.
 #[async_trait]
 pub trait Leases: Send + Sync {
     /// Creates a lease owned by this process.
     async fn create(&self) -> Result<LeaseId>;
+
+    /// Adds `resource` to `lease`, whether it exists or not: while the lease lives, the
+    /// collector keeps it (and what it references). A pull holds what it finds already stored
+    /// before it relies on it, so that removing another image meanwhile cannot collect it.
+    async fn hold(&self, lease: &LeaseId, resource: Held<'_>) -> Result<()>;
 
     /// Creates a lease that no process owns, for what must outlive the command that creates
     /// it (the view behind `pullbox mount`): it lasts until [`Leases::delete`] (the embedded

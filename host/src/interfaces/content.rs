@@ -1,5 +1,6 @@
 //! Host side of `pullbox:image/content`: bounded reads and labels on the content store.
-//! Reads wait for a download of the same blob that the request started.
+//! Reads wait for a download of the same blob that the request started. `info` during a
+//! pull first holds the blob under the pull's lease ([`Session::hold`]).
 //!
 //! [`MAX_READ`] is 1 MiB: large enough that a 4 MiB manifest takes four calls, small
 //! enough that one call cannot make the host allocate much on the guest's behalf.
@@ -7,6 +8,7 @@
 use std::sync::Arc;
 
 use crate::{
+    backend::Held,
     engine::{
         bindings::pullbox::image::{
             content::{Host, BlobInfo},
@@ -36,6 +38,7 @@ impl Host for CallState {
             async {
                 let d = digest(&d)?;
                 wait(&s, &d).await?;
+                s.hold(Held::Content(&d)).await?;
                 let info = s.backend.content.info(&d).await?;
                 Ok(BlobInfo { digest: info.digest.to_string(), size: info.size, labels: label_pairs(info.labels) })
             }

@@ -1,8 +1,9 @@
 //! Host side of `pullbox:image/snapshots`: the backend's snapshotter, with every write under
-//! the request's lease.
+//! the request's lease; `stat` during a pull first holds the snapshot under that lease
+//! ([`crate::session::Session::hold`]).
 
 use crate::{
-    backend::{self, SnapshotKind},
+    backend::{self, Held, SnapshotKind},
     engine::{
         bindings::pullbox::image::{
             snapshots::{Host, SnapshotInfo, Kind, DiskUsage},
@@ -72,7 +73,14 @@ impl Host for CallState {
 
     async fn stat(&mut self, key: String) -> ImportResult<SnapshotInfo> {
         let s = self.session.clone();
-        answer(async { s.backend.snapshots.stat(bounded("key", &key)?).await.map(snapshot_info) }.await)
+        answer(
+            async {
+                let key = bounded("key", &key)?;
+                s.hold(Held::Snapshot(key)).await?;
+                s.backend.snapshots.stat(key).await.map(snapshot_info)
+            }
+            .await,
+        )
     }
 
     async fn stats(&mut self, keys: Vec<String>) -> ImportResult<Vec<Result<SnapshotInfo, WitError>>> {

@@ -30,15 +30,15 @@ use async_trait::async_trait;
 use containerd_client::{
     services::v1::{
         content_client::ContentClient, leases_client::LeasesClient, snapshots::snapshots_client::SnapshotsClient,
-        snapshots::ListSnapshotsRequest, CreateRequest, DeleteRequest, ListContentRequest, ListRequest,
-        ListStatusesRequest,
+        snapshots::ListSnapshotsRequest, AddResourceRequest, CreateRequest, DeleteRequest, ListContentRequest,
+        ListRequest, ListStatusesRequest, Resource,
     },
     tonic::transport::Channel,
 };
 
 use super::{now_secs, rfc3339, Conn};
 use crate::{
-    backend::{Census, GcReport, LeaseId, Leases},
+    backend::{Census, GcReport, Held, LeaseId, Leases},
     error::{Error, Result},
 };
 
@@ -154,6 +154,17 @@ impl Leases for LeaseManager {
 
     async fn delete(&self, lease: &LeaseId) -> Result<()> {
         self.delete_with(lease, true).await
+    }
+
+    /// containerd's `AddResource` (it does not check that the resource exists).
+    async fn hold(&self, lease: &LeaseId, resource: Held<'_>) -> Result<()> {
+        let resource = match resource {
+            Held::Content(d) => Resource { id: d.to_string(), r#type: "content".into() },
+            Held::Snapshot(key) => Resource { id: key.to_owned(), r#type: format!("snapshots/{}", self.snapshotter) },
+        };
+        let req = self.conn.request(AddResourceRequest { id: lease.0.clone(), resource: Some(resource) });
+        self.client().add_resource(req).await.map_err(|s| self.conn.error(s))?;
+        Ok(())
     }
 
     async fn census(&self) -> Result<Option<Census>> {

@@ -334,7 +334,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        backend::{embedded::open, Backend, ImageRecord, Labels, LeaseId},
+        backend::{embedded::open, Backend, Held, ImageRecord, Labels, LeaseId},
         oci::Descriptor,
     };
 
@@ -505,6 +505,31 @@ mod tests {
         for d in &written {
             assert!(exists(&b, d).await, "{} collected under a live lease", d.digest);
         }
+    }
+
+    #[tokio::test]
+    async fn a_held_blob_and_snapshot_outlive_the_lease_that_wrote_them() {
+        let (_dir, b, writer) = setup().await;
+        let layer = blob(&b, &writer, b"base layer").await;
+        b.snapshots.prepare("x1", "", &writer).await.unwrap();
+        b.snapshots.commit("base", "x1", &writer).await.unwrap();
+        // Another pull finds both stored and holds them; then the writer's lease ends (the
+        // image that needed them was removed).
+        let reader = b.leases.create().await.unwrap();
+        b.leases.hold(&reader, Held::Content(&layer.digest)).await.unwrap();
+        b.leases.hold(&reader, Held::Snapshot("base")).await.unwrap();
+        b.leases.hold(&reader, Held::Snapshot("not there (yet)")).await.unwrap();
+        b.leases.delete(&writer).await.unwrap();
+        let report = b.leases.collect().await.unwrap();
+        assert_eq!((report.blobs, report.snapshots), (0, 0), "{report:?}");
+        assert!(exists(&b, &layer).await);
+        assert!(b.snapshots.stat("base").await.is_ok());
+        b.snapshots.prepare("x2", "base", &reader).await.unwrap();
+
+        b.leases.delete(&reader).await.unwrap();
+        let report = b.leases.collect().await.unwrap();
+        assert_eq!((report.blobs, report.snapshots), (1, 2), "{report:?}");
+        assert!(matches!(b.leases.hold(&reader, Held::Snapshot("base")).await, Err(Error::NotFound(_))));
     }
 
     #[test]

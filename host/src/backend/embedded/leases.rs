@@ -23,9 +23,12 @@ use std::fs;
 use async_trait::async_trait;
 use rusqlite::params;
 
-use super::{db::Db, gc, now_nanos, Layout};
+use super::{
+    db::{add_resource, Db, Resource},
+    gc, now_nanos, Layout,
+};
 use crate::{
-    backend::{Census, GcReport, LeaseId, Leases},
+    backend::{Census, GcReport, Held, LeaseId, Leases},
     error::{Error, Result},
 };
 
@@ -127,6 +130,15 @@ impl Leases for LeaseManager {
 
     async fn create_detached(&self) -> Result<LeaseId> {
         self.insert(|| Ok(Owner::detached())).await
+    }
+
+    async fn hold(&self, lease: &LeaseId, resource: Held<'_>) -> Result<()> {
+        let (kind, key) = match resource {
+            Held::Content(d) => (Resource::Content, d.to_string()),
+            Held::Snapshot(key) => (Resource::Snapshot, key.to_owned()),
+        };
+        let lease = lease.clone();
+        self.db.write(move |tx| add_resource(tx, &lease, kind, &key)).await
     }
 
     async fn delete(&self, lease: &LeaseId) -> Result<()> {
