@@ -165,28 +165,25 @@ impl Stage for Staging {
 
     async fn discard(&self) {
         if let Some(job) = self.take_job() {
-            if let Ok(Ok(staged)) = job.await {
-                let _ = blocking(move || {
-                    drop(staged);
-                    Ok(())
-                })
-                .await;
-            }
+            delete_staged(job).await;
         }
     }
 }
 
+/// Waits for the unpacker `job` and deletes what it staged, on the blocking pool (it may be a
+/// big tree).
+async fn delete_staged(job: JoinHandle<Result<Staged>>) {
+    if let Ok(Ok(staged)) = job.await {
+        let _ = tokio::task::spawn_blocking(move || drop(staged)).await;
+    }
+}
+
 impl Drop for Staging {
-    /// Deletes what was staged and never applied or discarded, off the async threads (it may be
-    /// a big tree).
+    /// Deletes what was staged and never applied or discarded, in the background.
     fn drop(&mut self) {
         let Some(job) = self.take_job() else { return };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Ok(Ok(staged)) = job.await {
-                    let _ = tokio::task::spawn_blocking(move || drop(staged)).await;
-                }
-            });
+            runtime.spawn(delete_staged(job));
         }
     }
 }
