@@ -293,12 +293,7 @@ impl Host for FakeHost {
 
     fn content_sizes(&self, digests: &[String]) -> Result<Vec<Result<u64>>> {
         self.lookup(format!("sizes {}", digests.len()));
-        if digests.len() > MAX_BATCH {
-            return Err(Error::ResourceExhausted(format!(
-                "{} digests in one sizes call",
-                digests.len()
-            )));
-        }
+        batch_bound(digests.len(), "digests", "sizes")?;
         Ok(digests
             .iter()
             .map(|d| self.info_of(d).map(|i| i.size))
@@ -429,12 +424,7 @@ impl Host for FakeHost {
 
     fn snapshot_stats(&self, keys: &[String]) -> Result<Vec<Result<SnapshotInfo>>> {
         self.lookup(format!("stats {}", keys.len()));
-        if keys.len() > MAX_BATCH {
-            return Err(Error::ResourceExhausted(format!(
-                "{} keys in one stats call",
-                keys.len()
-            )));
-        }
+        batch_bound(keys.len(), "keys", "stats")?;
         Ok(keys.iter().map(|k| self.stat_of(k)).collect())
     }
 
@@ -562,6 +552,16 @@ impl Host for FakeHost {
             .progress
             .push((stage.into(), detail.into()));
     }
+}
+
+/// The host's bound on a batched import: at most [`MAX_BATCH`] `noun`s per `call`.
+fn batch_bound(n: usize, noun: &str, call: &str) -> Result<()> {
+    if n > MAX_BATCH {
+        return Err(Error::ResourceExhausted(format!(
+            "{n} {noun} in one {call} call"
+        )));
+    }
+    Ok(())
 }
 
 impl FakeHost {
