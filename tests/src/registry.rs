@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::service::{loopback_addr, start_retrying, Service, Spec};
 
@@ -103,6 +103,15 @@ impl Registry {
     pub fn get(&self, path: &str) -> Result<(u16, String)> {
         request(&self.addr, "GET", path)
     }
+
+    /// Pushes `manifest` (of media type `media_type`) as `repo:reference` through the
+    /// registry API; the blobs and manifests it names must be in `repo` already.
+    pub fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, manifest: &[u8]) -> Result<()> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let (status, response) = send(&self.addr, "PUT", &path, media_type, manifest)?;
+        ensure!(status == 201, "PUT {path}: HTTP {status}: {response}");
+        Ok(())
+    }
 }
 
 /// Starts `docker-registry serve CONFIG` as a [`Service`] in `dir`, its log `registry.log`,
@@ -127,15 +136,18 @@ pub(crate) fn serve(
     .ready(addr, READY_TIMEOUT, ready)
 }
 
-/// A minimal HTTP/1.0 client: enough for readiness probes and `HEAD` on blobs, without
-/// pulling an HTTP stack into the harness.
-fn request(addr: &str, method: &str, path: &str) -> Result<(u16, String)> {
+/// A minimal HTTP/1.0 client: enough for readiness probes, `HEAD` on blobs and pushes through
+/// the registry API, without pulling an HTTP stack into the harness. With a `content_type`,
+/// `body` is sent with it (a request without one has no body).
+pub fn send(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n");
+    if !content_type.is_empty() {
+        head += &format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n", body.len());
+    }
+    write!(stream, "{head}\r\n")?;
+    stream.write_all(body)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     let response = String::from_utf8_lossy(&response).into_owned();
@@ -145,4 +157,9 @@ fn request(addr: &str, method: &str, path: &str) -> Result<(u16, String)> {
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("not an HTTP response: {response:?}"))?;
     Ok((status, response))
+}
+
+/// [`send`] without a body.
+fn request(addr: &str, method: &str, path: &str) -> Result<(u16, String)> {
+    send(addr, method, path, "", &[])
 }

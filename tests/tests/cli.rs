@@ -546,20 +546,7 @@ fn an_index_nested_in_an_index_is_followed() {
     }))
     .unwrap();
     let reference = format!("{}:nested", multi.repo);
-    let path = reference.replacen('/', "/v2/", 1).replacen(":nested", "/manifests/nested", 1);
-    let put = std::process::Command::new("curl")
-        .args(["-sSf", "-X", "PUT", "-H"])
-        .arg(format!("Content-Type: {}", pullbox_tests::oci::MEDIA_TYPE_INDEX))
-        .args(["--data-binary", "@-", &format!("http://{path}")])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(&nested)?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    assert!(put.status.success(), "pushing the nested index: {put:?}");
+    f.registry.put_manifest("team/multi", "nested", pullbox_tests::oci::MEDIA_TYPE_INDEX, &nested).unwrap();
 
     let image = multi.image_for(&Platform::parse("linux/arm64")).unwrap();
     let pb = pullbox();

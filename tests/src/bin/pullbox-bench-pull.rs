@@ -29,8 +29,7 @@
 
 use std::{
     fs,
-    io::{self, BufWriter, Read, Write},
-    net::TcpStream,
+    io::{self, BufWriter, Write},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Arc,
@@ -39,7 +38,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{ImageSpec, ListImagesRequest, PullImageRequest};
-use pullbox_tests::{containerd::Containerd, cri, oci, proxy::FaultProxy, Pullbox, Registry};
+use pullbox_tests::{containerd::Containerd, cri, oci, proxy::FaultProxy, registry::send, Pullbox, Registry};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -541,26 +540,10 @@ fn start_proxy(upstream: &str) -> Result<FaultProxy> {
     std::thread::spawn(move || FaultProxy::start(&upstream)).join().unwrap()
 }
 
-/// A plain HTTP/1.1 request to the registry; returns the status and the response head.
-fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
-    let mut response = Vec::new();
-    s.read_to_end(&mut response)?;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok((status, response))
-}
-
 /// Uploads a blob: POST starts an upload, PUT to its Location with the digest completes it.
 fn upload(addr: &str, repo: &str, bytes: &[u8]) -> Result<String> {
     let digest = oci::sha256_digest(bytes);
-    let (st, head) = http(addr, "POST", &format!("/v2/{repo}/blobs/uploads/"), "application/octet-stream", &[])?;
+    let (st, head) = send(addr, "POST", &format!("/v2/{repo}/blobs/uploads/"), "application/octet-stream", &[])?;
     ensure!(st == 202, "upload start: {st}: {head}");
     let location = head
         .lines()
@@ -569,7 +552,7 @@ fn upload(addr: &str, repo: &str, bytes: &[u8]) -> Result<String> {
         .trim();
     let location = location.strip_prefix(&format!("http://{addr}")).unwrap_or(location);
     let sep = if location.contains('?') { '&' } else { '?' };
-    let (st, head) = http(addr, "PUT", &format!("{location}{sep}digest={digest}"), "application/octet-stream", bytes)?;
+    let (st, head) = send(addr, "PUT", &format!("{location}{sep}digest={digest}"), "application/octet-stream", bytes)?;
     ensure!(st == 201, "upload: {st}: {head}");
     Ok(digest)
 }
@@ -604,8 +587,7 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize)>
         let m: Value = serde_json::from_slice(&manifest)?;
         let config = fs::read(scratch.path().join("blobs/sha256").join(oci::digest_hex(m["config"]["digest"].as_str().unwrap())))?;
         upload(addr, "bench/many", &config)?;
-        let (st, head) = http(addr, "PUT", &format!("/v2/bench/many/manifests/t{i}"), MANIFEST, &manifest)?;
-        ensure!(st == 201, "manifest put: {st}: {head}");
+        registry.put_manifest("bench/many", &format!("t{i}"), MANIFEST, &manifest)?;
     }
     eprintln!("pushed {N} images in {:.1} s", t.elapsed().as_secs_f64());
     let daemon = Arc::new(cri::Daemon::start("")?);
