@@ -121,10 +121,8 @@ impl Host for WitHost {
         snapshots::name()
     }
 
-    fn snapshot_prepare(&self, key: &str, parent: &str) -> crate::error::Result<Vec<t::Mount>> {
-        snapshots::prepare(key, parent)
-            .map(|v| v.into_iter().map(mount_from).collect())
-            .map_err(from_wit)
+    fn snapshot_prepare(&self, key: &str, parent: &str) -> crate::error::Result<()> {
+        snapshots::prepare(key, parent).map_err(from_wit)
     }
 
     fn snapshot_commit(&self, name: &str, key: &str) -> crate::error::Result<()> {
@@ -152,13 +150,8 @@ impl Host for WitHost {
         snapshots::remove(key).map_err(from_wit)
     }
 
-    fn diff_apply(
-        &self,
-        layer: &t::Descriptor,
-        mounts: &[t::Mount],
-    ) -> crate::error::Result<String> {
-        let mounts: Vec<wit::Mount> = mounts.iter().map(mount_to).collect();
-        diff::apply(&descriptor_to(layer), &mounts).map_err(from_wit)
+    fn diff_apply(&self, layer: &t::Descriptor, key: &str) -> crate::error::Result<String> {
+        diff::apply(&descriptor_to(layer), key).map_err(from_wit)
     }
 
     fn image_get(&self, name: &str) -> crate::error::Result<t::ImageRecord> {
@@ -296,22 +289,6 @@ fn descriptor_to(d: &t::Descriptor) -> wit::Descriptor {
         annotations: d.annotations.clone(),
         platform: d.platform.as_ref().map(platform_to),
         urls: d.urls.clone(),
-    }
-}
-
-fn mount_from(m: wit::Mount) -> t::Mount {
-    t::Mount {
-        kind: m.kind,
-        source: m.source,
-        options: m.options,
-    }
-}
-
-fn mount_to(m: &t::Mount) -> wit::Mount {
-    wit::Mount {
-        kind: m.kind.clone(),
-        source: m.source.clone(),
-        options: m.options.clone(),
     }
 }
 

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::host::{Host, MAX_BATCH, MAX_LIST_KEYS};
 use crate::oci;
 use crate::types::{
-    label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, Mount, Platform, SnapshotInfo,
+    label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, Platform, SnapshotInfo,
     SnapshotKind,
 };
 
@@ -347,7 +347,7 @@ impl Host for FakeHost {
         "overlayfs".into()
     }
 
-    fn snapshot_prepare(&self, key: &str, parent: &str) -> Result<Vec<Mount>> {
+    fn snapshot_prepare(&self, key: &str, parent: &str) -> Result<()> {
         self.call(format!("prepare {key} {parent}"));
         let mut s = self.s.borrow_mut();
         if s.snapshots.contains_key(key) {
@@ -371,11 +371,7 @@ impl Host for FakeHost {
                 kind: SnapshotKind::Active,
             },
         );
-        Ok(vec![Mount {
-            kind: "bind".into(),
-            source: key.into(),
-            options: vec!["rw".into()],
-        }])
+        Ok(())
     }
 
     fn snapshot_commit(&self, name: &str, key: &str) -> Result<()> {
@@ -442,18 +438,17 @@ impl Host for FakeHost {
             .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
     }
 
-    fn diff_apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<String> {
-        let key = mounts.first().map(|m| m.source.clone()).unwrap_or_default();
+    fn diff_apply(&self, layer: &Descriptor, key: &str) -> Result<String> {
         self.call(format!("apply {} {key}", layer.digest));
         let s = self.s.borrow();
         if let Some(e) = s.apply_error.get(&layer.digest) {
             return Err(e.clone());
         }
-        match s.snapshots.get(&key) {
+        match s.snapshots.get(key) {
             Some(snap) if snap.kind == SnapshotKind::Active => {}
             _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "mounts of {key:?} are not active"
+                return Err(Error::PermissionDenied(format!(
+                    "snapshot {key:?} is not an active snapshot this request prepared"
                 )))
             }
         }

@@ -8,7 +8,7 @@
 
 use crate::error::Result;
 use crate::types::{
-    label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, Mount, SnapshotInfo,
+    label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, SnapshotInfo,
 };
 
 /// The most digests one `content.sizes` call, and the most keys one `snapshots.stats` call,
@@ -54,7 +54,7 @@ pub trait Host {
     /// `snapshots.name`: the snapshotter's name, for the GC label.
     fn snapshotter(&self) -> String;
     /// `snapshots.prepare`: an active snapshot `key` on top of `parent` (empty: none).
-    fn snapshot_prepare(&self, key: &str, parent: &str) -> Result<Vec<Mount>>;
+    fn snapshot_prepare(&self, key: &str, parent: &str) -> Result<()>;
     /// `snapshots.commit`: commits active `key` as `name`.
     fn snapshot_commit(&self, name: &str, key: &str) -> Result<()>;
     /// `snapshots.stat`: what the snapshotter knows of `key`.
@@ -70,8 +70,9 @@ pub trait Host {
 
     // --- diff ---
 
-    /// `diff.apply`: applies `layer` onto `mounts`, returns its diff ID.
-    fn diff_apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<String>;
+    /// `diff.apply`: applies `layer` onto the active snapshot `key` this request prepared,
+    /// returns its diff ID.
+    fn diff_apply(&self, layer: &Descriptor, key: &str) -> Result<String>;
 
     // --- images ---
 

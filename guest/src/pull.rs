@@ -722,7 +722,7 @@ fn unpack<H: Host + ?Sized>(
         }
 
         let key = format!("{EXTRACT_KEY_PREFIX}{}", digest::hex_part(chain_id));
-        let mounts = match host.snapshot_prepare(&key, parent) {
+        let () = match host.snapshot_prepare(&key, parent) {
             Err(e) if e.is_already_exists() => {
                 host.log(
                     Level::Debug,
@@ -748,7 +748,7 @@ fn unpack<H: Host + ?Sized>(
             ),
         );
         host.progress("unpacking", &layer.digest);
-        let diff_id = match host.diff_apply(layer, &mounts) {
+        let diff_id = match host.diff_apply(layer, &key) {
             Ok(d) => d,
             Err(e) => {
                 remove_key(host, &key);

@@ -2,7 +2,7 @@
 //!
 //! The generated bindings exist only in the wasm32 build (`bindings`), so the logic in this
 //! crate, and its unit tests, use these types instead; `bindings` converts field by field.
-//! Names follow the WIT: [`Descriptor`], [`Platform`], [`Mount`], [`ImageRecord`]
+//! Names follow the WIT: [`Descriptor`], [`Platform`], [`ImageRecord`]
 //! (`types.image`), [`ContentInfo`] (`content.info`), [`SnapshotInfo`] (`snapshots.info`),
 //! [`PullRequest`] and [`ImageInfo`] (`puller`). Label and annotation maps stay lists of
 //! pairs, as in the WIT; [`label`] looks one up.
@@ -37,17 +37,6 @@ pub struct Descriptor {
     pub platform: Option<Platform>,
     /// Alternative locations of a non-distributable blob.
     pub urls: Vec<String>,
-}
-
-/// A mount returned by the snapshotter (`types.mount`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Mount {
-    /// Filesystem type.
-    pub kind: String,
-    /// Mount source.
-    pub source: String,
-    /// Mount options.
-    pub options: Vec<String>,
 }
 
 /// A named image record (`types.image`).

@@ -28,7 +28,15 @@
 //!   [`CpuClock`]);
 //! - the pooling allocator where the machine allows it (a pool of [`Limits::max_calls`]
 //!   instances; calls beyond it fail with `resource-exhausted`), the on-demand allocator
-//!   otherwise.
+//!   otherwise;
+//! - what host imports may do for one call ([`crate::interfaces::grants`]): an import budget
+//!   (1,000,000 units by default: a pull of a 100-layer image spends about a thousand, a
+//!   list of 100,000 records about 400,000, a guest looping on an import a second's worth),
+//!   caps on the snapshots (1024) and records (1024) it creates and the blobs and snapshots
+//!   it holds (16,384), and write access only for `pull-image` (delete for `remove-image`);
+//! - a wall-clock deadline per export call, host imports included: 1 h for `pull-image`
+//!   (a multi-gigabyte image on a slow link; the transport's stall timeout catches a dead
+//!   one much sooner), 30 s for the others, whose real work takes milliseconds.
 
 use std::{
     hash::{Hash, Hasher as _},
@@ -44,7 +52,12 @@ use wasmtime::{
     StoreLimitsBuilder, UpdateDeadline,
 };
 
-use crate::{error::Code, oci::Digest, session::Session};
+use crate::{
+    error::Code,
+    interfaces::grants::{Access, BudgetSpent, Caps, Grants},
+    oci::Digest,
+    session::Session,
+};
 
 pub(crate) mod bindings {
     //! Bindings generated from `wit/`; private to the host.
@@ -74,11 +87,34 @@ pub struct Limits {
     pub stack_limit: usize,
     /// Calls that may run at once (the size of the instance pool).
     pub max_calls: u32,
+    /// Import budget units one call may spend (see [`crate::interfaces::grants`]).
+    pub import_budget: u64,
+    /// Snapshots one call may create.
+    pub max_snapshots: u32,
+    /// Image records one call may create.
+    pub max_records: u32,
+    /// Blobs and snapshots one pull may hold under its lease.
+    pub max_holds: u32,
+    /// Seconds a `pull-image` call may take, host imports included.
+    pub pull_timeout_s: u64,
+    /// Milliseconds any other export call (and `configure`) may take.
+    pub call_timeout_ms: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_limit: 64 << 20, cpu_limit_ms: 5000, stack_limit: 1 << 20, max_calls: 64 }
+        Limits {
+            memory_limit: 64 << 20,
+            cpu_limit_ms: 5000,
+            stack_limit: 1 << 20,
+            max_calls: 64,
+            import_budget: 1_000_000,
+            max_snapshots: 1024,
+            max_records: 1024,
+            max_holds: 16_384,
+            pull_timeout_s: 3600,
+            call_timeout_ms: 30_000,
+        }
     }
 }
 
@@ -97,7 +133,33 @@ impl Limits {
         if !(1..=10_000).contains(&self.max_calls) {
             return Err("sandbox.max_calls must be between 1 and 10000".into());
         }
+        if !(1_000..=1_000_000_000).contains(&self.import_budget) {
+            return Err("sandbox.import_budget must be between 1000 and 1000000000".into());
+        }
+        for (name, value) in
+            [("max_snapshots", self.max_snapshots), ("max_records", self.max_records), ("max_holds", self.max_holds)]
+        {
+            if !(1..=1_000_000).contains(&value) {
+                return Err(format!("sandbox.{name} must be between 1 and 1000000"));
+            }
+        }
+        if !(1..=86_400).contains(&self.pull_timeout_s) {
+            return Err("sandbox.pull_timeout_s must be between 1 and 86400".into());
+        }
+        if !(100..=3_600_000).contains(&self.call_timeout_ms) {
+            return Err("sandbox.call_timeout_ms must be between 100 and 3600000".into());
+        }
         Ok(())
+    }
+
+    /// The caps of one call.
+    fn caps(&self) -> Caps {
+        Caps {
+            budget: self.import_budget,
+            snapshots: self.max_snapshots,
+            records: self.max_records,
+            holds: self.max_holds,
+        }
     }
 }
 
@@ -191,6 +253,15 @@ pub struct CallState {
     clock: CpuClock,
     /// Log messages and progress events this call has sent (see `interfaces::log`).
     pub(crate) log_events: u32,
+    /// What the call may still do (access, snapshot keys, budget, caps).
+    pub(crate) grants: Grants,
+}
+
+impl CallState {
+    /// Spends `units` of the call's import budget; the error traps the call.
+    pub(crate) fn charge(&mut self, units: u64) -> wasmtime::Result<()> {
+        self.grants.charge(units).map_err(wasmtime::Error::new)
+    }
 }
 
 /// What went wrong in a call into the guest.
@@ -327,7 +398,7 @@ impl Runtime {
 }
 
 /// The exported interface every puller implements.
-const PULLER_EXPORT: &str = "pullbox:image/puller@0.1.0";
+const PULLER_EXPORT: &str = "pullbox:image/puller@0.2.0";
 
 /// Checks the shape of each export function (parameter and result kinds), so a component
 /// whose export has the right name but another type is refused at load, naming the export,
@@ -393,8 +464,13 @@ impl Puller {
         &self.path
     }
 
-    /// A fresh store and instance, configured with the current settings.
-    async fn instance(&self, session: Arc<Session>) -> Result<(Store<CallState>, PullerWorld), CallError> {
+    /// A fresh store and instance, configured with the current settings (read-only, under the
+    /// short deadline); the export call that follows gets `access`.
+    async fn instance(
+        &self,
+        session: Arc<Session>,
+        access: Access,
+    ) -> Result<(Store<CallState>, PullerWorld), CallError> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.limits.memory_limit)
             .instances(MAX_INSTANCES)
@@ -404,7 +480,8 @@ impl Puller {
             .trap_on_grow_failure(true)
             .build();
         let clock = CpuClock::new(Duration::from_millis(self.limits.cpu_limit_ms));
-        let mut store = Store::new(&self.engine, CallState { session, limits, clock, log_events: 0 });
+        let grants = Grants::new(Access::Read, self.limits.caps());
+        let mut store = Store::new(&self.engine, CallState { session, limits, clock, log_events: 0, grants });
         store.limiter(|s| &mut s.limits);
         store.set_hostcall_fuel(HOSTCALL_BYTES);
         store.call_hook(|mut ctx, hook| {
@@ -420,43 +497,97 @@ impl Puller {
             // Let other requests run between slices of this guest's execution.
             Ok(UpdateDeadline::Yield(1))
         });
-        let world = self.pre.instantiate_async(&mut store).await.map_err(trap)?;
-        world
-            .pullbox_image_puller()
-            .call_configure(&mut store, &self.settings)
-            .await
-            .map_err(trap)?
-            .map_err(refused)?;
+        let short = Duration::from_millis(self.limits.call_timeout_ms);
+        let world = deadline("configure", short, "sandbox.call_timeout_ms", async {
+            let world = self.pre.instantiate_async(&mut store).await.map_err(trap)?;
+            world
+                .pullbox_image_puller()
+                .call_configure(&mut store, &self.settings)
+                .await
+                .map_err(trap)?
+                .map_err(refused)?;
+            Ok(world)
+        })
+        .await?;
+        store.data_mut().grants.set_access(access);
         Ok((store, world))
+    }
+
+    /// The deadline of an export call other than `pull-image`.
+    fn short(&self) -> Duration {
+        Duration::from_millis(self.limits.call_timeout_ms)
     }
 
     /// Checks that the puller accepts its settings.
     pub async fn check(&self, session: Arc<Session>) -> Result<(), CallError> {
-        self.instance(session).await.map(|_| ())
+        self.instance(session, Access::Read).await.map(|_| ())
     }
 
     /// Calls `pull-image`.
     pub async fn pull(&self, session: Arc<Session>, request: &PullRequest) -> Result<ImageInfo, CallError> {
-        let (mut store, world) = self.instance(session).await?;
-        world.pullbox_image_puller().call_pull_image(&mut store, request).await.map_err(trap)?.map_err(refused)
+        let (mut store, world) = self.instance(session, Access::Pull).await?;
+        let limit = Duration::from_secs(self.limits.pull_timeout_s);
+        let pulled = deadline("pull-image", limit, "sandbox.pull_timeout_s", async {
+            world.pullbox_image_puller().call_pull_image(&mut store, request).await.map_err(trap)?.map_err(refused)
+        })
+        .await;
+        tracing::debug!(units = store.data().grants.spent(), "import budget spent by the pull");
+        pulled
     }
 
     /// Calls `image-status`.
     pub async fn status(&self, session: Arc<Session>, reference: &str) -> Result<Option<ImageInfo>, CallError> {
-        let (mut store, world) = self.instance(session).await?;
-        world.pullbox_image_puller().call_image_status(&mut store, reference).await.map_err(trap)?.map_err(refused)
+        let (mut store, world) = self.instance(session, Access::Read).await?;
+        deadline("image-status", self.short(), "sandbox.call_timeout_ms", async {
+            world.pullbox_image_puller().call_image_status(&mut store, reference).await.map_err(trap)?.map_err(refused)
+        })
+        .await
     }
 
     /// Calls `list-images`.
     pub async fn list(&self, session: Arc<Session>) -> Result<Vec<ImageInfo>, CallError> {
-        let (mut store, world) = self.instance(session).await?;
-        world.pullbox_image_puller().call_list_images(&mut store).await.map_err(trap)?.map_err(refused)
+        let (mut store, world) = self.instance(session, Access::Read).await?;
+        deadline("list-images", self.short(), "sandbox.call_timeout_ms", async {
+            world.pullbox_image_puller().call_list_images(&mut store).await.map_err(trap)?.map_err(refused)
+        })
+        .await
     }
 
     /// Calls `remove-image`.
     pub async fn remove(&self, session: Arc<Session>, reference: &str) -> Result<(), CallError> {
-        let (mut store, world) = self.instance(session).await?;
-        world.pullbox_image_puller().call_remove_image(&mut store, reference).await.map_err(trap)?.map_err(refused)
+        let (mut store, world) = self.instance(session, Access::Remove).await?;
+        deadline("remove-image", self.short(), "sandbox.call_timeout_ms", async {
+            world.pullbox_image_puller().call_remove_image(&mut store, reference).await.map_err(trap)?.map_err(refused)
+        })
+        .await
+    }
+}
+
+/// Runs one call into the guest under its wall-clock deadline. Past it the call's future is
+/// dropped — guest code and any host import it was in stop where they are — and the call
+/// fails as a limit hit naming `setting`; the caller (the image service) then cleans up as
+/// for any failed call.
+async fn deadline<T>(
+    export: &str,
+    limit: Duration,
+    setting: &str,
+    call: impl std::future::Future<Output = Result<T, CallError>>,
+) -> Result<T, CallError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r,
+        Err(_) => Err(CallError::Limit(format!(
+            "the puller's {export} call ran past its deadline of {} ({setting})",
+            humantime(limit)
+        ))),
+    }
+}
+
+/// `limit` for people: whole seconds, or milliseconds below 10 s.
+fn humantime(limit: Duration) -> String {
+    if limit >= Duration::from_secs(10) {
+        format!("{} s", limit.as_secs())
+    } else {
+        format!("{} ms", limit.as_millis())
     }
 }
 
@@ -464,6 +595,9 @@ impl Puller {
 fn trap(e: wasmtime::Error) -> CallError {
     if let Some(l) = e.downcast_ref::<CpuLimit>() {
         return CallError::Limit(l.to_string());
+    }
+    if let Some(b) = e.downcast_ref::<BudgetSpent>() {
+        return CallError::Limit(b.to_string());
     }
     if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::StackOverflow) {
         return CallError::Limit("the puller exhausted its stack (stack limit)".into());

@@ -579,7 +579,7 @@ fn policy_check_accepts_and_refuses() {
         out.assert_success();
         assert!(
             out.stdout
-                .contains("implements pullbox:image/puller-world@0.1.0 and accepts the settings"),
+                .contains("implements pullbox:image/puller-world@0.2.0 and accepts the settings"),
             "{out}"
         );
     }

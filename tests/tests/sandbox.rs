@@ -1122,7 +1122,7 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let same = |_: &str, t: String| t;
-    let extra_wit = "package pullbox:image@0.1.0;\n\
+    let extra_wit = "package pullbox:image@0.2.0;\n\
         interface shell { exec: func(command: string) -> string; }\n\
         world extra-import { include puller-world; import shell; }\n\
         world wasi-import { include puller-world; import wasi:cli/environment@0.2.0; }\n\
@@ -1182,7 +1182,7 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
     .unwrap();
     let next_version = wit_copy(
         &w.join("wit-next"),
-        |_, t| t.replace("pullbox:image@0.1.0", "pullbox:image@0.2.0"),
+        |_, t| t.replace("pullbox:image@0.2.0", "pullbox:image@0.3.0"),
         &[],
     )
     .unwrap();
@@ -1192,7 +1192,7 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
     let cases: Vec<(PathBuf, &[&str])> = vec![
         (
             build_component(&base, "extra-import", &out, keep).unwrap(),
-            &["pullbox:image/shell@0.1.0"],
+            &["pullbox:image/shell@0.2.0"],
         ),
         (
             build_component(&base, "wasi-import", &out, keep).unwrap(),
@@ -1200,7 +1200,7 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
         ),
         (
             build_component(&base, "no-export", &out, keep).unwrap(),
-            &["pullbox:image/puller@0.1.0"],
+            &["pullbox:image/puller@0.2.0"],
         ),
         (
             build_component(&lacking, "puller-world", &w.join("out-lacking"), keep).unwrap(),
@@ -1216,7 +1216,7 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
         ),
         (
             build_component(&next_version, "puller-world", &w.join("out-next"), keep).unwrap(),
-            &["@0.2.0"],
+            &["@0.3.0"],
         ),
     ];
     let pb = pullbox();

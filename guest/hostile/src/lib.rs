@@ -19,6 +19,9 @@
 //! | `trap-mid-pull` | does a real partial pull (resolve, fetch config and layers, prepare, apply, commit, prepare again), then does `then` (default `trap`) |
 //! | `sleepy` | behaves, but spends its time in host imports: resolves the image, then each of `resolve`, then reads the image's manifest `reads` times, then answers the image |
 //! | `log-flood` | logs `count` (default 1,000,000) error messages and as many progress events, then refuses the pull |
+//! | `import-loop` | calls one import without end, ignoring its answers; `variant` picks it: `stat-missing` (`snapshots.stat` of fresh missing keys), `prepare-fresh` (`snapshots.prepare` of fresh keys), `max-read` (`content.max-read`), `stats` (`snapshots.stats` of 1024 keys) — the import budget, creation caps and deadline must end it |
+//! | `write-in-read` | tries every write import (records, blobs, labels, snapshots, the registry) on what the store holds; fails with `failed-precondition` when all were refused, with `internal` naming the accepted ones otherwise (for `image-status`, `list-images`, `remove-image`) |
+//! | `hold-key` | prepares the active snapshot `foreign-key`, then resolves each of `resolve` (a slow registry keeps the request alive), then refuses the pull |
 //! | `fetch-flood` | asks `registry.fetch` for `count` (default 1,000,000) made-up blobs of the requested repository, 1024 per call: host tasks and bookkeeping the guest holds without using memory of its own |
 //!
 //! `overrides` maps a pull's reference to the settings for that pull alone (so that one
@@ -59,7 +62,7 @@ wit_bindgen::generate!({
 });
 
 use exports::pullbox::image::puller::{Guest, ImageInfo, PullRequest};
-use pullbox::image::types::{Descriptor, Error, Image, Mount};
+use pullbox::image::types::{Descriptor, Error, Image};
 use pullbox::image::{content, diff, images, log, registry, snapshots};
 
 /// The reference `image-status` answers with the current behavior.
@@ -82,6 +85,9 @@ enum Behavior {
     Sleepy,
     FetchFlood,
     LogFlood,
+    ImportLoop,
+    WriteInRead,
+    HoldKey,
 }
 
 impl Behavior {
@@ -100,6 +106,9 @@ impl Behavior {
             Behavior::Sleepy => "sleepy",
             Behavior::FetchFlood => "fetch-flood",
             Behavior::LogFlood => "log-flood",
+            Behavior::ImportLoop => "import-loop",
+            Behavior::WriteInRead => "write-in-read",
+            Behavior::HoldKey => "hold-key",
         }
     }
 }
@@ -145,6 +154,10 @@ struct Settings {
     then: Then,
     #[serde(default)]
     victim: Option<String>,
+    /// `bad-digests`: an active snapshot key another request prepared; `hold-key`: the key
+    /// to prepare and hold.
+    #[serde(default)]
+    foreign_key: Option<String>,
     /// Settings for pulls of particular references, so that one puller can misbehave in
     /// one request and behave in another at the same time.
     #[serde(default)]
@@ -204,6 +217,7 @@ impl Guest for Hostile {
             Behavior::BadDigests => bad_digests(&s, &request.reference),
             Behavior::Sleepy => sleepy(&s, &request.reference),
             Behavior::FetchFlood => fetch_flood(&s, &request.reference),
+            Behavior::HoldKey => hold_key(&s),
             _ if s.export == Export::PullImage => Err(misbehave(&s)),
             b => Err(Error::PermissionDenied(format!(
                 "pullbox-hostile: behavior {} refuses pulls",
@@ -266,6 +280,8 @@ fn in_call(b: Behavior) -> bool {
             | Behavior::HugeArgument
             | Behavior::BadAbi
             | Behavior::LogFlood
+            | Behavior::ImportLoop
+            | Behavior::WriteInRead
     )
 }
 
@@ -281,6 +297,8 @@ fn misbehave(s: &Settings) -> Error {
         Behavior::HugeArgument => huge_argument(s),
         Behavior::BadAbi => bad_abi(s),
         Behavior::LogFlood => log_flood(s),
+        Behavior::ImportLoop => import_loop(s),
+        Behavior::WriteInRead => write_in_read(),
         b => Error::Internal(format!("behavior {} does not act in a call", b.name())),
     }
 }
@@ -425,7 +443,7 @@ fn bad_abi(s: &Settings) -> Error {
 mod raw {
     use super::{zero_digest, Error, LAYER_GZIP};
 
-    #[link(wasm_import_module = "pullbox:image/content@0.1.0")]
+    #[link(wasm_import_module = "pullbox:image/content@0.2.0")]
     extern "C" {
         #[link_name = "info"]
         fn content_info(ptr: *const u8, len: usize, ret: *mut u8);
@@ -439,13 +457,13 @@ mod raw {
         );
     }
 
-    #[link(wasm_import_module = "pullbox:image/registry@0.1.0")]
+    #[link(wasm_import_module = "pullbox:image/registry@0.2.0")]
     extern "C" {
         #[link_name = "fetch"]
         fn registry_fetch(nptr: *const u8, nlen: usize, lptr: *const u8, llen: usize, ret: *mut u8);
     }
 
-    #[link(wasm_import_module = "pullbox:image/log@0.1.0")]
+    #[link(wasm_import_module = "pullbox:image/log@0.2.0")]
     extern "C" {
         #[link_name = "log"]
         fn log_log(level: i32, ptr: *const u8, len: usize);
@@ -750,8 +768,8 @@ fn trap_mid_pull(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         .first()
         .ok_or_else(|| Error::InvalidArgument("image has no layers".into()))?;
     let key = format!("pullbox-hostile/active/{}", &p.root.digest);
-    let mounts = snapshots::prepare(&key, "")?;
-    let diff_id = diff::apply(first, &mounts)?;
+    snapshots::prepare(&key, "")?;
+    let diff_id = diff::apply(first, &key)?;
     info(&format!("applied {} ({diff_id})", first.digest));
     let committed = format!("pullbox-hostile/committed/{diff_id}");
     snapshots::commit(&committed, &key)?;
@@ -849,6 +867,89 @@ fn fetch_flood(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     )))
 }
 
+// ---- import-loop, write-in-read, hold-key --------------------------------------------------
+
+/// Calls one import without end; returns only if the host stops answering with a trap.
+fn import_loop(s: &Settings) -> Error {
+    let variant = s.variant.as_deref().unwrap_or("stat-missing");
+    info(&format!("import-loop {variant}"));
+    let keys: Vec<String> = (0..1024).map(|i| format!("pullbox-hostile/missing/{i}")).collect();
+    let mut n: u64 = 0;
+    loop {
+        n += 1;
+        match variant {
+            "stat-missing" => drop(black_box(snapshots::stat(&format!("pullbox-hostile/missing/{n}")))),
+            "prepare-fresh" => drop(black_box(snapshots::prepare(&format!("pullbox-hostile/fresh/{n}"), ""))),
+            "max-read" => drop(black_box(content::max_read())),
+            "stats" => drop(black_box(snapshots::stats(&keys))),
+            other => return Error::InvalidArgument(format!("unknown import-loop variant {other:?}")),
+        }
+    }
+}
+
+/// Every write import, aimed at what the store holds.
+fn write_in_read() -> Error {
+    let mut pr = Probes::default();
+    let records = match images::list() {
+        Ok(r) => r,
+        Err(e) => return Error::Internal(format!("write-in-read: images.list failed: {e:?}")),
+    };
+    let Some(record) = records.first().cloned() else {
+        return Error::Internal("write-in-read: the store holds no image".into());
+    };
+    let digest = record.target.digest.clone();
+    let chain = record
+        .labels
+        .iter()
+        .find(|(k, _)| k.starts_with("containerd.io/gc.ref.snapshot"))
+        .map(|(_, v)| v.clone());
+    pr.must_refuse("images.delete(record)", images::delete(&record.name));
+    pr.must_refuse(
+        "images.update(record)",
+        images::update(&Image { labels: vec![("x".into(), "y".into())], ..record.clone() }),
+    );
+    pr.must_refuse(
+        "images.create(copy)",
+        images::create(&Image { name: format!("{}-copy", record.name), ..record.clone() }),
+    );
+    pr.must_refuse(
+        "content.set-labels(target)",
+        content::set_labels(&digest, &[("x".into(), "y".into())]),
+    );
+    pr.must_refuse("content.delete(target)", content::delete(&digest));
+    pr.must_refuse("snapshots.prepare(fresh)", snapshots::prepare("pullbox-hostile/w", ""));
+    if let Some(chain) = &chain {
+        pr.must_refuse("snapshots.remove(top snapshot)", snapshots::remove(chain));
+    }
+    let repo = record.name.split(['@', ':']).next().unwrap_or_default().to_owned();
+    pr.must_refuse("registry.resolve", registry::resolve(&repo, "latest"));
+    pr.must_refuse(
+        "registry.fetch(target)",
+        registry::fetch(&repo, std::slice::from_ref(&record.target)),
+    );
+    let summary = format!("{} refused [{}]", pr.refused.len(), pr.refused.join("; "));
+    if pr.accepted.is_empty() {
+        Error::FailedPrecondition(format!("write-in-read: every write refused: {summary}"))
+    } else {
+        Error::Internal(format!(
+            "write-in-read: the host ACCEPTED [{}]; {summary}",
+            pr.accepted.join("; ")
+        ))
+    }
+}
+
+/// Prepares `foreign-key` and keeps the request alive in slow host imports.
+fn hold_key(s: &Settings) -> Result<ImageInfo, Error> {
+    let key = s.foreign_key.clone().unwrap_or_else(|| "pullbox-hostile/held".into());
+    snapshots::prepare(&key, "")?;
+    info(&format!("hold-key: prepared {key}"));
+    for r in &s.resolve {
+        let (name, tag) = split_reference(r)?;
+        let _ = registry::resolve(&name, &tag);
+    }
+    Err(Error::PermissionDenied("pullbox-hostile: hold-key refuses the pull".into()))
+}
+
 // ---- bad-digests -------------------------------------------------------------------------
 
 /// The outcome of the probes.
@@ -884,14 +985,6 @@ fn layer_at(layer: &Descriptor, digest: &str) -> Descriptor {
         digest: digest.to_owned(),
         ..layer.clone()
     }
-}
-
-fn bind(source: &str) -> Vec<Mount> {
-    vec![Mount {
-        kind: "bind".into(),
-        source: source.to_owned(),
-        options: vec!["rw".into()],
-    }]
 }
 
 /// Garbage at every import, after a real resolve and fetch so that the digests and layers it
@@ -940,7 +1033,7 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         );
         pr.must_refuse(
             &format!("diff.apply(layer {d:?})"),
-            diff::apply(&layer_at(&layer, &d), &bind("/nonexistent")),
+            diff::apply(&layer_at(&layer, &d), "pullbox-hostile/probe/none"),
         );
     }
     // Deletes aimed at the victim's file, through the content store's paths.
@@ -1011,83 +1104,41 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         registry::fetch("../../etc", std::slice::from_ref(&layer)),
     );
 
-    // Snapshots: a real active one, a committed one, a view; then applies of the real layer
-    // onto everything that is not an active snapshot of the store.
-    let active = snapshots::prepare("pullbox-hostile/probe/active", "")?;
-    let upper = upper_of(&active)
-        .ok_or_else(|| Error::Internal(format!("no upper directory in {active:?}")))?;
-    let committed_mounts = snapshots::prepare("pullbox-hostile/probe/to-commit", "")?;
-    let committed_dir = upper_of(&committed_mounts).unwrap_or_default();
+    // Snapshots: a real active one and a committed one; then applies of the real layer onto
+    // keys that are not active snapshots this request prepared (since WIT 0.2.0 a guest names
+    // a key, never a mount: host paths, binds and overlays cannot even be expressed).
+    snapshots::prepare("pullbox-hostile/probe/active", "")?;
+    snapshots::prepare("pullbox-hostile/probe/to-commit", "")?;
     snapshots::commit(
         "pullbox-hostile/probe/committed",
         "pullbox-hostile/probe/to-commit",
     )?;
-    let view = snapshots::view(
-        "pullbox-hostile/probe/view",
-        "pullbox-hostile/probe/committed",
-    )?;
-    let snapshots_dir = upper
-        .rsplitn(3, '/')
-        .nth(2)
-        .unwrap_or("/nonexistent")
-        .to_owned();
-    for (what, mounts) in [
-        ("bind victim", bind(&victim)),
-        (
-            "bind victim/../victim",
-            bind(&format!(
-                "{victim}/../{}",
-                victim.rsplit('/').next().unwrap_or("")
-            )),
-        ),
-        (
-            "bind <active>/<up>victim",
-            bind(&format!("{upper}/{up}{victim_rel}")),
-        ),
-        (
-            "bind <active>/../../<id>/fs with a made-up id",
-            bind(&format!("{snapshots_dir}/999999/fs")),
-        ),
-        ("bind <snapshots>", bind(&snapshots_dir)),
-        ("bind <committed>", bind(&committed_dir)),
-        ("bind relative victim", bind(&format!("{up}{victim_rel}"))),
-        (
-            "overlay upperdir=victim",
-            vec![Mount {
-                kind: "overlay".into(),
-                source: "overlay".into(),
-                options: vec![
-                    format!("upperdir={victim}"),
-                    format!("workdir={victim}/work"),
-                    "lowerdir=/".into(),
-                ],
-            }],
-        ),
-        ("the view", view.clone()),
-        (
-            "bind active, ro",
-            vec![Mount {
-                options: vec!["ro".into()],
-                ..bind(&upper)[0].clone()
-            }],
-        ),
-        (
-            "two mounts: active and victim",
-            [bind(&upper), bind(&victim)].concat(),
-        ),
-        ("no mounts", Vec::new()),
-        (
-            "tmpfs",
-            vec![Mount {
-                kind: "tmpfs".into(),
-                source: victim.clone(),
-                options: Vec::new(),
-            }],
-        ),
+    pr.must_refuse(
+        "snapshots.prepare(existing key)",
+        snapshots::prepare("pullbox-hostile/probe/committed", ""),
+    );
+    let foreign = s.foreign_key.clone().unwrap_or_default();
+    for key in [
+        victim.clone(),
+        format!("{up}{victim_rel}"),
+        "../../../etc".to_owned(),
+        String::new(),
+        "pullbox-hostile/probe/committed".to_owned(),
+        "pullbox-hostile/probe/to-commit".to_owned(),
+        "pullbox-hostile/probe/unknown".to_owned(),
+        foreign.clone(),
     ] {
         pr.must_refuse(
-            &format!("diff.apply(real layer, {what})"),
-            diff::apply(&layer, &mounts),
+            &format!("diff.apply(real layer, {key:?})"),
+            diff::apply(&layer, &key),
+        );
+        pr.must_refuse(
+            &format!("snapshots.commit(x, {key:?})"),
+            snapshots::commit("pullbox-hostile/probe/x", &key),
+        );
+        pr.must_refuse(
+            &format!("snapshots.remove({key:?})"),
+            snapshots::remove(&key),
         );
     }
     pr.must_refuse(
@@ -1097,7 +1148,7 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
                 media_type: "application/vnd.oci.image.config.v1+json".into(),
                 ..layer.clone()
             },
-            &active,
+            "pullbox-hostile/probe/active",
         ),
     );
     pr.must_refuse(
@@ -1107,7 +1158,7 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
                 size: layer.size + 1,
                 ..layer.clone()
             },
-            &active,
+            "pullbox-hostile/probe/active",
         ),
     );
     pr.must_refuse(
@@ -1117,7 +1168,7 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
                 media_type: LAYER_GZIP.into(),
                 ..p.config.clone()
             },
-            &active,
+            "pullbox-hostile/probe/active",
         ),
     );
     // Snapshot names that look like paths: opaque names, so the host may take them, but it
@@ -1139,38 +1190,10 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     );
     pr.must_refuse(
         "snapshots.prepare(k, parent: an active snapshot)",
-        snapshots::prepare("pullbox-hostile/probe/k2", "pullbox-hostile/probe/view"),
-    );
-    pr.must_refuse(
-        "snapshots.mounts(\"../../../etc\")",
-        snapshots::mounts("../../../etc"),
-    );
-    pr.must_refuse(
-        "snapshots.mounts(committed)",
-        snapshots::mounts("pullbox-hostile/probe/committed"),
-    );
-    pr.must_refuse(
-        "snapshots.remove(\"../../..\")",
-        snapshots::remove("../../.."),
-    );
-    pr.must_refuse(
-        "snapshots.remove(committed with a child view)",
-        snapshots::remove("pullbox-hostile/probe/committed"),
-    );
-    pr.must_refuse(
-        "snapshots.commit(x, \"../../..\")",
-        snapshots::commit("pullbox-hostile/probe/x", "../../.."),
-    );
-    pr.must_refuse(
-        "snapshots.commit(x, view)",
-        snapshots::commit("pullbox-hostile/probe/y", "pullbox-hostile/probe/view"),
+        snapshots::prepare("pullbox-hostile/probe/k2", "pullbox-hostile/probe/k3-none"),
     );
     pr.must_refuse("snapshots.stat(\"\")", snapshots::stat(""));
     pr.must_refuse("snapshots.usage(\"/etc\")", snapshots::usage("/etc"));
-    pr.must_refuse(
-        "snapshots.prepare(existing key)",
-        snapshots::prepare("pullbox-hostile/probe/view", ""),
-    );
     // Image records with malformed targets, and names that are not there.
     let record = |name: &str, digest: &str| Image {
         name: name.to_owned(),
@@ -1219,14 +1242,3 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     }
 }
 
-/// The directory a layer would be applied to: a bind source or an overlay's upperdir.
-fn upper_of(mounts: &[Mount]) -> Option<String> {
-    let m = mounts.first()?;
-    if m.kind == "bind" {
-        return Some(m.source.clone());
-    }
-    m.options
-        .iter()
-        .find_map(|o| o.strip_prefix("upperdir="))
-        .map(str::to_owned)
-}

@@ -1,6 +1,7 @@
 //! Host side of `pullbox:image/content`: bounded reads and labels on the content store.
 //! Reads wait for a download of the same blob that the request started. `info` during a
-//! pull first holds the blob under the pull's lease ([`Session::hold`]).
+//! pull first holds the blob under the pull's lease ([`Session::hold`]); only a pull may label
+//! blobs, and only a pull or a remove may delete them ([`super::grants`]).
 //!
 //! [`MAX_READ`] is 1 MiB: large enough that a 4 MiB manifest takes four calls, small
 //! enough that one call cannot make the host allocate much on the guest's behalf.
@@ -33,12 +34,15 @@ pub(crate) async fn wait(s: &Session, d: &Digest) -> Result<(), Error> {
 
 impl Host for CallState {
     async fn info(&mut self, d: String) -> ImportResult<BlobInfo> {
-        let s = self.session.clone();
+        self.charge(1)?;
+        let (s, grants) = (self.session.clone(), &mut self.grants);
         answer(
             async {
                 let d = digest(&d)?;
                 wait(&s, &d).await?;
-                s.hold(Held::Content(&d)).await?;
+                if grants.hold(format!("content {d}"))? {
+                    s.hold(Held::Content(&d)).await?;
+                }
                 let info = s.backend.content.info(&d).await?;
                 Ok(BlobInfo { digest: info.digest.to_string(), size: info.size, labels: label_pairs(info.labels) })
             }
@@ -47,6 +51,7 @@ impl Host for CallState {
     }
 
     async fn sizes(&mut self, ds: Vec<String>) -> ImportResult<Vec<Result<u64, WitError>>> {
+        self.charge(1 + ds.len() as u64)?;
         let s = self.session.clone();
         // Each digest as `info` takes it; the ones that pass go to the store together.
         let check = |d: String| {
@@ -63,6 +68,7 @@ impl Host for CallState {
     }
 
     async fn read(&mut self, d: String, offset: u64, length: u32) -> ImportResult<Vec<u8>> {
+        self.charge(1 + u64::from(length.min(MAX_READ)) / 1024)?;
         let s = self.session.clone();
         answer(
             async {
@@ -84,16 +90,18 @@ impl Host for CallState {
     }
 
     async fn max_read(&mut self) -> wasmtime::Result<u32> {
+        self.charge(1)?;
         Ok(MAX_READ)
     }
 
     async fn set_labels(&mut self, d: String, l: Vec<(String, String)>) -> ImportResult<()> {
-        let s = self.session.clone();
+        self.charge(1 + l.len() as u64)?;
+        let (s, grants) = (self.session.clone(), &self.grants);
         answer(
             async {
+                grants.write("content.set-labels")?;
                 let d = digest(&d)?;
                 let l = labels(l)?;
-                s.lease()?;
                 wait(&s, &d).await?;
                 s.backend.content.set_labels(&d, &l).await.map(|_| ())
             }
@@ -102,9 +110,11 @@ impl Host for CallState {
     }
 
     async fn delete(&mut self, d: String) -> ImportResult<()> {
-        let s = self.session.clone();
+        self.charge(1)?;
+        let (s, grants) = (self.session.clone(), &self.grants);
         answer(
             async {
+                grants.delete("content.delete")?;
                 let d = digest(&d)?;
                 wait(&s, &d).await?;
                 s.backend.content.delete(&d).await

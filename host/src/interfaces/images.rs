@@ -4,6 +4,9 @@
 //! The store's records are shared ([`ImageRecords`]): `list-labels`, which the catalog asks
 //! for on every list and status, copies only each record's name and the values asked for,
 //! never whole records.
+//!
+//! Only a pull creates and updates records (at most `sandbox.max_records` of them); a pull or
+//! a remove deletes them ([`super::grants`]).
 
 use crate::{
     backend::{ImageRecord, ImageRecords},
@@ -65,19 +68,25 @@ async fn all(s: &Session) -> Result<ImageRecords, Error> {
 
 impl Host for CallState {
     async fn get(&mut self, name: String) -> ImportResult<Image> {
+        self.charge(1)?;
         let s = self.session.clone();
         answer(async { s.backend.images.get(bounded("image name", &name)?).await.map(image) }.await)
     }
 
     async fn list(&mut self) -> ImportResult<Vec<Image>> {
+        self.charge(1)?;
         let s = self.session.clone();
-        answer(async { Ok(all(&s).await?.into_iter().map(image).collect()) }.await)
+        let records = all(&s).await;
+        if let Ok(r) = &records {
+            self.charge(r.len() as u64)?;
+        }
+        answer(records.map(|r| r.into_iter().map(image).collect()))
     }
 
     async fn list_labels(&mut self, keys: Vec<String>) -> ImportResult<Vec<Labelled>> {
+        self.charge(1 + keys.len() as u64)?;
         let s = self.session.clone();
-        answer(
-            async {
+        let answered = async {
                 if keys.len() > MAX_LIST_KEYS {
                     return Err(Error::InvalidArgument(format!("more than {MAX_LIST_KEYS} label keys")));
                 }
@@ -94,24 +103,49 @@ impl Host for CallState {
                         name: r.name.clone(),
                         values: keys.iter().map(|k| r.labels.get(k).cloned()).collect(),
                     })
-                    .collect())
+                    .collect::<Vec<_>>())
+            }
+            .await;
+        if let Ok(r) = &answered {
+            self.charge(r.len() as u64)?;
+        }
+        answer(answered)
+    }
+
+    async fn create(&mut self, i: Image) -> ImportResult<Image> {
+        self.charge(1 + i.labels.len() as u64)?;
+        let (s, grants) = (self.session.clone(), &mut self.grants);
+        answer(
+            async {
+                let record = record(i)?;
+                grants.create_record()?;
+                s.backend.images.create(record).await.map(image)
             }
             .await,
         )
     }
 
-    async fn create(&mut self, i: Image) -> ImportResult<Image> {
-        let s = self.session.clone();
-        answer(async { s.backend.images.create(record(i)?).await.map(image) }.await)
-    }
-
     async fn update(&mut self, i: Image) -> ImportResult<Image> {
-        let s = self.session.clone();
-        answer(async { s.backend.images.update(record(i)?).await.map(image) }.await)
+        self.charge(1 + i.labels.len() as u64)?;
+        let (s, grants) = (self.session.clone(), &self.grants);
+        answer(
+            async {
+                grants.write("images.update")?;
+                s.backend.images.update(record(i)?).await.map(image)
+            }
+            .await,
+        )
     }
 
     async fn delete(&mut self, name: String) -> ImportResult<()> {
-        let s = self.session.clone();
-        answer(async { s.backend.images.delete(bounded("image name", &name)?).await }.await)
+        self.charge(1)?;
+        let (s, grants) = (self.session.clone(), &self.grants);
+        answer(
+            async {
+                grants.delete("images.delete")?;
+                s.backend.images.delete(bounded("image name", &name)?).await
+            }
+            .await,
+        )
     }
 }

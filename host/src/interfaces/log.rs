@@ -38,6 +38,7 @@ fn cut(s: &str) -> &str {
 
 impl Host for CallState {
     async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        self.charge(1)?;
         if !self.admit() {
             return Ok(());
         }
@@ -53,6 +54,7 @@ impl Host for CallState {
     }
 
     async fn progress(&mut self, stage: String, detail: String) -> wasmtime::Result<()> {
+        self.charge(1)?;
         if !self.admit() {
             return Ok(());
         }

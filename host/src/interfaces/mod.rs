@@ -9,6 +9,7 @@
 
 mod content;
 mod diff;
+pub(crate) mod grants;
 mod images;
 mod log;
 mod registry;
@@ -20,7 +21,7 @@ use crate::{
     backend::Labels,
     engine::{bindings::pullbox::image::types as wit, CallState},
     error::{Code, Error},
-    oci::{Descriptor, Digest, Mount, Platform},
+    oci::{Descriptor, Digest, Platform},
 };
 
 /// The most labels or annotations one guest-supplied map may hold.
@@ -212,31 +213,4 @@ pub(crate) fn wit_platform(p: Platform) -> wit::Platform {
         os_version: p.os_version,
         os_features: p.os_features,
     }
-}
-
-/// Validates guest-supplied mounts.
-pub(crate) fn mounts(ms: Vec<wit::Mount>) -> Result<Vec<Mount>, Error> {
-    if ms.len() > 16 {
-        return Err(Error::InvalidArgument("too many mounts".into()));
-    }
-    ms.into_iter()
-        .map(|m| {
-            if m.options.len() > 64 {
-                return Err(Error::InvalidArgument("too many mount options".into()));
-            }
-            for o in &m.options {
-                bounded("mount option", o)?;
-            }
-            Ok(Mount {
-                kind: bounded("mount type", &m.kind)?.to_owned(),
-                source: bounded("mount source", &m.source)?.to_owned(),
-                options: m.options,
-            })
-        })
-        .collect()
-}
-
-/// Converts mounts for the guest.
-pub(crate) fn wit_mounts(ms: Vec<Mount>) -> Vec<wit::Mount> {
-    ms.into_iter().map(|m| wit::Mount { kind: m.kind, source: m.source, options: m.options }).collect()
 }

@@ -16,9 +16,11 @@ use super::{answer, bounded, descriptor, wit_descriptor, ImportResult, MAX_BATCH
 
 impl Host for CallState {
     async fn resolve(&mut self, name: String, reference: String) -> ImportResult<Descriptor> {
-        let s = self.session.clone();
+        self.charge(1)?;
+        let (s, grants) = (self.session.clone(), &self.grants);
         answer(
             async {
+                grants.write("registry.resolve")?;
                 let repo = Repository::parse(bounded("name", &name)?)?;
                 let reference = bounded("reference", &reference)?;
                 let lease = s.lease()?;
@@ -36,8 +38,10 @@ impl Host for CallState {
     }
 
     async fn fetch(&mut self, name: String, blobs: Vec<Descriptor>) -> ImportResult<()> {
-        let s = self.session.clone();
+        self.charge(1 + blobs.len() as u64)?;
+        let (s, grants) = (self.session.clone(), &self.grants);
         answer((|| {
+            grants.write("registry.fetch")?;
             if blobs.len() > MAX_BATCH {
                 return Err(Error::InvalidArgument(format!("more than {MAX_BATCH} blobs in one fetch")));
             }

@@ -1,19 +1,25 @@
 //! Host side of `pullbox:image/snapshots`: the backend's snapshotter, with every write under
 //! the request's lease; `stat` during a pull first holds the snapshot under that lease
 //! ([`crate::session::Session::hold`]).
+//!
+//! Keys are capabilities ([`super::grants`]): `prepare` records the key it created as this
+//! call's, and `commit` and `remove` (and `diff.apply`) accept only such keys — or, for
+//! `remove`, a stale key whose `prepare` answered `already-exists` in this call. No mount or
+//! host path reaches the guest.
 
 use crate::{
     backend::{self, Held, SnapshotKind},
     engine::{
         bindings::pullbox::image::{
-            snapshots::{Host, SnapshotInfo, Kind, DiskUsage},
-            types::{Error as WitError, Mount},
+            snapshots::{DiskUsage, Host, Kind, SnapshotInfo},
+            types::Error as WitError,
         },
         CallState,
     },
+    error::Error,
 };
 
-use super::{answer, batch, bounded, label_pairs, wit_mounts, ImportResult};
+use super::{answer, batch, bounded, label_pairs, ImportResult};
 
 fn snapshot_info(i: backend::SnapshotInfo) -> SnapshotInfo {
     SnapshotInfo {
@@ -30,53 +36,57 @@ fn snapshot_info(i: backend::SnapshotInfo) -> SnapshotInfo {
 
 impl Host for CallState {
     async fn name(&mut self) -> wasmtime::Result<String> {
+        self.charge(1)?;
         Ok(self.session.backend.snapshots.name().to_owned())
     }
 
-    async fn prepare(&mut self, key: String, parent: String) -> ImportResult<Vec<Mount>> {
-        let s = self.session.clone();
+    async fn prepare(&mut self, key: String, parent: String) -> ImportResult<()> {
+        self.charge(1)?;
+        let (s, grants) = (self.session.clone(), &mut self.grants);
         answer(
             async {
                 let (key, parent) = (bounded("key", &key)?, bounded("parent", &parent)?);
-                s.backend.snapshots.prepare(key, parent, s.lease()?).await.map(wit_mounts)
+                grants.create_snapshot()?;
+                match s.backend.snapshots.prepare(key, parent, s.lease()?).await {
+                    Ok(_mounts) => {
+                        grants.prepared(key, true);
+                        Ok(())
+                    }
+                    Err(e @ Error::AlreadyExists(_)) => {
+                        grants.prepared(key, false);
+                        Err(e)
+                    }
+                    Err(e) => Err(e),
+                }
             }
             .await,
         )
-    }
-
-    async fn view(&mut self, key: String, parent: String) -> ImportResult<Vec<Mount>> {
-        let s = self.session.clone();
-        answer(
-            async {
-                let (key, parent) = (bounded("key", &key)?, bounded("parent", &parent)?);
-                s.backend.snapshots.view(key, parent, s.lease()?).await.map(wit_mounts)
-            }
-            .await,
-        )
-    }
-
-    async fn mounts(&mut self, key: String) -> ImportResult<Vec<Mount>> {
-        let s = self.session.clone();
-        answer(async { s.backend.snapshots.mounts(bounded("key", &key)?).await.map(wit_mounts) }.await)
     }
 
     async fn commit(&mut self, name: String, key: String) -> ImportResult<()> {
-        let s = self.session.clone();
+        self.charge(1)?;
+        let (s, grants) = (self.session.clone(), &mut self.grants);
         answer(
             async {
                 let (name, key) = (bounded("name", &name)?, bounded("key", &key)?);
-                s.backend.snapshots.commit(name, key, s.lease()?).await
+                grants.may_commit(key)?;
+                s.backend.snapshots.commit(name, key, s.lease()?).await?;
+                grants.forget(key);
+                Ok(())
             }
             .await,
         )
     }
 
     async fn stat(&mut self, key: String) -> ImportResult<SnapshotInfo> {
-        let s = self.session.clone();
+        self.charge(1)?;
+        let (s, grants) = (self.session.clone(), &mut self.grants);
         answer(
             async {
                 let key = bounded("key", &key)?;
-                s.hold(Held::Snapshot(key)).await?;
+                if grants.hold(format!("snapshot {key}"))? {
+                    s.hold(Held::Snapshot(key)).await?;
+                }
                 s.backend.snapshots.stat(key).await.map(snapshot_info)
             }
             .await,
@@ -84,6 +94,7 @@ impl Host for CallState {
     }
 
     async fn stats(&mut self, keys: Vec<String>) -> ImportResult<Vec<Result<SnapshotInfo, WitError>>> {
+        self.charge(1 + keys.len() as u64)?;
         let s = self.session.clone();
         // Overlong keys are answered here; the others go to the snapshotter together.
         let check = |key: String| {
@@ -99,18 +110,22 @@ impl Host for CallState {
     }
 
     async fn remove(&mut self, key: String) -> ImportResult<()> {
-        let s = self.session.clone();
+        self.charge(1)?;
+        let (s, grants) = (self.session.clone(), &mut self.grants);
         answer(
             async {
                 let key = bounded("key", &key)?;
-                s.lease()?;
-                s.backend.snapshots.remove(key).await
+                grants.may_remove_snapshot(key)?;
+                s.backend.snapshots.remove(key).await?;
+                grants.forget(key);
+                Ok(())
             }
             .await,
         )
     }
 
     async fn usage(&mut self, key: String) -> ImportResult<DiskUsage> {
+        self.charge(1)?;
         let s = self.session.clone();
         answer(
             async {

@@ -29,8 +29,8 @@
 //! would fail. So:
 //!
 //! - `prepare` of a key that is an active snapshot held by *another live lease* waits
-//!   (polling every [`WAIT_POLL`]) until that pull commits or removes it, or dies, then
-//!   prepares; `AlreadyExists` is left for keys of this lease or of dead ones (really stale);
+//!   (polling every [`WAIT_POLL`], at most [`PREPARE_WAIT_LIMIT`]) until that pull commits or
+//!   removes it, or dies, then prepares; `AlreadyExists` is left for keys of this lease or of dead ones (really stale);
 //! - `stat` of a name that does not exist while a live lease's active snapshot is about to be
 //!   committed as that name (recognized by the two key shapes above) waits for that unpack to
 //!   end, up to [`STAT_WAIT_LIMIT`]: a puller that checks for the committed layer before
@@ -87,6 +87,12 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 /// answers `NotFound` anyway. `stat` also serves image status, which should not hang on a
 /// stuck pull; a pull that gets `NotFound` prepares the snapshot and waits there instead.
 const STAT_WAIT_LIMIT: Duration = Duration::from_secs(300);
+
+/// How long `prepare` waits for another pull's unpack into the same key before it gives up
+/// with `Unavailable` (the caller retries later). A layer that takes longer to download and
+/// unpack is a stuck pull; the waiting call's own deadline (`sandbox.pull_timeout_s`) ends it
+/// sooner when it is shorter.
+const PREPARE_WAIT_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 /// The prefix of the keys pullers unpack layers into (see the module docs).
 const EXTRACT_PREFIX: &str = "extract-";
@@ -406,6 +412,15 @@ impl Snapshots {
                     return Ok(mounts);
                 }
                 Created::Busy(holder) => {
+                    if started.elapsed() > PREPARE_WAIT_LIMIT {
+                        return Err(Error::Unavailable {
+                            what: format!(
+                                "snapshot {key} has been unpacked by another pull (lease {holder}) for more than {} s",
+                                PREPARE_WAIT_LIMIT.as_secs()
+                            ),
+                            source: None,
+                        });
+                    }
                     if !announced {
                         tracing::info!(key, holder, "another pull is unpacking into this snapshot; waiting for it");
                         announced = true;

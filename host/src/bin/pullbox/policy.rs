@@ -13,6 +13,6 @@ pub async fn check(component: &Path, settings: String, limits: pullbox::engine::
     let puller = Runtime::new(None, limits)?.load(component, settings).await?;
     let service = ImageService::new(backend, Arc::new(Client::new()?), puller);
     service.check().await.with_context(|| format!("{} refuses the settings", component.display()))?;
-    println!("ok: {} implements pullbox:image/puller-world@0.1.0 and accepts the settings", component.display());
+    println!("ok: {} implements pullbox:image/puller-world@0.2.0 and accepts the settings", component.display());
     Ok(())
 }
