@@ -146,7 +146,7 @@ impl Grants {
     }
 
     /// Records the outcome of `snapshots.prepare(key)`: a created key becomes this call's;
-    /// an existing one may be removed as stale.
+    /// an existing active one (the caller checks it is active) may be removed as stale.
     pub fn prepared(&mut self, key: &str, created: bool) {
         if created {
             self.stale.remove(key);

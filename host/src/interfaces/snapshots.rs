@@ -4,7 +4,7 @@
 //!
 //! Keys are capabilities ([`super::grants`]): `prepare` records the key it created as this
 //! call's, and `commit` and `remove` (and `diff.apply`) accept only such keys — or, for
-//! `remove`, a stale key whose `prepare` answered `already-exists` in this call. No mount or
+//! `remove`, a stale active snapshot whose `prepare` answered `already-exists` in this call. No mount or
 //! host path reaches the guest.
 
 use crate::{
@@ -53,7 +53,11 @@ impl Host for CallState {
                         Ok(())
                     }
                     Err(e @ Error::AlreadyExists(_)) => {
-                        grants.prepared(key, false);
+                        // Only an active snapshot can be stale; a committed one (an image's
+                        // layer) or a view stays out of this call's reach.
+                        if matches!(s.backend.snapshots.stat(key).await, Ok(i) if i.kind == SnapshotKind::Active) {
+                            grants.prepared(key, false);
+                        }
                         Err(e)
                     }
                     Err(e) => Err(e),
