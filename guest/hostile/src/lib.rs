@@ -298,7 +298,7 @@ fn misbehave(s: &Settings) -> Error {
         Behavior::BadAbi => bad_abi(s),
         Behavior::LogFlood => log_flood(s),
         Behavior::ImportLoop => import_loop(s),
-        Behavior::WriteInRead => write_in_read(),
+        Behavior::WriteInRead => write_in_read(s.export == Export::RemoveImage),
         b => Error::Internal(format!("behavior {} does not act in a call", b.name())),
     }
 }
@@ -887,8 +887,9 @@ fn import_loop(s: &Settings) -> Error {
     }
 }
 
-/// Every write import, aimed at what the store holds.
-fn write_in_read() -> Error {
+/// Every write import, aimed at what the store holds; in `remove-image` (`deletes_allowed`)
+/// only the writes that are not deletes.
+fn write_in_read(deletes_allowed: bool) -> Error {
     let mut pr = Probes::default();
     let records = match images::list() {
         Ok(r) => r,
@@ -903,7 +904,10 @@ fn write_in_read() -> Error {
         .iter()
         .find(|(k, _)| k.starts_with("containerd.io/gc.ref.snapshot"))
         .map(|(_, v)| v.clone());
-    pr.must_refuse("images.delete(record)", images::delete(&record.name));
+    if !deletes_allowed {
+        pr.must_refuse("images.delete(record)", images::delete(&record.name));
+        pr.must_refuse("content.delete(target)", content::delete(&digest));
+    }
     pr.must_refuse(
         "images.update(record)",
         images::update(&Image { labels: vec![("x".into(), "y".into())], ..record.clone() }),
@@ -916,9 +920,8 @@ fn write_in_read() -> Error {
         "content.set-labels(target)",
         content::set_labels(&digest, &[("x".into(), "y".into())]),
     );
-    pr.must_refuse("content.delete(target)", content::delete(&digest));
     pr.must_refuse("snapshots.prepare(fresh)", snapshots::prepare("pullbox-hostile/w", ""));
-    if let Some(chain) = &chain {
+    if let (Some(chain), false) = (&chain, deletes_allowed) {
         pr.must_refuse("snapshots.remove(top snapshot)", snapshots::remove(chain));
     }
     let repo = record.name.split(['@', ':']).next().unwrap_or_default().to_owned();
