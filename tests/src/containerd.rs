@@ -214,7 +214,10 @@ impl Containerd {
     /// lease.
     pub fn collect(&self, namespace: &str) -> Result<()> {
         let id = unique("pbt-gc");
-        self.ctr_ok(namespace, &["leases", "create", "--id", &id, "--expires", "1m"])?;
+        self.ctr_ok(
+            namespace,
+            &["leases", "create", "--id", &id, "--expires", "1m"],
+        )?;
         self.ctr_ok(namespace, &["leases", "delete", "--sync", &id])?;
         Ok(())
     }

@@ -511,7 +511,8 @@ fn dir_names(dir: &Path) -> Vec<String> {
 
 async fn huge_arguments_fail_the_request_not_the_host(b: Backend) {
     // Room for a 100 MiB string in the guest.
-    let d = hostile_daemon(b, 
+    let d = hostile_daemon(
+        b,
         "[sandbox]\nmemory_limit = 268435456\ncpu_limit_ms = 5000\nstack_limit = 262144\n",
     );
     round(
@@ -589,9 +590,10 @@ async fn malformed_abi_arguments_trap_the_call_not_the_host(b: Backend) {
 /// twice this test's memory limit, and applies to each of the calls running at once).
 async fn aliased_arguments_do_not_amplify_into_host_memory(b: Backend) {
     let memory_limit: u64 = 64 << 20;
-    let d = hostile_daemon(b, &format!(
-        "[sandbox]\nmemory_limit = {memory_limit}\ncpu_limit_ms = 5000\n"
-    ));
+    let d = hostile_daemon(
+        b,
+        &format!("[sandbox]\nmemory_limit = {memory_limit}\ncpu_limit_ms = 5000\n"),
+    );
     // Warm up (compile both pullers, one good pull), so the peak below is the abuse's.
     good_pull(&d, "start").await;
     let doc =
@@ -751,8 +753,13 @@ async fn time_in_host_imports_does_not_count_against_the_cpu_limit(b: Backend) {
         "reads": 2000,
     })
     .to_string();
-    let d =
-        SwapDaemon::start(b, &hostile().unwrap(), &doc, "[sandbox]\ncpu_limit_ms = 300\n").unwrap();
+    let d = SwapDaemon::start(
+        b,
+        &hostile().unwrap(),
+        &doc,
+        "[sandbox]\ncpu_limit_ms = 300\n",
+    )
+    .unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
     let pulled = c
@@ -857,9 +864,10 @@ async fn a_reload_that_traps_or_loops_keeps_the_last_good_puller(b: Backend) {
         .local_addr()
         .unwrap()
         .port();
-    let d = hostile_daemon(b, &format!(
-        "metrics_address = \"127.0.0.1:{port}\"\n{SANDBOX}"
-    ));
+    let d = hostile_daemon(
+        b,
+        &format!("metrics_address = \"127.0.0.1:{port}\"\n{SANDBOX}"),
+    );
     let idle = json!({"behavior": "idle"}).to_string();
     d.wait_for(Some(&idle)).await.unwrap();
     let garbage = d.settings_path().with_file_name("garbage.wasm");
@@ -1003,7 +1011,11 @@ fn cli_loop_in_pull(b: Backend) {
 }
 
 fn cli_loop_in_configure(b: Backend) {
-    cli_case(b, json!({"behavior": "loop-in-configure"}), "CPU time limit");
+    cli_case(
+        b,
+        json!({"behavior": "loop-in-configure"}),
+        "CPU time limit",
+    );
 }
 
 fn cli_grow_memory(b: Backend) {
