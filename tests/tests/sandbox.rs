@@ -9,8 +9,8 @@
 //! *round*: swap the hostile puller in with the round's settings (live reload: rewrite the
 //! files, SIGHUP), make the hostile request and check its error and duration, check that the
 //! same daemon still answers `ListImages`, `ImageFsInfo` and `ImageStatus`, check that the
-//! store holds no blob, ingest or snapshot, then swap the default puller in and pull, and
-//! remove, a real image. CLI tests do the same with `pullbox pull --puller`.
+//! store holds no blob, ingest or snapshot (on containerd, no lease or image either), then
+//! swap the default puller in and pull, and remove, a real image. CLI tests do the same with `pullbox pull --puller`.
 //!
 //! Limits are small here (32 MiB of memory, 500 ms of CPU, 256 KiB of stack) so that every
 //! hit comes at once; each test takes a few seconds.
