@@ -18,12 +18,19 @@
 //! there. Its path is short on purpose: unix socket paths are limited to 108 bytes, and
 //! overlay mount options (every layer's path) to a page.
 //!
+//! [`shared`] is one containerd for the whole test process (started on first use, stopped when
+//! the process ends), for suites whose tests each work in a namespace of their own
+//! ([`fresh_namespace`]): namespaces keep one test's images, leases and garbage collection
+//! from another's, and one containerd start (about half a second) serves them all.
+//!
 //! Needs root (containerd, mounts, runc), `/usr/bin/containerd`, `/usr/bin/ctr`,
 //! `containerd-shim-runc-v2` and `runc` on `PATH`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -66,6 +73,32 @@ const CLEANUP: &str = r#"    for p in /proc/[0-9]*; do
     awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
         umount -l "$m" 2>/dev/null
     done"#;
+
+/// The containerd of this test process, started on first use. It is never dropped: its
+/// supervisor stops it, and deletes its files, when the process ends (see [`crate::service`]).
+pub fn shared() -> Result<&'static Containerd> {
+    static SHARED: OnceLock<Result<Containerd, String>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| Containerd::start().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("starting the shared containerd failed: {e}"))
+}
+
+/// A namespace no other caller in this process gets: `pbt-<pid>-<n>`. containerd creates a
+/// namespace on its first write, so a fresh one holds nothing.
+pub fn fresh_namespace() -> String {
+    unique("pbt")
+}
+
+/// `<prefix>-<pid>-<n>`, a name no other caller in this process gets.
+fn unique(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 /// A running containerd. See the module docs.
 #[derive(Debug)]
@@ -173,6 +206,20 @@ impl Containerd {
             .filter_map(|l| l.split_whitespace().next())
             .map(str::to_owned)
             .collect())
+    }
+
+    /// Runs containerd's garbage collector now and waits for it: containerd's API has no
+    /// "collect" call, but deleting a lease with `--sync` runs the collector before it
+    /// answers. The collector sweeps every namespace; `namespace` only holds the short-lived
+    /// lease.
+    pub fn collect(&self, namespace: &str) -> Result<()> {
+        let id = unique("pbt-gc");
+        self.ctr_ok(
+            namespace,
+            &["leases", "create", "--id", &id, "--expires", "1m"],
+        )?;
+        self.ctr_ok(namespace, &["leases", "delete", "--sync", &id])?;
+        Ok(())
     }
 }
 

@@ -18,13 +18,15 @@
 //!   servers: the registry with htpasswd or token auth and TLS over the fixture's storage, a
 //!   fault-injecting proxy, test certificates, a bearer-token server.
 //! - [`sandbox`]: the hostile-puller suite's helpers (a daemon whose puller is swapped live,
-//!   store leftovers, components built from WIT with `wasm-tools`).
+//!   components built from WIT with `wasm-tools`); [`backends`]: a test's store on either
+//!   backend (a root, or a namespace of one shared [`containerd`]) and what it holds.
 //!
 //! Needs, on `PATH` or where Debian installs them: `docker-registry`, `umoci`, `skopeo`,
 //! `/bin/busybox` (busybox-static), `/bin/sh`. The CLI tests also need `make build`'s
 //! output (see [`pullbox`] for where it is looked for). Errors are `anyhow` errors: this is
 //! test code, and every message says which command failed and what it printed.
 
+pub mod backends;
 pub mod containerd;
 pub mod cri;
 pub mod fixture;

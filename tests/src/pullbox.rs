@@ -2,7 +2,9 @@
 //!
 //! Key type: [`Pullbox`], one store root (a temporary directory) plus the binary. Every
 //! store command is run as `pullbox SUBCOMMAND --root ROOT ARGS...`, so `--root` works
-//! whether the CLI defines it on each subcommand or globally. The environment variables
+//! whether the CLI defines it on each subcommand or globally. [`Pullbox::on`] puts the store
+//! on a backend of the test's choice ([`Backend`]): with containerd, every command also gets
+//! the arguments that select a fresh namespace of the shared containerd. The environment variables
 //! that select a store or a puller (`PULLBOX_ROOT`, `PULLBOX_PULLER`, `PULLBOX_SETTINGS`)
 //! are removed from every command so that the developer's shell cannot change a test;
 //! tests that exercise them set them explicitly.
@@ -24,6 +26,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
+use crate::backends::{Backend, Store};
 use crate::oci::{digest_hex, is_sha256_digest};
 use crate::process::{run, Captured};
 
@@ -36,6 +39,9 @@ pub const PULLBOX_ENV: &[&str] = &[
     "PULLBOX_HOSTS_DIR",
     "PULLBOX_DOCKER_CONFIG",
     "PULLBOX_STALL_TIMEOUT",
+    "PULLBOX_BACKEND",
+    "PULLBOX_CONTAINERD_ADDRESS",
+    "PULLBOX_CONTAINERD_NAMESPACE",
 ];
 
 /// A store root and the binary that works on it.
@@ -43,12 +49,18 @@ pub const PULLBOX_ENV: &[&str] = &[
 pub struct Pullbox {
     bin: PathBuf,
     root: tempfile::TempDir,
+    store: Store,
     timeout: Duration,
 }
 
 impl Pullbox {
-    /// A fresh, empty store root. Fails when the binary is missing.
+    /// A fresh, empty store root (embedded backend). Fails when the binary is missing.
     pub fn new() -> Result<Self> {
+        Self::on(Backend::Embedded)
+    }
+
+    /// A fresh, empty store on `backend`; the root also holds the compiled-puller cache.
+    pub fn on(backend: Backend) -> Result<Self> {
         let bin = Self::bin()?;
         let mut root = tempfile::Builder::new().prefix("pullbox-root-").tempdir()?;
         if std::env::var_os("PULLBOX_TEST_KEEP").is_some_and(|v| v == "1") {
@@ -60,7 +72,25 @@ impl Pullbox {
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(120));
-        Ok(Pullbox { bin, root, timeout })
+        let store = Store::new(backend)?;
+        Ok(Pullbox {
+            bin,
+            root,
+            store,
+            timeout,
+        })
+    }
+
+    /// Where the commands store images.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Fails the test when the store holds anything (see [`Store::assert_clean`]); `after`
+    /// says after what.
+    #[track_caller]
+    pub fn assert_clean(&self, after: &str) {
+        self.store.assert_clean(self.root(), after);
     }
 
     /// The workspace root (the parent of this crate).
@@ -116,6 +146,7 @@ impl Pullbox {
         cmd.arg(subcommand)
             .arg("--root")
             .arg(self.root())
+            .args(self.store.cli_args())
             .args(args);
         for var in PULLBOX_ENV {
             cmd.env_remove(var);
@@ -131,7 +162,7 @@ impl Pullbox {
         args: impl IntoIterator<Item = S>,
     ) -> Command {
         let mut cmd = Command::new(&self.bin);
-        cmd.arg(subcommand).args(args);
+        cmd.arg(subcommand).args(self.store.cli_args()).args(args);
         for var in PULLBOX_ENV {
             cmd.env_remove(var);
         }

@@ -4,9 +4,9 @@
 //!   own, so the test can rewrite them and send SIGHUP (the daemon's live reload), and learn
 //!   which puller and settings serve through [`whoami`] (`pullbox-hostile` answers
 //!   `image-status` of [`WHOAMI`] with its behavior and settings; any other puller with
-//!   none).
-//! - [`leftovers`]: what a store root holds in blobs, ingests and snapshots; a failed pull
-//!   must leave it as it found it.
+//!   none). It runs on either backend ([`Backend`]): its [`Store`] (a root, or a fresh namespace of
+//!   the shared containerd) says what the store holds, and [`SwapDaemon::assert_clean`]
+//!   checks that a failed pull left it as it found it.
 //! - [`peak_rss_kib`]: a process's peak resident memory, to catch host-side amplification.
 //! - [`wasm_tools`] and [`build_component`]: components made from WIT by the test itself
 //!   (load-time checks).
@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{ImageSpec, ImageStatusRequest};
 
+use crate::backends::{Backend, Store};
 use crate::{cri, Pullbox};
 
 /// The reference `pullbox-hostile` answers with its behavior and settings.
@@ -42,13 +43,22 @@ pub fn default_puller() -> Result<PathBuf> {
 /// A `pullbox serve` whose puller and settings the test can swap.
 pub struct SwapDaemon {
     pub daemon: cri::Daemon,
+    /// Where the daemon stores images.
+    pub store: Store,
     files: tempfile::TempDir,
 }
 
 impl SwapDaemon {
-    /// Starts a daemon running a copy of `puller` with the settings document `settings`, and
-    /// the TOML `extra` (for example a `[sandbox]` section) in its config.
-    pub fn start(puller: &Path, settings: &str, extra: &str) -> Result<SwapDaemon> {
+    /// Starts a daemon on a fresh store of `backend`, running a copy of `puller` with the
+    /// settings document `settings`, and the TOML `extra` (top-level keys, then tables such as
+    /// `[sandbox]`) in its config.
+    pub fn start(
+        backend: Backend,
+        puller: &Path,
+        settings: &str,
+        extra: &str,
+    ) -> Result<SwapDaemon> {
+        let store = Store::new(backend)?;
         let files = tempfile::Builder::new()
             .prefix("pbd-files-")
             .tempdir_in("/tmp")?;
@@ -57,12 +67,24 @@ impl SwapDaemon {
         std::fs::copy(puller, &p).with_context(|| format!("copy {}", puller.display()))?;
         std::fs::write(&s, settings)?;
         let config = format!(
-            "puller = {:?}\nsettings = {:?}\n{extra}",
+            "puller = {:?}\nsettings = {:?}\n{}",
             p.display().to_string(),
-            s.display().to_string()
+            s.display().to_string(),
+            store.daemon_config(extra)
         );
         let daemon = cri::Daemon::start(&config)?;
-        Ok(SwapDaemon { daemon, files })
+        Ok(SwapDaemon {
+            daemon,
+            store,
+            files,
+        })
+    }
+
+    /// Fails the test when the daemon's store holds anything (see
+    /// [`Store::assert_clean`]); `after` says after what.
+    #[track_caller]
+    pub fn assert_clean(&self, after: &str) {
+        self.store.assert_clean(&self.daemon.root(), after);
     }
 
     /// The puller file the daemon's config names.
@@ -173,34 +195,6 @@ pub async fn whoami(socket: &Path) -> Result<Option<String>> {
     Ok(status
         .image
         .map(|i| i.repo_tags.get(1).cloned().unwrap_or_default()))
-}
-
-/// Everything under `root`'s blobs, ingests and snapshots, as paths relative to `root`,
-/// sorted. Empty for an empty store.
-pub fn leftovers(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for dir in ["content/blobs/sha256", "content/ingest", "snapshots"] {
-        let d = root.join(dir);
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            out.push(format!("{dir}/{}", e.file_name().to_string_lossy()));
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Whether `root`'s store holds nothing: no blob, ingest or snapshot directory.
-#[track_caller]
-pub fn assert_clean(root: &Path, after: &str) {
-    let left = leftovers(root);
-    assert!(
-        left.is_empty(),
-        "{after} left behind in {}: {left:#?}",
-        root.display()
-    );
 }
 
 /// The peak resident set size of process `pid`, in KiB (`VmHWM`).

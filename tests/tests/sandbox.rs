@@ -9,11 +9,33 @@
 //! *round*: swap the hostile puller in with the round's settings (live reload: rewrite the
 //! files, SIGHUP), make the hostile request and check its error and duration, check that the
 //! same daemon still answers `ListImages`, `ImageFsInfo` and `ImageStatus`, check that the
-//! store holds no blob, ingest or snapshot, then swap the default puller in and pull, and
-//! remove, a real image. CLI tests do the same with `pullbox pull --puller`.
+//! store holds no blob, ingest or snapshot (on containerd, no lease or image either), then
+//! swap the default puller in and pull, and remove, a real image. CLI tests do the same with `pullbox pull --puller`.
 //!
 //! Limits are small here (32 MiB of memory, 500 ms of CPU, 256 KiB of stack) so that every
 //! hit comes at once; each test takes a few seconds.
+//!
+//! ## Both backends
+//!
+//! Every test that pulls into a store runs twice: on the embedded store and with
+//! `backend = "containerd"` against a real containerd (Debian's 1.6, one per test process,
+//! started on first use; each daemon or CLI store gets a fresh namespace of it). A test body
+//! is written once, as a plain function taking the [`Backend`]; [`on_both_backends!`] at the
+//! end of this file turns each listed function into two tests, `embedded::NAME` and
+//! `containerd::NAME`. Run one backend with `cargo test --release -p pullbox-tests --test
+//! sandbox -- embedded::` (or `containerd::`).
+//!
+//! To add a test case:
+//! 1. write `async fn NAME(b: Backend) { ... }` (or `fn NAME(b: Backend)` when it needs no
+//!    async runtime), with no `#[test]` attribute;
+//! 2. get its daemon from `hostile_daemon(b, ...)` or `SwapDaemon::start(b, ...)`, its CLI
+//!    store from `pullbox(b)`, and check the store with `round` / `good_pull` (which check
+//!    it) or `d.assert_clean(...)` / `pb.assert_clean(...)`: these know what each backend
+//!    holds (`pullbox_tests::backends`);
+//! 3. add `NAME` to the `async` (or `sync`) list of the [`on_both_backends!`] call.
+//!
+//! A function left out of the list is never run, and the compiler says so (dead code). Tests
+//! that use no store at all (`policy check`, load-time checks) stay plain `#[test]`s.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -22,9 +44,10 @@ use k8s_cri::v1::{
     ImageFsInfoRequest, ImageSpec, ImageStatusRequest, ListImagesRequest, PullImageRequest,
     RemoveImageRequest,
 };
+use pullbox_tests::backends::Backend;
 use pullbox_tests::sandbox::{
-    assert_clean, build_component, default_puller, hostile, peak_rss_kib, wit_copy, SlowServer,
-    SwapDaemon, WHOAMI,
+    build_component, default_puller, hostile, peak_rss_kib, wit_copy, SlowServer, SwapDaemon,
+    WHOAMI,
 };
 use pullbox_tests::{cri, fixture, Captured, Pullbox};
 use serde_json::json;
@@ -143,9 +166,11 @@ impl Expect {
     }
 }
 
-/// A daemon running `pullbox-hostile` (settings `idle`) with the TOML `extra`.
-fn hostile_daemon(extra: &str) -> SwapDaemon {
+/// A daemon on a fresh store of `b` running `pullbox-hostile` (settings `idle`) with the TOML
+/// `extra`.
+fn hostile_daemon(b: Backend, extra: &str) -> SwapDaemon {
     SwapDaemon::start(
+        b,
         &hostile().unwrap(),
         &json!({"behavior": "idle"}).to_string(),
         extra,
@@ -184,8 +209,8 @@ async fn still_serves(d: &SwapDaemon, what: &str) {
     );
 }
 
-/// Swaps the default puller in, pulls the fixture's image, checks it, removes it, and checks
-/// that the store is empty again.
+/// Swaps the default puller in, pulls the fixture's image, checks it (and that the store
+/// holds it), removes it, and checks that the store is empty again.
 async fn good_pull(d: &SwapDaemon, after: &str) {
     d.swap(Some(&default_puller().unwrap()), "").unwrap();
     d.wait_for(None).await.unwrap_or_else(|e| panic!("{e:#}"));
@@ -205,15 +230,18 @@ async fn good_pull(d: &SwapDaemon, after: &str) {
         fixture().app.config_digest,
         "after {after}"
     );
+    // The store check sees what a pull writes (else it would pass anything).
+    let held = d.store.leftovers(&d.daemon.root()).unwrap();
+    assert!(
+        held.iter().any(|h| h.starts_with("snapshot")),
+        "after {after}: the store check sees no snapshot of the image pulled: {held:?}"
+    );
     c.remove_image(RemoveImageRequest {
         image: spec(&app()),
     })
     .await
     .unwrap();
-    assert_clean(
-        &d.daemon.root(),
-        &format!("the good pull after {after}, removed"),
-    );
+    d.assert_clean(&format!("the good pull after {after}, removed"));
 }
 
 /// One round: the hostile puller with `settings` pulls `reference`; that fails as `expect`
@@ -248,7 +276,7 @@ async fn round(
     );
     expect.check(&doc, &status, took);
     still_serves(d, &doc).await;
-    assert_clean(&d.daemon.root(), &doc);
+    d.assert_clean(&doc);
     good_pull(d, &doc).await;
     status
 }
@@ -259,9 +287,8 @@ fn first_line(s: &str) -> &str {
 
 // ---- limits --------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn limits_stop_the_guest_and_the_daemon_serves_on() {
-    let d = hostile_daemon(SANDBOX);
+async fn limits_stop_the_guest_and_the_daemon_serves_on(b: Backend) {
+    let d = hostile_daemon(b, SANDBOX);
     round(
         &d,
         json!({"behavior": "loop-in-pull"}),
@@ -288,9 +315,8 @@ async fn limits_stop_the_guest_and_the_daemon_serves_on() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn limits_apply_to_every_export_not_only_pulls() {
-    let d = hostile_daemon(SANDBOX);
+async fn limits_apply_to_every_export_not_only_pulls(b: Backend) {
+    let d = hostile_daemon(b, SANDBOX);
     for (export, call) in [
         ("list-images", "ListImages"),
         ("image-status", "ImageStatus"),
@@ -344,9 +370,8 @@ async fn limits_apply_to_every_export_not_only_pulls() {
 
 // ---- traps and leases ----------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_pull_stopped_midway_leaves_nothing_behind() {
-    let d = hostile_daemon(SANDBOX);
+async fn a_pull_stopped_midway_leaves_nothing_behind(b: Backend) {
+    let d = hostile_daemon(b, SANDBOX);
     round(
         &d,
         json!({"behavior": "trap-mid-pull"}),
@@ -390,8 +415,7 @@ async fn a_pull_stopped_midway_leaves_nothing_behind() {
 /// and then waits on a slow registry, and a pull that writes and traps. The trap's cleanup
 /// (its lease deleted, garbage collected) must not touch the other request's blob: the
 /// well-behaved pull reads it afterwards and succeeds.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_trap_does_not_disturb_a_pull_in_flight() {
+async fn a_trap_does_not_disturb_a_pull_in_flight(b: Backend) {
     let f = fixture();
     let slow = SlowServer::start(Duration::from_millis(2000)).unwrap();
     let other = f.reference("team/app-zstd:1.0");
@@ -402,7 +426,7 @@ async fn a_trap_does_not_disturb_a_pull_in_flight() {
         },
     })
     .to_string();
-    let d = SwapDaemon::start(&hostile().unwrap(), &doc, SANDBOX).unwrap();
+    let d = SwapDaemon::start(b, &hostile().unwrap(), &doc, SANDBOX).unwrap();
     let socket = d.daemon.socket().to_owned();
     let in_flight = tokio::spawn(async move {
         let mut c = cri::connect(&socket).await.unwrap();
@@ -432,9 +456,8 @@ async fn a_trap_does_not_disturb_a_pull_in_flight() {
 
 // ---- the host's imports under abuse --------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn garbage_digests_paths_and_foreign_mounts_are_refused() {
-    let d = hostile_daemon(SANDBOX);
+async fn garbage_digests_paths_and_foreign_snapshot_keys_are_refused(b: Backend) {
+    let d = hostile_daemon(b, SANDBOX);
     let victim = tempfile::Builder::new()
         .prefix("pullbox-victim-")
         .tempdir_in("/tmp")
@@ -465,7 +488,7 @@ async fn garbage_digests_paths_and_foreign_mounts_are_refused() {
         "files appeared beside the store root"
     );
     still_serves(&d, &doc).await;
-    assert_clean(&d.daemon.root(), &doc);
+    d.assert_clean(&doc);
     // Every probe the WIT contract says is an error was one (the message lists any the
     // host accepted).
     Expect::new(
@@ -486,10 +509,10 @@ fn dir_names(dir: &Path) -> Vec<String> {
     v
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn huge_arguments_fail_the_request_not_the_host() {
+async fn huge_arguments_fail_the_request_not_the_host(b: Backend) {
     // Room for a 100 MiB string in the guest.
     let d = hostile_daemon(
+        b,
         "[sandbox]\nmemory_limit = 268435456\ncpu_limit_ms = 5000\nstack_limit = 262144\n",
     );
     round(
@@ -540,9 +563,8 @@ async fn huge_arguments_fail_the_request_not_the_host() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn malformed_abi_arguments_trap_the_call_not_the_host() {
-    let d = hostile_daemon(SANDBOX);
+async fn malformed_abi_arguments_trap_the_call_not_the_host(b: Backend) {
+    let d = hostile_daemon(b, SANDBOX);
     for variant in [
         "oob-string",
         "oob-list",
@@ -566,12 +588,12 @@ async fn malformed_abi_arguments_trap_the_call_not_the_host() {
 /// The host must bound what it lifts on a guest's behalf, not only what it keeps: no more
 /// than the guest may hold itself (wasmtime's per-call "hostcall fuel" defaults to 128 MiB,
 /// twice this test's memory limit, and applies to each of the calls running at once).
-#[tokio::test(flavor = "multi_thread")]
-async fn aliased_arguments_do_not_amplify_into_host_memory() {
+async fn aliased_arguments_do_not_amplify_into_host_memory(b: Backend) {
     let memory_limit: u64 = 64 << 20;
-    let d = hostile_daemon(&format!(
-        "[sandbox]\nmemory_limit = {memory_limit}\ncpu_limit_ms = 5000\n"
-    ));
+    let d = hostile_daemon(
+        b,
+        &format!("[sandbox]\nmemory_limit = {memory_limit}\ncpu_limit_ms = 5000\n"),
+    );
     // Warm up (compile both pullers, one good pull), so the peak below is the abuse's.
     good_pull(&d, "start").await;
     let doc =
@@ -604,9 +626,8 @@ async fn aliased_arguments_do_not_amplify_into_host_memory() {
 /// Every `registry.fetch` starts downloads the host tracks for the request; a guest that asks
 /// for a hundred thousand made-up blobs must be refused long before the host holds that many
 /// tasks (each costs the host about 5 KiB: 500 MiB here, from a guest using almost nothing).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_flood_of_fetches_is_bounded() {
-    let d = hostile_daemon("[sandbox]\ncpu_limit_ms = 5000\n");
+async fn a_flood_of_fetches_is_bounded(b: Backend) {
+    let d = hostile_daemon(b, "[sandbox]\ncpu_limit_ms = 5000\n");
     good_pull(&d, "start").await;
     let doc = json!({"behavior": "fetch-flood", "count": 100_000});
     use_hostile(&d, &doc.to_string()).await;
@@ -629,7 +650,7 @@ async fn a_flood_of_fetches_is_bounded() {
         after / 1024
     );
     still_serves(&d, "fetch-flood").await;
-    assert_clean(&d.daemon.root(), "fetch-flood");
+    d.assert_clean("fetch-flood");
     assert!(
         !status.message().contains("ACCEPTED"),
         "the host took every fetch: {}",
@@ -646,9 +667,8 @@ async fn a_flood_of_fetches_is_bounded() {
 /// The log interface promises that a guest cannot flood the host's log: message sizes *and
 /// rates* are capped. A hundred thousand messages in one call must not become a hundred
 /// thousand lines.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_flood_of_log_messages_is_capped() {
-    let d = hostile_daemon(SANDBOX);
+async fn a_flood_of_log_messages_is_capped(b: Backend) {
+    let d = hostile_daemon(b, SANDBOX);
     let doc = json!({"behavior": "log-flood", "count": 100_000}).to_string();
     use_hostile(&d, &doc).await;
     let before = d.daemon.log().len();
@@ -678,9 +698,9 @@ async fn a_flood_of_log_messages_is_capped() {
 /// Calls beyond the instance pool (`max_calls`) fail at once with `resource-exhausted`; they
 /// neither wait for a looping guest nor break the daemon, which serves again as soon as the
 /// loops are stopped.
-#[tokio::test(flavor = "multi_thread")]
-async fn calls_beyond_the_instance_pool_fail_fast() {
+async fn calls_beyond_the_instance_pool_fail_fast(b: Backend) {
     let d = SwapDaemon::start(
+        b,
         &hostile().unwrap(),
         &json!({"behavior": "loop-in-pull"}).to_string(),
         "[sandbox]\ncpu_limit_ms = 1500\nmax_calls = 2\n",
@@ -725,8 +745,7 @@ async fn calls_beyond_the_instance_pool_fail_fast() {
 
 // ---- time ----------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn time_in_host_imports_does_not_count_against_the_cpu_limit() {
+async fn time_in_host_imports_does_not_count_against_the_cpu_limit(b: Backend) {
     let slow = SlowServer::start(Duration::from_millis(1500)).unwrap();
     let doc = json!({
         "behavior": "sleepy",
@@ -734,8 +753,13 @@ async fn time_in_host_imports_does_not_count_against_the_cpu_limit() {
         "reads": 2000,
     })
     .to_string();
-    let d =
-        SwapDaemon::start(&hostile().unwrap(), &doc, "[sandbox]\ncpu_limit_ms = 300\n").unwrap();
+    let d = SwapDaemon::start(
+        b,
+        &hostile().unwrap(),
+        &doc,
+        "[sandbox]\ncpu_limit_ms = 300\n",
+    )
+    .unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
     let pulled = c
@@ -752,10 +776,10 @@ async fn time_in_host_imports_does_not_count_against_the_cpu_limit() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn looping_pullers_do_not_starve_other_requests() {
+async fn looping_pullers_do_not_starve_other_requests(b: Backend) {
     let cpu = Duration::from_millis(2000);
     let d = SwapDaemon::start(
+        b,
         &hostile().unwrap(),
         &json!({"behavior": "loop-in-pull"}).to_string(),
         &format!("[sandbox]\ncpu_limit_ms = {}\n", cpu.as_millis()),
@@ -834,16 +858,16 @@ async fn wait_failed_reload(d: &SwapDaemon, from: usize) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_reload_that_traps_or_loops_keeps_the_last_good_puller() {
+async fn a_reload_that_traps_or_loops_keeps_the_last_good_puller(b: Backend) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let d = hostile_daemon(&format!(
-        "metrics_address = \"127.0.0.1:{port}\"\n{SANDBOX}"
-    ));
+    let d = hostile_daemon(
+        b,
+        &format!("metrics_address = \"127.0.0.1:{port}\"\n{SANDBOX}"),
+    );
     let idle = json!({"behavior": "idle"}).to_string();
     d.wait_for(Some(&idle)).await.unwrap();
     let garbage = d.settings_path().with_file_name("garbage.wasm");
@@ -902,8 +926,7 @@ async fn a_reload_that_traps_or_loops_keeps_the_last_good_puller() {
     good_pull(&d, "refused reloads").await;
 }
 
-#[test]
-fn the_daemon_does_not_start_with_a_configure_that_traps_or_loops() {
+fn the_daemon_does_not_start_with_a_configure_that_traps_or_loops(b: Backend) {
     let hostile = hostile().unwrap();
     for (behavior, needle) in [
         ("loop-in-configure", "CPU time limit"),
@@ -911,6 +934,7 @@ fn the_daemon_does_not_start_with_a_configure_that_traps_or_loops() {
     ] {
         let t = Instant::now();
         let err = match SwapDaemon::start(
+            b,
             &hostile,
             &json!({"behavior": behavior}).to_string(),
             SANDBOX,
@@ -929,8 +953,9 @@ fn the_daemon_does_not_start_with_a_configure_that_traps_or_loops() {
 
 // ---- the CLI -------------------------------------------------------------------------------
 
-fn pullbox() -> Pullbox {
-    Pullbox::new().unwrap_or_else(|e| panic!("{e:#}"))
+/// The CLI on a fresh store of `b`.
+fn pullbox(b: Backend) -> Pullbox {
+    Pullbox::on(b).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `pullbox pull --puller pullbox-hostile.wasm --settings S REF` with a 500 ms CPU limit.
@@ -955,15 +980,15 @@ fn cli_hostile(
     (out, t.elapsed())
 }
 
-/// A hostile CLI pull fails naming `needle`, leaves the store clean, and a good pull with
-/// the default puller on the same store follows.
-fn cli_case(settings: serde_json::Value, needle: &str) {
-    cli_case_any(settings, &[needle]);
+/// A hostile CLI pull on a fresh store of `b` fails naming `needle`, leaves the store clean,
+/// and a good pull with the default puller on the same store follows.
+fn cli_case(b: Backend, settings: serde_json::Value, needle: &str) {
+    cli_case_any(b, settings, &[needle]);
 }
 
 /// [`cli_case`] where the message names one of `needles`.
-fn cli_case_any(settings: serde_json::Value, needles: &[&str]) {
-    let pb = pullbox();
+fn cli_case_any(b: Backend, settings: serde_json::Value, needles: &[&str]) {
+    let pb = pullbox(b);
     let (out, took) = cli_hostile(&pb, "pull", &settings, &[&app()]);
     eprintln!(
         "{settings}: exit {:?} after {took:?}: {}",
@@ -977,64 +1002,62 @@ fn cli_case_any(settings: serde_json::Value, needles: &[&str]) {
         "{settings}: stderr mentions none of {needles:?}:\n{out}"
     );
     assert!(took < Duration::from_secs(10), "{settings}: took {took:?}");
-    assert_clean(pb.root(), &settings.to_string());
+    pb.assert_clean(&settings.to_string());
     assert_eq!(pb.pull(&[], &app()), fixture().app.config_digest);
 }
 
-#[test]
-fn cli_loop_in_pull() {
-    cli_case(json!({"behavior": "loop-in-pull"}), "CPU time limit");
+fn cli_loop_in_pull(b: Backend) {
+    cli_case(b, json!({"behavior": "loop-in-pull"}), "CPU time limit");
 }
 
-#[test]
-fn cli_loop_in_configure() {
-    cli_case(json!({"behavior": "loop-in-configure"}), "CPU time limit");
-}
-
-#[test]
-fn cli_grow_memory() {
-    cli_case(json!({"behavior": "grow-memory"}), "memory limit");
-}
-
-#[test]
-fn cli_recursion() {
-    cli_case(json!({"behavior": "recursion"}), "stack");
-}
-
-#[test]
-fn cli_trap_in_configure() {
-    cli_case(json!({"behavior": "trap-in-configure"}), "unreachable");
-}
-
-#[test]
-fn cli_trap_mid_pull() {
-    cli_case(json!({"behavior": "trap-mid-pull"}), "unreachable");
+fn cli_loop_in_configure(b: Backend) {
     cli_case(
+        b,
+        json!({"behavior": "loop-in-configure"}),
+        "CPU time limit",
+    );
+}
+
+fn cli_grow_memory(b: Backend) {
+    cli_case(b, json!({"behavior": "grow-memory"}), "memory limit");
+}
+
+fn cli_recursion(b: Backend) {
+    cli_case(b, json!({"behavior": "recursion"}), "stack");
+}
+
+fn cli_trap_in_configure(b: Backend) {
+    cli_case(b, json!({"behavior": "trap-in-configure"}), "unreachable");
+}
+
+fn cli_trap_mid_pull(b: Backend) {
+    cli_case(b, json!({"behavior": "trap-mid-pull"}), "unreachable");
+    cli_case(
+        b,
         json!({"behavior": "trap-mid-pull", "then": "loop"}),
         "CPU time limit",
     );
 }
 
-#[test]
-fn cli_bad_digests() {
-    cli_case(json!({"behavior": "bad-digests"}), "every probe refused");
+fn cli_bad_digests(b: Backend) {
+    cli_case(b, json!({"behavior": "bad-digests"}), "every probe refused");
 }
 
-#[test]
-fn cli_huge_argument_and_bad_abi() {
+fn cli_huge_argument_and_bad_abi(b: Backend) {
     cli_case_any(
+        b,
         json!({"behavior": "huge-argument", "variant": "string", "bytes": 32 << 20}),
         &["longer than", "too much data"],
     );
     cli_case(
+        b,
         json!({"behavior": "bad-abi", "variant": "oob-string"}),
         "puller failed",
     );
 }
 
-#[test]
-fn cli_sleepy_pull_succeeds_under_a_small_cpu_limit() {
-    let pb = pullbox();
+fn cli_sleepy_pull_succeeds_under_a_small_cpu_limit(b: Backend) {
+    let pb = pullbox(b);
     let (out, took) = cli_hostile(
         &pb,
         "pull",
@@ -1049,9 +1072,8 @@ fn cli_sleepy_pull_succeeds_under_a_small_cpu_limit() {
     );
 }
 
-#[test]
-fn cli_images_with_a_looping_list() {
-    let pb = pullbox();
+fn cli_images_with_a_looping_list(b: Backend) {
+    let pb = pullbox(b);
     let (out, took) = cli_hostile(
         &pb,
         "images",
@@ -1065,7 +1087,7 @@ fn cli_images_with_a_looping_list() {
 
 #[test]
 fn policy_check_reports_a_configure_that_traps_or_loops() {
-    let pb = pullbox();
+    let pb = pullbox(Backend::Embedded);
     let hostile = hostile().unwrap();
     let file = pb.root().join("settings.json");
     for (settings, needle) in [
@@ -1117,8 +1139,7 @@ fn policy_check_reports_a_configure_that_traps_or_loops() {
 
 /// A component that does not fit the world is refused by `policy check`, `pull --puller` and
 /// `serve`, each naming what is wrong.
-#[test]
-fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
+fn components_that_do_not_fit_are_refused_naming_what_is_wrong(b: Backend) {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let same = |_: &str, t: String| t;
@@ -1219,7 +1240,7 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
             &["@0.3.0"],
         ),
     ];
-    let pb = pullbox();
+    let pb = pullbox(b);
     // Every case is checked before the test fails, so one run lists every gap.
     let mut wrong = Vec::new();
     for (component, needles) in &cases {
@@ -1247,7 +1268,8 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
                 ));
             }
         }
-        match cri::Daemon::start(&format!("puller = {:?}", component.display().to_string())) {
+        let config = format!("puller = {:?}", component.display().to_string());
+        match cri::Daemon::start(&pb.store().daemon_config(&config)) {
             Ok(_) => wrong.push(format!("serve started with {}", component.display())),
             Err(e) => {
                 let err = format!("{e:#}");
@@ -1261,7 +1283,7 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
-    assert_clean(pb.root(), "refused components");
+    pb.assert_clean("refused components");
 }
 
 /// A WIT text with the function `name` (one line) removed.
@@ -1303,7 +1325,7 @@ fn oversized_memories_and_tables_are_refused_at_instantiation() {
         add_before_first_func(&t, "  (table (;9;) 10000000 funcref)\n")
     })
     .unwrap();
-    let pb = pullbox();
+    let pb = pullbox(Backend::Embedded);
     for (component, needle) in [(big_memory, "memory"), (big_table, "table")] {
         let out = pb.run("policy", ["check".as_ref(), component.as_os_str()]);
         eprintln!(
@@ -1351,9 +1373,8 @@ fn add_before_first_func(wat: &str, text: &str) -> String {
 const BUDGET_SANDBOX: &str = "[sandbox]\nmemory_limit = 33554432\ncpu_limit_ms = 500\nstack_limit = 262144\n\
      import_budget = 100000\nmax_snapshots = 64\nmax_holds = 256\n";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn loops_inside_host_imports_end_with_a_clear_error() {
-    let d = hostile_daemon(BUDGET_SANDBOX);
+async fn loops_inside_host_imports_end_with_a_clear_error(b: Backend) {
+    let d = hostile_daemon(b, BUDGET_SANDBOX);
     for variant in ["stat-missing", "prepare-fresh", "max-read", "stats"] {
         round(
             &d,
@@ -1383,13 +1404,12 @@ async fn loops_inside_host_imports_end_with_a_clear_error() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_pull_past_its_deadline_ends_and_leaves_nothing() {
+async fn a_pull_past_its_deadline_ends_and_leaves_nothing(b: Backend) {
     // The guest waits in host imports (a registry that answers after 3 s, twice): no CPU
     // time, no budget to speak of; the 2 s deadline ends it.
     let slow = SlowServer::start(Duration::from_millis(3000)).unwrap();
     let extra = format!("{SANDBOX}pull_timeout_s = 2\n");
-    let d = hostile_daemon(&extra);
+    let d = hostile_daemon(b, &extra);
     let slow_ref = format!("{}/slow/image:1", slow.addr());
     let mut expect = Expect::new(&[Code::ResourceExhausted], &["deadline", "sandbox.pull_timeout_s"]);
     expect.at_least = Duration::from_secs(2);
@@ -1403,9 +1423,8 @@ async fn a_pull_past_its_deadline_ends_and_leaves_nothing() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn status_list_and_remove_cannot_write() {
-    let d = hostile_daemon(SANDBOX);
+async fn status_list_and_remove_cannot_write(b: Backend) {
+    let d = hostile_daemon(b, SANDBOX);
     // An image in the store for the hostile calls to aim at.
     d.swap(Some(&default_puller().unwrap()), "").unwrap();
     d.wait_for(None).await.unwrap();
@@ -1445,11 +1464,10 @@ async fn status_list_and_remove_cannot_write() {
         "the image survived the hostile status, list and remove"
     );
     c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.unwrap();
-    assert_clean(&d.daemon.root(), "write-in-read, then a real remove");
+    d.assert_clean("write-in-read, then a real remove");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn another_requests_snapshot_is_no_capability() {
+async fn another_requests_snapshot_is_no_capability(b: Backend) {
     // Request A prepares an active snapshot and stays in flight (a registry that answers after
     // 4 s); request B, of the same puller, names A's key to apply, commit and remove: refused.
     let f = fixture();
@@ -1464,7 +1482,7 @@ async fn another_requests_snapshot_is_no_capability() {
         },
     })
     .to_string();
-    let d = SwapDaemon::start(&hostile().unwrap(), &doc, SANDBOX).unwrap();
+    let d = SwapDaemon::start(b, &hostile().unwrap(), &doc, SANDBOX).unwrap();
     let socket = d.daemon.socket().to_owned();
     let holder = tokio::spawn(async move {
         let mut c = cri::connect(&socket).await.unwrap();
@@ -1482,5 +1500,70 @@ async fn another_requests_snapshot_is_no_capability() {
     let held = holder.await.unwrap().expect_err("hold-key refuses its pull");
     assert_eq!(held.code(), Code::PermissionDenied, "the holder was not disturbed: {held:?}");
     still_serves(&d, &doc).await;
-    assert_clean(&d.daemon.root(), "both requests");
+    d.assert_clean("both requests");
+}
+
+// ---- both backends -------------------------------------------------------------------------
+
+/// Turns each test body `NAME(b: Backend)` into the tests `embedded::NAME` and
+/// `containerd::NAME` (see the module docs). `async` bodies run on a multi-threaded tokio
+/// runtime, `sync` ones on the test's thread.
+macro_rules! on_both_backends {
+    (async: [$($a:ident),* $(,)?], sync: [$($s:ident),* $(,)?] $(,)?) => {
+        on_both_backends!(@backend embedded, Embedded, [$($a),*], [$($s),*]);
+        on_both_backends!(@backend containerd, Containerd, [$($a),*], [$($s),*]);
+    };
+    (@backend $module:ident, $variant:ident, [$($a:ident),*], [$($s:ident),*]) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $a() {
+                    super::$a(::pullbox_tests::backends::Backend::$variant).await
+                }
+            )*
+            $(
+                #[test]
+                fn $s() {
+                    super::$s(::pullbox_tests::backends::Backend::$variant)
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends! {
+    async: [
+        limits_stop_the_guest_and_the_daemon_serves_on,
+        limits_apply_to_every_export_not_only_pulls,
+        a_pull_stopped_midway_leaves_nothing_behind,
+        a_trap_does_not_disturb_a_pull_in_flight,
+        garbage_digests_paths_and_foreign_snapshot_keys_are_refused,
+        huge_arguments_fail_the_request_not_the_host,
+        malformed_abi_arguments_trap_the_call_not_the_host,
+        aliased_arguments_do_not_amplify_into_host_memory,
+        a_flood_of_fetches_is_bounded,
+        a_flood_of_log_messages_is_capped,
+        calls_beyond_the_instance_pool_fail_fast,
+        time_in_host_imports_does_not_count_against_the_cpu_limit,
+        looping_pullers_do_not_starve_other_requests,
+        a_reload_that_traps_or_loops_keeps_the_last_good_puller,
+        loops_inside_host_imports_end_with_a_clear_error,
+        a_pull_past_its_deadline_ends_and_leaves_nothing,
+        status_list_and_remove_cannot_write,
+        another_requests_snapshot_is_no_capability,
+    ],
+    sync: [
+        the_daemon_does_not_start_with_a_configure_that_traps_or_loops,
+        components_that_do_not_fit_are_refused_naming_what_is_wrong,
+        cli_loop_in_pull,
+        cli_loop_in_configure,
+        cli_grow_memory,
+        cli_recursion,
+        cli_trap_in_configure,
+        cli_trap_mid_pull,
+        cli_bad_digests,
+        cli_huge_argument_and_bad_abi,
+        cli_sleepy_pull_succeeds_under_a_small_cpu_limit,
+        cli_images_with_a_looping_list,
+    ],
 }

@@ -5,12 +5,17 @@
 //! it onto the mounts of an active snapshot and answers with the descriptor of the
 //! uncompressed stream, whose digest is the diff ID. The mounts are those containerd's
 //! snapshots service returned; containerd mounts them itself.
+//!
+//! containerd's differ finds the blob by digest alone and never looks at the descriptor's
+//! size, so [`Differ`] holds the size to the stored blob's first, as the embedded applier
+//! does: a layer announced with another size is a [`Error::Mismatch`], not applied.
 
 use async_trait::async_trait;
 use containerd_client::services::v1::{diff_client::DiffClient, ApplyRequest};
 
-use super::{parse_digest, to_descriptor, to_mount, Conn};
+use super::{content::Content, parse_digest, to_descriptor, to_mount, Conn};
 use crate::{
+    backend::ContentStore,
     error::{Error, Result},
     oci::{Descriptor, Digest, Mount},
 };
@@ -33,6 +38,14 @@ impl Differ {
 #[async_trait]
 impl crate::backend::Differ for Differ {
     async fn apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<Digest> {
+        let size = Content::new(self.conn.clone()).info(&layer.digest).await?.size;
+        if size != layer.size {
+            return Err(Error::Mismatch {
+                what: format!("size of layer {}", layer.digest),
+                expected: format!("{} bytes", layer.size),
+                actual: format!("{size} bytes"),
+            });
+        }
         let req = self.conn.request(ApplyRequest {
             diff: Some(to_descriptor(layer)),
             mounts: mounts.iter().map(to_mount).collect(),

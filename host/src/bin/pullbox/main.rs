@@ -6,6 +6,10 @@
 //! otherwise. The puller is `--puller FILE` (or `PULLBOX_PULLER`), else the default puller
 //! installed beside the binary. Errors go to stderr with a non-zero exit.
 //!
+//! The store is the embedded one under the root, or with `--backend containerd` containerd's
+//! services at `--containerd-address`, in `--containerd-namespace` (the daemon's
+//! `[containerd]` defaults); the root then holds only the compiled-puller cache.
+//!
 //! Registry access: `--hosts-dir` is containerd's hosts directory (mirrors, CAs, client
 //! certificates; default `/etc/containerd/certs.d`), `--docker-config` Docker's
 //! `config.json` with credentials (default `$DOCKER_CONFIG/config.json`, else
@@ -30,7 +34,8 @@ use std::{
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pullbox::{
-    backend::embedded,
+    backend::{self, embedded, Backend},
+    config::{BackendKind, ContainerdSection},
     engine::Runtime,
     registry::{self, Client},
     service::ImageService,
@@ -43,6 +48,18 @@ struct Cli {
     /// Store root directory.
     #[arg(long, global = true, env = "PULLBOX_ROOT")]
     root: Option<PathBuf>,
+
+    /// Where images are stored: `embedded` (under the root) or `containerd`.
+    #[arg(long, global = true, env = "PULLBOX_BACKEND", default_value = "embedded", value_parser = parse_backend)]
+    backend: BackendKind,
+
+    /// containerd's socket (`--backend containerd`).
+    #[arg(long, global = true, env = "PULLBOX_CONTAINERD_ADDRESS", default_value_os_t = ContainerdSection::default().address)]
+    containerd_address: PathBuf,
+
+    /// The containerd namespace images are written in (`--backend containerd`).
+    #[arg(long, global = true, env = "PULLBOX_CONTAINERD_NAMESPACE", default_value_t = ContainerdSection::default().namespace)]
+    containerd_namespace: String,
 
     /// Puller component (.wasm) making the decisions; default: the one installed with pullbox.
     #[arg(long, global = true, env = "PULLBOX_PULLER")]
@@ -187,8 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return serve::serve(config.as_deref(), overrides).await;
     }
     let root = cli.root.clone().map(Ok).unwrap_or_else(default_root)?;
-    let backend = embedded::open_with(&root, embedded::Options { sync_fs: cli.sync_fs })
-        .with_context(|| format!("cannot open the store at {}", root.display()))?;
+    let backend = open_backend(&cli, &root).await?;
     if let Command::Gc = cli.command {
         return images::gc(&backend).await;
     }
@@ -220,6 +236,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rmi { image } => images::rmi(&service, image).await,
         Command::Mount { image, dir } => mount::mount(&service, &root, image, dir).await,
         Command::Gc | Command::Unmount { .. } | Command::Policy(_) | Command::Serve { .. } => unreachable!("handled above"),
+    }
+}
+
+/// The store `--backend` names.
+async fn open_backend(cli: &Cli, root: &Path) -> anyhow::Result<Backend> {
+    match cli.backend {
+        BackendKind::Embedded => embedded::open_with(root, embedded::Options { sync_fs: cli.sync_fs })
+            .with_context(|| format!("cannot open the store at {}", root.display())),
+        BackendKind::Containerd => backend::containerd::connect(&backend::containerd::Config {
+            address: cli.containerd_address.clone(),
+            namespace: cli.containerd_namespace.clone(),
+            ..backend::containerd::Config::default()
+        })
+        .await
+        .with_context(|| format!("cannot use containerd at {}", cli.containerd_address.display())),
+    }
+}
+
+/// `embedded` or `containerd`.
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    match s {
+        "embedded" => Ok(BackendKind::Embedded),
+        "containerd" => Ok(BackendKind::Containerd),
+        _ => Err(format!("{s:?} is not a backend (embedded or containerd)")),
     }
 }
 
