@@ -12,6 +12,9 @@
 //! - `ListImages` with a filter answers the one image the filter names (or none).
 //! - `RemoveImage` of an unknown image succeeds.
 //! - `ImageFsInfo` reports the filesystem holding the snapshots and what the images use.
+//! - `PullImage` credentials (`AuthConfig`) are bound to their `server_address`, or without
+//!   one to the registry of the request's reference as the host parses it, never to a
+//!   registry the puller names (see `registry::auth`).
 //! - `uid`/`username` come from the config's `User`: a numeric user (before any `:group`) is
 //!   a uid, anything else a user name, as containerd's `getUserFromImage`.
 //!
@@ -37,7 +40,7 @@ use crate::{
     error::Code,
     metrics::Metrics,
     oci::Platform,
-    registry::{AuthConfig, Credentials},
+    registry::{reference_registry, AuthConfig, Credentials},
     service::{ImageService, ServiceError},
 };
 use tokio_util::sync::CancellationToken;
@@ -88,7 +91,6 @@ pub fn status(e: &ServiceError) -> Status {
     Status::new(code, message)
 }
 
-/// The image reference of a request, or `InvalidArgument`.
 /// The registry's view of a CRI `AuthConfig` (same fields).
 fn pullbox_auth(a: &k8s_cri::v1::AuthConfig) -> AuthConfig {
     AuthConfig {
@@ -101,6 +103,7 @@ fn pullbox_auth(a: &k8s_cri::v1::AuthConfig) -> AuthConfig {
     }
 }
 
+/// The image reference of a request, or `InvalidArgument`.
 fn reference(spec: Option<&ImageSpec>) -> Result<&str, Status> {
     match spec.map(|s| s.image.as_str()) {
         Some(r) if !r.is_empty() => Ok(r),
@@ -168,9 +171,12 @@ impl CriImageService for Cri {
     async fn pull_image(&self, req: Request<PullImageRequest>) -> Result<Response<PullImageResponse>, Status> {
         let req = req.into_inner();
         let r = reference(req.image.as_ref())?.to_owned();
-        // The request's credentials, for this pull only; the error never quotes them.
+        // The request's credentials, for this pull only, bound to the registry of the
+        // reference as the host reads it (never to one the puller names); the error never
+        // quotes them.
         let credentials = match &req.auth {
-            Some(a) => Credentials::from_auth_config(&pullbox_auth(a)).map_err(|e| Status::invalid_argument(e.to_string()))?,
+            Some(a) => Credentials::from_auth_config(&pullbox_auth(a), &reference_registry(&r))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
             None => Credentials::anonymous(),
         };
         let (service, metrics) = (self.service.clone(), self.metrics.clone());

@@ -3,7 +3,13 @@
 //! the fixture images behind htpasswd basic auth, bearer-token auth or TLS (optionally with
 //! client certificates) without pushing anything again.
 //!
-//! Key types: [`ConfiguredRegistry`], [`Auth`], [`Tls`]. The registry runs as a [`Service`],
+//! With [`ConfiguredRegistry::start_redirecting`] the registry answers blob GETs with a 307
+//! to another server, as registries on object storage do (the distribution registry's
+//! `redirect` storage middleware): the location is that server's base URL plus the blob's
+//! path in the storage (`/docker/registry/v2/blobs/sha256/…/data`), which [`BlobStorage`]
+//! (busybox's `httpd` over the same directory) serves.
+//!
+//! Key types: [`ConfiguredRegistry`], [`Auth`], [`Tls`], [`BlobStorage`]. The registry runs as a [`Service`],
 //! as [`crate::registry::Registry`] does: when the value is dropped or the test process ends,
 //! the registry is stopped and its directory deleted. The storage it serves is not touched:
 //! `maintenance.readonly` refuses writes and upload purging is off.
@@ -11,11 +17,16 @@
 use std::fs;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::Result;
 
 use crate::registry::{serve, REGISTRY_BIN};
-use crate::service::{loopback_addr, start_retrying, Service};
+use crate::service::{loopback_addr, start_retrying, Service, Spec};
+
+/// busybox-static's binary (its `httpd` serves [`BlobStorage`]).
+const BUSYBOX: &str = "/bin/busybox";
 
 /// How clients must authenticate.
 #[derive(Debug, Clone)]
@@ -52,10 +63,16 @@ pub struct ConfiguredRegistry {
 impl ConfiguredRegistry {
     /// Starts a registry over `storage` (a registry `rootdirectory`) on a free port.
     pub fn start(storage: &Path, auth: &Auth, tls: Option<&Tls>) -> Result<Self> {
-        start_retrying(REGISTRY_BIN, || Self::try_start(storage, auth, tls))
+        start_retrying(REGISTRY_BIN, || Self::try_start(storage, auth, tls, None))
     }
 
-    fn try_start(storage: &Path, auth: &Auth, tls: Option<&Tls>) -> Result<Self> {
+    /// As [`ConfiguredRegistry::start`], but blob GETs are redirected (307) to `base_url`
+    /// (`scheme://host:port`) plus the blob's path in `storage`.
+    pub fn start_redirecting(storage: &Path, auth: &Auth, tls: Option<&Tls>, base_url: &str) -> Result<Self> {
+        start_retrying(REGISTRY_BIN, || Self::try_start(storage, auth, tls, Some(base_url)))
+    }
+
+    fn try_start(storage: &Path, auth: &Auth, tls: Option<&Tls>, redirect: Option<&str>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("pullbox-registry-cfg-")
             .tempdir()?
@@ -77,6 +94,12 @@ impl ConfiguredRegistry {
             if let Some(ca) = &t.client_ca {
                 config.push_str(&format!("    clientcas:\n      - {}\n", ca.display()));
             }
+        }
+        // After `http:` and its `tls:`, which this must not split.
+        if let Some(base_url) = redirect {
+            config.push_str(&format!(
+                "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base_url}\n"
+            ));
         }
         match auth {
             Auth::None => {}
@@ -123,5 +146,40 @@ impl ConfiguredRegistry {
     /// The registry's own log, for failure messages.
     pub fn log(&self) -> String {
         self.service.log()
+    }
+}
+
+/// busybox's `httpd` serving a registry storage directory read-only as static files: the
+/// object storage a [`ConfiguredRegistry::start_redirecting`] registry sends blob GETs to.
+#[derive(Debug)]
+pub struct BlobStorage {
+    addr: String,
+    _service: Service,
+}
+
+impl BlobStorage {
+    /// Serves `storage` on a free port of 127.0.0.1.
+    pub fn start(storage: &Path) -> Result<Self> {
+        start_retrying(BUSYBOX, || {
+            let dir = tempfile::Builder::new().prefix("pullbox-blob-storage-").tempdir()?.keep();
+            let addr = loopback_addr()?;
+            let mut command = Command::new(BUSYBOX);
+            command.args(["httpd", "-f", "-p", &addr, "-h"]).arg(storage);
+            let service = Service::start(Spec {
+                name: "busybox httpd",
+                command,
+                dir,
+                log: "httpd.log",
+                cleanup: "",
+                stop_timeout: Duration::from_secs(5),
+            })?
+            .ready(&addr, Duration::from_secs(10), || TcpStream::connect(&addr).is_ok())?;
+            Ok(BlobStorage { addr, _service: service })
+        })
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 }

@@ -48,6 +48,8 @@ pub struct Logged {
     pub range: Option<String>,
     /// Whether the request carried an `Authorization` header.
     pub authorized: bool,
+    /// The names of the request's headers, lowercase, in order.
+    pub headers: Vec<String>,
     /// The fault applied to it, if any.
     pub fault: Option<Fault>,
 }
@@ -190,6 +192,11 @@ async fn handle(mut client: TcpStream, upstream: &str, state: &State) -> io::Res
         path,
         range: header(&head, "range").map(str::to_owned),
         authorized: header(&head, "authorization").is_some(),
+        headers: head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':').map(|(k, _)| k.trim().to_ascii_lowercase()))
+            .collect(),
         fault,
     });
     if let Some(Fault::Status(code)) = fault {

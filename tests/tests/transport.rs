@@ -8,6 +8,12 @@
 //!   `hosts.toml`, refused without the CA, accepted with `skip_verify`;
 //! - mirrors from `hosts.toml`: one that lacks the image (the upstream serves it), one that
 //!   serves it while the upstream is down;
+//! - where credentials go: a registry that redirects blob GETs to object storage (the
+//!   registry's `redirect` middleware, busybox `httpd` as the storage) gets the credentials
+//!   and `hosts.toml` headers, the storage gets neither; a redirect from HTTPS to plain HTTP
+//!   is refused; through the CRI daemon, an `AuthConfig` without `server_address` reaches
+//!   neither a registry the (hostile) puller names nor a `hosts.toml` mirror, each of which
+//!   asks for credentials and would accept them;
 //! - faults from a proxy between pullbox and the registry: a connection reset in the middle
 //!   of a blob (resumed with `Range`), corrupted bytes (digest error, nothing committed), a
 //!   stall (the stall timeout ends the pull), 503s (retried); Ctrl-C cancels a pull and
@@ -26,12 +32,12 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use pullbox_tests::configured_registry::{Auth, ConfiguredRegistry, Tls};
+use pullbox_tests::configured_registry::{Auth, BlobStorage, ConfiguredRegistry, Tls};
 use pullbox_tests::oci::LayerDescriptor;
 use pullbox_tests::proxy::{Fault, FaultProxy};
 use pullbox_tests::tls::Pki;
 use pullbox_tests::token_server::{self, TokenServer};
-use pullbox_tests::{fixture, Captured, Fixture, Pullbox, Registry};
+use pullbox_tests::{cri, fixture, sandbox, Captured, Fixture, Pullbox, Registry};
 
 const NO_ARGS: [&str; 0] = [];
 
@@ -434,4 +440,154 @@ fn a_broken_hosts_toml_is_an_error() {
     let out = env.pull(&[], &f.reference("team/app:1.0"));
     out.assert_failure().assert_stderr_contains("hosts.toml");
     out.assert_stderr_contains("teleport");
+}
+
+/// The path prefix of blobs in a registry's storage: where a redirect to object storage goes.
+const STORAGE_BLOBS: &str = "/docker/registry/v2/blobs/";
+
+/// A registry that redirects blob GETs to object storage (another port: another origin).
+/// The registry gets the credentials and the `hosts.toml` header; the storage gets the
+/// blobs' requests without either, and the pull works.
+#[test]
+fn a_blob_redirect_to_another_host_carries_no_credentials_or_hosts_toml_headers() {
+    let f = fixture();
+    let blob_storage = BlobStorage::start(&storage(f)).unwrap_or_else(|e| panic!("{e:#}"));
+    let at_storage = FaultProxy::start(blob_storage.addr()).unwrap();
+    let users = vec![(ALICE.0.to_owned(), ALICE.1.to_owned())];
+    let reg = ConfiguredRegistry::start_redirecting(&storage(f), &Auth::Htpasswd(users), None, &format!("http://{}", at_storage.addr()))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let at_registry = FaultProxy::start(reg.addr()).unwrap();
+    let header_secret = "hdr-Secret-Vq27Lp".to_owned();
+
+    let env = Env::new();
+    env.hosts_toml(at_registry.addr(), &format!("header = {{ X-Pullbox-Secret = {header_secret:?} }}\n"));
+    env.write_docker_config(&serde_json::json!({"auths": {at_registry.addr(): {"username": ALICE.0, "password": ALICE.1}}}));
+    let out = env.pull(&["--log", TRACE], &format!("{}/team/app:1.0", at_registry.addr()));
+    assert!(out.success(), "{out}\nregistry log:\n{}", reg.log());
+    assert_eq!(out.last_line(), Some(f.app.id()), "{out}");
+    let mut secrets = secrets_of(ALICE.0, ALICE.1);
+    secrets.push(header_secret);
+    assert_no_secrets(&out, &secrets);
+    out.assert_stderr_contains("following a redirect");
+
+    let layer = big_layer(f);
+    let hex = layer.digest.trim_start_matches("sha256:");
+    // The registry was asked with both, and answered with a redirect.
+    let asked = at_registry.requests_for(&layer.digest);
+    assert!(
+        asked.iter().any(|r| r.authorized && r.headers.iter().any(|h| h == "x-pullbox-secret")),
+        "the registry never got the credentials and the header: {asked:#?}"
+    );
+    // The storage served the layer, asked without either.
+    let served = at_storage.requests();
+    assert!(
+        served.iter().any(|r| r.path.starts_with(STORAGE_BLOBS) && r.path.contains(hex)),
+        "the layer did not come from the storage: {served:#?}"
+    );
+    for r in &served {
+        assert!(!r.authorized, "the storage got an Authorization header: {r:#?}");
+        assert!(!r.headers.iter().any(|h| h == "x-pullbox-secret"), "the storage got the hosts.toml header: {r:#?}");
+    }
+    assert!(env.pb.blob_path(&layer.digest).is_file());
+}
+
+/// A TLS registry that redirects blobs to plain HTTP: the pull fails and says why, and the
+/// plain-HTTP server is never asked.
+#[test]
+fn a_redirect_from_https_to_http_is_refused() {
+    let f = fixture();
+    let pki = Pki::generate().unwrap();
+    let (cert, key) = pki.server();
+    let tls = Tls { certificate: cert, key, client_ca: None };
+    let blob_storage = BlobStorage::start(&storage(f)).unwrap_or_else(|e| panic!("{e:#}"));
+    let at_storage = FaultProxy::start(blob_storage.addr()).unwrap();
+    let reg = ConfiguredRegistry::start_redirecting(&storage(f), &Auth::None, Some(&tls), &format!("http://{}", at_storage.addr()))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let env = Env::new();
+    env.hosts_toml(reg.addr(), &format!("server = \"https://{}\"\nca = {:?}\n", reg.addr(), pki.ca().display().to_string()));
+    let out = env.pull(&[], &format!("{}/team/app:1.0", reg.addr()));
+    out.assert_failure().assert_stderr_contains("redirected from HTTPS to plain HTTP");
+    assert!(at_storage.requests().is_empty(), "the plain-HTTP target was asked: {:#?}", at_storage.requests());
+    assert!(env.pb.images_json().is_empty());
+}
+
+/// A CRI pull request with alice's credentials and no `server_address`.
+fn pull_with_alice(image: &str) -> k8s_cri::v1::PullImageRequest {
+    k8s_cri::v1::PullImageRequest {
+        image: Some(k8s_cri::v1::ImageSpec { image: image.to_owned(), ..Default::default() }),
+        auth: Some(k8s_cri::v1::AuthConfig {
+            username: ALICE.0.to_owned(),
+            password: ALICE.1.to_owned(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One CRI `PullImage` on `socket`, from a runtime of its own (the test's servers run on
+/// theirs, which cannot be started from inside another).
+fn cri_pull(socket: &std::path::Path, req: k8s_cri::v1::PullImageRequest) -> Result<k8s_cri::v1::PullImageResponse, tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut c = cri::connect(socket).await.unwrap();
+        c.pull_image(req).await.map(tonic::Response::into_inner)
+    })
+}
+
+/// `[registry]` for a daemon: `hosts_dir` (empty unless the test writes to it).
+fn registry_section(hosts_dir: &std::path::Path) -> String {
+    format!("[registry]\nhosts_dir = {:?}\n", hosts_dir.display().to_string())
+}
+
+/// The puller names the registry of each resolve. A hostile one, asked to pull from
+/// registry A with credentials that name no server, resolves on registry B too (which asks
+/// for credentials and would accept alice's): B never sees them; A does, and the pull works.
+#[test]
+fn cri_credentials_never_reach_a_registry_the_puller_names() {
+    let f = fixture();
+    let a = htpasswd_registry(f);
+    let b = htpasswd_registry(f);
+    let at_b = FaultProxy::start(b.addr()).unwrap();
+    let elsewhere = format!("{}/team/app:1.0", at_b.addr());
+    let settings = serde_json::json!({"behavior": "sleepy", "resolve": [elsewhere], "reads": 1}).to_string();
+    let hosts = tempfile::tempdir().unwrap();
+    let d = sandbox::SwapDaemon::start(&sandbox::hostile().unwrap(), &settings, &registry_section(hosts.path()))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let pulled = cri_pull(d.daemon.socket(), pull_with_alice(&format!("{}/team/app:1.0", a.addr())))
+        .unwrap_or_else(|e| panic!("the pull from A failed: {e:?}\n{}", d.daemon.log()));
+    assert_eq!(pulled.image_ref, f.app.manifest_digest, "sleepy answers the manifest digest");
+    let log = d.daemon.log();
+    assert!(log.contains(&format!("sleepy: resolve {elsewhere}: permission-denied")), "{log}");
+    let asked = at_b.requests();
+    assert!(!asked.is_empty(), "the puller never asked B: the test proves nothing\n{log}");
+    assert!(asked.iter().all(|r| !r.authorized), "B got A's credentials: {asked:#?}");
+    for s in secrets_of(ALICE.0, ALICE.1) {
+        assert!(!log.contains(&s), "the daemon logged a secret:\n{log}");
+    }
+}
+
+/// The default puller, a mirror in `hosts.toml` that asks for credentials and would accept
+/// alice's: the CRI request's credentials (no `server_address`) are for the registry, so the
+/// mirror gets none and the upstream serves the image.
+#[test]
+fn cri_credentials_are_not_sent_to_a_mirror() {
+    let f = fixture();
+    let upstream = htpasswd_registry(f);
+    let mirror = htpasswd_registry(f);
+    let at_mirror = FaultProxy::start(mirror.addr()).unwrap();
+    let hosts = tempfile::tempdir().unwrap();
+    let dir = hosts.path().join(upstream.addr());
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("hosts.toml"),
+        format!("[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", at_mirror.addr()),
+    )
+    .unwrap();
+    let daemon = cri::Daemon::start(&registry_section(hosts.path())).unwrap_or_else(|e| panic!("{e:#}"));
+    let pulled = cri_pull(daemon.socket(), pull_with_alice(&format!("{}/team/app:1.0", upstream.addr())))
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
+    assert_eq!(pulled.image_ref, f.app.id());
+    let asked = at_mirror.requests();
+    assert!(!asked.is_empty(), "the mirror was not tried: the test proves nothing\n{}", daemon.log());
+    assert!(asked.iter().all(|r| !r.authorized), "the mirror got the registry's credentials: {asked:#?}");
 }

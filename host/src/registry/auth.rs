@@ -2,9 +2,10 @@
 //! the distribution spec.
 //!
 //! Key types:
-//! - [`Credentials`]: what one request may authenticate with — nothing, one secret (from the
-//!   CRI's `AuthConfig`, see [`AuthConfig`]), or a [`CredentialProvider`] asked per registry
-//!   host (Docker's `config.json`, see [`super::docker_config`]). Its `Debug` prints no secret.
+//! - [`Credentials`]: what one request may authenticate with — nothing, one secret bound to
+//!   one registry (from the CRI's `AuthConfig`, see [`AuthConfig`]), or a
+//!   [`CredentialProvider`] asked per registry host (Docker's `config.json`, see
+//!   [`super::docker_config`]). Its `Debug` prints no secret.
 //! - [`Secret`]: a username and password, an identity (OAuth2 refresh) token, or a registry
 //!   (bearer) token. Never logged, never in an error message, never handed to the guest.
 //! - `Authorizer`: shared by every pull of a process. It remembers which scheme each registry
@@ -18,6 +19,21 @@
 //! realm (`GET` with basic auth for a password, the OAuth2 `POST` with `refresh_token` for an
 //! identity token, anonymously without credentials) and the request is retried once. A
 //! second 401 is a permission error. A registry token is sent as the bearer token as is.
+//!
+//! Where a secret goes. The puller names the registry of every `resolve` and `fetch`, and the
+//! puller is not trusted, so a secret is never sent to "the registry of the pull" as the
+//! puller sees it. A secret of the CRI is bound when the request arrives: to its
+//! `server_address`, or, without one, to the registry of the request's image reference as the
+//! host parses it ([`super::name::reference_registry`]). It is then offered only to a host
+//! that is that registry (Docker Hub's names are one registry), or to the upstream that
+//! `hosts.toml` configures for it (its `server`); never to a mirror (a `[host."…"]` entry)
+//! unless the mirror's own host is the one the secret is bound to. This is stricter than
+//! containerd, which offers a CRI secret without `server_address` to every host of the pull,
+//! mirrors included: a mirror is often another party (a peer-to-peer cache), and an operator
+//! who wants pullbox to authenticate to one says so with the mirror's `header`
+//! (`Authorization`) in `hosts.toml`. A [`CredentialProvider`] is asked per host contacted,
+//! so it answers for mirrors only what it holds for them. A redirect never carries a secret
+//! or a `hosts.toml` header to another origin (see the module docs of `registry`).
 //!
 //! Tokens obtained with credentials are cached under a fingerprint of those credentials (a
 //! SHA-256 keyed with a random per-process salt), so one request's token never serves another
@@ -126,7 +142,8 @@ pub struct AuthConfig {
     pub password: String,
     /// Base64 of `username:password`.
     pub auth: String,
-    /// The registry these credentials are for; empty for "the image's registry".
+    /// The registry these credentials are for; empty for "the registry of the request's
+    /// image reference" (as the host parses it, never as the puller names it).
     pub server_address: String,
     pub identity_token: String,
     pub registry_token: String,
@@ -148,8 +165,9 @@ pub struct Credentials(Inner);
 enum Inner {
     #[default]
     Anonymous,
-    /// One secret for every host of the pull, or only for `server` when it is set.
-    Static { secret: Secret, server: Option<String> },
+    /// One secret for the registry `server` (`host[:port]`, lowercase), its configured
+    /// upstream included, mirrors excluded.
+    Static { secret: Secret, server: String },
     Provider(Arc<dyn CredentialProvider>),
 }
 
@@ -171,14 +189,15 @@ impl Credentials {
         Credentials(Inner::Anonymous)
     }
 
-    /// One secret, sent to whichever host of the pull asks for credentials.
-    pub fn with_secret(secret: Secret) -> Credentials {
-        Credentials(Inner::Static { secret, server: None })
+    /// One secret for `registry` (a server address: `host[:port]`, any scheme or path
+    /// ignored), sent only to hosts of that registry (see the module docs).
+    pub fn with_secret(secret: Secret, registry: &str) -> Credentials {
+        Credentials(Inner::Static { secret, server: canonical_registry(&server_host(registry)) })
     }
 
-    /// A username and password.
-    pub fn basic(username: impl Into<String>, password: impl Into<String>) -> Credentials {
-        Credentials::with_secret(Secret::Basic { username: username.into(), password: password.into() })
+    /// A username and password for `registry`.
+    pub fn basic(registry: &str, username: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials::with_secret(Secret::Basic { username: username.into(), password: password.into() }, registry)
     }
 
     /// Credentials looked up per host when a host asks for them.
@@ -186,14 +205,16 @@ impl Credentials {
         Credentials(Inner::Provider(provider))
     }
 
-    /// The credentials of a CRI `AuthConfig`, interpreted as containerd's CRI plugin does:
-    /// `username` (with `password`) first, then `identity_token`, then `auth`
-    /// (base64 of `username:password`), then `registry_token`; all empty is anonymous. A
-    /// non-empty `server_address` limits them to that registry (its host, any scheme or path
-    /// ignored); Docker Hub's names (`docker.io`, `index.docker.io`,
+    /// The credentials of a CRI `AuthConfig` for a pull from `image_registry` (the registry
+    /// of the request's reference, from [`super::name::reference_registry`]), interpreted
+    /// as containerd's CRI plugin does: `username` (with `password`) first, then
+    /// `identity_token`, then `auth` (base64 of `username:password`), then
+    /// `registry_token`; all empty is anonymous. They are bound to the registry of
+    /// `server_address` (its host, any scheme or path ignored) or, when it is empty, to
+    /// `image_registry`; Docker Hub's names (`docker.io`, `index.docker.io`,
     /// `registry-1.docker.io`) are one registry. `InvalidArgument` for an `auth` that is not
     /// base64 of `user:password`; the message does not contain it.
-    pub fn from_auth_config(config: &AuthConfig) -> Result<Credentials> {
+    pub fn from_auth_config(config: &AuthConfig, image_registry: &str) -> Result<Credentials> {
         let secret = if !config.username.is_empty() {
             Some(Secret::Basic { username: config.username.clone(), password: config.password.clone() })
         } else if !config.identity_token.is_empty() {
@@ -211,10 +232,13 @@ impl Credentials {
         };
         let Some(secret) = secret else { return Ok(Credentials::anonymous()) };
         let server = match config.server_address.trim() {
-            "" => None,
-            s => Some(server_host(s)),
+            "" => image_registry,
+            s => s,
         };
-        Ok(Credentials(Inner::Static { secret, server }))
+        if server_host(server).is_empty() {
+            return Err(Error::InvalidArgument("the credentials name no registry: empty server address and image registry".into()));
+        }
+        Ok(Credentials::with_secret(secret, server))
     }
 
     /// Who these credentials are, without revealing them: `anonymous`, a keyed hash of the
@@ -223,9 +247,7 @@ impl Credentials {
     pub fn identity(&self) -> String {
         match &self.0 {
             Inner::Anonymous => "anonymous".into(),
-            Inner::Static { secret, server } => {
-                format!("{}@{}", hex::encode(secret.fingerprint()), server.as_deref().unwrap_or("*"))
-            }
+            Inner::Static { secret, server } => format!("{}@{server}", hex::encode(secret.fingerprint())),
             Inner::Provider(p) => format!("provider:{:p}", Arc::as_ptr(p)),
         }
     }
@@ -235,19 +257,28 @@ impl Credentials {
         matches!(self.0, Inner::Anonymous)
     }
 
-    /// The secret for `host` of `registry`, if any.
-    pub(crate) async fn secret_for(&self, registry: &str, host: &str) -> Result<Option<Secret>> {
+    /// The secret for `host` (`host[:port]` as contacted) serving `registry` (as the puller
+    /// named it); `mirror`: the host is a mirror of `hosts.toml`, not the registry's
+    /// upstream. A bound secret goes to its registry's own hosts and configured upstream
+    /// only (see the module docs); a provider is asked about `host`.
+    pub(crate) async fn secret_for(&self, registry: &str, host: &str, mirror: bool) -> Result<Option<Secret>> {
         match &self.0 {
             Inner::Anonymous => Ok(None),
             Inner::Static { secret, server } => {
-                let applies = match server {
-                    None => true,
-                    Some(s) => same_registry(s, host) || same_registry(s, registry),
-                };
+                let applies = same_registry(server, host) || (!mirror && same_registry(server, registry));
                 Ok(applies.then(|| secret.clone()))
             }
             Inner::Provider(p) => p.secret(registry, host).await,
         }
+    }
+}
+
+/// `index.docker.io` and the other names of Docker Hub as `docker.io`; other hosts as they are.
+fn canonical_registry(host: &str) -> String {
+    if same_registry(host, "docker.io") {
+        "docker.io".to_owned()
+    } else {
+        host.to_owned()
     }
 }
 
@@ -370,8 +401,10 @@ pub(crate) struct Target<'a> {
     pub host: &'a str,
     /// Whether the host is spoken to in plain HTTP (then a plain-HTTP realm is allowed too).
     pub plain_http: bool,
-    /// The registry the image is named after (`docker.io`).
+    /// The registry the image is named after (`docker.io`), as the puller named it.
     pub registry: &'a str,
+    /// Whether the host is a mirror of `hosts.toml` rather than the registry's upstream.
+    pub mirror: bool,
     /// The repository path (`library/busybox`).
     pub repository: &'a str,
 }
@@ -412,7 +445,7 @@ impl Authorizer {
     ) -> Result<Authorization> {
         let challenge = self.challenges.lock().unwrap_or_else(|e| e.into_inner()).get(target.origin).cloned();
         let Some(challenge) = challenge else { return Ok(Authorization::default()) };
-        let secret = credentials.secret_for(target.registry, target.host).await?;
+        let secret = credentials.secret_for(target.registry, target.host, target.mirror).await?;
         let had_credentials = secret.is_some();
         match (challenge, secret) {
             (Challenge::Basic, Some(Secret::Basic { username, password })) => Ok(Authorization {
@@ -599,62 +632,119 @@ mod tests {
         c
     }
 
+    /// The secret for the upstream `host` of `registry`.
     async fn secret(c: &Credentials, registry: &str, host: &str) -> Option<Secret> {
-        c.secret_for(registry, host).await.unwrap()
+        c.secret_for(registry, host, false).await.unwrap()
+    }
+
+    /// The secret for the mirror `host` of `registry`.
+    async fn mirror_secret(c: &Credentials, registry: &str, host: &str) -> Option<Secret> {
+        c.secret_for(registry, host, true).await.unwrap()
     }
 
     #[tokio::test]
     async fn cri_auth_configs_map_like_containerd() {
         let basic = |u: &str, p: &str| Some(Secret::Basic { username: u.into(), password: p.into() });
-        let c = Credentials::from_auth_config(&auth_config(|c| {
-            c.username = "u".into();
-            c.password = "p".into();
-            c.identity_token = "ignored".into();
-        }))
+        let c = Credentials::from_auth_config(
+            &auth_config(|c| {
+                c.username = "u".into();
+                c.password = "p".into();
+                c.identity_token = "ignored".into();
+            }),
+            "r.io",
+        )
         .unwrap();
         assert_eq!(secret(&c, "r.io", "r.io").await, basic("u", "p"));
 
-        let c = Credentials::from_auth_config(&auth_config(|c| c.auth = "dXNlcjpwYTpzcw==".into())).unwrap();
-        assert_eq!(secret(&c, "r.io", "mirror.local").await, basic("user", "pa:ss"), "applies to every host");
+        let c = Credentials::from_auth_config(&auth_config(|c| c.auth = "dXNlcjpwYTpzcw==".into()), "r.io").unwrap();
+        assert_eq!(secret(&c, "r.io", "r.io").await, basic("user", "pa:ss"));
 
-        let c = Credentials::from_auth_config(&auth_config(|c| {
-            c.identity_token = "refresh".into();
-            c.auth = "dXNlcjpwYXNz".into();
-        }))
+        let c = Credentials::from_auth_config(
+            &auth_config(|c| {
+                c.identity_token = "refresh".into();
+                c.auth = "dXNlcjpwYXNz".into();
+            }),
+            "r.io",
+        )
         .unwrap();
         assert_eq!(secret(&c, "r.io", "r.io").await, Some(Secret::IdentityToken("refresh".into())));
 
-        let c = Credentials::from_auth_config(&auth_config(|c| c.registry_token = "tok".into())).unwrap();
+        let c = Credentials::from_auth_config(&auth_config(|c| c.registry_token = "tok".into()), "r.io").unwrap();
         assert_eq!(secret(&c, "r.io", "r.io").await, Some(Secret::RegistryToken("tok".into())));
 
-        let c = Credentials::from_auth_config(&AuthConfig::default()).unwrap();
+        let c = Credentials::from_auth_config(&AuthConfig::default(), "r.io").unwrap();
         assert!(c.is_anonymous());
 
-        let err = Credentials::from_auth_config(&auth_config(|c| c.auth = "not base64 s3cr3t!".into())).unwrap_err();
+        let err = Credentials::from_auth_config(&auth_config(|c| c.auth = "not base64 s3cr3t!".into()), "r.io").unwrap_err();
         assert!(!err.to_string().contains("s3cr3t"), "{err}");
-        let err = Credentials::from_auth_config(&auth_config(|c| c.auth = "bm9jb2xvbg==".into())).unwrap_err();
+        let err = Credentials::from_auth_config(&auth_config(|c| c.auth = "bm9jb2xvbg==".into()), "r.io").unwrap_err();
         assert_eq!(err.code(), crate::error::Code::InvalidArgument);
+    }
 
-        // A server address limits the credentials to that registry.
-        let c = Credentials::from_auth_config(&auth_config(|c| {
-            c.username = "u".into();
-            c.server_address = "https://index.docker.io/v1/".into();
-        }))
+    /// The puller names the registry of every resolve and fetch; a secret goes only where the
+    /// host bound it when the request arrived.
+    #[tokio::test]
+    async fn secrets_stay_with_the_registry_they_are_bound_to() {
+        // No server address: bound to the request's registry, whatever the puller names.
+        let c = Credentials::from_auth_config(&auth_config(|c| c.username = "u".into()), "registry-a.io:5000").unwrap();
+        assert!(secret(&c, "registry-a.io:5000", "registry-a.io:5000").await.is_some());
+        assert!(secret(&c, "Registry-A.io:5000", "registry-a.io:5000").await.is_some(), "hosts compare without case");
+        assert!(secret(&c, "evil.io", "evil.io").await.is_none(), "a registry the puller names");
+        assert!(secret(&c, "registry-a.io", "registry-a.io").await.is_none(), "another port is another registry");
+        assert!(secret(&c, "registry-a.io:5000", "upstream.io").await.is_some(), "the configured upstream");
+        assert!(mirror_secret(&c, "registry-a.io:5000", "mirror.local").await.is_none(), "a mirror");
+        assert!(secret(&c, "evil.io", "upstream.io").await.is_none(), "the upstream of another registry");
+
+        // Docker Hub under any of its names.
+        let c = Credentials::from_auth_config(&auth_config(|c| c.username = "u".into()), "index.docker.io").unwrap();
+        assert!(secret(&c, "docker.io", "registry-1.docker.io").await.is_some());
+        assert!(mirror_secret(&c, "docker.io", "mirror.gcr.io").await.is_none());
+        assert!(secret(&c, "quay.io", "quay.io").await.is_none());
+
+        // A server address wins over the image's registry.
+        let c = Credentials::from_auth_config(
+            &auth_config(|c| {
+                c.username = "u".into();
+                c.server_address = "https://index.docker.io/v1/".into();
+            }),
+            "quay.io",
+        )
         .unwrap();
         assert!(secret(&c, "docker.io", "registry-1.docker.io").await.is_some());
+        assert!(secret(&c, "quay.io", "quay.io").await.is_none());
         assert!(secret(&c, "other.io", "other.io").await.is_none());
-        let c = Credentials::from_auth_config(&auth_config(|c| {
-            c.username = "u".into();
-            c.server_address = "r.io:5000".into();
-        }))
+        let c = Credentials::from_auth_config(
+            &auth_config(|c| {
+                c.username = "u".into();
+                c.server_address = "r.io:5000".into();
+            }),
+            "r.io:5000",
+        )
         .unwrap();
-        assert!(secret(&c, "r.io:5000", "mirror.local").await.is_some(), "the image's registry matches");
+        assert!(secret(&c, "r.io:5000", "upstream.local").await.is_some(), "the upstream configured for the registry");
+        assert!(mirror_secret(&c, "r.io:5000", "mirror.local").await.is_none(), "not a mirror");
         assert!(secret(&c, "r.io", "r.io").await.is_none());
+        // A server address that names a mirror is the operator's choice: that mirror gets it.
+        let c = Credentials::from_auth_config(
+            &auth_config(|c| {
+                c.username = "u".into();
+                c.server_address = "mirror.local".into();
+            }),
+            "r.io",
+        )
+        .unwrap();
+        assert!(mirror_secret(&c, "r.io", "mirror.local").await.is_some());
+        assert!(secret(&c, "r.io", "r.io").await.is_none());
+
+        // Different bindings are different identities: such requests never share a pull.
+        let a = Credentials::basic("a.io", "u", "p");
+        let b = Credentials::basic("b.io", "u", "p");
+        assert_ne!(a.identity(), b.identity());
     }
 
     #[test]
     fn debug_never_shows_secrets() {
-        let c = Credentials::basic("alice", "hunter2-password");
+        let c = Credentials::basic("r.io", "alice", "hunter2-password");
         let s = format!("{c:?} {:?}", Secret::IdentityToken("tok-123".into()));
         assert!(!s.contains("alice") && !s.contains("hunter2") && !s.contains("tok-123"), "{s}");
         let a = auth_config(|c| {

@@ -20,6 +20,11 @@
 //!   override_path = false                      # true: the URL path is the API root
 //! ```
 //!
+//! A host's `header`s go to that host only: not to a host it redirects to, nor to the other
+//! hosts of the file. Credentials of a request go to the upstream, not to mirrors (see
+//! `auth`); a mirror that needs authentication gets it through its own `header`
+//! (`Authorization`).
+//!
 //! A directory without `hosts.toml` is read the Docker way: `*.crt` are CA bundles,
 //! `*.cert` with the `*.key` of the same name are client pairs, for the upstream.
 //!
@@ -82,8 +87,12 @@ pub struct Host {
     pub path: String,
     pub capabilities: Capabilities,
     pub tls: TlsFiles,
-    /// Extra headers for every request to this host.
+    /// Extra headers for every request to this host (never for a host it redirects to).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Whether this host is a mirror (a `[host."…"]` entry) rather than the registry's
+    /// upstream (the last host: `server`, or the registry itself). Credentials given for the
+    /// registry are not sent to mirrors (see `auth`).
+    pub mirror: bool,
 }
 
 impl Host {
@@ -146,11 +155,13 @@ pub fn hosts_for(dir: Option<&Path>, registry: &str) -> Result<Vec<Host>> {
             last.capabilities = Capabilities::ALL;
         }
     }
+    let upstream = hosts.len().saturating_sub(1);
     Ok(hosts
         .into_iter()
-        .map(|e| {
+        .enumerate()
+        .map(|(i, e)| {
             let (scheme, authority, path) = e.host.expect("every entry has a host now");
-            Host { scheme, authority, path, capabilities: e.capabilities, tls: e.tls, headers: e.headers }
+            Host { scheme, authority, path, capabilities: e.capabilities, tls: e.tls, headers: e.headers, mirror: i < upstream }
         })
         .collect())
 }
@@ -350,6 +361,7 @@ mod tests {
     fn defaults_without_configuration() {
         let h = hosts_for(None, "docker.io").unwrap();
         assert_eq!(h.len(), 1);
+        assert!(!h[0].mirror);
         assert_eq!(h[0].url("docker.io", "library/busybox", "manifests/latest"), "https://registry-1.docker.io/v2/library/busybox/manifests/latest");
         let h = hosts_for(None, "127.0.0.1:5000").unwrap();
         assert_eq!(h[0].url("127.0.0.1:5000", "a", "blobs/x"), "http://127.0.0.1:5000/v2/a/blobs/x");
@@ -409,6 +421,7 @@ header = { X-Upstream = "1" }
         assert_eq!(h[3].tls.ca, [d.join("upstream-ca.pem")]);
         assert_eq!(h[3].headers[0].0.as_str(), "x-upstream");
         assert_eq!(h[3].capabilities, Capabilities::ALL);
+        assert_eq!(h.iter().map(|h| h.mirror).collect::<Vec<_>>(), [true, true, true, false], "only the upstream is not a mirror");
         // The upstream named by `server` is a different host: it gets `ns` too.
         assert!(h[3].url("registry.io", "a", "b").ends_with("?ns=registry.io"));
     }

@@ -30,6 +30,12 @@
 //!    commits bytes that do not match their digest, and a stalled pull is cancelled rather
 //!    than retried forever.
 //! 4. Authentication follows the host's `WWW-Authenticate` challenge (see `auth`).
+//! 5. Redirects (registries send blob GETs to object storage) are followed here, not by the
+//!    HTTP library, at most [`MAX_REDIRECTS`] times: the `Authorization` header and the host's
+//!    `hosts.toml` headers go only to the origin (scheme, host, port) of the host, never to
+//!    one a redirect leads to, and a challenge from such a host is not answered; `Accept` and
+//!    `Range` go along. A redirect from HTTPS to plain HTTP is refused (the next host is
+//!    tried). The token service is not followed through redirects at all.
 //!
 //! HTTP errors are reported without URLs (`reqwest::Error::without_url`): a redirect to
 //! blob storage may carry a signed query string. Manifests are capped at [`MAX_MANIFEST`]
@@ -56,7 +62,7 @@ use sha2::{Digest as _, Sha256};
 pub use auth::{AuthConfig, CredentialProvider, Credentials, Secret};
 pub use docker_config::DockerConfig;
 pub use hosts::Host;
-pub use name::Repository;
+pub use name::{reference_registry, Repository};
 
 use crate::{
     backend::{ContentStore, ContentWriter, LeaseId, Stage},
@@ -66,6 +72,9 @@ use crate::{
 
 /// The largest manifest or index the host accepts (containerd uses the same bound).
 pub const MAX_MANIFEST: u64 = 4 << 20;
+
+/// The most redirects one request follows (Go's and reqwest's default).
+pub const MAX_REDIRECTS: usize = 10;
 
 /// containerd's default hosts directory, shared with it.
 pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
@@ -193,6 +202,8 @@ impl Client {
         reqwest::Client::builder()
             .user_agent(concat!("pullbox/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
+            // Redirects are followed by `Client::send`, which decides what goes where.
+            .redirect(reqwest::redirect::Policy::none())
             .use_rustls_tls()
     }
 
@@ -620,38 +631,20 @@ impl Client {
             plain_http: host.plain_http(),
             registry: repo.registry(),
             repository: repo.path(),
+            mirror: host.mirror,
         };
+        let url = reqwest::Url::parse(url)
+            .map_err(|_| Failure::Fatal(Error::InvalidArgument(format!("{what}: no valid URL on {}", host.authority))))?;
+        let home = url.origin();
         let stall = self.config.stall_timeout;
         let mut authz = self.auth.authorize(http, &target, credentials, stall).await.map_err(auth_failure)?;
         let mut challenged = false;
         loop {
-            let mut req = http.get(url);
-            for (k, v) in &host.headers {
-                req = req.header(k, v);
-            }
-            for (k, v) in headers {
-                req = req.header(k, v);
-            }
-            if let Some(h) = &authz.header {
-                req = req.header(header::AUTHORIZATION, h.clone());
-            }
-            tracing::trace!(url, authorized = authz.header.is_some(), "GET");
-            let resp = match tokio::time::timeout(stall, req.send()).await {
-                Err(_) => {
-                    return Err(Failure::NextHost(Error::Unavailable {
-                        what: format!("{} did not answer {what} within {} (stall timeout)", host.authority, seconds(stall)),
-                        source: None,
-                    }))
-                }
-                Ok(Err(e)) => {
-                    let retry = transient(&e);
-                    let e = Error::unavailable(format!("cannot reach {} for {what}", host.authority), e.without_url());
-                    return Err(if retry { Failure::Retry(e) } else { Failure::NextHost(e) });
-                }
-                Ok(Ok(r)) => r,
-            };
-            tracing::trace!(url, status = %resp.status(), "answer");
-            if resp.status() == StatusCode::UNAUTHORIZED && !challenged {
+            let resp = self.send(http, host, url.clone(), headers, authz.header.as_ref(), what).await?;
+            // A challenge from a host redirected to is not answered: the credentials are not
+            // for it.
+            let redirected = resp.url().origin() != home;
+            if resp.status() == StatusCode::UNAUTHORIZED && !challenged && !redirected {
                 challenged = true;
                 if self.auth.challenged(&target, &resp, &authz) {
                     let next = self.auth.authorize(http, &target, credentials, stall).await.map_err(auth_failure)?;
@@ -662,8 +655,116 @@ impl Client {
                     authz = next;
                 }
             }
-            return check_status(resp, what, &host.authority, &authz, stall).await;
+            let place = if redirected {
+                format!("{} (redirected to {})", host.authority, authority_of(resp.url()))
+            } else {
+                host.authority.clone()
+            };
+            return check_status(resp, what, &place, &authz, stall).await;
         }
+    }
+
+    /// Sends one GET of `url` to `host` and follows its redirects, at most
+    /// [`MAX_REDIRECTS`]. `authorization` and the host's `hosts.toml` headers go only to
+    /// `url`'s origin (scheme, host and port), never to another one a redirect leads to;
+    /// `headers` (`Accept`, `Range`) go to every hop. A redirect from HTTPS to plain HTTP is
+    /// refused. Returns the first answer that is not a redirect.
+    async fn send(
+        &self,
+        http: &reqwest::Client,
+        host: &Host,
+        mut url: reqwest::Url,
+        headers: &[(header::HeaderName, String)],
+        authorization: Option<&header::HeaderValue>,
+        what: &str,
+    ) -> Result<reqwest::Response, Failure> {
+        let home = url.origin();
+        let stall = self.config.stall_timeout;
+        let mut hops = 0;
+        loop {
+            let at_home = url.origin() == home;
+            let place = if at_home {
+                host.authority.clone()
+            } else {
+                format!("{} (redirected to {})", host.authority, authority_of(&url))
+            };
+            let mut req = http.get(url.clone());
+            if at_home {
+                for (k, v) in &host.headers {
+                    req = req.header(k, v);
+                }
+                if let Some(h) = authorization {
+                    req = req.header(header::AUTHORIZATION, h.clone());
+                }
+            }
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            // The path only: a redirect's query string may be a signature.
+            tracing::trace!(host = %authority_of(&url), path = url.path(), authorized = at_home && authorization.is_some(), "GET");
+            let resp = match tokio::time::timeout(stall, req.send()).await {
+                Err(_) => {
+                    return Err(Failure::NextHost(Error::Unavailable {
+                        what: format!("{place} did not answer {what} within {} (stall timeout)", seconds(stall)),
+                        source: None,
+                    }))
+                }
+                Ok(Err(e)) => {
+                    let retry = transient(&e);
+                    let e = Error::unavailable(format!("cannot reach {place} for {what}"), e.without_url());
+                    return Err(if retry { Failure::Retry(e) } else { Failure::NextHost(e) });
+                }
+                Ok(Ok(r)) => r,
+            };
+            tracing::trace!(host = %authority_of(&url), status = %resp.status(), "answer");
+            let followed = matches!(
+                resp.status(),
+                StatusCode::MOVED_PERMANENTLY
+                    | StatusCode::FOUND
+                    | StatusCode::SEE_OTHER
+                    | StatusCode::TEMPORARY_REDIRECT
+                    | StatusCode::PERMANENT_REDIRECT
+            );
+            // A redirect without a location is an answer like any other (check_status).
+            let Some(location) = resp.headers().get(header::LOCATION).filter(|_| followed) else { return Ok(resp) };
+            let refuse = |why: String| Failure::NextHost(Error::FailedPrecondition(format!("{what}: {place} {why}")));
+            let next = location
+                .to_str()
+                .ok()
+                .and_then(|l| url.join(l).ok())
+                .ok_or_else(|| refuse("redirected to an invalid location".into()))?;
+            match (url.scheme(), next.scheme()) {
+                ("https", "https") | ("http", "http") | ("http", "https") => {}
+                ("https", "http") => {
+                    return Err(refuse(format!(
+                        "redirected from HTTPS to plain HTTP ({}); refusing to follow a redirect that drops TLS",
+                        authority_of(&next)
+                    )))
+                }
+                (_, other) => return Err(refuse(format!("redirected to an unsupported scheme {other:?}"))),
+            }
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(refuse(format!("redirected more than {MAX_REDIRECTS} times")));
+            }
+            tracing::debug!(
+                host = %host.authority,
+                to = %authority_of(&next),
+                status = %resp.status(),
+                credentials = next.origin() == home,
+                "{what}: following a redirect"
+            );
+            url = next;
+        }
+    }
+}
+
+/// `host[:port]` of a URL, for messages (never its path or query, which may be signed).
+fn authority_of(url: &reqwest::Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        (None, _) => String::new(),
     }
 }
 

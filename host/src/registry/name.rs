@@ -1,6 +1,10 @@
 //! Repository names as the transport sees them: `registry[:port]/path`, already normalized by
 //! the puller. The host re-validates everything it puts into a URL, because the guest is not
 //! trusted to have done so.
+//!
+//! [`reference_registry`] is the one piece of reference parsing the host does itself: the
+//! registry a request's image reference names, which the request's credentials are bound to
+//! (see `auth`), so that a puller cannot send them to a registry of its choosing.
 
 use std::{fmt, net::IpAddr};
 
@@ -17,6 +21,33 @@ pub struct Repository {
 
 /// The longest repository name accepted (the distribution spec's limit).
 const MAX_NAME: usize = 255;
+
+/// The registry of references without one (Docker's rule).
+pub const DEFAULT_REGISTRY: &str = "docker.io";
+
+/// The registry host an image reference names, as Docker and containerd normalize it: the
+/// first path component when it looks like a host (it holds a `.` or a `:`, is `localhost`,
+/// or has an uppercase letter), `docker.io` otherwise; `index.docker.io` is `docker.io`; a
+/// port is kept; the host is lowercased. `busybox`, `library/busybox:1` and
+/// `index.docker.io/library/busybox` are on `docker.io`; `127.0.0.1:5000/team/app@sha256:…`
+/// is on `127.0.0.1:5000`.
+///
+/// Only the registry is parsed: whether the rest is a valid reference is the puller's call,
+/// and a request the puller reads differently gets no credentials anywhere else.
+pub fn reference_registry(reference: &str) -> String {
+    let name = reference.trim().split('@').next().unwrap_or_default();
+    let Some((first, _)) = name.split_once('/') else { return DEFAULT_REGISTRY.to_owned() };
+    let is_host = first.contains(['.', ':']) || first == "localhost" || first.bytes().any(|b| b.is_ascii_uppercase());
+    if !is_host {
+        return DEFAULT_REGISTRY.to_owned();
+    }
+    let host = first.to_ascii_lowercase();
+    if host == "index.docker.io" {
+        DEFAULT_REGISTRY.to_owned()
+    } else {
+        host
+    }
+}
 
 impl Repository {
     /// Parses and validates `registry/path`.
@@ -103,6 +134,33 @@ mod tests {
             ("docker.io/library/busybox", false),
         ] {
             assert_eq!(Repository::parse(name).unwrap().is_loopback(), loopback, "{name}");
+        }
+    }
+
+    #[test]
+    fn registries_of_references() {
+        for (reference, registry) in [
+            ("busybox", "docker.io"),
+            ("busybox:1.36", "docker.io"),
+            ("library/busybox", "docker.io"),
+            ("team/app:1.0", "docker.io"),
+            ("docker.io/library/busybox", "docker.io"),
+            ("index.docker.io/library/busybox", "docker.io"),
+            ("Index.Docker.IO/library/busybox", "docker.io"),
+            ("registry-1.docker.io/library/busybox", "registry-1.docker.io"),
+            ("quay.io/team/app", "quay.io"),
+            ("127.0.0.1:5000/team/app:1.0", "127.0.0.1:5000"),
+            ("127.0.0.1:5000/team/app@sha256:abcd", "127.0.0.1:5000"),
+            ("localhost/app", "localhost"),
+            ("localhost:5000/app", "localhost:5000"),
+            ("[::1]:5000/app", "[::1]:5000"),
+            ("Registry/app", "registry"),
+            ("busybox@sha256:abcd", "docker.io"),
+            ("sha256:abcd", "docker.io"),
+            // Whatever comes after the first `/` is path, even when it looks like a host.
+            ("team/evil.io/app", "docker.io"),
+        ] {
+            assert_eq!(reference_registry(reference), registry, "{reference}");
         }
     }
 

@@ -221,7 +221,7 @@ async fn bearer_tokens_are_fetched_once_per_scope_and_credentials() {
     .await;
     *realm.lock().unwrap() = format!("http://{}/token", server.addr);
     let (c, s) = (client(None), store().await);
-    let alice = Credentials::basic("alice", "s3cret");
+    let alice = Credentials::basic(&server.addr, "alice", "s3cret");
 
     let desc_m = c.resolve(&repo(&server.addr), "1.0", s.backend.content.as_ref(), &s.lease, &alice).await.unwrap();
     assert_eq!(desc_m.digest, Digest::sha256_of(MANIFEST));
@@ -237,7 +237,7 @@ async fn bearer_tokens_are_fetched_once_per_scope_and_credentials() {
     assert_eq!(token_requests.load(Ordering::SeqCst), 2);
     // Wrong credentials: refused, and the message holds no secret.
     let err = c
-        .resolve(&repo(&server.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::basic("alice", "wrong-pw"))
+        .resolve(&repo(&server.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::basic(&server.addr, "alice", "wrong-pw"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), crate::error::Code::PermissionDenied);
@@ -302,7 +302,7 @@ async fn basic_auth_after_the_challenge_then_up_front() {
     let (c, s) = (client(None), store().await);
     let err = fetch(&c, &s, &server.addr, &desc, &Credentials::anonymous()).await.unwrap_err();
     assert!(err.chain().contains("no credentials for this host"), "{}", err.chain());
-    let bob = Credentials::from_auth_config(&AuthConfig { auth: "Ym9iOnB3".into(), ..Default::default() }).unwrap();
+    let bob = Credentials::from_auth_config(&AuthConfig { auth: "Ym9iOnB3".into(), ..Default::default() }, &server.addr).unwrap();
     fetch(&c, &s, &server.addr, &desc, &bob).await.unwrap();
     let before = server.seen().len();
     let (data2, desc2) = blob(11);
@@ -420,3 +420,155 @@ fn content_ranges_parse() {
     assert_eq!(seconds(Duration::from_millis(1500)), "1500ms");
 }
 
+
+/// A registry that wants basic auth from bob (`bob:pw`) and serves the manifest and `data`.
+fn bob_registry(data: Vec<u8>) -> impl Fn(&Seen) -> Reply + Send + Sync + 'static {
+    move |req| {
+        if req.headers.get("authorization").map(String::as_str) != Some("Basic Ym9iOnB3") {
+            return Reply::Full(401, vec![("WWW-Authenticate".into(), r#"Basic realm="r""#.into())], Vec::new());
+        }
+        if req.path.contains("/manifests/") {
+            manifest_reply()
+        } else {
+            ok(&data)
+        }
+    }
+}
+
+/// bob's credentials as the CRI sends them (no `server_address`), for a request whose
+/// reference names `registry`.
+fn bob_for(registry: &str) -> Credentials {
+    Credentials::from_auth_config(&AuthConfig { auth: "Ym9iOnB3".into(), ..Default::default() }, registry).unwrap()
+}
+
+/// The puller names the registry of each resolve and fetch. A request for registry A whose
+/// puller names registry B (which asks for credentials just as A does) must not hand A's
+/// credentials to B.
+#[tokio::test]
+async fn credentials_without_a_server_address_stay_with_the_request_registry() {
+    let (data, desc) = blob(32);
+    let a = Server::start(bob_registry(data.clone())).await;
+    let b = Server::start(bob_registry(data)).await;
+    let (c, s) = (client(None), store().await);
+    // The registry as the host reads it from the request's reference.
+    let creds = bob_for(&reference_registry(&format!("{}/team/app:1.0", a.addr)));
+
+    c.resolve(&repo(&a.addr), "1.0", s.backend.content.as_ref(), &s.lease, &creds).await.unwrap();
+    fetch(&c, &s, &a.addr, &desc, &creds).await.unwrap();
+    assert!(a.seen().iter().any(|r| r.headers.contains_key("authorization")), "A never got the credentials");
+
+    let err = c.resolve(&repo(&b.addr), "1.0", s.backend.content.as_ref(), &s.lease, &creds).await.unwrap_err();
+    assert_eq!(err.code(), crate::error::Code::PermissionDenied, "{err}");
+    assert!(err.chain().contains("no credentials for this host"), "{}", err.chain());
+    let (_, other) = blob(33);
+    fetch(&c, &s, &b.addr, &other, &creds).await.unwrap_err();
+    let seen = b.seen();
+    assert!(seen.len() >= 2, "{seen:#?}");
+    assert!(seen.iter().all(|r| !r.headers.contains_key("authorization")), "B got A's credentials: {seen:#?}");
+}
+
+/// Credentials for the registry go to its upstream, never to a mirror of `hosts.toml`, even
+/// one that asks for them; the mirror's own `header` is how it is given any.
+#[tokio::test]
+async fn mirrors_get_no_registry_credentials() {
+    let (data, desc) = blob(48);
+    let upstream = Server::start(bob_registry(data.clone())).await;
+    let mirror = Server::start(bob_registry(data)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join(&upstream.addr);
+    std::fs::create_dir_all(&d).unwrap();
+    let hosts = |mirror_headers: &str| {
+        format!(
+            "server = \"http://{}\"\n[host.\"http://{}\"]\ncapabilities = [\"pull\", \"resolve\"]\n{mirror_headers}",
+            upstream.addr, mirror.addr
+        )
+    };
+    std::fs::write(d.join("hosts.toml"), hosts("")).unwrap();
+    let (c, s) = (client(Some(dir.path())), store().await);
+    let creds = bob_for(&upstream.addr);
+    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &creds).await.unwrap();
+    fetch(&c, &s, &upstream.addr, &desc, &creds).await.unwrap();
+    let asked = mirror.seen();
+    assert!(asked.len() >= 2, "the mirror was not tried first: {asked:#?}");
+    assert!(asked.iter().all(|r| !r.headers.contains_key("authorization")), "the mirror got the credentials: {asked:#?}");
+    assert!(upstream.seen().iter().any(|r| r.headers.get("authorization").map(String::as_str) == Some("Basic Ym9iOnB3")));
+
+    // Configured for the mirror: its `header` authenticates it, and the upstream is not asked.
+    std::fs::write(d.join("hosts.toml"), hosts("header = { Authorization = \"Basic Ym9iOnB3\" }\n")).unwrap();
+    let before = upstream.seen().len();
+    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous()).await.unwrap();
+    assert_eq!(upstream.seen().len(), before, "the mirror with its header served the manifest");
+}
+
+/// Blob storage behind a redirect: `Authorization` and the host's `hosts.toml` headers stay
+/// on the registry's origin; `Range` goes along; a redirect on the same origin keeps them.
+#[tokio::test]
+async fn redirects_to_another_host_carry_no_credentials_or_configured_headers() {
+    let (data, desc) = blob(4000);
+    let d = data.clone();
+    let storage = Server::start(move |req| match req.headers.get("range") {
+        None => Reply::Cut(d.len(), d[..1500].to_vec()),
+        Some(r) => {
+            let start: usize = r.trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
+            let range = format!("bytes {start}-{}/{}", d.len() - 1, d.len());
+            Reply::Full(206, vec![("Content-Range".into(), range)], d[start..].to_vec())
+        }
+    })
+    .await;
+    let storage_url = format!("http://{}/bucket/blob?X-Signature=s1gn3d", storage.addr);
+    let registry = Server::start(move |req| {
+        if req.headers.get("authorization").map(String::as_str) != Some("Basic Ym9iOnB3") {
+            return Reply::Full(401, vec![("WWW-Authenticate".into(), r#"Basic realm="r""#.into())], Vec::new());
+        }
+        if req.path.starts_with("/v2/team/app/blobs/") {
+            // First to another path of the same origin, then to the storage.
+            return Reply::Full(302, vec![("Location".into(), "/same-origin/blob".into())], Vec::new());
+        }
+        Reply::Full(307, vec![("Location".into(), storage_url.clone())], Vec::new())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let hd = dir.path().join(&registry.addr);
+    std::fs::create_dir_all(&hd).unwrap();
+    std::fs::write(hd.join("hosts.toml"), "header = { X-Registry-Secret = \"hdr-s3cret\" }\n").unwrap();
+    let (c, s) = (client(Some(dir.path())), store().await);
+    fetch(&c, &s, &registry.addr, &desc, &bob_for(&registry.addr)).await.unwrap();
+    assert!(committed(&s, &desc.digest).await);
+
+    let on_registry = registry.seen();
+    let same_origin: Vec<&Seen> = on_registry.iter().filter(|r| r.path == "/same-origin/blob").collect();
+    assert!(!same_origin.is_empty(), "{on_registry:#?}");
+    for r in same_origin {
+        assert_eq!(r.headers.get("authorization").map(String::as_str), Some("Basic Ym9iOnB3"), "{r:#?}");
+        assert_eq!(r.headers.get("x-registry-secret").map(String::as_str), Some("hdr-s3cret"), "{r:#?}");
+    }
+    let on_storage = storage.seen();
+    assert_eq!(on_storage.len(), 2, "one cut download and its resumption: {on_storage:#?}");
+    for r in &on_storage {
+        assert_eq!(r.path, "/bucket/blob?X-Signature=s1gn3d");
+        assert!(!r.headers.contains_key("authorization"), "the storage got the credentials: {r:#?}");
+        assert!(!r.headers.contains_key("x-registry-secret"), "the storage got a hosts.toml header: {r:#?}");
+        assert!(!r.headers.contains_key("referer"), "{r:#?}");
+    }
+    assert_eq!(on_storage[1].headers.get("range").map(String::as_str), Some("bytes=1500-"));
+}
+
+/// A redirect target that asks for credentials gets none; a redirect loop ends.
+#[tokio::test]
+async fn redirect_targets_are_not_answered_and_loops_end() {
+    let (_, desc) = blob(10);
+    let other = Server::start(|_| Reply::Full(401, vec![("WWW-Authenticate".into(), r#"Basic realm="r""#.into())], Vec::new())).await;
+    let to = format!("http://{}/elsewhere", other.addr);
+    let registry = Server::start(move |_| Reply::Full(307, vec![("Location".into(), to.clone())], Vec::new())).await;
+    let (c, s) = (client(None), store().await);
+    let err = fetch(&c, &s, &registry.addr, &desc, &bob_for(&registry.addr)).await.unwrap_err();
+    assert_eq!(err.code(), crate::error::Code::PermissionDenied, "{err}");
+    assert!(err.chain().contains("redirected to"), "{}", err.chain());
+    assert!(other.seen().iter().all(|r| !r.headers.contains_key("authorization")), "{:#?}", other.seen());
+    assert_eq!(other.seen().len(), 1, "the target's challenge was answered: {:#?}", other.seen());
+
+    let looping = Server::start(|req| Reply::Full(302, vec![("Location".into(), format!("{}x", req.path))], Vec::new())).await;
+    let err = fetch(&c, &s, &looping.addr, &desc, &Credentials::anonymous()).await.unwrap_err();
+    assert!(err.chain().contains(&format!("more than {MAX_REDIRECTS} times")), "{}", err.chain());
+    assert_eq!(looping.seen().len(), MAX_REDIRECTS + 1);
+}
