@@ -551,7 +551,7 @@ fn cri_credentials_never_reach_a_registry_the_puller_names() {
     let elsewhere = format!("{}/team/app:1.0", at_b.addr());
     let settings = serde_json::json!({"behavior": "sleepy", "resolve": [elsewhere], "reads": 1}).to_string();
     let hosts = tempfile::tempdir().unwrap();
-    let d = sandbox::SwapDaemon::start(&sandbox::hostile().unwrap(), &settings, &registry_section(hosts.path()))
+    let d = sandbox::SwapDaemon::start(pullbox_tests::backends::Backend::Embedded, &sandbox::hostile().unwrap(), &settings, &registry_section(hosts.path()))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let pulled = cri_pull(d.daemon.socket(), pull_with_alice(&format!("{}/team/app:1.0", a.addr())))
         .unwrap_or_else(|e| panic!("the pull from A failed: {e:?}\n{}", d.daemon.log()));
