@@ -36,6 +36,7 @@ pub const PULLBOX_ENV: &[&str] = &[
     "PULLBOX_HOSTS_DIR",
     "PULLBOX_DOCKER_CONFIG",
     "PULLBOX_STALL_TIMEOUT",
+    "PULLBOX_MAX_LAYER_BYTES",
 ];
 
 /// A store root and the binary that works on it.

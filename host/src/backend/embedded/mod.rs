@@ -36,6 +36,7 @@
 //! Content or snapshots removed behind pullbox's back read as absent, so the image is not
 //! READY and a pull writes them again ([`snapshots`]).
 
+mod archive;
 mod content;
 mod db;
 mod differ;
@@ -73,12 +74,23 @@ pub fn open(root: &Path) -> Result<Backend> {
 }
 
 /// How the embedded backend writes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
     /// Flush each snapshot's filesystem (one `syncfs`) before committing it, so a committed
     /// snapshot survives a power loss (containerd CRI's `image_pull_with_sync_fs`; off by
     /// default, as there). Blobs are always fsynced when committed.
     pub sync_fs: bool,
+    /// The cap on one layer's uncompressed size, in bytes (default
+    /// [`DEFAULT_MAX_LAYER_BYTES`]); a layer past it is refused as resource exhaustion.
+    pub max_layer_bytes: u64,
+}
+
+pub use differ::DEFAULT_MAX_LAYER_BYTES;
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { sync_fs: false, max_layer_bytes: DEFAULT_MAX_LAYER_BYTES }
+    }
 }
 
 /// [`open`] with `options`.
@@ -88,7 +100,7 @@ pub fn open_with(root: &Path, options: Options) -> Result<Backend> {
     Ok(Backend {
         content: Arc::new(content::Content::new(layout.clone(), db.clone())),
         snapshots: Arc::new(snapshots::Snapshots::new(layout.clone(), db.clone(), options.sync_fs)),
-        differ: Arc::new(differ::Applier::new(layout.clone(), db.clone())),
+        differ: Arc::new(differ::Applier::new(layout.clone(), db.clone(), options.max_layer_bytes)),
         images: Arc::new(images::Images::new(db.clone())),
         leases: Arc::new(leases::LeaseManager::new(layout, db)),
     })

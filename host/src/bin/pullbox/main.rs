@@ -80,6 +80,11 @@ struct Cli {
     #[arg(long, global = true, env = "PULLBOX_SYNC_FS")]
     sync_fs: bool,
 
+    /// The largest uncompressed size of one layer, in bytes (default 64 GiB); a larger layer
+    /// fails the pull as resource-exhausted.
+    #[arg(long, global = true, env = "PULLBOX_MAX_LAYER_BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    max_layer_bytes: Option<u64>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -183,11 +188,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             puller: cli.puller.clone(),
             settings: cli.settings.clone(),
             sync_fs: cli.sync_fs,
+            max_layer_bytes: cli.max_layer_bytes,
         };
         return serve::serve(config.as_deref(), overrides).await;
     }
     let root = cli.root.clone().map(Ok).unwrap_or_else(default_root)?;
-    let backend = embedded::open_with(&root, embedded::Options { sync_fs: cli.sync_fs })
+    let options = embedded::Options {
+        sync_fs: cli.sync_fs,
+        max_layer_bytes: cli.max_layer_bytes.unwrap_or(embedded::DEFAULT_MAX_LAYER_BYTES),
+    };
+    let backend = embedded::open_with(&root, options)
         .with_context(|| format!("cannot open the store at {}", root.display()))?;
     if let Command::Gc = cli.command {
         return images::gc(&backend).await;
