@@ -261,6 +261,74 @@ pub(crate) fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     }
 }
 
+/// Space held back on the store's filesystem: a file of [`Reserve::BYTES`] (`<root>/reserve`)
+/// that is deleted when the disk is full, so that the metadata database can still write what
+/// frees space (deleting a failed pull's lease, a collection) and can be opened at all (SQLite
+/// allocates its shared-memory index when a process first opens the database). It is made
+/// again when there is room for it with room to spare.
+#[derive(Debug, Clone)]
+pub(crate) struct Reserve {
+    path: std::path::PathBuf,
+}
+
+impl Reserve {
+    /// 8 MiB: a collection's transaction writes a few hundred KiB to SQLite's log; opening
+    /// needs 32 KiB. Small next to any disk that holds images.
+    pub(crate) const BYTES: u64 = 8 << 20;
+
+    pub(crate) fn new(path: std::path::PathBuf) -> Reserve {
+        Reserve { path }
+    }
+
+    /// Bytes this process may still write on the reserve's filesystem.
+    fn free(&self) -> io::Result<u64> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let st = rfs::statvfs(dir)?;
+        // Root may use the blocks the filesystem keeps back for it.
+        let blocks = if rustix::process::geteuid().is_root() { st.f_bfree } else { st.f_bavail };
+        Ok(blocks.saturating_mul(st.f_frsize))
+    }
+
+    /// Makes the reserve when it is missing and the disk has room for it four times over.
+    /// Best effort: a failure leaves no partial file behind.
+    pub(crate) fn ensure(&self) {
+        if self.path.exists() || !self.free().is_ok_and(|free| free >= 4 * Self::BYTES) {
+            return;
+        }
+        let tmp = self.path.with_extension(uuid::Uuid::new_v4().simple().to_string());
+        let made = (|| -> io::Result<()> {
+            let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            if rfs::fallocate(&file, rfs::FallocateFlags::empty(), 0, Self::BYTES).is_err() {
+                // No fallocate here: write the zeros.
+                let zeros = vec![0u8; 1 << 20];
+                let mut file = &file;
+                for _ in 0..Self::BYTES >> 20 {
+                    io::Write::write_all(&mut file, &zeros)?;
+                }
+            }
+            file.sync_all()?;
+            fs::rename(&tmp, &self.path)
+        })();
+        if let Err(e) = made {
+            tracing::debug!(reserve = %self.path.display(), "cannot make the disk-space reserve: {e}");
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+
+    /// Deletes the reserve when the disk has less free space than the reserve's size; whether
+    /// it did.
+    pub(crate) fn release_if_full(&self) -> bool {
+        if !self.free().is_ok_and(|free| free < Self::BYTES) {
+            return false;
+        }
+        let released = fs::remove_file(&self.path).is_ok();
+        if released {
+            tracing::warn!(reserve = %self.path.display(), "the disk is full: releasing the space held back for the metadata database");
+        }
+        released
+    }
+}
+
 /// Flushes everything written to the filesystem that holds `path` to disk: one `syncfs(2)`,
 /// however many files a layer wrote.
 pub(crate) fn sync_filesystem(path: &Path) -> io::Result<()> {

@@ -15,6 +15,8 @@
 //! <root>/metadata.db                               SQLite: images, content labels,
 //!                                                  snapshots, leases           (db)
 //! <root>/mounts/<sha256(dir)>.json                 `pullbox mount` records (the CLI's)
+//! <root>/reserve                                   disk space held back for a full
+//!                                                  disk                        (fsutil)
 //! ```
 //!
 //! [`open`] returns a [`Backend`] made of: [`content::Content`] (content store and writers),
@@ -96,7 +98,7 @@ impl Default for Options {
 /// [`open`] with `options`.
 pub fn open_with(root: &Path, options: Options) -> Result<Backend> {
     let layout = Layout::create(root)?;
-    let db = db::Db::open(&layout.db())?;
+    let db = db::Db::open(&layout.db(), fsutil::Reserve::new(layout.reserve()))?;
     Ok(Backend {
         content: Arc::new(content::Content::new(layout.clone(), db.clone())),
         snapshots: Arc::new(snapshots::Snapshots::new(layout.clone(), db.clone(), options.sync_fs)),
@@ -143,6 +145,11 @@ impl Layout {
 
     fn db(&self) -> PathBuf {
         self.root.join("metadata.db")
+    }
+
+    /// Disk space held back for the metadata database (see [`fsutil::Reserve`]).
+    fn reserve(&self) -> PathBuf {
+        self.root.join("reserve")
     }
 
     /// The directory of committed blobs of one algorithm.
