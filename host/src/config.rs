@@ -37,6 +37,9 @@ pub struct DaemonConfig {
     /// Embedded store: flush each snapshot to disk before committing it (see
     /// [`crate::backend::embedded::Options::sync_fs`]).
     pub sync_fs: bool,
+    /// Embedded store: the largest uncompressed size of one layer, in bytes (see
+    /// [`crate::backend::embedded::Options::max_layer_bytes`]; default 64 GiB).
+    pub max_layer_bytes: u64,
     /// The puller component; empty: the default puller installed with pullbox.
     pub puller: Option<PathBuf>,
     /// The puller's settings document; empty: none (the puller's defaults).
@@ -126,6 +129,7 @@ impl Default for DaemonConfig {
             root: PathBuf::from("/var/lib/pullbox"),
             backend: BackendKind::Embedded,
             sync_fs: false,
+            max_layer_bytes: crate::backend::embedded::DEFAULT_MAX_LAYER_BYTES,
             puller: None,
             settings: None,
             metrics_address: None,
@@ -162,6 +166,9 @@ impl DaemonConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.mode()?;
         self.sandbox.validate()?;
+        if self.max_layer_bytes == 0 {
+            return Err("max_layer_bytes must be positive".into());
+        }
         let r = &self.registry;
         let ok = |v: f64| v.is_finite() && v > 0.0 && v <= 86_400.0;
         if !ok(r.stall_timeout_seconds) || !ok(r.connect_timeout_seconds) || r.attempts == 0 {
@@ -214,5 +221,10 @@ mod tests {
         assert!(c.validate().is_err());
         let c: DaemonConfig = toml::from_str("metrics_address = \"0.0.0.0:9000\"").unwrap();
         assert!(c.validate().is_err());
+        let c: DaemonConfig = toml::from_str("max_layer_bytes = 0").unwrap();
+        assert!(c.validate().is_err());
+        let c: DaemonConfig = toml::from_str("max_layer_bytes = 1048576").unwrap();
+        assert_eq!(c.max_layer_bytes, 1 << 20);
+        assert_eq!(DaemonConfig::default().max_layer_bytes, 64 << 30);
     }
 }

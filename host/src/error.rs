@@ -108,7 +108,13 @@ impl Error {
             Error::Unavailable { .. } => Code::Unavailable,
             Error::Cancelled(_) => Code::Cancelled,
             Error::Shared { code, .. } => *code,
-            Error::Io { source, .. } if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => {
+            // A full disk or an exhausted quota, from the filesystem or the metadata database.
+            Error::Io { source, .. }
+                if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) =>
+            {
+                Code::ResourceExhausted
+            }
+            Error::Db(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull => {
                 Code::ResourceExhausted
             }
             Error::Io { .. } | Error::Db(_) | Error::Corrupt(_) => Code::Internal,

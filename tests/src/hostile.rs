@@ -101,6 +101,19 @@ fn gzip(data: &[u8]) -> Result<Vec<u8>> {
 /// here) as `ADDR/<name>`, for the host's platform; returns the reference. `work` is a
 /// scratch directory for the layout.
 pub fn push_image(registry: &Registry, name: &str, layers: &[Vec<u8>], work: &Path) -> Result<String> {
+    let blobs = layers.iter().map(|tar| Ok(GzipLayer { gz: gzip(tar)?, diff_id: sha256_digest(tar) })).collect::<Result<Vec<_>>>()?;
+    push_layers(registry, name, &blobs, work)
+}
+
+/// A gzip layer blob and its diff ID (the sha256 of the uncompressed tar).
+pub struct GzipLayer {
+    pub gz: Vec<u8>,
+    pub diff_id: String,
+}
+
+/// [`push_image`] for layers already compressed (the layer bombs of [`crate::bombs`], whose
+/// uncompressed form is too large to hold).
+pub fn push_layers(registry: &Registry, name: &str, layers: &[GzipLayer], work: &Path) -> Result<String> {
     let dir = work.join(format!("layout-{}", name.replace(['/', ':'], "-")));
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs)?;
@@ -111,10 +124,9 @@ pub fn push_image(registry: &Registry, name: &str, layers: &[Vec<u8>], work: &Pa
     };
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
-    for tar in layers {
-        let gz = gzip(tar)?;
-        diff_ids.push(sha256_digest(tar));
-        descriptors.push(json!({ "mediaType": MEDIA_TYPE_LAYER_GZIP, "digest": put(&gz)?, "size": gz.len() }));
+    for layer in layers {
+        diff_ids.push(layer.diff_id.clone());
+        descriptors.push(json!({ "mediaType": MEDIA_TYPE_LAYER_GZIP, "digest": put(&layer.gz)?, "size": layer.gz.len() }));
     }
     let platform = Platform::host();
     let config = serde_json::to_vec(&json!({

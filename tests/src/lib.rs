@@ -11,8 +11,9 @@
 //! - [`process`]: running programs with captured output and a deadline.
 //! - [`service`]: long-running programs (the registries, containerd) under a supervisor that
 //!   stops them and deletes their files when the value is dropped or the test process ends.
-//! - [`corpus`], [`hostile`], [`mounts`], [`gate`]: the store suite's images (umoci-built,
-//!   and hand-made hostile layers), its views of a store (mounted root filesystems, what is on
+//! - [`corpus`], [`hostile`], [`bombs`], [`mounts`], [`gate`]: the store suite's images
+//!   (umoci-built, hand-made hostile layers, and layer bombs made cheaply), its views of a
+//!   store (mounted root filesystems, what is on
 //!   disk) and a proxy that holds downloads part-way until released.
 //! - [`configured_registry`], [`proxy`], [`tls`], [`token_server`]: the transport tests'
 //!   servers: the registry with htpasswd or token auth and TLS over the fixture's storage, a
@@ -45,6 +46,7 @@ pub mod tree;
 pub mod corpus;
 pub mod gate;
 pub mod hostile;
+pub mod bombs;
 pub mod mounts;
 
 pub use fixture::{app, fixture, Fixture};

@@ -42,6 +42,7 @@ pub const PULLBOX_ENV: &[&str] = &[
     "PULLBOX_BACKEND",
     "PULLBOX_CONTAINERD_ADDRESS",
     "PULLBOX_CONTAINERD_NAMESPACE",
+    "PULLBOX_MAX_LAYER_BYTES",
 ];
 
 /// A store root and the binary that works on it.

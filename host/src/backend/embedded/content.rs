@@ -339,7 +339,7 @@ pub(crate) struct Writer {
 
 impl Writer {
     fn io_err(&self, what: &str) -> impl FnOnce(io::Error) -> Error {
-        Error::io(format!("{what} ingest of blob {}", self.expected.digest))
+        Error::io(format!("{what} ingest of blob {} in {}", self.expected.digest, self.dir.display()))
     }
 
     /// Removes the ingest, with the lock still held. A failure is only logged: the caller's

@@ -13,16 +13,23 @@
 //! Constants: [`BUSY_TIMEOUT`] is long (a minute) because a garbage collection holds the write
 //! lock while it unlinks blobs, and a pull in another process should wait for it rather than
 //! fail; every other transaction takes milliseconds.
+//!
+//! A full disk: opening writes nothing when the schema is current, and the store keeps a
+//! [`Reserve`] of disk space that is released when the disk is full (before a write
+//! transaction, or when opening failed), so that a failed pull's lease can still be deleted, a
+//! collection can run and free space, and the store always opens. SQLite's "database or disk
+//! is full" becomes an [`Error::Io`] of kind `StorageFull` naming the database file, which
+//! reads as resource exhaustion.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::blocking;
+use super::{blocking, fsutil::Reserve};
 use crate::{
     backend::LeaseId,
     error::{Error, Result},
@@ -75,27 +82,30 @@ CREATE INDEX IF NOT EXISTS lease_resources_key ON lease_resources (kind, key);
 #[derive(Clone)]
 pub(crate) struct Db {
     conn: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+    reserve: Reserve,
 }
 
 impl Db {
-    /// Opens the database, switching it to WAL mode and creating the schema.
-    pub(crate) fn open(path: &Path) -> Result<Db> {
-        let mut conn = Connection::open(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(Error::FailedPrecondition(format!(
-                "{} has schema version {version}, newer than this pullbox's {SCHEMA_VERSION}",
-                path.display()
-            )));
-        }
-        tx.execute_batch(SCHEMA)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        tx.commit()?;
-        Ok(Db { conn: Arc::new(Mutex::new(conn)) })
+    /// Opens the database, switching it to WAL mode and creating the schema; on a full disk,
+    /// releases `reserve` and tries once more. Makes the reserve when it is missing.
+    pub(crate) fn open(path: &Path, reserve: Reserve) -> Result<Db> {
+        let conn = match open_connection(path) {
+            Ok(conn) => conn,
+            Err(e) if reserve.release_if_full() => {
+                tracing::debug!("opening the metadata database failed on a full disk ({}); trying again", e.chain());
+                open_connection(path)
+            }
+            .map_err(full(path))?,
+            Err(e) => return Err(full(path)(e)),
+        };
+        reserve.ensure();
+        Ok(Db { conn: Arc::new(Mutex::new(conn)), path: Arc::new(path.to_owned()), reserve })
+    }
+
+    /// The disk-space reserve of the store.
+    pub(crate) fn reserve(&self) -> &Reserve {
+        &self.reserve
     }
 
     /// Runs `f` on the connection, on the blocking pool.
@@ -104,20 +114,22 @@ impl Db {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        let conn = self.conn.clone();
-        blocking(move || f(&conn.lock().unwrap_or_else(PoisonError::into_inner))).await
+        let (conn, path) = (self.conn.clone(), self.path.clone());
+        blocking(move || f(&conn.lock().unwrap_or_else(PoisonError::into_inner)).map_err(full(&path))).await
     }
 
     /// Runs `f` in an immediate write transaction, on the blocking pool; commits when `f`
     /// succeeds, rolls back when it fails. `f` may do filesystem work that must not interleave
-    /// with another process's transaction (the garbage collector's, in particular).
+    /// with another process's transaction (the garbage collector's, in particular). On a full
+    /// disk, the reserve is released first.
     pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        let conn = self.conn.clone();
+        let (conn, path, reserve) = (self.conn.clone(), self.path.clone(), self.reserve.clone());
         blocking(move || {
+            reserve.release_if_full();
             let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let value = f(&tx)?;
@@ -125,6 +137,53 @@ impl Db {
             Ok(value)
         })
         .await
+        .map_err(full(&path))
+    }
+}
+
+/// Opens a connection; writes only when the schema must be created or upgraded.
+fn open_connection(path: &Path) -> Result<Connection> {
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let version = |conn: &Connection| -> Result<i64> {
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::FailedPrecondition(format!(
+                "{} has schema version {version}, newer than this pullbox's {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
+        Ok(version)
+    };
+    if version(&conn)? == SCHEMA_VERSION {
+        return Ok(conn);
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if version(&tx)? < SCHEMA_VERSION {
+        tx.execute_batch(SCHEMA)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(conn)
+}
+
+/// SQLite's "database or disk is full" as an I/O error of kind `StorageFull` naming the
+/// database file (resource exhaustion); other errors unchanged.
+fn full(path: &Path) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
+        Error::Db(rusqlite::Error::SqliteFailure(code, message)) if code.code == rusqlite::ErrorCode::DiskFull => {
+            let source = rusqlite::Error::SqliteFailure(code, message);
+            Error::Io {
+                context: format!("metadata database {}", path.display()),
+                source: std::io::Error::new(std::io::ErrorKind::StorageFull, source),
+            }
+        }
+        e => e,
     }
 }
 

@@ -7,6 +7,12 @@
 //! archive's end marker, the rest of the uncompressed stream is drained into the hash, so the
 //! diff ID covers every byte, as the OCI spec defines it.
 //!
+//! The uncompressed stream is capped ([`super::Options::max_layer_bytes`], default
+//! [`DEFAULT_MAX_LAYER_BYTES`]): a reader past the cap fails with [`LayerTooLarge`], which the
+//! unpacker reports as resource exhaustion. Every byte a layer's files put on disk comes from
+//! that stream (holes of sparse files are not written), so the cap bounds what one layer can
+//! write, and the time a decompression bomb can take, including zeros after the archive's end.
+//!
 //! The upper directory comes from the mounts: a `bind` mount's source, or an `overlay`
 //! mount's `upperdir=`. Because mounts arrive from the puller (untrusted), the applier only
 //! writes into a directory that is the `fs` of an *active* snapshot of this store; anything
@@ -34,23 +40,58 @@ use crate::{
 /// How much of a stored blob is read at a time.
 const READ_BUF: usize = 256 * 1024;
 
+/// The default cap on a layer's uncompressed size: 64 GiB. Well above real layers (the largest
+/// public ones, machine-learning images, hold a few tens of GiB), low enough that a
+/// decompression bomb ends within about a minute of decompressing.
+pub const DEFAULT_MAX_LAYER_BYTES: u64 = 64 << 30;
+
+/// A layer's uncompressed stream went past the cap; the error inside the `io::Error` that the
+/// stream returns, for the unpacker to find ([`LayerTooLarge::find`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the layer's uncompressed size exceeds the limit of {limit} bytes (max_layer_bytes)")]
+pub(crate) struct LayerTooLarge {
+    pub(crate) limit: u64,
+}
+
+impl LayerTooLarge {
+    /// The cap error inside `e`, if that is what `e` is.
+    pub(crate) fn find(e: &io::Error) -> Option<&LayerTooLarge> {
+        e.get_ref().and_then(|inner| inner.downcast_ref())
+    }
+}
+
 /// The embedded layer applier.
 #[derive(Clone)]
 pub(crate) struct Applier {
     pub(super) layout: Layout,
     db: Db,
+    /// The cap on a layer's uncompressed size.
+    pub(super) max_layer_bytes: u64,
 }
 
-/// A reader that hashes everything read through it.
+/// A reader that hashes everything read through it, and fails past `limit` bytes.
 pub(super) struct HashingReader<R> {
     inner: R,
     hasher: Hasher,
+    read: u64,
+    limit: u64,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        if self.read >= self.limit {
+            // At the cap: one more byte would be over it.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::Error::other(LayerTooLarge { limit: self.limit })),
+            };
+        }
+        let room = usize::try_from(self.limit - self.read).unwrap_or(usize::MAX);
+        let len = buf.len().min(room);
+        let n = self.inner.read(&mut buf[..len])?;
         self.hasher.update(&buf[..n]);
+        self.read += n as u64;
         Ok(n)
     }
 }
@@ -75,8 +116,8 @@ pub(super) fn upper_dir(mounts: &[Mount]) -> Result<PathBuf> {
 }
 
 impl Applier {
-    pub(crate) fn new(layout: Layout, db: Db) -> Applier {
-        Applier { layout, db }
+    pub(crate) fn new(layout: Layout, db: Db, max_layer_bytes: u64) -> Applier {
+        Applier { layout, db, max_layer_bytes }
     }
 
     /// Checks that `upper` is the `fs` directory of an active snapshot of this store; returns
@@ -100,23 +141,28 @@ impl Applier {
 /// The uncompressed stream of the layer blob `blob`, hashed as it is read.
 pub(super) type LayerStream = HashingReader<Box<dyn Read + Send>>;
 
-/// Decompresses `blob`, the layer `digest`, by `compression`.
+/// Decompresses `blob`, the layer `digest`, by `compression`; the stream fails past `limit`
+/// bytes.
 pub(super) fn layer_stream(
     blob: impl BufRead + Send + 'static,
     compression: Compression,
     digest: &Digest,
+    limit: u64,
 ) -> Result<LayerStream> {
     let decompressed: Box<dyn Read + Send> = match compression {
         Compression::None => Box::new(blob),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(blob).map_err(decompress_error(digest))?),
     };
-    Ok(HashingReader { inner: decompressed, hasher: Hasher::new(Algorithm::Sha256) })
+    Ok(HashingReader { inner: decompressed, hasher: Hasher::new(Algorithm::Sha256), read: 0, limit })
 }
 
 /// Reads what follows the archive's end marker into the hash; returns the diff ID.
 pub(super) fn finish_layer(mut rest: LayerStream, digest: &Digest) -> Result<Digest> {
-    io::copy(&mut rest, &mut io::sink()).map_err(decompress_error(digest))?;
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| match LayerTooLarge::find(&e) {
+        Some(cap) => Error::ResourceExhausted(format!("layer {digest}: after the archive's end: {cap}")),
+        None => decompress_error(digest)(e),
+    })?;
     Ok(rest.hasher.finish())
 }
 
@@ -132,7 +178,7 @@ impl Differ for Applier {
         })?;
         let upper = upper_dir(mounts)?;
         let lowers = self.check_upper(&upper).await?;
-        let (blob, layer) = (self.layout.blob(&layer.digest), layer.clone());
+        let (blob, layer, limit) = (self.layout.blob(&layer.digest), layer.clone(), self.max_layer_bytes);
         blocking(move || {
             let digest = &layer.digest;
             let file = File::open(&blob).map_err(blob_error(digest))?;
@@ -144,7 +190,7 @@ impl Differ for Applier {
                     actual: format!("{size} bytes"),
                 });
             }
-            let stream = layer_stream(BufReader::with_capacity(READ_BUF, file), compression, digest)?;
+            let stream = layer_stream(BufReader::with_capacity(READ_BUF, file), compression, digest, limit)?;
             let rest = unpack(stream, &upper, &lowers, digest.as_str())?;
             finish_layer(rest, digest)
         })

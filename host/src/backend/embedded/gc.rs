@@ -20,6 +20,11 @@
 //! is marked) or after (so it was not yet in `blobs/` when the collector looked). Snapshot
 //! directories are renamed to trash inside the transaction and deleted after it commits, so the
 //! write lock is held for renames and unlinks only, never for deleting whole trees.
+//!
+//! On a full disk: the metadata database releases its reserve before the transaction (see
+//! [`super::db`]), the collection frees space, and the reserve is made again afterwards when
+//! there is room. Trees are deleted without recursion ([`super::fsutil::remove_all`]), whatever
+//! their depth.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -65,6 +70,13 @@ pub(crate) async fn collect(layout: &Layout, db: &Db) -> Result<GcReport> {
         }
         let staged = sweep_staging(&layout)?;
         Ok((bytes + staged.bytes, staged.snapshots))
+    })
+    .await?;
+    // The space held back for a full disk, if it was used and there is room again.
+    let reserve = db.reserve().clone();
+    blocking(move || {
+        reserve.ensure();
+        Ok(())
     })
     .await?;
     report.bytes += bytes;

@@ -15,6 +15,8 @@
 //! <root>/metadata.db                               SQLite: images, content labels,
 //!                                                  snapshots, leases           (db)
 //! <root>/mounts/<sha256(dir)>.json                 `pullbox mount` records (the CLI's)
+//! <root>/reserve                                   disk space held back for a full
+//!                                                  disk                        (fsutil)
 //! ```
 //!
 //! [`open`] returns a [`Backend`] made of: [`content::Content`] (content store and writers),
@@ -36,6 +38,7 @@
 //! Content or snapshots removed behind pullbox's back read as absent, so the image is not
 //! READY and a pull writes them again ([`snapshots`]).
 
+mod archive;
 mod content;
 mod db;
 mod differ;
@@ -73,22 +76,33 @@ pub fn open(root: &Path) -> Result<Backend> {
 }
 
 /// How the embedded backend writes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
     /// Flush each snapshot's filesystem (one `syncfs`) before committing it, so a committed
     /// snapshot survives a power loss (containerd CRI's `image_pull_with_sync_fs`; off by
     /// default, as there). Blobs are always fsynced when committed.
     pub sync_fs: bool,
+    /// The cap on one layer's uncompressed size, in bytes (default
+    /// [`DEFAULT_MAX_LAYER_BYTES`]); a layer past it is refused as resource exhaustion.
+    pub max_layer_bytes: u64,
+}
+
+pub use differ::DEFAULT_MAX_LAYER_BYTES;
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { sync_fs: false, max_layer_bytes: DEFAULT_MAX_LAYER_BYTES }
+    }
 }
 
 /// [`open`] with `options`.
 pub fn open_with(root: &Path, options: Options) -> Result<Backend> {
     let layout = Layout::create(root)?;
-    let db = db::Db::open(&layout.db())?;
+    let db = db::Db::open(&layout.db(), fsutil::Reserve::new(layout.reserve()))?;
     Ok(Backend {
         content: Arc::new(content::Content::new(layout.clone(), db.clone())),
         snapshots: Arc::new(snapshots::Snapshots::new(layout.clone(), db.clone(), options.sync_fs)),
-        differ: Arc::new(differ::Applier::new(layout.clone(), db.clone())),
+        differ: Arc::new(differ::Applier::new(layout.clone(), db.clone(), options.max_layer_bytes)),
         images: Arc::new(images::Images::new(db.clone())),
         leases: Arc::new(leases::LeaseManager::new(layout, db)),
     })
@@ -131,6 +145,11 @@ impl Layout {
 
     fn db(&self) -> PathBuf {
         self.root.join("metadata.db")
+    }
+
+    /// Disk space held back for the metadata database (see [`fsutil::Reserve`]).
+    fn reserve(&self) -> PathBuf {
+        self.root.join("reserve")
     }
 
     /// The directory of committed blobs of one algorithm.

@@ -651,7 +651,7 @@ mod tests {
     #[tokio::test]
     async fn commit_with_sync_fs() {
         let dir = tempfile::tempdir().unwrap();
-        let b = crate::backend::embedded::open_with(dir.path(), crate::backend::embedded::Options { sync_fs: true })
+        let b = crate::backend::embedded::open_with(dir.path(), crate::backend::embedded::Options { sync_fs: true, ..Default::default() })
             .unwrap();
         let lease = b.leases.create().await.unwrap();
         let m = b.snapshots.prepare("extract-1", "", &lease).await.unwrap();

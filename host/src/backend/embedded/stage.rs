@@ -96,10 +96,11 @@ impl Staging {
     /// Starts the unpacker on the chunks `rx` will carry.
     fn spawn(&self, rx: mpsc::Receiver<Bytes>) -> JoinHandle<Result<Staged>> {
         let (layout, layer, compression) = (self.applier.layout.clone(), self.layer.clone(), self.compression);
+        let limit = self.applier.max_layer_bytes;
         tokio::task::spawn_blocking(move || {
             let dir = StagingDir::create(&layout)?;
             let incoming = Incoming { rx, chunk: Bytes::new(), remaining: layer.size };
-            let stream = layer_stream(incoming, compression, &layer.digest)?;
+            let stream = layer_stream(incoming, compression, &layer.digest, limit)?;
             let (rest, created) = unpack_staged(stream, &dir.fs(), layer.digest.as_str())?;
             let diff_id = finish_layer(rest, &layer.digest)?;
             Ok(Staged { dir, created, diff_id })

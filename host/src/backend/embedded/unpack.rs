@@ -12,14 +12,16 @@
 //!
 //! - Names are cleaned as containerd does: taken relative to the root, `.` dropped, `..`
 //!   popped but never above the root. `../x` and `/x` land at `<root>/x`.
-//! - Every entry is created relative to a directory file descriptor opened component by
-//!   component from the root with `O_NOFOLLOW`: a symlink in any component of a path is
-//!   never followed. containerd resolves such a symlink within the root; we refuse the entry
-//!   (`BadLayer`), which real image layers never need, since a tar of a filesystem never has
-//!   an entry below a symlink.
+//! - Every entry is created relative to a directory file descriptor opened from the root
+//!   without following a symlink in any component (`openat2` with `RESOLVE_NO_SYMLINKS |
+//!   RESOLVE_BENEATH`, else component by component with `O_NOFOLLOW`). containerd resolves
+//!   such a symlink within the root; we refuse the entry (`BadLayer`), which real image layers
+//!   never need, since a tar of a filesystem never has an entry below a symlink.
 //! - Files are created with `O_CREAT | O_EXCL | O_NOFOLLOW` after whatever was at the name is
 //!   removed (a directory replacing a directory merges instead), so writing to an existing
-//!   symlink never writes through it. Device nodes and FIFOs are never opened.
+//!   symlink never writes through it. Device nodes and FIFOs are never opened: their mode is
+//!   set through an `O_PATH | O_NOFOLLOW` descriptor of the node itself. Every other metadata
+//!   call works on an open descriptor or passes `AT_SYMLINK_NOFOLLOW`: nothing follows a link.
 //! - Hard link targets are cleaned and walked the same way and must already exist in this
 //!   layer's directory; `linkat` without `AT_SYMLINK_FOLLOW` links a symlink itself.
 //! - A whiteout below a non-directory that this layer put there (a directory the layer turned
@@ -27,6 +29,23 @@
 //!   children) has nothing left to hide and is skipped; nothing is followed to reach it.
 //! - `trusted.overlay.*` extended attributes in the archive are dropped: they would let a
 //!   layer forge overlayfs metadata (opacity, redirects) about the layers below it.
+//!
+//! Bounds, so that a crafted layer costs what its bytes cost and no more (the archive reader,
+//! [`super::archive`], bounds long names, PAX headers and sparse maps to 1 MiB each; the
+//! stream's size cap is the differ's):
+//!
+//! - [`MAX_PATH`] (4095 bytes: `PATH_MAX` less its NUL) on a cleaned path, and [`MAX_DEPTH`]
+//!   (1024 components) on its depth, for entries and hard link targets. Real trees stay far
+//!   below both (deep `node_modules` reach a few dozen levels); above them a path no longer
+//!   fits one system call, and every walk of the tree (unpacking, collecting, deleting) costs
+//!   in proportion to depth.
+//! - [`MAX_DIRS`] (2^20) directories per layer, listed or created as missing parents: the
+//!   unpacker remembers each one (its times, or that it was created), so this bounds its
+//!   memory (about 100 MiB at the cap); real layers hold tens of thousands.
+//! - Old-GNU sparse files are written sparse: only their stored blocks are written, and the
+//!   file is extended to its real size, so a 1-byte archive member of 4 GiB takes one block of
+//!   disk, as in the archive.
+//! - Names in error messages are cut to [`SHOWN_NAME`] bytes.
 //!
 //! Parent directories an archive does not list are created, as containerd's applier creates
 //! them when given the layers below (`WithParents`): with the mode, owner and times of the
@@ -40,32 +59,43 @@
 //! modification and access times (nanoseconds from PAX records), and PAX `SCHILY.xattr.*`
 //! attributes on files and directories are preserved. Owners are set before modes and
 //! attributes, because `chown` clears setuid bits and file capabilities. Directory times are
-//! set after the whole archive, because adding children changes them. Device nodes are
-//! created only as root (skipped otherwise, as containerd does in a user namespace).
+//! set after the whole archive, deepest first, because adding children changes them. Device
+//! nodes are created only as root (skipped otherwise, as containerd does in a user namespace).
 //!
 //! Errors name the layer and the entry: [`Error::BadLayer`] for what the archive says or is,
-//! [`Error::Io`] for the host's own failures (a full disk, an I/O error), via
+//! [`Error::ResourceExhausted`] for a cap, [`Error::Io`] for the host's own failures (a full
+//! disk, named with the directory being written, reads as resource exhaustion), via
 //! [`Unpacker::fs_error`].
 
 use std::{
     cell::RefCell,
-    collections::BTreeSet,
+    collections::HashMap,
     ffi::{OsStr, OsString},
     fs::File,
     io::{self, Read, Write},
     os::{
-        fd::{AsFd, BorrowedFd, OwnedFd},
-        unix::ffi::{OsStrExt, OsStringExt},
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+        unix::{
+            ffi::{OsStrExt, OsStringExt},
+            fs::FileExt,
+        },
     },
     path::{Path, PathBuf},
 };
 
 use rustix::{
-    fs::{self as rfs, AtFlags, Dir, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags},
+    fs::{
+        self as rfs, AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid, XattrFlags,
+    },
     io::Errno,
 };
 use tar::EntryType;
 
+use super::{
+    archive::{Archive, ArchiveError, Entry},
+    differ::LayerTooLarge,
+    fsutil::remove_at,
+};
 use crate::error::{Error, Result};
 
 /// The prefix that marks an OCI whiteout.
@@ -83,8 +113,20 @@ const PAX_XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
 /// Copy buffer size: large enough to amortize syscalls, small enough to not matter.
 const COPY_BUF: usize = 128 * 1024;
 
+/// The longest cleaned path accepted, in bytes: `PATH_MAX` (4096) less the terminating NUL.
+pub(crate) const MAX_PATH: usize = 4095;
+/// The deepest cleaned path accepted, in components.
+pub(crate) const MAX_DEPTH: usize = 1024;
+/// The most directories one layer may list or create.
+pub(crate) const MAX_DIRS: usize = 1 << 20;
+/// How much of a name an error message shows.
+const SHOWN_NAME: usize = 256;
+
 /// Opening a directory along a path: never follow a symlink, never leak the fd to children.
 const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
+/// Resolving a whole path in one `openat2`: inside the directory, no symlink anywhere.
+const RESOLVE: ResolveFlags =
+    ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
 /// Applies the tar stream `archive` onto the directory `root`, whose lower layers (nearest
 /// first) are `lowers`; `layer` names the layer in errors. Returns the reader, positioned after
@@ -97,7 +139,7 @@ pub(crate) fn unpack<R: Read>(archive: R, root: &Path, lowers: &[PathBuf], layer
 
 /// The parent directories a layer unpacked by [`unpack_staged`] created without listing them.
 #[derive(Debug, Default)]
-pub(crate) struct CreatedParents(BTreeSet<Components>);
+pub(crate) struct CreatedParents(Tree<()>);
 
 /// [`unpack`] for a layer whose lower layers are not known yet: the parent directories it
 /// creates get the defaults and are returned, for [`inherit_parents`] to finish.
@@ -113,10 +155,12 @@ pub(crate) fn unpack_staged<R: Read>(archive: R, root: &Path, layer: &str) -> Re
 pub(crate) fn inherit_parents(root: &Path, lowers: &[PathBuf], created: &CreatedParents, layer: &str) -> Result<()> {
     let lowers = lowers.iter().map(|l| open_root(l)).collect::<Result<_>>()?;
     let mut unpacker = Unpacker::new(root, Parents::Inherit(lowers), layer)?;
-    for path in &created.0 {
+    // Parents before their children, as they were created.
+    for node in created.0.valued() {
+        let path = created.0.path(node);
         // Gone or replaced by a non-directory since: nothing to give metadata to.
-        if let Ok(dir) = unpacker.open_dir(path, false) {
-            unpacker.inherit(path, dir.as_fd());
+        if let Ok(dir) = unpacker.open_dir(&path, false) {
+            unpacker.inherit(&path, dir.as_fd()).map_err(|()| unpacker.too_many_dirs(&display(&path)))?;
         }
     }
     unpacker.set_dir_times()
@@ -147,9 +191,123 @@ fn clean(raw: &[u8]) -> Components {
     out
 }
 
+/// Checks a cleaned path against [`MAX_PATH`] and [`MAX_DEPTH`].
+fn check_path(path: &[OsString]) -> Result<(), String> {
+    if path.len() > MAX_DEPTH {
+        return Err(format!("path of {} components exceeds the limit of {MAX_DEPTH} components", path.len()));
+    }
+    let bytes = path.iter().map(|c| c.len()).sum::<usize>() + path.len().saturating_sub(1);
+    if bytes > MAX_PATH {
+        return Err(format!("path of {bytes} bytes exceeds the limit of {MAX_PATH} bytes (PATH_MAX)"));
+    }
+    Ok(())
+}
+
+/// The path's bytes, `/`-separated, for one system call.
+fn joined(components: &[impl AsRef<OsStr>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, c) in components.iter().enumerate() {
+        if i > 0 {
+            out.push(b'/');
+        }
+        out.extend_from_slice(c.as_ref().as_bytes());
+    }
+    out
+}
+
 fn display(components: &[impl AsRef<OsStr>]) -> String {
-    let parts: Vec<_> = components.iter().map(|c| c.as_ref().to_string_lossy()).collect();
-    parts.join("/")
+    shown(&joined(components))
+}
+
+/// A name for a message: lossy UTF-8, cut to [`SHOWN_NAME`] bytes.
+fn shown(raw: &[u8]) -> String {
+    if raw.len() <= SHOWN_NAME {
+        return String::from_utf8_lossy(raw).into_owned();
+    }
+    format!("{}... ({} bytes)", String::from_utf8_lossy(&raw[..SHOWN_NAME]), raw.len())
+}
+
+/// Directories by path, each with a value (or none), compact: a node per directory, named
+/// once; a child's index is always greater than its parent's, so walking the indexes backwards
+/// visits children before parents.
+#[derive(Debug)]
+pub(crate) struct Tree<T> {
+    /// Parent index and value of each node; node 0 is the root.
+    nodes: Vec<(usize, Option<T>)>,
+    names: Vec<OsString>,
+    children: HashMap<(usize, OsString), usize>,
+}
+
+impl<T> Default for Tree<T> {
+    fn default() -> Self {
+        Tree { nodes: vec![(0, None)], names: vec![OsString::new()], children: HashMap::new() }
+    }
+}
+
+impl<T> Tree<T> {
+    /// The node of `path`, created with its parents when absent; `None` past [`MAX_DIRS`].
+    fn node(&mut self, path: &[impl AsRef<OsStr>]) -> Option<usize> {
+        let mut at = 0;
+        for name in path {
+            let key = (at, name.as_ref().to_owned());
+            at = match self.children.get(&key) {
+                Some(&child) => child,
+                None => {
+                    if self.nodes.len() > MAX_DIRS {
+                        return None;
+                    }
+                    let child = self.nodes.len();
+                    self.nodes.push((at, None));
+                    self.names.push(key.1.clone());
+                    self.children.insert(key, child);
+                    child
+                }
+            };
+        }
+        Some(at)
+    }
+
+    /// Sets the value of `path`; `false` past [`MAX_DIRS`].
+    fn set(&mut self, path: &[impl AsRef<OsStr>], value: T) -> bool {
+        match self.node(path) {
+            Some(node) => {
+                self.nodes[node].1 = Some(value);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Clears the value of `path`, if it has a node.
+    fn clear(&mut self, path: &[impl AsRef<OsStr>]) {
+        let mut at = 0;
+        for name in path {
+            match self.children.get(&(at, name.as_ref().to_owned())) {
+                Some(&child) => at = child,
+                None => return,
+            }
+        }
+        self.nodes[at].1 = None;
+    }
+
+    /// The nodes with a value, parents first.
+    fn valued(&self) -> impl DoubleEndedIterator<Item = usize> + '_ {
+        (1..self.nodes.len()).filter(|&i| self.nodes[i].1.is_some())
+    }
+
+    fn value(&self, node: usize) -> Option<&T> {
+        self.nodes[node].1.as_ref()
+    }
+
+    fn path(&self, mut node: usize) -> Components {
+        let mut out = Vec::new();
+        while node != 0 {
+            out.push(self.names[node].clone());
+            node = self.nodes[node].0;
+        }
+        out.reverse();
+        out
+    }
 }
 
 /// The metadata of one entry, from its header and PAX records.
@@ -163,8 +321,8 @@ struct Meta {
 }
 
 impl Meta {
-    fn read<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
-        let header = entry.header();
+    fn read(entry: &Entry) -> Result<Meta, String> {
+        let header = &entry.header;
         let raw = header.as_old();
         let mode = numeric(header.mode().map(u64::from), &raw.mode, "mode")? as u32 & 0o7777;
         let mut uid = numeric(header.uid(), &raw.uid, "uid")?;
@@ -173,27 +331,20 @@ impl Meta {
         let mut mtime = Timespec { tv_sec: i64::try_from(mtime).map_err(|_| "mtime out of range")?, tv_nsec: 0 };
         let mut atime = None;
         let mut xattrs = Vec::new();
-        if let Some(records) = entry.pax_extensions().map_err(|e| format!("PAX records: {e}"))? {
-            for record in records {
-                let record = record.map_err(|e| format!("PAX records: {e}"))?;
-                let (key, value) = (record.key_bytes(), record.value_bytes());
-                let text = || {
-                    std::str::from_utf8(value)
-                        .map_err(|_| format!("PAX record {}: not UTF-8", String::from_utf8_lossy(key)))
-                };
-                let number = |v: &str| {
-                    v.parse::<u64>()
-                        .map_err(|_| format!("PAX record {}: bad number {v:?}", String::from_utf8_lossy(key)))
-                };
-                match key {
-                    b"uid" => uid = number(text()?)?,
-                    b"gid" => gid = number(text()?)?,
-                    b"mtime" => mtime = pax_time(text()?)?,
-                    b"atime" => atime = Some(pax_time(text()?)?),
-                    _ => {
-                        if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
-                            xattrs.push((OsString::from_vec(name.to_vec()), value.to_vec()));
-                        }
+        for (key, value) in entry.pax_records() {
+            let text = || {
+                std::str::from_utf8(value).map_err(|_| format!("PAX record {}: not UTF-8", shown(key)))
+            };
+            let number =
+                |v: &str| v.parse::<u64>().map_err(|_| format!("PAX record {}: bad number {}", shown(key), shown(v.as_bytes())));
+            match key {
+                b"uid" => uid = number(text()?)?,
+                b"gid" => gid = number(text()?)?,
+                b"mtime" => mtime = pax_time(text()?)?,
+                b"atime" => atime = Some(pax_time(text()?)?),
+                _ => {
+                    if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
+                        xattrs.push((OsString::from_vec(name.to_vec()), value.to_vec()));
                     }
                 }
             }
@@ -221,7 +372,7 @@ fn numeric(value: io::Result<u64>, raw: &[u8], what: &str) -> Result<u64, String
 
 /// Parses a PAX time, `seconds[.fraction]`, possibly negative.
 fn pax_time(s: &str) -> Result<Timespec, String> {
-    let bad = || format!("bad PAX time {s:?}");
+    let bad = || format!("bad PAX time {}", shown(s.as_bytes()));
     let (negative, digits) = match s.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, s),
@@ -259,18 +410,29 @@ enum Parents {
     /// From the layers below, nearest first (read only), as they are created.
     Inherit(Vec<OwnedFd>),
     /// Later: the ones created are recorded (and forgotten when an entry replaces them).
-    Record(RefCell<BTreeSet<Components>>),
+    Record(RefCell<Tree<()>>),
+}
+
+/// What a lower layer has at a path.
+enum Lower {
+    Dir(OwnedFd),
+    /// Nothing: the next layer down decides.
+    Absent,
+    /// A non-directory on the way or there: it hides the layers below.
+    Hidden,
 }
 
 /// The state of one extraction.
 struct Unpacker<'a> {
     root: OwnedFd,
+    /// The root's path, for messages about the host's failures.
+    root_path: PathBuf,
     parents: Parents,
     layer: &'a str,
     /// Running as root: owners and device nodes are applied.
     privileged: bool,
-    /// Directories whose times are set at the end, in archive order.
-    dirs: RefCell<Vec<(Components, Timestamps)>>,
+    /// Directories whose times are set at the end (the last entry for a directory wins).
+    dirs: RefCell<Tree<Timestamps>>,
     buf: Vec<u8>,
 }
 
@@ -278,20 +440,20 @@ impl Unpacker<'_> {
     fn new<'a>(root: &Path, parents: Parents, layer: &'a str) -> Result<Unpacker<'a>> {
         Ok(Unpacker {
             root: open_root(root)?,
+            root_path: root.to_owned(),
             parents,
             layer,
             privileged: rustix::process::geteuid().is_root(),
-            dirs: RefCell::new(Vec::new()),
+            dirs: RefCell::default(),
             buf: vec![0; COPY_BUF],
         })
     }
 
     /// Unpacks every entry, then sets directory times; returns the reader after the archive.
     fn run<R: Read>(&mut self, archive: R) -> Result<R> {
-        let mut archive = tar::Archive::new(archive);
-        for entry in archive.entries().map_err(|e| self.corrupt(e))? {
-            let mut entry = entry.map_err(|e| self.corrupt(e))?;
-            self.entry(&mut entry)?;
+        let mut archive = Archive::new(archive);
+        while let Some(entry) = archive.next_entry().map_err(|e| self.archive_error(None, e))? {
+            self.entry(&entry, &mut archive)?;
         }
         self.set_dir_times()?;
         Ok(archive.into_inner())
@@ -301,40 +463,61 @@ impl Unpacker<'_> {
         Error::BadLayer { layer: self.layer.to_owned(), reason: format!("{entry}: {reason}") }
     }
 
-    fn corrupt(&self, e: io::Error) -> Error {
-        Error::BadLayer { layer: self.layer.to_owned(), reason: format!("reading the archive: {e}") }
+    /// A failure to read the archive, while at `entry` (or between entries): the size cap is
+    /// resource exhaustion, anything else a bad layer.
+    fn archive_error(&self, entry: Option<&str>, e: ArchiveError) -> Error {
+        let at = entry.map(|e| format!("{e}: ")).unwrap_or_default();
+        if let ArchiveError::Read { source, offset } = &e {
+            if let Some(cap) = LayerTooLarge::find(source) {
+                return Error::ResourceExhausted(format!("layer {}: {at}at byte {offset}: {cap}", self.layer));
+            }
+        }
+        let reason = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(": ");
+        Error::BadLayer { layer: self.layer.to_owned(), reason: format!("{at}{reason}") }
     }
 
     /// A failed filesystem operation on `entry`: the host's fault (`Io`, so a full disk reads
-    /// as resource exhaustion) when the error is the host's, the archive's otherwise.
+    /// as resource exhaustion, naming the directory written to) when the error is the host's,
+    /// the archive's otherwise.
     fn fs_error(&self, entry: &str, op: &str, e: impl Into<io::Error>) -> Error {
         let e: io::Error = e.into();
         let host = [Errno::NOSPC, Errno::DQUOT, Errno::IO, Errno::ROFS, Errno::NOMEM, Errno::MFILE, Errno::NFILE];
         if host.iter().any(|errno| e.raw_os_error() == Some(errno.raw_os_error())) {
-            Error::Io { context: format!("layer {}: {entry}: {op}", self.layer), source: e }
+            Error::Io { context: format!("layer {}: {entry}: {op} in {}", self.layer, self.root_path.display()), source: e }
         } else {
             self.bad(entry, format_args!("{op}: {e}"))
         }
     }
 
-    /// Opens the directory at `path` below the root, one component at a time, never following
-    /// a symlink; creates missing components when `create` (with the metadata of the layers
-    /// below, see [`Unpacker::inherit`]; 0755 as containerd when they have none).
+    /// Opens the directory at `path` below the root without following a symlink: in one
+    /// `openat2` when it exists, else one component at a time, creating missing components
+    /// when `create` (with the metadata of the layers below, see [`Unpacker::inherit`]; 0755
+    /// as containerd when they have none).
     fn open_dir(&self, path: &[impl AsRef<OsStr>], create: bool) -> Result<OwnedFd, WalkError> {
-        let fail = |i: Option<usize>, errno| WalkError { at: i.map_or(".".into(), |i| display(&path[..=i])), errno };
-        let mut dir = rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|e| fail(None, e))?;
+        if path.is_empty() {
+            return rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|errno| WalkError { at: ".".into(), errno });
+        }
+        if let Ok(dir) = rfs::openat2(&self.root, joined(path), DIR_FLAGS, Mode::empty(), RESOLVE) {
+            return Ok(dir);
+        }
+        let fail = |i: usize, errno| WalkError { at: display(&path[..=i]), errno };
+        let mut dir = rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|errno| WalkError { at: ".".into(), errno })?;
         for (i, name) in path.iter().enumerate() {
             let name = name.as_ref();
             let mut next = rfs::openat(&dir, name, DIR_FLAGS, Mode::empty());
             if create && matches!(next, Err(Errno::NOENT)) {
-                rfs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)).map_err(|e| fail(Some(i), e))?;
+                rfs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)).map_err(|e| fail(i, e))?;
                 next = rfs::openat(&dir, name, DIR_FLAGS, Mode::empty());
                 if let Ok(created) = &next {
-                    match &self.parents {
-                        Parents::Inherit(_) => self.inherit(&path[..=i], created.as_fd()),
-                        Parents::Record(created) => {
-                            created.borrow_mut().insert(path[..=i].iter().map(|c| c.as_ref().to_owned()).collect());
-                        }
+                    let recorded = match &self.parents {
+                        Parents::Inherit(_) => self.inherit(&path[..=i], created.as_fd()).is_ok(),
+                        Parents::Record(created) => created.borrow_mut().set(&path[..=i], ()),
+                    };
+                    if !recorded {
+                        return Err(fail(i, Errno::NOMEM));
                     }
                 }
             }
@@ -343,38 +526,51 @@ impl Unpacker<'_> {
                 rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
                     .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
             };
-            dir = next.map_err(|e| fail(Some(i), if e == Errno::NOTDIR && is_symlink() { Errno::LOOP } else { e }))?;
+            dir = next.map_err(|e| fail(i, if e == Errno::NOTDIR && is_symlink() { Errno::LOOP } else { e }))?;
         }
         Ok(dir)
+    }
+
+    /// What the lower layer `lower` has at `path`, walked without following symlinks.
+    fn lower_at(lower: &OwnedFd, path: &[impl AsRef<OsStr>]) -> Lower {
+        let classify = |r: rustix::io::Result<OwnedFd>| match r {
+            Ok(dir) => Lower::Dir(dir),
+            Err(Errno::NOENT) => Lower::Absent,
+            Err(_) => Lower::Hidden,
+        };
+        match rfs::openat2(lower, joined(path), DIR_FLAGS, Mode::empty(), RESOLVE) {
+            Ok(dir) => return Lower::Dir(dir),
+            Err(e @ (Errno::NOENT | Errno::NOTDIR | Errno::LOOP)) => return classify(Err(e)),
+            // No openat2 (or another failure): walk.
+            Err(_) => {}
+        }
+        let mut dir = match rfs::openat(lower, ".", DIR_FLAGS, Mode::empty()) {
+            Ok(d) => d,
+            Err(_) => return Lower::Hidden,
+        };
+        for name in path {
+            match classify(rfs::openat(&dir, name.as_ref(), DIR_FLAGS, Mode::empty())) {
+                Lower::Dir(next) => dir = next,
+                other => return other,
+            }
+        }
+        Lower::Dir(dir)
     }
 
     /// Gives the directory `created` at `path` (just made, not listed in the archive) the mode,
     /// owner and times of the same directory in the nearest lower layer that has one there; a
     /// lower layer with a non-directory there (a file, a whiteout, a symlink) ends the search,
-    /// as it hides the layers below it. Best effort: a failure leaves the defaults.
-    fn inherit(&self, path: &[impl AsRef<OsStr>], created: BorrowedFd<'_>) {
-        let Parents::Inherit(lowers) = &self.parents else { return };
+    /// as it hides the layers below it. Best effort: a failure leaves the defaults. Fails only
+    /// past [`MAX_DIRS`].
+    fn inherit(&self, path: &[impl AsRef<OsStr>], created: BorrowedFd<'_>) -> Result<(), ()> {
+        let Parents::Inherit(lowers) = &self.parents else { return Ok(()) };
         for lower in lowers {
-            let mut dir = match rfs::openat(lower, ".", DIR_FLAGS, Mode::empty()) {
-                Ok(d) => d,
-                Err(_) => return,
+            let dir = match Self::lower_at(lower, path) {
+                Lower::Dir(dir) => dir,
+                Lower::Absent => continue,
+                Lower::Hidden => return Ok(()),
             };
-            let mut absent = false;
-            for name in path {
-                match rfs::openat(&dir, name.as_ref(), DIR_FLAGS, Mode::empty()) {
-                    Ok(next) => dir = next,
-                    Err(Errno::NOENT) => {
-                        absent = true;
-                        break;
-                    }
-                    // A non-directory on the way: the merged view has no directory here.
-                    Err(_) => return,
-                }
-            }
-            if absent {
-                continue;
-            }
-            let Ok(st) = rfs::fstat(&dir) else { return };
+            let Ok(st) = rfs::fstat(&dir) else { return Ok(()) };
             let owner = if self.privileged {
                 rfs::fchown(created, Some(Uid::from_raw(st.st_uid)), Some(Gid::from_raw(st.st_gid)))
             } else {
@@ -384,7 +580,7 @@ impl Unpacker<'_> {
             if let Err(e) = owner.and(mode) {
                 let shown = display(path);
                 tracing::debug!(layer = self.layer, dir = shown, error = %e, "cannot copy a parent's metadata from below");
-                return;
+                return Ok(());
             }
             // The field types of `stat` differ between architectures.
             #[allow(clippy::unnecessary_cast)]
@@ -392,10 +588,17 @@ impl Unpacker<'_> {
                 last_access: Timespec { tv_sec: st.st_atime as i64, tv_nsec: st.st_atime_nsec as i64 },
                 last_modification: Timespec { tv_sec: st.st_mtime as i64, tv_nsec: st.st_mtime_nsec as i64 },
             };
-            let path: Components = path.iter().map(|c| c.as_ref().to_owned()).collect();
-            self.dirs.borrow_mut().push((path, times));
-            return;
+            return if self.dirs.borrow_mut().set(path, times) { Ok(()) } else { Err(()) };
         }
+        Ok(())
+    }
+
+    /// The error for too many directories.
+    fn too_many_dirs(&self, entry: &str) -> Error {
+        Error::ResourceExhausted(format!(
+            "layer {}: {entry}: more than {MAX_DIRS} directories in one layer (the limit)",
+            self.layer
+        ))
     }
 
     /// The error for a failed [`Unpacker::open_dir`] while unpacking `entry`; `what` says
@@ -406,6 +609,7 @@ impl Unpacker<'_> {
             Errno::LOOP => self.bad(entry, format_args!("{what}{at} is a symbolic link, which is not followed")),
             Errno::NOTDIR => self.bad(entry, format_args!("{what}{at} is not a directory")),
             Errno::NOENT => self.bad(entry, format_args!("{what}{at} is not in this layer")),
+            Errno::NOMEM => self.too_many_dirs(entry),
             errno => self.fs_error(entry, &format!("opening {at}"), errno),
         }
     }
@@ -425,14 +629,11 @@ impl Unpacker<'_> {
         }
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
-        let kind = entry.header().entry_type();
-        if kind.is_pax_global_extensions() {
-            return Ok(());
-        }
-        let raw = entry.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw).into_owned();
-        let path = clean(&raw);
+    fn entry<R: Read>(&mut self, entry: &Entry, archive: &mut Archive<R>) -> Result<()> {
+        let kind = entry.entry_type();
+        let shown = shown(&entry.path);
+        let path = clean(&entry.path);
+        check_path(&path).map_err(|reason| self.bad(&shown, reason))?;
         // The root itself ("./"): containerd leaves it alone too.
         let Some((name, parents)) = path.split_last() else { return Ok(()) };
         let meta = Meta::read(entry).map_err(|e| self.bad(&shown, e))?;
@@ -454,7 +655,7 @@ impl Unpacker<'_> {
         let skipped_device = matches!(kind, EntryType::Char | EntryType::Block) && !self.privileged;
         if let (Parents::Record(created), false) = (&self.parents, skipped_device) {
             // The entry takes the name: its own metadata from now on, or no directory at all.
-            created.borrow_mut().remove(&path);
+            created.borrow_mut().clear(&path);
         }
         match kind {
             EntryType::Directory => {
@@ -466,7 +667,9 @@ impl Unpacker<'_> {
                     .map_err(|e| self.fs_error(&shown, "opening the directory", e))?;
                 self.set_metadata(&shown, Node::Fd(dir.as_fd()), &meta)?;
                 self.set_xattrs(&shown, dir.as_fd(), &meta)?;
-                self.dirs.borrow_mut().push((path.clone(), meta.times()));
+                if !self.dirs.borrow_mut().set(&path, meta.times()) {
+                    return Err(self.too_many_dirs(&shown));
+                }
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.make_room(&shown, &parent, name, false)?;
@@ -478,17 +681,25 @@ impl Unpacker<'_> {
                 )
                 .map_err(|e| self.fs_error(&shown, "creating the file", e))?;
                 let mut file = File::from(fd);
-                self.copy(&shown, entry, &mut file)?;
+                match &entry.sparse {
+                    None => self.copy(&shown, archive, entry.size, &mut |buf, _| file.write_all(buf))?,
+                    Some(sparse) => {
+                        // Each stored block at its offset; the holes between stay holes.
+                        for &(offset, length) in &sparse.blocks {
+                            self.copy(&shown, archive, length, &mut |buf, done| file.write_all_at(buf, offset + done))?;
+                        }
+                        file.set_len(sparse.real_size).map_err(|e| self.fs_error(&shown, "extending the sparse file", e))?;
+                    }
+                }
                 self.set_metadata(&shown, Node::Fd(file.as_fd()), &meta)?;
                 self.set_xattrs(&shown, file.as_fd(), &meta)?;
                 self.set_times(&shown, Node::Fd(file.as_fd()), &meta.times())?;
             }
             EntryType::Symlink => {
-                let target =
-                    entry.link_name_bytes().ok_or_else(|| self.bad(&shown, "symbolic link without a target"))?;
-                let target = OsStr::from_bytes(&target).to_owned();
+                let target = entry.link.as_deref().ok_or_else(|| self.bad(&shown, "symbolic link without a target"))?;
+                let target = OsStr::from_bytes(target);
                 self.make_room(&shown, &parent, name, false)?;
-                rfs::symlinkat(&target, &parent, name)
+                rfs::symlinkat(target, &parent, name)
                     .map_err(|e| self.fs_error(&shown, "creating the symbolic link", e))?;
                 let node = Node::Symlink(parent.as_fd(), name);
                 self.set_metadata(&shown, node, &meta)?;
@@ -505,7 +716,7 @@ impl Unpacker<'_> {
                     tracing::debug!(layer = self.layer, entry = shown, "skipping a device node: not running as root");
                     return Ok(());
                 }
-                let header = entry.header();
+                let header = &entry.header;
                 let number =
                     |n: io::Result<Option<u32>>| n.map(Option::unwrap_or_default).map_err(|e| self.bad(&shown, e));
                 let dev = rfs::makedev(number(header.device_major())?, number(header.device_minor())?);
@@ -521,24 +732,34 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    /// Copies an entry's data into `file`, telling the archive's errors from the host's.
-    fn copy<R: Read>(&mut self, shown: &str, entry: &mut tar::Entry<'_, R>, file: &mut File) -> Result<()> {
-        loop {
-            let n = match entry.read(&mut self.buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.bad(shown, format_args!("reading data: {e}"))),
-            };
-            file.write_all(&self.buf[..n]).map_err(|e| self.fs_error(shown, "writing data", e))?;
+    /// Copies the next `len` bytes of the entry's data to `write` (given each chunk and the
+    /// bytes written before it), telling the archive's errors from the host's.
+    fn copy<R: Read>(
+        &mut self,
+        shown: &str,
+        archive: &mut Archive<R>,
+        len: u64,
+        write: &mut dyn FnMut(&[u8], u64) -> io::Result<()>,
+    ) -> Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let want = self.buf.len().min(usize::try_from(len - done).unwrap_or(usize::MAX));
+            let n = archive.read_data(&mut self.buf[..want]).map_err(|e| self.archive_error(Some(shown), e))?;
+            if n == 0 {
+                return Err(self.bad(shown, "the archive ends inside the entry's data"));
+            }
+            write(&self.buf[..n], done).map_err(|e| self.fs_error(shown, "writing data", e))?;
+            done += n as u64;
         }
+        Ok(())
     }
 
     /// A hard link: the target is cleaned and walked like any path and must exist in this
     /// layer's directory.
-    fn hardlink<R: Read>(&self, shown: &str, entry: &tar::Entry<'_, R>, parent: &OwnedFd, name: &OsStr) -> Result<()> {
-        let raw = entry.link_name_bytes().ok_or_else(|| self.bad(shown, "hard link without a target"))?;
-        let target = clean(&raw);
+    fn hardlink(&self, shown: &str, entry: &Entry, parent: &OwnedFd, name: &OsStr) -> Result<()> {
+        let raw = entry.link.as_deref().ok_or_else(|| self.bad(shown, "hard link without a target"))?;
+        let target = clean(raw);
+        check_path(&target).map_err(|reason| self.bad(shown, format_args!("hard link target: {reason}")))?;
         let Some((target_name, target_parents)) = target.split_last() else {
             return Err(self.bad(shown, "hard link to the root directory"));
         };
@@ -602,8 +823,7 @@ impl Unpacker<'_> {
         let mode = Mode::from_raw_mode(meta.mode);
         match node {
             Node::Fd(fd) => rfs::fchmod(fd, mode),
-            // A node this unpacker just created with mknodat, so not a symlink to follow.
-            Node::At(dir, name) => rfs::chmodat(dir, name, mode, AtFlags::empty()),
+            Node::At(dir, name) => chmod_node(dir, name, mode),
             Node::Symlink(..) => Ok(()),
         }
         .map_err(|e| self.fs_error(shown, "setting the mode", e))
@@ -627,7 +847,8 @@ impl Unpacker<'_> {
                 Err(Errno::NOTSUP) => {}
                 Err(Errno::PERM) if !self.privileged => {}
                 Err(e) => {
-                    return Err(self.fs_error(shown, &format!("setting attribute {}", name.to_string_lossy()), e))
+                    let attribute = shown_attr(name);
+                    return Err(self.fs_error(shown, &format!("setting attribute {attribute}"), e));
                 }
             }
         }
@@ -644,44 +865,34 @@ impl Unpacker<'_> {
         .map_err(|e| self.fs_error(shown, "setting times", e))
     }
 
-    /// Sets directory times last, deepest first; a directory a later entry replaced is skipped.
+    /// Sets directory times last, children before parents; a directory a later entry replaced
+    /// is skipped.
     fn set_dir_times(&mut self) -> Result<()> {
         let dirs = std::mem::take(self.dirs.get_mut());
-        let mut done = std::collections::HashSet::new();
-        // The last entry for a directory wins (an archive may list one twice, or list one
-        // that was first created as a parent).
-        for (path, times) in dirs.iter().rev() {
-            if !done.insert(path) {
-                continue;
-            }
-            let shown = display(path);
-            if let Ok(dir) = self.open_dir(path, false) {
-                self.set_times(&shown, Node::Fd(dir.as_fd()), times)?;
+        for node in dirs.valued().rev() {
+            let path = dirs.path(node);
+            if let (Ok(dir), Some(times)) = (self.open_dir(&path, false), dirs.value(node)) {
+                self.set_times(&display(&path), Node::Fd(dir.as_fd()), times)?;
             }
         }
         Ok(())
     }
 }
 
-/// Removes `name` in `dir`, recursively, without following symlinks.
-fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
-    let st = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
-        return rfs::unlinkat(dir, name, AtFlags::empty());
+fn shown_attr(name: &OsStr) -> String {
+    shown(name.as_bytes())
+}
+
+/// Sets the mode of the node `name` in `dir` (a device node or FIFO: never opened for I/O)
+/// without following a symlink: through an `O_PATH | O_NOFOLLOW` descriptor of the node
+/// itself, by its `/proc/self/fd` entry (`fchmod` refuses `O_PATH` descriptors, and
+/// `fchmodat` has no working `AT_SYMLINK_NOFOLLOW` before Linux 6.6's `fchmodat2`).
+fn chmod_node(dir: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> rustix::io::Result<()> {
+    let node = rfs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    if FileType::from_raw_mode(rfs::fstat(&node)?.st_mode) == FileType::Symlink {
+        return Err(Errno::LOOP);
     }
-    let sub = rfs::openat(dir, name, DIR_FLAGS, Mode::empty())?;
-    let mut children = Vec::new();
-    for child in Dir::read_from(&sub)? {
-        let child = child?;
-        let child = child.file_name().to_bytes();
-        if child != b"." && child != b".." {
-            children.push(OsString::from_vec(child.to_vec()));
-        }
-    }
-    for child in &children {
-        remove_at(sub.as_fd(), child)?;
-    }
-    rfs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+    rfs::chmod(format!("/proc/self/fd/{}", node.as_raw_fd()), mode)
 }
 
 #[cfg(test)]
@@ -691,6 +902,8 @@ pub(crate) mod tests {
         os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
         path::PathBuf,
     };
+
+    use rustix::fs::Mode;
 
     use super::*;
 
@@ -765,6 +978,12 @@ pub(crate) mod tests {
         pub(crate) fn pax_file(&mut self, name: &str, records: &[(&str, &[u8])], data: &[u8]) -> &mut Tar {
             self.0.append_pax_extensions(records.iter().copied()).unwrap();
             self.file(name, data)
+        }
+
+        /// A file whose name is in a PAX `path` record (any length).
+        pub(crate) fn pax_path_file(&mut self, name: &str, data: &[u8]) -> &mut Tar {
+            self.0.append_pax_extensions([("path", name.as_bytes())]).unwrap();
+            self.file("placeholder", data)
         }
 
         pub(crate) fn finish(&mut self) -> Vec<u8> {
@@ -1105,5 +1324,145 @@ pub(crate) mod tests {
         tar.truncate(1200);
         let err = apply(&s.root, tar).unwrap_err();
         assert!(matches!(&err, Error::BadLayer { layer, .. } if layer == "sha256:test"), "{err}");
+    }
+
+    #[test]
+    fn oversized_extension_headers_are_refused_naming_the_limit() {
+        use crate::backend::embedded::archive::{tests::{header, huge}, MAX_SPECIAL};
+        let s = sandbox();
+        // A 1 GiB long name, streamed: refused before it is read.
+        let bomb = huge(header(EntryType::GNULongName, b"././@LongLink", 1 << 30), b'a', 1 << 30);
+        let err = unpack(bomb, &s.root, &[], "sha256:test").err().unwrap();
+        let limit = MAX_SPECIAL.to_string();
+        assert!(
+            matches!(&err, Error::BadLayer { reason, .. } if reason.contains("GNU long name") && reason.contains(&limit)),
+            "{err}"
+        );
+        let bomb = huge(header(EntryType::XHeader, b"PaxHeaders/x", 1 << 30), b'1', 1 << 30);
+        let err = unpack(bomb, &s.root, &[], "sha256:test").err().unwrap();
+        assert!(matches!(&err, Error::BadLayer { reason, .. } if reason.contains("PAX extended header")), "{err}");
+        assert_eq!(tree(&s.root), Vec::<String>::new());
+    }
+
+    #[test]
+    fn paths_too_long_or_too_deep_are_refused() {
+        let s = sandbox();
+        let deep = "d/".repeat(MAX_DEPTH + 1);
+        let long = format!("{}/f", "n".repeat(200)).repeat(25);
+        for (name, why) in [(deep.as_str(), "components"), (long.as_str(), "PATH_MAX")] {
+            let mut b = tar::Builder::new(Vec::new());
+            b.append_pax_extensions([("path", name.as_bytes())]).unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(EntryType::Regular);
+            h.set_size(1);
+            h.set_path("placeholder").unwrap();
+            h.set_cksum();
+            b.append(&h, &b"x"[..]).unwrap();
+            let err = apply(&s.root, b.into_inner().unwrap()).unwrap_err();
+            assert!(matches!(&err, Error::BadLayer { reason, .. } if reason.contains(why)), "{err}");
+            assert!(err.to_string().len() < 1024, "the name is cut in messages: {err}");
+        }
+        // Just under both limits: fine.
+        let ok = format!("{}f", "d/".repeat(MAX_DEPTH - 1));
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("path", ok.as_bytes())]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(EntryType::Regular);
+        h.set_size(1);
+        h.set_path("placeholder").unwrap();
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        apply(&s.root, b.into_inner().unwrap()).unwrap();
+        // A hard link to a path over the limits is refused too.
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("linkpath", "x/".repeat(MAX_DEPTH + 1).as_bytes())]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(EntryType::Link);
+        h.set_size(0);
+        h.set_path("h").unwrap();
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        assert!(matches!(apply(&s.root, tar), Err(Error::BadLayer { reason, .. }) if reason.contains("hard link target")));
+    }
+
+    #[test]
+    fn sparse_files_stay_sparse() {
+        use crate::backend::embedded::archive::tests::sparse_member;
+        let s = sandbox();
+        let real = 4u64 << 30;
+        let mut tar = sparse_member(b"sparse", real, &[(0, b"head"), (1 << 20, b"middle"), (real - 1, b"z")]);
+        tar.extend_from_slice(&Tar::new().file("after", b"after").finish());
+        apply(&s.root, tar).unwrap();
+        let meta = fs::metadata(s.root.join("sparse")).unwrap();
+        assert_eq!(meta.len(), real);
+        assert!(meta.blocks() * 512 < 1 << 20, "{} bytes allocated", meta.blocks() * 512);
+        let file = File::open(s.root.join("sparse")).unwrap();
+        let at = |offset, len| {
+            let mut buf = vec![0; len];
+            file.read_exact_at(&mut buf, offset).unwrap();
+            buf
+        };
+        assert_eq!(at(0, 6), b"head\0\0");
+        assert_eq!(at((1 << 20) - 1, 8), b"\0middle\0");
+        assert_eq!(at(real - 2, 2), b"\0z");
+        assert_eq!(fs::read(s.root.join("after")).unwrap(), b"after");
+    }
+
+    #[test]
+    fn the_size_cap_is_resource_exhaustion() {
+        use crate::{backend::embedded::differ::layer_stream, oci::Compression};
+        let s = sandbox();
+        let tar = Tar::new().file("small", b"ok").file("big", &[7u8; 64 * 1024]).finish();
+        let digest = crate::oci::Digest::sha256_of(&tar);
+        let stream = layer_stream(io::Cursor::new(tar.clone()), Compression::None, &digest, 8192).unwrap();
+        let err = unpack(stream, &s.root, &[], "sha256:test").err().unwrap();
+        assert!(
+            matches!(&err, Error::ResourceExhausted(m) if m.contains("big") && m.contains("8192") && m.contains("max_layer_bytes")),
+            "{err}"
+        );
+        assert_eq!(err.code(), crate::error::Code::ResourceExhausted);
+        let stream = layer_stream(io::Cursor::new(tar.clone()), Compression::None, &digest, tar.len() as u64).unwrap();
+        unpack(stream, &s.root, &[], "sha256:test").unwrap();
+    }
+
+    #[test]
+    fn node_modes_never_follow_symlinks() {
+        let s = sandbox();
+        let victim = s.outside.join("victim");
+        fs::write(&victim, b"v").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&victim, s.root.join("link")).unwrap();
+        let root = open_root(&s.root).unwrap();
+        assert_eq!(chmod_node(root.as_fd(), OsStr::new("link"), Mode::from_raw_mode(0o777)), Err(Errno::LOOP));
+        assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o777, 0o600);
+        // A FIFO gets its whole mode, whatever the umask.
+        let tar = Tar::new().node(EntryType::Fifo, "fifo", 0o666, 0, 0).finish();
+        apply(&s.root, tar).unwrap();
+        assert_eq!(fs::symlink_metadata(s.root.join("fifo")).unwrap().mode() & 0o777, 0o666);
+    }
+
+    #[test]
+    fn deep_implicit_parents_cost_linear_memory_and_time() {
+        // Entries each under their own chain of 1000 directories the archive never lists (the
+        // time is mostly the filesystem's: mkdir, and deleting the tree afterwards).
+        let s = sandbox();
+        let lower = s.outside.join("lower");
+        fs::create_dir_all(lower.join("c0")).unwrap();
+        let mut tar = Tar::new();
+        for i in 0..3 {
+            tar.pax_path_file(&format!("c{i}/{}f", "d/".repeat(1000)), b"x");
+        }
+        let tar = tar.finish();
+        let started = std::time::Instant::now();
+        unpack(&tar[..], &s.root, std::slice::from_ref(&lower), "sha256:test").unwrap();
+        let staged = s.outside.join("staged");
+        fs::create_dir_all(&staged).unwrap();
+        let (_, created) = unpack_staged(&tar[..], &staged, "sha256:test").unwrap();
+        assert_eq!(created.0.valued().count(), 3 * 1001);
+        inherit_parents(&staged, std::slice::from_ref(&lower), &created, "sha256:test").unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+        assert!(s.root.join(format!("c2/{}f", "d/".repeat(1000))).exists());
+        assert!(staged.join(format!("c2/{}f", "d/".repeat(1000))).exists());
     }
 }

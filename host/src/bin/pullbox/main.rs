@@ -97,6 +97,11 @@ struct Cli {
     #[arg(long, global = true, env = "PULLBOX_SYNC_FS")]
     sync_fs: bool,
 
+    /// The largest uncompressed size of one layer, in bytes (default 64 GiB); a larger layer
+    /// fails the pull as resource-exhausted.
+    #[arg(long, global = true, env = "PULLBOX_MAX_LAYER_BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    max_layer_bytes: Option<u64>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -200,6 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             puller: cli.puller.clone(),
             settings: cli.settings.clone(),
             sync_fs: cli.sync_fs,
+            max_layer_bytes: cli.max_layer_bytes,
         };
         return serve::serve(config.as_deref(), overrides).await;
     }
@@ -242,8 +248,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// The store `--backend` names.
 async fn open_backend(cli: &Cli, root: &Path) -> anyhow::Result<Backend> {
     match cli.backend {
-        BackendKind::Embedded => embedded::open_with(root, embedded::Options { sync_fs: cli.sync_fs })
-            .with_context(|| format!("cannot open the store at {}", root.display())),
+        BackendKind::Embedded => {
+            let options = embedded::Options {
+                sync_fs: cli.sync_fs,
+                max_layer_bytes: cli.max_layer_bytes.unwrap_or(embedded::DEFAULT_MAX_LAYER_BYTES),
+            };
+            embedded::open_with(root, options).with_context(|| format!("cannot open the store at {}", root.display()))
+        }
         BackendKind::Containerd => backend::containerd::connect(&backend::containerd::Config {
             address: cli.containerd_address.clone(),
             namespace: cli.containerd_namespace.clone(),

@@ -39,6 +39,8 @@ pub struct Overrides {
     pub settings: Option<PathBuf>,
     /// `--sync-fs`: on when given (the file's `sync_fs` otherwise).
     pub sync_fs: bool,
+    /// `--max-layer-bytes`, when given.
+    pub max_layer_bytes: Option<u64>,
 }
 
 /// `pullbox serve [--config FILE]`.
@@ -53,6 +55,7 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     config.puller = overrides.puller.or(config.puller);
     config.settings = overrides.settings.or(config.settings);
     config.sync_fs |= overrides.sync_fs;
+    config.max_layer_bytes = overrides.max_layer_bytes.unwrap_or(config.max_layer_bytes);
 
     let (backend, fs_root) = open_backend(&config).await?;
     match backend.leases.collect().await {
@@ -206,7 +209,7 @@ impl Watched {
 async fn open_backend(config: &DaemonConfig) -> anyhow::Result<(Backend, PathBuf)> {
     Ok(match config.backend {
         BackendKind::Embedded => {
-            let options = embedded::Options { sync_fs: config.sync_fs };
+            let options = embedded::Options { sync_fs: config.sync_fs, max_layer_bytes: config.max_layer_bytes };
             let backend = embedded::open_with(&config.root, options)
                 .with_context(|| format!("cannot open the store at {}", config.root.display()))?;
             (backend, config.root.join("snapshots"))
