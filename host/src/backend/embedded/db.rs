@@ -7,7 +7,7 @@
 //! is serialized with every write that adds a lease resource.
 //!
 //! Tables: `images` (name → JSON of an `ImageRecord`), `content_labels`, `snapshots`,
-//! `leases` (owner process) and `lease_resources` (lease → content digests, ingest refs,
+//! `leases` (owner process: pid, start time, boot id, PID namespace) and `lease_resources` (lease → content digests, ingest refs,
 //! snapshot keys; see [`Resource`]).
 //!
 //! Constants: [`BUSY_TIMEOUT`] is long (a minute) because a garbage collection holds the write
@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS leases (
     pid        INTEGER NOT NULL,
     start_time INTEGER NOT NULL,
     boot_id    TEXT NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    pid_ns     INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS lease_resources (
     lease TEXT NOT NULL,
@@ -93,6 +94,13 @@ impl Db {
             )));
         }
         tx.execute_batch(SCHEMA)?;
+        // Added after version 1 without breaking it: older pullbox binaries insert leases
+        // without the column (namespace 0, "unknown") and read it not at all.
+        let has_pid_ns: bool =
+            tx.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('leases') WHERE name = 'pid_ns'", [], |r| r.get(0))?;
+        if !has_pid_ns {
+            tx.execute_batch("ALTER TABLE leases ADD COLUMN pid_ns INTEGER NOT NULL DEFAULT 0")?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
         Ok(Db { conn: Arc::new(Mutex::new(conn)) })

@@ -254,14 +254,11 @@ fn damage_seen(conn: &Connection, layout: &Layout, row: &Row, seen: &mut Seen) -
 /// A live lease other than `except` that holds the snapshot `key`, if any.
 fn live_holder(conn: &Connection, key: &str, except: Option<&LeaseId>) -> Result<Option<String>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT l.id, l.pid, l.start_time, l.boot_id FROM lease_resources r JOIN leases l ON l.id = r.lease
+        "SELECT l.id, l.pid, l.start_time, l.boot_id, l.pid_ns FROM lease_resources r JOIN leases l ON l.id = r.lease
          WHERE r.kind = ?1 AND r.key = ?2",
     )?;
     let holders = stmt
-        .query_map(params![Resource::Snapshot.as_str(), key], |r| {
-            let owner = Owner { pid: r.get(1)?, start_time: r.get::<_, i64>(2)? as u64, boot_id: r.get(3)? };
-            Ok((r.get::<_, String>(0)?, owner))
-        })?
+        .query_map(params![Resource::Snapshot.as_str(), key], |r| Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(holders
         .into_iter()
