@@ -66,7 +66,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row as SqlRow};
 use super::{
     blocking,
     db::{add_resource, drop_resource, Db, Resource},
-    fsutil::{disk_usage, remove_all, sync_filesystem},
+    fsutil::{disk_usage, remove_all, sync_filesystem, PRIVATE_DIR},
     leases::Owner,
     now_nanos, Layout,
 };
@@ -445,11 +445,13 @@ impl Snapshots {
                 let context = format!("creating snapshot {} in {}", row.key, dir.display());
                 // A rolled-back transaction may have used this id and left its directory.
                 remove_all(&dir).map_err(Error::io(context.clone()))?;
+                // The snapshot's directory is pullbox's own; `fs` becomes the root directory of
+                // the image's filesystem (the layers set its mode, as containerd's snapshotter).
                 let mut builder = DirBuilder::new();
-                builder.mode(0o755).create(&dir).map_err(Error::io(context.clone()))?;
-                builder.create(layout.snapshot_fs(row.id)).map_err(Error::io(context.clone()))?;
+                builder.mode(PRIVATE_DIR).create(&dir).map_err(Error::io(context.clone()))?;
+                builder.mode(0o755).create(layout.snapshot_fs(row.id)).map_err(Error::io(context.clone()))?;
                 if kind == SnapshotKind::Active {
-                    builder.mode(0o700).create(layout.snapshot_work(row.id)).map_err(Error::io(context))?;
+                    builder.mode(PRIVATE_DIR).create(layout.snapshot_work(row.id)).map_err(Error::io(context))?;
                 }
                 Ok(Created::Mounts(mounts_of(&layout, &row, &lowers)))
             })
