@@ -740,8 +740,8 @@ fn mount_options(dir: &Path) -> Vec<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let line = info
         .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
-        .last()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
         .unwrap_or_else(|| panic!("{} is not a mount point", dir.display()));
     line.split(' ').nth(5).unwrap().split(',').map(str::to_owned).collect()
 }
