@@ -124,7 +124,14 @@ build: host pullers
 # Debian packages and cargo tools the build and the tests need (run as root).
 APT_PACKAGES := build-essential pkg-config ca-certificates git \
                 rustc-web cargo-web rust-web-src lld-22 protobuf-compiler \
-                docker-registry umoci skopeo busybox-static containerd runc jq curl time zstd
+                docker-registry umoci skopeo busybox-static containerd runc jq curl time zstd \
+                python3-venv
+
+# A grpc C-core client for the CRI tests (tests/src/cri.rs `grpcio_call`): PyPI's grpcio in a
+# virtualenv. Debian 12's python3-grpcio (1.51) predates the socket-path `:authority` that
+# C-core sends since 1.57, which the tests must meet.
+GRPCIO_VERSION := 1.85.4
+GRPCIO_VENV    := target/grpcio
 
 setup:
 	@if ! dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -qv '^install ok installed$$' \
@@ -135,6 +142,10 @@ setup:
 	fi
 	@if [ "$$($(WASM_TOOLS) --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_TOOLS_VERSION)" ]; then \
 	  $(CARGO) install wasm-tools --version $(WASM_TOOLS_VERSION) --locked --no-default-features --features $(WASM_TOOLS_FEATURES); \
+	fi
+	@if [ "$$($(GRPCIO_VENV)/bin/python -c 'import grpc; print(grpc.__version__)' 2>/dev/null)" != "$(GRPCIO_VERSION)" ]; then \
+	  /usr/bin/python3 -m venv $(GRPCIO_VENV) && \
+	  $(GRPCIO_VENV)/bin/pip install --quiet --disable-pip-version-check --only-binary=:all: grpcio==$(GRPCIO_VERSION); \
 	fi
 
 # Unit tests: host (backends, transport, engine glue) and the pullers' logic, natively.

@@ -18,7 +18,11 @@
 //! - `uid`/`username` come from the config's `User`: a numeric user (before any `:group`) is
 //!   a uid, anything else a user name, as containerd's `getUserFromImage`.
 //!
-//! Errors map to gRPC status codes in one place, [`status`].
+//! Errors map to gRPC status codes in one place, [`status`]. Connections reach tonic through
+//! [`authority::NormalizeAuthority`], which lets grpc C-core and grpc-java clients in (they
+//! send the socket path as `:authority`, which `h2` refuses).
+
+pub mod authority;
 
 use std::{
     path::PathBuf,

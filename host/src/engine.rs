@@ -441,11 +441,15 @@ fn check_exports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes a cache entry atomically.
+/// Writes a cache entry atomically, readable by its owner alone (the store's root is).
 fn write_cache(dir: &Path, file: &Path, data: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    use std::{
+        io::Write,
+        os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, data)?;
+    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?.write_all(data)?;
     std::fs::rename(&tmp, file)
 }
 

@@ -4,6 +4,10 @@
 //!   (pullbox's, or containerd's own CRI for comparisons).
 //! - [`Daemon`]: `pullbox serve` on a private socket and store root, with a generated TOML
 //!   config; stopped with SIGTERM on drop (the test can also stop it and check the exit).
+//! - [`grpcio_call`]: one unary call from Python's `grpcio` (grpc C-core), which sends the
+//!   socket path as `:authority`. It runs in the virtualenv `make setup` makes
+//!   (`target/grpcio`, PyPI's grpcio [`GRPCIO_VERSION`]; Debian 12's python3-grpcio 1.51
+//!   predates that behaviour, which C-core has had since 1.57).
 
 use std::{
     path::{Path, PathBuf},
@@ -132,5 +136,42 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// The grpcio release `make setup` installs (keep in step with the Makefile's `GRPCIO_VERSION`).
+pub const GRPCIO_VERSION: &str = "1.85.4";
+
+/// Calls `/runtime.v1.ImageService/<method>` with an empty request from Python's `grpcio`,
+/// on a plain `unix://` channel (no authority override); returns the serialized response.
+///
+/// The interpreter is `PULLBOX_GRPCIO_PYTHON`, or `target/grpcio/bin/python` (`make setup`).
+pub fn grpcio_call(socket: &Path, method: &str) -> Result<std::result::Result<Vec<u8>, String>> {
+    let python = match std::env::var_os("PULLBOX_GRPCIO_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => Pullbox::workspace().join("target/grpcio/bin/python"),
+    };
+    anyhow::ensure!(python.is_file(), "{} not found: run `make setup`", python.display());
+    // An empty protobuf message is empty bytes: no generated code is needed. Prints the
+    // grpcio version, then the response in hex or the status code and message.
+    const SCRIPT: &str = r#"
+import sys, grpc
+print(grpc.__version__)
+channel = grpc.insecure_channel("unix://" + sys.argv[1])
+try:
+    print("ok", channel.unary_unary("/runtime.v1.ImageService/" + sys.argv[2])(b"", timeout=10).hex())
+except grpc.RpcError as e:
+    print("error", e.code(), e.details())
+"#;
+    let mut cmd = Command::new(&python);
+    cmd.args(["-c", SCRIPT]).arg(socket).arg(method);
+    let out = crate::process::run(cmd, Duration::from_secs(30))?;
+    let mut lines = out.stdout.lines();
+    let version = lines.next().unwrap_or_default();
+    anyhow::ensure!(version == GRPCIO_VERSION, "grpcio {version:?} instead of {GRPCIO_VERSION}: run `make setup`\n{out}");
+    match lines.next().and_then(|l| l.split_once(' ')) {
+        Some(("ok", hex)) => Ok(Ok(hex::decode(hex.trim()).context("grpcio's answer")?)),
+        Some(("error", status)) => Ok(Err(status.to_owned())),
+        _ => bail!("unexpected output from the grpcio client:\n{out}"),
     }
 }

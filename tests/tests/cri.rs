@@ -96,6 +96,32 @@ async fn cri_conversation_on_the_embedded_backend() {
     assert!(left.is_empty(), "content left after RemoveImage: {left:?}");
 }
 
+/// grpc C-core clients (Python's grpcio here; C++ and others alike) send the socket path as
+/// `:authority`, which tonic's HTTP/2 layer alone refuses: the daemon serves them as
+/// containerd's CRI does, through its HTTP/2 shim.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_core_clients_are_served() {
+    let f = fixture();
+    let daemon = cri::Daemon::start("").unwrap();
+    let socket = daemon.socket().to_owned();
+    let call = move |method: &'static str| {
+        let socket = socket.clone();
+        async move { tokio::task::spawn_blocking(move || cri::grpcio_call(&socket, method)).await.unwrap().unwrap() }
+    };
+
+    let fs = call("ImageFsInfo").await.expect("ImageFsInfo from grpcio");
+    let snapshots = daemon.root().canonicalize().unwrap().join("snapshots");
+    let snapshots = snapshots.to_str().unwrap().as_bytes();
+    assert!(fs.windows(snapshots.len()).any(|w| w == snapshots), "ImageFsInfo names the snapshots directory");
+    assert_eq!(call("ListImages").await, Ok(vec![]), "no image yet: an empty ListImagesResponse");
+
+    let mut c = cri::connect(daemon.socket()).await.unwrap();
+    let pulled = c.pull_image(pull_req(&f.reference("team/app:1.0"))).await.unwrap().into_inner();
+    let listed = call("ListImages").await.expect("ListImages from grpcio");
+    let id = pulled.image_ref.as_bytes();
+    assert!(listed.windows(id.len()).any(|w| w == id), "ListImages from grpcio lists {}", pulled.image_ref);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn socket_mode_and_clean_shutdown() {
     let mut daemon = cri::Daemon::start("socket_mode = \"0600\"").unwrap();

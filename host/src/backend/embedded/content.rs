@@ -30,7 +30,7 @@ use std::{
     fs::{self, File, OpenOptions},
     os::fd::OwnedFd,
     io::{self, Read, Seek, SeekFrom},
-    os::unix::fs::FileExt,
+    os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -43,7 +43,7 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use super::{
     blocking,
     db::{add_resource, drop_resource, Db, Resource},
-    fsutil::{remove_all, sync_dir, FileLock},
+    fsutil::{create_private_dir, remove_all, sync_dir, write_private, FileLock, PRIVATE_FILE},
     Layout,
 };
 use crate::{
@@ -262,7 +262,7 @@ async fn lock_ingest(dir: &Path, digest: &Digest) -> Result<FileLock> {
     loop {
         let (dir, context) = (dir.to_path_buf(), format!("locking ingest of blob {digest}"));
         let lock = blocking(move || {
-            fs::create_dir_all(&dir).map_err(Error::io(context.clone()))?;
+            create_private_dir(&dir).map_err(Error::io(context.clone()))?;
             match FileLock::try_acquire(&dir.join("lock")) {
                 // The holder removed the directory as we opened it: try again.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -294,6 +294,7 @@ fn open_ingest(dir: &Path, reference: &str, expected: &Descriptor) -> Result<(Fi
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(PRIVATE_FILE)
         .open(dir.join("data"))
         .map_err(io_err())?;
     let mut hasher = Hasher::new(expected.digest.algorithm());
@@ -301,8 +302,8 @@ fn open_ingest(dir: &Path, reference: &str, expected: &Descriptor) -> Result<(Fi
     if !same_total || offset > expected.size {
         file.set_len(0).map_err(io_err())?;
         offset = 0;
-        fs::write(dir.join("ref"), reference).map_err(io_err())?;
-        fs::write(&total_path, expected.size.to_string()).map_err(io_err())?;
+        write_private(&dir.join("ref"), reference.as_bytes()).map_err(io_err())?;
+        write_private(&total_path, expected.size.to_string().as_bytes()).map_err(io_err())?;
     } else if offset > 0 {
         let mut buf = vec![0; 1 << 16];
         let mut fed = 0;

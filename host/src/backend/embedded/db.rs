@@ -7,7 +7,7 @@
 //! is serialized with every write that adds a lease resource.
 //!
 //! Tables: `images` (name → JSON of an `ImageRecord`), `content_labels`, `snapshots`,
-//! `leases` (owner process) and `lease_resources` (lease → content digests, ingest refs,
+//! `leases` (owner process: pid, start time, boot id, PID namespace) and `lease_resources` (lease → content digests, ingest refs,
 //! snapshot keys; see [`Resource`]).
 //!
 //! Constants: [`BUSY_TIMEOUT`] is long (a minute) because a garbage collection holds the write
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS leases (
     pid        INTEGER NOT NULL,
     start_time INTEGER NOT NULL,
     boot_id    TEXT NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    pid_ns     INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS lease_resources (
     lease TEXT NOT NULL,
@@ -160,13 +161,26 @@ fn open_connection(path: &Path) -> Result<Connection> {
         }
         Ok(version)
     };
-    if version(&conn)? == SCHEMA_VERSION {
+    // Added after version 1 without breaking it: older pullbox binaries insert leases without
+    // the column (namespace 0, "unknown") and read it not at all.
+    let has_pid_ns = |conn: &Connection| -> Result<bool> {
+        Ok(conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('leases') WHERE name = 'pid_ns'",
+            [],
+            |r| r.get(0),
+        )?)
+    };
+    // A current store is opened without a write, so it opens on a full disk.
+    if version(&conn)? == SCHEMA_VERSION && has_pid_ns(&conn)? {
         return Ok(conn);
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if version(&tx)? < SCHEMA_VERSION {
         tx.execute_batch(SCHEMA)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    if !has_pid_ns(&tx)? {
+        tx.execute_batch("ALTER TABLE leases ADD COLUMN pid_ns INTEGER NOT NULL DEFAULT 0")?;
     }
     tx.commit()?;
     Ok(conn)

@@ -15,15 +15,21 @@
 //!   descriptors, and every later collection died on it). [`disk_usage`] walks the same way.
 //! - [`Reserve`]: space held back on the store's filesystem so that the metadata database can
 //!   still write (open, delete a failed pull's lease, collect garbage) when the disk is full.
+//! - [`PRIVATE_DIR`], [`PRIVATE_FILE`], [`create_private_dir`], [`write_private`],
+//!   [`restrict`]: the store's own directories and files are the owner's alone (the daemon's:
+//!   root). Layer contents inside snapshots keep the modes the image gives them.
 
 use std::{
     collections::HashSet,
     ffi::{OsStr, OsString},
-    fs::{self, File, OpenOptions},
-    io,
+    fs::{self, DirBuilder, File, OpenOptions},
+    io::{self, Write},
     os::{
         fd::{AsFd, BorrowedFd, OwnedFd},
-        unix::{ffi::OsStringExt, fs::MetadataExt},
+        unix::{
+            ffi::OsStringExt,
+            fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
+        },
     },
     path::Path,
 };
@@ -34,6 +40,43 @@ use rustix::{
 };
 
 use crate::backend::Usage;
+
+/// The mode of the store's own directories: the owner's alone.
+pub(crate) const PRIVATE_DIR: u32 = 0o700;
+
+/// The mode of the store's own files (blobs, ingests, locks, the database, records).
+pub(crate) const PRIVATE_FILE: u32 = 0o600;
+
+/// Creates `dir` and its missing parents with [`PRIVATE_DIR`].
+pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir)
+}
+
+/// Writes `path` (created with [`PRIVATE_FILE`], or truncated).
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    OpenOptions::new().write(true).create(true).truncate(true).mode(PRIVATE_FILE).open(path)?.write_all(bytes)
+}
+
+/// Takes group and other permissions away from `path` (not following a symlink).
+pub(crate) fn restrict(path: &Path) -> io::Result<()> {
+    let md = fs::symlink_metadata(path)?;
+    let mode = md.mode() & 0o7777;
+    if md.file_type().is_symlink() || mode & 0o077 == 0 {
+        return Ok(());
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode & !0o077))
+}
+
+/// [`restrict`] on `path` and, for a directory, everything under it.
+pub(crate) fn restrict_tree(path: &Path) -> io::Result<()> {
+    restrict(path)?;
+    if fs::symlink_metadata(path)?.is_dir() {
+        for entry in fs::read_dir(path)? {
+            restrict_tree(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
 
 /// An exclusive lock on a file, held until dropped.
 #[derive(Debug)]
@@ -47,7 +90,8 @@ impl FileLock {
     /// ingest removes its directory), the lock we got would be on a dead inode, so it is
     /// dropped and `NotFound` returned: the caller recreates the directory and tries again.
     pub(crate) fn try_acquire(path: &Path) -> io::Result<Option<FileLock>> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(PRIVATE_FILE).open(path)?;
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),

@@ -190,11 +190,10 @@ fn mark_and_sweep(conn: &Connection, layout: &Layout) -> Result<(GcReport, Vec<P
 
 /// Every lease with its owner.
 fn leases(conn: &Connection) -> Result<Vec<(String, Owner)>> {
-    let mut stmt = conn.prepare("SELECT id, pid, start_time, boot_id FROM leases")?;
+    let mut stmt = conn.prepare("SELECT id, pid, start_time, boot_id, pid_ns FROM leases")?;
     let leases = stmt
         .query_map([], |r| {
-            let owner = Owner { pid: r.get(1)?, start_time: r.get::<_, i64>(2)? as u64, boot_id: r.get(3)? };
-            Ok((r.get::<_, String>(0)?, owner))
+            Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(leases)

@@ -17,7 +17,15 @@
 //! <root>/mounts/<sha256(dir)>.json                 `pullbox mount` records (the CLI's)
 //! <root>/reserve                                   disk space held back for a full
 //!                                                  disk                        (fsutil)
+//! <root>/cache/                                    compiled pullers (the engine's)
 //! ```
+//!
+//! The root is `0700` and everything of pullbox's own under it (directories `0700`, files
+//! `0600`: blobs, ingests, locks, the database, records) is its owner's alone, as containerd
+//! keeps its root (CVE-2021-41103): snapshots hold image files with their setuid bits and
+//! owners, and blobs may hold private images. Layer contents inside a snapshot's `fs` keep the
+//! image's modes. A store made by an older pullbox (a root open to others) is tightened when
+//! it is opened: once, since the root's mode then says it is done.
 //!
 //! [`open`] returns a [`Backend`] made of: [`content::Content`] (content store and writers),
 //! [`snapshots::Snapshots`] (the `overlayfs` snapshotter), [`differ::Applier`] (the layer
@@ -51,7 +59,7 @@ mod stage;
 mod unpack;
 
 use std::{
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
@@ -116,7 +124,8 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    /// Creates the directory tree under `root` and returns its layout.
+    /// Creates the directory tree under `root` (tightening an older store's modes) and returns
+    /// its layout.
     fn create(root: &Path) -> Result<Layout> {
         let shown = root.display().to_string();
         std::fs::create_dir_all(root).map_err(Error::io(format!("creating {shown}")))?;
@@ -130,17 +139,53 @@ impl Layout {
             }
         }
         let layout = Layout { root };
+        let restricting = |path: &Path| Error::io(format!("restricting {}", path.display()));
+        let open_to_others = std::fs::metadata(&layout.root).map_err(restricting(&layout.root))?.mode() & 0o077 != 0;
+        std::fs::set_permissions(&layout.root, std::fs::Permissions::from_mode(fsutil::PRIVATE_DIR))
+            .map_err(restricting(&layout.root))?;
         let blobs = ALGORITHMS.map(|alg| layout.blobs(alg));
         for dir in blobs.iter().chain([&layout.ingests(), &layout.snapshots(), &layout.staging()]) {
-            std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+            fsutil::create_private_dir(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         }
-        // Snapshots (and layers unpacked for them) hold image files with their setuid bits and
-        // owners: like containerd, keep unprivileged users from reaching (and running) them.
-        for dir in [layout.snapshots(), layout.staging()] {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(Error::io(format!("restricting {}", dir.display())))?;
+        // SQLite creates its WAL and shared-memory files with the database's mode.
+        let db = layout.db();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(fsutil::PRIVATE_FILE)
+            .open(&db)
+            .map_err(Error::io(format!("creating {}", db.display())))?;
+        if open_to_others {
+            layout.restrict_own().map_err(restricting(&layout.root))?;
         }
         Ok(layout)
+    }
+
+    /// Takes group and other permissions away from everything of pullbox's own under the root
+    /// (not from layer contents: a snapshot's or staged layer's `fs`).
+    fn restrict_own(&self) -> std::io::Result<()> {
+        for name in ["content", "metadata.db", "metadata.db-wal", "metadata.db-shm", "mounts", "cache"] {
+            match fsutil::restrict_tree(&self.root.join(name)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+        }
+        for dir in [self.snapshots(), self.staging()] {
+            fsutil::restrict(&dir)?;
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?.path();
+                fsutil::restrict(&entry)?;
+                if entry.is_dir() {
+                    for own in std::fs::read_dir(&entry)? {
+                        let own = own?;
+                        if own.file_name() != "fs" {
+                            fsutil::restrict_tree(&own.path())?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn db(&self) -> PathBuf {

@@ -66,7 +66,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row as SqlRow};
 use super::{
     blocking,
     db::{add_resource, drop_resource, Db, Resource},
-    fsutil::{disk_usage, remove_all, sync_filesystem},
+    fsutil::{disk_usage, remove_all, sync_filesystem, PRIVATE_DIR},
     leases::Owner,
     now_nanos, Layout,
 };
@@ -260,14 +260,11 @@ fn damage_seen(conn: &Connection, layout: &Layout, row: &Row, seen: &mut Seen) -
 /// A live lease other than `except` that holds the snapshot `key`, if any.
 fn live_holder(conn: &Connection, key: &str, except: Option<&LeaseId>) -> Result<Option<String>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT l.id, l.pid, l.start_time, l.boot_id FROM lease_resources r JOIN leases l ON l.id = r.lease
+        "SELECT l.id, l.pid, l.start_time, l.boot_id, l.pid_ns FROM lease_resources r JOIN leases l ON l.id = r.lease
          WHERE r.kind = ?1 AND r.key = ?2",
     )?;
     let holders = stmt
-        .query_map(params![Resource::Snapshot.as_str(), key], |r| {
-            let owner = Owner { pid: r.get(1)?, start_time: r.get::<_, i64>(2)? as u64, boot_id: r.get(3)? };
-            Ok((r.get::<_, String>(0)?, owner))
-        })?
+        .query_map(params![Resource::Snapshot.as_str(), key], |r| Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(holders
         .into_iter()
@@ -463,11 +460,13 @@ impl Snapshots {
                 let context = format!("creating snapshot {} in {}", row.key, dir.display());
                 // A rolled-back transaction may have used this id and left its directory.
                 remove_all(&dir).map_err(Error::io(context.clone()))?;
+                // The snapshot's directory is pullbox's own; `fs` becomes the root directory of
+                // the image's filesystem (the layers set its mode, as containerd's snapshotter).
                 let mut builder = DirBuilder::new();
-                builder.mode(0o755).create(&dir).map_err(Error::io(context.clone()))?;
-                builder.create(layout.snapshot_fs(row.id)).map_err(Error::io(context.clone()))?;
+                builder.mode(PRIVATE_DIR).create(&dir).map_err(Error::io(context.clone()))?;
+                builder.mode(0o755).create(layout.snapshot_fs(row.id)).map_err(Error::io(context.clone()))?;
                 if kind == SnapshotKind::Active {
-                    builder.mode(0o700).create(layout.snapshot_work(row.id)).map_err(Error::io(context))?;
+                    builder.mode(PRIVATE_DIR).create(layout.snapshot_work(row.id)).map_err(Error::io(context))?;
                 }
                 Ok(Created::Mounts(mounts_of(&layout, &row, &lowers)))
             })

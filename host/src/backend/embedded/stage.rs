@@ -37,7 +37,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use super::{
     blocking,
     differ::{finish_layer, layer_stream, upper_dir, Applier},
-    fsutil::{remove_all, FileLock},
+    fsutil::{remove_all, FileLock, PRIVATE_DIR},
     unpack::{inherit_parents, unpack_staged, CreatedParents},
     Layout,
 };
@@ -221,7 +221,7 @@ impl StagingDir {
     fn create(layout: &Layout) -> Result<StagingDir> {
         let path = layout.staging().join(uuid::Uuid::new_v4().simple().to_string());
         let context = format!("creating the staging directory {}", path.display());
-        std::fs::create_dir(&path).map_err(Error::io(context.clone()))?;
+        DirBuilder::new().mode(PRIVATE_DIR).create(&path).map_err(Error::io(context.clone()))?;
         let lock = FileLock::try_acquire(&path.join(STAGING_LOCK))
             .map_err(Error::io(context.clone()))?
             .ok_or_else(|| Error::FailedPrecondition(format!("{} is locked although it was just made", path.display())))?;

@@ -4,7 +4,9 @@
 //! `mount` looks the image up (only a READY image is found), creates a *view* snapshot of its
 //! top snapshot (the chain ID) under a detached lease, one that outlives this process, and
 //! mounts the view's mounts at DIR: a read-only bind mount for a one-layer image, an overlay
-//! with only `lowerdir`s (read-only by construction) otherwise. The view and its lease keep
+//! with only `lowerdir`s (read-only by construction) otherwise. Both are `nosuid,nodev`
+//! ([`MOUNT_FLAGS`]): an image's setuid binaries and device nodes are files to look at, never a
+//! way to gain privileges or reach the host's devices. The view and its lease keep
 //! the image's snapshots from being collected while the mount exists, even if the image is
 //! removed meanwhile. A record in `<root>/mounts/<sha256 of DIR>.json` names the view and the
 //! lease, so `unmount` can unmount and then remove both. After a reboot the mount is gone and
@@ -17,7 +19,8 @@
 
 use std::{
     ffi::CString,
-    io,
+    io::{self, Write},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
 };
 
@@ -30,6 +33,9 @@ use pullbox::{
 };
 use rustix::mount::{MountFlags, UnmountFlags};
 use serde::{Deserialize, Serialize};
+
+/// The flags of every mount: read-only, setuid bits and device nodes without effect.
+const MOUNT_FLAGS: MountFlags = MountFlags::RDONLY.union(MountFlags::NOSUID).union(MountFlags::NODEV);
 
 /// overlayfs reads its options from one page.
 const MAX_OPTIONS: usize = 4096 - 1;
@@ -142,12 +148,23 @@ fn record_path(root: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(root.join("mounts").join(format!("{}.json", name.hex())))
 }
 
-/// Writes a record atomically.
+/// Writes a record atomically, readable by the store's owner alone.
 fn write_record(path: &Path, record: &Record) -> anyhow::Result<()> {
     let dir = path.parent().expect("a record has a directory");
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(record)?).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(&serde_json::to_vec_pretty(record)?).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -168,9 +185,9 @@ fn mount_all(mounts: &[Mount], target: &Path) -> anyhow::Result<()> {
             };
             bind.map_err(|e| flags(e, "bind-mounting"))?;
             // A bind mount takes its flags from a remount.
-            if let Err(e) = rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "") {
+            if let Err(e) = rustix::mount::mount_remount(target, MountFlags::BIND | MOUNT_FLAGS, "") {
                 let _ = rustix::mount::unmount(target, UnmountFlags::empty());
-                return Err(flags(e, "making read-only the bind mount of"));
+                return Err(flags(e, "making read-only (nosuid, nodev) the bind mount of"));
             }
             Ok(())
         }
@@ -199,7 +216,7 @@ fn mount_all(mounts: &[Mount], target: &Path) -> anyhow::Result<()> {
 
 fn overlay(data: &str, target: &Path) -> rustix::io::Result<()> {
     let data = CString::new(data).map_err(|_| rustix::io::Errno::INVAL)?;
-    rustix::mount::mount("overlay", target, "overlay", MountFlags::RDONLY, data.as_c_str())
+    rustix::mount::mount("overlay", target, "overlay", MOUNT_FLAGS, data.as_c_str())
 }
 
 /// The overlay options with every `lowerdir` entry relative to the entries' common parent,

@@ -1,6 +1,8 @@
 //! `serve`: the daemon. Serves the CRI `ImageService` on a unix socket until SIGTERM or
 //! SIGINT, then stops accepting, cancels the pulls in flight and waits (up to the configured
-//! grace period) until they have cleaned up, and removes the socket.
+//! grace period) until they have cleaned up, and removes the socket. Every connection goes
+//! through the CRI's HTTP/2 shim (`pullbox::cri::authority`), so grpc C-core clients, which
+//! send the socket path as `:authority`, are served.
 //!
 //! At start it collects what killed pulls left behind (leases whose process is gone), loads
 //! the puller and checks its settings, so a broken module or settings file fails the start
@@ -24,7 +26,7 @@ use k8s_cri::v1::image_service_server::ImageServiceServer;
 use pullbox::{
     backend::{embedded, Backend},
     config::{BackendKind, DaemonConfig},
-    cri::Cri,
+    cri::{authority::NormalizeAuthority, Cri},
     engine::Runtime,
     metrics::Metrics,
     registry::Client,
@@ -107,9 +109,14 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ImageServiceServer::new(cri))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            }),
+            .serve_with_incoming_shutdown(
+                tokio_stream::StreamExt::map(tokio_stream::wrappers::UnixListenerStream::new(listener), |conn| {
+                    conn.map(NormalizeAuthority::new)
+                }),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
     );
     let mut poll = tokio::time::interval(RELOAD_POLL);
     loop {
