@@ -135,14 +135,7 @@ impl Grants {
     /// Counts a snapshot about to be prepared: the call must be a pull under its cap.
     pub fn create_snapshot(&mut self) -> Result<(), Error> {
         self.write("snapshots.prepare")?;
-        if self.snapshots >= self.caps.snapshots {
-            return Err(Error::ResourceExhausted(format!(
-                "one request may create at most {} snapshots (sandbox.max_snapshots)",
-                self.caps.snapshots
-            )));
-        }
-        self.snapshots += 1;
-        Ok(())
+        count(&mut self.snapshots, self.caps.snapshots, "snapshots", "sandbox.max_snapshots")
     }
 
     /// Records the outcome of `snapshots.prepare(key)`: a created key becomes this call's;
@@ -215,14 +208,7 @@ impl Grants {
     /// Counts a record about to be created: the call must be a pull under its cap.
     pub fn create_record(&mut self) -> Result<(), Error> {
         self.write("images.create")?;
-        if self.records >= self.caps.records {
-            return Err(Error::ResourceExhausted(format!(
-                "one request may create at most {} image records (sandbox.max_records)",
-                self.caps.records
-            )));
-        }
-        self.records += 1;
-        Ok(())
+        count(&mut self.records, self.caps.records, "image records", "sandbox.max_records")
     }
 
     /// Whether a look-up of `resource` (a blob or snapshot, by a string unique per kind) should
@@ -241,6 +227,15 @@ impl Grants {
         self.held.insert(resource);
         Ok(true)
     }
+}
+
+/// Counts one more of what `counter` counts, or `ResourceExhausted` naming `setting` at `cap`.
+fn count(counter: &mut u32, cap: u32, what: &str, setting: &str) -> Result<(), Error> {
+    if *counter >= cap {
+        return Err(Error::ResourceExhausted(format!("one request may create at most {cap} {what} ({setting})")));
+    }
+    *counter += 1;
+    Ok(())
 }
 
 fn not_ours(what: &str, key: &str) -> Error {
