@@ -417,7 +417,9 @@ async fn a_pull_stopped_midway_leaves_nothing_behind(b: Backend) {
 /// well-behaved pull reads it afterwards and succeeds.
 async fn a_trap_does_not_disturb_a_pull_in_flight(b: Backend) {
     let f = fixture();
-    let slow = SlowServer::start(Duration::from_millis(2000)).unwrap();
+    // Long enough that the trapping pull (a real partial pull, slower on containerd and on a
+    // loaded machine) ends first.
+    let slow = SlowServer::start(Duration::from_millis(6000)).unwrap();
     let other = f.reference("team/app-zstd:1.0");
     let doc = json!({
         "behavior": "trap-mid-pull",
@@ -1405,15 +1407,16 @@ async fn loops_inside_host_imports_end_with_a_clear_error(b: Backend) {
 }
 
 async fn a_pull_past_its_deadline_ends_and_leaves_nothing(b: Backend) {
-    // The guest waits in host imports (a registry that answers after 3 s, twice): no CPU
-    // time, no budget to speak of; the 2 s deadline ends it.
-    let slow = SlowServer::start(Duration::from_millis(3000)).unwrap();
-    let extra = format!("{SANDBOX}pull_timeout_s = 2\n");
+    // The guest waits in host imports (a registry that answers after 10 s, twice): no CPU
+    // time, no budget to speak of; the 4 s deadline ends it (and leaves the good pull that
+    // follows, a few seconds on containerd, time enough).
+    let slow = SlowServer::start(Duration::from_millis(10_000)).unwrap();
+    let extra = format!("{SANDBOX}pull_timeout_s = 4\n");
     let d = hostile_daemon(b, &extra);
     let slow_ref = format!("{}/slow/image:1", slow.addr());
     let mut expect = Expect::new(&[Code::ResourceExhausted], &["deadline", "sandbox.pull_timeout_s"]);
-    expect.at_least = Duration::from_secs(2);
-    expect.at_most = Duration::from_secs(5);
+    expect.at_least = Duration::from_secs(4);
+    expect.at_most = Duration::from_secs(9);
     round(
         &d,
         json!({"behavior": "sleepy", "resolve": [slow_ref.clone(), slow_ref]}),
