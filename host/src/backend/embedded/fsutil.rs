@@ -341,7 +341,7 @@ impl Reserve {
         }
         let tmp = self.path.with_extension(uuid::Uuid::new_v4().simple().to_string());
         let made = (|| -> io::Result<()> {
-            let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let file = OpenOptions::new().write(true).create_new(true).mode(PRIVATE_FILE).open(&tmp)?;
             if rfs::fallocate(&file, rfs::FallocateFlags::empty(), 0, Self::BYTES).is_err() {
                 // No fallocate here: write the zeros.
                 let zeros = vec![0u8; 1 << 20];
