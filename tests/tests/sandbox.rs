@@ -779,7 +779,7 @@ async fn time_in_host_imports_does_not_count_against_the_cpu_limit(b: Backend) {
 }
 
 async fn looping_pullers_do_not_starve_other_requests(b: Backend) {
-    let cpu = Duration::from_millis(2000);
+    let cpu = Duration::from_millis(3000);
     let d = SwapDaemon::start(
         b,
         &hostile().unwrap(),
@@ -824,8 +824,10 @@ async fn looping_pullers_do_not_starve_other_requests(b: Backend) {
     }
     let served = started.elapsed();
     eprintln!("while {n} guests loop: 10 x (ListImages, ImageStatus, ImageFsInfo), the slowest {worst:?}, all done {served:?} after the loops started");
+    // An idle daemon answers in milliseconds; a starved one only once the loops end (after
+    // `cpu`). 1 s leaves room for a loaded 2-core machine without blurring the two.
     assert!(
-        worst < Duration::from_millis(500),
+        worst < Duration::from_millis(1000),
         "a request took {worst:?} while guests looped"
     );
     assert!(
