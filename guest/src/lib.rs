@@ -37,6 +37,7 @@ pub mod pull;
 pub mod reference;
 pub mod settings;
 pub mod types;
+pub mod unlabelled;
 
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
