@@ -201,15 +201,19 @@ fn describe(id: String, mut mine: Vec<Record>, pinned: &[String]) -> Option<Imag
     let mut repo_digests = Vec::new();
     let names = mine.into_iter().map(|r| r.name);
     for name in names.chain([std::mem::take(&mut meta.name)]) {
-        if name == id {
+        if name == id || digest::parse(&name).is_ok() {
             continue;
         }
         // As containerd's CRI (`parseImageReferences`): names with a digest are repo
-        // digests, names with a tag repo tags, and any other name (an import's bare
-        // repository, a name that is no reference) neither.
+        // digests, names with a tag repo tags, and any other name (an image ID, an
+        // import's bare repository, a name that is no reference) neither.
         if name.contains('@') {
             repo_digests.push(name);
-        } else if name.rsplit('/').next().is_some_and(|last| last.contains(':')) {
+        } else if name
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.contains(':'))
+        {
             repo_tags.push(name);
         }
     }

@@ -59,7 +59,8 @@ use types::{ImageInfo, Level, PullRequest};
 /// ones.
 ///
 /// Only `configure` and `pull_image` must be written; status, list and remove default to
-/// the [`catalog`] answers, which read the records that [`pull::pull_with`] writes.
+/// the [`catalog`] answers, which read the records that [`pull::pull_with`] writes and
+/// derive the same from content for records anything else wrote ([`unlabelled`]).
 pub trait Puller {
     /// `configure`: validates the settings document and makes it current.
     ///

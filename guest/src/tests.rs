@@ -1763,12 +1763,19 @@ fn a_digest_pull_of_a_tagged_image_keeps_its_tags() {
 
 /// What `ctr pull` leaves behind: `blobs` in the content store, the snapshots of `diff_ids`
 /// committed (unless empty), and a record `name` → `root` without pullbox's labels.
-fn ctr_pull(host: &FakeHost, name: &str, root: &Descriptor, blobs: &[&Descriptor], diff_ids: &[String]) {
+fn ctr_pull(
+    host: &FakeHost,
+    name: &str,
+    root: &Descriptor,
+    blobs: &[&Descriptor],
+    diff_ids: &[String],
+) {
     use crate::fake::Snap;
     let mut s = host.s.borrow_mut();
     for d in std::iter::once(root).chain(blobs.iter().copied()) {
         let bytes = s.remote[&d.digest].clone();
-        s.content.insert(d.digest.clone(), (bytes, Default::default()));
+        s.content
+            .insert(d.digest.clone(), (bytes, Default::default()));
     }
     let mut parent = String::new();
     for chain in chain_ids(diff_ids) {
@@ -1799,7 +1806,13 @@ fn pushed_blobs(img: &Pushed) -> Vec<&Descriptor> {
 fn unlabelled_records_are_images_as_a_pull_would_describe_them() {
     let host = FakeHost::new();
     let img = busybox(&host);
-    ctr_pull(&host, &format!("{BUSYBOX}:latest"), &img.manifest, &pushed_blobs(&img), &img.diff_ids);
+    ctr_pull(
+        &host,
+        &format!("{BUSYBOX}:latest"),
+        &img.manifest,
+        &pushed_blobs(&img),
+        &img.diff_ids,
+    );
 
     // The same image pulled by pullbox elsewhere: same ID, chain, size, user.
     let other = FakeHost::new();
@@ -1811,8 +1824,16 @@ fn unlabelled_records_are_images_as_a_pull_would_describe_them() {
         ..pulled
     };
     assert_eq!(catalog::list(&host, &[]).unwrap(), vec![want.clone()]);
-    for arg in ["busybox", &img.config.digest, &hex_part(&img.config.digest)[..12]] {
-        assert_eq!(catalog::status(&host, arg, &[]).unwrap(), Some(want.clone()), "{arg}");
+    for arg in [
+        "busybox",
+        &img.config.digest,
+        &hex_part(&img.config.digest)[..12],
+    ] {
+        assert_eq!(
+            catalog::status(&host, arg, &[]).unwrap(),
+            Some(want.clone()),
+            "{arg}"
+        );
     }
     assert_eq!(want.size, size_of(&img.manifest, &img));
     assert_eq!(want.user, "nobody");
@@ -1838,7 +1859,10 @@ fn unlabelled_index_records_take_the_entry_on_the_node() {
     let host = FakeHost::new();
     let amd = host.push_image_for(&[b"amd64 layer"], "", "linux/amd64");
     let arm = host.push_image_for(&[b"arm64 layer"], "1000", "linux/arm64");
-    let index = host.push_index(&[(&amd.manifest, "linux/amd64"), (&arm.manifest, "linux/arm64")]);
+    let index = host.push_index(&[
+        (&amd.manifest, "linux/amd64"),
+        (&arm.manifest, "linux/arm64"),
+    ]);
     let name = "registry.example.com/multi:1";
 
     // Only amd64's manifest is in the store (`ctr pull` on an amd64 node).
@@ -1869,10 +1893,22 @@ fn unlabelled_records_that_are_not_ready_images_are_left_out() {
     let host = FakeHost::new();
     let img = busybox(&host);
     // Not unpacked: content there, no snapshot.
-    ctr_pull(&host, "docker.io/library/packed:1", &img.manifest, &pushed_blobs(&img), &[]);
+    ctr_pull(
+        &host,
+        "docker.io/library/packed:1",
+        &img.manifest,
+        &pushed_blobs(&img),
+        &[],
+    );
     // Config missing.
     let two = host.push_image(&[b"two"], "");
-    ctr_pull(&host, "docker.io/library/noconfig:1", &two.manifest, &[], &two.diff_ids);
+    ctr_pull(
+        &host,
+        "docker.io/library/noconfig:1",
+        &two.manifest,
+        &[],
+        &two.diff_ids,
+    );
     // An artifact (config not an image config).
     let cfg = host.push_blob("application/vnd.example.config+json", b"{}");
     let art = host.push_blob(
@@ -1901,7 +1937,13 @@ fn unlabelled_records_that_are_not_ready_images_are_left_out() {
         assert_eq!(catalog::status(&host, name, &[]).unwrap(), None, "{name}");
     }
     // Unpacking it makes the first one READY.
-    ctr_pull(&host, "docker.io/library/packed:1", &img.manifest, &pushed_blobs(&img), &img.diff_ids);
+    ctr_pull(
+        &host,
+        "docker.io/library/packed:1",
+        &img.manifest,
+        &pushed_blobs(&img),
+        &img.diff_ids,
+    );
     assert_eq!(catalog::list(&host, &[]).unwrap().len(), 1);
 }
 
@@ -1914,7 +1956,13 @@ fn many_unlabelled_records_are_read_with_one_list_and_each_target_once() {
         .map(|i| format!("docker.io/library/copy{i}:latest"))
         .collect();
     for name in &names {
-        ctr_pull(&host, name, &img.manifest, &pushed_blobs(&img), &img.diff_ids);
+        ctr_pull(
+            &host,
+            name,
+            &img.manifest,
+            &pushed_blobs(&img),
+            &img.diff_ids,
+        );
     }
     host.s.borrow_mut().lookups.clear();
     host.s.borrow_mut().reads = 0;
@@ -1922,7 +1970,11 @@ fn many_unlabelled_records_are_read_with_one_list_and_each_target_once() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].repo_tags.len(), names.len());
     let s = host.s.borrow();
-    assert!(!s.lookups.iter().any(|l| l.starts_with("get ")), "{:?}", s.lookups);
+    assert!(
+        !s.lookups.iter().any(|l| l.starts_with("get ")),
+        "{:?}",
+        s.lookups
+    );
     assert_eq!(s.lookups.iter().filter(|l| *l == "list").count(), 1);
     assert_eq!(s.reads, 2, "one read of the manifest and one of the config");
     drop(s);
@@ -1935,5 +1987,8 @@ fn many_unlabelled_records_are_read_with_one_list_and_each_target_once() {
     assert_eq!(catalog::list(&host, &[]).unwrap().len(), 1);
     let s = host.s.borrow();
     assert!(!s.lookups.contains(&"list".to_string()), "{:?}", s.lookups);
-    assert_eq!(s.lookups.iter().filter(|l| l.starts_with("get ")).count(), 1);
+    assert_eq!(
+        s.lookups.iter().filter(|l| l.starts_with("get ")).count(),
+        1
+    );
 }

@@ -94,21 +94,22 @@ pub fn fill<H: Host + ?Sized>(host: &H, records: &mut [Record]) -> Result<()> {
         let Some(target) = targets.get(&record.name) else {
             continue;
         };
-        let derived = by_target
-            .entry(target.digest.clone())
-            .or_insert_with(|| match derive(host, target) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    host.log(
-                        Level::Debug,
-                        &format!(
-                            "image record {} (target {}) is left out: {e}",
-                            record.name, target.digest
-                        ),
-                    );
-                    None
-                }
-            });
+        let derived =
+            by_target
+                .entry(target.digest.clone())
+                .or_insert_with(|| match derive(host, target) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        host.log(
+                            Level::Debug,
+                            &format!(
+                                "image record {} (target {}) is left out: {e}",
+                                record.name, target.digest
+                            ),
+                        );
+                        None
+                    }
+                });
         if let Some(d) = derived {
             record.id = Some(d.id.clone());
             record.manifest = Some(d.manifest.clone());
