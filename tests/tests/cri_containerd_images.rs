@@ -283,3 +283,111 @@ async fn images_of_ctr_and_pullbox_show_alike_on_both_sides() {
     assert!(seen.is_empty(), "{seen:?}");
     assert!(ctd.list("k8s.io", "images").unwrap().is_empty());
 }
+
+/// A measurement, not a check (`--ignored`): `ListImages` over `PULLBOX_BENCH_UNLABELLED`
+/// (default 1,000) images that `ctr images import` loaded (distinct configs over one tiny
+/// layer, one archive), so that every record lacks pullbox's labels and pullbox derives each
+/// image from content at every call. Prints the median and max of 21 calls, pullbox's and
+/// containerd's own CRI's.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn list_images_of_many_unlabelled_records() {
+    use pullbox_tests::oci::sha256_digest;
+    use serde_json::json;
+    let n: usize = std::env::var("PULLBOX_BENCH_UNLABELLED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let ctd = Containerd::start().unwrap();
+
+    // An OCI archive: one layer, n configs and manifests, an index naming each `t<i>`.
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(6);
+    h.set_mode(0o644);
+    layer.append_data(&mut h, "hello", &b"hello\n"[..]).unwrap();
+    let layer = layer.into_inner().unwrap();
+    let mut blobs = vec![layer.clone()];
+    let desc = |media: &str, bytes: &[u8]| json!({"mediaType": media, "digest": sha256_digest(bytes), "size": bytes.len()});
+    let layer_desc = desc("application/vnd.oci.image.layer.v1.tar", &layer);
+    let mut entries = Vec::new();
+    for i in 0..n {
+        let config = json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Env": [format!("N={i}")]},
+            "rootfs": {"type": "layers", "diff_ids": [sha256_digest(&layer)]},
+        })
+        .to_string()
+        .into_bytes();
+        let manifest = json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": desc("application/vnd.oci.image.config.v1+json", &config),
+            "layers": [layer_desc],
+        })
+        .to_string()
+        .into_bytes();
+        let mut entry = desc("application/vnd.oci.image.manifest.v1+json", &manifest);
+        entry["platform"] = json!({"os": "linux", "architecture": "amd64"});
+        entry["annotations"] = json!({"org.opencontainers.image.ref.name": format!("t{i}")});
+        entries.push(entry);
+        blobs.extend([config, manifest]);
+    }
+    let index = json!({"schemaVersion": 2, "manifests": entries}).to_string();
+    let mut archive = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, bytes: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        archive.append_data(&mut h, path, bytes).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", index.as_bytes());
+    for b in &blobs {
+        add(&format!("blobs/sha256/{}", &sha256_digest(b)[7..]), b);
+    }
+    let path = ctd.dir().join("many.tar");
+    std::fs::write(&path, archive.into_inner().unwrap()).unwrap();
+    let t = Instant::now();
+    ctd.ctr_ok(
+        "k8s.io",
+        &[
+            "images",
+            "import",
+            "--base-name",
+            "bench.example/many",
+            &path.display().to_string(),
+        ],
+    )
+    .unwrap();
+    eprintln!(
+        "ctr imported {n} images in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let daemon = cri::Daemon::start(&format!(
+        "backend = \"containerd\"\n[containerd]\naddress = {:?}\n",
+        ctd.socket().display().to_string()
+    ))
+    .unwrap();
+    for (who, socket) in [("pullbox", daemon.socket()), ("containerd", ctd.socket())] {
+        let mut client = cri::connect(socket).await.unwrap();
+        // Wait until containerd's CRI has adopted them all (and warm pullbox's puller).
+        let started = Instant::now();
+        while list(&mut client).await.len() < n && started.elapsed() < Duration::from_secs(120) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut times = Vec::new();
+        let mut count = 0;
+        for _ in 0..21 {
+            let t = Instant::now();
+            count = list(&mut client).await.len();
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        eprintln!(
+            "{who}: ListImages over {count} unlabelled images: median {:.1} ms, max {:.1} ms of 21",
+            times[10], times[20]
+        );
+        assert_eq!(count, n, "{who}");
+    }
+}
