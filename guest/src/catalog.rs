@@ -4,7 +4,10 @@
 //! config digest): the record named by the ID itself, repo tags (`name:tag`) and repo
 //! digests (`name@digest`). [`gather`] turns them into an [`ImageInfo`] from the labels a
 //! pull wrote, so no manifest is read and no platform is needed. Records written by
-//! anything but a pullbox puller (no such label) are not pullbox's images and are ignored.
+//! anything but a pullbox puller (no such label: `ctr pull`, `ctr images import`, the
+//! sandbox image containerd pulled) are images too, as containerd's CRI shows them: their
+//! ID and the rest are derived from their target's content ([`crate::unlabelled`]), on every
+//! call, so records that containerd or `ctr` add or remove beside pullbox show at once.
 //!
 //! An image is READY ([`is_ready`]) when its manifest and config are in the content store
 //! and the snapshot named by its chain ID is committed; status and list answer only READY
@@ -38,6 +41,7 @@ use crate::host::{Host, MAX_BATCH};
 use crate::labels;
 use crate::reference::Reference;
 use crate::types::{ImageInfo, Level, SnapshotKind};
+use crate::unlabelled;
 
 /// The labels of a record that the catalog reads, in the order of [`Record`]'s fields.
 pub const RECORD_LABELS: [&str; 6] = [
@@ -69,8 +73,17 @@ pub struct Record {
     pub pinned: bool,
 }
 
-/// Every record, read with `images.list-labels` (see [`Record`]).
+/// Every record, read with `images.list-labels` (see [`Record`]); those without pullbox's
+/// labels filled in from content ([`unlabelled::fill`]; left with `id: None` when their
+/// target is not an image on this node).
 pub fn records<H: Host + ?Sized>(host: &H) -> Result<Vec<Record>> {
+    let mut records = labelled(host)?;
+    unlabelled::fill(host, &mut records)?;
+    Ok(records)
+}
+
+/// Every record with the values of its [`RECORD_LABELS`], as `images.list-labels` has them.
+fn labelled<H: Host + ?Sized>(host: &H) -> Result<Vec<Record>> {
     let keys: Vec<String> = RECORD_LABELS.iter().map(|k| k.to_string()).collect();
     Ok(host
         .image_list_labels(&keys)?
@@ -161,8 +174,8 @@ pub fn gather(records: &[Record], id: &str, pinned: &[String]) -> Option<ImageIn
     describe(id.to_string(), mine, pinned)
 }
 
-/// Every image's records, by image ID, in one pass; records without the ID label are not
-/// pullbox's and are left out.
+/// Every image's records, by image ID, in one pass; records without an image ID (their
+/// target is not an image on this node) are left out.
 pub fn by_image(records: Vec<Record>) -> HashMap<String, Vec<Record>> {
     let mut images: HashMap<String, Vec<Record>> = HashMap::new();
     for mut r in records {
@@ -188,12 +201,19 @@ fn describe(id: String, mut mine: Vec<Record>, pinned: &[String]) -> Option<Imag
     let mut repo_digests = Vec::new();
     let names = mine.into_iter().map(|r| r.name);
     for name in names.chain([std::mem::take(&mut meta.name)]) {
-        if name == id {
+        if name == id || digest::parse(&name).is_ok() {
             continue;
         }
+        // As containerd's CRI (`parseImageReferences`): names with a digest are repo
+        // digests, names with a tag repo tags, and any other name (an image ID, an
+        // import's bare repository, a name that is no reference) neither.
         if name.contains('@') {
             repo_digests.push(name);
-        } else {
+        } else if name
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.contains(':'))
+        {
             repo_tags.push(name);
         }
     }

@@ -48,8 +48,8 @@ pub struct State {
     /// <digest> <key>`, `commit <name> <key>`, `remove <key>`, `label <digest>`, `create
     /// <name>`, `update <name>`, `delete <name>`.
     pub calls: Vec<String>,
-    /// Reads, in order: `list`, `list-labels <keys>`, `info <digest>`, `sizes <count>`,
-    /// `stat <key>`, `stats <count>`.
+    /// Reads, in order: `get <name>`, `list`, `list-labels <keys>`, `info <digest>`,
+    /// `sizes <count>`, `stat <key>`, `stats <count>`.
     pub lookups: Vec<String>,
     /// Every descriptor passed to `fetch`, in order.
     pub fetched: Vec<Descriptor>,
@@ -463,6 +463,7 @@ impl Host for FakeHost {
     }
 
     fn image_get(&self, name: &str) -> Result<ImageRecord> {
+        self.lookup(format!("get {name}"));
         self.s
             .borrow()
             .images

@@ -37,6 +37,7 @@ pub mod pull;
 pub mod reference;
 pub mod settings;
 pub mod types;
+pub mod unlabelled;
 
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
@@ -58,7 +59,8 @@ use types::{ImageInfo, Level, PullRequest};
 /// ones.
 ///
 /// Only `configure` and `pull_image` must be written; status, list and remove default to
-/// the [`catalog`] answers, which read the records that [`pull::pull_with`] writes.
+/// the [`catalog`] answers, which read the records that [`pull::pull_with`] writes and
+/// derive the same from content for records anything else wrote ([`unlabelled`]).
 pub trait Puller {
     /// `configure`: validates the settings document and makes it current.
     ///

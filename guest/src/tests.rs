@@ -1758,3 +1758,237 @@ fn a_digest_pull_of_a_tagged_image_keeps_its_tags() {
     );
     assert_eq!(catalog::list(&host, &[]).unwrap().len(), 2);
 }
+
+// --- records without pullbox's labels (ctr pull, ctr images import) ---
+
+/// What `ctr pull` leaves behind: `blobs` in the content store, the snapshots of `diff_ids`
+/// committed (unless empty), and a record `name` → `root` without pullbox's labels.
+fn ctr_pull(
+    host: &FakeHost,
+    name: &str,
+    root: &Descriptor,
+    blobs: &[&Descriptor],
+    diff_ids: &[String],
+) {
+    use crate::fake::Snap;
+    let mut s = host.s.borrow_mut();
+    for d in std::iter::once(root).chain(blobs.iter().copied()) {
+        let bytes = s.remote[&d.digest].clone();
+        s.content
+            .insert(d.digest.clone(), (bytes, Default::default()));
+    }
+    let mut parent = String::new();
+    for chain in chain_ids(diff_ids) {
+        s.snapshots.insert(
+            chain.clone(),
+            Snap {
+                parent: std::mem::replace(&mut parent, chain),
+                kind: SnapshotKind::Committed,
+            },
+        );
+    }
+    s.images.insert(
+        name.into(),
+        crate::types::ImageRecord {
+            name: name.into(),
+            target: root.clone(),
+            labels: vec![("containerd.io/some".into(), "label".into())],
+            ..Default::default()
+        },
+    );
+}
+
+fn pushed_blobs(img: &Pushed) -> Vec<&Descriptor> {
+    std::iter::once(&img.config).chain(&img.layers).collect()
+}
+
+#[test]
+fn unlabelled_records_are_images_as_a_pull_would_describe_them() {
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    ctr_pull(
+        &host,
+        &format!("{BUSYBOX}:latest"),
+        &img.manifest,
+        &pushed_blobs(&img),
+        &img.diff_ids,
+    );
+
+    // The same image pulled by pullbox elsewhere: same ID, chain, size, user.
+    let other = FakeHost::new();
+    busybox(&other);
+    let pulled = pull_ok(&other, &req("busybox"));
+
+    let want = ImageInfo {
+        repo_digests: vec![], // ctr wrote no digest record, containerd's CRI shows none
+        ..pulled
+    };
+    assert_eq!(catalog::list(&host, &[]).unwrap(), vec![want.clone()]);
+    for arg in [
+        "busybox",
+        &img.config.digest,
+        &hex_part(&img.config.digest)[..12],
+    ] {
+        assert_eq!(
+            catalog::status(&host, arg, &[]).unwrap(),
+            Some(want.clone()),
+            "{arg}"
+        );
+    }
+    assert_eq!(want.size, size_of(&img.manifest, &img));
+    assert_eq!(want.user, "nobody");
+    // Reading it wrote nothing.
+    assert!(host.calls().is_empty(), "{:?}", host.calls());
+
+    // A pullbox pull of another tag of the same image joins it; remove by the ctr name
+    // deletes both tools' records.
+    host.tag(BUSYBOX, "1.36", &img.manifest);
+    let joined = pull_ok(&host, &req("busybox:1.36"));
+    assert_eq!(
+        joined.repo_tags,
+        vec![format!("{BUSYBOX}:1.36"), format!("{BUSYBOX}:latest")]
+    );
+    assert_eq!(catalog::list(&host, &[]).unwrap(), vec![joined]);
+    catalog::remove(&host, "busybox:latest").unwrap();
+    assert!(host.record_names().is_empty(), "{:?}", host.record_names());
+    assert!(catalog::list(&host, &[]).unwrap().is_empty());
+}
+
+#[test]
+fn unlabelled_index_records_take_the_entry_on_the_node() {
+    let host = FakeHost::new();
+    let amd = host.push_image_for(&[b"amd64 layer"], "", "linux/amd64");
+    let arm = host.push_image_for(&[b"arm64 layer"], "1000", "linux/arm64");
+    let index = host.push_index(&[
+        (&amd.manifest, "linux/amd64"),
+        (&arm.manifest, "linux/arm64"),
+    ]);
+    let name = "registry.example.com/multi:1";
+
+    // Only amd64's manifest is in the store (`ctr pull` on an amd64 node).
+    let mut blobs = pushed_blobs(&amd);
+    blobs.push(&amd.manifest);
+    ctr_pull(&host, name, &index, &blobs, &amd.diff_ids);
+    let info = catalog::status(&host, name, &[]).unwrap().unwrap();
+    assert_eq!(info.id, amd.config.digest);
+    assert_eq!(info.manifest_digest, amd.manifest.digest);
+    assert_eq!(info.size, index.size + size_of(&amd.manifest, &amd));
+
+    // Both present (`ctr pull --all-platforms`), only arm64 unpacked: arm64, the platform
+    // unpacked here, although amd64 comes first in the index.
+    let mut blobs = pushed_blobs(&arm);
+    blobs.push(&arm.manifest);
+    host.s.borrow_mut().snapshots.clear();
+    ctr_pull(&host, name, &index, &blobs, &arm.diff_ids);
+    let info = catalog::status(&host, name, &[]).unwrap().unwrap();
+    assert_eq!(info.id, arm.config.digest);
+    assert_eq!(info.manifest_digest, arm.manifest.digest);
+    assert_eq!(info.user, "1000");
+    assert_eq!(info.size, index.size + size_of(&arm.manifest, &arm));
+    assert_eq!(catalog::list(&host, &[]).unwrap(), vec![info]);
+}
+
+#[test]
+fn unlabelled_records_that_are_not_ready_images_are_left_out() {
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    // Not unpacked: content there, no snapshot.
+    ctr_pull(
+        &host,
+        "docker.io/library/packed:1",
+        &img.manifest,
+        &pushed_blobs(&img),
+        &[],
+    );
+    // Config missing.
+    let two = host.push_image(&[b"two"], "");
+    ctr_pull(
+        &host,
+        "docker.io/library/noconfig:1",
+        &two.manifest,
+        &[],
+        &two.diff_ids,
+    );
+    // An artifact (config not an image config).
+    let cfg = host.push_blob("application/vnd.example.config+json", b"{}");
+    let art = host.push_blob(
+        crate::oci::OCI_MANIFEST,
+        serde_json::json!({
+            "schemaVersion": 2, "mediaType": crate::oci::OCI_MANIFEST,
+            "config": crate::fake::desc_json(&cfg), "layers": [],
+        })
+        .to_string()
+        .as_bytes(),
+    );
+    ctr_pull(&host, "docker.io/library/artifact:1", &art, &[&cfg], &[]);
+    // A target that is not in the store at all.
+    let gone = host.push_image(&[b"gone"], "");
+    host.s.borrow_mut().images.insert(
+        "docker.io/library/gone:1".into(),
+        crate::types::ImageRecord {
+            name: "docker.io/library/gone:1".into(),
+            target: gone.manifest.clone(),
+            ..Default::default()
+        },
+    );
+    // None fails the list; none is listed.
+    assert!(catalog::list(&host, &[]).unwrap().is_empty());
+    for name in ["packed:1", "noconfig:1", "artifact:1", "gone:1"] {
+        assert_eq!(catalog::status(&host, name, &[]).unwrap(), None, "{name}");
+    }
+    // Unpacking it makes the first one READY.
+    ctr_pull(
+        &host,
+        "docker.io/library/packed:1",
+        &img.manifest,
+        &pushed_blobs(&img),
+        &img.diff_ids,
+    );
+    assert_eq!(catalog::list(&host, &[]).unwrap().len(), 1);
+}
+
+#[test]
+fn many_unlabelled_records_are_read_with_one_list_and_each_target_once() {
+    use crate::unlabelled::GET_EACH_UP_TO;
+    let host = FakeHost::new();
+    let img = busybox(&host);
+    let names: Vec<String> = (0..=GET_EACH_UP_TO)
+        .map(|i| format!("docker.io/library/copy{i}:latest"))
+        .collect();
+    for name in &names {
+        ctr_pull(
+            &host,
+            name,
+            &img.manifest,
+            &pushed_blobs(&img),
+            &img.diff_ids,
+        );
+    }
+    host.s.borrow_mut().lookups.clear();
+    host.s.borrow_mut().reads = 0;
+    let list = catalog::list(&host, &[]).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].repo_tags.len(), names.len());
+    let s = host.s.borrow();
+    assert!(
+        !s.lookups.iter().any(|l| l.starts_with("get ")),
+        "{:?}",
+        s.lookups
+    );
+    assert_eq!(s.lookups.iter().filter(|l| *l == "list").count(), 1);
+    assert_eq!(s.reads, 2, "one read of the manifest and one of the config");
+    drop(s);
+
+    // Few: one `get` each, no `list`.
+    for name in &names[1..] {
+        host.s.borrow_mut().images.remove(name);
+    }
+    host.s.borrow_mut().lookups.clear();
+    assert_eq!(catalog::list(&host, &[]).unwrap().len(), 1);
+    let s = host.s.borrow();
+    assert!(!s.lookups.contains(&"list".to_string()), "{:?}", s.lookups);
+    assert_eq!(
+        s.lookups.iter().filter(|l| l.starts_with("get ")).count(),
+        1
+    );
+}
