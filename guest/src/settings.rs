@@ -504,13 +504,12 @@ fn scopes(v: &Value) -> Result<Vec<Scope>> {
     };
     let mut out: Vec<Scope> = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        if !item.is_object() {
+        let Some(map) = item.as_object() else {
             return Err(invalid(
                 KEY,
                 format!("must be a list of objects; entry {i} is {item}"),
             ));
-        }
-        let Value::Object(map) = item else { unreachable!() };
+        };
         // Keys are unique here: `parse` refused a document repeating a key in any object.
         let members: Vec<(String, Value)> =
             map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();

@@ -120,7 +120,9 @@ fn reference(spec: Option<&ImageSpec>) -> Result<&str, Status> {
 
 /// What a `PullImage` request says the image is for.
 fn context(req: &PullImageRequest) -> PullContext {
-    let collect = |m: &std::collections::HashMap<String, String>| m.clone().into_iter().collect();
+    fn collect(m: &std::collections::HashMap<String, String>) -> std::collections::BTreeMap<String, String> {
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
     let spec = req.image.as_ref();
     PullContext {
         runtime_handler: spec.map(|s| s.runtime_handler.clone()).unwrap_or_default(),
