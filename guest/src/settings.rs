@@ -339,9 +339,8 @@ pub fn parse(doc: &str) -> Result<Settings> {
     check_unique(&members)?;
     // Nested objects (scopes) are read as `Value`s, which keep only the last of a repeated
     // key: refuse repeats at any depth first.
-    serde_json::from_str::<NoRepeats>(doc).map_err(|e| {
-        Error::InvalidArgument(format!("settings: {e}"))
-    })?;
+    serde_json::from_str::<NoRepeats>(doc)
+        .map_err(|e| Error::InvalidArgument(format!("settings: {e}")))?;
     parse_members(&members)
 }
 
@@ -470,8 +469,7 @@ fn parse_members(members: &[(String, Value)]) -> Result<Settings> {
 fn namespace_glob(s: &str) -> std::result::Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'*'));
     if ok {
         Ok(s.to_string())
@@ -573,21 +571,25 @@ fn scope(i: usize, members: &[(String, Value)]) -> Result<Scope> {
                 };
                 for (k, g) in map {
                     let g = g.as_str().ok_or_else(|| {
-                        invalid(key, format!("label {k:?}: the value pattern must be a string"))
+                        invalid(
+                            key,
+                            format!("label {k:?}: the value pattern must be a string"),
+                        )
                     })?;
-                    if k.is_empty() || k.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+                    if k.is_empty()
+                        || k.bytes()
+                            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+                    {
                         return Err(invalid(key, format!("{k:?} is not a label key")));
                     }
                     scope.pod_labels.push((k.clone(), g.to_string()));
                 }
             }
             k if SCOPED_KEYS.contains(&k) => rules.push((key.clone(), v.clone())),
-            k if KNOWN_KEYS.contains(&k) => {
-                return Err(invalid(
-                    key,
-                    "is node-wide and cannot be set in a scope (a pulled image is shared by every pod)",
-                ))
-            }
+            k if KNOWN_KEYS.contains(&k) => return Err(invalid(
+                key,
+                "is node-wide and cannot be set in a scope (a pulled image is shared by every pod)",
+            )),
             _ => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown scope key {key:?} (known: {}, {})",
@@ -865,7 +867,12 @@ impl Policy for Scoped<'_> {
         self.combine(|s| s.check_manifest(reference, image))
     }
 
-    fn check_config(&self, reference: &Reference, image: &Image<'_>, config: &oci::Config) -> Verdict {
+    fn check_config(
+        &self,
+        reference: &Reference,
+        image: &Image<'_>,
+        config: &oci::Config,
+    ) -> Verdict {
         self.combine(|s| s.check_config(reference, image, config))
     }
 

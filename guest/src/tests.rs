@@ -1522,8 +1522,14 @@ fn scopes_match_namespace_labels_and_handler() {
         s.scopes_for(r).iter().map(|x| x.name.clone()).collect()
     };
     let app = "registry.example.com/team-a/app";
-    // (namespace, labels, handler, scopes that apply)
-    let cases: &[(Option<&str>, &[(&str, &str)], &str, &[&str])] = &[
+    /// (namespace, labels, handler, scopes that apply)
+    type Case<'a> = (
+        Option<&'a str>,
+        &'a [(&'a str, &'a str)],
+        &'a str,
+        &'a [&'a str],
+    );
+    let cases: &[Case] = &[
         (None, &[], "", &[]),
         (None, &[("compliance", "pci-dss")], "kata", &["3"]),
         (Some("team-a"), &[], "", &["team-a"]),
@@ -1558,7 +1564,10 @@ fn the_same_image_is_allowed_in_one_namespace_and_denied_in_another() {
     let host = FakeHost::new();
     let img = everywhere(
         &host,
-        &["registry.example.com/team-a/app", "registry.example.com/team-b/app"],
+        &[
+            "registry.example.com/team-a/app",
+            "registry.example.com/team-b/app",
+        ],
     );
     let tagged = "registry.example.com/team-a/app:1.0";
     let by_digest = format!("registry.example.com/team-a/app@{}", img.manifest.digest);
@@ -1590,13 +1599,26 @@ fn the_same_image_is_allowed_in_one_namespace_and_denied_in_another() {
     let m = denied(
         &host,
         SCOPED,
-        &req_for("registry.example.com/team-b/app:1.0", Some("team-a"), &[], ""),
+        &req_for(
+            "registry.example.com/team-b/app:1.0",
+            Some("team-a"),
+            &[],
+            "",
+        ),
     );
-    assert!(m.contains("rule scopes[team-a].allowedRepositories:"), "{m}");
+    assert!(
+        m.contains("rule scopes[team-a].allowedRepositories:"),
+        "{m}"
+    );
     pull(
         &host,
         &s,
-        &req_for("registry.example.com/team-b/app:1.0", Some("team-b"), &[], ""),
+        &req_for(
+            "registry.example.com/team-b/app:1.0",
+            Some("team-b"),
+            &[],
+            "",
+        ),
     )
     .unwrap();
 
@@ -1620,9 +1642,18 @@ fn audit_mode_covers_scoped_rules() {
     everywhere(&host, &["registry.example.com/team-a/app"]);
     let doc = r#"{"mode": "audit", "scopes": [
         {"name": "prod", "namespaces": ["prod-*"], "requireDigest": true}]}"#;
-    let r = req_for("registry.example.com/team-a/app:1.0", Some("prod-x"), &[], "");
+    let r = req_for(
+        "registry.example.com/team-a/app:1.0",
+        Some("prod-x"),
+        &[],
+        "",
+    );
     pull(&host, &settings(doc), &r).unwrap();
-    assert!(logged(&host, Level::Warn, "would deny: rule scopes[prod].requireDigest"));
+    assert!(logged(
+        &host,
+        Level::Warn,
+        "would deny: rule scopes[prod].requireDigest"
+    ));
 }
 
 #[test]
@@ -1637,11 +1668,18 @@ fn scope_settings_are_checked() {
     );
     // (document, what the message must say)
     let bad: &[(&str, &[&str])] = &[
-        (r#"{"scopes": {}}"#, &["\"scopes\" must be a list of objects"]),
+        (
+            r#"{"scopes": {}}"#,
+            &["\"scopes\" must be a list of objects"],
+        ),
         (r#"{"scopes": [1]}"#, &["\"scopes\"", "entry 0 is 1"]),
         (
             r#"{"scopes": [{"namespaces": ["Prod"]}]}"#,
-            &["\"scopes\" entry 0", "\"namespaces\"", "not a namespace pattern"],
+            &[
+                "\"scopes\" entry 0",
+                "\"namespaces\"",
+                "not a namespace pattern",
+            ],
         ),
         (
             r#"{"scopes": [{"namespaces": "prod"}]}"#,
@@ -1661,7 +1699,10 @@ fn scope_settings_are_checked() {
         ),
         (
             r#"{"scopes": [{"requireDigest": "yes"}]}"#,
-            &["\"scopes\" entry 0", "\"requireDigest\" must be true or false"],
+            &[
+                "\"scopes\" entry 0",
+                "\"requireDigest\" must be true or false",
+            ],
         ),
         (
             r#"{"scopes": [{"mode": "audit"}]}"#,
@@ -1687,7 +1728,10 @@ fn scope_settings_are_checked() {
             r#"{"scopes": [{"name": "x"}, {"name": "x"}]}"#,
             &["entry 1", "name \"x\" is given to two scopes"],
         ),
-        (r#"{"scopes": [{"name": ""}]}"#, &["\"name\" must be a name"]),
+        (
+            r#"{"scopes": [{"name": ""}]}"#,
+            &["\"name\" must be a name"],
+        ),
         (
             r#"{"scopes": [{"name": "1"}, {}]}"#,
             &["entry 1", "name \"1\" is given to two scopes"],
