@@ -267,4 +267,32 @@ mod tests {
         assert_eq!(user("nobody"), (None, "nobody".to_owned()));
         assert_eq!(user("www-data:www-data"), (None, "www-data".to_owned()));
     }
+
+    #[test]
+    fn pull_context_comes_from_the_image_spec_and_sandbox_config() {
+        use k8s_cri::v1::{PodSandboxConfig, PodSandboxMetadata};
+        let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut req = PullImageRequest {
+            image: Some(ImageSpec {
+                image: "busybox".into(),
+                runtime_handler: "kata".into(),
+                annotations: map(&[("b", "2"), ("a", "1")]),
+                ..ImageSpec::default()
+            }),
+            ..PullImageRequest::default()
+        };
+        let c = context(&req);
+        assert_eq!((c.runtime_handler.as_str(), c.pod.is_none()), ("kata", true));
+        assert_eq!(c.annotations.keys().collect::<Vec<_>>(), ["a", "b"]);
+        req.sandbox_config = Some(PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata { name: "web-0".into(), uid: "u1".into(), namespace: "prod-x".into(), attempt: 2 }),
+            labels: map(&[("app", "web")]),
+            annotations: map(&[("note", "x")]),
+            ..PodSandboxConfig::default()
+        });
+        let pod = context(&req).pod.expect("a pod");
+        assert_eq!((pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()), ("prod-x", "web-0", "u1"));
+        assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(pod.annotations.get("note").map(String::as_str), Some("x"));
+    }
 }
