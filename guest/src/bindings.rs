@@ -37,6 +37,15 @@ pub fn pull_image<P: Puller>(request: exp::PullRequest) -> Result<exp::ImageInfo
     let request = t::PullRequest {
         reference: request.reference,
         platform: platform_from(request.platform),
+        runtime_handler: request.runtime_handler,
+        annotations: request.annotations,
+        pod: request.pod.map(|p| t::Pod {
+            namespace: p.namespace,
+            name: p.name,
+            uid: p.uid,
+            labels: p.labels,
+            annotations: p.annotations,
+        }),
     };
     P::pull_image(&WitHost, &request)
         .map(info_to)

@@ -112,7 +112,24 @@ pub fn pull<H: Host + ?Sized>(
         discard_unpacked_layers: settings.discard_unpacked_layers,
         pinned_images: settings.pinned_images.clone(),
     };
-    pull_with(host, &options, settings, req)
+    let policy = settings.policy_for(req);
+    if !settings.scopes.is_empty() {
+        let names = policy.scope_names();
+        host.log(
+            Level::Debug,
+            &format!(
+                "policy scopes for namespace {:?}, runtime handler {:?}: {}",
+                req.pod.as_ref().map(|p| p.namespace.as_str()),
+                req.runtime_handler,
+                if names.is_empty() {
+                    "none apply".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ),
+        );
+    }
+    pull_with(host, &options, &policy, req)
 }
 
 /// Pulls the image `req` names through `host`, asking `policy` at every stage (see the

@@ -20,6 +20,22 @@
 //! | `allowedLayerMediaTypes` | every layer's media type must be one of these | manifest |
 //! | `discard_unpacked_layers` | `true`: do not keep layer blobs once unpacked (containerd's option: the manifest gets no `containerd.io/gc.ref.content.l.<i>` labels) | — |
 //! | `pinnedImages` | references (`registry.k8s.io/pause:3.10`, `busybox`, `name@sha256:…`): images with one of these names are reported `pinned`, so kubelet never garbage-collects them (containerd CRI's `pinned_images`) | status, list |
+//! | `scopes` | a list of scopes ([`Scope`]): rules that apply only to pulls for some pods or runtime handlers | as their rules |
+//!
+//! A scope is an object with a selector and rules. The selector: `name` (optional; named in
+//! denials as `scopes[<name>].<rule>`, else the scope's index is), `namespaces` (globs over
+//! the pod's Kubernetes namespace, `*` for any run: `prod-*`), `podLabels` (an object of
+//! label key to value glob; every one must be present and match) and `runtimeHandlers`
+//! (globs over the runtime handler; `""` is the default handler). A scope applies to a pull
+//! when every selector key it has matches; one with none applies to every pull. A pull
+//! with no pod (the CLI without `--pod-namespace`, `crictl pull` without a pod config) is
+//! matched by no `namespaces` or `podLabels` selector. The rules are the policy keys above:
+//! `allowedRegistries`, `blockedRegistries`, `allowedRepositories`, `blockedRepositories`,
+//! `deniedTags`, `requireDigest`, `platforms`, `maxImageSize`, `maxLayers`,
+//! `allowedLayerMediaTypes`. Scopes only add rules: a pull must pass the top-level rules
+//! and those of every scope that applies, so a pod's labels can never loosen the node's
+//! policy. `mode`, `discard_unpacked_layers` and `pinnedImages` are node-wide (a pulled
+//! image is shared by every pod) and refused inside a scope.
 //!
 //! An `allowed…` list that is present allows only what it lists (an empty list allows
 //! nothing); a `blocked…` match refuses whatever the allow list says. Registry rules apply
@@ -47,7 +63,7 @@ use crate::policy::{
     canonical_host, glob, HostPattern, HostPort, Image, Policy, RepositoryPattern, Verdict,
 };
 use crate::reference::Reference;
-use crate::types::Descriptor;
+use crate::types::{label, Descriptor, PullRequest};
 
 /// The keys [`parse`] accepts.
 pub const KNOWN_KEYS: &[&str] = &[
@@ -64,7 +80,25 @@ pub const KNOWN_KEYS: &[&str] = &[
     "allowedLayerMediaTypes",
     "discard_unpacked_layers",
     "pinnedImages",
+    "scopes",
 ];
+
+/// The rule keys a scope may hold, besides its selector ([`SELECTOR_KEYS`]).
+pub const SCOPED_KEYS: &[&str] = &[
+    "allowedRegistries",
+    "blockedRegistries",
+    "allowedRepositories",
+    "blockedRepositories",
+    "deniedTags",
+    "requireDigest",
+    "platforms",
+    "maxImageSize",
+    "maxLayers",
+    "allowedLayerMediaTypes",
+];
+
+/// The selector keys of a scope.
+pub const SELECTOR_KEYS: &[&str] = &["name", "namespaces", "podLabels", "runtimeHandlers"];
 
 /// What a policy violation does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -105,6 +139,51 @@ pub struct Settings {
     pub allowed_layer_media_types: Option<Vec<String>>,
     /// `pinnedImages`, normalized to record names (`docker.io/library/busybox:latest`).
     pub pinned_images: Vec<String>,
+    /// `scopes`, in document order.
+    pub scopes: Vec<Scope>,
+}
+
+/// One entry of `scopes`: rules that apply to the pulls its selector matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// How denials name it: `name`, or the scope's index in the list.
+    pub name: String,
+    /// `namespaces` globs; `None`: any namespace, and pulls with no pod.
+    pub namespaces: Option<Vec<String>>,
+    /// `podLabels`: label key and value glob; every one must match.
+    pub pod_labels: Vec<(String, String)>,
+    /// `runtimeHandlers` globs; `None`: any handler.
+    pub runtime_handlers: Option<Vec<String>>,
+    /// The rules (only the [`SCOPED_KEYS`] fields are set).
+    pub rules: Settings,
+}
+
+impl Scope {
+    /// Whether the scope applies to `req`.
+    pub fn matches(&self, req: &PullRequest) -> bool {
+        if let Some(globs) = &self.namespaces {
+            match &req.pod {
+                Some(pod) if globs.iter().any(|g| glob(g, &pod.namespace)) => {}
+                _ => return false,
+            }
+        }
+        if !self.pod_labels.is_empty() {
+            let Some(pod) = &req.pod else { return false };
+            let all = self
+                .pod_labels
+                .iter()
+                .all(|(k, g)| label(&pod.labels, k).is_some_and(|v| glob(g, v)));
+            if !all {
+                return false;
+            }
+        }
+        if let Some(globs) = &self.runtime_handlers {
+            if !globs.iter().any(|g| glob(g, &req.runtime_handler)) {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 impl Settings {
@@ -123,7 +202,22 @@ impl Settings {
         max_layers: None,
         allowed_layer_media_types: None,
         pinned_images: Vec::new(),
+        scopes: Vec::new(),
     };
+
+    /// The scopes that apply to `req`, in document order.
+    pub fn scopes_for(&self, req: &PullRequest) -> Vec<&Scope> {
+        self.scopes.iter().filter(|s| s.matches(req)).collect()
+    }
+
+    /// The policy of a pull of `req`: the top-level rules and those of every scope that
+    /// applies to it.
+    pub fn policy_for(&self, req: &PullRequest) -> Scoped<'_> {
+        Scoped {
+            settings: self,
+            scopes: self.scopes_for(req),
+        }
+    }
 }
 
 static CURRENT: Mutex<Settings> = Mutex::new(Settings::DEFAULT);
@@ -242,13 +336,85 @@ pub fn parse(doc: &str) -> Result<Settings> {
     }
     let Members(members) = serde_json::from_str(doc)
         .map_err(|e| Error::InvalidArgument(format!("settings are not valid JSON: {e}")))?;
-    let mut settings = Settings::DEFAULT;
+    check_unique(&members)?;
+    // Nested objects (scopes) are read as `Value`s, which keep only the last of a repeated
+    // key: refuse repeats at any depth first.
+    serde_json::from_str::<NoRepeats>(doc)
+        .map_err(|e| Error::InvalidArgument(format!("settings: {e}")))?;
+    parse_members(&members)
+}
+
+/// A JSON document that repeats no key in any of its objects (deserializing it checks).
+struct NoRepeats;
+
+impl<'de> serde::Deserialize<'de> for NoRepeats {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = NoRepeats;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<NoRepeats, E> {
+                Ok(NoRepeats)
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<NoRepeats, E> {
+                Ok(NoRepeats)
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<NoRepeats, E> {
+                Ok(NoRepeats)
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<NoRepeats, E> {
+                Ok(NoRepeats)
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<NoRepeats, E> {
+                Ok(NoRepeats)
+            }
+            fn visit_unit<E>(self) -> std::result::Result<NoRepeats, E> {
+                Ok(NoRepeats)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<NoRepeats, A::Error> {
+                while seq.next_element::<NoRepeats>()?.is_some() {}
+                Ok(NoRepeats)
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<NoRepeats, A::Error> {
+                let mut keys = std::collections::BTreeSet::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    if !keys.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format!(
+                            "key {k:?} is given twice in one object"
+                        )));
+                    }
+                    map.next_value::<NoRepeats>()?;
+                }
+                Ok(NoRepeats)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn check_unique(members: &[(String, Value)]) -> Result<()> {
     let mut seen: Vec<&str> = Vec::new();
-    for (key, value) in &members {
+    for (key, _) in members {
         if seen.contains(&key.as_str()) {
             return Err(invalid(key, "is given twice"));
         }
         seen.push(key);
+    }
+    Ok(())
+}
+
+/// The settings of the top-level members (keys checked unique).
+fn parse_members(members: &[(String, Value)]) -> Result<Settings> {
+    let mut settings = Settings::DEFAULT;
+    for (key, value) in members {
         let v = value;
         if v.is_null() && KNOWN_KEYS.contains(&key.as_str()) {
             continue; // null: the default
@@ -288,6 +454,7 @@ pub fn parse(doc: &str) -> Result<Settings> {
             }
             "discard_unpacked_layers" => settings.discard_unpacked_layers = bool_of(key, v)?,
             "pinnedImages" => settings.pinned_images = list_of(key, v, pinned_name)?,
+            "scopes" => settings.scopes = scopes(v)?,
             _ => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown setting {key:?} (known: {})",
@@ -297,6 +464,143 @@ pub fn parse(doc: &str) -> Result<Settings> {
         }
     }
     Ok(settings)
+}
+
+fn namespace_glob(s: &str) -> std::result::Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'*'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a namespace pattern (lowercase letters, digits, '-', and * for any run)"
+        ))
+    }
+}
+
+fn handler_glob(s: &str) -> std::result::Result<String, String> {
+    let ok = s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'*'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a runtime handler pattern (letters, digits, '_', '.', '-', and * for \
+             any run; \"\" for the default handler)"
+        ))
+    }
+}
+
+/// `scopes`: a list of scope objects.
+fn scopes(v: &Value) -> Result<Vec<Scope>> {
+    const KEY: &str = "scopes";
+    let Value::Array(items) = v else {
+        return Err(invalid(KEY, format!("must be a list of objects, not {v}")));
+    };
+    let mut out: Vec<Scope> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(map) = item.as_object() else {
+            return Err(invalid(
+                KEY,
+                format!("must be a list of objects; entry {i} is {item}"),
+            ));
+        };
+        // Keys are unique here: `parse` refused a document repeating a key in any object.
+        let members: Vec<(String, Value)> =
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let scope = scope(i, &members).map_err(|e| match e {
+            Error::InvalidArgument(m) => invalid(KEY, format!("entry {i}: {m}")),
+            other => other,
+        })?;
+        if out.iter().any(|s| s.name == scope.name) {
+            return Err(invalid(
+                KEY,
+                format!("entry {i}: name {:?} is given to two scopes", scope.name),
+            ));
+        }
+        out.push(scope);
+    }
+    Ok(out)
+}
+
+/// One scope, entry `i` of `scopes`.
+fn scope(i: usize, members: &[(String, Value)]) -> Result<Scope> {
+    let mut scope = Scope {
+        name: i.to_string(),
+        namespaces: None,
+        pod_labels: Vec::new(),
+        runtime_handlers: None,
+        rules: Settings::DEFAULT,
+    };
+    let mut rules = Vec::new();
+    for (key, v) in members {
+        if v.is_null() {
+            continue;
+        }
+        match key.as_str() {
+            "name" => {
+                scope.name = match v.as_str() {
+                    Some(n)
+                        if !n.is_empty()
+                            && n.len() <= 63
+                            && n.bytes().all(|b| {
+                                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
+                            }) =>
+                    {
+                        n.to_string()
+                    }
+                    _ => {
+                        return Err(invalid(
+                            key,
+                            format!("must be a name of letters, digits, '_', '.', '-', not {v}"),
+                        ))
+                    }
+                }
+            }
+            "namespaces" => scope.namespaces = Some(list_of(key, v, namespace_glob)?),
+            "runtimeHandlers" => scope.runtime_handlers = Some(list_of(key, v, handler_glob)?),
+            "podLabels" => {
+                let Value::Object(map) = v else {
+                    return Err(invalid(
+                        key,
+                        format!("must be an object of label key to value pattern, not {v}"),
+                    ));
+                };
+                for (k, g) in map {
+                    let g = g.as_str().ok_or_else(|| {
+                        invalid(
+                            key,
+                            format!("label {k:?}: the value pattern must be a string"),
+                        )
+                    })?;
+                    if k.is_empty()
+                        || k.bytes()
+                            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+                    {
+                        return Err(invalid(key, format!("{k:?} is not a label key")));
+                    }
+                    scope.pod_labels.push((k.clone(), g.to_string()));
+                }
+            }
+            k if SCOPED_KEYS.contains(&k) => rules.push((key.clone(), v.clone())),
+            k if KNOWN_KEYS.contains(&k) => return Err(invalid(
+                key,
+                "is node-wide and cannot be set in a scope (a pulled image is shared by every pod)",
+            )),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown scope key {key:?} (known: {}, {})",
+                    SELECTOR_KEYS.join(", "),
+                    SCOPED_KEYS.join(", ")
+                )))
+            }
+        }
+    }
+    scope.rules = parse_members(&rules)?;
+    Ok(scope)
 }
 
 /// Parses `doc` and, when valid, makes it the instance's settings.
@@ -511,6 +815,70 @@ impl Policy for Settings {
         let mut v = Verdict::new();
         self.registry_rules(&mut v, "layer URL host", &host.to_string());
         v.allows()
+    }
+}
+
+/// The policy of one pull: the top-level rules and those of the scopes that apply
+/// ([`Settings::policy_for`]). A scope's rules are named `scopes[<name>].<rule>` in verdicts
+/// and denials.
+#[derive(Debug, Clone)]
+pub struct Scoped<'a> {
+    settings: &'a Settings,
+    scopes: Vec<&'a Scope>,
+}
+
+impl Scoped<'_> {
+    /// The names of the scopes that apply.
+    pub fn scope_names(&self) -> Vec<&str> {
+        self.scopes.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// The top-level verdict `check` gives, followed by each applying scope's, renamed.
+    fn combine(&self, check: impl Fn(&Settings) -> Verdict) -> Verdict {
+        let mut v = check(self.settings);
+        for scope in &self.scopes {
+            let sv = check(&scope.rules);
+            let rename = |rule: &str| format!("scopes[{}].{rule}", scope.name);
+            v.checked.extend(sv.checked.iter().map(|r| rename(r)));
+            v.violations
+                .extend(sv.violations.into_iter().map(|x| crate::policy::Violation {
+                    rule: rename(&x.rule),
+                    reason: x.reason,
+                }));
+        }
+        v
+    }
+}
+
+impl Policy for Scoped<'_> {
+    fn audit(&self) -> bool {
+        self.settings.audit()
+    }
+
+    fn check_reference(&self, reference: &Reference) -> Verdict {
+        self.combine(|s| s.check_reference(reference))
+    }
+
+    fn check_root(&self, reference: &Reference, root: &Descriptor) -> Verdict {
+        self.combine(|s| s.check_root(reference, root))
+    }
+
+    fn check_manifest(&self, reference: &Reference, image: &Image<'_>) -> Verdict {
+        self.combine(|s| s.check_manifest(reference, image))
+    }
+
+    fn check_config(
+        &self,
+        reference: &Reference,
+        image: &Image<'_>,
+        config: &oci::Config,
+    ) -> Verdict {
+        self.combine(|s| s.check_config(reference, image, config))
+    }
+
+    fn allows_url_host(&self, host: &HostPort) -> bool {
+        self.settings.allows_url_host(host)
+            && self.scopes.iter().all(|s| s.rules.allows_url_host(host))
     }
 }
 

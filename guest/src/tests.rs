@@ -11,7 +11,7 @@ use crate::fake::{platform, FakeHost, Pushed};
 use crate::labels;
 use crate::pull::pull;
 use crate::settings::Settings;
-use crate::types::{label, Descriptor, ImageInfo, Level, PullRequest, SnapshotKind};
+use crate::types::{label, Descriptor, ImageInfo, Level, Pod, PullRequest, SnapshotKind};
 
 const BUSYBOX: &str = "docker.io/library/busybox";
 
@@ -19,6 +19,7 @@ fn req(reference: &str) -> PullRequest {
     PullRequest {
         reference: reference.into(),
         platform: platform("linux/amd64"),
+        ..PullRequest::default()
     }
 }
 
@@ -26,6 +27,7 @@ fn req_on(reference: &str, p: &str) -> PullRequest {
     PullRequest {
         reference: reference.into(),
         platform: platform(p),
+        ..PullRequest::default()
     }
 }
 
@@ -1475,6 +1477,275 @@ fn a_policy_of_its_own_sees_each_stage() {
     }
     assert!(host.calls().is_empty());
     assert_eq!(spy.seen.borrow().len(), 2);
+}
+
+// ---- scopes: policy by pod and runtime handler ----------------------------------------
+
+/// A request for `reference` from a pod in `namespace` with `labels`, or from no pod.
+fn req_for(
+    reference: &str,
+    namespace: Option<&str>,
+    labels: &[(&str, &str)],
+    handler: &str,
+) -> PullRequest {
+    PullRequest {
+        runtime_handler: handler.into(),
+        pod: namespace.map(|ns| Pod {
+            namespace: ns.into(),
+            name: "web-0".into(),
+            uid: "5f1c".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            annotations: Vec::new(),
+        }),
+        ..req(reference)
+    }
+}
+
+const SCOPED: &str = r#"{
+    "scopes": [
+        {"name": "team-a", "namespaces": ["team-a"],
+         "allowedRepositories": ["registry.example.com/team-a/**"]},
+        {"name": "prod", "namespaces": ["prod-*"], "requireDigest": true},
+        {"name": "pci", "podLabels": {"compliance": "pci*"},
+         "blockedRegistries": ["docker.io"]},
+        {"runtimeHandlers": ["kata", "gvisor-*"], "maxLayers": 0}
+    ]
+}"#;
+
+#[test]
+fn scopes_match_namespace_labels_and_handler() {
+    let s = settings(SCOPED);
+    let names = |r: &PullRequest| -> Vec<String> {
+        s.scopes_for(r).iter().map(|x| x.name.clone()).collect()
+    };
+    let app = "registry.example.com/team-a/app";
+    /// (namespace, labels, handler, scopes that apply)
+    type Case<'a> = (
+        Option<&'a str>,
+        &'a [(&'a str, &'a str)],
+        &'a str,
+        &'a [&'a str],
+    );
+    let cases: &[Case] = &[
+        (None, &[], "", &[]),
+        (None, &[("compliance", "pci-dss")], "kata", &["3"]),
+        (Some("team-a"), &[], "", &["team-a"]),
+        (Some("team-ab"), &[], "", &[]),
+        (Some("prod-x"), &[], "", &["prod"]),
+        (Some("prod-"), &[], "", &["prod"]),
+        (Some("preprod-x"), &[], "", &[]),
+        (Some("prod"), &[], "", &[]),
+        (Some("default"), &[("compliance", "pci")], "", &["pci"]),
+        (Some("default"), &[("compliance", "none")], "", &[]),
+        (Some("default"), &[("other", "pci")], "", &[]),
+        (
+            Some("prod-eu"),
+            &[("compliance", "pci-dss")],
+            "gvisor-sandbox",
+            &["prod", "pci", "3"],
+        ),
+        (Some("team-a"), &[], "runc", &["team-a"]),
+        (Some("team-a"), &[], "gvisor", &["team-a"]),
+    ];
+    for (ns, labels, handler, want) in cases {
+        assert_eq!(
+            names(&req_for(app, *ns, labels, handler)),
+            want.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+            "namespace {ns:?} labels {labels:?} handler {handler:?}"
+        );
+    }
+}
+
+#[test]
+fn the_same_image_is_allowed_in_one_namespace_and_denied_in_another() {
+    let host = FakeHost::new();
+    let img = everywhere(
+        &host,
+        &[
+            "registry.example.com/team-a/app",
+            "registry.example.com/team-b/app",
+        ],
+    );
+    let tagged = "registry.example.com/team-a/app:1.0";
+    let by_digest = format!("registry.example.com/team-a/app@{}", img.manifest.digest);
+    let s = settings(SCOPED);
+
+    // Allowed for team-a, and for no pod (scopes by namespace do not apply).
+    for r in [
+        req_for(tagged, Some("team-a"), &[], ""),
+        req_for(tagged, None, &[], ""),
+        req_for(tagged, Some("default"), &[], ""),
+    ] {
+        pull(&host, &s, &r).unwrap_or_else(|e| panic!("{r:?}: {e}"));
+    }
+
+    // prod-* requires a digest: by tag denied, naming the scope and the rule, before the
+    // registry is asked; by digest allowed.
+    host.clear_calls();
+    let m = denied(&host, SCOPED, &req_for(tagged, Some("prod-x"), &[], ""));
+    assert!(m.contains("rule scopes[prod].requireDigest:"), "{m}");
+    assert!(!m.contains("team-a]"), "{m}");
+    assert!(logged(
+        &host,
+        Level::Warn,
+        "reference stage: denied: rule scopes[prod].requireDigest"
+    ));
+    pull(&host, &s, &req_for(&by_digest, Some("prod-x"), &[], "")).unwrap();
+
+    // team-a may pull only its own repositories; other namespaces may pull team-b's.
+    let m = denied(
+        &host,
+        SCOPED,
+        &req_for(
+            "registry.example.com/team-b/app:1.0",
+            Some("team-a"),
+            &[],
+            "",
+        ),
+    );
+    assert!(
+        m.contains("rule scopes[team-a].allowedRepositories:"),
+        "{m}"
+    );
+    pull(
+        &host,
+        &s,
+        &req_for(
+            "registry.example.com/team-b/app:1.0",
+            Some("team-b"),
+            &[],
+            "",
+        ),
+    )
+    .unwrap();
+
+    // An unnamed scope is named by its index; a manifest-stage rule in a scope applies too.
+    let m = denied(&host, SCOPED, &req_for(tagged, Some("team-a"), &[], "kata"));
+    assert!(m.contains("rule scopes[3].maxLayers:"), "{m}");
+
+    // Several scopes and the top-level rules all apply: every violation is named.
+    let doc = r#"{"deniedTags": ["1.0"], "scopes": [
+        {"name": "prod", "namespaces": ["prod-*"], "requireDigest": true}]}"#;
+    let m = denied(&host, doc, &req_for(tagged, Some("prod-x"), &[], ""));
+    assert!(
+        m.contains("rule deniedTags:") && m.contains("rule scopes[prod].requireDigest:"),
+        "{m}"
+    );
+}
+
+#[test]
+fn audit_mode_covers_scoped_rules() {
+    let host = FakeHost::new();
+    everywhere(&host, &["registry.example.com/team-a/app"]);
+    let doc = r#"{"mode": "audit", "scopes": [
+        {"name": "prod", "namespaces": ["prod-*"], "requireDigest": true}]}"#;
+    let r = req_for(
+        "registry.example.com/team-a/app:1.0",
+        Some("prod-x"),
+        &[],
+        "",
+    );
+    pull(&host, &settings(doc), &r).unwrap();
+    assert!(logged(
+        &host,
+        Level::Warn,
+        "would deny: rule scopes[prod].requireDigest"
+    ));
+}
+
+#[test]
+fn scope_settings_are_checked() {
+    let ok = settings(SCOPED);
+    assert_eq!(ok.scopes.len(), 4);
+    assert_eq!(ok.scopes[3].name, "3");
+    assert!(ok.scopes[1].rules.require_digest);
+    assert_eq!(
+        ok.scopes[1].namespaces.as_deref(),
+        Some(&["prod-*".to_string()][..])
+    );
+    // (document, what the message must say)
+    let bad: &[(&str, &[&str])] = &[
+        (
+            r#"{"scopes": {}}"#,
+            &["\"scopes\" must be a list of objects"],
+        ),
+        (r#"{"scopes": [1]}"#, &["\"scopes\"", "entry 0 is 1"]),
+        (
+            r#"{"scopes": [{"namespaces": ["Prod"]}]}"#,
+            &[
+                "\"scopes\" entry 0",
+                "\"namespaces\"",
+                "not a namespace pattern",
+            ],
+        ),
+        (
+            r#"{"scopes": [{"namespaces": "prod"}]}"#,
+            &["\"namespaces\" must be a list"],
+        ),
+        (
+            r#"{"scopes": [{"podLabels": ["app"]}]}"#,
+            &["\"podLabels\" must be an object"],
+        ),
+        (
+            r#"{"scopes": [{"podLabels": {"app": 1}}]}"#,
+            &["\"podLabels\"", "label \"app\""],
+        ),
+        (
+            r#"{"scopes": [{"runtimeHandlers": ["ka ta"]}]}"#,
+            &["\"runtimeHandlers\"", "not a runtime handler pattern"],
+        ),
+        (
+            r#"{"scopes": [{"requireDigest": "yes"}]}"#,
+            &[
+                "\"scopes\" entry 0",
+                "\"requireDigest\" must be true or false",
+            ],
+        ),
+        (
+            r#"{"scopes": [{"mode": "audit"}]}"#,
+            &["\"scopes\" entry 0", "\"mode\" is node-wide"],
+        ),
+        (
+            r#"{"scopes": [{"pinnedImages": []}]}"#,
+            &["\"pinnedImages\" is node-wide"],
+        ),
+        (
+            r#"{"scopes": [{"scopes": []}]}"#,
+            &["\"scopes\" is node-wide"],
+        ),
+        (
+            r#"{"scopes": [{"namespace": ["a"]}]}"#,
+            &["unknown scope key \"namespace\"", "namespaces"],
+        ),
+        (
+            r#"{"scopes": [{"name": "a", "name": "b"}]}"#,
+            &["key \"name\" is given twice in one object"],
+        ),
+        (
+            r#"{"scopes": [{"name": "x"}, {"name": "x"}]}"#,
+            &["entry 1", "name \"x\" is given to two scopes"],
+        ),
+        (
+            r#"{"scopes": [{"name": ""}]}"#,
+            &["\"name\" must be a name"],
+        ),
+        (
+            r#"{"scopes": [{"name": "1"}, {}]}"#,
+            &["entry 1", "name \"1\" is given to two scopes"],
+        ),
+    ];
+    for (doc, wants) in bad {
+        let m = match crate::settings::parse(doc) {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("{doc}: expected invalid-argument, got {other:?}"),
+        };
+        for want in *wants {
+            assert!(m.contains(want), "{doc}: {m:?} lacks {want:?}");
+        }
+    }
 }
 
 // ---- fetching only what is missing ----------------------------------------------------

@@ -120,6 +120,27 @@ pub struct PullRequest {
     pub reference: String,
     /// The platform to pick from an index.
     pub platform: Platform,
+    /// The runtime handler (runtime class) pulled for; empty for the default one.
+    pub runtime_handler: String,
+    /// The CRI `ImageSpec.annotations`, sorted by key.
+    pub annotations: Vec<(String, String)>,
+    /// The pod pulled for; `None` when the caller gave no sandbox config.
+    pub pod: Option<Pod>,
+}
+
+/// The pod an image is pulled for (`puller.pod`): the CRI `PodSandboxConfig`'s view.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pod {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Pod UID.
+    pub uid: String,
+    /// Pod labels, sorted by key.
+    pub labels: Vec<(String, String)>,
+    /// Pod annotations, sorted by key.
+    pub annotations: Vec<(String, String)>,
 }
 
 /// An image as the CRI `Image` message describes it (`puller.image-info`).

@@ -15,6 +15,9 @@
 //! - `PullImage` credentials (`AuthConfig`) are bound to their `server_address`, or without
 //!   one to the registry of the request's reference as the host parses it, never to a
 //!   registry the puller names (see `registry::auth`).
+//! - `PullImage` hands the puller what the request says the image is for: the image spec's
+//!   `runtime_handler` and annotations, and from `sandbox_config` the pod's namespace, name,
+//!   uid, labels and annotations (no pod when the request has no sandbox config).
 //! - `uid`/`username` come from the config's `User`: a numeric user (before any `:group`) is
 //!   a uid, anything else a user name, as containerd's `getUserFromImage`.
 //!
@@ -45,7 +48,7 @@ use crate::{
     metrics::Metrics,
     oci::Platform,
     registry::{reference_registry, AuthConfig, Credentials},
-    service::{ImageService, ServiceError},
+    service::{ImageService, PodContext, PullContext, ServiceError},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -112,6 +115,28 @@ fn reference(spec: Option<&ImageSpec>) -> Result<&str, Status> {
     match spec.map(|s| s.image.as_str()) {
         Some(r) if !r.is_empty() => Ok(r),
         _ => Err(Status::invalid_argument("no image reference in the request")),
+    }
+}
+
+/// What a `PullImage` request says the image is for.
+fn context(req: &PullImageRequest) -> PullContext {
+    fn collect(m: &std::collections::HashMap<String, String>) -> std::collections::BTreeMap<String, String> {
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+    let spec = req.image.as_ref();
+    PullContext {
+        runtime_handler: spec.map(|s| s.runtime_handler.clone()).unwrap_or_default(),
+        annotations: spec.map(|s| collect(&s.annotations)).unwrap_or_default(),
+        pod: req.sandbox_config.as_ref().map(|c| {
+            let meta = c.metadata.clone().unwrap_or_default();
+            PodContext {
+                namespace: meta.namespace,
+                name: meta.name,
+                uid: meta.uid,
+                labels: collect(&c.labels),
+                annotations: collect(&c.annotations),
+            }
+        }),
     }
 }
 
@@ -183,6 +208,7 @@ impl CriImageService for Cri {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
             None => Credentials::anonymous(),
         };
+        let context = context(&req);
         let (service, metrics) = (self.service.clone(), self.metrics.clone());
         let started = Instant::now();
         let cancel = self.shutdown.child_token();
@@ -190,7 +216,7 @@ impl CriImageService for Cri {
         let _cancel_on_hangup = cancel.clone().drop_guard();
         // In its own task: cancellation reaches the pull as a token, so it cleans up.
         let task = self.pulls.spawn(async move {
-            let result = service.pull(&r, Platform::host(), metrics.clone(), credentials, cancel).await;
+            let result = service.pull_for(&r, Platform::host(), &context, metrics.clone(), credentials, cancel).await;
             metrics.pull_done(result.as_ref().map(|_| ()).map_err(|e| e.code()), started.elapsed().as_secs_f64());
             match &result {
                 Ok(i) => tracing::info!(reference = %r, id = %i.id, "pulled"),
@@ -240,5 +266,33 @@ mod tests {
         assert_eq!(user("1000:1000"), (Some(Int64Value { value: 1000 }), String::new()));
         assert_eq!(user("nobody"), (None, "nobody".to_owned()));
         assert_eq!(user("www-data:www-data"), (None, "www-data".to_owned()));
+    }
+
+    #[test]
+    fn pull_context_comes_from_the_image_spec_and_sandbox_config() {
+        use k8s_cri::v1::{PodSandboxConfig, PodSandboxMetadata};
+        let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut req = PullImageRequest {
+            image: Some(ImageSpec {
+                image: "busybox".into(),
+                runtime_handler: "kata".into(),
+                annotations: map(&[("b", "2"), ("a", "1")]),
+                ..ImageSpec::default()
+            }),
+            ..PullImageRequest::default()
+        };
+        let c = context(&req);
+        assert_eq!((c.runtime_handler.as_str(), c.pod.is_none()), ("kata", true));
+        assert_eq!(c.annotations.keys().collect::<Vec<_>>(), ["a", "b"]);
+        req.sandbox_config = Some(PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata { name: "web-0".into(), uid: "u1".into(), namespace: "prod-x".into(), attempt: 2 }),
+            labels: map(&[("app", "web")]),
+            annotations: map(&[("note", "x")]),
+            ..PodSandboxConfig::default()
+        });
+        let pod = context(&req).pod.expect("a pod");
+        assert_eq!((pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()), ("prod-x", "web-0", "u1"));
+        assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(pod.annotations.get("note").map(String::as_str), Some("x"));
     }
 }

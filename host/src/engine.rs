@@ -69,7 +69,7 @@ pub(crate) mod bindings {
     });
 }
 
-pub use bindings::exports::pullbox::image::puller::{ImageInfo, PullRequest};
+pub use bindings::exports::pullbox::image::puller::{ImageInfo, Pod, PullRequest};
 use bindings::{PullerWorld, PullerWorldPre};
 
 /// How often the epoch ticker interrupts guest code to account its CPU time.

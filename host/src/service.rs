@@ -8,7 +8,11 @@
 //! - a remove is followed by a collection, so an image with no records left releases its
 //!   content and snapshots.
 //!
-//! One pull in flight per reference and platform: a pull that finds one running waits for it
+//! A pull carries what the caller says it is for ([`PullContext`]: the CRI runtime handler,
+//! the image spec's annotations and the pod), passed to the puller as is, since a puller's
+//! policy may depend on any of it.
+//!
+//! One pull in flight per reference, platform, credentials and context: a pull that finds one running waits for it
 //! and returns its result (a failure as [`Error::Shared`], same code and message) instead of
 //! pulling again. A waiter pulls by itself when the pull it waited for was cancelled or refused
 //! access (both depend on that caller's request, not on the image), or was dropped. A remove
@@ -17,7 +21,7 @@
 //! layer waits for the first (see `backend::embedded`).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
 };
 
@@ -25,7 +29,7 @@ use tokio::sync::watch;
 
 use crate::{
     backend::{Backend, GcReport},
-    engine::{CallError, ImageInfo, PullRequest, Puller},
+    engine::{CallError, ImageInfo, Pod, PullRequest, Puller},
     error::{Code, Error},
     interfaces::wit_platform,
     oci::{Digest, Platform},
@@ -51,6 +55,57 @@ impl ServiceError {
         match self {
             ServiceError::Puller(e) => e.code(),
             ServiceError::Host(e) => e.code(),
+        }
+    }
+}
+
+/// What a pull is for, as the caller (kubelet over the CRI, or the CLI) says: handed to the
+/// puller in its `pull-request`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PullContext {
+    /// The runtime handler (runtime class); empty for the default one.
+    pub runtime_handler: String,
+    /// The CRI `ImageSpec.annotations`.
+    pub annotations: BTreeMap<String, String>,
+    /// The pod the image is for; `None` without a sandbox config.
+    pub pod: Option<PodContext>,
+}
+
+/// The pod a pull is for, from the CRI `PodSandboxConfig`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PodContext {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Pod UID.
+    pub uid: String,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+    /// Pod annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn pairs(m: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+impl PullContext {
+    /// The guest's `pull-request` of `reference` for `platform` in this context (maps as
+    /// lists sorted by key).
+    fn request(&self, reference: &str, platform: Platform) -> PullRequest {
+        PullRequest {
+            reference: reference.to_owned(),
+            platform: wit_platform(platform),
+            runtime_handler: self.runtime_handler.clone(),
+            annotations: pairs(&self.annotations),
+            pod: self.pod.as_ref().map(|p| Pod {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                labels: pairs(&p.labels),
+                annotations: pairs(&p.annotations),
+            }),
         }
     }
 }
@@ -144,7 +199,8 @@ impl ImageService {
     /// `cancelled`, so the pull fails and its lease is deleted like any failed pull's.
     ///
     /// A pull of the same reference and platform already in flight is waited for instead (see
-    /// the module docs).
+    /// the module docs). The puller sees no context (no pod, the default runtime handler): see
+    /// [`ImageService::pull_for`].
     pub async fn pull(
         &self,
         reference: &str,
@@ -153,11 +209,34 @@ impl ImageService {
         credentials: Credentials,
         cancel: CancellationToken,
     ) -> Result<ImageInfo, ServiceError> {
+        self.pull_for(reference, platform, &PullContext::default(), progress, credentials, cancel).await
+    }
+
+    /// [`ImageService::pull`] for `context`: the puller's request carries it.
+    pub async fn pull_for(
+        &self,
+        reference: &str,
+        platform: Platform,
+        context: &PullContext,
+        progress: Arc<dyn Progress>,
+        credentials: Credentials,
+        cancel: CancellationToken,
+    ) -> Result<ImageInfo, ServiceError> {
         // Pulls share only with pulls of the same image, platform and credentials: a request
-        // must never get an image through someone else's access rights.
+        // must never get an image through someone else's access rights. And only with the
+        // same context, whole: a puller's policy may depend on any of it (the default
+        // puller's scopes read the namespace, pod labels and runtime handler), and a pull
+        // allowed for one pod must not hand its image to a pod the policy would refuse.
+        // Pulls for different pods therefore pull each by itself; they still share blobs and
+        // unpacks through the stores.
         let key = (
             reference.to_owned(),
-            format!("{}|{}", serde_json::to_string(&platform).unwrap_or_default(), credentials.identity()),
+            format!(
+                "{}|{}|{}",
+                serde_json::to_string(&platform).unwrap_or_default(),
+                credentials.identity(),
+                serde_json::to_string(context).unwrap_or_default()
+            ),
         );
         loop {
             let joined = {
@@ -174,7 +253,7 @@ impl ImageService {
             let mut rx = match joined {
                 Ok(tx) => {
                     let _entry = InFlightEntry { map: self.in_flight.clone(), key };
-                    let result = self.pull_once(reference, platform, progress, credentials, cancel).await;
+                    let result = self.pull_once(context.request(reference, platform), progress, credentials, cancel).await;
                     tx.send_replace(Some(match &result {
                         Ok(image) => Ok(image.clone()),
                         Err(ServiceError::Host(e)) => Err((e.code(), e.chain())),
@@ -204,8 +283,7 @@ impl ImageService {
     /// One pull, under its own lease.
     async fn pull_once(
         &self,
-        reference: &str,
-        platform: Platform,
+        request: PullRequest,
         progress: Arc<dyn Progress>,
         credentials: Credentials,
         cancel: CancellationToken,
@@ -217,7 +295,6 @@ impl ImageService {
                 .with_credentials(credentials)
                 .with_cancel(cancel),
         );
-        let request = PullRequest { reference: reference.to_owned(), platform: wit_platform(platform) };
         let result = self.puller().pull(session.clone(), &request).await;
         match &result {
             Ok(_) => {

@@ -659,6 +659,110 @@ async fn the_cri_answers_permission_denied() {
     assert_eq!(ok.image_ref, f.app_zstd.id());
 }
 
+// ---- scopes: policy by namespace, pod labels and runtime handler -----------------------
+
+/// Settings scoping rules to namespaces `team-a` (only `team/**`), `prod-*` (digests only)
+/// and runtime handler `kata` (no image with a layer).
+fn scoped_settings(addr: &str) -> SettingsFile {
+    SettingsFile::new(format!(
+        r#"{{"scopes": [
+            {{"name": "team-a", "namespaces": ["team-a"], "allowedRepositories": ["{addr}/team/**"]}},
+            {{"name": "prod", "namespaces": ["prod-*"], "requireDigest": true}},
+            {{"runtimeHandlers": ["kata"], "maxLayers": 0}}
+        ]}}"#
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cri_pod_namespace_selects_scoped_rules() {
+    use k8s_cri::v1::{ImageSpec, PodSandboxConfig, PodSandboxMetadata, PullImageRequest};
+    let f = fixture();
+    let settings = scoped_settings(f.registry.addr());
+    let daemon = pullbox_tests::cri::Daemon::start(&format!(
+        "settings = {:?}",
+        settings.path().display().to_string()
+    ))
+    .unwrap();
+    let mut c = pullbox_tests::cri::connect(daemon.socket()).await.unwrap();
+    let pull = |image: &str, namespace: Option<&str>, handler: &str| PullImageRequest {
+        image: Some(ImageSpec {
+            image: image.to_owned(),
+            runtime_handler: handler.to_owned(),
+            ..ImageSpec::default()
+        }),
+        sandbox_config: namespace.map(|ns| PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "web-0".into(),
+                uid: "0b4ef2a8".into(),
+                namespace: ns.into(),
+                attempt: 0,
+            }),
+            ..PodSandboxConfig::default()
+        }),
+        ..PullImageRequest::default()
+    };
+    let by_tag = &f.app.reference;
+
+    // Allowed by tag in team-a.
+    let ok = c
+        .pull_image(pull(by_tag, Some("team-a"), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.image_ref, f.app.id());
+
+    // The same image by tag in prod-x: denied, naming the scope and rule, although the
+    // image is already on the node.
+    let err = c
+        .pull_image(pull(by_tag, Some("prod-x"), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("policy denies")
+            && err.message().contains("rule scopes[prod].requireDigest: "),
+        "{}",
+        err.message()
+    );
+    // By digest in prod-x: allowed.
+    let ok = c
+        .pull_image(pull(&f.app.digest_reference(), Some("prod-x"), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.image_ref, f.app.id());
+
+    // No sandbox config (crictl pull without a pod config): namespace scopes do not apply.
+    c.pull_image(pull(by_tag, None, "")).await.unwrap();
+
+    // The runtime handler reaches the puller too.
+    let err = c
+        .pull_image(pull(by_tag, Some("team-a"), "kata"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("rule scopes[2].maxLayers: "),
+        "{}",
+        err.message()
+    );
+}
+
+#[test]
+fn cli_pod_namespace_and_runtime_handler_select_scoped_rules() {
+    let f = fixture();
+    let settings = scoped_settings(f.registry.addr());
+    let app = &f.app.reference;
+    let pb = pullbox();
+    let out = pull_with(&pb, &settings, &["--pod-namespace", "prod-x"], app);
+    assert_denied(&pb, &out, "scopes[prod].requireDigest");
+    let out = pull_with(&pb, &settings, &["--runtime-handler", "kata"], app);
+    assert_denied(&pb, &out, "scopes[2].maxLayers");
+    let out = pull_with(&pb, &settings, &["--pod-namespace", "team-a"], app);
+    out.assert_success();
+    assert_eq!(out.last_line(), Some(f.app.id()), "{out}");
+}
+
 // ---- the example allowlist puller ------------------------------------------------------
 
 fn allowlist_args() -> Vec<String> {

@@ -218,6 +218,7 @@ mod tests {
         PullRequest {
             reference: reference.into(),
             platform: platform(p),
+            ..PullRequest::default()
         }
     }
 

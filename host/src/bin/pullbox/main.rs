@@ -38,7 +38,7 @@ use pullbox::{
     config::{BackendKind, ContainerdSection},
     engine::Runtime,
     registry::{self, Client},
-    service::ImageService,
+    service::{ImageService, PodContext, PullContext},
 };
 
 /// Pulls container images through a sandboxed WebAssembly puller.
@@ -113,6 +113,14 @@ enum Command {
         /// Platform to pick from a multi-platform image, os/arch[/variant].
         #[arg(long)]
         platform: Option<String>,
+        /// The runtime handler (runtime class) to pull for, as the CRI's
+        /// `ImageSpec.runtime_handler`; the puller's policy may depend on it.
+        #[arg(long, default_value = "")]
+        runtime_handler: String,
+        /// Pull as for a pod in this Kubernetes namespace (the puller's per-namespace
+        /// policy applies); without it the pull is for no pod.
+        #[arg(long)]
+        pod_namespace: Option<String>,
         /// Image reference, for example `busybox` or `127.0.0.1:5000/team/app:1.0`.
         reference: String,
     },
@@ -234,8 +242,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let service = ImageService::new(backend, Arc::new(Client::with_config(transport)?), puller);
 
     match &cli.command {
-        Command::Pull { platform, reference } => {
-            pull::pull(&service, platform.as_deref(), reference, cli.docker_config.as_deref()).await
+        Command::Pull { platform, runtime_handler, pod_namespace, reference } => {
+            let context = PullContext {
+                runtime_handler: runtime_handler.clone(),
+                pod: pod_namespace.as_ref().map(|ns| PodContext { namespace: ns.clone(), ..PodContext::default() }),
+                ..PullContext::default()
+            };
+            pull::pull(&service, platform.as_deref(), &context, reference, cli.docker_config.as_deref()).await
         }
         Command::Images { json } => images::images(&service, *json).await,
         Command::Inspect { image } => images::inspect(&service, image).await,

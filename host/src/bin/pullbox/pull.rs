@@ -9,16 +9,17 @@ use anyhow::Context;
 use pullbox::{
     oci::Platform,
     registry::{Credentials, DockerConfig},
-    service::ImageService,
+    service::{ImageService, PullContext},
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::progress::Bars;
 
-/// `pullbox pull [--platform P] REF`.
+/// `pullbox pull [--platform P] [--runtime-handler H] [--pod-namespace NS] REF`.
 pub async fn pull(
     service: &ImageService,
     platform: Option<&str>,
+    context: &PullContext,
     reference: &str,
     docker_config: Option<&Path>,
 ) -> anyhow::Result<()> {
@@ -42,7 +43,7 @@ pub async fn pull(
         }
     });
     let bars = Arc::new(Bars::new(std::io::stderr().is_terminal()));
-    let image = service.pull(reference, platform, bars.clone(), credentials, cancel.clone()).await;
+    let image = service.pull_for(reference, platform, context, bars.clone(), credentials, cancel.clone()).await;
     watcher.abort();
     bars.finish();
     let image = image.with_context(|| {
