@@ -173,6 +173,7 @@ fn client(hosts_dir: Option<&Path>) -> Client {
         attempts: 3,
         backoff: Duration::from_millis(5),
         max_backoff: Duration::from_millis(20),
+        max_concurrent_downloads: DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     })
     .unwrap()
 }
@@ -571,4 +572,14 @@ async fn redirect_targets_are_not_answered_and_loops_end() {
     let err = fetch(&c, &s, &looping.addr, &desc, &Credentials::anonymous()).await.unwrap_err();
     assert!(err.chain().contains(&format!("more than {MAX_REDIRECTS} times")), "{}", err.chain());
     assert_eq!(looping.seen().len(), MAX_REDIRECTS + 1);
+}
+
+#[test]
+fn distribution_sources_merge_like_containerd() {
+    assert_eq!(merge_source(None, "team/app").as_deref(), Some("team/app"));
+    assert_eq!(merge_source(Some(""), "team/app").as_deref(), Some("team/app"));
+    assert_eq!(merge_source(Some("team/app"), "team/app"), None);
+    assert_eq!(merge_source(Some("team/b"), "team/a").as_deref(), Some("team/a,team/b"));
+    assert_eq!(merge_source(Some("team/a,team/c"), "team/b").as_deref(), Some("team/a,team/b,team/c"));
+    assert_eq!(merge_source(Some("team/a,team/b"), "team/b"), None);
 }
