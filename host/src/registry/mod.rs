@@ -435,7 +435,7 @@ impl Client {
 
     /// Asks one host for the manifest `reference` with `HEAD`: its descriptor when the answer
     /// names digest, size and media type; `None` when it does not, or the host answers `HEAD`
-    /// with an error that a `GET` may not share (405, 403, ...): the caller then uses `GET`.
+    /// with an error that a `GET` may not share (405, 400, ...): the caller then uses `GET`.
     #[allow(clippy::too_many_arguments)]
     async fn head_once(
         &self,
@@ -451,7 +451,10 @@ impl Client {
         let accept = [(header::ACCEPT, MANIFEST_ACCEPT.to_owned())];
         let resp = match self.request(reqwest::Method::HEAD, http, host, repo, &url, &accept, credentials, what).await {
             Ok(r) => r,
-            Err(Failure::NextHost(e)) if !matches!(e, Error::NotFound(_) | Error::Unavailable { .. }) => {
+            // A GET would be refused the same way, or not found, or not answered: no fallback.
+            Err(Failure::NextHost(e))
+                if !matches!(e, Error::NotFound(_) | Error::Unavailable { .. } | Error::PermissionDenied(_)) =>
+            {
                 tracing::debug!(host = %host.authority, "{what}: HEAD failed, trying GET: {}", e.chain());
                 return Ok(None);
             }
