@@ -76,10 +76,6 @@ impl Server {
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
-
-    fn count(&self, needle: &str) -> usize {
-        self.seen().iter().filter(|s| s.path.contains(needle)).count()
-    }
 }
 
 async fn serve(mut conn: TcpStream, handler: Handler, log: Arc<Mutex<Vec<Seen>>>) -> std::io::Result<()> {
