@@ -11,6 +11,10 @@ use std::{
 
 use serde::Deserialize;
 
+/// The largest `registry.max_concurrent_downloads` accepted: each download in flight holds a
+/// connection and an ingest; more than this many saturate any link without speeding it up.
+pub const MAX_CONCURRENT_DOWNLOADS: usize = 256;
+
 /// Which backend stores images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -34,8 +38,9 @@ pub struct DaemonConfig {
     pub root: PathBuf,
     /// `embedded` or `containerd`.
     pub backend: BackendKind,
-    /// Embedded store: flush each snapshot to disk before committing it (see
-    /// [`crate::backend::embedded::Options::sync_fs`]).
+    /// Flush each unpacked layer to disk before it is committed (embedded: see
+    /// [`crate::backend::embedded::Options::sync_fs`]; containerd: `ApplyRequest.sync_fs`,
+    /// see [`crate::backend::containerd::Config::sync_fs`]).
     pub sync_fs: bool,
     /// Embedded store: the largest uncompressed size of one layer, in bytes (see
     /// [`crate::backend::embedded::Options::max_layer_bytes`]; default 64 GiB).
@@ -49,6 +54,10 @@ pub struct DaemonConfig {
     pub metrics_address: Option<SocketAddr>,
     /// How long SIGTERM waits for in-flight requests before cancelling them, in seconds.
     pub shutdown_grace_seconds: u64,
+    /// How often the disk use `ImageFsInfo` reports is measured, in seconds (containerd's
+    /// `stats_collect_period`, default 10): the CRI call answers the last measurement instead
+    /// of walking the store each time.
+    pub image_fs_stats_period_seconds: f64,
     /// The containerd backend's settings.
     pub containerd: ContainerdSection,
     /// The puller's sandbox.
@@ -69,6 +78,9 @@ pub struct RegistrySection {
     pub connect_timeout_seconds: f64,
     /// Attempts per host before the next host is tried.
     pub attempts: u32,
+    /// Blobs downloading at the same time across all pulls of the daemon (containerd's key;
+    /// default 3, as containerd's).
+    pub max_concurrent_downloads: usize,
 }
 
 impl Default for RegistrySection {
@@ -79,6 +91,7 @@ impl Default for RegistrySection {
             stall_timeout_seconds: d.stall_timeout.as_secs_f64(),
             connect_timeout_seconds: d.connect_timeout.as_secs_f64(),
             attempts: d.attempts,
+            max_concurrent_downloads: d.max_concurrent_downloads,
         }
     }
 }
@@ -91,6 +104,7 @@ impl RegistrySection {
             stall_timeout: std::time::Duration::from_secs_f64(self.stall_timeout_seconds),
             connect_timeout: std::time::Duration::from_secs_f64(self.connect_timeout_seconds),
             attempts: self.attempts,
+            max_concurrent_downloads: self.max_concurrent_downloads,
             ..crate::registry::Config::default()
         }
     }
@@ -134,6 +148,7 @@ impl Default for DaemonConfig {
             settings: None,
             metrics_address: None,
             shutdown_grace_seconds: 10,
+            image_fs_stats_period_seconds: 10.0,
             containerd: ContainerdSection::default(),
             sandbox: crate::engine::Limits::default(),
             registry: RegistrySection::default(),
@@ -173,6 +188,12 @@ impl DaemonConfig {
         let ok = |v: f64| v.is_finite() && v > 0.0 && v <= 86_400.0;
         if !ok(r.stall_timeout_seconds) || !ok(r.connect_timeout_seconds) || r.attempts == 0 {
             return Err("registry timeouts must be between 0 and 86400 seconds and attempts positive".into());
+        }
+        if r.max_concurrent_downloads == 0 || r.max_concurrent_downloads > MAX_CONCURRENT_DOWNLOADS {
+            return Err(format!("registry.max_concurrent_downloads must be between 1 and {MAX_CONCURRENT_DOWNLOADS}"));
+        }
+        if !ok(self.image_fs_stats_period_seconds) {
+            return Err("image_fs_stats_period_seconds must be between 0 and 86400".into());
         }
         if let Some(addr) = self.metrics_address {
             if !addr.ip().is_loopback() {
@@ -223,6 +244,14 @@ mod tests {
         assert!(c.validate().is_err());
         let c: DaemonConfig = toml::from_str("max_layer_bytes = 0").unwrap();
         assert!(c.validate().is_err());
+        let c: DaemonConfig = toml::from_str("[registry]\nmax_concurrent_downloads = 0").unwrap();
+        assert!(c.validate().is_err());
+        let c: DaemonConfig = toml::from_str("[registry]\nmax_concurrent_downloads = 5").unwrap();
+        assert_eq!(c.registry.transport().max_concurrent_downloads, 5);
+        assert_eq!(DaemonConfig::default().registry.transport().max_concurrent_downloads, 3);
+        let c: DaemonConfig = toml::from_str("image_fs_stats_period_seconds = 0").unwrap();
+        assert!(c.validate().is_err());
+        assert_eq!(DaemonConfig::default().image_fs_stats_period_seconds, 10.0);
         let c: DaemonConfig = toml::from_str("max_layer_bytes = 1048576").unwrap();
         assert_eq!(c.max_layer_bytes, 1 << 20);
         assert_eq!(DaemonConfig::default().max_layer_bytes, 64 << 30);

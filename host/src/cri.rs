@@ -11,7 +11,11 @@
 //!   `info["info"]` holds a JSON document with the chain ID, manifest digest and image config.
 //! - `ListImages` with a filter answers the one image the filter names (or none).
 //! - `RemoveImage` of an unknown image succeeds.
-//! - `ImageFsInfo` reports the filesystem holding the snapshots and what the images use.
+//! - `ImageFsInfo` reports the filesystem holding the snapshots and what the images use, as
+//!   last measured: a background task walks the tree every `image_fs_stats_period_seconds`
+//!   (containerd's `stats_collect_period`, 10 s), so the call costs no walk (kubelet asks
+//!   often, and a walk of a store with many images takes seconds). The `timestamp` is the
+//!   measurement's; the first call waits for the first measurement.
 //! - `PullImage` credentials (`AuthConfig`) are bound to their `server_address`, or without
 //!   one to the registry of the request's reference as the host parses it, never to a
 //!   registry the puller names (see `registry::auth`).
@@ -30,7 +34,7 @@ pub mod authority;
 use std::{
     path::PathBuf,
     sync::Arc,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use k8s_cri::v1::{
@@ -56,8 +60,9 @@ use tokio_util::sync::CancellationToken;
 pub struct Cri {
     service: Arc<ImageService>,
     metrics: Arc<Metrics>,
-    /// The directory reported by `ImageFsInfo` (where snapshots live).
-    fs_root: PathBuf,
+    /// The last measurement of the directory `ImageFsInfo` reports (where snapshots live);
+    /// `None` until the first one.
+    fs_usage: tokio::sync::watch::Receiver<Option<FilesystemUsage>>,
     /// Cancelled at shutdown; every pull's token is a child of it.
     shutdown: CancellationToken,
     /// Pulls in flight, so shutdown can wait for their cleanup.
@@ -65,16 +70,65 @@ pub struct Cri {
 }
 
 impl Cri {
-    /// The CRI service over `service`; `fs_root` is the directory `ImageFsInfo` reports;
-    /// cancelling `shutdown` cancels every pull in flight.
-    pub fn new(service: Arc<ImageService>, metrics: Arc<Metrics>, fs_root: PathBuf, shutdown: CancellationToken) -> Cri {
-        Cri { service, metrics, fs_root, shutdown, pulls: tokio_util::task::TaskTracker::new() }
+    /// The CRI service over `service`; `fs_root` is the directory `ImageFsInfo` reports, its
+    /// disk use measured every `stats_period` until `shutdown` is cancelled; cancelling
+    /// `shutdown` also cancels every pull in flight. Must be called inside a tokio runtime.
+    pub fn new(
+        service: Arc<ImageService>,
+        metrics: Arc<Metrics>,
+        fs_root: PathBuf,
+        stats_period: Duration,
+        shutdown: CancellationToken,
+    ) -> Cri {
+        let (tx, fs_usage) = tokio::sync::watch::channel(None);
+        tokio::spawn(measure_fs(fs_root, stats_period, tx, shutdown.clone()));
+        Cri { service, metrics, fs_usage, shutdown, pulls: tokio_util::task::TaskTracker::new() }
     }
 
     /// The tracker of pulls in flight: after cancelling the shutdown token, close it and wait
     /// on it so that every cancelled pull has cleaned up before the process exits.
     pub fn pulls(&self) -> tokio_util::task::TaskTracker {
         self.pulls.clone()
+    }
+}
+
+/// Measures the disk use of `root` every `period` and publishes it to `tx`, until `shutdown`
+/// is cancelled or nobody listens any more.
+async fn measure_fs(
+    root: PathBuf,
+    period: Duration,
+    tx: tokio::sync::watch::Sender<Option<FilesystemUsage>>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(period);
+    // A slow walk delays the next one instead of starting several back to back.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+            () = tx.closed() => return,
+        }
+        let dir = root.clone();
+        let started = Instant::now();
+        let usage = match tokio::task::spawn_blocking(move || disk_usage_lenient(&dir)).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!("disk usage task failed: {e}");
+                continue;
+            }
+        };
+        tracing::trace!(bytes = usage.size, inodes = usage.inodes, elapsed = ?started.elapsed(), "measured the image filesystem");
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let answer = FilesystemUsage {
+            timestamp: now,
+            fs_id: Some(FilesystemIdentifier { mountpoint: root.display().to_string() }),
+            used_bytes: Some(UInt64Value { value: usage.size }),
+            inodes_used: Some(UInt64Value { value: usage.inodes }),
+        };
+        if tx.send(Some(answer)).is_err() {
+            return;
+        }
     }
 }
 
@@ -239,18 +293,13 @@ impl CriImageService for Cri {
     }
 
     async fn image_fs_info(&self, _: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
-        let root = self.fs_root.clone();
-        let usage = tokio::task::spawn_blocking(move || disk_usage_lenient(&root))
+        let mut usage = self.fs_usage.clone();
+        let usage = usage
+            .wait_for(Option::is_some)
             .await
-            .map_err(|e| Status::internal(format!("disk usage task failed: {e}")))?;
-        let (bytes, inodes) = (usage.size, usage.inodes);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
-        let usage = FilesystemUsage {
-            timestamp: now,
-            fs_id: Some(FilesystemIdentifier { mountpoint: self.fs_root.display().to_string() }),
-            used_bytes: Some(UInt64Value { value: bytes }),
-            inodes_used: Some(UInt64Value { value: inodes }),
-        };
+            .map_err(|_| Status::unavailable("the image filesystem is no longer measured (shutting down)"))?
+            .clone()
+            .expect("waited for a measurement");
         Ok(Response::new(ImageFsInfoResponse { image_filesystems: vec![usage], container_filesystems: vec![] }))
     }
 }

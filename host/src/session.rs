@@ -6,9 +6,14 @@
 //! ([`Session::wait_fetched`]), so a guest overlaps downloads with unpacking without knowing
 //! how. A backend whose differ can ([`crate::backend::Differ::stage`]) also unpacks each layer
 //! while it downloads, and `diff.apply` then only moves it into place ([`Session::stage`]).
-//! At most [`PARALLEL_DOWNLOADS`] blobs download at a time per request (containerd's
-//! default `max_concurrent_downloads` is 3; layers of a pull are few and large, so a little
-//! more parallelism keeps a fast link busy without thrashing a slow disk).
+//! Two bounds apply to downloads. Node-wide, the registry client lets at most
+//! `registry.max_concurrent_downloads` blobs download at a time (containerd's key and default,
+//! 3), whichever pulls they belong to. Per request, at most one more than that of a session's
+//! downloads wait for or hold one of those permits: the node-wide queue is first come,
+//! first served, so without this bound a pull of an image with fifty layers would queue all
+//! fifty ahead of a small pull that arrived a moment later; with it, concurrent pulls take
+//! turns. (One more, so that a lone pull still keeps every node-wide permit busy while the
+//! next of its downloads is already waiting.)
 //!
 //! A pull's session holds, under its lease, every blob and snapshot the puller asks about
 //! ([`Session::hold`], from `content.info` and `snapshots.stat`) before answering: what a
@@ -36,9 +41,6 @@ use crate::{
     oci::{Descriptor, Digest},
     registry::{Credentials, Progress, Repository, SharedClient},
 };
-
-/// How many blobs one request downloads at the same time.
-pub const PARALLEL_DOWNLOADS: usize = 4;
 
 /// The most distinct blobs one request may fetch (an image index with its manifests, configs
 /// and layers has far fewer; each download in flight costs the host a few kilobytes).
@@ -85,6 +87,7 @@ impl Session {
         progress: Arc<dyn Progress>,
     ) -> Session {
         Session {
+            downloads: Arc::new(Semaphore::new(registry.config().max_concurrent_downloads.max(1) + 1)),
             backend,
             registry,
             lease,
@@ -93,7 +96,6 @@ impl Session {
             cancel: CancellationToken::new(),
             fetches: Mutex::new(HashMap::new()),
             stages: Mutex::new(HashMap::new()),
-            downloads: Arc::new(Semaphore::new(PARALLEL_DOWNLOADS)),
         }
     }
 

@@ -12,6 +12,11 @@
 //!
 //! Faults are armed with [`FaultProxy::inject`] for requests whose path contains a string
 //! (usually a blob digest), a number of times; each matching request uses one.
+//!
+//! The proxy also counts blob downloads in flight (`GET` requests whose path holds
+//! `/blobs/`, from their arrival until their answer is relayed): [`FaultProxy::max_blob_gets_in_flight`]
+//! is the most there ever were at once. [`Fault::Delay`] makes downloads last long enough for
+//! that count to mean something.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -36,6 +41,8 @@ pub enum Fault {
     CorruptAt(u64),
     /// Forward; after this many body bytes send nothing more, holding the connection open.
     StallAfter(u64),
+    /// Wait this many milliseconds, then forward.
+    Delay(u64),
 }
 
 /// One request the proxy saw.
@@ -64,6 +71,26 @@ struct Rule {
 struct State {
     rules: Mutex<Vec<Rule>>,
     log: Mutex<Vec<Logged>>,
+    /// Blob GETs in flight now, and the most there ever were.
+    blob_gets: Mutex<(usize, usize)>,
+}
+
+/// One blob GET in flight; counted down when dropped, however the request ends.
+struct InFlight<'a>(&'a State);
+
+impl<'a> InFlight<'a> {
+    fn new(state: &'a State) -> Self {
+        let mut n = state.blob_gets.lock().unwrap();
+        n.0 += 1;
+        n.1 = n.1.max(n.0);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.blob_gets.lock().unwrap().0 -= 1;
+    }
 }
 
 /// A running proxy. See the module docs.
@@ -111,6 +138,11 @@ impl FaultProxy {
     /// Every request seen so far, in order.
     pub fn requests(&self) -> Vec<Logged> {
         self.state.log.lock().unwrap().clone()
+    }
+
+    /// The most blob `GET`s that were ever in flight at once.
+    pub fn max_blob_gets_in_flight(&self) -> usize {
+        self.state.blob_gets.lock().unwrap().1
     }
 
     /// The requests whose path contains `needle`.
@@ -187,6 +219,7 @@ async fn handle(mut client: TcpStream, upstream: &str, state: &State) -> io::Res
             r.fault
         })
     };
+    let _in_flight = (method == "GET" && path.contains("/blobs/")).then(|| InFlight::new(state));
     state.log.lock().unwrap().push(Logged {
         method,
         path,
@@ -203,6 +236,9 @@ async fn handle(mut client: TcpStream, upstream: &str, state: &State) -> io::Res
         let answer = format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         client.write_all(answer.as_bytes()).await?;
         return client.shutdown().await;
+    }
+    if let Some(Fault::Delay(ms)) = fault {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
     let mut up = TcpStream::connect(upstream).await?;

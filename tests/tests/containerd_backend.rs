@@ -106,11 +106,20 @@ fn content_labels(ctd: &Containerd, namespace: &str, digest: &str) -> BTreeMap<S
         .find(|l| l.starts_with(digest))
         .unwrap_or_else(|| panic!("{digest} not in `ctr -n {namespace} content ls`:\n{out}"));
     let labels = line.rsplit('\t').next().unwrap_or_default();
-    labels
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    // `ctr` joins the labels with commas, and a value may hold commas too (the repositories
+    // of a distribution-source label): a piece without `=` continues the value before it.
+    let mut out: Vec<(String, String)> = Vec::new();
+    for piece in labels.split(',') {
+        match (piece.split_once('='), out.last_mut()) {
+            (Some((k, v)), _) => out.push((k.to_owned(), v.to_owned())),
+            (None, Some((_, v))) => {
+                v.push(',');
+                v.push_str(piece);
+            }
+            (None, None) => {}
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// The `containerd.io/gc.ref.*` labels among `labels`.
@@ -813,4 +822,72 @@ async fn connect_reports_misconfiguration() {
 
     let err = connect(&config("not a namespace")).await.err().unwrap();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+}
+
+/// Through a counting proxy: a re-pull of an unchanged tag sends `HEAD` and no manifest `GET`,
+/// and every blob pullbox wrote carries containerd's `distribution.source` label for the
+/// repository (what `ctr content ls` shows and Spegel reads); resolving the same manifest in a
+/// second repository adds that repository to its label, comma-separated. (Blobs the second
+/// pull finds stored and does not download keep their label.)
+///
+/// A plain test with a runtime of its own: the proxy runs its own runtime, which may not be
+/// dropped inside another's.
+#[test]
+fn re_pulls_send_head_only_and_blobs_carry_distribution_source_labels() {
+    let proxy = pullbox_tests::proxy::FaultProxy::start(fixture().registry.addr()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(head_and_labels(&proxy));
+}
+
+async fn head_and_labels(proxy: &pullbox_tests::proxy::FaultProxy) {
+    let f = fixture();
+    let ctd = containerd();
+    let ns = "pullbox-registry";
+    let svc = service(ns).await;
+    let reference = f.app.reference.replacen(f.registry.addr(), proxy.addr(), 1);
+    let pull = |reference: String| {
+        let svc = &svc;
+        async move {
+            svc.pull(&reference, Platform::host(), Arc::new(NoProgress), Credentials::default(), CancellationToken::new())
+                .await
+                .unwrap_or_else(|e| panic!("pull failed: {e}\ncontainerd log:\n{}", ctd.log()))
+        }
+    };
+    assert_eq!(pull(reference.clone()).await.id, f.app.config_digest);
+    let seen = proxy.requests().len();
+    pull(reference.clone()).await;
+    let again: Vec<String> = proxy.requests()[seen..]
+        .iter()
+        .filter(|r| r.path.contains("/manifests/"))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(again, vec!["HEAD /v2/team/app/manifests/1.0".to_owned()]);
+
+    let key = format!("containerd.io/distribution.source.{}", proxy.addr());
+    let blobs: Vec<&String> =
+        [&f.app.manifest_digest, &f.app.config_digest].into_iter().chain(f.app.layers.iter().map(|l| &l.digest)).collect();
+    for digest in &blobs {
+        let labels = content_labels(ctd, ns, digest);
+        assert_eq!(labels.get(&key).map(String::as_str), Some("team/app"), "labels of {digest}: {labels:?}");
+    }
+
+    // The same manifest under another repository: it now lists both.
+    let tag = format!("other-{}", std::process::id());
+    let manifest = f.layout.blob(&f.app.manifest_digest).unwrap();
+    assert_eq!(pullbox_tests::oci::sha256_digest(&manifest), f.app.manifest_digest);
+    let copy = format!("{}/team/app-copy:{tag}", proxy.addr());
+    for blob in [&f.app.config_digest].into_iter().chain(f.app.layers.iter().map(|l| &l.digest)) {
+        mount_blob(f.registry.addr(), "team/app", "team/app-copy", blob);
+    }
+    f.registry.put_manifest("team/app-copy", &tag, pullbox_tests::oci::MEDIA_TYPE_MANIFEST, &manifest).unwrap();
+    pull(copy).await;
+    let labels = content_labels(ctd, ns, &f.app.manifest_digest);
+    assert_eq!(labels.get(&key).map(String::as_str), Some("team/app,team/app-copy"), "{labels:?}");
+}
+
+/// Links blob `digest` of repository `from` into `to` (a cross-repository mount).
+fn mount_blob(addr: &str, from: &str, to: &str, digest: &str) {
+    let path = format!("/v2/{to}/blobs/uploads/?mount={digest}&from={from}");
+    let (status, response) = pullbox_tests::registry::send(addr, "POST", &path, "application/octet-stream", b"").unwrap();
+    assert_eq!(status, 201, "mount {digest} into {to}: {response}");
 }

@@ -591,3 +591,123 @@ fn cri_credentials_are_not_sent_to_a_mirror() {
     assert!(!asked.is_empty(), "the mirror was not tried: the test proves nothing\n{}", daemon.log());
     assert!(asked.iter().all(|r| !r.authorized), "the mirror got the registry's credentials: {asked:#?}");
 }
+
+/// The manifest requests among `requests`, as `METHOD path`.
+fn manifest_requests(requests: &[pullbox_tests::proxy::Logged]) -> Vec<String> {
+    requests.iter().filter(|r| r.path.contains("/manifests/")).map(|r| format!("{} {}", r.method, r.path)).collect()
+}
+
+/// The `containerd.io/distribution.source.*` labels of blob `digest` in the embedded store at
+/// `root`, read through pullbox's library.
+fn source_labels(root: &std::path::Path, digest: &str) -> std::collections::BTreeMap<String, String> {
+    let store = pullbox::backend::embedded::open(root).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let info = rt.block_on(store.content.info(&digest.parse().unwrap())).unwrap_or_else(|e| panic!("{digest}: {e}"));
+    info.labels.into_iter().filter(|(k, _)| k.starts_with(pullbox::registry::DISTRIBUTION_SOURCE_LABEL)).collect()
+}
+
+/// A re-pull of an unchanged tag asks with `HEAD` only: the manifest it names is stored, so
+/// no `GET` (the request Docker Hub counts against pull limits). The first pull does one
+/// `HEAD` and one `GET`, by the digest the `HEAD` named. Every blob of the image carries the
+/// registry's distribution-source label naming the repository.
+#[test]
+fn a_re_pull_of_an_unchanged_tag_sends_head_and_no_get() {
+    let f = fixture();
+    let (proxy, reference) = proxied(f);
+    let env = Env::new();
+    env.pull_app(&[], &reference);
+    let first = manifest_requests(&proxy.requests());
+    assert_eq!(
+        first,
+        vec!["HEAD /v2/team/app/manifests/1.0".to_owned(), format!("GET /v2/team/app/manifests/{}", f.app.manifest_digest)],
+        "first pull"
+    );
+    let seen = proxy.requests().len();
+    env.pull_app(&[], &reference);
+    let again = manifest_requests(&proxy.requests()[seen..]);
+    assert_eq!(again, vec!["HEAD /v2/team/app/manifests/1.0".to_owned()], "re-pull of an unchanged tag");
+
+    let key = format!("{}{}", pullbox::registry::DISTRIBUTION_SOURCE_LABEL, proxy.addr());
+    let blobs = [&f.app.manifest_digest, &f.app.config_digest].into_iter().chain(f.app.layers.iter().map(|l| &l.digest));
+    for digest in blobs {
+        let labels = source_labels(env.pb.root(), digest);
+        assert_eq!(labels, [(key.clone(), "team/app".to_owned())].into_iter().collect(), "labels of {digest}");
+    }
+}
+
+/// A tag that moved to another manifest is fetched again with `GET` after the `HEAD`.
+#[test]
+fn a_moved_tag_is_fetched_again() {
+    let f = fixture();
+    let tag = format!("moving-{}", std::process::id());
+    let v1 = serde_json::to_vec(&f.app.manifest).unwrap();
+    let mut moved = f.app.manifest.clone();
+    moved["annotations"] = serde_json::json!({"moved": "yes"});
+    let v2 = serde_json::to_vec(&moved).unwrap();
+    let media_type = pullbox_tests::oci::MEDIA_TYPE_MANIFEST;
+    f.registry.put_manifest("team/app", &tag, media_type, &v1).unwrap();
+    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    let reference = format!("{}/team/app:{tag}", proxy.addr());
+    let env = Env::new();
+    env.pull_app(&[], &reference);
+    f.registry.put_manifest("team/app", &tag, media_type, &v2).unwrap();
+    let seen = proxy.requests().len();
+    env.pull_app(&[], &reference);
+    let again = manifest_requests(&proxy.requests()[seen..]);
+    let v2_digest = pullbox_tests::oci::sha256_digest(&v2);
+    assert_eq!(
+        again,
+        vec![format!("HEAD /v2/team/app/manifests/{tag}"), format!("GET /v2/team/app/manifests/{v2_digest}")],
+        "re-pull of a moved tag"
+    );
+    assert!(env.pb.blob_path(&v2_digest).is_file(), "the new manifest is stored");
+}
+
+/// A host that refuses `HEAD` (405) is asked with `GET`: the pull works.
+#[test]
+fn a_registry_refusing_head_is_asked_with_get() {
+    let f = fixture();
+    let (proxy, reference) = proxied(f);
+    proxy.inject("/manifests/1.0", Fault::Status(405), 1);
+    let env = Env::new();
+    env.pull_app(&[], &reference);
+    assert_eq!(
+        manifest_requests(&proxy.requests()),
+        vec!["HEAD /v2/team/app/manifests/1.0".to_owned(), "GET /v2/team/app/manifests/1.0".to_owned()]
+    );
+}
+
+/// Three pulls of different images at once, through one daemon with
+/// `registry.max_concurrent_downloads = 2` and a proxy that makes every blob download last
+/// 300 ms: never more than two blob downloads are in flight, and there were two (the bound is
+/// reached, so the test can tell a daemon that ignores it).
+#[test]
+fn downloads_are_bounded_across_concurrent_pulls() {
+    let f = fixture();
+    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    proxy.inject("/blobs/", Fault::Delay(300), 1000);
+    let hosts = tempfile::tempdir().unwrap();
+    let config = format!("{}max_concurrent_downloads = 2\n", registry_section(hosts.path()));
+    let d = pullbox_tests::cri::Daemon::start(&config).unwrap_or_else(|e| panic!("{e:#}"));
+    let images = [&f.app, &f.app_zstd, &f.app_uncompressed];
+    let pulls: Vec<_> = images
+        .iter()
+        .map(|image| {
+            let reference = image.reference.replacen(f.registry.addr(), proxy.addr(), 1);
+            let socket = d.socket().to_owned();
+            std::thread::spawn(move || {
+                cri_pull(&socket, k8s_cri::v1::PullImageRequest {
+                    image: Some(k8s_cri::v1::ImageSpec { image: reference, ..Default::default() }),
+                    ..Default::default()
+                })
+            })
+        })
+        .collect();
+    for (p, image) in pulls.into_iter().zip(images) {
+        let r = p.join().unwrap().unwrap_or_else(|e| panic!("{e:?}\n{}", d.log()));
+        assert_eq!(r.image_ref, image.config_digest);
+    }
+    let blob_gets = proxy.requests().iter().filter(|r| r.method == "GET" && r.path.contains("/blobs/")).count();
+    assert!(blob_gets >= 6, "only {blob_gets} blob downloads: the test proves nothing");
+    assert_eq!(proxy.max_blob_gets_in_flight(), 2, "blob downloads in flight at most");
+}

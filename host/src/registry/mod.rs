@@ -37,6 +37,19 @@
 //!    `Range` go along. A redirect from HTTPS to plain HTTP is refused (the next host is
 //!    tried). The token service is not followed through redirects at all.
 //!
+//! Registry-friendly pulls, as containerd's:
+//!
+//! - A reference resolves with `HEAD` first; the manifest is fetched with `GET` only when the
+//!   digest the `HEAD` names is not stored yet, so re-pulling an unchanged tag sends no `GET`
+//!   (Docker Hub counts `GET`s of manifests against its pull limits). A host whose `HEAD`
+//!   answer is of no use (no digest, size or media type; 405) is asked with `GET`.
+//! - At most [`Config::max_concurrent_downloads`] blobs download at a time across every pull
+//!   that shares the [`Client`] (the whole daemon).
+//! - Every blob a pull resolves or downloads (or finds stored) carries containerd's
+//!   [`DISTRIBUTION_SOURCE_LABEL`]`<registry>` label, the repositories it came from,
+//!   comma-separated: peer mirrors that read the content store (Spegel, on the containerd
+//!   backend) can serve what pullbox pulled.
+//!
 //! HTTP errors are reported without URLs (`reqwest::Error::without_url`): a redirect to
 //! blob storage may carry a signed query string. Manifests are capped at [`MAX_MANIFEST`]
 //! bytes (4 MiB, as containerd's limit on manifests and indexes), so a hostile registry cannot
@@ -79,6 +92,14 @@ pub const MAX_REDIRECTS: usize = 10;
 /// containerd's default hosts directory, shared with it.
 pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 
+/// containerd's default `max_concurrent_downloads`.
+pub const DEFAULT_MAX_CONCURRENT_DOWNLOADS: usize = 3;
+
+/// The label prefix containerd writes on every blob it pulls: the key ends with the registry's
+/// host, the value lists the repositories the blob came from, comma-separated. Peer mirrors
+/// that read containerd's content store (Spegel) find what a node can serve through it.
+pub const DISTRIBUTION_SOURCE_LABEL: &str = "containerd.io/distribution.source.";
+
 /// Media types asked for when resolving, most specific first.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
@@ -104,6 +125,9 @@ pub struct Config {
     pub backoff: Duration,
     /// The longest delay between retries (4 s).
     pub max_backoff: Duration,
+    /// How many blobs download at the same time, across every pull sharing this client (the
+    /// whole daemon): containerd's `max_concurrent_downloads`, with its default of 3.
+    pub max_concurrent_downloads: usize,
 }
 
 impl Default for Config {
@@ -115,6 +139,7 @@ impl Default for Config {
             attempts: 4,
             backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(4),
+            max_concurrent_downloads: DEFAULT_MAX_CONCURRENT_DOWNLOADS,
         }
     }
 }
@@ -177,6 +202,8 @@ pub struct Client {
     /// Clients for hosts with their own CAs, client certificates or `skip_verify`.
     tls_clients: Mutex<HashMap<TlsKey, reqwest::Client>>,
     auth: auth::Authorizer,
+    /// One permit per download in flight ([`Config::max_concurrent_downloads`]).
+    downloads: Arc<tokio::sync::Semaphore>,
 }
 
 impl Client {
@@ -190,7 +217,8 @@ impl Client {
         let http = Self::builder(&config)
             .build()
             .map_err(|e| Error::unavailable("cannot set up the HTTP client", e))?;
-        Ok(Client { config, http, tls_clients: Mutex::new(HashMap::new()), auth: auth::Authorizer::default() })
+        let downloads = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1)));
+        Ok(Client { config, http, tls_clients: Mutex::new(HashMap::new()), auth: auth::Authorizer::default(), downloads })
     }
 
     /// The settings.
@@ -340,8 +368,16 @@ impl Client {
         }
     }
 
-    /// Fetches the manifest or index `reference` (a tag or digest) of `repo`, verifies it,
-    /// stores it in `content` under `lease`, and returns its descriptor.
+    /// Resolves the manifest or index `reference` (a tag or digest) of `repo`, makes sure it
+    /// is stored in `content` under `lease` (verified), labels it with its distribution
+    /// source, and returns its descriptor.
+    ///
+    /// Each host is asked with `HEAD` first: when its answer names a digest that is stored
+    /// already, nothing more is sent (registries such as Docker Hub count manifest `GET`s
+    /// against pull limits, `HEAD`s not). Otherwise the manifest is fetched with `GET` by the
+    /// digest the `HEAD` named, or by `reference` when the host's `HEAD` answer is of no use
+    /// (no `Docker-Content-Digest`, `Content-Length` or `Content-Type`, or a status such as
+    /// 405).
     pub async fn resolve(
         &self,
         repo: &Repository,
@@ -360,22 +396,88 @@ impl Client {
             .on_hosts(repo.registry(), hosts, &what, |host, http| {
                 let (what, pinned) = (&what, pinned.clone());
                 async move {
-                    self.retrying(&host, what, || self.resolve_once(&host, &http, repo, reference, pinned.clone(), credentials, what))
-                        .await
+                    let head = self
+                        .retrying(&host, what, || self.head_once(&host, &http, repo, reference, pinned.as_ref(), credentials, what))
+                        .await?;
+                    let (reference, pinned) = match head {
+                        Some(desc) => {
+                            if is_stored(content, &desc, lease).await.map_err(Failure::Fatal)? {
+                                tracing::debug!(%repo, reference, digest = %desc.digest, "resolved with HEAD; stored already");
+                                return Ok((desc, None));
+                            }
+                            (desc.digest.to_string(), Some(desc.digest))
+                        }
+                        None => (reference.to_owned(), pinned),
+                    };
+                    self.retrying(&host, what, || {
+                        self.resolve_once(&host, &http, repo, &reference, pinned.clone(), credentials, what)
+                    })
+                    .await
+                    .map(|(desc, body)| (desc, Some(body)))
                 }
             })
             .await?;
         tracing::debug!(%repo, reference, digest = %desc.digest, size = desc.size, "resolved");
-        match content.writer(&desc, lease).await {
-            Ok(mut w) => {
-                w.truncate().await?;
-                w.write(&body).await?;
-                w.commit().await?;
+        if let Some(body) = body {
+            match content.writer(&desc, lease).await {
+                Ok(mut w) => {
+                    w.truncate().await?;
+                    w.write(&body).await?;
+                    w.commit().await?;
+                }
+                Err(Error::AlreadyExists(_)) => {}
+                Err(e) => return Err(e),
             }
-            Err(Error::AlreadyExists(_)) => {}
-            Err(e) => return Err(e),
         }
+        label_source(content, &desc.digest, repo).await;
         Ok(desc)
+    }
+
+    /// Asks one host for the manifest `reference` with `HEAD`: its descriptor when the answer
+    /// names digest, size and media type; `None` when it does not, or the host answers `HEAD`
+    /// with an error that a `GET` may not share (405, 400, ...): the caller then uses `GET`.
+    #[allow(clippy::too_many_arguments)]
+    async fn head_once(
+        &self,
+        host: &Host,
+        http: &reqwest::Client,
+        repo: &Repository,
+        reference: &str,
+        pinned: Option<&Digest>,
+        credentials: &Credentials,
+        what: &str,
+    ) -> Result<Option<Descriptor>, Failure> {
+        let url = host.url(repo.registry(), repo.path(), &format!("manifests/{reference}"));
+        let accept = [(header::ACCEPT, MANIFEST_ACCEPT.to_owned())];
+        let resp = match self.request(reqwest::Method::HEAD, http, host, repo, &url, &accept, credentials, what).await {
+            Ok(r) => r,
+            // A GET would be refused the same way, or not found, or not answered: no fallback.
+            Err(Failure::NextHost(e))
+                if !matches!(e, Error::NotFound(_) | Error::Unavailable { .. } | Error::PermissionDenied(_)) =>
+            {
+                tracing::debug!(host = %host.authority, "{what}: HEAD failed, trying GET: {}", e.chain());
+                return Ok(None);
+            }
+            Err(f) => return Err(f),
+        };
+        let headers = resp.headers();
+        let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let digest = text(header::HeaderName::from_static("docker-content-digest")).and_then(|d| d.parse::<Digest>().ok());
+        let size = text(header::CONTENT_LENGTH).and_then(|n| n.parse::<u64>().ok());
+        let media_type = text(header::CONTENT_TYPE)
+            .map(|t| t.split(';').next().unwrap_or_default().trim().to_owned())
+            .filter(|t| is_manifest(t));
+        match (digest, size, media_type) {
+            (Some(digest), Some(size), Some(media_type))
+                if size > 0 && size <= MAX_MANIFEST && pinned.is_none_or(|p| *p == digest) =>
+            {
+                Ok(Some(Descriptor { media_type, digest, size, annotations: Default::default(), platform: None, urls: Vec::new() }))
+            }
+            _ => {
+                tracing::debug!(host = %host.authority, "{what}: the HEAD answer names no usable descriptor, trying GET");
+                Ok(None)
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -459,6 +561,12 @@ impl Client {
         let endpoint = if is_manifest(&desc.media_type) { "manifests" } else { "blobs" };
         let what = format!("{} {}", &endpoint[..endpoint.len() - 1], desc.digest);
         let hosts: Vec<Host> = self.hosts(repo.registry())?.into_iter().filter(|h| h.capabilities.pull).collect();
+        // Node-wide: every pull sharing this client waits for the same permits.
+        let _permit = self
+            .downloads
+            .acquire()
+            .await
+            .map_err(|_| Error::Cancelled("the download queue is closed".into()))?;
         let started = Instant::now();
         let result = self
             .on_hosts(repo.registry(), hosts, &what, |host, http| {
@@ -493,6 +601,7 @@ impl Client {
             .await;
         match &result {
             Ok(()) => {
+                label_source(content, &desc.digest, repo).await;
                 progress.done(&desc.digest);
                 tracing::debug!(digest = %desc.digest, size = desc.size, elapsed = ?started.elapsed(), "blob ready");
             }
@@ -624,6 +733,23 @@ impl Client {
         credentials: &Credentials,
         what: &str,
     ) -> Result<reqwest::Response, Failure> {
+        self.request(reqwest::Method::GET, http, host, repo, url, headers, credentials, what).await
+    }
+
+    /// Sends a `method` (GET or HEAD) request to `host`, answering an authentication
+    /// challenge once; maps HTTP failures to [`Failure`]s.
+    #[allow(clippy::too_many_arguments)]
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        http: &reqwest::Client,
+        host: &Host,
+        repo: &Repository,
+        url: &str,
+        headers: &[(header::HeaderName, String)],
+        credentials: &Credentials,
+        what: &str,
+    ) -> Result<reqwest::Response, Failure> {
         let origin = host.origin();
         let target = auth::Target {
             origin: &origin,
@@ -640,7 +766,7 @@ impl Client {
         let mut authz = self.auth.authorize(http, &target, credentials, stall).await.map_err(auth_failure)?;
         let mut challenged = false;
         loop {
-            let resp = self.send(http, host, url.clone(), headers, authz.header.as_ref(), what).await?;
+            let resp = self.send(&method, http, host, url.clone(), headers, authz.header.as_ref(), what).await?;
             // A challenge from a host redirected to is not answered: the credentials are not
             // for it.
             let redirected = resp.url().origin() != home;
@@ -664,13 +790,15 @@ impl Client {
         }
     }
 
-    /// Sends one GET of `url` to `host` and follows its redirects, at most
+    /// Sends one `method` request (GET or HEAD) of `url` to `host` and follows its redirects, at most
     /// [`MAX_REDIRECTS`]. `authorization` and the host's `hosts.toml` headers go only to
     /// `url`'s origin (scheme, host and port), never to another one a redirect leads to;
     /// `headers` (`Accept`, `Range`) go to every hop. A redirect from HTTPS to plain HTTP is
     /// refused. Returns the first answer that is not a redirect.
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
+        method: &reqwest::Method,
         http: &reqwest::Client,
         host: &Host,
         mut url: reqwest::Url,
@@ -688,7 +816,7 @@ impl Client {
             } else {
                 format!("{} (redirected to {})", host.authority, authority_of(&url))
             };
-            let mut req = http.get(url.clone());
+            let mut req = http.request(method.clone(), url.clone());
             if at_home {
                 for (k, v) in &host.headers {
                     req = req.header(k, v);
@@ -701,7 +829,7 @@ impl Client {
                 req = req.header(k, v);
             }
             // The path only: a redirect's query string may be a signature.
-            tracing::trace!(host = %authority_of(&url), path = url.path(), authorized = at_home && authorization.is_some(), "GET");
+            tracing::trace!(host = %authority_of(&url), path = url.path(), authorized = at_home && authorization.is_some(), "{method}");
             let resp = match tokio::time::timeout(stall, req.send()).await {
                 Err(_) => {
                     return Err(Failure::NextHost(Error::Unavailable {
@@ -756,6 +884,52 @@ impl Client {
             );
             url = next;
         }
+    }
+}
+
+/// Whether the blob `desc` is stored already; when it is, `lease` now holds it (so the caller
+/// may rely on it). A blob collected between the two questions counts as absent.
+async fn is_stored(content: &dyn ContentStore, desc: &Descriptor, lease: &LeaseId) -> Result<bool> {
+    match content.info(&desc.digest).await {
+        Ok(info) if info.size == desc.size => {}
+        Ok(_) | Err(Error::NotFound(_)) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    // Opening a writer of a committed blob adds it to the lease and answers `AlreadyExists`.
+    match content.writer(desc, lease).await {
+        Err(Error::AlreadyExists(_)) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `repositories` (a [`DISTRIBUTION_SOURCE_LABEL`] value) with `path` added: comma-separated,
+/// sorted, without duplicates, as containerd writes it. `None` when `path` is listed already.
+pub fn merge_source(repositories: Option<&str>, path: &str) -> Option<String> {
+    let mut all: Vec<&str> = repositories.unwrap_or_default().split(',').filter(|r| !r.is_empty()).collect();
+    if all.contains(&path) {
+        return None;
+    }
+    all.push(path);
+    all.sort_unstable();
+    Some(all.join(","))
+}
+
+/// Adds `repo` to the blob's `containerd.io/distribution.source.<registry>` label, as
+/// containerd does for every blob it pulls. Best effort: a label that cannot be written is
+/// logged, the pull goes on (the label only tells peer mirrors where the blob came from).
+async fn label_source(content: &dyn ContentStore, digest: &Digest, repo: &Repository) {
+    let key = format!("{DISTRIBUTION_SOURCE_LABEL}{}", repo.registry());
+    let result = async {
+        let info = content.info(digest).await?;
+        if let Some(value) = merge_source(info.labels.get(&key).map(String::as_str), repo.path()) {
+            content.set_labels(digest, &[(key.clone(), value)].into_iter().collect()).await?;
+        }
+        Ok::<_, Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(%digest, label = key, "cannot label the blob with its source: {}", e.chain());
     }
 }
 

@@ -24,6 +24,7 @@ use crate::backend::{embedded, Backend};
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
 struct Seen {
+    method: String,
     path: String,
     headers: HashMap<String, String>,
 }
@@ -75,10 +76,6 @@ impl Server {
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
-
-    fn count(&self, needle: &str) -> usize {
-        self.seen().iter().filter(|s| s.path.contains(needle)).count()
-    }
 }
 
 async fn serve(mut conn: TcpStream, handler: Handler, log: Arc<Mutex<Vec<Seen>>>) -> std::io::Result<()> {
@@ -93,12 +90,14 @@ async fn serve(mut conn: TcpStream, handler: Handler, log: Arc<Mutex<Vec<Seen>>>
     }
     let head = String::from_utf8_lossy(&buf).into_owned();
     let mut lines = head.split("\r\n");
-    let path = lines.next().unwrap_or_default().split(' ').nth(1).unwrap_or_default().to_owned();
+    let first = lines.next().unwrap_or_default().to_owned();
+    let method = first.split(' ').next().unwrap_or_default().to_owned();
+    let path = first.split(' ').nth(1).unwrap_or_default().to_owned();
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    let seen = Seen { path, headers };
+    let seen = Seen { method, path, headers };
     log.lock().unwrap().push(seen.clone());
     let head = |code: u16, extra: &[(String, String)], len: usize| {
         let mut h = format!("HTTP/1.1 {code} X\r\nContent-Length: {len}\r\nConnection: close\r\n");
@@ -173,6 +172,7 @@ fn client(hosts_dir: Option<&Path>) -> Client {
         attempts: 3,
         backoff: Duration::from_millis(5),
         max_backoff: Duration::from_millis(20),
+        max_concurrent_downloads: DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     })
     .unwrap()
 }
@@ -400,7 +400,9 @@ async fn mirrors_first_then_the_upstream() {
     let ns = format!("?ns={}", upstream.addr.replace(':', "%3A"));
     assert!(asked[0].path.ends_with(&ns) && asked[1].path.ends_with(&ns), "{asked:#?}");
     assert_eq!(asked[0].headers.get("x-mirror-test").map(String::as_str), Some("yes"));
-    assert_eq!(upstream.count("/v2/team/app/"), 2);
+    // The upstream's HEAD answer names no digest: the manifest is fetched with GET.
+    let upstream_asked: Vec<_> = upstream.seen().into_iter().map(|r| r.method).collect();
+    assert_eq!(upstream_asked, ["HEAD", "GET", "GET"]);
 
     // A mirror without `resolve` is not asked for tags.
     std::fs::write(
@@ -571,4 +573,51 @@ async fn redirect_targets_are_not_answered_and_loops_end() {
     let err = fetch(&c, &s, &looping.addr, &desc, &Credentials::anonymous()).await.unwrap_err();
     assert!(err.chain().contains(&format!("more than {MAX_REDIRECTS} times")), "{}", err.chain());
     assert_eq!(looping.seen().len(), MAX_REDIRECTS + 1);
+}
+
+#[test]
+fn distribution_sources_merge_like_containerd() {
+    assert_eq!(merge_source(None, "team/app").as_deref(), Some("team/app"));
+    assert_eq!(merge_source(Some(""), "team/app").as_deref(), Some("team/app"));
+    assert_eq!(merge_source(Some("team/app"), "team/app"), None);
+    assert_eq!(merge_source(Some("team/b"), "team/a").as_deref(), Some("team/a,team/b"));
+    assert_eq!(merge_source(Some("team/a,team/c"), "team/b").as_deref(), Some("team/a,team/b,team/c"));
+    assert_eq!(merge_source(Some("team/a,team/b"), "team/b"), None);
+}
+
+/// A `HEAD` that names a stored manifest's digest is the only request of a re-resolve; one
+/// that names another digest is followed by a `GET` of that digest.
+#[tokio::test]
+async fn stored_manifests_resolve_with_head_alone() {
+    let digest = Arc::new(Mutex::new(Digest::sha256_of(MANIFEST).to_string()));
+    let d = digest.clone();
+    let server = Server::start(move |_| {
+        Reply::Full(
+            200,
+            vec![
+                ("Content-Type".into(), "application/vnd.oci.image.manifest.v1+json".into()),
+                ("Docker-Content-Digest".into(), d.lock().unwrap().clone()),
+            ],
+            MANIFEST.to_vec(),
+        )
+    })
+    .await;
+    let (c, s) = (client(None), store().await);
+    let asked = || server.seen().into_iter().map(|r| format!("{} {}", r.method, r.path)).collect::<Vec<_>>();
+    let (r, anon) = (repo(&server.addr), Credentials::anonymous());
+    let resolve = || c.resolve(&r, "1.0", s.backend.content.as_ref(), &s.lease, &anon);
+    let first = resolve().await.unwrap();
+    assert_eq!(first.digest, Digest::sha256_of(MANIFEST));
+    let get = format!("GET /v2/team/app/manifests/{}", first.digest);
+    assert_eq!(asked(), ["HEAD /v2/team/app/manifests/1.0".to_owned(), get.clone()]);
+    assert_eq!(resolve().await.unwrap(), first);
+    assert_eq!(asked().len(), 3);
+    assert_eq!(asked()[2], "HEAD /v2/team/app/manifests/1.0");
+
+    // The tag moved (the HEAD names a digest not stored): GET by that digest, which must match.
+    let other = Digest::sha256_of(b"another manifest").to_string();
+    *digest.lock().unwrap() = other.clone();
+    let err = resolve().await.unwrap_err();
+    assert_eq!(err.code(), crate::error::Code::FailedPrecondition, "{err}");
+    assert_eq!(asked()[4], format!("GET /v2/team/app/manifests/{other}"));
 }

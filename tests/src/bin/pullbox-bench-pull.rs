@@ -21,7 +21,8 @@
 //!    one after another and all in parallel (the lower bound, no fsync).
 //! 4. 20 concurrent CRI pulls of `multi` through a counting proxy (blob GETs per blob) against
 //!    one pull through the same proxy; `ListImages` over 1,000 images (distinct configs over
-//!    one tiny layer, pushed with the registry API and pulled over CRI).
+//!    one tiny layer, pushed with the registry API and pulled over CRI), and `ImageFsInfo`
+//!    over the same daemon (answered from the background measurement).
 //!
 //! Every pull starts from an empty store but with a warm compiled-puller cache (a
 //! `pullbox images` or `ListImages` call first), as a node's daemon has. Everything runs on
@@ -37,7 +38,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use k8s_cri::v1::{ImageSpec, ListImagesRequest, PullImageRequest};
+use k8s_cri::v1::{ImageFsInfoRequest, ImageSpec, ListImagesRequest, PullImageRequest};
 use pullbox_tests::{containerd::Containerd, cri, oci, proxy::FaultProxy, registry::send, Pullbox, Registry};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -563,8 +564,9 @@ fn list_calls() -> usize {
 }
 
 /// 1,000 images (distinct configs, one shared tiny layer) pulled over CRI into an embedded
-/// daemon; returns (time to pull them all, ListImages median, ListImages max, count).
-async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize)> {
+/// daemon; returns (time to pull them all, ListImages median, ListImages max, count,
+/// ImageFsInfo median, ImageFsInfo max).
+async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize, f64, f64)> {
     const N: usize = 1000;
     let addr = registry.addr();
     let scratch = tempfile::tempdir()?;
@@ -623,17 +625,25 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize)>
         count = r.images.len();
     }
     times.sort_by(f64::total_cmp);
-    Ok((pull_all, times[times.len() / 2], times[times.len() - 1], count))
+    let mut fs_times = Vec::new();
+    for _ in 0..list_calls() {
+        let t = Instant::now();
+        client.clone().image_fs_info(ImageFsInfoRequest {}).await?;
+        fs_times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    fs_times.sort_by(f64::total_cmp);
+    Ok((pull_all, times[times.len() / 2], times[times.len() - 1], count, fs_times[fs_times.len() / 2], fs_times[fs_times.len() - 1]))
 }
 
 /// Runs [`list_images_1000`] and prints its figures.
 async fn list_images_report(registry: &Registry) -> Result<()> {
-    let (pull_all, median, max, count) = list_images_1000(registry).await?;
+    let (pull_all, median, max, count, fs_median, fs_max) = list_images_1000(registry).await?;
     println!(
         "ListImages over {count} images (embedded daemon): median {median:.2} ms, max {max:.2} ms of {} calls; \
          pulling them (8 at a time) took {pull_all:.1} s",
         list_calls()
     );
+    println!("ImageFsInfo over {count} images (embedded daemon): median {fs_median:.2} ms, max {fs_max:.2} ms of {} calls", list_calls());
     Ok(())
 }
 

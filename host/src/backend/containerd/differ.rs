@@ -6,6 +6,11 @@
 //! uncompressed stream, whose digest is the diff ID. The mounts are those containerd's
 //! snapshots service returned; containerd mounts them itself.
 //!
+//! With [`super::Config::sync_fs`] the request asks containerd to flush the unpacked files to
+//! disk before answering (`ApplyRequest.sync_fs`, honoured by containerd 2's differ);
+//! containerd 1.6 predates the field and ignores it (protobuf skips unknown fields), so there
+//! the option has no effect.
+//!
 //! containerd's differ finds the blob by digest alone and never looks at the descriptor's
 //! size, so [`Differ`] holds the size to the stored blob's first, as the embedded applier
 //! does: a layer announced with another size is a [`Error::Mismatch`], not applied.
@@ -27,11 +32,13 @@ const UNPACK_FAILURES: &[&str] = &["mount callback failed", "failed to extract l
 /// containerd's diff service, in the connection's namespace.
 pub(crate) struct Differ {
     conn: Conn,
+    /// Sent as `ApplyRequest.sync_fs` (see [`super::Config::sync_fs`]).
+    sync_fs: bool,
 }
 
 impl Differ {
-    pub(crate) fn new(conn: Conn) -> Differ {
-        Differ { conn }
+    pub(crate) fn new(conn: Conn, sync_fs: bool) -> Differ {
+        Differ { conn, sync_fs }
     }
 }
 
@@ -49,6 +56,7 @@ impl crate::backend::Differ for Differ {
         let req = self.conn.request(ApplyRequest {
             diff: Some(to_descriptor(layer)),
             mounts: mounts.iter().map(to_mount).collect(),
+            sync_fs: self.sync_fs,
             ..Default::default()
         });
         let applied = DiffClient::new(self.conn.channel.clone())

@@ -271,6 +271,7 @@ async fn open_backend(cli: &Cli, root: &Path) -> anyhow::Result<Backend> {
         BackendKind::Containerd => backend::containerd::connect(&backend::containerd::Config {
             address: cli.containerd_address.clone(),
             namespace: cli.containerd_namespace.clone(),
+            sync_fs: cli.sync_fs,
             ..backend::containerd::Config::default()
         })
         .await

@@ -99,7 +99,8 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     let listener = bind(&config.socket, config.mode().map_err(anyhow::Error::msg)?)?;
     tracing::info!(socket = %config.socket.display(), puller = %puller_path.display(), "serving the CRI image service");
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let cri = Cri::new(service.clone(), metrics.clone(), fs_root, shutdown.clone());
+    let stats_period = std::time::Duration::from_secs_f64(config.image_fs_stats_period_seconds);
+    let cri = Cri::new(service.clone(), metrics.clone(), fs_root, stats_period, shutdown.clone());
     let pulls = cri.pulls();
 
     let mut term = signal(SignalKind::terminate())?;
@@ -227,6 +228,7 @@ async fn open_backend(config: &DaemonConfig) -> anyhow::Result<(Backend, PathBuf
                 address: c.address.clone(),
                 namespace: c.namespace.clone(),
                 snapshotter: c.snapshotter.clone(),
+                sync_fs: config.sync_fs,
             })
             .await
             .with_context(|| format!("cannot use containerd at {}", c.address.display()))?;
