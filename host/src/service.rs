@@ -12,13 +12,14 @@
 //! the image spec's annotations and the pod), passed to the puller as is, since a puller's
 //! policy may depend on any of it.
 //!
-//! One pull in flight per reference, platform, credentials and context: a pull that finds one running waits for it
-//! and returns its result (a failure as [`Error::Shared`], same code and message) instead of
-//! pulling again. A waiter pulls by itself when the pull it waited for was cancelled or refused
-//! access (both depend on that caller's request, not on the image), or was dropped. A remove
-//! waits for the pulls in flight of the same reference. Across processes the stores serialize
-//! the work instead: a second writer of a blob waits for the first, and a second unpack of a
-//! layer waits for the first (see `backend::embedded`).
+//! One pull in flight per reference, platform, credentials and context: a pull that finds one
+//! running waits for it and returns its result (a failure as [`Error::Shared`], same code and
+//! message) instead of pulling again. A waiter pulls by itself when the pull it waited for was
+//! cancelled or refused access (both depend on that caller's request, not on the image), or
+//! was dropped. A remove waits for the pulls in flight of the same reference. Pulls that do
+//! not share (other pods, other processes) still share the work through the stores: a second
+//! writer of a blob waits for the first, and a second unpack of a layer waits for the first
+//! (see `backend::embedded`).
 
 use std::{
     collections::{BTreeMap, HashMap},
