@@ -64,7 +64,8 @@ pub trait ContentStore: Send + Sync {
         Ok(futures::stream::iter(asks).buffered(16).map(|i| i.map(|i| i.size)).collect().await)
     }
 
-    /// Reads up to `len` bytes from `offset` of a committed blob.
+    /// Reads up to `len` bytes from `offset` of a committed blob (fewer at its end).
+    /// `InvalidArgument` for an offset past the end.
     async fn read(&self, digest: &Digest, offset: u64, len: usize) -> Result<Vec<u8>>;
 
     /// Opens a committed blob for streaming.
@@ -81,6 +82,11 @@ pub trait ContentStore: Send + Sync {
 
     /// Deletes a committed blob.
     async fn delete(&self, digest: &Digest) -> Result<()>;
+}
+
+/// The error of [`ContentStore::read`] at an `offset` past the end of a blob of `size` bytes.
+pub(crate) fn past_end(digest: &Digest, offset: u64, size: u64) -> crate::error::Error {
+    crate::error::Error::InvalidArgument(format!("offset {offset} is past the end of {digest} ({size} bytes)"))
 }
 
 /// An open ingest of one blob.

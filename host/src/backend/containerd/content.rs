@@ -139,6 +139,9 @@ impl ContentStore for Content {
         // containerd refuses a read past the end, and reads everything for a size of 0: clamp
         // to the blob's size first (which also bounds what is allocated).
         let size = self.info(digest).await?.size;
+        if offset > size {
+            return Err(crate::backend::past_end(digest, offset, size));
+        }
         let len = size.saturating_sub(offset).min(len as u64) as usize;
         if len == 0 {
             return Ok(Vec::new());

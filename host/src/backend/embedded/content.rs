@@ -159,6 +159,9 @@ impl ContentStore for Content {
         blocking(move || {
             let file = File::open(&path).map_err(blob_error(&digest))?;
             let size = file.metadata().map_err(blob_error(&digest))?.len();
+            if offset > size {
+                return Err(crate::backend::past_end(&digest, offset, size));
+            }
             // Bounded by the caller's `len` and by the blob: never allocate more than exists.
             let n = size.saturating_sub(offset).min(len as u64) as usize;
             let mut buf = vec![0; n];
@@ -473,7 +476,8 @@ mod tests {
 
         assert_eq!(b.content.read(&desc.digest, 7, 5).await.unwrap(), &data[7..12]);
         assert_eq!(b.content.read(&desc.digest, data.len() as u64 - 3, 1000).await.unwrap(), &data[data.len() - 3..]);
-        assert!(b.content.read(&desc.digest, 1 << 40, 10).await.unwrap().is_empty());
+        assert!(matches!(b.content.read(&desc.digest, 1 << 40, 10).await, Err(Error::InvalidArgument(_))), "past the end");
+        assert!(b.content.read(&desc.digest, data.len() as u64, 10).await.unwrap().is_empty(), "at the end");
         let mut all = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut b.content.open(&desc.digest).await.unwrap(), &mut all).await.unwrap();
         assert_eq!(all, data);
