@@ -351,8 +351,15 @@ async fn content_store_contract() {
         .await
         .unwrap();
     assert_eq!(tail, &data[data.len() - 3..]);
+    assert!(
+        matches!(
+            b.content.read(&desc.digest, 1 << 40, 10).await,
+            Err(pullbox::error::Error::InvalidArgument(_))
+        ),
+        "a read past the end is refused, as on the embedded store"
+    );
     assert_eq!(
-        b.content.read(&desc.digest, 1 << 40, 10).await.unwrap(),
+        b.content.read(&desc.digest, data.len() as u64, 10).await.unwrap(),
         Vec::<u8>::new()
     );
     assert_eq!(
