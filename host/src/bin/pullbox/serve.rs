@@ -96,6 +96,11 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
         });
     }
 
+    // Signals are taken before the socket exists: a client that sees the socket may send
+    // SIGHUP at once, and SIGHUP's default action would end the daemon.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let listener = bind(&config.socket, config.mode().map_err(anyhow::Error::msg)?)?;
     tracing::info!(socket = %config.socket.display(), puller = %puller_path.display(), "serving the CRI image service");
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -103,9 +108,6 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     let cri = Cri::new(service.clone(), metrics.clone(), fs_root, stats_period, shutdown.clone());
     let pulls = cri.pulls();
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
