@@ -493,7 +493,7 @@ impl Client {
     ) -> Result<(Descriptor, Vec<u8>), Failure> {
         let url = host.url(repo.registry(), repo.path(), &format!("manifests/{reference}"));
         let accept = [(header::ACCEPT, MANIFEST_ACCEPT.to_owned())];
-        let resp = self.get(http, host, repo, &url, &accept, credentials, what).await?;
+        let resp = self.request(reqwest::Method::GET, http, host, repo, &url, &accept, credentials, what).await?;
         let header_digest = resp
             .headers()
             .get("docker-content-digest")
@@ -641,7 +641,7 @@ impl Client {
         if offset > 0 && offset < desc.size {
             headers.push((header::RANGE, format!("bytes={offset}-")));
         }
-        let resp = self.get(http, host, repo, &url, &headers, credentials, what).await?;
+        let resp = self.request(reqwest::Method::GET, http, host, repo, &url, &headers, credentials, what).await?;
         if offset > 0 {
             let resumed_at = (resp.status() == StatusCode::PARTIAL_CONTENT)
                 .then(|| resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(range_start))
@@ -718,22 +718,6 @@ impl Client {
         }
         writer.commit().await.map_err(Failure::Fatal)?;
         Ok(())
-    }
-
-    /// Sends a GET to `host`, answering an authentication challenge once; maps HTTP failures
-    /// to [`Failure`]s.
-    #[allow(clippy::too_many_arguments)]
-    async fn get(
-        &self,
-        http: &reqwest::Client,
-        host: &Host,
-        repo: &Repository,
-        url: &str,
-        headers: &[(header::HeaderName, String)],
-        credentials: &Credentials,
-        what: &str,
-    ) -> Result<reqwest::Response, Failure> {
-        self.request(reqwest::Method::GET, http, host, repo, url, headers, credentials, what).await
     }
 
     /// Sends a `method` (GET or HEAD) request to `host`, answering an authentication
