@@ -65,23 +65,14 @@ use crate::policy::{
 use crate::reference::Reference;
 use crate::types::{label, Descriptor, PullRequest};
 
-/// The keys [`parse`] accepts.
-pub const KNOWN_KEYS: &[&str] = &[
-    "mode",
-    "allowedRegistries",
-    "blockedRegistries",
-    "allowedRepositories",
-    "blockedRepositories",
-    "deniedTags",
-    "requireDigest",
-    "platforms",
-    "maxImageSize",
-    "maxLayers",
-    "allowedLayerMediaTypes",
-    "discard_unpacked_layers",
-    "pinnedImages",
-    "scopes",
-];
+/// The node-wide keys [`parse`] accepts besides the rules ([`SCOPED_KEYS`]): they cannot be
+/// set in a scope (a pulled image is shared by every pod).
+pub const NODE_KEYS: &[&str] = &["mode", "discard_unpacked_layers", "pinnedImages", "scopes"];
+
+/// Whether [`parse`] knows `key`: a node-wide key or a rule.
+fn known(key: &str) -> bool {
+    NODE_KEYS.contains(&key) || SCOPED_KEYS.contains(&key)
+}
 
 /// The rule keys a scope may hold, besides its selector ([`SELECTOR_KEYS`]).
 pub const SCOPED_KEYS: &[&str] = &[
@@ -416,7 +407,7 @@ fn parse_members(members: &[(String, Value)]) -> Result<Settings> {
     let mut settings = Settings::DEFAULT;
     for (key, value) in members {
         let v = value;
-        if v.is_null() && KNOWN_KEYS.contains(&key.as_str()) {
+        if v.is_null() && known(key) {
             continue; // null: the default
         }
         match key.as_str() {
@@ -457,8 +448,9 @@ fn parse_members(members: &[(String, Value)]) -> Result<Settings> {
             "scopes" => settings.scopes = scopes(v)?,
             _ => {
                 return Err(Error::InvalidArgument(format!(
-                    "unknown setting {key:?} (known: {})",
-                    KNOWN_KEYS.join(", ")
+                    "unknown setting {key:?} (known: {}, {})",
+                    NODE_KEYS.join(", "),
+                    SCOPED_KEYS.join(", ")
                 )))
             }
         }
@@ -586,7 +578,7 @@ fn scope(i: usize, members: &[(String, Value)]) -> Result<Scope> {
                 }
             }
             k if SCOPED_KEYS.contains(&k) => rules.push((key.clone(), v.clone())),
-            k if KNOWN_KEYS.contains(&k) => return Err(invalid(
+            k if NODE_KEYS.contains(&k) => return Err(invalid(
                 key,
                 "is node-wide and cannot be set in a scope (a pulled image is shared by every pod)",
             )),
