@@ -1350,39 +1350,17 @@ pub(crate) mod tests {
         let deep = "d/".repeat(MAX_DEPTH + 1);
         let long = format!("{}/f", "n".repeat(200)).repeat(25);
         for (name, why) in [(deep.as_str(), "components"), (long.as_str(), "PATH_MAX")] {
-            let mut b = tar::Builder::new(Vec::new());
-            b.append_pax_extensions([("path", name.as_bytes())]).unwrap();
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(EntryType::Regular);
-            h.set_size(1);
-            h.set_path("placeholder").unwrap();
-            h.set_cksum();
-            b.append(&h, &b"x"[..]).unwrap();
-            let err = apply(&s.root, b.into_inner().unwrap()).unwrap_err();
+            let err = apply(&s.root, Tar::new().pax_path_file(name, b"x").finish()).unwrap_err();
             assert!(matches!(&err, Error::BadLayer { reason, .. } if reason.contains(why)), "{err}");
             assert!(err.to_string().len() < 1024, "the name is cut in messages: {err}");
         }
         // Just under both limits: fine.
         let ok = format!("{}f", "d/".repeat(MAX_DEPTH - 1));
-        let mut b = tar::Builder::new(Vec::new());
-        b.append_pax_extensions([("path", ok.as_bytes())]).unwrap();
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(EntryType::Regular);
-        h.set_size(1);
-        h.set_path("placeholder").unwrap();
-        h.set_cksum();
-        b.append(&h, &b"x"[..]).unwrap();
-        apply(&s.root, b.into_inner().unwrap()).unwrap();
+        apply(&s.root, Tar::new().pax_path_file(&ok, b"x").finish()).unwrap();
         // A hard link to a path over the limits is refused too.
-        let mut b = tar::Builder::new(Vec::new());
-        b.append_pax_extensions([("linkpath", "x/".repeat(MAX_DEPTH + 1).as_bytes())]).unwrap();
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(EntryType::Link);
-        h.set_size(0);
-        h.set_path("h").unwrap();
-        h.set_cksum();
-        b.append(&h, &b""[..]).unwrap();
-        let tar = b.into_inner().unwrap();
+        let mut t = Tar::new();
+        t.0.append_pax_extensions([("linkpath", "x/".repeat(MAX_DEPTH + 1).as_bytes())]).unwrap();
+        let tar = t.hardlink("h", "").finish();
         assert!(matches!(apply(&s.root, tar), Err(Error::BadLayer { reason, .. }) if reason.contains("hard link target")));
     }
 
