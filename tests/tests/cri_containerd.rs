@@ -19,10 +19,7 @@ async fn pullbox_pulls_into_containerd_and_containerd_agrees() {
     let f = fixture();
     let ctd = Containerd::start().unwrap();
     ctd.allow_plain_http(f.registry.addr()).unwrap();
-    let daemon = cri::Daemon::start(&format!(
-        "backend = \"containerd\"\n[containerd]\naddress = {:?}\n",
-        ctd.socket().display().to_string()
-    ))
+    let daemon = cri::Daemon::start(&ctd.pullbox_config())
     .unwrap();
     let mut pullbox = cri::connect(daemon.socket()).await.unwrap();
     let mut reference_cri = cri::connect(ctd.socket()).await.unwrap();

@@ -27,18 +27,11 @@ fn spec(image: &str) -> Option<ImageSpec> {
     })
 }
 
+/// What the CRI says of an image: ID, repo tags, repo digests, size, uid, username, pinned.
+type Described = (String, Vec<String>, Vec<String>, u64, Option<i64>, String, bool);
+
 /// What the CRI says of an image, with names sorted (order is not part of the answer).
-fn norm(
-    i: &Image,
-) -> (
-    String,
-    Vec<String>,
-    Vec<String>,
-    u64,
-    Option<i64>,
-    String,
-    bool,
-) {
+fn norm(i: &Image) -> Described {
     let sorted = |v: &[String]| {
         let mut v = v.to_vec();
         v.sort();
@@ -55,18 +48,7 @@ fn norm(
     )
 }
 
-type Answer = BTreeMap<
-    String,
-    (
-        String,
-        Vec<String>,
-        Vec<String>,
-        u64,
-        Option<i64>,
-        String,
-        bool,
-    ),
->;
+type Answer = BTreeMap<String, Described>;
 
 async fn list(client: &mut ImageServiceClient<Channel>) -> Answer {
     client
@@ -127,10 +109,7 @@ async fn images_of_ctr_and_pullbox_show_alike_on_both_sides() {
     let f = fixture();
     let ctd = Containerd::start().unwrap();
     ctd.allow_plain_http(f.registry.addr()).unwrap();
-    let daemon = cri::Daemon::start(&format!(
-        "backend = \"containerd\"\n[containerd]\naddress = {:?}\n",
-        ctd.socket().display().to_string()
-    ))
+    let daemon = cri::Daemon::start(&ctd.pullbox_config())
     .unwrap();
     let mut ours = cri::connect(daemon.socket()).await.unwrap();
     let mut theirs = cri::connect(ctd.socket()).await.unwrap();
@@ -364,10 +343,7 @@ async fn list_images_of_many_unlabelled_records() {
         t.elapsed().as_secs_f64()
     );
 
-    let daemon = cri::Daemon::start(&format!(
-        "backend = \"containerd\"\n[containerd]\naddress = {:?}\n",
-        ctd.socket().display().to_string()
-    ))
+    let daemon = cri::Daemon::start(&ctd.pullbox_config())
     .unwrap();
     for (who, socket) in [("pullbox", daemon.socket()), ("containerd", ctd.socket())] {
         let mut client = cri::connect(socket).await.unwrap();
