@@ -130,6 +130,10 @@ impl Host for WitHost {
         snapshots::name()
     }
 
+    fn snapshot_select(&self, snapshotter: &str) -> crate::error::Result<()> {
+        snapshots::select(snapshotter).map_err(from_wit)
+    }
+
     fn snapshot_prepare(&self, key: &str, parent: &str) -> crate::error::Result<()> {
         snapshots::prepare(key, parent).map_err(from_wit)
     }

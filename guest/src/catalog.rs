@@ -44,13 +44,14 @@ use crate::types::{ImageInfo, Level, SnapshotKind};
 use crate::unlabelled;
 
 /// The labels of a record that the catalog reads, in the order of [`Record`]'s fields.
-pub const RECORD_LABELS: [&str; 6] = [
+pub const RECORD_LABELS: [&str; 7] = [
     labels::IMAGE_ID,
     labels::IMAGE_MANIFEST,
     labels::IMAGE_CHAIN_ID,
     labels::IMAGE_SIZE,
     labels::IMAGE_USER,
     labels::CRI_PINNED,
+    labels::IMAGE_SNAPSHOTTER,
 ];
 
 /// An image record as the catalog reads it: its name and the values of its
@@ -71,6 +72,17 @@ pub struct Record {
     pub user: Option<String>,
     /// `io.cri-containerd.pinned` is `pinned`.
     pub pinned: bool,
+    /// `pullbox.io/image.snapshotter`: where the top snapshot is; `None`: the default
+    /// snapshotter.
+    pub snapshotter: Option<String>,
+}
+
+/// An image as its records describe it, and the snapshotter its top snapshot is in (`None`:
+/// the host's default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    pub info: ImageInfo,
+    pub snapshotter: Option<String>,
 }
 
 /// Every record, read with `images.list-labels` (see [`Record`]); those without pullbox's
@@ -98,6 +110,7 @@ fn labelled<H: Host + ?Sized>(host: &H) -> Result<Vec<Record>> {
                 size: next(),
                 user: next(),
                 pinned: next().as_deref() == Some(labels::CRI_PINNED_PINNED),
+                snapshotter: next(),
                 name: l.name,
             }
         })
@@ -165,7 +178,7 @@ fn by_id_prefix(records: &[Record], query: &str) -> Result<Option<String>> {
 
 /// The image `id` as its records describe it; `None` when it has none. `pinned`: the record
 /// names the `pinnedImages` setting pins.
-pub fn gather(records: &[Record], id: &str, pinned: &[String]) -> Option<ImageInfo> {
+pub fn gather(records: &[Record], id: &str, pinned: &[String]) -> Option<Described> {
     let mine: Vec<Record> = records
         .iter()
         .filter(|r| r.id.as_deref() == Some(id))
@@ -188,7 +201,7 @@ pub fn by_image(records: Vec<Record>) -> HashMap<String, Vec<Record>> {
 
 /// The image `id` as `mine`, its records, describe it (their strings move into the answer);
 /// `None` when there are none. `pinned`: the record names the `pinnedImages` setting pins.
-fn describe(id: String, mut mine: Vec<Record>, pinned: &[String]) -> Option<ImageInfo> {
+fn describe(id: String, mut mine: Vec<Record>, pinned: &[String]) -> Option<Described> {
     let is_pinned = mine.iter().any(|r| r.pinned || pinned.contains(&r.name));
     // The metadata comes from the ID record when there is one (it moves with every pull of
     // the image), else from the first record by name.
@@ -221,7 +234,7 @@ fn describe(id: String, mut mine: Vec<Record>, pinned: &[String]) -> Option<Imag
         names.sort_unstable();
         names.dedup();
     }
-    Some(ImageInfo {
+    let info = ImageInfo {
         id,
         repo_tags,
         repo_digests,
@@ -235,6 +248,10 @@ fn describe(id: String, mut mine: Vec<Record>, pinned: &[String]) -> Option<Imag
         manifest_digest: meta.manifest.unwrap_or_default(),
         user: meta.user.unwrap_or_default(),
         pinned: is_pinned,
+    };
+    Some(Described {
+        info,
+        snapshotter: meta.snapshotter,
     })
 }
 
@@ -242,29 +259,41 @@ fn describe(id: String, mut mine: Vec<Record>, pinned: &[String]) -> Option<Imag
 ///
 /// A missing piece is "not ready"; any other failure of the checks is logged as a warning
 /// and also counts as not ready, so one broken image does not fail a whole list.
-pub fn is_ready<H: Host + ?Sized>(host: &H, info: &ImageInfo) -> bool {
+pub fn is_ready<H: Host + ?Sized>(host: &H, image: &Described) -> bool {
+    let info = &image.info;
     let verdict = check(
         info,
         |d| host.content_info(d).map(drop),
-        |key| host.snapshot_stat(key).map(|s| s.kind),
+        |key| {
+            if let Some(name) = &image.snapshotter {
+                host.snapshot_select(name)
+                    .context_with(|| format!("snapshotter {name}"))?;
+            }
+            host.snapshot_stat(key).map(|s| s.kind)
+        },
     );
     report(host, info, verdict)
 }
 
 /// [`is_ready`] of every image in `infos`, in order, from batched look-ups: every distinct
 /// digest in `content.sizes` calls and every distinct chain ID in `snapshots.stats` calls,
-/// at most [`MAX_BATCH`] a call.
+/// at most [`MAX_BATCH`] a call, per snapshotter (images in another snapshotter than the
+/// default are looked up after `snapshots.select` of theirs; one the host does not offer
+/// makes its images not ready).
 ///
 /// Errors: the error of a batched call that failed as a whole (a failure of one look-up
 /// only makes its images not ready, as in [`is_ready`]).
-pub fn ready_all<H: Host + ?Sized>(host: &H, infos: &[ImageInfo]) -> Result<Vec<bool>> {
-    // Each distinct digest and chain ID once, in first-seen order.
+pub fn ready_all<H: Host + ?Sized>(host: &H, images: &[Described]) -> Result<Vec<bool>> {
+    // Each distinct digest and chain ID once, in first-seen order; chain IDs per snapshotter.
     let mut digests = Distinct::default();
-    let mut chains = Distinct::default();
-    for info in infos {
+    let mut chains: HashMap<Option<&str>, Distinct> = HashMap::new();
+    for Described { info, snapshotter } in images {
         digests.add(&info.manifest_digest);
         digests.add(&info.id);
-        chains.add(&info.chain_id);
+        chains
+            .entry(snapshotter.as_deref())
+            .or_default()
+            .add(&info.chain_id);
     }
     let mut sizes = Vec::with_capacity(digests.all.len());
     for batch in digests.all.chunks(MAX_BATCH) {
@@ -273,20 +302,38 @@ pub fn ready_all<H: Host + ?Sized>(host: &H, infos: &[ImageInfo]) -> Result<Vec<
             .context_with(|| format!("looking up {} blobs", batch.len()))?;
         sizes.extend(answers.into_iter().map(|a| a.map(drop)));
     }
-    let mut kinds = Vec::with_capacity(chains.all.len());
-    for batch in chains.all.chunks(MAX_BATCH) {
-        let answers = host
-            .snapshot_stats(batch)
-            .context_with(|| format!("looking up {} snapshots", batch.len()))?;
-        kinds.extend(answers.into_iter().map(|a| a.map(|s| s.kind)));
+    // The default snapshotter's first, then each other one.
+    let mut groups: Vec<(Option<&str>, Distinct)> = chains.into_iter().collect();
+    groups.sort_unstable_by_key(|(name, _)| *name);
+    let mut kinds: HashMap<Option<&str>, (Distinct, Vec<Result<SnapshotKind>>)> = HashMap::new();
+    for (name, chains) in groups {
+        let mut answers = Vec::with_capacity(chains.all.len());
+        match name.map(|n| host.snapshot_select(n)) {
+            Some(Err(e)) => {
+                let e = e.context(format!("snapshotter {}", name.unwrap_or_default()));
+                answers.resize(chains.all.len(), Err(e));
+            }
+            _ => {
+                for batch in chains.all.chunks(MAX_BATCH) {
+                    let got = host
+                        .snapshot_stats(batch)
+                        .context_with(|| format!("looking up {} snapshots", batch.len()))?;
+                    answers.extend(got.into_iter().map(|a| a.map(|s| s.kind)));
+                }
+            }
+        }
+        kinds.insert(name, (chains, answers));
     }
-    Ok(infos
+    Ok(images
         .iter()
-        .map(|info| {
+        .map(|Described { info, snapshotter }| {
             let verdict = check(
                 info,
                 |d| digests.answer(&sizes, d),
-                |key| chains.answer(&kinds, key),
+                |key| match kinds.get(&snapshotter.as_deref()) {
+                    Some((chains, answers)) => chains.answer(answers, key),
+                    None => Err(Error::Internal(format!("no look-up of snapshot {key}"))),
+                },
             );
             report(host, info, verdict)
         })
@@ -383,14 +430,14 @@ pub fn status<H: Host + ?Sized>(
         host.log(Level::Debug, &format!("status {arg:?}: no such image"));
         return Ok(None);
     };
-    let Some(info) = gather(&records, &id, pinned) else {
+    let Some(image) = gather(&records, &id, pinned) else {
         return Ok(None);
     };
-    if !is_ready(host, &info) {
+    if !is_ready(host, &image) {
         return Ok(None);
     }
     host.log(Level::Debug, &format!("status {arg:?}: image {id}"));
-    Ok(Some(info))
+    Ok(Some(image.info))
 }
 
 /// `list-images`: every READY image, sorted by ID. `pinned`: the record names the puller's
@@ -399,15 +446,15 @@ pub fn list<H: Host + ?Sized>(host: &H, pinned: &[String]) -> Result<Vec<ImageIn
     let records = records(host).context_with(|| "listing images")?;
     let mut by_id: Vec<(String, Vec<Record>)> = by_image(records).into_iter().collect();
     by_id.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
-    let infos: Vec<ImageInfo> = by_id
+    let described: Vec<Described> = by_id
         .into_iter()
         .filter_map(|(id, mine)| describe(id, mine, pinned))
         .collect();
-    let ready = ready_all(host, &infos)?;
-    let images: Vec<ImageInfo> = infos
+    let ready = ready_all(host, &described)?;
+    let images: Vec<ImageInfo> = described
         .into_iter()
         .zip(ready)
-        .filter_map(|(info, ready)| ready.then_some(info))
+        .filter_map(|(image, ready)| ready.then_some(image.info))
         .collect();
     host.log(
         Level::Debug,

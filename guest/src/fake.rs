@@ -40,7 +40,12 @@ pub struct State {
     pub refs: BTreeMap<(String, String), Descriptor>,
     /// The content store: digest → (bytes, labels).
     pub content: BTreeMap<String, (Vec<u8>, BTreeMap<String, String>)>,
+    /// The default snapshotter's (`overlayfs`) snapshots.
     pub snapshots: BTreeMap<String, Snap>,
+    /// The other snapshotters offered (`snapshots.select`), each with its snapshots.
+    pub other_snapshots: BTreeMap<String, BTreeMap<String, Snap>>,
+    /// The snapshotter `snapshots.select` chose; `None`: the default.
+    pub selected: Option<String>,
     pub images: BTreeMap<String, ImageRecord>,
     pub logs: Vec<(Level, String)>,
     pub progress: Vec<(String, String)>,
@@ -63,6 +68,19 @@ pub struct State {
     /// Snapshot names another pull commits right before ours.
     pub commit_race: BTreeSet<String>,
     pub clock: u64,
+}
+
+impl State {
+    /// The snapshots of the snapshotter this call works in.
+    fn snaps(&mut self) -> &mut BTreeMap<String, Snap> {
+        match &self.selected {
+            Some(name) => self
+                .other_snapshots
+                .get_mut(name)
+                .expect("select checks the name"),
+            None => &mut self.snapshots,
+        }
+    }
 }
 
 /// The fake host.
@@ -226,9 +244,9 @@ impl FakeHost {
 
     /// `snapshots.stat` without recording the look-up.
     fn stat_of(&self, key: &str) -> Result<SnapshotInfo> {
-        let s = self.s.borrow();
+        let mut s = self.s.borrow_mut();
         let snap = s
-            .snapshots
+            .snaps()
             .get(key)
             .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
         Ok(SnapshotInfo {
@@ -344,17 +362,33 @@ impl Host for FakeHost {
     }
 
     fn snapshotter(&self) -> String {
-        "overlayfs".into()
+        self.s
+            .borrow()
+            .selected
+            .clone()
+            .unwrap_or_else(|| "overlayfs".into())
+    }
+
+    fn snapshot_select(&self, snapshotter: &str) -> Result<()> {
+        self.call(format!("select {snapshotter}"));
+        let mut s = self.s.borrow_mut();
+        s.selected = match snapshotter {
+            "overlayfs" => None,
+            other if s.other_snapshots.contains_key(other) => Some(other.into()),
+            other => return Err(Error::NotFound(format!("snapshotter {other:?}"))),
+        };
+        Ok(())
     }
 
     fn snapshot_prepare(&self, key: &str, parent: &str) -> Result<()> {
         self.call(format!("prepare {key} {parent}"));
         let mut s = self.s.borrow_mut();
-        if s.snapshots.contains_key(key) {
+        let snaps = s.snaps();
+        if snaps.contains_key(key) {
             return Err(Error::AlreadyExists(format!("snapshot {key}")));
         }
         if !parent.is_empty() {
-            match s.snapshots.get(parent) {
+            match snaps.get(parent) {
                 None => return Err(Error::NotFound(format!("parent {parent}"))),
                 Some(p) if p.kind != SnapshotKind::Committed => {
                     return Err(Error::FailedPrecondition(format!(
@@ -364,7 +398,7 @@ impl Host for FakeHost {
                 Some(_) => {}
             }
         }
-        s.snapshots.insert(
+        snaps.insert(
             key.into(),
             Snap {
                 parent: parent.into(),
@@ -377,13 +411,11 @@ impl Host for FakeHost {
     fn snapshot_commit(&self, name: &str, key: &str) -> Result<()> {
         self.call(format!("commit {name} {key}"));
         let mut s = self.s.borrow_mut();
-        if s.commit_race.remove(name) {
-            let parent = s
-                .snapshots
-                .get(key)
-                .map(|k| k.parent.clone())
-                .unwrap_or_default();
-            s.snapshots.insert(
+        let raced = s.commit_race.remove(name);
+        let snaps = s.snaps();
+        if raced {
+            let parent = snaps.get(key).map(|k| k.parent.clone()).unwrap_or_default();
+            snaps.insert(
                 name.into(),
                 Snap {
                     parent,
@@ -391,11 +423,10 @@ impl Host for FakeHost {
                 },
             );
         }
-        if s.snapshots.contains_key(name) {
+        if snaps.contains_key(name) {
             return Err(Error::AlreadyExists(format!("snapshot {name}")));
         }
-        let snap = s
-            .snapshots
+        let snap = snaps
             .remove(key)
             .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
         if snap.kind != SnapshotKind::Active {
@@ -403,7 +434,7 @@ impl Host for FakeHost {
                 "snapshot {key} is not active"
             )));
         }
-        s.snapshots.insert(
+        snaps.insert(
             name.into(),
             Snap {
                 kind: SnapshotKind::Committed,
@@ -427,12 +458,13 @@ impl Host for FakeHost {
     fn snapshot_remove(&self, key: &str) -> Result<()> {
         self.call(format!("remove {key}"));
         let mut s = self.s.borrow_mut();
-        if s.snapshots.values().any(|c| c.parent == key) {
+        let snaps = s.snaps();
+        if snaps.values().any(|c| c.parent == key) {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {key} has children"
             )));
         }
-        s.snapshots
+        snaps
             .remove(key)
             .map(|_| ())
             .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
@@ -440,11 +472,11 @@ impl Host for FakeHost {
 
     fn diff_apply(&self, layer: &Descriptor, key: &str) -> Result<String> {
         self.call(format!("apply {} {key}", layer.digest));
-        let s = self.s.borrow();
+        let mut s = self.s.borrow_mut();
         if let Some(e) = s.apply_error.get(&layer.digest) {
             return Err(e.clone());
         }
-        match s.snapshots.get(key) {
+        match s.snaps().get(key) {
             Some(snap) if snap.kind == SnapshotKind::Active => {}
             _ => {
                 return Err(Error::PermissionDenied(format!(

@@ -7,9 +7,7 @@
 //! state behind a `RefCell`.
 
 use crate::error::Result;
-use crate::types::{
-    label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, SnapshotInfo,
-};
+use crate::types::{label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, SnapshotInfo};
 
 /// The most digests one `content.sizes` call, and the most keys one `snapshots.stats` call,
 /// may name (the WIT documents this bound; the host refuses more with `resource-exhausted`).
@@ -53,6 +51,9 @@ pub trait Host {
 
     /// `snapshots.name`: the snapshotter's name, for the GC label.
     fn snapshotter(&self) -> String;
+    /// `snapshots.select`: later snapshot and diff calls of this call use the snapshotter
+    /// `snapshotter` (one the host offers; before the call's first `snapshot_prepare`).
+    fn snapshot_select(&self, snapshotter: &str) -> Result<()>;
     /// `snapshots.prepare`: an active snapshot `key` on top of `parent` (empty: none).
     fn snapshot_prepare(&self, key: &str, parent: &str) -> Result<()>;
     /// `snapshots.commit`: commits active `key` as `name`.

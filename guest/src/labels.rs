@@ -29,6 +29,9 @@ pub const IMAGE_CHAIN_ID: &str = "pullbox.io/image.chain-id";
 pub const IMAGE_SIZE: &str = "pullbox.io/image.size";
 /// The config's `User`.
 pub const IMAGE_USER: &str = "pullbox.io/image.user";
+/// The snapshotter the top snapshot is in, when the pull chose one (`runtimePlatforms`);
+/// absent: the host's default snapshotter.
+pub const IMAGE_SNAPSHOTTER: &str = "pullbox.io/image.snapshotter";
 
 /// GC reference from a manifest to its config.
 pub const GC_CONFIG: &str = "containerd.io/gc.ref.content.config";

@@ -267,6 +267,18 @@ impl PlatformPattern {
         })
     }
 
+    /// The platform the pattern names, as written (`linux/arm64` → os `linux`, architecture
+    /// `arm64`, no variant).
+    pub fn platform(&self) -> Platform {
+        let mut parts = self.text.split('/');
+        Platform {
+            os: parts.next().unwrap_or_default().into(),
+            architecture: parts.next().unwrap_or_default().into(),
+            variant: parts.next().unwrap_or_default().into(),
+            ..Platform::default()
+        }
+    }
+
     /// Whether the pattern allows `p`.
     pub fn matches(&self, p: &Platform) -> bool {
         let n = normalize(&p.os, &p.architecture, &p.variant);

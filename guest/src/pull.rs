@@ -76,6 +76,9 @@ pub struct Options {
     /// Record names (normalized references) of pinned images: the answer's `pinned` counts
     /// them (see [`crate::catalog`]).
     pub pinned_images: Vec<String>,
+    /// The snapshotter to unpack into (`snapshots.select`), recorded on the image's records;
+    /// `None`: the host's default.
+    pub snapshotter: Option<String>,
 }
 
 /// What `pull` resolved and read, before unpacking.
@@ -108,9 +111,23 @@ pub fn pull<H: Host + ?Sized>(
     settings: &Settings,
     req: &PullRequest,
 ) -> Result<ImageInfo> {
+    let runtime = settings.runtime_platform(&req.runtime_handler);
     let options = Options {
         discard_unpacked_layers: settings.discard_unpacked_layers,
         pinned_images: settings.pinned_images.clone(),
+        snapshotter: runtime.and_then(|r| r.snapshotter.clone()),
+    };
+    // A runtime handler's platform replaces the request's (containerd's `runtime_platforms`).
+    let for_handler;
+    let req = match runtime.and_then(|r| r.platform.as_ref()) {
+        Some(platform) => {
+            for_handler = PullRequest {
+                platform: platform.clone(),
+                ..req.clone()
+            };
+            &for_handler
+        }
+        None => req,
     };
     let policy = settings.policy_for(req);
     if !settings.scopes.is_empty() {
@@ -148,6 +165,10 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
     req: &PullRequest,
 ) -> Result<ImageInfo> {
     let reference = Reference::parse(&req.reference)?;
+    if let Some(name) = &options.snapshotter {
+        host.snapshot_select(name)
+            .context_with(|| format!("runtime handler {:?}", req.runtime_handler))?;
+    }
     let want = request_platform(&req.platform);
     host.log(
         Level::Info,
@@ -233,7 +254,7 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
             .chain(&resolved.from_index),
         &resolved.manifest,
     );
-    let record_labels = vec![
+    let mut record_labels = vec![
         (
             labels::CRI_IMAGE.to_string(),
             labels::CRI_IMAGE_MANAGED.to_string(),
@@ -247,6 +268,9 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
         (labels::IMAGE_SIZE.to_string(), size.to_string()),
         (labels::IMAGE_USER.to_string(), config.user.clone()),
     ];
+    if let Some(name) = &options.snapshotter {
+        record_labels.push((labels::IMAGE_SNAPSHOTTER.to_string(), name.clone()));
+    }
     let mut names = vec![id.clone()];
     names.extend(reference.repo_tag());
     names.push(reference.repo_digest(&resolved.root.digest));
@@ -256,11 +280,13 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
 
     let records = crate::catalog::records(host)
         .context_with(|| format!("listing images after pulling {reference}"))?;
-    let info = crate::catalog::gather(&records, &id, &options.pinned_images).ok_or_else(|| {
-        Error::Internal(format!(
-            "image {id} has no records right after pulling {reference}"
-        ))
-    })?;
+    let info = crate::catalog::gather(&records, &id, &options.pinned_images)
+        .map(|image| image.info)
+        .ok_or_else(|| {
+            Error::Internal(format!(
+                "image {id} has no records right after pulling {reference}"
+            ))
+        })?;
     host.log(
         Level::Info,
         &format!(
@@ -876,7 +902,8 @@ pub fn image_size<'a>(path: impl IntoIterator<Item = &'a Descriptor>, m: &oci::M
 }
 
 /// Creates the record `name`, or moves an existing one to `target` with `labels` (labels
-/// the record has beyond these stay), as containerd CRI's `createImageReference`.
+/// the record has beyond these stay, except [`labels::IMAGE_SNAPSHOTTER`]), as containerd
+/// CRI's `createImageReference`.
 fn write_record<H: Host + ?Sized>(
     host: &H,
     name: &str,
@@ -905,6 +932,9 @@ fn write_record<H: Host + ?Sized>(
         .image_get(name)
         .context_with(|| format!("reading image record {name}"))?;
     let mut merged = old.labels.clone();
+    // The snapshotter label is set only by pulls that chose one: another pull moves the
+    // image back to the default snapshotter.
+    merged.retain(|(k, _)| k != labels::IMAGE_SNAPSHOTTER);
     for (k, v) in labels {
         crate::types::set_label(&mut merged, k, v);
     }

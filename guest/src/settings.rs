@@ -21,6 +21,7 @@
 //! | `discard_unpacked_layers` | `true`: do not keep layer blobs once unpacked (containerd's option: the manifest gets no `containerd.io/gc.ref.content.l.<i>` labels) | — |
 //! | `pinnedImages` | references (`registry.k8s.io/pause:3.10`, `busybox`, `name@sha256:…`): images with one of these names are reported `pinned`, so kubelet never garbage-collects them (containerd CRI's `pinned_images`) | status, list |
 //! | `scopes` | a list of scopes ([`Scope`]): rules that apply only to pulls for some pods or runtime handlers | as their rules |
+//! | `runtimePlatforms` | an object of runtime handler name (`""`: the default handler) to `{"platform": "os/arch[/variant]", "snapshotter": "name"}` (either or both): pulls for that handler pick that platform from an index and unpack into that snapshotter, one the host offers (containerd CRI's `runtime_platforms` and per-runtime `snapshotter`) ([`RuntimePlatform`]) | pull |
 //!
 //! A scope is an object with a selector and rules. The selector: `name` (optional; named in
 //! denials as `scopes[<name>].<rule>`, else the scope's index is), `namespaces` (globs over
@@ -67,7 +68,13 @@ use crate::types::{label, Descriptor, PullRequest};
 
 /// The node-wide keys [`parse`] accepts besides the rules ([`SCOPED_KEYS`]): they cannot be
 /// set in a scope (a pulled image is shared by every pod).
-pub const NODE_KEYS: &[&str] = &["mode", "discard_unpacked_layers", "pinnedImages", "scopes"];
+pub const NODE_KEYS: &[&str] = &[
+    "mode",
+    "discard_unpacked_layers",
+    "pinnedImages",
+    "scopes",
+    "runtimePlatforms",
+];
 
 /// Whether [`parse`] knows `key`: a node-wide key or a rule.
 fn known(key: &str) -> bool {
@@ -132,6 +139,17 @@ pub struct Settings {
     pub pinned_images: Vec<String>,
     /// `scopes`, in document order.
     pub scopes: Vec<Scope>,
+    /// `runtimePlatforms`: runtime handler → what its pulls unpack, sorted by handler.
+    pub runtime_platforms: Vec<(String, RuntimePlatform)>,
+}
+
+/// One entry of `runtimePlatforms`: how pulls for one runtime handler unpack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimePlatform {
+    /// `platform`: the platform picked from an index instead of the request's.
+    pub platform: Option<crate::types::Platform>,
+    /// `snapshotter`: the snapshotter layers are unpacked into instead of the host's default.
+    pub snapshotter: Option<String>,
 }
 
 /// One entry of `scopes`: rules that apply to the pulls its selector matches.
@@ -194,7 +212,16 @@ impl Settings {
         allowed_layer_media_types: None,
         pinned_images: Vec::new(),
         scopes: Vec::new(),
+        runtime_platforms: Vec::new(),
     };
+
+    /// The `runtimePlatforms` entry of runtime handler `handler`, if any.
+    pub fn runtime_platform(&self, handler: &str) -> Option<&RuntimePlatform> {
+        self.runtime_platforms
+            .iter()
+            .find(|(h, _)| h == handler)
+            .map(|(_, p)| p)
+    }
 
     /// The scopes that apply to `req`, in document order.
     pub fn scopes_for(&self, req: &PullRequest) -> Vec<&Scope> {
@@ -446,6 +473,7 @@ fn parse_members(members: &[(String, Value)]) -> Result<Settings> {
             "discard_unpacked_layers" => settings.discard_unpacked_layers = bool_of(key, v)?,
             "pinnedImages" => settings.pinned_images = list_of(key, v, pinned_name)?,
             "scopes" => settings.scopes = scopes(v)?,
+            "runtimePlatforms" => settings.runtime_platforms = runtime_platforms(v)?,
             _ => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown setting {key:?} (known: {}, {})",
@@ -482,6 +510,69 @@ fn handler_glob(s: &str) -> std::result::Result<String, String> {
         Err(format!(
             "{s:?} is not a runtime handler pattern (letters, digits, '_', '.', '-', and * for \
              any run; \"\" for the default handler)"
+        ))
+    }
+}
+
+/// `runtimePlatforms`: an object of runtime handler name to a [`RuntimePlatform`] object.
+fn runtime_platforms(v: &Value) -> Result<Vec<(String, RuntimePlatform)>> {
+    const KEY: &str = "runtimePlatforms";
+    let Value::Object(map) = v else {
+        return Err(invalid(
+            KEY,
+            format!("must be an object of runtime handler to {{\"platform\", \"snapshotter\"}}, not {v}"),
+        ));
+    };
+    let mut out = Vec::new();
+    for (handler, entry) in map {
+        let at = |why: String| invalid(KEY, format!("entry {handler:?}: {why}"));
+        if handler.contains('*') {
+            return Err(at("a runtime handler name, not a pattern".into()));
+        }
+        handler_glob(handler).map_err(at)?;
+        let Value::Object(fields) = entry else {
+            return Err(at(format!("must be an object, not {entry}")));
+        };
+        let mut rp = RuntimePlatform {
+            platform: None,
+            snapshotter: None,
+        };
+        for (field, value) in fields {
+            let text = value
+                .as_str()
+                .ok_or_else(|| at(format!("{field:?} must be a string, not {value}")))?;
+            match field.as_str() {
+                "platform" => {
+                    let pattern = PlatformPattern::parse(text).map_err(at)?;
+                    rp.platform = Some(pattern.platform());
+                }
+                "snapshotter" => rp.snapshotter = Some(snapshotter_name(text).map_err(at)?),
+                other => {
+                    return Err(at(format!(
+                        "unknown key {other:?} (known: platform, snapshotter)"
+                    )))
+                }
+            }
+        }
+        if rp.platform.is_none() && rp.snapshotter.is_none() {
+            return Err(at("names neither \"platform\" nor \"snapshotter\"".into()));
+        }
+        out.push((handler.clone(), rp));
+    }
+    Ok(out)
+}
+
+/// A snapshotter name as containerd's plugin IDs are spelled.
+fn snapshotter_name(s: &str) -> std::result::Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a snapshotter name (letters, digits, '_', '.', '-')"
         ))
     }
 }

@@ -2263,3 +2263,159 @@ fn many_unlabelled_records_are_read_with_one_list_and_each_target_once() {
         1
     );
 }
+
+// ---- runtimePlatforms: platform and snapshotter by runtime handler ---------------------
+
+#[test]
+fn runtime_platforms_pick_platform_and_snapshotter_by_handler() {
+    let host = FakeHost::new();
+    host.s
+        .borrow_mut()
+        .other_snapshots
+        .insert("native".into(), Default::default());
+    let amd = host.push_image(&[b"amd64 base", b"amd64 top"], "");
+    let arm = host.push_image(&[b"arm64 layer"], "");
+    let index = host.push_index(&[
+        (&amd.manifest, "linux/amd64"),
+        (&arm.manifest, "linux/arm64"),
+    ]);
+    let app = "127.0.0.1:5000/team/app";
+    host.tag(app, "1.0", &index);
+    let s = settings(
+        r#"{"runtimePlatforms": {
+            "kata": {"platform": "linux/arm64", "snapshotter": "native"},
+            "wasm": {"snapshotter": "native"}
+        }}"#,
+    );
+    let reference = format!("{app}:1.0");
+
+    // kata: the arm64 manifest, unpacked into `native`, recorded as such.
+    let kata = pull(&host, &s, &req_for(&reference, None, &[], "kata")).unwrap();
+    assert_eq!(kata.id, arm.config.digest);
+    let calls = host.calls();
+    let select = calls
+        .iter()
+        .position(|c| c == "select native")
+        .expect("selected");
+    let prepare = calls
+        .iter()
+        .position(|c| c.starts_with("prepare "))
+        .unwrap();
+    assert!(select < prepare, "{calls:?}");
+    assert!(
+        host.s.borrow().snapshots.is_empty(),
+        "nothing in the default snapshotter"
+    );
+    let arm_chain = kata.chain_id.clone();
+    assert_eq!(
+        host.s.borrow().other_snapshots["native"][&arm_chain].kind,
+        SnapshotKind::Committed
+    );
+    assert_eq!(
+        host.content_labels(&arm.config.digest)["containerd.io/gc.ref.snapshot.native"],
+        arm_chain
+    );
+    let rec = host.s.borrow().images[&kata.id].clone();
+    assert_eq!(
+        label(&rec.labels, labels::IMAGE_SNAPSHOTTER),
+        Some("native")
+    );
+
+    // Status and list look the snapshot up in `native` and find the image READY.
+    host.s.borrow_mut().selected = None;
+    assert_eq!(
+        catalog::status(&host, &reference, &[]).unwrap(),
+        Some(kata.clone())
+    );
+    host.s.borrow_mut().selected = None;
+    assert_eq!(catalog::list(&host, &[]).unwrap(), vec![kata.clone()]);
+
+    // The default handler: the request's platform and the default snapshotter; the tag
+    // moves to the amd64 image, whose records carry no snapshotter label.
+    host.s.borrow_mut().selected = None;
+    host.clear_calls();
+    let plain = pull(&host, &s, &req_for(&reference, None, &[], "")).unwrap();
+    assert_eq!(plain.id, amd.config.digest);
+    assert!(!host.calls().iter().any(|c| c.starts_with("select")));
+    assert_eq!(
+        host.s.borrow().snapshots[&plain.chain_id].kind,
+        SnapshotKind::Committed
+    );
+    let rec = host.s.borrow().images[&plain.id].clone();
+    assert_eq!(label(&rec.labels, labels::IMAGE_SNAPSHOTTER), None);
+
+    // Both images are listed, each found in its own snapshotter (the tag and the repo
+    // digest moved to the second).
+    host.s.borrow_mut().selected = None;
+    let bare = |mut i: ImageInfo| {
+        i.repo_tags.clear();
+        i.repo_digests.clear();
+        i
+    };
+    let mut want = vec![bare(kata.clone()), bare(plain.clone())];
+    want.sort_by(|a, b| a.id.cmp(&b.id));
+    let got: Vec<ImageInfo> = catalog::list(&host, &[])
+        .unwrap()
+        .into_iter()
+        .map(bare)
+        .collect();
+    assert_eq!(got, want);
+
+    // A snapshotter the host does not offer fails the pull naming the handler, before
+    // anything is fetched; an image recorded in one no longer offered is not READY.
+    host.s.borrow_mut().selected = None;
+    host.clear_calls();
+    let bad = settings(r#"{"runtimePlatforms": {"gvisor": {"snapshotter": "zfs"}}}"#);
+    let e = pull(&host, &bad, &req_for(&reference, None, &[], "gvisor")).unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert!(e.message().contains("runtime handler \"gvisor\""), "{e}");
+    assert!(!host.calls().iter().any(|c| c.starts_with("fetch")));
+    host.s.borrow_mut().selected = None;
+    host.s.borrow_mut().other_snapshots.clear();
+    assert_eq!(catalog::status(&host, &kata.id, &[]).unwrap(), None);
+    host.s.borrow_mut().selected = None;
+    assert_eq!(catalog::list(&host, &[]).unwrap().len(), 1);
+}
+
+#[test]
+fn runtime_platforms_settings_are_checked() {
+    for (doc, needle) in [
+        (r#"{"runtimePlatforms": []}"#, "must be an object"),
+        (r#"{"runtimePlatforms": {"kata": {}}}"#, "names neither"),
+        (
+            r#"{"runtimePlatforms": {"kata": {"platform": "arm64"}}}"#,
+            "not a platform",
+        ),
+        (
+            r#"{"runtimePlatforms": {"kata": {"snapshotter": "a/b"}}}"#,
+            "not a snapshotter",
+        ),
+        (
+            r#"{"runtimePlatforms": {"kata": {"snapshoter": "native"}}}"#,
+            "unknown key",
+        ),
+        (
+            r#"{"runtimePlatforms": {"ka*": {"snapshotter": "native"}}}"#,
+            "not a pattern",
+        ),
+        (
+            r#"{"runtimePlatforms": {"kata": {"platform": 1}}}"#,
+            "must be a string",
+        ),
+        (
+            r#"{"scopes": [{"runtimePlatforms": {}}]}"#,
+            "runtimePlatforms",
+        ),
+    ] {
+        let e = crate::settings::parse(doc).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{doc}: {e}");
+        assert!(e.message().contains(needle), "{doc}: {e}");
+    }
+    let s = settings(r#"{"runtimePlatforms": {"": {"platform": "linux/arm/v7"}}}"#);
+    let p = s.runtime_platform("").unwrap().platform.clone().unwrap();
+    assert_eq!(
+        (p.os.as_str(), p.architecture.as_str(), p.variant.as_str()),
+        ("linux", "arm", "v7")
+    );
+    assert!(s.runtime_platform("kata").is_none());
+}

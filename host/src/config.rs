@@ -120,6 +120,9 @@ pub struct ContainerdSection {
     pub namespace: String,
     /// The snapshotter layers are unpacked with.
     pub snapshotter: String,
+    /// Other snapshotters a puller may choose (`snapshots.select`), for example by runtime
+    /// class (the default puller's `runtimePlatforms`); each must exist in containerd.
+    pub snapshotters: Vec<String>,
     /// containerd's root directory: `ImageFsInfo` reports the snapshotter's directory in it.
     pub root: PathBuf,
 }
@@ -130,6 +133,7 @@ impl Default for ContainerdSection {
             address: PathBuf::from("/run/containerd/containerd.sock"),
             namespace: "k8s.io".into(),
             snapshotter: "overlayfs".into(),
+            snapshotters: Vec::new(),
             root: PathBuf::from("/var/lib/containerd"),
         }
     }

@@ -255,6 +255,9 @@ pub struct CallState {
     pub(crate) log_events: u32,
     /// What the call may still do (access, snapshot keys, budget, caps).
     pub(crate) grants: Grants,
+    /// The snapshotter this call's `snapshots` and `diff` imports use: the backend's default
+    /// until `snapshots.select` picks another it offers.
+    pub(crate) snapshots: Arc<dyn crate::backend::Snapshotter>,
 }
 
 impl CallState {
@@ -485,7 +488,9 @@ impl Puller {
             .build();
         let clock = CpuClock::new(Duration::from_millis(self.limits.cpu_limit_ms));
         let grants = Grants::new(Access::Read, self.limits.caps());
-        let mut store = Store::new(&self.engine, CallState { session, limits, clock, log_events: 0, grants });
+        let snapshots = session.backend.snapshots.clone();
+        let mut store =
+            Store::new(&self.engine, CallState { session, limits, clock, log_events: 0, grants, snapshots });
         store.limiter(|s| &mut s.limits);
         store.set_hostcall_fuel(HOSTCALL_BYTES);
         store.call_hook(|mut ctx, hook| {

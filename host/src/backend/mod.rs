@@ -291,8 +291,8 @@ pub struct GcReport {
 pub enum Held<'a> {
     /// A blob, by digest.
     Content(&'a Digest),
-    /// A snapshot of the backend's snapshotter, by key or name.
-    Snapshot(&'a str),
+    /// A snapshot, by the snapshotter's name and the snapshot's key or name.
+    Snapshot(&'a str, &'a str),
 }
 
 /// Leases and garbage collection.
@@ -364,8 +364,29 @@ impl Census {
 #[derive(Clone)]
 pub struct Backend {
     pub content: Arc<dyn ContentStore>,
+    /// The default snapshotter: the one every call starts on.
     pub snapshots: Arc<dyn Snapshotter>,
+    /// The other snapshotters the operator offers pullers (`snapshots.select`); empty for the
+    /// embedded store, which has one.
+    pub other_snapshotters: Vec<Arc<dyn Snapshotter>>,
     pub differ: Arc<dyn Differ>,
     pub images: Arc<dyn ImageStore>,
     pub leases: Arc<dyn Leases>,
+}
+
+impl Backend {
+    /// The offered snapshotter named `name`: the default one or one of the others.
+    ///
+    /// Errors: `NotFound` naming the snapshotters offered.
+    pub fn snapshotter(&self, name: &str) -> Result<Arc<dyn Snapshotter>> {
+        let offered = || std::iter::once(&self.snapshots).chain(&self.other_snapshotters);
+        if let Some(s) = offered().find(|s| s.name() == name) {
+            return Ok(s.clone());
+        }
+        let names: Vec<&str> = offered().map(|s| s.name()).collect();
+        Err(crate::error::Error::NotFound(format!(
+            "snapshotter {name:?} is not offered here (offered: {})",
+            names.join(", ")
+        )))
+    }
 }

@@ -16,7 +16,7 @@ use super::{answer, bounded, content::wait, descriptor, ImportResult};
 impl Host for CallState {
     async fn apply(&mut self, layer: Descriptor, key: String) -> ImportResult<String> {
         self.charge(1)?;
-        let s = self.session.clone();
+        let (s, snapshots) = (self.session.clone(), self.snapshots.clone());
         let key = match bounded("key", &key) {
             Ok(k) => k.to_owned(),
             Err(e) => return answer(Err(e)),
@@ -31,7 +31,7 @@ impl Host for CallState {
         let applied = async {
             s.lease()?;
             wait(&s, &layer.digest).await?;
-            let ms = s.backend.snapshots.mounts(&key).await?;
+            let ms = snapshots.mounts(&key).await?;
             let staged = match s.stage(&layer.digest) {
                 Some(stage) => stage.apply(&layer, &ms).await?,
                 None => None,

@@ -138,6 +138,18 @@ impl Grants {
         count(&mut self.snapshots, self.caps.snapshots, "snapshots", "sandbox.max_snapshots")
     }
 
+    /// `FailedPrecondition` once this call has prepared a snapshot (or met a stale one): its
+    /// keys belong to the snapshotter they were prepared in, so `snapshots.select` may only
+    /// come before.
+    pub fn may_select(&self) -> Result<(), Error> {
+        if self.snapshots > 0 || !self.stale.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "snapshots.select must come before this call's first snapshots.prepare".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Records the outcome of `snapshots.prepare(key)`: a created key becomes this call's;
     /// an existing active one (the caller checks it is active) may be removed as stale.
     pub fn prepared(&mut self, key: &str, created: bool) {
@@ -271,6 +283,18 @@ mod tests {
         g.prepared("stale", false);
         g.may_remove_snapshot("stale").unwrap();
         assert!(g.begin_apply("stale").is_err(), "a stale key is no capability to apply");
+    }
+
+    #[test]
+    fn a_snapshotter_is_chosen_before_the_first_prepare() {
+        let mut g = Grants::new(Access::Pull, caps());
+        g.may_select().unwrap();
+        g.create_snapshot().unwrap();
+        assert!(matches!(g.may_select(), Err(Error::FailedPrecondition(_))), "keys belong to one snapshotter");
+        let mut g = Grants::new(Access::Pull, caps());
+        g.prepared("stale", false);
+        assert!(g.may_select().is_err(), "a stale key too");
+        Grants::new(Access::Read, caps()).may_select().unwrap();
     }
 
     #[test]

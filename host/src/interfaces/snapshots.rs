@@ -6,6 +6,9 @@
 //! call's, and `commit` and `remove` (and `diff.apply`) accept only such keys — or, for
 //! `remove`, a stale active snapshot whose `prepare` answered `already-exists` in this call. No mount or
 //! host path reaches the guest.
+//!
+//! A call works in one snapshotter at a time ([`CallState::snapshots`]): the backend's default,
+//! or another the operator offers, chosen by `select` before the call's first `prepare`.
 
 use crate::{
     backend::{self, Held, SnapshotKind},
@@ -37,17 +40,28 @@ fn snapshot_info(i: backend::SnapshotInfo) -> SnapshotInfo {
 impl Host for CallState {
     async fn name(&mut self) -> wasmtime::Result<String> {
         self.charge(1)?;
-        Ok(self.session.backend.snapshots.name().to_owned())
+        Ok(self.snapshots.name().to_owned())
+    }
+
+    async fn select(&mut self, snapshotter: String) -> ImportResult<()> {
+        self.charge(1)?;
+        let chosen = bounded("snapshotter", &snapshotter)
+            .and_then(|name| {
+                self.grants.may_select()?;
+                self.session.backend.snapshotter(name)
+            })
+            .map(|chosen| self.snapshots = chosen);
+        answer(chosen)
     }
 
     async fn prepare(&mut self, key: String, parent: String) -> ImportResult<()> {
         self.charge(1)?;
-        let (s, grants) = (self.session.clone(), &mut self.grants);
+        let (s, snapshots, grants) = (self.session.clone(), self.snapshots.clone(), &mut self.grants);
         answer(
             async {
                 let (key, parent) = (bounded("key", &key)?, bounded("parent", &parent)?);
                 grants.create_snapshot()?;
-                match s.backend.snapshots.prepare(key, parent, s.lease()?).await {
+                match snapshots.prepare(key, parent, s.lease()?).await {
                     Ok(_mounts) => {
                         grants.prepared(key, true);
                         Ok(())
@@ -55,7 +69,7 @@ impl Host for CallState {
                     Err(e @ Error::AlreadyExists(_)) => {
                         // Only an active snapshot can be stale; a committed one (an image's
                         // layer) or a view stays out of this call's reach.
-                        if matches!(s.backend.snapshots.stat(key).await, Ok(i) if i.kind == SnapshotKind::Active) {
+                        if matches!(snapshots.stat(key).await, Ok(i) if i.kind == SnapshotKind::Active) {
                             grants.prepared(key, false);
                         }
                         Err(e)
@@ -69,12 +83,12 @@ impl Host for CallState {
 
     async fn commit(&mut self, name: String, key: String) -> ImportResult<()> {
         self.charge(1)?;
-        let (s, grants) = (self.session.clone(), &mut self.grants);
+        let (s, snapshots, grants) = (self.session.clone(), self.snapshots.clone(), &mut self.grants);
         answer(
             async {
                 let (name, key) = (bounded("name", &name)?, bounded("key", &key)?);
                 grants.may_commit(key)?;
-                s.backend.snapshots.commit(name, key, s.lease()?).await?;
+                snapshots.commit(name, key, s.lease()?).await?;
                 grants.forget(key);
                 Ok(())
             }
@@ -84,14 +98,14 @@ impl Host for CallState {
 
     async fn stat(&mut self, key: String) -> ImportResult<SnapshotInfo> {
         self.charge(1)?;
-        let (s, grants) = (self.session.clone(), &mut self.grants);
+        let (s, snapshots, grants) = (self.session.clone(), self.snapshots.clone(), &mut self.grants);
         answer(
             async {
                 let key = bounded("key", &key)?;
-                if grants.hold(format!("snapshot {key}"))? {
-                    s.hold(Held::Snapshot(key)).await?;
+                if grants.hold(format!("snapshot {} {key}", snapshots.name()))? {
+                    s.hold(Held::Snapshot(snapshots.name(), key)).await?;
                 }
-                s.backend.snapshots.stat(key).await.map(snapshot_info)
+                snapshots.stat(key).await.map(snapshot_info)
             }
             .await,
         )
@@ -99,7 +113,7 @@ impl Host for CallState {
 
     async fn stats(&mut self, keys: Vec<String>) -> ImportResult<Vec<Result<SnapshotInfo, WitError>>> {
         self.charge(1 + keys.len() as u64)?;
-        let s = self.session.clone();
+        let snapshots = self.snapshots.clone();
         // Overlong keys are answered here; the others go to the snapshotter together.
         let check = |key: String| {
             std::future::ready(match bounded("key", &key).err() {
@@ -108,19 +122,19 @@ impl Host for CallState {
             })
         };
         let ask = |keys: Vec<String>| async move {
-            Ok(s.backend.snapshots.stats(&keys).await?.into_iter().map(|r| r.map(snapshot_info)).collect())
+            Ok(snapshots.stats(&keys).await?.into_iter().map(|r| r.map(snapshot_info)).collect())
         };
         answer(batch(keys, ("keys", "stats"), check, ask).await)
     }
 
     async fn remove(&mut self, key: String) -> ImportResult<()> {
         self.charge(1)?;
-        let (s, grants) = (self.session.clone(), &mut self.grants);
+        let (snapshots, grants) = (self.snapshots.clone(), &mut self.grants);
         answer(
             async {
                 let key = bounded("key", &key)?;
                 grants.may_remove_snapshot(key)?;
-                s.backend.snapshots.remove(key).await?;
+                snapshots.remove(key).await?;
                 grants.forget(key);
                 Ok(())
             }
@@ -130,10 +144,10 @@ impl Host for CallState {
 
     async fn usage(&mut self, key: String) -> ImportResult<DiskUsage> {
         self.charge(1)?;
-        let s = self.session.clone();
+        let snapshots = self.snapshots.clone();
         answer(
             async {
-                let u = s.backend.snapshots.usage(bounded("key", &key)?).await?;
+                let u = snapshots.usage(bounded("key", &key)?).await?;
                 Ok(DiskUsage { size: u.size, inodes: u.inodes })
             }
             .await,

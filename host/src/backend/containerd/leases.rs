@@ -160,7 +160,9 @@ impl Leases for LeaseManager {
     async fn hold(&self, lease: &LeaseId, resource: Held<'_>) -> Result<()> {
         let resource = match resource {
             Held::Content(d) => Resource { id: d.to_string(), r#type: "content".into() },
-            Held::Snapshot(key) => Resource { id: key.to_owned(), r#type: format!("snapshots/{}", self.snapshotter) },
+            Held::Snapshot(snapshotter, key) => {
+                Resource { id: key.to_owned(), r#type: format!("snapshots/{snapshotter}") }
+            }
         };
         let req = self.conn.request(AddResourceRequest { id: lease.0.clone(), resource: Some(resource) });
         self.client().add_resource(req).await.map_err(|s| self.conn.error(s))?;

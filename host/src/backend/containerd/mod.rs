@@ -75,6 +75,10 @@ pub struct Config {
     /// The snapshotter layers are unpacked with; containerd's CRI plugin uses `overlayfs` by
     /// default, and an image is only runnable by CRI with the snapshotter CRI uses.
     pub snapshotter: String,
+    /// Other snapshotters a puller may choose for a call (`snapshots.select`), for example the
+    /// one a runtime class needs (kata's `devmapper`, a wasm runtime's `native`); each must
+    /// exist in containerd. Empty by default: pullers get only `snapshotter`.
+    pub snapshotters: Vec<String>,
     /// Ask containerd to flush each applied layer to disk (`ApplyRequest.sync_fs`, the
     /// containerd side of CRI's `image_pull_with_sync_fs`). containerd 2's differ honours it; 1.6
     /// predates the field and ignores it.
@@ -87,6 +91,7 @@ impl Default for Config {
             address: PathBuf::from("/run/containerd/containerd.sock"),
             namespace: "k8s.io".into(),
             snapshotter: "overlayfs".into(),
+            snapshotters: Vec::new(),
             sync_fs: false,
         }
     }
@@ -100,9 +105,15 @@ impl Default for Config {
 pub async fn connect(config: &Config) -> Result<Backend> {
     let conn = Conn::open(config)?;
     conn.check(&config.snapshotter).await?;
+    let mut other_snapshotters: Vec<Arc<dyn crate::backend::Snapshotter>> = Vec::new();
+    for name in config.snapshotters.iter().filter(|n| **n != config.snapshotter) {
+        conn.check(name).await?;
+        other_snapshotters.push(Arc::new(snapshots::Snapshots::new(conn.clone(), name.clone())));
+    }
     Ok(Backend {
         content: Arc::new(content::Content::new(conn.clone())),
         snapshots: Arc::new(snapshots::Snapshots::new(conn.clone(), config.snapshotter.clone())),
+        other_snapshotters,
         differ: Arc::new(differ::Differ::new(conn.clone(), config.sync_fs)),
         images: Arc::new(images::Images::new(conn.clone())),
         leases: Arc::new(leases::LeaseManager::new(conn, config.snapshotter.clone())),
@@ -124,8 +135,8 @@ impl Conn {
         validate_namespace(&config.namespace)?;
         let namespace = AsciiMetadataValue::try_from(config.namespace.as_str())
             .map_err(|_| Error::InvalidArgument(format!("containerd namespace {:?} is not ASCII", config.namespace)))?;
-        if config.snapshotter.is_empty() {
-            return Err(Error::InvalidArgument("the containerd snapshotter name must not be empty".into()));
+        if config.snapshotter.is_empty() || config.snapshotters.iter().any(String::is_empty) {
+            return Err(Error::InvalidArgument("a containerd snapshotter name must not be empty".into()));
         }
         let path = config.address.clone();
         // The URI is required by tonic and ignored: the connector dials the socket.

@@ -528,8 +528,8 @@ mod tests {
         // image that needed them was removed).
         let reader = b.leases.create().await.unwrap();
         b.leases.hold(&reader, Held::Content(&layer.digest)).await.unwrap();
-        b.leases.hold(&reader, Held::Snapshot("base")).await.unwrap();
-        b.leases.hold(&reader, Held::Snapshot("not there (yet)")).await.unwrap();
+        b.leases.hold(&reader, Held::Snapshot("overlayfs", "base")).await.unwrap();
+        b.leases.hold(&reader, Held::Snapshot("overlayfs", "not there (yet)")).await.unwrap();
         b.leases.delete(&writer).await.unwrap();
         let report = b.leases.collect().await.unwrap();
         assert_eq!((report.blobs, report.snapshots), (0, 0), "{report:?}");
@@ -540,7 +540,7 @@ mod tests {
         b.leases.delete(&reader).await.unwrap();
         let report = b.leases.collect().await.unwrap();
         assert_eq!((report.blobs, report.snapshots), (1, 2), "{report:?}");
-        assert!(matches!(b.leases.hold(&reader, Held::Snapshot("base")).await, Err(Error::NotFound(_))));
+        assert!(matches!(b.leases.hold(&reader, Held::Snapshot("overlayfs", "base")).await, Err(Error::NotFound(_))));
     }
 
     #[test]

@@ -256,7 +256,8 @@ impl Leases for LeaseManager {
     async fn hold(&self, lease: &LeaseId, resource: Held<'_>) -> Result<()> {
         let (kind, key) = match resource {
             Held::Content(d) => (Resource::Content, d.to_string()),
-            Held::Snapshot(key) => (Resource::Snapshot, key.to_owned()),
+            // One snapshotter: the name is always its own.
+            Held::Snapshot(_, key) => (Resource::Snapshot, key.to_owned()),
         };
         let lease = lease.clone();
         self.db.write(move |tx| add_resource(tx, &lease, kind, &key)).await

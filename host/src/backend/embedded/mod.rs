@@ -110,6 +110,7 @@ pub fn open_with(root: &Path, options: Options) -> Result<Backend> {
     Ok(Backend {
         content: Arc::new(content::Content::new(layout.clone(), db.clone())),
         snapshots: Arc::new(snapshots::Snapshots::new(layout.clone(), db.clone(), options.sync_fs)),
+        other_snapshotters: Vec::new(),
         differ: Arc::new(differ::Applier::new(layout.clone(), db.clone(), options.max_layer_bytes)),
         images: Arc::new(images::Images::new(db.clone())),
         leases: Arc::new(leases::LeaseManager::new(layout, db)),

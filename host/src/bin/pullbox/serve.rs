@@ -230,6 +230,7 @@ async fn open_backend(config: &DaemonConfig) -> anyhow::Result<(Backend, PathBuf
                 address: c.address.clone(),
                 namespace: c.namespace.clone(),
                 snapshotter: c.snapshotter.clone(),
+                snapshotters: c.snapshotters.clone(),
                 sync_fs: config.sync_fs,
             })
             .await
