@@ -17,8 +17,14 @@
 //! the same blob share one ingest: containerd locks it for one writer at a time, and the
 //! other waits, as the embedded store's writers do (and as containerd's `content.OpenWriter`
 //! does: it retries while the reference is locked).
+//!
+//! Small blobs read once are kept ([`SmallBlobs`]): a blob never changes under its digest, and
+//! listing images that pullbox did not pull reads each one's manifest and config at every call
+//! (two round trips each over gRPC). Up to [`SMALL_BLOB`] bytes a blob, [`SMALL_BLOBS_BYTES`]
+//! in all, the least recently used dropped first. Only reads are answered from it: whether a
+//! blob is still stored (`info`, `sizes`, which decide readiness) always asks containerd.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use containerd_client::{
@@ -50,14 +56,57 @@ const WINDOW: usize = 16;
 const LOCK_POLL_FIRST: Duration = Duration::from_millis(20);
 const LOCK_POLL_MAX: Duration = Duration::from_secs(1);
 
+/// Blobs up to this size are kept in memory once read (manifests and configs are a few KiB).
+const SMALL_BLOB: u64 = 64 * 1024;
+
+/// The most bytes of small blobs kept: 16 MiB, a few thousand manifests and configs.
+const SMALL_BLOBS_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Weighs a kept blob by its length.
+#[derive(Clone)]
+struct ByLength;
+
+impl quick_cache::Weighter<Digest, Arc<[u8]>> for ByLength {
+    fn weight(&self, _: &Digest, blob: &Arc<[u8]>) -> u64 {
+        blob.len().max(1) as u64
+    }
+}
+
+/// Small blobs read before, by digest (see the module docs).
+type SmallBlobs = quick_cache::sync::Cache<Digest, Arc<[u8]>, ByLength>;
+
 /// The content store of containerd's namespace.
 pub(crate) struct Content {
     conn: Conn,
+    small: SmallBlobs,
 }
 
 impl Content {
     pub(crate) fn new(conn: Conn) -> Content {
-        Content { conn }
+        Content { conn, small: SmallBlobs::with_weighter(4096, SMALL_BLOBS_BYTES, ByLength) }
+    }
+
+    /// `len` bytes of a blob from `offset`, which the caller checked against its size; nothing
+    /// for a `len` of 0 (containerd would read everything).
+    async fn read_range(&self, digest: &Digest, offset: u64, len: usize) -> Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let req = self.conn.request(ReadContentRequest {
+            digest: digest.to_string(),
+            offset: offset as i64,
+            size: len as i64,
+        });
+        let mut stream = self.client().read(req).await.map_err(|s| self.conn.error(s))?.into_inner();
+        let mut out = Vec::with_capacity(len);
+        while let Some(msg) = stream.message().await.map_err(|s| self.conn.error(s))? {
+            let room = len - out.len();
+            out.extend_from_slice(&msg.data[..msg.data.len().min(room)]);
+            if out.len() == len {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     fn client(&self) -> ContentClient<containerd_client::tonic::transport::Channel> {
@@ -136,31 +185,32 @@ impl ContentStore for Content {
     }
 
     async fn read(&self, digest: &Digest, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let window = |blob: &[u8]| -> Result<Vec<u8>> {
+            let size = blob.len() as u64;
+            if offset > size {
+                return Err(crate::backend::past_end(digest, offset, size));
+            }
+            let end = size.min(offset.saturating_add(len as u64));
+            Ok(blob[offset as usize..end as usize].to_vec())
+        };
+        if let Some(blob) = self.small.get(digest) {
+            return window(&blob);
+        }
         // containerd refuses a read past the end, and reads everything for a size of 0: clamp
         // to the blob's size first (which also bounds what is allocated).
         let size = self.info(digest).await?.size;
         if offset > size {
             return Err(crate::backend::past_end(digest, offset, size));
         }
-        let len = size.saturating_sub(offset).min(len as u64) as usize;
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let req = self.conn.request(ReadContentRequest {
-            digest: digest.to_string(),
-            offset: offset as i64,
-            size: len as i64,
-        });
-        let mut stream = self.client().read(req).await.map_err(|s| self.conn.error(s))?.into_inner();
-        let mut out = Vec::with_capacity(len);
-        while let Some(msg) = stream.message().await.map_err(|s| self.conn.error(s))? {
-            let room = len - out.len();
-            out.extend_from_slice(&msg.data[..msg.data.len().min(room)]);
-            if out.len() == len {
-                break;
+        if size > 0 && size <= SMALL_BLOB {
+            let blob: Arc<[u8]> = self.read_range(digest, 0, size as usize).await?.into();
+            if blob.len() as u64 == size {
+                self.small.insert(digest.clone(), blob.clone());
             }
+            return window(&blob);
         }
-        Ok(out)
+        let len = size.saturating_sub(offset).min(len as u64) as usize;
+        self.read_range(digest, offset, len).await
     }
 
     async fn open(&self, digest: &Digest) -> Result<BlobReader> {
@@ -223,6 +273,7 @@ impl ContentStore for Content {
     }
 
     async fn delete(&self, digest: &Digest) -> Result<()> {
+        self.small.remove(digest);
         let req = self.conn.request(DeleteContentRequest { digest: digest.to_string() });
         self.client().delete(req).await.map_err(|s| self.conn.error(s))?;
         Ok(())
