@@ -3,7 +3,7 @@
 use anyhow::bail;
 use pullbox::{backend::Backend, engine::ImageInfo, service::ImageService};
 
-use crate::progress::human_bytes;
+use indicatif::DecimalBytes;
 
 /// `pullbox images [--json]`.
 pub async fn images(service: &ImageService, json: bool) -> anyhow::Result<()> {
@@ -38,7 +38,7 @@ pub async fn rmi(service: &ImageService, image: &str) -> anyhow::Result<()> {
         "removed {image} ({removed} records); freed {} blobs, {} snapshots, {}",
         gc.blobs,
         gc.snapshots,
-        human_bytes(gc.bytes)
+        DecimalBytes(gc.bytes)
     );
     Ok(())
 }
@@ -52,7 +52,7 @@ pub async fn gc(backend: &Backend) -> anyhow::Result<()> {
         r.snapshots,
         r.ingests,
         r.leases,
-        human_bytes(r.bytes)
+        DecimalBytes(r.bytes)
     );
     Ok(())
 }
@@ -79,7 +79,7 @@ fn print_table(images: &[ImageInfo]) {
         let names: Vec<&String> = if i.repo_tags.is_empty() { i.repo_digests.iter().collect() } else { i.repo_tags.iter().collect() };
         let names = if names.is_empty() { vec![&i.id] } else { names };
         for n in names {
-            rows.push([n.clone(), short(&i.manifest_digest), short(&i.id), human_bytes(i.size)]);
+            rows.push([n.clone(), short(&i.manifest_digest), short(&i.id), DecimalBytes(i.size).to_string()]);
         }
     }
     let widths: Vec<usize> = (0..4).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
