@@ -770,7 +770,7 @@ async fn leases_hold_and_release_and_dead_owners_are_collected() {
     b.snapshots.prepare(&format!("{key}-active"), "", &writer).await.unwrap();
     b.snapshots.commit(&key, &format!("{key}-active"), &writer).await.unwrap();
     b.leases.hold(&reader, Held::Content(&desc.digest)).await.unwrap();
-    b.leases.hold(&reader, Held::Snapshot(&key)).await.unwrap();
+    b.leases.hold(&reader, Held::Snapshot(b.snapshots.name(), &key)).await.unwrap();
     b.leases.delete(&writer).await.unwrap();
     b.leases.collect().await.unwrap();
     assert!(b.content.info(&desc.digest).await.is_ok(), "a held blob was collected");
