@@ -45,10 +45,19 @@ pub struct DaemonConfig {
     /// Embedded store: the largest uncompressed size of one layer, in bytes (see
     /// [`crate::backend::embedded::Options::max_layer_bytes`]; default 64 GiB).
     pub max_layer_bytes: u64,
-    /// The puller component; empty: the default puller installed with pullbox.
+    /// The puller component: a file, or `oci://REGISTRY/REPOSITORY@sha256:DIGEST` (see
+    /// [`crate::artifact`]); empty: the default puller installed with pullbox.
     pub puller: Option<PathBuf>,
     /// The puller's settings document; empty: none (the puller's defaults).
     pub settings: Option<PathBuf>,
+    /// Whether an `oci://` puller may name a tag instead of a digest (off: a tag can move).
+    pub allow_puller_tags: bool,
+    /// A candidate puller (file or `oci://`) that judges every pull on the side, read-only,
+    /// on a replay of what the pull read; disagreements are logged and counted
+    /// (`pullbox_shadow_disagreements_total`). Empty: none.
+    pub shadow_puller: Option<PathBuf>,
+    /// The shadow puller's settings document.
+    pub shadow_settings: Option<PathBuf>,
     /// Where Prometheus metrics are served (`/metrics`); must be a loopback address. Empty:
     /// no metrics endpoint.
     pub metrics_address: Option<SocketAddr>,
@@ -146,6 +155,9 @@ impl Default for DaemonConfig {
             max_layer_bytes: crate::backend::embedded::DEFAULT_MAX_LAYER_BYTES,
             puller: None,
             settings: None,
+            allow_puller_tags: false,
+            shadow_puller: None,
+            shadow_settings: None,
             metrics_address: None,
             shutdown_grace_seconds: 10,
             image_fs_stats_period_seconds: 10.0,
@@ -160,9 +172,15 @@ impl Default for DaemonConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid configuration in {path}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("invalid configuration in {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -170,10 +188,18 @@ pub enum ConfigError {
 impl DaemonConfig {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config: DaemonConfig =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
-        config.validate().map_err(|reason| ConfigError::Invalid { path: path.into(), reason })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let config: DaemonConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        config.validate().map_err(|reason| ConfigError::Invalid {
+            path: path.into(),
+            reason,
+        })?;
         Ok(config)
     }
 
@@ -181,15 +207,22 @@ impl DaemonConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.mode()?;
         self.sandbox.validate()?;
+        if self.shadow_settings.is_some() && self.shadow_puller.is_none() {
+            return Err("shadow_settings is set but shadow_puller is not".into());
+        }
         if self.max_layer_bytes == 0 {
             return Err("max_layer_bytes must be positive".into());
         }
         let r = &self.registry;
         let ok = |v: f64| v.is_finite() && v > 0.0 && v <= 86_400.0;
         if !ok(r.stall_timeout_seconds) || !ok(r.connect_timeout_seconds) || r.attempts == 0 {
-            return Err("registry timeouts must be between 0 and 86400 seconds and attempts positive".into());
+            return Err(
+                "registry timeouts must be between 0 and 86400 seconds and attempts positive"
+                    .into(),
+            );
         }
-        if r.max_concurrent_downloads == 0 || r.max_concurrent_downloads > MAX_CONCURRENT_DOWNLOADS {
+        if r.max_concurrent_downloads == 0 || r.max_concurrent_downloads > MAX_CONCURRENT_DOWNLOADS
+        {
             return Err(format!("registry.max_concurrent_downloads must be between 1 and {MAX_CONCURRENT_DOWNLOADS}"));
         }
         if !ok(self.image_fs_stats_period_seconds) {
@@ -211,7 +244,10 @@ impl DaemonConfig {
         let m = u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
             .map_err(|_| format!("socket_mode {:?} is not an octal mode", self.socket_mode))?;
         if m > 0o777 {
-            return Err(format!("socket_mode {:?} is not a permission mode", self.socket_mode));
+            return Err(format!(
+                "socket_mode {:?} is not a permission mode",
+                self.socket_mode
+            ));
         }
         Ok(m)
     }
@@ -248,7 +284,13 @@ mod tests {
         assert!(c.validate().is_err());
         let c: DaemonConfig = toml::from_str("[registry]\nmax_concurrent_downloads = 5").unwrap();
         assert_eq!(c.registry.transport().max_concurrent_downloads, 5);
-        assert_eq!(DaemonConfig::default().registry.transport().max_concurrent_downloads, 3);
+        assert_eq!(
+            DaemonConfig::default()
+                .registry
+                .transport()
+                .max_concurrent_downloads,
+            3
+        );
         let c: DaemonConfig = toml::from_str("image_fs_stats_period_seconds = 0").unwrap();
         assert!(c.validate().is_err());
         assert_eq!(DaemonConfig::default().image_fs_stats_period_seconds, 10.0);

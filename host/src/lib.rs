@@ -6,14 +6,16 @@
 //! ([`interfaces`]). Every decision about what to pull and how to record it is made by the
 //! puller component the engine loads.
 
+pub mod artifact;
 pub mod backend;
-pub mod error;
-pub mod oci;
-pub mod engine;
-pub mod interfaces;
-pub mod registry;
-pub mod session;
-pub mod service;
 pub mod config;
 pub mod cri;
+pub mod engine;
+pub mod error;
+pub mod interfaces;
 pub mod metrics;
+pub mod oci;
+pub mod registry;
+pub mod service;
+pub mod session;
+pub mod verdict;

@@ -12,10 +12,13 @@
 //! - [`Leases`]: what a pull has written, kept alive until its records exist, and garbage
 //!   collection of whatever no image and no lease refers to.
 //!
-//! [`Backend`] bundles one implementation of each. `embedded` is the default backend.
+//! [`Backend`] bundles one implementation of each. `embedded` is the default backend;
+//! `containerd` drives containerd's services; `replay` answers from a recorded pull, offline
+//! and in memory (`pullbox policy test`, the daemon's shadow puller).
 
 pub mod containerd;
 pub mod embedded;
+pub mod replay;
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -61,7 +64,11 @@ pub trait ContentStore: Send + Sync {
     async fn sizes(&self, digests: &[Digest]) -> Result<Vec<Result<u64>>> {
         use futures::StreamExt as _;
         let asks: Vec<_> = digests.iter().map(|d| self.info(d)).collect();
-        Ok(futures::stream::iter(asks).buffered(16).map(|i| i.map(|i| i.size)).collect().await)
+        Ok(futures::stream::iter(asks)
+            .buffered(16)
+            .map(|i| i.map(|i| i.size))
+            .collect()
+            .await)
     }
 
     /// Reads up to `len` bytes from `offset` of a committed blob (fewer at its end).
@@ -75,7 +82,11 @@ pub trait ContentStore: Send + Sync {
     /// [`ContentWriter::offset`] says how many bytes an earlier, interrupted write of the
     /// same blob left; the caller continues from there. `AlreadyExists` when the blob is
     /// committed already (the lease then holds it).
-    async fn writer(&self, expected: &Descriptor, lease: &LeaseId) -> Result<Box<dyn ContentWriter>>;
+    async fn writer(
+        &self,
+        expected: &Descriptor,
+        lease: &LeaseId,
+    ) -> Result<Box<dyn ContentWriter>>;
 
     /// Sets labels on a blob; an empty value removes the label.
     async fn set_labels(&self, digest: &Digest, labels: &Labels) -> Result<ContentInfo>;
@@ -86,7 +97,9 @@ pub trait ContentStore: Send + Sync {
 
 /// The error of [`ContentStore::read`] at an `offset` past the end of a blob of `size` bytes.
 pub(crate) fn past_end(digest: &Digest, offset: u64, size: u64) -> crate::error::Error {
-    crate::error::Error::InvalidArgument(format!("offset {offset} is past the end of {digest} ({size} bytes)"))
+    crate::error::Error::InvalidArgument(format!(
+        "offset {offset} is past the end of {digest} ({size} bytes)"
+    ))
 }
 
 /// An open ingest of one blob.
@@ -311,7 +324,9 @@ pub trait Leases: Send + Sync {
     /// backend also ends it at the next boot, which no mount survives). `FailedPrecondition`
     /// on a backend that has no such leases.
     async fn create_detached(&self) -> Result<LeaseId> {
-        Err(crate::error::Error::FailedPrecondition("this backend has no leases that outlive their process".into()))
+        Err(crate::error::Error::FailedPrecondition(
+            "this backend has no leases that outlive their process".into(),
+        ))
     }
 
     /// Deletes a lease; what only it held becomes garbage.
@@ -348,8 +363,12 @@ pub struct Census {
 impl Census {
     /// What went between `self` and `after`, as a report (`leases` is left to the caller).
     pub fn gone(&self, after: &Census) -> GcReport {
-        let gone_blobs: Vec<u64> =
-            self.blobs.iter().filter(|(d, _)| !after.blobs.contains_key(*d)).map(|(_, size)| *size).collect();
+        let gone_blobs: Vec<u64> = self
+            .blobs
+            .iter()
+            .filter(|(d, _)| !after.blobs.contains_key(*d))
+            .map(|(_, size)| *size)
+            .collect();
         GcReport {
             blobs: gone_blobs.len() as u64,
             bytes: gone_blobs.iter().sum(),

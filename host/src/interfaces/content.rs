@@ -12,7 +12,7 @@ use crate::{
     backend::Held,
     engine::{
         bindings::pullbox::image::{
-            content::{Host, BlobInfo},
+            content::{BlobInfo, Host},
             types::Error as WitError,
         },
         CallState,
@@ -29,7 +29,12 @@ pub const MAX_READ: u32 = 1 << 20;
 
 /// Waits for a download of `d` in flight, turning its failure into an error for this call.
 pub(crate) async fn wait(s: &Session, d: &Digest) -> Result<(), Error> {
-    s.wait_fetched(d).await.map_err(|e: Arc<Error>| Error::Shared { code: e.code(), message: e.chain() })
+    s.wait_fetched(d)
+        .await
+        .map_err(|e: Arc<Error>| Error::Shared {
+            code: e.code(),
+            message: e.chain(),
+        })
 }
 
 impl Host for CallState {
@@ -44,7 +49,11 @@ impl Host for CallState {
                     s.hold(Held::Content(&d)).await?;
                 }
                 let info = s.backend.content.info(&d).await?;
-                Ok(BlobInfo { digest: info.digest.to_string(), size: info.size, labels: label_pairs(info.labels) })
+                Ok(BlobInfo {
+                    digest: info.digest.to_string(),
+                    size: info.size,
+                    labels: label_pairs(info.labels),
+                })
             }
             .await,
         )
@@ -80,7 +89,11 @@ impl Host for CallState {
                 }
                 wait(&s, &d).await?;
                 // The store refuses an offset past the end itself (one look-up, not two).
-                s.backend.content.read(&d, offset, length as usize).await
+                let bytes = s.backend.content.read(&d, offset, length as usize).await?;
+                if let Some(recorder) = &s.recorder {
+                    recorder.read(s.backend.content.as_ref(), &d).await;
+                }
+                Ok(bytes)
             }
             .await,
         )

@@ -1,5 +1,9 @@
 //! The `pullbox` command line: `pull`, `images`, `inspect`, `rmi` and `gc` on a store root,
-//! `policy check` on a puller component. One module per command family.
+//! `policy check` and `policy test` on a puller component. One module per command family.
+//!
+//! `--puller` may also be `oci://REGISTRY/REPOSITORY@sha256:DIGEST`: a puller published as an
+//! OCI artifact, fetched with the same transport and credentials as images and kept under
+//! the root (`pullbox::artifact`); a tag instead of a digest needs `--allow-puller-tags`.
 //!
 //! Every store command takes `--root DIR` (or `PULLBOX_ROOT`); the default is
 //! `/var/lib/pullbox` for root and `$XDG_DATA_HOME/pullbox` (or `~/.local/share/pullbox`)
@@ -69,6 +73,10 @@ struct Cli {
     #[arg(long, global = true, env = "PULLBOX_SETTINGS")]
     settings: Option<PathBuf>,
 
+    /// Let `--puller oci://…` name a tag instead of a digest (a tag can move).
+    #[arg(long, global = true, env = "PULLBOX_ALLOW_PULLER_TAGS")]
+    allow_puller_tags: bool,
+
     /// Guest CPU time one puller call may use, in milliseconds (default 5000).
     #[arg(long, global = true, env = "PULLBOX_GUEST_CPU_MS")]
     guest_cpu_ms: Option<u64>,
@@ -121,6 +129,10 @@ enum Command {
         /// policy applies); without it the pull is for no pod.
         #[arg(long)]
         pod_namespace: Option<String>,
+        /// Also write what the pull resolved and read (indexes, manifests, configs; no layers)
+        /// into DIR, for `pullbox policy test` to replay.
+        #[arg(long, value_name = "DIR")]
+        record: Option<PathBuf>,
         /// Image reference, for example `busybox` or `127.0.0.1:5000/team/app:1.0`.
         reference: String,
     },
@@ -173,17 +185,35 @@ enum PolicyCommand {
         /// The component (.wasm).
         component: PathBuf,
     },
+    /// Replay recorded pulls (`pullbox pull --record DIR`) against the puller (`--puller`,
+    /// `--settings`), offline: prints `REFERENCE allow` or `REFERENCE deny: RULE...` for each,
+    /// and exits non-zero on a denial or error, or, with `--expect`, on any difference from
+    /// the expected results.
+    Test {
+        /// Expected results: lines of `REFERENCE allow|deny` (`#` starts a comment).
+        #[arg(long, value_name = "FILE")]
+        expect: Option<PathBuf>,
+        /// Recording directories.
+        #[arg(required = true, value_name = "DIR")]
+        recordings: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     // Poll for I/O after every task: a looping puller yields every epoch tick (10 ms), and
     // with the default interval (61 polls) a socket would wait ~0.6 s behind such yields.
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().event_interval(1).build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .event_interval(1)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pullbox: cannot start the async runtime: {e}");
@@ -201,11 +231,26 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = match &cli.settings {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read settings {}", p.display()))?,
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read settings {}", p.display()))?,
         None => String::new(),
     };
     if let Command::Policy(PolicyCommand::Check { component }) = &cli.command {
         return policy::check(component, settings, limits(&cli)).await;
+    }
+    if let Command::Policy(PolicyCommand::Test { expect, recordings }) = &cli.command {
+        let puller = match &cli.puller {
+            Some(p) => p.clone(),
+            None => default_puller()?,
+        };
+        return policy::test(
+            &puller,
+            settings,
+            limits(&cli),
+            recordings,
+            expect.as_deref(),
+        )
+        .await;
     }
     if let Command::Serve { config } = &cli.command {
         let overrides = serve::Overrides {
@@ -228,33 +273,73 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Mount { .. } = &cli.command {
         mount::require_root("mount")?;
     }
-    let puller_path = match &cli.puller {
-        Some(p) => p.clone(),
-        None => default_puller()?,
-    };
-    let runtime = Runtime::new(Some(root.join("cache")), limits(&cli))?;
-    let puller = runtime.load(&puller_path, settings).await?;
     let transport = registry::Config {
         hosts_dir: Some(cli.hosts_dir.clone()),
         stall_timeout: cli.stall_timeout,
         ..registry::Config::default()
     };
-    let service = ImageService::new(backend, Arc::new(Client::with_config(transport)?), puller);
+    let client = Arc::new(Client::with_config(transport)?);
+    let puller_path = match &cli.puller {
+        Some(p) => {
+            let credentials = pull::credentials(cli.docker_config.as_deref())?;
+            let source = pullbox::artifact::Source::parse(p)?;
+            let cache = root.join("cache/pullers");
+            pullbox::artifact::fetch(
+                &client,
+                &source,
+                &credentials,
+                &cache,
+                cli.allow_puller_tags,
+            )
+            .await?
+            .0
+        }
+        None => default_puller()?,
+    };
+    let runtime = Runtime::new(Some(root.join("cache")), limits(&cli))?;
+    let puller = runtime.load(&puller_path, settings).await?;
+    let mut service = ImageService::new(backend, client, puller);
+    if let Command::Pull {
+        record: Some(_), ..
+    } = &cli.command
+    {
+        service = service.recording();
+    }
 
     match &cli.command {
-        Command::Pull { platform, runtime_handler, pod_namespace, reference } => {
+        Command::Pull {
+            platform,
+            runtime_handler,
+            pod_namespace,
+            record,
+            reference,
+        } => {
             let context = PullContext {
                 runtime_handler: runtime_handler.clone(),
-                pod: pod_namespace.as_ref().map(|ns| PodContext { namespace: ns.clone(), ..PodContext::default() }),
+                pod: pod_namespace.as_ref().map(|ns| PodContext {
+                    namespace: ns.clone(),
+                    ..PodContext::default()
+                }),
                 ..PullContext::default()
             };
-            pull::pull(&service, platform.as_deref(), &context, reference, cli.docker_config.as_deref()).await
+            let docker_config = cli.docker_config.as_deref();
+            pull::pull(
+                &service,
+                platform.as_deref(),
+                &context,
+                reference,
+                docker_config,
+                record.as_deref(),
+            )
+            .await
         }
         Command::Images { json } => images::images(&service, *json).await,
         Command::Inspect { image } => images::inspect(&service, image).await,
         Command::Rmi { image } => images::rmi(&service, image).await,
         Command::Mount { image, dir } => mount::mount(&service, &root, image, dir).await,
-        Command::Gc | Command::Unmount { .. } | Command::Policy(_) | Command::Serve { .. } => unreachable!("handled above"),
+        Command::Gc | Command::Unmount { .. } | Command::Policy(_) | Command::Serve { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -264,9 +349,12 @@ async fn open_backend(cli: &Cli, root: &Path) -> anyhow::Result<Backend> {
         BackendKind::Embedded => {
             let options = embedded::Options {
                 sync_fs: cli.sync_fs,
-                max_layer_bytes: cli.max_layer_bytes.unwrap_or(embedded::DEFAULT_MAX_LAYER_BYTES),
+                max_layer_bytes: cli
+                    .max_layer_bytes
+                    .unwrap_or(embedded::DEFAULT_MAX_LAYER_BYTES),
             };
-            embedded::open_with(root, options).with_context(|| format!("cannot open the store at {}", root.display()))
+            embedded::open_with(root, options)
+                .with_context(|| format!("cannot open the store at {}", root.display()))
         }
         BackendKind::Containerd => backend::containerd::connect(&backend::containerd::Config {
             address: cli.containerd_address.clone(),
@@ -275,7 +363,12 @@ async fn open_backend(cli: &Cli, root: &Path) -> anyhow::Result<Backend> {
             ..backend::containerd::Config::default()
         })
         .await
-        .with_context(|| format!("cannot use containerd at {}", cli.containerd_address.display())),
+        .with_context(|| {
+            format!(
+                "cannot use containerd at {}",
+                cli.containerd_address.display()
+            )
+        }),
     }
 }
 
@@ -290,7 +383,10 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
 
 /// A positive number of seconds, fractions allowed.
 fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(secs > 0.0 && secs.is_finite()) {
         return Err(format!("{s:?} must be a positive number of seconds"));
     }
@@ -334,4 +430,3 @@ pub(crate) fn default_puller() -> anyhow::Result<PathBuf> {
         format!("no default puller found (looked for {}); build it with `make build` or pass --puller", candidates[0].display())
     })
 }
-
