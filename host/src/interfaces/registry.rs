@@ -1,7 +1,8 @@
 //! Host side of `pullbox:image/registry`: resolve and fetch through [`crate::registry`],
 //! writing under the request's lease. Credentials stay in the host: the session holds them
 //! and the transport applies them; the guest only names repositories. Both imports answer
-//! `cancelled` once the request is cancelled.
+//! `cancelled` once the request is cancelled. A recorded pull's resolve answers go to its
+//! recorder (`Session::recorder`).
 
 use crate::{
     engine::{

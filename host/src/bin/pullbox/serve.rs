@@ -8,11 +8,15 @@
 //! the puller and checks its settings, so a broken module or settings file fails the start
 //! instead of the first pull.
 //!
-//! Live swap: on SIGHUP, and when the puller or settings file changes (checked every
-//! [`RELOAD_POLL`]), the module is loaded, linked against the world and configured with the
-//! settings before it replaces the current one; calls in flight finish on the old one. A
-//! module or settings that fail leave the last good puller serving; the failure is logged and
-//! counted (`pullbox_puller_reloads_total{result="error"}`).
+//! Live swap: on SIGHUP, and when the configuration file, a puller file or a settings file
+//! changes (checked every [`RELOAD_POLL`]), the configuration's live keys ([`Live`]: puller,
+//! settings, shadow puller) are read again; the module is loaded, linked against the world and
+//! configured with the settings before it replaces the current one; calls in flight finish on
+//! the old one. A puller from a registry (`oci://…@sha256:…`, see `pullbox::artifact`) is
+//! fetched once per digest; a reload that finds the same digest and settings keeps the loaded
+//! puller. A module or settings that fail leave the last good puller serving; the failure is
+//! logged and counted (`pullbox_puller_reloads_total{result="error"}`). A shadow puller
+//! (`shadow_puller`) judges each pull on the side (`pullbox::verdict::Shadow`).
 
 use std::{
     os::unix::fs::{FileTypeExt, PermissionsExt},
