@@ -55,13 +55,6 @@ fn pullbox() -> Pullbox {
     Pullbox::new().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn puller(name: &str) -> String {
-    Pullbox::puller(name)
-        .unwrap_or_else(|e| panic!("{e:#}"))
-        .display()
-        .to_string()
-}
-
 /// `pullbox policy test ARGS... DIRS...`.
 fn policy_test(pb: &Pullbox, args: &[&str], dirs: &[PathBuf]) -> Captured {
     let mut all: Vec<String> = vec!["test".into()];
@@ -212,10 +205,13 @@ fn record_then_replay_several_images_offline_against_other_pullers_and_settings(
         "{out}"
     );
 
-    // Another puller: the allowlist, listing only the private copy's manifest.
+    // Another puller: the allowlist, listing only the private copy's manifest, taken from
+    // the registry by digest.
     let allow = SettingsFile::new(format!(r#"{{"digests": ["{}"]}}"#, app.manifest_digest));
     let allow_path = allow.path().display().to_string();
-    let allowlist = puller("pullbox-allowlist.wasm");
+    let allowlist_file = Pullbox::puller("pullbox-allowlist.wasm").unwrap();
+    let digest = push_puller(&allowlist_file, addr, "kit/record-allowlist:1").unwrap();
+    let allowlist = format!("oci://{addr}/kit/record-allowlist@{digest}");
     let out = policy_test(
         &other,
         &["--puller", &allowlist, "--settings", &allow_path],

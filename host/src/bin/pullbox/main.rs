@@ -239,10 +239,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return policy::check(component, settings, limits(&cli)).await;
     }
     if let Command::Policy(PolicyCommand::Test { expect, recordings }) = &cli.command {
-        let puller = match &cli.puller {
-            Some(p) => p.clone(),
-            None => default_puller()?,
-        };
+        // A puller from a registry is fetched into a scratch cache, kept until the test ends.
+        let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+        let client = Client::with_config(transport(&cli))?;
+        let puller = puller_file(&cli, &client, scratch.path()).await?;
         return policy::test(
             &puller,
             settings,
@@ -273,29 +273,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Mount { .. } = &cli.command {
         mount::require_root("mount")?;
     }
-    let transport = registry::Config {
-        hosts_dir: Some(cli.hosts_dir.clone()),
-        stall_timeout: cli.stall_timeout,
-        ..registry::Config::default()
-    };
-    let client = Arc::new(Client::with_config(transport)?);
-    let puller_path = match &cli.puller {
-        Some(p) => {
-            let credentials = pull::credentials(cli.docker_config.as_deref())?;
-            let source = pullbox::artifact::Source::parse(p)?;
-            let cache = root.join("cache/pullers");
-            pullbox::artifact::fetch(
-                &client,
-                &source,
-                &credentials,
-                &cache,
-                cli.allow_puller_tags,
-            )
-            .await?
-            .0
-        }
-        None => default_puller()?,
-    };
+    let client = Arc::new(Client::with_config(transport(&cli))?);
+    let puller_path = puller_file(&cli, &client, &root.join("cache/pullers")).await?;
     let runtime = Runtime::new(Some(root.join("cache")), limits(&cli))?;
     let puller = runtime.load(&puller_path, settings).await?;
     let mut service = ImageService::new(backend, client, puller);
@@ -341,6 +320,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             unreachable!("handled above")
         }
     }
+}
+
+/// The registry transport the options configure.
+fn transport(cli: &Cli) -> registry::Config {
+    registry::Config {
+        hosts_dir: Some(cli.hosts_dir.clone()),
+        stall_timeout: cli.stall_timeout,
+        ..registry::Config::default()
+    }
+}
+
+/// The component file of `--puller`: a file, or an `oci://` puller fetched into (or found in)
+/// `cache`; without `--puller`, the default puller.
+async fn puller_file(cli: &Cli, client: &Client, cache: &Path) -> anyhow::Result<PathBuf> {
+    let Some(p) = &cli.puller else {
+        return default_puller();
+    };
+    let credentials = pull::credentials(cli.docker_config.as_deref())?;
+    let source = pullbox::artifact::Source::parse(p)?;
+    Ok(
+        pullbox::artifact::fetch(client, &source, &credentials, cache, cli.allow_puller_tags)
+            .await?
+            .0,
+    )
 }
 
 /// The store `--backend` names.
