@@ -7,7 +7,9 @@
 //! state behind a `RefCell`.
 
 use crate::error::Result;
-use crate::types::{label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, SnapshotInfo};
+use crate::types::{
+    label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, SnapshotInfo,
+};
 
 /// The most digests one `content.sizes` call, and the most keys one `snapshots.stats` call,
 /// may name (the WIT documents this bound; the host refuses more with `resource-exhausted`).

@@ -59,7 +59,9 @@ pub enum ArtifactError {
     #[error("puller reference {0:?} is not oci://REGISTRY/REPOSITORY@sha256:DIGEST")]
     BadReference(String),
     /// A tag without a digest, and tags are not allowed.
-    #[error("puller {0} names a tag, not a digest: pin it (oci://…@sha256:…) or allow tags (allow_puller_tags = true)")]
+    #[error(
+        "puller {0} names a tag, not a digest: pin it (oci://…@sha256:…) or allow tags (allow_puller_tags = true)"
+    )]
     Unpinned(String),
     /// The artifact is not a puller component.
     #[error("{reference} is not a puller artifact: {reason}")]
@@ -98,10 +100,7 @@ impl Source {
         };
         let bad = || ArtifactError::BadReference(path.display().to_string());
         let (name, reference) = match rest.split_once('@') {
-            Some((name, digest)) => (
-                name,
-                digest.parse::<Digest>().map_err(|_| bad())?.to_string(),
-            ),
+            Some((name, digest)) => (name, digest.parse::<Digest>().map_err(|_| bad())?.to_string()),
             None => {
                 let slash = rest.rfind('/').ok_or_else(bad)?;
                 match rest[slash..].rfind(':') {
@@ -156,10 +155,7 @@ pub async fn fetch(
         return Err(ArtifactError::Unpinned(source.to_string()));
     }
     let shown = source.to_string();
-    let failed = |source: Error| ArtifactError::Fetch {
-        reference: shown.clone(),
-        source,
-    };
+    let failed = |source: Error| ArtifactError::Fetch { reference: shown.clone(), source };
     let store = Memory::default();
     let lease = LeaseId("puller".into());
     let pinned: Option<Digest> = reference.parse().ok();
@@ -170,19 +166,13 @@ pub async fn fetch(
             return Ok((file, Some(digest.clone())));
         }
     }
-    let root = client
-        .resolve(repo, reference, &store, &lease, credentials)
-        .await
-        .map_err(failed)?;
+    let root = client.resolve(repo, reference, &store, &lease, credentials).await.map_err(failed)?;
     let file = cache_file(cache_dir, &root.digest);
     if file.is_file() {
         return Ok((file, Some(root.digest)));
     }
     let layer = puller_layer(&shown, &store.bytes(&root.digest).unwrap_or_default())?;
-    client
-        .fetch(repo, &layer, &store, &lease, None, &NoProgress, credentials)
-        .await
-        .map_err(failed)?;
+    client.fetch(repo, &layer, &store, &lease, None, &NoProgress, credentials).await.map_err(failed)?;
     let bytes = store.bytes(&layer.digest).unwrap_or_default();
     write_atomically(cache_dir, &file, &bytes).map_err(|source| ArtifactError::Cache {
         reference: shown.clone(),
@@ -207,45 +197,26 @@ fn puller_layer(reference: &str, body: &[u8]) -> Result<Descriptor, ArtifactErro
         #[serde(default)]
         layers: Vec<Descriptor>,
     }
-    let not = |reason: String| ArtifactError::NotAPuller {
-        reference: reference.to_owned(),
-        reason,
-    };
-    let m: Manifest = serde_json::from_slice(body)
-        .map_err(|e| not(format!("its manifest does not parse: {e}")))?;
+    let not = |reason: String| ArtifactError::NotAPuller { reference: reference.to_owned(), reason };
+    let m: Manifest = serde_json::from_slice(body).map_err(|e| not(format!("its manifest does not parse: {e}")))?;
     if !m.media_type.is_empty() && m.media_type != "application/vnd.oci.image.manifest.v1+json" {
-        return Err(not(format!(
-            "it is a {}, not an OCI image manifest",
-            m.media_type
-        )));
+        return Err(not(format!("it is a {}, not an OCI image manifest", m.media_type)));
     }
     let [layer] = m.layers.as_slice() else {
-        return Err(not(format!(
-            "its manifest has {} layers, not one",
-            m.layers.len()
-        )));
+        return Err(not(format!("its manifest has {} layers, not one", m.layers.len())));
     };
     if !WASM_MEDIA_TYPES.contains(&layer.media_type.as_str()) {
-        return Err(not(format!(
-            "its layer is {}, not application/wasm",
-            layer.media_type
-        )));
+        return Err(not(format!("its layer is {}, not application/wasm", layer.media_type)));
     }
     if layer.size > MAX_PULLER_BYTES {
-        return Err(not(format!(
-            "its layer is {} bytes, more than {MAX_PULLER_BYTES}",
-            layer.size
-        )));
+        return Err(not(format!("its layer is {} bytes, more than {MAX_PULLER_BYTES}", layer.size)));
     }
     Ok(layer.clone())
 }
 
 fn write_atomically(dir: &Path, file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, file)
@@ -260,63 +231,33 @@ struct Memory {
 
 impl Memory {
     fn bytes(&self, digest: &Digest) -> Option<Vec<u8>> {
-        self.blobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(digest)
-            .cloned()
+        self.blobs.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()
     }
 }
 
 #[async_trait]
 impl ContentStore for Memory {
     async fn info(&self, digest: &Digest) -> crate::error::Result<ContentInfo> {
-        let size = self
-            .bytes(digest)
-            .ok_or_else(|| Error::NotFound(format!("blob {digest}")))?
-            .len() as u64;
-        Ok(ContentInfo {
-            digest: digest.clone(),
-            size,
-            labels: Labels::new(),
-        })
+        let size = self.bytes(digest).ok_or_else(|| Error::NotFound(format!("blob {digest}")))?.len() as u64;
+        Ok(ContentInfo { digest: digest.clone(), size, labels: Labels::new() })
     }
 
-    async fn read(
-        &self,
-        digest: &Digest,
-        offset: u64,
-        len: usize,
-    ) -> crate::error::Result<Vec<u8>> {
-        let bytes = self
-            .bytes(digest)
-            .ok_or_else(|| Error::NotFound(format!("blob {digest}")))?;
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(bytes.len());
+    async fn read(&self, digest: &Digest, offset: u64, len: usize) -> crate::error::Result<Vec<u8>> {
+        let bytes = self.bytes(digest).ok_or_else(|| Error::NotFound(format!("blob {digest}")))?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
         Ok(bytes[start..start.saturating_add(len).min(bytes.len())].to_vec())
     }
 
     async fn open(&self, digest: &Digest) -> crate::error::Result<BlobReader> {
-        let bytes = self
-            .bytes(digest)
-            .ok_or_else(|| Error::NotFound(format!("blob {digest}")))?;
+        let bytes = self.bytes(digest).ok_or_else(|| Error::NotFound(format!("blob {digest}")))?;
         Ok(Box::new(std::io::Cursor::new(bytes)))
     }
 
-    async fn writer(
-        &self,
-        expected: &Descriptor,
-        _: &LeaseId,
-    ) -> crate::error::Result<Box<dyn ContentWriter>> {
+    async fn writer(&self, expected: &Descriptor, _: &LeaseId) -> crate::error::Result<Box<dyn ContentWriter>> {
         if self.bytes(&expected.digest).is_some() {
             return Err(Error::AlreadyExists(format!("blob {}", expected.digest)));
         }
-        Ok(Box::new(MemoryWriter {
-            expected: expected.clone(),
-            data: Vec::new(),
-            blobs: self.blobs.clone(),
-        }))
+        Ok(Box::new(MemoryWriter { expected: expected.clone(), data: Vec::new(), blobs: self.blobs.clone() }))
     }
 
     async fn set_labels(&self, digest: &Digest, _: &Labels) -> crate::error::Result<ContentInfo> {
@@ -324,10 +265,7 @@ impl ContentStore for Memory {
     }
 
     async fn delete(&self, digest: &Digest) -> crate::error::Result<()> {
-        self.blobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(digest);
+        self.blobs.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
         Ok(())
     }
 }
@@ -373,15 +311,8 @@ impl ContentWriter for MemoryWriter {
             });
         }
         let size = self.data.len() as u64;
-        self.blobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(actual.clone(), self.data);
-        Ok(ContentInfo {
-            digest: actual,
-            size,
-            labels: Labels::new(),
-        })
+        self.blobs.lock().unwrap_or_else(|e| e.into_inner()).insert(actual.clone(), self.data);
+        Ok(ContentInfo { digest: actual, size, labels: Labels::new() })
     }
 }
 
@@ -392,61 +323,30 @@ mod tests {
     #[test]
     fn references_parse_and_only_full_names_with_a_digest_are_pinned() {
         let d = format!("sha256:{}", "a".repeat(64));
-        let s = Source::parse(Path::new(&format!(
-            "oci://127.0.0.1:5000/pullers/default@{d}"
-        )))
-        .unwrap();
+        let s = Source::parse(Path::new(&format!("oci://127.0.0.1:5000/pullers/default@{d}"))).unwrap();
         assert!(s.is_pinned());
-        assert_eq!(
-            s.to_string(),
-            format!("oci://127.0.0.1:5000/pullers/default@{d}")
-        );
+        assert_eq!(s.to_string(), format!("oci://127.0.0.1:5000/pullers/default@{d}"));
         let t = Source::parse(Path::new("oci://registry.example.com/pullers/default:v1")).unwrap();
         assert!(!t.is_pinned());
-        assert_eq!(
-            t.to_string(),
-            "oci://registry.example.com/pullers/default:v1"
-        );
-        assert!(matches!(
-            Source::parse(Path::new("/etc/pullbox/p.wasm")).unwrap(),
-            Source::File(_)
-        ));
-        for bad in [
-            "oci://default",
-            "oci://127.0.0.1:5000/p@sha256:abc",
-            "oci://UPPER/x@sha256:",
-        ] {
+        assert_eq!(t.to_string(), "oci://registry.example.com/pullers/default:v1");
+        assert!(matches!(Source::parse(Path::new("/etc/pullbox/p.wasm")).unwrap(), Source::File(_)));
+        for bad in ["oci://default", "oci://127.0.0.1:5000/p@sha256:abc", "oci://UPPER/x@sha256:"] {
             assert!(Source::parse(Path::new(bad)).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn only_a_manifest_with_one_wasm_layer_is_a_puller() {
-        let layer = |t: &str| {
-            format!(
-                r#"{{"mediaType":"{t}","digest":"sha256:{}","size":8}}"#,
-                "b".repeat(64)
-            )
-        };
+        let layer = |t: &str| format!(r#"{{"mediaType":"{t}","digest":"sha256:{}","size":8}}"#, "b".repeat(64));
         let manifest = |layers: &str| {
             format!(
                 r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[{layers}]}}"#
             )
         };
         assert!(puller_layer("r", manifest(&layer("application/wasm")).as_bytes()).is_ok());
-        let two = format!(
-            "{},{}",
-            layer("application/wasm"),
-            layer("application/wasm")
-        );
-        assert!(puller_layer("r", manifest(&two).as_bytes())
-            .unwrap_err()
-            .to_string()
-            .contains("2 layers"));
+        let two = format!("{},{}", layer("application/wasm"), layer("application/wasm"));
+        assert!(puller_layer("r", manifest(&two).as_bytes()).unwrap_err().to_string().contains("2 layers"));
         let tar = layer("application/vnd.oci.image.layer.v1.tar+gzip");
-        assert!(puller_layer("r", manifest(&tar).as_bytes())
-            .unwrap_err()
-            .to_string()
-            .contains("not application/wasm"));
+        assert!(puller_layer("r", manifest(&tar).as_bytes()).unwrap_err().to_string().contains("not application/wasm"));
     }
 }

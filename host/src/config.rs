@@ -172,15 +172,9 @@ impl Default for DaemonConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid configuration in {path}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("invalid configuration in {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -188,18 +182,10 @@ pub enum ConfigError {
 impl DaemonConfig {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let config: DaemonConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
-        })?;
-        config.validate().map_err(|reason| ConfigError::Invalid {
-            path: path.into(),
-            reason,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: DaemonConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        config.validate().map_err(|reason| ConfigError::Invalid { path: path.into(), reason })?;
         Ok(config)
     }
 
@@ -216,13 +202,9 @@ impl DaemonConfig {
         let r = &self.registry;
         let ok = |v: f64| v.is_finite() && v > 0.0 && v <= 86_400.0;
         if !ok(r.stall_timeout_seconds) || !ok(r.connect_timeout_seconds) || r.attempts == 0 {
-            return Err(
-                "registry timeouts must be between 0 and 86400 seconds and attempts positive"
-                    .into(),
-            );
+            return Err("registry timeouts must be between 0 and 86400 seconds and attempts positive".into());
         }
-        if r.max_concurrent_downloads == 0 || r.max_concurrent_downloads > MAX_CONCURRENT_DOWNLOADS
-        {
+        if r.max_concurrent_downloads == 0 || r.max_concurrent_downloads > MAX_CONCURRENT_DOWNLOADS {
             return Err(format!("registry.max_concurrent_downloads must be between 1 and {MAX_CONCURRENT_DOWNLOADS}"));
         }
         if !ok(self.image_fs_stats_period_seconds) {
@@ -244,10 +226,7 @@ impl DaemonConfig {
         let m = u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
             .map_err(|_| format!("socket_mode {:?} is not an octal mode", self.socket_mode))?;
         if m > 0o777 {
-            return Err(format!(
-                "socket_mode {:?} is not a permission mode",
-                self.socket_mode
-            ));
+            return Err(format!("socket_mode {:?} is not a permission mode", self.socket_mode));
         }
         Ok(m)
     }
@@ -284,13 +263,7 @@ mod tests {
         assert!(c.validate().is_err());
         let c: DaemonConfig = toml::from_str("[registry]\nmax_concurrent_downloads = 5").unwrap();
         assert_eq!(c.registry.transport().max_concurrent_downloads, 5);
-        assert_eq!(
-            DaemonConfig::default()
-                .registry
-                .transport()
-                .max_concurrent_downloads,
-            3
-        );
+        assert_eq!(DaemonConfig::default().registry.transport().max_concurrent_downloads, 3);
         let c: DaemonConfig = toml::from_str("image_fs_stats_period_seconds = 0").unwrap();
         assert!(c.validate().is_err());
         assert_eq!(DaemonConfig::default().image_fs_stats_period_seconds, 10.0);

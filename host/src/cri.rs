@@ -38,10 +38,10 @@ use std::{
 };
 
 use k8s_cri::v1::{
-    image_service_server::ImageService as CriImageService, FilesystemIdentifier, FilesystemUsage,
-    Image, ImageFsInfoRequest, ImageFsInfoResponse, ImageSpec, ImageStatusRequest,
-    ImageStatusResponse, Int64Value, ListImagesRequest, ListImagesResponse, PullImageRequest,
-    PullImageResponse, RemoveImageRequest, RemoveImageResponse, UInt64Value,
+    image_service_server::ImageService as CriImageService, FilesystemIdentifier, FilesystemUsage, Image,
+    ImageFsInfoRequest, ImageFsInfoResponse, ImageSpec, ImageStatusRequest, ImageStatusResponse, Int64Value,
+    ListImagesRequest, ListImagesResponse, PullImageRequest, PullImageResponse, RemoveImageRequest,
+    RemoveImageResponse, UInt64Value,
 };
 use tonic::{Request, Response, Status};
 
@@ -82,13 +82,7 @@ impl Cri {
     ) -> Cri {
         let (tx, fs_usage) = tokio::sync::watch::channel(None);
         tokio::spawn(measure_fs(fs_root, stats_period, tx, shutdown.clone()));
-        Cri {
-            service,
-            metrics,
-            fs_usage,
-            shutdown,
-            pulls: tokio_util::task::TaskTracker::new(),
-        }
+        Cri { service, metrics, fs_usage, shutdown, pulls: tokio_util::task::TaskTracker::new() }
     }
 
     /// The tracker of pulls in flight: after cancelling the shutdown token, close it and wait
@@ -125,19 +119,12 @@ async fn measure_fs(
             }
         };
         tracing::trace!(bytes = usage.size, inodes = usage.inodes, elapsed = ?started.elapsed(), "measured the image filesystem");
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
         let answer = FilesystemUsage {
             timestamp: now,
-            fs_id: Some(FilesystemIdentifier {
-                mountpoint: root.display().to_string(),
-            }),
+            fs_id: Some(FilesystemIdentifier { mountpoint: root.display().to_string() }),
             used_bytes: Some(UInt64Value { value: usage.size }),
-            inodes_used: Some(UInt64Value {
-                value: usage.inodes,
-            }),
+            inodes_used: Some(UInt64Value { value: usage.inodes }),
         };
         if tx.send(Some(answer)).is_err() {
             return;
@@ -181,17 +168,13 @@ fn pullbox_auth(a: &k8s_cri::v1::AuthConfig) -> AuthConfig {
 fn reference(spec: Option<&ImageSpec>) -> Result<&str, Status> {
     match spec.map(|s| s.image.as_str()) {
         Some(r) if !r.is_empty() => Ok(r),
-        _ => Err(Status::invalid_argument(
-            "no image reference in the request",
-        )),
+        _ => Err(Status::invalid_argument("no image reference in the request")),
     }
 }
 
 /// What a `PullImage` request says the image is for.
 fn context(req: &PullImageRequest) -> PullContext {
-    fn collect(
-        m: &std::collections::HashMap<String, String>,
-    ) -> std::collections::BTreeMap<String, String> {
+    fn collect(m: &std::collections::HashMap<String, String>) -> std::collections::BTreeMap<String, String> {
         m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
     let spec = req.image.as_ref();
@@ -227,10 +210,7 @@ fn user(u: &str) -> (Option<Int64Value>, String) {
 fn image(i: ImageInfo) -> Image {
     let (uid, username) = user(&i.user);
     Image {
-        spec: Some(ImageSpec {
-            image: i.id.clone(),
-            ..ImageSpec::default()
-        }),
+        spec: Some(ImageSpec { image: i.id.clone(), ..ImageSpec::default() }),
         id: i.id,
         repo_tags: i.repo_tags,
         repo_digests: i.repo_digests,
@@ -243,35 +223,16 @@ fn image(i: ImageInfo) -> Image {
 
 #[tonic::async_trait]
 impl CriImageService for Cri {
-    async fn list_images(
-        &self,
-        req: Request<ListImagesRequest>,
-    ) -> Result<Response<ListImagesResponse>, Status> {
-        let filter = req
-            .into_inner()
-            .filter
-            .and_then(|f| f.image)
-            .map(|s| s.image)
-            .filter(|s| !s.is_empty());
+    async fn list_images(&self, req: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+        let filter = req.into_inner().filter.and_then(|f| f.image).map(|s| s.image).filter(|s| !s.is_empty());
         let images = match filter {
-            Some(r) => self
-                .service
-                .status(&r)
-                .await
-                .map_err(|e| status(&e))?
-                .into_iter()
-                .collect(),
+            Some(r) => self.service.status(&r).await.map_err(|e| status(&e))?.into_iter().collect(),
             None => self.service.list().await.map_err(|e| status(&e))?,
         };
-        Ok(Response::new(ListImagesResponse {
-            images: images.into_iter().map(image).collect(),
-        }))
+        Ok(Response::new(ListImagesResponse { images: images.into_iter().map(image).collect() }))
     }
 
-    async fn image_status(
-        &self,
-        req: Request<ImageStatusRequest>,
-    ) -> Result<Response<ImageStatusResponse>, Status> {
+    async fn image_status(&self, req: Request<ImageStatusRequest>) -> Result<Response<ImageStatusResponse>, Status> {
         let req = req.into_inner();
         let r = reference(req.image.as_ref())?;
         let Some(info) = self.service.status(r).await.map_err(|e| status(&e))? else {
@@ -279,11 +240,7 @@ impl CriImageService for Cri {
         };
         let mut extra = std::collections::HashMap::new();
         if req.verbose {
-            let config = self
-                .service
-                .config(&info.id)
-                .await
-                .map_err(|e| status(&e))?;
+            let config = self.service.config(&info.id).await.map_err(|e| status(&e))?;
             let doc = serde_json::json!({
                 "chainID": info.chain_id,
                 "manifestDigest": info.manifest_digest,
@@ -291,16 +248,10 @@ impl CriImageService for Cri {
             });
             extra.insert("info".to_owned(), doc.to_string());
         }
-        Ok(Response::new(ImageStatusResponse {
-            image: Some(image(info)),
-            info: extra,
-        }))
+        Ok(Response::new(ImageStatusResponse { image: Some(image(info)), info: extra }))
     }
 
-    async fn pull_image(
-        &self,
-        req: Request<PullImageRequest>,
-    ) -> Result<Response<PullImageResponse>, Status> {
+    async fn pull_image(&self, req: Request<PullImageRequest>) -> Result<Response<PullImageResponse>, Status> {
         let req = req.into_inner();
         let r = reference(req.image.as_ref())?.to_owned();
         // The request's credentials, for this pull only, bound to the registry of the
@@ -319,20 +270,8 @@ impl CriImageService for Cri {
         let _cancel_on_hangup = cancel.clone().drop_guard();
         // In its own task: cancellation reaches the pull as a token, so it cleans up.
         let task = self.pulls.spawn(async move {
-            let result = service
-                .pull_for(
-                    &r,
-                    Platform::host(),
-                    &context,
-                    metrics.clone(),
-                    credentials,
-                    cancel,
-                )
-                .await;
-            metrics.pull_done(
-                result.as_ref().map(|_| ()).map_err(|e| e.code()),
-                started.elapsed().as_secs_f64(),
-            );
+            let result = service.pull_for(&r, Platform::host(), &context, metrics.clone(), credentials, cancel).await;
+            metrics.pull_done(result.as_ref().map(|_| ()).map_err(|e| e.code()), started.elapsed().as_secs_f64());
             match &result {
                 Ok(i) => tracing::info!(reference = %r, id = %i.id, "pulled"),
                 Err(e) => tracing::warn!(reference = %r, "pull failed: {e}"),
@@ -346,33 +285,22 @@ impl CriImageService for Cri {
         Ok(Response::new(PullImageResponse { image_ref: info.id }))
     }
 
-    async fn remove_image(
-        &self,
-        req: Request<RemoveImageRequest>,
-    ) -> Result<Response<RemoveImageResponse>, Status> {
+    async fn remove_image(&self, req: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
         let req = req.into_inner();
         let r = reference(req.image.as_ref())?;
         self.service.remove(r).await.map_err(|e| status(&e))?;
         Ok(Response::new(RemoveImageResponse {}))
     }
 
-    async fn image_fs_info(
-        &self,
-        _: Request<ImageFsInfoRequest>,
-    ) -> Result<Response<ImageFsInfoResponse>, Status> {
+    async fn image_fs_info(&self, _: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
         let mut usage = self.fs_usage.clone();
         let usage = usage
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| {
-                Status::unavailable("the image filesystem is no longer measured (shutting down)")
-            })?
+            .map_err(|_| Status::unavailable("the image filesystem is no longer measured (shutting down)"))?
             .clone()
             .expect("waited for a measurement");
-        Ok(Response::new(ImageFsInfoResponse {
-            image_filesystems: vec![usage],
-            container_filesystems: vec![],
-        }))
+        Ok(Response::new(ImageFsInfoResponse { image_filesystems: vec![usage], container_filesystems: vec![] }))
     }
 }
 
@@ -383,14 +311,8 @@ mod tests {
     #[test]
     fn users_split_like_containerd() {
         assert_eq!(user(""), (None, String::new()));
-        assert_eq!(
-            user("1000"),
-            (Some(Int64Value { value: 1000 }), String::new())
-        );
-        assert_eq!(
-            user("1000:1000"),
-            (Some(Int64Value { value: 1000 }), String::new())
-        );
+        assert_eq!(user("1000"), (Some(Int64Value { value: 1000 }), String::new()));
+        assert_eq!(user("1000:1000"), (Some(Int64Value { value: 1000 }), String::new()));
         assert_eq!(user("nobody"), (None, "nobody".to_owned()));
         assert_eq!(user("www-data:www-data"), (None, "www-data".to_owned()));
     }
@@ -398,12 +320,7 @@ mod tests {
     #[test]
     fn pull_context_comes_from_the_image_spec_and_sandbox_config() {
         use k8s_cri::v1::{PodSandboxConfig, PodSandboxMetadata};
-        let map = |pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
+        let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut req = PullImageRequest {
             image: Some(ImageSpec {
                 image: "busybox".into(),
@@ -414,27 +331,16 @@ mod tests {
             ..PullImageRequest::default()
         };
         let c = context(&req);
-        assert_eq!(
-            (c.runtime_handler.as_str(), c.pod.is_none()),
-            ("kata", true)
-        );
+        assert_eq!((c.runtime_handler.as_str(), c.pod.is_none()), ("kata", true));
         assert_eq!(c.annotations.keys().collect::<Vec<_>>(), ["a", "b"]);
         req.sandbox_config = Some(PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: "web-0".into(),
-                uid: "u1".into(),
-                namespace: "prod-x".into(),
-                attempt: 2,
-            }),
+            metadata: Some(PodSandboxMetadata { name: "web-0".into(), uid: "u1".into(), namespace: "prod-x".into(), attempt: 2 }),
             labels: map(&[("app", "web")]),
             annotations: map(&[("note", "x")]),
             ..PodSandboxConfig::default()
         });
         let pod = context(&req).pod.expect("a pod");
-        assert_eq!(
-            (pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()),
-            ("prod-x", "web-0", "u1")
-        );
+        assert_eq!((pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()), ("prod-x", "web-0", "u1"));
         assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(pod.annotations.get("note").map(String::as_str), Some("x"));
     }

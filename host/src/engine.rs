@@ -48,8 +48,8 @@ use std::{
 use serde::Deserialize;
 use wasmtime::{
     component::{Component, HasSelf, Linker},
-    CallHook, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
-    StoreLimits, StoreLimitsBuilder, UpdateDeadline,
+    CallHook, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, UpdateDeadline,
 };
 
 use crate::{
@@ -136,11 +136,9 @@ impl Limits {
         if !(1_000..=1_000_000_000).contains(&self.import_budget) {
             return Err("sandbox.import_budget must be between 1000 and 1000000000".into());
         }
-        for (name, value) in [
-            ("max_snapshots", self.max_snapshots),
-            ("max_records", self.max_records),
-            ("max_holds", self.max_holds),
-        ] {
+        for (name, value) in
+            [("max_snapshots", self.max_snapshots), ("max_records", self.max_records), ("max_holds", self.max_holds)]
+        {
             if !(1..=1_000_000).contains(&value) {
                 return Err(format!("sandbox.{name} must be between 1 and 1000000"));
             }
@@ -195,12 +193,7 @@ struct CpuClock {
 
 impl CpuClock {
     fn new(limit: Duration) -> CpuClock {
-        CpuClock {
-            limit,
-            used: Duration::ZERO,
-            running_since: None,
-            in_host: 0,
-        }
+        CpuClock { limit, used: Duration::ZERO, running_since: None, in_host: 0 }
     }
 
     fn used_now(&self) -> Duration {
@@ -218,10 +211,7 @@ impl CpuClock {
         if let Some(t) = self.running_since.take() {
             let slice = t.elapsed();
             self.used += slice;
-            GUEST_NANOS.fetch_add(
-                slice.as_nanos() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            GUEST_NANOS.fetch_add(slice.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -337,35 +327,26 @@ impl Runtime {
         let engine = match Engine::new(&pooled) {
             Ok(e) => e,
             Err(e) => {
-                tracing::info!(
-                    "pooling allocator unavailable ({e}); allocating instances on demand"
-                );
+                tracing::info!("pooling allocator unavailable ({e}); allocating instances on demand");
                 Engine::new(&config)?
             }
         };
         let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("pullbox-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(TICK);
-                }
-            })?;
-        Ok(Runtime {
-            engine,
-            cache_dir,
-            limits,
-        })
+        std::thread::Builder::new().name("pullbox-epoch".into()).spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(TICK);
+            }
+        })?;
+        Ok(Runtime { engine, cache_dir, limits })
     }
 
     /// Loads, links and pre-instantiates the component in `path`, then checks that it accepts
     /// `settings`. A component that imports something pullbox does not provide, or lacks an
     /// export, is refused here with a message naming it.
     pub async fn load(&self, path: &Path, settings: String) -> anyhow::Result<Puller> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("cannot read puller {}: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read puller {}: {e}", path.display()))?;
         match bytes.get(..8) {
             Some([0, b'a', b's', b'm', 0x0d, 0, 1, 0]) => {}
             Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => anyhow::bail!(
@@ -379,21 +360,15 @@ impl Runtime {
             .map_err(|e| anyhow::anyhow!("cannot load puller {}: {e:#}", path.display()))?;
         let mut linker: Linker<CallState> = Linker::new(&self.engine);
         PullerWorld::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)?;
-        let pre = linker.instantiate_pre(&component).map_err(|e| {
-            anyhow::anyhow!("puller {} does not fit pullbox: {e:#}", path.display())
-        })?;
-        let pre = PullerWorldPre::new(pre).map_err(|e| {
-            anyhow::anyhow!("puller {} does not fit pullbox: {e:#}", path.display())
-        })?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow::anyhow!("puller {} does not fit pullbox: {e:#}", path.display()))?;
+        let pre = PullerWorldPre::new(pre)
+            .map_err(|e| anyhow::anyhow!("puller {} does not fit pullbox: {e:#}", path.display()))?;
         check_exports(&self.engine, &component)
             .map_err(|e| anyhow::anyhow!("puller {} does not fit pullbox: {e}", path.display()))?;
-        let puller = Puller {
-            engine: self.engine.clone(),
-            pre,
-            settings,
-            path: path.to_owned(),
-            limits: self.limits.clone(),
-        };
+        let puller =
+            Puller { engine: self.engine.clone(), pre, settings, path: path.to_owned(), limits: self.limits.clone() };
         Ok(puller)
     }
 
@@ -404,21 +379,14 @@ impl Runtime {
         };
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);
-        let file = dir.join(format!(
-            "{}-{:016x}.cwasm",
-            Digest::sha256_of(bytes).hex(),
-            h.finish()
-        ));
+        let file = dir.join(format!("{}-{:016x}.cwasm", Digest::sha256_of(bytes).hex(), h.finish()));
         if file.exists() {
             // SAFETY: the file is one this process's engine configuration wrote (its name
             // binds the module digest and the engine's compatibility hash) into a directory
             // under pullbox's root, which only root may write.
             match unsafe { Component::deserialize_file(&self.engine, &file) } {
                 Ok(c) => return Ok(c),
-                Err(e) => tracing::warn!(
-                    "ignoring unusable compiled-component cache {}: {e}",
-                    file.display()
-                ),
+                Err(e) => tracing::warn!("ignoring unusable compiled-component cache {}: {e}", file.display()),
             }
         }
         let component = Component::new(&self.engine, bytes)?;
@@ -467,9 +435,7 @@ fn check_exports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
         let params_ok = got.len() == params.len() && got.iter().zip(params).all(|(t, ok)| ok(t));
         let results_ok = results.len() == 1 && matches!(results[0], Type::Result(_));
         if !params_ok || !results_ok {
-            anyhow::bail!(
-                "its export {PULLER_EXPORT}#{name} has the wrong type ({got:?} -> {results:?})"
-            );
+            anyhow::bail!("its export {PULLER_EXPORT}#{name} has the wrong type ({got:?} -> {results:?})");
         }
     }
     Ok(())
@@ -481,18 +447,9 @@ fn write_cache(dir: &Path, file: &Path, data: &[u8]) -> std::io::Result<()> {
         io::Write,
         os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?
-        .write_all(data)?;
+    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?.write_all(data)?;
     std::fs::rename(&tmp, file)
 }
 
@@ -528,16 +485,7 @@ impl Puller {
             .build();
         let clock = CpuClock::new(Duration::from_millis(self.limits.cpu_limit_ms));
         let grants = Grants::new(Access::Read, self.limits.caps());
-        let mut store = Store::new(
-            &self.engine,
-            CallState {
-                session,
-                limits,
-                clock,
-                log_events: 0,
-                grants,
-            },
-        );
+        let mut store = Store::new(&self.engine, CallState { session, limits, clock, log_events: 0, grants });
         store.limiter(|s| &mut s.limits);
         store.set_hostcall_fuel(HOSTCALL_BYTES);
         store.call_hook(|mut ctx, hook| {
@@ -580,87 +528,41 @@ impl Puller {
     }
 
     /// Calls `pull-image`.
-    pub async fn pull(
-        &self,
-        session: Arc<Session>,
-        request: &PullRequest,
-    ) -> Result<ImageInfo, CallError> {
+    pub async fn pull(&self, session: Arc<Session>, request: &PullRequest) -> Result<ImageInfo, CallError> {
         let (mut store, world) = self.instance(session, Access::Pull).await?;
         let limit = Duration::from_secs(self.limits.pull_timeout_s);
         let pulled = deadline("pull-image", limit, "sandbox.pull_timeout_s", async {
-            world
-                .pullbox_image_puller()
-                .call_pull_image(&mut store, request)
-                .await
-                .map_err(trap)?
-                .map_err(refused)
+            world.pullbox_image_puller().call_pull_image(&mut store, request).await.map_err(trap)?.map_err(refused)
         })
         .await;
-        tracing::debug!(
-            units = store.data().grants.spent(),
-            "import budget spent by the pull"
-        );
+        tracing::debug!(units = store.data().grants.spent(), "import budget spent by the pull");
         pulled
     }
 
     /// Calls `image-status`.
-    pub async fn status(
-        &self,
-        session: Arc<Session>,
-        reference: &str,
-    ) -> Result<Option<ImageInfo>, CallError> {
+    pub async fn status(&self, session: Arc<Session>, reference: &str) -> Result<Option<ImageInfo>, CallError> {
         let (mut store, world) = self.instance(session, Access::Read).await?;
-        deadline(
-            "image-status",
-            self.short(),
-            "sandbox.call_timeout_ms",
-            async {
-                world
-                    .pullbox_image_puller()
-                    .call_image_status(&mut store, reference)
-                    .await
-                    .map_err(trap)?
-                    .map_err(refused)
-            },
-        )
+        deadline("image-status", self.short(), "sandbox.call_timeout_ms", async {
+            world.pullbox_image_puller().call_image_status(&mut store, reference).await.map_err(trap)?.map_err(refused)
+        })
         .await
     }
 
     /// Calls `list-images`.
     pub async fn list(&self, session: Arc<Session>) -> Result<Vec<ImageInfo>, CallError> {
         let (mut store, world) = self.instance(session, Access::Read).await?;
-        deadline(
-            "list-images",
-            self.short(),
-            "sandbox.call_timeout_ms",
-            async {
-                world
-                    .pullbox_image_puller()
-                    .call_list_images(&mut store)
-                    .await
-                    .map_err(trap)?
-                    .map_err(refused)
-            },
-        )
+        deadline("list-images", self.short(), "sandbox.call_timeout_ms", async {
+            world.pullbox_image_puller().call_list_images(&mut store).await.map_err(trap)?.map_err(refused)
+        })
         .await
     }
 
     /// Calls `remove-image`.
     pub async fn remove(&self, session: Arc<Session>, reference: &str) -> Result<(), CallError> {
         let (mut store, world) = self.instance(session, Access::Remove).await?;
-        deadline(
-            "remove-image",
-            self.short(),
-            "sandbox.call_timeout_ms",
-            async {
-                world
-                    .pullbox_image_puller()
-                    .call_remove_image(&mut store, reference)
-                    .await
-                    .map_err(trap)?
-                    .map_err(refused)
-            },
-        )
+        deadline("remove-image", self.short(), "sandbox.call_timeout_ms", async {
+            world.pullbox_image_puller().call_remove_image(&mut store, reference).await.map_err(trap)?.map_err(refused)
+        })
         .await
     }
 }
@@ -706,9 +608,7 @@ fn trap(e: wasmtime::Error) -> CallError {
     }
     let text = format!("{e:#}");
     if text.contains("forcing trap when growing memory") || text.contains("memory minimum size") {
-        return CallError::Limit(
-            "the puller exceeded its memory limit (sandbox.memory_limit)".into(),
-        );
+        return CallError::Limit("the puller exceeded its memory limit (sandbox.memory_limit)".into());
     }
     if text.contains("too much data is being copied between the host and the guest") {
         return CallError::Limit(format!(
@@ -741,10 +641,7 @@ mod tests {
                 Err(ms) => std::thread::sleep(Duration::from_millis(*ms)),
             }
         }
-        assert!(
-            clock.running_since.is_none() && clock.in_host == 0,
-            "the call ended with the clock stopped"
-        );
+        assert!(clock.running_since.is_none() && clock.in_host == 0, "the call ended with the clock stopped");
         clock.used
     }
 
@@ -769,14 +666,8 @@ mod tests {
             Err(20),
             Ok(ReturningFromWasm),
         ]);
-        assert!(
-            used >= Duration::from_millis(50),
-            "guest code and the copying count: {used:?}"
-        );
-        assert!(
-            used < Duration::from_millis(200),
-            "the import's own work does not: {used:?}"
-        );
+        assert!(used >= Duration::from_millis(50), "guest code and the copying count: {used:?}");
+        assert!(used < Duration::from_millis(200), "the import's own work does not: {used:?}");
 
         // An argument allocated in the guest before an export call: each counts on its own,
         // and the time between them is the host's.
@@ -789,9 +680,6 @@ mod tests {
             Err(10),
             Ok(ReturningFromWasm),
         ]);
-        assert!(
-            used >= Duration::from_millis(20) && used < Duration::from_millis(200),
-            "{used:?}"
-        );
+        assert!(used >= Duration::from_millis(20) && used < Duration::from_millis(200), "{used:?}");
     }
 }

@@ -54,11 +54,7 @@ pub enum Error {
     FailedPrecondition(String),
     /// Bytes did not match the digest or size they were announced with.
     #[error("{what}: expected {expected}, got {actual}")]
-    Mismatch {
-        what: String,
-        expected: String,
-        actual: String,
-    },
+    Mismatch { what: String, expected: String, actual: String },
     /// A layer archive is malformed or hostile; names the entry.
     #[error("layer {layer}: {reason}")]
     BadLayer { layer: String, reason: String },
@@ -114,16 +110,11 @@ impl Error {
             Error::Shared { code, .. } => *code,
             // A full disk or an exhausted quota, from the filesystem or the metadata database.
             Error::Io { source, .. }
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-                ) =>
+                if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) =>
             {
                 Code::ResourceExhausted
             }
-            Error::Db(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::DiskFull =>
-            {
+            Error::Db(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull => {
                 Code::ResourceExhausted
             }
             Error::Io { .. } | Error::Db(_) | Error::Corrupt(_) => Code::Internal,
@@ -141,10 +132,7 @@ impl Error {
         what: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Error {
-        Error::Unavailable {
-            what: what.into(),
-            source: Some(Box::new(source)),
-        }
+        Error::Unavailable { what: what.into(), source: Some(Box::new(source)) }
     }
 
     /// The message with its whole chain of causes, each once: what the guest and the user see.

@@ -56,55 +56,20 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("pullbox");
         let pulls = Family::<ResultLabel, Counter>::default();
-        let duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-            0.1, 2.0, 13,
-        ));
+        let duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.1, 2.0, 13));
         let fetched = Counter::default();
         let decisions = Family::<DecisionLabel, Counter>::default();
         let reloads = Family::<ResultLabel, Counter>::default();
         registry.register("pulls", "Image pulls by result", pulls.clone());
-        registry.register(
-            "pull_duration_seconds",
-            "Wall time of image pulls",
-            duration.clone(),
-        );
-        registry.register(
-            "fetched_bytes",
-            "Bytes downloaded from registries",
-            fetched.clone(),
-        );
-        registry.register(
-            "policy_decisions",
-            "Puller policy decisions",
-            decisions.clone(),
-        );
-        registry.register(
-            "puller_reloads",
-            "Puller reloads by result",
-            reloads.clone(),
-        );
+        registry.register("pull_duration_seconds", "Wall time of image pulls", duration.clone());
+        registry.register("fetched_bytes", "Bytes downloaded from registries", fetched.clone());
+        registry.register("policy_decisions", "Puller policy decisions", decisions.clone());
+        registry.register("puller_reloads", "Puller reloads by result", reloads.clone());
         let shadow = Family::<ResultLabel, Counter>::default();
         let disagreements = Counter::default();
-        registry.register(
-            "shadow_judgments",
-            "Pulls judged by the shadow puller, by comparison",
-            shadow.clone(),
-        );
-        registry.register(
-            "shadow_disagreements",
-            "Pulls the shadow puller decided otherwise",
-            disagreements.clone(),
-        );
-        Metrics {
-            registry,
-            pulls,
-            duration,
-            fetched,
-            decisions,
-            reloads,
-            shadow,
-            disagreements,
-        }
+        registry.register("shadow_judgments", "Pulls judged by the shadow puller, by comparison", shadow.clone());
+        registry.register("shadow_disagreements", "Pulls the shadow puller decided otherwise", disagreements.clone());
+        Metrics { registry, pulls, duration, fetched, decisions, reloads, shadow, disagreements }
     }
 
     /// Records the outcome of one pull.
@@ -121,22 +86,14 @@ impl Metrics {
             Err(_) => None,
         };
         if let Some(decision) = decision {
-            self.decisions
-                .get_or_create(&DecisionLabel {
-                    decision: decision.into(),
-                })
-                .inc();
+            self.decisions.get_or_create(&DecisionLabel { decision: decision.into() }).inc();
         }
     }
 
     /// Records a reload of the puller.
     pub fn reload_done(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.reloads
-            .get_or_create(&ResultLabel {
-                result: result.into(),
-            })
-            .inc();
+        self.reloads.get_or_create(&ResultLabel { result: result.into() }).inc();
     }
 
     /// Records how the shadow puller's verdict on a pull compared with the real one.
@@ -167,10 +124,7 @@ impl Metrics {
                 let m = self.clone();
                 async move {
                     (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
+                        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
                         m.render(),
                     )
                 }

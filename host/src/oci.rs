@@ -49,10 +49,7 @@ impl Digest {
     /// The sha256 digest of `data`.
     pub fn sha256_of(data: &[u8]) -> Digest {
         use sha2::Digest as _;
-        Digest(format!(
-            "sha256:{}",
-            hex::encode(sha2::Sha256::digest(data))
-        ))
+        Digest(format!("sha256:{}", hex::encode(sha2::Sha256::digest(data))))
     }
 }
 
@@ -65,11 +62,7 @@ impl FromStr for Digest {
         let len = match alg {
             "sha256" => 64,
             "sha512" => 128,
-            _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "unsupported digest algorithm in {s:?}"
-                )))
-            }
+            _ => return Err(Error::InvalidArgument(format!("unsupported digest algorithm in {s:?}"))),
         };
         if hex.len() != len || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(bad());
@@ -139,11 +132,7 @@ pub struct Platform {
     pub architecture: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub variant: String,
-    #[serde(
-        default,
-        rename = "os.version",
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(default, rename = "os.version", skip_serializing_if = "String::is_empty")]
     pub os_version: String,
     #[serde(default, rename = "os.features", skip_serializing_if = "Vec::is_empty")]
     pub os_features: Vec<String>,
@@ -177,8 +166,7 @@ impl FromStr for Platform {
     /// Parses `os/arch[/variant]`.
     fn from_str(s: &str) -> Result<Platform> {
         let parts: Vec<&str> = s.split('/').collect();
-        let ok =
-            |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let ok = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !(2..=3).contains(&parts.len()) || !parts.iter().all(ok) {
             return Err(Error::InvalidArgument(format!(
                 "invalid platform {s:?}: expected os/arch[/variant], for example linux/amd64"
@@ -187,10 +175,7 @@ impl FromStr for Platform {
         Ok(Platform {
             os: parts[0].to_ascii_lowercase(),
             architecture: parts[1].to_ascii_lowercase(),
-            variant: parts
-                .get(2)
-                .map(|v| v.to_ascii_lowercase())
-                .unwrap_or_default(),
+            variant: parts.get(2).map(|v| v.to_ascii_lowercase()).unwrap_or_default(),
             ..Platform::default()
         })
     }
@@ -240,13 +225,9 @@ impl Compression {
             "application/vnd.oci.image.layer.v1.tar+gzip"
             | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
-                Some(Compression::Gzip)
-            }
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
             "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
-                Some(Compression::Zstd)
-            }
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Some(Compression::Zstd),
             _ => None,
         }
     }
@@ -274,10 +255,7 @@ mod tests {
     #[test]
     fn platforms_parse() {
         let p: Platform = "linux/arm64/v8".parse().unwrap();
-        assert_eq!(
-            (p.os.as_str(), p.architecture.as_str(), p.variant.as_str()),
-            ("linux", "arm64", "v8")
-        );
+        assert_eq!((p.os.as_str(), p.architecture.as_str(), p.variant.as_str()), ("linux", "arm64", "v8"));
         assert!("linux".parse::<Platform>().is_err());
         assert!("linux/amd64/v2/x".parse::<Platform>().is_err());
         assert!("linux//v2".parse::<Platform>().is_err());

@@ -137,10 +137,7 @@ struct InFlightEntry {
 
 impl Drop for InFlightEntry {
     fn drop(&mut self) {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
     }
 }
 
@@ -153,12 +150,8 @@ struct LeaseGuard {
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+        let Some(lease) = self.lease.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let backend = self.backend.clone();
         runtime.spawn(async move {
             tracing::debug!(lease = lease.0, "releasing the lease of an abandoned pull");
@@ -218,27 +211,16 @@ impl ImageService {
     }
 
     fn shadow(&self) -> Option<Arc<Shadow>> {
-        self.shadow
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shadow.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A recorder for a pull, when this service records pulls or has a shadow puller.
-    fn recorder(
-        &self,
-        reference: &str,
-        platform: &Platform,
-        context: &PullContext,
-    ) -> Option<Arc<Recorder>> {
+    fn recorder(&self, reference: &str, platform: &Platform, context: &PullContext) -> Option<Arc<Recorder>> {
         if self.recordings.is_none() && self.shadow().is_none() {
             return None;
         }
-        let request = RecordedRequest {
-            reference: reference.to_owned(),
-            platform: platform.clone(),
-            context: context.clone(),
-        };
+        let request =
+            RecordedRequest { reference: reference.to_owned(), platform: platform.clone(), context: context.clone() };
         Some(Arc::new(Recorder::new(request)))
     }
 
@@ -249,26 +231,19 @@ impl ImageService {
             shadow.spawn_compare(recording.clone(), real);
         }
         if let Some(list) = &self.recordings {
-            list.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(recording);
+            list.lock().unwrap_or_else(|e| e.into_inner()).push(recording);
         }
     }
 
     /// The current puller.
     pub fn puller(&self) -> Arc<Puller> {
-        self.puller
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.puller.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Checks that `puller` accepts its settings, then makes it the current puller; calls in
     /// flight finish on the old one. A puller that fails the check leaves the old one serving.
     pub async fn swap_puller(&self, puller: Puller) -> Result<(), ServiceError> {
-        puller
-            .check(self.session(None, Arc::new(crate::registry::NoProgress)))
-            .await?;
+        puller.check(self.session(None, Arc::new(crate::registry::NoProgress))).await?;
         *self.puller.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(puller);
         Ok(())
     }
@@ -278,25 +253,13 @@ impl ImageService {
         &self.backend
     }
 
-    fn session(
-        &self,
-        lease: Option<crate::backend::LeaseId>,
-        progress: Arc<dyn Progress>,
-    ) -> Arc<Session> {
-        Arc::new(Session::new(
-            self.backend.clone(),
-            self.registry.clone(),
-            lease,
-            progress,
-        ))
+    fn session(&self, lease: Option<crate::backend::LeaseId>, progress: Arc<dyn Progress>) -> Arc<Session> {
+        Arc::new(Session::new(self.backend.clone(), self.registry.clone(), lease, progress))
     }
 
     /// Checks that the puller accepts its settings.
     pub async fn check(&self) -> Result<(), ServiceError> {
-        Ok(self
-            .puller()
-            .check(self.session(None, Arc::new(crate::registry::NoProgress)))
-            .await?)
+        Ok(self.puller().check(self.session(None, Arc::new(crate::registry::NoProgress))).await?)
     }
 
     /// Pulls `reference` for `platform` and returns the READY image. The registry is
@@ -315,15 +278,7 @@ impl ImageService {
         credentials: Credentials,
         cancel: CancellationToken,
     ) -> Result<ImageInfo, ServiceError> {
-        self.pull_for(
-            reference,
-            platform,
-            &PullContext::default(),
-            progress,
-            credentials,
-            cancel,
-        )
-        .await
+        self.pull_for(reference, platform, &PullContext::default(), progress, credentials, cancel).await
     }
 
     /// [`ImageService::pull`] for `context`: the puller's request carries it.
@@ -366,15 +321,10 @@ impl ImageService {
             };
             let mut rx = match joined {
                 Ok(tx) => {
-                    let _entry = InFlightEntry {
-                        map: self.in_flight.clone(),
-                        key,
-                    };
+                    let _entry = InFlightEntry { map: self.in_flight.clone(), key };
                     let recorder = self.recorder(reference, &platform, context);
                     let request = context.request(reference, platform);
-                    let result = self
-                        .pull_once(request, progress, credentials, cancel, recorder.clone())
-                        .await;
+                    let result = self.pull_once(request, progress, credentials, cancel, recorder.clone()).await;
                     if let Some(recorder) = recorder {
                         self.recorded(recorder.recording(), &result);
                     }
@@ -387,10 +337,7 @@ impl ImageService {
                 }
                 Err(rx) => rx,
             };
-            tracing::info!(
-                reference,
-                "a pull of the same image is in flight; waiting for it"
-            );
+            tracing::info!(reference, "a pull of the same image is in flight; waiting for it");
             let outcome = tokio::select! {
                 outcome = rx.wait_for(Option::is_some) => outcome.ok().and_then(|o| o.clone()),
                 () = cancel.cancelled() => {
@@ -403,10 +350,7 @@ impl ImageService {
                 Some(Err((code, message))) => return Err(Error::Shared { code, message }.into()),
                 None => {}
             }
-            tracing::info!(
-                reference,
-                "the pull waited for did not finish for this caller; pulling"
-            );
+            tracing::info!(reference, "the pull waited for did not finish for this caller; pulling");
         }
     }
 
@@ -420,20 +364,12 @@ impl ImageService {
         recorder: Option<Arc<Recorder>>,
     ) -> Result<ImageInfo, ServiceError> {
         let lease = self.backend.leases.create().await?;
-        let mut guard = LeaseGuard {
-            backend: self.backend.clone(),
-            lease: Some(lease.clone()),
-        };
+        let mut guard = LeaseGuard { backend: self.backend.clone(), lease: Some(lease.clone()) };
         let session = Arc::new(
-            Session::new(
-                self.backend.clone(),
-                self.registry.clone(),
-                Some(lease.clone()),
-                progress,
-            )
-            .with_credentials(credentials)
-            .with_cancel(cancel)
-            .with_recorder(recorder),
+            Session::new(self.backend.clone(), self.registry.clone(), Some(lease.clone()), progress)
+                .with_credentials(credentials)
+                .with_cancel(cancel)
+                .with_recorder(recorder),
         );
         let result = self.puller().pull(session.clone(), &request).await;
         match &result {
@@ -453,9 +389,7 @@ impl ImageService {
         if result.is_err() {
             match self.backend.leases.collect().await {
                 Ok(r) => tracing::debug!(?r, "collected what the failed pull wrote"),
-                Err(e) => {
-                    tracing::warn!("cannot collect what the failed pull wrote: {}", e.chain())
-                }
+                Err(e) => tracing::warn!("cannot collect what the failed pull wrote: {}", e.chain()),
             }
         }
         Ok(result?)
@@ -463,21 +397,12 @@ impl ImageService {
 
     /// The READY image `reference` (a reference, an image ID or an ID prefix) names.
     pub async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, ServiceError> {
-        Ok(self
-            .puller()
-            .status(
-                self.session(None, Arc::new(crate::registry::NoProgress)),
-                reference,
-            )
-            .await?)
+        Ok(self.puller().status(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?)
     }
 
     /// Every READY image.
     pub async fn list(&self) -> Result<Vec<ImageInfo>, ServiceError> {
-        Ok(self
-            .puller()
-            .list(self.session(None, Arc::new(crate::registry::NoProgress)))
-            .await?)
+        Ok(self.puller().list(self.session(None, Arc::new(crate::registry::NoProgress))).await?)
     }
 
     /// Removes the image `reference` names, then collects what it no longer holds. Returns
@@ -486,22 +411,14 @@ impl ImageService {
         // A pull of the same reference in flight finishes first (or fails, or is dropped).
         let pulls: Vec<_> = {
             let map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            map.iter()
-                .filter(|((r, _), _)| r == reference)
-                .map(|(_, rx)| rx.clone())
-                .collect()
+            map.iter().filter(|((r, _), _)| r == reference).map(|(_, rx)| rx.clone()).collect()
         };
         for mut rx in pulls {
             let _ = rx.wait_for(Option::is_some).await;
         }
         let before = self.backend.images.list().await?.len();
         let census = self.backend.leases.census().await?;
-        self.puller()
-            .remove(
-                self.session(None, Arc::new(crate::registry::NoProgress)),
-                reference,
-            )
-            .await?;
+        self.puller().remove(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?;
         let removed = before.saturating_sub(self.backend.images.list().await?.len());
         let report = self.backend.leases.collect_since(census).await?;
         Ok((removed, report))
@@ -514,11 +431,7 @@ impl ImageService {
         if info.size > crate::registry::MAX_MANIFEST {
             return Err(Error::ResourceExhausted(format!("config {digest} is too large")).into());
         }
-        let bytes = self
-            .backend
-            .content
-            .read(&digest, 0, info.size as usize)
-            .await?;
+        let bytes = self.backend.content.read(&digest, 0, info.size as usize).await?;
         Ok(serde_json::from_slice(&bytes).map_err(Error::Corrupt)?)
     }
 }

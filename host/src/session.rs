@@ -94,9 +94,7 @@ impl Session {
         progress: Arc<dyn Progress>,
     ) -> Session {
         Session {
-            downloads: Arc::new(Semaphore::new(
-                registry.max_concurrent_downloads().max(1) + 1,
-            )),
+            downloads: Arc::new(Semaphore::new(registry.max_concurrent_downloads().max(1) + 1)),
             backend,
             registry,
             lease,
@@ -146,9 +144,9 @@ impl Session {
 
     /// The lease writes go under; `FailedPrecondition` for a request that may not write.
     pub fn lease(&self) -> Result<&LeaseId> {
-        self.lease.as_ref().ok_or_else(|| {
-            Error::FailedPrecondition("only pull-image may write to the stores".into())
-        })
+        self.lease
+            .as_ref()
+            .ok_or_else(|| Error::FailedPrecondition("only pull-image may write to the stores".into()))
     }
 
     /// Starts downloading `desc` from `repo` unless this session already does.
@@ -160,43 +158,21 @@ impl Session {
             return Ok(());
         }
         if fetches.len() >= MAX_FETCHES {
-            return Err(Error::ResourceExhausted(format!(
-                "one request may fetch at most {MAX_FETCHES} blobs"
-            )));
+            return Err(Error::ResourceExhausted(format!("one request may fetch at most {MAX_FETCHES} blobs")));
         }
-        let (backend, registry, progress) = (
-            self.backend.clone(),
-            self.registry.clone(),
-            self.progress.clone(),
-        );
+        let (backend, registry, progress) = (self.backend.clone(), self.registry.clone(), self.progress.clone());
         let (repo, desc2, permits) = (repo.clone(), desc.clone(), self.downloads.clone());
         let (credentials, cancel) = (self.credentials.clone(), self.cancel.clone());
         let stage = self.backend.differ.stage(desc);
         if let Some(stage) = &stage {
-            self.stages
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(desc.digest.clone(), stage.clone());
+            self.stages.lock().unwrap_or_else(|e| e.into_inner()).insert(desc.digest.clone(), stage.clone());
         }
         let task = tokio::spawn(async move {
             let stage = EndStage(stage);
             let download = async {
-                let _permit = permits
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Error::Cancelled("download queue closed".into()))?;
+                let _permit = permits.acquire_owned().await.map_err(|_| Error::Cancelled("download queue closed".into()))?;
                 let (content, stage) = (backend.content.as_ref(), stage.0.as_deref());
-                registry
-                    .fetch(
-                        &repo,
-                        &desc2,
-                        content,
-                        &lease,
-                        stage,
-                        progress.as_ref(),
-                        &credentials,
-                    )
-                    .await
+                registry.fetch(&repo, &desc2, content, &lease, stage, progress.as_ref(), &credentials).await
             };
             tokio::select! {
                 r = download => r,
@@ -221,23 +197,13 @@ impl Session {
 
     /// The layer `digest` as unpacked while it downloaded, if this session stages it.
     pub fn stage(&self, digest: &Digest) -> Option<Arc<dyn Stage>> {
-        self.stages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(digest)
-            .cloned()
+        self.stages.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()
     }
 
     /// Deletes what was unpacked while downloading and never applied, and waits until it is
     /// gone: called when the request ends, after its downloads have.
     pub async fn discard_stages(&self) {
-        let stages: Vec<_> = self
-            .stages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .map(|(_, s)| s)
-            .collect();
+        let stages: Vec<_> = self.stages.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, s)| s).collect();
         for stage in stages {
             stage.discard().await;
         }
@@ -245,12 +211,7 @@ impl Session {
 
     /// Waits for a download of `digest` started by this session, if there is one.
     pub async fn wait_fetched(&self, digest: &Digest) -> Result<(), Arc<Error>> {
-        let fut = self
-            .fetches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(digest)
-            .map(|(f, _)| f.clone());
+        let fut = self.fetches.lock().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(f, _)| f.clone());
         match fut {
             Some(f) => f.await,
             None => Ok(()),
@@ -260,13 +221,8 @@ impl Session {
     /// Waits for every download this session started; the first error wins. Used when the
     /// request ends, so no task outlives it and writes under a lease that is being released.
     pub async fn settle(&self) -> Result<(), Arc<Error>> {
-        let all: Vec<FetchFuture> = self
-            .fetches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|(f, _)| f.clone())
-            .collect();
+        let all: Vec<FetchFuture> =
+            self.fetches.lock().unwrap_or_else(|e| e.into_inner()).values().map(|(f, _)| f.clone()).collect();
         let mut first = Ok(());
         for f in all {
             if let Err(e) = f.await {
@@ -281,12 +237,7 @@ impl Session {
     /// Stops every download this session started (a failed or cancelled request), then waits
     /// until they have stopped.
     pub async fn abort(&self) {
-        for (_, handle) in self
-            .fetches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
+        for (_, handle) in self.fetches.lock().unwrap_or_else(|e| e.into_inner()).values() {
             handle.abort();
         }
         let _ = self.settle().await;

@@ -48,40 +48,21 @@ impl Verdict {
         match result {
             Ok(_) => Verdict::Allow,
             Err((Code::PermissionDenied, message)) => Verdict::Deny(message.clone()),
-            Err((code, message)) => Verdict::Failed {
-                code: *code,
-                message: message.clone(),
-            },
+            Err((code, message)) => Verdict::Failed { code: *code, message: message.clone() },
         }
     }
 }
 
 /// Runs `puller`'s `pull-image` for the recorded request on a replay of `recording`.
 pub async fn judge(puller: &Puller, recording: &Recording) -> Verdict {
-    let request = recording.request.context.request(
-        &recording.request.reference,
-        recording.request.platform.clone(),
-    );
+    let request = recording.request.context.request(&recording.request.reference, recording.request.platform.clone());
     let (backend, remote) = Replay::open(recording.clone());
     let lease = match backend.leases.create().await {
         Ok(l) => l,
-        Err(e) => {
-            return Verdict::Failed {
-                code: e.code(),
-                message: e.chain(),
-            }
-        }
+        Err(e) => return Verdict::Failed { code: e.code(), message: e.chain() },
     };
-    let session = Arc::new(Session::new(
-        backend,
-        remote,
-        Some(lease),
-        Arc::new(NoProgress),
-    ));
-    let result = puller
-        .pull(session.clone(), &request)
-        .await
-        .map_err(|e| (e.code(), e.to_string()));
+    let session = Arc::new(Session::new(backend, remote, Some(lease), Arc::new(NoProgress)));
+    let result = puller.pull(session.clone(), &request).await.map_err(|e| (e.code(), e.to_string()));
     session.abort().await;
     Verdict::of(&result)
 }
@@ -103,12 +84,8 @@ impl Comparison {
     /// Compares two verdicts.
     pub fn of(real: Verdict, shadow: Verdict) -> Comparison {
         match (&real, &shadow) {
-            (Verdict::Allow, Verdict::Allow) | (Verdict::Deny(_), Verdict::Deny(_)) => {
-                Comparison::Agree
-            }
-            (Verdict::Failed { .. }, _) | (_, Verdict::Failed { .. }) => {
-                Comparison::Inconclusive { real, shadow }
-            }
+            (Verdict::Allow, Verdict::Allow) | (Verdict::Deny(_), Verdict::Deny(_)) => Comparison::Agree,
+            (Verdict::Failed { .. }, _) | (_, Verdict::Failed { .. }) => Comparison::Inconclusive { real, shadow },
             _ => Comparison::Disagree { real, shadow },
         }
     }
@@ -142,21 +119,14 @@ pub struct Shadow {
 impl Shadow {
     /// A shadow running `puller` (configured with its own settings), reporting to `report`.
     pub fn new(puller: Puller, report: Report) -> Shadow {
-        Shadow {
-            puller,
-            report,
-            running: Arc::new(tokio::sync::Semaphore::new(SHADOW_CONCURRENCY)),
-        }
+        Shadow { puller, report, running: Arc::new(tokio::sync::Semaphore::new(SHADOW_CONCURRENCY)) }
     }
 
     /// Judges `recording` in the background (see [`Shadow::compare`]), unless
     /// [`SHADOW_CONCURRENCY`] judgments are running: then the pull is reported as skipped.
     pub fn spawn_compare(self: Arc<Self>, recording: Recording, real: Verdict) {
         let Ok(permit) = self.running.clone().try_acquire_owned() else {
-            tracing::info!(
-                reference = recording.request.reference,
-                "shadow puller busy; this pull is not judged"
-            );
+            tracing::info!(reference = recording.request.reference, "shadow puller busy; this pull is not judged");
             (self.report)(&Comparison::Skipped);
             return;
         };
@@ -207,4 +177,24 @@ fn detail(real: &Verdict, shadow: &Verdict) -> String {
         Verdict::Deny(m) | Verdict::Failed { message: m, .. } => m.clone(),
     };
     format!("pull: {}; shadow: {}", msg(real), msg(shadow))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_against_deny_disagrees_and_a_failure_decides_nothing() {
+        let deny = || Verdict::Deny("policy denies x: rule r".into());
+        let failed = || Verdict::Failed { code: Code::NotFound, message: "not in the recording".into() };
+        assert_eq!(Comparison::of(Verdict::Allow, Verdict::Allow), Comparison::Agree);
+        assert_eq!(Comparison::of(deny(), Verdict::Deny("other rule".into())), Comparison::Agree);
+        assert_eq!(Comparison::of(Verdict::Allow, deny()).word(), "disagree");
+        assert_eq!(Comparison::of(deny(), Verdict::Allow).word(), "disagree");
+        assert_eq!(Comparison::of(Verdict::Allow, failed()).word(), "inconclusive");
+        assert_eq!(Comparison::of(failed(), deny()).word(), "inconclusive");
+        let refused: Result<(), (Code, String)> = Err((Code::PermissionDenied, "no".into()));
+        assert_eq!(Verdict::of(&refused), Verdict::Deny("no".into()));
+        assert_eq!(Verdict::of(&Ok::<(), (Code, String)>(())).word(), "allow");
+    }
 }

@@ -73,10 +73,7 @@ impl Bomb {
     /// The layer (with the archive's end marker appended).
     pub fn finish(self) -> Result<GzipLayer> {
         let bomb = self.part(Part::Bytes(vec![0; 1024]))?;
-        Ok(GzipLayer {
-            gz: bomb.gz,
-            diff_id: format!("sha256:{}", hex::encode(bomb.hash.finalize())),
-        })
+        Ok(GzipLayer { gz: bomb.gz, diff_id: format!("sha256:{}", hex::encode(bomb.hash.finalize())) })
     }
 
     /// Bytes of uncompressed stream so far.
@@ -101,9 +98,7 @@ pub fn header(kind: EntryType, name: &str, size: u64) -> Header {
 
 /// A regular file `name` holding `data`, padded.
 pub fn file(name: &str, data: &[u8]) -> Vec<u8> {
-    let mut out = header(EntryType::Regular, name, data.len() as u64)
-        .as_bytes()
-        .to_vec();
+    let mut out = header(EntryType::Regular, name, data.len() as u64).as_bytes().to_vec();
     out.extend_from_slice(data);
     out.resize(out.len().next_multiple_of(512), 0);
     out
@@ -112,11 +107,7 @@ pub fn file(name: &str, data: &[u8]) -> Vec<u8> {
 /// A GNU long name (`L`) of `size` bytes, then a file.
 pub fn long_name(size: u64) -> Result<GzipLayer> {
     Bomb::new()
-        .part(Part::Bytes(
-            header(EntryType::GNULongName, "././@LongLink", size)
-                .as_bytes()
-                .to_vec(),
-        ))?
+        .part(Part::Bytes(header(EntryType::GNULongName, "././@LongLink", size).as_bytes().to_vec()))?
         .part(Part::Repeat(b'n', size))?
         .part(Part::Bytes(file("after-the-name", b"x")))?
         .finish()
@@ -130,11 +121,7 @@ pub fn pax_record(size: u64) -> Result<GzipLayer> {
     first.resize(CHUNK, b'p');
     *first.last_mut().unwrap() = b'/';
     Bomb::new()
-        .part(Part::Bytes(
-            header(EntryType::XHeader, "PaxHeaders/bomb", size)
-                .as_bytes()
-                .to_vec(),
-        ))?
+        .part(Part::Bytes(header(EntryType::XHeader, "PaxHeaders/bomb", size).as_bytes().to_vec()))?
         .part(Part::Bytes(first))?
         .part(Part::Repeat(b'p', size - CHUNK as u64))?
         .part(Part::Bytes(file("after-the-record", b"x")))?
@@ -171,9 +158,7 @@ pub fn sparse_file(name: &str, real_size: u64) -> Result<GzipLayer> {
 /// A regular file `name` of `size` zero bytes (a whole number of MiB).
 pub fn zeros(name: &str, size: u64) -> Result<GzipLayer> {
     Bomb::new()
-        .part(Part::Bytes(
-            header(EntryType::Regular, name, size).as_bytes().to_vec(),
-        ))?
+        .part(Part::Bytes(header(EntryType::Regular, name, size).as_bytes().to_vec()))?
         .part(Part::Repeat(0, size))?
         .finish()
 }
@@ -182,15 +167,7 @@ pub fn zeros(name: &str, size: u64) -> Result<GzipLayer> {
 /// name: `mkdir -p` walks it with relative paths).
 pub fn deep_tree(dir: &Path, levels: usize) -> Result<()> {
     let chain = "d/".repeat(levels);
-    let out = Command::new("mkdir")
-        .arg("-p")
-        .arg(&chain)
-        .current_dir(dir)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "mkdir -p of {levels} levels: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("mkdir").arg("-p").arg(&chain).current_dir(dir).output()?;
+    ensure!(out.status.success(), "mkdir -p of {levels} levels: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }

@@ -68,23 +68,11 @@ impl ConfiguredRegistry {
 
     /// As [`ConfiguredRegistry::start`], but blob GETs are redirected (307) to `base_url`
     /// (`scheme://host:port`) plus the blob's path in `storage`.
-    pub fn start_redirecting(
-        storage: &Path,
-        auth: &Auth,
-        tls: Option<&Tls>,
-        base_url: &str,
-    ) -> Result<Self> {
-        start_retrying(REGISTRY_BIN, || {
-            Self::try_start(storage, auth, tls, Some(base_url))
-        })
+    pub fn start_redirecting(storage: &Path, auth: &Auth, tls: Option<&Tls>, base_url: &str) -> Result<Self> {
+        start_retrying(REGISTRY_BIN, || Self::try_start(storage, auth, tls, Some(base_url)))
     }
 
-    fn try_start(
-        storage: &Path,
-        auth: &Auth,
-        tls: Option<&Tls>,
-        redirect: Option<&str>,
-    ) -> Result<Self> {
+    fn try_start(storage: &Path, auth: &Auth, tls: Option<&Tls>, redirect: Option<&str>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("pullbox-registry-cfg-")
             .tempdir()?
@@ -173,15 +161,10 @@ impl BlobStorage {
     /// Serves `storage` on a free port of 127.0.0.1.
     pub fn start(storage: &Path) -> Result<Self> {
         start_retrying(BUSYBOX, || {
-            let dir = tempfile::Builder::new()
-                .prefix("pullbox-blob-storage-")
-                .tempdir()?
-                .keep();
+            let dir = tempfile::Builder::new().prefix("pullbox-blob-storage-").tempdir()?.keep();
             let addr = loopback_addr()?;
             let mut command = Command::new(BUSYBOX);
-            command
-                .args(["httpd", "-f", "-p", &addr, "-h"])
-                .arg(storage);
+            command.args(["httpd", "-f", "-p", &addr, "-h"]).arg(storage);
             let service = Service::start(Spec {
                 name: "busybox httpd",
                 command,
@@ -190,13 +173,8 @@ impl BlobStorage {
                 cleanup: "",
                 stop_timeout: Duration::from_secs(5),
             })?
-            .ready(&addr, Duration::from_secs(10), || {
-                TcpStream::connect(&addr).is_ok()
-            })?;
-            Ok(BlobStorage {
-                addr,
-                _service: service,
-            })
+            .ready(&addr, Duration::from_secs(10), || TcpStream::connect(&addr).is_ok())?;
+            Ok(BlobStorage { addr, _service: service })
         })
     }
 

@@ -153,10 +153,7 @@ impl Containerd {
     /// The lines of a `pullbox serve` config that put its images in this containerd (the
     /// default namespace, `k8s.io`, which containerd's own CRI serves).
     pub fn pullbox_config(&self) -> String {
-        format!(
-            "backend = \"containerd\"\n[containerd]\naddress = {:?}\n",
-            self.socket.display().to_string()
-        )
+        format!("backend = \"containerd\"\n[containerd]\naddress = {:?}\n", self.socket.display().to_string())
     }
 
     /// containerd's directory (config, log, root, state). It is deleted when containerd stops.

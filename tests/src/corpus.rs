@@ -37,8 +37,8 @@ use serde_json::Value;
 
 use crate::fixture::fixture;
 use crate::oci::{
-    is_root, sha256_digest, skopeo, skopeo_copy, Layout, MEDIA_TYPE_LAYER_TAR,
-    MEDIA_TYPE_LAYER_ZSTD, MEDIA_TYPE_MANIFEST,
+    is_root, sha256_digest, skopeo, skopeo_copy, Layout, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD,
+    MEDIA_TYPE_MANIFEST,
 };
 use crate::process::tool;
 
@@ -86,12 +86,7 @@ fn build() -> Result<Corpus> {
     layout.add_layer("corpus", layer1)?;
     layout.add_layer("corpus", layer2)?;
     layout.add_layer("corpus", layer3)?;
-    raw_layer(
-        &layout,
-        "corpus",
-        &opaque_layer()?,
-        &work.join("opaque.tar"),
-    )?;
+    raw_layer(&layout, "corpus", &opaque_layer()?, &work.join("opaque.tar"))?;
     raw_layer(&layout, "corpus", &[0u8; 1024], &work.join("empty.tar"))?;
     layout.add_layer("corpus", layer6)?;
     layout.config("corpus", &["--config.cmd", "/bin/tool"])?;
@@ -109,23 +104,10 @@ fn build() -> Result<Corpus> {
 
     let app = &fixture().layout;
     app.config_as("app", "store-app-plus", &["--no-history"])?;
-    app.add_layer("store-app-plus", |root| {
-        write(root, "opt/app/plus.txt", "one more layer\n", 0o644)
-    })?;
+    app.add_layer("store-app-plus", |root| write(root, "opt/app/plus.txt", "one more layer\n", 0o644))?;
     let app_plus = format!("{addr}/store/app-plus:1");
-    skopeo_copy(
-        &format!("oci:{}", app.image("store-app-plus")),
-        &format!("docker://{app_plus}"),
-        &[],
-    )?;
-    Ok(Corpus {
-        image,
-        mixed,
-        mixed_media_types,
-        id,
-        app_plus,
-        rootfs,
-    })
+    skopeo_copy(&format!("oci:{}", app.image("store-app-plus")), &format!("docker://{app_plus}"), &[])?;
+    Ok(Corpus { image, mixed, mixed_media_types, id, app_plus, rootfs })
 }
 
 fn write(root: &Path, path: &str, contents: impl AsRef<[u8]>, mode: u32) -> Result<()> {
@@ -160,12 +142,7 @@ fn layer1(root: &Path) -> Result<()> {
     write(root, "etc/gone.txt", "deleted in layer 3\n", 0o644)?;
     write(root, "etc/dir-gone/a", "a\n", 0o644)?;
     write(root, "etc/dir-gone/b/c", "c\n", 0o644)?;
-    write(
-        root,
-        "var/cache/old1",
-        "hidden by the opaque directory\n",
-        0o644,
-    )?;
+    write(root, "var/cache/old1", "hidden by the opaque directory\n", 0o644)?;
     write(root, "var/cache/sub/old2", "hidden too\n", 0o644)?;
     write(root, "bin/tool", "#!/bin/sh\necho tool\n", 0o755)?;
     write(root, "bin/su", "setuid\n", 0o4755)?;
@@ -186,41 +163,20 @@ fn layer1(root: &Path) -> Result<()> {
     symlink("/etc/keep.txt", root.join("etc/abs-link"))?;
     symlink("/nonexistent/target", root.join("etc/dangling"))?;
     fs::create_dir_all(root.join("run"))?;
-    run(Command::new("mkfifo")
-        .arg("-m")
-        .arg("0640")
-        .arg(root.join("run/fifo")))?;
+    run(Command::new("mkfifo").arg("-m").arg("0640").arg(root.join("run/fifo")))?;
     if is_root() {
         fs::create_dir_all(root.join("dev"))?;
-        run(Command::new("mknod")
-            .args(["-m", "0666"])
-            .arg(root.join("dev/null-copy"))
-            .args(["c", "1", "3"]))?;
+        run(Command::new("mknod").args(["-m", "0666"]).arg(root.join("dev/null-copy")).args(["c", "1", "3"]))?;
     }
-    write(
-        root,
-        "opt/was-file",
-        "a file in layer 1, a directory from layer 3\n",
-        0o644,
-    )?;
-    write(
-        root,
-        "opt/was-dir/child",
-        "a directory in layer 1, a file from layer 3\n",
-        0o644,
-    )?;
+    write(root, "opt/was-file", "a file in layer 1, a directory from layer 3\n", 0o644)?;
+    write(root, "opt/was-dir/child", "a directory in layer 1, a file from layer 3\n", 0o644)?;
     Ok(())
 }
 
 fn layer2(root: &Path) -> Result<()> {
     for i in 0..MANY_FILES {
         let (dir, file) = (i % MANY_DIRS, i / MANY_DIRS);
-        write(
-            root,
-            &format!("data/many/d{dir:02}/f{file:03}"),
-            format!("file {i}\n"),
-            0o644,
-        )?;
+        write(root, &format!("data/many/d{dir:02}/f{file:03}"), format!("file {i}\n"), 0o644)?;
     }
     write(root, "etc/keep.txt", "keep, version 2\n", 0o600)?;
     own(root, "etc/keep.txt", 1000, 1000)?;
@@ -232,12 +188,7 @@ fn layer3(root: &Path) -> Result<()> {
     fs::remove_dir_all(root.join("etc/dir-gone"))?;
     fs::remove_file(root.join("data/many/d00/f000"))?;
     fs::remove_file(root.join("opt/was-file"))?;
-    write(
-        root,
-        "opt/was-file/inside",
-        "now inside a directory\n",
-        0o644,
-    )?;
+    write(root, "opt/was-file/inside", "now inside a directory\n", 0o644)?;
     fs::remove_dir_all(root.join("opt/was-dir"))?;
     write(root, "opt/was-dir", "now a file\n", 0o640)?;
     fs::remove_file(root.join("etc/abs-link"))?;
@@ -249,18 +200,8 @@ fn layer3(root: &Path) -> Result<()> {
 }
 
 fn layer6(root: &Path) -> Result<()> {
-    write(
-        root,
-        "etc/last.txt",
-        "from the last layer (zstd in corpus-mixed)\n",
-        0o644,
-    )?;
-    write(
-        root,
-        "data/many/d01/f000",
-        "changed in the last layer\n",
-        0o644,
-    )?;
+    write(root, "etc/last.txt", "from the last layer (zstd in corpus-mixed)\n", 0o644)?;
+    write(root, "data/many/d01/f000", "changed in the last layer\n", 0o644)?;
     Ok(())
 }
 
@@ -290,23 +231,15 @@ fn opaque_layer() -> Result<Vec<u8>> {
 /// `umoci raw add-layer` of an uncompressed tar (umoci compresses it with gzip).
 fn raw_layer(layout: &Layout, tag: &str, tar: &[u8], file: &Path) -> Result<()> {
     fs::write(file, tar)?;
-    run(Command::new("umoci")
-        .args(["raw", "add-layer", "--image", &layout.image(tag)])
-        .arg(file))
+    run(Command::new("umoci").args(["raw", "add-layer", "--image", &layout.image(tag)]).arg(file))
 }
 
 /// The manifest of `corpus-mixed` (see the module docs), the image ID, the layer media types.
 fn mixed(layout: &Layout, work: &Path) -> Result<(Vec<u8>, String, Vec<String>)> {
-    let manifest: Value = serde_json::from_slice(
-        &layout.blob(layout.descriptor("corpus")?["digest"].as_str().unwrap())?,
-    )?;
+    let manifest: Value = serde_json::from_slice(&layout.blob(layout.descriptor("corpus")?["digest"].as_str().unwrap())?)?;
     let mut mixed = manifest.clone();
     let layers = mixed["layers"].as_array_mut().context("manifest layers")?;
-    ensure!(
-        layers.len() == LAYERS,
-        "corpus has {} layers, not {LAYERS}",
-        layers.len()
-    );
+    ensure!(layers.len() == LAYERS, "corpus has {} layers, not {LAYERS}", layers.len());
 
     // Layer 2, uncompressed.
     let gz = layout.blob(layers[1]["digest"].as_str().unwrap())?;
@@ -318,50 +251,22 @@ fn mixed(layout: &Layout, work: &Path) -> Result<(Vec<u8>, String, Vec<String>)>
     // Layer 6, zstd: skopeo recompresses the whole image; take that one layer.
     let zstd = work.join("zstd");
     tool(
-        skopeo(&[
-            "copy",
-            "--quiet",
-            "--dest-compress",
-            "--dest-compress-format",
-            "zstd",
-        ])
-        .args([
-            format!("oci:{}", layout.image("corpus")),
-            format!("oci:{}:corpus", zstd.display()),
-        ]),
+        skopeo(&["copy", "--quiet", "--dest-compress", "--dest-compress-format", "zstd"])
+            .args([format!("oci:{}", layout.image("corpus")), format!("oci:{}:corpus", zstd.display())]),
     )?;
     let zstd_layout: Value = serde_json::from_slice(&fs::read(zstd.join("index.json"))?)?;
-    let zstd_manifest_digest = zstd_layout["manifests"][0]["digest"]
-        .as_str()
-        .context("zstd manifest")?;
-    let zstd_blob = |digest: &str| {
-        fs::read(
-            zstd.join("blobs/sha256")
-                .join(digest.trim_start_matches("sha256:")),
-        )
-    };
+    let zstd_manifest_digest = zstd_layout["manifests"][0]["digest"].as_str().context("zstd manifest")?;
+    let zstd_blob = |digest: &str| fs::read(zstd.join("blobs/sha256").join(digest.trim_start_matches("sha256:")));
     let zstd_manifest: Value = serde_json::from_slice(&zstd_blob(zstd_manifest_digest)?)?;
     let last = zstd_manifest["layers"][LAYERS - 1].clone();
-    ensure!(
-        last["mediaType"] == MEDIA_TYPE_LAYER_ZSTD,
-        "skopeo did not write a zstd layer: {last}"
-    );
+    ensure!(last["mediaType"] == MEDIA_TYPE_LAYER_ZSTD, "skopeo did not write a zstd layer: {last}");
     let bytes = zstd_blob(last["digest"].as_str().unwrap())?;
-    ensure!(
-        sha256_digest(&bytes) == last["digest"].as_str().unwrap(),
-        "zstd layer digest"
-    );
+    ensure!(sha256_digest(&bytes) == last["digest"].as_str().unwrap(), "zstd layer digest");
     layout.write_blob(&bytes)?;
     layers[LAYERS - 1] = last;
 
-    let media_types = layers
-        .iter()
-        .map(|l| l["mediaType"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    let id = mixed["config"]["digest"]
-        .as_str()
-        .context("config digest")?
-        .to_owned();
+    let media_types = layers.iter().map(|l| l["mediaType"].as_str().unwrap_or_default().to_owned()).collect();
+    let id = mixed["config"]["digest"].as_str().context("config digest")?.to_owned();
     Ok((serde_json::to_vec(&mixed)?, id, media_types))
 }
 
@@ -370,15 +275,12 @@ fn tag_manifest(layout: &Layout, tag: &str, manifest: &[u8]) -> Result<()> {
     let digest = layout.write_blob(manifest)?;
     let path = layout.dir().join("index.json");
     let mut index: Value = serde_json::from_slice(&fs::read(&path)?)?;
-    index["manifests"]
-        .as_array_mut()
-        .context("index.json manifests")?
-        .push(serde_json::json!({
-            "mediaType": MEDIA_TYPE_MANIFEST,
-            "digest": digest,
-            "size": manifest.len(),
-            "annotations": { "org.opencontainers.image.ref.name": tag },
-        }));
+    index["manifests"].as_array_mut().context("index.json manifests")?.push(serde_json::json!({
+        "mediaType": MEDIA_TYPE_MANIFEST,
+        "digest": digest,
+        "size": manifest.len(),
+        "annotations": { "org.opencontainers.image.ref.name": tag },
+    }));
     fs::write(&path, serde_json::to_vec(&index)?)?;
     Ok(())
 }

@@ -29,11 +29,7 @@ pub async fn connect(socket: &Path) -> Result<ImageServiceClient<Channel>> {
     let channel = Endpoint::try_from("http://[::]:50051")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
         }))
         .await
         .context("cannot connect to the CRI socket")?;
@@ -58,11 +54,7 @@ impl Daemon {
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
-            format!(
-                "socket = {:?}\nroot = {:?}\n{extra}\n",
-                socket.display().to_string(),
-                root.display().to_string()
-            ),
+            format!("socket = {:?}\nroot = {:?}\n{extra}\n", socket.display().to_string(), root.display().to_string()),
         )?;
         let stderr = dir.path().join("stderr.log");
         let child = Command::new(Pullbox::bin()?)
@@ -77,23 +69,14 @@ impl Daemon {
             .stderr(std::fs::File::create(&stderr)?)
             .spawn()
             .context("cannot start pullbox serve")?;
-        let mut d = Daemon {
-            child: Some(child),
-            dir,
-            socket,
-            stderr,
-        };
+        let mut d = Daemon { child: Some(child), dir, socket, stderr };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
             if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("pullbox serve exited with {status}: {}", d.log());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "pullbox serve did not open {} in 30 s: {}",
-                    d.socket.display(),
-                    d.log()
-                );
+                bail!("pullbox serve did not open {} in 30 s: {}", d.socket.display(), d.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -117,17 +100,8 @@ impl Daemon {
 
     /// Sends `signal` (for example `HUP`) to the daemon.
     pub fn signal(&self, signal: &str) -> Result<()> {
-        let pid = self
-            .child
-            .as_ref()
-            .context("daemon stopped")?
-            .id()
-            .to_string();
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(&pid)
-            .status()?
-            .success();
+        let pid = self.child.as_ref().context("daemon stopped")?.id().to_string();
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(&pid).status()?.success();
         anyhow::ensure!(ok, "kill -{signal} {pid} failed");
         Ok(())
     }
@@ -139,9 +113,7 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the exit; returns whether it exited successfully.
     pub fn stop(&mut self) -> Result<bool> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(true);
-        };
+        let Some(mut child) = self.child.take() else { return Ok(true) };
         let pid = child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status()?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -179,11 +151,7 @@ pub fn grpcio_call(socket: &Path, method: &str) -> Result<std::result::Result<Ve
         Some(p) => PathBuf::from(p),
         None => Pullbox::workspace().join("target/grpcio/bin/python"),
     };
-    anyhow::ensure!(
-        python.is_file(),
-        "{} not found: run `make setup`",
-        python.display()
-    );
+    anyhow::ensure!(python.is_file(), "{} not found: run `make setup`", python.display());
     // An empty protobuf message is empty bytes: no generated code is needed. Prints the
     // grpcio version, then the response in hex or the status code and message.
     const SCRIPT: &str = r#"
@@ -200,10 +168,7 @@ except grpc.RpcError as e:
     let out = crate::process::run(cmd, Duration::from_secs(30))?;
     let mut lines = out.stdout.lines();
     let version = lines.next().unwrap_or_default();
-    anyhow::ensure!(
-        version == GRPCIO_VERSION,
-        "grpcio {version:?} instead of {GRPCIO_VERSION}: run `make setup`\n{out}"
-    );
+    anyhow::ensure!(version == GRPCIO_VERSION, "grpcio {version:?} instead of {GRPCIO_VERSION}: run `make setup`\n{out}");
     match lines.next().and_then(|l| l.split_once(' ')) {
         Some(("ok", hex)) => Ok(Ok(hex::decode(hex.trim()).context("grpcio's answer")?)),
         Some(("error", status)) => Ok(Err(status.to_owned())),

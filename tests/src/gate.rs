@@ -79,23 +79,12 @@ impl GateProxy {
     /// Holds the response bodies of requests whose path contains `needle` after `after`
     /// bytes, until [`GateProxy::release`].
     pub fn hold(&self, needle: &str, after: u64) {
-        self.state.gates.lock().unwrap().push(Gate {
-            needle: needle.to_owned(),
-            after,
-            open: false,
-        });
+        self.state.gates.lock().unwrap().push(Gate { needle: needle.to_owned(), after, open: false });
     }
 
     /// Lets the responses held for `needle` go on (and those to come pass).
     pub fn release(&self, needle: &str) {
-        for gate in self
-            .state
-            .gates
-            .lock()
-            .unwrap()
-            .iter_mut()
-            .filter(|g| g.needle == needle)
-        {
+        for gate in self.state.gates.lock().unwrap().iter_mut().filter(|g| g.needle == needle) {
             gate.open = true;
         }
         self.state.changed.notify_all();
@@ -113,10 +102,7 @@ impl GateProxy {
 
     /// The GETs whose path contains `needle` that started a download (no `Range`).
     pub fn downloads(&self, needle: &str) -> usize {
-        self.requests()
-            .iter()
-            .filter(|r| r.method == "GET" && r.range.is_none() && r.path.contains(needle))
-            .count()
+        self.requests().iter().filter(|r| r.method == "GET" && r.range.is_none() && r.path.contains(needle)).count()
     }
 }
 
@@ -171,9 +157,7 @@ fn closing(head: &[String]) -> Vec<u8> {
 fn handle(client: TcpStream, upstream: &str, state: &State) -> io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client = client;
-    let Some(head) = read_head(&mut reader)? else {
-        return Ok(());
-    };
+    let Some(head) = read_head(&mut reader)? else { return Ok(()) };
     let mut parts = head[0].split_whitespace();
     let request = Request {
         method: parts.next().unwrap_or_default().to_owned(),
@@ -181,17 +165,13 @@ fn handle(client: TcpStream, upstream: &str, state: &State) -> io::Result<()> {
         range: header(&head, "range").map(str::to_owned),
     };
     state.log.lock().unwrap().push(request.clone());
-    let body_len: u64 = header(&head, "content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let body_len: u64 = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
 
     let mut up = TcpStream::connect(upstream)?;
     up.write_all(&closing(&head))?;
     io::copy(&mut (&mut reader).take(body_len), &mut up)?;
     let mut up_reader = BufReader::new(up);
-    let Some(response) = read_head(&mut up_reader)? else {
-        return Ok(());
-    };
+    let Some(response) = read_head(&mut up_reader)? else { return Ok(()) };
     client.write_all(&closing(&response))?;
 
     let mut sent = 0u64;
@@ -204,10 +184,7 @@ fn handle(client: TcpStream, upstream: &str, state: &State) -> io::Result<()> {
         let mut chunk = &buf[..n];
         let gate_at = {
             let gates = state.gates.lock().unwrap();
-            gates
-                .iter()
-                .find(|g| !g.open && request.path.contains(&g.needle))
-                .map(|g| g.after)
+            gates.iter().find(|g| !g.open && request.path.contains(&g.needle)).map(|g| g.after)
         };
         if let Some(at) = gate_at.filter(|&at| sent + chunk.len() as u64 > at) {
             let before = (at.saturating_sub(sent)) as usize;
@@ -226,14 +203,8 @@ fn handle(client: TcpStream, upstream: &str, state: &State) -> io::Result<()> {
 fn wait_open(state: &State, path: &str) {
     *state.held.lock().unwrap() += 1;
     let mut gates = state.gates.lock().unwrap();
-    while !state.stop.load(Ordering::SeqCst)
-        && gates.iter().any(|g| !g.open && path.contains(&g.needle))
-    {
-        gates = state
-            .changed
-            .wait_timeout(gates, Duration::from_millis(200))
-            .unwrap()
-            .0;
+    while !state.stop.load(Ordering::SeqCst) && gates.iter().any(|g| !g.open && path.contains(&g.needle)) {
+        gates = state.changed.wait_timeout(gates, Duration::from_millis(200)).unwrap().0;
     }
     drop(gates);
     *state.held.lock().unwrap() -= 1;

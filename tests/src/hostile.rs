@@ -17,9 +17,7 @@ use anyhow::{ensure, Result};
 use serde_json::json;
 use tar::{EntryType, Header};
 
-use crate::oci::{
-    sha256_digest, skopeo_copy, Platform, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST,
-};
+use crate::oci::{sha256_digest, skopeo_copy, Platform, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST};
 use crate::registry::Registry;
 
 /// A tar archive built entry by entry, names and link targets taken verbatim.
@@ -38,14 +36,7 @@ impl HostileTar {
 
     /// An entry with `name` and `link` written verbatim: in the header's 100-byte fields, or,
     /// when longer, in PAX `path` and `linkpath` records, as GNU tar and Go write them.
-    pub fn entry(
-        &mut self,
-        kind: EntryType,
-        name: &str,
-        link: &str,
-        mode: u32,
-        data: &[u8],
-    ) -> &mut Self {
+    pub fn entry(&mut self, kind: EntryType, name: &str, link: &str, mode: u32, data: &[u8]) -> &mut Self {
         let mut h = Header::new_gnu();
         h.set_entry_type(kind);
         h.set_mode(mode);
@@ -90,18 +81,13 @@ impl HostileTar {
 
     /// The archive (with its end-of-archive marker).
     pub fn finish(&mut self) -> Vec<u8> {
-        std::mem::replace(&mut self.0, tar::Builder::new(Vec::new()))
-            .into_inner()
-            .unwrap()
+        std::mem::replace(&mut self.0, tar::Builder::new(Vec::new())).into_inner().unwrap()
     }
 }
 
 /// A name no other test run uses: process id and time.
 pub fn nonce() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
     format!("pullbox-hostile-{}-{nanos}", std::process::id())
 }
 
@@ -114,21 +100,8 @@ fn gzip(data: &[u8]) -> Result<Vec<u8>> {
 /// Pushes an image whose layers are `layers` (uncompressed tars, bottom first, gzip-compressed
 /// here) as `ADDR/<name>`, for the host's platform; returns the reference. `work` is a
 /// scratch directory for the layout.
-pub fn push_image(
-    registry: &Registry,
-    name: &str,
-    layers: &[Vec<u8>],
-    work: &Path,
-) -> Result<String> {
-    let blobs = layers
-        .iter()
-        .map(|tar| {
-            Ok(GzipLayer {
-                gz: gzip(tar)?,
-                diff_id: sha256_digest(tar),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+pub fn push_image(registry: &Registry, name: &str, layers: &[Vec<u8>], work: &Path) -> Result<String> {
+    let blobs = layers.iter().map(|tar| Ok(GzipLayer { gz: gzip(tar)?, diff_id: sha256_digest(tar) })).collect::<Result<Vec<_>>>()?;
     push_layers(registry, name, &blobs, work)
 }
 
@@ -140,12 +113,7 @@ pub struct GzipLayer {
 
 /// [`push_image`] for layers already compressed (the layer bombs of [`crate::bombs`], whose
 /// uncompressed form is too large to hold).
-pub fn push_layers(
-    registry: &Registry,
-    name: &str,
-    layers: &[GzipLayer],
-    work: &Path,
-) -> Result<String> {
+pub fn push_layers(registry: &Registry, name: &str, layers: &[GzipLayer], work: &Path) -> Result<String> {
     let dir = work.join(format!("layout-{}", name.replace(['/', ':'], "-")));
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs)?;
@@ -189,10 +157,6 @@ pub fn push_layers(
     )?;
     ensure!(name.contains(':'), "name the image with a tag: {name}");
     let reference = format!("{}/{name}", registry.addr());
-    skopeo_copy(
-        &format!("oci:{}:image", dir.display()),
-        &format!("docker://{reference}"),
-        &[],
-    )?;
+    skopeo_copy(&format!("oci:{}:image", dir.display()), &format!("docker://{reference}"), &[])?;
     Ok(reference)
 }

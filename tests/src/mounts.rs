@@ -60,10 +60,7 @@ impl<'a> Mounted<'a> {
         let out = self.pb.run("unmount", [dir.path()]);
         if !out.success() {
             // Never leave a mount behind a failed test; the directory then stays too.
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(dir.path())
-                .status();
+            let _ = std::process::Command::new("umount").arg("-l").arg(dir.path()).status();
             let _ = dir.keep();
         }
         out
@@ -94,10 +91,7 @@ pub fn link_groups(root: &Path) -> Result<BTreeSet<Vec<PathBuf>>> {
             if meta.is_dir() {
                 stack.push(rel);
             } else if meta.nlink() > 1 {
-                by_inode
-                    .entry((meta.dev(), meta.ino()))
-                    .or_default()
-                    .push(rel);
+                by_inode.entry((meta.dev(), meta.ino())).or_default().push(rel);
             }
         }
     }
@@ -144,9 +138,7 @@ pub struct Inventory {
 
 fn names(dir: &Path) -> Result<BTreeSet<String>> {
     match fs::read_dir(dir) {
-        Ok(entries) => entries
-            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
-            .collect(),
+        Ok(entries) => entries.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
         Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
     }
@@ -156,10 +148,7 @@ impl Inventory {
     /// Looks at the store under `root`.
     pub fn of(root: &Path) -> Result<Inventory> {
         let mut inv = Inventory {
-            blobs: names(&root.join("content/blobs/sha256"))?
-                .into_iter()
-                .map(|h| format!("sha256:{h}"))
-                .collect(),
+            blobs: names(&root.join("content/blobs/sha256"))?.into_iter().map(|h| format!("sha256:{h}")).collect(),
             ingests: names(&root.join("content/ingest"))?,
             mounts: names(&root.join("mounts"))?,
             staging: names(&root.join("staging"))?,

@@ -102,19 +102,14 @@ pub struct FaultProxy {
 
 impl std::fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultProxy")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
+        f.debug_struct("FaultProxy").field("addr", &self.addr).finish_non_exhaustive()
     }
 }
 
 impl FaultProxy {
     /// Starts a proxy on a free port of 127.0.0.1 that forwards to `upstream` (`host:port`).
     pub fn start(upstream: &str) -> Result<FaultProxy> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?.to_string();
         let state = Arc::new(State::default());
@@ -127,11 +122,7 @@ impl FaultProxy {
                 });
             }
         });
-        Ok(FaultProxy {
-            addr,
-            state,
-            runtime: Some(runtime),
-        })
+        Ok(FaultProxy { addr, state, runtime: Some(runtime) })
     }
 
     /// `127.0.0.1:PORT`: the registry address pullbox should use.
@@ -141,11 +132,7 @@ impl FaultProxy {
 
     /// Applies `fault` to the next `times` requests whose path contains `path_contains`.
     pub fn inject(&self, path_contains: &str, fault: Fault, times: usize) {
-        self.state.rules.lock().unwrap().push(Rule {
-            needle: path_contains.to_owned(),
-            fault,
-            remaining: times,
-        });
+        self.state.rules.lock().unwrap().push(Rule { needle: path_contains.to_owned(), fault, remaining: times });
     }
 
     /// Every request seen so far, in order.
@@ -160,10 +147,7 @@ impl FaultProxy {
 
     /// The requests whose path contains `needle`.
     pub fn requests_for(&self, needle: &str) -> Vec<Logged> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.path.contains(needle))
-            .collect()
+        self.requests().into_iter().filter(|r| r.path.contains(needle)).collect()
     }
 }
 
@@ -177,9 +161,7 @@ impl Drop for FaultProxy {
 
 /// Reads an HTTP head (up to and including the blank line); returns it and any bytes read
 /// after it. `None` when the peer closed before sending anything.
-pub(crate) async fn read_head<R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> io::Result<Option<(String, Vec<u8>)>> {
+pub(crate) async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<(String, Vec<u8>)>> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -195,10 +177,7 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin>(
             return if buf.is_empty() {
                 Ok(None)
             } else {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed inside a head",
-                ))
+                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a head"))
             };
         }
         buf.extend_from_slice(&chunk[..n]);
@@ -209,12 +188,7 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin>(
 fn closing(head: &str) -> String {
     let mut out = String::new();
     for line in head.trim_end_matches("\r\n").split("\r\n") {
-        let name = line
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
+        let name = line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
         if name == "connection" || name == "keep-alive" || name == "proxy-connection" {
             continue;
         }
@@ -233,17 +207,13 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 }
 
 async fn handle(mut client: TcpStream, upstream: &str, state: &State) -> io::Result<()> {
-    let Some((head, rest)) = read_head(&mut client).await? else {
-        return Ok(());
-    };
+    let Some((head, rest)) = read_head(&mut client).await? else { return Ok(()) };
     let mut words = head.split_whitespace();
     let method = words.next().unwrap_or_default().to_owned();
     let path = words.next().unwrap_or_default().to_owned();
     let fault = {
         let mut rules = state.rules.lock().unwrap();
-        let hit = rules
-            .iter_mut()
-            .find(|r| r.remaining > 0 && path.contains(&r.needle));
+        let hit = rules.iter_mut().find(|r| r.remaining > 0 && path.contains(&r.needle));
         hit.map(|r| {
             r.remaining -= 1;
             r.fault
@@ -258,16 +228,12 @@ async fn handle(mut client: TcpStream, upstream: &str, state: &State) -> io::Res
         headers: head
             .split("\r\n")
             .skip(1)
-            .filter_map(|l| {
-                l.split_once(':')
-                    .map(|(k, _)| k.trim().to_ascii_lowercase())
-            })
+            .filter_map(|l| l.split_once(':').map(|(k, _)| k.trim().to_ascii_lowercase()))
             .collect(),
         fault,
     });
     if let Some(Fault::Status(code)) = fault {
-        let answer =
-            format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let answer = format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         client.write_all(answer.as_bytes()).await?;
         return client.shutdown().await;
     }
@@ -278,9 +244,7 @@ async fn handle(mut client: TcpStream, upstream: &str, state: &State) -> io::Res
     let mut up = TcpStream::connect(upstream).await?;
     up.write_all(closing(&head).as_bytes()).await?;
     up.write_all(&rest).await?;
-    let Some((response, mut pending)) = read_head(&mut up).await? else {
-        return Ok(());
-    };
+    let Some((response, mut pending)) = read_head(&mut up).await? else { return Ok(()) };
     client.write_all(closing(&response).as_bytes()).await?;
 
     let mut sent: u64 = 0;

@@ -106,13 +106,7 @@ impl Registry {
 
     /// Pushes `manifest` (of media type `media_type`) as `repo:reference` through the
     /// registry API; the blobs and manifests it names must be in `repo` already.
-    pub fn put_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        manifest: &[u8],
-    ) -> Result<()> {
+    pub fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, manifest: &[u8]) -> Result<()> {
         let path = format!("/v2/{repo}/manifests/{reference}");
         let (status, response) = send(&self.addr, "PUT", &path, media_type, manifest)?;
         ensure!(status == 201, "PUT {path}: HTTP {status}: {response}");
@@ -145,21 +139,12 @@ pub(crate) fn serve(
 /// A minimal HTTP/1.0 client: enough for readiness probes, `HEAD` on blobs and pushes through
 /// the registry API, without pulling an HTTP stack into the harness. With a `content_type`,
 /// `body` is sent with it (a request without one has no body).
-pub fn send(
-    addr: &str,
-    method: &str,
-    path: &str,
-    content_type: &str,
-    body: &[u8],
-) -> Result<(u16, String)> {
+pub fn send(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n");
     if !content_type.is_empty() {
-        head += &format!(
-            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
-            body.len()
-        );
+        head += &format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n", body.len());
     }
     write!(stream, "{head}\r\n")?;
     stream.write_all(body)?;

@@ -51,9 +51,7 @@ pub struct TokenServer {
 
 impl std::fmt::Debug for TokenServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenServer")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
+        f.debug_struct("TokenServer").field("addr", &self.addr).finish_non_exhaustive()
     }
 }
 
@@ -68,24 +66,16 @@ impl TokenServer {
             .map_err(|_| anyhow::anyhow!("cannot load the signing key"))?;
         let rc_key = rcgen::KeyPair::try_from(pkcs8.as_ref())?;
         let mut params = rcgen::CertificateParams::default();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, ISSUER);
+        params.distinguished_name.push(rcgen::DnType::CommonName, ISSUER);
         let cert = params.self_signed(&rc_key)?;
         let bundle = dir.join("token-ca.pem");
         fs::write(&bundle, cert.pem())?;
 
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?.to_string();
         let state = Arc::new(State {
-            users: users
-                .iter()
-                .map(|(u, p)| (u.to_string(), p.to_string()))
-                .collect(),
+            users: users.iter().map(|(u, p)| (u.to_string(), p.to_string())).collect(),
             key,
             cert_der: cert.der().to_vec(),
             requests: Mutex::new(Vec::new()),
@@ -100,12 +90,7 @@ impl TokenServer {
                 });
             }
         });
-        Ok(TokenServer {
-            addr,
-            bundle,
-            state,
-            runtime: Some(runtime),
-        })
+        Ok(TokenServer { addr, bundle, state, runtime: Some(runtime) })
     }
 
     /// The realm to configure in the registry: `http://127.0.0.1:PORT/token`.
@@ -146,8 +131,7 @@ fn decode(s: &str) -> String {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
                     Ok(v) => {
                         out.push(v);
                         i += 2;
@@ -163,14 +147,8 @@ fn decode(s: &str) -> String {
 }
 
 async fn serve(mut conn: TcpStream, s: &State) -> std::io::Result<()> {
-    let Some((head, _)) = read_head(&mut conn).await? else {
-        return Ok(());
-    };
-    let target = head
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
+    let Some((head, _)) = read_head(&mut conn).await? else { return Ok(()) };
+    let target = head.split_whitespace().nth(1).unwrap_or_default().to_owned();
     s.requests.lock().unwrap().push(target.clone());
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let mut params: HashMap<String, Vec<String>> = HashMap::new();
@@ -186,10 +164,7 @@ async fn serve(mut conn: TcpStream, s: &State) -> std::io::Result<()> {
         let b64 = v.trim().strip_prefix("Basic ")?;
         let decoded = String::from_utf8(STANDARD.decode(b64).ok()?).ok()?;
         let (u, p) = decoded.split_once(':')?;
-        s.users
-            .iter()
-            .any(|(uu, pp)| uu == u && pp == p)
-            .then(|| u.to_owned())
+        s.users.iter().any(|(uu, pp)| uu == u && pp == p).then(|| u.to_owned())
     });
     let (status, body) = match (path, user) {
         ("/token", Some(user)) => {
@@ -199,10 +174,7 @@ async fn serve(mut conn: TcpStream, s: &State) -> std::io::Result<()> {
             let body = serde_json::json!({"token": token, "expires_in": LIFETIME_SECS}).to_string();
             ("200 OK", body)
         }
-        ("/token", None) => (
-            "401 Unauthorized",
-            r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#.to_owned(),
-        ),
+        ("/token", None) => ("401 Unauthorized", r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#.to_owned()),
         _ => ("404 Not Found", String::new()),
     };
     let answer = format!(
@@ -222,21 +194,12 @@ fn sign(s: &State, user: &str, scopes: &[String]) -> String {
             let mut parts = scope.splitn(3, ':');
             let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
             let granted: Vec<&str> = actions.split(',').filter(|a| *a == "pull").collect();
-            (kind == "repository")
-                .then(|| serde_json::json!({"type": kind, "name": name, "actions": granted}))
+            (kind == "repository").then(|| serde_json::json!({"type": kind, "name": name, "actions": granted}))
         })
         .collect();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let jti = hex::encode(
-        ring::rand::generate::<[u8; 16]>(&SystemRandom::new())
-            .unwrap()
-            .expose(),
-    );
-    let header =
-        serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [STANDARD.encode(&s.cert_der)]});
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let jti = hex::encode(ring::rand::generate::<[u8; 16]>(&SystemRandom::new()).unwrap().expose());
+    let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [STANDARD.encode(&s.cert_der)]});
     let claims = serde_json::json!({
         "iss": ISSUER,
         "sub": user,
@@ -247,14 +210,7 @@ fn sign(s: &State, user: &str, scopes: &[String]) -> String {
         "jti": jti,
         "access": access,
     });
-    let input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
-    let sig = s
-        .key
-        .sign(&SystemRandom::new(), input.as_bytes())
-        .expect("ECDSA signing");
+    let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+    let sig = s.key.sign(&SystemRandom::new(), input.as_bytes()).expect("ECDSA signing");
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
 }

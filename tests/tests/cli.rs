@@ -546,37 +546,20 @@ fn an_index_nested_in_an_index_is_followed() {
     }))
     .unwrap();
     let reference = format!("{}:nested", multi.repo);
-    f.registry
-        .put_manifest(
-            "team/multi",
-            "nested",
-            pullbox_tests::oci::MEDIA_TYPE_INDEX,
-            &nested,
-        )
-        .unwrap();
+    f.registry.put_manifest("team/multi", "nested", pullbox_tests::oci::MEDIA_TYPE_INDEX, &nested).unwrap();
 
     let image = multi.image_for(&Platform::parse("linux/arm64")).unwrap();
     let pb = pullbox();
-    assert_eq!(
-        pb.pull(&["--platform", "linux/arm64"], &reference),
-        image.id()
-    );
+    assert_eq!(pb.pull(&["--platform", "linux/arm64"], &reference), image.id());
     let info = pb.inspect(&reference);
     let nested_digest = pullbox_tests::oci::sha256_digest(&nested);
-    assert_has(
-        &info,
-        "repoDigests",
-        &format!("{}@{nested_digest}", multi.repo),
-    );
+    assert_has(&info, "repoDigests", &format!("{}@{nested_digest}", multi.repo));
     assert_eq!(info["chainId"], image.chain_id().as_str());
     // containerd's size: both indexes, the manifest, the config and the layers.
     let size = nested.len() as u64 + multi.index_size + image.manifest_size + image.content_size();
     assert_eq!(size_of(&info), size);
     for index in [&nested_digest, &multi.index_digest] {
-        assert!(
-            pb.blob_path(index).is_file(),
-            "index {index} is not in the content store"
-        );
+        assert!(pb.blob_path(index).is_file(), "index {index} is not in the content store");
     }
     assert_app_unpacked(&pb, f);
 }
@@ -639,10 +622,7 @@ fn platform_selects_an_index_entry() {
 fn zstd_and_uncompressed_layers_unpack_alike() {
     let f = fixture();
     // The zstd pull also syncs each snapshot to disk before committing it.
-    for (image, args) in [
-        (&f.app_zstd, &["--sync-fs"][..]),
-        (&f.app_uncompressed, &[][..]),
-    ] {
+    for (image, args) in [(&f.app_zstd, &["--sync-fs"][..]), (&f.app_uncompressed, &[][..])] {
         let pb = pullbox();
         let id = pb.pull(args, &image.reference);
         assert_eq!(

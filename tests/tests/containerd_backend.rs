@@ -359,10 +359,7 @@ async fn content_store_contract() {
         "a read past the end is refused, as on the embedded store"
     );
     assert_eq!(
-        b.content
-            .read(&desc.digest, data.len() as u64, 10)
-            .await
-            .unwrap(),
+        b.content.read(&desc.digest, data.len() as u64, 10).await.unwrap(),
         Vec::<u8>::new()
     );
     assert_eq!(
@@ -765,47 +762,23 @@ async fn leases_hold_and_release_and_dead_owners_are_collected() {
 
     // A blob and a snapshot another lease holds (as a pull holds what it found stored)
     // outlive the lease that wrote them, and go with the holder.
-    let (writer, reader) = (
-        b.leases.create().await.unwrap(),
-        b.leases.create().await.unwrap(),
-    );
+    let (writer, reader) = (b.leases.create().await.unwrap(), b.leases.create().await.unwrap());
     let data = noise(12_000, 7);
     let desc = descriptor("application/octet-stream", &data);
     write_blob(&b, &desc, &data, &writer, 4096).await;
     let key = format!("pullbox-held-{}", std::process::id());
-    b.snapshots
-        .prepare(&format!("{key}-active"), "", &writer)
-        .await
-        .unwrap();
-    b.snapshots
-        .commit(&key, &format!("{key}-active"), &writer)
-        .await
-        .unwrap();
-    b.leases
-        .hold(&reader, Held::Content(&desc.digest))
-        .await
-        .unwrap();
+    b.snapshots.prepare(&format!("{key}-active"), "", &writer).await.unwrap();
+    b.snapshots.commit(&key, &format!("{key}-active"), &writer).await.unwrap();
+    b.leases.hold(&reader, Held::Content(&desc.digest)).await.unwrap();
     b.leases.hold(&reader, Held::Snapshot(&key)).await.unwrap();
     b.leases.delete(&writer).await.unwrap();
     b.leases.collect().await.unwrap();
-    assert!(
-        b.content.info(&desc.digest).await.is_ok(),
-        "a held blob was collected"
-    );
-    assert!(
-        b.snapshots.stat(&key).await.is_ok(),
-        "a held snapshot was collected"
-    );
+    assert!(b.content.info(&desc.digest).await.is_ok(), "a held blob was collected");
+    assert!(b.snapshots.stat(&key).await.is_ok(), "a held snapshot was collected");
     b.leases.delete(&reader).await.unwrap();
     b.leases.collect().await.unwrap();
-    assert!(matches!(
-        b.content.info(&desc.digest).await,
-        Err(Error::NotFound(_))
-    ));
-    assert!(matches!(
-        b.snapshots.stat(&key).await,
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.snapshots.stat(&key).await, Err(Error::NotFound(_))));
 
     // A lease of a process that is gone is deleted by the next collection, and what it held
     // is collected; a lease of a live process stays.
@@ -869,10 +842,7 @@ async fn connect_reports_misconfiguration() {
 #[test]
 fn re_pulls_send_head_only_and_blobs_carry_distribution_source_labels() {
     let proxy = pullbox_tests::proxy::FaultProxy::start(fixture().registry.addr()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(head_and_labels(&proxy));
 }
 
@@ -885,15 +855,9 @@ async fn head_and_labels(proxy: &pullbox_tests::proxy::FaultProxy) {
     let pull = |reference: String| {
         let svc = &svc;
         async move {
-            svc.pull(
-                &reference,
-                Platform::host(),
-                Arc::new(NoProgress),
-                Credentials::default(),
-                CancellationToken::new(),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("pull failed: {e}\ncontainerd log:\n{}", ctd.log()))
+            svc.pull(&reference, Platform::host(), Arc::new(NoProgress), Credentials::default(), CancellationToken::new())
+                .await
+                .unwrap_or_else(|e| panic!("pull failed: {e}\ncontainerd log:\n{}", ctd.log()))
         }
     };
     assert_eq!(pull(reference.clone()).await.id, f.app.config_digest);
@@ -907,55 +871,30 @@ async fn head_and_labels(proxy: &pullbox_tests::proxy::FaultProxy) {
     assert_eq!(again, vec!["HEAD /v2/team/app/manifests/1.0".to_owned()]);
 
     let key = format!("containerd.io/distribution.source.{}", proxy.addr());
-    let blobs: Vec<&String> = [&f.app.manifest_digest, &f.app.config_digest]
-        .into_iter()
-        .chain(f.app.layers.iter().map(|l| &l.digest))
-        .collect();
+    let blobs: Vec<&String> =
+        [&f.app.manifest_digest, &f.app.config_digest].into_iter().chain(f.app.layers.iter().map(|l| &l.digest)).collect();
     for digest in &blobs {
         let labels = content_labels(ctd, ns, digest);
-        assert_eq!(
-            labels.get(&key).map(String::as_str),
-            Some("team/app"),
-            "labels of {digest}: {labels:?}"
-        );
+        assert_eq!(labels.get(&key).map(String::as_str), Some("team/app"), "labels of {digest}: {labels:?}");
     }
 
     // The same manifest under another repository: it now lists both.
     let tag = format!("other-{}", std::process::id());
     let manifest = f.layout.blob(&f.app.manifest_digest).unwrap();
-    assert_eq!(
-        pullbox_tests::oci::sha256_digest(&manifest),
-        f.app.manifest_digest
-    );
+    assert_eq!(pullbox_tests::oci::sha256_digest(&manifest), f.app.manifest_digest);
     let copy = format!("{}/team/app-copy:{tag}", proxy.addr());
-    for blob in [&f.app.config_digest]
-        .into_iter()
-        .chain(f.app.layers.iter().map(|l| &l.digest))
-    {
+    for blob in [&f.app.config_digest].into_iter().chain(f.app.layers.iter().map(|l| &l.digest)) {
         mount_blob(f.registry.addr(), "team/app", "team/app-copy", blob);
     }
-    f.registry
-        .put_manifest(
-            "team/app-copy",
-            &tag,
-            pullbox_tests::oci::MEDIA_TYPE_MANIFEST,
-            &manifest,
-        )
-        .unwrap();
+    f.registry.put_manifest("team/app-copy", &tag, pullbox_tests::oci::MEDIA_TYPE_MANIFEST, &manifest).unwrap();
     pull(copy).await;
     let labels = content_labels(ctd, ns, &f.app.manifest_digest);
-    assert_eq!(
-        labels.get(&key).map(String::as_str),
-        Some("team/app,team/app-copy"),
-        "{labels:?}"
-    );
+    assert_eq!(labels.get(&key).map(String::as_str), Some("team/app,team/app-copy"), "{labels:?}");
 }
 
 /// Links blob `digest` of repository `from` into `to` (a cross-repository mount).
 fn mount_blob(addr: &str, from: &str, to: &str, digest: &str) {
     let path = format!("/v2/{to}/blobs/uploads/?mount={digest}&from={from}");
-    let (status, response) =
-        pullbox_tests::registry::send(addr, "POST", &path, "application/octet-stream", b"")
-            .unwrap();
+    let (status, response) = pullbox_tests::registry::send(addr, "POST", &path, "application/octet-stream", b"").unwrap();
     assert_eq!(status, 201, "mount {digest} into {to}: {response}");
 }

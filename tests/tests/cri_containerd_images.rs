@@ -28,15 +28,7 @@ fn spec(image: &str) -> Option<ImageSpec> {
 }
 
 /// What the CRI says of an image: ID, repo tags, repo digests, size, uid, username, pinned.
-type Described = (
-    String,
-    Vec<String>,
-    Vec<String>,
-    u64,
-    Option<i64>,
-    String,
-    bool,
-);
+type Described = (String, Vec<String>, Vec<String>, u64, Option<i64>, String, bool);
 
 /// What the CRI says of an image, with names sorted (order is not part of the answer).
 fn norm(i: &Image) -> Described {
@@ -117,7 +109,8 @@ async fn images_of_ctr_and_pullbox_show_alike_on_both_sides() {
     let f = fixture();
     let ctd = Containerd::start().unwrap();
     ctd.allow_plain_http(f.registry.addr()).unwrap();
-    let daemon = cri::Daemon::start(&ctd.pullbox_config()).unwrap();
+    let daemon = cri::Daemon::start(&ctd.pullbox_config())
+    .unwrap();
     let mut ours = cri::connect(daemon.socket()).await.unwrap();
     let mut theirs = cri::connect(ctd.socket()).await.unwrap();
     let app_10 = f.reference("team/app:1.0");
@@ -350,7 +343,8 @@ async fn list_images_of_many_unlabelled_records() {
         t.elapsed().as_secs_f64()
     );
 
-    let daemon = cri::Daemon::start(&ctd.pullbox_config()).unwrap();
+    let daemon = cri::Daemon::start(&ctd.pullbox_config())
+    .unwrap();
     for (who, socket) in [("pullbox", daemon.socket()), ("containerd", ctd.socket())] {
         let mut client = cri::connect(socket).await.unwrap();
         // Wait until containerd's CRI has adopted them all (and warm pullbox's puller).

@@ -1374,8 +1374,7 @@ fn add_before_first_func(wat: &str, text: &str) -> String {
 
 /// The `[sandbox]` of the budget tests: [`SANDBOX`] with a small import budget and creation
 /// caps, so that a guest looping on an import is stopped within a second.
-const BUDGET_SANDBOX: &str =
-    "[sandbox]\nmemory_limit = 33554432\ncpu_limit_ms = 500\nstack_limit = 262144\n\
+const BUDGET_SANDBOX: &str = "[sandbox]\nmemory_limit = 33554432\ncpu_limit_ms = 500\nstack_limit = 262144\n\
      import_budget = 100000\nmax_snapshots = 64\nmax_holds = 256\n";
 
 async fn loops_inside_host_imports_end_with_a_clear_error(b: Backend) {
@@ -1385,51 +1384,27 @@ async fn loops_inside_host_imports_end_with_a_clear_error(b: Backend) {
             &d,
             json!({"behavior": "import-loop", "variant": variant}),
             &app(),
-            &Expect::new(
-                &[Code::ResourceExhausted],
-                &["import budget", "sandbox.import_budget"],
-            ),
+            &Expect::new(&[Code::ResourceExhausted], &["import budget", "sandbox.import_budget"]),
         )
         .await;
     }
     // Read-only exports are bounded the same way.
-    for (export, call) in [
-        ("list-images", "ListImages"),
-        ("image-status", "ImageStatus"),
-    ] {
-        let doc =
-            json!({"behavior": "import-loop", "variant": "max-read", "export": export}).to_string();
+    for (export, call) in [("list-images", "ListImages"), ("image-status", "ImageStatus")] {
+        let doc = json!({"behavior": "import-loop", "variant": "max-read", "export": export}).to_string();
         use_hostile(&d, &doc).await;
         let mut c = cri::connect(d.daemon.socket()).await.unwrap();
         let t = Instant::now();
         let answer = match call {
-            "ListImages" => c
-                .list_images(ListImagesRequest::default())
-                .await
-                .map(|_| ()),
+            "ListImages" => c.list_images(ListImagesRequest::default()).await.map(|_| ()),
             _ => c
-                .image_status(ImageStatusRequest {
-                    image: spec(&app()),
-                    verbose: false,
-                })
+                .image_status(ImageStatusRequest { image: spec(&app()), verbose: false })
                 .await
                 .map(|_| ()),
         };
         let status = answer.expect_err(&format!("{call} with {doc} succeeded"));
-        Expect::new(&[Code::ResourceExhausted], &["import budget"]).check(
-            &doc,
-            &status,
-            t.elapsed(),
-        );
-        let pulled = c
-            .pull_image(pull_req(&app()))
-            .await
-            .expect_err("hostile pulls refuse");
-        assert_eq!(
-            pulled.code(),
-            Code::PermissionDenied,
-            "{doc}: the other exports answer: {pulled:?}"
-        );
+        Expect::new(&[Code::ResourceExhausted], &["import budget"]).check(&doc, &status, t.elapsed());
+        let pulled = c.pull_image(pull_req(&app())).await.expect_err("hostile pulls refuse");
+        assert_eq!(pulled.code(), Code::PermissionDenied, "{doc}: the other exports answer: {pulled:?}");
     }
 }
 
@@ -1441,10 +1416,7 @@ async fn a_pull_past_its_deadline_ends_and_leaves_nothing(b: Backend) {
     let extra = format!("{SANDBOX}pull_timeout_s = 4\n");
     let d = hostile_daemon(b, &extra);
     let slow_ref = format!("{}/slow/image:1", slow.addr());
-    let mut expect = Expect::new(
-        &[Code::ResourceExhausted],
-        &["deadline", "sandbox.pull_timeout_s"],
-    );
+    let mut expect = Expect::new(&[Code::ResourceExhausted], &["deadline", "sandbox.pull_timeout_s"]);
     expect.at_least = Duration::from_secs(4);
     expect.at_most = Duration::from_secs(9);
     round(
@@ -1472,40 +1444,22 @@ async fn status_list_and_remove_cannot_write(b: Backend) {
         use_hostile(&d, &doc).await;
         let mut c = cri::connect(d.daemon.socket()).await.unwrap();
         let answer = match call {
-            "ListImages" => c
-                .list_images(ListImagesRequest::default())
-                .await
-                .map(|_| ()),
+            "ListImages" => c.list_images(ListImagesRequest::default()).await.map(|_| ()),
             "ImageStatus" => c
-                .image_status(ImageStatusRequest {
-                    image: spec(&app()),
-                    verbose: false,
-                })
+                .image_status(ImageStatusRequest { image: spec(&app()), verbose: false })
                 .await
                 .map(|_| ()),
-            _ => c
-                .remove_image(RemoveImageRequest {
-                    image: spec(&app()),
-                })
-                .await
-                .map(|_| ()),
+            _ => c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.map(|_| ()),
         };
         let status = answer.expect_err(&format!("{call} with {doc} succeeded"));
-        Expect::new(&[Code::FailedPrecondition], &["every write refused"]).check(
-            &doc,
-            &status,
-            Duration::ZERO,
-        );
+        Expect::new(&[Code::FailedPrecondition], &["every write refused"]).check(&doc, &status, Duration::ZERO);
     }
     // The image is untouched: still READY under the default puller, its files intact.
     d.swap(Some(&default_puller().unwrap()), "").unwrap();
     d.wait_for(None).await.unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let status = c
-        .image_status(ImageStatusRequest {
-            image: spec(&app()),
-            verbose: false,
-        })
+        .image_status(ImageStatusRequest { image: spec(&app()), verbose: false })
         .await
         .unwrap()
         .into_inner();
@@ -1514,11 +1468,7 @@ async fn status_list_and_remove_cannot_write(b: Backend) {
         Some(fixture().app.config_digest.clone()),
         "the image survived the hostile status, list and remove"
     );
-    c.remove_image(RemoveImageRequest {
-        image: spec(&app()),
-    })
-    .await
-    .unwrap();
+    c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.unwrap();
     d.assert_clean("write-in-read, then a real remove");
 }
 
@@ -1545,31 +1495,15 @@ async fn another_requests_snapshot_is_no_capability(b: Backend) {
     });
     tokio::time::sleep(Duration::from_millis(800)).await;
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
-    let status = c
-        .pull_image(pull_req(&app()))
-        .await
-        .expect_err("bad-digests succeeded");
-    Expect::new(&[Code::FailedPrecondition], &["every probe refused", key]).check(
-        &doc,
-        &status,
-        Duration::ZERO,
-    );
+    let status = c.pull_image(pull_req(&app())).await.expect_err("bad-digests succeeded");
+    Expect::new(&[Code::FailedPrecondition], &["every probe refused", key]).check(&doc, &status, Duration::ZERO);
     assert!(
-        status.message().contains(&format!(
-            "diff.apply(real layer, {key:?}) -> permission-denied"
-        )),
+        status.message().contains(&format!("diff.apply(real layer, {key:?}) -> permission-denied")),
         "{}",
         status.message()
     );
-    let held = holder
-        .await
-        .unwrap()
-        .expect_err("hold-key refuses its pull");
-    assert_eq!(
-        held.code(),
-        Code::PermissionDenied,
-        "the holder was not disturbed: {held:?}"
-    );
+    let held = holder.await.unwrap().expect_err("hold-key refuses its pull");
+    assert_eq!(held.code(), Code::PermissionDenied, "the holder was not disturbed: {held:?}");
     still_serves(&d, &doc).await;
     d.assert_clean("both requests");
 }

@@ -18,12 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pullbox_tests::corpus::{corpus, LAYERS};
-use pullbox_tests::gate::GateProxy;
 use pullbox_tests::hostile::{nonce, push_image, HostileTar};
 use pullbox_tests::mounts::{can_mount, compare_rootfs, find_named, Inventory, Mounted};
-use pullbox_tests::oci::{
-    file_digest, is_root, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD,
-};
+use pullbox_tests::oci::{file_digest, is_root, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD};
+use pullbox_tests::gate::GateProxy;
 use pullbox_tests::tree::{diff, scan};
 use pullbox_tests::{app, fixture, Captured, Pullbox};
 
@@ -45,10 +43,7 @@ fn pullbox() -> Pullbox {
 
 /// The IDs `images --json` lists.
 fn listed(pb: &Pullbox) -> Vec<String> {
-    pb.images_json()
-        .iter()
-        .map(|i| i["id"].as_str().unwrap_or_default().to_owned())
-        .collect()
+    pb.images_json().iter().map(|i| i["id"].as_str().unwrap_or_default().to_owned()).collect()
 }
 
 fn inventory(pb: &Pullbox) -> Inventory {
@@ -80,14 +75,7 @@ impl Background {
     fn pull(pb: &Pullbox, args: &[&str], reference: &str) -> Background {
         let stderr = tempfile::NamedTempFile::new().unwrap();
         let child = pb
-            .command(
-                "pull",
-                ["--log", "pullbox=info"]
-                    .iter()
-                    .chain(args)
-                    .copied()
-                    .chain([reference]),
-            )
+            .command("pull", ["--log", "pullbox=info"].iter().chain(args).copied().chain([reference]))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(stderr.reopen().unwrap())
@@ -130,10 +118,7 @@ fn assert_only_app(pb: &Pullbox) -> Inventory {
     assert_eq!(inv.blobs, app_blobs(), "{inv:#?}");
     assert_eq!(inv.snapshots.len(), app::LAYERS, "{inv:#?}");
     assert!(
-        inv.ingests.is_empty()
-            && inv.snapshot_strays.is_empty()
-            && inv.mounts.is_empty()
-            && inv.staging.is_empty(),
+        inv.ingests.is_empty() && inv.snapshot_strays.is_empty() && inv.mounts.is_empty() && inv.staging.is_empty(),
         "{inv:#?}"
     );
     inv
@@ -148,11 +133,7 @@ fn assert_app_mounts(pb: &Pullbox, image: &str) {
     }
     let mounted = Mounted::new(pb, image).unwrap_or_else(|e| panic!("{e:#}"));
     let differences = diff(&fixture().rootfs, &scan(mounted.path()).unwrap());
-    assert!(
-        differences.is_empty(),
-        "the mounted root filesystem differs from umoci's:\n{}",
-        differences.join("\n")
-    );
+    assert!(differences.is_empty(), "the mounted root filesystem differs from umoci's:\n{}", differences.join("\n"));
 }
 
 // ---- exact root filesystems -------------------------------------------------------------
@@ -164,16 +145,8 @@ fn corpus_mounts_exactly_as_umoci_unpacks_it() {
     }
     let c = corpus();
     assert_eq!(
-        c.mixed_media_types
-            .iter()
-            .map(String::as_str)
-            .collect::<BTreeSet<_>>(),
-        [
-            MEDIA_TYPE_LAYER_GZIP,
-            MEDIA_TYPE_LAYER_TAR,
-            MEDIA_TYPE_LAYER_ZSTD
-        ]
-        .into(),
+        c.mixed_media_types.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        [MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD].into(),
         "corpus-mixed should have every layer format"
     );
     for image in [&c.image, &c.mixed] {
@@ -182,19 +155,11 @@ fn corpus_mounts_exactly_as_umoci_unpacks_it() {
         assert_eq!(pb.pull(&[], image), c.id, "{image}");
         let pulled = started.elapsed();
         let before = inventory(&pb);
-        assert_eq!(
-            before.snapshots.len(),
-            LAYERS,
-            "{image}: one snapshot per layer: {before:#?}"
-        );
+        assert_eq!(before.snapshots.len(), LAYERS, "{image}: one snapshot per layer: {before:#?}");
 
         let mounted = Mounted::new(&pb, image).unwrap();
         let during = inventory(&pb);
-        assert_eq!(
-            during.snapshots.len(),
-            LAYERS + 1,
-            "the mount's view snapshot: {during:#?}"
-        );
+        assert_eq!(during.snapshots.len(), LAYERS + 1, "the mount's view snapshot: {during:#?}");
         assert_eq!(during.mounts.len(), 1, "{during:#?}");
         let started = Instant::now();
         let differences = compare_rootfs(&c.rootfs, mounted.path()).unwrap();
@@ -203,22 +168,11 @@ fn corpus_mounts_exactly_as_umoci_unpacks_it() {
             "{image}: the mounted root filesystem differs from umoci unpack's:\n{}",
             differences.join("\n")
         );
-        eprintln!(
-            "{image}: pulled in {pulled:?}, compared in {:?}",
-            started.elapsed()
-        );
+        eprintln!("{image}: pulled in {pulled:?}, compared in {:?}", started.elapsed());
         let err = fs::write(mounted.path().join("etc/keep.txt"), b"x").unwrap_err();
-        assert_eq!(
-            err.raw_os_error(),
-            Some(30),
-            "the mount must be read-only (EROFS): {err}"
-        );
+        assert_eq!(err.raw_os_error(), Some(30), "the mount must be read-only (EROFS): {err}");
         mounted.unmount().assert_success();
-        assert_eq!(
-            inventory(&pb),
-            before,
-            "unmount must remove the view and the record"
-        );
+        assert_eq!(inventory(&pb), before, "unmount must remove the view and the record");
     }
 }
 
@@ -232,19 +186,13 @@ fn a_mount_outlives_rmi_and_unmount_releases_it() {
     pb.pull(&[], &f.app.reference);
     let spare = tempfile::tempdir().unwrap();
     let spare_dir = spare.path().display().to_string();
-    pb.run("mount", ["127.0.0.1:1/no/such:image", &spare_dir])
-        .assert_failure()
-        .assert_stderr_contains("not found");
-    pb.run("unmount", [&spare_dir])
-        .assert_failure()
-        .assert_stderr_contains("not mounted by pullbox");
+    pb.run("mount", ["127.0.0.1:1/no/such:image", &spare_dir]).assert_failure().assert_stderr_contains("not found");
+    pb.run("unmount", [&spare_dir]).assert_failure().assert_stderr_contains("not mounted by pullbox");
     assert!(inventory(&pb).mounts.is_empty());
 
     let mounted = Mounted::new(&pb, &f.app.reference).unwrap();
     let dir = mounted.path().display().to_string();
-    pb.run("mount", [&f.app.reference, &dir])
-        .assert_failure()
-        .assert_stderr_contains("already");
+    pb.run("mount", [&f.app.reference, &dir]).assert_failure().assert_stderr_contains("already");
     let file = mounted.path().join(app::LAYER3_FILE);
     assert_eq!(fs::read_to_string(&file).unwrap(), app::LAYER3_CONTENT);
 
@@ -265,23 +213,14 @@ fn a_mount_outlives_rmi_and_unmount_releases_it() {
     let one = push_image(
         &f.registry,
         "store/one-layer:1",
-        &[HostileTar::new()
-            .dir("etc/")
-            .file("etc/hello", b"hello\n")
-            .finish()],
+        &[HostileTar::new().dir("etc/").file("etc/hello", b"hello\n").finish()],
         spare.path(),
     )
     .unwrap();
     pb.pull(&[], &one);
     let mounted = Mounted::new(&pb, &one).unwrap();
-    assert_eq!(
-        fs::read(mounted.path().join("etc/hello")).unwrap(),
-        b"hello\n"
-    );
-    assert!(
-        fs::write(mounted.path().join("etc/hello"), b"x").is_err(),
-        "read-only"
-    );
+    assert_eq!(fs::read(mounted.path().join("etc/hello")).unwrap(), b"hello\n");
+    assert!(fs::write(mounted.path().join("etc/hello"), b"x").is_err(), "read-only");
 }
 
 #[test]
@@ -303,13 +242,7 @@ fn mount_needs_root() {
     }
     for (sub, args) in [("mount", vec!["x".to_owned()]), ("unmount", vec![])] {
         let mut cmd = Command::new(Pullbox::bin().unwrap());
-        cmd.arg(sub)
-            .arg("--root")
-            .arg(root.path())
-            .args(args)
-            .arg(dir.path())
-            .uid(65534)
-            .gid(65534);
+        cmd.arg(sub).arg("--root").arg(root.path()).args(args).arg(dir.path()).uid(65534).gid(65534);
         for var in pullbox_tests::pullbox::PULLBOX_ENV {
             cmd.env_remove(var);
         }
@@ -329,15 +262,9 @@ fn images_damaged_behind_pullboxs_back_are_not_ready_and_a_pull_repairs_them() {
     let chain = f.app.chain_id();
     // Snapshot ids in a fresh store: layer 1 is 1, layer 3 (the top) is 3.
     let damages: [Damage; 4] = [
-        ("top snapshot's directory deleted", &|pb| {
-            fs::remove_dir_all(pb.root().join("snapshots/3")).unwrap()
-        }),
-        ("middle snapshot's directory deleted", &|pb| {
-            fs::remove_dir_all(pb.root().join("snapshots/2/fs")).unwrap()
-        }),
-        ("config blob deleted", &|pb| {
-            fs::remove_file(pb.blob_path(f.app.id())).unwrap()
-        }),
+        ("top snapshot's directory deleted", &|pb| fs::remove_dir_all(pb.root().join("snapshots/3")).unwrap()),
+        ("middle snapshot's directory deleted", &|pb| fs::remove_dir_all(pb.root().join("snapshots/2/fs")).unwrap()),
+        ("config blob deleted", &|pb| fs::remove_file(pb.blob_path(f.app.id())).unwrap()),
         ("top snapshot removed (record and directory)", &|pb| {
             let backend = pullbox::backend::embedded::open(pb.root()).unwrap();
             let rt = tokio::runtime::Runtime::new().unwrap();
@@ -353,19 +280,11 @@ fn images_damaged_behind_pullboxs_back_are_not_ready_and_a_pull_repairs_them() {
         out.assert_failure().assert_stderr_contains("not found");
         if is_root() {
             let dir = tempfile::tempdir().unwrap();
-            pb.run(
-                "mount",
-                [&f.app.reference, &dir.path().display().to_string()],
-            )
-            .assert_failure();
+            pb.run("mount", [&f.app.reference, &dir.path().display().to_string()]).assert_failure();
         }
 
         assert_eq!(pb.pull(&[], &f.app.reference), id, "{what}: the re-pull");
-        assert_eq!(
-            listed(&pb),
-            vec![id.clone()],
-            "{what}: not listed after the re-pull"
-        );
+        assert_eq!(listed(&pb), vec![id.clone()], "{what}: not listed after the re-pull");
         assert_eq!(pb.inspect(&f.app.reference)["chainId"], chain.as_str());
         pb.run("gc", NO_ARGS).assert_success();
         assert_only_app(&pb);
@@ -387,29 +306,16 @@ fn kill_a_pull_midway(pb: &Pullbox) {
     proxy.hold(&layer2.digest, half);
     let reference = format!("{}/{}:1.0", proxy.addr(), f.app.path());
     let mut pull = Background::pull(pb, &[], &reference);
-    wait_for(
-        &mut pull.child,
-        "layer 2 is half downloaded (the only download left) and its snapshot prepared",
-        || {
-            let inv = inventory(pb);
-            proxy.held() == 1
-                && Inventory::ingest_bytes(pb.root()) >= half
-                && inv.snapshots.len() == 2
-                && inv.ingests.len() == 1
-        },
-    );
+    wait_for(&mut pull.child, "layer 2 is half downloaded (the only download left) and its snapshot prepared", || {
+        let inv = inventory(pb);
+        proxy.held() == 1 && Inventory::ingest_bytes(pb.root()) >= half && inv.snapshots.len() == 2 && inv.ingests.len() == 1
+    });
     pull.child.kill().unwrap();
     pull.child.wait().unwrap();
     let inv = inventory(pb);
     assert_eq!(inv.ingests.len(), 1, "{inv:#?}");
-    assert!(
-        !inv.staging.is_empty(),
-        "layer 2 was being unpacked as it downloaded: {inv:#?}"
-    );
-    assert!(
-        inv.blobs.contains(&f.app.layers[0].digest) && inv.blobs.contains(f.app.id()),
-        "{inv:#?}"
-    );
+    assert!(!inv.staging.is_empty(), "layer 2 was being unpacked as it downloaded: {inv:#?}");
+    assert!(inv.blobs.contains(&f.app.layers[0].digest) && inv.blobs.contains(f.app.id()), "{inv:#?}");
 }
 
 #[test]
@@ -424,8 +330,7 @@ fn gc_removes_what_a_killed_pull_left_and_a_re_pull_succeeds() {
     let out = pb.run("gc", NO_ARGS);
     out.assert_success();
     assert!(
-        out.stdout
-            .contains(&format!(", {snapshots} snapshots, 1 ingests, 1 leases;")),
+        out.stdout.contains(&format!(", {snapshots} snapshots, 1 ingests, 1 leases;")),
         "gc must report what it removed:\n{out}"
     );
     let inv = inventory(&pb);
@@ -446,11 +351,7 @@ fn the_next_pull_removes_what_a_killed_pull_left() {
     // directory exists but its id was never committed, and the next snapshot reuses that id.
     const MARK: &str = "left-by-the-killed-pull";
     for id in inventory(&pb).snapshots {
-        fs::write(
-            pb.root().join("snapshots").join(id.to_string()).join(MARK),
-            b"",
-        )
-        .unwrap();
+        fs::write(pb.root().join("snapshots").join(id.to_string()).join(MARK), b"").unwrap();
     }
 
     pb.pull(&[], &f.app.reference);
@@ -458,25 +359,12 @@ fn the_next_pull_removes_what_a_killed_pull_left() {
     let left: Vec<_> = inv
         .snapshots
         .iter()
-        .filter(|id| {
-            pb.root()
-                .join("snapshots")
-                .join(id.to_string())
-                .join(MARK)
-                .exists()
-        })
+        .filter(|id| pb.root().join("snapshots").join(id.to_string()).join(MARK).exists())
         .collect();
-    assert!(
-        left.is_empty(),
-        "the killed pull's snapshots {left:?} were not collected: {inv:#?}"
-    );
+    assert!(left.is_empty(), "the killed pull's snapshots {left:?} were not collected: {inv:#?}");
     let out = pb.run("gc", NO_ARGS);
     out.assert_success();
-    assert!(
-        out.stdout
-            .contains("removed 0 blobs, 0 snapshots, 0 ingests, 0 leases"),
-        "{out}"
-    );
+    assert!(out.stdout.contains("removed 0 blobs, 0 snapshots, 0 ingests, 0 leases"), "{out}");
     assert_app_mounts(&pb, &f.app.reference);
 }
 
@@ -495,11 +383,7 @@ enum Expect {
 
 /// The snapshot `fs` directory holding `name` at its top, if any.
 fn in_layers(pb: &Pullbox, name: &str) -> Option<PathBuf> {
-    pb.snapshot_fs_dirs()
-        .unwrap()
-        .into_iter()
-        .map(|d| d.join(name))
-        .find(|p| fs::symlink_metadata(p).is_ok())
+    pb.snapshot_fs_dirs().unwrap().into_iter().map(|d| d.join(name)).find(|p| fs::symlink_metadata(p).is_ok())
 }
 
 #[test]
@@ -513,10 +397,7 @@ fn hostile_archives_are_refused_or_sanitized_and_nothing_lands_outside_the_store
     fs::write(&victim, b"original").unwrap();
     let outside_s = outside.display().to_string();
     let up = "../".repeat(16);
-    let passwd = (
-        fs::metadata("/etc/passwd").unwrap().nlink(),
-        file_digest(Path::new("/etc/passwd")).unwrap(),
-    );
+    let passwd = (fs::metadata("/etc/passwd").unwrap().nlink(), file_digest(Path::new("/etc/passwd")).unwrap());
     let long = format!("{}-{n}", "x".repeat(300));
 
     let cases: Vec<(&str, Vec<Vec<u8>>, Expect)> = vec![
@@ -531,29 +412,20 @@ fn hostile_archives_are_refused_or_sanitized_and_nothing_lands_outside_the_store
                 let n = n.clone();
                 move |pb| {
                     for name in ["dotdot", "absolute", "climb"] {
-                        assert!(
-                            in_layers(pb, &format!("{n}-{name}")).is_some(),
-                            "{name} was not kept inside the image"
-                        );
+                        assert!(in_layers(pb, &format!("{n}-{name}")).is_some(), "{name} was not kept inside the image");
                     }
                 }
             })),
         ),
         (
             "write-through-absolute-symlink",
-            vec![HostileTar::new()
-                .symlink(&format!("{n}-link"), &outside_s)
-                .file(&format!("{n}-link/pwned"), b"x")
-                .finish()],
+            vec![HostileTar::new().symlink(&format!("{n}-link"), &outside_s).file(&format!("{n}-link/pwned"), b"x").finish()],
             Expect::Refused(format!("{n}-link/pwned")),
         ),
         (
             "write-through-relative-symlink",
             vec![HostileTar::new()
-                .symlink(
-                    &format!("{n}-up"),
-                    &format!("{up}{}", outside_s.trim_start_matches('/')),
-                )
+                .symlink(&format!("{n}-up"), &format!("{up}{}", outside_s.trim_start_matches('/')))
                 .dir(&format!("{n}-up/made-outside/"))
                 .finish()],
             Expect::Refused(format!("{n}-up/made-outside")),
@@ -562,39 +434,27 @@ fn hostile_archives_are_refused_or_sanitized_and_nothing_lands_outside_the_store
             // The upper layer gets a directory of its own there, which hides the symlink below.
             "symlink-in-a-lower-layer",
             vec![
-                HostileTar::new()
-                    .symlink(&format!("{n}-lower"), &outside_s)
-                    .finish(),
-                HostileTar::new()
-                    .file(&format!("{n}-lower/kept-inside"), b"x")
-                    .finish(),
+                HostileTar::new().symlink(&format!("{n}-lower"), &outside_s).finish(),
+                HostileTar::new().file(&format!("{n}-lower/kept-inside"), b"x").finish(),
             ],
             Expect::Sanitized(Box::new({
                 let n = n.clone();
                 move |pb| {
                     let dirs = pb.snapshot_fs_dirs().unwrap();
                     let top = dirs.last().unwrap().join(format!("{n}-lower"));
-                    assert!(
-                        fs::symlink_metadata(&top).unwrap().is_dir(),
-                        "{}",
-                        top.display()
-                    );
+                    assert!(fs::symlink_metadata(&top).unwrap().is_dir(), "{}", top.display());
                     assert_eq!(fs::read(top.join("kept-inside")).unwrap(), b"x");
                 }
             })),
         ),
         (
             "hardlink-to-an-absolute-path",
-            vec![HostileTar::new()
-                .hardlink(&format!("{n}-stolen"), &victim.display().to_string())
-                .finish()],
+            vec![HostileTar::new().hardlink(&format!("{n}-stolen"), &victim.display().to_string()).finish()],
             Expect::Refused(format!("{n}-stolen")),
         ),
         (
             "hardlink-climbing-out",
-            vec![HostileTar::new()
-                .hardlink(&format!("{n}-passwd"), &format!("{up}etc/passwd"))
-                .finish()],
+            vec![HostileTar::new().hardlink(&format!("{n}-passwd"), &format!("{up}etc/passwd")).finish()],
             Expect::Refused(format!("{n}-passwd")),
         ),
         (
@@ -619,38 +479,23 @@ fn hostile_archives_are_refused_or_sanitized_and_nothing_lands_outside_the_store
             Expect::Sanitized(Box::new({
                 let n = n.clone();
                 move |pb| {
-                    let read = |name: &str| {
-                        fs::read(in_layers(pb, &format!("{n}-{name}")).unwrap()).unwrap()
-                    };
+                    let read = |name: &str| fs::read(in_layers(pb, &format!("{n}-{name}")).unwrap()).unwrap();
                     assert_eq!(read("dup"), b"second");
                     assert_eq!(read("s"), b"replaces the symlink");
                     assert_eq!(read("d"), b"replaces the directory");
                 }
             })),
         ),
-        (
-            "overlong-name",
-            vec![HostileTar::new().file(&long, b"x").finish()],
-            Expect::Refused(long[..60].to_owned()),
-        ),
+        ("overlong-name", vec![HostileTar::new().file(&long, b"x").finish()], Expect::Refused(long[..60].to_owned())),
         (
             "whiteout-of-dotdot",
-            vec![HostileTar::new()
-                .dir(&format!("{n}-w/"))
-                .file(&format!("{n}-w/.wh.."), b"")
-                .finish()],
+            vec![HostileTar::new().dir(&format!("{n}-w/")).file(&format!("{n}-w/.wh.."), b"").finish()],
             Expect::Refused(format!("{n}-w/.wh..")),
         ),
     ];
 
     for (case, layers, expect) in cases {
-        let reference = push_image(
-            &f.registry,
-            &format!("hostile/{case}:1"),
-            &layers,
-            work.path(),
-        )
-        .unwrap();
+        let reference = push_image(&f.registry, &format!("hostile/{case}:1"), &layers, work.path()).unwrap();
         let pb = pullbox();
         let out = pb.run("pull", [&reference]);
         match &expect {
@@ -673,41 +518,16 @@ fn hostile_archives_are_refused_or_sanitized_and_nothing_lands_outside_the_store
         let snapshots = pb.root().join("snapshots");
         let mut dirs: Vec<PathBuf> = pb.root().ancestors().map(Path::to_path_buf).collect();
         dirs.push(snapshots.clone());
-        dirs.extend(
-            inventory(&pb)
-                .snapshots
-                .iter()
-                .map(|id| snapshots.join(id.to_string())),
-        );
-        dirs.extend([
-            work.path().to_path_buf(),
-            PathBuf::from("/etc"),
-            std::env::temp_dir(),
-        ]);
+        dirs.extend(inventory(&pb).snapshots.iter().map(|id| snapshots.join(id.to_string())));
+        dirs.extend([work.path().to_path_buf(), PathBuf::from("/etc"), std::env::temp_dir()]);
         let refs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-        let escaped: Vec<PathBuf> = find_named(&refs, &n)
-            .into_iter()
-            .filter(|p| p != &outside && !p.starts_with(work.path().join("layout-")))
-            .collect();
-        assert!(
-            escaped.is_empty(),
-            "{case}: written outside the snapshots: {escaped:?}"
-        );
-        assert_eq!(
-            fs::read_dir(&outside).unwrap().count(),
-            1,
-            "{case}: the outside directory changed"
-        );
+        let escaped: Vec<PathBuf> =
+            find_named(&refs, &n).into_iter().filter(|p| p != &outside && !p.starts_with(work.path().join("layout-"))).collect();
+        assert!(escaped.is_empty(), "{case}: written outside the snapshots: {escaped:?}");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1, "{case}: the outside directory changed");
         assert_eq!(fs::read(&victim).unwrap(), b"original", "{case}");
-        assert_eq!(
-            fs::metadata(&victim).unwrap().nlink(),
-            1,
-            "{case}: linked to the victim"
-        );
-        let now = (
-            fs::metadata("/etc/passwd").unwrap().nlink(),
-            file_digest(Path::new("/etc/passwd")).unwrap(),
-        );
+        assert_eq!(fs::metadata(&victim).unwrap().nlink(), 1, "{case}: linked to the victim");
+        let now = (fs::metadata("/etc/passwd").unwrap().nlink(), file_digest(Path::new("/etc/passwd")).unwrap());
         assert_eq!(now, passwd, "{case}: /etc/passwd changed");
     }
 }
@@ -722,30 +542,16 @@ fn a_layer_cannot_forge_overlay_opacity() {
     let mut top = HostileTar::new();
     // `trusted.overlay.opaque=y` in a PAX record would hide the lower layer's directory.
     let mut pax = tar::Builder::new(Vec::new());
-    pax.append_pax_extensions([("SCHILY.xattr.trusted.overlay.opaque", &b"y"[..])])
-        .unwrap();
+    pax.append_pax_extensions([("SCHILY.xattr.trusted.overlay.opaque", &b"y"[..])]).unwrap();
     let mut layer = pax.into_inner().unwrap();
     layer.truncate(layer.len() - 1024); // drop the end-of-archive marker
     layer.extend(top.dir("kept/").file("kept/new", b"new").finish());
-    let base = HostileTar::new()
-        .dir("kept/")
-        .file("kept/old", b"old")
-        .finish();
-    let reference = push_image(
-        &f.registry,
-        "hostile/forged-opacity:1",
-        &[base, layer],
-        work.path(),
-    )
-    .unwrap();
+    let base = HostileTar::new().dir("kept/").file("kept/old", b"old").finish();
+    let reference = push_image(&f.registry, "hostile/forged-opacity:1", &[base, layer], work.path()).unwrap();
     let pb = pullbox();
     pb.pull(&[], &reference);
     let m = Mounted::new(&pb, &reference).unwrap();
-    assert_eq!(
-        fs::read(m.path().join("kept/old")).unwrap(),
-        b"old",
-        "the forged attribute hid a lower layer"
-    );
+    assert_eq!(fs::read(m.path().join("kept/old")).unwrap(), b"old", "the forged attribute hid a lower layer");
     assert_eq!(fs::read(m.path().join("kept/new")).unwrap(), b"new");
 }
 
@@ -760,9 +566,7 @@ fn concurrent_processes_pulling_one_image_download_each_blob_once() {
     let pb = pullbox();
     let started = Instant::now();
     let outs: Vec<Captured> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..PULLS)
-            .map(|_| s.spawn(|| pb.run("pull", [&reference])))
-            .collect();
+        let handles: Vec<_> = (0..PULLS).map(|_| s.spawn(|| pb.run("pull", [&reference]))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let elapsed = started.elapsed();
@@ -770,21 +574,13 @@ fn concurrent_processes_pulling_one_image_download_each_blob_once() {
         out.assert_success();
         assert_eq!(out.last_line(), Some(f.app.id()), "{out}");
     }
-    for digest in std::iter::once(f.app.id()).chain(f.app.layers.iter().map(|l| l.digest.as_str()))
-    {
-        assert_eq!(
-            downloads(&proxy, digest),
-            1,
-            "{digest} was downloaded more than once by {PULLS} pulls"
-        );
+    for digest in std::iter::once(f.app.id()).chain(f.app.layers.iter().map(|l| l.digest.as_str())) {
+        assert_eq!(downloads(&proxy, digest), 1, "{digest} was downloaded more than once by {PULLS} pulls");
     }
     let inv = assert_only_app(&pb);
     // Snapshot ids are never reused: a layer unpacked twice (and the copy dropped) leaves a gap.
     let unpacks = inv.snapshots.last().copied().unwrap_or(0);
-    eprintln!(
-        "{PULLS} concurrent pulls: {elapsed:?}, {unpacks} unpacks of {} layers",
-        app::LAYERS
-    );
+    eprintln!("{PULLS} concurrent pulls: {elapsed:?}, {unpacks} unpacks of {} layers", app::LAYERS);
     assert_eq!(listed(&pb), vec![f.app.id().to_owned()]);
     assert_app_mounts(&pb, &reference);
 }
@@ -800,36 +596,23 @@ fn a_pull_waits_for_another_process_unpacking_a_shared_layer() {
     proxy.hold(&layer3.digest, layer3.size / 2);
     let app_ref = format!("{}/{}:1.0", proxy.addr(), f.app.path());
     let mut a = Background::pull(&pb, &[], &app_ref);
-    wait_for(
-        &mut a.child,
-        "pull A has prepared the snapshot for layer 3",
-        || proxy.held() == 1 && inventory(&pb).snapshots.len() == 3,
-    );
+    wait_for(&mut a.child, "pull A has prepared the snapshot for layer 3", || {
+        proxy.held() == 1 && inventory(&pb).snapshots.len() == 3
+    });
     // Pull B: `app-plus` shares all three layers; it finds layer 3 being unpacked, and waits.
     let plus_ref = c.app_plus.replace(f.registry.addr(), proxy.addr());
     let mut b = Background::pull(&pb, &[], &plus_ref);
     let b_log = b.stderr.path().to_owned();
-    wait_for(
-        &mut b.child,
-        "pull B waits for A's unpack of layer 3",
-        || {
-            fs::read_to_string(&b_log)
-                .unwrap_or_default()
-                .contains("another pull is unpacking this snapshot")
-        },
-    );
+    wait_for(&mut b.child, "pull B waits for A's unpack of layer 3", || {
+        fs::read_to_string(&b_log).unwrap_or_default().contains("another pull is unpacking this snapshot")
+    });
     proxy.release(&layer3.digest);
     let (a, b) = (a.finish(), b.finish());
     a.assert_success();
     b.assert_success();
 
     for layer in &f.app.layers {
-        assert_eq!(
-            downloads(&proxy, &layer.digest),
-            1,
-            "layer {} downloaded twice",
-            layer.digest
-        );
+        assert_eq!(downloads(&proxy, &layer.digest), 1, "layer {} downloaded twice", layer.digest);
     }
     let inv = inventory(&pb);
     assert_eq!(
@@ -864,24 +647,14 @@ fn in_process_pulls_of_one_reference_share_one_pull() {
             let cache = fixture().registry.dir().join("store-puller-cache");
             let runtime = Runtime::new(Some(cache), Limits::default()).unwrap();
             let puller = runtime.load(&puller, String::new()).await.unwrap();
-            let service = Arc::new(ImageService::new(
-                backend,
-                Arc::new(Client::new().unwrap()),
-                puller,
-            ));
+            let service = Arc::new(ImageService::new(backend, Arc::new(Client::new().unwrap()), puller));
             let tasks: Vec<_> = (0..pulls)
                 .map(|_| {
                     let (service, reference) = (service.clone(), reference.clone());
                     tokio::spawn(async move {
                         let cancel = tokio_util::sync::CancellationToken::new();
                         service
-                            .pull(
-                                &reference,
-                                Platform::host(),
-                                Arc::new(NoProgress),
-                                Credentials::anonymous(),
-                                cancel,
-                            )
+                            .pull(&reference, Platform::host(), Arc::new(NoProgress), Credentials::anonymous(), cancel)
                             .await
                             .map(|image| image.id)
                             .map_err(|e| e.to_string())
@@ -897,18 +670,11 @@ fn in_process_pulls_of_one_reference_share_one_pull() {
         for id in ids {
             assert_eq!(id.as_deref(), Ok(f.app.id()));
         }
-        let mut seen: Vec<String> = proxy
-            .requests()
-            .iter()
-            .map(|r| format!("{} {}", r.method, r.path))
-            .collect();
+        let mut seen: Vec<String> = proxy.requests().iter().map(|r| format!("{} {}", r.method, r.path)).collect();
         seen.sort();
         requests.push(seen);
     }
-    assert_eq!(
-        requests[0], requests[1],
-        "{PULLS} pulls of one reference must make the requests of one"
-    );
+    assert_eq!(requests[0], requests[1], "{PULLS} pulls of one reference must make the requests of one");
 }
 
 #[test]
@@ -922,12 +688,8 @@ fn removes_racing_pulls_leave_a_consistent_store() {
     let layer2 = &f.app.layers[1];
     proxy.hold(&layer2.digest, layer2.size / 2);
     let mut pull = Background::pull(&pb, &[], &reference);
-    wait_for(&mut pull.child, "the pull is under way", || {
-        proxy.held() == 1 && inventory(&pb).snapshots.len() == 2
-    });
-    pb.run("rmi", [&reference])
-        .assert_failure()
-        .assert_stderr_contains("not found");
+    wait_for(&mut pull.child, "the pull is under way", || proxy.held() == 1 && inventory(&pb).snapshots.len() == 2);
+    pb.run("rmi", [&reference]).assert_failure().assert_stderr_contains("not found");
     pb.run("gc", NO_ARGS).assert_success();
     proxy.release(&layer2.digest);
     pull.finish().assert_success();
@@ -947,17 +709,11 @@ fn removes_racing_pulls_leave_a_consistent_store() {
         });
         pulled.assert_success();
         let inv = inventory(&pb);
-        assert!(
-            inv.ingests.is_empty(),
-            "round {round}: {inv:#?}\n{pulled}\n{removed}"
-        );
+        assert!(inv.ingests.is_empty(), "round {round}: {inv:#?}\n{pulled}\n{removed}");
         if listed(&pb).is_empty() {
             pb.run("gc", NO_ARGS).assert_success();
             let inv = inventory(&pb);
-            assert!(
-                inv.is_empty(),
-                "round {round}: removed, yet the store holds {inv:#?}"
-            );
+            assert!(inv.is_empty(), "round {round}: removed, yet the store holds {inv:#?}");
         } else {
             // Whole, under some of its names (the remove may have deleted some of the records
             // the pull had just written; the ID record goes last).
@@ -971,14 +727,7 @@ fn removes_racing_pulls_leave_a_consistent_store() {
     let inv = inventory(&pb);
     assert!(inv.is_empty(), "{inv:#?}");
     // Nothing was left that a permission check would trip over.
-    assert_eq!(
-        fs::metadata(pb.root().join("snapshots"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o700
-    );
+    assert_eq!(fs::metadata(pb.root().join("snapshots")).unwrap().permissions().mode() & 0o777, 0o700);
 }
 
 // ---- layer bombs ------------------------------------------------------------------------
@@ -992,21 +741,11 @@ impl TmpfsStore {
     fn new(mib: u64) -> TmpfsStore {
         let pb = Pullbox::new().unwrap_or_else(|e| panic!("{e:#}"));
         let out = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={mib}m,mode=0700"),
-                "tmpfs",
-            ])
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
             .arg(pb.root())
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "mounting a tmpfs: {}", String::from_utf8_lossy(&out.stderr));
         let shared = fixture().registry.dir().join("store-puller-cache");
         fs::create_dir_all(&shared).unwrap();
         std::os::unix::fs::symlink(&shared, pb.root().join("cache")).unwrap();
@@ -1016,10 +755,7 @@ impl TmpfsStore {
 
 impl Drop for TmpfsStore {
     fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.pb.root())
-            .status();
+        let _ = Command::new("umount").arg("-l").arg(self.pb.root()).status();
     }
 }
 
@@ -1032,11 +768,7 @@ struct Measured {
 }
 
 /// Runs `pullbox SUBCOMMAND ARGS` on `pb`, sampling its memory.
-fn measured<S: AsRef<std::ffi::OsStr>>(
-    pb: &Pullbox,
-    subcommand: &str,
-    args: impl IntoIterator<Item = S>,
-) -> Measured {
+fn measured<S: AsRef<std::ffi::OsStr>>(pb: &Pullbox, subcommand: &str, args: impl IntoIterator<Item = S>) -> Measured {
     let stdout = tempfile::NamedTempFile::new().unwrap();
     let stderr = tempfile::NamedTempFile::new().unwrap();
     let started = Instant::now();
@@ -1067,11 +799,7 @@ fn measured<S: AsRef<std::ffi::OsStr>>(
         stdout: fs::read_to_string(stdout.path()).unwrap_or_default(),
         stderr: fs::read_to_string(stderr.path()).unwrap_or_default(),
     };
-    Measured {
-        out,
-        peak_rss_kib: peak,
-        took: started.elapsed(),
-    }
+    Measured { out, peak_rss_kib: peak, took: started.elapsed() }
 }
 
 /// How much memory and time a refused bomb may cost the CLI: a pull of the small `app` image
@@ -1086,91 +814,33 @@ fn layer_bombs_are_refused_quickly_in_little_memory_and_the_store_stays_usable()
     let work = tempfile::tempdir().unwrap();
     let gib = 1u64 << 30;
     let cases: Vec<(&str, pullbox_tests::hostile::GzipLayer, &[&str], &[&str])> = vec![
-        (
-            "long-name",
-            bombs::long_name(gib).unwrap(),
-            &[],
-            &[
-                "GNU long name of 1073741824 bytes",
-                "limit of 1048576 bytes",
-            ],
-        ),
-        (
-            "pax-record",
-            bombs::pax_record(gib).unwrap(),
-            &[],
-            &[
-                "PAX extended header of 1073741824 bytes",
-                "limit of 1048576 bytes",
-            ],
-        ),
-        (
-            "deep-pax-path",
-            bombs::deep_path(20_000).unwrap(),
-            &[],
-            &["d/d/d/", "exceeds the limit of 1024 components"],
-        ),
-        (
-            "deep-short-path",
-            bombs::deep_path(1500).unwrap(),
-            &[],
-            &["exceeds the limit of 1024 components"],
-        ),
+        ("long-name", bombs::long_name(gib).unwrap(), &[], &["GNU long name of 1073741824 bytes", "limit of 1048576 bytes"]),
+        ("pax-record", bombs::pax_record(gib).unwrap(), &[], &["PAX extended header of 1073741824 bytes", "limit of 1048576 bytes"]),
+        ("deep-pax-path", bombs::deep_path(20_000).unwrap(), &[], &["d/d/d/", "exceeds the limit of 1024 components"]),
+        ("deep-short-path", bombs::deep_path(1500).unwrap(), &[], &["exceeds the limit of 1024 components"]),
         (
             "over-the-size-cap",
             bombs::zeros("big-file", 8 << 20).unwrap(),
             &["--max-layer-bytes", "4194304"],
-            &[
-                "big-file",
-                "exceeds the limit of 4194304 bytes (max_layer_bytes)",
-            ],
+            &["big-file", "exceeds the limit of 4194304 bytes (max_layer_bytes)"],
         ),
     ];
     let pb = pullbox();
     for (case, layer, args, expect) in cases {
-        assert!(
-            layer.gz.len() < 4 << 20,
-            "{case}: the bomb itself is small ({} bytes)",
-            layer.gz.len()
-        );
-        let reference = pullbox_tests::hostile::push_layers(
-            &f.registry,
-            &format!("bombs/{case}:1"),
-            &[layer],
-            work.path(),
-        )
-        .unwrap();
-        let m = measured(
-            &pb,
-            "pull",
-            args.iter().copied().chain([reference.as_str()]),
-        );
+        assert!(layer.gz.len() < 4 << 20, "{case}: the bomb itself is small ({} bytes)", layer.gz.len());
+        let reference = pullbox_tests::hostile::push_layers(&f.registry, &format!("bombs/{case}:1"), &[layer], work.path()).unwrap();
+        let m = measured(&pb, "pull", args.iter().copied().chain([reference.as_str()]));
         m.out.assert_failure();
         for needle in expect {
             m.out.assert_stderr_contains(needle);
         }
-        assert!(
-            m.out.stderr.len() < 4096,
-            "{case}: the message stays short:\n{}",
-            m.out.stderr
-        );
-        eprintln!(
-            "{case}: refused in {:?}, peak RSS {} MiB",
-            m.took,
-            m.peak_rss_kib / 1024
-        );
-        assert!(
-            m.peak_rss_kib < BOMB_RSS_KIB,
-            "{case}: peak RSS {} KiB",
-            m.peak_rss_kib
-        );
+        assert!(m.out.stderr.len() < 4096, "{case}: the message stays short:\n{}", m.out.stderr);
+        eprintln!("{case}: refused in {:?}, peak RSS {} MiB", m.took, m.peak_rss_kib / 1024);
+        assert!(m.peak_rss_kib < BOMB_RSS_KIB, "{case}: peak RSS {} KiB", m.peak_rss_kib);
         assert!(m.took < BOMB_TIME, "{case}: took {:?}", m.took);
         assert!(listed(&pb).is_empty(), "{case}");
         let inv = inventory(&pb);
-        assert!(
-            inv.snapshots.is_empty() && inv.staging.is_empty() && inv.ingests.is_empty(),
-            "{case}: {inv:#?}"
-        );
+        assert!(inv.snapshots.is_empty() && inv.staging.is_empty() && inv.ingests.is_empty(), "{case}: {inv:#?}");
     }
     pb.run("gc", NO_ARGS).assert_success();
     pb.pull(&[], &f.app.reference);
@@ -1189,23 +859,16 @@ fn a_sparse_file_stays_sparse_on_a_small_disk() {
     let pb = &store.pb;
     let real = 4u64 << 30;
     let layer = pullbox_tests::bombs::sparse_file("sparse-4g", real).unwrap();
-    let reference =
-        pullbox_tests::hostile::push_layers(&f.registry, "bombs/sparse:1", &[layer], work.path())
-            .unwrap();
+    let reference = pullbox_tests::hostile::push_layers(&f.registry, "bombs/sparse:1", &[layer], work.path()).unwrap();
     let m = measured(pb, "pull", [&reference]);
     m.out.assert_success();
     assert!(m.took < BOMB_TIME, "{:?}", m.took);
     let file = in_layers(pb, "sparse-4g").expect("the sparse file is unpacked");
     let meta = fs::metadata(&file).unwrap();
     assert_eq!(meta.len(), real);
-    assert!(
-        meta.blocks() * 512 <= 64 * 1024,
-        "{} bytes allocated",
-        meta.blocks() * 512
-    );
+    assert!(meta.blocks() * 512 <= 64 * 1024, "{} bytes allocated", meta.blocks() * 512);
     let mut last = [0u8; 1];
-    std::os::unix::fs::FileExt::read_exact_at(&fs::File::open(&file).unwrap(), &mut last, real - 1)
-        .unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&fs::File::open(&file).unwrap(), &mut last, real - 1).unwrap();
     assert_eq!(&last, b"x");
     assert!(in_layers(pb, "beside-the-sparse-file").is_some());
 }
@@ -1221,52 +884,29 @@ fn a_full_disk_is_resource_exhaustion_and_the_store_recovers() {
     let store = TmpfsStore::new(96);
     let pb = &store.pb;
     pb.run("images", NO_ARGS).assert_success();
-    assert!(
-        pb.root().join("reserve").exists(),
-        "the store holds space back for a full disk"
-    );
+    assert!(pb.root().join("reserve").exists(), "the store holds space back for a full disk");
 
     // A layer bigger than the disk: refused as a full disk, naming where, leaving nothing.
     let layer = pullbox_tests::bombs::zeros("fills-the-disk", 256 << 20).unwrap();
-    let reference =
-        pullbox_tests::hostile::push_layers(&f.registry, "bombs/zeros:1", &[layer], work.path())
-            .unwrap();
+    let reference = pullbox_tests::hostile::push_layers(&f.registry, "bombs/zeros:1", &[layer], work.path()).unwrap();
     let m = measured(pb, "pull", [&reference]);
-    m.out
-        .assert_failure()
-        .assert_stderr_contains("fills-the-disk")
-        .assert_stderr_contains("No space left on device");
-    m.out
-        .assert_stderr_contains(&pb.root().display().to_string());
+    m.out.assert_failure().assert_stderr_contains("fills-the-disk").assert_stderr_contains("No space left on device");
+    m.out.assert_stderr_contains(&pb.root().display().to_string());
     assert!(m.took < BOMB_TIME, "{:?}", m.took);
     pb.run("images", NO_ARGS).assert_success();
     pb.run("gc", NO_ARGS).assert_success();
     let inv = inventory(pb);
-    assert!(
-        inv.snapshots.is_empty() && inv.staging.is_empty() && inv.ingests.is_empty(),
-        "{inv:#?}"
-    );
+    assert!(inv.snapshots.is_empty() && inv.staging.is_empty() && inv.ingests.is_empty(), "{inv:#?}");
     pb.pull(&[], &f.app.reference);
     assert_eq!(listed(pb).len(), 1);
 
     // The disk filled behind the store's back, to the last byte: the store still opens,
     // lists, removes and collects; once there is room, pulls work again.
     let junk = pb.root().join("junk");
-    let out = Command::new("dd")
-        .args(["if=/dev/zero", "bs=1M"])
-        .arg(format!("of={}", junk.display()))
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "dd fills the disk: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("dd").args(["if=/dev/zero", "bs=1M"]).arg(format!("of={}", junk.display())).output().unwrap();
+    assert!(!out.status.success(), "dd fills the disk: {}", String::from_utf8_lossy(&out.stderr));
     // Even the reserve's last blocks: whatever is left over.
-    let _ = Command::new("dd")
-        .args(["if=/dev/zero", "bs=4k"])
-        .arg(format!("of={}.tail", junk.display()))
-        .output();
+    let _ = Command::new("dd").args(["if=/dev/zero", "bs=4k"]).arg(format!("of={}.tail", junk.display())).output();
     let out = pb.run("images", NO_ARGS);
     out.assert_success();
     assert!(out.stdout.contains("team/app"), "{out}");
@@ -1278,10 +918,7 @@ fn a_full_disk_is_resource_exhaustion_and_the_store_recovers() {
     pb.pull(&[], &f.app.reference);
     assert_only_app(pb);
     pb.run("gc", NO_ARGS).assert_success();
-    assert!(
-        pb.root().join("reserve").exists(),
-        "the reserve is made again once there is room"
-    );
+    assert!(pb.root().join("reserve").exists(), "the reserve is made again once there is room");
 }
 
 #[test]
@@ -1297,8 +934,7 @@ fn trees_of_any_depth_are_deleted_by_rmi_and_gc() {
     // What a container could leave in a writable layer, and a stray directory of the store:
     // 20,000 levels, far deeper than PATH_MAX names or std's recursive removal survives.
     let top = *inventory(pb).snapshots.iter().max().unwrap();
-    pullbox_tests::bombs::deep_tree(&pb.root().join(format!("snapshots/{top}/fs")), 20_000)
-        .unwrap();
+    pullbox_tests::bombs::deep_tree(&pb.root().join(format!("snapshots/{top}/fs")), 20_000).unwrap();
     let stray = pb.root().join("snapshots/999999/fs");
     fs::create_dir_all(&stray).unwrap();
     pullbox_tests::bombs::deep_tree(&stray, 20_000).unwrap();
@@ -1327,12 +963,7 @@ fn mount_options(dir: &Path) -> Vec<String> {
         .rev()
         .find(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
         .unwrap_or_else(|| panic!("{} is not a mount point", dir.display()));
-    line.split(' ')
-        .nth(5)
-        .unwrap()
-        .split(',')
-        .map(str::to_owned)
-        .collect()
+    line.split(' ').nth(5).unwrap().split(',').map(str::to_owned).collect()
 }
 
 #[test]
@@ -1346,10 +977,7 @@ fn mounts_are_read_only_nosuid_and_nodev() {
     let one = push_image(
         &f.registry,
         "store/perm-one-layer:1",
-        &[HostileTar::new()
-            .dir("bin/")
-            .file("bin/x", b"#!/bin/sh\n")
-            .finish()],
+        &[HostileTar::new().dir("bin/").file("bin/x", b"#!/bin/sh\n").finish()],
         spare.path(),
     )
     .unwrap();
@@ -1359,10 +987,7 @@ fn mounts_are_read_only_nosuid_and_nodev() {
         let mounted = Mounted::new(&pb, image).unwrap();
         let options = mount_options(mounted.path());
         for wanted in ["ro", "nosuid", "nodev"] {
-            assert!(
-                options.iter().any(|o| o == wanted),
-                "{image}: mount options {options:?} lack {wanted}"
-            );
+            assert!(options.iter().any(|o| o == wanted), "{image}: mount options {options:?} lack {wanted}");
         }
     }
 }
@@ -1375,10 +1000,7 @@ fn open_to_others(root: &Path) -> Vec<String> {
     while let Some(path) = todo.pop() {
         let md = fs::symlink_metadata(&path).unwrap();
         let layer = path.file_name() == Some("fs".as_ref())
-            && path
-                .parent()
-                .and_then(Path::parent)
-                .is_some_and(|p| p.ends_with("snapshots") || p.ends_with("staging"));
+            && path.parent().and_then(Path::parent).is_some_and(|p| p.ends_with("snapshots") || p.ends_with("staging"));
         if md.file_type().is_symlink() || layer {
             continue;
         }
@@ -1401,51 +1023,23 @@ fn the_store_is_its_owners_alone_and_older_stores_are_tightened() {
     let mode = |p: &Path| fs::symlink_metadata(p).unwrap().mode() & 0o7777;
     assert_eq!(mode(pb.root()), 0o700);
     assert_eq!(open_to_others(pb.root()), Vec::<String>::new());
-    let blob = pb
-        .root()
-        .join("content/blobs/sha256")
-        .join(f.app.config_digest.trim_start_matches("sha256:"));
+    let blob = pb.root().join("content/blobs/sha256").join(f.app.config_digest.trim_start_matches("sha256:"));
     assert_eq!(mode(&blob), 0o600, "a blob");
     assert_eq!(mode(&pb.root().join("metadata.db")), 0o600);
     // Layer contents keep the image's modes: the root directory of the image's filesystem.
-    let snapshot = fs::read_dir(pb.root().join("snapshots"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let snapshot = fs::read_dir(pb.root().join("snapshots")).unwrap().next().unwrap().unwrap().path();
     assert_eq!(mode(&snapshot), 0o700);
     assert_eq!(mode(&snapshot.join("fs")), 0o755);
 
     // A store as an older pullbox left it: root, blobs and database open to everyone.
-    let loosen = [
-        pb.root().to_owned(),
-        pb.root().join("content"),
-        pb.root().join("content/blobs/sha256"),
-        blob.clone(),
-    ];
-    for p in loosen
-        .iter()
-        .chain([&pb.root().join("metadata.db"), &snapshot])
-    {
-        let loose = if fs::metadata(p).unwrap().is_dir() {
-            0o755
-        } else {
-            0o644
-        };
+    let loosen = [pb.root().to_owned(), pb.root().join("content"), pb.root().join("content/blobs/sha256"), blob.clone()];
+    for p in loosen.iter().chain([&pb.root().join("metadata.db"), &snapshot]) {
+        let loose = if fs::metadata(p).unwrap().is_dir() { 0o755 } else { 0o644 };
         fs::set_permissions(p, fs::Permissions::from_mode(loose)).unwrap();
     }
     assert!(!open_to_others(pb.root()).is_empty());
     pb.run("images", NO_ARGS).assert_success();
-    assert_eq!(
-        open_to_others(pb.root()),
-        Vec::<String>::new(),
-        "opening the store tightens it"
-    );
+    assert_eq!(open_to_others(pb.root()), Vec::<String>::new(), "opening the store tightens it");
     assert_eq!(mode(&blob), 0o600);
-    assert_eq!(
-        mode(&snapshot.join("fs")),
-        0o755,
-        "layer contents untouched"
-    );
+    assert_eq!(mode(&snapshot.join("fs")), 0o755, "layer contents untouched");
 }

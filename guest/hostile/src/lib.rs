@@ -873,25 +873,16 @@ fn fetch_flood(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
 fn import_loop(s: &Settings) -> Error {
     let variant = s.variant.as_deref().unwrap_or("stat-missing");
     info(&format!("import-loop {variant}"));
-    let keys: Vec<String> = (0..1024)
-        .map(|i| format!("pullbox-hostile/missing/{i}"))
-        .collect();
+    let keys: Vec<String> = (0..1024).map(|i| format!("pullbox-hostile/missing/{i}")).collect();
     let mut n: u64 = 0;
     loop {
         n += 1;
         match variant {
-            "stat-missing" => drop(black_box(snapshots::stat(&format!(
-                "pullbox-hostile/missing/{n}"
-            )))),
-            "prepare-fresh" => drop(black_box(snapshots::prepare(
-                &format!("pullbox-hostile/fresh/{n}"),
-                "",
-            ))),
+            "stat-missing" => drop(black_box(snapshots::stat(&format!("pullbox-hostile/missing/{n}")))),
+            "prepare-fresh" => drop(black_box(snapshots::prepare(&format!("pullbox-hostile/fresh/{n}"), ""))),
             "max-read" => drop(black_box(content::max_read())),
             "stats" => drop(black_box(snapshots::stats(&keys))),
-            other => {
-                return Error::InvalidArgument(format!("unknown import-loop variant {other:?}"))
-            }
+            other => return Error::InvalidArgument(format!("unknown import-loop variant {other:?}")),
         }
     }
 }
@@ -919,35 +910,21 @@ fn write_in_read(deletes_allowed: bool) -> Error {
     }
     pr.must_refuse(
         "images.update(record)",
-        images::update(&Image {
-            labels: vec![("x".into(), "y".into())],
-            ..record.clone()
-        }),
+        images::update(&Image { labels: vec![("x".into(), "y".into())], ..record.clone() }),
     );
     pr.must_refuse(
         "images.create(copy)",
-        images::create(&Image {
-            name: format!("{}-copy", record.name),
-            ..record.clone()
-        }),
+        images::create(&Image { name: format!("{}-copy", record.name), ..record.clone() }),
     );
     pr.must_refuse(
         "content.set-labels(target)",
         content::set_labels(&digest, &[("x".into(), "y".into())]),
     );
-    pr.must_refuse(
-        "snapshots.prepare(fresh)",
-        snapshots::prepare("pullbox-hostile/w", ""),
-    );
+    pr.must_refuse("snapshots.prepare(fresh)", snapshots::prepare("pullbox-hostile/w", ""));
     if let (Some(chain), false) = (&chain, deletes_allowed) {
         pr.must_refuse("snapshots.remove(top snapshot)", snapshots::remove(chain));
     }
-    let repo = record
-        .name
-        .split(['@', ':'])
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let repo = record.name.split(['@', ':']).next().unwrap_or_default().to_owned();
     pr.must_refuse("registry.resolve", registry::resolve(&repo, "latest"));
     pr.must_refuse(
         "registry.fetch(target)",
@@ -966,19 +943,14 @@ fn write_in_read(deletes_allowed: bool) -> Error {
 
 /// Prepares `foreign-key` and keeps the request alive in slow host imports.
 fn hold_key(s: &Settings) -> Result<ImageInfo, Error> {
-    let key = s
-        .foreign_key
-        .clone()
-        .unwrap_or_else(|| "pullbox-hostile/held".into());
+    let key = s.foreign_key.clone().unwrap_or_else(|| "pullbox-hostile/held".into());
     snapshots::prepare(&key, "")?;
     info(&format!("hold-key: prepared {key}"));
     for r in &s.resolve {
         let (name, tag) = split_reference(r)?;
         let _ = registry::resolve(&name, &tag);
     }
-    Err(Error::PermissionDenied(
-        "pullbox-hostile: hold-key refuses the pull".into(),
-    ))
+    Err(Error::PermissionDenied("pullbox-hostile: hold-key refuses the pull".into()))
 }
 
 // ---- bad-digests -------------------------------------------------------------------------
@@ -1272,3 +1244,4 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         )))
     }
 }
+

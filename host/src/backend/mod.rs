@@ -64,11 +64,7 @@ pub trait ContentStore: Send + Sync {
     async fn sizes(&self, digests: &[Digest]) -> Result<Vec<Result<u64>>> {
         use futures::StreamExt as _;
         let asks: Vec<_> = digests.iter().map(|d| self.info(d)).collect();
-        Ok(futures::stream::iter(asks)
-            .buffered(16)
-            .map(|i| i.map(|i| i.size))
-            .collect()
-            .await)
+        Ok(futures::stream::iter(asks).buffered(16).map(|i| i.map(|i| i.size)).collect().await)
     }
 
     /// Reads up to `len` bytes from `offset` of a committed blob (fewer at its end).
@@ -82,11 +78,7 @@ pub trait ContentStore: Send + Sync {
     /// [`ContentWriter::offset`] says how many bytes an earlier, interrupted write of the
     /// same blob left; the caller continues from there. `AlreadyExists` when the blob is
     /// committed already (the lease then holds it).
-    async fn writer(
-        &self,
-        expected: &Descriptor,
-        lease: &LeaseId,
-    ) -> Result<Box<dyn ContentWriter>>;
+    async fn writer(&self, expected: &Descriptor, lease: &LeaseId) -> Result<Box<dyn ContentWriter>>;
 
     /// Sets labels on a blob; an empty value removes the label.
     async fn set_labels(&self, digest: &Digest, labels: &Labels) -> Result<ContentInfo>;
@@ -97,9 +89,7 @@ pub trait ContentStore: Send + Sync {
 
 /// The error of [`ContentStore::read`] at an `offset` past the end of a blob of `size` bytes.
 pub(crate) fn past_end(digest: &Digest, offset: u64, size: u64) -> crate::error::Error {
-    crate::error::Error::InvalidArgument(format!(
-        "offset {offset} is past the end of {digest} ({size} bytes)"
-    ))
+    crate::error::Error::InvalidArgument(format!("offset {offset} is past the end of {digest} ({size} bytes)"))
 }
 
 /// An open ingest of one blob.
@@ -324,9 +314,7 @@ pub trait Leases: Send + Sync {
     /// backend also ends it at the next boot, which no mount survives). `FailedPrecondition`
     /// on a backend that has no such leases.
     async fn create_detached(&self) -> Result<LeaseId> {
-        Err(crate::error::Error::FailedPrecondition(
-            "this backend has no leases that outlive their process".into(),
-        ))
+        Err(crate::error::Error::FailedPrecondition("this backend has no leases that outlive their process".into()))
     }
 
     /// Deletes a lease; what only it held becomes garbage.
@@ -363,12 +351,8 @@ pub struct Census {
 impl Census {
     /// What went between `self` and `after`, as a report (`leases` is left to the caller).
     pub fn gone(&self, after: &Census) -> GcReport {
-        let gone_blobs: Vec<u64> = self
-            .blobs
-            .iter()
-            .filter(|(d, _)| !after.blobs.contains_key(*d))
-            .map(|(_, size)| *size)
-            .collect();
+        let gone_blobs: Vec<u64> =
+            self.blobs.iter().filter(|(d, _)| !after.blobs.contains_key(*d)).map(|(_, size)| *size).collect();
         GcReport {
             blobs: gone_blobs.len() as u64,
             bytes: gone_blobs.iter().sum(),

@@ -85,11 +85,7 @@ pub enum ShimError {
     #[error("HTTP/2 HEADERS frame on stream {0} is too short for its padding or priority")]
     MalformedHeaders(u32),
     #[error("HTTP/2 frame of type {kind:#x} on stream {stream} where a CONTINUATION of stream {expected} belongs")]
-    Interleaved {
-        kind: u8,
-        stream: u32,
-        expected: u32,
-    },
+    Interleaved { kind: u8, stream: u32, expected: u32 },
     #[error("HTTP/2 CONTINUATION on stream {0} without a HEADERS frame before it")]
     StrayContinuation(u32),
     #[error("HTTP/2 PUSH_PROMISE from a client")]
@@ -111,21 +107,12 @@ pub struct NormalizeAuthority<S> {
 impl<S> NormalizeAuthority<S> {
     /// Wraps the accepted connection `io`.
     pub fn new(io: S) -> NormalizeAuthority<S> {
-        NormalizeAuthority {
-            io,
-            rewriter: Rewriter::new(),
-            out: BytesMut::new(),
-            done: false,
-        }
+        NormalizeAuthority { io, rewriter: Rewriter::new(), out: BytesMut::new(), done: false }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for NormalizeAuthority<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             if !this.out.is_empty() {
@@ -137,11 +124,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for NormalizeAuthority<S> {
             if this.done {
                 return Poll::Ready(Ok(()));
             }
-            let read = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.io),
-                cx,
-                &mut this.rewriter.input
-            ))?;
+            let read = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.rewriter.input))?;
             if read == 0 {
                 this.done = true;
                 continue;
@@ -156,11 +139,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for NormalizeAuthority<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for NormalizeAuthority<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
@@ -185,9 +164,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for NormalizeAuthority<S> {
     }
 }
 
-impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
-    for NormalizeAuthority<S>
-{
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for NormalizeAuthority<S> {
     type ConnectInfo = S::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
@@ -226,25 +203,14 @@ impl Rewriter {
         decoder.set_max_allowed_table_size(DECODER_TABLE_SIZE);
         let mut encoder = loona_hpack::Encoder::new();
         encoder.set_max_table_size(ENCODER_TABLE_SIZE);
-        Rewriter {
-            input: BytesMut::new(),
-            preface: PREFACE_LEN,
-            passing: 0,
-            block: None,
-            decoder,
-            encoder,
-        }
+        Rewriter { input: BytesMut::new(), preface: PREFACE_LEN, passing: 0, block: None, decoder, encoder }
     }
 
     /// Moves what it can of `input` to `out`, rewriting complete header blocks; keeps an
     /// incomplete frame header or header frame for the next call.
     fn process(&mut self, out: &mut BytesMut) -> Result<(), ShimError> {
         loop {
-            let verbatim = if self.preface > 0 {
-                &mut self.preface
-            } else {
-                &mut self.passing
-            };
+            let verbatim = if self.preface > 0 { &mut self.preface } else { &mut self.passing };
             if *verbatim > 0 {
                 let n = (*verbatim).min(self.input.len());
                 if n == 0 {
@@ -267,8 +233,7 @@ impl Rewriter {
                         return Err(ShimError::BlockTooLarge(len));
                     }
                     if self.input.len() < FRAME_HEADER_LEN + len {
-                        self.input
-                            .reserve(FRAME_HEADER_LEN + len - self.input.len());
+                        self.input.reserve(FRAME_HEADER_LEN + len - self.input.len());
                         return Ok(());
                     }
                     let frame = self.input.split_to(FRAME_HEADER_LEN + len);
@@ -277,11 +242,7 @@ impl Rewriter {
                 PUSH_PROMISE => return Err(ShimError::PushPromise),
                 _ => {
                     if let Some(block) = &self.block {
-                        return Err(ShimError::Interleaved {
-                            kind,
-                            stream,
-                            expected: block.stream,
-                        });
+                        return Err(ShimError::Interleaved { kind, stream, expected: block.stream });
                     }
                     out.extend_from_slice(&self.input.split_to(FRAME_HEADER_LEN));
                     self.passing = len;
@@ -301,48 +262,27 @@ impl Rewriter {
     ) -> Result<(), ShimError> {
         if kind == HEADERS {
             if let Some(block) = &self.block {
-                return Err(ShimError::Interleaved {
-                    kind,
-                    stream,
-                    expected: block.stream,
-                });
+                return Err(ShimError::Interleaved { kind, stream, expected: block.stream });
             }
             let mut rest = payload;
             if flags & PADDED != 0 {
-                let (&pad, tail) = rest
-                    .split_first()
-                    .ok_or(ShimError::MalformedHeaders(stream))?;
-                let keep = tail
-                    .len()
-                    .checked_sub(usize::from(pad))
-                    .ok_or(ShimError::MalformedHeaders(stream))?;
+                let (&pad, tail) = rest.split_first().ok_or(ShimError::MalformedHeaders(stream))?;
+                let keep = tail.len().checked_sub(usize::from(pad)).ok_or(ShimError::MalformedHeaders(stream))?;
                 rest = &tail[..keep];
             }
             let priority = if flags & PRIORITY != 0 {
-                let (fields, tail) = rest
-                    .split_first_chunk()
-                    .ok_or(ShimError::MalformedHeaders(stream))?;
+                let (fields, tail) = rest.split_first_chunk().ok_or(ShimError::MalformedHeaders(stream))?;
                 rest = tail;
                 Some(*fields)
             } else {
                 None
             };
-            self.block = Some(Block {
-                stream,
-                end_stream: flags & END_STREAM != 0,
-                priority,
-                fragment: rest.to_vec(),
-            });
+            self.block =
+                Some(Block { stream, end_stream: flags & END_STREAM != 0, priority, fragment: rest.to_vec() });
         } else {
             let block = match &mut self.block {
                 Some(block) if block.stream == stream => block,
-                Some(block) => {
-                    return Err(ShimError::Interleaved {
-                        kind,
-                        stream,
-                        expected: block.stream,
-                    })
-                }
+                Some(block) => return Err(ShimError::Interleaved { kind, stream, expected: block.stream }),
                 None => return Err(ShimError::StrayContinuation(stream)),
             };
             block.fragment.extend_from_slice(payload);
@@ -361,13 +301,12 @@ impl Rewriter {
     fn write_block(&mut self, block: &Block, out: &mut BytesMut) -> Result<(), ShimError> {
         let mut fields = Vec::new();
         let mut size = 0;
-        self.decoder
-            .decode_with_cb(&block.fragment, |name, value| {
-                size += name.len() + value.len() + 32;
-                if size <= MAX_HEADER_BLOCK {
-                    fields.push((name.into_owned(), value.into_owned()));
-                }
-            })?;
+        self.decoder.decode_with_cb(&block.fragment, |name, value| {
+            size += name.len() + value.len() + 32;
+            if size <= MAX_HEADER_BLOCK {
+                fields.push((name.into_owned(), value.into_owned()));
+            }
+        })?;
         if size > MAX_HEADER_BLOCK {
             return Err(ShimError::BlockTooLarge(size));
         }
@@ -376,9 +315,7 @@ impl Rewriter {
                 *value = REPLACEMENT.as_bytes().to_vec();
             }
         }
-        let encoded = self
-            .encoder
-            .encode(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let encoded = self.encoder.encode(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
 
         let prefix = block.priority.as_ref().map_or(&[][..], |p| &p[..]);
         let first = encoded.len().min(MAX_FRAME - prefix.len());
@@ -465,8 +402,7 @@ mod tests {
         bytes = &bytes[PREFACE_LEN..];
         let mut all = Vec::new();
         while !bytes.is_empty() {
-            let len =
-                usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+            let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
             let stream = u32::from_be_bytes(bytes[5..9].try_into().unwrap());
             all.push((bytes[3], bytes[4], stream, bytes[9..9 + len].to_vec()));
             bytes = &bytes[9 + len..];
@@ -476,11 +412,7 @@ mod tests {
 
     /// A literal field with incremental indexing whose name is static entry `name`.
     fn indexed_literal(name: u8, value: &str) -> Vec<u8> {
-        [
-            [0x40 | name, value.len() as u8].as_slice(),
-            value.as_bytes(),
-        ]
-        .concat()
+        [[0x40 | name, value.len() as u8].as_slice(), value.as_bytes()].concat()
     }
 
     #[test]
@@ -498,88 +430,45 @@ mod tests {
         .concat();
         let second = [0x83, 0x86, 0x80 | 64, 0x80 | 63, 0x80 | 62];
         let fields = |authority: &str| -> Vec<(Vec<u8>, Vec<u8>)> {
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", PATH),
-                (":authority", authority),
-                ("te", "trailers"),
-            ]
-            .iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect()
+            [(":method", "POST"), (":scheme", "http"), (":path", PATH), (":authority", authority), ("te", "trailers")]
+                .iter()
+                .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect()
         };
-        assert_eq!(
-            loona_hpack::Decoder::new().decode(&first).unwrap(),
-            fields(SOCKET_AUTHORITY)
-        );
+        assert_eq!(loona_hpack::Decoder::new().decode(&first).unwrap(), fields(SOCKET_AUTHORITY));
 
         let settings = frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
         let data = frame(0x0, END_STREAM, 1, &[0, 0, 0, 0, 0]);
         let mut input = PREFACE.to_vec();
         input.extend(&settings);
-        input.extend(frame(
-            HEADERS,
-            END_HEADERS | PADDED,
-            1,
-            &[[3].as_slice(), &first, &[0; 3]].concat(),
-        ));
+        input.extend(frame(HEADERS, END_HEADERS | PADDED, 1, &[[3].as_slice(), &first, &[0; 3]].concat()));
         input.extend(&data);
         let priority = [0, 0, 0, 1, 15];
-        input.extend(frame(
-            HEADERS,
-            END_HEADERS | END_STREAM | PRIORITY,
-            3,
-            &[priority.as_slice(), &second].concat(),
-        ));
+        input.extend(frame(HEADERS, END_HEADERS | END_STREAM | PRIORITY, 3, &[priority.as_slice(), &second].concat()));
 
         for chunk in [1, 7, input.len()] {
             let out = rewrite(&input, chunk).unwrap();
             let got = frames(&out);
             assert_eq!(got.len(), 4, "chunk {chunk}");
-            assert_eq!(
-                frame(got[0].0, got[0].1, got[0].2, &got[0].3),
-                settings,
-                "SETTINGS verbatim"
-            );
-            assert_eq!(
-                frame(got[2].0, got[2].1, got[2].2, &got[2].3),
-                data,
-                "DATA verbatim"
-            );
-            assert_eq!(
-                (got[1].0, got[1].1, got[1].2),
-                (HEADERS, END_HEADERS, 1),
-                "padding dropped"
-            );
-            assert_eq!(
-                (got[3].0, got[3].1, got[3].2),
-                (HEADERS, END_HEADERS | END_STREAM | PRIORITY, 3)
-            );
+            assert_eq!(frame(got[0].0, got[0].1, got[0].2, &got[0].3), settings, "SETTINGS verbatim");
+            assert_eq!(frame(got[2].0, got[2].1, got[2].2, &got[2].3), data, "DATA verbatim");
+            assert_eq!((got[1].0, got[1].1, got[1].2), (HEADERS, END_HEADERS, 1), "padding dropped");
+            assert_eq!((got[3].0, got[3].1, got[3].2), (HEADERS, END_HEADERS | END_STREAM | PRIORITY, 3));
             assert_eq!(got[3].3[..PRIORITY_LEN], priority, "priority kept");
 
             let mut server = loona_hpack::Decoder::new();
             assert_eq!(server.decode(&got[1].3).unwrap(), fields(REPLACEMENT));
-            assert_eq!(
-                server.decode(&got[3].3[PRIORITY_LEN..]).unwrap(),
-                fields(REPLACEMENT)
-            );
+            assert_eq!(server.decode(&got[3].3[PRIORITY_LEN..]).unwrap(), fields(REPLACEMENT));
         }
     }
 
     #[test]
     fn a_valid_authority_is_kept() {
-        let block = encode(
-            &mut loona_hpack::Encoder::new(),
-            &request("localhost:10010", 0),
-        );
+        let block = encode(&mut loona_hpack::Encoder::new(), &request("localhost:10010", 0));
         let input = [PREFACE.as_slice(), &frame(HEADERS, END_HEADERS, 1, &block)].concat();
         let out = rewrite(&input, 5).unwrap();
         let got = frames(&out);
-        assert_eq!(
-            loona_hpack::Decoder::new().decode(&got[0].3).unwrap(),
-            request("localhost:10010", 0)
-        );
+        assert_eq!(loona_hpack::Decoder::new().decode(&got[0].3).unwrap(), request("localhost:10010", 0));
     }
 
     #[test]
@@ -597,79 +486,40 @@ mod tests {
         .concat();
         let out = rewrite(&input, 4096).unwrap();
         let got = frames(&out);
-        assert_eq!(
-            got.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>(),
-            [
-                (HEADERS, END_STREAM),
-                (CONTINUATION, 0),
-                (CONTINUATION, END_HEADERS),
-            ]
-        );
+        assert_eq!(got.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>(), [
+            (HEADERS, END_STREAM),
+            (CONTINUATION, 0),
+            (CONTINUATION, END_HEADERS),
+        ]);
         assert!(got.iter().all(|f| f.3.len() <= MAX_FRAME));
         let joined: Vec<u8> = got.iter().flat_map(|f| f.3.clone()).collect();
-        assert_eq!(
-            loona_hpack::Decoder::new().decode(&joined).unwrap(),
-            request(REPLACEMENT, 40_000)
-        );
+        assert_eq!(loona_hpack::Decoder::new().decode(&joined).unwrap(), request(REPLACEMENT, 40_000));
     }
 
     #[test]
     fn what_h2_would_refuse_ends_the_connection() {
-        let block = encode(
-            &mut loona_hpack::Encoder::new(),
-            &request(SOCKET_AUTHORITY, 0),
-        );
+        let block = encode(&mut loona_hpack::Encoder::new(), &request(SOCKET_AUTHORITY, 0));
         let ping = frame(0x6, 0, 0, &[0; 8]);
         let cases: [(&str, Vec<u8>); 5] = [
-            (
-                "frame inside a block",
-                [frame(HEADERS, 0, 1, &block), ping.clone()].concat(),
-            ),
-            (
-                "stray continuation",
-                frame(CONTINUATION, END_HEADERS, 1, &block),
-            ),
-            (
-                "padding longer than the frame",
-                frame(HEADERS, END_HEADERS | PADDED, 1, &[200, 1, 2]),
-            ),
+            ("frame inside a block", [frame(HEADERS, 0, 1, &block), ping.clone()].concat()),
+            ("stray continuation", frame(CONTINUATION, END_HEADERS, 1, &block)),
+            ("padding longer than the frame", frame(HEADERS, END_HEADERS | PADDED, 1, &[200, 1, 2])),
             ("push promise", frame(PUSH_PROMISE, END_HEADERS, 1, &block)),
-            (
-                "hpack garbage",
-                frame(
-                    HEADERS,
-                    END_HEADERS,
-                    1,
-                    &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
-                ),
-            ),
+            ("hpack garbage", frame(HEADERS, END_HEADERS, 1, &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])),
         ];
         for (what, frames) in cases {
-            assert!(
-                rewrite(&[PREFACE.as_slice(), &frames].concat(), 3).is_err(),
-                "{what}"
-            );
+            assert!(rewrite(&[PREFACE.as_slice(), &frames].concat(), 3).is_err(), "{what}");
         }
         // A header list that decodes to more than the cap: a large entry, then many
         // one-byte references to it.
         let mut client = loona_hpack::Encoder::new();
         let big = encode(&mut client, &[(b"x-big".to_vec(), vec![b'a'; 3000])]);
         let refs = vec![0x80 | 62; 100];
-        let input = [
-            PREFACE.as_slice(),
-            &frame(HEADERS, END_HEADERS, 1, &big),
-            &frame(HEADERS, END_HEADERS, 3, &refs),
-        ]
-        .concat();
-        assert!(matches!(
-            rewrite(&input, input.len()),
-            Err(ShimError::BlockTooLarge(_))
-        ));
+        let input =
+            [PREFACE.as_slice(), &frame(HEADERS, END_HEADERS, 1, &big), &frame(HEADERS, END_HEADERS, 3, &refs)].concat();
+        assert!(matches!(rewrite(&input, input.len()), Err(ShimError::BlockTooLarge(_))));
         let huge = frame(HEADERS, END_HEADERS, 1, &vec![0; MAX_HEADER_BLOCK + 1]);
-        assert!(matches!(
-            rewrite(&[PREFACE.as_slice(), &huge[..20]].concat(), 20),
-            Err(ShimError::BlockTooLarge(_))
-        ));
+        assert!(matches!(rewrite(&[PREFACE.as_slice(), &huge[..20]].concat(), 20), Err(ShimError::BlockTooLarge(_))));
     }
 
     /// End to end with the `h2` server tonic uses: reset without the shim, served with it.
@@ -681,29 +531,17 @@ mod tests {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let (mut client, server) = tokio::io::duplex(64 * 1024);
             let server = async move {
-                let io: Box<dyn AsyncReadWrite> = if shim {
-                    Box::new(NormalizeAuthority::new(server))
-                } else {
-                    Box::new(server)
-                };
+                let io: Box<dyn AsyncReadWrite> =
+                    if shim { Box::new(NormalizeAuthority::new(server)) } else { Box::new(server) };
                 let mut conn = h2::server::handshake(io).await.unwrap();
                 let (request, _respond) = conn.accept().await.unwrap().unwrap();
-                request
-                    .uri()
-                    .authority()
-                    .map_or(String::new(), |a| a.to_string())
+                request.uri().authority().map_or(String::new(), |a| a.to_string())
             };
             let client = async move {
-                let block = encode(
-                    &mut loona_hpack::Encoder::new(),
-                    &request(SOCKET_AUTHORITY, 0),
-                );
-                let input = [
-                    PREFACE.as_slice(),
-                    &frame(0x4, 0, 0, &[]),
-                    &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block),
-                ]
-                .concat();
+                let block = encode(&mut loona_hpack::Encoder::new(), &request(SOCKET_AUTHORITY, 0));
+                let input =
+                    [PREFACE.as_slice(), &frame(0x4, 0, 0, &[]), &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block)]
+                        .concat();
                 client.write_all(&input).await.unwrap();
                 loop {
                     let mut head = [0; FRAME_HEADER_LEN];
@@ -721,16 +559,10 @@ mod tests {
                     reset = client => Err(reset),
                 }
             };
-            tokio::time::timeout(std::time::Duration::from_secs(5), answer)
-                .await
-                .expect("an answer")
+            tokio::time::timeout(std::time::Duration::from_secs(5), answer).await.expect("an answer")
         }
         const PROTOCOL_ERROR: u32 = 0x1;
-        assert_eq!(
-            serve(false).await,
-            Err(PROTOCOL_ERROR),
-            "h2 alone resets the stream"
-        );
+        assert_eq!(serve(false).await, Err(PROTOCOL_ERROR), "h2 alone resets the stream");
         assert_eq!(serve(true).await.as_deref(), Ok(REPLACEMENT));
     }
 

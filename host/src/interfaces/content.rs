@@ -13,7 +13,7 @@ use crate::{
     backend::Held,
     engine::{
         bindings::pullbox::image::{
-            content::{BlobInfo, Host},
+            content::{Host, BlobInfo},
             types::Error as WitError,
         },
         CallState,
@@ -30,12 +30,7 @@ pub const MAX_READ: u32 = 1 << 20;
 
 /// Waits for a download of `d` in flight, turning its failure into an error for this call.
 pub(crate) async fn wait(s: &Session, d: &Digest) -> Result<(), Error> {
-    s.wait_fetched(d)
-        .await
-        .map_err(|e: Arc<Error>| Error::Shared {
-            code: e.code(),
-            message: e.chain(),
-        })
+    s.wait_fetched(d).await.map_err(|e: Arc<Error>| Error::Shared { code: e.code(), message: e.chain() })
 }
 
 impl Host for CallState {
@@ -50,11 +45,7 @@ impl Host for CallState {
                     s.hold(Held::Content(&d)).await?;
                 }
                 let info = s.backend.content.info(&d).await?;
-                Ok(BlobInfo {
-                    digest: info.digest.to_string(),
-                    size: info.size,
-                    labels: label_pairs(info.labels),
-                })
+                Ok(BlobInfo { digest: info.digest.to_string(), size: info.size, labels: label_pairs(info.labels) })
             }
             .await,
         )

@@ -120,10 +120,7 @@ impl Grants {
     pub fn write(&self, what: &str) -> Result<(), Error> {
         match self.access {
             Access::Pull => Ok(()),
-            other => Err(Error::FailedPrecondition(format!(
-                "{what}: {} may not write to the stores",
-                other.name()
-            ))),
+            other => Err(Error::FailedPrecondition(format!("{what}: {} may not write to the stores", other.name()))),
         }
     }
 
@@ -131,22 +128,14 @@ impl Grants {
     pub fn delete(&self, what: &str) -> Result<(), Error> {
         match self.access {
             Access::Pull | Access::Remove => Ok(()),
-            Access::Read => Err(Error::FailedPrecondition(format!(
-                "{what}: {} may not delete",
-                Access::Read.name()
-            ))),
+            Access::Read => Err(Error::FailedPrecondition(format!("{what}: {} may not delete", Access::Read.name()))),
         }
     }
 
     /// Counts a snapshot about to be prepared: the call must be a pull under its cap.
     pub fn create_snapshot(&mut self) -> Result<(), Error> {
         self.write("snapshots.prepare")?;
-        count(
-            &mut self.snapshots,
-            self.caps.snapshots,
-            "snapshots",
-            "sandbox.max_snapshots",
-        )
+        count(&mut self.snapshots, self.caps.snapshots, "snapshots", "sandbox.max_snapshots")
     }
 
     /// Records the outcome of `snapshots.prepare(key)`: a created key becomes this call's;
@@ -169,9 +158,9 @@ impl Grants {
                 *state = KeyState::Applying;
                 Ok(())
             }
-            Some(KeyState::Applying) => Err(Error::FailedPrecondition(format!(
-                "a layer is being applied onto snapshot {key} already"
-            ))),
+            Some(KeyState::Applying) => {
+                Err(Error::FailedPrecondition(format!("a layer is being applied onto snapshot {key} already")))
+            }
             None => Err(not_ours("diff.apply", key)),
         }
     }
@@ -189,9 +178,9 @@ impl Grants {
         self.write("snapshots.commit")?;
         match self.keys.get(key) {
             Some(KeyState::Idle) => Ok(()),
-            Some(KeyState::Applying) => Err(Error::FailedPrecondition(format!(
-                "a layer is being applied onto snapshot {key}"
-            ))),
+            Some(KeyState::Applying) => {
+                Err(Error::FailedPrecondition(format!("a layer is being applied onto snapshot {key}")))
+            }
             None => Err(not_ours("snapshots.commit", key)),
         }
     }
@@ -203,9 +192,9 @@ impl Grants {
         match self.access {
             Access::Remove => Ok(()),
             _ if self.keys.get(key) == Some(&KeyState::Idle) || self.stale.contains(key) => Ok(()),
-            _ if self.keys.contains_key(key) => Err(Error::FailedPrecondition(format!(
-                "a layer is being applied onto snapshot {key}"
-            ))),
+            _ if self.keys.contains_key(key) => {
+                Err(Error::FailedPrecondition(format!("a layer is being applied onto snapshot {key}")))
+            }
             _ => Err(not_ours("snapshots.remove", key)),
         }
     }
@@ -219,12 +208,7 @@ impl Grants {
     /// Counts a record about to be created: the call must be a pull under its cap.
     pub fn create_record(&mut self) -> Result<(), Error> {
         self.write("images.create")?;
-        count(
-            &mut self.records,
-            self.caps.records,
-            "image records",
-            "sandbox.max_records",
-        )
+        count(&mut self.records, self.caps.records, "image records", "sandbox.max_records")
     }
 
     /// Whether a look-up of `resource` (a blob or snapshot, by a string unique per kind) should
@@ -248,9 +232,7 @@ impl Grants {
 /// Counts one more of what `counter` counts, or `ResourceExhausted` naming `setting` at `cap`.
 fn count(counter: &mut u32, cap: u32, what: &str, setting: &str) -> Result<(), Error> {
     if *counter >= cap {
-        return Err(Error::ResourceExhausted(format!(
-            "one request may create at most {cap} {what} ({setting})"
-        )));
+        return Err(Error::ResourceExhausted(format!("one request may create at most {cap} {what} ({setting})")));
     }
     *counter += 1;
     Ok(())
@@ -268,63 +250,35 @@ mod tests {
     use super::*;
 
     fn caps() -> Caps {
-        Caps {
-            budget: 10,
-            snapshots: 2,
-            records: 1,
-            holds: 2,
-        }
+        Caps { budget: 10, snapshots: 2, records: 1, holds: 2 }
     }
 
     #[test]
     fn only_keys_this_call_prepared_can_be_applied_committed_or_removed() {
         let mut g = Grants::new(Access::Pull, caps());
-        assert!(matches!(
-            g.begin_apply("other"),
-            Err(Error::PermissionDenied(_))
-        ));
-        assert!(matches!(
-            g.may_commit("other"),
-            Err(Error::PermissionDenied(_))
-        ));
-        assert!(matches!(
-            g.may_remove_snapshot("other"),
-            Err(Error::PermissionDenied(_))
-        ));
+        assert!(matches!(g.begin_apply("other"), Err(Error::PermissionDenied(_))));
+        assert!(matches!(g.may_commit("other"), Err(Error::PermissionDenied(_))));
+        assert!(matches!(g.may_remove_snapshot("other"), Err(Error::PermissionDenied(_))));
         g.create_snapshot().unwrap();
         g.prepared("k", true);
         g.begin_apply("k").unwrap();
-        assert!(
-            matches!(g.begin_apply("k"), Err(Error::FailedPrecondition(_))),
-            "one apply at a time"
-        );
+        assert!(matches!(g.begin_apply("k"), Err(Error::FailedPrecondition(_))), "one apply at a time");
         assert!(g.may_commit("k").is_err() && g.may_remove_snapshot("k").is_err());
         g.end_apply("k");
         g.may_commit("k").unwrap();
         g.forget("k");
-        assert!(
-            matches!(g.begin_apply("k"), Err(Error::PermissionDenied(_))),
-            "a committed key is gone"
-        );
+        assert!(matches!(g.begin_apply("k"), Err(Error::PermissionDenied(_))), "a committed key is gone");
         g.prepared("stale", false);
         g.may_remove_snapshot("stale").unwrap();
-        assert!(
-            g.begin_apply("stale").is_err(),
-            "a stale key is no capability to apply"
-        );
+        assert!(g.begin_apply("stale").is_err(), "a stale key is no capability to apply");
     }
 
     #[test]
     fn read_only_and_remove_calls_cannot_write() {
         let mut g = Grants::new(Access::Read, caps());
         assert!(g.create_snapshot().is_err() && g.create_record().is_err());
-        assert!(
-            g.write("x").is_err() && g.delete("x").is_err() && g.may_remove_snapshot("k").is_err()
-        );
-        assert!(
-            !g.hold("blob".into()).unwrap(),
-            "nothing to hold without a lease"
-        );
+        assert!(g.write("x").is_err() && g.delete("x").is_err() && g.may_remove_snapshot("k").is_err());
+        assert!(!g.hold("blob".into()).unwrap(), "nothing to hold without a lease");
         let mut g = Grants::new(Access::Remove, caps());
         assert!(g.write("x").is_err() && g.create_record().is_err());
         g.delete("x").unwrap();
@@ -336,22 +290,13 @@ mod tests {
         let mut g = Grants::new(Access::Pull, caps());
         g.create_snapshot().unwrap();
         g.create_snapshot().unwrap();
-        assert!(matches!(
-            g.create_snapshot(),
-            Err(Error::ResourceExhausted(_))
-        ));
+        assert!(matches!(g.create_snapshot(), Err(Error::ResourceExhausted(_))));
         g.create_record().unwrap();
-        assert!(matches!(
-            g.create_record(),
-            Err(Error::ResourceExhausted(_))
-        ));
+        assert!(matches!(g.create_record(), Err(Error::ResourceExhausted(_))));
         assert!(g.hold("a".into()).unwrap());
         assert!(!g.hold("a".into()).unwrap(), "held once");
         assert!(g.hold("b".into()).unwrap());
-        assert!(matches!(
-            g.hold("c".into()),
-            Err(Error::ResourceExhausted(_))
-        ));
+        assert!(matches!(g.hold("c".into()), Err(Error::ResourceExhausted(_))));
         g.charge(10).unwrap();
         assert!(g.charge(1).is_err());
     }

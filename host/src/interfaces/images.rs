@@ -33,9 +33,7 @@ pub const MAX_LIST_KEYS: usize = 16;
 
 fn record(i: Image) -> Result<ImageRecord, Error> {
     if i.name.is_empty() {
-        return Err(Error::InvalidArgument(
-            "image name must not be empty".into(),
-        ));
+        return Err(Error::InvalidArgument("image name must not be empty".into()));
     }
     Ok(ImageRecord {
         name: bounded("image name", &i.name)?.to_owned(),
@@ -72,16 +70,7 @@ impl Host for CallState {
     async fn get(&mut self, name: String) -> ImportResult<Image> {
         self.charge(1)?;
         let s = self.session.clone();
-        answer(
-            async {
-                s.backend
-                    .images
-                    .get(bounded("image name", &name)?)
-                    .await
-                    .map(image)
-            }
-            .await,
-        )
+        answer(async { s.backend.images.get(bounded("image name", &name)?).await.map(image) }.await)
     }
 
     async fn list(&mut self) -> ImportResult<Vec<Image>> {
@@ -98,29 +87,25 @@ impl Host for CallState {
         self.charge(1 + keys.len() as u64)?;
         let s = self.session.clone();
         let answered = async {
-            if keys.len() > MAX_LIST_KEYS {
-                return Err(Error::InvalidArgument(format!(
-                    "more than {MAX_LIST_KEYS} label keys"
-                )));
-            }
-            for k in &keys {
-                if k.is_empty() {
-                    return Err(Error::InvalidArgument(
-                        "a label key must not be empty".into(),
-                    ));
+                if keys.len() > MAX_LIST_KEYS {
+                    return Err(Error::InvalidArgument(format!("more than {MAX_LIST_KEYS} label keys")));
                 }
-                bounded("label key", k)?;
+                for k in &keys {
+                    if k.is_empty() {
+                        return Err(Error::InvalidArgument("a label key must not be empty".into()));
+                    }
+                    bounded("label key", k)?;
+                }
+                Ok(all(&s)
+                    .await?
+                    .iter()
+                    .map(|r| Labelled {
+                        name: r.name.clone(),
+                        values: keys.iter().map(|k| r.labels.get(k).cloned()).collect(),
+                    })
+                    .collect::<Vec<_>>())
             }
-            Ok(all(&s)
-                .await?
-                .iter()
-                .map(|r| Labelled {
-                    name: r.name.clone(),
-                    values: keys.iter().map(|k| r.labels.get(k).cloned()).collect(),
-                })
-                .collect::<Vec<_>>())
-        }
-        .await;
+            .await;
         if let Ok(r) = &answered {
             self.charge(r.len() as u64)?;
         }

@@ -72,10 +72,7 @@ where
         .map(|a| {
             a.unwrap_or_else(|| match found.next() {
                 Some(r) => r.map_err(|e| to_wit_error(&e)),
-                None => Err(wit_error(
-                    Code::Internal,
-                    format!("the store answered too few {noun}"),
-                )),
+                None => Err(wit_error(Code::Internal, format!("the store answered too few {noun}"))),
             })
         })
         .collect())
@@ -127,9 +124,7 @@ pub(crate) fn answer<T>(r: Result<T, Error>) -> ImportResult<T> {
 /// Refuses a guest-supplied string longer than [`MAX_STRING`].
 pub(crate) fn bounded<'a>(what: &str, s: &'a str) -> Result<&'a str, Error> {
     if s.len() > MAX_STRING {
-        return Err(Error::InvalidArgument(format!(
-            "{what} is longer than {MAX_STRING} bytes"
-        )));
+        return Err(Error::InvalidArgument(format!("{what} is longer than {MAX_STRING} bytes")));
     }
     Ok(s)
 }
@@ -142,9 +137,7 @@ pub(crate) fn digest(s: &str) -> Result<Digest, Error> {
 /// Validates a guest-supplied label or annotation map.
 pub(crate) fn labels(pairs: Vec<(String, String)>) -> Result<Labels, Error> {
     if pairs.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument(format!(
-            "more than {MAX_LABELS} labels"
-        )));
+        return Err(Error::InvalidArgument(format!("more than {MAX_LABELS} labels")));
     }
     let mut out = BTreeMap::new();
     for (k, v) in pairs {
@@ -171,15 +164,10 @@ pub const MAX_BLOB: u64 = 1 << 40;
 /// Validates a guest-supplied descriptor.
 pub(crate) fn descriptor(d: wit::Descriptor) -> Result<Descriptor, Error> {
     if d.size > MAX_BLOB {
-        return Err(Error::InvalidArgument(format!(
-            "descriptor {} has a size over {MAX_BLOB} bytes",
-            d.digest
-        )));
+        return Err(Error::InvalidArgument(format!("descriptor {} has a size over {MAX_BLOB} bytes", d.digest)));
     }
     if d.urls.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument(
-            "descriptor has too many urls".into(),
-        ));
+        return Err(Error::InvalidArgument("descriptor has too many urls".into()));
     }
     Ok(Descriptor {
         media_type: bounded("media type", &d.media_type)?.to_owned(),
@@ -187,11 +175,7 @@ pub(crate) fn descriptor(d: wit::Descriptor) -> Result<Descriptor, Error> {
         size: d.size,
         annotations: labels(d.annotations)?,
         platform: d.platform.map(platform).transpose()?,
-        urls: d
-            .urls
-            .into_iter()
-            .map(|u| bounded("url", &u).map(|_| u.clone()))
-            .collect::<Result<_, _>>()?,
+        urls: d.urls.into_iter().map(|u| bounded("url", &u).map(|_| u.clone())).collect::<Result<_, _>>()?,
     })
 }
 
@@ -209,9 +193,7 @@ pub(crate) fn wit_descriptor(d: Descriptor) -> wit::Descriptor {
 
 fn platform(p: wit::Platform) -> Result<Platform, Error> {
     if p.os_features.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument(
-            "platform has too many os features".into(),
-        ));
+        return Err(Error::InvalidArgument("platform has too many os features".into()));
     }
     Ok(Platform {
         os: bounded("os", &p.os)?.to_owned(),

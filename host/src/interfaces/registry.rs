@@ -47,15 +47,10 @@ impl Host for CallState {
         answer((|| {
             grants.write("registry.fetch")?;
             if blobs.len() > MAX_BATCH {
-                return Err(Error::InvalidArgument(format!(
-                    "more than {MAX_BATCH} blobs in one fetch"
-                )));
+                return Err(Error::InvalidArgument(format!("more than {MAX_BATCH} blobs in one fetch")));
             }
             let repo = Repository::parse(bounded("name", &name)?)?;
-            let descs = blobs
-                .into_iter()
-                .map(descriptor)
-                .collect::<Result<Vec<_>, _>>()?;
+            let descs = blobs.into_iter().map(descriptor).collect::<Result<Vec<_>, _>>()?;
             for d in &descs {
                 s.start_fetch(&repo, d)?;
             }

@@ -97,10 +97,7 @@ impl Host for CallState {
         )
     }
 
-    async fn stats(
-        &mut self,
-        keys: Vec<String>,
-    ) -> ImportResult<Vec<Result<SnapshotInfo, WitError>>> {
+    async fn stats(&mut self, keys: Vec<String>) -> ImportResult<Vec<Result<SnapshotInfo, WitError>>> {
         self.charge(1 + keys.len() as u64)?;
         let s = self.session.clone();
         // Overlong keys are answered here; the others go to the snapshotter together.
@@ -111,13 +108,7 @@ impl Host for CallState {
             })
         };
         let ask = |keys: Vec<String>| async move {
-            Ok(s.backend
-                .snapshots
-                .stats(&keys)
-                .await?
-                .into_iter()
-                .map(|r| r.map(snapshot_info))
-                .collect())
+            Ok(s.backend.snapshots.stats(&keys).await?.into_iter().map(|r| r.map(snapshot_info)).collect())
         };
         answer(batch(keys, ("keys", "stats"), check, ask).await)
     }
@@ -143,10 +134,7 @@ impl Host for CallState {
         answer(
             async {
                 let u = s.backend.snapshots.usage(bounded("key", &key)?).await?;
-                Ok(DiskUsage {
-                    size: u.size,
-                    inodes: u.inodes,
-                })
+                Ok(DiskUsage { size: u.size, inodes: u.inodes })
             }
             .await,
         )

@@ -111,19 +111,15 @@ impl Secret {
     /// The `Authorization` value for HTTP basic auth, marked sensitive (never printed by the
     /// HTTP stack's `Debug`).
     fn basic_header(username: &str, password: &str) -> Result<HeaderValue> {
-        let encoded =
-            base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
         sensitive(format!("Basic {encoded}"))
     }
 }
 
 /// An `Authorization` header value marked sensitive; the error names no part of it.
 fn sensitive(value: String) -> Result<HeaderValue> {
-    let mut v = HeaderValue::from_str(&value).map_err(|_| {
-        Error::InvalidArgument(
-            "credentials contain characters that cannot be sent in a header".into(),
-        )
-    })?;
+    let mut v = HeaderValue::from_str(&value)
+        .map_err(|_| Error::InvalidArgument("credentials contain characters that cannot be sent in a header".into()))?;
     v.set_sensitive(true);
     Ok(v)
 }
@@ -171,10 +167,7 @@ enum Inner {
     Anonymous,
     /// One secret for the registry `server` (`host[:port]`, lowercase), its configured
     /// upstream included, mirrors excluded.
-    Static {
-        secret: Secret,
-        server: String,
-    },
+    Static { secret: Secret, server: String },
     Provider(Arc<dyn CredentialProvider>),
 }
 
@@ -182,11 +175,9 @@ impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
             Inner::Anonymous => f.write_str("Credentials::Anonymous"),
-            Inner::Static { secret, server } => f
-                .debug_struct("Credentials::Static")
-                .field("secret", secret)
-                .field("server", server)
-                .finish(),
+            Inner::Static { secret, server } => {
+                f.debug_struct("Credentials::Static").field("secret", secret).field("server", server).finish()
+            }
             Inner::Provider(_) => f.write_str("Credentials::Provider"),
         }
     }
@@ -201,25 +192,12 @@ impl Credentials {
     /// One secret for `registry` (a server address: `host[:port]`, any scheme or path
     /// ignored), sent only to hosts of that registry (see the module docs).
     pub fn with_secret(secret: Secret, registry: &str) -> Credentials {
-        Credentials(Inner::Static {
-            secret,
-            server: canonical_registry(&server_host(registry)),
-        })
+        Credentials(Inner::Static { secret, server: canonical_registry(&server_host(registry)) })
     }
 
     /// A username and password for `registry`.
-    pub fn basic(
-        registry: &str,
-        username: impl Into<String>,
-        password: impl Into<String>,
-    ) -> Credentials {
-        Credentials::with_secret(
-            Secret::Basic {
-                username: username.into(),
-                password: password.into(),
-            },
-            registry,
-        )
+    pub fn basic(registry: &str, username: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials::with_secret(Secret::Basic { username: username.into(), password: password.into() }, registry)
     }
 
     /// Credentials looked up per host when a host asks for them.
@@ -238,43 +216,27 @@ impl Credentials {
     /// base64 of `user:password`; the message does not contain it.
     pub fn from_auth_config(config: &AuthConfig, image_registry: &str) -> Result<Credentials> {
         let secret = if !config.username.is_empty() {
-            Some(Secret::Basic {
-                username: config.username.clone(),
-                password: config.password.clone(),
-            })
+            Some(Secret::Basic { username: config.username.clone(), password: config.password.clone() })
         } else if !config.identity_token.is_empty() {
             Some(Secret::IdentityToken(config.identity_token.clone()))
         } else if !config.auth.is_empty() {
-            let bad = || {
-                Error::InvalidArgument(
-                    "the auth field of the credentials is not base64 of user:password".into(),
-                )
-            };
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(config.auth.trim())
-                .map_err(|_| bad())?;
+            let bad = || Error::InvalidArgument("the auth field of the credentials is not base64 of user:password".into());
+            let decoded = base64::engine::general_purpose::STANDARD.decode(config.auth.trim()).map_err(|_| bad())?;
             let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
             let (user, pass) = decoded.split_once(':').ok_or_else(bad)?;
-            Some(Secret::Basic {
-                username: user.to_owned(),
-                password: pass.trim_end_matches('\0').to_owned(),
-            })
+            Some(Secret::Basic { username: user.to_owned(), password: pass.trim_end_matches('\0').to_owned() })
         } else if !config.registry_token.is_empty() {
             Some(Secret::RegistryToken(config.registry_token.clone()))
         } else {
             None
         };
-        let Some(secret) = secret else {
-            return Ok(Credentials::anonymous());
-        };
+        let Some(secret) = secret else { return Ok(Credentials::anonymous()) };
         let server = match config.server_address.trim() {
             "" => image_registry,
             s => s,
         };
         if server_host(server).is_empty() {
-            return Err(Error::InvalidArgument(
-                "the credentials name no registry: empty server address and image registry".into(),
-            ));
+            return Err(Error::InvalidArgument("the credentials name no registry: empty server address and image registry".into()));
         }
         Ok(Credentials::with_secret(secret, server))
     }
@@ -285,9 +247,7 @@ impl Credentials {
     pub fn identity(&self) -> String {
         match &self.0 {
             Inner::Anonymous => "anonymous".into(),
-            Inner::Static { secret, server } => {
-                format!("{}@{server}", hex::encode(secret.fingerprint()))
-            }
+            Inner::Static { secret, server } => format!("{}@{server}", hex::encode(secret.fingerprint())),
             Inner::Provider(p) => format!("provider:{:p}", Arc::as_ptr(p)),
         }
     }
@@ -301,17 +261,11 @@ impl Credentials {
     /// named it); `mirror`: the host is a mirror of `hosts.toml`, not the registry's
     /// upstream. A bound secret goes to its registry's own hosts and configured upstream
     /// only (see the module docs); a provider is asked about `host`.
-    pub(crate) async fn secret_for(
-        &self,
-        registry: &str,
-        host: &str,
-        mirror: bool,
-    ) -> Result<Option<Secret>> {
+    pub(crate) async fn secret_for(&self, registry: &str, host: &str, mirror: bool) -> Result<Option<Secret>> {
         match &self.0 {
             Inner::Anonymous => Ok(None),
             Inner::Static { secret, server } => {
-                let applies =
-                    same_registry(server, host) || (!mirror && same_registry(server, registry));
+                let applies = same_registry(server, host) || (!mirror && same_registry(server, registry));
                 Ok(applies.then(|| secret.clone()))
             }
             Inner::Provider(p) => p.secret(registry, host).await,
@@ -337,12 +291,7 @@ pub(crate) fn server_host(address: &str) -> String {
 
 /// Whether two registry hosts name the same registry, Docker Hub's aliases included.
 pub(crate) fn same_registry(a: &str, b: &str) -> bool {
-    let hub = |h: &str| {
-        matches!(
-            h,
-            "docker.io" | "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com"
-        )
-    };
+    let hub = |h: &str| matches!(h, "docker.io" | "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com");
     let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
     a == b || (hub(&a) && hub(&b))
 }
@@ -351,11 +300,7 @@ pub(crate) fn same_registry(a: &str, b: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Challenge {
     Basic,
-    Bearer {
-        realm: String,
-        service: Option<String>,
-        scopes: Vec<String>,
-    },
+    Bearer { realm: String, service: Option<String>, scopes: Vec<String> },
 }
 
 /// Parses the `WWW-Authenticate` values of a 401; `Bearer` wins over `Basic` (as containerd
@@ -372,11 +317,7 @@ pub(crate) fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) ->
                 .get("scope")
                 .map(|s| s.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default();
-            return Some(Challenge::Bearer {
-                realm,
-                service: params.get("service").cloned(),
-                scopes,
-            });
+            return Some(Challenge::Bearer { realm, service: params.get("service").cloned(), scopes });
         }
         if scheme.eq_ignore_ascii_case("basic") {
             basic = true;
@@ -391,11 +332,7 @@ fn parse_params(s: &str) -> Option<HashMap<String, String>> {
     let mut s = s.trim();
     while !s.is_empty() {
         let (key, after) = s.split_once('=')?;
-        let key = key
-            .trim()
-            .trim_start_matches(',')
-            .trim()
-            .to_ascii_lowercase();
+        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
         let after = after.trim_start();
         let (value, tail) = if let Some(q) = after.strip_prefix('"') {
             // A quoted string; `\"` escapes a quote.
@@ -481,31 +418,16 @@ impl Target<'_> {
 impl Authorizer {
     /// Records the challenge of a 401 from `target`'s host. Returns `false` when the answer
     /// has no challenge pullbox can answer.
-    pub fn challenged(
-        &self,
-        target: &Target<'_>,
-        resp: &reqwest::Response,
-        sent: &Authorization,
-    ) -> bool {
+    pub fn challenged(&self, target: &Target<'_>, resp: &reqwest::Response, sent: &Authorization) -> bool {
         if let Some(key) = &sent.token_key {
             // The registry refused a token: never offer it again.
-            self.tokens
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(key);
+            self.tokens.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
         }
-        let values = resp
-            .headers()
-            .get_all(reqwest::header::WWW_AUTHENTICATE)
-            .iter()
-            .filter_map(|v| v.to_str().ok());
+        let values = resp.headers().get_all(reqwest::header::WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok());
         match parse_challenges(values) {
             Some(c) => {
                 tracing::debug!(host = target.host, challenge = ?c, "registry asks for authentication");
-                self.challenges
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(target.origin.to_owned(), c);
+                self.challenges.lock().unwrap_or_else(|e| e.into_inner()).insert(target.origin.to_owned(), c);
                 true
             }
             None => false,
@@ -521,18 +443,9 @@ impl Authorizer {
         credentials: &Credentials,
         timeout: Duration,
     ) -> Result<Authorization> {
-        let challenge = self
-            .challenges
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(target.origin)
-            .cloned();
-        let Some(challenge) = challenge else {
-            return Ok(Authorization::default());
-        };
-        let secret = credentials
-            .secret_for(target.registry, target.host, target.mirror)
-            .await?;
+        let challenge = self.challenges.lock().unwrap_or_else(|e| e.into_inner()).get(target.origin).cloned();
+        let Some(challenge) = challenge else { return Ok(Authorization::default()) };
+        let secret = credentials.secret_for(target.registry, target.host, target.mirror).await?;
         let had_credentials = secret.is_some();
         match (challenge, secret) {
             (Challenge::Basic, Some(Secret::Basic { username, password })) => Ok(Authorization {
@@ -540,33 +453,19 @@ impl Authorizer {
                 token_key: None,
                 had_credentials,
             }),
-            (Challenge::Basic, _) => Ok(Authorization {
-                had_credentials,
-                ..Default::default()
-            }),
+            (Challenge::Basic, _) => Ok(Authorization { had_credentials, ..Default::default() }),
             (Challenge::Bearer { .. }, Some(Secret::RegistryToken(token))) => Ok(Authorization {
                 header: Some(sensitive(format!("Bearer {token}"))?),
                 token_key: None,
                 had_credentials,
             }),
-            (
-                Challenge::Bearer {
-                    realm,
-                    service,
-                    scopes,
-                },
-                secret,
-            ) => {
+            (Challenge::Bearer { realm, service, scopes }, secret) => {
                 let mut all: Vec<String> = scopes;
                 all.push(target.pull_scope());
                 all.sort();
                 all.dedup();
-                let key: TokenKey = (
-                    realm.clone(),
-                    service.clone().unwrap_or_default(),
-                    all.join(" "),
-                    secret.as_ref().map(Secret::fingerprint),
-                );
+                let key: TokenKey =
+                    (realm.clone(), service.clone().unwrap_or_default(), all.join(" "), secret.as_ref().map(Secret::fingerprint));
                 let cached = {
                     let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
                     let now = Instant::now();
@@ -576,27 +475,13 @@ impl Authorizer {
                 let token = match cached {
                     Some(t) => t,
                     None => {
-                        let (token, lifetime) = fetch_token(
-                            http,
-                            target,
-                            &realm,
-                            service.as_deref(),
-                            &all,
-                            secret.as_ref(),
-                            timeout,
-                        )
-                        .await?;
+                        let (token, lifetime) =
+                            fetch_token(http, target, &realm, service.as_deref(), &all, secret.as_ref(), timeout).await?;
                         let margin = (lifetime / 10).min(Duration::from_secs(30));
                         self.tokens
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .insert(
-                                key.clone(),
-                                CachedToken {
-                                    token: token.clone(),
-                                    expires: Instant::now() + lifetime - margin,
-                                },
-                            );
+                            .insert(key.clone(), CachedToken { token: token.clone(), expires: Instant::now() + lifetime - margin });
                         token
                     }
                 };
@@ -621,8 +506,7 @@ async fn fetch_token(
     timeout: Duration,
 ) -> Result<(String, Duration)> {
     let who = format!("the token service of {}", target.host);
-    let url = url::Url::parse(realm)
-        .map_err(|_| Error::PermissionDenied(format!("{}: invalid token realm", target.host)))?;
+    let url = url::Url::parse(realm).map_err(|_| Error::PermissionDenied(format!("{}: invalid token realm", target.host)))?;
     let realm_loopback = match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -654,14 +538,9 @@ async fn fetch_token(
             if let Some(s) = service {
                 form.push(("service", s.to_owned()));
             }
-            let body = url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(form)
-                .finish();
+            let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
             http.post(url)
-                .header(
-                    reqwest::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
-                )
+                .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                 .body(body)
         }
         other => {
@@ -680,38 +559,21 @@ async fn fetch_token(
             }
             let mut req = http.get(url);
             if let Some(Secret::Basic { username, password }) = other {
-                req = req.header(
-                    reqwest::header::AUTHORIZATION,
-                    Secret::basic_header(username, password)?,
-                );
+                req = req.header(reqwest::header::AUTHORIZATION, Secret::basic_header(username, password)?);
             }
             req
         }
     };
     let resp = match tokio::time::timeout(timeout, request.send()).await {
-        Ok(r) => {
-            r.map_err(|e| Error::unavailable(format!("cannot reach {who}"), e.without_url()))?
-        }
-        Err(_) => {
-            return Err(Error::Unavailable {
-                what: format!("{who} did not answer within {timeout:?}"),
-                source: None,
-            })
-        }
+        Ok(r) => r.map_err(|e| Error::unavailable(format!("cannot reach {who}"), e.without_url()))?,
+        Err(_) => return Err(Error::Unavailable { what: format!("{who} did not answer within {timeout:?}"), source: None }),
     };
     let status = resp.status();
     if status.is_server_error() {
-        return Err(Error::Unavailable {
-            what: format!("{who} answered {status}"),
-            source: None,
-        });
+        return Err(Error::Unavailable { what: format!("{who} answered {status}"), source: None });
     }
     if !status.is_success() {
-        let why = if secret.is_some() {
-            "refused the credentials"
-        } else {
-            "refused anonymous access"
-        };
+        let why = if secret.is_some() { "refused the credentials" } else { "refused anonymous access" };
         return Err(Error::PermissionDenied(format!("{who} {why} ({status})")));
     }
     let body = super::read_capped(resp, MAX_TOKEN_RESPONSE, &who, timeout).await?;
@@ -721,20 +583,14 @@ async fn fetch_token(
         access_token: Option<String>,
         expires_in: Option<u64>,
     }
-    let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| Error::Unavailable {
-        what: format!("{who} answered something that is not a token response"),
-        source: None,
-    })?;
+    let parsed: TokenResponse = serde_json::from_slice(&body)
+        .map_err(|_| Error::Unavailable { what: format!("{who} answered something that is not a token response"), source: None })?;
     let token = parsed
         .token
         .filter(|t| !t.is_empty())
         .or(parsed.access_token.filter(|t| !t.is_empty()))
         .ok_or_else(|| Error::PermissionDenied(format!("{who} returned no token")))?;
-    let lifetime = parsed
-        .expires_in
-        .filter(|&s| s > 0)
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+    let lifetime = parsed.expires_in.filter(|&s| s > 0).map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFETIME);
     Ok((token, lifetime))
 }
 
@@ -756,25 +612,14 @@ mod tests {
                 scopes: vec!["repository:library/busybox:pull".into()],
             }
         );
-        assert_eq!(
-            parse_challenges([r#"Basic realm="registry""#]),
-            Some(Challenge::Basic)
-        );
+        assert_eq!(parse_challenges([r#"Basic realm="registry""#]), Some(Challenge::Basic));
         // Bearer wins whatever the order; unknown schemes are ignored.
         assert!(matches!(
-            parse_challenges([
-                "Basic realm=x",
-                "Negotiate",
-                r#"bearer realm="http://127.0.0.1/t""#
-            ]),
+            parse_challenges(["Basic realm=x", "Negotiate", r#"bearer realm="http://127.0.0.1/t""#]),
             Some(Challenge::Bearer { .. })
         ));
         assert_eq!(parse_challenges(["Negotiate abc"]), None);
-        assert_eq!(
-            parse_challenges([r#"Bearer service="x""#]),
-            None,
-            "a bearer challenge needs a realm"
-        );
+        assert_eq!(parse_challenges([r#"Bearer service="x""#]), None, "a bearer challenge needs a realm");
         let p = parse_params(r#"realm="a\"b", scope="x y",service=plain"#).unwrap();
         assert_eq!(p["realm"], "a\"b");
         assert_eq!(p["scope"], "x y");
@@ -799,12 +644,7 @@ mod tests {
 
     #[tokio::test]
     async fn cri_auth_configs_map_like_containerd() {
-        let basic = |u: &str, p: &str| {
-            Some(Secret::Basic {
-                username: u.into(),
-                password: p.into(),
-            })
-        };
+        let basic = |u: &str, p: &str| Some(Secret::Basic { username: u.into(), password: p.into() });
         let c = Credentials::from_auth_config(
             &auth_config(|c| {
                 c.username = "u".into();
@@ -816,11 +656,7 @@ mod tests {
         .unwrap();
         assert_eq!(secret(&c, "r.io", "r.io").await, basic("u", "p"));
 
-        let c = Credentials::from_auth_config(
-            &auth_config(|c| c.auth = "dXNlcjpwYTpzcw==".into()),
-            "r.io",
-        )
-        .unwrap();
+        let c = Credentials::from_auth_config(&auth_config(|c| c.auth = "dXNlcjpwYTpzcw==".into()), "r.io").unwrap();
         assert_eq!(secret(&c, "r.io", "r.io").await, basic("user", "pa:ss"));
 
         let c = Credentials::from_auth_config(
@@ -831,33 +667,17 @@ mod tests {
             "r.io",
         )
         .unwrap();
-        assert_eq!(
-            secret(&c, "r.io", "r.io").await,
-            Some(Secret::IdentityToken("refresh".into()))
-        );
+        assert_eq!(secret(&c, "r.io", "r.io").await, Some(Secret::IdentityToken("refresh".into())));
 
-        let c = Credentials::from_auth_config(
-            &auth_config(|c| c.registry_token = "tok".into()),
-            "r.io",
-        )
-        .unwrap();
-        assert_eq!(
-            secret(&c, "r.io", "r.io").await,
-            Some(Secret::RegistryToken("tok".into()))
-        );
+        let c = Credentials::from_auth_config(&auth_config(|c| c.registry_token = "tok".into()), "r.io").unwrap();
+        assert_eq!(secret(&c, "r.io", "r.io").await, Some(Secret::RegistryToken("tok".into())));
 
         let c = Credentials::from_auth_config(&AuthConfig::default(), "r.io").unwrap();
         assert!(c.is_anonymous());
 
-        let err = Credentials::from_auth_config(
-            &auth_config(|c| c.auth = "not base64 s3cr3t!".into()),
-            "r.io",
-        )
-        .unwrap_err();
+        let err = Credentials::from_auth_config(&auth_config(|c| c.auth = "not base64 s3cr3t!".into()), "r.io").unwrap_err();
         assert!(!err.to_string().contains("s3cr3t"), "{err}");
-        let err =
-            Credentials::from_auth_config(&auth_config(|c| c.auth = "bm9jb2xvbg==".into()), "r.io")
-                .unwrap_err();
+        let err = Credentials::from_auth_config(&auth_config(|c| c.auth = "bm9jb2xvbg==".into()), "r.io").unwrap_err();
         assert_eq!(err.code(), crate::error::Code::InvalidArgument);
     }
 
@@ -866,57 +686,19 @@ mod tests {
     #[tokio::test]
     async fn secrets_stay_with_the_registry_they_are_bound_to() {
         // No server address: bound to the request's registry, whatever the puller names.
-        let c = Credentials::from_auth_config(
-            &auth_config(|c| c.username = "u".into()),
-            "registry-a.io:5000",
-        )
-        .unwrap();
-        assert!(secret(&c, "registry-a.io:5000", "registry-a.io:5000")
-            .await
-            .is_some());
-        assert!(
-            secret(&c, "Registry-A.io:5000", "registry-a.io:5000")
-                .await
-                .is_some(),
-            "hosts compare without case"
-        );
-        assert!(
-            secret(&c, "evil.io", "evil.io").await.is_none(),
-            "a registry the puller names"
-        );
-        assert!(
-            secret(&c, "registry-a.io", "registry-a.io").await.is_none(),
-            "another port is another registry"
-        );
-        assert!(
-            secret(&c, "registry-a.io:5000", "upstream.io")
-                .await
-                .is_some(),
-            "the configured upstream"
-        );
-        assert!(
-            mirror_secret(&c, "registry-a.io:5000", "mirror.local")
-                .await
-                .is_none(),
-            "a mirror"
-        );
-        assert!(
-            secret(&c, "evil.io", "upstream.io").await.is_none(),
-            "the upstream of another registry"
-        );
+        let c = Credentials::from_auth_config(&auth_config(|c| c.username = "u".into()), "registry-a.io:5000").unwrap();
+        assert!(secret(&c, "registry-a.io:5000", "registry-a.io:5000").await.is_some());
+        assert!(secret(&c, "Registry-A.io:5000", "registry-a.io:5000").await.is_some(), "hosts compare without case");
+        assert!(secret(&c, "evil.io", "evil.io").await.is_none(), "a registry the puller names");
+        assert!(secret(&c, "registry-a.io", "registry-a.io").await.is_none(), "another port is another registry");
+        assert!(secret(&c, "registry-a.io:5000", "upstream.io").await.is_some(), "the configured upstream");
+        assert!(mirror_secret(&c, "registry-a.io:5000", "mirror.local").await.is_none(), "a mirror");
+        assert!(secret(&c, "evil.io", "upstream.io").await.is_none(), "the upstream of another registry");
 
         // Docker Hub under any of its names.
-        let c = Credentials::from_auth_config(
-            &auth_config(|c| c.username = "u".into()),
-            "index.docker.io",
-        )
-        .unwrap();
-        assert!(secret(&c, "docker.io", "registry-1.docker.io")
-            .await
-            .is_some());
-        assert!(mirror_secret(&c, "docker.io", "mirror.gcr.io")
-            .await
-            .is_none());
+        let c = Credentials::from_auth_config(&auth_config(|c| c.username = "u".into()), "index.docker.io").unwrap();
+        assert!(secret(&c, "docker.io", "registry-1.docker.io").await.is_some());
+        assert!(mirror_secret(&c, "docker.io", "mirror.gcr.io").await.is_none());
         assert!(secret(&c, "quay.io", "quay.io").await.is_none());
 
         // A server address wins over the image's registry.
@@ -928,9 +710,7 @@ mod tests {
             "quay.io",
         )
         .unwrap();
-        assert!(secret(&c, "docker.io", "registry-1.docker.io")
-            .await
-            .is_some());
+        assert!(secret(&c, "docker.io", "registry-1.docker.io").await.is_some());
         assert!(secret(&c, "quay.io", "quay.io").await.is_none());
         assert!(secret(&c, "other.io", "other.io").await.is_none());
         let c = Credentials::from_auth_config(
@@ -941,16 +721,8 @@ mod tests {
             "r.io:5000",
         )
         .unwrap();
-        assert!(
-            secret(&c, "r.io:5000", "upstream.local").await.is_some(),
-            "the upstream configured for the registry"
-        );
-        assert!(
-            mirror_secret(&c, "r.io:5000", "mirror.local")
-                .await
-                .is_none(),
-            "not a mirror"
-        );
+        assert!(secret(&c, "r.io:5000", "upstream.local").await.is_some(), "the upstream configured for the registry");
+        assert!(mirror_secret(&c, "r.io:5000", "mirror.local").await.is_none(), "not a mirror");
         assert!(secret(&c, "r.io", "r.io").await.is_none());
         // A server address that names a mirror is the operator's choice: that mirror gets it.
         let c = Credentials::from_auth_config(
@@ -974,20 +746,14 @@ mod tests {
     fn debug_never_shows_secrets() {
         let c = Credentials::basic("r.io", "alice", "hunter2-password");
         let s = format!("{c:?} {:?}", Secret::IdentityToken("tok-123".into()));
-        assert!(
-            !s.contains("alice") && !s.contains("hunter2") && !s.contains("tok-123"),
-            "{s}"
-        );
+        assert!(!s.contains("alice") && !s.contains("hunter2") && !s.contains("tok-123"), "{s}");
         let a = auth_config(|c| {
             c.username = "alice".into();
             c.password = "hunter2".into();
             c.auth = "YWxpY2U6aHVudGVyMg==".into();
         });
         let s = format!("{a:?}");
-        assert!(
-            !s.contains("alice") && !s.contains("hunter2") && !s.contains("YWxp"),
-            "{s}"
-        );
+        assert!(!s.contains("alice") && !s.contains("hunter2") && !s.contains("YWxp"), "{s}");
         let h = Secret::basic_header("alice", "hunter2").unwrap();
         assert!(h.is_sensitive());
         assert!(!format!("{h:?}").contains("YWxp"));
@@ -995,28 +761,16 @@ mod tests {
 
     #[test]
     fn fingerprints_tell_secrets_apart() {
-        let a = Secret::Basic {
-            username: "a".into(),
-            password: "bc".into(),
-        };
-        let b = Secret::Basic {
-            username: "ab".into(),
-            password: "c".into(),
-        };
+        let a = Secret::Basic { username: "a".into(), password: "bc".into() };
+        let b = Secret::Basic { username: "ab".into(), password: "c".into() };
         assert_ne!(a.fingerprint(), b.fingerprint());
         assert_eq!(a.fingerprint(), a.clone().fingerprint());
-        assert_ne!(
-            Secret::IdentityToken("x".into()).fingerprint(),
-            Secret::RegistryToken("x".into()).fingerprint()
-        );
+        assert_ne!(Secret::IdentityToken("x".into()).fingerprint(), Secret::RegistryToken("x".into()).fingerprint());
     }
 
     #[test]
     fn server_hosts() {
-        assert_eq!(
-            server_host("https://index.docker.io/v1/"),
-            "index.docker.io"
-        );
+        assert_eq!(server_host("https://index.docker.io/v1/"), "index.docker.io");
         assert_eq!(server_host("Reg.IO:5000"), "reg.io:5000");
         assert_eq!(server_host("http://127.0.0.1:5000/x"), "127.0.0.1:5000");
         assert!(same_registry("docker.io", "registry-1.docker.io"));

@@ -77,10 +77,7 @@ impl std::fmt::Debug for DockerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut hosts: Vec<&String> = self.file.auths.keys().collect();
         hosts.sort();
-        f.debug_struct("DockerConfig")
-            .field("path", &self.path)
-            .field("auths", &hosts)
-            .finish_non_exhaustive()
+        f.debug_struct("DockerConfig").field("path", &self.path).field("auths", &hosts).finish_non_exhaustive()
     }
 }
 
@@ -91,9 +88,7 @@ impl DockerConfig {
         if let Some(d) = std::env::var_os("DOCKER_CONFIG").filter(|d| !d.is_empty()) {
             return Some(Path::new(&d).join("config.json"));
         }
-        std::env::var_os("HOME")
-            .filter(|h| !h.is_empty())
-            .map(|h| Path::new(&h).join(".docker/config.json"))
+        std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| Path::new(&h).join(".docker/config.json"))
     }
 
     /// Reads `path`; a missing file is an empty configuration. The error for a malformed
@@ -111,22 +106,13 @@ impl DockerConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
             Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
         };
-        Ok(DockerConfig {
-            path: path.to_owned(),
-            file,
-            cache: Mutex::new(HashMap::new()),
-        })
+        Ok(DockerConfig { path: path.to_owned(), file, cache: Mutex::new(HashMap::new()) })
     }
 
     /// Candidate keys for `host` in `credHelpers` and `auths`.
     fn keys_for(host: &str) -> Vec<String> {
         if same_registry(host, "docker.io") {
-            vec![
-                DOCKER_HUB_KEY.into(),
-                "index.docker.io".into(),
-                "docker.io".into(),
-                "registry-1.docker.io".into(),
-            ]
+            vec![DOCKER_HUB_KEY.into(), "index.docker.io".into(), "docker.io".into(), "registry-1.docker.io".into()]
         } else {
             vec![host.to_ascii_lowercase()]
         }
@@ -145,13 +131,7 @@ impl DockerConfig {
         let keys = Self::keys_for(host);
         let helper = keys
             .iter()
-            .find_map(|k| {
-                self.file
-                    .cred_helpers
-                    .iter()
-                    .find(|(h, _)| server_host(h) == server_host(k))
-                    .map(|(_, v)| v)
-            })
+            .find_map(|k| self.file.cred_helpers.iter().find(|(h, _)| server_host(h) == server_host(k)).map(|(_, v)| v))
             .or(self.file.creds_store.as_ref())
             .filter(|h| !h.is_empty());
         if let Some(helper) = helper {
@@ -160,12 +140,7 @@ impl DockerConfig {
             }
         }
         for key in &keys {
-            let entry = self
-                .file
-                .auths
-                .iter()
-                .find(|(k, _)| server_host(k) == server_host(key))
-                .map(|(_, v)| v);
+            let entry = self.file.auths.iter().find(|(k, _)| server_host(k) == server_host(key)).map(|(_, v)| v);
             if let Some(e) = entry {
                 return entry_secret(e, &self.path, key);
             }
@@ -184,40 +159,22 @@ fn entry_secret(e: &AuthEntry, path: &Path, key: &str) -> Result<Option<Secret>>
         return Ok(Some(Secret::RegistryToken(t)));
     }
     if let Some(auth) = some(&e.auth) {
-        let bad = || {
-            Error::InvalidArgument(format!(
-                "{}: the auth of {key} is not base64 of user:password",
-                path.display()
-            ))
-        };
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth.trim())
-            .map_err(|_| bad())?;
+        let bad = || Error::InvalidArgument(format!("{}: the auth of {key} is not base64 of user:password", path.display()));
+        let decoded = base64::engine::general_purpose::STANDARD.decode(auth.trim()).map_err(|_| bad())?;
         let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
         let (username, password) = decoded.split_once(':').ok_or_else(bad)?;
-        return Ok(Some(Secret::Basic {
-            username: username.to_owned(),
-            password: password.to_owned(),
-        }));
+        return Ok(Some(Secret::Basic { username: username.to_owned(), password: password.to_owned() }));
     }
     if let Some(username) = some(&e.username) {
-        return Ok(Some(Secret::Basic {
-            username,
-            password: e.password.clone().unwrap_or_default(),
-        }));
+        return Ok(Some(Secret::Basic { username, password: e.password.clone().unwrap_or_default() }));
     }
     Ok(None)
 }
 
 /// Runs `docker-credential-<helper> get` for `server`.
 async fn run_helper(helper: &str, server: &str) -> Result<Option<Secret>> {
-    if !helper
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        return Err(Error::InvalidArgument(format!(
-            "invalid credential helper name {helper:?}"
-        )));
+    if !helper.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        return Err(Error::InvalidArgument(format!("invalid credential helper name {helper:?}")));
     }
     let program = format!("docker-credential-{helper}");
     tracing::debug!(program, server, "asking a credential helper");
@@ -228,41 +185,26 @@ async fn run_helper(helper: &str, server: &str) -> Result<Option<Secret>> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(Error::io(format!(
-            "cannot run the credential helper {program}"
-        )))?;
+        .map_err(Error::io(format!("cannot run the credential helper {program}")))?;
     if let Some(mut stdin) = child.stdin.take() {
         // A helper that exits without reading its input is not an error here.
         let _ = stdin.write_all(server.as_bytes()).await;
     }
     let output = match tokio::time::timeout(HELPER_TIMEOUT, child.wait_with_output()).await {
-        Ok(r) => r.map_err(Error::io(format!(
-            "running the credential helper {program}"
-        )))?,
+        Ok(r) => r.map_err(Error::io(format!("running the credential helper {program}")))?,
         Err(_) => {
-            return Err(Error::Unavailable {
-                what: format!(
-                    "credential helper {program} did not answer within {HELPER_TIMEOUT:?}"
-                ),
-                source: None,
-            })
+            return Err(Error::Unavailable { what: format!("credential helper {program} did not answer within {HELPER_TIMEOUT:?}"), source: None })
         }
     };
     if !output.status.success() {
-        let said = String::from_utf8_lossy(&output.stdout).to_lowercase()
-            + &String::from_utf8_lossy(&output.stderr).to_lowercase();
+        let said = String::from_utf8_lossy(&output.stdout).to_lowercase() + &String::from_utf8_lossy(&output.stderr).to_lowercase();
         if said.contains("credentials not found") {
             return Ok(None);
         }
-        return Err(Error::PermissionDenied(format!(
-            "credential helper {program} failed ({})",
-            output.status
-        )));
+        return Err(Error::PermissionDenied(format!("credential helper {program} failed ({})", output.status)));
     }
     if output.stdout.len() > MAX_HELPER_OUTPUT {
-        return Err(Error::PermissionDenied(format!(
-            "credential helper {program} answered too much"
-        )));
+        return Err(Error::PermissionDenied(format!("credential helper {program} answered too much")));
     }
     #[derive(serde::Deserialize)]
     struct Answer {
@@ -271,21 +213,15 @@ async fn run_helper(helper: &str, server: &str) -> Result<Option<Secret>> {
         #[serde(rename = "Secret", default)]
         secret: String,
     }
-    let a: Answer = serde_json::from_slice(&output.stdout).map_err(|_| {
-        Error::PermissionDenied(format!(
-            "credential helper {program} answered something that is not credentials"
-        ))
-    })?;
+    let a: Answer = serde_json::from_slice(&output.stdout)
+        .map_err(|_| Error::PermissionDenied(format!("credential helper {program} answered something that is not credentials")))?;
     if a.secret.is_empty() && a.username.is_empty() {
         return Ok(None);
     }
     Ok(Some(if a.username == "<token>" {
         Secret::IdentityToken(a.secret)
     } else {
-        Secret::Basic {
-            username: a.username,
-            password: a.secret,
-        }
+        Secret::Basic { username: a.username, password: a.secret }
     }))
 }
 
@@ -293,19 +229,11 @@ async fn run_helper(helper: &str, server: &str) -> Result<Option<Secret>> {
 impl CredentialProvider for DockerConfig {
     async fn secret(&self, _registry: &str, host: &str) -> Result<Option<Secret>> {
         let key = host.to_ascii_lowercase();
-        if let Some(hit) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
+        if let Some(hit) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(hit.clone());
         }
         let found = self.lookup(host).await?;
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, found.clone());
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, found.clone());
         Ok(found)
     }
 }
@@ -335,28 +263,11 @@ mod tests {
                 "empty.io": {}
             }}"#,
         );
-        let basic = |u: &str, p: &str| {
-            Some(Secret::Basic {
-                username: u.into(),
-                password: p.into(),
-            })
-        };
-        assert_eq!(
-            c.secret("docker.io", "registry-1.docker.io").await.unwrap(),
-            basic("hub", "hubpass")
-        );
-        assert_eq!(
-            c.secret("127.0.0.1:5000", "127.0.0.1:5000").await.unwrap(),
-            basic("u", "p")
-        );
-        assert_eq!(
-            c.secret("reg.io", "reg.io").await.unwrap(),
-            Some(Secret::IdentityToken("refresh".into()))
-        );
-        assert_eq!(
-            c.secret("tok.io", "tok.io").await.unwrap(),
-            Some(Secret::RegistryToken("bearer".into()))
-        );
+        let basic = |u: &str, p: &str| Some(Secret::Basic { username: u.into(), password: p.into() });
+        assert_eq!(c.secret("docker.io", "registry-1.docker.io").await.unwrap(), basic("hub", "hubpass"));
+        assert_eq!(c.secret("127.0.0.1:5000", "127.0.0.1:5000").await.unwrap(), basic("u", "p"));
+        assert_eq!(c.secret("reg.io", "reg.io").await.unwrap(), Some(Secret::IdentityToken("refresh".into())));
+        assert_eq!(c.secret("tok.io", "tok.io").await.unwrap(), Some(Secret::RegistryToken("bearer".into())));
         assert_eq!(c.secret("empty.io", "empty.io").await.unwrap(), None);
         assert_eq!(c.secret("other.io", "other.io").await.unwrap(), None);
         assert!(!format!("{c:?}").contains("hubpass"));
@@ -383,10 +294,7 @@ mod tests {
             std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         };
-        helper(
-            "pbtest",
-            r#"read server; case "$server" in reg.io) echo '{"ServerURL":"reg.io","Username":"hu","Secret":"hs"}';; tok.io) echo '{"Username":"<token>","Secret":"idt"}';; *) echo "credentials not found in native keychain"; exit 1;; esac"#,
-        );
+        helper("pbtest", r#"read server; case "$server" in reg.io) echo '{"ServerURL":"reg.io","Username":"hu","Secret":"hs"}';; tok.io) echo '{"Username":"<token>","Secret":"idt"}';; *) echo "credentials not found in native keychain"; exit 1;; esac"#);
         helper("broken", "echo 'leaked-secret' >&2; exit 3");
         let path = std::env::var("PATH").unwrap_or_default();
         // Only this test changes PATH in this test binary.
@@ -395,31 +303,12 @@ mod tests {
             r#"{"credHelpers": {"reg.io": "pbtest", "tok.io": "pbtest", "none.io": "pbtest", "bad.io": "broken"},
                 "auths": {"none.io": {"auth": "dTpw"}}}"#,
         );
-        assert_eq!(
-            c.secret("reg.io", "reg.io").await.unwrap(),
-            Some(Secret::Basic {
-                username: "hu".into(),
-                password: "hs".into()
-            })
-        );
-        assert_eq!(
-            c.secret("tok.io", "tok.io").await.unwrap(),
-            Some(Secret::IdentityToken("idt".into()))
-        );
+        assert_eq!(c.secret("reg.io", "reg.io").await.unwrap(), Some(Secret::Basic { username: "hu".into(), password: "hs".into() }));
+        assert_eq!(c.secret("tok.io", "tok.io").await.unwrap(), Some(Secret::IdentityToken("idt".into())));
         // Not found by the helper: the auths entry still counts.
-        assert_eq!(
-            c.secret("none.io", "none.io").await.unwrap(),
-            Some(Secret::Basic {
-                username: "u".into(),
-                password: "p".into()
-            })
-        );
+        assert_eq!(c.secret("none.io", "none.io").await.unwrap(), Some(Secret::Basic { username: "u".into(), password: "p".into() }));
         let err = c.secret("bad.io", "bad.io").await.unwrap_err();
-        assert!(
-            err.to_string().contains("docker-credential-broken")
-                && !err.to_string().contains("leaked"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("docker-credential-broken") && !err.to_string().contains("leaked"), "{err}");
         let (_d, c) = config(r#"{"credsStore": "pbtest"}"#);
         assert!(c.secret("reg.io", "reg.io").await.unwrap().is_some());
         assert_eq!(c.secret("x.io", "x.io").await.unwrap(), None);

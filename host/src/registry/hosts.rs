@@ -62,11 +62,7 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    const ALL: Capabilities = Capabilities {
-        pull: true,
-        resolve: true,
-        push: true,
-    };
+    const ALL: Capabilities = Capabilities { pull: true, resolve: true, push: true };
 }
 
 /// TLS settings of a host: files, read when the host's HTTP client is built.
@@ -118,9 +114,7 @@ impl Host {
         let mut url = format!("{}{}/{repository}/{tail}", self.origin(), self.path);
         if is_mirror(&self.authority, registry) {
             url.push_str("?ns=");
-            url.push_str(
-                &url::form_urlencoded::byte_serialize(registry.as_bytes()).collect::<String>(),
-            );
+            url.push_str(&url::form_urlencoded::byte_serialize(registry.as_bytes()).collect::<String>());
         }
         url
     }
@@ -128,8 +122,7 @@ impl Host {
 
 /// Whether `host` serves `registry` as a mirror rather than being it.
 fn is_mirror(host: &str, registry: &str) -> bool {
-    !(host.eq_ignore_ascii_case(registry)
-        || (registry == "docker.io" && host == "registry-1.docker.io"))
+    !(host.eq_ignore_ascii_case(registry) || (registry == "docker.io" && host == "registry-1.docker.io"))
 }
 
 /// The hosts to try for `registry`, in order, the upstream last. `dir` is the hosts
@@ -140,10 +133,7 @@ pub fn hosts_for(dir: Option<&Path>, registry: &str) -> Result<Vec<Host>> {
             let file = d.join("hosts.toml");
             match fs::read_to_string(&file) {
                 Ok(text) => parse(&d, &text).map_err(|why| {
-                    Error::FailedPrecondition(format!(
-                        "invalid registry host configuration {}: {why}",
-                        file.display()
-                    ))
+                    Error::FailedPrecondition(format!("invalid registry host configuration {}: {why}", file.display()))
                 })?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![cert_dir(&d)?],
                 Err(e) => return Err(Error::io(format!("reading {}", file.display()))(e)),
@@ -171,15 +161,7 @@ pub fn hosts_for(dir: Option<&Path>, registry: &str) -> Result<Vec<Host>> {
         .enumerate()
         .map(|(i, e)| {
             let (scheme, authority, path) = e.host.expect("every entry has a host now");
-            Host {
-                scheme,
-                authority,
-                path,
-                capabilities: e.capabilities,
-                tls: e.tls,
-                headers: e.headers,
-                mirror: i < upstream,
-            }
+            Host { scheme, authority, path, capabilities: e.capabilities, tls: e.tls, headers: e.headers, mirror: i < upstream }
         })
         .collect())
 }
@@ -188,18 +170,12 @@ pub fn hosts_for(dir: Option<&Path>, registry: &str) -> Result<Vec<Host>> {
 /// `_default`.
 fn host_dir(dir: &Path, registry: &str) -> Option<PathBuf> {
     let mut candidates = Vec::new();
-    if let Some(i) = registry
-        .rfind(':')
-        .filter(|&i| i > 0 && !registry.ends_with(']'))
-    {
+    if let Some(i) = registry.rfind(':').filter(|&i| i > 0 && !registry.ends_with(']')) {
         candidates.push(format!("{}_{}_", &registry[..i], &registry[i + 1..]));
     }
     candidates.push(registry.to_owned());
     candidates.push(DEFAULT_DIR.to_owned());
-    candidates
-        .into_iter()
-        .map(|c| dir.join(c))
-        .find(|p| p.is_dir())
+    candidates.into_iter().map(|c| dir.join(c)).find(|p| p.is_dir())
 }
 
 /// A host entry while parsing; `host` is `None` for an upstream without `server`.
@@ -213,30 +189,20 @@ struct Entry {
 
 impl Default for Entry {
     fn default() -> Self {
-        Entry {
-            host: None,
-            capabilities: Capabilities::ALL,
-            tls: TlsFiles::default(),
-            headers: Vec::new(),
-        }
+        Entry { host: None, capabilities: Capabilities::ALL, tls: TlsFiles::default(), headers: Vec::new() }
     }
 }
 
 /// Parses a `hosts.toml` read from `dir`. Errors are plain reasons (the caller names the file).
 fn parse(dir: &Path, text: &str) -> std::result::Result<Vec<Entry>, String> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| e.message().to_owned())?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.message().to_owned())?;
     let mut entries = Vec::new();
     if let Some(hosts) = table.get("host") {
         let hosts = hosts.as_table().ok_or("`host` must be a table of hosts")?;
         // `preserve_order`: the file's order, which is the order hosts are tried in.
         for (name, config) in hosts {
-            let config = config
-                .as_table()
-                .ok_or_else(|| format!("host {name:?} must be a table"))?;
-            entries
-                .push(entry(dir, Some(name), config).map_err(|e| format!("host {name:?}: {e}"))?);
+            let config = config.as_table().ok_or_else(|| format!("host {name:?} must be a table"))?;
+            entries.push(entry(dir, Some(name), config).map_err(|e| format!("host {name:?}: {e}"))?);
         }
     }
     let server = match table.get("server") {
@@ -247,14 +213,7 @@ fn parse(dir: &Path, text: &str) -> std::result::Result<Vec<Entry>, String> {
     for key in table.keys() {
         if !matches!(
             key.as_str(),
-            "server"
-                | "host"
-                | "capabilities"
-                | "ca"
-                | "client"
-                | "skip_verify"
-                | "header"
-                | "override_path"
+            "server" | "host" | "capabilities" | "ca" | "client" | "skip_verify" | "header" | "override_path"
         ) {
             tracing::warn!(key, "ignoring an unknown key in hosts.toml");
         }
@@ -273,11 +232,7 @@ fn entry(dir: &Path, server: Option<&str>, t: &toml::Table) -> std::result::Resu
     let capabilities = match t.get("capabilities") {
         None => Capabilities::ALL,
         Some(v) => {
-            let mut caps = Capabilities {
-                pull: false,
-                resolve: false,
-                push: false,
-            };
+            let mut caps = Capabilities { pull: false, resolve: false, push: false };
             for c in strings(v, "capabilities")? {
                 match c.to_ascii_lowercase().as_str() {
                     "pull" => caps.pull = true,
@@ -293,13 +248,7 @@ fn entry(dir: &Path, server: Option<&str>, t: &toml::Table) -> std::result::Resu
             }
         }
     };
-    let abs = |p: &str| {
-        if Path::new(p).is_absolute() {
-            PathBuf::from(p)
-        } else {
-            dir.join(p)
-        }
-    };
+    let abs = |p: &str| if Path::new(p).is_absolute() { PathBuf::from(p) } else { dir.join(p) };
     let mut tls = TlsFiles::default();
     if let Some(v) = t.get("ca") {
         tls.ca = strings(v, "ca")?.iter().map(|p| abs(p)).collect();
@@ -318,12 +267,7 @@ fn entry(dir: &Path, server: Option<&str>, t: &toml::Table) -> std::result::Resu
                             };
                             tls.client.push((abs(cert), Some(abs(key))));
                         }
-                        _ => {
-                            return Err(
-                                "`client` entries must be strings or [certificate, key] pairs"
-                                    .into(),
-                            )
-                        }
+                        _ => return Err("`client` entries must be strings or [certificate, key] pairs".into()),
                     }
                 }
             }
@@ -337,38 +281,26 @@ fn entry(dir: &Path, server: Option<&str>, t: &toml::Table) -> std::result::Resu
     if let Some(v) = t.get("header") {
         let table = v.as_table().ok_or("`header` must be a table")?;
         for (name, values) in table {
-            let name = HeaderName::try_from(name.as_str())
-                .map_err(|_| format!("invalid header name {name:?}"))?;
+            let name = HeaderName::try_from(name.as_str()).map_err(|_| format!("invalid header name {name:?}"))?;
             for value in strings(values, "header")? {
-                let value = HeaderValue::try_from(value.as_str())
-                    .map_err(|_| format!("invalid value for header {name}"))?;
+                let value = HeaderValue::try_from(value.as_str()).map_err(|_| format!("invalid value for header {name}"))?;
                 headers.push((name.clone(), value));
             }
         }
     }
-    Ok(Entry {
-        host,
-        capabilities,
-        tls,
-        headers,
-    })
+    Ok(Entry { host, capabilities, tls, headers })
 }
 
 /// `scheme://host[:port][/path]` → scheme, authority, API root path (as containerd: no
 /// scheme means HTTPS; the path gets `/v2` appended unless it ends so or `override_path`).
-fn parse_server(
-    server: &str,
-    override_path: bool,
-) -> std::result::Result<(String, String, String), String> {
+fn parse_server(server: &str, override_path: bool) -> std::result::Result<(String, String, String), String> {
     let with_scheme = if server.starts_with("http://") || server.starts_with("https://") {
         server.to_owned()
     } else {
         format!("https://{server}")
     };
     let url = url::Url::parse(&with_scheme).map_err(|e| format!("invalid URL {server:?}: {e}"))?;
-    let host = url
-        .host_str()
-        .ok_or_else(|| format!("no host in {server:?}"))?;
+    let host = url.host_str().ok_or_else(|| format!("no host in {server:?}"))?;
     let authority = match url.port() {
         Some(p) => format!("{host}:{p}"),
         None => host.to_owned(),
@@ -386,11 +318,7 @@ fn strings(v: &toml::Value, what: &str) -> std::result::Result<Vec<String>, Stri
         toml::Value::String(s) => Ok(vec![s.clone()]),
         toml::Value::Array(items) => items
             .iter()
-            .map(|i| {
-                i.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| format!("`{what}` must hold strings"))
-            })
+            .map(|i| i.as_str().map(str::to_owned).ok_or_else(|| format!("`{what}` must hold strings")))
             .collect(),
         _ => Err(format!("`{what}` must be a string or a list of strings")),
     }
@@ -410,10 +338,7 @@ fn cert_dir(dir: &Path) -> Result<Entry> {
                 if key.is_file() {
                     entry.tls.client.push((p, Some(key)));
                 } else {
-                    return Err(Error::FailedPrecondition(format!(
-                        "client certificate {} has no .key",
-                        p.display()
-                    )));
+                    return Err(Error::FailedPrecondition(format!("client certificate {} has no .key", p.display())));
                 }
             }
             _ => {}
@@ -437,15 +362,9 @@ mod tests {
         let h = hosts_for(None, "docker.io").unwrap();
         assert_eq!(h.len(), 1);
         assert!(!h[0].mirror);
-        assert_eq!(
-            h[0].url("docker.io", "library/busybox", "manifests/latest"),
-            "https://registry-1.docker.io/v2/library/busybox/manifests/latest"
-        );
+        assert_eq!(h[0].url("docker.io", "library/busybox", "manifests/latest"), "https://registry-1.docker.io/v2/library/busybox/manifests/latest");
         let h = hosts_for(None, "127.0.0.1:5000").unwrap();
-        assert_eq!(
-            h[0].url("127.0.0.1:5000", "a", "blobs/x"),
-            "http://127.0.0.1:5000/v2/a/blobs/x"
-        );
+        assert_eq!(h[0].url("127.0.0.1:5000", "a", "blobs/x"), "http://127.0.0.1:5000/v2/a/blobs/x");
         for (registry, http) in [
             ("127.1.2.3", true),
             ("localhost:5000", true),
@@ -454,17 +373,10 @@ mod tests {
             ("localhost.evil.com", false),
             ("10.0.0.1:5000", false),
         ] {
-            assert_eq!(
-                hosts_for(None, registry).unwrap()[0].plain_http(),
-                http,
-                "{registry}"
-            );
+            assert_eq!(hosts_for(None, registry).unwrap()[0].plain_http(), http, "{registry}");
         }
         let empty = tempfile::tempdir().unwrap();
-        assert_eq!(
-            hosts_for(Some(empty.path()), "quay.io").unwrap()[0].origin(),
-            "https://quay.io"
-        );
+        assert_eq!(hosts_for(Some(empty.path()), "quay.io").unwrap()[0].origin(), "https://quay.io");
     }
 
     #[test]
@@ -496,103 +408,43 @@ header = { X-Upstream = "1" }
         let origins: Vec<String> = h.iter().map(Host::origin).collect();
         assert_eq!(
             origins,
-            [
-                "https://zz-first.local:5000",
-                "http://aa-second.local",
-                "https://custom.local",
-                "https://upstream.io"
-            ]
+            ["https://zz-first.local:5000", "http://aa-second.local", "https://custom.local", "https://upstream.io"]
         );
         let d = dir.path().join("registry.io");
-        assert_eq!(
-            h[0].tls.ca,
-            [PathBuf::from("/abs/ca.pem"), d.join("rel.pem")]
-        );
-        assert_eq!(
-            h[0].tls.client,
-            [
-                (d.join("c.cert"), Some(d.join("c.key"))),
-                (d.join("both.pem"), None)
-            ]
-        );
+        assert_eq!(h[0].tls.ca, [PathBuf::from("/abs/ca.pem"), d.join("rel.pem")]);
+        assert_eq!(h[0].tls.client, [(d.join("c.cert"), Some(d.join("c.key"))), (d.join("both.pem"), None)]);
         assert_eq!(h[0].headers.len(), 3);
-        assert_eq!(
-            h[0].capabilities,
-            Capabilities {
-                pull: true,
-                resolve: true,
-                push: false
-            }
-        );
+        assert_eq!(h[0].capabilities, Capabilities { pull: true, resolve: true, push: false });
         assert!(!h[1].capabilities.resolve && h[1].capabilities.pull && h[1].tls.skip_verify);
-        assert_eq!(
-            h[1].url("registry.io", "team/app", "blobs/sha256:1"),
-            "http://aa-second.local/v2/team/app/blobs/sha256:1?ns=registry.io"
-        );
-        assert_eq!(
-            h[2].url("registry.io", "team/app", "manifests/1"),
-            "https://custom.local/some/api/team/app/manifests/1?ns=registry.io"
-        );
+        assert_eq!(h[1].url("registry.io", "team/app", "blobs/sha256:1"), "http://aa-second.local/v2/team/app/blobs/sha256:1?ns=registry.io");
+        assert_eq!(h[2].url("registry.io", "team/app", "manifests/1"), "https://custom.local/some/api/team/app/manifests/1?ns=registry.io");
         assert_eq!(h[3].tls.ca, [d.join("upstream-ca.pem")]);
         assert_eq!(h[3].headers[0].0.as_str(), "x-upstream");
         assert_eq!(h[3].capabilities, Capabilities::ALL);
-        assert_eq!(
-            h.iter().map(|h| h.mirror).collect::<Vec<_>>(),
-            [true, true, true, false],
-            "only the upstream is not a mirror"
-        );
+        assert_eq!(h.iter().map(|h| h.mirror).collect::<Vec<_>>(), [true, true, true, false], "only the upstream is not a mirror");
         // The upstream named by `server` is a different host: it gets `ns` too.
-        assert!(h[3]
-            .url("registry.io", "a", "b")
-            .ends_with("?ns=registry.io"));
+        assert!(h[3].url("registry.io", "a", "b").ends_with("?ns=registry.io"));
     }
 
     #[test]
     fn mirrors_before_the_default_upstream() {
         let dir = tempfile::tempdir().unwrap();
-        write(
-            dir.path(),
-            "docker.io",
-            "[host.\"http://127.0.0.1:5001\"]\ncapabilities = [\"pull\", \"resolve\"]\n",
-        );
+        write(dir.path(), "docker.io", "[host.\"http://127.0.0.1:5001\"]\ncapabilities = [\"pull\", \"resolve\"]\n");
         let h = hosts_for(Some(dir.path()), "docker.io").unwrap();
         assert_eq!(h.len(), 2);
-        assert_eq!(
-            h[0].url("docker.io", "library/a", "manifests/1"),
-            "http://127.0.0.1:5001/v2/library/a/manifests/1?ns=docker.io"
-        );
-        assert_eq!(
-            h[1].url("docker.io", "library/a", "manifests/1"),
-            "https://registry-1.docker.io/v2/library/a/manifests/1"
-        );
+        assert_eq!(h[0].url("docker.io", "library/a", "manifests/1"), "http://127.0.0.1:5001/v2/library/a/manifests/1?ns=docker.io");
+        assert_eq!(h[1].url("docker.io", "library/a", "manifests/1"), "https://registry-1.docker.io/v2/library/a/manifests/1");
     }
 
     #[test]
     fn host_directories_and_default() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "_default", "server = \"https://fallback.io\"\n");
-        write(
-            dir.path(),
-            "reg.io_5000_",
-            "server = \"https://port-style.io\"\n",
-        );
-        write(
-            dir.path(),
-            "other.io:5000",
-            "server = \"https://colon-style.io\"\n",
-        );
-        assert_eq!(
-            hosts_for(Some(dir.path()), "reg.io:5000").unwrap()[0].authority,
-            "port-style.io"
-        );
-        assert_eq!(
-            hosts_for(Some(dir.path()), "other.io:5000").unwrap()[0].authority,
-            "colon-style.io"
-        );
-        assert_eq!(
-            hosts_for(Some(dir.path()), "unknown.io").unwrap()[0].authority,
-            "fallback.io"
-        );
+        write(dir.path(), "reg.io_5000_", "server = \"https://port-style.io\"\n");
+        write(dir.path(), "other.io:5000", "server = \"https://colon-style.io\"\n");
+        assert_eq!(hosts_for(Some(dir.path()), "reg.io:5000").unwrap()[0].authority, "port-style.io");
+        assert_eq!(hosts_for(Some(dir.path()), "other.io:5000").unwrap()[0].authority, "colon-style.io");
+        assert_eq!(hosts_for(Some(dir.path()), "unknown.io").unwrap()[0].authority, "fallback.io");
     }
 
     #[test]
@@ -607,10 +459,7 @@ header = { X-Upstream = "1" }
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].origin(), "https://reg.io");
         assert_eq!(h[0].tls.ca, [d.join("ca.crt")]);
-        assert_eq!(
-            h[0].tls.client,
-            [(d.join("client.cert"), Some(d.join("client.key")))]
-        );
+        assert_eq!(h[0].tls.client, [(d.join("client.cert"), Some(d.join("client.key")))]);
     }
 
     #[test]
@@ -626,29 +475,16 @@ header = { X-Upstream = "1" }
             let dir = tempfile::tempdir().unwrap();
             write(dir.path(), "reg.io", bad);
             let err = hosts_for(Some(dir.path()), "reg.io").unwrap_err();
-            assert_eq!(
-                err.code(),
-                crate::error::Code::FailedPrecondition,
-                "{bad}: {err}"
-            );
+            assert_eq!(err.code(), crate::error::Code::FailedPrecondition, "{bad}: {err}");
             assert!(err.to_string().contains("hosts.toml"), "{err}");
         }
     }
 
     #[test]
     fn server_urls() {
-        assert_eq!(
-            parse_server("reg.io:5000", false).unwrap(),
-            ("https".into(), "reg.io:5000".into(), "/v2".into())
-        );
-        assert_eq!(
-            parse_server("http://reg.io/", false).unwrap(),
-            ("http".into(), "reg.io".into(), "/v2".into())
-        );
-        assert_eq!(
-            parse_server("https://reg.io/x/v2", false).unwrap().2,
-            "/x/v2"
-        );
+        assert_eq!(parse_server("reg.io:5000", false).unwrap(), ("https".into(), "reg.io:5000".into(), "/v2".into()));
+        assert_eq!(parse_server("http://reg.io/", false).unwrap(), ("http".into(), "reg.io".into(), "/v2".into()));
+        assert_eq!(parse_server("https://reg.io/x/v2", false).unwrap().2, "/x/v2");
         assert_eq!(parse_server("https://reg.io/x", false).unwrap().2, "/x/v2");
         assert_eq!(parse_server("https://reg.io/x", true).unwrap().2, "/x");
         assert_eq!(parse_server("https://reg.io", true).unwrap().2, "");

@@ -217,16 +217,8 @@ impl Client {
         let http = Self::builder(&config)
             .build()
             .map_err(|e| Error::unavailable("cannot set up the HTTP client", e))?;
-        let downloads = Arc::new(tokio::sync::Semaphore::new(
-            config.max_concurrent_downloads.max(1),
-        ));
-        Ok(Client {
-            config,
-            http,
-            tls_clients: Mutex::new(HashMap::new()),
-            auth: auth::Authorizer::default(),
-            downloads,
-        })
+        let downloads = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1)));
+        Ok(Client { config, http, tls_clients: Mutex::new(HashMap::new()), auth: auth::Authorizer::default(), downloads })
     }
 
     /// The settings.
@@ -253,12 +245,8 @@ impl Client {
         if host.plain_http() || host.tls == hosts::TlsFiles::default() {
             return Ok(self.http.clone());
         }
-        let bad = |what: String| {
-            Error::FailedPrecondition(format!("TLS settings of {}: {what}", host.authority))
-        };
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|e| bad(format!("cannot read {}: {e}", p.display())))
-        };
+        let bad = |what: String| Error::FailedPrecondition(format!("TLS settings of {}: {what}", host.authority));
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| bad(format!("cannot read {}: {e}", p.display())));
         let mut key = Sha256::new();
         key.update([host.tls.skip_verify as u8]);
         let mut cas = Vec::new();
@@ -280,12 +268,7 @@ impl Client {
             identities.push((cert, pem));
         }
         let key: TlsKey = key.finalize().into();
-        if let Some(c) = self
-            .tls_clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
+        if let Some(c) = self.tls_clients.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(c.clone());
         }
         let mut b = Self::builder(&self.config);
@@ -303,63 +286,37 @@ impl Client {
             tracing::warn!(host = %host.authority, "several client certificates configured; using the first");
         }
         if let Some((p, pem)) = identities.into_iter().next() {
-            let id = reqwest::Identity::from_pem(&pem).map_err(|_| {
-                bad(format!(
-                    "{} (and its key) is not a PEM certificate with a private key",
-                    p.display()
-                ))
-            })?;
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|_| bad(format!("{} (and its key) is not a PEM certificate with a private key", p.display())))?;
             b = b.identity(id);
         }
         if host.tls.skip_verify {
             tracing::warn!(host = %host.authority, "skip_verify: the certificate of this host is not verified");
             b = b.danger_accept_invalid_certs(true);
         }
-        let client = b.build().map_err(|e| {
-            bad(format!(
-                "cannot set up TLS: {}",
-                Error::unavailable("", e).chain()
-            ))
-        })?;
-        self.tls_clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, client.clone());
+        let client = b.build().map_err(|e| bad(format!("cannot set up TLS: {}", Error::unavailable("", e).chain())))?;
+        self.tls_clients.lock().unwrap_or_else(|e| e.into_inner()).insert(key, client.clone());
         Ok(client)
     }
 
     /// The delay before retry number `failures` (1-based): exponential, capped, with up to
     /// 50 % jitter so that parallel downloads do not retry in lockstep.
     fn backoff(&self, failures: u32) -> Duration {
-        let base = self
-            .config
-            .backoff
-            .saturating_mul(1 << failures.saturating_sub(1).min(16));
+        let base = self.config.backoff.saturating_mul(1 << failures.saturating_sub(1).min(16));
         let base = base.min(self.config.max_backoff);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos();
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         base + base.mul_f64(f64::from(nanos % 500) / 1000.0)
     }
 
     /// Runs `op` on each host in turn (see the module docs). `op` gets the host and its
     /// HTTP client and does its own retries.
-    async fn on_hosts<T, F, Fut>(
-        &self,
-        registry: &str,
-        hosts: Vec<Host>,
-        what: &str,
-        mut op: F,
-    ) -> Result<T>
+    async fn on_hosts<T, F, Fut>(&self, registry: &str, hosts: Vec<Host>, what: &str, mut op: F) -> Result<T>
     where
         F: FnMut(Host, reqwest::Client) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         if hosts.is_empty() {
-            return Err(Error::FailedPrecondition(format!(
-                "no configured host of {registry} may serve {what}"
-            )));
+            return Err(Error::FailedPrecondition(format!("no configured host of {registry} may serve {what}")));
         }
         let count = hosts.len();
         let mut last = None;
@@ -429,20 +386,12 @@ impl Client {
         lease: &LeaseId,
         credentials: &Credentials,
     ) -> Result<Descriptor> {
-        let pinned: Option<Digest> = if reference.contains(':') {
-            Some(reference.parse()?)
-        } else {
-            None
-        };
+        let pinned: Option<Digest> = if reference.contains(':') { Some(reference.parse()?) } else { None };
         if pinned.is_none() && !name::valid_tag(reference) {
             return Err(Error::InvalidArgument(format!("invalid tag {reference:?}")));
         }
         let what = format!("manifest {repo}:{reference}");
-        let hosts: Vec<Host> = self
-            .hosts(repo.registry())?
-            .into_iter()
-            .filter(|h| h.capabilities.resolve)
-            .collect();
+        let hosts: Vec<Host> = self.hosts(repo.registry())?.into_iter().filter(|h| h.capabilities.resolve).collect();
         let (desc, body) = self
             .on_hosts(repo.registry(), hosts, &what, |host, http| {
                 let (what, pinned) = (&what, pinned.clone());
@@ -498,32 +447,13 @@ impl Client {
         credentials: &Credentials,
         what: &str,
     ) -> Result<Option<Descriptor>, Failure> {
-        let url = host.url(
-            repo.registry(),
-            repo.path(),
-            &format!("manifests/{reference}"),
-        );
+        let url = host.url(repo.registry(), repo.path(), &format!("manifests/{reference}"));
         let accept = [(header::ACCEPT, MANIFEST_ACCEPT.to_owned())];
-        let resp = match self
-            .request(
-                reqwest::Method::HEAD,
-                http,
-                host,
-                repo,
-                &url,
-                &accept,
-                credentials,
-                what,
-            )
-            .await
-        {
+        let resp = match self.request(reqwest::Method::HEAD, http, host, repo, &url, &accept, credentials, what).await {
             Ok(r) => r,
             // A GET would be refused the same way, or not found, or not answered: no fallback.
             Err(Failure::NextHost(e))
-                if !matches!(
-                    e,
-                    Error::NotFound(_) | Error::Unavailable { .. } | Error::PermissionDenied(_)
-                ) =>
+                if !matches!(e, Error::NotFound(_) | Error::Unavailable { .. } | Error::PermissionDenied(_)) =>
             {
                 tracing::debug!(host = %host.authority, "{what}: HEAD failed, trying GET: {}", e.chain());
                 return Ok(None);
@@ -531,14 +461,8 @@ impl Client {
             Err(f) => return Err(f),
         };
         let headers = resp.headers();
-        let text = |name: header::HeaderName| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-        };
-        let digest = text(header::HeaderName::from_static("docker-content-digest"))
-            .and_then(|d| d.parse::<Digest>().ok());
+        let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let digest = text(header::HeaderName::from_static("docker-content-digest")).and_then(|d| d.parse::<Digest>().ok());
         let size = text(header::CONTENT_LENGTH).and_then(|n| n.parse::<u64>().ok());
         let media_type = text(header::CONTENT_TYPE)
             .map(|t| t.split(';').next().unwrap_or_default().trim().to_owned())
@@ -547,14 +471,7 @@ impl Client {
             (Some(digest), Some(size), Some(media_type))
                 if size > 0 && size <= MAX_MANIFEST && pinned.is_none_or(|p| *p == digest) =>
             {
-                Ok(Some(Descriptor {
-                    media_type,
-                    digest,
-                    size,
-                    annotations: Default::default(),
-                    platform: None,
-                    urls: Vec::new(),
-                }))
+                Ok(Some(Descriptor { media_type, digest, size, annotations: Default::default(), platform: None, urls: Vec::new() }))
             }
             _ => {
                 tracing::debug!(host = %host.authority, "{what}: the HEAD answer names no usable descriptor, trying GET");
@@ -574,24 +491,9 @@ impl Client {
         credentials: &Credentials,
         what: &str,
     ) -> Result<(Descriptor, Vec<u8>), Failure> {
-        let url = host.url(
-            repo.registry(),
-            repo.path(),
-            &format!("manifests/{reference}"),
-        );
+        let url = host.url(repo.registry(), repo.path(), &format!("manifests/{reference}"));
         let accept = [(header::ACCEPT, MANIFEST_ACCEPT.to_owned())];
-        let resp = self
-            .request(
-                reqwest::Method::GET,
-                http,
-                host,
-                repo,
-                &url,
-                &accept,
-                credentials,
-                what,
-            )
-            .await?;
+        let resp = self.request(reqwest::Method::GET, http, host, repo, &url, &accept, credentials, what).await?;
         let header_digest = resp
             .headers()
             .get("docker-content-digest")
@@ -605,21 +507,15 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned());
         if resp.content_length().is_some_and(|n| n > MAX_MANIFEST) {
-            return Err(Failure::Fatal(Error::ResourceExhausted(format!(
-                "{what} is larger than {MAX_MANIFEST} bytes"
-            ))));
+            return Err(Failure::Fatal(Error::ResourceExhausted(format!("{what} is larger than {MAX_MANIFEST} bytes"))));
         }
-        let body = read_capped(resp, MAX_MANIFEST, what, self.config.stall_timeout)
-            .await
-            .map_err(|e| match e.code() {
-                crate::error::Code::Unavailable => Failure::Retry(e),
-                _ => Failure::Fatal(e),
-            })?;
+        let body = read_capped(resp, MAX_MANIFEST, what, self.config.stall_timeout).await.map_err(|e| match e.code() {
+            crate::error::Code::Unavailable => Failure::Retry(e),
+            _ => Failure::Fatal(e),
+        })?;
 
         // The digest we trust: the one asked for, else the registry's, else our own hash.
-        let expected = pinned
-            .or(header_digest)
-            .unwrap_or_else(|| Digest::sha256_of(&body));
+        let expected = pinned.or(header_digest).unwrap_or_else(|| Digest::sha256_of(&body));
         let mut hasher = Hasher::new(expected.algorithm());
         hasher.update(&body);
         let actual = hasher.finish();
@@ -630,15 +526,10 @@ impl Client {
                 actual: actual.to_string(),
             }));
         }
-        let media_type = match content_type
-            .filter(|t| !t.is_empty() && t != "application/json" && t != "text/plain")
-        {
+        let media_type = match content_type.filter(|t| !t.is_empty() && t != "application/json" && t != "text/plain") {
             Some(t) => t,
-            None => media_type_of(&body).ok_or_else(|| {
-                Failure::Fatal(Error::FailedPrecondition(format!(
-                    "{what} has no media type"
-                )))
-            })?,
+            None => media_type_of(&body)
+                .ok_or_else(|| Failure::Fatal(Error::FailedPrecondition(format!("{what} has no media type"))))?,
         };
         let desc = Descriptor {
             media_type,
@@ -667,17 +558,9 @@ impl Client {
         credentials: &Credentials,
     ) -> Result<()> {
         // Manifests and indexes live under `manifests/`, everything else under `blobs/`.
-        let endpoint = if is_manifest(&desc.media_type) {
-            "manifests"
-        } else {
-            "blobs"
-        };
+        let endpoint = if is_manifest(&desc.media_type) { "manifests" } else { "blobs" };
         let what = format!("{} {}", &endpoint[..endpoint.len() - 1], desc.digest);
-        let hosts: Vec<Host> = self
-            .hosts(repo.registry())?
-            .into_iter()
-            .filter(|h| h.capabilities.pull)
-            .collect();
+        let hosts: Vec<Host> = self.hosts(repo.registry())?.into_iter().filter(|h| h.capabilities.pull).collect();
         // Node-wide: every pull sharing this client waits for the same permits.
         let _permit = self
             .downloads
@@ -743,11 +626,7 @@ impl Client {
         what: &str,
         written: &mut u64,
     ) -> Result<(), Failure> {
-        let url = host.url(
-            repo.registry(),
-            repo.path(),
-            &format!("{endpoint}/{}", desc.digest),
-        );
+        let url = host.url(repo.registry(), repo.path(), &format!("{endpoint}/{}", desc.digest));
         let mut offset = writer.offset();
         if offset > desc.size {
             writer.truncate().await.map_err(Failure::Fatal)?;
@@ -762,26 +641,10 @@ impl Client {
         if offset > 0 && offset < desc.size {
             headers.push((header::RANGE, format!("bytes={offset}-")));
         }
-        let resp = self
-            .request(
-                reqwest::Method::GET,
-                http,
-                host,
-                repo,
-                &url,
-                &headers,
-                credentials,
-                what,
-            )
-            .await?;
+        let resp = self.request(reqwest::Method::GET, http, host, repo, &url, &headers, credentials, what).await?;
         if offset > 0 {
             let resumed_at = (resp.status() == StatusCode::PARTIAL_CONTENT)
-                .then(|| {
-                    resp.headers()
-                        .get(header::CONTENT_RANGE)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(range_start)
-                })
+                .then(|| resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(range_start))
                 .flatten();
             if resumed_at != Some(offset) {
                 // The host sent the whole blob (or another range): start over.
@@ -789,10 +652,7 @@ impl Client {
                 writer.truncate().await.map_err(Failure::Fatal)?;
                 if resp.status() == StatusCode::PARTIAL_CONTENT {
                     return Err(Failure::Retry(Error::Unavailable {
-                        what: format!(
-                            "{what}: {} answered a range that was not asked for",
-                            host.authority
-                        ),
+                        what: format!("{what}: {} answered a range that was not asked for", host.authority),
                         source: None,
                     }));
                 }
@@ -852,10 +712,7 @@ impl Client {
         if pos < desc.size {
             // The connection ended early without an error: resume.
             return Err(Failure::Retry(Error::Unavailable {
-                what: format!(
-                    "{what} from {} ended at byte {pos} of {}",
-                    host.authority, desc.size
-                ),
+                what: format!("{what} from {} ended at byte {pos} of {}", host.authority, desc.size),
                 source: None,
             }));
         }
@@ -886,43 +743,21 @@ impl Client {
             repository: repo.path(),
             mirror: host.mirror,
         };
-        let url = reqwest::Url::parse(url).map_err(|_| {
-            Failure::Fatal(Error::InvalidArgument(format!(
-                "{what}: no valid URL on {}",
-                host.authority
-            )))
-        })?;
+        let url = reqwest::Url::parse(url)
+            .map_err(|_| Failure::Fatal(Error::InvalidArgument(format!("{what}: no valid URL on {}", host.authority))))?;
         let home = url.origin();
         let stall = self.config.stall_timeout;
-        let mut authz = self
-            .auth
-            .authorize(http, &target, credentials, stall)
-            .await
-            .map_err(auth_failure)?;
+        let mut authz = self.auth.authorize(http, &target, credentials, stall).await.map_err(auth_failure)?;
         let mut challenged = false;
         loop {
-            let resp = self
-                .send(
-                    &method,
-                    http,
-                    host,
-                    url.clone(),
-                    headers,
-                    authz.header.as_ref(),
-                    what,
-                )
-                .await?;
+            let resp = self.send(&method, http, host, url.clone(), headers, authz.header.as_ref(), what).await?;
             // A challenge from a host redirected to is not answered: the credentials are not
             // for it.
             let redirected = resp.url().origin() != home;
             if resp.status() == StatusCode::UNAUTHORIZED && !challenged && !redirected {
                 challenged = true;
                 if self.auth.challenged(&target, &resp, &authz) {
-                    let next = self
-                        .auth
-                        .authorize(http, &target, credentials, stall)
-                        .await
-                        .map_err(auth_failure)?;
+                    let next = self.auth.authorize(http, &target, credentials, stall).await.map_err(auth_failure)?;
                     if next.header.is_some() {
                         authz = next;
                         continue;
@@ -931,11 +766,7 @@ impl Client {
                 }
             }
             let place = if redirected {
-                format!(
-                    "{} (redirected to {})",
-                    host.authority,
-                    authority_of(resp.url())
-                )
+                format!("{} (redirected to {})", host.authority, authority_of(resp.url()))
             } else {
                 host.authority.clone()
             };
@@ -986,24 +817,14 @@ impl Client {
             let resp = match tokio::time::timeout(stall, req.send()).await {
                 Err(_) => {
                     return Err(Failure::NextHost(Error::Unavailable {
-                        what: format!(
-                            "{place} did not answer {what} within {} (stall timeout)",
-                            seconds(stall)
-                        ),
+                        what: format!("{place} did not answer {what} within {} (stall timeout)", seconds(stall)),
                         source: None,
                     }))
                 }
                 Ok(Err(e)) => {
                     let retry = transient(&e);
-                    let e = Error::unavailable(
-                        format!("cannot reach {place} for {what}"),
-                        e.without_url(),
-                    );
-                    return Err(if retry {
-                        Failure::Retry(e)
-                    } else {
-                        Failure::NextHost(e)
-                    });
+                    let e = Error::unavailable(format!("cannot reach {place} for {what}"), e.without_url());
+                    return Err(if retry { Failure::Retry(e) } else { Failure::NextHost(e) });
                 }
                 Ok(Ok(r)) => r,
             };
@@ -1017,12 +838,8 @@ impl Client {
                     | StatusCode::PERMANENT_REDIRECT
             );
             // A redirect without a location is an answer like any other (check_status).
-            let Some(location) = resp.headers().get(header::LOCATION).filter(|_| followed) else {
-                return Ok(resp);
-            };
-            let refuse = |why: String| {
-                Failure::NextHost(Error::FailedPrecondition(format!("{what}: {place} {why}")))
-            };
+            let Some(location) = resp.headers().get(header::LOCATION).filter(|_| followed) else { return Ok(resp) };
+            let refuse = |why: String| Failure::NextHost(Error::FailedPrecondition(format!("{what}: {place} {why}")));
             let next = location
                 .to_str()
                 .ok()
@@ -1040,9 +857,7 @@ impl Client {
             }
             hops += 1;
             if hops > MAX_REDIRECTS {
-                return Err(refuse(format!(
-                    "redirected more than {MAX_REDIRECTS} times"
-                )));
+                return Err(refuse(format!("redirected more than {MAX_REDIRECTS} times")));
             }
             tracing::debug!(
                 host = %host.authority,
@@ -1075,11 +890,7 @@ async fn is_stored(content: &dyn ContentStore, desc: &Descriptor, lease: &LeaseI
 /// `repositories` (a [`DISTRIBUTION_SOURCE_LABEL`] value) with `path` added: comma-separated,
 /// sorted, without duplicates, as containerd writes it. `None` when `path` is listed already.
 pub fn merge_source(repositories: Option<&str>, path: &str) -> Option<String> {
-    let mut all: Vec<&str> = repositories
-        .unwrap_or_default()
-        .split(',')
-        .filter(|r| !r.is_empty())
-        .collect();
+    let mut all: Vec<&str> = repositories.unwrap_or_default().split(',').filter(|r| !r.is_empty()).collect();
     if all.contains(&path) {
         return None;
     }
@@ -1096,9 +907,7 @@ async fn label_source(content: &dyn ContentStore, digest: &Digest, repo: &Reposi
     let result = async {
         let info = content.info(digest).await?;
         if let Some(value) = merge_source(info.labels.get(&key).map(String::as_str), repo.path()) {
-            content
-                .set_labels(digest, &[(key.clone(), value)].into_iter().collect())
-                .await?;
+            content.set_labels(digest, &[(key.clone(), value)].into_iter().collect()).await?;
         }
         Ok::<_, Error>(())
     }
@@ -1124,24 +933,15 @@ fn transient(e: &reqwest::Error) -> bool {
     // rustls's errors are boxed inside the connector's errors; their variant names are the
     // stable way to recognize them through the layers.
     let debug = format!("{e:?}");
-    if [
-        "InvalidCertificate",
-        "AlertReceived",
-        "InvalidMessage",
-        "PeerIncompatible",
-        "PeerMisbehaved",
-        "NoCertificatesPresented",
-    ]
-    .iter()
-    .any(|v| debug.contains(v))
+    if ["InvalidCertificate", "AlertReceived", "InvalidMessage", "PeerIncompatible", "PeerMisbehaved", "NoCertificatesPresented"]
+        .iter()
+        .any(|v| debug.contains(v))
     {
         return false;
     }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        if s.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
-        {
+        if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData) {
             return false;
         }
         source = s.source();
@@ -1160,14 +960,7 @@ fn seconds(d: Duration) -> String {
 
 /// The first byte of a `Content-Range: bytes A-B/N` value.
 fn range_start(v: &str) -> Option<u64> {
-    v.trim()
-        .strip_prefix("bytes")?
-        .trim()
-        .split('-')
-        .next()?
-        .trim()
-        .parse()
-        .ok()
+    v.trim().strip_prefix("bytes")?.trim().split('-').next()?.trim().parse().ok()
 }
 
 /// Maps an HTTP status to a [`Failure`], keeping the registry's own error message.
@@ -1192,27 +985,16 @@ async fn check_status(
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
             msg.push_str(match (authz.header.is_some(), authz.had_credentials) {
                 (true, _) => " (the credentials were refused)",
-                (false, true) => {
-                    " (the credentials do not fit the authentication the host asks for)"
-                }
+                (false, true) => " (the credentials do not fit the authentication the host asks for)",
                 (false, false) => " (no credentials for this host)",
             });
             Failure::NextHost(Error::PermissionDenied(msg))
         }
         StatusCode::NOT_IMPLEMENTED | StatusCode::HTTP_VERSION_NOT_SUPPORTED => {
-            Failure::NextHost(Error::Unavailable {
-                what: msg,
-                source: None,
-            })
+            Failure::NextHost(Error::Unavailable { what: msg, source: None })
         }
-        s if s.is_server_error() => Failure::Retry(Error::Unavailable {
-            what: msg,
-            source: None,
-        }),
-        StatusCode::TOO_MANY_REQUESTS => Failure::NextHost(Error::Unavailable {
-            what: msg,
-            source: None,
-        }),
+        s if s.is_server_error() => Failure::Retry(Error::Unavailable { what: msg, source: None }),
+        StatusCode::TOO_MANY_REQUESTS => Failure::NextHost(Error::Unavailable { what: msg, source: None }),
         _ => Failure::NextHost(Error::FailedPrecondition(msg)),
     })
 }
@@ -1232,46 +1014,29 @@ fn is_manifest(media_type: &str) -> bool {
 
 /// The first message of a distribution-spec error body, if there is one.
 async fn registry_message(resp: reqwest::Response, stall: Duration) -> Option<String> {
-    let body = read_capped(resp, 16 << 10, "error body", stall)
-        .await
-        .ok()?;
+    let body = read_capped(resp, 16 << 10, "error body", stall).await.ok()?;
     let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
     let e = v.get("errors")?.get(0)?;
     let code = e.get("code").and_then(|c| c.as_str()).unwrap_or_default();
-    let message = e
-        .get("message")
-        .and_then(|c| c.as_str())
-        .unwrap_or_default();
+    let message = e.get("message").and_then(|c| c.as_str()).unwrap_or_default();
     Some(format!("{code} {message}").trim().to_owned())
 }
 
 /// Reads a whole response body, refusing one larger than `cap` bytes or one that stalls for
 /// `stall`.
-async fn read_capped(
-    resp: reqwest::Response,
-    cap: u64,
-    what: &str,
-    stall: Duration,
-) -> Result<Vec<u8>> {
+async fn read_capped(resp: reqwest::Response, cap: u64, what: &str, stall: Duration) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let mut body = resp.bytes_stream();
     loop {
         let chunk = match tokio::time::timeout(stall, body.next()).await {
             Err(_) => {
-                return Err(Error::Unavailable {
-                    what: format!("reading {what}: no data for {}", seconds(stall)),
-                    source: None,
-                })
+                return Err(Error::Unavailable { what: format!("reading {what}: no data for {}", seconds(stall)), source: None })
             }
             Ok(None) => break,
-            Ok(Some(c)) => {
-                c.map_err(|e| Error::unavailable(format!("reading {what}"), e.without_url()))?
-            }
+            Ok(Some(c)) => c.map_err(|e| Error::unavailable(format!("reading {what}"), e.without_url()))?,
         };
         if out.len() as u64 + chunk.len() as u64 > cap {
-            return Err(Error::ResourceExhausted(format!(
-                "{what} is larger than {cap} bytes"
-            )));
+            return Err(Error::ResourceExhausted(format!("{what} is larger than {cap} bytes")));
         }
         out.extend_from_slice(&chunk);
     }

@@ -36,12 +36,8 @@ pub const DEFAULT_REGISTRY: &str = "docker.io";
 /// and a request the puller reads differently gets no credentials anywhere else.
 pub fn reference_registry(reference: &str) -> String {
     let name = reference.trim().split('@').next().unwrap_or_default();
-    let Some((first, _)) = name.split_once('/') else {
-        return DEFAULT_REGISTRY.to_owned();
-    };
-    let is_host = first.contains(['.', ':'])
-        || first == "localhost"
-        || first.bytes().any(|b| b.is_ascii_uppercase());
+    let Some((first, _)) = name.split_once('/') else { return DEFAULT_REGISTRY.to_owned() };
+    let is_host = first.contains(['.', ':']) || first == "localhost" || first.bytes().any(|b| b.is_ascii_uppercase());
     if !is_host {
         return DEFAULT_REGISTRY.to_owned();
     }
@@ -56,16 +52,9 @@ pub fn reference_registry(reference: &str) -> String {
 impl Repository {
     /// Parses and validates `registry/path`.
     pub fn parse(name: &str) -> Result<Repository> {
-        let bad =
-            |why: &str| Error::InvalidArgument(format!("invalid repository name {name:?}: {why}"));
-        let (registry, path) = name
-            .split_once('/')
-            .ok_or_else(|| bad("no registry host"))?;
-        if registry.is_empty()
-            || !registry
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
-        {
+        let bad = |why: &str| Error::InvalidArgument(format!("invalid repository name {name:?}: {why}"));
+        let (registry, path) = name.split_once('/').ok_or_else(|| bad("no registry host"))?;
+        if registry.is_empty() || !registry.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
             return Err(bad("invalid registry host"));
         }
         if path.is_empty() || path.len() > MAX_NAME {
@@ -73,21 +62,14 @@ impl Repository {
         }
         for component in path.split('/') {
             let ok = !component.is_empty()
-                && component
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && component.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
                 && component.as_bytes()[0].is_ascii_alphanumeric()
                 && component.as_bytes()[component.len() - 1].is_ascii_alphanumeric();
             if !ok {
-                return Err(bad(
-                    "path components are lowercase letters, digits and separators",
-                ));
+                return Err(bad("path components are lowercase letters, digits and separators"));
             }
         }
-        Ok(Repository {
-            registry: registry.to_owned(),
-            path: path.to_owned(),
-        })
+        Ok(Repository { registry: registry.to_owned(), path: path.to_owned() })
     }
 
     /// The registry host as written in the name.
@@ -116,8 +98,7 @@ impl fmt::Display for Repository {
 /// Whether `registry` (`host[:port]`) is on loopback: `localhost`, `127.0.0.0/8`, `[::1]`.
 pub fn is_loopback_host(registry: &str) -> bool {
     let host = host_of(registry);
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The host part of `host[:port]`, without IPv6 brackets.
@@ -134,8 +115,7 @@ pub fn valid_tag(tag: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
 }
 
 #[cfg(test)]
@@ -153,11 +133,7 @@ mod tests {
             ("localhost.evil.com/a", false),
             ("docker.io/library/busybox", false),
         ] {
-            assert_eq!(
-                Repository::parse(name).unwrap().is_loopback(),
-                loopback,
-                "{name}"
-            );
+            assert_eq!(Repository::parse(name).unwrap().is_loopback(), loopback, "{name}");
         }
     }
 
@@ -171,10 +147,7 @@ mod tests {
             ("docker.io/library/busybox", "docker.io"),
             ("index.docker.io/library/busybox", "docker.io"),
             ("Index.Docker.IO/library/busybox", "docker.io"),
-            (
-                "registry-1.docker.io/library/busybox",
-                "registry-1.docker.io",
-            ),
+            ("registry-1.docker.io/library/busybox", "registry-1.docker.io"),
             ("quay.io/team/app", "quay.io"),
             ("127.0.0.1:5000/team/app:1.0", "127.0.0.1:5000"),
             ("127.0.0.1:5000/team/app@sha256:abcd", "127.0.0.1:5000"),
@@ -193,15 +166,7 @@ mod tests {
 
     #[test]
     fn names_are_validated() {
-        for bad in [
-            "busybox",
-            "reg.io/",
-            "reg.io/UPPER",
-            "reg.io/a//b",
-            "reg.io/a/../b",
-            "reg io/a",
-            "reg.io/-a",
-        ] {
+        for bad in ["busybox", "reg.io/", "reg.io/UPPER", "reg.io/a//b", "reg.io/a/../b", "reg io/a", "reg.io/-a"] {
             assert!(Repository::parse(bad).is_err(), "{bad} accepted");
         }
         assert!(valid_tag("1.0-rc_1"));

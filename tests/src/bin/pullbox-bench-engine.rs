@@ -47,9 +47,7 @@ async fn main() -> Result<()> {
     let list_us = t.elapsed().as_secs_f64() * 1e6 / CALLS as f64;
     let t = Instant::now();
     for _ in 0..CALLS {
-        service
-            .status("sha256:0000000000000000000000000000000000000000000000000000000000000000")
-            .await?;
+        service.status("sha256:0000000000000000000000000000000000000000000000000000000000000000").await?;
     }
     let status_us = t.elapsed().as_secs_f64() * 1e6 / CALLS as f64;
 
@@ -65,33 +63,16 @@ async fn main() -> Result<()> {
         let guest_before = guest_time();
         let t = Instant::now();
         service
-            .pull(
-                &reference,
-                Platform::host(),
-                Arc::new(NoProgress),
-                Credentials::anonymous(),
-                CancellationToken::new(),
-            )
+            .pull(&reference, Platform::host(), Arc::new(NoProgress), Credentials::anonymous(), CancellationToken::new())
             .await?;
         let wall = t.elapsed();
         rows.push((wall, guest_time() - guest_before));
     }
 
-    println!(
-        "pullbox sandbox overhead ({} cores)",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    );
+    println!("pullbox sandbox overhead ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     println!("{:<44} {:>12}", "measure", "value");
-    println!(
-        "{:<44} {:>9.1} µs",
-        "ListImages: instantiate+configure+call", list_us
-    );
-    println!(
-        "{:<44} {:>9.1} µs",
-        "ImageStatus (miss): instantiate+configure+call", status_us
-    );
+    println!("{:<44} {:>9.1} µs", "ListImages: instantiate+configure+call", list_us);
+    println!("{:<44} {:>9.1} µs", "ImageStatus (miss): instantiate+configure+call", status_us);
     for (i, (wall, guest)) in rows.iter().enumerate() {
         println!(
             "{:<44} {:>9.1} ms wall, {:>7.2} ms guest = {:>5.2} %",
@@ -101,13 +82,8 @@ async fn main() -> Result<()> {
             guest.as_secs_f64() / wall.as_secs_f64() * 100.0
         );
     }
-    let (wall, guest): (f64, f64) = rows.iter().fold((0.0, 0.0), |(w, g), (a, b)| {
-        (w + a.as_secs_f64(), g + b.as_secs_f64())
-    });
-    println!(
-        "{:<44} {:>9.2} %",
-        "guest share of pull wall time (all pulls)",
-        guest / wall * 100.0
-    );
+    let (wall, guest): (f64, f64) =
+        rows.iter().fold((0.0, 0.0), |(w, g), (a, b)| (w + a.as_secs_f64(), g + b.as_secs_f64()));
+    println!("{:<44} {:>9.2} %", "guest share of pull wall time (all pulls)", guest / wall * 100.0);
     Ok(())
 }

@@ -39,9 +39,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{ImageFsInfoRequest, ImageSpec, ListImagesRequest, PullImageRequest};
-use pullbox_tests::{
-    containerd::Containerd, cri, oci, proxy::FaultProxy, registry::send, Pullbox, Registry,
-};
+use pullbox_tests::{containerd::Containerd, cri, oci, proxy::FaultProxy, registry::send, Pullbox, Registry};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -70,70 +68,12 @@ impl Rng {
 }
 
 const WORDS: &[&str] = &[
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "for",
-    "return",
-    "struct",
-    "impl",
-    "fn",
-    "let",
-    "mut",
-    "self",
-    "const",
-    "static",
-    "import",
-    "from",
-    "def",
-    "class",
-    "if",
-    "else",
-    "while",
-    "int",
-    "char",
-    "void",
-    "package",
-    "main",
-    "error",
-    "value",
-    "config",
-    "layer",
-    "image",
-    "pull",
-    "registry",
-    "content",
-    "snapshot",
-    "digest",
-    "manifest",
-    "index",
-    "license",
-    "copyright",
-    "version",
-    "#include",
-    "<stdio.h>",
-    "printf",
-    "{",
-    "}",
-    "(",
-    ")",
-    ";",
-    "=",
-    "==",
-    "->",
-    "0",
-    "1",
-    "42",
-    "null",
-    "true",
-    "false",
-    "string",
-    "buffer",
-    "length",
-    "offset",
+    "the", "of", "and", "to", "in", "is", "for", "return", "struct", "impl", "fn", "let", "mut",
+    "self", "const", "static", "import", "from", "def", "class", "if", "else", "while", "int",
+    "char", "void", "package", "main", "error", "value", "config", "layer", "image", "pull",
+    "registry", "content", "snapshot", "digest", "manifest", "index", "license", "copyright",
+    "version", "#include", "<stdio.h>", "printf", "{", "}", "(", ")", ";", "=", "==", "->",
+    "0", "1", "42", "null", "true", "false", "string", "buffer", "length", "offset",
 ];
 
 /// `len` bytes: 8 KiB blocks, each either random (binary, already-compressed data) or
@@ -154,11 +94,7 @@ fn content(rng: &mut Rng, len: usize) -> Vec<u8> {
             while out.len() < end {
                 let r = rng.next();
                 out.extend_from_slice(WORDS[(r % WORDS.len() as u64) as usize].as_bytes());
-                out.push(if (r >> 32).is_multiple_of(11) {
-                    b'\n'
-                } else {
-                    b' '
-                });
+                out.push(if (r >> 32).is_multiple_of(11) { b'\n' } else { b' ' });
             }
             out.truncate(end);
         }
@@ -208,12 +144,7 @@ fn write_tar<W: Write>(r: Recipe, w: W) -> Result<W> {
     for i in 0..r.small {
         let len = 512 + rng.below(r.small_max as u64 - 512) as usize;
         let data = content(&mut rng, len);
-        file(
-            &mut tar,
-            &format!("{top}/d{}/f{i}.txt", i % dirs),
-            &data,
-            0o644,
-        )?;
+        file(&mut tar, &format!("{top}/d{}/f{i}.txt", i % dirs), &data, 0o644)?;
     }
     dir_entry(&mut tar, &format!("{top}/big"))?;
     for i in 0..r.large {
@@ -243,11 +174,7 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 fn hashing<W>(inner: W) -> Hashing<W> {
-    Hashing {
-        inner,
-        hash: Sha256::new(),
-        len: 0,
-    }
+    Hashing { inner, hash: Sha256::new(), len: 0 }
 }
 
 fn digest_of(h: Sha256) -> String {
@@ -283,17 +210,8 @@ fn build_layer(layout: &Path, r: Recipe, zstd: bool) -> Result<Layer> {
         ensure!(child.wait()?.success(), "zstd failed");
         let digest = oci::file_digest(&tmp)?;
         let size = fs::metadata(&tmp)?.len();
-        fs::rename(
-            &tmp,
-            layout.join("blobs/sha256").join(oci::digest_hex(&digest)),
-        )?;
-        return Ok(Layer {
-            media_type: ZSTD_LAYER,
-            digest,
-            size,
-            diff_id,
-            unpacked,
-        });
+        fs::rename(&tmp, layout.join("blobs/sha256").join(oci::digest_hex(&digest)))?;
+        return Ok(Layer { media_type: ZSTD_LAYER, digest, size, diff_id, unpacked });
     }
     let out = hashing(BufWriter::with_capacity(1 << 20, fs::File::create(&tmp)?));
     let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(6));
@@ -303,25 +221,13 @@ fn build_layer(layout: &Path, r: Recipe, zstd: bool) -> Result<Layer> {
     out.flush()?;
     let (digest, size) = (digest_of(out.hash), out.len);
     drop(out.inner);
-    fs::rename(
-        &tmp,
-        layout.join("blobs/sha256").join(oci::digest_hex(&digest)),
-    )?;
-    Ok(Layer {
-        media_type: GZIP_LAYER,
-        digest,
-        size,
-        diff_id,
-        unpacked,
-    })
+    fs::rename(&tmp, layout.join("blobs/sha256").join(oci::digest_hex(&digest)))?;
+    Ok(Layer { media_type: GZIP_LAYER, digest, size, diff_id, unpacked })
 }
 
 fn write_blob(layout: &Path, bytes: &[u8]) -> Result<(String, u64)> {
     let digest = oci::sha256_digest(bytes);
-    fs::write(
-        layout.join("blobs/sha256").join(oci::digest_hex(&digest)),
-        bytes,
-    )?;
+    fs::write(layout.join("blobs/sha256").join(oci::digest_hex(&digest)), bytes)?;
     Ok((digest, bytes.len() as u64))
 }
 
@@ -386,11 +292,7 @@ fn build_images(scale: f64) -> Result<(PathBuf, Vec<Image>)> {
                 .context("layers")?
                 .iter()
                 .map(|l| Layer {
-                    media_type: if l["mediaType"] == ZSTD_LAYER {
-                        ZSTD_LAYER
-                    } else {
-                        GZIP_LAYER
-                    },
+                    media_type: if l["mediaType"] == ZSTD_LAYER { ZSTD_LAYER } else { GZIP_LAYER },
                     digest: l["digest"].as_str().unwrap_or_default().to_owned(),
                     size: l["size"].as_u64().unwrap_or_default(),
                     diff_id: l["diffId"].as_str().unwrap_or_default().to_owned(),
@@ -421,46 +323,24 @@ fn build_images(scale: f64) -> Result<(PathBuf, Vec<Image>)> {
         large_size: scaled(14 << 20, scale),
     };
     // big: 4,000 files of 0.5-64 KiB (~130 MB) and 56 of 16 MiB: ~1 GiB.
-    let big = Recipe {
-        seed: 200,
-        small: scaled(4000, scale),
-        small_max: 64 << 10,
-        large: 56,
-        large_size: scaled(16 << 20, scale),
-    };
-    let zstd = |i: u64| Recipe {
-        seed: 300 + i,
-        ..multi(i)
-    };
+    let big = Recipe { seed: 200, small: scaled(4000, scale), small_max: 64 << 10, large: 56, large_size: scaled(16 << 20, scale) };
+    let zstd = |i: u64| Recipe { seed: 300 + i, ..multi(i) };
 
     // Built in parallel: the big layer alone on one thread, the rest on the other.
     let (big_layer, rest) = std::thread::scope(|s| {
         let b = s.spawn(|| build_layer(&dir, big, false));
         let rest = (|| -> Result<(Vec<Layer>, Vec<Layer>)> {
-            let m = (0..5)
-                .map(|i| build_layer(&dir, multi(i), false))
-                .collect::<Result<Vec<_>>>()?;
-            let z = (0..2)
-                .map(|i| build_layer(&dir, zstd(i), true))
-                .collect::<Result<Vec<_>>>()?;
+            let m = (0..5).map(|i| build_layer(&dir, multi(i), false)).collect::<Result<Vec<_>>>()?;
+            let z = (0..2).map(|i| build_layer(&dir, zstd(i), true)).collect::<Result<Vec<_>>>()?;
             Ok((m, z))
         })();
         (b.join().unwrap(), rest)
     });
     let (multi_layers, zstd_layers) = rest?;
     let images = vec![
-        Image {
-            tag: "multi",
-            layers: multi_layers,
-        },
-        Image {
-            tag: "big",
-            layers: vec![big_layer?],
-        },
-        Image {
-            tag: "zstd",
-            layers: zstd_layers,
-        },
+        Image { tag: "multi", layers: multi_layers },
+        Image { tag: "big", layers: vec![big_layer?] },
+        Image { tag: "zstd", layers: zstd_layers },
     ];
     let mut index = Vec::new();
     let mut record = serde_json::Map::new();
@@ -479,10 +359,7 @@ fn build_images(scale: f64) -> Result<(PathBuf, Vec<Image>)> {
                 .collect(),
         );
     }
-    fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": index }))?,
-    )?;
+    fs::write(dir.join("index.json"), serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": index }))?)?;
     fs::write(&meta, serde_json::to_vec_pretty(&Value::Object(record))?)?;
     eprintln!("built in {:.1} s", t.elapsed().as_secs_f64());
     Ok((dir, images))
@@ -502,11 +379,7 @@ struct Figure {
 fn timed(cmd: Command) -> Result<Figure> {
     let out = tempfile::NamedTempFile::new()?;
     let mut timed = Command::new("/usr/bin/time");
-    timed
-        .args(["-f", "%e %M", "-o"])
-        .arg(out.path())
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
+    timed.args(["-f", "%e %M", "-o"]).arg(out.path()).arg(cmd.get_program()).args(cmd.get_args());
     for (k, v) in cmd.get_envs() {
         match v {
             Some(v) => timed.env(k, v),
@@ -517,30 +390,14 @@ fn timed(cmd: Command) -> Result<Figure> {
         timed.current_dir(d);
     }
     let t = Instant::now();
-    let result = timed
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()?;
+    let result = timed.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
     let wall = t.elapsed().as_secs_f64();
     if !result.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd,
-            String::from_utf8_lossy(&result.stderr)
-        );
+        bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&result.stderr));
     }
     let text = fs::read_to_string(out.path())?;
-    let rss = text
-        .lines()
-        .last()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok(Figure {
-        wall,
-        rss_kib: rss,
-        daemon_rss_kib: None,
-    })
+    let rss = text.lines().last().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok(Figure { wall, rss_kib: rss, daemon_rss_kib: None })
 }
 
 /// `VmHWM` (peak RSS, KiB) of the process whose command line contains `needle`.
@@ -550,9 +407,7 @@ fn vm_hwm(needle: &str) -> Option<u64> {
         if !pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if !cmdline.contains(needle) || cmdline.starts_with("/bin/sh") {
             continue;
@@ -572,42 +427,19 @@ fn containerd_hwm(ctd: &Containerd) -> Option<u64> {
 }
 
 fn spec(image: &str) -> Option<ImageSpec> {
-    Some(ImageSpec {
-        image: image.to_owned(),
-        ..ImageSpec::default()
-    })
+    Some(ImageSpec { image: image.to_owned(), ..ImageSpec::default() })
 }
 
 /// `pullbox pull [ARGS] REFERENCE` into a fresh embedded store.
 fn pullbox_cli(reference: &str, args: &[&str]) -> Result<Figure> {
-    let root = tempfile::Builder::new()
-        .prefix("pbbench-")
-        .tempdir_in(Pullbox::workspace().join("target"))?;
+    let root = tempfile::Builder::new().prefix("pbbench-").tempdir_in(Pullbox::workspace().join("target"))?;
     let bin = Pullbox::bin()?;
     // Warm the compiled-puller cache, as any node's store has it.
-    let warm = Command::new(&bin)
-        .arg("images")
-        .arg("--root")
-        .arg(root.path())
-        .output()?;
-    ensure!(
-        warm.status.success(),
-        "pullbox images: {}",
-        String::from_utf8_lossy(&warm.stderr)
-    );
+    let warm = Command::new(&bin).arg("images").arg("--root").arg(root.path()).output()?;
+    ensure!(warm.status.success(), "pullbox images: {}", String::from_utf8_lossy(&warm.stderr));
     let mut cmd = Command::new(&bin);
-    cmd.arg("pull")
-        .arg("--root")
-        .arg(root.path())
-        .args(args)
-        .arg(reference);
-    for var in [
-        "PULLBOX_ROOT",
-        "PULLBOX_PULLER",
-        "PULLBOX_SETTINGS",
-        "PULLBOX_LOG",
-        "PULLBOX_SYNC_FS",
-    ] {
+    cmd.arg("pull").arg("--root").arg(root.path()).args(args).arg(reference);
+    for var in ["PULLBOX_ROOT", "PULLBOX_PULLER", "PULLBOX_SETTINGS", "PULLBOX_LOG", "PULLBOX_SYNC_FS"] {
         cmd.env_remove(var);
     }
     timed(cmd)
@@ -623,67 +455,39 @@ async fn pullbox_containerd(reference: &str, run: usize) -> Result<Figure> {
     client.list_images(ListImagesRequest::default()).await?; // warm the puller
     let t = Instant::now();
     client
-        .pull_image(PullImageRequest {
-            image: spec(reference),
-            ..PullImageRequest::default()
-        })
+        .pull_image(PullImageRequest { image: spec(reference), ..PullImageRequest::default() })
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}\n{}", daemon.log()))?;
     let wall = t.elapsed().as_secs_f64();
     let rss = vm_hwm(&format!("--config {}/config.toml", daemon.dir().display())).unwrap_or(0);
-    Ok(Figure {
-        wall,
-        rss_kib: rss,
-        daemon_rss_kib: containerd_hwm(&ctd),
-    })
+    Ok(Figure { wall, rss_kib: rss, daemon_rss_kib: containerd_hwm(&ctd) })
 }
 
 fn ctr_pull(reference: &str, run: usize) -> Result<Figure> {
     let ctd = Containerd::start()?;
     let mut cmd = Command::new(pullbox_tests::containerd::CTR_BIN);
-    cmd.arg("--address").arg(ctd.socket()).args([
-        "-n",
-        &format!("ctr{run}"),
-        "images",
-        "pull",
-        "--plain-http",
-        reference,
-    ]);
+    cmd.arg("--address").arg(ctd.socket()).args(["-n", &format!("ctr{run}"), "images", "pull", "--plain-http", reference]);
     let mut f = timed(cmd)?;
     f.daemon_rss_kib = containerd_hwm(&ctd);
     Ok(f)
 }
 
 fn skopeo_copy(reference: &str) -> Result<Figure> {
-    let dir = tempfile::Builder::new()
-        .prefix("pbbench-skopeo-")
-        .tempdir_in(Pullbox::workspace().join("target"))?;
+    let dir = tempfile::Builder::new().prefix("pbbench-skopeo-").tempdir_in(Pullbox::workspace().join("target"))?;
     let mut cmd = Command::new("skopeo");
-    cmd.args([
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--preserve-digests",
-        "--src-tls-verify=false",
-    ])
-    .arg(format!("docker://{reference}"))
-    .arg(format!("oci:{}:x", dir.path().display()));
+    cmd.args(["--insecure-policy", "copy", "--quiet", "--preserve-digests", "--src-tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .arg(format!("oci:{}:x", dir.path().display()));
     timed(cmd)
 }
 
 /// `tar` extracting each layer blob into its own directory: `parallel` all at once.
 fn tar_extract(layout: &Path, image: &Image, parallel: bool) -> Result<Figure> {
-    let dir = tempfile::Builder::new()
-        .prefix("pbbench-tar-")
-        .tempdir_in(Pullbox::workspace().join("target"))?;
+    let dir = tempfile::Builder::new().prefix("pbbench-tar-").tempdir_in(Pullbox::workspace().join("target"))?;
     let mut script = String::new();
     for (i, l) in image.layers.iter().enumerate() {
         let blob = layout.join("blobs/sha256").join(oci::digest_hex(&l.digest));
-        let z = if l.media_type == ZSTD_LAYER {
-            "--zstd"
-        } else {
-            "-z"
-        };
+        let z = if l.media_type == ZSTD_LAYER { "--zstd" } else { "-z" };
         script.push_str(&format!(
             "mkdir {d}/{i} && tar {z} -xf {b} -C {d}/{i}{sep}\n",
             d = dir.path().display(),
@@ -714,10 +518,7 @@ struct Row {
 async fn pull_one(proxy: &str, reference: &str, n: usize) -> Result<f64> {
     let daemon = cri::Daemon::start("")?;
     let client = cri::connect(daemon.socket()).await?;
-    client
-        .clone()
-        .list_images(ListImagesRequest::default())
-        .await?;
+    client.clone().list_images(ListImagesRequest::default()).await?;
     let reference = format!("{proxy}/{reference}");
     let t = Instant::now();
     let mut tasks = Vec::new();
@@ -725,16 +526,11 @@ async fn pull_one(proxy: &str, reference: &str, n: usize) -> Result<f64> {
         let mut c = cri::connect(daemon.socket()).await?;
         let r = reference.clone();
         tasks.push(tokio::spawn(async move {
-            c.pull_image(PullImageRequest {
-                image: spec(&r),
-                ..PullImageRequest::default()
-            })
-            .await
+            c.pull_image(PullImageRequest { image: spec(&r), ..PullImageRequest::default() }).await
         }));
     }
     for task in tasks {
-        task.await?
-            .map_err(|e| anyhow::anyhow!("{e:?}\n{}", daemon.log()))?;
+        task.await?.map_err(|e| anyhow::anyhow!("{e:?}\n{}", daemon.log()))?;
     }
     Ok(t.elapsed().as_secs_f64())
 }
@@ -742,52 +538,29 @@ async fn pull_one(proxy: &str, reference: &str, n: usize) -> Result<f64> {
 /// The proxy runs its own tokio runtime, which cannot be built from inside ours.
 fn start_proxy(upstream: &str) -> Result<FaultProxy> {
     let upstream = upstream.to_owned();
-    std::thread::spawn(move || FaultProxy::start(&upstream))
-        .join()
-        .unwrap()
+    std::thread::spawn(move || FaultProxy::start(&upstream)).join().unwrap()
 }
 
 /// Uploads a blob: POST starts an upload, PUT to its Location with the digest completes it.
 fn upload(addr: &str, repo: &str, bytes: &[u8]) -> Result<String> {
     let digest = oci::sha256_digest(bytes);
-    let (st, head) = send(
-        addr,
-        "POST",
-        &format!("/v2/{repo}/blobs/uploads/"),
-        "application/octet-stream",
-        &[],
-    )?;
+    let (st, head) = send(addr, "POST", &format!("/v2/{repo}/blobs/uploads/"), "application/octet-stream", &[])?;
     ensure!(st == 202, "upload start: {st}: {head}");
     let location = head
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("Location: ")
-                .or_else(|| l.strip_prefix("location: "))
-        })
+        .find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: ")))
         .context("no Location")?
         .trim();
-    let location = location
-        .strip_prefix(&format!("http://{addr}"))
-        .unwrap_or(location);
+    let location = location.strip_prefix(&format!("http://{addr}")).unwrap_or(location);
     let sep = if location.contains('?') { '&' } else { '?' };
-    let (st, head) = send(
-        addr,
-        "PUT",
-        &format!("{location}{sep}digest={digest}"),
-        "application/octet-stream",
-        bytes,
-    )?;
+    let (st, head) = send(addr, "PUT", &format!("{location}{sep}digest={digest}"), "application/octet-stream", bytes)?;
     ensure!(st == 201, "upload: {st}: {head}");
     Ok(digest)
 }
 
 /// How many `ListImages` calls [`list_images_1000`] times: `PULLBOX_BENCH_LIST_CALLS`, default 21.
 fn list_calls() -> usize {
-    std::env::var("PULLBOX_BENCH_LIST_CALLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(21)
-        .max(1)
+    std::env::var("PULLBOX_BENCH_LIST_CALLS").ok().and_then(|s| s.parse().ok()).unwrap_or(21).max(1)
 }
 
 /// 1,000 images (distinct configs, one shared tiny layer) pulled over CRI into an embedded
@@ -808,60 +581,34 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize, 
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&tar_bytes)?;
     let layer_bytes = gz.finish()?;
-    let layer = Layer {
-        media_type: GZIP_LAYER,
-        digest: oci::sha256_digest(&layer_bytes),
-        size: layer_bytes.len() as u64,
-        diff_id,
-        unpacked: 0,
-    };
+    let layer = Layer { media_type: GZIP_LAYER, digest: oci::sha256_digest(&layer_bytes), size: layer_bytes.len() as u64, diff_id, unpacked: 0 };
     upload(addr, "bench/many", &layer_bytes)?;
     let t = Instant::now();
     for i in 0..N {
-        let (_, _, manifest) = image_json(
-            scratch.path(),
-            std::slice::from_ref(&layer),
-            &format!("n{i}"),
-        )?;
+        let (_, _, manifest) = image_json(scratch.path(), std::slice::from_ref(&layer), &format!("n{i}"))?;
         let m: Value = serde_json::from_slice(&manifest)?;
-        let config = fs::read(
-            scratch
-                .path()
-                .join("blobs/sha256")
-                .join(oci::digest_hex(m["config"]["digest"].as_str().unwrap())),
-        )?;
+        let config = fs::read(scratch.path().join("blobs/sha256").join(oci::digest_hex(m["config"]["digest"].as_str().unwrap())))?;
         upload(addr, "bench/many", &config)?;
         registry.put_manifest("bench/many", &format!("t{i}"), MANIFEST, &manifest)?;
     }
     eprintln!("pushed {N} images in {:.1} s", t.elapsed().as_secs_f64());
     let daemon = Arc::new(cri::Daemon::start("")?);
     let client = cri::connect(daemon.socket()).await?;
-    client
-        .clone()
-        .list_images(ListImagesRequest::default())
-        .await?;
+    client.clone().list_images(ListImagesRequest::default()).await?;
     let t = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut workers = Vec::new();
     for _ in 0..8 {
-        let (mut c, next, addr, daemon) = (
-            client.clone(),
-            next.clone(),
-            addr.to_owned(),
-            daemon.clone(),
-        );
+        let (mut c, next, addr, daemon) = (client.clone(), next.clone(), addr.to_owned(), daemon.clone());
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= N {
                     return Ok::<_, anyhow::Error>(());
                 }
-                c.pull_image(PullImageRequest {
-                    image: spec(&format!("{addr}/bench/many:t{i}")),
-                    ..PullImageRequest::default()
-                })
-                .await
-                .map_err(|e| anyhow::anyhow!("{e:?}\n{}", daemon.log()))?;
+                c.pull_image(PullImageRequest { image: spec(&format!("{addr}/bench/many:t{i}")), ..PullImageRequest::default() })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e:?}\n{}", daemon.log()))?;
             }
         }));
     }
@@ -873,11 +620,7 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize, 
     let mut count = 0;
     for _ in 0..list_calls() {
         let t = Instant::now();
-        let r = client
-            .clone()
-            .list_images(ListImagesRequest::default())
-            .await?
-            .into_inner();
+        let r = client.clone().list_images(ListImagesRequest::default()).await?.into_inner();
         times.push(t.elapsed().as_secs_f64() * 1e3);
         count = r.images.len();
     }
@@ -889,14 +632,7 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize, 
         fs_times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     fs_times.sort_by(f64::total_cmp);
-    Ok((
-        pull_all,
-        times[times.len() / 2],
-        times[times.len() - 1],
-        count,
-        fs_times[fs_times.len() / 2],
-        fs_times[fs_times.len() - 1],
-    ))
+    Ok((pull_all, times[times.len() / 2], times[times.len() - 1], count, fs_times[fs_times.len() / 2], fs_times[fs_times.len() - 1]))
 }
 
 /// Runs [`list_images_1000`] and prints its figures.
@@ -913,14 +649,8 @@ async fn list_images_report(registry: &Registry) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let scale: f64 = std::env::var("PULLBOX_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0);
-    let runs: usize = std::env::var("PULLBOX_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let scale: f64 = std::env::var("PULLBOX_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let runs: usize = std::env::var("PULLBOX_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let started = Instant::now();
     if std::env::var("PULLBOX_BENCH_ONLY").is_ok_and(|v| v == "list") {
         return list_images_report(&Registry::start()?).await;
@@ -934,11 +664,7 @@ async fn main() -> Result<()> {
             &[],
         )?;
     }
-    eprintln!(
-        "pushed to {} ({:.1} s so far)",
-        registry.addr(),
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("pushed to {} ({:.1} s so far)", registry.addr(), started.elapsed().as_secs_f64());
 
     let mut rows: Vec<Row> = Vec::new();
     let mut run_id = 0;
@@ -950,11 +676,7 @@ async fn main() -> Result<()> {
             image.layers.len(),
             if image.layers.len() == 1 { "" } else { "s" },
             image.compressed() as f64 / 1e6,
-            if image.layers[0].media_type == ZSTD_LAYER {
-                "zstd"
-            } else {
-                "gzip"
-            },
+            if image.layers[0].media_type == ZSTD_LAYER { "zstd" } else { "gzip" },
             image.unpacked() as f64 / 1e6
         );
         // Each tool `runs` times; the row keeps the fastest wall and the largest RSS.
@@ -964,35 +686,18 @@ async fn main() -> Result<()> {
                 r.fig.rss_kib = r.fig.rss_kib.max(f.rss_kib);
                 r.fig.daemon_rss_kib = r.fig.daemon_rss_kib.max(f.daemon_rss_kib);
             } else {
-                rows.push(Row {
-                    image: name.clone(),
-                    tool,
-                    fig: f,
-                });
+                rows.push(Row { image: name.clone(), tool, fig: f });
             }
         };
         for _ in 0..runs {
             run_id += 1;
-            eprintln!(
-                "[{:.0} s] {} run {run_id}",
-                started.elapsed().as_secs_f64(),
-                image.tag
-            );
-            best(
-                "tar, one after another",
-                tar_extract(&layout, image, false)?,
-            );
+            eprintln!("[{:.0} s] {} run {run_id}", started.elapsed().as_secs_f64(), image.tag);
+            best("tar, one after another", tar_extract(&layout, image, false)?);
             best("tar, all in parallel", tar_extract(&layout, image, true)?);
             best("ctr images pull", ctr_pull(&reference, run_id)?);
             best("pullbox pull (embedded)", pullbox_cli(&reference, &[])?);
-            best(
-                "pullbox pull --sync-fs (embedded)",
-                pullbox_cli(&reference, &["--sync-fs"])?,
-            );
-            best(
-                "pullbox serve -> containerd",
-                pullbox_containerd(&reference, run_id).await?,
-            );
+            best("pullbox pull --sync-fs (embedded)", pullbox_cli(&reference, &["--sync-fs"])?);
+            best("pullbox serve -> containerd", pullbox_containerd(&reference, run_id).await?);
             best("skopeo copy (download only)", skopeo_copy(&reference)?);
         }
     }
@@ -1002,19 +707,10 @@ async fn main() -> Result<()> {
         "pullbox pull benchmark: {} cores, scale {scale}, best of {runs} run(s); RSS = peak resident set (daemon: VmHWM)",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
-    println!(
-        "{:<58} {:<34} {:>8} {:>8} {:>8} {:>9} {:>12}",
-        "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd"
-    );
+    println!("{:<58} {:<34} {:>8} {:>8} {:>8} {:>9} {:>12}", "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd");
     for r in &rows {
-        let ctr = rows
-            .iter()
-            .find(|x| x.image == r.image && x.tool == "ctr images pull")
-            .map(|x| x.fig.wall);
-        let par = rows
-            .iter()
-            .find(|x| x.image == r.image && x.tool == "tar, all in parallel")
-            .map(|x| x.fig.wall);
+        let ctr = rows.iter().find(|x| x.image == r.image && x.tool == "ctr images pull").map(|x| x.fig.wall);
+        let par = rows.iter().find(|x| x.image == r.image && x.tool == "tar, all in parallel").map(|x| x.fig.wall);
         println!(
             "{:<58} {:<34} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>12}",
             r.image,
@@ -1031,27 +727,15 @@ async fn main() -> Result<()> {
     let multi = &images[0];
     let proxy = start_proxy(registry.addr())?;
     let single = pull_one(proxy.addr(), "bench/multi:1", 1).await?;
-    let single_gets = proxy
-        .requests()
-        .iter()
-        .filter(|r| r.method == "GET" && r.path.contains("/blobs/"))
-        .count();
+    let single_gets = proxy.requests().iter().filter(|r| r.method == "GET" && r.path.contains("/blobs/")).count();
     let proxy = start_proxy(registry.addr())?;
     let twenty = pull_one(proxy.addr(), "bench/multi:1", 20).await?;
     let requests = proxy.requests();
     let mut per_blob = Vec::new();
     for l in &multi.layers {
-        per_blob.push(
-            requests
-                .iter()
-                .filter(|r| r.method == "GET" && r.path.contains(&l.digest))
-                .count(),
-        );
+        per_blob.push(requests.iter().filter(|r| r.method == "GET" && r.path.contains(&l.digest)).count());
     }
-    let blob_gets = requests
-        .iter()
-        .filter(|r| r.method == "GET" && r.path.contains("/blobs/"))
-        .count();
+    let blob_gets = requests.iter().filter(|r| r.method == "GET" && r.path.contains("/blobs/")).count();
     println!();
     println!("20 concurrent CRI pulls of multi (embedded, through a counting HTTP/1.1 proxy, one connection per request):");
     println!("  1 pull: {single:.2} s ({single_gets} blob GETs); 20 pulls: {twenty:.2} s = {:.2}× one pull", twenty / single);
@@ -1060,9 +744,6 @@ async fn main() -> Result<()> {
     println!();
     list_images_report(&registry).await?;
     println!();
-    println!(
-        "total benchmark time {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
+    println!("total benchmark time {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }

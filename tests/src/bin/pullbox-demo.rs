@@ -12,10 +12,7 @@ use anyhow::{ensure, Context, Result};
 use pullbox_tests::{Fixture, Pullbox};
 
 fn main() -> Result<()> {
-    let root = std::env::args_os()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/demo-root"));
+    let root = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target/demo-root"));
     eprintln!("==> starting a registry and pushing a 3-layer image built with umoci");
     let fixture = Fixture::build()?;
     let reference = fixture.reference("team/app:1.0");
@@ -28,11 +25,7 @@ fn main() -> Result<()> {
             .arg(&root)
             .status()
             .with_context(|| format!("cannot run {}", bin.display()))?;
-        ensure!(
-            status.success(),
-            "pullbox {} failed ({status})",
-            args.join(" ")
-        );
+        ensure!(status.success(), "pullbox {} failed ({status})", args.join(" "));
         Ok(())
     };
     run(&["pull", &reference])?;

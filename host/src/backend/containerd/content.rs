@@ -23,9 +23,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use containerd_client::{
     services::v1::{
-        content_client::ContentClient, leases_client::LeasesClient, AbortRequest,
-        AddResourceRequest, DeleteContentRequest, Info, InfoRequest, ReadContentRequest, Resource,
-        UpdateRequest, WriteAction, WriteContentRequest, WriteContentResponse,
+        content_client::ContentClient, leases_client::LeasesClient, AbortRequest, AddResourceRequest,
+        DeleteContentRequest, Info, InfoRequest, ReadContentRequest, Resource, UpdateRequest, WriteAction,
+        WriteContentRequest, WriteContentResponse,
     },
     tonic::{Code as GrpcCode, Status, Streaming},
 };
@@ -66,12 +66,7 @@ impl Content {
 
     /// Opens the `Write` stream of `reference` and sends the `STAT` message; returns the
     /// writer positioned at containerd's offset for the ingest.
-    async fn open(
-        &self,
-        expected: &Descriptor,
-        lease: &LeaseId,
-        reference: &str,
-    ) -> Result<Writer, Status> {
+    async fn open(&self, expected: &Descriptor, lease: &LeaseId, reference: &str) -> Result<Writer, Status> {
         let (mut tx, rx) = mpsc::channel(2);
         tx.send(WriteContentRequest {
             action: WriteAction::Stat as i32,
@@ -82,15 +77,9 @@ impl Content {
         })
         .await
         .map_err(|_| Status::internal("write stream closed before it started"))?;
-        let req = self
-            .conn
-            .leased(rx, lease)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let req = self.conn.leased(rx, lease).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut responses = self.client().write(req).await?.into_inner();
-        let stat = responses
-            .message()
-            .await?
-            .ok_or_else(|| Status::unavailable("containerd ended the write"))?;
+        let stat = responses.message().await?.ok_or_else(|| Status::unavailable("containerd ended the write"))?;
         let offset = u64::try_from(stat.offset).unwrap_or(0);
         Ok(Writer {
             conn: self.conn.clone(),
@@ -110,12 +99,13 @@ impl Content {
 /// The ingest reference of a blob, as containerd's `remotes.MakeRefKey` names it.
 fn ingest_ref(desc: &Descriptor) -> String {
     let kind = match desc.media_type.as_str() {
-        "application/vnd.docker.distribution.manifest.v2+json"
-        | "application/vnd.oci.image.manifest.v1+json" => "manifest",
-        "application/vnd.docker.distribution.manifest.list.v2+json"
-        | "application/vnd.oci.image.index.v1+json" => "index",
-        "application/vnd.docker.container.image.v1+json"
-        | "application/vnd.oci.image.config.v1+json" => "config",
+        "application/vnd.docker.distribution.manifest.v2+json" | "application/vnd.oci.image.manifest.v1+json" => {
+            "manifest"
+        }
+        "application/vnd.docker.distribution.manifest.list.v2+json" | "application/vnd.oci.image.index.v1+json" => {
+            "index"
+        }
+        "application/vnd.docker.container.image.v1+json" | "application/vnd.oci.image.config.v1+json" => "config",
         t if crate::oci::Compression::of_layer(t).is_some() => "layer",
         _ => "unknown",
     };
@@ -129,9 +119,7 @@ fn is_locked(status: &Status) -> bool {
 }
 
 fn content_info(info: Option<Info>) -> Result<ContentInfo> {
-    let info = info.ok_or_else(|| {
-        Error::FailedPrecondition("containerd answered without content info".into())
-    })?;
+    let info = info.ok_or_else(|| Error::FailedPrecondition("containerd answered without content info".into()))?;
     Ok(ContentInfo {
         digest: parse_digest(&info.digest)?,
         size: u64::try_from(info.size).unwrap_or(0),
@@ -142,14 +130,8 @@ fn content_info(info: Option<Info>) -> Result<ContentInfo> {
 #[async_trait]
 impl ContentStore for Content {
     async fn info(&self, digest: &Digest) -> Result<ContentInfo> {
-        let req = self.conn.request(InfoRequest {
-            digest: digest.to_string(),
-        });
-        let resp = self
-            .client()
-            .info(req)
-            .await
-            .map_err(|s| self.conn.error(s))?;
+        let req = self.conn.request(InfoRequest { digest: digest.to_string() });
+        let resp = self.client().info(req).await.map_err(|s| self.conn.error(s))?;
         content_info(resp.into_inner().info)
     }
 
@@ -169,12 +151,7 @@ impl ContentStore for Content {
             offset: offset as i64,
             size: len as i64,
         });
-        let mut stream = self
-            .client()
-            .read(req)
-            .await
-            .map_err(|s| self.conn.error(s))?
-            .into_inner();
+        let mut stream = self.client().read(req).await.map_err(|s| self.conn.error(s))?.into_inner();
         let mut out = Vec::with_capacity(len);
         while let Some(msg) = stream.message().await.map_err(|s| self.conn.error(s))? {
             let room = len - out.len();
@@ -187,17 +164,8 @@ impl ContentStore for Content {
     }
 
     async fn open(&self, digest: &Digest) -> Result<BlobReader> {
-        let req = self.conn.request(ReadContentRequest {
-            digest: digest.to_string(),
-            offset: 0,
-            size: 0,
-        });
-        let stream = self
-            .client()
-            .read(req)
-            .await
-            .map_err(|s| self.conn.error(s))?
-            .into_inner();
+        let req = self.conn.request(ReadContentRequest { digest: digest.to_string(), offset: 0, size: 0 });
+        let stream = self.client().read(req).await.map_err(|s| self.conn.error(s))?.into_inner();
         let conn = self.conn.clone();
         let bytes = stream.map(move |msg| match msg {
             Ok(m) => Ok(bytes::Bytes::from(m.data)),
@@ -206,11 +174,7 @@ impl ContentStore for Content {
         Ok(Box::new(tokio_util::io::StreamReader::new(bytes)))
     }
 
-    async fn writer(
-        &self,
-        expected: &Descriptor,
-        lease: &LeaseId,
-    ) -> Result<Box<dyn ContentWriter>> {
+    async fn writer(&self, expected: &Descriptor, lease: &LeaseId) -> Result<Box<dyn ContentWriter>> {
         let reference = ingest_ref(expected);
         let mut wait = LOCK_POLL_FIRST;
         let mut announced = false;
@@ -249,35 +213,18 @@ impl ContentStore for Content {
     async fn set_labels(&self, digest: &Digest, labels: &Labels) -> Result<ContentInfo> {
         // A path `labels.<key>` with the key absent from the info removes the label.
         let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
-        let set = labels
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let set = labels.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| (k.clone(), v.clone())).collect();
         let req = self.conn.request(UpdateRequest {
-            info: Some(Info {
-                digest: digest.to_string(),
-                labels: set,
-                ..Default::default()
-            }),
+            info: Some(Info { digest: digest.to_string(), labels: set, ..Default::default() }),
             update_mask: Some(prost_types::FieldMask { paths }),
         });
-        let resp = self
-            .client()
-            .update(req)
-            .await
-            .map_err(|s| self.conn.error(s))?;
+        let resp = self.client().update(req).await.map_err(|s| self.conn.error(s))?;
         content_info(resp.into_inner().info)
     }
 
     async fn delete(&self, digest: &Digest) -> Result<()> {
-        let req = self.conn.request(DeleteContentRequest {
-            digest: digest.to_string(),
-        });
-        self.client()
-            .delete(req)
-            .await
-            .map_err(|s| self.conn.error(s))?;
+        let req = self.conn.request(DeleteContentRequest { digest: digest.to_string() });
+        self.client().delete(req).await.map_err(|s| self.conn.error(s))?;
         Ok(())
     }
 }
@@ -285,17 +232,11 @@ impl ContentStore for Content {
 /// Aborts the ingest `reference`, best effort: a failure is logged (an ingest no lease holds
 /// is containerd's garbage).
 async fn abort(conn: &Conn, reference: &str) {
-    let req = conn.request(AbortRequest {
-        r#ref: reference.to_owned(),
-    });
+    let req = conn.request(AbortRequest { r#ref: reference.to_owned() });
     match ContentClient::new(conn.channel.clone()).abort(req).await {
         Ok(_) => {}
         Err(s) if s.code() == GrpcCode::NotFound => {}
-        Err(s) => tracing::warn!(
-            reference,
-            "cannot abort a containerd ingest: {}",
-            conn.error(s).chain()
-        ),
+        Err(s) => tracing::warn!(reference, "cannot abort a containerd ingest: {}", conn.error(s).chain()),
     }
 }
 
@@ -338,10 +279,7 @@ impl Writer {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 Ok(r)
             }
-            None => Err(Status::unavailable(format!(
-                "containerd ended the write of {}",
-                self.reference
-            ))),
+            None => Err(Status::unavailable(format!("containerd ended the write of {}", self.reference))),
         }
     }
 
@@ -350,12 +288,7 @@ impl Writer {
         loop {
             match self.responses.message().await {
                 Ok(Some(_)) => continue,
-                Ok(None) => {
-                    return Status::unavailable(format!(
-                        "containerd ended the write of {}",
-                        self.reference
-                    ))
-                }
+                Ok(None) => return Status::unavailable(format!("containerd ended the write of {}", self.reference)),
                 Err(s) => return s,
             }
         }
@@ -407,17 +340,11 @@ impl Writer {
         let req = self.conn.leased(
             AddResourceRequest {
                 id: self.lease.0.clone(),
-                resource: Some(Resource {
-                    id: self.expected.digest.to_string(),
-                    r#type: "content".into(),
-                }),
+                resource: Some(Resource { id: self.expected.digest.to_string(), r#type: "content".into() }),
             },
             &self.lease,
         )?;
-        LeasesClient::new(self.conn.channel.clone())
-            .add_resource(req)
-            .await
-            .map_err(|s| self.error(s))?;
+        LeasesClient::new(self.conn.channel.clone()).add_resource(req).await.map_err(|s| self.error(s))?;
         Ok(())
     }
 }
@@ -436,11 +363,7 @@ impl ContentWriter for Writer {
         }
         // A WRITE at offset 0 makes containerd truncate the ingest.
         self.sent = 0;
-        let req = WriteContentRequest {
-            action: WriteAction::Write as i32,
-            offset: 0,
-            ..Default::default()
-        };
+        let req = WriteContentRequest { action: WriteAction::Write as i32, offset: 0, ..Default::default() };
         self.send(req).await.map_err(|s| self.error(s))
     }
 
@@ -493,11 +416,7 @@ impl ContentWriter for Writer {
                     .and_then(|rest| rest.split(',').next())
                     .unwrap_or(s.message())
                     .to_owned();
-                return Err(Error::Mismatch {
-                    what: format!("blob {digest}"),
-                    expected: digest.to_string(),
-                    actual,
-                });
+                return Err(Error::Mismatch { what: format!("blob {digest}"), expected: digest.to_string(), actual });
             }
             Err(s) => return Err(self.error(s)),
         }
@@ -523,33 +442,16 @@ mod tests {
     #[test]
     fn ingest_refs_follow_containerd() {
         let d = Digest::sha256_of(b"x");
-        assert_eq!(
-            ingest_ref(&desc("application/vnd.oci.image.manifest.v1+json")),
-            format!("manifest-{d}")
-        );
-        assert_eq!(
-            ingest_ref(&desc("application/vnd.oci.image.index.v1+json")),
-            format!("index-{d}")
-        );
-        assert_eq!(
-            ingest_ref(&desc("application/vnd.oci.image.config.v1+json")),
-            format!("config-{d}")
-        );
-        assert_eq!(
-            ingest_ref(&desc("application/vnd.oci.image.layer.v1.tar+zstd")),
-            format!("layer-{d}")
-        );
-        assert_eq!(
-            ingest_ref(&desc("application/octet-stream")),
-            format!("unknown-{d}")
-        );
+        assert_eq!(ingest_ref(&desc("application/vnd.oci.image.manifest.v1+json")), format!("manifest-{d}"));
+        assert_eq!(ingest_ref(&desc("application/vnd.oci.image.index.v1+json")), format!("index-{d}"));
+        assert_eq!(ingest_ref(&desc("application/vnd.oci.image.config.v1+json")), format!("config-{d}"));
+        assert_eq!(ingest_ref(&desc("application/vnd.oci.image.layer.v1.tar+zstd")), format!("layer-{d}"));
+        assert_eq!(ingest_ref(&desc("application/octet-stream")), format!("unknown-{d}"));
     }
 
     #[test]
     fn only_locked_refs_are_waited_for() {
-        assert!(is_locked(&Status::unavailable(
-            "ref layer-sha256:ab locked for 1s (since now): unavailable"
-        )));
+        assert!(is_locked(&Status::unavailable("ref layer-sha256:ab locked for 1s (since now): unavailable")));
         assert!(!is_locked(&Status::unavailable("transport error")));
         assert!(!is_locked(&Status::failed_precondition("locked")));
     }

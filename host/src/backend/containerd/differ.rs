@@ -27,11 +27,7 @@ use crate::{
 
 /// What containerd's messages say when unpacking a layer failed (as opposed to reaching the
 /// content or mounting the snapshot).
-const UNPACK_FAILURES: &[&str] = &[
-    "mount callback failed",
-    "failed to extract layer",
-    "decompress",
-];
+const UNPACK_FAILURES: &[&str] = &["mount callback failed", "failed to extract layer", "decompress"];
 
 /// containerd's diff service, in the connection's namespace.
 pub(crate) struct Differ {
@@ -49,10 +45,7 @@ impl Differ {
 #[async_trait]
 impl crate::backend::Differ for Differ {
     async fn apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<Digest> {
-        let size = Content::new(self.conn.clone())
-            .info(&layer.digest)
-            .await?
-            .size;
+        let size = Content::new(self.conn.clone()).info(&layer.digest).await?.size;
         if size != layer.size {
             return Err(Error::Mismatch {
                 what: format!("size of layer {}", layer.digest),
@@ -72,27 +65,16 @@ impl crate::backend::Differ for Differ {
             .map_err(|s| match self.conn.error(s) {
                 // containerd reports what went wrong while unpacking (a broken compressed
                 // stream or archive) as an error without a code, from its mount callback.
-                Error::Io { context, .. }
-                    if UNPACK_FAILURES.iter().any(|m| context.contains(m)) =>
-                {
-                    let reason = context
-                        .strip_prefix("containerd: ")
-                        .unwrap_or(&context)
-                        .to_owned();
-                    Error::BadLayer {
-                        layer: layer.digest.to_string(),
-                        reason,
-                    }
+                Error::Io { context, .. } if UNPACK_FAILURES.iter().any(|m| context.contains(m)) => {
+                    let reason = context.strip_prefix("containerd: ").unwrap_or(&context).to_owned();
+                    Error::BadLayer { layer: layer.digest.to_string(), reason }
                 }
                 e => e,
             })?
             .into_inner()
             .applied
             .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "containerd applied layer {} without a diff ID",
-                    layer.digest
-                ))
+                Error::FailedPrecondition(format!("containerd applied layer {} without a diff ID", layer.digest))
             })?;
         parse_digest(&applied.digest)
     }

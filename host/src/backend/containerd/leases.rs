@@ -29,10 +29,9 @@ use std::{
 use async_trait::async_trait;
 use containerd_client::{
     services::v1::{
-        content_client::ContentClient, leases_client::LeasesClient,
-        snapshots::snapshots_client::SnapshotsClient, snapshots::ListSnapshotsRequest,
-        AddResourceRequest, CreateRequest, DeleteRequest, ListContentRequest, ListRequest,
-        ListStatusesRequest, Resource,
+        content_client::ContentClient, leases_client::LeasesClient, snapshots::snapshots_client::SnapshotsClient,
+        snapshots::ListSnapshotsRequest, AddResourceRequest, CreateRequest, DeleteRequest, ListContentRequest,
+        ListRequest, ListStatusesRequest, Resource,
     },
     tonic::transport::Channel,
 };
@@ -75,51 +74,25 @@ impl LeaseManager {
 
     async fn create_with(&self, id: String, labels: HashMap<String, String>) -> Result<LeaseId> {
         let req = self.conn.request(CreateRequest { id, labels });
-        let lease = self
-            .client()
-            .create(req)
-            .await
-            .map_err(|s| self.conn.error(s))?
-            .into_inner()
-            .lease;
-        let id = lease
-            .ok_or_else(|| {
-                Error::FailedPrecondition("containerd created a lease without an id".into())
-            })?
-            .id;
+        let lease = self.client().create(req).await.map_err(|s| self.conn.error(s))?.into_inner().lease;
+        let id = lease.ok_or_else(|| Error::FailedPrecondition("containerd created a lease without an id".into()))?.id;
         Ok(LeaseId(id))
     }
 
     async fn delete_with(&self, lease: &LeaseId, sync: bool) -> Result<()> {
-        let req = self.conn.request(DeleteRequest {
-            id: lease.0.clone(),
-            sync,
-        });
-        self.client()
-            .delete(req)
-            .await
-            .map_err(|s| self.conn.error(s))?;
+        let req = self.conn.request(DeleteRequest { id: lease.0.clone(), sync });
+        self.client().delete(req).await.map_err(|s| self.conn.error(s))?;
         Ok(())
     }
 
     /// Deletes the leases of pullbox processes known to be gone; returns how many.
     async fn delete_dead(&self) -> Result<u64> {
-        let req = self.conn.request(ListRequest {
-            filters: vec![format!("labels.\"{OWNER_LABEL}\"")],
-        });
-        let leases = self
-            .client()
-            .list(req)
-            .await
-            .map_err(|s| self.conn.error(s))?
-            .into_inner()
-            .leases;
+        let req = self.conn.request(ListRequest { filters: vec![format!("labels.\"{OWNER_LABEL}\"")] });
+        let leases = self.client().list(req).await.map_err(|s| self.conn.error(s))?.into_inner().leases;
         let here = Here::current();
         let mut deleted = 0;
         for lease in leases {
-            let Some(owner) = lease.labels.get(OWNER_LABEL).and_then(|v| Owner::parse(v)) else {
-                continue;
-            };
+            let Some(owner) = lease.labels.get(OWNER_LABEL).and_then(|v| Owner::parse(v)) else { continue };
             if here.judges_dead(&owner) {
                 tracing::info!(lease = %lease.id, pid = owner.pid, "deleting the lease of a pullbox process that is gone");
                 match self.delete_with(&LeaseId(lease.id), false).await {
@@ -137,26 +110,15 @@ impl LeaseManager {
     /// snapshot names, ingest references.
     async fn inventory(&self) -> Result<Census> {
         let mut blobs = HashMap::new();
-        let req = self.conn.request(ListContentRequest {
-            filters: Vec::new(),
-        });
-        let mut stream = ContentClient::new(self.conn.channel.clone())
-            .list(req)
-            .await
-            .map_err(|s| self.conn.error(s))?
-            .into_inner();
+        let req = self.conn.request(ListContentRequest { filters: Vec::new() });
+        let mut stream =
+            ContentClient::new(self.conn.channel.clone()).list(req).await.map_err(|s| self.conn.error(s))?.into_inner();
         while let Some(page) = stream.message().await.map_err(|s| self.conn.error(s))? {
-            blobs.extend(
-                page.info
-                    .into_iter()
-                    .map(|i| (i.digest, u64::try_from(i.size).unwrap_or(0))),
-            );
+            blobs.extend(page.info.into_iter().map(|i| (i.digest, u64::try_from(i.size).unwrap_or(0))));
         }
         let mut snapshots = HashSet::new();
-        let req = self.conn.request(ListSnapshotsRequest {
-            snapshotter: self.snapshotter.clone(),
-            filters: Vec::new(),
-        });
+        let req =
+            self.conn.request(ListSnapshotsRequest { snapshotter: self.snapshotter.clone(), filters: Vec::new() });
         let mut stream = SnapshotsClient::new(self.conn.channel.clone())
             .list(req)
             .await
@@ -165,9 +127,7 @@ impl LeaseManager {
         while let Some(page) = stream.message().await.map_err(|s| self.conn.error(s))? {
             snapshots.extend(page.info.into_iter().map(|i| i.name));
         }
-        let req = self.conn.request(ListStatusesRequest {
-            filters: Vec::new(),
-        });
+        let req = self.conn.request(ListStatusesRequest { filters: Vec::new() });
         let ingests = ContentClient::new(self.conn.channel.clone())
             .list_statuses(req)
             .await
@@ -177,11 +137,7 @@ impl LeaseManager {
             .into_iter()
             .map(|s| s.r#ref)
             .collect();
-        Ok(Census {
-            blobs,
-            snapshots,
-            ingests,
-        })
+        Ok(Census { blobs, snapshots, ingests })
     }
 }
 
@@ -190,10 +146,7 @@ impl Leases for LeaseManager {
     async fn create(&self) -> Result<LeaseId> {
         let id = format!("pullbox-{}", uuid::Uuid::new_v4().simple());
         let labels = HashMap::from([
-            (
-                EXPIRE_LABEL.to_owned(),
-                rfc3339(now_secs() + LEASE_EXPIRY.as_secs()),
-            ),
+            (EXPIRE_LABEL.to_owned(), rfc3339(now_secs() + LEASE_EXPIRY.as_secs())),
             (OWNER_LABEL.to_owned(), Here::current().owner()?.to_string()),
         ]);
         self.create_with(id, labels).await
@@ -206,23 +159,11 @@ impl Leases for LeaseManager {
     /// containerd's `AddResource` (it does not check that the resource exists).
     async fn hold(&self, lease: &LeaseId, resource: Held<'_>) -> Result<()> {
         let resource = match resource {
-            Held::Content(d) => Resource {
-                id: d.to_string(),
-                r#type: "content".into(),
-            },
-            Held::Snapshot(key) => Resource {
-                id: key.to_owned(),
-                r#type: format!("snapshots/{}", self.snapshotter),
-            },
+            Held::Content(d) => Resource { id: d.to_string(), r#type: "content".into() },
+            Held::Snapshot(key) => Resource { id: key.to_owned(), r#type: format!("snapshots/{}", self.snapshotter) },
         };
-        let req = self.conn.request(AddResourceRequest {
-            id: lease.0.clone(),
-            resource: Some(resource),
-        });
-        self.client()
-            .add_resource(req)
-            .await
-            .map_err(|s| self.conn.error(s))?;
+        let req = self.conn.request(AddResourceRequest { id: lease.0.clone(), resource: Some(resource) });
+        self.client().add_resource(req).await.map_err(|s| self.conn.error(s))?;
         Ok(())
     }
 
@@ -238,10 +179,7 @@ impl Leases for LeaseManager {
         };
         // Run containerd's collector and wait for it: the synchronous delete of a lease does.
         let id = format!("pullbox-gc-{}", uuid::Uuid::new_v4().simple());
-        let labels = HashMap::from([(
-            EXPIRE_LABEL.to_owned(),
-            rfc3339(now_secs() + GC_LEASE_EXPIRY.as_secs()),
-        )]);
+        let labels = HashMap::from([(EXPIRE_LABEL.to_owned(), rfc3339(now_secs() + GC_LEASE_EXPIRY.as_secs()))]);
         let trigger = self.create_with(id, labels).await?;
         match self.delete_with(&trigger, true).await {
             Ok(()) => {}
@@ -249,10 +187,7 @@ impl Leases for LeaseManager {
             Err(e) => return Err(e),
         }
         let after = self.inventory().await?;
-        let report = GcReport {
-            leases,
-            ..before.gone(&after)
-        };
+        let report = GcReport { leases, ..before.gone(&after) };
         tracing::info!(?report, "containerd garbage collected");
         Ok(report)
     }
@@ -282,11 +217,7 @@ impl Owner {
 
 impl std::fmt::Display for Owner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}/{}/{}/{}",
-            self.boot_id, self.pid_ns, self.pid, self.start_time
-        )
+        write!(f, "{}/{}/{}/{}", self.boot_id, self.pid_ns, self.pid, self.start_time)
     }
 }
 
@@ -316,12 +247,7 @@ impl Here {
                 format!("/proc/{pid}/stat unreadable or malformed"),
             ),
         })?;
-        Ok(Owner {
-            boot_id: self.boot_id.clone(),
-            pid_ns: self.pid_ns,
-            pid,
-            start_time,
-        })
+        Ok(Owner { boot_id: self.boot_id.clone(), pid_ns: self.pid_ns, pid, start_time })
     }
 
     /// Whether `owner` is certainly gone: it ran in another boot, or in this PID namespace
@@ -333,9 +259,7 @@ impl Here {
         if owner.boot_id != self.boot_id {
             return true;
         }
-        owner.pid_ns == self.pid_ns
-            && self.pid_ns != 0
-            && start_time(owner.pid) != Some(owner.start_time)
+        owner.pid_ns == self.pid_ns && self.pid_ns != 0 && start_time(owner.pid) != Some(owner.start_time)
     }
 }
 
@@ -359,20 +283,10 @@ mod tests {
         assert_eq!(Owner::parse("a/1/2"), None);
         assert_eq!(Owner::parse("a/1/2/3/4"), None);
         assert!(!here.judges_dead(&me));
-        assert!(here.judges_dead(&Owner {
-            start_time: me.start_time + 1,
-            ..me.clone()
-        }));
-        assert!(here.judges_dead(&Owner {
-            boot_id: "another boot".into(),
-            ..me.clone()
-        }));
+        assert!(here.judges_dead(&Owner { start_time: me.start_time + 1, ..me.clone() }));
+        assert!(here.judges_dead(&Owner { boot_id: "another boot".into(), ..me.clone() }));
         // Another PID namespace: cannot tell, so alive.
-        assert!(!here.judges_dead(&Owner {
-            pid_ns: me.pid_ns + 1,
-            start_time: 0,
-            ..me.clone()
-        }));
+        assert!(!here.judges_dead(&Owner { pid_ns: me.pid_ns + 1, start_time: 0, ..me.clone() }));
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();

@@ -35,9 +35,7 @@ use std::{
 };
 
 use containerd_client::{
-    services::v1::{
-        introspection_client::IntrospectionClient, version_client::VersionClient, PluginsRequest,
-    },
+    services::v1::{introspection_client::IntrospectionClient, version_client::VersionClient, PluginsRequest},
     tonic::{
         metadata::AsciiMetadataValue,
         transport::{Channel, Endpoint, Uri},
@@ -104,10 +102,7 @@ pub async fn connect(config: &Config) -> Result<Backend> {
     conn.check(&config.snapshotter).await?;
     Ok(Backend {
         content: Arc::new(content::Content::new(conn.clone())),
-        snapshots: Arc::new(snapshots::Snapshots::new(
-            conn.clone(),
-            config.snapshotter.clone(),
-        )),
+        snapshots: Arc::new(snapshots::Snapshots::new(conn.clone(), config.snapshotter.clone())),
         differ: Arc::new(differ::Differ::new(conn.clone(), config.sync_fs)),
         images: Arc::new(images::Images::new(conn.clone())),
         leases: Arc::new(leases::LeaseManager::new(conn, config.snapshotter.clone())),
@@ -127,16 +122,10 @@ impl Conn {
     /// A lazily connecting channel to the socket of `config`.
     fn open(config: &Config) -> Result<Conn> {
         validate_namespace(&config.namespace)?;
-        let namespace = AsciiMetadataValue::try_from(config.namespace.as_str()).map_err(|_| {
-            Error::InvalidArgument(format!(
-                "containerd namespace {:?} is not ASCII",
-                config.namespace
-            ))
-        })?;
+        let namespace = AsciiMetadataValue::try_from(config.namespace.as_str())
+            .map_err(|_| Error::InvalidArgument(format!("containerd namespace {:?} is not ASCII", config.namespace)))?;
         if config.snapshotter.is_empty() {
-            return Err(Error::InvalidArgument(
-                "the containerd snapshotter name must not be empty".into(),
-            ));
+            return Err(Error::InvalidArgument("the containerd snapshotter name must not be empty".into()));
         }
         let path = config.address.clone();
         // The URI is required by tonic and ignored: the connector dials the socket.
@@ -144,17 +133,9 @@ impl Conn {
             .connect_timeout(CONNECT_TIMEOUT)
             .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
+                async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
             }));
-        Ok(Conn {
-            channel,
-            namespace,
-            address: config.address.display().to_string().into(),
-        })
+        Ok(Conn { channel, namespace, address: config.address.display().to_string().into() })
     }
 
     /// Checks that containerd answers and has the snapshotter `snapshotter`.
@@ -168,9 +149,7 @@ impl Conn {
             tracing::debug!(address = %self.address, version = %version.version, "connected to containerd");
             let filter = format!("type==io.containerd.snapshotter.v1,id=={snapshotter}");
             let plugins = IntrospectionClient::new(self.channel.clone())
-                .plugins(self.request(PluginsRequest {
-                    filters: vec![filter],
-                }))
+                .plugins(self.request(PluginsRequest { filters: vec![filter] }))
                 .await
                 .map_err(|s| self.error(s))?
                 .into_inner()
@@ -192,10 +171,7 @@ impl Conn {
         match tokio::time::timeout(CHECK_TIMEOUT, check).await {
             Ok(result) => result,
             Err(_) => Err(Error::Unavailable {
-                what: format!(
-                    "containerd at {} did not answer within {CHECK_TIMEOUT:?}",
-                    self.address
-                ),
+                what: format!("containerd at {} did not answer within {CHECK_TIMEOUT:?}", self.address),
                 source: None,
             }),
         }
@@ -204,8 +180,7 @@ impl Conn {
     /// A request in the namespace.
     fn request<T>(&self, message: T) -> Request<T> {
         let mut req = Request::new(message);
-        req.metadata_mut()
-            .insert(NAMESPACE_HEADER, self.namespace.clone());
+        req.metadata_mut().insert(NAMESPACE_HEADER, self.namespace.clone());
         req
     }
 
@@ -263,10 +238,7 @@ fn from_status(status: Status, address: &str) -> Error {
         GrpcCode::Cancelled => Error::Cancelled(message),
         // containerd sends Unknown for errors without a code (a failed mount, a broken layer).
         _ if message.contains("no space left on device") => Error::ResourceExhausted(message),
-        _ => Error::Io {
-            context: format!("containerd: {message}"),
-            source: std::io::Error::other(message),
-        },
+        _ => Error::Io { context: format!("containerd: {message}"), source: std::io::Error::other(message) },
     }
 }
 
@@ -305,8 +277,7 @@ fn from_descriptor(d: types::Descriptor) -> Result<Descriptor> {
     Ok(Descriptor {
         media_type: d.media_type,
         digest: d.digest.parse()?,
-        size: u64::try_from(d.size)
-            .map_err(|_| Error::InvalidArgument(format!("negative size {}", d.size)))?,
+        size: u64::try_from(d.size).map_err(|_| Error::InvalidArgument(format!("negative size {}", d.size)))?,
         annotations: d.annotations.into_iter().collect(),
         platform: None,
         urls: Vec::new(),
@@ -314,20 +285,11 @@ fn from_descriptor(d: types::Descriptor) -> Result<Descriptor> {
 }
 
 fn to_mount(m: &Mount) -> types::Mount {
-    types::Mount {
-        r#type: m.kind.clone(),
-        source: m.source.clone(),
-        target: String::new(),
-        options: m.options.clone(),
-    }
+    types::Mount { r#type: m.kind.clone(), source: m.source.clone(), target: String::new(), options: m.options.clone() }
 }
 
 fn from_mount(m: types::Mount) -> Mount {
-    Mount {
-        kind: m.r#type,
-        source: m.source,
-        options: m.options,
-    }
+    Mount { kind: m.r#type, source: m.source, options: m.options }
 }
 
 /// A digest containerd sent.
@@ -338,18 +300,13 @@ fn parse_digest(s: &str) -> Result<Digest> {
 /// Nanoseconds since the epoch of a protobuf timestamp (0 for none or before the epoch).
 fn nanos(ts: Option<prost_types::Timestamp>) -> u64 {
     ts.map_or(0, |t| {
-        u64::try_from(t.seconds)
-            .unwrap_or(0)
-            .saturating_mul(1_000_000_000)
-            .saturating_add(t.nanos.max(0) as u64)
+        u64::try_from(t.seconds).unwrap_or(0).saturating_mul(1_000_000_000).saturating_add(t.nanos.max(0) as u64)
     })
 }
 
 /// Seconds since the Unix epoch, now.
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// `secs` since the epoch in RFC 3339 (UTC, whole seconds), as containerd's `gc.expire`
@@ -367,25 +324,14 @@ fn rfc3339(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
 /// Parses what [`rfc3339`] writes (and any `Z` timestamp of that shape); `None` otherwise.
 fn parse_rfc3339(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    if b.len() != 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-        || b[19] != b'Z'
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z'
     {
         return None;
     }
@@ -412,16 +358,9 @@ mod tests {
         let c: Config = serde_json::from_str("{}").unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.address, PathBuf::from("/run/containerd/containerd.sock"));
-        assert_eq!(
-            (c.namespace.as_str(), c.snapshotter.as_str()),
-            ("k8s.io", "overlayfs")
-        );
-        let c: Config =
-            serde_json::from_str(r#"{"namespace": "other", "address": "/x.sock"}"#).unwrap();
-        assert_eq!(
-            (c.namespace.as_str(), c.snapshotter.as_str()),
-            ("other", "overlayfs")
-        );
+        assert_eq!((c.namespace.as_str(), c.snapshotter.as_str()), ("k8s.io", "overlayfs"));
+        let c: Config = serde_json::from_str(r#"{"namespace": "other", "address": "/x.sock"}"#).unwrap();
+        assert_eq!((c.namespace.as_str(), c.snapshotter.as_str()), ("other", "overlayfs"));
         assert!(serde_json::from_str::<Config>(r#"{"namespaec": "x"}"#).is_err());
     }
 
@@ -438,30 +377,16 @@ mod tests {
     #[test]
     fn statuses_map_to_errors_with_containerd_messages() {
         let e = from_status(Status::not_found("content digest sha256:ab: not found"), "");
-        assert!(
-            matches!(&e, Error::NotFound(m) if m == "content digest sha256:ab"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, Error::NotFound(m) if m == "content digest sha256:ab"), "{e:?}");
         assert_eq!(e.to_string(), "content digest sha256:ab not found");
         let e = from_status(Status::already_exists("image \"x\": already exists"), "");
-        assert!(
-            matches!(&e, Error::AlreadyExists(m) if m == "image \"x\""),
-            "{e:?}"
-        );
-        assert!(
-            matches!(from_status(Status::failed_precondition("f"), ""), Error::FailedPrecondition(m) if m == "f")
-        );
-        assert!(matches!(
-            from_status(Status::invalid_argument("i"), ""),
-            Error::InvalidArgument(_)
-        ));
+        assert!(matches!(&e, Error::AlreadyExists(m) if m == "image \"x\""), "{e:?}");
+        assert!(matches!(from_status(Status::failed_precondition("f"), ""), Error::FailedPrecondition(m) if m == "f"));
+        assert!(matches!(from_status(Status::invalid_argument("i"), ""), Error::InvalidArgument(_)));
         let e = from_status(Status::unavailable("gone"), "/run/c.sock");
         assert_eq!(e.code(), crate::error::Code::Unavailable);
         assert_eq!(e.to_string(), "containerd at /run/c.sock: gone");
-        let e = from_status(
-            Status::unknown("failed to mount /tmp/x: no space left on device"),
-            "",
-        );
+        let e = from_status(Status::unknown("failed to mount /tmp/x: no space left on device"), "");
         assert_eq!(e.code(), crate::error::Code::ResourceExhausted);
         let e = from_status(Status::unknown("failed to extract layer"), "");
         assert_eq!(e.code(), crate::error::Code::Internal);

@@ -8,9 +8,8 @@
 use async_trait::async_trait;
 use containerd_client::{
     services::v1::snapshots::{
-        snapshots_client::SnapshotsClient, CommitSnapshotRequest, Kind, MountsRequest,
-        PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest, UsageRequest,
-        ViewSnapshotRequest,
+        snapshots_client::SnapshotsClient, CommitSnapshotRequest, Kind, MountsRequest, PrepareSnapshotRequest,
+        RemoveSnapshotRequest, StatSnapshotRequest, UsageRequest, ViewSnapshotRequest,
     },
     tonic::transport::Channel,
 };
@@ -39,43 +38,17 @@ impl Snapshots {
 
     /// `prepare` or `view`: the same fields, under the pull's lease; the mounts of the new
     /// snapshot back.
-    async fn create(
-        &self,
-        new: New,
-        key: &str,
-        parent: &str,
-        lease: &LeaseId,
-    ) -> Result<Vec<Mount>> {
-        let (snapshotter, key, parent, labels) = (
-            self.name.clone(),
-            key.to_owned(),
-            parent.to_owned(),
-            Default::default(),
-        );
+    async fn create(&self, new: New, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>> {
+        let (snapshotter, key, parent, labels) =
+            (self.name.clone(), key.to_owned(), parent.to_owned(), Default::default());
         let mut client = self.client();
         let mounts = match new {
             New::Active => {
-                let req = self.conn.leased(
-                    PrepareSnapshotRequest {
-                        snapshotter,
-                        key,
-                        parent,
-                        labels,
-                    },
-                    lease,
-                )?;
+                let req = self.conn.leased(PrepareSnapshotRequest { snapshotter, key, parent, labels }, lease)?;
                 client.prepare(req).await.map(|r| r.into_inner().mounts)
             }
             New::View => {
-                let req = self.conn.leased(
-                    ViewSnapshotRequest {
-                        snapshotter,
-                        key,
-                        parent,
-                        labels,
-                    },
-                    lease,
-                )?;
+                let req = self.conn.leased(ViewSnapshotRequest { snapshotter, key, parent, labels }, lease)?;
                 client.view(req).await.map(|r| r.into_inner().mounts)
             }
         }
@@ -108,21 +81,9 @@ impl Snapshotter for Snapshots {
     }
 
     async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let req = self.conn.request(MountsRequest {
-            snapshotter: self.name.clone(),
-            key: key.to_owned(),
-        });
-        let resp = self
-            .client()
-            .mounts(req)
-            .await
-            .map_err(|s| self.conn.error(s))?;
-        Ok(resp
-            .into_inner()
-            .mounts
-            .into_iter()
-            .map(from_mount)
-            .collect())
+        let req = self.conn.request(MountsRequest { snapshotter: self.name.clone(), key: key.to_owned() });
+        let resp = self.client().mounts(req).await.map_err(|s| self.conn.error(s))?;
+        Ok(resp.into_inner().mounts.into_iter().map(from_mount).collect())
     }
 
     async fn commit(&self, name: &str, key: &str, lease: &LeaseId) -> Result<()> {
@@ -135,29 +96,15 @@ impl Snapshotter for Snapshots {
             },
             lease,
         )?;
-        self.client()
-            .commit(req)
-            .await
-            .map_err(|s| self.conn.error(s))?;
+        self.client().commit(req).await.map_err(|s| self.conn.error(s))?;
         Ok(())
     }
 
     async fn stat(&self, key: &str) -> Result<SnapshotInfo> {
-        let req = self.conn.request(StatSnapshotRequest {
-            snapshotter: self.name.clone(),
-            key: key.to_owned(),
-        });
-        let info = self
-            .client()
-            .stat(req)
-            .await
-            .map_err(|s| self.conn.error(s))?
-            .into_inner()
-            .info
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "containerd answered without info on snapshot {key}"
-                ))
+        let req = self.conn.request(StatSnapshotRequest { snapshotter: self.name.clone(), key: key.to_owned() });
+        let info =
+            self.client().stat(req).await.map_err(|s| self.conn.error(s))?.into_inner().info.ok_or_else(|| {
+                Error::FailedPrecondition(format!("containerd answered without info on snapshot {key}"))
             })?;
         let kind = match Kind::try_from(info.kind) {
             Ok(Kind::View) => SnapshotKind::View,
@@ -170,40 +117,18 @@ impl Snapshotter for Snapshots {
                 )))
             }
         };
-        Ok(SnapshotInfo {
-            name: info.name,
-            parent: info.parent,
-            kind,
-            labels: info.labels.into_iter().collect(),
-        })
+        Ok(SnapshotInfo { name: info.name, parent: info.parent, kind, labels: info.labels.into_iter().collect() })
     }
 
     async fn remove(&self, key: &str) -> Result<()> {
-        let req = self.conn.request(RemoveSnapshotRequest {
-            snapshotter: self.name.clone(),
-            key: key.to_owned(),
-        });
-        self.client()
-            .remove(req)
-            .await
-            .map_err(|s| self.conn.error(s))?;
+        let req = self.conn.request(RemoveSnapshotRequest { snapshotter: self.name.clone(), key: key.to_owned() });
+        self.client().remove(req).await.map_err(|s| self.conn.error(s))?;
         Ok(())
     }
 
     async fn usage(&self, key: &str) -> Result<Usage> {
-        let req = self.conn.request(UsageRequest {
-            snapshotter: self.name.clone(),
-            key: key.to_owned(),
-        });
-        let u = self
-            .client()
-            .usage(req)
-            .await
-            .map_err(|s| self.conn.error(s))?
-            .into_inner();
-        Ok(Usage {
-            size: u64::try_from(u.size).unwrap_or(0),
-            inodes: u64::try_from(u.inodes).unwrap_or(0),
-        })
+        let req = self.conn.request(UsageRequest { snapshotter: self.name.clone(), key: key.to_owned() });
+        let u = self.client().usage(req).await.map_err(|s| self.conn.error(s))?.into_inner();
+        Ok(Usage { size: u64::try_from(u.size).unwrap_or(0), inodes: u64::try_from(u.inodes).unwrap_or(0) })
     }
 }

@@ -49,12 +49,7 @@ pub(crate) enum ArchiveError {
     Malformed { offset: u64, reason: String },
     /// A header record is larger than [`MAX_SPECIAL`].
     #[error("{what} of {size} bytes at byte {offset} exceeds the limit of {limit} bytes")]
-    TooLarge {
-        what: &'static str,
-        offset: u64,
-        size: u64,
-        limit: u64,
-    },
+    TooLarge { what: &'static str, offset: u64, size: u64, limit: u64 },
 }
 
 /// The stored data of an old-GNU sparse file: `blocks` of (offset in the file, length), in
@@ -88,10 +83,7 @@ impl Entry {
 
     /// The PAX records, if any (already validated by the reader).
     pub(crate) fn pax_records(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.pax
-            .iter()
-            .flat_map(|p| PaxExtensions::new(p).filter_map(Result::ok))
-            .map(|r| (r.key_bytes(), r.value_bytes()))
+        self.pax.iter().flat_map(|p| PaxExtensions::new(p).filter_map(Result::ok)).map(|r| (r.key_bytes(), r.value_bytes()))
     }
 }
 
@@ -108,13 +100,7 @@ pub(crate) struct Archive<R> {
 
 impl<R: Read> Archive<R> {
     pub(crate) fn new(inner: R) -> Archive<R> {
-        Archive {
-            inner,
-            offset: 0,
-            left: 0,
-            pad: 0,
-            ended: false,
-        }
+        Archive { inner, offset: 0, left: 0, pad: 0, ended: false }
     }
 
     /// The stream after the archive's end marker.
@@ -133,9 +119,7 @@ impl<R: Read> Archive<R> {
         if self.left == 0 || buf.is_empty() {
             return Ok(0);
         }
-        let want = buf
-            .len()
-            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = loop {
             match self.inner.read(&mut buf[..want]) {
                 Ok(n) => break n,
@@ -166,16 +150,12 @@ impl<R: Read> Archive<R> {
             let Some(header) = self.read_header()? else {
                 self.ended = true;
                 if long_name.is_some() || long_link.is_some() || pax.is_some() {
-                    return Err(
-                        self.malformed("extension headers without the member they describe")
-                    );
+                    return Err(self.malformed("extension headers without the member they describe"));
                 }
                 return Ok(None);
             };
             let kind = header.entry_type();
-            let stored = header
-                .entry_size()
-                .map_err(|e| self.malformed(format!("header size: {e}")))?;
+            let stored = header.entry_size().map_err(|e| self.malformed(format!("header size: {e}")))?;
             let special = |what| (kind, what);
             let what = match kind {
                 EntryType::GNULongName => Some(special("GNU long name")),
@@ -206,11 +186,7 @@ impl<R: Read> Archive<R> {
 
             let record = |key: &[u8]| -> Option<&[u8]> {
                 pax.as_deref().and_then(|p| {
-                    PaxExtensions::new(p)
-                        .filter_map(Result::ok)
-                        .filter(|r| r.key_bytes() == key)
-                        .last()
-                        .map(|r| r.value_bytes())
+                    PaxExtensions::new(p).filter_map(Result::ok).filter(|r| r.key_bytes() == key).last().map(|r| r.value_bytes())
                 })
             };
             let path = match (record(b"path"), &long_name) {
@@ -230,21 +206,10 @@ impl<R: Read> Archive<R> {
                     .ok_or_else(|| self.malformed("PAX size record is not a number"))?,
                 None => stored,
             };
-            let sparse = if kind == EntryType::GNUSparse {
-                Some(self.read_sparse_map(&header, start, size)?)
-            } else {
-                None
-            };
+            let sparse = if kind == EntryType::GNUSparse { Some(self.read_sparse_map(&header, start, size)?) } else { None };
             self.left = size;
             self.pad = padding(size);
-            return Ok(Some(Entry {
-                header,
-                path,
-                link,
-                pax,
-                size,
-                sparse,
-            }));
+            return Ok(Some(Entry { header, path, link, pax, size, sparse }));
         }
     }
 
@@ -262,12 +227,7 @@ impl<R: Read> Archive<R> {
         if bytes.iter().all(|&b| b == 0) {
             return Ok(None);
         }
-        let sum: u32 = bytes[..148]
-            .iter()
-            .chain(&bytes[156..])
-            .map(|&b| u32::from(b))
-            .sum::<u32>()
-            + 8 * u32::from(b' ');
+        let sum: u32 = bytes[..148].iter().chain(&bytes[156..]).map(|&b| u32::from(b)).sum::<u32>() + 8 * u32::from(b' ');
         match header.cksum() {
             Ok(cksum) if cksum == sum => Ok(Some(header)),
             _ => Err(self.malformed("header checksum mismatch")),
@@ -292,19 +252,9 @@ impl<R: Read> Archive<R> {
 
     /// Reads the data of an extension header of `size` bytes, refusing it over [`MAX_SPECIAL`]
     /// before reading it.
-    fn read_special(
-        &mut self,
-        what: &'static str,
-        start: u64,
-        size: u64,
-    ) -> Result<Vec<u8>, ArchiveError> {
+    fn read_special(&mut self, what: &'static str, start: u64, size: u64) -> Result<Vec<u8>, ArchiveError> {
         if size > MAX_SPECIAL {
-            return Err(ArchiveError::TooLarge {
-                what,
-                offset: start,
-                size,
-                limit: MAX_SPECIAL,
-            });
+            return Err(ArchiveError::TooLarge { what, offset: start, size, limit: MAX_SPECIAL });
         }
         let mut bytes = vec![0; size as usize];
         let mut n = 0;
@@ -325,18 +275,9 @@ impl<R: Read> Archive<R> {
 
     /// The sparse map of an old-GNU sparse member: four slots in its header, then extension
     /// blocks while the last one says more follow (at most [`MAX_SPECIAL`] of them).
-    fn read_sparse_map(
-        &mut self,
-        header: &Header,
-        start: u64,
-        stored: u64,
-    ) -> Result<Sparse, ArchiveError> {
-        let gnu = header
-            .as_gnu()
-            .ok_or_else(|| self.malformed("a sparse member without a GNU header"))?;
-        let real_size = gnu
-            .real_size()
-            .map_err(|e| self.malformed(format!("sparse real size: {e}")))?;
+    fn read_sparse_map(&mut self, header: &Header, start: u64, stored: u64) -> Result<Sparse, ArchiveError> {
+        let gnu = header.as_gnu().ok_or_else(|| self.malformed("a sparse member without a GNU header"))?;
+        let real_size = gnu.real_size().map_err(|e| self.malformed(format!("sparse real size: {e}")))?;
         let mut blocks = Vec::new();
         let mut add = |slot: &GnuSparseHeader, this: &Self| -> Result<(), ArchiveError> {
             if slot.is_empty() {
@@ -371,15 +312,13 @@ impl<R: Read> Archive<R> {
             extended = ext.is_extended();
         }
         let sparse = Sparse { real_size, blocks };
-        validate_sparse(&sparse, stored)
-            .map_err(|reason| self.malformed(format!("sparse map: {reason}")))?;
+        validate_sparse(&sparse, stored).map_err(|reason| self.malformed(format!("sparse map: {reason}")))?;
         Ok(sparse)
     }
 
     /// Reads and drops `n` bytes.
     fn skip(&mut self, n: u64) -> Result<(), ArchiveError> {
-        let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())
-            .map_err(|e| self.read_error(e))?;
+        let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink()).map_err(|e| self.read_error(e))?;
         self.offset += copied;
         if copied < n {
             return Err(self.malformed("the archive ends inside a member"));
@@ -388,17 +327,11 @@ impl<R: Read> Archive<R> {
     }
 
     fn malformed(&self, reason: impl Into<String>) -> ArchiveError {
-        ArchiveError::Malformed {
-            offset: self.offset,
-            reason: reason.into(),
-        }
+        ArchiveError::Malformed { offset: self.offset, reason: reason.into() }
     }
 
     fn read_error(&self, source: io::Error) -> ArchiveError {
-        ArchiveError::Read {
-            offset: self.offset,
-            source,
-        }
+        ArchiveError::Read { offset: self.offset, source }
     }
 }
 
@@ -409,10 +342,7 @@ fn padding(size: u64) -> u64 {
 
 /// A GNU long name or link name ends at its first NUL, as Go reads it.
 fn until_nul(bytes: &[u8]) -> &[u8] {
-    bytes
-        .iter()
-        .position(|&b| b == 0)
-        .map_or(bytes, |end| &bytes[..end])
+    bytes.iter().position(|&b| b == 0).map_or(bytes, |end| &bytes[..end])
 }
 
 /// Every record of a PAX header must parse.
@@ -433,20 +363,13 @@ fn validate_sparse(sparse: &Sparse, stored: u64) -> Result<(), String> {
             return Err("blocks out of order or overlapping".into());
         }
         end = offset.checked_add(length).ok_or("a block ends past 2^64")?;
-        total = total
-            .checked_add(length)
-            .ok_or("more data than 2^64 bytes")?;
+        total = total.checked_add(length).ok_or("more data than 2^64 bytes")?;
     }
     if end > sparse.real_size {
-        return Err(format!(
-            "a block ends at {end}, past the file's size {}",
-            sparse.real_size
-        ));
+        return Err(format!("a block ends at {end}, past the file's size {}", sparse.real_size));
     }
     if total != stored {
-        return Err(format!(
-            "the blocks hold {total} bytes, the archive stores {stored}"
-        ));
+        return Err(format!("the blocks hold {total} bytes, the archive stores {stored}"));
     }
     Ok(())
 }
@@ -481,15 +404,9 @@ pub(crate) mod tests {
             (EntryType::XGlobalHeader, "PAX global header"),
         ] {
             // 1 TiB announced: refused at once, nothing buffered.
-            let mut archive =
-                Archive::new(huge(header(kind, b"././@LongLink", 1 << 40), b'a', 1 << 40));
+            let mut archive = Archive::new(huge(header(kind, b"././@LongLink", 1 << 40), b'a', 1 << 40));
             match archive.next_entry() {
-                Err(ArchiveError::TooLarge {
-                    what: w,
-                    size,
-                    limit,
-                    ..
-                }) => {
+                Err(ArchiveError::TooLarge { what: w, size, limit, .. }) => {
                     assert_eq!((w, size, limit), (what, 1 << 40, MAX_SPECIAL))
                 }
                 other => panic!("{what}: {:?}", other.map(|e| e.map(|e| e.path))),
@@ -499,9 +416,7 @@ pub(crate) mod tests {
         // Exactly at the limit is fine.
         let mut name = vec![b'n'; MAX_SPECIAL as usize];
         name[MAX_SPECIAL as usize - 1] = 0;
-        let mut tar = header(EntryType::GNULongName, b"././@LongLink", MAX_SPECIAL)
-            .as_bytes()
-            .to_vec();
+        let mut tar = header(EntryType::GNULongName, b"././@LongLink", MAX_SPECIAL).as_bytes().to_vec();
         tar.extend_from_slice(&name);
         tar.extend_from_slice(header(EntryType::Regular, b"short", 0).as_bytes());
         tar.extend_from_slice(&[0; 1024]);
@@ -514,14 +429,12 @@ pub(crate) mod tests {
     #[test]
     fn folds_long_names_and_pax_records_into_the_entry() {
         let mut b = tar::Builder::new(Vec::new());
-        b.append_pax_extensions([("path", &b"pax/name"[..]), ("size", b"3"), ("uid", b"7")])
-            .unwrap();
+        b.append_pax_extensions([("path", &b"pax/name"[..]), ("size", b"3"), ("uid", b"7")]).unwrap();
         let mut h = header(EntryType::Regular, b"header-name", 0);
         h.set_cksum();
         b.append(&h, &b"abc"[..]).unwrap();
         let mut h = header(EntryType::Symlink, b"", 0);
-        b.append_link(&mut h, "l".repeat(300), "t".repeat(200))
-            .unwrap();
+        b.append_link(&mut h, "l".repeat(300), "t".repeat(200)).unwrap();
         let tar = b.into_inner().unwrap();
         let mut archive = Archive::new(&tar[..]);
         let e = archive.next_entry().unwrap().unwrap();
@@ -531,13 +444,7 @@ pub(crate) mod tests {
         assert_eq!(archive.read_data(&mut data).unwrap(), 3);
         assert_eq!(&data[..3], b"abc");
         let e = archive.next_entry().unwrap().unwrap();
-        assert_eq!(
-            (e.path, e.link),
-            (
-                "l".repeat(300).into_bytes(),
-                Some("t".repeat(200).into_bytes())
-            )
-        );
+        assert_eq!((e.path, e.link), ("l".repeat(300).into_bytes(), Some("t".repeat(200).into_bytes())));
         assert!(archive.next_entry().unwrap().is_none());
     }
 
@@ -566,13 +473,7 @@ pub(crate) mod tests {
         tar.extend_from_slice(&[0; 1024]);
         let mut archive = Archive::new(&tar[..]);
         let e = archive.next_entry().unwrap().unwrap();
-        assert_eq!(
-            e.sparse,
-            Some(Sparse {
-                real_size: 1 << 32,
-                blocks: vec![(4096, 1), ((1 << 32) - 1, 1)]
-            })
-        );
+        assert_eq!(e.sparse, Some(Sparse { real_size: 1 << 32, blocks: vec![(4096, 1), ((1 << 32) - 1, 1)] }));
         assert_eq!(e.size, 2);
         assert!(archive.next_entry().unwrap().is_none());
 
@@ -594,19 +495,9 @@ pub(crate) mod tests {
         h.set_cksum();
         let mut ext = GnuExtSparseHeader::new();
         ext.set_is_extended(true);
-        let endless =
-            io::Cursor::new(h.as_bytes().to_vec()).chain(RepeatBlock(ext.as_bytes().to_vec(), 0));
+        let endless = io::Cursor::new(h.as_bytes().to_vec()).chain(RepeatBlock(ext.as_bytes().to_vec(), 0));
         let err = Archive::new(endless).next_entry().err().unwrap();
-        assert!(
-            matches!(
-                err,
-                ArchiveError::TooLarge {
-                    what: "old-GNU sparse map",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, ArchiveError::TooLarge { what: "old-GNU sparse map", .. }), "{err}");
     }
 
     /// One block, forever.
@@ -625,26 +516,15 @@ pub(crate) mod tests {
     fn malformed_archives_are_errors() {
         let mut h = header(EntryType::Regular, b"f", 0);
         h.as_mut_bytes()[0] = b'g';
-        assert!(matches!(
-            Archive::new(&h.as_bytes()[..]).next_entry(),
-            Err(ArchiveError::Malformed { .. })
-        ));
+        assert!(matches!(Archive::new(&h.as_bytes()[..]).next_entry(), Err(ArchiveError::Malformed { .. })));
         let short = header(EntryType::Regular, b"f", 100).as_bytes()[..300].to_vec();
-        assert!(matches!(
-            Archive::new(&short[..]).next_entry(),
-            Err(ArchiveError::Malformed { .. })
-        ));
-        let dangling = header(EntryType::GNULongName, b"././@LongLink", 0)
-            .as_bytes()
-            .to_vec();
+        assert!(matches!(Archive::new(&short[..]).next_entry(), Err(ArchiveError::Malformed { .. })));
+        let dangling = header(EntryType::GNULongName, b"././@LongLink", 0).as_bytes().to_vec();
         assert!(Archive::new(&dangling[..]).next_entry().is_err());
         // Data cut short.
         let cut = header(EntryType::Regular, b"f", 100).as_bytes().to_vec();
         let mut archive = Archive::new(&cut[..]);
         archive.next_entry().unwrap().unwrap();
-        assert!(matches!(
-            archive.read_data(&mut [0; 10]),
-            Err(ArchiveError::Malformed { .. })
-        ));
+        assert!(matches!(archive.read_data(&mut [0; 10]), Err(ArchiveError::Malformed { .. })));
     }
 }

@@ -28,8 +28,8 @@
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{self, Read, Seek, SeekFrom},
     os::fd::OwnedFd,
+    io::{self, Read, Seek, SeekFrom},
     os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
     time::Duration,
@@ -72,19 +72,11 @@ impl Content {
 
     /// In one transaction: when the blob is committed, records it under `lease` and returns
     /// `true`; otherwise records the ingest `reference` (if any) under `lease`.
-    async fn hold_if_committed(
-        &self,
-        digest: &Digest,
-        lease: &LeaseId,
-        reference: Option<String>,
-    ) -> Result<bool> {
+    async fn hold_if_committed(&self, digest: &Digest, lease: &LeaseId, reference: Option<String>) -> Result<bool> {
         let (blob, digest, lease) = (self.layout.blob(digest), digest.clone(), lease.clone());
         self.db
             .write(move |tx| {
-                if blob
-                    .try_exists()
-                    .map_err(Error::io(format!("checking blob {digest}")))?
-                {
+                if blob.try_exists().map_err(Error::io(format!("checking blob {digest}")))? {
                     add_resource(tx, &lease, Resource::Content, digest.as_str())?;
                     return Ok(true);
                 }
@@ -101,10 +93,7 @@ impl Content {
 pub(crate) fn blob_error(digest: &Digest) -> impl FnOnce(io::Error) -> Error + '_ {
     move |e| match e.kind() {
         io::ErrorKind::NotFound => Error::NotFound(format!("blob {digest}")),
-        _ => Error::Io {
-            context: format!("reading blob {digest}"),
-            source: e,
-        },
+        _ => Error::Io { context: format!("reading blob {digest}"), source: e },
     }
 }
 
@@ -115,19 +104,12 @@ fn ingest_ref(digest: &Digest) -> String {
 
 /// Size (from the file) and labels (from the database) of a committed blob.
 fn info_of(conn: &Connection, layout: &Layout, digest: &Digest) -> Result<ContentInfo> {
-    let size = fs::metadata(layout.blob(digest))
-        .map_err(blob_error(digest))?
-        .len();
-    let mut stmt =
-        conn.prepare_cached("SELECT key, value FROM content_labels WHERE digest = ?1")?;
+    let size = fs::metadata(layout.blob(digest)).map_err(blob_error(digest))?.len();
+    let mut stmt = conn.prepare_cached("SELECT key, value FROM content_labels WHERE digest = ?1")?;
     let labels = stmt
         .query_map([digest.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect::<rusqlite::Result<Labels>>()?;
-    Ok(ContentInfo {
-        digest: digest.clone(),
-        size,
-        labels,
-    })
+    Ok(ContentInfo { digest: digest.clone(), size, labels })
 }
 
 /// The sizes of committed blobs, in order: each from a `stat` relative to the directory of its
@@ -145,10 +127,7 @@ fn sizes_of(layout: &Layout, digests: &[Digest]) -> Vec<Result<u64>> {
                 Some(i) => i,
                 None => {
                     let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
-                    dirs.push((
-                        alg,
-                        rustix::fs::open(layout.blobs(alg), flags, Mode::empty()).ok(),
-                    ));
+                    dirs.push((alg, rustix::fs::open(layout.blobs(alg), flags, Mode::empty()).ok()));
                     dirs.len() - 1
                 }
             };
@@ -156,9 +135,7 @@ fn sizes_of(layout: &Layout, digests: &[Digest]) -> Vec<Result<u64>> {
                 Some(dir) => rustix::fs::statat(dir, digest.hex(), AtFlags::empty())
                     .map(|st| st.st_size as u64)
                     .map_err(|e| blob_error(digest)(e.into())),
-                None => fs::metadata(layout.blob(digest))
-                    .map(|m| m.len())
-                    .map_err(blob_error(digest)),
+                None => fs::metadata(layout.blob(digest)).map(|m| m.len()).map_err(blob_error(digest)),
             }
         })
         .collect()
@@ -168,9 +145,7 @@ fn sizes_of(layout: &Layout, digests: &[Digest]) -> Vec<Result<u64>> {
 impl ContentStore for Content {
     async fn info(&self, digest: &Digest) -> Result<ContentInfo> {
         let (layout, digest) = (self.layout.clone(), digest.clone());
-        self.db
-            .read(move |conn| info_of(conn, &layout, &digest))
-            .await
+        self.db.read(move |conn| info_of(conn, &layout, &digest)).await
     }
 
     /// One task on the blocking pool for the whole batch, and no database: see [`sizes_of`].
@@ -190,42 +165,29 @@ impl ContentStore for Content {
             // Bounded by the caller's `len` and by the blob: never allocate more than exists.
             let n = size.saturating_sub(offset).min(len as u64) as usize;
             let mut buf = vec![0; n];
-            file.read_exact_at(&mut buf, offset)
-                .map_err(blob_error(&digest))?;
+            file.read_exact_at(&mut buf, offset).map_err(blob_error(&digest))?;
             Ok(buf)
         })
         .await
     }
 
     async fn open(&self, digest: &Digest) -> Result<BlobReader> {
-        let file = tokio::fs::File::open(self.layout.blob(digest))
-            .await
-            .map_err(blob_error(digest))?;
+        let file = tokio::fs::File::open(self.layout.blob(digest)).await.map_err(blob_error(digest))?;
         Ok(Box::new(file))
     }
 
-    async fn writer(
-        &self,
-        expected: &Descriptor,
-        lease: &LeaseId,
-    ) -> Result<Box<dyn ContentWriter>> {
+    async fn writer(&self, expected: &Descriptor, lease: &LeaseId) -> Result<Box<dyn ContentWriter>> {
         let digest = &expected.digest;
         let already = || Error::AlreadyExists(format!("blob {digest}"));
         let reference = ingest_ref(digest);
-        if self
-            .hold_if_committed(digest, lease, Some(reference.clone()))
-            .await?
-        {
+        if self.hold_if_committed(digest, lease, Some(reference.clone())).await? {
             return Err(already());
         }
         let dir = self.layout.ingest(&reference);
         let lock = lock_ingest(&dir, digest).await?;
         // The writer we may have waited for may have committed the blob meanwhile (and dropped
         // the ingest from every lease, so record it again).
-        if self
-            .hold_if_committed(digest, lease, Some(reference.clone()))
-            .await?
-        {
+        if self.hold_if_committed(digest, lease, Some(reference.clone())).await? {
             // Waiting recreated the ingest directory that writer removed: remove it again,
             // lock held, so no empty ingest is left behind.
             let (dir, context) = (dir.clone(), format!("removing the ingest of blob {digest}"));
@@ -254,10 +216,7 @@ impl ContentStore for Content {
     }
 
     async fn set_labels(&self, digest: &Digest, labels: &Labels) -> Result<ContentInfo> {
-        if let Some((key, value)) = labels
-            .iter()
-            .find(|(k, v)| k.is_empty() || k.len() + v.len() > MAX_LABEL_LEN)
-        {
+        if let Some((key, value)) = labels.iter().find(|(k, v)| k.is_empty() || k.len() + v.len() > MAX_LABEL_LEN) {
             return Err(Error::InvalidArgument(format!(
                 "label {key:?} of blob {digest}: a key must be non-empty and key plus value at most {MAX_LABEL_LEN} bytes (got {})",
                 key.len() + value.len()
@@ -293,10 +252,7 @@ impl ContentStore for Content {
         self.db
             .write(move |tx| {
                 fs::remove_file(&blob).map_err(blob_error(&digest))?;
-                tx.execute(
-                    "DELETE FROM content_labels WHERE digest = ?1",
-                    [digest.as_str()],
-                )?;
+                tx.execute("DELETE FROM content_labels WHERE digest = ?1", [digest.as_str()])?;
                 drop_resource(tx, Resource::Content, digest.as_str())
             })
             .await
@@ -307,10 +263,7 @@ impl ContentStore for Content {
 async fn lock_ingest(dir: &Path, digest: &Digest) -> Result<FileLock> {
     let mut announced = false;
     loop {
-        let (dir, context) = (
-            dir.to_path_buf(),
-            format!("locking ingest of blob {digest}"),
-        );
+        let (dir, context) = (dir.to_path_buf(), format!("locking ingest of blob {digest}"));
         let lock = blocking(move || {
             create_private_dir(&dir).map_err(Error::io(context.clone()))?;
             match FileLock::try_acquire(&dir.join("lock")) {
@@ -337,10 +290,8 @@ async fn lock_ingest(dir: &Path, digest: &Digest) -> Result<FileLock> {
 fn open_ingest(dir: &Path, reference: &str, expected: &Descriptor) -> Result<(File, Hasher, u64)> {
     let io_err = || Error::io(format!("opening ingest of blob {}", expected.digest));
     let total_path = dir.join("total");
-    let same_total = fs::read_to_string(&total_path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        == Some(expected.size);
+    let same_total =
+        fs::read_to_string(&total_path).ok().and_then(|s| s.trim().parse::<u64>().ok()) == Some(expected.size);
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -368,10 +319,7 @@ fn open_ingest(dir: &Path, reference: &str, expected: &Descriptor) -> Result<(Fi
             fed += n as u64;
         }
         if fed != offset {
-            return Err(io_err()(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "ingest shrank while resuming",
-            )));
+            return Err(io_err()(io::Error::new(io::ErrorKind::UnexpectedEof, "ingest shrank while resuming")));
         }
     }
     file.seek(SeekFrom::Start(offset)).map_err(io_err())?;
@@ -395,11 +343,7 @@ pub(crate) struct Writer {
 
 impl Writer {
     fn io_err(&self, what: &str) -> impl FnOnce(io::Error) -> Error {
-        Error::io(format!(
-            "{what} ingest of blob {} in {}",
-            self.expected.digest,
-            self.dir.display()
-        ))
+        Error::io(format!("{what} ingest of blob {} in {}", self.expected.digest, self.dir.display()))
     }
 
     /// Removes the ingest, with the lock still held. A failure is only logged: the caller's
@@ -421,14 +365,8 @@ impl ContentWriter for Writer {
     }
 
     async fn truncate(&mut self) -> Result<()> {
-        self.file
-            .set_len(0)
-            .await
-            .map_err(self.io_err("truncating"))?;
-        self.file
-            .seek(SeekFrom::Start(0))
-            .await
-            .map_err(self.io_err("truncating"))?;
+        self.file.set_len(0).await.map_err(self.io_err("truncating"))?;
+        self.file.seek(SeekFrom::Start(0)).await.map_err(self.io_err("truncating"))?;
         self.hasher = Hasher::new(self.expected.digest.algorithm());
         self.offset = 0;
         Ok(())
@@ -446,10 +384,7 @@ impl ContentWriter for Writer {
                 actual: format!("at least {got} bytes"),
             });
         }
-        self.file
-            .write_all(data)
-            .await
-            .map_err(self.io_err("writing"))?;
+        self.file.write_all(data).await.map_err(self.io_err("writing"))?;
         self.hasher.update(data);
         self.offset += data.len() as u64;
         Ok(())
@@ -478,12 +413,8 @@ impl ContentWriter for Writer {
         }
         self.file.sync_all().await.map_err(self.io_err("syncing"))?;
 
-        let (layout, lease, reference, dir) = (
-            self.layout.clone(),
-            self.lease.clone(),
-            self.reference.clone(),
-            self.dir.clone(),
-        );
+        let (layout, lease, reference, dir) =
+            (self.layout.clone(), self.lease.clone(), self.reference.clone(), self.dir.clone());
         let info = self
             .db
             .write(move |tx| {
@@ -539,52 +470,16 @@ mod tests {
             w.write(chunk).await.unwrap();
         }
         let info = w.commit().await.unwrap();
-        assert_eq!(
-            (info.digest.clone(), info.size),
-            (desc.digest.clone(), data.len() as u64)
-        );
+        assert_eq!((info.digest.clone(), info.size), (desc.digest.clone(), data.len() as u64));
         assert_eq!(fs::read(blob_path(dir.path(), &desc.digest)).unwrap(), data);
-        assert_eq!(
-            fs::read_dir(dir.path().join("content/ingest"))
-                .unwrap()
-                .count(),
-            0,
-            "ingest left behind"
-        );
+        assert_eq!(fs::read_dir(dir.path().join("content/ingest")).unwrap().count(), 0, "ingest left behind");
 
-        assert_eq!(
-            b.content.read(&desc.digest, 7, 5).await.unwrap(),
-            &data[7..12]
-        );
-        assert_eq!(
-            b.content
-                .read(&desc.digest, data.len() as u64 - 3, 1000)
-                .await
-                .unwrap(),
-            &data[data.len() - 3..]
-        );
-        assert!(
-            matches!(
-                b.content.read(&desc.digest, 1 << 40, 10).await,
-                Err(Error::InvalidArgument(_))
-            ),
-            "past the end"
-        );
-        assert!(
-            b.content
-                .read(&desc.digest, data.len() as u64, 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "at the end"
-        );
+        assert_eq!(b.content.read(&desc.digest, 7, 5).await.unwrap(), &data[7..12]);
+        assert_eq!(b.content.read(&desc.digest, data.len() as u64 - 3, 1000).await.unwrap(), &data[data.len() - 3..]);
+        assert!(matches!(b.content.read(&desc.digest, 1 << 40, 10).await, Err(Error::InvalidArgument(_))), "past the end");
+        assert!(b.content.read(&desc.digest, data.len() as u64, 10).await.unwrap().is_empty(), "at the end");
         let mut all = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(
-            &mut b.content.open(&desc.digest).await.unwrap(),
-            &mut all,
-        )
-        .await
-        .unwrap();
+        tokio::io::AsyncReadExt::read_to_end(&mut b.content.open(&desc.digest).await.unwrap(), &mut all).await.unwrap();
         assert_eq!(all, data);
 
         // Writing it again: already there, and the second lease now holds it.
@@ -601,40 +496,16 @@ mod tests {
         w.write(b"labelled").await.unwrap();
         w.commit().await.unwrap();
 
-        let labels: Labels = [
-            ("a".to_owned(), "1".to_owned()),
-            ("b".to_owned(), "2".to_owned()),
-        ]
-        .into();
-        assert_eq!(
-            b.content
-                .set_labels(&desc.digest, &labels)
-                .await
-                .unwrap()
-                .labels,
-            labels
-        );
-        let info = b
-            .content
-            .set_labels(&desc.digest, &[("a".to_owned(), String::new())].into())
-            .await
-            .unwrap();
+        let labels: Labels = [("a".to_owned(), "1".to_owned()), ("b".to_owned(), "2".to_owned())].into();
+        assert_eq!(b.content.set_labels(&desc.digest, &labels).await.unwrap().labels, labels);
+        let info = b.content.set_labels(&desc.digest, &[("a".to_owned(), String::new())].into()).await.unwrap();
         assert_eq!(info.labels, [("b".to_owned(), "2".to_owned())].into());
         assert_eq!(b.content.info(&desc.digest).await.unwrap(), info);
 
         b.content.delete(&desc.digest).await.unwrap();
-        assert!(matches!(
-            b.content.info(&desc.digest).await,
-            Err(Error::NotFound(_))
-        ));
-        assert!(matches!(
-            b.content.delete(&desc.digest).await,
-            Err(Error::NotFound(_))
-        ));
-        assert!(matches!(
-            b.content.set_labels(&desc.digest, &labels).await,
-            Err(Error::NotFound(_))
-        ));
+        assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
+        assert!(matches!(b.content.delete(&desc.digest).await, Err(Error::NotFound(_))));
+        assert!(matches!(b.content.set_labels(&desc.digest, &labels).await, Err(Error::NotFound(_))));
     }
 
     #[tokio::test]
@@ -650,47 +521,21 @@ mod tests {
         }
         let gone = descriptor(b"removed behind our back").digest;
         let sha512: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
-        let asked = [
-            digests[0].clone(),
-            gone.clone(),
-            digests[1].clone(),
-            sha512,
-            digests[0].clone(),
-        ];
+        let asked = [digests[0].clone(), gone.clone(), digests[1].clone(), sha512, digests[0].clone()];
         let sizes = b.content.sizes(&asked).await.unwrap();
         assert_eq!(sizes.len(), asked.len());
         assert_eq!(sizes[0].as_ref().unwrap(), &3);
-        assert!(
-            matches!(&sizes[1], Err(Error::NotFound(m)) if m.contains(gone.as_str())),
-            "{:?}",
-            sizes[1]
-        );
+        assert!(matches!(&sizes[1], Err(Error::NotFound(m)) if m.contains(gone.as_str())), "{:?}", sizes[1]);
         assert_eq!(sizes[2].as_ref().unwrap(), &5);
-        assert!(
-            matches!(&sizes[3], Err(Error::NotFound(_))),
-            "{:?}",
-            sizes[3]
-        );
+        assert!(matches!(&sizes[3], Err(Error::NotFound(_))), "{:?}", sizes[3]);
         assert_eq!(sizes[4].as_ref().unwrap(), &3);
         for (d, size) in asked.iter().zip(&sizes) {
-            let info = b
-                .content
-                .info(d)
-                .await
-                .map(|i| i.size)
-                .map_err(|e| e.to_string());
-            assert_eq!(
-                info,
-                size.as_ref().copied().map_err(|e| e.to_string()),
-                "{d}"
-            );
+            let info = b.content.info(d).await.map(|i| i.size).map_err(|e| e.to_string());
+            assert_eq!(info, size.as_ref().copied().map_err(|e| e.to_string()), "{d}");
         }
         // A blob deleted behind pullbox's back is absent at once.
         fs::remove_file(blob_path(dir.path(), &digests[1])).unwrap();
-        assert!(matches!(
-            b.content.sizes(&digests).await.unwrap()[1],
-            Err(Error::NotFound(_))
-        ));
+        assert!(matches!(b.content.sizes(&digests).await.unwrap()[1], Err(Error::NotFound(_))));
         assert!(b.content.sizes(&[]).await.unwrap().is_empty());
     }
 
@@ -710,11 +555,7 @@ mod tests {
             async fn open(&self, digest: &Digest) -> Result<BlobReader> {
                 self.0.open(digest).await
             }
-            async fn writer(
-                &self,
-                expected: &Descriptor,
-                lease: &LeaseId,
-            ) -> Result<Box<dyn ContentWriter>> {
+            async fn writer(&self, expected: &Descriptor, lease: &LeaseId) -> Result<Box<dyn ContentWriter>> {
                 self.0.writer(expected, lease).await
             }
             async fn set_labels(&self, digest: &Digest, labels: &Labels) -> Result<ContentInfo> {
@@ -730,15 +571,7 @@ mod tests {
         w.write(b"present").await.unwrap();
         w.commit().await.unwrap();
         let absent = |i: u8| descriptor(&[i]).digest;
-        let asked: Vec<Digest> = (0..40)
-            .map(|i| {
-                if i % 2 == 0 {
-                    desc.digest.clone()
-                } else {
-                    absent(i)
-                }
-            })
-            .collect();
+        let asked: Vec<Digest> = (0..40).map(|i| if i % 2 == 0 { desc.digest.clone() } else { absent(i) }).collect();
         let sizes = InfoOnly(b.content.clone()).sizes(&asked).await.unwrap();
         assert_eq!(sizes.len(), 40);
         for (i, size) in sizes.iter().enumerate() {
@@ -753,20 +586,13 @@ mod tests {
     async fn mismatches_discard_the_ingest() {
         let (dir, b, lease) = setup().await;
         let desc = descriptor(b"expected bytes");
-        let ingests = || {
-            fs::read_dir(dir.path().join("content/ingest"))
-                .unwrap()
-                .count()
-        };
+        let ingests = || fs::read_dir(dir.path().join("content/ingest")).unwrap().count();
 
         // Same size, different bytes.
         let mut w = b.content.writer(&desc, &lease).await.unwrap();
         w.write(b"unexpected byt").await.unwrap();
         let err = w.commit().await.err().unwrap();
-        assert!(
-            matches!(&err, Error::Mismatch { what, .. } if what.contains(desc.digest.as_str())),
-            "{err}"
-        );
+        assert!(matches!(&err, Error::Mismatch { what, .. } if what.contains(desc.digest.as_str())), "{err}");
         assert_eq!(ingests(), 0);
         assert!(!blob_path(dir.path(), &desc.digest).exists());
 
@@ -779,10 +605,7 @@ mod tests {
         // Too long: refused as soon as it happens.
         let mut w = b.content.writer(&desc, &lease).await.unwrap();
         w.write(b"expected ").await.unwrap();
-        assert!(matches!(
-            w.write(b"bytes and more").await,
-            Err(Error::Mismatch { .. })
-        ));
+        assert!(matches!(w.write(b"bytes and more").await, Err(Error::Mismatch { .. })));
         assert_eq!(w.offset(), 0);
         w.write(b"expected bytes").await.unwrap();
         w.commit().await.unwrap();
@@ -831,25 +654,14 @@ mod tests {
         first.commit().await.unwrap();
         let err = second.await.unwrap().err().unwrap();
         assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
-        assert_eq!(
-            fs::read_dir(dir.path().join("content/ingest"))
-                .unwrap()
-                .count(),
-            0,
-            "an ingest was left behind"
-        );
+        assert_eq!(fs::read_dir(dir.path().join("content/ingest")).unwrap().count(), 0, "an ingest was left behind");
     }
 
     #[tokio::test]
     async fn writes_need_a_live_lease() {
         let (_dir, b, lease) = setup().await;
         b.leases.delete(&lease).await.unwrap();
-        let err = b
-            .content
-            .writer(&descriptor(b"x"), &lease)
-            .await
-            .err()
-            .unwrap();
+        let err = b.content.writer(&descriptor(b"x"), &lease).await.err().unwrap();
         assert!(matches!(err, Error::NotFound(m) if m.contains("lease")));
     }
 }

@@ -94,21 +94,14 @@ impl Db {
         let conn = match open_connection(path) {
             Ok(conn) => conn,
             Err(e) if reserve.release_if_full() => {
-                tracing::debug!(
-                    "opening the metadata database failed on a full disk ({}); trying again",
-                    e.chain()
-                );
+                tracing::debug!("opening the metadata database failed on a full disk ({}); trying again", e.chain());
                 open_connection(path)
             }
             .map_err(full(path))?,
             Err(e) => return Err(full(path)(e)),
         };
         reserve.ensure();
-        Ok(Db {
-            conn: Arc::new(Mutex::new(conn)),
-            path: Arc::new(path.to_owned()),
-            reserve,
-        })
+        Ok(Db { conn: Arc::new(Mutex::new(conn)), path: Arc::new(path.to_owned()), reserve })
     }
 
     /// The disk-space reserve of the store.
@@ -123,10 +116,7 @@ impl Db {
         T: Send + 'static,
     {
         let (conn, path) = (self.conn.clone(), self.path.clone());
-        blocking(move || {
-            f(&conn.lock().unwrap_or_else(PoisonError::into_inner)).map_err(full(&path))
-        })
-        .await
+        blocking(move || f(&conn.lock().unwrap_or_else(PoisonError::into_inner)).map_err(full(&path))).await
     }
 
     /// Runs `f` in an immediate write transaction, on the blocking pool; commits when `f`
@@ -200,9 +190,7 @@ fn open_connection(path: &Path) -> Result<Connection> {
 /// database file (resource exhaustion); other errors unchanged.
 fn full(path: &Path) -> impl Fn(Error) -> Error + '_ {
     move |e| match e {
-        Error::Db(rusqlite::Error::SqliteFailure(code, message))
-            if code.code == rusqlite::ErrorCode::DiskFull =>
-        {
+        Error::Db(rusqlite::Error::SqliteFailure(code, message)) if code.code == rusqlite::ErrorCode::DiskFull => {
             let source = rusqlite::Error::SqliteFailure(code, message);
             Error::Io {
                 context: format!("metadata database {}", path.display()),
@@ -245,16 +233,8 @@ impl Resource {
 
 /// Records that `lease` holds `key`. `NotFound` when the lease does not exist (deleted, or
 /// collected because its owner died): a write under it would be unprotected.
-pub(crate) fn add_resource(
-    conn: &Connection,
-    lease: &LeaseId,
-    kind: Resource,
-    key: &str,
-) -> Result<()> {
-    let exists = conn
-        .query_row("SELECT 1 FROM leases WHERE id = ?1", [&lease.0], |_| Ok(()))
-        .optional()?
-        .is_some();
+pub(crate) fn add_resource(conn: &Connection, lease: &LeaseId, kind: Resource, key: &str) -> Result<()> {
+    let exists = conn.query_row("SELECT 1 FROM leases WHERE id = ?1", [&lease.0], |_| Ok(())).optional()?.is_some();
     if !exists {
         return Err(Error::NotFound(format!("lease {}", lease.0)));
     }
@@ -267,9 +247,6 @@ pub(crate) fn add_resource(
 
 /// Forgets `key` in every lease (the object is gone or was renamed).
 pub(crate) fn drop_resource(conn: &Connection, kind: Resource, key: &str) -> Result<()> {
-    conn.execute(
-        "DELETE FROM lease_resources WHERE kind = ?1 AND key = ?2",
-        params![kind.as_str(), key],
-    )?;
+    conn.execute("DELETE FROM lease_resources WHERE kind = ?1 AND key = ?2", params![kind.as_str(), key])?;
     Ok(())
 }

@@ -22,17 +22,15 @@
 //! does with its `WithParents` option.
 
 use std::{
+    sync::Arc,
     fs::File,
     io::{self, BufRead, BufReader, Read},
     path::{Component, PathBuf},
-    sync::Arc,
 };
 
 use async_trait::async_trait;
 
-use super::{
-    blocking, content::blob_error, db::Db, snapshots, stage::Staging, unpack::unpack, Layout,
-};
+use super::{blocking, content::blob_error, db::Db, snapshots, stage::Staging, unpack::unpack, Layout};
 use crate::{
     backend::{Differ, Stage},
     error::{Error, Result},
@@ -101,54 +99,32 @@ impl<R: Read> Read for HashingReader<R> {
 /// The directory a layer is applied to, from an active snapshot's mounts.
 pub(super) fn upper_dir(mounts: &[Mount]) -> Result<PathBuf> {
     let [mount] = mounts else {
-        return Err(Error::InvalidArgument(format!(
-            "a layer is applied onto exactly one mount, not {}",
-            mounts.len()
-        )));
+        return Err(Error::InvalidArgument(format!("a layer is applied onto exactly one mount, not {}", mounts.len())));
     };
     match mount.kind.as_str() {
-        "bind" if mount.options.iter().any(|o| o == "ro") => Err(Error::InvalidArgument(format!(
-            "cannot apply a layer onto read-only mount {}",
-            mount.source
-        ))),
+        "bind" if mount.options.iter().any(|o| o == "ro") => {
+            Err(Error::InvalidArgument(format!("cannot apply a layer onto read-only mount {}", mount.source)))
+        }
         "bind" => Ok(PathBuf::from(&mount.source)),
-        "overlay" => mount
-            .options
-            .iter()
-            .find_map(|o| o.strip_prefix("upperdir="))
-            .map(PathBuf::from)
-            .ok_or_else(|| {
-                Error::InvalidArgument(
-                    "cannot apply a layer onto a read-only overlay (no upperdir)".into(),
-                )
-            }),
-        other => Err(Error::InvalidArgument(format!(
-            "cannot apply a layer onto a mount of type {other:?}"
-        ))),
+        "overlay" => {
+            mount.options.iter().find_map(|o| o.strip_prefix("upperdir=")).map(PathBuf::from).ok_or_else(|| {
+                Error::InvalidArgument("cannot apply a layer onto a read-only overlay (no upperdir)".into())
+            })
+        }
+        other => Err(Error::InvalidArgument(format!("cannot apply a layer onto a mount of type {other:?}"))),
     }
 }
 
 impl Applier {
     pub(crate) fn new(layout: Layout, db: Db, max_layer_bytes: u64) -> Applier {
-        Applier {
-            layout,
-            db,
-            max_layer_bytes,
-        }
+        Applier { layout, db, max_layer_bytes }
     }
 
     /// Checks that `upper` is the `fs` directory of an active snapshot of this store; returns
     /// the `fs` directories of the snapshot's ancestors, nearest first.
     pub(super) async fn check_upper(&self, upper: &std::path::Path) -> Result<Vec<PathBuf>> {
-        let refused = || {
-            Error::InvalidArgument(format!(
-                "{} is not an active snapshot of this store",
-                upper.display()
-            ))
-        };
-        let rel = upper
-            .strip_prefix(self.layout.snapshots())
-            .map_err(|_| refused())?;
+        let refused = || Error::InvalidArgument(format!("{} is not an active snapshot of this store", upper.display()));
+        let rel = upper.strip_prefix(self.layout.snapshots()).map_err(|_| refused())?;
         let parts: Vec<_> = rel.components().collect();
         let id = match parts.as_slice() {
             [Component::Normal(id), Component::Normal(fs)] if *fs == "fs" => {
@@ -158,10 +134,7 @@ impl Applier {
         }
         .ok_or_else(refused)?;
         let layout = self.layout.clone();
-        self.db
-            .read(move |conn| snapshots::active_lowers(conn, &layout, id))
-            .await?
-            .ok_or_else(refused)
+        self.db.read(move |conn| snapshots::active_lowers(conn, &layout, id)).await?.ok_or_else(refused)
     }
 }
 
@@ -179,52 +152,33 @@ pub(super) fn layer_stream(
     let decompressed: Box<dyn Read + Send> = match compression {
         Compression::None => Box::new(blob),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::with_buffer(blob).map_err(decompress_error(digest))?,
-        ),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(blob).map_err(decompress_error(digest))?),
     };
-    Ok(HashingReader {
-        inner: decompressed,
-        hasher: Hasher::new(Algorithm::Sha256),
-        read: 0,
-        limit,
-    })
+    Ok(HashingReader { inner: decompressed, hasher: Hasher::new(Algorithm::Sha256), read: 0, limit })
 }
 
 /// Reads what follows the archive's end marker into the hash; returns the diff ID.
 pub(super) fn finish_layer(mut rest: LayerStream, digest: &Digest) -> Result<Digest> {
     io::copy(&mut rest, &mut io::sink()).map_err(|e| match LayerTooLarge::find(&e) {
-        Some(cap) => {
-            Error::ResourceExhausted(format!("layer {digest}: after the archive's end: {cap}"))
-        }
+        Some(cap) => Error::ResourceExhausted(format!("layer {digest}: after the archive's end: {cap}")),
         None => decompress_error(digest)(e),
     })?;
     Ok(rest.hasher.finish())
 }
 
 fn decompress_error(digest: &Digest) -> impl Fn(io::Error) -> Error + '_ {
-    |e| Error::BadLayer {
-        layer: digest.to_string(),
-        reason: format!("decompressing: {e}"),
-    }
+    |e| Error::BadLayer { layer: digest.to_string(), reason: format!("decompressing: {e}") }
 }
 
 #[async_trait]
 impl Differ for Applier {
     async fn apply(&self, layer: &Descriptor, mounts: &[Mount]) -> Result<Digest> {
         let compression = Compression::of_layer(&layer.media_type).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "{} has media type {:?}, not a layer",
-                layer.digest, layer.media_type
-            ))
+            Error::InvalidArgument(format!("{} has media type {:?}, not a layer", layer.digest, layer.media_type))
         })?;
         let upper = upper_dir(mounts)?;
         let lowers = self.check_upper(&upper).await?;
-        let (blob, layer, limit) = (
-            self.layout.blob(&layer.digest),
-            layer.clone(),
-            self.max_layer_bytes,
-        );
+        let (blob, layer, limit) = (self.layout.blob(&layer.digest), layer.clone(), self.max_layer_bytes);
         blocking(move || {
             let digest = &layer.digest;
             let file = File::open(&blob).map_err(blob_error(digest))?;
@@ -236,12 +190,7 @@ impl Differ for Applier {
                     actual: format!("{size} bytes"),
                 });
             }
-            let stream = layer_stream(
-                BufReader::with_capacity(READ_BUF, file),
-                compression,
-                digest,
-                limit,
-            )?;
+            let stream = layer_stream(BufReader::with_capacity(READ_BUF, file), compression, digest, limit)?;
             let rest = unpack(stream, &upper, &lowers, digest.as_str())?;
             finish_layer(rest, digest)
         })
@@ -250,11 +199,7 @@ impl Differ for Applier {
 
     fn stage(&self, layer: &Descriptor) -> Option<Arc<dyn Stage>> {
         let compression = Compression::of_layer(&layer.media_type)?;
-        Some(Arc::new(Staging::new(
-            self.clone(),
-            layer.clone(),
-            compression,
-        )))
+        Some(Arc::new(Staging::new(self.clone(), layer.clone(), compression)))
     }
 }
 
@@ -296,25 +241,12 @@ mod tests {
     #[tokio::test]
     async fn applies_layers_and_returns_diff_ids() {
         let (_dir, b, lease) = setup().await;
-        let base = Tar::new()
-            .dir("etc/", 0o755)
-            .file("etc/os-release", b"pullbox")
-            .file("etc/old", b"x")
-            .finish();
+        let base = Tar::new().dir("etc/", 0o755).file("etc/os-release", b"pullbox").file("etc/old", b"x").finish();
         // Trailing zero blocks after the end marker still count in the diff ID.
-        let mut top = Tar::new()
-            .file("etc/.wh.old", b"")
-            .file("usr/bin/tool", b"tool")
-            .finish();
+        let mut top = Tar::new().file("etc/.wh.old", b"").file("usr/bin/tool", b"tool").finish();
         top.extend_from_slice(&[0; 4096]);
 
-        let base_desc = store(
-            &b,
-            &lease,
-            "application/vnd.oci.image.layer.v1.tar+gzip",
-            &gzip(&base),
-        )
-        .await;
+        let base_desc = store(&b, &lease, "application/vnd.oci.image.layer.v1.tar+gzip", &gzip(&base)).await;
         let mounts = b.snapshots.prepare("l1", "", &lease).await.unwrap();
         let diff_id = b.differ.apply(&base_desc, &mounts).await.unwrap();
         assert_eq!(diff_id, Digest::sha256_of(&base));
@@ -322,39 +254,20 @@ mod tests {
         assert_eq!(fs::read(l1.join("etc/os-release")).unwrap(), b"pullbox");
         b.snapshots.commit("base", "l1", &lease).await.unwrap();
 
-        let top_desc = store(
-            &b,
-            &lease,
-            "application/vnd.oci.image.layer.v1.tar+zstd",
-            &zstd::encode_all(&top[..], 3).unwrap(),
-        )
-        .await;
+        let top_desc =
+            store(&b, &lease, "application/vnd.oci.image.layer.v1.tar+zstd", &zstd::encode_all(&top[..], 3).unwrap())
+                .await;
         let mounts = b.snapshots.prepare("l2", "base", &lease).await.unwrap();
-        assert_eq!(
-            b.differ.apply(&top_desc, &mounts).await.unwrap(),
-            Digest::sha256_of(&top)
-        );
+        assert_eq!(b.differ.apply(&top_desc, &mounts).await.unwrap(), Digest::sha256_of(&top));
         let upper = upper_dir(&mounts).unwrap();
         assert_eq!(fs::read(upper.join("usr/bin/tool")).unwrap(), b"tool");
-        assert!(fs::symlink_metadata(upper.join("etc/old"))
-            .unwrap()
-            .file_type()
-            .is_char_device());
+        assert!(fs::symlink_metadata(upper.join("etc/old")).unwrap().file_type().is_char_device());
         assert!(l1.join("etc/old").exists(), "lower layers are untouched");
 
         let plain = Tar::new().file("plain", b"p").finish();
-        let plain_desc = store(
-            &b,
-            &lease,
-            "application/vnd.docker.image.rootfs.diff.tar",
-            &plain,
-        )
-        .await;
+        let plain_desc = store(&b, &lease, "application/vnd.docker.image.rootfs.diff.tar", &plain).await;
         let mounts = b.snapshots.prepare("l3", "", &lease).await.unwrap();
-        assert_eq!(
-            b.differ.apply(&plain_desc, &mounts).await.unwrap(),
-            Digest::sha256_of(&plain)
-        );
+        assert_eq!(b.differ.apply(&plain_desc, &mounts).await.unwrap(), Digest::sha256_of(&plain));
     }
 
     #[tokio::test]
@@ -366,10 +279,7 @@ mod tests {
 
         let mut config = desc.clone();
         config.media_type = "application/vnd.oci.image.config.v1+json".into();
-        assert!(matches!(
-            b.differ.apply(&config, &mounts).await,
-            Err(Error::InvalidArgument(_))
-        ));
+        assert!(matches!(b.differ.apply(&config, &mounts).await, Err(Error::InvalidArgument(_))));
 
         // Mounts that are not an active snapshot of this store: never written to.
         let outside = tempfile::tempdir().unwrap();
@@ -392,37 +302,19 @@ mod tests {
             vec![],
         ];
         for m in hostile {
-            assert!(
-                matches!(
-                    b.differ.apply(&desc, &m).await,
-                    Err(Error::InvalidArgument(_))
-                ),
-                "{m:?}"
-            );
+            assert!(matches!(b.differ.apply(&desc, &m).await, Err(Error::InvalidArgument(_))), "{m:?}");
         }
         b.snapshots.commit("c", "a", &lease).await.unwrap();
         let view = b.snapshots.view("v", "c", &lease).await.unwrap();
-        assert!(matches!(
-            b.differ.apply(&desc, &view).await,
-            Err(Error::InvalidArgument(_))
-        ));
-        assert!(
-            matches!(
-                b.differ.apply(&desc, &mounts).await,
-                Err(Error::InvalidArgument(_))
-            ),
-            "committed"
-        );
+        assert!(matches!(b.differ.apply(&desc, &view).await, Err(Error::InvalidArgument(_))));
+        assert!(matches!(b.differ.apply(&desc, &mounts).await, Err(Error::InvalidArgument(_))), "committed");
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
 
         // A blob that is not gzip although it says so.
         let mut fake = desc.clone();
         fake.media_type = "application/vnd.oci.image.layer.v1.tar+gzip".into();
         let mounts = b.snapshots.prepare("b", "", &lease).await.unwrap();
-        assert!(matches!(
-            b.differ.apply(&fake, &mounts).await,
-            Err(Error::BadLayer { .. })
-        ));
+        assert!(matches!(b.differ.apply(&fake, &mounts).await, Err(Error::BadLayer { .. })));
         drop(dir);
     }
 }

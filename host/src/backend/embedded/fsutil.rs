@@ -49,21 +49,12 @@ pub(crate) const PRIVATE_FILE: u32 = 0o600;
 
 /// Creates `dir` and its missing parents with [`PRIVATE_DIR`].
 pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(PRIVATE_DIR)
-        .create(dir)
+    DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir)
 }
 
 /// Writes `path` (created with [`PRIVATE_FILE`], or truncated).
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(PRIVATE_FILE)
-        .open(path)?
-        .write_all(bytes)
+    OpenOptions::new().write(true).create(true).truncate(true).mode(PRIVATE_FILE).open(path)?.write_all(bytes)
 }
 
 /// Takes group and other permissions away from `path` (not following a symlink).
@@ -99,13 +90,8 @@ impl FileLock {
     /// ingest removes its directory), the lock we got would be on a dead inode, so it is
     /// dropped and `NotFound` returned: the caller recreates the directory and tries again.
     pub(crate) fn try_acquire(path: &Path) -> io::Result<Option<FileLock>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(PRIVATE_FILE)
-            .open(path)?;
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(PRIVATE_FILE).open(path)?;
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
@@ -114,10 +100,7 @@ impl FileLock {
         let held = file.metadata()?;
         let current = fs::symlink_metadata(path)?;
         if (held.dev(), held.ino()) != (current.dev(), current.ino()) {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "lock file replaced while waiting",
-            ));
+            return Err(io::Error::new(io::ErrorKind::NotFound, "lock file replaced while waiting"));
         }
         Ok(Some(FileLock { _file: file }))
     }
@@ -166,10 +149,7 @@ fn walk_usage(path: &Path, lenient: bool) -> io::Result<Usage> {
 }
 
 /// Opening a directory during a walk: never follow a symlink, never leak the fd to children.
-const DIR_FLAGS: OFlags = OFlags::RDONLY
-    .union(OFlags::DIRECTORY)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
+const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
 
 /// What [`walk`] does after visiting an entry.
 enum Visit {
@@ -206,11 +186,7 @@ fn walk(
     lenient: bool,
 ) -> io::Result<()> {
     let top_id = identity(&rfs::fstat(&top)?);
-    let mut stack = vec![Level {
-        name: OsString::new(),
-        id: top_id,
-        pending: Vec::new(),
-    }];
+    let mut stack = vec![Level { name: OsString::new(), id: top_id, pending: Vec::new() }];
     let mut cur = rfs::openat(&top, ".", DIR_FLAGS, Mode::empty())?;
     let mut fresh = true;
     loop {
@@ -226,8 +202,7 @@ fn walk(
                 Err(e) => return Err(e),
             };
             for name in names {
-                let st =
-                    rfs::statat(&cur, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(io::Error::from);
+                let st = rfs::statat(&cur, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(io::Error::from);
                 let is_dir = matches!(&st, Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory);
                 if let Visit::Descend = visit(cur.as_fd(), &name, st)? {
                     if is_dir {
@@ -242,11 +217,7 @@ fn walk(
             match rfs::openat(&cur, &child, DIR_FLAGS, Mode::empty()) {
                 Ok(next) => {
                     let id = identity(&rfs::fstat(&next)?);
-                    stack.push(Level {
-                        name: child,
-                        id,
-                        pending: Vec::new(),
-                    });
+                    stack.push(Level { name: child, id, pending: Vec::new() });
                     cur = next;
                     fresh = true;
                 }
@@ -257,9 +228,7 @@ fn walk(
         }
         // Everything below this directory is done: back up.
         let done = stack.pop().expect("the walk's own level");
-        let Some(parent) = stack.last() else {
-            return Ok(());
-        };
+        let Some(parent) = stack.last() else { return Ok(()) };
         let up = rfs::openat(&cur, "..", DIR_FLAGS, Mode::empty())?;
         if identity(&rfs::fstat(&up)?) != parent.id {
             return Err(io::Error::other("the tree was moved while it was walked"));
@@ -286,16 +255,9 @@ fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
 /// Removes a file or a whole tree without following symlinks; absent is fine.
 pub(crate) fn remove_all(path: &Path) -> io::Result<()> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("cannot remove {}", path.display()),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("cannot remove {}", path.display())));
     };
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
     let parent = match rfs::open(parent, DIR_FLAGS, Mode::empty()) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(()),
@@ -367,11 +329,7 @@ impl Reserve {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let st = rfs::statvfs(dir)?;
         // Root may use the blocks the filesystem keeps back for it.
-        let blocks = if rustix::process::geteuid().is_root() {
-            st.f_bfree
-        } else {
-            st.f_bavail
-        };
+        let blocks = if rustix::process::geteuid().is_root() { st.f_bfree } else { st.f_bavail };
         Ok(blocks.saturating_mul(st.f_frsize))
     }
 
@@ -381,15 +339,9 @@ impl Reserve {
         if self.path.exists() || !self.free().is_ok_and(|free| free >= 4 * Self::BYTES) {
             return;
         }
-        let tmp = self
-            .path
-            .with_extension(uuid::Uuid::new_v4().simple().to_string());
+        let tmp = self.path.with_extension(uuid::Uuid::new_v4().simple().to_string());
         let made = (|| -> io::Result<()> {
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(PRIVATE_FILE)
-                .open(&tmp)?;
+            let file = OpenOptions::new().write(true).create_new(true).mode(PRIVATE_FILE).open(&tmp)?;
             if rfs::fallocate(&file, rfs::FallocateFlags::empty(), 0, Self::BYTES).is_err() {
                 // No fallocate here: write the zeros.
                 let zeros = vec![0u8; 1 << 20];

@@ -109,9 +109,7 @@ fn parse_ref(key: &str, value: &str) -> Option<Ref> {
         }
     }
     let snapshotter = key.strip_prefix(SNAPSHOT_REF_PREFIX)?;
-    let snapshotter = snapshotter
-        .split_once('/')
-        .map_or(snapshotter, |(name, _)| name);
+    let snapshotter = snapshotter.split_once('/').map_or(snapshotter, |(name, _)| name);
     (snapshotter == snapshots::NAME).then(|| Ref::Snapshot(value.to_owned()))
 }
 
@@ -119,10 +117,7 @@ impl Marks {
     /// Marks everything reachable from image records and leases.
     fn of(conn: &Connection) -> Result<Marks> {
         let mut marks = Marks::default();
-        let mut content: Vec<String> = images::all(conn)?
-            .into_iter()
-            .map(|i| i.target.digest.to_string())
-            .collect();
+        let mut content: Vec<String> = images::all(conn)?.into_iter().map(|i| i.target.digest.to_string()).collect();
         let mut snaps: Vec<String> = Vec::new();
         let mut stmt = conn.prepare("SELECT kind, key FROM lease_resources")?;
         for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
@@ -138,25 +133,18 @@ impl Marks {
         }
 
         let mut blob_refs: HashMap<String, Vec<Ref>> = HashMap::new();
-        let mut stmt = conn.prepare(
-            "SELECT digest, key, value FROM content_labels WHERE key LIKE 'containerd.io/gc.ref.%'",
-        )?;
-        for row in stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })? {
+        let mut stmt =
+            conn.prepare("SELECT digest, key, value FROM content_labels WHERE key LIKE 'containerd.io/gc.ref.%'")?;
+        for row in
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+        {
             let (digest, key, value) = row?;
             if let Some(r) = parse_ref(&key, &value) {
                 blob_refs.entry(digest).or_default().push(r);
             }
         }
-        let snapshot_rows: HashMap<String, snapshots::Row> = snapshots::all(conn)?
-            .into_iter()
-            .map(|row| (row.key.clone(), row))
-            .collect();
+        let snapshot_rows: HashMap<String, snapshots::Row> =
+            snapshots::all(conn)?.into_iter().map(|row| (row.key.clone(), row)).collect();
 
         let follow = |r: &Ref, content: &mut Vec<String>, snaps: &mut Vec<String>| match r {
             Ref::Content(d) => content.push(d.clone()),
@@ -192,10 +180,7 @@ impl Marks {
 /// The whole collection's database part; returns the report so far and the trashed snapshot
 /// directories to delete once the transaction has committed.
 fn mark_and_sweep(conn: &Connection, layout: &Layout) -> Result<(GcReport, Vec<PathBuf>)> {
-    let mut report = GcReport {
-        leases: collect_dead_leases(conn)?,
-        ..GcReport::default()
-    };
+    let mut report = GcReport { leases: collect_dead_leases(conn)?, ..GcReport::default() };
     let marks = Marks::of(conn)?;
     sweep_blobs(conn, layout, &marks, &mut report)?;
     let trash = sweep_snapshots(conn, layout, &marks, &mut report)?;
@@ -207,7 +192,9 @@ fn mark_and_sweep(conn: &Connection, layout: &Layout) -> Result<(GcReport, Vec<P
 fn leases(conn: &Connection) -> Result<Vec<(String, Owner)>> {
     let mut stmt = conn.prepare("SELECT id, pid, start_time, boot_id, pid_ns FROM leases")?;
     let leases = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?)))?
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?))
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(leases)
 }
@@ -220,15 +207,8 @@ pub(crate) fn has_dead_leases(conn: &Connection) -> Result<bool> {
 /// Deletes the leases (and their resource lists) of processes that are gone.
 fn collect_dead_leases(conn: &Connection) -> Result<u64> {
     let mut dead = 0;
-    for (id, owner) in leases(conn)?
-        .into_iter()
-        .filter(|(_, owner)| !owner.is_alive())
-    {
-        tracing::info!(
-            lease = id,
-            pid = owner.pid,
-            "deleting the lease of a process that is gone"
-        );
+    for (id, owner) in leases(conn)?.into_iter().filter(|(_, owner)| !owner.is_alive()) {
+        tracing::info!(lease = id, pid = owner.pid, "deleting the lease of a process that is gone");
         conn.execute("DELETE FROM leases WHERE id = ?1", [&id])?;
         conn.execute("DELETE FROM lease_resources WHERE lease = ?1", [&id])?;
         dead += 1;
@@ -253,12 +233,7 @@ fn entries(dir: &std::path::Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
-fn sweep_blobs(
-    conn: &Connection,
-    layout: &Layout,
-    marks: &Marks,
-    report: &mut GcReport,
-) -> Result<()> {
+fn sweep_blobs(conn: &Connection, layout: &Layout, marks: &Marks, report: &mut GcReport) -> Result<()> {
     for alg in ALGORITHMS {
         for (hex, path) in entries(&layout.blobs(alg))? {
             let digest = format!("{}:{hex}", algorithm_name(alg));
@@ -274,13 +249,9 @@ fn sweep_blobs(
     }
     // Labels of blobs that are gone and unreferenced.
     let mut stmt = conn.prepare("SELECT DISTINCT digest FROM content_labels")?;
-    let labelled = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let labelled = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
     for digest in labelled.into_iter().filter(|d| !marks.content.contains(d)) {
-        let present = digest
-            .parse::<Digest>()
-            .is_ok_and(|d| layout.blob(&d).exists());
+        let present = digest.parse::<Digest>().is_ok_and(|d| layout.blob(&d).exists());
         if !present {
             conn.execute("DELETE FROM content_labels WHERE digest = ?1", [&digest])?;
         }
@@ -290,12 +261,7 @@ fn sweep_blobs(
 
 /// Deletes unreferenced snapshot rows (children first) and moves their directories, and those
 /// of no row, to trash.
-fn sweep_snapshots(
-    conn: &Connection,
-    layout: &Layout,
-    marks: &Marks,
-    report: &mut GcReport,
-) -> Result<Vec<PathBuf>> {
+fn sweep_snapshots(conn: &Connection, layout: &Layout, marks: &Marks, report: &mut GcReport) -> Result<Vec<PathBuf>> {
     let mut trash = Vec::new();
     let mut rows = snapshots::all(conn)?;
     rows.sort_by_key(|row| std::cmp::Reverse(row.id));
@@ -410,10 +376,7 @@ mod tests {
     }
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[tokio::test]
@@ -433,20 +396,14 @@ mod tests {
             .set_labels(
                 &manifest.digest,
                 &labels(&[
-                    (
-                        "containerd.io/gc.ref.content.config",
-                        config.digest.as_str(),
-                    ),
+                    ("containerd.io/gc.ref.content.config", config.digest.as_str()),
                     ("containerd.io/gc.ref.content.l.0", layer.digest.as_str()),
                 ]),
             )
             .await
             .unwrap();
         b.content
-            .set_labels(
-                &config.digest,
-                &labels(&[("containerd.io/gc.ref.snapshot.overlayfs", "top")]),
-            )
+            .set_labels(&config.digest, &labels(&[("containerd.io/gc.ref.snapshot.overlayfs", "top")]))
             .await
             .unwrap();
         b.images
@@ -465,15 +422,7 @@ mod tests {
 
         b.leases.delete(&lease).await.unwrap();
         let report = b.leases.collect().await.unwrap();
-        assert_eq!(
-            (
-                report.blobs,
-                report.snapshots,
-                report.leases,
-                report.ingests
-            ),
-            (1, 1, 0, 0)
-        );
+        assert_eq!((report.blobs, report.snapshots, report.leases, report.ingests), (1, 1, 0, 0));
         assert!(report.bytes > 0);
         for d in [&config, &layer, &manifest] {
             assert!(exists(&b, d).await, "{} collected", d.digest);
@@ -481,26 +430,16 @@ mod tests {
         assert!(!exists(&b, &stray).await);
         assert!(b.snapshots.stat("top").await.is_ok() && b.snapshots.stat("base").await.is_ok());
         assert!(b.snapshots.stat("unused").await.is_err());
-        let snaps: HashSet<_> = fs::read_dir(dir.path().join("snapshots"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let snaps: HashSet<_> =
+            fs::read_dir(dir.path().join("snapshots")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(snaps, ["1", "2"].map(std::ffi::OsString::from).into());
 
         // Without the image, everything goes.
         b.images.delete("img").await.unwrap();
         let report = b.leases.collect().await.unwrap();
         assert_eq!((report.blobs, report.snapshots), (3, 2));
-        assert_eq!(
-            fs::read_dir(dir.path().join("snapshots")).unwrap().count(),
-            0
-        );
-        assert_eq!(
-            fs::read_dir(dir.path().join("content/blobs/sha256"))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_eq!(fs::read_dir(dir.path().join("snapshots")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("content/blobs/sha256")).unwrap().count(), 0);
     }
 
     #[tokio::test]
@@ -510,10 +449,7 @@ mod tests {
         let kept = blob(&b, &kept_lease, b"kept").await;
         let gone = blob(&b, &lease, b"gone").await;
         b.snapshots.prepare("active", "", &lease).await.unwrap();
-        let half = Descriptor {
-            size: 100,
-            ..blob_descriptor(b"never finished")
-        };
+        let half = Descriptor { size: 100, ..blob_descriptor(b"never finished") };
         let mut w = b.content.writer(&half, &lease).await.unwrap();
         w.write(b"partial").await.unwrap();
         drop(w);
@@ -526,12 +462,7 @@ mod tests {
         let report = b.leases.collect().await.unwrap();
         assert_eq!((report.blobs, report.snapshots, report.ingests), (1, 1, 1));
         assert!(exists(&b, &kept).await && !exists(&b, &gone).await);
-        assert_eq!(
-            fs::read_dir(dir.path().join("content/ingest"))
-                .unwrap()
-                .count(),
-            1
-        );
+        assert_eq!(fs::read_dir(dir.path().join("content/ingest")).unwrap().count(), 1);
         w2.write(b" going").await.unwrap();
         w2.commit().await.unwrap();
     }
@@ -553,11 +484,7 @@ mod tests {
         let d = blob(&b, &lease, b"orphaned by a killed pull").await;
         // The owner "restarted": same pid, another start time.
         let db = Connection::open(dir.path().join("metadata.db")).unwrap();
-        db.execute(
-            "UPDATE leases SET start_time = start_time + 1 WHERE id = ?1",
-            [&lease.0],
-        )
-        .unwrap();
+        db.execute("UPDATE leases SET start_time = start_time + 1 WHERE id = ?1", [&lease.0]).unwrap();
         // And a directory a crash left behind.
         fs::create_dir_all(dir.path().join("snapshots/77/fs")).unwrap();
 
@@ -565,10 +492,7 @@ mod tests {
         assert_eq!((report.leases, report.blobs, report.snapshots), (1, 1, 1));
         assert!(!exists(&b, &d).await);
         assert!(!Path::new(&dir.path().join("snapshots/77")).exists());
-        assert!(matches!(
-            b.leases.delete(&lease).await,
-            Err(Error::NotFound(_))
-        ));
+        assert!(matches!(b.leases.delete(&lease).await, Err(Error::NotFound(_))));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -590,11 +514,7 @@ mod tests {
         gc.await.unwrap();
         b.leases.collect().await.unwrap();
         for d in &written {
-            assert!(
-                exists(&b, d).await,
-                "{} collected under a live lease",
-                d.digest
-            );
+            assert!(exists(&b, d).await, "{} collected under a live lease", d.digest);
         }
     }
 
@@ -607,18 +527,9 @@ mod tests {
         // Another pull finds both stored and holds them; then the writer's lease ends (the
         // image that needed them was removed).
         let reader = b.leases.create().await.unwrap();
-        b.leases
-            .hold(&reader, Held::Content(&layer.digest))
-            .await
-            .unwrap();
-        b.leases
-            .hold(&reader, Held::Snapshot("base"))
-            .await
-            .unwrap();
-        b.leases
-            .hold(&reader, Held::Snapshot("not there (yet)"))
-            .await
-            .unwrap();
+        b.leases.hold(&reader, Held::Content(&layer.digest)).await.unwrap();
+        b.leases.hold(&reader, Held::Snapshot("base")).await.unwrap();
+        b.leases.hold(&reader, Held::Snapshot("not there (yet)")).await.unwrap();
         b.leases.delete(&writer).await.unwrap();
         let report = b.leases.collect().await.unwrap();
         assert_eq!((report.blobs, report.snapshots), (0, 0), "{report:?}");
@@ -629,36 +540,18 @@ mod tests {
         b.leases.delete(&reader).await.unwrap();
         let report = b.leases.collect().await.unwrap();
         assert_eq!((report.blobs, report.snapshots), (1, 2), "{report:?}");
-        assert!(matches!(
-            b.leases.hold(&reader, Held::Snapshot("base")).await,
-            Err(Error::NotFound(_))
-        ));
+        assert!(matches!(b.leases.hold(&reader, Held::Snapshot("base")).await, Err(Error::NotFound(_))));
     }
 
     #[test]
     fn recognizes_reference_labels() {
         let r = |k| parse_ref(k, "v");
-        assert!(matches!(
-            r("containerd.io/gc.ref.content"),
-            Some(Ref::Content(_))
-        ));
-        assert!(matches!(
-            r("containerd.io/gc.ref.content.m.0"),
-            Some(Ref::Content(_))
-        ));
-        assert!(matches!(
-            r("containerd.io/gc.ref.content/x"),
-            Some(Ref::Content(_))
-        ));
+        assert!(matches!(r("containerd.io/gc.ref.content"), Some(Ref::Content(_))));
+        assert!(matches!(r("containerd.io/gc.ref.content.m.0"), Some(Ref::Content(_))));
+        assert!(matches!(r("containerd.io/gc.ref.content/x"), Some(Ref::Content(_))));
         assert!(r("containerd.io/gc.ref.contentx").is_none());
-        assert!(matches!(
-            r("containerd.io/gc.ref.snapshot.overlayfs"),
-            Some(Ref::Snapshot(_))
-        ));
-        assert!(matches!(
-            r("containerd.io/gc.ref.snapshot.overlayfs/1"),
-            Some(Ref::Snapshot(_))
-        ));
+        assert!(matches!(r("containerd.io/gc.ref.snapshot.overlayfs"), Some(Ref::Snapshot(_))));
+        assert!(matches!(r("containerd.io/gc.ref.snapshot.overlayfs/1"), Some(Ref::Snapshot(_))));
         assert!(r("containerd.io/gc.ref.snapshot.native").is_none());
     }
 }

@@ -36,10 +36,7 @@ type Listed = Arc<Mutex<Option<(i64, ImageRecords)>>>;
 
 impl Images {
     pub(crate) fn new(db: Db) -> Images {
-        Images {
-            db,
-            listed: Listed::default(),
-        }
+        Images { db, listed: Listed::default() }
     }
 
     /// Forgets what `list` read: called inside every write transaction, so no `list` can read
@@ -51,11 +48,8 @@ impl Images {
 
 /// The record named `name`, if any.
 fn get(conn: &Connection, name: &str) -> Result<Option<ImageRecord>> {
-    let json: Option<String> = conn
-        .query_row("SELECT record FROM images WHERE name = ?1", [name], |r| {
-            r.get(0)
-        })
-        .optional()?;
+    let json: Option<String> =
+        conn.query_row("SELECT record FROM images WHERE name = ?1", [name], |r| r.get(0)).optional()?;
     Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
 }
 
@@ -93,9 +87,7 @@ fn not_found(name: &str) -> Error {
 impl ImageStore for Images {
     async fn get(&self, name: &str) -> Result<ImageRecord> {
         let name = name.to_owned();
-        self.db
-            .read(move |conn| get(conn, &name)?.ok_or_else(|| not_found(&name)))
-            .await
+        self.db.read(move |conn| get(conn, &name)?.ok_or_else(|| not_found(&name))).await
     }
 
     async fn list(&self) -> Result<ImageRecords> {
@@ -105,16 +97,12 @@ impl ImageStore for Images {
                 // One read transaction: the version read is that of the records read.
                 let tx = conn.unchecked_transaction()?;
                 let version: i64 = tx.query_row("PRAGMA data_version", [], |r| r.get(0))?;
-                let kept = listed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
+                let kept = listed.lock().unwrap_or_else(PoisonError::into_inner).clone();
                 Ok(match kept {
                     Some((v, records)) if v == version => records,
                     _ => {
                         let records = ImageRecords::from(all(&tx)?);
-                        *listed.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some((version, records.clone()));
+                        *listed.lock().unwrap_or_else(PoisonError::into_inner) = Some((version, records.clone()));
                         records
                     }
                 })
@@ -124,9 +112,7 @@ impl ImageStore for Images {
 
     async fn create(&self, mut image: ImageRecord) -> Result<ImageRecord> {
         if image.name.is_empty() {
-            return Err(Error::InvalidArgument(
-                "an image name must not be empty".into(),
-            ));
+            return Err(Error::InvalidArgument("an image name must not be empty".into()));
         }
         let listed = self.listed.clone();
         self.db
@@ -200,91 +186,44 @@ mod tests {
     async fn crud() {
         let dir = tempfile::tempdir().unwrap();
         let images = open(dir.path()).unwrap().images;
-        let created = images
-            .create(record("docker.io/library/b:1", b"one"))
-            .await
-            .unwrap();
+        let created = images.create(record("docker.io/library/b:1", b"one")).await.unwrap();
         assert!(created.created_at > 0 && created.created_at == created.updated_at);
-        assert!(matches!(
-            images.create(record("docker.io/library/b:1", b"x")).await,
-            Err(Error::AlreadyExists(_))
-        ));
-        images
-            .create(record("docker.io/library/a:1", b"two"))
-            .await
-            .unwrap();
+        assert!(matches!(images.create(record("docker.io/library/b:1", b"x")).await, Err(Error::AlreadyExists(_))));
+        images.create(record("docker.io/library/a:1", b"two")).await.unwrap();
 
         assert_eq!(images.get("docker.io/library/b:1").await.unwrap(), created);
-        let names: Vec<_> = images
-            .list()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|i| i.name)
-            .collect();
+        let names: Vec<_> = images.list().await.unwrap().into_iter().map(|i| i.name).collect();
         assert_eq!(names, ["docker.io/library/a:1", "docker.io/library/b:1"]);
 
-        let updated = images
-            .update(record("docker.io/library/b:1", b"three"))
-            .await
-            .unwrap();
+        let updated = images.update(record("docker.io/library/b:1", b"three")).await.unwrap();
         assert_eq!(updated.created_at, created.created_at);
         assert!(updated.updated_at >= created.updated_at);
-        assert_eq!(
-            images
-                .get("docker.io/library/b:1")
-                .await
-                .unwrap()
-                .target
-                .digest,
-            Digest::sha256_of(b"three")
-        );
-        assert!(matches!(
-            images.update(record("nope", b"")).await,
-            Err(Error::NotFound(_))
-        ));
+        assert_eq!(images.get("docker.io/library/b:1").await.unwrap().target.digest, Digest::sha256_of(b"three"));
+        assert!(matches!(images.update(record("nope", b"")).await, Err(Error::NotFound(_))));
 
         images.delete("docker.io/library/b:1").await.unwrap();
-        assert!(matches!(
-            images.get("docker.io/library/b:1").await,
-            Err(Error::NotFound(_))
-        ));
-        assert!(matches!(
-            images.delete("docker.io/library/b:1").await,
-            Err(Error::NotFound(_))
-        ));
+        assert!(matches!(images.get("docker.io/library/b:1").await, Err(Error::NotFound(_))));
+        assert!(matches!(images.delete("docker.io/library/b:1").await, Err(Error::NotFound(_))));
     }
 
     #[tokio::test]
     async fn list_sees_every_write_of_this_and_other_connections() {
         let dir = tempfile::tempdir().unwrap();
         // Two connections to one root, as two processes have.
-        let (ours, theirs) = (
-            open(dir.path()).unwrap().images,
-            open(dir.path()).unwrap().images,
-        );
+        let (ours, theirs) = (open(dir.path()).unwrap().images, open(dir.path()).unwrap().images);
         let names = |list: ImageRecords| list.into_iter().map(|i| i.name).collect::<Vec<_>>();
         let digest = |list: ImageRecords| list[0].target.digest.clone();
         ours.create(record("a", b"one")).await.unwrap();
         assert_eq!(names(ours.list().await.unwrap()), ["a"]);
         let (first, again) = (ours.list().await.unwrap(), ours.list().await.unwrap());
-        assert!(
-            std::ptr::eq(first.as_ptr(), again.as_ptr()),
-            "answered from what was read, shared"
-        );
+        assert!(std::ptr::eq(first.as_ptr(), again.as_ptr()), "answered from what was read, shared");
         assert_eq!(names(again), ["a"]);
         theirs.create(record("b", b"two")).await.unwrap();
         assert_eq!(names(ours.list().await.unwrap()), ["a", "b"]);
         ours.update(record("a", b"three")).await.unwrap();
-        assert_eq!(
-            digest(ours.list().await.unwrap()),
-            Digest::sha256_of(b"three")
-        );
+        assert_eq!(digest(ours.list().await.unwrap()), Digest::sha256_of(b"three"));
         theirs.update(record("a", b"four")).await.unwrap();
-        assert_eq!(
-            digest(ours.list().await.unwrap()),
-            Digest::sha256_of(b"four")
-        );
+        assert_eq!(digest(ours.list().await.unwrap()), Digest::sha256_of(b"four"));
         ours.delete("b").await.unwrap();
         assert_eq!(names(ours.list().await.unwrap()), ["a"]);
         assert_eq!(names(theirs.list().await.unwrap()), ["a"]);

@@ -80,16 +80,9 @@ impl Owner {
                 format!("/proc/{pid} unreadable or malformed"),
             ),
         };
-        let start_time = process(pid)
-            .ok_or_else(|| unreadable("start time"))?
-            .start_time;
+        let start_time = process(pid).ok_or_else(|| unreadable("start time"))?.start_time;
         let pid_ns = pid_namespace("self").ok_or_else(|| unreadable("PID namespace"))?;
-        Ok(Owner {
-            pid,
-            start_time,
-            boot_id: boot_id(),
-            pid_ns,
-        })
+        Ok(Owner { pid, start_time, boot_id: boot_id(), pid_ns })
     }
 
     /// The owner in columns `pid, start_time, boot_id, pid_ns` of the `leases` table, which
@@ -105,12 +98,7 @@ impl Owner {
 
     /// No process: a detached lease, alive until deleted or until the next boot.
     fn detached() -> Owner {
-        Owner {
-            pid: 0,
-            start_time: 0,
-            boot_id: boot_id(),
-            pid_ns: 0,
-        }
+        Owner { pid: 0, start_time: 0, boot_id: boot_id(), pid_ns: 0 }
     }
 
     /// Whether the owning process still runs (for a detached lease: whether the machine has not
@@ -125,8 +113,8 @@ impl Owner {
         let own = pid_namespace("self");
         if self.pid_ns == 0 || Some(self.pid_ns) == own {
             // An unreadable link (another user's process) leaves pid and start time to decide.
-            let same_namespace = self.pid_ns == 0
-                || pid_namespace(&self.pid.to_string()).is_none_or(|ns| ns == self.pid_ns);
+            let same_namespace =
+                self.pid_ns == 0 || pid_namespace(&self.pid.to_string()).is_none_or(|ns| ns == self.pid_ns);
             return same_namespace && process(self.pid).is_some_and(|p| self.is(&p));
         }
         match find_in_namespace(self.pid_ns, self.pid) {
@@ -162,17 +150,12 @@ fn parse_stat(stat: &str) -> Option<Process> {
     let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
     let state = fields.next()?;
     let start_time = fields.nth(22 - 4)?.parse().ok()?;
-    Some(Process {
-        start_time,
-        dead: matches!(state, "Z" | "X"),
-    })
+    Some(Process { start_time, dead: matches!(state, "Z" | "X") })
 }
 
 /// The inode of `/proc/<pid>/ns/pid` (`pid` may be `self`).
 fn pid_namespace(pid: &str) -> Option<u64> {
-    fs::metadata(format!("/proc/{pid}/ns/pid"))
-        .ok()
-        .map(|m| m.ino())
+    fs::metadata(format!("/proc/{pid}/ns/pid")).ok().map(|m| m.ino())
 }
 
 /// Looks for the process whose pid is `pid` inside namespace `ns`, among the processes this
@@ -182,19 +165,12 @@ fn find_in_namespace(ns: u64, pid: u32) -> Option<Option<Process>> {
     let mut visible = false;
     for entry in fs::read_dir("/proc").ok()?.flatten() {
         let name = entry.file_name();
-        let Some(here) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
+        let Some(here) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
         if pid_namespace(here) != Some(ns) {
             continue;
         }
         visible = true;
-        let Ok(status) = fs::read_to_string(format!("/proc/{here}/status")) else {
-            continue;
-        };
+        let Ok(status) = fs::read_to_string(format!("/proc/{here}/status")) else { continue };
         if innermost_pid(&status) == Some(pid) {
             return Some(here.parse().ok().and_then(process));
         }
@@ -204,13 +180,7 @@ fn find_in_namespace(ns: u64, pid: u32) -> Option<Option<Process>> {
 
 /// The last (innermost namespace's) pid of the `NSpid:` line of `/proc/<pid>/status`.
 fn innermost_pid(status: &str) -> Option<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))?
-        .split_whitespace()
-        .last()?
-        .parse()
-        .ok()
+    status.lines().find_map(|l| l.strip_prefix("NSpid:"))?.split_whitespace().last()?.parse().ok()
 }
 
 /// How many parents [`is_ancestor_namespace`] follows: the kernel nests PID namespaces at most
@@ -220,9 +190,7 @@ const MAX_PID_NAMESPACE_DEPTH: usize = 32;
 /// Whether `ns` is a parent, grandparent, ... of this process's PID namespace.
 fn is_ancestor_namespace(ns: u64) -> bool {
     use std::os::fd::{AsRawFd, FromRawFd};
-    let Ok(mut current) = fs::File::open("/proc/self/ns/pid") else {
-        return false;
-    };
+    let Ok(mut current) = fs::File::open("/proc/self/ns/pid") else { return false };
     for _ in 0..MAX_PID_NAMESPACE_DEPTH {
         // SAFETY: NS_GET_PARENT takes no argument; it returns a new file descriptor or -1.
         let fd = unsafe { libc::ioctl(current.as_raw_fd(), libc::NS_GET_PARENT) };
@@ -240,24 +208,17 @@ fn is_ancestor_namespace(ns: u64) -> bool {
 
 /// The kernel's boot id (empty when unavailable: then only the start time tells reuse).
 fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 impl LeaseManager {
     /// Inserts a lease owned by `owner`, after collecting the garbage of dead owners' leases.
-    async fn insert(
-        &self,
-        owner: impl FnOnce() -> Result<Owner> + Send + 'static,
-    ) -> Result<LeaseId> {
+    async fn insert(&self, owner: impl FnOnce() -> Result<Owner> + Send + 'static) -> Result<LeaseId> {
         if self.db.read(gc::has_dead_leases).await? {
             match gc::collect(&self.layout, &self.db).await {
                 Ok(report) => tracing::info!(?report, "collected what killed pulls left behind"),
                 // The new lease does not depend on it; the next collection retries.
-                Err(e) => {
-                    tracing::warn!(error = %e.chain(), "cannot collect what killed pulls left behind")
-                }
+                Err(e) => tracing::warn!(error = %e.chain(), "cannot collect what killed pulls left behind"),
             }
         }
         self.db
@@ -298,9 +259,7 @@ impl Leases for LeaseManager {
             Held::Snapshot(key) => (Resource::Snapshot, key.to_owned()),
         };
         let lease = lease.clone();
-        self.db
-            .write(move |tx| add_resource(tx, &lease, kind, &key))
-            .await
+        self.db.write(move |tx| add_resource(tx, &lease, kind, &key)).await
     }
 
     async fn delete(&self, lease: &LeaseId) -> Result<()> {
@@ -329,26 +288,11 @@ mod tests {
     #[test]
     fn parses_proc_stat() {
         let line = "4242 (a (weird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
-        assert_eq!(
-            parse_stat(line),
-            Some(Process {
-                start_time: 987654,
-                dead: false
-            })
-        );
+        assert_eq!(parse_stat(line), Some(Process { start_time: 987654, dead: false }));
         let zombie = line.replace(") S ", ") Z ");
-        assert_eq!(
-            parse_stat(&zombie),
-            Some(Process {
-                start_time: 987654,
-                dead: true
-            })
-        );
+        assert_eq!(parse_stat(&zombie), Some(Process { start_time: 987654, dead: true }));
         assert_eq!(parse_stat("garbage"), None);
-        assert_eq!(
-            innermost_pid("Name:\tsleep\nNSpid:\t4321\t17\t1\nNSpgid:\t1\n"),
-            Some(1)
-        );
+        assert_eq!(innermost_pid("Name:\tsleep\nNSpid:\t4321\t17\t1\nNSpgid:\t1\n"), Some(1));
         assert_eq!(innermost_pid("Name:\tsleep\n"), None);
     }
 
@@ -357,26 +301,14 @@ mod tests {
         let me = Owner::current().unwrap();
         assert_ne!(me.pid_ns, 0);
         assert!(me.is_alive());
-        assert!(!Owner {
-            start_time: me.start_time + 1,
-            ..me.clone()
-        }
-        .is_alive());
-        assert!(!Owner {
-            boot_id: "another boot".into(),
-            ..me.clone()
-        }
-        .is_alive());
+        assert!(!Owner { start_time: me.start_time + 1, ..me.clone() }.is_alive());
+        assert!(!Owner { boot_id: "another boot".into(), ..me.clone() }.is_alive());
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();
         assert!(!Owner { pid, ..me.clone() }.is_alive());
         assert!(Owner::detached().is_alive());
-        assert!(!Owner {
-            boot_id: "another boot".into(),
-            ..Owner::detached()
-        }
-        .is_alive());
+        assert!(!Owner { boot_id: "another boot".into(), ..Owner::detached() }.is_alive());
         // A lease from before namespaces were recorded: pid and start time decide.
         assert!(Owner { pid_ns: 0, ..me }.is_alive());
     }
@@ -384,12 +316,7 @@ mod tests {
     /// A child process (a pull) as a lease owner.
     fn owner_of(child: &std::process::Child) -> Owner {
         let start_time = process(child.id()).unwrap().start_time;
-        Owner {
-            pid: child.id(),
-            start_time,
-            boot_id: boot_id(),
-            pid_ns: pid_namespace("self").unwrap(),
-        }
+        Owner { pid: child.id(), start_time, boot_id: boot_id(), pid_ns: pid_namespace("self").unwrap() }
     }
 
     /// Waits until `pid` has exited but is not yet reaped.
@@ -403,10 +330,7 @@ mod tests {
 
     #[test]
     fn a_killed_owner_not_yet_reaped_is_dead() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
         let owner = owner_of(&child);
         assert!(owner.is_alive());
         child.kill().unwrap();
@@ -421,11 +345,7 @@ mod tests {
         let me = Owner::current().unwrap();
         // Our own pid and start time, recorded in a namespace that does not exist (any more):
         // the process at that pid is not the owner.
-        assert!(!Owner {
-            pid_ns: me.pid_ns + 1_000_000,
-            ..me.clone()
-        }
-        .is_alive());
+        assert!(!Owner { pid_ns: me.pid_ns + 1_000_000, ..me.clone() }.is_alive());
 
         // A pull inside a child PID namespace (a container), seen from here, its ancestor:
         // `unshare` forks `sleep` as pid 1 of a new namespace. Needs root (CI runs as root).
@@ -433,43 +353,25 @@ mod tests {
             eprintln!("skipping the child-namespace case: unshare --pid needs root");
             return;
         }
-        let mut unshare = std::process::Command::new("unshare")
-            .args(["--pid", "--fork", "sleep", "60"])
-            .spawn()
-            .unwrap();
+        let mut unshare =
+            std::process::Command::new("unshare").args(["--pid", "--fork", "sleep", "60"]).spawn().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let sleeper = loop {
-            let children =
-                fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
+            let children = fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
             if let Some(pid) = children.split_whitespace().next() {
                 break pid.parse::<u32>().unwrap();
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "unshare started no child"
-            );
+            assert!(std::time::Instant::now() < deadline, "unshare started no child");
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
         let ns = pid_namespace(&sleeper.to_string()).unwrap();
         assert_ne!(ns, me.pid_ns);
         let start_time = process(sleeper).unwrap().start_time;
         // The owner recorded itself as pid 1 of its namespace.
-        let owner = Owner {
-            pid: 1,
-            start_time,
-            boot_id: boot_id(),
-            pid_ns: ns,
-        };
-        assert!(
-            owner.is_alive(),
-            "found through NSpid from the parent namespace"
-        );
+        let owner = Owner { pid: 1, start_time, boot_id: boot_id(), pid_ns: ns };
+        assert!(owner.is_alive(), "found through NSpid from the parent namespace");
         // Pid 1 of *this* namespace, with the sleeper's start time, is not the owner either.
-        assert!(!Owner {
-            pid_ns: me.pid_ns,
-            ..owner.clone()
-        }
-        .is_alive());
+        assert!(!Owner { pid_ns: me.pid_ns, ..owner.clone() }.is_alive());
         // The sleeper is killed: its namespace is gone, and so is the owner.
         rustix::process::kill_process(
             rustix::process::Pid::from_raw(sleeper as i32).unwrap(),
@@ -492,30 +394,14 @@ mod tests {
         b.snapshots.prepare("kept", "", &detached).await.unwrap();
         // The owner of `dead` "was killed": its pid now runs another process.
         let db = rusqlite::Connection::open(dir.path().join("metadata.db")).unwrap();
-        db.execute(
-            "UPDATE leases SET start_time = start_time + 1 WHERE id = ?1",
-            [&dead.0],
-        )
-        .unwrap();
+        db.execute("UPDATE leases SET start_time = start_time + 1 WHERE id = ?1", [&dead.0]).unwrap();
 
         let _next = b.leases.create().await.unwrap();
-        assert!(matches!(
-            b.snapshots.stat("orphan").await,
-            Err(Error::NotFound(_))
-        ));
-        assert!(matches!(
-            b.leases.delete(&dead).await,
-            Err(Error::NotFound(_))
-        ));
-        assert!(
-            b.snapshots.stat("kept").await.is_ok(),
-            "a detached lease outlives its creator"
-        );
+        assert!(matches!(b.snapshots.stat("orphan").await, Err(Error::NotFound(_))));
+        assert!(matches!(b.leases.delete(&dead).await, Err(Error::NotFound(_))));
+        assert!(b.snapshots.stat("kept").await.is_ok(), "a detached lease outlives its creator");
         b.leases.delete(&detached).await.unwrap();
         b.leases.collect().await.unwrap();
-        assert!(matches!(
-            b.snapshots.stat("kept").await,
-            Err(Error::NotFound(_))
-        ));
+        assert!(matches!(b.snapshots.stat("kept").await, Err(Error::NotFound(_))));
     }
 }

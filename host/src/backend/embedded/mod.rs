@@ -99,10 +99,7 @@ pub use differ::DEFAULT_MAX_LAYER_BYTES;
 
 impl Default for Options {
     fn default() -> Options {
-        Options {
-            sync_fs: false,
-            max_layer_bytes: DEFAULT_MAX_LAYER_BYTES,
-        }
+        Options { sync_fs: false, max_layer_bytes: DEFAULT_MAX_LAYER_BYTES }
     }
 }
 
@@ -112,16 +109,8 @@ pub fn open_with(root: &Path, options: Options) -> Result<Backend> {
     let db = db::Db::open(&layout.db(), fsutil::Reserve::new(layout.reserve()))?;
     Ok(Backend {
         content: Arc::new(content::Content::new(layout.clone(), db.clone())),
-        snapshots: Arc::new(snapshots::Snapshots::new(
-            layout.clone(),
-            db.clone(),
-            options.sync_fs,
-        )),
-        differ: Arc::new(differ::Applier::new(
-            layout.clone(),
-            db.clone(),
-            options.max_layer_bytes,
-        )),
+        snapshots: Arc::new(snapshots::Snapshots::new(layout.clone(), db.clone(), options.sync_fs)),
+        differ: Arc::new(differ::Applier::new(layout.clone(), db.clone(), options.max_layer_bytes)),
         images: Arc::new(images::Images::new(db.clone())),
         leases: Arc::new(leases::LeaseManager::new(layout, db)),
     })
@@ -140,9 +129,7 @@ impl Layout {
     fn create(root: &Path) -> Result<Layout> {
         let shown = root.display().to_string();
         std::fs::create_dir_all(root).map_err(Error::io(format!("creating {shown}")))?;
-        let root = root
-            .canonicalize()
-            .map_err(Error::io(format!("resolving {shown}")))?;
+        let root = root.canonicalize().map_err(Error::io(format!("resolving {shown}")))?;
         match root.to_str() {
             Some(s) if !s.contains([',', ':']) => {}
             _ => {
@@ -153,23 +140,12 @@ impl Layout {
         }
         let layout = Layout { root };
         let restricting = |path: &Path| Error::io(format!("restricting {}", path.display()));
-        let open_to_others = std::fs::metadata(&layout.root)
-            .map_err(restricting(&layout.root))?
-            .mode()
-            & 0o077
-            != 0;
-        std::fs::set_permissions(
-            &layout.root,
-            std::fs::Permissions::from_mode(fsutil::PRIVATE_DIR),
-        )
-        .map_err(restricting(&layout.root))?;
+        let open_to_others = std::fs::metadata(&layout.root).map_err(restricting(&layout.root))?.mode() & 0o077 != 0;
+        std::fs::set_permissions(&layout.root, std::fs::Permissions::from_mode(fsutil::PRIVATE_DIR))
+            .map_err(restricting(&layout.root))?;
         let blobs = ALGORITHMS.map(|alg| layout.blobs(alg));
-        for dir in blobs
-            .iter()
-            .chain([&layout.ingests(), &layout.snapshots(), &layout.staging()])
-        {
-            fsutil::create_private_dir(dir)
-                .map_err(Error::io(format!("creating {}", dir.display())))?;
+        for dir in blobs.iter().chain([&layout.ingests(), &layout.snapshots(), &layout.staging()]) {
+            fsutil::create_private_dir(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         }
         // SQLite creates its WAL and shared-memory files with the database's mode.
         let db = layout.db();
@@ -188,14 +164,7 @@ impl Layout {
     /// Takes group and other permissions away from everything of pullbox's own under the root
     /// (not from layer contents: a snapshot's or staged layer's `fs`).
     fn restrict_own(&self) -> std::io::Result<()> {
-        for name in [
-            "content",
-            "metadata.db",
-            "metadata.db-wal",
-            "metadata.db-shm",
-            "mounts",
-            "cache",
-        ] {
+        for name in ["content", "metadata.db", "metadata.db-wal", "metadata.db-shm", "mounts", "cache"] {
             match fsutil::restrict_tree(&self.root.join(name)) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 other => other?,
@@ -276,8 +245,7 @@ impl Layout {
     /// (ids can repeat after a rolled-back transaction) and never numeric, so a leftover is an
     /// orphan the collector removes.
     fn snapshot_trash(&self) -> PathBuf {
-        self.snapshots()
-            .join(format!("{TRASH_PREFIX}{}", uuid::Uuid::new_v4().simple()))
+        self.snapshots().join(format!("{TRASH_PREFIX}{}", uuid::Uuid::new_v4().simple()))
     }
 }
 
@@ -318,7 +286,5 @@ where
 
 /// Nanoseconds since the Unix epoch, as stored in records.
 fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }

@@ -134,63 +134,37 @@ impl Row {
             "active" => SnapshotKind::Active,
             "view" => SnapshotKind::View,
             "committed" => SnapshotKind::Committed,
-            other => {
-                return Err(corrupt(
-                    3,
-                    format!("unknown snapshot kind {other:?}").into(),
-                ))
-            }
+            other => return Err(corrupt(3, format!("unknown snapshot kind {other:?}").into())),
         };
-        let labels =
-            serde_json::from_str(row.get_ref(4)?.as_str()?).map_err(|e| corrupt(4, e.into()))?;
-        Ok(Row {
-            id: row.get(0)?,
-            key: row.get(1)?,
-            parent: row.get(2)?,
-            kind,
-            labels,
-        })
+        let labels = serde_json::from_str(row.get_ref(4)?.as_str()?).map_err(|e| corrupt(4, e.into()))?;
+        Ok(Row { id: row.get(0)?, key: row.get(1)?, parent: row.get(2)?, kind, labels })
     }
 }
 
 /// The snapshot `key`, if any.
 pub(crate) fn get(conn: &Connection, key: &str) -> Result<Option<Row>> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {COLUMNS} FROM snapshots WHERE key = ?1"))?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM snapshots WHERE key = ?1"))?;
     Ok(stmt.query_row([key], Row::from_sql).optional()?)
 }
 
 /// Every snapshot.
 pub(crate) fn all(conn: &Connection) -> Result<Vec<Row>> {
     let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM snapshots"))?;
-    let rows = stmt
-        .query_map([], Row::from_sql)?
-        .collect::<rusqlite::Result<_>>()?;
+    let rows = stmt.query_map([], Row::from_sql)?.collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
 
 /// The `fs` directories of the ancestors of the active snapshot with id `id`, nearest first
 /// (what an overlay mount of it has as `lowerdir`); `None` when there is no such active
 /// snapshot.
-pub(crate) fn active_lowers(
-    conn: &Connection,
-    layout: &Layout,
-    id: i64,
-) -> Result<Option<Vec<PathBuf>>> {
+pub(crate) fn active_lowers(conn: &Connection, layout: &Layout, id: i64) -> Result<Option<Vec<PathBuf>>> {
     let row: Option<(String, String)> = conn
-        .query_row(
-            "SELECT kind, parent FROM snapshots WHERE id = ?1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        .query_row("SELECT kind, parent FROM snapshots WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     match row {
-        Some((kind, parent)) if kind == kind_str(SnapshotKind::Active) => Ok(Some(
-            chain(conn, layout, &parent)?
-                .into_iter()
-                .map(|id| layout.snapshot_fs(id))
-                .collect(),
-        )),
+        Some((kind, parent)) if kind == kind_str(SnapshotKind::Active) => {
+            Ok(Some(chain(conn, layout, &parent)?.into_iter().map(|id| layout.snapshot_fs(id)).collect()))
+        }
         _ => Ok(None),
     }
 }
@@ -205,12 +179,9 @@ fn chain(conn: &Connection, layout: &Layout, name: &str) -> Result<Vec<i64>> {
     let mut ids = Vec::new();
     let mut name = name.to_owned();
     while !name.is_empty() {
-        let row =
-            get(conn, &name)?.ok_or_else(|| Error::FailedPrecondition(missing_ancestor(&name)))?;
+        let row = get(conn, &name)?.ok_or_else(|| Error::FailedPrecondition(missing_ancestor(&name)))?;
         if is_missing(&layout.snapshot_fs(row.id)) {
-            return Err(Error::FailedPrecondition(lost_directory(
-                layout, &name, row.id,
-            )));
+            return Err(Error::FailedPrecondition(lost_directory(layout, &name, row.id)));
         }
         ids.push(row.id);
         name = row.parent;
@@ -226,10 +197,7 @@ fn missing_ancestor(name: &str) -> String {
 /// Why a chain is unusable when the directory of its snapshot `name` (id `id`) is gone.
 fn lost_directory(layout: &Layout, name: &str, id: i64) -> String {
     let dir = layout.snapshot_fs(id);
-    format!(
-        "snapshot {name} has lost its directory {} (removed behind pullbox's back)",
-        dir.display()
-    )
+    format!("snapshot {name} has lost its directory {} (removed behind pullbox's back)", dir.display())
 }
 
 /// Whether `path` is certainly absent (any other failure to look is not taken as absence).
@@ -255,12 +223,7 @@ struct Seen {
 }
 
 /// [`damage`], reusing and extending what `seen` knows of the ancestors.
-fn damage_seen(
-    conn: &Connection,
-    layout: &Layout,
-    row: &Row,
-    seen: &mut Seen,
-) -> Result<Option<String>> {
+fn damage_seen(conn: &Connection, layout: &Layout, row: &Row, seen: &mut Seen) -> Result<Option<String>> {
     let fs = layout.snapshot_fs(row.id);
     if is_missing(&fs) {
         return Ok(Some(format!("its directory {} is missing", fs.display())));
@@ -301,9 +264,7 @@ fn live_holder(conn: &Connection, key: &str, except: Option<&LeaseId>) -> Result
          WHERE r.kind = ?1 AND r.key = ?2",
     )?;
     let holders = stmt
-        .query_map(params![Resource::Snapshot.as_str(), key], |r| {
-            Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?))
-        })?
+        .query_map(params![Resource::Snapshot.as_str(), key], |r| Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(holders
         .into_iter()
@@ -366,12 +327,7 @@ fn look(conn: &Connection, layout: &Layout, name: &str, seen: &mut Seen) -> Resu
 /// `stat`'s answer for `key` from a look that is not waited on any longer.
 fn settled(key: &str, look: Look) -> Result<SnapshotInfo> {
     match look {
-        Look::Found(row) => Ok(SnapshotInfo {
-            name: row.key,
-            parent: row.parent,
-            kind: row.kind,
-            labels: row.labels,
-        }),
+        Look::Found(row) => Ok(SnapshotInfo { name: row.key, parent: row.parent, kind: row.kind, labels: row.labels }),
         Look::Pending(_) | Look::Absent(None) => Err(Error::NotFound(format!("snapshot {key}"))),
         Look::Absent(Some(why)) => {
             tracing::info!(snapshot = key, "snapshot is unusable: {why}");
@@ -402,26 +358,9 @@ pub(crate) fn move_to_trash(layout: &Layout, dir: &Path) -> io::Result<Option<Pa
 fn mounts_of(layout: &Layout, row: &Row, lowers: &[i64]) -> Vec<Mount> {
     // The root is checked to be UTF-8 at open, so nothing is lost here.
     let fs = |id| layout.snapshot_fs(id).to_string_lossy().into_owned();
-    let bind = |source, mode: &str| Mount {
-        kind: "bind".into(),
-        source,
-        options: vec![mode.into(), "rbind".into()],
-    };
-    let overlay = |options| Mount {
-        kind: "overlay".into(),
-        source: "overlay".into(),
-        options,
-    };
-    let lowerdir = || {
-        format!(
-            "lowerdir={}",
-            lowers
-                .iter()
-                .map(|&id| fs(id))
-                .collect::<Vec<_>>()
-                .join(":")
-        )
-    };
+    let bind = |source, mode: &str| Mount { kind: "bind".into(), source, options: vec![mode.into(), "rbind".into()] };
+    let overlay = |options| Mount { kind: "overlay".into(), source: "overlay".into(), options };
+    let lowerdir = || format!("lowerdir={}", lowers.iter().map(|&id| fs(id)).collect::<Vec<_>>().join(":"));
     match (row.kind, lowers) {
         (SnapshotKind::Active, []) => vec![bind(fs(row.id), "rw")],
         (SnapshotKind::Active, _) => vec![overlay(vec![
@@ -437,11 +376,7 @@ fn mounts_of(layout: &Layout, row: &Row, lowers: &[i64]) -> Vec<Mount> {
 
 impl Snapshots {
     pub(crate) fn new(layout: Layout, db: Db, sync_fs: bool) -> Snapshots {
-        Snapshots {
-            layout,
-            db,
-            sync_fs,
-        }
+        Snapshots { layout, db, sync_fs }
     }
 
     /// With [`super::Options::sync_fs`]: flushes the active snapshot `key`'s files to disk, so
@@ -451,10 +386,7 @@ impl Snapshots {
             return Ok(());
         }
         let key = key.to_owned();
-        let id = self
-            .db
-            .read(move |conn| Ok(require(conn, &key)?.id))
-            .await?;
+        let id = self.db.read(move |conn| Ok(require(conn, &key)?.id)).await?;
         let fs = self.layout.snapshot_fs(id);
         let context = format!("syncing snapshot {} to disk", fs.display());
         blocking(move || sync_filesystem(&fs).map_err(Error::io(context))).await
@@ -462,17 +394,9 @@ impl Snapshots {
 
     /// Creates an active snapshot or a view on `parent`, first waiting while `key` is another
     /// live pull's active snapshot (see the module docs).
-    async fn create(
-        &self,
-        key: &str,
-        parent: &str,
-        kind: SnapshotKind,
-        lease: &LeaseId,
-    ) -> Result<Vec<Mount>> {
+    async fn create(&self, key: &str, parent: &str, kind: SnapshotKind, lease: &LeaseId) -> Result<Vec<Mount>> {
         if key.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a snapshot key must not be empty".into(),
-            ));
+            return Err(Error::InvalidArgument("a snapshot key must not be empty".into()));
         }
         let started = Instant::now();
         let mut announced = false;
@@ -495,11 +419,7 @@ impl Snapshots {
                         });
                     }
                     if !announced {
-                        tracing::info!(
-                            key,
-                            holder,
-                            "another pull is unpacking into this snapshot; waiting for it"
-                        );
+                        tracing::info!(key, holder, "another pull is unpacking into this snapshot; waiting for it");
                         announced = true;
                     }
                     tokio::time::sleep(WAIT_POLL).await;
@@ -508,19 +428,8 @@ impl Snapshots {
         }
     }
 
-    async fn try_create(
-        &self,
-        key: &str,
-        parent: &str,
-        kind: SnapshotKind,
-        lease: &LeaseId,
-    ) -> Result<Created> {
-        let (layout, key, parent, lease) = (
-            self.layout.clone(),
-            key.to_owned(),
-            parent.to_owned(),
-            lease.clone(),
-        );
+    async fn try_create(&self, key: &str, parent: &str, kind: SnapshotKind, lease: &LeaseId) -> Result<Created> {
+        let (layout, key, parent, lease) = (self.layout.clone(), key.to_owned(), parent.to_owned(), lease.clone());
         self.db
             .write(move |tx| {
                 if let Some(existing) = get(tx, &key)? {
@@ -535,9 +444,7 @@ impl Snapshots {
                 if !parent.is_empty() {
                     let p = require(tx, &parent)?;
                     if p.kind != SnapshotKind::Committed {
-                        return Err(Error::FailedPrecondition(format!(
-                            "parent snapshot {parent} is not committed"
-                        )));
+                        return Err(Error::FailedPrecondition(format!("parent snapshot {parent} is not committed")));
                     }
                 }
                 let lowers = chain(tx, &layout, &parent)?;
@@ -547,13 +454,7 @@ impl Snapshots {
                      VALUES (?1, ?2, ?3, '{}', ?4, ?4)",
                     params![key, parent, kind_str(kind), now],
                 )?;
-                let row = Row {
-                    id: tx.last_insert_rowid(),
-                    key,
-                    parent,
-                    kind,
-                    labels: Labels::new(),
-                };
+                let row = Row { id: tx.last_insert_rowid(), key, parent, kind, labels: Labels::new() };
 
                 let dir = layout.snapshot(row.id);
                 let context = format!("creating snapshot {} in {}", row.key, dir.display());
@@ -562,19 +463,10 @@ impl Snapshots {
                 // The snapshot's directory is pullbox's own; `fs` becomes the root directory of
                 // the image's filesystem (the layers set its mode, as containerd's snapshotter).
                 let mut builder = DirBuilder::new();
-                builder
-                    .mode(PRIVATE_DIR)
-                    .create(&dir)
-                    .map_err(Error::io(context.clone()))?;
-                builder
-                    .mode(0o755)
-                    .create(layout.snapshot_fs(row.id))
-                    .map_err(Error::io(context.clone()))?;
+                builder.mode(PRIVATE_DIR).create(&dir).map_err(Error::io(context.clone()))?;
+                builder.mode(0o755).create(layout.snapshot_fs(row.id)).map_err(Error::io(context.clone()))?;
                 if kind == SnapshotKind::Active {
-                    builder
-                        .mode(PRIVATE_DIR)
-                        .create(layout.snapshot_work(row.id))
-                        .map_err(Error::io(context))?;
+                    builder.mode(PRIVATE_DIR).create(layout.snapshot_work(row.id)).map_err(Error::io(context))?;
                 }
                 Ok(Created::Mounts(mounts_of(&layout, &row, &lowers)))
             })
@@ -617,37 +509,24 @@ impl Snapshotter for Snapshots {
                         "snapshot {key} is committed: only active snapshots and views have mounts"
                     )));
                 }
-                Ok(mounts_of(
-                    &layout,
-                    &row,
-                    &chain(conn, &layout, &row.parent)?,
-                ))
+                Ok(mounts_of(&layout, &row, &chain(conn, &layout, &row.parent)?))
             })
             .await
     }
 
     async fn commit(&self, name: &str, key: &str, lease: &LeaseId) -> Result<()> {
         if name.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a snapshot name must not be empty".into(),
-            ));
+            return Err(Error::InvalidArgument("a snapshot name must not be empty".into()));
         }
         self.sync_before_commit(key).await?;
-        let (layout, name, key, lease) = (
-            self.layout.clone(),
-            name.to_owned(),
-            key.to_owned(),
-            lease.clone(),
-        );
+        let (layout, name, key, lease) = (self.layout.clone(), name.to_owned(), key.to_owned(), lease.clone());
         let trash = self
             .db
             .write(move |tx| {
                 add_resource(tx, &lease, Resource::Snapshot, &name)?;
                 let row = require(tx, &key)?;
                 if row.kind != SnapshotKind::Active {
-                    return Err(Error::FailedPrecondition(format!(
-                        "snapshot {key} is not active"
-                    )));
+                    return Err(Error::FailedPrecondition(format!("snapshot {key} is not active")));
                 }
                 let mut trash = None;
                 if let Some(existing) = get(tx, &name)? {
@@ -655,22 +534,14 @@ impl Snapshotter for Snapshots {
                         return Err(Error::AlreadyExists(format!("snapshot {name}")));
                     };
                     // Unusable: this commit takes its place (see the module docs).
-                    tracing::warn!(
-                        snapshot = name,
-                        "replacing a snapshot that was damaged behind pullbox's back: {why}"
-                    );
+                    tracing::warn!(snapshot = name, "replacing a snapshot that was damaged behind pullbox's back: {why}");
                     tx.execute("DELETE FROM snapshots WHERE id = ?1", [existing.id])?;
                     trash = move_to_trash(&layout, &layout.snapshot(existing.id))
                         .map_err(Error::io(format!("replacing snapshot {name}")))?;
                 }
                 tx.execute(
                     "UPDATE snapshots SET key = ?1, kind = ?2, updated_at = ?3 WHERE id = ?4",
-                    params![
-                        name,
-                        kind_str(SnapshotKind::Committed),
-                        now_nanos() as i64,
-                        row.id
-                    ],
+                    params![name, kind_str(SnapshotKind::Committed), now_nanos() as i64, row.id],
                 )?;
                 drop_resource(tx, Resource::Snapshot, &key)?;
                 Ok(trash)
@@ -685,18 +556,11 @@ impl Snapshotter for Snapshots {
         let mut announced = false;
         loop {
             let (layout, name) = (self.layout.clone(), key.to_owned());
-            let look = self
-                .db
-                .read(move |conn| look(conn, &layout, &name, &mut Seen::default()))
-                .await?;
+            let look = self.db.read(move |conn| look(conn, &layout, &name, &mut Seen::default())).await?;
             match look {
                 Look::Pending(active) if Instant::now() < deadline => {
                     if !announced {
-                        tracing::info!(
-                            snapshot = key,
-                            active,
-                            "another pull is unpacking this snapshot; waiting for it"
-                        );
+                        tracing::info!(snapshot = key, active, "another pull is unpacking this snapshot; waiting for it");
                         announced = true;
                     }
                     tokio::time::sleep(WAIT_POLL).await;
@@ -715,10 +579,7 @@ impl Snapshotter for Snapshots {
             .db
             .read(move |conn| {
                 let mut seen = Seen::default();
-                Ok(names
-                    .iter()
-                    .map(|name| look(conn, &layout, name, &mut seen))
-                    .collect::<Vec<_>>())
+                Ok(names.iter().map(|name| look(conn, &layout, name, &mut seen)).collect::<Vec<_>>())
             })
             .await?;
         let mut answers = Vec::with_capacity(looks.len());
@@ -738,20 +599,14 @@ impl Snapshotter for Snapshots {
             .db
             .write(move |tx| {
                 let row = require(tx, &key)?;
-                let children: i64 = tx.query_row(
-                    "SELECT COUNT(*) FROM snapshots WHERE parent = ?1",
-                    [&key],
-                    |r| r.get(0),
-                )?;
+                let children: i64 =
+                    tx.query_row("SELECT COUNT(*) FROM snapshots WHERE parent = ?1", [&key], |r| r.get(0))?;
                 if children > 0 {
-                    return Err(Error::FailedPrecondition(format!(
-                        "snapshot {key} has {children} children"
-                    )));
+                    return Err(Error::FailedPrecondition(format!("snapshot {key} has {children} children")));
                 }
                 tx.execute("DELETE FROM snapshots WHERE id = ?1", [row.id])?;
                 drop_resource(tx, Resource::Snapshot, &key)?;
-                move_to_trash(&layout, &layout.snapshot(row.id))
-                    .map_err(Error::io(format!("removing snapshot {key}")))
+                move_to_trash(&layout, &layout.snapshot(row.id)).map_err(Error::io(format!("removing snapshot {key}")))
             })
             .await?;
         // The row is gone; should deleting the files fail, the collector deletes them later.
@@ -769,8 +624,7 @@ impl Snapshotter for Snapshots {
             })
             .await?;
         let fs = self.layout.snapshot_fs(row.id);
-        blocking(move || disk_usage(&fs).map_err(Error::io(format!("measuring snapshot {key}"))))
-            .await
+        blocking(move || disk_usage(&fs).map_err(Error::io(format!("measuring snapshot {key}")))).await
     }
 }
 
@@ -790,39 +644,20 @@ mod tests {
     }
 
     fn fs_of(snapshots: &Path, id: i64) -> String {
-        snapshots
-            .join(id.to_string())
-            .join("fs")
-            .display()
-            .to_string()
+        snapshots.join(id.to_string()).join("fs").display().to_string()
     }
 
     #[tokio::test]
     async fn commit_with_sync_fs() {
         let dir = tempfile::tempdir().unwrap();
-        let b = crate::backend::embedded::open_with(
-            dir.path(),
-            crate::backend::embedded::Options {
-                sync_fs: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let b = crate::backend::embedded::open_with(dir.path(), crate::backend::embedded::Options { sync_fs: true, ..Default::default() })
+            .unwrap();
         let lease = b.leases.create().await.unwrap();
         let m = b.snapshots.prepare("extract-1", "", &lease).await.unwrap();
         fs::write(Path::new(&m[0].source).join("file"), b"durable").unwrap();
-        b.snapshots
-            .commit("layer", "extract-1", &lease)
-            .await
-            .unwrap();
-        assert_eq!(
-            b.snapshots.stat("layer").await.unwrap().kind,
-            SnapshotKind::Committed
-        );
-        assert!(matches!(
-            b.snapshots.commit("other", "extract-2", &lease).await,
-            Err(Error::NotFound(_))
-        ));
+        b.snapshots.commit("layer", "extract-1", &lease).await.unwrap();
+        assert_eq!(b.snapshots.stat("layer").await.unwrap().kind, SnapshotKind::Committed);
+        assert!(matches!(b.snapshots.commit("other", "extract-2", &lease).await, Err(Error::NotFound(_))));
     }
 
     #[tokio::test]
@@ -835,39 +670,20 @@ mod tests {
         let m = s.prepare("extract-1", "", &lease).await.unwrap();
         assert_eq!(
             m,
-            vec![Mount {
-                kind: "bind".into(),
-                source: fs_of(&snaps, 1),
-                options: vec!["rw".into(), "rbind".into()]
-            }]
+            vec![Mount { kind: "bind".into(), source: fs_of(&snaps, 1), options: vec!["rw".into(), "rbind".into()] }]
         );
         assert!(snaps.join("1/work").is_dir());
         assert_eq!(s.mounts("extract-1").await.unwrap(), m);
         fs::write(snaps.join("1/fs/hello"), b"hi").unwrap();
-        assert!(matches!(
-            s.prepare("extract-1", "", &lease).await,
-            Err(Error::AlreadyExists(_))
-        ));
-        assert!(matches!(
-            s.prepare("x", "extract-1", &lease).await,
-            Err(Error::FailedPrecondition(_))
-        ));
-        assert!(matches!(
-            s.prepare("x", "nope", &lease).await,
-            Err(Error::NotFound(_))
-        ));
+        assert!(matches!(s.prepare("extract-1", "", &lease).await, Err(Error::AlreadyExists(_))));
+        assert!(matches!(s.prepare("x", "extract-1", &lease).await, Err(Error::FailedPrecondition(_))));
+        assert!(matches!(s.prepare("x", "nope", &lease).await, Err(Error::NotFound(_))));
 
         s.commit("base", "extract-1", &lease).await.unwrap();
         assert!(matches!(s.stat("extract-1").await, Err(Error::NotFound(_))));
         let info = s.stat("base").await.unwrap();
-        assert_eq!(
-            (info.name.as_str(), info.parent.as_str(), info.kind),
-            ("base", "", SnapshotKind::Committed)
-        );
-        assert!(matches!(
-            s.mounts("base").await,
-            Err(Error::FailedPrecondition(_))
-        ));
+        assert_eq!((info.name.as_str(), info.parent.as_str(), info.kind), ("base", "", SnapshotKind::Committed));
+        assert!(matches!(s.mounts("base").await, Err(Error::FailedPrecondition(_))));
 
         // A second layer: overlay with the base below.
         let m = s.prepare("extract-2", "base", &lease).await.unwrap();
@@ -885,10 +701,7 @@ mod tests {
             }]
         );
         s.prepare("other", "", &lease).await.unwrap();
-        assert!(matches!(
-            s.commit("base", "other", &lease).await,
-            Err(Error::AlreadyExists(_))
-        ));
+        assert!(matches!(s.commit("base", "other", &lease).await, Err(Error::AlreadyExists(_))));
         s.commit("top", "extract-2", &lease).await.unwrap();
         assert_eq!(s.stat("top").await.unwrap().parent, "base");
 
@@ -896,11 +709,7 @@ mod tests {
         let m = s.view("v-base", "base", &lease).await.unwrap();
         assert_eq!(
             m,
-            vec![Mount {
-                kind: "bind".into(),
-                source: fs_of(&snaps, 1),
-                options: vec!["ro".into(), "rbind".into()]
-            }]
+            vec![Mount { kind: "bind".into(), source: fs_of(&snaps, 1), options: vec!["ro".into(), "rbind".into()] }]
         );
         let m = s.view("v-top", "top", &lease).await.unwrap();
         assert_eq!(
@@ -908,32 +717,19 @@ mod tests {
             vec![Mount {
                 kind: "overlay".into(),
                 source: "overlay".into(),
-                options: vec![format!(
-                    "lowerdir={}:{}",
-                    fs_of(&snaps, 2),
-                    fs_of(&snaps, 1)
-                )],
+                options: vec![format!("lowerdir={}:{}", fs_of(&snaps, 2), fs_of(&snaps, 1))],
             }]
         );
         assert_eq!(s.stat("v-top").await.unwrap().kind, SnapshotKind::View);
-        assert!(matches!(
-            s.commit("x", "v-top", &lease).await,
-            Err(Error::FailedPrecondition(_))
-        ));
+        assert!(matches!(s.commit("x", "v-top", &lease).await, Err(Error::FailedPrecondition(_))));
 
         // Removal: refused while children exist; children first.
-        assert!(matches!(
-            s.remove("base").await,
-            Err(Error::FailedPrecondition(_))
-        ));
+        assert!(matches!(s.remove("base").await, Err(Error::FailedPrecondition(_))));
         for key in ["v-base", "v-top", "top", "base"] {
             s.remove(key).await.unwrap();
         }
         assert!(matches!(s.remove("base").await, Err(Error::NotFound(_))));
-        let left: Vec<_> = fs::read_dir(&snaps)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let left: Vec<_> = fs::read_dir(&snaps).unwrap().map(|e| e.unwrap().file_name()).collect();
         // Only "other" (id 3) remains.
         assert_eq!(left, vec![std::ffi::OsString::from("3")]);
     }
@@ -956,31 +752,16 @@ mod tests {
             async move { s.prepare(&key, "", &lease).await }
         });
         tokio::time::sleep(WAIT_POLL * 3).await;
-        assert!(
-            !stat.is_finished() && !prepare.is_finished(),
-            "both must wait for the first unpack"
-        );
+        assert!(!stat.is_finished() && !prepare.is_finished(), "both must wait for the first unpack");
         // This lease's own active snapshot is stale: `AlreadyExists`, no wait.
-        assert!(matches!(
-            b.snapshots.prepare(&key, "", &first).await,
-            Err(Error::AlreadyExists(_))
-        ));
+        assert!(matches!(b.snapshots.prepare(&key, "", &first).await, Err(Error::AlreadyExists(_))));
 
         b.snapshots.commit(&name, &key, &first).await.unwrap();
         let info = stat.await.unwrap().unwrap();
-        assert_eq!(
-            (info.name.as_str(), info.kind),
-            (name.as_str(), SnapshotKind::Committed)
-        );
+        assert_eq!((info.name.as_str(), info.kind), (name.as_str(), SnapshotKind::Committed));
         prepare.await.unwrap().unwrap();
-        assert_eq!(
-            b.snapshots.stat(&key).await.unwrap().kind,
-            SnapshotKind::Active
-        );
-        assert!(matches!(
-            b.snapshots.commit(&name, &key, &second).await,
-            Err(Error::AlreadyExists(_))
-        ));
+        assert_eq!(b.snapshots.stat(&key).await.unwrap().kind, SnapshotKind::Active);
+        assert!(matches!(b.snapshots.commit(&name, &key, &second).await, Err(Error::AlreadyExists(_))));
         b.snapshots.remove(&key).await.unwrap();
     }
 
@@ -989,31 +770,17 @@ mod tests {
         let (dir, b, lease, _) = setup().await;
         b.snapshots.prepare("extract-x", "", &lease).await.unwrap();
         let db = Connection::open(dir.path().join("metadata.db")).unwrap();
-        db.execute(
-            "UPDATE leases SET start_time = start_time + 1 WHERE id = ?1",
-            [&lease.0],
-        )
-        .unwrap();
+        db.execute("UPDATE leases SET start_time = start_time + 1 WHERE id = ?1", [&lease.0]).unwrap();
         let next = b.leases.create().await.unwrap();
         // Creating `next` collected the dead lease's snapshot; make another stale one by hand.
-        assert!(matches!(
-            b.snapshots.stat("extract-x").await,
-            Err(Error::NotFound(_))
-        ));
+        assert!(matches!(b.snapshots.stat("extract-x").await, Err(Error::NotFound(_))));
         let dead = LeaseId("pullbox-dead".into());
         db.execute("INSERT INTO leases (id, pid, start_time, boot_id, created_at) VALUES (?1, 1, 1, 'gone', 0)", [&dead.0])
             .unwrap();
         b.snapshots.prepare("extract-y", "", &next).await.unwrap();
-        db.execute(
-            "UPDATE lease_resources SET lease = ?1 WHERE key = 'extract-y'",
-            [&dead.0],
-        )
-        .unwrap();
+        db.execute("UPDATE lease_resources SET lease = ?1 WHERE key = 'extract-y'", [&dead.0]).unwrap();
         let started = std::time::Instant::now();
-        assert!(matches!(
-            b.snapshots.prepare("extract-y", "", &next).await,
-            Err(Error::AlreadyExists(_))
-        ));
+        assert!(matches!(b.snapshots.prepare("extract-y", "", &next).await, Err(Error::AlreadyExists(_))));
         assert!(started.elapsed() < WAIT_POLL, "no waiting for a dead pull");
     }
 
@@ -1030,19 +797,10 @@ mod tests {
 
         for key in ["base", "top"] {
             let err = s.stat(key).await.unwrap_err();
-            assert!(
-                matches!(&err, Error::NotFound(m) if m.contains("unusable")),
-                "{key}: {err}"
-            );
+            assert!(matches!(&err, Error::NotFound(m) if m.contains("unusable")), "{key}: {err}");
         }
-        assert!(matches!(
-            s.view("v", "top", &lease).await,
-            Err(Error::FailedPrecondition(_))
-        ));
-        assert!(matches!(
-            s.prepare("x3", "base", &lease).await,
-            Err(Error::FailedPrecondition(_))
-        ));
+        assert!(matches!(s.view("v", "top", &lease).await, Err(Error::FailedPrecondition(_))));
+        assert!(matches!(s.prepare("x3", "base", &lease).await, Err(Error::FailedPrecondition(_))));
 
         // A pull unpacks the layer again and commits it under the same name: it replaces the
         // damaged snapshot, and the child works again.
@@ -1052,21 +810,11 @@ mod tests {
         assert_eq!(s.stat("base").await.unwrap().kind, SnapshotKind::Committed);
         assert_eq!(s.stat("top").await.unwrap().parent, "base");
         let m = s.view("v", "top", &lease).await.unwrap();
-        assert_eq!(
-            m[0].options,
-            vec![format!(
-                "lowerdir={}:{}",
-                fs_of(&snaps, 2),
-                fs_of(&snaps, 3)
-            )]
-        );
+        assert_eq!(m[0].options, vec![format!("lowerdir={}:{}", fs_of(&snaps, 2), fs_of(&snaps, 3))]);
         assert!(!snaps.join("1").exists());
         // An intact snapshot is never replaced.
         s.prepare("x4", "", &lease).await.unwrap();
-        assert!(matches!(
-            s.commit("base", "x4", &lease).await,
-            Err(Error::AlreadyExists(_))
-        ));
+        assert!(matches!(s.commit("base", "x4", &lease).await, Err(Error::AlreadyExists(_))));
     }
 
     #[tokio::test]
@@ -1085,28 +833,18 @@ mod tests {
         s.prepare("other", "base2", &lease).await.unwrap();
         fs::remove_dir_all(snaps.join("2")).unwrap();
 
-        let keys: Vec<String> = ["top", "base", "mid", "missing", "other", "top", "base2", ""]
-            .iter()
-            .map(|k| k.to_string())
-            .collect();
+        let keys: Vec<String> =
+            ["top", "base", "mid", "missing", "other", "top", "base2", ""].iter().map(|k| k.to_string()).collect();
         let stats = s.stats(&keys).await.unwrap();
         assert_eq!(stats.len(), keys.len());
         for (key, got) in keys.iter().zip(&stats) {
             let want = s.stat(key).await;
-            assert_eq!(
-                got.as_ref().map_err(|e| e.to_string()),
-                want.as_ref().map_err(|e| e.to_string()),
-                "{key}"
-            );
+            assert_eq!(got.as_ref().map_err(|e| e.to_string()), want.as_ref().map_err(|e| e.to_string()), "{key}");
         }
         assert_eq!(stats[1].as_ref().unwrap().kind, SnapshotKind::Committed);
         assert_eq!(stats[4].as_ref().unwrap().kind, SnapshotKind::Active);
         for i in [0, 2, 5] {
-            assert!(
-                matches!(&stats[i], Err(Error::NotFound(m)) if m.contains("unusable")),
-                "{:?}",
-                stats[i]
-            );
+            assert!(matches!(&stats[i], Err(Error::NotFound(m)) if m.contains("unusable")), "{:?}", stats[i]);
         }
         assert!(matches!(&stats[3], Err(Error::NotFound(_))));
         assert!(s.stats(&[]).await.unwrap().is_empty());
@@ -1115,14 +853,8 @@ mod tests {
     #[test]
     fn recognizes_unpack_keys() {
         let hex = "0123456789abcdef".repeat(4);
-        assert_eq!(
-            unpack_target(&format!("extract-{hex}")),
-            Some(format!("sha256:{hex}"))
-        );
-        assert_eq!(
-            unpack_target(&format!("extract-123-abc sha256:{hex}")),
-            Some(format!("sha256:{hex}"))
-        );
+        assert_eq!(unpack_target(&format!("extract-{hex}")), Some(format!("sha256:{hex}")));
+        assert_eq!(unpack_target(&format!("extract-123-abc sha256:{hex}")), Some(format!("sha256:{hex}")));
         assert_eq!(unpack_target("extract-short"), None);
         assert_eq!(unpack_target("pullbox-mount-1"), None);
     }
@@ -1139,9 +871,6 @@ mod tests {
         // fs itself, a (= b), d.
         assert_eq!(u.inodes, 3);
         assert!(u.size >= 10_000, "{u:?}");
-        assert!(matches!(
-            b.snapshots.usage("nope").await,
-            Err(Error::NotFound(_))
-        ));
+        assert!(matches!(b.snapshots.usage("nope").await, Err(Error::NotFound(_))));
     }
 }

@@ -79,12 +79,7 @@ impl State {
 
 impl Staging {
     pub(crate) fn new(applier: Applier, layer: Descriptor, compression: Compression) -> Staging {
-        Staging {
-            applier,
-            layer,
-            compression,
-            state: Mutex::default(),
-        }
+        Staging { applier, layer, compression, state: Mutex::default() }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -100,27 +95,15 @@ impl Staging {
 
     /// Starts the unpacker on the chunks `rx` will carry.
     fn spawn(&self, rx: mpsc::Receiver<Bytes>) -> JoinHandle<Result<Staged>> {
-        let (layout, layer, compression) = (
-            self.applier.layout.clone(),
-            self.layer.clone(),
-            self.compression,
-        );
+        let (layout, layer, compression) = (self.applier.layout.clone(), self.layer.clone(), self.compression);
         let limit = self.applier.max_layer_bytes;
         tokio::task::spawn_blocking(move || {
             let dir = StagingDir::create(&layout)?;
-            let incoming = Incoming {
-                rx,
-                chunk: Bytes::new(),
-                remaining: layer.size,
-            };
+            let incoming = Incoming { rx, chunk: Bytes::new(), remaining: layer.size };
             let stream = layer_stream(incoming, compression, &layer.digest, limit)?;
             let (rest, created) = unpack_staged(stream, &dir.fs(), layer.digest.as_str())?;
             let diff_id = finish_layer(rest, &layer.digest)?;
-            Ok(Staged {
-                dir,
-                created,
-                diff_id,
-            })
+            Ok(Staged { dir, created, diff_id })
         })
     }
 }
@@ -165,9 +148,7 @@ impl Stage for Staging {
         }
         let upper = upper_dir(mounts)?;
         let lowers = self.applier.check_upper(&upper).await?;
-        let Some(job) = self.take_job() else {
-            return Ok(None);
-        };
+        let Some(job) = self.take_job() else { return Ok(None) };
         let digest = self.layer.digest.clone();
         let staged = match job.await {
             Ok(Ok(staged)) => staged,
@@ -238,28 +219,15 @@ struct StagingDir {
 
 impl StagingDir {
     fn create(layout: &Layout) -> Result<StagingDir> {
-        let path = layout
-            .staging()
-            .join(uuid::Uuid::new_v4().simple().to_string());
+        let path = layout.staging().join(uuid::Uuid::new_v4().simple().to_string());
         let context = format!("creating the staging directory {}", path.display());
-        DirBuilder::new()
-            .mode(PRIVATE_DIR)
-            .create(&path)
-            .map_err(Error::io(context.clone()))?;
+        DirBuilder::new().mode(PRIVATE_DIR).create(&path).map_err(Error::io(context.clone()))?;
         let lock = FileLock::try_acquire(&path.join(STAGING_LOCK))
             .map_err(Error::io(context.clone()))?
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "{} is locked although it was just made",
-                    path.display()
-                ))
-            })?;
+            .ok_or_else(|| Error::FailedPrecondition(format!("{} is locked although it was just made", path.display())))?;
         let dir = StagingDir { path, _lock: lock };
         // As the snapshotter makes a snapshot's directory: this one replaces it.
-        DirBuilder::new()
-            .mode(0o755)
-            .create(dir.fs())
-            .map_err(Error::io(context))?;
+        DirBuilder::new().mode(0o755).create(dir.fs()).map_err(Error::io(context))?;
         Ok(dir)
     }
 
@@ -292,21 +260,12 @@ impl BufRead for Incoming {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.chunk.is_empty() && self.remaining > 0 {
             let chunk = self.rx.blocking_recv().ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the download stopped before the end of the layer",
-                )
+                io::Error::new(io::ErrorKind::UnexpectedEof, "the download stopped before the end of the layer")
             })?;
             // The transport never stores more than the size; a chunk beyond it is not ours.
-            self.remaining = self
-                .remaining
-                .checked_sub(chunk.len() as u64)
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "more bytes than the layer's size",
-                    )
-                })?;
+            self.remaining = self.remaining.checked_sub(chunk.len() as u64).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "more bytes than the layer's size")
+            })?;
             self.chunk = chunk;
         }
         Ok(&self.chunk)
@@ -375,27 +334,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_layer_unpacked_while_downloading_is_moved_onto_its_snapshot() {
         let (dir, b, lease) = setup().await;
-        let base = Tar::new()
-            .dir("etc/", 0o750)
-            .file("etc/os-release", b"pullbox")
-            .finish();
+        let base = Tar::new().dir("etc/", 0o750).file("etc/os-release", b"pullbox").finish();
         let (base_desc, base_blob) = layer(&base);
         let mounts = b.snapshots.prepare("l1", "", &lease).await.unwrap();
         let stage = b.differ.stage(&base_desc).unwrap();
         feed_all(stage.as_ref(), &base_blob, 7).await;
-        assert_eq!(
-            stage.apply(&base_desc, &mounts).await.unwrap(),
-            Some(Digest::sha256_of(&base))
-        );
-        assert_eq!(
-            fs::read(PathBuf::from(&mounts[0].source).join("etc/os-release")).unwrap(),
-            b"pullbox"
-        );
-        assert_eq!(
-            stage.apply(&base_desc, &mounts).await.unwrap(),
-            None,
-            "a staged layer is applied once"
-        );
+        assert_eq!(stage.apply(&base_desc, &mounts).await.unwrap(), Some(Digest::sha256_of(&base)));
+        assert_eq!(fs::read(PathBuf::from(&mounts[0].source).join("etc/os-release")).unwrap(), b"pullbox");
+        assert_eq!(stage.apply(&base_desc, &mounts).await.unwrap(), None, "a staged layer is applied once");
         b.snapshots.commit("base", "l1", &lease).await.unwrap();
 
         // The upper layer's unlisted parent takes the metadata of the layer below.
@@ -404,20 +350,10 @@ mod tests {
         let stage = b.differ.stage(&top_desc).unwrap();
         feed_all(stage.as_ref(), &top_blob, 1000).await;
         let mounts = b.snapshots.prepare("l2", "base", &lease).await.unwrap();
-        assert_eq!(
-            stage.apply(&top_desc, &mounts).await.unwrap(),
-            Some(Digest::sha256_of(&top))
-        );
+        assert_eq!(stage.apply(&top_desc, &mounts).await.unwrap(), Some(Digest::sha256_of(&top)));
         let upper = upper_dir(&mounts).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            fs::metadata(upper.join("etc"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o7777,
-            0o750
-        );
+        assert_eq!(fs::metadata(upper.join("etc")).unwrap().permissions().mode() & 0o7777, 0o750);
         drop(stage);
         assert_eq!(staging_entries(&dir), 0, "nothing left in staging");
     }
@@ -447,29 +383,11 @@ mod tests {
         feed_all(other.as_ref(), &blob, 64).await;
         let mut as_config = desc.clone();
         as_config.media_type = "application/vnd.oci.image.config.v1+json".into();
-        let cases = [
-            (restarted, &desc),
-            (short, &desc),
-            (unfed, &desc),
-            (bad, &fake),
-            (other, &as_config),
-        ];
+        let cases = [(restarted, &desc), (short, &desc), (unfed, &desc), (bad, &fake), (other, &as_config)];
         for (i, (stage, applied_as)) in cases.into_iter().enumerate() {
-            let mounts = b
-                .snapshots
-                .prepare(&format!("s{i}"), "", &lease)
-                .await
-                .unwrap();
-            assert_eq!(
-                stage.apply(applied_as, &mounts).await.unwrap(),
-                None,
-                "case {i}"
-            );
-            assert_eq!(
-                fs::read_dir(&mounts[0].source).unwrap().count(),
-                0,
-                "case {i}: nothing moved"
-            );
+            let mounts = b.snapshots.prepare(&format!("s{i}"), "", &lease).await.unwrap();
+            assert_eq!(stage.apply(applied_as, &mounts).await.unwrap(), None, "case {i}");
+            assert_eq!(fs::read_dir(&mounts[0].source).unwrap().count(), 0, "case {i}: nothing moved");
         }
 
         // A snapshot that is not empty is not replaced.
@@ -484,15 +402,9 @@ mod tests {
         let stage = b.differ.stage(&desc).unwrap();
         feed_all(stage.as_ref(), &blob, 64).await;
         let outside = tempfile::tempdir().unwrap();
-        let hostile = vec![Mount {
-            kind: "bind".into(),
-            source: outside.path().display().to_string(),
-            options: vec![],
-        }];
-        assert!(matches!(
-            stage.apply(&desc, &hostile).await,
-            Err(Error::InvalidArgument(_))
-        ));
+        let hostile =
+            vec![Mount { kind: "bind".into(), source: outside.path().display().to_string(), options: vec![] }];
+        assert!(matches!(stage.apply(&desc, &hostile).await, Err(Error::InvalidArgument(_))));
         let discarded = b.differ.stage(&desc).unwrap();
         feed_all(discarded.as_ref(), &blob, 64).await;
         discarded.discard().await;
@@ -510,9 +422,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn collection_removes_what_a_killed_pull_staged_and_spares_live_ones() {
         let (dir, b, _lease) = setup().await;
-        let layout = Layout {
-            root: dir.path().canonicalize().unwrap(),
-        };
+        let layout = Layout { root: dir.path().canonicalize().unwrap() };
         let live = blocking({
             let layout = layout.clone();
             move || StagingDir::create(&layout)

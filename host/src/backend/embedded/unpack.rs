@@ -85,8 +85,7 @@ use std::{
 
 use rustix::{
     fs::{
-        self as rfs, AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid,
-        XattrFlags,
+        self as rfs, AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid, XattrFlags,
     },
     io::Errno,
 };
@@ -124,24 +123,15 @@ pub(crate) const MAX_DIRS: usize = 1 << 20;
 const SHOWN_NAME: usize = 256;
 
 /// Opening a directory along a path: never follow a symlink, never leak the fd to children.
-const DIR_FLAGS: OFlags = OFlags::RDONLY
-    .union(OFlags::DIRECTORY)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
+const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
 /// Resolving a whole path in one `openat2`: inside the directory, no symlink anywhere.
-const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
+const RESOLVE: ResolveFlags =
+    ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
 /// Applies the tar stream `archive` onto the directory `root`, whose lower layers (nearest
 /// first) are `lowers`; `layer` names the layer in errors. Returns the reader, positioned after
 /// the archive's end-of-archive marker (the caller may have more bytes to consume from it).
-pub(crate) fn unpack<R: Read>(
-    archive: R,
-    root: &Path,
-    lowers: &[PathBuf],
-    layer: &str,
-) -> Result<R> {
+pub(crate) fn unpack<R: Read>(archive: R, root: &Path, lowers: &[PathBuf], layer: &str) -> Result<R> {
     let lowers = lowers.iter().map(|l| open_root(l)).collect::<Result<_>>()?;
     let mut unpacker = Unpacker::new(root, Parents::Inherit(lowers), layer)?;
     unpacker.run(archive)
@@ -153,27 +143,16 @@ pub(crate) struct CreatedParents(Tree<()>);
 
 /// [`unpack`] for a layer whose lower layers are not known yet: the parent directories it
 /// creates get the defaults and are returned, for [`inherit_parents`] to finish.
-pub(crate) fn unpack_staged<R: Read>(
-    archive: R,
-    root: &Path,
-    layer: &str,
-) -> Result<(R, CreatedParents)> {
+pub(crate) fn unpack_staged<R: Read>(archive: R, root: &Path, layer: &str) -> Result<(R, CreatedParents)> {
     let mut unpacker = Unpacker::new(root, Parents::Record(RefCell::default()), layer)?;
     let rest = unpacker.run(archive)?;
-    let Parents::Record(created) = unpacker.parents else {
-        unreachable!("recording parents")
-    };
+    let Parents::Record(created) = unpacker.parents else { unreachable!("recording parents") };
     Ok((rest, CreatedParents(created.into_inner())))
 }
 
 /// Gives the directories `created` under `root` (a layer [`unpack_staged`] unpacked, now on
 /// its snapshot) the metadata [`unpack`] would have given them with `lowers` below.
-pub(crate) fn inherit_parents(
-    root: &Path,
-    lowers: &[PathBuf],
-    created: &CreatedParents,
-    layer: &str,
-) -> Result<()> {
+pub(crate) fn inherit_parents(root: &Path, lowers: &[PathBuf], created: &CreatedParents, layer: &str) -> Result<()> {
     let lowers = lowers.iter().map(|l| open_root(l)).collect::<Result<_>>()?;
     let mut unpacker = Unpacker::new(root, Parents::Inherit(lowers), layer)?;
     // Parents before their children, as they were created.
@@ -181,9 +160,7 @@ pub(crate) fn inherit_parents(
         let path = created.0.path(node);
         // Gone or replaced by a non-directory since: nothing to give metadata to.
         if let Ok(dir) = unpacker.open_dir(&path, false) {
-            unpacker
-                .inherit(&path, dir.as_fd())
-                .map_err(|()| unpacker.too_many_dirs(&display(&path)))?;
+            unpacker.inherit(&path, dir.as_fd()).map_err(|()| unpacker.too_many_dirs(&display(&path)))?;
         }
     }
     unpacker.set_dir_times()
@@ -191,10 +168,8 @@ pub(crate) fn inherit_parents(
 
 /// Opens a directory the unpacker works on or reads.
 fn open_root(dir: &Path) -> Result<OwnedFd> {
-    rfs::open(dir, DIR_FLAGS, Mode::empty()).map_err(|e| Error::Io {
-        context: format!("opening {}", dir.display()),
-        source: e.into(),
-    })
+    rfs::open(dir, DIR_FLAGS, Mode::empty())
+        .map_err(|e| Error::Io { context: format!("opening {}", dir.display()), source: e.into() })
 }
 
 /// A path inside the root: cleaned, never empty components, never `.` or `..`.
@@ -219,16 +194,11 @@ fn clean(raw: &[u8]) -> Components {
 /// Checks a cleaned path against [`MAX_PATH`] and [`MAX_DEPTH`].
 fn check_path(path: &[OsString]) -> Result<(), String> {
     if path.len() > MAX_DEPTH {
-        return Err(format!(
-            "path of {} components exceeds the limit of {MAX_DEPTH} components",
-            path.len()
-        ));
+        return Err(format!("path of {} components exceeds the limit of {MAX_DEPTH} components", path.len()));
     }
     let bytes = path.iter().map(|c| c.len()).sum::<usize>() + path.len().saturating_sub(1);
     if bytes > MAX_PATH {
-        return Err(format!(
-            "path of {bytes} bytes exceeds the limit of {MAX_PATH} bytes (PATH_MAX)"
-        ));
+        return Err(format!("path of {bytes} bytes exceeds the limit of {MAX_PATH} bytes (PATH_MAX)"));
     }
     Ok(())
 }
@@ -254,11 +224,7 @@ fn shown(raw: &[u8]) -> String {
     if raw.len() <= SHOWN_NAME {
         return String::from_utf8_lossy(raw).into_owned();
     }
-    format!(
-        "{}... ({} bytes)",
-        String::from_utf8_lossy(&raw[..SHOWN_NAME]),
-        raw.len()
-    )
+    format!("{}... ({} bytes)", String::from_utf8_lossy(&raw[..SHOWN_NAME]), raw.len())
 }
 
 /// Directories by path, each with a value (or none), compact: a node per directory, named
@@ -274,11 +240,7 @@ pub(crate) struct Tree<T> {
 
 impl<T> Default for Tree<T> {
     fn default() -> Self {
-        Tree {
-            nodes: vec![(0, None)],
-            names: vec![OsString::new()],
-            children: HashMap::new(),
-        }
+        Tree { nodes: vec![(0, None)], names: vec![OsString::new()], children: HashMap::new() }
     }
 }
 
@@ -366,26 +328,15 @@ impl Meta {
         let mut uid = numeric(header.uid(), &raw.uid, "uid")?;
         let mut gid = numeric(header.gid(), &raw.gid, "gid")?;
         let mtime = numeric(header.mtime(), &raw.mtime, "mtime")?;
-        let mut mtime = Timespec {
-            tv_sec: i64::try_from(mtime).map_err(|_| "mtime out of range")?,
-            tv_nsec: 0,
-        };
+        let mut mtime = Timespec { tv_sec: i64::try_from(mtime).map_err(|_| "mtime out of range")?, tv_nsec: 0 };
         let mut atime = None;
         let mut xattrs = Vec::new();
         for (key, value) in entry.pax_records() {
             let text = || {
-                std::str::from_utf8(value)
-                    .map_err(|_| format!("PAX record {}: not UTF-8", shown(key)))
+                std::str::from_utf8(value).map_err(|_| format!("PAX record {}: not UTF-8", shown(key)))
             };
-            let number = |v: &str| {
-                v.parse::<u64>().map_err(|_| {
-                    format!(
-                        "PAX record {}: bad number {}",
-                        shown(key),
-                        shown(v.as_bytes())
-                    )
-                })
-            };
+            let number =
+                |v: &str| v.parse::<u64>().map_err(|_| format!("PAX record {}: bad number {}", shown(key), shown(v.as_bytes())));
             match key {
                 b"uid" => uid = number(text()?)?,
                 b"gid" => gid = number(text()?)?,
@@ -399,27 +350,13 @@ impl Meta {
             }
         }
         // -1 is "no change" to chown: never a real owner.
-        let id = |v: u64, what| {
-            u32::try_from(v)
-                .ok()
-                .filter(|&v| v != u32::MAX)
-                .ok_or(format!("{what} {v} out of range"))
-        };
-        Ok(Meta {
-            mode,
-            uid: id(uid, "uid")?,
-            gid: id(gid, "gid")?,
-            mtime,
-            atime,
-            xattrs,
-        })
+        let id =
+            |v: u64, what| u32::try_from(v).ok().filter(|&v| v != u32::MAX).ok_or(format!("{what} {v} out of range"));
+        Ok(Meta { mode, uid: id(uid, "uid")?, gid: id(gid, "gid")?, mtime, atime, xattrs })
     }
 
     fn times(&self) -> Timestamps {
-        Timestamps {
-            last_access: self.atime.unwrap_or(self.mtime),
-            last_modification: self.mtime,
-        }
+        Timestamps { last_access: self.atime.unwrap_or(self.mtime), last_modification: self.mtime }
     }
 }
 
@@ -441,29 +378,15 @@ fn pax_time(s: &str) -> Result<Timespec, String> {
         None => (false, s),
     };
     let (secs, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    if secs.is_empty()
-        || !secs.bytes().all(|b| b.is_ascii_digit())
-        || !frac.bytes().all(|b| b.is_ascii_digit())
-    {
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     let secs: i64 = secs.parse().map_err(|_| bad())?;
-    let nanos: i64 = format!("{:0<9}", &frac[..frac.len().min(9)])
-        .parse()
-        .map_err(|_| bad())?;
+    let nanos: i64 = format!("{:0<9}", &frac[..frac.len().min(9)]).parse().map_err(|_| bad())?;
     Ok(match (negative, nanos) {
-        (false, _) => Timespec {
-            tv_sec: secs,
-            tv_nsec: nanos,
-        },
-        (true, 0) => Timespec {
-            tv_sec: -secs,
-            tv_nsec: 0,
-        },
-        (true, _) => Timespec {
-            tv_sec: -secs - 1,
-            tv_nsec: 1_000_000_000 - nanos,
-        },
+        (false, _) => Timespec { tv_sec: secs, tv_nsec: nanos },
+        (true, 0) => Timespec { tv_sec: -secs, tv_nsec: 0 },
+        (true, _) => Timespec { tv_sec: -secs - 1, tv_nsec: 1_000_000_000 - nanos },
     })
 }
 
@@ -529,10 +452,7 @@ impl Unpacker<'_> {
     /// Unpacks every entry, then sets directory times; returns the reader after the archive.
     fn run<R: Read>(&mut self, archive: R) -> Result<R> {
         let mut archive = Archive::new(archive);
-        while let Some(entry) = archive
-            .next_entry()
-            .map_err(|e| self.archive_error(None, e))?
-        {
+        while let Some(entry) = archive.next_entry().map_err(|e| self.archive_error(None, e))? {
             self.entry(&entry, &mut archive)?;
         }
         self.set_dir_times()?;
@@ -540,10 +460,7 @@ impl Unpacker<'_> {
     }
 
     fn bad(&self, entry: &str, reason: impl std::fmt::Display) -> Error {
-        Error::BadLayer {
-            layer: self.layer.to_owned(),
-            reason: format!("{entry}: {reason}"),
-        }
+        Error::BadLayer { layer: self.layer.to_owned(), reason: format!("{entry}: {reason}") }
     }
 
     /// A failure to read the archive, while at `entry` (or between entries): the size cap is
@@ -552,20 +469,14 @@ impl Unpacker<'_> {
         let at = entry.map(|e| format!("{e}: ")).unwrap_or_default();
         if let ArchiveError::Read { source, offset } = &e {
             if let Some(cap) = LayerTooLarge::find(source) {
-                return Error::ResourceExhausted(format!(
-                    "layer {}: {at}at byte {offset}: {cap}",
-                    self.layer
-                ));
+                return Error::ResourceExhausted(format!("layer {}: {at}at byte {offset}: {cap}", self.layer));
             }
         }
         let reason = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
             .map(|e| e.to_string())
             .collect::<Vec<_>>()
             .join(": ");
-        Error::BadLayer {
-            layer: self.layer.to_owned(),
-            reason: format!("{at}{reason}"),
-        }
+        Error::BadLayer { layer: self.layer.to_owned(), reason: format!("{at}{reason}") }
     }
 
     /// A failed filesystem operation on `entry`: the host's fault (`Io`, so a full disk reads
@@ -573,27 +484,9 @@ impl Unpacker<'_> {
     /// the archive's otherwise.
     fn fs_error(&self, entry: &str, op: &str, e: impl Into<io::Error>) -> Error {
         let e: io::Error = e.into();
-        let host = [
-            Errno::NOSPC,
-            Errno::DQUOT,
-            Errno::IO,
-            Errno::ROFS,
-            Errno::NOMEM,
-            Errno::MFILE,
-            Errno::NFILE,
-        ];
-        if host
-            .iter()
-            .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
-        {
-            Error::Io {
-                context: format!(
-                    "layer {}: {entry}: {op} in {}",
-                    self.layer,
-                    self.root_path.display()
-                ),
-                source: e,
-            }
+        let host = [Errno::NOSPC, Errno::DQUOT, Errno::IO, Errno::ROFS, Errno::NOMEM, Errno::MFILE, Errno::NFILE];
+        if host.iter().any(|errno| e.raw_os_error() == Some(errno.raw_os_error())) {
+            Error::Io { context: format!("layer {}: {entry}: {op} in {}", self.layer, self.root_path.display()), source: e }
         } else {
             self.bad(entry, format_args!("{op}: {e}"))
         }
@@ -605,25 +498,13 @@ impl Unpacker<'_> {
     /// as containerd when they have none).
     fn open_dir(&self, path: &[impl AsRef<OsStr>], create: bool) -> Result<OwnedFd, WalkError> {
         if path.is_empty() {
-            return rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|errno| {
-                WalkError {
-                    at: ".".into(),
-                    errno,
-                }
-            });
+            return rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|errno| WalkError { at: ".".into(), errno });
         }
         if let Ok(dir) = rfs::openat2(&self.root, joined(path), DIR_FLAGS, Mode::empty(), RESOLVE) {
             return Ok(dir);
         }
-        let fail = |i: usize, errno| WalkError {
-            at: display(&path[..=i]),
-            errno,
-        };
-        let mut dir =
-            rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|errno| WalkError {
-                at: ".".into(),
-                errno,
-            })?;
+        let fail = |i: usize, errno| WalkError { at: display(&path[..=i]), errno };
+        let mut dir = rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|errno| WalkError { at: ".".into(), errno })?;
         for (i, name) in path.iter().enumerate() {
             let name = name.as_ref();
             let mut next = rfs::openat(&dir, name, DIR_FLAGS, Mode::empty());
@@ -645,16 +526,7 @@ impl Unpacker<'_> {
                 rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
                     .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
             };
-            dir = next.map_err(|e| {
-                fail(
-                    i,
-                    if e == Errno::NOTDIR && is_symlink() {
-                        Errno::LOOP
-                    } else {
-                        e
-                    },
-                )
-            })?;
+            dir = next.map_err(|e| fail(i, if e == Errno::NOTDIR && is_symlink() { Errno::LOOP } else { e }))?;
         }
         Ok(dir)
     }
@@ -691,24 +563,16 @@ impl Unpacker<'_> {
     /// as it hides the layers below it. Best effort: a failure leaves the defaults. Fails only
     /// past [`MAX_DIRS`].
     fn inherit(&self, path: &[impl AsRef<OsStr>], created: BorrowedFd<'_>) -> Result<(), ()> {
-        let Parents::Inherit(lowers) = &self.parents else {
-            return Ok(());
-        };
+        let Parents::Inherit(lowers) = &self.parents else { return Ok(()) };
         for lower in lowers {
             let dir = match Self::lower_at(lower, path) {
                 Lower::Dir(dir) => dir,
                 Lower::Absent => continue,
                 Lower::Hidden => return Ok(()),
             };
-            let Ok(st) = rfs::fstat(&dir) else {
-                return Ok(());
-            };
+            let Ok(st) = rfs::fstat(&dir) else { return Ok(()) };
             let owner = if self.privileged {
-                rfs::fchown(
-                    created,
-                    Some(Uid::from_raw(st.st_uid)),
-                    Some(Gid::from_raw(st.st_gid)),
-                )
+                rfs::fchown(created, Some(Uid::from_raw(st.st_uid)), Some(Gid::from_raw(st.st_gid)))
             } else {
                 Ok(())
             };
@@ -721,20 +585,10 @@ impl Unpacker<'_> {
             // The field types of `stat` differ between architectures.
             #[allow(clippy::unnecessary_cast)]
             let times = Timestamps {
-                last_access: Timespec {
-                    tv_sec: st.st_atime as i64,
-                    tv_nsec: st.st_atime_nsec as i64,
-                },
-                last_modification: Timespec {
-                    tv_sec: st.st_mtime as i64,
-                    tv_nsec: st.st_mtime_nsec as i64,
-                },
+                last_access: Timespec { tv_sec: st.st_atime as i64, tv_nsec: st.st_atime_nsec as i64 },
+                last_modification: Timespec { tv_sec: st.st_mtime as i64, tv_nsec: st.st_mtime_nsec as i64 },
             };
-            return if self.dirs.borrow_mut().set(path, times) {
-                Ok(())
-            } else {
-                Err(())
-            };
+            return if self.dirs.borrow_mut().set(path, times) { Ok(()) } else { Err(()) };
         }
         Ok(())
     }
@@ -752,10 +606,7 @@ impl Unpacker<'_> {
     fn walk_error(&self, entry: &str, what: &str, e: WalkError) -> Error {
         let at = e.at;
         match e.errno {
-            Errno::LOOP => self.bad(
-                entry,
-                format_args!("{what}{at} is a symbolic link, which is not followed"),
-            ),
+            Errno::LOOP => self.bad(entry, format_args!("{what}{at} is a symbolic link, which is not followed")),
             Errno::NOTDIR => self.bad(entry, format_args!("{what}{at} is not a directory")),
             Errno::NOENT => self.bad(entry, format_args!("{what}{at} is not in this layer")),
             Errno::NOMEM => self.too_many_dirs(entry),
@@ -770,12 +621,9 @@ impl Unpacker<'_> {
         match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Err(Errno::NOENT) => Ok(false),
             Err(e) => Err(self.fs_error(entry, "inspecting the existing entry", e)),
-            Ok(st) if merge_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                Ok(true)
-            }
+            Ok(st) if merge_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory => Ok(true),
             Ok(_) => {
-                remove_at(dir.as_fd(), name)
-                    .map_err(|e| self.fs_error(entry, "removing the existing entry", e))?;
+                remove_at(dir.as_fd(), name).map_err(|e| self.fs_error(entry, "removing the existing entry", e))?;
                 Ok(false)
             }
         }
@@ -787,9 +635,7 @@ impl Unpacker<'_> {
         let path = clean(&entry.path);
         check_path(&path).map_err(|reason| self.bad(&shown, reason))?;
         // The root itself ("./"): containerd leaves it alone too.
-        let Some((name, parents)) = path.split_last() else {
-            return Ok(());
-        };
+        let Some((name, parents)) = path.split_last() else { return Ok(()) };
         let meta = Meta::read(entry).map_err(|e| self.bad(&shown, e))?;
         let name = name.as_os_str();
         let is_whiteout = name.as_bytes().starts_with(WHITEOUT_PREFIX);
@@ -797,11 +643,7 @@ impl Unpacker<'_> {
             Ok(parent) => parent,
             // Below a file or symlink this layer made of a directory: already hidden.
             Err(e) if is_whiteout && matches!(e.errno, Errno::NOTDIR | Errno::LOOP) => {
-                tracing::debug!(
-                    layer = self.layer,
-                    entry = shown,
-                    "skipping a whiteout below a non-directory"
-                );
+                tracing::debug!(layer = self.layer, entry = shown, "skipping a whiteout below a non-directory");
                 return Ok(());
             }
             Err(e) => return Err(self.walk_error(&shown, "", e)),
@@ -834,28 +676,19 @@ impl Unpacker<'_> {
                 let fd = rfs::openat(
                     &parent,
                     name,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| self.fs_error(&shown, "creating the file", e))?;
                 let mut file = File::from(fd);
                 match &entry.sparse {
-                    None => self.copy(&shown, archive, entry.size, &mut |buf, _| {
-                        file.write_all(buf)
-                    })?,
+                    None => self.copy(&shown, archive, entry.size, &mut |buf, _| file.write_all(buf))?,
                     Some(sparse) => {
                         // Each stored block at its offset; the holes between stay holes.
                         for &(offset, length) in &sparse.blocks {
-                            self.copy(&shown, archive, length, &mut |buf, done| {
-                                file.write_all_at(buf, offset + done)
-                            })?;
+                            self.copy(&shown, archive, length, &mut |buf, done| file.write_all_at(buf, offset + done))?;
                         }
-                        file.set_len(sparse.real_size)
-                            .map_err(|e| self.fs_error(&shown, "extending the sparse file", e))?;
+                        file.set_len(sparse.real_size).map_err(|e| self.fs_error(&shown, "extending the sparse file", e))?;
                     }
                 }
                 self.set_metadata(&shown, Node::Fd(file.as_fd()), &meta)?;
@@ -863,10 +696,7 @@ impl Unpacker<'_> {
                 self.set_times(&shown, Node::Fd(file.as_fd()), &meta.times())?;
             }
             EntryType::Symlink => {
-                let target = entry
-                    .link
-                    .as_deref()
-                    .ok_or_else(|| self.bad(&shown, "symbolic link without a target"))?;
+                let target = entry.link.as_deref().ok_or_else(|| self.bad(&shown, "symbolic link without a target"))?;
                 let target = OsStr::from_bytes(target);
                 self.make_room(&shown, &parent, name, false)?;
                 rfs::symlinkat(target, &parent, name)
@@ -883,22 +713,13 @@ impl Unpacker<'_> {
                     _ => FileType::Fifo,
                 };
                 if file_type != FileType::Fifo && !self.privileged {
-                    tracing::debug!(
-                        layer = self.layer,
-                        entry = shown,
-                        "skipping a device node: not running as root"
-                    );
+                    tracing::debug!(layer = self.layer, entry = shown, "skipping a device node: not running as root");
                     return Ok(());
                 }
                 let header = &entry.header;
-                let number = |n: io::Result<Option<u32>>| {
-                    n.map(Option::unwrap_or_default)
-                        .map_err(|e| self.bad(&shown, e))
-                };
-                let dev = rfs::makedev(
-                    number(header.device_major())?,
-                    number(header.device_minor())?,
-                );
+                let number =
+                    |n: io::Result<Option<u32>>| n.map(Option::unwrap_or_default).map_err(|e| self.bad(&shown, e));
+                let dev = rfs::makedev(number(header.device_major())?, number(header.device_minor())?);
                 self.make_room(&shown, &parent, name, false)?;
                 rfs::mknodat(&parent, name, file_type, Mode::from_raw_mode(0o600), dev)
                     .map_err(|e| self.fs_error(&shown, "creating the node", e))?;
@@ -922,13 +743,8 @@ impl Unpacker<'_> {
     ) -> Result<()> {
         let mut done = 0u64;
         while done < len {
-            let want = self
-                .buf
-                .len()
-                .min(usize::try_from(len - done).unwrap_or(usize::MAX));
-            let n = archive
-                .read_data(&mut self.buf[..want])
-                .map_err(|e| self.archive_error(Some(shown), e))?;
+            let want = self.buf.len().min(usize::try_from(len - done).unwrap_or(usize::MAX));
+            let n = archive.read_data(&mut self.buf[..want]).map_err(|e| self.archive_error(Some(shown), e))?;
             if n == 0 {
                 return Err(self.bad(shown, "the archive ends inside the entry's data"));
             }
@@ -941,30 +757,23 @@ impl Unpacker<'_> {
     /// A hard link: the target is cleaned and walked like any path and must exist in this
     /// layer's directory.
     fn hardlink(&self, shown: &str, entry: &Entry, parent: &OwnedFd, name: &OsStr) -> Result<()> {
-        let raw = entry
-            .link
-            .as_deref()
-            .ok_or_else(|| self.bad(shown, "hard link without a target"))?;
+        let raw = entry.link.as_deref().ok_or_else(|| self.bad(shown, "hard link without a target"))?;
         let target = clean(raw);
-        check_path(&target)
-            .map_err(|reason| self.bad(shown, format_args!("hard link target: {reason}")))?;
+        check_path(&target).map_err(|reason| self.bad(shown, format_args!("hard link target: {reason}")))?;
         let Some((target_name, target_parents)) = target.split_last() else {
             return Err(self.bad(shown, "hard link to the root directory"));
         };
         let shown_target = display(&target);
-        let target_dir = self.open_dir(target_parents, false).map_err(|e| {
-            self.walk_error(shown, &format!("hard link target {shown_target}: "), e)
-        })?;
+        let target_dir = self
+            .open_dir(target_parents, false)
+            .map_err(|e| self.walk_error(shown, &format!("hard link target {shown_target}: "), e))?;
         match rfs::statat(&target_dir, target_name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
                 return Err(self.bad(shown, format_args!("hard link to directory {shown_target}")))
             }
             Ok(_) => {}
             Err(Errno::NOENT) => {
-                return Err(self.bad(
-                    shown,
-                    format_args!("hard link target {shown_target} is not in this layer"),
-                ))
+                return Err(self.bad(shown, format_args!("hard link target {shown_target} is not in this layer")))
             }
             Err(e) => return Err(self.fs_error(shown, "inspecting the hard link target", e)),
         }
@@ -989,14 +798,8 @@ impl Unpacker<'_> {
         }
         let hidden = OsStr::from_bytes(hidden);
         self.make_room(shown, parent, hidden, false)?;
-        rfs::mknodat(
-            parent,
-            hidden,
-            FileType::CharacterDevice,
-            Mode::empty(),
-            rfs::makedev(0, 0),
-        )
-        .map_err(|e| self.fs_error(shown, "creating the whiteout", e))?;
+        rfs::mknodat(parent, hidden, FileType::CharacterDevice, Mode::empty(), rfs::makedev(0, 0))
+            .map_err(|e| self.fs_error(shown, "creating the whiteout", e))?;
         self.set_owner(shown, Node::At(parent.as_fd(), hidden), meta)
     }
 
@@ -1085,12 +888,7 @@ fn shown_attr(name: &OsStr) -> String {
 /// itself, by its `/proc/self/fd` entry (`fchmod` refuses `O_PATH` descriptors, and
 /// `fchmodat` has no working `AT_SYMLINK_NOFOLLOW` before Linux 6.6's `fchmodat2`).
 fn chmod_node(dir: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> rustix::io::Result<()> {
-    let node = rfs::openat(
-        dir,
-        name,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
+    let node = rfs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
     if FileType::from_raw_mode(rfs::fstat(&node)?.st_mode) == FileType::Symlink {
         return Err(Errno::LOOP);
     }
@@ -1169,14 +967,7 @@ pub(crate) mod tests {
             self.raw(EntryType::Link, name, target, 0o644, b"", |_| {})
         }
 
-        pub(crate) fn node(
-            &mut self,
-            kind: EntryType,
-            name: &str,
-            mode: u32,
-            major: u32,
-            minor: u32,
-        ) -> &mut Tar {
+        pub(crate) fn node(&mut self, kind: EntryType, name: &str, mode: u32, major: u32, minor: u32) -> &mut Tar {
             self.raw(kind, name, "", mode, b"", |h| {
                 h.set_device_major(major).unwrap();
                 h.set_device_minor(minor).unwrap();
@@ -1184,30 +975,19 @@ pub(crate) mod tests {
         }
 
         /// A file with PAX records (xattrs, precise times).
-        pub(crate) fn pax_file(
-            &mut self,
-            name: &str,
-            records: &[(&str, &[u8])],
-            data: &[u8],
-        ) -> &mut Tar {
-            self.0
-                .append_pax_extensions(records.iter().copied())
-                .unwrap();
+        pub(crate) fn pax_file(&mut self, name: &str, records: &[(&str, &[u8])], data: &[u8]) -> &mut Tar {
+            self.0.append_pax_extensions(records.iter().copied()).unwrap();
             self.file(name, data)
         }
 
         /// A file whose name is in a PAX `path` record (any length).
         pub(crate) fn pax_path_file(&mut self, name: &str, data: &[u8]) -> &mut Tar {
-            self.0
-                .append_pax_extensions([("path", name.as_bytes())])
-                .unwrap();
+            self.0.append_pax_extensions([("path", name.as_bytes())]).unwrap();
             self.file("placeholder", data)
         }
 
         pub(crate) fn finish(&mut self) -> Vec<u8> {
-            std::mem::replace(&mut self.0, tar::Builder::new(Vec::new()))
-                .into_inner()
-                .unwrap()
+            std::mem::replace(&mut self.0, tar::Builder::new(Vec::new())).into_inner().unwrap()
         }
     }
 
@@ -1224,11 +1004,7 @@ pub(crate) mod tests {
         let root = dir.path().join("a/b/layer");
         fs::create_dir_all(&outside).unwrap();
         fs::create_dir_all(&root).unwrap();
-        Sandbox {
-            outside,
-            root,
-            _dir: dir,
-        }
+        Sandbox { outside, root, _dir: dir }
     }
 
     fn apply(root: &Path, tar: Vec<u8>) -> Result<()> {
@@ -1272,35 +1048,15 @@ pub(crate) mod tests {
     fn blank_numeric_fields_read_as_zero() {
         let failed = || Err(io::Error::other("not a number"));
         assert_eq!(numeric(failed(), b"\0\0 \0", "uid"), Ok(0));
-        assert!(numeric(failed(), b"12x", "uid")
-            .unwrap_err()
-            .starts_with("uid: "));
+        assert!(numeric(failed(), b"12x", "uid").unwrap_err().starts_with("uid: "));
         assert_eq!(numeric(Ok(7), b"7", "uid"), Ok(7));
     }
 
     #[test]
     fn pax_times_parse() {
-        assert_eq!(
-            pax_time("12.5").unwrap(),
-            Timespec {
-                tv_sec: 12,
-                tv_nsec: 500_000_000
-            }
-        );
-        assert_eq!(
-            pax_time("7").unwrap(),
-            Timespec {
-                tv_sec: 7,
-                tv_nsec: 0
-            }
-        );
-        assert_eq!(
-            pax_time("-1.25").unwrap(),
-            Timespec {
-                tv_sec: -2,
-                tv_nsec: 750_000_000
-            }
-        );
+        assert_eq!(pax_time("12.5").unwrap(), Timespec { tv_sec: 12, tv_nsec: 500_000_000 });
+        assert_eq!(pax_time("7").unwrap(), Timespec { tv_sec: 7, tv_nsec: 0 });
+        assert_eq!(pax_time("-1.25").unwrap(), Timespec { tv_sec: -2, tv_nsec: 750_000_000 });
         assert!(pax_time("1.2.3").is_err() && pax_time("").is_err() && pax_time("x").is_err());
     }
 
@@ -1339,27 +1095,13 @@ pub(crate) mod tests {
         assert_eq!(su.mode() & 0o7777, 0o4755, "setuid kept after chown");
         assert_eq!((su.uid(), su.gid()), (1000, 2000));
         assert_eq!(su.mtime(), 1_600_000_000);
-        assert_eq!(
-            fs::metadata(r.join("bin/su2")).unwrap().ino(),
-            su.ino(),
-            "hard link"
-        );
+        assert_eq!(fs::metadata(r.join("bin/su2")).unwrap().ino(), su.ino(), "hard link");
         let tmp = fs::metadata(r.join("tmp")).unwrap();
         assert_eq!(tmp.mode() & 0o7777, 0o1777, "sticky bit");
-        assert_eq!(
-            tmp.mtime(),
-            1_600_000_000,
-            "directory time set after its children"
-        );
-        assert_eq!(
-            fs::read_link(r.join("bin/sh")).unwrap(),
-            Path::new("/bin/busybox")
-        );
+        assert_eq!(tmp.mtime(), 1_600_000_000, "directory time set after its children");
+        assert_eq!(fs::read_link(r.join("bin/sh")).unwrap(), Path::new("/bin/busybox"));
         assert_eq!(fs::read(r.join("implicit/parent/file")).unwrap(), b"deep");
-        assert_eq!(
-            fs::metadata(r.join("implicit")).unwrap().mode() & 0o777,
-            0o755
-        );
+        assert_eq!(fs::metadata(r.join("implicit")).unwrap().mode() & 0o777, 0o755);
         let fifo = fs::symlink_metadata(r.join("fifo")).unwrap();
         assert!(fifo.file_type().is_fifo());
         assert_eq!(fifo.mode() & 0o777, 0o640);
@@ -1371,11 +1113,7 @@ pub(crate) mod tests {
         if let Some(v) = xattr(&r.join("precise"), "user.pullbox") {
             assert_eq!(v, b"yes");
         }
-        assert_eq!(
-            xattr(&r.join("precise"), "trusted.overlay.redirect"),
-            None,
-            "overlay xattrs are dropped"
-        );
+        assert_eq!(xattr(&r.join("precise"), "trusted.overlay.redirect"), None, "overlay xattrs are dropped");
     }
 
     #[test]
@@ -1394,15 +1132,9 @@ pub(crate) mod tests {
         assert!(wh.file_type().is_char_device());
         assert_eq!(wh.rdev(), 0);
         assert!(!s.root.join("etc/.wh.old.conf").exists());
-        assert_eq!(
-            xattr(&s.root.join("var/cache"), "trusted.overlay.opaque").as_deref(),
-            Some(&b"y"[..])
-        );
+        assert_eq!(xattr(&s.root.join("var/cache"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
         assert_eq!(fs::read(s.root.join("var/cache/fresh")).unwrap(), b"new");
-        assert_eq!(
-            tree(&s.root),
-            ["etc", "etc/old.conf", "var", "var/cache", "var/cache/fresh"]
-        );
+        assert_eq!(tree(&s.root), ["etc", "etc/old.conf", "var", "var/cache", "var/cache/fresh"]);
     }
 
     #[test]
@@ -1422,10 +1154,7 @@ pub(crate) mod tests {
             .finish();
         apply(&s.root, tar).unwrap();
         assert!(s.root.join("d/keep").is_dir(), "directories merge");
-        assert_eq!(
-            fs::metadata(s.root.join("d")).unwrap().permissions().mode() & 0o777,
-            0o750
-        );
+        assert_eq!(fs::metadata(s.root.join("d")).unwrap().permissions().mode() & 0o777, 0o750);
         assert_eq!(fs::read(s.root.join("was-dir")).unwrap(), b"now a file");
         assert!(s.root.join("was-file").is_dir());
         assert_eq!(fs::read(s.root.join("twice")).unwrap(), b"second");
@@ -1446,13 +1175,7 @@ pub(crate) mod tests {
         assert_eq!(fs::read(s.root.join("c")).unwrap(), b"3");
         assert_eq!(
             tree(s.root.parent().unwrap()),
-            [
-                "layer",
-                "layer/abs",
-                "layer/c",
-                "layer/outside",
-                "layer/outside/escape"
-            ]
+            ["layer", "layer/abs", "layer/c", "layer/outside", "layer/outside/escape"]
         );
     }
 
@@ -1464,36 +1187,23 @@ pub(crate) mod tests {
         let outside = s.outside.display().to_string();
 
         // A file below a symlinked directory is refused.
-        let tar = Tar::new()
-            .symlink("link", &outside)
-            .file("link/pwned", b"x")
-            .finish();
+        let tar = Tar::new().symlink("link", &outside).file("link/pwned", b"x").finish();
         let err = apply(&s.root, tar).unwrap_err();
         assert!(
             matches!(&err, Error::BadLayer { reason, .. } if reason.contains("link/pwned") && reason.contains("symbolic link")),
             "{err}"
         );
         // Relative climbing links too.
-        let tar = Tar::new()
-            .symlink("up", "../../../outside")
-            .dir("up/d/", 0o755)
-            .finish();
+        let tar = Tar::new().symlink("up", "../../../outside").dir("up/d/", 0o755).finish();
         assert!(matches!(apply(&s.root, tar), Err(Error::BadLayer { .. })));
         // A file over a symlink replaces the symlink rather than writing through it.
-        let tar = Tar::new()
-            .symlink("v", &victim.display().to_string())
-            .file("v", b"overwritten")
-            .finish();
+        let tar = Tar::new().symlink("v", &victim.display().to_string()).file("v", b"overwritten").finish();
         apply(&s.root, tar).unwrap();
         assert_eq!(fs::read(s.root.join("v")).unwrap(), b"overwritten");
         assert!(!fs::symlink_metadata(s.root.join("v")).unwrap().is_symlink());
         // Whiteouts below a symlink are skipped (the symlink hides everything below it), never
         // followed.
-        let tar = Tar::new()
-            .symlink("o", &outside)
-            .file("o/.wh..wh..opq", b"")
-            .file("o/.wh.victim", b"")
-            .finish();
+        let tar = Tar::new().symlink("o", &outside).file("o/.wh..wh..opq", b"").file("o/.wh.victim", b"").finish();
         apply(&s.root, tar).unwrap();
 
         assert_eq!(fs::read(&victim).unwrap(), b"original");
@@ -1510,26 +1220,15 @@ pub(crate) mod tests {
 
         for target in ["/etc/passwd", "../../../../../../../etc/passwd"] {
             let err = apply(&s.root, Tar::new().hardlink("passwd", target).finish()).unwrap_err();
-            assert!(
-                matches!(&err, Error::BadLayer { reason, .. } if reason.contains("not in this layer")),
-                "{err}"
-            );
+            assert!(matches!(&err, Error::BadLayer { reason, .. } if reason.contains("not in this layer")), "{err}");
         }
         // Through a symlink to the outside.
-        let tar = Tar::new()
-            .symlink("out", &s.outside.display().to_string())
-            .hardlink("h", "out/victim")
-            .finish();
+        let tar = Tar::new().symlink("out", &s.outside.display().to_string()).hardlink("h", "out/victim").finish();
         assert!(matches!(apply(&s.root, tar), Err(Error::BadLayer { .. })));
         // To a symlink in the layer: links the symlink itself, not its target.
-        let tar = Tar::new()
-            .symlink("s", &victim.display().to_string())
-            .hardlink("h2", "s")
-            .finish();
+        let tar = Tar::new().symlink("s", &victim.display().to_string()).hardlink("h2", "s").finish();
         apply(&s.root, tar).unwrap();
-        assert!(fs::symlink_metadata(s.root.join("h2"))
-            .unwrap()
-            .is_symlink());
+        assert!(fs::symlink_metadata(s.root.join("h2")).unwrap().is_symlink());
 
         assert_eq!(fs::metadata("/etc/passwd").unwrap().nlink(), passwd_links);
         assert_eq!(fs::metadata(&victim).unwrap().nlink(), 1);
@@ -1550,9 +1249,7 @@ pub(crate) mod tests {
             .finish();
         apply(&s.root, tar).unwrap();
         assert_eq!(fs::read(s.root.join("opt/was-dir")).unwrap(), b"now a file");
-        assert!(fs::symlink_metadata(s.root.join("lib"))
-            .unwrap()
-            .is_symlink());
+        assert!(fs::symlink_metadata(s.root.join("lib")).unwrap().is_symlink());
         assert_eq!(tree(&s.root), ["lib", "opt", "opt/was-dir"]);
     }
 
@@ -1565,8 +1262,7 @@ pub(crate) mod tests {
         fs::create_dir_all(lowest.join("etc")).unwrap();
         fs::create_dir_all(lowest.join("gone")).unwrap();
         fs::write(lower.join("gone"), b"a file hides the directory below").unwrap();
-        let perm =
-            |p: &Path, mode| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+        let perm = |p: &Path, mode| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
         perm(&lower.join("etc"), 0o750);
         perm(&lowest.join("etc"), 0o700);
         perm(&lowest.join("srv"), 0o711);
@@ -1577,27 +1273,14 @@ pub(crate) mod tests {
             .file("gone/new", b"n")
             .file("fresh/new", b"n")
             .finish();
-        unpack(
-            &tar[..],
-            &s.root,
-            &[lower.clone(), lowest.clone()],
-            "sha256:test",
-        )
-        .unwrap();
+        unpack(&tar[..], &s.root, &[lower.clone(), lowest.clone()], "sha256:test").unwrap();
         let mode = |p: &str| fs::metadata(s.root.join(p)).unwrap().mode() & 0o7777;
         assert_eq!(mode("etc"), 0o750, "the nearest lower layer wins");
         assert_eq!((mode("srv"), mode("srv/data")), (0o711, 0o1770));
-        assert_eq!(
-            mode("gone"),
-            0o755,
-            "a file in a lower layer hides the directory below it"
-        );
+        assert_eq!(mode("gone"), 0o755, "a file in a lower layer hides the directory below it");
         assert_eq!(mode("fresh"), 0o755);
         let lower_mtime = fs::metadata(lowest.join("srv/data")).unwrap().mtime();
-        assert_eq!(
-            fs::metadata(s.root.join("srv/data")).unwrap().mtime(),
-            lower_mtime
-        );
+        assert_eq!(fs::metadata(s.root.join("srv/data")).unwrap().mtime(), lower_mtime);
     }
 
     #[test]
@@ -1606,8 +1289,7 @@ pub(crate) mod tests {
         let lower = s.outside.join("lower");
         fs::create_dir_all(lower.join("srv/data")).unwrap();
         fs::create_dir_all(lower.join("opt")).unwrap();
-        let perm =
-            |p: &Path, mode| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+        let perm = |p: &Path, mode| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
         perm(&lower.join("srv"), 0o711);
         perm(&lower.join("srv/data"), 0o1770);
         perm(&lower.join("opt"), 0o700);
@@ -1620,36 +1302,17 @@ pub(crate) mod tests {
             .finish();
         let direct = s.outside.join("direct");
         fs::create_dir_all(&direct).unwrap();
-        unpack(
-            &tar[..],
-            &direct,
-            std::slice::from_ref(&lower),
-            "sha256:test",
-        )
-        .unwrap();
+        unpack(&tar[..], &direct, std::slice::from_ref(&lower), "sha256:test").unwrap();
 
         let (_, created) = unpack_staged(&tar[..], &s.root, "sha256:test").unwrap();
         let mode = |root: &Path, p: &str| fs::metadata(root.join(p)).unwrap().mode() & 0o7777;
-        assert_eq!(
-            mode(&s.root, "srv/data"),
-            0o755,
-            "defaults until the lowers are known"
-        );
-        inherit_parents(
-            &s.root,
-            std::slice::from_ref(&lower),
-            &created,
-            "sha256:test",
-        )
-        .unwrap();
+        assert_eq!(mode(&s.root, "srv/data"), 0o755, "defaults until the lowers are known");
+        inherit_parents(&s.root, std::slice::from_ref(&lower), &created, "sha256:test").unwrap();
         assert_eq!(tree(&s.root), tree(&direct));
         for p in ["srv", "srv/data", "opt", "fresh"] {
             assert_eq!(mode(&s.root, p), mode(&direct, p), "{p}");
         }
-        assert_eq!(
-            (mode(&s.root, "srv/data"), mode(&s.root, "opt")),
-            (0o1770, 0o750)
-        );
+        assert_eq!((mode(&s.root, "srv/data"), mode(&s.root, "opt")), (0o1770, 0o750));
         let mtime = |root: &Path, p: &str| fs::metadata(root.join(p)).unwrap().mtime();
         assert_eq!(mtime(&s.root, "srv/data"), mtime(&lower, "srv/data"));
     }
@@ -1660,41 +1323,24 @@ pub(crate) mod tests {
         let mut tar = Tar::new().file("f", &[1u8; 2000]).finish();
         tar.truncate(1200);
         let err = apply(&s.root, tar).unwrap_err();
-        assert!(
-            matches!(&err, Error::BadLayer { layer, .. } if layer == "sha256:test"),
-            "{err}"
-        );
+        assert!(matches!(&err, Error::BadLayer { layer, .. } if layer == "sha256:test"), "{err}");
     }
 
     #[test]
     fn oversized_extension_headers_are_refused_naming_the_limit() {
-        use crate::backend::embedded::archive::{
-            tests::{header, huge},
-            MAX_SPECIAL,
-        };
+        use crate::backend::embedded::archive::{tests::{header, huge}, MAX_SPECIAL};
         let s = sandbox();
         // A 1 GiB long name, streamed: refused before it is read.
-        let bomb = huge(
-            header(EntryType::GNULongName, b"././@LongLink", 1 << 30),
-            b'a',
-            1 << 30,
-        );
+        let bomb = huge(header(EntryType::GNULongName, b"././@LongLink", 1 << 30), b'a', 1 << 30);
         let err = unpack(bomb, &s.root, &[], "sha256:test").err().unwrap();
         let limit = MAX_SPECIAL.to_string();
         assert!(
             matches!(&err, Error::BadLayer { reason, .. } if reason.contains("GNU long name") && reason.contains(&limit)),
             "{err}"
         );
-        let bomb = huge(
-            header(EntryType::XHeader, b"PaxHeaders/x", 1 << 30),
-            b'1',
-            1 << 30,
-        );
+        let bomb = huge(header(EntryType::XHeader, b"PaxHeaders/x", 1 << 30), b'1', 1 << 30);
         let err = unpack(bomb, &s.root, &[], "sha256:test").err().unwrap();
-        assert!(
-            matches!(&err, Error::BadLayer { reason, .. } if reason.contains("PAX extended header")),
-            "{err}"
-        );
+        assert!(matches!(&err, Error::BadLayer { reason, .. } if reason.contains("PAX extended header")), "{err}");
         assert_eq!(tree(&s.root), Vec::<String>::new());
     }
 
@@ -1705,26 +1351,17 @@ pub(crate) mod tests {
         let long = format!("{}/f", "n".repeat(200)).repeat(25);
         for (name, why) in [(deep.as_str(), "components"), (long.as_str(), "PATH_MAX")] {
             let err = apply(&s.root, Tar::new().pax_path_file(name, b"x").finish()).unwrap_err();
-            assert!(
-                matches!(&err, Error::BadLayer { reason, .. } if reason.contains(why)),
-                "{err}"
-            );
-            assert!(
-                err.to_string().len() < 1024,
-                "the name is cut in messages: {err}"
-            );
+            assert!(matches!(&err, Error::BadLayer { reason, .. } if reason.contains(why)), "{err}");
+            assert!(err.to_string().len() < 1024, "the name is cut in messages: {err}");
         }
         // Just under both limits: fine.
         let ok = format!("{}f", "d/".repeat(MAX_DEPTH - 1));
         apply(&s.root, Tar::new().pax_path_file(&ok, b"x").finish()).unwrap();
         // A hard link to a path over the limits is refused too.
         let mut t = Tar::new();
-        t.0.append_pax_extensions([("linkpath", "x/".repeat(MAX_DEPTH + 1).as_bytes())])
-            .unwrap();
+        t.0.append_pax_extensions([("linkpath", "x/".repeat(MAX_DEPTH + 1).as_bytes())]).unwrap();
         let tar = t.hardlink("h", "").finish();
-        assert!(
-            matches!(apply(&s.root, tar), Err(Error::BadLayer { reason, .. }) if reason.contains("hard link target"))
-        );
+        assert!(matches!(apply(&s.root, tar), Err(Error::BadLayer { reason, .. }) if reason.contains("hard link target")));
     }
 
     #[test]
@@ -1732,20 +1369,12 @@ pub(crate) mod tests {
         use crate::backend::embedded::archive::tests::sparse_member;
         let s = sandbox();
         let real = 4u64 << 30;
-        let mut tar = sparse_member(
-            b"sparse",
-            real,
-            &[(0, b"head"), (1 << 20, b"middle"), (real - 1, b"z")],
-        );
+        let mut tar = sparse_member(b"sparse", real, &[(0, b"head"), (1 << 20, b"middle"), (real - 1, b"z")]);
         tar.extend_from_slice(&Tar::new().file("after", b"after").finish());
         apply(&s.root, tar).unwrap();
         let meta = fs::metadata(s.root.join("sparse")).unwrap();
         assert_eq!(meta.len(), real);
-        assert!(
-            meta.blocks() * 512 < 1 << 20,
-            "{} bytes allocated",
-            meta.blocks() * 512
-        );
+        assert!(meta.blocks() * 512 < 1 << 20, "{} bytes allocated", meta.blocks() * 512);
         let file = File::open(s.root.join("sparse")).unwrap();
         let at = |offset, len| {
             let mut buf = vec![0; len];
@@ -1762,31 +1391,16 @@ pub(crate) mod tests {
     fn the_size_cap_is_resource_exhaustion() {
         use crate::{backend::embedded::differ::layer_stream, oci::Compression};
         let s = sandbox();
-        let tar = Tar::new()
-            .file("small", b"ok")
-            .file("big", &[7u8; 64 * 1024])
-            .finish();
+        let tar = Tar::new().file("small", b"ok").file("big", &[7u8; 64 * 1024]).finish();
         let digest = crate::oci::Digest::sha256_of(&tar);
-        let stream = layer_stream(
-            io::Cursor::new(tar.clone()),
-            Compression::None,
-            &digest,
-            8192,
-        )
-        .unwrap();
+        let stream = layer_stream(io::Cursor::new(tar.clone()), Compression::None, &digest, 8192).unwrap();
         let err = unpack(stream, &s.root, &[], "sha256:test").err().unwrap();
         assert!(
             matches!(&err, Error::ResourceExhausted(m) if m.contains("big") && m.contains("8192") && m.contains("max_layer_bytes")),
             "{err}"
         );
         assert_eq!(err.code(), crate::error::Code::ResourceExhausted);
-        let stream = layer_stream(
-            io::Cursor::new(tar.clone()),
-            Compression::None,
-            &digest,
-            tar.len() as u64,
-        )
-        .unwrap();
+        let stream = layer_stream(io::Cursor::new(tar.clone()), Compression::None, &digest, tar.len() as u64).unwrap();
         unpack(stream, &s.root, &[], "sha256:test").unwrap();
     }
 
@@ -1798,20 +1412,12 @@ pub(crate) mod tests {
         fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::symlink(&victim, s.root.join("link")).unwrap();
         let root = open_root(&s.root).unwrap();
-        assert_eq!(
-            chmod_node(root.as_fd(), OsStr::new("link"), Mode::from_raw_mode(0o777)),
-            Err(Errno::LOOP)
-        );
+        assert_eq!(chmod_node(root.as_fd(), OsStr::new("link"), Mode::from_raw_mode(0o777)), Err(Errno::LOOP));
         assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o777, 0o600);
         // A FIFO gets its whole mode, whatever the umask.
-        let tar = Tar::new()
-            .node(EntryType::Fifo, "fifo", 0o666, 0, 0)
-            .finish();
+        let tar = Tar::new().node(EntryType::Fifo, "fifo", 0o666, 0, 0).finish();
         apply(&s.root, tar).unwrap();
-        assert_eq!(
-            fs::symlink_metadata(s.root.join("fifo")).unwrap().mode() & 0o777,
-            0o666
-        );
+        assert_eq!(fs::symlink_metadata(s.root.join("fifo")).unwrap().mode() & 0o777, 0o666);
     }
 
     #[test]
@@ -1827,29 +1433,13 @@ pub(crate) mod tests {
         }
         let tar = tar.finish();
         let started = std::time::Instant::now();
-        unpack(
-            &tar[..],
-            &s.root,
-            std::slice::from_ref(&lower),
-            "sha256:test",
-        )
-        .unwrap();
+        unpack(&tar[..], &s.root, std::slice::from_ref(&lower), "sha256:test").unwrap();
         let staged = s.outside.join("staged");
         fs::create_dir_all(&staged).unwrap();
         let (_, created) = unpack_staged(&tar[..], &staged, "sha256:test").unwrap();
         assert_eq!(created.0.valued().count(), 3 * 1001);
-        inherit_parents(
-            &staged,
-            std::slice::from_ref(&lower),
-            &created,
-            "sha256:test",
-        )
-        .unwrap();
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(20),
-            "{:?}",
-            started.elapsed()
-        );
+        inherit_parents(&staged, std::slice::from_ref(&lower), &created, "sha256:test").unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
         assert!(s.root.join(format!("c2/{}f", "d/".repeat(1000))).exists());
         assert!(staged.join(format!("c2/{}f", "d/".repeat(1000))).exists());
     }

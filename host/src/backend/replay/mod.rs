@@ -35,9 +35,8 @@ use async_trait::async_trait;
 pub use recording::{RecordedRequest, Recorder, Recording, Resolved};
 
 use super::{
-    past_end, Backend, BlobReader, ContentInfo, ContentStore, ContentWriter, Differ, GcReport,
-    Held, ImageRecord, ImageRecords, ImageStore, Labels, LeaseId, Leases, SnapshotInfo,
-    SnapshotKind, Snapshotter, Stage, Usage,
+    past_end, Backend, BlobReader, ContentInfo, ContentStore, ContentWriter, Differ, GcReport, Held, ImageRecord,
+    ImageRecords, ImageStore, Labels, LeaseId, Leases, SnapshotInfo, SnapshotKind, Snapshotter, Stage, Usage,
 };
 use crate::{
     error::{Error, Result},
@@ -73,11 +72,7 @@ impl Replay {
     /// A replay of `recording`.
     pub fn new(recording: Recording) -> Arc<Replay> {
         let diff_ids = diff_ids(&recording.blobs);
-        Arc::new(Replay {
-            recording,
-            diff_ids,
-            state: Mutex::new(State::default()),
-        })
+        Arc::new(Replay { recording, diff_ids, state: Mutex::new(State::default()) })
     }
 
     /// The backend and the remote of this replay, for an image service.
@@ -115,9 +110,7 @@ impl Replay {
             _ if self.size_of(digest).is_some() => Err(Error::NotFound(format!(
                 "the bytes of {digest} (the replay has no layers; only what the recorded pull read)"
             ))),
-            _ => Err(Error::NotFound(format!(
-                "blob {digest} (not in the recording)"
-            ))),
+            _ => Err(Error::NotFound(format!("blob {digest} (not in the recording)"))),
         }
     }
 }
@@ -150,22 +143,14 @@ fn diff_ids(blobs: &BTreeMap<Digest, Vec<u8>>) -> HashMap<Digest, Digest> {
             continue;
         };
         if c.rootfs.diff_ids.len() == m.layers.len() {
-            out.extend(
-                m.layers
-                    .into_iter()
-                    .map(|l| l.digest)
-                    .zip(c.rootfs.diff_ids),
-            );
+            out.extend(m.layers.into_iter().map(|l| l.digest).zip(c.rootfs.diff_ids));
         }
     }
     out
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or_default()
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default()
 }
 
 #[async_trait]
@@ -183,30 +168,18 @@ impl Remote for Replay {
         _: &Credentials,
     ) -> Result<Descriptor> {
         let name = repo.to_string();
-        if let Some(r) = self
-            .recording
-            .resolved
-            .iter()
-            .find(|r| r.name == name && r.reference == reference)
-        {
+        if let Some(r) = self.recording.resolved.iter().find(|r| r.name == name && r.reference == reference) {
             return Ok(r.root.clone());
         }
         if let Ok(digest) = reference.parse::<Digest>() {
-            if let Some(r) = self
-                .recording
-                .resolved
-                .iter()
-                .find(|r| r.name == name && r.root.digest == digest)
-            {
+            if let Some(r) = self.recording.resolved.iter().find(|r| r.name == name && r.root.digest == digest) {
                 return Ok(r.root.clone());
             }
             if let Some(bytes) = self.recording.blobs.get(&digest) {
                 let media_type = serde_json::from_slice::<serde_json::Value>(bytes)
                     .ok()
                     .and_then(|v| v.get("mediaType")?.as_str().map(str::to_owned))
-                    .ok_or_else(|| {
-                        Error::FailedPrecondition(format!("recorded {digest} names no media type"))
-                    })?;
+                    .ok_or_else(|| Error::FailedPrecondition(format!("recorded {digest} names no media type")))?;
                 return Ok(Descriptor {
                     media_type,
                     digest,
@@ -217,9 +190,7 @@ impl Remote for Replay {
                 });
             }
         }
-        Err(Error::NotFound(format!(
-            "{name}:{reference} (not resolved in the recording)"
-        )))
+        Err(Error::NotFound(format!("{name}:{reference} (not resolved in the recording)")))
     }
 
     async fn fetch(
@@ -252,15 +223,9 @@ impl Remote for Replay {
 #[async_trait]
 impl ContentStore for Replay {
     async fn info(&self, digest: &Digest) -> Result<ContentInfo> {
-        let size = self
-            .size_of(digest)
-            .ok_or_else(|| Error::NotFound(format!("blob {digest}")))?;
+        let size = self.size_of(digest).ok_or_else(|| Error::NotFound(format!("blob {digest}")))?;
         let labels = self.state().labels.get(digest).cloned().unwrap_or_default();
-        Ok(ContentInfo {
-            digest: digest.clone(),
-            size,
-            labels,
-        })
+        Ok(ContentInfo { digest: digest.clone(), size, labels })
     }
 
     async fn read(&self, digest: &Digest, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -274,16 +239,11 @@ impl ContentStore for Replay {
     }
 
     async fn open(&self, digest: &Digest) -> Result<BlobReader> {
-        Ok(Box::new(std::io::Cursor::new(
-            self.recorded(digest)?.to_vec(),
-        )))
+        Ok(Box::new(std::io::Cursor::new(self.recorded(digest)?.to_vec())))
     }
 
     async fn writer(&self, expected: &Descriptor, _: &LeaseId) -> Result<Box<dyn ContentWriter>> {
-        Err(Error::FailedPrecondition(format!(
-            "the replay store does not store bytes ({})",
-            expected.digest
-        )))
+        Err(Error::FailedPrecondition(format!("the replay store does not store bytes ({})", expected.digest)))
     }
 
     async fn set_labels(&self, digest: &Digest, labels: &Labels) -> Result<ContentInfo> {
@@ -318,17 +278,10 @@ impl Replay {
         if state.snapshots.contains_key(key) {
             return Err(Error::AlreadyExists(format!("snapshot {key}")));
         }
-        if !parent.is_empty()
-            && state.snapshots.get(parent).map(|s| s.kind) != Some(SnapshotKind::Committed)
-        {
+        if !parent.is_empty() && state.snapshots.get(parent).map(|s| s.kind) != Some(SnapshotKind::Committed) {
             return Err(Error::NotFound(format!("committed snapshot {parent}")));
         }
-        let info = SnapshotInfo {
-            name: key.to_owned(),
-            parent: parent.to_owned(),
-            kind,
-            labels: Labels::new(),
-        };
+        let info = SnapshotInfo { name: key.to_owned(), parent: parent.to_owned(), kind, labels: Labels::new() };
         state.snapshots.insert(key.to_owned(), info);
         Ok(Vec::new())
     }
@@ -366,34 +319,22 @@ impl Snapshotter for Replay {
             }
             Some(info) => {
                 state.snapshots.insert(key.to_owned(), info);
-                Err(Error::FailedPrecondition(format!(
-                    "snapshot {key} is not active"
-                )))
+                Err(Error::FailedPrecondition(format!("snapshot {key} is not active")))
             }
             None => Err(Error::NotFound(format!("snapshot {key}"))),
         }
     }
 
     async fn stat(&self, key: &str) -> Result<SnapshotInfo> {
-        self.state()
-            .snapshots
-            .get(key)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
+        self.state().snapshots.get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
     }
 
     async fn remove(&self, key: &str) -> Result<()> {
         let mut state = self.state();
         if state.snapshots.values().any(|s| s.parent == key) {
-            return Err(Error::FailedPrecondition(format!(
-                "snapshot {key} has children"
-            )));
+            return Err(Error::FailedPrecondition(format!("snapshot {key} has children")));
         }
-        state
-            .snapshots
-            .remove(key)
-            .map(|_| ())
-            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
+        state.snapshots.remove(key).map(|_| ()).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
     }
 
     async fn usage(&self, key: &str) -> Result<Usage> {
@@ -405,10 +346,7 @@ impl Snapshotter for Replay {
 impl Differ for Replay {
     async fn apply(&self, layer: &Descriptor, _: &[Mount]) -> Result<Digest> {
         if self.size_of(&layer.digest).is_none() {
-            return Err(Error::NotFound(format!(
-                "layer {} (never fetched)",
-                layer.digest
-            )));
+            return Err(Error::NotFound(format!("layer {} (never fetched)", layer.digest)));
         }
         self.diff_ids.get(&layer.digest).cloned().ok_or_else(|| {
             Error::FailedPrecondition(format!(
@@ -422,21 +360,11 @@ impl Differ for Replay {
 #[async_trait]
 impl ImageStore for Replay {
     async fn get(&self, name: &str) -> Result<ImageRecord> {
-        self.state()
-            .images
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("image {name}")))
+        self.state().images.get(name).cloned().ok_or_else(|| Error::NotFound(format!("image {name}")))
     }
 
     async fn list(&self) -> Result<ImageRecords> {
-        Ok(self
-            .state()
-            .images
-            .values()
-            .cloned()
-            .collect::<Vec<_>>()
-            .into())
+        Ok(self.state().images.values().cloned().collect::<Vec<_>>().into())
     }
 
     async fn create(&self, mut image: ImageRecord) -> Result<ImageRecord> {
@@ -460,11 +388,7 @@ impl ImageStore for Replay {
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
-        self.state()
-            .images
-            .remove(name)
-            .map(|_| ())
-            .ok_or_else(|| Error::NotFound(format!("image {name}")))
+        self.state().images.remove(name).map(|_| ()).ok_or_else(|| Error::NotFound(format!("image {name}")))
     }
 }
 

@@ -86,16 +86,11 @@ impl Recording {
     /// Writes the recording into `dir` (created if needed; files of an earlier recording
     /// there are replaced, other files left alone).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let io = |what: &str, e: std::io::Error| {
-            Error::FailedPrecondition(format!("cannot write {what}: {e}"))
-        };
+        let io = |what: &str, e: std::io::Error| Error::FailedPrecondition(format!("cannot write {what}: {e}"));
         let blobs = dir.join("blobs/sha256");
         std::fs::create_dir_all(&blobs).map_err(|e| io(&blobs.display().to_string(), e))?;
         for (digest, bytes) in &self.blobs {
-            let file = dir
-                .join("blobs")
-                .join(digest.algorithm_name())
-                .join(digest.hex());
+            let file = dir.join("blobs").join(digest.algorithm_name()).join(digest.hex());
             std::fs::create_dir_all(file.parent().unwrap_or(dir)).map_err(|e| io("blobs", e))?;
             std::fs::write(&file, bytes).map_err(|e| io(&file.display().to_string(), e))?;
         }
@@ -105,60 +100,37 @@ impl Recording {
             .map(|r| {
                 let mut root = r.root.clone();
                 let sep = if r.reference.contains(':') { '@' } else { ':' };
-                root.annotations.insert(
-                    REF_NAME_ANNOTATION.into(),
-                    format!("{}{sep}{}", r.name, r.reference),
-                );
-                root.annotations
-                    .insert(NAME_ANNOTATION.into(), r.name.clone());
-                root.annotations
-                    .insert(REFERENCE_ANNOTATION.into(), r.reference.clone());
+                root.annotations.insert(REF_NAME_ANNOTATION.into(), format!("{}{sep}{}", r.name, r.reference));
+                root.annotations.insert(NAME_ANNOTATION.into(), r.name.clone());
+                root.annotations.insert(REFERENCE_ANNOTATION.into(), r.reference.clone());
                 root
             })
             .collect();
-        let index = Index {
-            schema_version: 2,
-            media_type: "application/vnd.oci.image.index.v1+json".into(),
-            manifests,
-        };
-        std::fs::write(
-            dir.join("oci-layout"),
-            "{\"imageLayoutVersion\": \"1.0.0\"}\n",
-        )
-        .map_err(|e| io("oci-layout", e))?;
+        let index =
+            Index { schema_version: 2, media_type: "application/vnd.oci.image.index.v1+json".into(), manifests };
+        std::fs::write(dir.join("oci-layout"), "{\"imageLayoutVersion\": \"1.0.0\"}\n")
+            .map_err(|e| io("oci-layout", e))?;
         std::fs::write(dir.join("index.json"), pretty(&index)).map_err(|e| io("index.json", e))?;
-        std::fs::write(dir.join(REQUEST_FILE), pretty(&self.request))
-            .map_err(|e| io(REQUEST_FILE, e))?;
+        std::fs::write(dir.join(REQUEST_FILE), pretty(&self.request)).map_err(|e| io(REQUEST_FILE, e))?;
         Ok(())
     }
 
     /// Reads the recording in `dir`, verifying every blob.
     pub fn load(dir: &Path) -> Result<Recording> {
-        let bad =
-            |what: String| Error::InvalidArgument(format!("recording {}: {what}", dir.display()));
-        let read = |name: &str| {
-            std::fs::read(dir.join(name)).map_err(|e| bad(format!("cannot read {name}: {e}")))
-        };
-        let request: RecordedRequest = serde_json::from_slice(&read(REQUEST_FILE)?)
-            .map_err(|e| bad(format!("{REQUEST_FILE}: {e}")))?;
-        let index: Index = serde_json::from_slice(&read("index.json")?)
-            .map_err(|e| bad(format!("index.json: {e}")))?;
+        let bad = |what: String| Error::InvalidArgument(format!("recording {}: {what}", dir.display()));
+        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| bad(format!("cannot read {name}: {e}")));
+        let request: RecordedRequest =
+            serde_json::from_slice(&read(REQUEST_FILE)?).map_err(|e| bad(format!("{REQUEST_FILE}: {e}")))?;
+        let index: Index = serde_json::from_slice(&read("index.json")?).map_err(|e| bad(format!("index.json: {e}")))?;
         let mut resolved = Vec::new();
         for mut root in index.manifests {
             let name = root.annotations.remove(NAME_ANNOTATION);
             let reference = root.annotations.remove(REFERENCE_ANNOTATION);
             root.annotations.remove(REF_NAME_ANNOTATION);
             let (Some(name), Some(reference)) = (name, reference) else {
-                return Err(bad(format!(
-                    "index.json entry {} names no repository and reference",
-                    root.digest
-                )));
+                return Err(bad(format!("index.json entry {} names no repository and reference", root.digest)));
             };
-            resolved.push(Resolved {
-                name,
-                reference,
-                root,
-            });
+            resolved.push(Resolved { name, reference, root });
         }
         let mut blobs = BTreeMap::new();
         let mut total = 0usize;
@@ -169,16 +141,12 @@ impl Recording {
             for entry in entries {
                 let entry = entry.map_err(|e| bad(format!("cannot list blobs: {e}")))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let digest: Digest = format!("{algorithm}:{name}")
-                    .parse()
-                    .map_err(|e| bad(format!("blob {name}: {e}")))?;
+                let digest: Digest =
+                    format!("{algorithm}:{name}").parse().map_err(|e| bad(format!("blob {name}: {e}")))?;
                 if entry.metadata().map(|m| m.len()).unwrap_or(u64::MAX) > MAX_MANIFEST {
-                    return Err(bad(format!(
-                        "blob {digest} is larger than {MAX_MANIFEST} bytes"
-                    )));
+                    return Err(bad(format!("blob {digest} is larger than {MAX_MANIFEST} bytes")));
                 }
-                let bytes = std::fs::read(entry.path())
-                    .map_err(|e| bad(format!("cannot read blob {digest}: {e}")))?;
+                let bytes = std::fs::read(entry.path()).map_err(|e| bad(format!("cannot read blob {digest}: {e}")))?;
                 let mut hasher = crate::oci::Hasher::new(digest.algorithm());
                 hasher.update(&bytes);
                 let actual = hasher.finish();
@@ -187,18 +155,12 @@ impl Recording {
                 }
                 total += bytes.len();
                 if total > MAX_RECORDED_BYTES {
-                    return Err(bad(format!(
-                        "its blobs are more than {MAX_RECORDED_BYTES} bytes"
-                    )));
+                    return Err(bad(format!("its blobs are more than {MAX_RECORDED_BYTES} bytes")));
                 }
                 blobs.insert(digest, bytes);
             }
         }
-        Ok(Recording {
-            request,
-            resolved,
-            blobs,
-        })
+        Ok(Recording { request, resolved, blobs })
     }
 }
 
@@ -218,12 +180,7 @@ pub struct Recorder {
 impl Recorder {
     /// A recorder of the pull `request` describes.
     pub fn new(request: RecordedRequest) -> Recorder {
-        Recorder {
-            recording: Mutex::new(Recording {
-                request,
-                ..Recording::default()
-            }),
-        }
+        Recorder { recording: Mutex::new(Recording { request, ..Recording::default() }) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Recording> {
@@ -232,11 +189,7 @@ impl Recorder {
 
     /// `repo` and `reference` resolved to `root`.
     pub fn resolved(&self, repo: &Repository, reference: &str, root: &Descriptor) {
-        let entry = Resolved {
-            name: repo.to_string(),
-            reference: reference.to_owned(),
-            root: root.clone(),
-        };
+        let entry = Resolved { name: repo.to_string(), reference: reference.to_owned(), root: root.clone() };
         let mut r = self.lock();
         if !r.resolved.contains(&entry) {
             r.resolved.push(entry);

@@ -202,18 +202,12 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     // Poll for I/O after every task: a looping puller yields every epoch tick (10 ms), and
     // with the default interval (61 polls) a socket would wait ~0.6 s behind such yields.
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .event_interval(1)
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().event_interval(1).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pullbox: cannot start the async runtime: {e}");
@@ -231,8 +225,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = match &cli.settings {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read settings {}", p.display()))?,
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read settings {}", p.display()))?,
         None => String::new(),
     };
     if let Command::Policy(PolicyCommand::Check { component }) = &cli.command {
@@ -286,39 +279,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     match &cli.command {
-        Command::Pull {
-            platform,
-            runtime_handler,
-            pod_namespace,
-            record,
-            reference,
-        } => {
+        Command::Pull { platform, runtime_handler, pod_namespace, record, reference } => {
             let context = PullContext {
                 runtime_handler: runtime_handler.clone(),
-                pod: pod_namespace.as_ref().map(|ns| PodContext {
-                    namespace: ns.clone(),
-                    ..PodContext::default()
-                }),
+                pod: pod_namespace.as_ref().map(|ns| PodContext { namespace: ns.clone(), ..PodContext::default() }),
                 ..PullContext::default()
             };
             let docker_config = cli.docker_config.as_deref();
-            pull::pull(
-                &service,
-                platform.as_deref(),
-                &context,
-                reference,
-                docker_config,
-                record.as_deref(),
-            )
-            .await
+            pull::pull(&service, platform.as_deref(), &context, reference, docker_config, record.as_deref()).await
         }
         Command::Images { json } => images::images(&service, *json).await,
         Command::Inspect { image } => images::inspect(&service, image).await,
         Command::Rmi { image } => images::rmi(&service, image).await,
         Command::Mount { image, dir } => mount::mount(&service, &root, image, dir).await,
-        Command::Gc | Command::Unmount { .. } | Command::Policy(_) | Command::Serve { .. } => {
-            unreachable!("handled above")
-        }
+        Command::Gc | Command::Unmount { .. } | Command::Policy(_) | Command::Serve { .. } => unreachable!("handled above"),
     }
 }
 
@@ -352,12 +326,9 @@ async fn open_backend(cli: &Cli, root: &Path) -> anyhow::Result<Backend> {
         BackendKind::Embedded => {
             let options = embedded::Options {
                 sync_fs: cli.sync_fs,
-                max_layer_bytes: cli
-                    .max_layer_bytes
-                    .unwrap_or(embedded::DEFAULT_MAX_LAYER_BYTES),
+                max_layer_bytes: cli.max_layer_bytes.unwrap_or(embedded::DEFAULT_MAX_LAYER_BYTES),
             };
-            embedded::open_with(root, options)
-                .with_context(|| format!("cannot open the store at {}", root.display()))
+            embedded::open_with(root, options).with_context(|| format!("cannot open the store at {}", root.display()))
         }
         BackendKind::Containerd => backend::containerd::connect(&backend::containerd::Config {
             address: cli.containerd_address.clone(),
@@ -366,12 +337,7 @@ async fn open_backend(cli: &Cli, root: &Path) -> anyhow::Result<Backend> {
             ..backend::containerd::Config::default()
         })
         .await
-        .with_context(|| {
-            format!(
-                "cannot use containerd at {}",
-                cli.containerd_address.display()
-            )
-        }),
+        .with_context(|| format!("cannot use containerd at {}", cli.containerd_address.display())),
     }
 }
 
@@ -386,10 +352,7 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
 
 /// A positive number of seconds, fractions allowed.
 fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(secs > 0.0 && secs.is_finite()) {
         return Err(format!("{s:?} must be a positive number of seconds"));
     }
@@ -433,3 +396,4 @@ pub(crate) fn default_puller() -> anyhow::Result<PathBuf> {
         format!("no default puller found (looked for {}); build it with `make build` or pass --puller", candidates[0].display())
     })
 }
+

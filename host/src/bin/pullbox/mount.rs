@@ -35,9 +35,7 @@ use rustix::mount::{MountFlags, UnmountFlags};
 use serde::{Deserialize, Serialize};
 
 /// The flags of every mount: read-only, setuid bits and device nodes without effect.
-const MOUNT_FLAGS: MountFlags = MountFlags::RDONLY
-    .union(MountFlags::NOSUID)
-    .union(MountFlags::NODEV);
+const MOUNT_FLAGS: MountFlags = MountFlags::RDONLY.union(MountFlags::NOSUID).union(MountFlags::NODEV);
 
 /// overlayfs reads its options from one page.
 const MAX_OPTIONS: usize = 4096 - 1;
@@ -56,43 +54,24 @@ struct Record {
 }
 
 /// `pullbox mount IMAGE DIR`.
-pub async fn mount(
-    service: &ImageService,
-    root: &Path,
-    image: &str,
-    dir: &Path,
-) -> anyhow::Result<()> {
+pub async fn mount(service: &ImageService, root: &Path, image: &str, dir: &Path) -> anyhow::Result<()> {
     require_root("mount")?;
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("mount point {}", dir.display()))?;
+    let dir = dir.canonicalize().with_context(|| format!("mount point {}", dir.display()))?;
     if !dir.is_dir() {
         bail!("mount point {} is not a directory", dir.display());
     }
     let record_path = record_path(root, &dir)?;
     if record_path.exists() {
-        bail!(
-            "{} is already a pullbox mount; `pullbox unmount {0}` first",
-            dir.display()
-        );
+        bail!("{} is already a pullbox mount; `pullbox unmount {0}` first", dir.display());
     }
     let Some(info) = service.status(image).await? else {
         bail!("image {image:?} not found (or not complete: pull it again)");
     };
 
     let backend = service.backend();
-    let lease = backend
-        .leases
-        .create_detached()
-        .await
-        .context("creating the mount's lease")?;
+    let lease = backend.leases.create_detached().await.context("creating the mount's lease")?;
     let key = format!("pullbox-mount-{}", uuid::Uuid::new_v4().simple());
-    let record = Record {
-        dir: dir.clone(),
-        image: info.id.clone(),
-        snapshot: key.clone(),
-        lease: lease.0.clone(),
-    };
+    let record = Record { dir: dir.clone(), image: info.id.clone(), snapshot: key.clone(), lease: lease.0.clone() };
     let mounted = async {
         let mounts = backend
             .snapshots
@@ -117,19 +96,12 @@ pub async fn mount(
 pub async fn unmount(backend: &Backend, root: &Path, dir: &Path) -> anyhow::Result<()> {
     require_root("unmount")?;
     // The mount point of a mount that is gone (a reboot) may be gone too.
-    let dir = dir
-        .canonicalize()
-        .or_else(|_| std::path::absolute(dir))
-        .with_context(|| format!("{}", dir.display()))?;
+    let dir = dir.canonicalize().or_else(|_| std::path::absolute(dir)).with_context(|| format!("{}", dir.display()))?;
     let record_path = record_path(root, &dir)?;
     let record: Record = match std::fs::read(&record_path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .with_context(|| format!("reading {}", record_path.display()))?,
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", record_path.display()))?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            bail!(
-                "{} is not mounted by pullbox (with this store root)",
-                dir.display()
-            )
+            bail!("{} is not mounted by pullbox (with this store root)", dir.display())
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", record_path.display())),
     };
@@ -139,17 +111,11 @@ pub async fn unmount(backend: &Backend, root: &Path, dir: &Path) -> anyhow::Resu
         Err(rustix::io::Errno::INVAL) => {
             tracing::warn!(dir = %dir.display(), "not mounted; removing what pullbox kept for it")
         }
-        Err(rustix::io::Errno::BUSY) => bail!(
-            "cannot unmount {}: it is busy (in use by a process)",
-            dir.display()
-        ),
-        Err(e) => {
-            return Err(io::Error::from(e)).with_context(|| format!("unmounting {}", dir.display()))
-        }
+        Err(rustix::io::Errno::BUSY) => bail!("cannot unmount {}: it is busy (in use by a process)", dir.display()),
+        Err(e) => return Err(io::Error::from(e)).with_context(|| format!("unmounting {}", dir.display())),
     }
     release(backend, &record.snapshot, &LeaseId(record.lease.clone())).await;
-    std::fs::remove_file(&record_path)
-        .with_context(|| format!("removing {}", record_path.display()))?;
+    std::fs::remove_file(&record_path).with_context(|| format!("removing {}", record_path.display()))?;
     println!("{}", dir.display());
     Ok(())
 }
@@ -167,27 +133,17 @@ pub fn require_root(command: &str) -> anyhow::Result<()> {
 async fn release(backend: &Backend, key: &str, lease: &LeaseId) {
     match backend.snapshots.remove(key).await {
         Ok(()) | Err(Error::NotFound(_)) => {}
-        Err(e) => tracing::warn!(
-            snapshot = key,
-            "cannot remove the mount's view: {}",
-            e.chain()
-        ),
+        Err(e) => tracing::warn!(snapshot = key, "cannot remove the mount's view: {}", e.chain()),
     }
     match backend.leases.delete(lease).await {
         Ok(()) | Err(Error::NotFound(_)) => {}
-        Err(e) => tracing::warn!(
-            lease = lease.0,
-            "cannot delete the mount's lease: {}",
-            e.chain()
-        ),
+        Err(e) => tracing::warn!(lease = lease.0, "cannot delete the mount's lease: {}", e.chain()),
     }
 }
 
 /// Where the record of the mount at `dir` lives.
 fn record_path(root: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
-    let root = root
-        .canonicalize()
-        .with_context(|| format!("store root {}", root.display()))?;
+    let root = root.canonicalize().with_context(|| format!("store root {}", root.display()))?;
     let name = Digest::sha256_of(dir.as_os_str().as_encoded_bytes());
     Ok(root.join("mounts").join(format!("{}.json", name.hex())))
 }
@@ -208,17 +164,14 @@ fn write_record(path: &Path, record: &Record) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(&serde_json::to_vec_pretty(record)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(&serde_json::to_vec_pretty(record)?).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
 /// Mounts a view's mounts (one, for the overlayfs snapshotter) read-only at `target`.
 fn mount_all(mounts: &[Mount], target: &Path) -> anyhow::Result<()> {
-    let [m] = mounts else {
-        bail!("expected one mount for the view, got {}", mounts.len())
-    };
+    let [m] = mounts else { bail!("expected one mount for the view, got {}", mounts.len()) };
     let flags = |e: rustix::io::Errno, what: &str| -> anyhow::Error {
         let e = io::Error::from(e);
         anyhow::Error::new(e).context(format!("{what} {} at {}", m.source, target.display()))
@@ -232,23 +185,15 @@ fn mount_all(mounts: &[Mount], target: &Path) -> anyhow::Result<()> {
             };
             bind.map_err(|e| flags(e, "bind-mounting"))?;
             // A bind mount takes its flags from a remount.
-            if let Err(e) = rustix::mount::mount_remount(target, MountFlags::BIND | MOUNT_FLAGS, "")
-            {
+            if let Err(e) = rustix::mount::mount_remount(target, MountFlags::BIND | MOUNT_FLAGS, "") {
                 let _ = rustix::mount::unmount(target, UnmountFlags::empty());
-                return Err(flags(
-                    e,
-                    "making read-only (nosuid, nodev) the bind mount of",
-                ));
+                return Err(flags(e, "making read-only (nosuid, nodev) the bind mount of"));
             }
             Ok(())
         }
         "overlay" => {
-            let options: Vec<&str> = m
-                .options
-                .iter()
-                .map(String::as_str)
-                .filter(|o| !matches!(*o, "ro" | "rw"))
-                .collect();
+            let options: Vec<&str> =
+                m.options.iter().map(String::as_str).filter(|o| !matches!(*o, "ro" | "rw")).collect();
             let data = options.join(",");
             if data.len() <= MAX_OPTIONS {
                 return overlay(&data, target).map_err(|e| flags(e, "mounting overlay"));
@@ -256,19 +201,13 @@ fn mount_all(mounts: &[Mount], target: &Path) -> anyhow::Result<()> {
             let (base, short) = relative_lowerdirs(&options)
                 .with_context(|| format!("overlay options of {} bytes are too long", data.len()))?;
             if short.len() > MAX_OPTIONS {
-                bail!(
-                    "overlay options of {} bytes are too long even relative to {}",
-                    short.len(),
-                    base.display()
-                );
+                bail!("overlay options of {} bytes are too long even relative to {}", short.len(), base.display());
             }
             // The working directory is the process's: nothing else runs in this command now.
             let cwd = std::env::current_dir().context("reading the working directory")?;
-            std::env::set_current_dir(&base)
-                .with_context(|| format!("entering {}", base.display()))?;
+            std::env::set_current_dir(&base).with_context(|| format!("entering {}", base.display()))?;
             let result = overlay(&short, target);
-            std::env::set_current_dir(&cwd)
-                .with_context(|| format!("returning to {}", cwd.display()))?;
+            std::env::set_current_dir(&cwd).with_context(|| format!("returning to {}", cwd.display()))?;
             result.map_err(|e| flags(e, "mounting overlay"))
         }
         other => bail!("cannot mount a {other:?} mount"),
@@ -283,37 +222,18 @@ fn overlay(data: &str, target: &Path) -> rustix::io::Result<()> {
 /// The overlay options with every `lowerdir` entry relative to the entries' common parent,
 /// and that parent.
 fn relative_lowerdirs(options: &[&str]) -> anyhow::Result<(PathBuf, String)> {
-    let lowers: Vec<&str> = options
-        .iter()
-        .find_map(|o| o.strip_prefix("lowerdir="))
-        .context("no lowerdir")?
-        .split(':')
-        .collect();
-    let mut base = Path::new(lowers[0])
-        .parent()
-        .context("lowerdir without a parent")?
-        .to_path_buf();
+    let lowers: Vec<&str> =
+        options.iter().find_map(|o| o.strip_prefix("lowerdir=")).context("no lowerdir")?.split(':').collect();
+    let mut base = Path::new(lowers[0]).parent().context("lowerdir without a parent")?.to_path_buf();
     while !lowers.iter().all(|l| Path::new(l).starts_with(&base)) {
-        base = base
-            .parent()
-            .context("lowerdirs without a common parent")?
-            .to_path_buf();
+        base = base.parent().context("lowerdirs without a common parent")?.to_path_buf();
     }
     let relative: Vec<String> = lowers
         .iter()
-        .map(|l| {
-            Path::new(l)
-                .strip_prefix(&base)
-                .map(|p| p.display().to_string())
-        })
+        .map(|l| Path::new(l).strip_prefix(&base).map(|p| p.display().to_string()))
         .collect::<Result<_, _>>()?;
-    let rest = options
-        .iter()
-        .filter(|o| !o.starts_with("lowerdir="))
-        .map(|o| o.to_string());
-    let all: Vec<String> = std::iter::once(format!("lowerdir={}", relative.join(":")))
-        .chain(rest)
-        .collect();
+    let rest = options.iter().filter(|o| !o.starts_with("lowerdir=")).map(|o| o.to_string());
+    let all: Vec<String> = std::iter::once(format!("lowerdir={}", relative.join(":"))).chain(rest).collect();
     Ok((base, all.join(",")))
 }
 
@@ -323,9 +243,7 @@ mod tests {
 
     #[test]
     fn long_lowerdir_lists_become_relative() {
-        let (base, data) =
-            relative_lowerdirs(&["lowerdir=/s/snapshots/3/fs:/s/snapshots/2/fs:/s/snapshots/1/fs"])
-                .unwrap();
+        let (base, data) = relative_lowerdirs(&["lowerdir=/s/snapshots/3/fs:/s/snapshots/2/fs:/s/snapshots/1/fs"]).unwrap();
         assert_eq!(base, Path::new("/s/snapshots"));
         assert_eq!(data, "lowerdir=3/fs:2/fs:1/fs");
     }

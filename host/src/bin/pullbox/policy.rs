@@ -17,25 +17,13 @@ use pullbox::{
 };
 
 /// `pullbox policy check`.
-pub async fn check(
-    component: &Path,
-    settings: String,
-    limits: pullbox::engine::Limits,
-) -> anyhow::Result<()> {
+pub async fn check(component: &Path, settings: String, limits: pullbox::engine::Limits) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let backend = embedded::open(scratch.path())?;
-    let puller = Runtime::new(None, limits)?
-        .load(component, settings)
-        .await?;
+    let puller = Runtime::new(None, limits)?.load(component, settings).await?;
     let service = ImageService::new(backend, Arc::new(Client::new()?), puller);
-    service
-        .check()
-        .await
-        .with_context(|| format!("{} refuses the settings", component.display()))?;
-    println!(
-        "ok: {} implements pullbox:image/puller-world@0.2.0 and accepts the settings",
-        component.display()
-    );
+    service.check().await.with_context(|| format!("{} refuses the settings", component.display()))?;
+    println!("ok: {} implements pullbox:image/puller-world@0.2.0 and accepts the settings", component.display());
     Ok(())
 }
 
@@ -51,9 +39,7 @@ pub async fn test(
         Some(path) => Some(read_expected(path)?),
         None => None,
     };
-    let puller = Runtime::new(None, limits)?
-        .load(component, settings)
-        .await?;
+    let puller = Runtime::new(None, limits)?.load(component, settings).await?;
     let mut got: BTreeMap<String, &'static str> = BTreeMap::new();
     let mut refused = 0;
     for dir in recordings {
@@ -72,10 +58,7 @@ pub async fn test(
     }
     let Some(expected) = expected else {
         if refused > 0 {
-            bail!(
-                "{refused} of {} recorded pulls were not allowed",
-                recordings.len()
-            );
+            bail!("{refused} of {} recorded pulls were not allowed", recordings.len());
         }
         return Ok(());
     };
@@ -84,16 +67,12 @@ pub async fn test(
         match got.get(reference) {
             Some(have) if have == want => {}
             Some(have) => differences.push(format!("{reference}: expected {want}, got {have}")),
-            None => differences.push(format!(
-                "{reference}: expected {want}, but no recording of it was replayed"
-            )),
+            None => differences.push(format!("{reference}: expected {want}, but no recording of it was replayed")),
         }
     }
     for (reference, have) in &got {
         if !expected.contains_key(reference) {
-            differences.push(format!(
-                "{reference}: got {have}, but the expected results do not list it"
-            ));
+            differences.push(format!("{reference}: got {have}, but the expected results do not list it"));
         }
     }
     if !differences.is_empty() {
@@ -103,10 +82,7 @@ pub async fn test(
         bail!(
             "{} differences from {}",
             differences.len(),
-            expect
-                .map(Path::display)
-                .map(|d| d.to_string())
-                .unwrap_or_default()
+            expect.map(Path::display).map(|d| d.to_string()).unwrap_or_default()
         );
     }
     Ok(())
@@ -114,8 +90,7 @@ pub async fn test(
 
 /// Reads an expected-results file: `REFERENCE allow|deny` lines, `#` comments, blank lines.
 fn read_expected(path: &Path) -> anyhow::Result<BTreeMap<String, &'static str>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or_default().trim();
@@ -126,11 +101,7 @@ fn read_expected(path: &Path) -> anyhow::Result<BTreeMap<String, &'static str>> 
         let verdict = match words.as_slice() {
             [_, "allow"] => "allow",
             [_, "deny"] => "deny",
-            _ => bail!(
-                "{}:{}: expected `REFERENCE allow` or `REFERENCE deny`, got {line:?}",
-                path.display(),
-                n + 1
-            ),
+            _ => bail!("{}:{}: expected `REFERENCE allow` or `REFERENCE deny`, got {line:?}", path.display(), n + 1),
         };
         if out.insert(words[0].to_owned(), verdict).is_some() {
             bail!("{}:{}: {} is listed twice", path.display(), n + 1, words[0]);

@@ -15,15 +15,8 @@ pub struct Bars {
 impl Bars {
     /// Bars drawn on stderr when `visible`.
     pub fn new(visible: bool) -> Bars {
-        let target = if visible {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
-        Bars {
-            multi: MultiProgress::with_draw_target(target),
-            bars: Mutex::new(HashMap::new()),
-        }
+        let target = if visible { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+        Bars { multi: MultiProgress::with_draw_target(target), bars: Mutex::new(HashMap::new()) }
     }
 
     fn bar(&self, digest: &Digest, total: u64) -> ProgressBar {
@@ -32,11 +25,9 @@ impl Bars {
             .or_insert_with(|| {
                 let bar = self.multi.add(ProgressBar::new(total));
                 bar.set_style(
-                    ProgressStyle::with_template(
-                        "{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                    ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
                 );
                 bar.set_prefix(digest.hex()[..12].to_owned());
                 bar

@@ -21,15 +21,10 @@ use crate::progress::Bars;
 
 /// The credentials in Docker's `config.json` (`docker_config`, else the default path).
 pub fn credentials(docker_config: Option<&Path>) -> anyhow::Result<Credentials> {
-    Ok(
-        match docker_config
-            .map(Path::to_owned)
-            .or_else(DockerConfig::default_path)
-        {
-            Some(path) => Credentials::from_provider(Arc::new(DockerConfig::load(&path)?)),
-            None => Credentials::anonymous(),
-        },
-    )
+    Ok(match docker_config.map(Path::to_owned).or_else(DockerConfig::default_path) {
+        Some(path) => Credentials::from_provider(Arc::new(DockerConfig::load(&path)?)),
+        None => Credentials::anonymous(),
+    })
 }
 
 /// `pullbox pull [--platform P] [--runtime-handler H] [--pod-namespace NS] [--record DIR] REF`.
@@ -59,23 +54,12 @@ pub async fn pull(
         }
     });
     let bars = Arc::new(Bars::new(std::io::stderr().is_terminal()));
-    let image = service
-        .pull_for(
-            reference,
-            platform,
-            context,
-            bars.clone(),
-            credentials,
-            cancel.clone(),
-        )
-        .await;
+    let image = service.pull_for(reference, platform, context, bars.clone(), credentials, cancel.clone()).await;
     watcher.abort();
     bars.finish();
     if let Some(dir) = record {
         for recording in service.take_recordings() {
-            recording
-                .save(dir)
-                .with_context(|| format!("cannot record the pull into {}", dir.display()))?;
+            recording.save(dir).with_context(|| format!("cannot record the pull into {}", dir.display()))?;
             eprintln!(
                 "pullbox: recorded {} resolve answers and {} blobs into {}",
                 recording.resolved.len(),

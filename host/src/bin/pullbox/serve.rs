@@ -86,19 +86,10 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
         cache: config.root.join("cache/pullers"),
     };
     let mut live = Live::from(&config, &overrides);
-    let loaded = loader
-        .load(
-            live.puller.as_deref(),
-            live.settings.as_deref(),
-            live.allow_puller_tags,
-        )
-        .await?;
+    let loaded = loader.load(live.puller.as_deref(), live.settings.as_deref(), live.allow_puller_tags).await?;
     let mut current = loaded.key;
     let service = Arc::new(ImageService::new(backend, client, loaded.puller));
-    service
-        .check()
-        .await
-        .with_context(|| format!("puller {} refuses its settings", current.source))?;
+    service.check().await.with_context(|| format!("puller {} refuses its settings", current.source))?;
     let mut shadow_current = None;
     if live.shadow_puller.is_some() {
         shadow_current = Some(set_shadow(&loader, &service, &metrics, &live).await?);
@@ -122,28 +113,19 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     tracing::info!(socket = %config.socket.display(), puller = %current.source, "serving the CRI image service");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stats_period = std::time::Duration::from_secs_f64(config.image_fs_stats_period_seconds);
-    let cri = Cri::new(
-        service.clone(),
-        metrics.clone(),
-        fs_root,
-        stats_period,
-        shutdown.clone(),
-    );
+    let cri = Cri::new(service.clone(), metrics.clone(), fs_root, stats_period, shutdown.clone());
     let pulls = cri.pulls();
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ImageServiceServer::new(cri))
-            .serve_with_incoming_shutdown(
-                tokio_stream::StreamExt::map(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
-                    |conn| conn.map(NormalizeAuthority::new),
-                ),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
+        tonic::transport::Server::builder().add_service(ImageServiceServer::new(cri)).serve_with_incoming_shutdown(
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::UnixListenerStream::new(listener), |conn| {
+                conn.map(NormalizeAuthority::new)
+            }),
+            async {
+                let _ = stop_rx.await;
+            },
+        ),
     );
     let mut poll = tokio::time::interval(RELOAD_POLL);
     loop {
@@ -170,14 +152,10 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     pulls.close();
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
     if tokio::time::timeout(grace, pulls.wait()).await.is_err() {
-        tracing::warn!(
-            "pulls still cleaning up after {grace:?}; their leases are collected at the next start"
-        );
+        tracing::warn!("pulls still cleaning up after {grace:?}; their leases are collected at the next start");
     }
     let result = match tokio::time::timeout(grace, server).await {
-        Ok(joined) => joined
-            .context("server task failed")?
-            .context("CRI server failed"),
+        Ok(joined) => joined.context("server task failed")?.context("CRI server failed"),
         Err(_) => {
             tracing::warn!("requests still in flight after {grace:?}; stopping them");
             Ok(())
@@ -206,10 +184,7 @@ impl Live {
     fn from(config: &DaemonConfig, overrides: &Overrides) -> Live {
         Live {
             puller: overrides.puller.clone().or_else(|| config.puller.clone()),
-            settings: overrides
-                .settings
-                .clone()
-                .or_else(|| config.settings.clone()),
+            settings: overrides.settings.clone().or_else(|| config.settings.clone()),
             allow_puller_tags: config.allow_puller_tags,
             shadow_puller: config.shadow_puller.clone(),
             shadow_settings: config.shadow_settings.clone(),
@@ -220,10 +195,7 @@ impl Live {
     /// and the pullers that are files (a puller from a registry changes only with its
     /// reference, which is in the configuration).
     fn files(&self, config: Option<&Path>, puller: &Key, shadow: Option<&Key>) -> Vec<PathBuf> {
-        let pullers = std::iter::once(puller)
-            .chain(shadow)
-            .filter(|k| k.is_file)
-            .map(|k| k.file.clone());
+        let pullers = std::iter::once(puller).chain(shadow).filter(|k| k.is_file).map(|k| k.file.clone());
         config
             .map(Path::to_owned)
             .into_iter()
@@ -263,44 +235,21 @@ struct Loader {
 
 impl Loader {
     /// The component file and settings of `source` (the default puller when `None`).
-    async fn key(
-        &self,
-        source: Option<&Path>,
-        settings: Option<&Path>,
-        allow_tags: bool,
-    ) -> anyhow::Result<Key> {
+    async fn key(&self, source: Option<&Path>, settings: Option<&Path>, allow_tags: bool) -> anyhow::Result<Key> {
         let source = match source {
             Some(p) => Source::parse(p)?,
             None => Source::File(crate::default_puller()?),
         };
-        let (file, _) = artifact::fetch(
-            &self.client,
-            &source,
-            &self.credentials,
-            &self.cache,
-            allow_tags,
-        )
-        .await?;
+        let (file, _) = artifact::fetch(&self.client, &source, &self.credentials, &self.cache, allow_tags).await?;
         let settings = match settings {
-            Some(p) => std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read settings {}", p.display()))?,
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read settings {}", p.display()))?,
             None => String::new(),
         };
-        Ok(Key {
-            source: source.to_string(),
-            file,
-            is_file: matches!(source, Source::File(_)),
-            settings,
-        })
+        Ok(Key { source: source.to_string(), file, is_file: matches!(source, Source::File(_)), settings })
     }
 
     /// Loads the puller of `source` with `settings`.
-    async fn load(
-        &self,
-        source: Option<&Path>,
-        settings: Option<&Path>,
-        allow_tags: bool,
-    ) -> anyhow::Result<Loaded> {
+    async fn load(&self, source: Option<&Path>, settings: Option<&Path>, allow_tags: bool) -> anyhow::Result<Loaded> {
         let key = self.key(source, settings, allow_tags).await?;
         let puller = self.runtime.load(&key.file, key.settings.clone()).await?;
         Ok(Loaded { puller, key })
@@ -309,16 +258,10 @@ impl Loader {
 
 /// Credentials from Docker's `config.json` (`$DOCKER_CONFIG`, `~/.docker`), anonymous without.
 fn docker_credentials() -> Credentials {
-    match DockerConfig::default_path()
-        .filter(|p| p.is_file())
-        .map(|p| DockerConfig::load(&p))
-    {
+    match DockerConfig::default_path().filter(|p| p.is_file()).map(|p| DockerConfig::load(&p)) {
         Some(Ok(config)) => Credentials::from_provider(Arc::new(config)),
         Some(Err(e)) => {
-            tracing::warn!(
-                "cannot read Docker's config.json; fetching pullers anonymously: {}",
-                e.chain()
-            );
+            tracing::warn!("cannot read Docker's config.json; fetching pullers anonymously: {}", e.chain());
             Credentials::anonymous()
         }
         None => Credentials::anonymous(),
@@ -332,13 +275,8 @@ async fn set_shadow(
     metrics: &Arc<Metrics>,
     live: &Live,
 ) -> anyhow::Result<Key> {
-    let loaded = loader
-        .load(
-            live.shadow_puller.as_deref(),
-            live.shadow_settings.as_deref(),
-            live.allow_puller_tags,
-        )
-        .await?;
+    let loaded =
+        loader.load(live.shadow_puller.as_deref(), live.shadow_settings.as_deref(), live.allow_puller_tags).await?;
     let scratch = Arc::new(pullbox::session::Session::new(
         service.backend().clone(),
         loader.client.clone(),
@@ -351,14 +289,8 @@ async fn set_shadow(
         .await
         .with_context(|| format!("shadow puller {} refuses its settings", loaded.key.source))?;
     let m = metrics.clone();
-    service.set_shadow(Some(Shadow::new(
-        loaded.puller,
-        Arc::new(move |c| m.shadow_done(c)),
-    )));
-    tracing::info!(
-        shadow_puller = loaded.key.source,
-        "shadow puller judging every pull"
-    );
+    service.set_shadow(Some(Shadow::new(loaded.puller, Arc::new(move |c| m.shadow_done(c)))));
+    tracing::info!(shadow_puller = loaded.key.source, "shadow puller judging every pull");
     Ok(loaded.key)
 }
 
@@ -376,24 +308,12 @@ async fn reload(
         if let Some(path) = config_file {
             *live = Live::from(&DaemonConfig::load(path)?, overrides);
         }
-        let key = loader
-            .key(
-                live.puller.as_deref(),
-                live.settings.as_deref(),
-                live.allow_puller_tags,
-            )
-            .await?;
+        let key = loader.key(live.puller.as_deref(), live.settings.as_deref(), live.allow_puller_tags).await?;
         if !key.is_file && key == *current {
-            tracing::info!(
-                puller = key.source,
-                "puller and settings unchanged; not reloaded"
-            );
+            tracing::info!(puller = key.source, "puller and settings unchanged; not reloaded");
         } else {
             let new = loader.runtime.load(&key.file, key.settings.clone()).await?;
-            service
-                .swap_puller(new)
-                .await
-                .with_context(|| format!("puller {} refuses its settings", key.source))?;
+            service.swap_puller(new).await.with_context(|| format!("puller {} refuses its settings", key.source))?;
             tracing::info!(puller = key.source, "puller reloaded");
             *current = key;
         }
@@ -423,23 +343,13 @@ struct Watched {
 
 impl Watched {
     fn new(files: Vec<PathBuf>) -> Watched {
-        let mut w = Watched {
-            seen: vec![None; files.len()],
-            files,
-        };
+        let mut w = Watched { seen: vec![None; files.len()], files };
         w.refresh();
         w
     }
 
     fn stamps(&self) -> Vec<Option<(u64, std::time::SystemTime)>> {
-        self.files
-            .iter()
-            .map(|f| {
-                std::fs::metadata(f)
-                    .ok()
-                    .and_then(|m| Some((m.len(), m.modified().ok()?)))
-            })
-            .collect()
+        self.files.iter().map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.len(), m.modified().ok()?)))).collect()
     }
 
     /// Records the files' current state.
@@ -460,30 +370,22 @@ impl Watched {
 async fn open_backend(config: &DaemonConfig) -> anyhow::Result<(Backend, PathBuf)> {
     Ok(match config.backend {
         BackendKind::Embedded => {
-            let options = embedded::Options {
-                sync_fs: config.sync_fs,
-                max_layer_bytes: config.max_layer_bytes,
-            };
+            let options = embedded::Options { sync_fs: config.sync_fs, max_layer_bytes: config.max_layer_bytes };
             let backend = embedded::open_with(&config.root, options)
                 .with_context(|| format!("cannot open the store at {}", config.root.display()))?;
             (backend, config.root.join("snapshots"))
         }
         BackendKind::Containerd => {
             let c = &config.containerd;
-            let backend =
-                pullbox::backend::containerd::connect(&pullbox::backend::containerd::Config {
-                    address: c.address.clone(),
-                    namespace: c.namespace.clone(),
-                    snapshotter: c.snapshotter.clone(),
-                    sync_fs: config.sync_fs,
-                })
-                .await
-                .with_context(|| format!("cannot use containerd at {}", c.address.display()))?;
-            (
-                backend,
-                c.root
-                    .join(format!("io.containerd.snapshotter.v1.{}", c.snapshotter)),
-            )
+            let backend = pullbox::backend::containerd::connect(&pullbox::backend::containerd::Config {
+                address: c.address.clone(),
+                namespace: c.namespace.clone(),
+                snapshotter: c.snapshotter.clone(),
+                sync_fs: config.sync_fs,
+            })
+            .await
+            .with_context(|| format!("cannot use containerd at {}", c.address.display()))?;
+            (backend, c.root.join(format!("io.containerd.snapshotter.v1.{}", c.snapshotter)))
         }
     })
 }
@@ -498,14 +400,13 @@ fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 bail!("{} is in use by another server", path.display());
             }
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
         }
         Ok(_) => bail!("{} exists and is not a socket", path.display()),
         Err(_) => {}
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot set the mode of {}", path.display()))?;
     Ok(listener)
