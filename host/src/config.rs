@@ -45,10 +45,19 @@ pub struct DaemonConfig {
     /// Embedded store: the largest uncompressed size of one layer, in bytes (see
     /// [`crate::backend::embedded::Options::max_layer_bytes`]; default 64 GiB).
     pub max_layer_bytes: u64,
-    /// The puller component; empty: the default puller installed with pullbox.
+    /// The puller component: a file, or `oci://REGISTRY/REPOSITORY@sha256:DIGEST` (see
+    /// [`crate::artifact`]); empty: the default puller installed with pullbox.
     pub puller: Option<PathBuf>,
     /// The puller's settings document; empty: none (the puller's defaults).
     pub settings: Option<PathBuf>,
+    /// Whether an `oci://` puller may name a tag instead of a digest (off: a tag can move).
+    pub allow_puller_tags: bool,
+    /// A candidate puller (file or `oci://`) that judges every pull on the side, read-only,
+    /// on a replay of what the pull read; disagreements are logged and counted
+    /// (`pullbox_shadow_disagreements_total`). Empty: none.
+    pub shadow_puller: Option<PathBuf>,
+    /// The shadow puller's settings document.
+    pub shadow_settings: Option<PathBuf>,
     /// Where Prometheus metrics are served (`/metrics`); must be a loopback address. Empty:
     /// no metrics endpoint.
     pub metrics_address: Option<SocketAddr>,
@@ -150,6 +159,9 @@ impl Default for DaemonConfig {
             max_layer_bytes: crate::backend::embedded::DEFAULT_MAX_LAYER_BYTES,
             puller: None,
             settings: None,
+            allow_puller_tags: false,
+            shadow_puller: None,
+            shadow_settings: None,
             metrics_address: None,
             shutdown_grace_seconds: 10,
             image_fs_stats_period_seconds: 10.0,
@@ -185,6 +197,9 @@ impl DaemonConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.mode()?;
         self.sandbox.validate()?;
+        if self.shadow_settings.is_some() && self.shadow_puller.is_none() {
+            return Err("shadow_settings is set but shadow_puller is not".into());
+        }
         if self.max_layer_bytes == 0 {
             return Err("max_layer_bytes must be positive".into());
         }

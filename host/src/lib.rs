@@ -6,6 +6,7 @@
 //! ([`interfaces`]). Every decision about what to pull and how to record it is made by the
 //! puller component the engine loads.
 
+pub mod artifact;
 pub mod backend;
 pub mod error;
 pub mod oci;
@@ -17,3 +18,4 @@ pub mod service;
 pub mod config;
 pub mod cri;
 pub mod metrics;
+pub mod verdict;

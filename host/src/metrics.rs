@@ -5,7 +5,10 @@
 //! - `pullbox_fetched_bytes_total`: bytes downloaded from registries;
 //! - `pullbox_policy_decisions_total{decision}`: `allow` for pulls the puller let through,
 //!   `deny` for pulls it refused with `permission-denied`;
-//! - `pullbox_puller_reloads_total{result}`: puller module/settings reloads.
+//! - `pullbox_puller_reloads_total{result}`: puller module/settings reloads;
+//! - `pullbox_shadow_judgments_total{result}`: pulls the shadow puller judged (`agree`,
+//!   `disagree`, `inconclusive`, `skipped`), and `pullbox_shadow_disagreements_total`: those
+//!   where one of the real and the shadow puller allowed and the other denied.
 //!
 //! Bucket bounds of the duration histogram run from 0.1 s to about 7 min: pulls range from a
 //! cached tag (milliseconds) to multi-gigabyte images.
@@ -38,6 +41,8 @@ pub struct Metrics {
     fetched: Counter,
     decisions: Family<DecisionLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    shadow: Family<ResultLabel, Counter>,
+    disagreements: Counter,
 }
 
 impl Default for Metrics {
@@ -60,7 +65,11 @@ impl Metrics {
         registry.register("fetched_bytes", "Bytes downloaded from registries", fetched.clone());
         registry.register("policy_decisions", "Puller policy decisions", decisions.clone());
         registry.register("puller_reloads", "Puller reloads by result", reloads.clone());
-        Metrics { registry, pulls, duration, fetched, decisions, reloads }
+        let shadow = Family::<ResultLabel, Counter>::default();
+        let disagreements = Counter::default();
+        registry.register("shadow_judgments", "Pulls judged by the shadow puller, by comparison", shadow.clone());
+        registry.register("shadow_disagreements", "Pulls the shadow puller decided otherwise", disagreements.clone());
+        Metrics { registry, pulls, duration, fetched, decisions, reloads, shadow, disagreements }
     }
 
     /// Records the outcome of one pull.
@@ -85,6 +94,18 @@ impl Metrics {
     pub fn reload_done(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.reloads.get_or_create(&ResultLabel { result: result.into() }).inc();
+    }
+
+    /// Records how the shadow puller's verdict on a pull compared with the real one.
+    pub fn shadow_done(&self, comparison: &crate::verdict::Comparison) {
+        self.shadow
+            .get_or_create(&ResultLabel {
+                result: comparison.word().into(),
+            })
+            .inc();
+        if matches!(comparison, crate::verdict::Comparison::Disagree { .. }) {
+            self.disagreements.inc();
+        }
     }
 
     /// The metrics in Prometheus' text format.

@@ -12,6 +12,11 @@
 //! the image spec's annotations and the pod), passed to the puller as is, since a puller's
 //! policy may depend on any of it.
 //!
+//! Recording: a service made with [`ImageService::recording`] keeps what each pull resolved
+//! and read ([`Recording`], for `pullbox pull --record`); a service with a shadow puller
+//! ([`ImageService::set_shadow`]) records each pull and has the shadow judge the recording on
+//! the side (see [`crate::verdict`]).
+//!
 //! One pull in flight per reference, platform, credentials and context: a pull that finds one
 //! running waits for it and returns its result (a failure as [`Error::Shared`], same code and
 //! message) instead of pulling again. A waiter pulls by itself when the pull it waited for was
@@ -29,13 +34,17 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    backend::{Backend, GcReport},
+    backend::{
+        replay::{RecordedRequest, Recorder, Recording},
+        Backend, GcReport,
+    },
     engine::{CallError, ImageInfo, Pod, PullRequest, Puller},
     error::{Code, Error},
     interfaces::wit_platform,
     oci::{Digest, Platform},
     registry::{Credentials, Progress, SharedClient},
     session::Session,
+    verdict::{Shadow, Verdict},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -62,7 +71,8 @@ impl ServiceError {
 
 /// What a pull is for, as the caller (kubelet over the CRI, or the CLI) says: handed to the
 /// puller in its `pull-request`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct PullContext {
     /// The runtime handler (runtime class); empty for the default one.
     pub runtime_handler: String,
@@ -73,7 +83,8 @@ pub struct PullContext {
 }
 
 /// The pod a pull is for, from the CRI `PodSandboxConfig`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct PodContext {
     /// Kubernetes namespace.
     pub namespace: String,
@@ -94,7 +105,7 @@ fn pairs(m: &BTreeMap<String, String>) -> Vec<(String, String)> {
 impl PullContext {
     /// The guest's `pull-request` of `reference` for `platform` in this context (maps as
     /// lists sorted by key).
-    fn request(&self, reference: &str, platform: Platform) -> PullRequest {
+    pub(crate) fn request(&self, reference: &str, platform: Platform) -> PullRequest {
         PullRequest {
             reference: reference.to_owned(),
             platform: wit_platform(platform),
@@ -159,12 +170,69 @@ pub struct ImageService {
     /// The current puller; swapped whole by [`ImageService::swap_puller`], so a call in flight
     /// finishes on the puller it started with.
     puller: std::sync::RwLock<Arc<Puller>>,
+    /// Recordings of the pulls made since [`ImageService::recording`] turned recording on.
+    recordings: Option<Mutex<Vec<Recording>>>,
+    /// The shadow puller judging each pull on the side, if any.
+    shadow: std::sync::RwLock<Option<Arc<Shadow>>>,
 }
 
 impl ImageService {
     /// A service over `backend` using `puller`.
     pub fn new(backend: Backend, registry: SharedClient, puller: Puller) -> ImageService {
-        ImageService { in_flight: InFlight::default(), backend, registry, puller: std::sync::RwLock::new(Arc::new(puller)) }
+        ImageService {
+            in_flight: InFlight::default(),
+            backend,
+            registry,
+            puller: std::sync::RwLock::new(Arc::new(puller)),
+            recordings: None,
+            shadow: std::sync::RwLock::new(None),
+        }
+    }
+
+    /// The same service, keeping a [`Recording`] of every pull it makes (see
+    /// [`ImageService::take_recordings`]).
+    pub fn recording(mut self) -> ImageService {
+        self.recordings = Some(Mutex::new(Vec::new()));
+        self
+    }
+
+    /// The recordings of the pulls made so far (successful or not), oldest first.
+    pub fn take_recordings(&self) -> Vec<Recording> {
+        match &self.recordings {
+            Some(r) => std::mem::take(&mut *r.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Vec::new(),
+        }
+    }
+
+    /// Makes `shadow` judge every pull from now on (`None`: no shadow puller). Each pull is
+    /// then recorded, and its recording judged by the shadow in the background.
+    pub fn set_shadow(&self, shadow: Option<Shadow>) {
+        *self.shadow.write().unwrap_or_else(|e| e.into_inner()) = shadow.map(Arc::new);
+    }
+
+    fn shadow(&self) -> Option<Arc<Shadow>> {
+        self.shadow.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A recorder for a pull, when this service records pulls or has a shadow puller.
+    fn recorder(&self, reference: &str, platform: &Platform, context: &PullContext) -> Option<Arc<Recorder>> {
+        if self.recordings.is_none() && self.shadow().is_none() {
+            return None;
+        }
+        let request =
+            RecordedRequest { reference: reference.to_owned(), platform: platform.clone(), context: context.clone() };
+        Some(Arc::new(Recorder::new(request)))
+    }
+
+    /// Hands a pull's recording to the shadow puller and the recordings kept.
+    fn recorded(&self, recording: Recording, result: &Result<ImageInfo, ServiceError>) {
+        if let Some(shadow) = self.shadow() {
+            let real = Verdict::of(&result.as_ref().map_err(|e| (e.code(), e.to_string())));
+            shadow.spawn_compare(recording.clone(), real);
+        }
+        if let Some(list) = &self.recordings {
+            list.lock().unwrap_or_else(|e| e.into_inner()).push(recording);
+        }
     }
 
     /// The current puller.
@@ -254,7 +322,12 @@ impl ImageService {
             let mut rx = match joined {
                 Ok(tx) => {
                     let _entry = InFlightEntry { map: self.in_flight.clone(), key };
-                    let result = self.pull_once(context.request(reference, platform), progress, credentials, cancel).await;
+                    let recorder = self.recorder(reference, &platform, context);
+                    let request = context.request(reference, platform);
+                    let result = self.pull_once(request, progress, credentials, cancel, recorder.clone()).await;
+                    if let Some(recorder) = recorder {
+                        self.recorded(recorder.recording(), &result);
+                    }
                     tx.send_replace(Some(match &result {
                         Ok(image) => Ok(image.clone()),
                         Err(ServiceError::Host(e)) => Err((e.code(), e.chain())),
@@ -288,13 +361,15 @@ impl ImageService {
         progress: Arc<dyn Progress>,
         credentials: Credentials,
         cancel: CancellationToken,
+        recorder: Option<Arc<Recorder>>,
     ) -> Result<ImageInfo, ServiceError> {
         let lease = self.backend.leases.create().await?;
         let mut guard = LeaseGuard { backend: self.backend.clone(), lease: Some(lease.clone()) };
         let session = Arc::new(
             Session::new(self.backend.clone(), self.registry.clone(), Some(lease.clone()), progress)
                 .with_credentials(credentials)
-                .with_cancel(cancel),
+                .with_cancel(cancel)
+                .with_recorder(recorder),
         );
         let result = self.puller().pull(session.clone(), &request).await;
         match &result {

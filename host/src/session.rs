@@ -20,6 +20,10 @@
 //! puller finds stored and then relies on (a base layer another image unpacked, a manifest
 //! already fetched) cannot be collected under it when another image is removed meanwhile.
 //!
+//! A recorded pull's session carries a [`Recorder`]: the `registry.resolve` and `content.read`
+//! imports tell it what they answered, so the pull can be replayed later
+//! ([`crate::backend::replay`]).
+//!
 //! A session also carries the request's registry [`Credentials`] (applied by the host, never
 //! shown to the guest) and a [`CancellationToken`]: once it is cancelled (CLI Ctrl-C, a CRI
 //! client that went away, daemon shutdown) every download of the session stops with
@@ -36,7 +40,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backend::{Backend, Held, LeaseId, Stage},
+    backend::{replay::Recorder, Backend, Held, LeaseId, Stage},
     error::{Error, Result},
     oci::{Descriptor, Digest},
     registry::{Credentials, Progress, Repository, SharedClient},
@@ -62,6 +66,9 @@ pub struct Session {
     /// Cancels the request: its downloads stop, its registry imports answer `cancelled`.
     pub cancel: CancellationToken,
     fetches: Mutex<HashMap<Digest, (FetchFuture, tokio::task::AbortHandle)>>,
+    /// Keeps what the pull resolved and read, when the pull is recorded (`pull --record`, the
+    /// shadow puller's replay).
+    pub recorder: Option<Arc<Recorder>>,
     /// Layers being unpacked while they download.
     stages: Mutex<HashMap<Digest, Arc<dyn Stage>>>,
     downloads: Arc<Semaphore>,
@@ -87,13 +94,14 @@ impl Session {
         progress: Arc<dyn Progress>,
     ) -> Session {
         Session {
-            downloads: Arc::new(Semaphore::new(registry.config().max_concurrent_downloads.max(1) + 1)),
+            downloads: Arc::new(Semaphore::new(registry.max_concurrent_downloads().max(1) + 1)),
             backend,
             registry,
             lease,
             progress,
             credentials: Credentials::anonymous(),
             cancel: CancellationToken::new(),
+            recorder: None,
             fetches: Mutex::new(HashMap::new()),
             stages: Mutex::new(HashMap::new()),
         }
@@ -108,6 +116,12 @@ impl Session {
     /// The same session, cancelled when `cancel` is.
     pub fn with_cancel(mut self, cancel: CancellationToken) -> Session {
         self.cancel = cancel;
+        self
+    }
+
+    /// The same session, recording what the pull resolves and reads into `recorder`.
+    pub fn with_recorder(mut self, recorder: Option<Arc<Recorder>>) -> Session {
+        self.recorder = recorder;
         self
     }
 

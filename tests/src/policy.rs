@@ -130,3 +130,50 @@ pub fn delete_blob(addr: &str, repo: &str, digest: &str) -> Result<()> {
 pub fn port_of(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap_or_default()
 }
+
+/// Pushes the component `wasm` to `ADDR/<dest>` (`repo:tag`) as a puller artifact, laid out as
+/// `oras push ADDR/<dest> puller.wasm:application/wasm` writes it (an empty config, one layer
+/// of media type `application/wasm`), from an OCI layout with `skopeo copy`. Returns the
+/// manifest digest.
+pub fn push_puller(wasm: &Path, addr: &str, dest: &str) -> Result<String> {
+    use sha2::Digest as _;
+    let layout = tempfile::tempdir()?;
+    let blobs = layout.path().join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let put = |bytes: &[u8], media_type: &str| -> Result<serde_json::Value> {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes)?;
+        Ok(
+            serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()}),
+        )
+    };
+    let mut layer = put(
+        &std::fs::read(wasm).with_context(|| format!("read {}", wasm.display()))?,
+        "application/wasm",
+    )?;
+    layer["annotations"] = serde_json::json!({"org.opencontainers.image.title": "puller.wasm"});
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.pullbox.puller.v1+wasm",
+        "config": put(b"{}", "application/vnd.oci.empty.v1+json")?,
+        "layers": [layer],
+    });
+    let mut desc = put(
+        manifest.to_string().as_bytes(),
+        "application/vnd.oci.image.manifest.v1+json",
+    )?;
+    desc["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "puller"});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [desc]});
+    std::fs::write(layout.path().join("index.json"), index.to_string())?;
+    std::fs::write(
+        layout.path().join("oci-layout"),
+        r#"{"imageLayoutVersion": "1.0.0"}"#,
+    )?;
+    skopeo_copy(
+        &format!("oci:{}:puller", layout.path().display()),
+        &format!("docker://{addr}/{dest}"),
+        &[],
+    )?;
+    Ok(desc["digest"].as_str().unwrap_or_default().to_owned())
+}

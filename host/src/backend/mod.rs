@@ -12,10 +12,13 @@
 //! - [`Leases`]: what a pull has written, kept alive until its records exist, and garbage
 //!   collection of whatever no image and no lease refers to.
 //!
-//! [`Backend`] bundles one implementation of each. `embedded` is the default backend.
+//! [`Backend`] bundles one implementation of each. `embedded` is the default backend;
+//! `containerd` drives containerd's services; `replay` answers from a recorded pull, offline
+//! and in memory (`pullbox policy test`, the daemon's shadow puller).
 
 pub mod containerd;
 pub mod embedded;
+pub mod replay;
 
 use std::{collections::BTreeMap, sync::Arc};
 

@@ -1,7 +1,8 @@
 //! Host side of `pullbox:image/content`: bounded reads and labels on the content store.
 //! Reads wait for a download of the same blob that the request started. `info` during a
 //! pull first holds the blob under the pull's lease ([`Session::hold`]); only a pull may label
-//! blobs, and only a pull or a remove may delete them ([`super::grants`]).
+//! blobs, and only a pull or a remove may delete them ([`super::grants`]). A recorded pull's
+//! reads are copied into its recorder ([`Session::recorder`]).
 //!
 //! [`MAX_READ`] is 1 MiB: large enough that a 4 MiB manifest takes four calls, small
 //! enough that one call cannot make the host allocate much on the guest's behalf.
@@ -80,7 +81,11 @@ impl Host for CallState {
                 }
                 wait(&s, &d).await?;
                 // The store refuses an offset past the end itself (one look-up, not two).
-                s.backend.content.read(&d, offset, length as usize).await
+                let bytes = s.backend.content.read(&d, offset, length as usize).await?;
+                if let Some(recorder) = &s.recorder {
+                    recorder.read(s.backend.content.as_ref(), &d).await;
+                }
+                Ok(bytes)
             }
             .await,
         )

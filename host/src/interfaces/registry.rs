@@ -1,7 +1,8 @@
 //! Host side of `pullbox:image/registry`: resolve and fetch through [`crate::registry`],
 //! writing under the request's lease. Credentials stay in the host: the session holds them
 //! and the transport applies them; the guest only names repositories. Both imports answer
-//! `cancelled` once the request is cancelled.
+//! `cancelled` once the request is cancelled. A recorded pull's resolve answers go to its
+//! recorder (`Session::recorder`).
 
 use crate::{
     engine::{
@@ -31,6 +32,9 @@ impl Host for CallState {
                     () = s.cancel.cancelled() => return Err(Error::Cancelled("the pull was cancelled".into())),
                 };
                 tracing::debug!(%repo, reference, digest = %desc.digest, "resolved");
+                if let Some(recorder) = &s.recorder {
+                    recorder.resolved(&repo, reference, &desc);
+                }
                 Ok(wit_descriptor(desc))
             }
             .await,

@@ -1060,8 +1060,81 @@ fn media_type_of(body: &[u8]) -> Option<String> {
     }
 }
 
-/// Shared handle to the client.
-pub type SharedClient = Arc<Client>;
+/// Where a request's registry imports go: the network ([`Client`]), or a recorded pull
+/// ([`crate::backend::replay`], which answers from what a pull read before and downloads
+/// nothing). The image service and sessions hold one as a [`SharedClient`].
+#[async_trait::async_trait]
+pub trait Remote: Send + Sync {
+    /// How many blobs may download at once across every pull sharing this remote.
+    fn max_concurrent_downloads(&self) -> usize;
+
+    /// See [`Client::resolve`].
+    async fn resolve(
+        &self,
+        repo: &Repository,
+        reference: &str,
+        content: &dyn ContentStore,
+        lease: &LeaseId,
+        credentials: &Credentials,
+    ) -> Result<Descriptor>;
+
+    /// See [`Client::fetch`].
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(
+        &self,
+        repo: &Repository,
+        desc: &Descriptor,
+        content: &dyn ContentStore,
+        lease: &LeaseId,
+        stage: Option<&dyn Stage>,
+        progress: &dyn Progress,
+        credentials: &Credentials,
+    ) -> Result<()>;
+}
+
+#[async_trait::async_trait]
+impl Remote for Client {
+    fn max_concurrent_downloads(&self) -> usize {
+        self.config.max_concurrent_downloads
+    }
+
+    async fn resolve(
+        &self,
+        repo: &Repository,
+        reference: &str,
+        content: &dyn ContentStore,
+        lease: &LeaseId,
+        credentials: &Credentials,
+    ) -> Result<Descriptor> {
+        Client::resolve(self, repo, reference, content, lease, credentials).await
+    }
+
+    async fn fetch(
+        &self,
+        repo: &Repository,
+        desc: &Descriptor,
+        content: &dyn ContentStore,
+        lease: &LeaseId,
+        stage: Option<&dyn Stage>,
+        progress: &dyn Progress,
+        credentials: &Credentials,
+    ) -> Result<()> {
+        Client::fetch(
+            self,
+            repo,
+            desc,
+            content,
+            lease,
+            stage,
+            progress,
+            credentials,
+        )
+        .await
+    }
+}
+
+/// Shared handle to the remote a service pulls from.
+pub type SharedClient = Arc<dyn Remote>;
 
 #[cfg(test)]
 mod tests;

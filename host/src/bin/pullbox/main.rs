@@ -1,5 +1,9 @@
 //! The `pullbox` command line: `pull`, `images`, `inspect`, `rmi` and `gc` on a store root,
-//! `policy check` on a puller component. One module per command family.
+//! `policy check` and `policy test` on a puller component. One module per command family.
+//!
+//! `--puller` may also be `oci://REGISTRY/REPOSITORY@sha256:DIGEST`: a puller published as an
+//! OCI artifact, fetched with the same transport and credentials as images and kept under
+//! the root (`pullbox::artifact`); a tag instead of a digest needs `--allow-puller-tags`.
 //!
 //! Every store command takes `--root DIR` (or `PULLBOX_ROOT`); the default is
 //! `/var/lib/pullbox` for root and `$XDG_DATA_HOME/pullbox` (or `~/.local/share/pullbox`)
@@ -69,6 +73,10 @@ struct Cli {
     #[arg(long, global = true, env = "PULLBOX_SETTINGS")]
     settings: Option<PathBuf>,
 
+    /// Let `--puller oci://…` name a tag instead of a digest (a tag can move).
+    #[arg(long, global = true, env = "PULLBOX_ALLOW_PULLER_TAGS")]
+    allow_puller_tags: bool,
+
     /// Guest CPU time one puller call may use, in milliseconds (default 5000).
     #[arg(long, global = true, env = "PULLBOX_GUEST_CPU_MS")]
     guest_cpu_ms: Option<u64>,
@@ -121,6 +129,10 @@ enum Command {
         /// policy applies); without it the pull is for no pod.
         #[arg(long)]
         pod_namespace: Option<String>,
+        /// Also write what the pull resolved and read (indexes, manifests, configs; no layers)
+        /// into DIR, for `pullbox policy test` to replay.
+        #[arg(long, value_name = "DIR")]
+        record: Option<PathBuf>,
         /// Image reference, for example `busybox` or `127.0.0.1:5000/team/app:1.0`.
         reference: String,
     },
@@ -173,6 +185,18 @@ enum PolicyCommand {
         /// The component (.wasm).
         component: PathBuf,
     },
+    /// Replay recorded pulls (`pullbox pull --record DIR`) against the puller (`--puller`,
+    /// `--settings`), offline: prints `REFERENCE allow` or `REFERENCE deny: RULE...` for each,
+    /// and exits non-zero on a denial or error, or, with `--expect`, on any difference from
+    /// the expected results.
+    Test {
+        /// Expected results: lines of `REFERENCE allow|deny` (`#` starts a comment).
+        #[arg(long, value_name = "FILE")]
+        expect: Option<PathBuf>,
+        /// Recording directories.
+        #[arg(required = true, value_name = "DIR")]
+        recordings: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -207,6 +231,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Policy(PolicyCommand::Check { component }) = &cli.command {
         return policy::check(component, settings, limits(&cli)).await;
     }
+    if let Command::Policy(PolicyCommand::Test { expect, recordings }) = &cli.command {
+        // A puller from a registry is fetched into a scratch cache, kept until the test ends.
+        let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+        let client = Client::with_config(transport(&cli))?;
+        let puller = puller_file(&cli, &client, scratch.path()).await?;
+        return policy::test(
+            &puller,
+            settings,
+            limits(&cli),
+            recordings,
+            expect.as_deref(),
+        )
+        .await;
+    }
     if let Command::Serve { config } = &cli.command {
         let overrides = serve::Overrides {
             root: cli.root.clone(),
@@ -228,27 +266,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Mount { .. } = &cli.command {
         mount::require_root("mount")?;
     }
-    let puller_path = match &cli.puller {
-        Some(p) => p.clone(),
-        None => default_puller()?,
-    };
+    let client = Arc::new(Client::with_config(transport(&cli))?);
+    let puller_path = puller_file(&cli, &client, &root.join("cache/pullers")).await?;
     let runtime = Runtime::new(Some(root.join("cache")), limits(&cli))?;
     let puller = runtime.load(&puller_path, settings).await?;
-    let transport = registry::Config {
-        hosts_dir: Some(cli.hosts_dir.clone()),
-        stall_timeout: cli.stall_timeout,
-        ..registry::Config::default()
-    };
-    let service = ImageService::new(backend, Arc::new(Client::with_config(transport)?), puller);
+    let mut service = ImageService::new(backend, client, puller);
+    if let Command::Pull {
+        record: Some(_), ..
+    } = &cli.command
+    {
+        service = service.recording();
+    }
 
     match &cli.command {
-        Command::Pull { platform, runtime_handler, pod_namespace, reference } => {
+        Command::Pull { platform, runtime_handler, pod_namespace, record, reference } => {
             let context = PullContext {
                 runtime_handler: runtime_handler.clone(),
                 pod: pod_namespace.as_ref().map(|ns| PodContext { namespace: ns.clone(), ..PodContext::default() }),
                 ..PullContext::default()
             };
-            pull::pull(&service, platform.as_deref(), &context, reference, cli.docker_config.as_deref()).await
+            let docker_config = cli.docker_config.as_deref();
+            pull::pull(&service, platform.as_deref(), &context, reference, docker_config, record.as_deref()).await
         }
         Command::Images { json } => images::images(&service, *json).await,
         Command::Inspect { image } => images::inspect(&service, image).await,
@@ -256,6 +294,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mount { image, dir } => mount::mount(&service, &root, image, dir).await,
         Command::Gc | Command::Unmount { .. } | Command::Policy(_) | Command::Serve { .. } => unreachable!("handled above"),
     }
+}
+
+/// The registry transport the options configure.
+fn transport(cli: &Cli) -> registry::Config {
+    registry::Config {
+        hosts_dir: Some(cli.hosts_dir.clone()),
+        stall_timeout: cli.stall_timeout,
+        ..registry::Config::default()
+    }
+}
+
+/// The component file of `--puller`: a file, or an `oci://` puller fetched into (or found in)
+/// `cache`; without `--puller`, the default puller.
+async fn puller_file(cli: &Cli, client: &Client, cache: &Path) -> anyhow::Result<PathBuf> {
+    let Some(p) = &cli.puller else {
+        return default_puller();
+    };
+    let credentials = pull::credentials(cli.docker_config.as_deref())?;
+    let source = pullbox::artifact::Source::parse(p)?;
+    Ok(
+        pullbox::artifact::fetch(client, &source, &credentials, cache, cli.allow_puller_tags)
+            .await?
+            .0,
+    )
 }
 
 /// The store `--backend` names.

@@ -8,11 +8,15 @@
 //! the puller and checks its settings, so a broken module or settings file fails the start
 //! instead of the first pull.
 //!
-//! Live swap: on SIGHUP, and when the puller or settings file changes (checked every
-//! [`RELOAD_POLL`]), the module is loaded, linked against the world and configured with the
-//! settings before it replaces the current one; calls in flight finish on the old one. A
-//! module or settings that fail leave the last good puller serving; the failure is logged and
-//! counted (`pullbox_puller_reloads_total{result="error"}`).
+//! Live swap: on SIGHUP, and when the configuration file, a puller file or a settings file
+//! changes (checked every [`RELOAD_POLL`]), the configuration's live keys ([`Live`]: puller,
+//! settings, shadow puller) are read again; the module is loaded, linked against the world and
+//! configured with the settings before it replaces the current one; calls in flight finish on
+//! the old one. A puller from a registry (`oci://…@sha256:…`, see `pullbox::artifact`) is
+//! fetched once per digest; a reload that finds the same digest and settings keeps the loaded
+//! puller. A module or settings that fail leave the last good puller serving; the failure is
+//! logged and counted (`pullbox_puller_reloads_total{result="error"}`). A shadow puller
+//! (`shadow_puller`) judges each pull on the side (`pullbox::verdict::Shadow`).
 
 use std::{
     os::unix::fs::{FileTypeExt, PermissionsExt},
@@ -24,13 +28,15 @@ use std::{
 use anyhow::{bail, Context};
 use k8s_cri::v1::image_service_server::ImageServiceServer;
 use pullbox::{
+    artifact::{self, Source},
     backend::{embedded, Backend},
     config::{BackendKind, DaemonConfig},
     cri::{authority::NormalizeAuthority, Cri},
-    engine::Runtime,
+    engine::{Puller, Runtime},
     metrics::Metrics,
-    registry::Client,
+    registry::{Client, Credentials, DockerConfig},
     service::ImageService,
+    verdict::Shadow,
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -47,15 +53,14 @@ pub struct Overrides {
 
 /// `pullbox serve [--config FILE]`.
 pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Result<()> {
+    let config_file = config;
     let mut config = match config {
         Some(p) => DaemonConfig::load(p)?,
         None => DaemonConfig::default(),
     };
-    if let Some(r) = overrides.root {
-        config.root = r;
+    if let Some(r) = &overrides.root {
+        config.root = r.clone();
     }
-    config.puller = overrides.puller.or(config.puller);
-    config.settings = overrides.settings.or(config.settings);
     config.sync_fs |= overrides.sync_fs;
     config.max_layer_bytes = overrides.max_layer_bytes.unwrap_or(config.max_layer_bytes);
 
@@ -72,21 +77,24 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
         Err(e) => tracing::warn!("start-up garbage collection failed: {}", e.chain()),
     }
 
-    let puller_path = match &config.puller {
-        Some(p) => p.clone(),
-        None => crate::default_puller()?,
-    };
-    let settings = match &config.settings {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read settings {}", p.display()))?,
-        None => String::new(),
-    };
-    let runtime = Runtime::new(Some(config.root.join("cache")), config.sandbox.clone())?;
-    let mut watched = Watched::new(&puller_path, config.settings.as_deref());
-    let puller = runtime.load(&puller_path, settings).await?;
-    let service = Arc::new(ImageService::new(backend, Arc::new(Client::with_config(config.registry.transport())?), puller));
-    service.check().await.with_context(|| format!("puller {} refuses its settings", puller_path.display()))?;
-
     let metrics = Arc::new(Metrics::new());
+    let client = Arc::new(Client::with_config(config.registry.transport())?);
+    let loader = Loader {
+        runtime: Runtime::new(Some(config.root.join("cache")), config.sandbox.clone())?,
+        client: client.clone(),
+        credentials: docker_credentials(),
+        cache: config.root.join("cache/pullers"),
+    };
+    let mut live = Live::from(&config, &overrides);
+    let loaded = loader.load(live.puller.as_deref(), live.settings.as_deref(), live.allow_puller_tags).await?;
+    let mut current = loaded.key;
+    let service = Arc::new(ImageService::new(backend, client, loaded.puller));
+    service.check().await.with_context(|| format!("puller {} refuses its settings", current.source))?;
+    let mut shadow_current = None;
+    if live.shadow_puller.is_some() {
+        shadow_current = Some(set_shadow(&loader, &service, &metrics, &live).await?);
+    }
+    let mut watched = Watched::new(live.files(config_file, &current, shadow_current.as_ref()));
     if let Some(addr) = config.metrics_address {
         let m = metrics.clone();
         tokio::spawn(async move {
@@ -102,7 +110,7 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let listener = bind(&config.socket, config.mode().map_err(anyhow::Error::msg)?)?;
-    tracing::info!(socket = %config.socket.display(), puller = %puller_path.display(), "serving the CRI image service");
+    tracing::info!(socket = %config.socket.display(), puller = %current.source, "serving the CRI image service");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stats_period = std::time::Duration::from_secs_f64(config.image_fs_stats_period_seconds);
     let cri = Cri::new(service.clone(), metrics.clone(), fs_root, stats_period, shutdown.clone());
@@ -110,16 +118,14 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ImageServiceServer::new(cri))
-            .serve_with_incoming_shutdown(
-                tokio_stream::StreamExt::map(tokio_stream::wrappers::UnixListenerStream::new(listener), |conn| {
-                    conn.map(NormalizeAuthority::new)
-                }),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
+        tonic::transport::Server::builder().add_service(ImageServiceServer::new(cri)).serve_with_incoming_shutdown(
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::UnixListenerStream::new(listener), |conn| {
+                conn.map(NormalizeAuthority::new)
+            }),
+            async {
+                let _ = stop_rx.await;
+            },
+        ),
     );
     let mut poll = tokio::time::interval(RELOAD_POLL);
     loop {
@@ -128,13 +134,14 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the puller");
-                watched.refresh();
-                reload(&runtime, &service, &metrics, &puller_path, config.settings.as_deref()).await;
+                reload(&loader, &service, &metrics, (config_file, &overrides), (&mut live, &mut current, &mut shadow_current)).await;
+                watched = Watched::new(live.files(config_file, &current, shadow_current.as_ref()));
             }
             _ = poll.tick() => {
                 if watched.changed() {
-                    tracing::info!("puller or settings file changed: reloading");
-                    reload(&runtime, &service, &metrics, &puller_path, config.settings.as_deref()).await;
+                    tracing::info!("configuration, puller or settings file changed: reloading");
+                    reload(&loader, &service, &metrics, (config_file, &overrides), (&mut live, &mut current, &mut shadow_current)).await;
+                    watched = Watched::new(live.files(config_file, &current, shadow_current.as_ref()));
                 }
             }
         }
@@ -161,22 +168,170 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
 /// How often the puller and settings files are checked for changes.
 const RELOAD_POLL: Duration = Duration::from_secs(2);
 
-/// Loads the puller and settings anew and swaps them in if they work.
-async fn reload(runtime: &Runtime, service: &ImageService, metrics: &Metrics, puller: &Path, settings: Option<&Path>) {
-    let result = async {
-        let text = match settings {
+/// The part of the configuration a reload applies: the puller, the shadow puller and their
+/// settings. The configuration file is read again at each reload; `--puller` and
+/// `--settings` on the command line keep precedence.
+#[derive(Debug, Clone, PartialEq)]
+struct Live {
+    puller: Option<PathBuf>,
+    settings: Option<PathBuf>,
+    allow_puller_tags: bool,
+    shadow_puller: Option<PathBuf>,
+    shadow_settings: Option<PathBuf>,
+}
+
+impl Live {
+    fn from(config: &DaemonConfig, overrides: &Overrides) -> Live {
+        Live {
+            puller: overrides.puller.clone().or_else(|| config.puller.clone()),
+            settings: overrides.settings.clone().or_else(|| config.settings.clone()),
+            allow_puller_tags: config.allow_puller_tags,
+            shadow_puller: config.shadow_puller.clone(),
+            shadow_settings: config.shadow_settings.clone(),
+        }
+    }
+
+    /// The files whose change triggers a reload: the configuration file, the settings files,
+    /// and the pullers that are files (a puller from a registry changes only with its
+    /// reference, which is in the configuration).
+    fn files(&self, config: Option<&Path>, puller: &Key, shadow: Option<&Key>) -> Vec<PathBuf> {
+        let pullers = std::iter::once(puller).chain(shadow).filter(|k| k.is_file).map(|k| k.file.clone());
+        config
+            .map(Path::to_owned)
+            .into_iter()
+            .chain(pullers)
+            .chain(self.settings.clone())
+            .chain(self.shadow_settings.clone())
+            .collect()
+    }
+}
+
+/// What a loaded puller was loaded from: its source as configured, its component file and
+/// its settings. A reload that finds the same key for a puller from a registry (same digest,
+/// same settings) keeps the loaded one.
+#[derive(Debug, Clone, PartialEq)]
+struct Key {
+    source: String,
+    file: PathBuf,
+    is_file: bool,
+    settings: String,
+}
+
+/// A puller loaded with the key it was loaded from.
+struct Loaded {
+    puller: Puller,
+    key: Key,
+}
+
+/// Loads pullers from files or registries.
+struct Loader {
+    runtime: Runtime,
+    client: Arc<Client>,
+    /// Credentials for pullers from registries: Docker's `config.json`, when there is one.
+    credentials: Credentials,
+    /// Where pullers fetched from registries are kept, by manifest digest.
+    cache: PathBuf,
+}
+
+impl Loader {
+    /// The component file and settings of `source` (the default puller when `None`).
+    async fn key(&self, source: Option<&Path>, settings: Option<&Path>, allow_tags: bool) -> anyhow::Result<Key> {
+        let source = match source {
+            Some(p) => Source::parse(p)?,
+            None => Source::File(crate::default_puller()?),
+        };
+        let (file, _) = artifact::fetch(&self.client, &source, &self.credentials, &self.cache, allow_tags).await?;
+        let settings = match settings {
             Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read settings {}", p.display()))?,
             None => String::new(),
         };
-        let new = runtime.load(puller, text).await?;
-        service.swap_puller(new).await.with_context(|| format!("puller {} refuses its settings", puller.display()))?;
+        Ok(Key { source: source.to_string(), file, is_file: matches!(source, Source::File(_)), settings })
+    }
+
+    /// Loads the puller of `source` with `settings`.
+    async fn load(&self, source: Option<&Path>, settings: Option<&Path>, allow_tags: bool) -> anyhow::Result<Loaded> {
+        let key = self.key(source, settings, allow_tags).await?;
+        let puller = self.runtime.load(&key.file, key.settings.clone()).await?;
+        Ok(Loaded { puller, key })
+    }
+}
+
+/// Credentials from Docker's `config.json` (`$DOCKER_CONFIG`, `~/.docker`), anonymous without.
+fn docker_credentials() -> Credentials {
+    match DockerConfig::default_path().filter(|p| p.is_file()).map(|p| DockerConfig::load(&p)) {
+        Some(Ok(config)) => Credentials::from_provider(Arc::new(config)),
+        Some(Err(e)) => {
+            tracing::warn!("cannot read Docker's config.json; fetching pullers anonymously: {}", e.chain());
+            Credentials::anonymous()
+        }
+        None => Credentials::anonymous(),
+    }
+}
+
+/// Loads the shadow puller `live` names and makes it judge the service's pulls.
+async fn set_shadow(
+    loader: &Loader,
+    service: &ImageService,
+    metrics: &Arc<Metrics>,
+    live: &Live,
+) -> anyhow::Result<Key> {
+    let loaded =
+        loader.load(live.shadow_puller.as_deref(), live.shadow_settings.as_deref(), live.allow_puller_tags).await?;
+    let scratch = Arc::new(pullbox::session::Session::new(
+        service.backend().clone(),
+        loader.client.clone(),
+        None,
+        Arc::new(pullbox::registry::NoProgress),
+    ));
+    loaded
+        .puller
+        .check(scratch)
+        .await
+        .with_context(|| format!("shadow puller {} refuses its settings", loaded.key.source))?;
+    let m = metrics.clone();
+    service.set_shadow(Some(Shadow::new(loaded.puller, Arc::new(move |c| m.shadow_done(c)))));
+    tracing::info!(shadow_puller = loaded.key.source, "shadow puller judging every pull");
+    Ok(loaded.key)
+}
+
+/// Reads the configuration again and swaps in the puller and shadow puller it names if they
+/// changed and work. A puller or settings that fail leave the last good one serving; the
+/// failure is logged and counted.
+async fn reload(
+    loader: &Loader,
+    service: &ImageService,
+    metrics: &Arc<Metrics>,
+    (config_file, overrides): (Option<&Path>, &Overrides),
+    (live, current, shadow): (&mut Live, &mut Key, &mut Option<Key>),
+) {
+    let result = async {
+        if let Some(path) = config_file {
+            *live = Live::from(&DaemonConfig::load(path)?, overrides);
+        }
+        let key = loader.key(live.puller.as_deref(), live.settings.as_deref(), live.allow_puller_tags).await?;
+        if !key.is_file && key == *current {
+            tracing::info!(puller = key.source, "puller and settings unchanged; not reloaded");
+        } else {
+            let new = loader.runtime.load(&key.file, key.settings.clone()).await?;
+            service.swap_puller(new).await.with_context(|| format!("puller {} refuses its settings", key.source))?;
+            tracing::info!(puller = key.source, "puller reloaded");
+            *current = key;
+        }
+        match &live.shadow_puller {
+            Some(_) => *shadow = Some(set_shadow(loader, service, metrics, live).await?),
+            None if shadow.is_some() => {
+                service.set_shadow(None);
+                *shadow = None;
+                tracing::info!("shadow puller removed");
+            }
+            None => {}
+        }
         anyhow::Ok(())
     }
     .await;
     metrics.reload_done(result.is_ok());
-    match result {
-        Ok(()) => tracing::info!(puller = %puller.display(), "puller reloaded"),
-        Err(e) => tracing::error!("reload failed, the previous puller keeps serving: {e:#}"),
+    if let Err(e) = result {
+        tracing::error!("reload failed, the previous puller keeps serving: {e:#}");
     }
 }
 
@@ -187,18 +342,14 @@ struct Watched {
 }
 
 impl Watched {
-    fn new(puller: &Path, settings: Option<&Path>) -> Watched {
-        let files: Vec<PathBuf> = std::iter::once(puller).chain(settings).map(Path::to_owned).collect();
+    fn new(files: Vec<PathBuf>) -> Watched {
         let mut w = Watched { seen: vec![None; files.len()], files };
         w.refresh();
         w
     }
 
     fn stamps(&self) -> Vec<Option<(u64, std::time::SystemTime)>> {
-        self.files
-            .iter()
-            .map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.len(), m.modified().ok()?))))
-            .collect()
+        self.files.iter().map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.len(), m.modified().ok()?)))).collect()
     }
 
     /// Records the files' current state.
