@@ -81,6 +81,8 @@ impl Replay {
         let backend = Backend {
             content: replay.clone(),
             snapshots: replay.clone(),
+            // One pretend snapshotter: a puller that selects another gets `not-found`.
+            other_snapshotters: Vec::new(),
             differ: replay.clone(),
             images: replay.clone(),
             leases: replay.clone(),
