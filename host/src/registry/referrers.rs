@@ -166,16 +166,15 @@ impl Client {
                     }
                     tracing::debug!(host = %host.authority, "{what}: no referrers API, reading the tag schema");
                     let tag = host.url(repo.registry(), repo.path(), &format!("manifests/{}-{}", digest.algorithm_name(), digest.hex()));
-                    match self.retrying(&host, what, || self.index_once(&host, &http, repo, &tag, credentials, what)).await {
-                        Err(Failure::NextHost(Error::NotFound(_))) => Ok(None),
-                        other => other,
-                    }
+                    self.retrying(&host, what, || self.index_once(&host, &http, repo, &tag, credentials, what)).await
                 }
             })
-            .await?;
+            .await;
         match body {
-            Some(body) => parse_referrers(&body, artifact_type, &what),
-            None => Ok(Vec::new()),
+            Ok(body) => parse_referrers(&body, artifact_type, &what),
+            // Neither the API nor the tag on the last host tried: no referrers.
+            Err(Error::NotFound(_)) => Ok(Vec::new()),
+            Err(e) => Err(e),
         }
     }
 
@@ -188,7 +187,7 @@ impl Client {
         url: &str,
         credentials: &Credentials,
         what: &str,
-    ) -> Result<Option<Vec<u8>>, Failure> {
+    ) -> Result<Vec<u8>, Failure> {
         let accept = [(header::ACCEPT, INDEX_ACCEPT.to_owned())];
         let resp = self
             .request(
