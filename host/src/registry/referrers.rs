@@ -4,8 +4,10 @@
 //! The registry is asked `GET /v2/<name>/referrers/<digest>?artifactType=<type>`. A registry
 //! that predates OCI 1.1 answers 404 there; then the index tagged `sha256-<hex>` (the
 //! distribution spec's referrers tag schema, which clients that push to such registries keep
-//! up to date) is read instead, and no such tag means no referrers. The filter is applied here
-//! as well, whatever the registry says it applied (`OCI-Filters-Applied` is optional).
+//! up to date) is read instead. A host with neither moves on to the next host (mirrors first,
+//! as for `resolve`); when the last one has neither, there are no referrers. The filter is
+//! applied here as well, whatever the registry says it applied (`OCI-Filters-Applied` is
+//! optional).
 //!
 //! Bounds: the answer is read up to [`MAX_REFERRERS_BYTES`] (4 MiB, the manifest limit) and
 //! may list at most [`MAX_REFERRERS`] entries after filtering; every entry's digest, media
@@ -211,7 +213,6 @@ impl Client {
         }
         read_capped(resp, MAX_REFERRERS_BYTES, what, self.config.stall_timeout)
             .await
-            .map(Some)
             .map_err(|e| match e.code() {
                 Code::Unavailable => Failure::Retry(e),
                 _ => Failure::Fatal(e),
