@@ -51,7 +51,10 @@ impl TestKey {
 
     /// The public key as SPKI PEM (`-----BEGIN PUBLIC KEY-----`).
     pub fn public_pem(&self) -> String {
-        self.0.verifying_key().to_public_key_pem(LineEnding::LF).expect("PEM encoding")
+        self.0
+            .verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("PEM encoding")
     }
 
     /// The signature of `payload` as cosign stores it: base64 of the DER ECDSA signature
@@ -99,7 +102,12 @@ pub fn sig_tag(digest: &str) -> String {
 /// Uploads the config and payloads and returns the signature manifest's bytes (not pushed):
 /// an OCI manifest whose layers are the payloads with their signature annotations; with
 /// `subject` (digest, size, media type) and the OCI 1.1 `artifactType`.
-fn signature_manifest(registry: &Registry, repo: &str, layers: &[Layer], subject: Option<(&str, u64, &str)>) -> Result<Vec<u8>> {
+fn signature_manifest(
+    registry: &Registry,
+    repo: &str,
+    layers: &[Layer],
+    subject: Option<(&str, u64, &str)>,
+) -> Result<Vec<u8>> {
     let config = b"{}";
     registry.upload(repo, config)?;
     let mut descs = Vec::new();
@@ -124,7 +132,12 @@ fn signature_manifest(registry: &Registry, repo: &str, layers: &[Layer], subject
 
 /// Pushes a signature manifest of `layers` to `repo` under the `.sig` tag of `subject` (a
 /// manifest digest), replacing what was there; returns its digest.
-pub fn push_sig_tag(registry: &Registry, repo: &str, subject: &str, layers: &[Layer]) -> Result<String> {
+pub fn push_sig_tag(
+    registry: &Registry,
+    repo: &str,
+    subject: &str,
+    layers: &[Layer],
+) -> Result<String> {
     let m = signature_manifest(registry, repo, layers, None)?;
     registry.put_manifest(repo, &sig_tag(subject), OCI_MANIFEST, &m)?;
     Ok(crate::oci::sha256_digest(&m))
@@ -142,7 +155,12 @@ pub fn has_referrers_api(registry: &Registry, repo: &str, digest: &str) -> Resul
 /// without the referrers API, also pushes the referrers tag schema's index
 /// (`sha256-<hex>`) listing it, as clients do there. Returns its digest and whether the
 /// registry has the API.
-pub fn push_referrer(registry: &Registry, repo: &str, subject: (&str, u64, &str), layers: &[Layer]) -> Result<(String, bool)> {
+pub fn push_referrer(
+    registry: &Registry,
+    repo: &str,
+    subject: (&str, u64, &str),
+    layers: &[Layer],
+) -> Result<(String, bool)> {
     let m = signature_manifest(registry, repo, layers, Some(subject))?;
     let digest = crate::oci::sha256_digest(&m);
     registry.put_manifest(repo, &digest, OCI_MANIFEST, &m)?;
@@ -164,8 +182,10 @@ pub fn push_referrer(registry: &Registry, repo: &str, subject: (&str, u64, &str)
 /// A settings document of the cosign puller: `keys` (name → key) and one rule named `name`
 /// for the repository pattern `repositories`, needing one of `keys`.
 pub fn settings(keys: &[(&str, &TestKey)], name: &str, repositories: &str) -> Result<String> {
-    let keys: serde_json::Map<String, Value> =
-        keys.iter().map(|(n, k)| (n.to_string(), Value::String(k.public_pem()))).collect();
+    let keys: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|(n, k)| (n.to_string(), Value::String(k.public_pem())))
+        .collect();
     let names: Vec<&String> = keys.keys().collect();
     let doc = json!({
         "keys": keys,

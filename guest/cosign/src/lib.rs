@@ -193,12 +193,12 @@ fn find_signatures(host: &dyn Host, name: &str, digest: &str) -> Result<Found> {
     match host.resolve(name, &tag) {
         Ok(desc) => signature_layers(host, name, &desc, &mut found.signatures)?,
         Err(Error::NotFound(_)) => {}
-        Err(e) => return Err(e.context(&format!("looking up signatures of {digest} (tag {tag})"))),
+        Err(e) => return Err(e.context(format!("looking up signatures of {digest} (tag {tag})"))),
     }
     if found.signatures.is_empty() {
         let referrers = host
             .referrers(name, digest, SIGNATURE_ARTIFACT_TYPE)
-            .map_err(|e| e.context(&format!("looking up referrers of {digest}")))?;
+            .map_err(|e| e.context(format!("looking up referrers of {digest}")))?;
         for r in referrers.iter().take(MAX_SIGNATURES) {
             if found.signatures.len() >= MAX_SIGNATURES {
                 break;
