@@ -4,6 +4,7 @@
 #   target/release/pullbox-puller.wasm     the default puller (guest/)
 #   target/release/pullbox-refuse.wasm     the puller that refuses every pull (guest/refuse/)
 #   target/release/pullbox-allowlist.wasm  the example policy puller (guest/allowlist/)
+#   target/release/pullbox-cosign.wasm     the example signature-checking puller (guest/cosign/)
 #   target/release/pullbox-hostile.wasm    the misbehaving puller of the sandbox tests (guest/hostile/)
 #
 # Toolchain: where rustup has the wasm32-unknown-unknown target installed, the normal
@@ -33,10 +34,12 @@ OUT_DIR        := target/release
 PULLER_CORE    := $(CORE_DIR)/pullbox_puller.wasm
 REFUSE_CORE    := $(CORE_DIR)/pullbox_refuse.wasm
 ALLOWLIST_CORE := $(CORE_DIR)/pullbox_allowlist.wasm
+COSIGN_CORE    := $(CORE_DIR)/pullbox_cosign.wasm
 HOSTILE_CORE   := $(CORE_DIR)/pullbox_hostile.wasm
 PULLER         := $(OUT_DIR)/pullbox-puller.wasm
 REFUSE         := $(OUT_DIR)/pullbox-refuse.wasm
 ALLOWLIST      := $(OUT_DIR)/pullbox-allowlist.wasm
+COSIGN         := $(OUT_DIR)/pullbox-cosign.wasm
 HOSTILE        := $(OUT_DIR)/pullbox-hostile.wasm
 
 # Everything a guest build reads. When only the host's part of Cargo.lock changed, cargo
@@ -64,7 +67,7 @@ endif
 
 # ---- pullers --------------------------------------------------------------------------
 
-pullers: $(PULLER) $(REFUSE) $(ALLOWLIST) $(HOSTILE)
+pullers: $(PULLER) $(REFUSE) $(ALLOWLIST) $(COSIGN) $(HOSTILE)
 
 WASM_TOOLCHAIN_CHECK = @test -n "$(HAVE_RUSTUP_WASM)" || { test -x $(DEBIAN_RUSTC) && test -x $(DEBIAN_CARGO); } || { \
 	  echo "error: no wasm32 toolchain: rustup target add $(WASM_TARGET), or apt-get install rustc-web cargo-web rust-web-src lld-22" >&2; exit 1; }
@@ -88,6 +91,14 @@ $(ALLOWLIST_CORE): $(GUEST_SOURCES) | $(PULLER_CORE)
 	$(GUEST_ENV) CARGO_TARGET_DIR=$(GUEST_TARGET_DIR) $(GUEST_CARGO) build $(GUEST_FLAGS) \
 	  --target $(WASM_TARGET) --profile $(WASM_PROFILE) -p pullbox-allowlist
 	touch $(ALLOWLIST_CORE)
+
+# The cosign puller links pullbox-puller as a library too, so it gets a run of its own for
+# the same reason; it follows the allowlist's run (order-only) so the two never interleave.
+$(COSIGN_CORE): $(GUEST_SOURCES) | $(ALLOWLIST_CORE)
+	$(WASM_TOOLCHAIN_CHECK)
+	$(GUEST_ENV) CARGO_TARGET_DIR=$(GUEST_TARGET_DIR) $(GUEST_CARGO) build $(GUEST_FLAGS) \
+	  --target $(WASM_TARGET) --profile $(WASM_PROFILE) -p pullbox-cosign
+	touch $(COSIGN_CORE)
 
 # The hostile puller (tests/tests/sandbox.rs) depends on no other guest crate; a run of its
 # own keeps this rule apart from the others'.
@@ -150,7 +161,7 @@ setup:
 
 # Unit tests: host (backends, transport, engine glue) and the pullers' logic, natively.
 test-unit:
-	$(CARGO) test --release --locked -p pullbox -p pullbox-puller -p pullbox-refuse -p pullbox-allowlist
+	$(CARGO) test --release --locked -p pullbox -p pullbox-puller -p pullbox-refuse -p pullbox-allowlist -p pullbox-cosign
 
 # Integration tests: the real binary and pullers against a real registry, umoci, skopeo.
 test-integration: build
@@ -178,7 +189,7 @@ bench: build
 	./target/release/pullbox-bench-pull
 
 clippy:
-	$(CARGO) clippy --release --locked -p pullbox -p pullbox-tests -p pullbox-puller -p pullbox-refuse -p pullbox-allowlist -p pullbox-hostile --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked -p pullbox -p pullbox-tests -p pullbox-puller -p pullbox-refuse -p pullbox-allowlist -p pullbox-cosign -p pullbox-hostile --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -25,7 +25,7 @@ wit_bindgen::generate!({
 
 use crate::Puller;
 use exports::pullbox::image::puller as exp;
-use pullbox::image::{content, diff, images, log, registry, snapshots, types as wit};
+use pullbox::image::{clock, content, diff, images, log, registry, snapshots, types as wit};
 
 /// `configure`, for [`crate::export_puller!`].
 pub fn configure<P: Puller>(settings: String) -> Result<(), wit::Error> {
@@ -84,6 +84,35 @@ impl Host for WitHost {
     fn fetch(&self, name: &str, blobs: &[t::Descriptor]) -> crate::error::Result<()> {
         let blobs: Vec<wit::Descriptor> = blobs.iter().map(descriptor_to).collect();
         registry::fetch(name, &blobs).map_err(from_wit)
+    }
+
+    fn referrers(
+        &self,
+        name: &str,
+        digest: &str,
+        artifact_type: &str,
+    ) -> crate::error::Result<Vec<t::Referrer>> {
+        registry::referrers(name, digest, artifact_type)
+            .map(|v| {
+                v.into_iter()
+                    .map(|r| t::Referrer {
+                        media_type: r.media_type,
+                        digest: r.digest,
+                        size: r.size,
+                        artifact_type: r.artifact_type,
+                        annotations: r.annotations,
+                    })
+                    .collect()
+            })
+            .map_err(from_wit)
+    }
+
+    fn now(&self) -> t::Instant {
+        let now = clock::now();
+        t::Instant {
+            seconds: now.seconds,
+            nanoseconds: now.nanoseconds,
+        }
     }
 
     fn content_info(&self, digest: &str) -> crate::error::Result<t::ContentInfo> {

@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 use crate::host::{Host, MAX_BATCH, MAX_LIST_KEYS};
 use crate::oci;
 use crate::types::{
-    label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, Platform, SnapshotInfo,
-    SnapshotKind,
+    label, ContentInfo, Descriptor, ImageRecord, Instant, Labelled, Level, Platform, Referrer,
+    SnapshotInfo, SnapshotKind,
 };
 
 /// Media type of the fake's layers.
@@ -54,7 +54,7 @@ pub struct State {
     /// <name>`, `update <name>`, `delete <name>`.
     pub calls: Vec<String>,
     /// Reads, in order: `get <name>`, `list`, `list-labels <keys>`, `info <digest>`,
-    /// `sizes <count>`, `stat <key>`, `stats <count>`.
+    /// `sizes <count>`, `stat <key>`, `stats <count>`, `referrers <name>@<digest> <type>`.
     pub lookups: Vec<String>,
     /// Every descriptor passed to `fetch`, in order.
     pub fetched: Vec<Descriptor>,
@@ -68,6 +68,11 @@ pub struct State {
     /// Snapshot names another pull commits right before ours.
     pub commit_race: BTreeSet<String>,
     pub clock: u64,
+    /// The registry's referrers: (name, subject digest) → what `referrers` lists (before
+    /// filtering by artifact type).
+    pub referrers: BTreeMap<(String, String), Vec<Referrer>>,
+    /// What `clock.now` answers.
+    pub now: Instant,
 }
 
 impl State {
@@ -199,6 +204,29 @@ impl FakeHost {
             .insert((name.into(), root.digest.clone()), root.clone());
     }
 
+    /// Pushes `manifest` (a blob pushed already) as a referrer of `subject` in `name`, of
+    /// `artifact_type`.
+    pub fn push_referrer(
+        &self,
+        name: &str,
+        subject: &str,
+        manifest: &Descriptor,
+        artifact_type: &str,
+    ) {
+        self.s
+            .borrow_mut()
+            .referrers
+            .entry((name.into(), subject.into()))
+            .or_default()
+            .push(Referrer {
+                media_type: manifest.media_type.clone(),
+                digest: manifest.digest.clone(),
+                size: manifest.size,
+                artifact_type: artifact_type.into(),
+                annotations: manifest.annotations.clone(),
+            });
+    }
+
     pub fn calls(&self) -> Vec<String> {
         self.s.borrow().calls.clone()
     }
@@ -302,6 +330,27 @@ impl Host for FakeHost {
             }
         }
         Ok(())
+    }
+
+    fn referrers(&self, name: &str, digest: &str, artifact_type: &str) -> Result<Vec<Referrer>> {
+        self.lookup(format!("referrers {name}@{digest} {artifact_type}"));
+        crate::digest::parse(digest)?;
+        Ok(self
+            .s
+            .borrow()
+            .referrers
+            .get(&(name.to_string(), digest.to_string()))
+            .map(|all| {
+                all.iter()
+                    .filter(|r| artifact_type.is_empty() || r.artifact_type == artifact_type)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn now(&self) -> Instant {
+        self.s.borrow().now
     }
 
     fn content_info(&self, digest: &str) -> Result<ContentInfo> {

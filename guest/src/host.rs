@@ -7,7 +7,9 @@
 //! state behind a `RefCell`.
 
 use crate::error::Result;
-use crate::types::{label, ContentInfo, Descriptor, ImageRecord, Labelled, Level, SnapshotInfo};
+use crate::types::{
+    label, ContentInfo, Descriptor, ImageRecord, Instant, Labelled, Level, Referrer, SnapshotInfo,
+};
 
 /// The most digests one `content.sizes` call, and the most keys one `snapshots.stats` call,
 /// may name (the WIT documents this bound; the host refuses more with `resource-exhausted`).
@@ -26,6 +28,9 @@ pub trait Host {
     fn resolve(&self, name: &str, reference: &str) -> Result<Descriptor>;
     /// `registry.fetch`: starts fetching `blobs` of repository `name`; returns at once.
     fn fetch(&self, name: &str, blobs: &[Descriptor]) -> Result<()>;
+    /// `registry.referrers`: the manifests of `name` whose subject is `digest`, of
+    /// `artifact_type` (all when empty), from the OCI 1.1 referrers API or its tag schema.
+    fn referrers(&self, name: &str, digest: &str, artifact_type: &str) -> Result<Vec<Referrer>>;
 
     // --- content ---
 
@@ -102,6 +107,11 @@ pub trait Host {
     fn image_update(&self, image: &ImageRecord) -> Result<ImageRecord>;
     /// `images.delete`.
     fn image_delete(&self, name: &str) -> Result<()>;
+
+    // --- clock ---
+
+    /// `clock.now`: the wall-clock time.
+    fn now(&self) -> Instant;
 
     // --- log ---
 

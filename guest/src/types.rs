@@ -4,7 +4,8 @@
 //! crate, and its unit tests, use these types instead; `bindings` converts field by field.
 //! Names follow the WIT: [`Descriptor`], [`Platform`], [`ImageRecord`]
 //! (`types.image`), [`ContentInfo`] (`content.info`), [`SnapshotInfo`] (`snapshots.info`),
-//! [`PullRequest`] and [`ImageInfo`] (`puller`). Label and annotation maps stay lists of
+//! [`PullRequest`] and [`ImageInfo`] (`puller`), [`Referrer`] (`registry.referrer`) and
+//! [`Instant`] (`clock.instant`). Label and annotation maps stay lists of
 //! pairs, as in the WIT; [`label`] looks one up.
 
 /// A platform, as in the OCI image index (`types.platform`).
@@ -37,6 +38,43 @@ pub struct Descriptor {
     pub platform: Option<Platform>,
     /// Alternative locations of a non-distributable blob.
     pub urls: Vec<String>,
+}
+
+/// A manifest that refers to another through its `subject` (`registry.referrer`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Referrer {
+    /// The referrer manifest's media type.
+    pub media_type: String,
+    /// Its digest, `algorithm:hex`.
+    pub digest: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its artifact type; empty when the registry names none.
+    pub artifact_type: String,
+    /// Its annotations, sorted by key.
+    pub annotations: Vec<(String, String)>,
+}
+
+impl Referrer {
+    /// The descriptor to `fetch` the referrer manifest with.
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            media_type: self.media_type.clone(),
+            digest: self.digest.clone(),
+            size: self.size,
+            annotations: self.annotations.clone(),
+            ..Descriptor::default()
+        }
+    }
+}
+
+/// A wall-clock time (`clock.instant`): since the Unix epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Instant {
+    /// Whole seconds.
+    pub seconds: u64,
+    /// Nanoseconds past `seconds`.
+    pub nanoseconds: u32,
 }
 
 /// A named image record (`types.image`).

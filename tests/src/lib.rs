@@ -7,6 +7,7 @@
 //! - [`fixture::fixture`]: the shared images, built and pushed once per test binary
 //!   (about a second); [`fixture::app`] lists what the main image contains.
 //! - [`pullbox::Pullbox`]: the `pullbox` binary with a private store root.
+//! - [`cosign`]: cosign keys, payloads and signatures the tests make and push themselves.
 //! - [`tree`]: scanning snapshot directories and comparing them with `umoci unpack`.
 //! - [`process`]: running programs with captured output and a deadline.
 //! - [`service`]: long-running programs (the registries, containerd) under a supervisor that
@@ -29,6 +30,7 @@
 
 pub mod backends;
 pub mod containerd;
+pub mod cosign;
 pub mod cri;
 pub mod fixture;
 pub mod oci;

@@ -104,6 +104,12 @@ impl Registry {
         request(&self.addr, "GET", path)
     }
 
+    /// Uploads `bytes` as a blob of `repo` (POST starts an upload, PUT to its Location with
+    /// the digest completes it); returns its digest.
+    pub fn upload(&self, repo: &str, bytes: &[u8]) -> Result<String> {
+        upload(&self.addr, repo, bytes)
+    }
+
     /// Pushes `manifest` (of media type `media_type`) as `repo:reference` through the
     /// registry API; the blobs and manifests it names must be in `repo` already.
     pub fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, manifest: &[u8]) -> Result<()> {
@@ -157,6 +163,23 @@ pub fn send(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("not an HTTP response: {response:?}"))?;
     Ok((status, response))
+}
+
+/// [`Registry::upload`] to the registry at `addr`.
+pub fn upload(addr: &str, repo: &str, bytes: &[u8]) -> Result<String> {
+    let digest = crate::oci::sha256_digest(bytes);
+    let (st, head) = send(addr, "POST", &format!("/v2/{repo}/blobs/uploads/"), "application/octet-stream", &[])?;
+    ensure!(st == 202, "upload start: {st}: {head}");
+    let location = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: ")))
+        .context("no Location")?
+        .trim();
+    let location = location.strip_prefix(&format!("http://{addr}")).unwrap_or(location);
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let (st, head) = send(addr, "PUT", &format!("{location}{sep}digest={digest}"), "application/octet-stream", bytes)?;
+    ensure!(st == 201, "upload: {st}: {head}");
+    Ok(digest)
 }
 
 /// [`send`] without a body.

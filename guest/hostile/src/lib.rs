@@ -930,6 +930,10 @@ fn write_in_read(deletes_allowed: bool) -> Error {
         "registry.fetch(target)",
         registry::fetch(&repo, std::slice::from_ref(&record.target)),
     );
+    pr.must_refuse(
+        "registry.referrers(target)",
+        registry::referrers(&repo, &record.target.digest, ""),
+    );
     let summary = format!("{} refused [{}]", pr.refused.len(), pr.refused.join("; "));
     if pr.accepted.is_empty() {
         Error::FailedPrecondition(format!("write-in-read: every write refused: {summary}"))
@@ -1105,6 +1109,18 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     pr.must_refuse(
         "registry.fetch(\"../../etc\", [layer])",
         registry::fetch("../../etc", std::slice::from_ref(&layer)),
+    );
+    pr.must_refuse(
+        "registry.referrers(\"../../etc/passwd\", root, \"\")",
+        registry::referrers("../../etc/passwd", &real, ""),
+    );
+    pr.must_refuse(
+        "registry.referrers(name, \"sha256:../../etc/passwd\", \"\")",
+        registry::referrers(&p.name, "sha256:../../etc/passwd", ""),
+    );
+    pr.must_refuse(
+        "registry.referrers(name, root, \"a/b&x=../../\")",
+        registry::referrers(&p.name, &real, "a/b&x=../../"),
     );
 
     // Snapshots: a real active one and a committed one; then applies of the real layer onto

@@ -7,6 +7,7 @@
 //! hostile guests trap. Everything a guest hands to the host is bounded here: strings,
 //! lists and label maps larger than the limits below are refused before any work is done.
 
+mod clock;
 mod content;
 mod diff;
 pub(crate) mod grants;

@@ -3,17 +3,24 @@
 //! and the transport applies them; the guest only names repositories. Both imports answer
 //! `cancelled` once the request is cancelled. A recorded pull's resolve answers go to its
 //! recorder (`Session::recorder`).
+//!
+//! `referrers` lists what refers to a manifest (signatures, attestations) without storing
+//! anything; it may only run in `pull-image` (it contacts the registry for the pull), and it
+//! charges the import budget one unit per referrer it answers, on top of the call's unit.
 
 use crate::{
     engine::{
-        bindings::pullbox::image::{registry::Host, types::Descriptor},
+        bindings::pullbox::image::{
+            registry::{Host, Referrer},
+            types::Descriptor,
+        },
         CallState,
     },
     error::Error,
     registry::Repository,
 };
 
-use super::{answer, bounded, descriptor, wit_descriptor, ImportResult, MAX_BATCH};
+use super::{answer, bounded, descriptor, digest, label_pairs, wit_descriptor, ImportResult, MAX_BATCH};
 
 impl Host for CallState {
     async fn resolve(&mut self, name: String, reference: String) -> ImportResult<Descriptor> {
@@ -56,5 +63,40 @@ impl Host for CallState {
             }
             Ok(())
         })())
+    }
+
+    async fn referrers(&mut self, name: String, subject: String, artifact_type: String) -> ImportResult<Vec<Referrer>> {
+        self.charge(1)?;
+        let (s, grants) = (self.session.clone(), &self.grants);
+        let listed = async {
+            grants.write("registry.referrers")?;
+            let repo = Repository::parse(bounded("name", &name)?)?;
+            let subject = digest(&subject)?;
+            let artifact_type = bounded("artifact type", &artifact_type)?;
+            s.check_cancelled()?;
+            let asking = s.registry.referrers(&repo, &subject, artifact_type, &s.credentials);
+            let found = tokio::select! {
+                r = asking => r?,
+                () = s.cancel.cancelled() => return Err(Error::Cancelled("the pull was cancelled".into())),
+            };
+            tracing::debug!(%repo, %subject, artifact_type, count = found.len(), "referrers");
+            Ok(found)
+        }
+        .await;
+        if let Ok(found) = &listed {
+            self.charge(found.len() as u64)?;
+        }
+        answer(listed.map(|found| {
+            found
+                .into_iter()
+                .map(|r| Referrer {
+                    media_type: r.media_type,
+                    digest: r.digest.to_string(),
+                    size: r.size,
+                    artifact_type: r.artifact_type,
+                    annotations: label_pairs(r.annotations),
+                })
+                .collect()
+        }))
     }
 }

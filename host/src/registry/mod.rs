@@ -11,6 +11,8 @@
 //!   one request authenticates with; passed with every call, never stored beyond it except as
 //!   the tokens it bought (see `auth`).
 //! - [`Progress`]: per-blob events for progress bars and metrics.
+//! - [`Referrer`]: what [`Client::referrers`] lists (OCI 1.1 referrers API, with the tag
+//!   schema fallback; see `referrers`).
 //!
 //! How a request travels:
 //!
@@ -59,6 +61,7 @@ mod auth;
 mod docker_config;
 pub mod hosts;
 mod name;
+mod referrers;
 
 use std::{
     collections::HashMap,
@@ -76,6 +79,7 @@ pub use auth::{AuthConfig, CredentialProvider, Credentials, Secret};
 pub use docker_config::DockerConfig;
 pub use hosts::Host;
 pub use name::{reference_registry, Repository};
+pub use referrers::{Referrer, MAX_REFERRERS, MAX_REFERRERS_BYTES};
 
 use crate::{
     backend::{ContentStore, ContentWriter, LeaseId, Stage},
@@ -1090,6 +1094,15 @@ pub trait Remote: Send + Sync {
         progress: &dyn Progress,
         credentials: &Credentials,
     ) -> Result<()>;
+
+    /// See [`Client::referrers`].
+    async fn referrers(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        artifact_type: &str,
+        credentials: &Credentials,
+    ) -> Result<Vec<Referrer>>;
 }
 
 #[async_trait::async_trait]
@@ -1119,17 +1132,17 @@ impl Remote for Client {
         progress: &dyn Progress,
         credentials: &Credentials,
     ) -> Result<()> {
-        Client::fetch(
-            self,
-            repo,
-            desc,
-            content,
-            lease,
-            stage,
-            progress,
-            credentials,
-        )
-        .await
+        Client::fetch(self, repo, desc, content, lease, stage, progress, credentials).await
+    }
+
+    async fn referrers(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        artifact_type: &str,
+        credentials: &Credentials,
+    ) -> Result<Vec<Referrer>> {
+        Client::referrers(self, repo, digest, artifact_type, credentials).await
     }
 }
 

@@ -621,3 +621,59 @@ async fn stored_manifests_resolve_with_head_alone() {
     assert_eq!(err.code(), crate::error::Code::FailedPrecondition, "{err}");
     assert_eq!(asked()[4], format!("GET /v2/team/app/manifests/{other}"));
 }
+
+/// An index listing one signature referrer and one SBOM, as a referrers answer.
+fn referrers_index() -> Vec<u8> {
+    let entry = |t: &str, c: char| {
+        format!(
+            r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{}","size":42,"artifactType":"{t}"}}"#,
+            c.to_string().repeat(64)
+        )
+    };
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{},{}]}}"#,
+        entry("application/vnd.dev.cosign.artifact.sig.v1+json", 'a'),
+        entry("application/spdx+json", 'b')
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn referrers_come_from_the_api_or_the_tag_schema_or_are_none() {
+    let subject = Digest::sha256_of(b"subject");
+    let sig_type = "application/vnd.dev.cosign.artifact.sig.v1+json";
+    let c = client(None);
+
+    // The referrers API, filtered by the registry's answer and again here.
+    let api = Server::start(|req| if req.path.contains("/referrers/") { ok(&referrers_index()) } else { status(404) }).await;
+    let found = c.referrers(&repo(&api.addr), &subject, sig_type, &Credentials::anonymous()).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].artifact_type, sig_type);
+    let asked = api.seen()[0].path.clone();
+    assert_eq!(
+        asked,
+        format!("/v2/team/app/referrers/{subject}?artifactType=application%2Fvnd.dev.cosign.artifact.sig.v1%2Bjson")
+    );
+
+    // No API (404): the `sha256-<hex>` tag.
+    let tag_path = format!("/v2/team/app/manifests/sha256-{}", subject.hex());
+    let tp = tag_path.clone();
+    let schema = Server::start(move |req| if req.path == tp { ok(&referrers_index()) } else { status(404) }).await;
+    let found = c.referrers(&repo(&schema.addr), &subject, "", &Credentials::anonymous()).await.unwrap();
+    assert_eq!(found.len(), 2, "no filter: both");
+    assert_eq!(schema.seen().last().unwrap().path, tag_path);
+
+    // Neither: none. A server error is not "none".
+    let none = Server::start(|_| status(404)).await;
+    assert!(c.referrers(&repo(&none.addr), &subject, "", &Credentials::anonymous()).await.unwrap().is_empty());
+    let broken = Server::start(|_| status(500)).await;
+    assert!(matches!(
+        c.referrers(&repo(&broken.addr), &subject, "", &Credentials::anonymous()).await,
+        Err(Error::Unavailable { .. })
+    ));
+    // A filter that is not a media type never reaches the wire.
+    assert!(matches!(
+        c.referrers(&repo(&none.addr), &subject, "a/b?x=y", &Credentials::anonymous()).await,
+        Err(Error::InvalidArgument(_))
+    ));
+}

@@ -7,7 +7,12 @@
 //!    image from a local registry into fresh stores; guest time is what the engine's call
 //!    hooks account (host imports excluded).
 //!
-//! Runs against the real `docker-registry` fixture and the default puller from `make build`.
+//! 3. The cosign puller's guest time per pull (issue 13: at most 5 ms): pulls of the same
+//!    image, signed under its `.sig` tag with a key made here, through
+//!    `pullbox-cosign.wasm` into fresh stores; the guest time includes looking up, reading
+//!    and verifying the signature (ECDSA P-256 in wasm).
+//!
+//! Runs against the real `docker-registry` fixture and the pullers from `make build`.
 
 use std::{sync::Arc, time::Instant};
 
@@ -19,7 +24,11 @@ use pullbox::{
     registry::{Client, Credentials, NoProgress},
     service::ImageService,
 };
-use pullbox_tests::{Fixture, Pullbox};
+use pullbox_tests::{
+    cosign::{self, payload, push_sig_tag, Layer, TestKey},
+    policy::private_copy,
+    Fixture, Pullbox,
+};
 use tokio_util::sync::CancellationToken;
 
 const CALLS: u32 = 2000;
@@ -52,22 +61,16 @@ async fn main() -> Result<()> {
     let status_us = t.elapsed().as_secs_f64() * 1e6 / CALLS as f64;
 
     let reference = fixture.reference("team/app:1.0");
-    let mut rows = Vec::new();
-    for _ in 0..PULLS {
-        let root = tempfile::tempdir()?;
-        let service = ImageService::new(
-            embedded::open(root.path())?,
-            Arc::new(Client::new()?),
-            runtime.load(&puller_path, String::new()).await?,
-        );
-        let guest_before = guest_time();
-        let t = Instant::now();
-        service
-            .pull(&reference, Platform::host(), Arc::new(NoProgress), Credentials::anonymous(), CancellationToken::new())
-            .await?;
-        let wall = t.elapsed();
-        rows.push((wall, guest_time() - guest_before));
-    }
+    let rows = pulls(&runtime, &puller_path, String::new(), &reference).await?;
+
+    // The same image, signed, through the cosign puller.
+    let key = TestKey::generate()?;
+    let signed = private_copy(fixture.registry.addr(), &reference, "bench/signed:1.0")?;
+    let layer = Layer::signed(&key, payload(&signed.repo, &signed.manifest_digest));
+    push_sig_tag(&fixture.registry, "bench/signed", &signed.manifest_digest, &[layer])?;
+    let settings = cosign::settings(&[("bench", &key)], "bench", &format!("{}/bench/**", fixture.registry.addr()))?;
+    let cosign_path = Pullbox::bin()?.with_file_name("pullbox-cosign.wasm");
+    let cosign_rows = pulls(&runtime, &cosign_path, settings, &signed.reference).await?;
 
     println!("pullbox sandbox overhead ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     println!("{:<44} {:>12}", "measure", "value");
@@ -85,5 +88,37 @@ async fn main() -> Result<()> {
     let (wall, guest): (f64, f64) =
         rows.iter().fold((0.0, 0.0), |(w, g), (a, b)| (w + a.as_secs_f64(), g + b.as_secs_f64()));
     println!("{:<44} {:>9.2} %", "guest share of pull wall time (all pulls)", guest / wall * 100.0);
+    for (i, (wall, guest)) in cosign_rows.iter().enumerate() {
+        println!(
+            "{:<44} {:>9.1} ms wall, {:>7.2} ms guest",
+            format!("cosign pull {} (signed, verified)", i + 1),
+            wall.as_secs_f64() * 1e3,
+            guest.as_secs_f64() * 1e3,
+        );
+    }
+    let per_pull = cosign_rows.iter().map(|(_, g)| g.as_secs_f64()).sum::<f64>() / cosign_rows.len() as f64 * 1e3;
+    println!("{:<44} {:>9.2} ms (budget 5 ms)", "cosign puller: guest time per pull (mean)", per_pull);
     Ok(())
+}
+
+/// [`PULLS`] pulls of `reference` through the puller at `path` with `settings`, each into a
+/// fresh embedded store; (wall time, guest time) of each.
+async fn pulls(runtime: &Runtime, path: &std::path::Path, settings: String, reference: &str) -> Result<Vec<(std::time::Duration, std::time::Duration)>> {
+    let mut rows = Vec::new();
+    for _ in 0..PULLS {
+        let root = tempfile::tempdir()?;
+        let service = ImageService::new(
+            embedded::open(root.path())?,
+            Arc::new(Client::new()?),
+            runtime.load(path, settings.clone()).await?,
+        );
+        let guest_before = guest_time();
+        let t = Instant::now();
+        service
+            .pull(reference, Platform::host(), Arc::new(NoProgress), Credentials::anonymous(), CancellationToken::new())
+            .await?;
+        let wall = t.elapsed();
+        rows.push((wall, guest_time() - guest_before));
+    }
+    Ok(rows)
 }

@@ -39,7 +39,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{ImageFsInfoRequest, ImageSpec, ListImagesRequest, PullImageRequest};
-use pullbox_tests::{containerd::Containerd, cri, oci, proxy::FaultProxy, registry::send, Pullbox, Registry};
+use pullbox_tests::{containerd::Containerd, cri, oci, proxy::FaultProxy, registry::upload, Pullbox, Registry};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -539,23 +539,6 @@ async fn pull_one(proxy: &str, reference: &str, n: usize) -> Result<f64> {
 fn start_proxy(upstream: &str) -> Result<FaultProxy> {
     let upstream = upstream.to_owned();
     std::thread::spawn(move || FaultProxy::start(&upstream)).join().unwrap()
-}
-
-/// Uploads a blob: POST starts an upload, PUT to its Location with the digest completes it.
-fn upload(addr: &str, repo: &str, bytes: &[u8]) -> Result<String> {
-    let digest = oci::sha256_digest(bytes);
-    let (st, head) = send(addr, "POST", &format!("/v2/{repo}/blobs/uploads/"), "application/octet-stream", &[])?;
-    ensure!(st == 202, "upload start: {st}: {head}");
-    let location = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: ")))
-        .context("no Location")?
-        .trim();
-    let location = location.strip_prefix(&format!("http://{addr}")).unwrap_or(location);
-    let sep = if location.contains('?') { '&' } else { '?' };
-    let (st, head) = send(addr, "PUT", &format!("{location}{sep}digest={digest}"), "application/octet-stream", bytes)?;
-    ensure!(st == 201, "upload: {st}: {head}");
-    Ok(digest)
 }
 
 /// How many `ListImages` calls [`list_images_1000`] times: `PULLBOX_BENCH_LIST_CALLS`, default 21.

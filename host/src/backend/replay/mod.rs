@@ -220,6 +220,20 @@ impl Remote for Replay {
         progress.done(&desc.digest);
         Ok(())
     }
+
+    /// Referrers answers are not recorded: a puller that needs them cannot be judged offline.
+    async fn referrers(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        _: &str,
+        _: &Credentials,
+    ) -> Result<Vec<crate::registry::Referrer>> {
+        Err(Error::Unavailable {
+            what: format!("referrers of {repo}@{digest}: the recording holds no referrers answers"),
+            source: None,
+        })
+    }
 }
 
 #[async_trait]
