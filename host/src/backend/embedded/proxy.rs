@@ -240,30 +240,6 @@ impl ProxyStore {
     pub async fn cleanup(&self) -> Result<GcReport> {
         gc::collect(&self.layout, &self.db).await
     }
-
-    /// The directory a mount of an active proxy snapshot writes to (its own `fs`), for a
-    /// caller that unpacks into it directly: `NotFound` unless `key` is an active proxy
-    /// snapshot.
-    pub async fn upper_dir(&self, key: &str) -> Result<std::path::PathBuf> {
-        let info = self.stat(key).await?;
-        if info.kind != SnapshotKind::Active {
-            return Err(Error::FailedPrecondition(format!(
-                "snapshot {key} is not active"
-            )));
-        }
-        let key = key.to_owned();
-        let id: i64 = self
-            .db
-            .read(move |conn| {
-                Ok(
-                    conn.query_row("SELECT id FROM snapshots WHERE key = ?1", [&key], |r| {
-                        r.get(0)
-                    })?,
-                )
-            })
-            .await?;
-        Ok(self.layout.snapshot_fs(id))
-    }
 }
 
 #[cfg(test)]
