@@ -73,6 +73,39 @@ pub struct DaemonConfig {
     pub sandbox: crate::engine::Limits,
     /// The registry transport.
     pub registry: RegistrySection,
+    /// containerd's proxy snapshotter.
+    pub snapshotter: SnapshotterSection,
+}
+
+/// `[snapshotter]`: pullbox as containerd's proxy snapshotter (see [`crate::snapshotter`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotterSection {
+    /// The unix socket containerd's `[proxy_plugins]` entry names; absent: not served. The
+    /// socket is root's alone (mode 0600) and its directory is made `0700`, so give it a
+    /// directory of its own (not the CRI socket's, whose group may need to reach it).
+    pub address: Option<PathBuf>,
+    /// The name containerd's `[proxy_plugins]` entry gives this snapshotter (default
+    /// `pullbox`). When the containerd backend's `containerd.snapshotter` is this name, pullbox
+    /// unpacks the layers of its pulls itself, into its own store (see
+    /// [`crate::snapshotter::ProxyDiffer`]).
+    pub name: String,
+}
+
+impl Default for SnapshotterSection {
+    fn default() -> Self {
+        SnapshotterSection { address: None, name: "pullbox".into() }
+    }
+}
+
+impl DaemonConfig {
+    /// Whether the containerd backend's snapshots are this daemon's proxy snapshotter's, so
+    /// that layers are unpacked into pullbox's store by pullbox.
+    pub fn unpacks_for_containerd(&self) -> bool {
+        self.backend == BackendKind::Containerd
+            && self.snapshotter.address.is_some()
+            && self.containerd.snapshotter == self.snapshotter.name
+    }
 }
 
 /// `[registry]`: how registries are reached.
@@ -168,6 +201,7 @@ impl Default for DaemonConfig {
             containerd: ContainerdSection::default(),
             sandbox: crate::engine::Limits::default(),
             registry: RegistrySection::default(),
+            snapshotter: SnapshotterSection::default(),
         }
     }
 }
@@ -251,6 +285,16 @@ mod tests {
         assert_eq!(c.backend, BackendKind::Containerd);
         assert_eq!(c.containerd.namespace, "x");
         assert_eq!(c.containerd.snapshotter, "overlayfs");
+        assert_eq!(c.snapshotter.address, None);
+        let c: DaemonConfig = toml::from_str("[snapshotter]\naddress = \"/run/pullbox/snapshotter/s.sock\"\n").unwrap();
+        assert_eq!(c.snapshotter.address, Some(PathBuf::from("/run/pullbox/snapshotter/s.sock")));
+        assert!(toml::from_str::<DaemonConfig>("[snapshotter]\nadress = \"/x\"").is_err());
+        assert!(!c.unpacks_for_containerd());
+        let c: DaemonConfig = toml::from_str(
+            "backend = \"containerd\"\n[containerd]\nsnapshotter = \"pullbox\"\n[snapshotter]\naddress = \"/s\"\n",
+        )
+        .unwrap();
+        assert!(c.unpacks_for_containerd());
     }
 
     #[test]

@@ -48,7 +48,6 @@ use tonic::{Request, Response, Status};
 use crate::{
     backend::embedded::fsutil::disk_usage_lenient,
     engine::ImageInfo,
-    error::Code,
     metrics::Metrics,
     oci::Platform,
     registry::{reference_registry, AuthConfig, Credentials},
@@ -134,17 +133,7 @@ async fn measure_fs(
 
 /// The gRPC status of a failed operation.
 pub fn status(e: &ServiceError) -> Status {
-    let code = match e.code() {
-        Code::NotFound => tonic::Code::NotFound,
-        Code::AlreadyExists => tonic::Code::AlreadyExists,
-        Code::InvalidArgument => tonic::Code::InvalidArgument,
-        Code::FailedPrecondition => tonic::Code::FailedPrecondition,
-        Code::PermissionDenied => tonic::Code::PermissionDenied,
-        Code::ResourceExhausted => tonic::Code::ResourceExhausted,
-        Code::Unavailable => tonic::Code::Unavailable,
-        Code::Cancelled => tonic::Code::Cancelled,
-        Code::Internal => tonic::Code::Internal,
-    };
+    let code = e.code().into();
     let message = match e {
         ServiceError::Host(h) => h.chain(),
         other => other.to_string(),

@@ -37,6 +37,22 @@ impl fmt::Display for Code {
     }
 }
 
+impl From<Code> for tonic::Code {
+    fn from(code: Code) -> tonic::Code {
+        match code {
+            Code::NotFound => tonic::Code::NotFound,
+            Code::AlreadyExists => tonic::Code::AlreadyExists,
+            Code::InvalidArgument => tonic::Code::InvalidArgument,
+            Code::FailedPrecondition => tonic::Code::FailedPrecondition,
+            Code::PermissionDenied => tonic::Code::PermissionDenied,
+            Code::ResourceExhausted => tonic::Code::ResourceExhausted,
+            Code::Unavailable => tonic::Code::Unavailable,
+            Code::Cancelled => tonic::Code::Cancelled,
+            Code::Internal => tonic::Code::Internal,
+        }
+    }
+}
+
 /// Every failure of the host's stores, transport and engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

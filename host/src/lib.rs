@@ -4,7 +4,8 @@
 //! The host is the data plane: registry transport ([`registry`]), the storage backends
 //! ([`backend`]), the wasmtime embedding ([`engine`]) and one module per WIT interface
 //! ([`interfaces`]). Every decision about what to pull and how to record it is made by the
-//! puller component the engine loads.
+//! puller component the engine loads. [`snapshotter`] serves the embedded store to containerd
+//! as its proxy snapshotter.
 
 pub mod artifact;
 pub mod backend;
@@ -19,3 +20,4 @@ pub mod config;
 pub mod cri;
 pub mod metrics;
 pub mod verdict;
+pub mod snapshotter;

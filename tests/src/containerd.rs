@@ -23,6 +23,10 @@
 //! ([`fresh_namespace`]): namespaces keep one test's images, leases and garbage collection
 //! from another's, and one containerd start (about half a second) serves them all.
 //!
+//! [`Containerd::start_with_proxy`] also lists a proxy snapshotter (`[proxy_plugins]`, type
+//! `snapshot`), such as `pullbox serve`'s snapshotter socket, under a name `--snapshotter`
+//! options of `ctr` and pullbox's `containerd.snapshotter` setting can use.
+//!
 //! Needs root (containerd, mounts, runc), `/usr/bin/containerd`, `/usr/bin/ctr`,
 //! `containerd-shim-runc-v2` and `runc` on `PATH`.
 
@@ -110,6 +114,16 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd in a fresh directory and waits until it answers.
     pub fn start() -> Result<Self> {
+        Self::start_config(None)
+    }
+
+    /// [`Containerd::start`], with the proxy snapshotter `name` at the unix socket `address`
+    /// (containerd connects to it on first use, so it may start later).
+    pub fn start_with_proxy(name: &str, address: &Path) -> Result<Self> {
+        Self::start_config(Some((name, address)))
+    }
+
+    fn start_config(proxy: Option<(&str, &Path)>) -> Result<Self> {
         let parent = std::env::var_os("PULLBOX_TEST_CONTAINERD_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
@@ -127,7 +141,14 @@ impl Containerd {
             );
         }
         let config = dir.join("config.toml");
-        fs::write(&config, config_toml(&dir, &socket))?;
+        let mut toml = config_toml(&dir, &socket);
+        if let Some((name, address)) = proxy {
+            toml.push_str(&format!(
+                "\n[proxy_plugins]\n  [proxy_plugins.{name}]\n    type = \"snapshot\"\n    address = {:?}\n",
+                address.display().to_string()
+            ));
+        }
+        fs::write(&config, toml)?;
         fs::create_dir_all(dir.join("certs.d"))?;
         let mut command = Command::new(CONTAINERD_BIN);
         command.arg("--config").arg(&config).env("PATH", PATH);

@@ -118,6 +118,17 @@ pub enum SnapshotKind {
     Committed,
 }
 
+impl SnapshotKind {
+    /// The kind as containerd's filters and pullbox's database spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::View => "view",
+            SnapshotKind::Active => "active",
+            SnapshotKind::Committed => "committed",
+        }
+    }
+}
+
 /// What the snapshotter knows of one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {

@@ -445,12 +445,22 @@ fn pullbox_cli(reference: &str, args: &[&str]) -> Result<Figure> {
     timed(cmd)
 }
 
-async fn pullbox_containerd(reference: &str, run: usize) -> Result<Figure> {
-    let ctd = Containerd::start()?;
-    let daemon = cri::Daemon::start(&format!(
+/// A CRI pull through `pullbox serve` on the containerd backend; with `proxy`, containerd
+/// lists pullbox's snapshotter socket in `[proxy_plugins]` and pullbox's pulls use it
+/// (`containerd.snapshotter = "pullbox"`: pullbox unpacks the layers into its own store).
+async fn pullbox_containerd(reference: &str, run: usize, proxy: bool) -> Result<Figure> {
+    let sockets = tempfile::Builder::new().prefix("pbsn-").tempdir_in("/tmp")?;
+    let snapshotter = sockets.path().join("run").join("s.sock");
+    let ctd = if proxy { Containerd::start_with_proxy("pullbox", &snapshotter)? } else { Containerd::start()? };
+    let mut config = format!(
         "backend = \"containerd\"\n[containerd]\naddress = {:?}\nnamespace = \"bench{run}\"\n",
         ctd.socket().display().to_string()
-    ))?;
+    );
+    if proxy {
+        let address = snapshotter.display().to_string();
+        config.push_str(&format!("snapshotter = \"pullbox\"\n[snapshotter]\naddress = {address:?}\n"));
+    }
+    let daemon = cri::Daemon::start(&config)?;
     let mut client = cri::connect(daemon.socket()).await?;
     client.list_images(ListImagesRequest::default()).await?; // warm the puller
     let t = Instant::now();
@@ -680,7 +690,8 @@ async fn main() -> Result<()> {
             best("ctr images pull", ctr_pull(&reference, run_id)?);
             best("pullbox pull (embedded)", pullbox_cli(&reference, &[])?);
             best("pullbox pull --sync-fs (embedded)", pullbox_cli(&reference, &["--sync-fs"])?);
-            best("pullbox serve -> containerd", pullbox_containerd(&reference, run_id).await?);
+            best("pullbox serve -> containerd", pullbox_containerd(&reference, run_id, false).await?);
+            best("pullbox serve -> containerd (pullbox snapshotter)", pullbox_containerd(&reference, run_id, true).await?);
             best("skopeo copy (download only)", skopeo_copy(&reference)?);
         }
     }
@@ -690,12 +701,12 @@ async fn main() -> Result<()> {
         "pullbox pull benchmark: {} cores, scale {scale}, best of {runs} run(s); RSS = peak resident set (daemon: VmHWM)",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
-    println!("{:<58} {:<34} {:>8} {:>8} {:>8} {:>9} {:>12}", "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd");
+    println!("{:<58} {:<50} {:>8} {:>8} {:>8} {:>9} {:>12}", "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd");
     for r in &rows {
         let ctr = rows.iter().find(|x| x.image == r.image && x.tool == "ctr images pull").map(|x| x.fig.wall);
         let par = rows.iter().find(|x| x.image == r.image && x.tool == "tar, all in parallel").map(|x| x.fig.wall);
         println!(
-            "{:<58} {:<34} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>12}",
+            "{:<58} {:<50} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>12}",
             r.image,
             r.tool,
             r.fig.wall,

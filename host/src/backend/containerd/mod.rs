@@ -295,7 +295,7 @@ fn from_descriptor(d: types::Descriptor) -> Result<Descriptor> {
     })
 }
 
-fn to_mount(m: &Mount) -> types::Mount {
+pub(crate) fn to_mount(m: &Mount) -> types::Mount {
     types::Mount { r#type: m.kind.clone(), source: m.source.clone(), target: String::new(), options: m.options.clone() }
 }
 

@@ -29,6 +29,11 @@
 //! it is deleted. It records the boot id only, and dies with the boot: no mount survives a
 //! reboot.
 //!
+//! A *permanent* lease ([`ensure_permanent`]) has no owner and no boot: its boot id is
+//! [`PERMANENT`], and only deleting it ends it. The containerd proxy snapshotter keeps the
+//! snapshots containerd made in one ([`super::proxy`]): they outlive pullbox and reboots, as
+//! containerd's own snapshots do, and containerd's `Remove` is what frees them.
+//!
 //! Creating a lease first collects garbage when some lease's owner is gone (a killed pull), so
 //! the next pull after a crash cleans up after it ("collected at the next start"); checking
 //! costs one query and a `/proc` read per lease.
@@ -104,6 +109,9 @@ impl Owner {
     /// Whether the owning process still runs (for a detached lease: whether the machine has not
     /// rebooted since). See the module docs for how namespaces are judged.
     pub(crate) fn is_alive(&self) -> bool {
+        if self.boot_id == PERMANENT {
+            return true;
+        }
         if self.boot_id != boot_id() {
             return false;
         }
@@ -204,6 +212,18 @@ fn is_ancestor_namespace(ns: u64) -> bool {
         }
     }
     false
+}
+
+/// The boot id of a permanent lease (see the module docs): no kernel's boot id has this shape.
+pub(crate) const PERMANENT: &str = "permanent";
+
+/// Creates the permanent lease `id` unless it exists.
+pub(crate) fn ensure_permanent(conn: &rusqlite::Connection, id: &LeaseId) -> Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO leases (id, pid, start_time, boot_id, pid_ns, created_at) VALUES (?1, 0, 0, ?2, 0, ?3)",
+        params![id.0, PERMANENT, now_nanos() as i64],
+    )?;
+    Ok(())
 }
 
 /// The kernel's boot id (empty when unavailable: then only the start time tells reuse).
@@ -310,6 +330,7 @@ mod tests {
         assert!(!Owner { pid, ..me.clone() }.is_alive());
         assert!(Owner::detached().is_alive());
         assert!(!Owner { boot_id: "another boot".into(), ..Owner::detached() }.is_alive());
+        assert!(Owner { boot_id: PERMANENT.into(), ..Owner::detached() }.is_alive());
         // A lease from before namespaces were recorded: pid and start time decide.
         assert!(Owner { pid_ns: 0, ..me }.is_alive());
     }

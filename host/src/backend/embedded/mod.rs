@@ -54,6 +54,7 @@ pub(crate) mod fsutil;
 mod gc;
 mod images;
 mod leases;
+pub mod proxy;
 mod snapshots;
 mod stage;
 mod unpack;

@@ -118,25 +118,27 @@ pub(crate) struct Row {
 const COLUMNS: &str = "id, key, parent, kind, labels";
 
 fn kind_str(kind: SnapshotKind) -> &'static str {
-    match kind {
-        SnapshotKind::Active => "active",
-        SnapshotKind::View => "view",
-        SnapshotKind::Committed => "committed",
-    }
+    kind.as_str()
+}
+
+/// The kind and labels in columns `first` and `first + 1` of `row`.
+pub(crate) fn kind_and_labels(row: &SqlRow<'_>, first: usize) -> rusqlite::Result<(SnapshotKind, Labels)> {
+    let corrupt = |i, e: Box<dyn std::error::Error + Send + Sync>| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
+    };
+    let kind = match row.get_ref(first)?.as_str()? {
+        "active" => SnapshotKind::Active,
+        "view" => SnapshotKind::View,
+        "committed" => SnapshotKind::Committed,
+        other => return Err(corrupt(first, format!("unknown snapshot kind {other:?}").into())),
+    };
+    let labels = serde_json::from_str(row.get_ref(first + 1)?.as_str()?).map_err(|e| corrupt(first + 1, e.into()))?;
+    Ok((kind, labels))
 }
 
 impl Row {
     fn from_sql(row: &SqlRow<'_>) -> rusqlite::Result<Row> {
-        let corrupt = |i, e: Box<dyn std::error::Error + Send + Sync>| {
-            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
-        };
-        let kind = match row.get_ref(3)?.as_str()? {
-            "active" => SnapshotKind::Active,
-            "view" => SnapshotKind::View,
-            "committed" => SnapshotKind::Committed,
-            other => return Err(corrupt(3, format!("unknown snapshot kind {other:?}").into())),
-        };
-        let labels = serde_json::from_str(row.get_ref(4)?.as_str()?).map_err(|e| corrupt(4, e.into()))?;
+        let (kind, labels) = kind_and_labels(row, 3)?;
         Ok(Row { id: row.get(0)?, key: row.get(1)?, parent: row.get(2)?, kind, labels })
     }
 }
@@ -275,6 +277,11 @@ fn live_holder(conn: &Connection, key: &str, except: Option<&LeaseId>) -> Result
 /// The name an active snapshot `key` will be committed as, when its key says so (see the
 /// module docs): `extract-<hex>` → `sha256:<hex>`, `<anything> <name>` → `<name>`.
 fn unpack_target(key: &str) -> Option<String> {
+    if super::proxy::is_containerd_key(key) {
+        // containerd's own unpacks through the proxy snapshotter (`<namespace>/<id>/<key>`)
+        // commit under keys of the same shape, never under a name pullbox's pulls stat.
+        return None;
+    }
     if let Some((_, name)) = key.rsplit_once(' ') {
         return (!name.is_empty()).then(|| name.to_owned());
     }
@@ -394,14 +401,22 @@ impl Snapshots {
 
     /// Creates an active snapshot or a view on `parent`, first waiting while `key` is another
     /// live pull's active snapshot (see the module docs).
-    async fn create(&self, key: &str, parent: &str, kind: SnapshotKind, lease: &LeaseId) -> Result<Vec<Mount>> {
+    /// `labels` are the new snapshot's (containerd's `Prepare`/`View` options).
+    pub(crate) async fn create(
+        &self,
+        key: &str,
+        parent: &str,
+        kind: SnapshotKind,
+        lease: &LeaseId,
+        labels: &Labels,
+    ) -> Result<Vec<Mount>> {
         if key.is_empty() {
             return Err(Error::InvalidArgument("a snapshot key must not be empty".into()));
         }
         let started = Instant::now();
         let mut announced = false;
         loop {
-            match self.try_create(key, parent, kind, lease).await? {
+            match self.try_create(key, parent, kind, lease, labels).await? {
                 Created::Mounts(mounts) => {
                     if announced {
                         tracing::info!(key, waited = ?started.elapsed(), "the other pull is done with the snapshot");
@@ -428,8 +443,16 @@ impl Snapshots {
         }
     }
 
-    async fn try_create(&self, key: &str, parent: &str, kind: SnapshotKind, lease: &LeaseId) -> Result<Created> {
+    async fn try_create(
+        &self,
+        key: &str,
+        parent: &str,
+        kind: SnapshotKind,
+        lease: &LeaseId,
+        labels: &Labels,
+    ) -> Result<Created> {
         let (layout, key, parent, lease) = (self.layout.clone(), key.to_owned(), parent.to_owned(), lease.clone());
+        let labels = labels.clone();
         self.db
             .write(move |tx| {
                 if let Some(existing) = get(tx, &key)? {
@@ -451,10 +474,10 @@ impl Snapshots {
                 let now = now_nanos() as i64;
                 tx.execute(
                     "INSERT INTO snapshots (key, parent, kind, labels, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, '{}', ?4, ?4)",
-                    params![key, parent, kind_str(kind), now],
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                    params![key, parent, kind_str(kind), serde_json::to_string(&labels)?, now],
                 )?;
-                let row = Row { id: tx.last_insert_rowid(), key, parent, kind, labels: Labels::new() };
+                let row = Row { id: tx.last_insert_rowid(), key, parent, kind, labels };
 
                 let dir = layout.snapshot(row.id);
                 let context = format!("creating snapshot {} in {}", row.key, dir.display());
@@ -483,38 +506,16 @@ impl Snapshots {
             }
         }
     }
-}
 
-#[async_trait]
-impl Snapshotter for Snapshots {
-    fn name(&self) -> &str {
-        NAME
-    }
-
-    async fn prepare(&self, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>> {
-        self.create(key, parent, SnapshotKind::Active, lease).await
-    }
-
-    async fn view(&self, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>> {
-        self.create(key, parent, SnapshotKind::View, lease).await
-    }
-
-    async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let (layout, key) = (self.layout.clone(), key.to_owned());
-        self.db
-            .read(move |conn| {
-                let row = require(conn, &key)?;
-                if row.kind == SnapshotKind::Committed {
-                    return Err(Error::FailedPrecondition(format!(
-                        "snapshot {key} is committed: only active snapshots and views have mounts"
-                    )));
-                }
-                Ok(mounts_of(&layout, &row, &chain(conn, &layout, &row.parent)?))
-            })
-            .await
-    }
-
-    async fn commit(&self, name: &str, key: &str, lease: &LeaseId) -> Result<()> {
+    /// Commits the active snapshot `key` as `name`; the committed snapshot gets `labels`
+    /// (containerd's `Commit` options), or keeps the active snapshot's when `None`.
+    pub(crate) async fn commit_labeled(
+        &self,
+        name: &str,
+        key: &str,
+        lease: &LeaseId,
+        labels: Option<Labels>,
+    ) -> Result<()> {
         if name.is_empty() {
             return Err(Error::InvalidArgument("a snapshot name must not be empty".into()));
         }
@@ -539,9 +540,10 @@ impl Snapshotter for Snapshots {
                     trash = move_to_trash(&layout, &layout.snapshot(existing.id))
                         .map_err(Error::io(format!("replacing snapshot {name}")))?;
                 }
+                let labels = serde_json::to_string(labels.as_ref().unwrap_or(&row.labels))?;
                 tx.execute(
-                    "UPDATE snapshots SET key = ?1, kind = ?2, updated_at = ?3 WHERE id = ?4",
-                    params![name, kind_str(SnapshotKind::Committed), now_nanos() as i64, row.id],
+                    "UPDATE snapshots SET key = ?1, kind = ?2, labels = ?3, updated_at = ?4 WHERE id = ?5",
+                    params![name, kind_str(SnapshotKind::Committed), labels, now_nanos() as i64, row.id],
                 )?;
                 drop_resource(tx, Resource::Snapshot, &key)?;
                 Ok(trash)
@@ -549,6 +551,40 @@ impl Snapshotter for Snapshots {
             .await?;
         Self::delete_trash(trash).await;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Snapshotter for Snapshots {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn prepare(&self, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>> {
+        self.create(key, parent, SnapshotKind::Active, lease, &Labels::new()).await
+    }
+
+    async fn view(&self, key: &str, parent: &str, lease: &LeaseId) -> Result<Vec<Mount>> {
+        self.create(key, parent, SnapshotKind::View, lease, &Labels::new()).await
+    }
+
+    async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let (layout, key) = (self.layout.clone(), key.to_owned());
+        self.db
+            .read(move |conn| {
+                let row = require(conn, &key)?;
+                if row.kind == SnapshotKind::Committed {
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {key} is committed: only active snapshots and views have mounts"
+                    )));
+                }
+                Ok(mounts_of(&layout, &row, &chain(conn, &layout, &row.parent)?))
+            })
+            .await
+    }
+
+    async fn commit(&self, name: &str, key: &str, lease: &LeaseId) -> Result<()> {
+        self.commit_labeled(name, key, lease, None).await
     }
 
     async fn stat(&self, key: &str) -> Result<SnapshotInfo> {
@@ -857,6 +893,7 @@ mod tests {
         assert_eq!(unpack_target(&format!("extract-123-abc sha256:{hex}")), Some(format!("sha256:{hex}")));
         assert_eq!(unpack_target("extract-short"), None);
         assert_eq!(unpack_target("pullbox-mount-1"), None);
+        assert_eq!(unpack_target(&format!("k8s.io/12/extract-123-abc sha256:{hex}")), None);
     }
 
     #[tokio::test]

@@ -171,6 +171,10 @@ enum Command {
         /// Configuration file (TOML); default: every default (see the README).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also serve containerd's snapshots API on this unix socket (containerd's proxy
+        /// snapshotter; overrides `[snapshotter] address`).
+        #[arg(long, env = "PULLBOX_SNAPSHOTTER_ADDRESS")]
+        snapshotter_address: Option<PathBuf>,
     },
     /// Work with puller components.
     #[command(subcommand)]
@@ -245,13 +249,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )
         .await;
     }
-    if let Command::Serve { config } = &cli.command {
+    if let Command::Serve { config, snapshotter_address } = &cli.command {
         let overrides = serve::Overrides {
             root: cli.root.clone(),
             puller: cli.puller.clone(),
             settings: cli.settings.clone(),
             sync_fs: cli.sync_fs,
             max_layer_bytes: cli.max_layer_bytes,
+            snapshotter_address: snapshotter_address.clone(),
         };
         return serve::serve(config.as_deref(), overrides).await;
     }

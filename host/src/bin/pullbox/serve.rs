@@ -49,6 +49,8 @@ pub struct Overrides {
     pub sync_fs: bool,
     /// `--max-layer-bytes`, when given.
     pub max_layer_bytes: Option<u64>,
+    /// `--snapshotter-address`, when given.
+    pub snapshotter_address: Option<PathBuf>,
 }
 
 /// `pullbox serve [--config FILE]`.
@@ -63,7 +65,17 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     }
     config.sync_fs |= overrides.sync_fs;
     config.max_layer_bytes = overrides.max_layer_bytes.unwrap_or(config.max_layer_bytes);
+    config.snapshotter.address = overrides.snapshotter_address.or(config.snapshotter.address);
 
+    // Signals are taken before the sockets exist: a client that sees the socket may send
+    // SIGHUP at once, and SIGHUP's default action would end the daemon.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let snapshotter = match &config.snapshotter.address {
+        Some(path) => Some(serve_snapshotter(&config, path).await?),
+        None => None,
+    };
     let (backend, fs_root) = open_backend(&config).await?;
     match backend.leases.collect().await {
         Ok(r) => tracing::info!(
@@ -104,11 +116,6 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
         });
     }
 
-    // Signals are taken before the socket exists: a client that sees the socket may send
-    // SIGHUP at once, and SIGHUP's default action would end the daemon.
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let listener = bind(&config.socket, config.mode().map_err(anyhow::Error::msg)?)?;
     tracing::info!(socket = %config.socket.display(), puller = %current.source, "serving the CRI image service");
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -162,7 +169,44 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
         }
     };
     remove_socket(&config.socket);
+    if let Some((path, stop)) = snapshotter {
+        let _ = stop.send(());
+        remove_socket(&path);
+    }
     result
+}
+
+/// Serves containerd's snapshots API on `path` (root's alone: the socket `0600` in a `0700`
+/// directory), backed by the embedded store at the root, until the returned sender fires.
+/// Started before the backend is opened (and the CRI socket), so that containerd finds its
+/// proxy snapshotter as early as possible.
+async fn serve_snapshotter(
+    config: &DaemonConfig,
+    path: &Path,
+) -> anyhow::Result<(PathBuf, tokio::sync::oneshot::Sender<()>)> {
+    let options = embedded::Options { sync_fs: config.sync_fs, max_layer_bytes: config.max_layer_bytes };
+    let store = pullbox::snapshotter::ProxyStore::open(&config.root, options)
+        .await
+        .with_context(|| format!("cannot open the store at {} for the snapshotter", config.root.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+    }
+    let listener = bind(path, 0o600)?;
+    tracing::info!(socket = %path.display(), "serving containerd's snapshots API (proxy snapshotter)");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(pullbox::snapshotter::Server::new(store).into_service())
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!("snapshotter server failed: {e}");
+        }
+    });
+    Ok((path.to_owned(), stop_tx))
 }
 
 /// How often the puller and settings files are checked for changes.
@@ -386,7 +430,21 @@ async fn open_backend(config: &DaemonConfig) -> anyhow::Result<(Backend, PathBuf
             })
             .await
             .with_context(|| format!("cannot use containerd at {}", c.address.display()))?;
-            (backend, c.root.join(format!("io.containerd.snapshotter.v1.{}", c.snapshotter)))
+            if config.unpacks_for_containerd() {
+                // Snapshots are this daemon's proxy snapshotter's: pullbox unpacks into them.
+                let options = embedded::Options { sync_fs: config.sync_fs, max_layer_bytes: config.max_layer_bytes };
+                let local = embedded::open_with(&config.root, options)
+                    .with_context(|| format!("cannot open the store at {}", config.root.display()))?;
+                let differ = pullbox::snapshotter::ProxyDiffer::new(backend.differ.clone(), local.differ);
+                tracing::info!(
+                    snapshotter = c.snapshotter,
+                    root = %config.root.display(),
+                    "layers are unpacked by pullbox into its store while they download"
+                );
+                (Backend { differ: Arc::new(differ), ..backend }, config.root.join("snapshots"))
+            } else {
+                (backend, c.root.join(format!("io.containerd.snapshotter.v1.{}", c.snapshotter)))
+            }
         }
     })
 }
