@@ -146,8 +146,25 @@ impl Stage for Staging {
         if (&layer.digest, layer.size, &layer.media_type) != staged_as {
             return Ok(None);
         }
-        let upper = upper_dir(mounts)?;
-        let lowers = self.applier.check_upper(&upper).await?;
+        // A snapshot outside this store (another snapshotter of containerd's, chosen with
+        // `snapshots.select`) is unpacked by the backend's differ from the stored blob.
+        let outside = |e: Error| tracing::debug!(layer = %layer.digest, "not unpacked while downloading: {e}");
+        let upper = match upper_dir(mounts) {
+            Ok(upper) => upper,
+            Err(e @ Error::InvalidArgument(_)) => {
+                outside(e);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let lowers = match self.applier.check_upper(&upper).await {
+            Ok(lowers) => lowers,
+            Err(e @ Error::InvalidArgument(_)) => {
+                outside(e);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         let Some(job) = self.take_job() else { return Ok(None) };
         let digest = self.layer.digest.clone();
         let staged = match job.await {
@@ -398,13 +415,16 @@ mod tests {
         assert_eq!(stage.apply(&desc, &mounts).await.unwrap(), None);
         assert!(PathBuf::from(&mounts[0].source).join("mine").exists());
 
-        // Mounts that are no active snapshot of this store are refused, as by the differ.
+        // Mounts that are no active snapshot of this store (another snapshotter's) get nothing
+        // from the stage; the differ, which the caller falls back to, refuses them here.
         let stage = b.differ.stage(&desc).unwrap();
         feed_all(stage.as_ref(), &blob, 64).await;
         let outside = tempfile::tempdir().unwrap();
         let hostile =
             vec![Mount { kind: "bind".into(), source: outside.path().display().to_string(), options: vec![] }];
-        assert!(matches!(stage.apply(&desc, &hostile).await, Err(Error::InvalidArgument(_))));
+        assert_eq!(stage.apply(&desc, &hostile).await.unwrap(), None);
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0, "nothing moved outside the store");
+        assert!(matches!(b.differ.apply(&desc, &hostile).await, Err(Error::InvalidArgument(_))));
         let discarded = b.differ.stage(&desc).unwrap();
         feed_all(discarded.as_ref(), &blob, 64).await;
         discarded.discard().await;

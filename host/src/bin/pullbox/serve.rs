@@ -65,7 +65,7 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
     }
     config.sync_fs |= overrides.sync_fs;
     config.max_layer_bytes = overrides.max_layer_bytes.unwrap_or(config.max_layer_bytes);
-    config.snapshotter.address = overrides.snapshotter_address.or(config.snapshotter.address);
+    config.snapshotter.address = overrides.snapshotter_address.clone().or(config.snapshotter.address);
 
     // Signals are taken before the sockets exist: a client that sees the socket may send
     // SIGHUP at once, and SIGHUP's default action would end the daemon.
