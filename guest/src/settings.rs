@@ -302,18 +302,28 @@ fn list_of<T>(
         .collect()
 }
 
-fn tag_pattern(s: &str) -> std::result::Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= crate::reference::TAG_LENGTH_MAX
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'*'));
-    if ok {
+/// `s` when its length is in `len` and every byte is `allowed`; else a message saying it is
+/// not a `what` (which names the characters allowed).
+fn spelled(
+    s: &str,
+    len: std::ops::RangeInclusive<usize>,
+    allowed: impl Fn(u8) -> bool,
+    what: &str,
+) -> std::result::Result<String, String> {
+    if len.contains(&s.len()) && s.bytes().all(allowed) {
         Ok(s.to_string())
     } else {
-        Err(format!(
-            "{s:?} is not a tag pattern (letters, digits, '_', '.', '-', and * for any run)"
-        ))
+        Err(format!("{s:?} is not a {what}"))
     }
+}
+
+fn tag_pattern(s: &str) -> std::result::Result<String, String> {
+    spelled(
+        s,
+        1..=crate::reference::TAG_LENGTH_MAX,
+        |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'*'),
+        "tag pattern (letters, digits, '_', '.', '-', and * for any run)",
+    )
 }
 
 /// A reference as the record name it normalizes to.
@@ -487,31 +497,22 @@ fn parse_members(members: &[(String, Value)]) -> Result<Settings> {
 }
 
 fn namespace_glob(s: &str) -> std::result::Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'*'));
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "{s:?} is not a namespace pattern (lowercase letters, digits, '-', and * for any run)"
-        ))
-    }
+    spelled(
+        s,
+        1..=63,
+        |b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'*'),
+        "namespace pattern (lowercase letters, digits, '-', and * for any run)",
+    )
 }
 
 fn handler_glob(s: &str) -> std::result::Result<String, String> {
-    let ok = s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'*'));
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "{s:?} is not a runtime handler pattern (letters, digits, '_', '.', '-', and * for \
-             any run; \"\" for the default handler)"
-        ))
-    }
+    spelled(
+        s,
+        0..=253,
+        |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'*'),
+        "runtime handler pattern (letters, digits, '_', '.', '-', and * for any run; \"\" for \
+         the default handler)",
+    )
 }
 
 /// `runtimePlatforms`: an object of runtime handler name to a [`RuntimePlatform`] object.
@@ -564,17 +565,12 @@ fn runtime_platforms(v: &Value) -> Result<Vec<(String, RuntimePlatform)>> {
 
 /// A snapshotter name as containerd's plugin IDs are spelled.
 fn snapshotter_name(s: &str) -> std::result::Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "{s:?} is not a snapshotter name (letters, digits, '_', '.', '-')"
-        ))
-    }
+    spelled(
+        s,
+        1..=64,
+        |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'),
+        "snapshotter name (letters, digits, '_', '.', '-')",
+    )
 }
 
 /// `scopes`: a list of scope objects.
