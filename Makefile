@@ -15,7 +15,7 @@
 # build's cache is never invalidated by guest flags. The core modules become components
 # with `wasm-tools component new`, which is installed with cargo when missing.
 
-.PHONY: bench bench-engine all build pullers host setup test test-unit test-integration check demo clippy fmt clean-demo
+.PHONY: bench bench-engine all build pullers host setup test test-unit test-integration check demo clippy fmt fmt-check clean-demo
 .DELETE_ON_ERROR:
 
 # ---- variables ------------------------------------------------------------------------
@@ -167,7 +167,7 @@ test-unit:
 test-integration: build
 	$(CARGO) test --release --locked -p pullbox-tests
 
-test: build test-unit test-integration
+test: fmt-check build test-unit test-integration
 
 # What CI runs, and the README's test command: set up the machine, then build and test.
 check: setup test
@@ -193,3 +193,7 @@ clippy:
 
 fmt:
 	$(CARGO) fmt --all
+
+# rustfmt.toml is the house style; CI refuses a tree `make fmt` would change.
+fmt-check:
+	$(CARGO) fmt --all --check

@@ -13,29 +13,14 @@ const MESSAGES: &str = "::containerd_client::services::v1::snapshots";
 
 /// (method, request message, response message, server-streaming) as in `snapshots.proto`.
 const METHODS: &[(&str, &str, &str, bool)] = &[
-    (
-        "Prepare",
-        "PrepareSnapshotRequest",
-        "PrepareSnapshotResponse",
-        false,
-    ),
+    ("Prepare", "PrepareSnapshotRequest", "PrepareSnapshotResponse", false),
     ("View", "ViewSnapshotRequest", "ViewSnapshotResponse", false),
     ("Mounts", "MountsRequest", "MountsResponse", false),
     ("Commit", "CommitSnapshotRequest", "Empty", false),
     ("Remove", "RemoveSnapshotRequest", "Empty", false),
     ("Stat", "StatSnapshotRequest", "StatSnapshotResponse", false),
-    (
-        "Update",
-        "UpdateSnapshotRequest",
-        "UpdateSnapshotResponse",
-        false,
-    ),
-    (
-        "List",
-        "ListSnapshotsRequest",
-        "ListSnapshotsResponse",
-        true,
-    ),
+    ("Update", "UpdateSnapshotRequest", "UpdateSnapshotResponse", false),
+    ("List", "ListSnapshotsRequest", "ListSnapshotsResponse", true),
     ("Usage", "UsageRequest", "UsageResponse", false),
     ("Cleanup", "CleanupRequest", "Empty", false),
 ];
@@ -54,9 +39,7 @@ fn message(name: &str) -> String {
 }
 
 fn main() {
-    let mut service = Service::builder()
-        .name("Snapshots")
-        .package("containerd.services.snapshots.v1");
+    let mut service = Service::builder().name("Snapshots").package("containerd.services.snapshots.v1");
     for &(name, input, output, streaming) in METHODS {
         let mut method = Method::builder()
             .name(snake(name))
@@ -69,9 +52,6 @@ fn main() {
         }
         service = service.method(method.build());
     }
-    Builder::new()
-        .build_client(false)
-        .build_server(true)
-        .compile(&[service.build()]);
+    Builder::new().build_client(false).build_server(true).compile(&[service.build()]);
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -47,23 +47,17 @@ pub fn pull_image<P: Puller>(request: exp::PullRequest) -> Result<exp::ImageInfo
             annotations: p.annotations,
         }),
     };
-    P::pull_image(&WitHost, &request)
-        .map(info_to)
-        .map_err(to_wit)
+    P::pull_image(&WitHost, &request).map(info_to).map_err(to_wit)
 }
 
 /// `image-status`, for [`crate::export_puller!`].
 pub fn image_status<P: Puller>(reference: String) -> Result<Option<exp::ImageInfo>, wit::Error> {
-    P::image_status(&WitHost, &reference)
-        .map(|o| o.map(info_to))
-        .map_err(to_wit)
+    P::image_status(&WitHost, &reference).map(|o| o.map(info_to)).map_err(to_wit)
 }
 
 /// `list-images`, for [`crate::export_puller!`].
 pub fn list_images<P: Puller>() -> Result<Vec<exp::ImageInfo>, wit::Error> {
-    P::list_images(&WitHost)
-        .map(|v| v.into_iter().map(info_to).collect())
-        .map_err(to_wit)
+    P::list_images(&WitHost).map(|v| v.into_iter().map(info_to).collect()).map_err(to_wit)
 }
 
 /// `remove-image`, for [`crate::export_puller!`].
@@ -76,9 +70,7 @@ pub struct WitHost;
 
 impl Host for WitHost {
     fn resolve(&self, name: &str, reference: &str) -> crate::error::Result<t::Descriptor> {
-        registry::resolve(name, reference)
-            .map(descriptor_from)
-            .map_err(from_wit)
+        registry::resolve(name, reference).map(descriptor_from).map_err(from_wit)
     }
 
     fn fetch(&self, name: &str, blobs: &[t::Descriptor]) -> crate::error::Result<()> {
@@ -86,12 +78,7 @@ impl Host for WitHost {
         registry::fetch(name, &blobs).map_err(from_wit)
     }
 
-    fn referrers(
-        &self,
-        name: &str,
-        digest: &str,
-        artifact_type: &str,
-    ) -> crate::error::Result<Vec<t::Referrer>> {
+    fn referrers(&self, name: &str, digest: &str, artifact_type: &str) -> crate::error::Result<Vec<t::Referrer>> {
         registry::referrers(name, digest, artifact_type)
             .map(|v| {
                 v.into_iter()
@@ -109,37 +96,20 @@ impl Host for WitHost {
 
     fn now(&self) -> t::Instant {
         let now = clock::now();
-        t::Instant {
-            seconds: now.seconds,
-            nanoseconds: now.nanoseconds,
-        }
+        t::Instant { seconds: now.seconds, nanoseconds: now.nanoseconds }
     }
 
     fn content_info(&self, digest: &str) -> crate::error::Result<t::ContentInfo> {
         content::info(digest)
-            .map(|i| t::ContentInfo {
-                digest: i.digest,
-                size: i.size,
-                labels: i.labels,
-            })
+            .map(|i| t::ContentInfo { digest: i.digest, size: i.size, labels: i.labels })
             .map_err(from_wit)
     }
 
-    fn content_sizes(
-        &self,
-        digests: &[String],
-    ) -> crate::error::Result<Vec<crate::error::Result<u64>>> {
-        content::sizes(digests)
-            .map(|v| v.into_iter().map(|r| r.map_err(from_wit)).collect())
-            .map_err(from_wit)
+    fn content_sizes(&self, digests: &[String]) -> crate::error::Result<Vec<crate::error::Result<u64>>> {
+        content::sizes(digests).map(|v| v.into_iter().map(|r| r.map_err(from_wit)).collect()).map_err(from_wit)
     }
 
-    fn content_read(
-        &self,
-        digest: &str,
-        offset: u64,
-        length: u32,
-    ) -> crate::error::Result<Vec<u8>> {
+    fn content_read(&self, digest: &str, offset: u64, length: u32) -> crate::error::Result<Vec<u8>> {
         content::read(digest, offset, length).map_err(from_wit)
     }
 
@@ -147,11 +117,7 @@ impl Host for WitHost {
         content::max_read()
     }
 
-    fn content_set_labels(
-        &self,
-        digest: &str,
-        labels: &[(String, String)],
-    ) -> crate::error::Result<()> {
+    fn content_set_labels(&self, digest: &str, labels: &[(String, String)]) -> crate::error::Result<()> {
         content::set_labels(digest, labels).map_err(from_wit)
     }
 
@@ -175,16 +141,9 @@ impl Host for WitHost {
         snapshots::stat(key).map(snapshot_from).map_err(from_wit)
     }
 
-    fn snapshot_stats(
-        &self,
-        keys: &[String],
-    ) -> crate::error::Result<Vec<crate::error::Result<t::SnapshotInfo>>> {
+    fn snapshot_stats(&self, keys: &[String]) -> crate::error::Result<Vec<crate::error::Result<t::SnapshotInfo>>> {
         snapshots::stats(keys)
-            .map(|v| {
-                v.into_iter()
-                    .map(|r| r.map(snapshot_from).map_err(from_wit))
-                    .collect()
-            })
+            .map(|v| v.into_iter().map(|r| r.map(snapshot_from).map_err(from_wit)).collect())
             .map_err(from_wit)
     }
 
@@ -201,34 +160,21 @@ impl Host for WitHost {
     }
 
     fn image_list(&self) -> crate::error::Result<Vec<t::ImageRecord>> {
-        images::list()
-            .map(|v| v.into_iter().map(image_from).collect())
-            .map_err(from_wit)
+        images::list().map(|v| v.into_iter().map(image_from).collect()).map_err(from_wit)
     }
 
     fn image_list_labels(&self, keys: &[String]) -> crate::error::Result<Vec<t::Labelled>> {
         images::list_labels(keys)
-            .map(|v| {
-                v.into_iter()
-                    .map(|l| t::Labelled {
-                        name: l.name,
-                        values: l.values,
-                    })
-                    .collect()
-            })
+            .map(|v| v.into_iter().map(|l| t::Labelled { name: l.name, values: l.values }).collect())
             .map_err(from_wit)
     }
 
     fn image_create(&self, image: &t::ImageRecord) -> crate::error::Result<t::ImageRecord> {
-        images::create(&image_to(image))
-            .map(image_from)
-            .map_err(from_wit)
+        images::create(&image_to(image)).map(image_from).map_err(from_wit)
     }
 
     fn image_update(&self, image: &t::ImageRecord) -> crate::error::Result<t::ImageRecord> {
-        images::update(&image_to(image))
-            .map(image_from)
-            .map_err(from_wit)
+        images::update(&image_to(image)).map(image_from).map_err(from_wit)
     }
 
     fn image_delete(&self, name: &str) -> crate::error::Result<()> {

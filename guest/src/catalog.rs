@@ -179,11 +179,7 @@ fn by_id_prefix(records: &[Record], query: &str) -> Result<Option<String>> {
 /// The image `id` as its records describe it; `None` when it has none. `pinned`: the record
 /// names the `pinnedImages` setting pins.
 pub fn gather(records: &[Record], id: &str, pinned: &[String]) -> Option<Described> {
-    let mine: Vec<Record> = records
-        .iter()
-        .filter(|r| r.id.as_deref() == Some(id))
-        .cloned()
-        .collect();
+    let mine: Vec<Record> = records.iter().filter(|r| r.id.as_deref() == Some(id)).cloned().collect();
     describe(id.to_string(), mine, pinned)
 }
 
@@ -222,11 +218,7 @@ fn describe(id: String, mut mine: Vec<Record>, pinned: &[String]) -> Option<Desc
         // import's bare repository, a name that is no reference) neither.
         if name.contains('@') {
             repo_digests.push(name);
-        } else if name
-            .rsplit('/')
-            .next()
-            .is_some_and(|last| last.contains(':'))
-        {
+        } else if name.rsplit('/').next().is_some_and(|last| last.contains(':')) {
             repo_tags.push(name);
         }
     }
@@ -238,21 +230,13 @@ fn describe(id: String, mut mine: Vec<Record>, pinned: &[String]) -> Option<Desc
         id,
         repo_tags,
         repo_digests,
-        size: meta
-            .size
-            .as_deref()
-            .unwrap_or_default()
-            .parse()
-            .unwrap_or(0),
+        size: meta.size.as_deref().unwrap_or_default().parse().unwrap_or(0),
         chain_id: meta.chain_id.unwrap_or_default(),
         manifest_digest: meta.manifest.unwrap_or_default(),
         user: meta.user.unwrap_or_default(),
         pinned: is_pinned,
     };
-    Some(Described {
-        info,
-        snapshotter: meta.snapshotter,
-    })
+    Some(Described { info, snapshotter: meta.snapshotter })
 }
 
 /// Whether the image is READY: manifest and config present, top snapshot committed.
@@ -266,8 +250,7 @@ pub fn is_ready<H: Host + ?Sized>(host: &H, image: &Described) -> bool {
         |d| host.content_info(d).map(drop),
         |key| {
             if let Some(name) = &image.snapshotter {
-                host.snapshot_select(name)
-                    .context_with(|| format!("snapshotter {name}"))?;
+                host.snapshot_select(name).context_with(|| format!("snapshotter {name}"))?;
             }
             host.snapshot_stat(key).map(|s| s.kind)
         },
@@ -290,16 +273,11 @@ pub fn ready_all<H: Host + ?Sized>(host: &H, images: &[Described]) -> Result<Vec
     for Described { info, snapshotter } in images {
         digests.add(&info.manifest_digest);
         digests.add(&info.id);
-        chains
-            .entry(snapshotter.as_deref())
-            .or_default()
-            .add(&info.chain_id);
+        chains.entry(snapshotter.as_deref()).or_default().add(&info.chain_id);
     }
     let mut sizes = Vec::with_capacity(digests.all.len());
     for batch in digests.all.chunks(MAX_BATCH) {
-        let answers = host
-            .content_sizes(batch)
-            .context_with(|| format!("looking up {} blobs", batch.len()))?;
+        let answers = host.content_sizes(batch).context_with(|| format!("looking up {} blobs", batch.len()))?;
         sizes.extend(answers.into_iter().map(|a| a.map(drop)));
     }
     // The default snapshotter's first, then each other one.
@@ -315,9 +293,8 @@ pub fn ready_all<H: Host + ?Sized>(host: &H, images: &[Described]) -> Result<Vec
             }
             _ => {
                 for batch in chains.all.chunks(MAX_BATCH) {
-                    let got = host
-                        .snapshot_stats(batch)
-                        .context_with(|| format!("looking up {} snapshots", batch.len()))?;
+                    let got =
+                        host.snapshot_stats(batch).context_with(|| format!("looking up {} snapshots", batch.len()))?;
                     answers.extend(got.into_iter().map(|a| a.map(|s| s.kind)));
                 }
             }
@@ -375,10 +352,7 @@ fn check(
 ) -> std::result::Result<(), (String, Error)> {
     for (what, d) in [("manifest", &info.manifest_digest), ("config", &info.id)] {
         if d.is_empty() {
-            return Err((
-                format!("no {what} digest recorded"),
-                Error::NotFound(String::new()),
-            ));
+            return Err((format!("no {what} digest recorded"), Error::NotFound(String::new())));
         }
         content(d).map_err(|e| (format!("{what} {d}"), e))?;
     }
@@ -388,43 +362,25 @@ fn check(
     let what = || format!("snapshot {}", info.chain_id);
     match snapshot(&info.chain_id) {
         Ok(SnapshotKind::Committed) => Ok(()),
-        Ok(kind) => Err((
-            what(),
-            Error::FailedPrecondition(format!("it is {kind:?}, not committed")),
-        )),
+        Ok(kind) => Err((what(), Error::FailedPrecondition(format!("it is {kind:?}, not committed")))),
         Err(e) => Err((what(), e)),
     }
 }
 
 /// Logs why an image is not ready (debug for a missing piece, warning for anything else);
 /// whether it is ready.
-fn report<H: Host + ?Sized>(
-    host: &H,
-    info: &ImageInfo,
-    verdict: std::result::Result<(), (String, Error)>,
-) -> bool {
+fn report<H: Host + ?Sized>(host: &H, info: &ImageInfo, verdict: std::result::Result<(), (String, Error)>) -> bool {
     let Err((why, e)) = verdict else {
         return true;
     };
-    let level = if e.is_not_found() {
-        Level::Debug
-    } else {
-        Level::Warn
-    };
-    host.log(
-        level,
-        &format!("image {} is not ready: {why}: {e}", info.id),
-    );
+    let level = if e.is_not_found() { Level::Debug } else { Level::Warn };
+    host.log(level, &format!("image {} is not ready: {why}: {e}", info.id));
     false
 }
 
 /// `image-status`: the READY image `arg` names, or `None`. `pinned`: the record names the
 /// puller's settings pin.
-pub fn status<H: Host + ?Sized>(
-    host: &H,
-    arg: &str,
-    pinned: &[String],
-) -> Result<Option<ImageInfo>> {
+pub fn status<H: Host + ?Sized>(host: &H, arg: &str, pinned: &[String]) -> Result<Option<ImageInfo>> {
     let records = records(host).context_with(|| format!("listing images for {arg:?}"))?;
     let Some(id) = find_image_id(&records, arg)? else {
         host.log(Level::Debug, &format!("status {arg:?}: no such image"));
@@ -446,20 +402,11 @@ pub fn list<H: Host + ?Sized>(host: &H, pinned: &[String]) -> Result<Vec<ImageIn
     let records = records(host).context_with(|| "listing images")?;
     let mut by_id: Vec<(String, Vec<Record>)> = by_image(records).into_iter().collect();
     by_id.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
-    let described: Vec<Described> = by_id
-        .into_iter()
-        .filter_map(|(id, mine)| describe(id, mine, pinned))
-        .collect();
+    let described: Vec<Described> = by_id.into_iter().filter_map(|(id, mine)| describe(id, mine, pinned)).collect();
     let ready = ready_all(host, &described)?;
-    let images: Vec<ImageInfo> = described
-        .into_iter()
-        .zip(ready)
-        .filter_map(|(image, ready)| ready.then_some(image.info))
-        .collect();
-    host.log(
-        Level::Debug,
-        &format!("list: {} ready images", images.len()),
-    );
+    let images: Vec<ImageInfo> =
+        described.into_iter().zip(ready).filter_map(|(image, ready)| ready.then_some(image.info)).collect();
+    host.log(Level::Debug, &format!("list: {} ready images", images.len()));
     Ok(images)
 }
 
@@ -468,18 +415,12 @@ pub fn list<H: Host + ?Sized>(host: &H, pinned: &[String]) -> Result<Vec<ImageIn
 pub fn remove<H: Host + ?Sized>(host: &H, arg: &str) -> Result<()> {
     let records = records(host).context_with(|| format!("listing images for {arg:?}"))?;
     let Some(id) = find_image_id(&records, arg)? else {
-        host.log(
-            Level::Info,
-            &format!("remove {arg:?}: no such image, nothing to do"),
-        );
+        host.log(Level::Info, &format!("remove {arg:?}: no such image, nothing to do"));
         return Ok(());
     };
     // The ID record last, so an interrupted remove still leaves the image findable by ID.
-    let mut names: Vec<&str> = records
-        .iter()
-        .filter(|r| r.id.as_deref() == Some(id.as_str()))
-        .map(|r| r.name.as_str())
-        .collect();
+    let mut names: Vec<&str> =
+        records.iter().filter(|r| r.id.as_deref() == Some(id.as_str())).map(|r| r.name.as_str()).collect();
     names.sort_by_key(|n| (*n == id, *n));
     for name in &names {
         match host.image_delete(name) {
@@ -488,13 +429,6 @@ pub fn remove<H: Host + ?Sized>(host: &H, arg: &str) -> Result<()> {
             Err(e) => return Err(e.context(format!("removing image record {name} of {id}"))),
         }
     }
-    host.log(
-        Level::Info,
-        &format!(
-            "removed image {id} ({} records: {})",
-            names.len(),
-            names.join(", ")
-        ),
-    );
+    host.log(Level::Info, &format!("removed image {id} ({} records: {})", names.len(), names.join(", ")));
     Ok(())
 }

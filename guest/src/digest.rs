@@ -31,9 +31,7 @@ impl Algorithm {
 
 /// Whether `s` is non-empty and only lowercase hex digits.
 pub fn is_lower_hex(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Checks `s` is a well-formed digest and returns its algorithm and hex part.
@@ -41,25 +39,15 @@ pub fn is_lower_hex(s: &str) -> bool {
 /// Errors: `invalid-argument` naming `s`.
 pub fn parse(s: &str) -> Result<(Algorithm, &str)> {
     let bad = |why: &str| Error::InvalidArgument(format!("invalid digest {s:?}: {why}"));
-    let (alg, hex) = s
-        .split_once(':')
-        .ok_or_else(|| bad("expected algorithm:hex"))?;
+    let (alg, hex) = s.split_once(':').ok_or_else(|| bad("expected algorithm:hex"))?;
     let alg = match alg {
         "sha256" => Algorithm::Sha256,
         "sha512" => Algorithm::Sha512,
         "" => return Err(bad("empty algorithm")),
-        other => {
-            return Err(bad(&format!(
-                "unsupported algorithm {other:?} (sha256 or sha512)"
-            )))
-        }
+        other => return Err(bad(&format!("unsupported algorithm {other:?} (sha256 or sha512)"))),
     };
     if hex.len() != alg.hex_len() {
-        return Err(bad(&format!(
-            "expected {} hex digits, got {}",
-            alg.hex_len(),
-            hex.len()
-        )));
+        return Err(bad(&format!("expected {} hex digits, got {}", alg.hex_len(), hex.len())));
     }
     if !is_lower_hex(hex) {
         return Err(bad("hex part must be lowercase hexadecimal"));

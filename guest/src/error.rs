@@ -120,14 +120,8 @@ mod tests {
     #[test]
     fn context_keeps_the_case() {
         let e = Error::NotFound("manifest unknown".into()).context("resolving busybox");
-        assert_eq!(
-            e,
-            Error::NotFound("resolving busybox: manifest unknown".into())
-        );
+        assert_eq!(e, Error::NotFound("resolving busybox: manifest unknown".into()));
         assert_eq!(e.code(), "not-found");
-        assert_eq!(
-            e.to_string(),
-            "not-found: resolving busybox: manifest unknown"
-        );
+        assert_eq!(e.to_string(), "not-found: resolving busybox: manifest unknown");
     }
 }

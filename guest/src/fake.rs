@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 use crate::host::{Host, MAX_BATCH, MAX_LIST_KEYS};
 use crate::oci;
 use crate::types::{
-    label, ContentInfo, Descriptor, ImageRecord, Instant, Labelled, Level, Platform, Referrer,
-    SnapshotInfo, SnapshotKind,
+    label, ContentInfo, Descriptor, ImageRecord, Instant, Labelled, Level, Platform, Referrer, SnapshotInfo,
+    SnapshotKind,
 };
 
 /// Media type of the fake's layers.
@@ -79,10 +79,7 @@ impl State {
     /// The snapshots of the snapshotter this call works in.
     fn snaps(&mut self) -> &mut BTreeMap<String, Snap> {
         match &self.selected {
-            Some(name) => self
-                .other_snapshots
-                .get_mut(name)
-                .expect("select checks the name"),
+            Some(name) => self.other_snapshots.get_mut(name).expect("select checks the name"),
             None => &mut self.snapshots,
         }
     }
@@ -110,27 +107,14 @@ impl Default for FakeHost {
 
 impl FakeHost {
     pub fn new() -> FakeHost {
-        FakeHost {
-            s: RefCell::new(State {
-                max_read: 1 << 20,
-                ..State::default()
-            }),
-        }
+        FakeHost { s: RefCell::new(State { max_read: 1 << 20, ..State::default() }) }
     }
 
     /// Puts a blob into the registry.
     pub fn push_blob(&self, media_type: &str, bytes: &[u8]) -> Descriptor {
         let digest = sha256(bytes);
-        self.s
-            .borrow_mut()
-            .remote
-            .insert(digest.clone(), bytes.to_vec());
-        Descriptor {
-            media_type: media_type.into(),
-            digest,
-            size: bytes.len() as u64,
-            ..Descriptor::default()
-        }
+        self.s.borrow_mut().remote.insert(digest.clone(), bytes.to_vec());
+        Descriptor { media_type: media_type.into(), digest, size: bytes.len() as u64, ..Descriptor::default() }
     }
 
     /// Pushes layers, a `linux/amd64` config and an OCI manifest.
@@ -140,10 +124,7 @@ impl FakeHost {
 
     /// Pushes layers, a config for `platform` (`os/arch[/variant]`) and an OCI manifest.
     pub fn push_image_for(&self, layers: &[&[u8]], user: &str, platform: &str) -> Pushed {
-        let layers: Vec<Descriptor> = layers
-            .iter()
-            .map(|l| self.push_blob(LAYER_TAR, l))
-            .collect();
+        let layers: Vec<Descriptor> = layers.iter().map(|l| self.push_blob(LAYER_TAR, l)).collect();
         let diff_ids: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
         let mut parts = platform.split('/');
         let mut config = serde_json::json!({
@@ -163,12 +144,7 @@ impl FakeHost {
             "layers": layers.iter().map(desc_json).collect::<Vec<_>>(),
         });
         let manifest = self.push_blob(oci::OCI_MANIFEST, manifest.to_string().as_bytes());
-        Pushed {
-            manifest,
-            config,
-            layers,
-            diff_ids,
-        }
+        Pushed { manifest, config, layers, diff_ids }
     }
 
     /// Pushes an OCI index of `entries`.
@@ -200,31 +176,19 @@ impl FakeHost {
     pub fn tag(&self, name: &str, tag: &str, root: &Descriptor) {
         let mut s = self.s.borrow_mut();
         s.refs.insert((name.into(), tag.into()), root.clone());
-        s.refs
-            .insert((name.into(), root.digest.clone()), root.clone());
+        s.refs.insert((name.into(), root.digest.clone()), root.clone());
     }
 
     /// Pushes `manifest` (a blob pushed already) as a referrer of `subject` in `name`, of
     /// `artifact_type`.
-    pub fn push_referrer(
-        &self,
-        name: &str,
-        subject: &str,
-        manifest: &Descriptor,
-        artifact_type: &str,
-    ) {
-        self.s
-            .borrow_mut()
-            .referrers
-            .entry((name.into(), subject.into()))
-            .or_default()
-            .push(Referrer {
-                media_type: manifest.media_type.clone(),
-                digest: manifest.digest.clone(),
-                size: manifest.size,
-                artifact_type: artifact_type.into(),
-                annotations: manifest.annotations.clone(),
-            });
+    pub fn push_referrer(&self, name: &str, subject: &str, manifest: &Descriptor, artifact_type: &str) {
+        self.s.borrow_mut().referrers.entry((name.into(), subject.into())).or_default().push(Referrer {
+            media_type: manifest.media_type.clone(),
+            digest: manifest.digest.clone(),
+            size: manifest.size,
+            artifact_type: artifact_type.into(),
+            annotations: manifest.annotations.clone(),
+        });
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -236,12 +200,7 @@ impl FakeHost {
     }
 
     pub fn content_labels(&self, digest: &str) -> BTreeMap<String, String> {
-        self.s
-            .borrow()
-            .content
-            .get(digest)
-            .map(|c| c.1.clone())
-            .unwrap_or_default()
+        self.s.borrow().content.get(digest).map(|c| c.1.clone()).unwrap_or_default()
     }
 
     pub fn record_names(&self) -> Vec<String> {
@@ -259,10 +218,7 @@ impl FakeHost {
     /// `content.info` without recording the look-up.
     fn info_of(&self, digest: &str) -> Result<ContentInfo> {
         let s = self.s.borrow();
-        let (bytes, labels) = s
-            .content
-            .get(digest)
-            .ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
+        let (bytes, labels) = s.content.get(digest).ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
         Ok(ContentInfo {
             digest: digest.into(),
             size: bytes.len() as u64,
@@ -273,16 +229,8 @@ impl FakeHost {
     /// `snapshots.stat` without recording the look-up.
     fn stat_of(&self, key: &str) -> Result<SnapshotInfo> {
         let mut s = self.s.borrow_mut();
-        let snap = s
-            .snaps()
-            .get(key)
-            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
-        Ok(SnapshotInfo {
-            name: key.into(),
-            parent: snap.parent.clone(),
-            kind: snap.kind,
-            labels: vec![],
-        })
+        let snap = s.snaps().get(key).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        Ok(SnapshotInfo { name: key.into(), parent: snap.parent.clone(), kind: snap.kind, labels: vec![] })
     }
 }
 
@@ -310,9 +258,7 @@ impl Host for FakeHost {
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("{name}:{reference}: manifest unknown")))?;
         if let Some(bytes) = s.remote.get(&desc.digest).cloned() {
-            s.content
-                .entry(desc.digest.clone())
-                .or_insert((bytes, BTreeMap::new()));
+            s.content.entry(desc.digest.clone()).or_insert((bytes, BTreeMap::new()));
         }
         Ok(desc)
     }
@@ -324,9 +270,7 @@ impl Host for FakeHost {
         s.fetched.extend(blobs.iter().cloned());
         for b in blobs {
             if let Some(bytes) = s.remote.get(&b.digest).cloned() {
-                s.content
-                    .entry(b.digest.clone())
-                    .or_insert((bytes, BTreeMap::new()));
+                s.content.entry(b.digest.clone()).or_insert((bytes, BTreeMap::new()));
             }
         }
         Ok(())
@@ -341,10 +285,7 @@ impl Host for FakeHost {
             .referrers
             .get(&(name.to_string(), digest.to_string()))
             .map(|all| {
-                all.iter()
-                    .filter(|r| artifact_type.is_empty() || r.artifact_type == artifact_type)
-                    .cloned()
-                    .collect()
+                all.iter().filter(|r| artifact_type.is_empty() || r.artifact_type == artifact_type).cloned().collect()
             })
             .unwrap_or_default())
     }
@@ -361,28 +302,18 @@ impl Host for FakeHost {
     fn content_sizes(&self, digests: &[String]) -> Result<Vec<Result<u64>>> {
         self.lookup(format!("sizes {}", digests.len()));
         batch_bound(digests.len(), "digests", "sizes")?;
-        Ok(digests
-            .iter()
-            .map(|d| self.info_of(d).map(|i| i.size))
-            .collect())
+        Ok(digests.iter().map(|d| self.info_of(d).map(|i| i.size)).collect())
     }
 
     fn content_read(&self, digest: &str, offset: u64, length: u32) -> Result<Vec<u8>> {
         let mut s = self.s.borrow_mut();
         s.reads += 1;
         if length > s.max_read {
-            return Err(Error::ResourceExhausted(format!(
-                "read of {length} bytes over the cap"
-            )));
+            return Err(Error::ResourceExhausted(format!("read of {length} bytes over the cap")));
         }
-        let (bytes, _) = s
-            .content
-            .get(digest)
-            .ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
+        let (bytes, _) = s.content.get(digest).ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
         if offset > bytes.len() as u64 {
-            return Err(Error::InvalidArgument(format!(
-                "offset {offset} past the end of {digest}"
-            )));
+            return Err(Error::InvalidArgument(format!("offset {offset} past the end of {digest}")));
         }
         let start = offset as usize;
         let end = (start + length as usize).min(bytes.len());
@@ -396,10 +327,7 @@ impl Host for FakeHost {
     fn content_set_labels(&self, digest: &str, labels: &[(String, String)]) -> Result<()> {
         self.call(format!("label {digest}"));
         let mut s = self.s.borrow_mut();
-        let (_, have) = s
-            .content
-            .get_mut(digest)
-            .ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
+        let (_, have) = s.content.get_mut(digest).ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
         for (k, v) in labels {
             if v.is_empty() {
                 have.remove(k);
@@ -411,11 +339,7 @@ impl Host for FakeHost {
     }
 
     fn snapshotter(&self) -> String {
-        self.s
-            .borrow()
-            .selected
-            .clone()
-            .unwrap_or_else(|| "overlayfs".into())
+        self.s.borrow().selected.clone().unwrap_or_else(|| "overlayfs".into())
     }
 
     fn snapshot_select(&self, snapshotter: &str) -> Result<()> {
@@ -440,20 +364,12 @@ impl Host for FakeHost {
             match snaps.get(parent) {
                 None => return Err(Error::NotFound(format!("parent {parent}"))),
                 Some(p) if p.kind != SnapshotKind::Committed => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "parent {parent} not committed"
-                    )))
+                    return Err(Error::FailedPrecondition(format!("parent {parent} not committed")))
                 }
                 Some(_) => {}
             }
         }
-        snaps.insert(
-            key.into(),
-            Snap {
-                parent: parent.into(),
-                kind: SnapshotKind::Active,
-            },
-        );
+        snaps.insert(key.into(), Snap { parent: parent.into(), kind: SnapshotKind::Active });
         Ok(())
     }
 
@@ -464,32 +380,16 @@ impl Host for FakeHost {
         let snaps = s.snaps();
         if raced {
             let parent = snaps.get(key).map(|k| k.parent.clone()).unwrap_or_default();
-            snaps.insert(
-                name.into(),
-                Snap {
-                    parent,
-                    kind: SnapshotKind::Committed,
-                },
-            );
+            snaps.insert(name.into(), Snap { parent, kind: SnapshotKind::Committed });
         }
         if snaps.contains_key(name) {
             return Err(Error::AlreadyExists(format!("snapshot {name}")));
         }
-        let snap = snaps
-            .remove(key)
-            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        let snap = snaps.remove(key).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
         if snap.kind != SnapshotKind::Active {
-            return Err(Error::FailedPrecondition(format!(
-                "snapshot {key} is not active"
-            )));
+            return Err(Error::FailedPrecondition(format!("snapshot {key} is not active")));
         }
-        snaps.insert(
-            name.into(),
-            Snap {
-                kind: SnapshotKind::Committed,
-                ..snap
-            },
-        );
+        snaps.insert(name.into(), Snap { kind: SnapshotKind::Committed, ..snap });
         Ok(())
     }
 
@@ -509,14 +409,9 @@ impl Host for FakeHost {
         let mut s = self.s.borrow_mut();
         let snaps = s.snaps();
         if snaps.values().any(|c| c.parent == key) {
-            return Err(Error::FailedPrecondition(format!(
-                "snapshot {key} has children"
-            )));
+            return Err(Error::FailedPrecondition(format!("snapshot {key} has children")));
         }
-        snaps
-            .remove(key)
-            .map(|_| ())
-            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
+        snaps.remove(key).map(|_| ()).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
     }
 
     fn diff_apply(&self, layer: &Descriptor, key: &str) -> Result<String> {
@@ -533,24 +428,14 @@ impl Host for FakeHost {
                 )))
             }
         }
-        let (bytes, _) = s
-            .content
-            .get(&layer.digest)
-            .ok_or_else(|| Error::NotFound(format!("content {}", layer.digest)))?;
-        Ok(s.diff_override
-            .get(&layer.digest)
-            .cloned()
-            .unwrap_or_else(|| sha256(bytes)))
+        let (bytes, _) =
+            s.content.get(&layer.digest).ok_or_else(|| Error::NotFound(format!("content {}", layer.digest)))?;
+        Ok(s.diff_override.get(&layer.digest).cloned().unwrap_or_else(|| sha256(bytes)))
     }
 
     fn image_get(&self, name: &str) -> Result<ImageRecord> {
         self.lookup(format!("get {name}"));
-        self.s
-            .borrow()
-            .images
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("image {name}")))
+        self.s.borrow().images.get(name).cloned().ok_or_else(|| Error::NotFound(format!("image {name}")))
     }
 
     fn image_list(&self) -> Result<Vec<ImageRecord>> {
@@ -570,10 +455,7 @@ impl Host for FakeHost {
             .values()
             .map(|r| Labelled {
                 name: r.name.clone(),
-                values: keys
-                    .iter()
-                    .map(|k| label(&r.labels, k).map(str::to_string))
-                    .collect(),
+                values: keys.iter().map(|k| label(&r.labels, k).map(str::to_string)).collect(),
             })
             .collect())
     }
@@ -598,10 +480,7 @@ impl Host for FakeHost {
         let mut s = self.s.borrow_mut();
         s.clock += 1;
         let clock = s.clock;
-        let old = s
-            .images
-            .get_mut(&image.name)
-            .ok_or_else(|| Error::NotFound(format!("image {}", image.name)))?;
+        let old = s.images.get_mut(&image.name).ok_or_else(|| Error::NotFound(format!("image {}", image.name)))?;
         old.target = image.target.clone();
         old.labels = image.labels.clone();
         old.labels.sort();
@@ -611,12 +490,7 @@ impl Host for FakeHost {
 
     fn image_delete(&self, name: &str) -> Result<()> {
         self.call(format!("delete {name}"));
-        self.s
-            .borrow_mut()
-            .images
-            .remove(name)
-            .map(|_| ())
-            .ok_or_else(|| Error::NotFound(format!("image {name}")))
+        self.s.borrow_mut().images.remove(name).map(|_| ()).ok_or_else(|| Error::NotFound(format!("image {name}")))
     }
 
     fn log(&self, level: Level, message: &str) {
@@ -624,19 +498,14 @@ impl Host for FakeHost {
     }
 
     fn progress(&self, stage: &str, detail: &str) {
-        self.s
-            .borrow_mut()
-            .progress
-            .push((stage.into(), detail.into()));
+        self.s.borrow_mut().progress.push((stage.into(), detail.into()));
     }
 }
 
 /// The host's bound on a batched import: at most [`MAX_BATCH`] `noun`s per `call`.
 fn batch_bound(n: usize, noun: &str, call: &str) -> Result<()> {
     if n > MAX_BATCH {
-        return Err(Error::ResourceExhausted(format!(
-            "{n} {noun} in one {call} call"
-        )));
+        return Err(Error::ResourceExhausted(format!("{n} {noun} in one {call} call")));
     }
     Ok(())
 }
@@ -644,12 +513,6 @@ fn batch_bound(n: usize, noun: &str, call: &str) -> Result<()> {
 impl FakeHost {
     /// Leaves an active snapshot `key` behind, as a killed pull would.
     pub fn snapshot_prepare_direct(&self, key: &str) {
-        self.s.borrow_mut().snapshots.insert(
-            key.into(),
-            Snap {
-                parent: String::new(),
-                kind: SnapshotKind::Active,
-            },
-        );
+        self.s.borrow_mut().snapshots.insert(key.into(), Snap { parent: String::new(), kind: SnapshotKind::Active });
     }
 }

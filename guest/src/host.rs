@@ -7,9 +7,7 @@
 //! state behind a `RefCell`.
 
 use crate::error::Result;
-use crate::types::{
-    label, ContentInfo, Descriptor, ImageRecord, Instant, Labelled, Level, Referrer, SnapshotInfo,
-};
+use crate::types::{label, ContentInfo, Descriptor, ImageRecord, Instant, Labelled, Level, Referrer, SnapshotInfo};
 
 /// The most digests one `content.sizes` call, and the most keys one `snapshots.stats` call,
 /// may name (the WIT documents this bound; the host refuses more with `resource-exhausted`).
@@ -40,10 +38,7 @@ pub trait Host {
     /// digests, in order, in one call. The outer error fails the whole call. The default asks
     /// `content_info` for each.
     fn content_sizes(&self, digests: &[String]) -> Result<Vec<Result<u64>>> {
-        Ok(digests
-            .iter()
-            .map(|d| self.content_info(d).map(|i| i.size))
-            .collect())
+        Ok(digests.iter().map(|d| self.content_info(d).map(|i| i.size)).collect())
     }
     /// `content.read`: up to `length` bytes from `offset`.
     fn content_read(&self, digest: &str, offset: u64, length: u32) -> Result<Vec<u8>>;
@@ -93,10 +88,7 @@ pub trait Host {
             .image_list()?
             .into_iter()
             .map(|r| Labelled {
-                values: keys
-                    .iter()
-                    .map(|k| label(&r.labels, k).map(str::to_string))
-                    .collect(),
+                values: keys.iter().map(|k| label(&r.labels, k).map(str::to_string)).collect(),
                 name: r.name,
             })
             .collect())

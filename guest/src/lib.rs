@@ -96,10 +96,7 @@ impl Puller for DefaultPuller {
 
     fn pull_image(host: &dyn Host, request: &PullRequest) -> Result<ImageInfo> {
         pull::pull(host, &settings::current(), request).inspect_err(|e| {
-            host.log(
-                Level::Info,
-                &format!("pull of {:?} failed: {e}", request.reference),
-            );
+            host.log(Level::Info, &format!("pull of {:?} failed: {e}", request.reference));
         })
     }
 

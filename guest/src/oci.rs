@@ -72,10 +72,7 @@ pub fn kind_of(media_type: &str) -> Kind {
 /// Whether a media type names a generic JSON document whose kind must be read from the
 /// document itself (registries that answer `application/json`, or nothing).
 pub fn is_generic_json(media_type: &str) -> bool {
-    matches!(
-        media_type,
-        "" | "application/json" | "application/octet-stream" | "text/plain"
-    )
+    matches!(media_type, "" | "application/json" | "application/octet-stream" | "text/plain")
 }
 
 /// Classifies a document by its content, for roots with a generic media type: its own
@@ -158,10 +155,7 @@ impl JsonDescriptor {
         crate::digest::parse(&self.digest)
             .map_err(|e| Error::FailedPrecondition(format!("{within}: {}", e.message())))?;
         let size = u64::try_from(self.size).map_err(|_| {
-            Error::FailedPrecondition(format!(
-                "{within}: descriptor {} has negative size {}",
-                self.digest, self.size
-            ))
+            Error::FailedPrecondition(format!("{within}: descriptor {} has negative size {}", self.digest, self.size))
         })?;
         Ok(Descriptor {
             media_type: self.media_type,
@@ -255,22 +249,13 @@ pub fn parse_index(desc: &Descriptor, bytes: &[u8]) -> Result<Index> {
         media_type: Option<String>,
         manifests: Vec<JsonDescriptor>,
     }
-    let doc: Doc =
-        serde_json::from_slice(bytes).map_err(|e| malformed("index", &desc.digest, e))?;
+    let doc: Doc = serde_json::from_slice(bytes).map_err(|e| malformed("index", &desc.digest, e))?;
     if doc.schema_version != 2 {
-        return Err(malformed(
-            "index",
-            &desc.digest,
-            format!("schemaVersion {}", doc.schema_version),
-        ));
+        return Err(malformed("index", &desc.digest, format!("schemaVersion {}", doc.schema_version)));
     }
     check_media_type("index", desc, doc.media_type.as_deref())?;
     let within = format!("index {}", desc.digest);
-    let manifests = doc
-        .manifests
-        .into_iter()
-        .map(|d| d.into_descriptor(&within))
-        .collect::<Result<Vec<_>>>()?;
+    let manifests = doc.manifests.into_iter().map(|d| d.into_descriptor(&within)).collect::<Result<Vec<_>>>()?;
     Ok(Index { manifests })
 }
 
@@ -290,24 +275,15 @@ pub fn parse_manifest(desc: &Descriptor, bytes: &[u8]) -> Result<Manifest> {
         #[serde(default)]
         artifact_type: Option<String>,
     }
-    let doc: Doc =
-        serde_json::from_slice(bytes).map_err(|e| malformed("manifest", &desc.digest, e))?;
+    let doc: Doc = serde_json::from_slice(bytes).map_err(|e| malformed("manifest", &desc.digest, e))?;
     if doc.schema_version != 2 {
-        return Err(malformed(
-            "manifest",
-            &desc.digest,
-            format!("schemaVersion {}", doc.schema_version),
-        ));
+        return Err(malformed("manifest", &desc.digest, format!("schemaVersion {}", doc.schema_version)));
     }
     check_media_type("manifest", desc, doc.media_type.as_deref())?;
     let within = format!("manifest {}", desc.digest);
     Ok(Manifest {
         config: doc.config.into_descriptor(&within)?,
-        layers: doc
-            .layers
-            .into_iter()
-            .map(|d| d.into_descriptor(&within))
-            .collect::<Result<Vec<_>>>()?,
+        layers: doc.layers.into_iter().map(|d| d.into_descriptor(&within)).collect::<Result<Vec<_>>>()?,
         artifact_type: doc.artifact_type.unwrap_or_default(),
     })
 }
@@ -340,8 +316,7 @@ pub fn parse_config(desc: &Descriptor, bytes: &[u8]) -> Result<Config> {
         #[serde(default)]
         variant: Option<String>,
     }
-    let doc: Doc =
-        serde_json::from_slice(bytes).map_err(|e| malformed("config", &desc.digest, e))?;
+    let doc: Doc = serde_json::from_slice(bytes).map_err(|e| malformed("config", &desc.digest, e))?;
     if doc.rootfs.kind != "layers" {
         return Err(malformed(
             "config",
@@ -369,11 +344,7 @@ mod tests {
     const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
 
     fn desc(mt: &str) -> Descriptor {
-        Descriptor {
-            media_type: mt.into(),
-            digest: D1.into(),
-            ..Descriptor::default()
-        }
+        Descriptor { media_type: mt.into(), digest: D1.into(), ..Descriptor::default() }
     }
 
     #[test]
@@ -383,17 +354,11 @@ mod tests {
         assert_eq!(kind_of(OCI_MANIFEST), Kind::Manifest);
         assert_eq!(kind_of(DOCKER_MANIFEST), Kind::Manifest);
         assert_eq!(kind_of(DOCKER_SCHEMA1_SIGNED), Kind::Schema1);
-        assert_eq!(
-            kind_of("application/vnd.cncf.helm.config.v1+json"),
-            Kind::Unknown
-        );
+        assert_eq!(kind_of("application/vnd.cncf.helm.config.v1+json"), Kind::Unknown);
         assert_eq!(sniff(br#"{"schemaVersion":1,"name":"x"}"#), Kind::Schema1);
         assert_eq!(sniff(br#"{"schemaVersion":2,"manifests":[]}"#), Kind::Index);
         assert_eq!(sniff(br#"{"schemaVersion":2,"config":{}}"#), Kind::Manifest);
-        assert_eq!(
-            sniff(format!(r#"{{"mediaType":"{DOCKER_MANIFEST}"}}"#).as_bytes()),
-            Kind::Manifest
-        );
+        assert_eq!(sniff(format!(r#"{{"mediaType":"{DOCKER_MANIFEST}"}}"#).as_bytes()), Kind::Manifest);
         assert_eq!(sniff(b"not json"), Kind::Unknown);
     }
 
@@ -409,33 +374,24 @@ mod tests {
         let idx = parse_index(&desc(OCI_INDEX), doc.as_bytes()).unwrap();
         assert_eq!(idx.manifests.len(), 2);
         let p = idx.manifests[0].platform.as_ref().unwrap();
-        assert_eq!(
-            (p.os.as_str(), p.architecture.as_str(), p.variant.as_str()),
-            ("linux", "arm64", "v8")
-        );
+        assert_eq!((p.os.as_str(), p.architecture.as_str(), p.variant.as_str()), ("linux", "arm64", "v8"));
         assert_eq!(p.os_features, vec!["x".to_string()]);
-        assert_eq!(
-            idx.manifests[0].annotations,
-            vec![("a".into(), "1".into()), ("b".into(), "2".into())]
-        );
+        assert_eq!(idx.manifests[0].annotations, vec![("a".into(), "1".into()), ("b".into(), "2".into())]);
         assert_eq!(idx.manifests[1].platform, None);
         assert_eq!(idx.manifests[1].size, 20);
     }
 
     #[test]
     fn refuses_bad_documents() {
-        let mismatch =
-            format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST_LIST}","manifests":[]}}"#);
+        let mismatch = format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST_LIST}","manifests":[]}}"#);
         assert!(
             matches!(parse_index(&desc(OCI_INDEX), mismatch.as_bytes()), Err(Error::FailedPrecondition(m)) if m.contains("does not match"))
         );
-        let negative =
-            format!(r#"{{"schemaVersion":2,"config":{{"digest":"{D1}","size":-1}},"layers":[]}}"#);
+        let negative = format!(r#"{{"schemaVersion":2,"config":{{"digest":"{D1}","size":-1}},"layers":[]}}"#);
         assert!(
             matches!(parse_manifest(&desc(OCI_MANIFEST), negative.as_bytes()), Err(Error::FailedPrecondition(m)) if m.contains("negative size"))
         );
-        let bad_digest =
-            r#"{"schemaVersion":2,"config":{"digest":"sha256:abc","size":1},"layers":[]}"#;
+        let bad_digest = r#"{"schemaVersion":2,"config":{"digest":"sha256:abc","size":1},"layers":[]}"#;
         assert!(
             matches!(parse_manifest(&desc(OCI_MANIFEST), bad_digest.as_bytes()), Err(Error::FailedPrecondition(m)) if m.contains("manifest ") && m.contains("sha256:abc"))
         );
@@ -454,24 +410,13 @@ mod tests {
         let c = parse_config(&desc(OCI_CONFIG), doc.as_bytes()).unwrap();
         assert_eq!(c.diff_ids, vec![D1.to_string(), D2.to_string()]);
         assert_eq!(c.user, "1000:1000");
-        assert_eq!(
-            (c.os.as_str(), c.architecture.as_str(), c.variant.as_str()),
-            ("", "amd64", "")
-        );
+        assert_eq!((c.os.as_str(), c.architecture.as_str(), c.variant.as_str()), ("", "amd64", ""));
         let arm = r#"{"os":"linux","architecture":"arm","variant":"v6","rootfs":{"type":"layers","diff_ids":[]}}"#;
         let c = parse_config(&desc(OCI_CONFIG), arm.as_bytes()).unwrap();
         assert_eq!(crate::platform::display(&c.platform()), "linux/arm/v6");
         let no_user = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{D1}"]}}}}"#);
-        assert_eq!(
-            parse_config(&desc(OCI_CONFIG), no_user.as_bytes())
-                .unwrap()
-                .user,
-            ""
-        );
+        assert_eq!(parse_config(&desc(OCI_CONFIG), no_user.as_bytes()).unwrap().user, "");
         let bad = r#"{"rootfs":{"type":"layers","diff_ids":["nope"]}}"#;
-        assert!(matches!(
-            parse_config(&desc(OCI_CONFIG), bad.as_bytes()),
-            Err(Error::FailedPrecondition(_))
-        ));
+        assert!(matches!(parse_config(&desc(OCI_CONFIG), bad.as_bytes()), Err(Error::FailedPrecondition(_))));
     }
 }

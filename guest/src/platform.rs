@@ -59,11 +59,7 @@ pub fn normalize(os: &str, architecture: &str, variant: &str) -> Normalized {
     let (arch, variant) = match arch.as_str() {
         "i386" => ("386".to_string(), String::new()),
         "x86_64" | "x86-64" | "amd64" => {
-            let v = if variant == "v1" {
-                String::new()
-            } else {
-                variant
-            };
+            let v = if variant == "v1" { String::new() } else { variant };
             ("amd64".to_string(), v)
         }
         "aarch64" | "arm64" => {
@@ -86,11 +82,7 @@ pub fn normalize(os: &str, architecture: &str, variant: &str) -> Normalized {
         }
         _ => (arch, variant),
     };
-    Normalized {
-        os,
-        architecture: arch,
-        variant,
-    }
+    Normalized { os, architecture: arch, variant }
 }
 
 /// `N` of a variant `vN` (or `N`).
@@ -138,11 +130,7 @@ fn vector(os: &str, arch: &str, variant: &str, out: &mut Vec<Normalized>) {
                 };
                 if major == 9 {
                     for m in (0..minor).rev() {
-                        let v = if m == 0 {
-                            "v9".to_string()
-                        } else {
-                            format!("v9.{m}")
-                        };
+                        let v = if m == 0 { "v9".to_string() } else { format!("v9.{m}") };
                         out.push(Normalized::new(os, "arm64", &v));
                     }
                     // v9.x diverged from v8.(x+5).
@@ -151,11 +139,7 @@ fn vector(os: &str, arch: &str, variant: &str, out: &mut Vec<Normalized>) {
                     out.push(Normalized::new(os, "arm64", &format!("v8.{minor}")));
                 }
                 for m in (0..minor).rev() {
-                    let v = if m == 0 {
-                        format!("v{major}")
-                    } else {
-                        format!("v{major}.{m}")
-                    };
+                    let v = if m == 0 { format!("v{major}") } else { format!("v{major}.{m}") };
                     out.push(Normalized::new(os, "arm64", &v));
                 }
             }
@@ -170,9 +154,7 @@ fn vector(os: &str, arch: &str, variant: &str, out: &mut Vec<Normalized>) {
 
 /// Whether `have` requires only OS features that `want` has.
 fn features_ok(want: &Platform, have: &Platform) -> bool {
-    have.os_features
-        .iter()
-        .all(|f| want.os_features.iter().any(|w| w == f))
+    have.os_features.iter().all(|f| want.os_features.iter().any(|w| w == f))
 }
 
 /// Scores candidate `have` for request `want` (its position in [`candidates`], lower is
@@ -182,10 +164,7 @@ pub fn rank(want: &Platform, have: &Platform) -> Option<u32> {
         return None;
     }
     let h = normalize(&have.os, &have.architecture, &have.variant);
-    candidates(want)
-        .iter()
-        .position(|c| *c == h)
-        .map(|i| i as u32)
+    candidates(want).iter().position(|c| *c == h).map(|i| i as u32)
 }
 
 /// The index of the best manifest for `want` among `manifests`, or `None`. Entries without
@@ -194,12 +173,7 @@ pub fn select(want: &Platform, manifests: &[Descriptor]) -> Option<usize> {
     manifests
         .iter()
         .enumerate()
-        .filter_map(|(i, d)| {
-            d.platform
-                .as_ref()
-                .and_then(|p| rank(want, p))
-                .map(|r| (r, i))
-        })
+        .filter_map(|(i, d)| d.platform.as_ref().and_then(|p| rank(want, p)).map(|r| (r, i)))
         .min()
         .map(|(_, i)| i)
 }
@@ -211,11 +185,7 @@ pub fn config_matches(want: &Platform, os: &str, architecture: &str) -> bool {
     if architecture.is_empty() {
         return false;
     }
-    let have = Platform {
-        os: os.to_string(),
-        architecture: architecture.to_string(),
-        ..Platform::default()
-    };
+    let have = Platform { os: os.to_string(), architecture: architecture.to_string(), ..Platform::default() };
     rank(want, &have).is_some()
 }
 
@@ -248,11 +218,8 @@ impl PlatformPattern {
     /// `-`.
     pub fn parse(text: &str) -> Result<PlatformPattern, String> {
         let parts: Vec<&str> = text.split('/').collect();
-        let ok = |p: &&str| {
-            !p.is_empty()
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        };
+        let ok =
+            |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if !(2..=3).contains(&parts.len()) || !parts.iter().all(ok) {
             return Err(format!(
                 "{text:?} is not a platform (write os/architecture[/variant], for example linux/arm64)"
@@ -282,9 +249,7 @@ impl PlatformPattern {
     /// Whether the pattern allows `p`.
     pub fn matches(&self, p: &Platform) -> bool {
         let n = normalize(&p.os, &p.architecture, &p.variant);
-        n.os == self.os
-            && n.architecture == self.architecture
-            && self.variant.as_ref().is_none_or(|v| *v == n.variant)
+        n.os == self.os && n.architecture == self.architecture && self.variant.as_ref().is_none_or(|v| *v == n.variant)
     }
 }
 
@@ -305,10 +270,7 @@ mod tests {
     fn entries(platforms: &[&str]) -> Vec<Descriptor> {
         platforms
             .iter()
-            .map(|s| Descriptor {
-                platform: if s.is_empty() { None } else { Some(p(s)) },
-                ..Descriptor::default()
-            })
+            .map(|s| Descriptor { platform: if s.is_empty() { None } else { Some(p(s)) }, ..Descriptor::default() })
             .collect()
     }
 
@@ -330,44 +292,12 @@ mod tests {
             ("linux/amd64", &["linux/amd64", "linux/386"]),
             ("linux/x86_64", &["linux/amd64", "linux/386"]),
             ("linux/amd64/v1", &["linux/amd64", "linux/386"]),
-            (
-                "linux/amd64/v3",
-                &[
-                    "linux/amd64/v3",
-                    "linux/amd64/v2",
-                    "linux/amd64",
-                    "linux/386",
-                ],
-            ),
-            (
-                "linux/arm/v7",
-                &["linux/arm/v7", "linux/arm/v6", "linux/arm/v5"],
-            ),
-            (
-                "linux/arm",
-                &["linux/arm/v7", "linux/arm/v6", "linux/arm/v5"],
-            ),
+            ("linux/amd64/v3", &["linux/amd64/v3", "linux/amd64/v2", "linux/amd64", "linux/386"]),
+            ("linux/arm/v7", &["linux/arm/v7", "linux/arm/v6", "linux/arm/v5"]),
+            ("linux/arm", &["linux/arm/v7", "linux/arm/v6", "linux/arm/v5"]),
             ("linux/arm/v5", &["linux/arm/v5"]),
-            (
-                "linux/arm64",
-                &[
-                    "linux/arm64",
-                    "linux/arm/v8",
-                    "linux/arm/v7",
-                    "linux/arm/v6",
-                    "linux/arm/v5",
-                ],
-            ),
-            (
-                "linux/arm64/v8",
-                &[
-                    "linux/arm64",
-                    "linux/arm/v8",
-                    "linux/arm/v7",
-                    "linux/arm/v6",
-                    "linux/arm/v5",
-                ],
-            ),
+            ("linux/arm64", &["linux/arm64", "linux/arm/v8", "linux/arm/v7", "linux/arm/v6", "linux/arm/v5"]),
+            ("linux/arm64/v8", &["linux/arm64", "linux/arm/v8", "linux/arm/v7", "linux/arm/v6", "linux/arm/v5"]),
             (
                 "linux/arm64/v8.2",
                 &[
@@ -464,12 +394,7 @@ mod tests {
 
     #[test]
     fn select_prefers_the_best_then_the_first() {
-        let idx = entries(&[
-            "linux/amd64",
-            "linux/arm64/v8",
-            "linux/arm/v7",
-            "linux/arm/v6",
-        ]);
+        let idx = entries(&["linux/amd64", "linux/arm64/v8", "linux/arm/v7", "linux/arm/v6"]);
         assert_eq!(select(&p("linux/amd64"), &idx), Some(0));
         assert_eq!(select(&p("linux/arm64"), &idx), Some(1));
         assert_eq!(select(&p("linux/arm"), &idx), Some(2));
@@ -485,10 +410,7 @@ mod tests {
         let idx = entries(&["linux/amd64/v2", "linux/amd64/v3", "linux/amd64"]);
         assert_eq!(select(&p("linux/amd64/v3"), &idx), Some(1));
         assert_eq!(select(&p("linux/amd64"), &idx), Some(2));
-        assert_eq!(
-            select(&p("linux/amd64"), &entries(&["linux/amd64/v3"])),
-            None
-        );
+        assert_eq!(select(&p("linux/amd64"), &entries(&["linux/amd64/v3"])), None);
 
         // Entries without a platform and attestation entries are never ranked.
         let idx = entries(&["", "unknown/unknown", "linux/amd64"]);
@@ -530,15 +452,7 @@ mod tests {
             let pat = PlatformPattern::parse(pattern).unwrap();
             assert_eq!(pat.matches(&p(platform)), *want, "{pattern} vs {platform}");
         }
-        for bad in [
-            "",
-            "linux",
-            "linux/",
-            "/amd64",
-            "linux/amd64/v8/x",
-            "linux/amd 64",
-            "*/amd64",
-        ] {
+        for bad in ["", "linux", "linux/", "/amd64", "linux/amd64/v8/x", "linux/amd 64", "*/amd64"] {
             assert!(PlatformPattern::parse(bad).is_err(), "{bad:?}");
         }
     }

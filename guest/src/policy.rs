@@ -91,10 +91,7 @@ impl Verdict {
     pub fn rule(&mut self, rule: &str, outcome: std::result::Result<(), String>) -> &mut Self {
         self.checked.push(rule.to_string());
         if let Err(reason) = outcome {
-            self.violations.push(Violation {
-                rule: rule.to_string(),
-                reason,
-            });
+            self.violations.push(Violation { rule: rule.to_string(), reason });
         }
         self
     }
@@ -121,12 +118,7 @@ pub struct Image<'a> {
 impl Image<'_> {
     /// Compressed layers plus config, in bytes, as the manifest declares them (saturating).
     pub fn declared_size(&self) -> u64 {
-        self.manifest
-            .layers
-            .iter()
-            .fold(self.manifest.config.size, |sum, l| {
-                sum.saturating_add(l.size)
-            })
+        self.manifest.layers.iter().fold(self.manifest.config.size, |sum, l| sum.saturating_add(l.size))
     }
 }
 
@@ -154,12 +146,7 @@ pub trait Policy {
     }
 
     /// After reading the config, before fetching layers.
-    fn check_config(
-        &self,
-        _reference: &Reference,
-        _image: &Image<'_>,
-        _config: &oci::Config,
-    ) -> Verdict {
+    fn check_config(&self, _reference: &Reference, _image: &Image<'_>, _config: &oci::Config) -> Verdict {
         Verdict::new()
     }
 
@@ -192,44 +179,26 @@ pub fn enforce<H: Host + ?Sized, P: Policy + ?Sized>(
 ) -> Result<()> {
     if verdict.allows() {
         if verdict.checked.is_empty() {
-            host.log(
-                Level::Debug,
-                &format!("policy: {reference}: {stage} stage: allowed, no rule applies"),
-            );
+            host.log(Level::Debug, &format!("policy: {reference}: {stage} stage: allowed, no rule applies"));
         } else {
             host.log(
                 Level::Info,
-                &format!(
-                    "policy: {reference}: {stage} stage: allowed by {}",
-                    verdict.checked.join(", ")
-                ),
+                &format!("policy: {reference}: {stage} stage: allowed by {}", verdict.checked.join(", ")),
             );
         }
         return Ok(());
     }
-    let reasons = verdict
-        .violations
-        .iter()
-        .map(Violation::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
+    let reasons = verdict.violations.iter().map(Violation::to_string).collect::<Vec<_>>().join("; ");
     if policy.audit() {
         host.log(
             Level::Warn,
-            &format!(
-                "policy audit: {reference}: {stage} stage: would deny: {reasons}; pulling anyway"
-            ),
+            &format!("policy audit: {reference}: {stage} stage: would deny: {reasons}; pulling anyway"),
         );
         return Ok(());
     }
-    host.log(
-        Level::Warn,
-        &format!("policy: {reference}: {stage} stage: denied: {reasons}"),
-    );
+    host.log(Level::Warn, &format!("policy: {reference}: {stage} stage: denied: {reasons}"));
     host.progress("denied", &reasons);
-    Err(Error::PermissionDenied(format!(
-        "policy denies {reference}: {reasons}"
-    )))
+    Err(Error::PermissionDenied(format!("policy denies {reference}: {reasons}")))
 }
 
 // ---- hosts --------------------------------------------------------------------------------
@@ -267,12 +236,8 @@ impl fmt::Display for HostPort {
 pub fn canonical_host(domain: &str) -> std::result::Result<HostPort, String> {
     reference::check_domain(domain)?;
     let (host, port) = if let Some(inner) = domain.strip_prefix('[') {
-        let (ip, rest) = inner
-            .split_once(']')
-            .ok_or_else(|| format!("invalid registry host {domain:?}"))?;
-        let ip: Ipv6Addr = ip
-            .parse()
-            .map_err(|_| format!("{domain:?}: {ip:?} is not an IPv6 address"))?;
+        let (ip, rest) = inner.split_once(']').ok_or_else(|| format!("invalid registry host {domain:?}"))?;
+        let ip: Ipv6Addr = ip.parse().map_err(|_| format!("{domain:?}: {ip:?} is not an IPv6 address"))?;
         let host = match ip.to_ipv4_mapped() {
             Some(v4) => v4.to_string(),
             None => format!("[{ip}]"),
@@ -292,10 +257,7 @@ pub fn canonical_host(domain: &str) -> std::result::Result<HostPort, String> {
     };
     let port = match port {
         None => None,
-        Some(p) => Some(
-            p.parse::<u16>()
-                .map_err(|_| format!("{domain:?}: port {p} is not a port number"))?,
-        ),
+        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("{domain:?}: port {p} is not a port number"))?),
     };
     Ok(HostPort { host, port })
 }
@@ -310,14 +272,13 @@ pub fn inet_aton(s: &str) -> Option<Ipv4Addr> {
     }
     let mut values = Vec::with_capacity(parts.len());
     for part in &parts {
-        let (digits, radix) =
-            if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
-                (hex, 16)
-            } else if part.len() > 1 && part.starts_with('0') {
-                (&part[1..], 8)
-            } else {
-                (*part, 10)
-            };
+        let (digits, radix) = if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+            (hex, 16)
+        } else if part.len() > 1 && part.starts_with('0') {
+            (&part[1..], 8)
+        } else {
+            (*part, 10)
+        };
         if digits.is_empty() && radix != 16 {
             return None;
         }
@@ -368,9 +329,7 @@ impl HostPattern {
     /// a leading `*.`).
     pub fn parse(text: &str) -> std::result::Result<HostPattern, String> {
         let bad = |why: &str| {
-            format!(
-                "{text:?} is not a registry host pattern ({why}; write host[:port] or *.domain[:port])"
-            )
+            format!("{text:?} is not a registry host pattern ({why}; write host[:port] or *.domain[:port])")
         };
         if text.contains('/') {
             return Err(bad("no scheme or path"));
@@ -393,11 +352,7 @@ impl HostPattern {
             return Err(bad("a wildcard must be a leading *."));
         }
         let hp = canonical_host(text).map_err(|e| bad(&e))?;
-        Ok(HostPattern {
-            text: text.to_string(),
-            kind: HostKind::Exact(hp.host),
-            port: hp.port,
-        })
+        Ok(HostPattern { text: text.to_string(), kind: HostKind::Exact(hp.host), port: hp.port })
     }
 
     /// Whether the pattern matches `host`.
@@ -460,17 +415,10 @@ impl RepositoryPattern {
             }
             let r = Reference::parse(text).map_err(|e| bad(e.message()))?;
             let hp = canonical_host(r.domain()).map_err(|e| bad(&e))?;
-            let host = HostPattern {
-                text: r.domain().to_string(),
-                kind: HostKind::Exact(hp.host),
-                port: hp.port,
-            };
+            let host = HostPattern { text: r.domain().to_string(), kind: HostKind::Exact(hp.host), port: hp.port };
             let mut segments = vec![Segment::Host(host)];
             segments.extend(r.path().split('/').map(|c| Segment::Glob(c.to_string())));
-            return Ok(RepositoryPattern {
-                text: text.to_string(),
-                segments,
-            });
+            return Ok(RepositoryPattern { text: text.to_string(), segments });
         }
         let parts: Vec<&str> = text.split('/').collect();
         if parts.len() < 2 && text != "**" {
@@ -489,20 +437,16 @@ impl RepositoryPattern {
                 segments.push(registry_segment(part).map_err(|e| bad(&e))?);
             } else if part.bytes().any(|b| b.is_ascii_uppercase()) {
                 return Err(bad("repository paths are lowercase"));
-            } else if !part.bytes().all(|b| {
-                b.is_ascii_lowercase()
-                    || b.is_ascii_digit()
-                    || matches!(b, b'.' | b'_' | b'-' | b'*')
-            }) {
+            } else if !part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b'*'))
+            {
                 return Err(bad("invalid path component"));
             } else {
                 segments.push(Segment::Glob(part.to_string()));
             }
         }
-        Ok(RepositoryPattern {
-            text: text.to_string(),
-            segments,
-        })
+        Ok(RepositoryPattern { text: text.to_string(), segments })
     }
 
     /// Whether the pattern matches the repository `reference` names.
@@ -524,9 +468,7 @@ enum Component<'a> {
 fn match_segments(pattern: &[Segment], name: &[Component<'_>]) -> bool {
     match pattern.split_first() {
         None => name.is_empty(),
-        Some((Segment::Any, rest)) => {
-            (0..=name.len()).any(|skip| match_segments(rest, &name[skip..]))
-        }
+        Some((Segment::Any, rest)) => (0..=name.len()).any(|skip| match_segments(rest, &name[skip..])),
         Some((segment, rest)) => {
             let Some((first, name_rest)) = name.split_first() else {
                 return false;
@@ -557,10 +499,7 @@ fn registry_segment(part: &str) -> std::result::Result<Segment, String> {
         }
         return HostPattern::parse(part).map(Segment::Host);
     }
-    if !part
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'*' | b'[' | b']'))
-    {
+    if !part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'*' | b'[' | b']')) {
         return Err(format!("{part:?} is not a registry host"));
     }
     Ok(Segment::Glob(part.to_ascii_lowercase()))
@@ -704,11 +643,7 @@ mod tests {
             ("busybox", "docker.io/library/busybox", true),
             ("docker.io/busybox", "busybox", true),
             ("docker.io/library/busybox", "busybox/evil", false),
-            (
-                "docker.io/library/busybox",
-                "docker.io/library/busybox2",
-                false,
-            ),
+            ("docker.io/library/busybox", "docker.io/library/busybox2", false),
             ("docker.io/library/*", "busybox", true),
             ("docker.io/library/*", "library/a/b", false),
             ("docker.io/library/**", "library/a/b", true),

@@ -59,9 +59,7 @@ use crate::platform;
 use crate::policy::{self, canonical_host, Image, Policy, Stage};
 use crate::reference::Reference;
 use crate::settings::Settings;
-use crate::types::{
-    Descriptor, ImageInfo, ImageRecord, Level, Platform, PullRequest, SnapshotKind,
-};
+use crate::types::{Descriptor, ImageInfo, ImageRecord, Level, Platform, PullRequest, SnapshotKind};
 
 /// Prefix of the key of an active snapshot a layer is unpacked into; the chain ID's hex
 /// follows.
@@ -106,11 +104,7 @@ impl Resolved {
 
 /// Pulls the image `req` names with the default puller's `settings` as options and policy.
 /// See [`pull_with`].
-pub fn pull<H: Host + ?Sized>(
-    host: &H,
-    settings: &Settings,
-    req: &PullRequest,
-) -> Result<ImageInfo> {
+pub fn pull<H: Host + ?Sized>(host: &H, settings: &Settings, req: &PullRequest) -> Result<ImageInfo> {
     let runtime = settings.runtime_platform(&req.runtime_handler);
     let options = Options {
         discard_unpacked_layers: settings.discard_unpacked_layers,
@@ -121,10 +115,7 @@ pub fn pull<H: Host + ?Sized>(
     let for_handler;
     let req = match runtime.and_then(|r| r.platform.as_ref()) {
         Some(platform) => {
-            for_handler = PullRequest {
-                platform: platform.clone(),
-                ..req.clone()
-            };
+            for_handler = PullRequest { platform: platform.clone(), ..req.clone() };
             &for_handler
         }
         None => req,
@@ -138,11 +129,7 @@ pub fn pull<H: Host + ?Sized>(
                 "policy scopes for namespace {:?}, runtime handler {:?}: {}",
                 req.pod.as_ref().map(|p| p.namespace.as_str()),
                 req.runtime_handler,
-                if names.is_empty() {
-                    "none apply".to_string()
-                } else {
-                    names.join(", ")
-                }
+                if names.is_empty() { "none apply".to_string() } else { names.join(", ") }
             ),
         );
     }
@@ -166,47 +153,21 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
 ) -> Result<ImageInfo> {
     let reference = Reference::parse(&req.reference)?;
     if let Some(name) = &options.snapshotter {
-        host.snapshot_select(name)
-            .context_with(|| format!("runtime handler {:?}", req.runtime_handler))?;
+        host.snapshot_select(name).context_with(|| format!("runtime handler {:?}", req.runtime_handler))?;
     }
     let want = request_platform(&req.platform);
-    host.log(
-        Level::Info,
-        &format!("pulling {reference} for {}", platform::display(&want)),
-    );
-    policy::enforce(
-        host,
-        policy,
-        Stage::Reference,
-        &reference,
-        policy.check_reference(&reference),
-    )?;
+    host.log(Level::Info, &format!("pulling {reference} for {}", platform::display(&want)));
+    policy::enforce(host, policy, Stage::Reference, &reference, policy.check_reference(&reference))?;
 
     let root = resolve_root(host, &reference)?;
-    policy::enforce(
-        host,
-        policy,
-        Stage::Root,
-        &reference,
-        policy.check_root(&reference, &root),
-    )?;
+    policy::enforce(host, policy, Stage::Root, &reference, policy.check_root(&reference, &root))?;
 
     let resolved = select_manifest(host, &reference, &want, root)?;
-    policy::enforce(
-        host,
-        policy,
-        Stage::Manifest,
-        &reference,
-        policy.check_manifest(&reference, &resolved.image()),
-    )?;
+    policy::enforce(host, policy, Stage::Manifest, &reference, policy.check_manifest(&reference, &resolved.image()))?;
     let id = resolved.manifest.config.digest.clone();
 
     // The config: small, read before any layer is fetched.
-    fetch_missing(
-        host,
-        &reference,
-        std::slice::from_ref(&resolved.manifest.config),
-    )?;
+    fetch_missing(host, &reference, std::slice::from_ref(&resolved.manifest.config))?;
     let config_bytes = read_small(host, &resolved.manifest.config, "config")?;
     let config = oci::parse_config(&resolved.manifest.config, &config_bytes)?;
     if config.diff_ids.len() != resolved.manifest.layers.len() {
@@ -249,21 +210,13 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
     set_gc_labels(host, options, &resolved, &top)?;
 
     let size = image_size(
-        std::iter::once(&resolved.root)
-            .chain(&resolved.nested)
-            .chain(&resolved.from_index),
+        std::iter::once(&resolved.root).chain(&resolved.nested).chain(&resolved.from_index),
         &resolved.manifest,
     );
     let mut record_labels = vec![
-        (
-            labels::CRI_IMAGE.to_string(),
-            labels::CRI_IMAGE_MANAGED.to_string(),
-        ),
+        (labels::CRI_IMAGE.to_string(), labels::CRI_IMAGE_MANAGED.to_string()),
         (labels::IMAGE_ID.to_string(), id.clone()),
-        (
-            labels::IMAGE_MANIFEST.to_string(),
-            resolved.manifest_desc.digest.clone(),
-        ),
+        (labels::IMAGE_MANIFEST.to_string(), resolved.manifest_desc.digest.clone()),
         (labels::IMAGE_CHAIN_ID.to_string(), top.clone()),
         (labels::IMAGE_SIZE.to_string(), size.to_string()),
         (labels::IMAGE_USER.to_string(), config.user.clone()),
@@ -278,15 +231,10 @@ pub fn pull_with<H: Host + ?Sized, P: Policy + ?Sized>(
         write_record(host, record_name, &resolved.root, &record_labels)?;
     }
 
-    let records = crate::catalog::records(host)
-        .context_with(|| format!("listing images after pulling {reference}"))?;
+    let records = crate::catalog::records(host).context_with(|| format!("listing images after pulling {reference}"))?;
     let info = crate::catalog::gather(&records, &id, &options.pinned_images)
         .map(|image| image.info)
-        .ok_or_else(|| {
-            Error::Internal(format!(
-                "image {id} has no records right after pulling {reference}"
-            ))
-        })?;
+        .ok_or_else(|| Error::Internal(format!("image {id} has no records right after pulling {reference}")))?;
     host.log(
         Level::Info,
         &format!(
@@ -312,9 +260,7 @@ fn request_platform(p: &Platform) -> Platform {
 fn resolve_root<H: Host + ?Sized>(host: &H, reference: &Reference) -> Result<Descriptor> {
     let name = reference.name();
     host.progress("resolving", &reference.to_string());
-    let root = host
-        .resolve(&name, reference.resolve_target())
-        .context_with(|| format!("resolving {reference}"))?;
+    let root = host.resolve(&name, reference.resolve_target()).context_with(|| format!("resolving {reference}"))?;
     if let Some(d) = reference.digest() {
         if root.digest != d {
             return Err(Error::FailedPrecondition(format!(
@@ -325,10 +271,7 @@ fn resolve_root<H: Host + ?Sized>(host: &H, reference: &Reference) -> Result<Des
     }
     host.log(
         Level::Debug,
-        &format!(
-            "resolved {reference} to {} ({}, {} bytes)",
-            root.digest, root.media_type, root.size
-        ),
+        &format!("resolved {reference} to {} ({}, {} bytes)", root.digest, root.media_type, root.size),
     );
     host.progress("resolved", &root.digest);
     Ok(root)
@@ -336,11 +279,7 @@ fn resolve_root<H: Host + ?Sized>(host: &H, reference: &Reference) -> Result<Des
 
 /// Starts fetching those of `blobs` the content store does not have (with the right size).
 /// Returns at once; reads and applies wait for the downloads.
-fn fetch_missing<H: Host + ?Sized>(
-    host: &H,
-    reference: &Reference,
-    blobs: &[Descriptor],
-) -> Result<()> {
+fn fetch_missing<H: Host + ?Sized>(host: &H, reference: &Reference, blobs: &[Descriptor]) -> Result<()> {
     let mut missing: Vec<Descriptor> = Vec::with_capacity(blobs.len());
     for d in blobs {
         if missing.iter().any(|m| m.digest == d.digest) {
@@ -348,10 +287,7 @@ fn fetch_missing<H: Host + ?Sized>(
         }
         match host.content_info(&d.digest) {
             Ok(info) if info.size == d.size => {
-                host.log(
-                    Level::Debug,
-                    &format!("{} is in the content store, not fetched", d.digest),
-                );
+                host.log(Level::Debug, &format!("{} is in the content store, not fetched", d.digest));
                 continue;
             }
             Ok(info) => host.log(
@@ -373,13 +309,9 @@ fn fetch_missing<H: Host + ?Sized>(
         return Ok(());
     }
     let digests: Vec<&str> = missing.iter().map(|d| d.digest.as_str()).collect();
-    host.log(
-        Level::Debug,
-        &format!("{reference}: fetching {}", digests.join(", ")),
-    );
+    host.log(Level::Debug, &format!("{reference}: fetching {}", digests.join(", ")));
     host.progress("fetching", &format!("{} blobs", missing.len()));
-    host.fetch(&reference.name(), &missing)
-        .context_with(|| format!("fetching {} of {reference}", digests.join(", ")))
+    host.fetch(&reference.name(), &missing).context_with(|| format!("fetching {} of {reference}", digests.join(", ")))
 }
 
 /// Step 3: the manifest for the platform, read and checked.
@@ -394,13 +326,7 @@ fn select_manifest<H: Host + ?Sized>(
     if kind == Kind::Unknown && oci::is_generic_json(&root.media_type) {
         let bytes = read_small(host, &root, "root manifest")?;
         kind = oci::sniff(&bytes);
-        host.log(
-            Level::Debug,
-            &format!(
-                "{}: media type {:?} read as {kind:?}",
-                root.digest, root.media_type
-            ),
-        );
+        host.log(Level::Debug, &format!("{}: media type {:?} read as {kind:?}", root.digest, root.media_type));
         root_bytes = Some(bytes);
     }
     match kind {
@@ -420,13 +346,7 @@ fn select_manifest<H: Host + ?Sized>(
             };
             let manifest = oci::parse_manifest(&root, &bytes)?;
             check_manifest(reference, &root, &manifest)?;
-            Ok(Resolved {
-                manifest_desc: root.clone(),
-                root,
-                nested: vec![],
-                from_index: None,
-                manifest,
-            })
+            Ok(Resolved { manifest_desc: root.clone(), root, nested: vec![], from_index: None, manifest })
         }
         Kind::Index => {
             let bytes = match root_bytes {
@@ -440,11 +360,8 @@ fn select_manifest<H: Host + ?Sized>(
             }
             let Some(found) = select_in_index(host, reference, want, &root, &bytes, 0)? else {
                 let index = oci::parse_index(&root, &bytes)?;
-                let have: Vec<String> = index
-                    .manifests
-                    .iter()
-                    .filter_map(|d| d.platform.as_ref().map(platform::display))
-                    .collect();
+                let have: Vec<String> =
+                    index.manifests.iter().filter_map(|d| d.platform.as_ref().map(platform::display)).collect();
                 return Err(Error::NotFound(format!(
                     "{reference}: index {} has no manifest for platform {} (it has: {})",
                     root.digest,
@@ -494,12 +411,7 @@ fn select_in_index<H: Host + ?Sized>(
 ) -> Result<Option<Found>> {
     let index = oci::parse_index(desc, bytes)?;
     let of_kind = |kind: Kind| -> Vec<Descriptor> {
-        index
-            .manifests
-            .iter()
-            .filter(|d| oci::kind_of(&d.media_type) == kind)
-            .cloned()
-            .collect()
+        index.manifests.iter().filter(|d| oci::kind_of(&d.media_type) == kind).cloned().collect()
     };
     let manifests = of_kind(Kind::Manifest);
     if let Some(i) = platform::select(want, &manifests) {
@@ -509,33 +421,20 @@ fn select_in_index<H: Host + ?Sized>(
             &format!(
                 "{reference}: chose manifest {} ({}) of {} in index {} for {}",
                 chosen.digest,
-                chosen
-                    .platform
-                    .as_ref()
-                    .map(platform::display)
-                    .unwrap_or_default(),
+                chosen.platform.as_ref().map(platform::display).unwrap_or_default(),
                 index.manifests.len(),
                 desc.digest,
                 platform::display(want)
             ),
         );
         let manifest = read_manifest(host, reference, &chosen)?;
-        return Ok(Some(Found {
-            nested: vec![],
-            chosen,
-            manifest,
-        }));
+        return Ok(Some(Found { nested: vec![], chosen, manifest }));
     }
     if let Some((chosen, manifest)) = by_config_platform(host, reference, want, &manifests)? {
-        return Ok(Some(Found {
-            nested: vec![],
-            chosen,
-            manifest,
-        }));
+        return Ok(Some(Found { nested: vec![], chosen, manifest }));
     }
     for entry in of_kind(Kind::Index) {
-        let runs = entry.platform.is_none()
-            || platform::select(want, std::slice::from_ref(&entry)).is_some();
+        let runs = entry.platform.is_none() || platform::select(want, std::slice::from_ref(&entry)).is_some();
         if !runs {
             continue;
         }
@@ -556,9 +455,7 @@ fn select_in_index<H: Host + ?Sized>(
         );
         fetch_missing(host, reference, std::slice::from_ref(&entry))?;
         let nested_bytes = read_small(host, &entry, "index")?;
-        if let Some(mut found) =
-            select_in_index(host, reference, want, &entry, &nested_bytes, depth + 1)?
-        {
+        if let Some(mut found) = select_in_index(host, reference, want, &entry, &nested_bytes, depth + 1)? {
             found.nested.insert(0, entry);
             return Ok(Some(found));
         }
@@ -567,11 +464,7 @@ fn select_in_index<H: Host + ?Sized>(
 }
 
 /// Fetches (unless present) and reads the manifest an index entry points at.
-fn read_manifest<H: Host + ?Sized>(
-    host: &H,
-    reference: &Reference,
-    desc: &Descriptor,
-) -> Result<oci::Manifest> {
+fn read_manifest<H: Host + ?Sized>(host: &H, reference: &Reference, desc: &Descriptor) -> Result<oci::Manifest> {
     fetch_missing(host, reference, std::slice::from_ref(desc))?;
     let bytes = read_small(host, desc, "manifest")?;
     oci::parse_manifest(desc, &bytes)
@@ -618,10 +511,7 @@ fn check_manifest(reference: &Reference, desc: &Descriptor, m: &oci::Manifest) -
         let what = if m.artifact_type.is_empty() {
             format!("a config of media type {:?}", m.config.media_type)
         } else {
-            format!(
-                "artifact type {:?} (config media type {:?})",
-                m.artifact_type, m.config.media_type
-            )
+            format!("artifact type {:?} (config media type {:?})", m.artifact_type, m.config.media_type)
         };
         return Err(Error::InvalidArgument(format!(
             "{reference}: manifest {} has {what}: it is not a container image; \
@@ -642,19 +532,13 @@ fn check_manifest(reference: &Reference, desc: &Descriptor, m: &oci::Manifest) -
 
 /// The number of layers, from the bottom, whose snapshots are committed (the highest
 /// committed chain ID implies all below it).
-fn first_uncommitted<H: Host + ?Sized>(
-    host: &H,
-    reference: &Reference,
-    chain: &[String],
-) -> Result<usize> {
+fn first_uncommitted<H: Host + ?Sized>(host: &H, reference: &Reference, chain: &[String]) -> Result<usize> {
     for i in (0..chain.len()).rev() {
         match host.snapshot_stat(&chain[i]) {
             Ok(info) if info.kind == SnapshotKind::Committed => return Ok(i + 1),
             Ok(_) => {}
             Err(e) if e.is_not_found() => {}
-            Err(e) => {
-                return Err(e.context(format!("looking up snapshot {} of {reference}", chain[i])))
-            }
+            Err(e) => return Err(e.context(format!("looking up snapshot {} of {reference}", chain[i]))),
         }
     }
     Ok(0)
@@ -704,10 +588,7 @@ fn with_allowed_urls<H: Host + ?Sized, P: Policy + ?Sized>(
 
 /// The host of an `http(s)://host[:port]/…` URL, canonical.
 fn url_host(url: &str) -> Option<crate::policy::HostPort> {
-    let lower = url
-        .get(..8)
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
+    let lower = url.get(..8).map(str::to_ascii_lowercase).unwrap_or_default();
     let rest = if lower.starts_with("https://") {
         &url[8..]
     } else if lower.starts_with("http://") {
@@ -743,52 +624,33 @@ fn unpack<H: Host + ?Sized>(
             Ok(info) if info.kind == SnapshotKind::Committed => {
                 host.log(
                     Level::Debug,
-                    &format!(
-                        "layer {} of {reference}: snapshot {chain_id} is committed, skipped",
-                        layer.digest
-                    ),
+                    &format!("layer {} of {reference}: snapshot {chain_id} is committed, skipped", layer.digest),
                 );
                 host.progress("skipped", &layer.digest);
                 continue;
             }
             Ok(info) => host.log(
                 Level::Debug,
-                &format!(
-                    "snapshot {chain_id} exists as {:?}, not committed; unpacking again",
-                    info.kind
-                ),
+                &format!("snapshot {chain_id} exists as {:?}, not committed; unpacking again", info.kind),
             ),
             Err(e) if e.is_not_found() => {}
-            Err(e) => {
-                return Err(e.context(format!("looking up snapshot {chain_id} of {reference}")))
-            }
+            Err(e) => return Err(e.context(format!("looking up snapshot {chain_id} of {reference}"))),
         }
 
         let key = format!("{EXTRACT_KEY_PREFIX}{}", digest::hex_part(chain_id));
         let () = match host.snapshot_prepare(&key, parent) {
             Err(e) if e.is_already_exists() => {
-                host.log(
-                    Level::Debug,
-                    &format!("removing stale active snapshot {key}"),
-                );
+                host.log(Level::Debug, &format!("removing stale active snapshot {key}"));
                 remove_key(host, &key);
                 host.snapshot_prepare(&key, parent)
             }
             other => other,
         }
-        .context_with(|| {
-            format!(
-                "preparing snapshot {key} for layer {} of {reference}",
-                layer.digest
-            )
-        })?;
+        .context_with(|| format!("preparing snapshot {key} for layer {} of {reference}", layer.digest))?;
 
         host.log(
             Level::Debug,
-            &format!(
-                "applying layer {} ({}, {} bytes) onto {key}",
-                layer.digest, layer.media_type, layer.size
-            ),
+            &format!("applying layer {} ({}, {} bytes) onto {key}", layer.digest, layer.media_type, layer.size),
         );
         host.progress("unpacking", &layer.digest);
         let diff_id = match host.diff_apply(layer, &key) {
@@ -808,10 +670,7 @@ fn unpack<H: Host + ?Sized>(
         match host.snapshot_commit(chain_id, &key) {
             Ok(()) => {}
             Err(e) if e.is_already_exists() => {
-                host.log(
-                    Level::Debug,
-                    &format!("snapshot {chain_id} was committed by another pull; dropping {key}"),
-                );
+                host.log(Level::Debug, &format!("snapshot {chain_id} was committed by another pull; dropping {key}"));
                 remove_key(host, &key);
             }
             Err(e) => {
@@ -835,12 +694,7 @@ fn remove_key<H: Host + ?Sized>(host: &H, key: &str) {
 }
 
 /// Step 7a: containerd's GC labels on index, manifest and config.
-fn set_gc_labels<H: Host + ?Sized>(
-    host: &H,
-    settings: &Options,
-    r: &Resolved,
-    top: &str,
-) -> Result<()> {
+fn set_gc_labels<H: Host + ?Sized>(host: &H, settings: &Options, r: &Resolved, top: &str) -> Result<()> {
     if let Some(chosen) = &r.from_index {
         // Each index references the next one down, the last one the manifest.
         let parents = std::iter::once(&r.root).chain(&r.nested);
@@ -851,18 +705,11 @@ fn set_gc_labels<H: Host + ?Sized>(
                 .context_with(|| format!("labelling index {}", parent.digest))?;
         }
     }
-    let mut labels = vec![(
-        labels::GC_CONFIG.to_string(),
-        r.manifest.config.digest.clone(),
-    )];
+    let mut labels = vec![(labels::GC_CONFIG.to_string(), r.manifest.config.digest.clone())];
     for (i, layer) in r.manifest.layers.iter().enumerate() {
         // With discard_unpacked_layers, an empty value removes a reference left by an
         // earlier pull, so the layer blobs go once nothing else holds them.
-        let value = if settings.discard_unpacked_layers {
-            String::new()
-        } else {
-            layer.digest.clone()
-        };
+        let value = if settings.discard_unpacked_layers { String::new() } else { layer.digest.clone() };
         labels.push((labels::gc_layer(i), value));
     }
     host.content_set_labels(&r.manifest_desc.digest, &labels)
@@ -876,18 +723,10 @@ fn set_gc_labels<H: Host + ?Sized>(
         Level::Debug,
         &format!(
             "GC labels set on {}{} and config {}{}",
-            if r.from_index.is_some() {
-                "index, "
-            } else {
-                ""
-            },
+            if r.from_index.is_some() { "index, " } else { "" },
             r.manifest_desc.digest,
             r.manifest.config.digest,
-            if settings.discard_unpacked_layers {
-                " (layers discarded)"
-            } else {
-                ""
-            }
+            if settings.discard_unpacked_layers { " (layers discarded)" } else { "" }
         ),
     );
     Ok(())
@@ -896,9 +735,7 @@ fn set_gc_labels<H: Host + ?Sized>(
 /// The image size containerd 1.6's CRI reports (see the module doc): `path` (the root, any
 /// nested indexes and the chosen manifest under an index), config and layers.
 pub fn image_size<'a>(path: impl IntoIterator<Item = &'a Descriptor>, m: &oci::Manifest) -> u64 {
-    path.into_iter().map(|d| d.size).sum::<u64>()
-        + m.config.size
-        + m.layers.iter().map(|l| l.size).sum::<u64>()
+    path.into_iter().map(|d| d.size).sum::<u64>() + m.config.size + m.layers.iter().map(|l| l.size).sum::<u64>()
 }
 
 /// Creates the record `name`, or moves an existing one to `target` with `labels` (labels
@@ -919,18 +756,13 @@ fn write_record<H: Host + ?Sized>(
     };
     match host.image_create(&record) {
         Ok(_) => {
-            host.log(
-                Level::Debug,
-                &format!("created image record {name} -> {}", target.digest),
-            );
+            host.log(Level::Debug, &format!("created image record {name} -> {}", target.digest));
             return Ok(());
         }
         Err(e) if e.is_already_exists() => {}
         Err(e) => return Err(e.context(format!("creating image record {name}"))),
     }
-    let old = host
-        .image_get(name)
-        .context_with(|| format!("reading image record {name}"))?;
+    let old = host.image_get(name).context_with(|| format!("reading image record {name}"))?;
     let mut merged = old.labels.clone();
     // The snapshotter label is set only by pulls that chose one: another pull moves the
     // image back to the default snapshotter.
@@ -943,19 +775,9 @@ fn write_record<H: Host + ?Sized>(
         return Ok(());
     }
     if old.target.digest != target.digest {
-        host.log(
-            Level::Info,
-            &format!(
-                "moving {name} from {} to {}",
-                old.target.digest, target.digest
-            ),
-        );
+        host.log(Level::Info, &format!("moving {name} from {} to {}", old.target.digest, target.digest));
     }
-    let record = ImageRecord {
-        labels: merged,
-        ..record
-    };
-    host.image_update(&record)
-        .context_with(|| format!("updating image record {name}"))?;
+    let record = ImageRecord { labels: merged, ..record };
+    host.image_update(&record).context_with(|| format!("updating image record {name}"))?;
     Ok(())
 }

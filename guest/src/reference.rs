@@ -97,10 +97,7 @@ impl Reference {
 
     /// What to ask the registry for: the digest when there is one, else the tag.
     pub fn resolve_target(&self) -> &str {
-        self.digest
-            .as_deref()
-            .or(self.tag.as_deref())
-            .unwrap_or(DEFAULT_TAG)
+        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or(DEFAULT_TAG)
     }
 
     /// The repo tag to record (`name:tag`); `None` for a digest reference, and for a
@@ -176,10 +173,7 @@ fn parse(s: &str) -> std::result::Result<Reference, String> {
     let (domain, remainder) = match name.find('/') {
         Some(i) => {
             let first = &name[..i];
-            if first.contains(['.', ':'])
-                || first == "localhost"
-                || first.bytes().any(|b| b.is_ascii_uppercase())
-            {
+            if first.contains(['.', ':']) || first == "localhost" || first.bytes().any(|b| b.is_ascii_uppercase()) {
                 (first, &name[i + 1..])
             } else {
                 (DEFAULT_DOMAIN, name)
@@ -187,11 +181,7 @@ fn parse(s: &str) -> std::result::Result<Reference, String> {
         }
         None => (DEFAULT_DOMAIN, name),
     };
-    let domain = if domain == LEGACY_DEFAULT_DOMAIN {
-        DEFAULT_DOMAIN
-    } else {
-        domain
-    };
+    let domain = if domain == LEGACY_DEFAULT_DOMAIN { DEFAULT_DOMAIN } else { domain };
     check_domain(domain)?;
     let path = if domain == DEFAULT_DOMAIN && !remainder.contains('/') {
         format!("{OFFICIAL_NAMESPACE}/{remainder}")
@@ -210,12 +200,7 @@ fn parse(s: &str) -> std::result::Result<Reference, String> {
         (None, None) => Some(DEFAULT_TAG.to_string()),
         (None, Some(_)) => None,
     };
-    Ok(Reference {
-        domain: domain.to_string(),
-        path,
-        tag,
-        digest,
-    })
+    Ok(Reference { domain: domain.to_string(), path, tag, digest })
 }
 
 fn check_tag(tag: &str) -> std::result::Result<(), String> {
@@ -228,9 +213,7 @@ fn check_tag(tag: &str) -> std::result::Result<(), String> {
         return Err(format!("tag longer than {TAG_LENGTH_MAX} characters"));
     }
     if !word(bytes[0]) || !bytes.iter().all(|&b| word(b) || b == b'.' || b == b'-') {
-        return Err(format!(
-            "invalid tag {tag:?} (letters, digits, '_', '.', '-'; not starting with '.' or '-')"
-        ));
+        return Err(format!("invalid tag {tag:?} (letters, digits, '_', '.', '-'; not starting with '.' or '-')"));
     }
     Ok(())
 }
@@ -249,9 +232,7 @@ pub fn check_domain(domain: &str) -> std::result::Result<(), String> {
             return bad();
         }
         if ip.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!(
-                "invalid registry host {domain:?}: {ip:?} is not an IPv6 address"
-            ));
+            return Err(format!("invalid registry host {domain:?}: {ip:?} is not an IPv6 address"));
         }
         (None, &inner[end + 1..])
     } else {
@@ -319,8 +300,7 @@ fn path_component_ok(c: &str) -> bool {
             i += 1;
         }
         let sep = &c[sep_start..i];
-        let sep_ok =
-            matches!(sep, "." | "_" | "__") || (!sep.is_empty() && sep.bytes().all(|x| x == b'-'));
+        let sep_ok = matches!(sep, "." | "_" | "__") || (!sep.is_empty() && sep.bytes().all(|x| x == b'-'));
         if !sep_ok {
             return false;
         }
@@ -334,135 +314,30 @@ mod tests {
     const D: &str = "sha256:7cc4b5aefd1d0cadf8d97d4350462ba51c694ebca145b08d7d41b41acc8db5aa";
 
     /// (input, name, tag, digest)
-    fn ok_cases() -> Vec<(
-        String,
-        &'static str,
-        Option<&'static str>,
-        Option<&'static str>,
-    )> {
+    fn ok_cases() -> Vec<(String, &'static str, Option<&'static str>, Option<&'static str>)> {
         let mut v = vec![
-            (
-                "busybox".to_string(),
-                "docker.io/library/busybox",
-                Some("latest"),
-                None,
-            ),
-            (
-                "busybox:1.36".into(),
-                "docker.io/library/busybox",
-                Some("1.36"),
-                None,
-            ),
-            (
-                "library/busybox".into(),
-                "docker.io/library/busybox",
-                Some("latest"),
-                None,
-            ),
-            (
-                "docker.io/busybox".into(),
-                "docker.io/library/busybox",
-                Some("latest"),
-                None,
-            ),
-            (
-                "index.docker.io/busybox".into(),
-                "docker.io/library/busybox",
-                Some("latest"),
-                None,
-            ),
-            (
-                "user/repo".into(),
-                "docker.io/user/repo",
-                Some("latest"),
-                None,
-            ),
-            (
-                "user/repo:v1".into(),
-                "docker.io/user/repo",
-                Some("v1"),
-                None,
-            ),
+            ("busybox".to_string(), "docker.io/library/busybox", Some("latest"), None),
+            ("busybox:1.36".into(), "docker.io/library/busybox", Some("1.36"), None),
+            ("library/busybox".into(), "docker.io/library/busybox", Some("latest"), None),
+            ("docker.io/busybox".into(), "docker.io/library/busybox", Some("latest"), None),
+            ("index.docker.io/busybox".into(), "docker.io/library/busybox", Some("latest"), None),
+            ("user/repo".into(), "docker.io/user/repo", Some("latest"), None),
+            ("user/repo:v1".into(), "docker.io/user/repo", Some("v1"), None),
             ("a/b/c/d".into(), "docker.io/a/b/c/d", Some("latest"), None),
-            (
-                "quay.io/coreos/etcd".into(),
-                "quay.io/coreos/etcd",
-                Some("latest"),
-                None,
-            ),
+            ("quay.io/coreos/etcd".into(), "quay.io/coreos/etcd", Some("latest"), None),
             ("gcr.io/pause:3.9".into(), "gcr.io/pause", Some("3.9"), None),
-            (
-                "localhost/app".into(),
-                "localhost/app",
-                Some("latest"),
-                None,
-            ),
-            (
-                "localhost:5000/app:1.0".into(),
-                "localhost:5000/app",
-                Some("1.0"),
-                None,
-            ),
-            (
-                "127.0.0.1:5000/team/app:1.0".into(),
-                "127.0.0.1:5000/team/app",
-                Some("1.0"),
-                None,
-            ),
-            (
-                "[::1]:5000/app:v2".into(),
-                "[::1]:5000/app",
-                Some("v2"),
-                None,
-            ),
-            (
-                "[fe80::1]/app".into(),
-                "[fe80::1]/app",
-                Some("latest"),
-                None,
-            ),
-            (
-                "Registry.Example.COM/app".into(),
-                "Registry.Example.COM/app",
-                Some("latest"),
-                None,
-            ),
-            (
-                "my-reg.io:443/a.b/c_d/e__f/g--h".into(),
-                "my-reg.io:443/a.b/c_d/e__f/g--h",
-                Some("latest"),
-                None,
-            ),
-            (
-                "busybox:Tag_with.dots-1".into(),
-                "docker.io/library/busybox",
-                Some("Tag_with.dots-1"),
-                None,
-            ),
-            (
-                "localhost:5000".into(),
-                "docker.io/library/localhost",
-                Some("5000"),
-                None,
-            ),
-            (
-                format!("busybox@{D}"),
-                "docker.io/library/busybox",
-                None,
-                Some(D),
-            ),
-            (
-                format!("busybox:1.36@{D}"),
-                "docker.io/library/busybox",
-                Some("1.36"),
-                Some(D),
-            ),
-            (
-                format!("127.0.0.1:5000/app@{D}"),
-                "127.0.0.1:5000/app",
-                None,
-                Some(D),
-            ),
+            ("localhost/app".into(), "localhost/app", Some("latest"), None),
+            ("localhost:5000/app:1.0".into(), "localhost:5000/app", Some("1.0"), None),
+            ("127.0.0.1:5000/team/app:1.0".into(), "127.0.0.1:5000/team/app", Some("1.0"), None),
+            ("[::1]:5000/app:v2".into(), "[::1]:5000/app", Some("v2"), None),
+            ("[fe80::1]/app".into(), "[fe80::1]/app", Some("latest"), None),
+            ("Registry.Example.COM/app".into(), "Registry.Example.COM/app", Some("latest"), None),
+            ("my-reg.io:443/a.b/c_d/e__f/g--h".into(), "my-reg.io:443/a.b/c_d/e__f/g--h", Some("latest"), None),
+            ("busybox:Tag_with.dots-1".into(), "docker.io/library/busybox", Some("Tag_with.dots-1"), None),
+            ("localhost:5000".into(), "docker.io/library/localhost", Some("5000"), None),
+            (format!("busybox@{D}"), "docker.io/library/busybox", None, Some(D)),
+            (format!("busybox:1.36@{D}"), "docker.io/library/busybox", Some("1.36"), Some(D)),
+            (format!("127.0.0.1:5000/app@{D}"), "127.0.0.1:5000/app", None, Some(D)),
         ];
         // From containerd's reference/docker tests (TestValidateReferenceName,
         // TestValidateRemoteName, TestParseRepositoryInfo, TestNormalizedSplitHostname).
@@ -472,114 +347,47 @@ mod tests {
         for (input, name, tag) in [
             ("docker/docker", "docker.io/docker/docker", "latest"),
             ("library/debian", "docker.io/library/debian", "latest"),
-            (
-                "index.docker.io/docker/docker",
-                "docker.io/docker/docker",
-                "latest",
-            ),
-            (
-                "index.docker.io/debian",
-                "docker.io/library/debian",
-                "latest",
-            ),
-            (
-                "127.0.0.1:5000/docker/docker",
-                "127.0.0.1:5000/docker/docker",
-                "latest",
-            ),
+            ("index.docker.io/docker/docker", "docker.io/docker/docker", "latest"),
+            ("index.docker.io/debian", "docker.io/library/debian", "latest"),
+            ("127.0.0.1:5000/docker/docker", "127.0.0.1:5000/docker/docker", "latest"),
             ("127.0.0.1:5000/debian", "127.0.0.1:5000/debian", "latest"),
             ("192.168.0.1", "docker.io/library/192.168.0.1", "latest"),
             ("192.168.0.1:80", "docker.io/library/192.168.0.1", "80"),
             ("192.168.0.1:8/debian", "192.168.0.1:8/debian", "latest"),
             ("[fc00::1]:5000/docker", "[fc00::1]:5000/docker", "latest"),
-            (
-                "[fc00::1]:5000/docker/docker",
-                "[fc00::1]:5000/docker/docker",
-                "latest",
-            ),
-            (
-                "[fc00:1:2:3:4:5:6:7]:5000/library/debian",
-                "[fc00:1:2:3:4:5:6:7]:5000/library/debian",
-                "latest",
-            ),
+            ("[fc00::1]:5000/docker/docker", "[fc00::1]:5000/docker/docker", "latest"),
+            ("[fc00:1:2:3:4:5:6:7]:5000/library/debian", "[fc00:1:2:3:4:5:6:7]:5000/library/debian", "latest"),
             ("Docker/docker", "Docker/docker", "latest"),
             ("DOCKER/docker", "DOCKER/docker", "latest"),
             ("Foo/bar:Tag", "Foo/bar", "Tag"),
-            (
-                "docker-rules/docker",
-                "docker.io/docker-rules/docker",
-                "latest",
-            ),
-            (
-                "docker---rules/docker",
-                "docker.io/docker---rules/docker",
-                "latest",
-            ),
+            ("docker-rules/docker", "docker.io/docker-rules/docker", "latest"),
+            ("docker---rules/docker", "docker.io/docker---rules/docker", "latest"),
             ("d/docker", "docker.io/d/docker", "latest"),
             ("jess/t", "docker.io/jess/t", "latest"),
             ("dock__er/docker", "docker.io/dock__er/docker", "latest"),
             ("test_com/foo", "docker.io/test_com/foo", "latest"),
             ("test-com:8080/foo", "test-com:8080/foo", "latest"),
             ("xn--n3h.com:18080/foo", "xn--n3h.com:18080/foo", "latest"),
-            (
-                "docker.io/library/foo/bar",
-                "docker.io/library/foo/bar",
-                "latest",
-            ),
+            ("docker.io/library/foo/bar", "docker.io/library/foo/bar", "latest"),
             ("store/foo/bar", "docker.io/store/foo/bar", "latest"),
             ("localhost/app:v1", "localhost/app", "v1"),
         ] {
             v.push((input.to_string(), name, Some(tag), None));
         }
-        v.push((
-            song.to_string(),
-            leak(format!("docker.io/library/{song}")),
-            Some("latest"),
-            None,
-        ));
-        v.push((
-            format!("docker.io/{hex64}"),
-            leak(format!("docker.io/library/{hex64}")),
-            Some("latest"),
-            None,
-        ));
+        v.push((song.to_string(), leak(format!("docker.io/library/{song}")), Some("latest"), None));
+        v.push((format!("docker.io/{hex64}"), leak(format!("docker.io/library/{hex64}")), Some("latest"), None));
         // 63 hex digits are a name, not an ID.
-        v.push((
-            hex64[..63].to_string(),
-            leak(format!("docker.io/library/{}", &hex64[..63])),
-            Some("latest"),
-            None,
-        ));
-        v.push((
-            format!("[::1]:5000/app:v2@{D}"),
-            "[::1]:5000/app",
-            Some("v2"),
-            Some(D),
-        ));
+        v.push((hex64[..63].to_string(), leak(format!("docker.io/library/{}", &hex64[..63])), Some("latest"), None));
+        v.push((format!("[::1]:5000/app:v2@{D}"), "[::1]:5000/app", Some("v2"), Some(D)));
         let sha512 = Box::leak(format!("sha512:{}", "0".repeat(128)).into_boxed_str());
-        v.push((
-            format!("quay.io/a/b:c@{sha512}"),
-            "quay.io/a/b",
-            Some("c"),
-            Some(sha512),
-        ));
-        v.push((
-            format!("app@{sha512}"),
-            "docker.io/library/app",
-            None,
-            Some(sha512),
-        ));
+        v.push((format!("quay.io/a/b:c@{sha512}"), "quay.io/a/b", Some("c"), Some(sha512)));
+        v.push((format!("app@{sha512}"), "docker.io/library/app", None, Some(sha512)));
         // The longest name allowed: "docker.io/" + 245 characters = 255.
         let long = format!("docker.io/u/{}", "a".repeat(243));
         let long_name = Box::leak(long.clone().into_boxed_str());
         v.push((long, long_name, Some("latest"), None));
         let long_tag = Box::leak(format!("a{}", "b".repeat(127)).into_boxed_str());
-        v.push((
-            format!("app:{long_tag}"),
-            "docker.io/library/app",
-            Some(long_tag),
-            None,
-        ));
+        v.push((format!("app:{long_tag}"), "docker.io/library/app", Some(long_tag), None));
         v
     }
 
@@ -603,10 +411,7 @@ mod tests {
             ("Foo/Bar".into(), "must be lowercase"),
             ("quay.io/Coreos/etcd".into(), "must be lowercase"),
             ("docker.io/docker/Docker".into(), "must be lowercase"),
-            (
-                "https://github.com/docker/docker".into(),
-                "invalid registry host",
-            ),
+            ("https://github.com/docker/docker".into(), "invalid registry host"),
             ("-docker".into(), "invalid path component"),
             ("-docker/docker".into(), "invalid path component"),
             ("docker-/docker".into(), "invalid path component"),
@@ -624,26 +429,18 @@ mod tests {
             ("[fc00::1]:5000".into(), "invalid tag"),
             ("fc00::1:5000/debian".into(), "invalid registry host"),
             ("[fe80::1%eth0]:5000/debian".into(), "invalid registry host"),
-            (
-                "[2001:db8:3:4::192.0.2.33]:5000/debian".into(),
-                "invalid registry host",
-            ),
+            ("[2001:db8:3:4::192.0.2.33]:5000/debian".into(), "invalid registry host"),
             ("[1]:5000/app".into(), "is not an IPv6 address"),
             ("[:::::]/app".into(), "is not an IPv6 address"),
             ("[]/app".into(), "invalid path component"),
             ("[::1]5000/app".into(), "invalid registry host"),
             ("localhost:5000/app:v1:v2".into(), "invalid tag"),
-            (
-                "app@sha256:7cc4b5aefd1d0cadf8d97d4350462ba51c694ebca145b08d7d41b41acc8db5aa@x"
-                    .into(),
-                "invalid digest",
-            ),
+            ("app@sha256:7cc4b5aefd1d0cadf8d97d4350462ba51c694ebca145b08d7d41b41acc8db5aa@x".into(), "invalid digest"),
             (format!("app@{D}:tag"), "invalid digest"),
             (
                 format!(
                     "{}/docker",
-                    ["this_is_not_a_valid_namespace_because_its_lenth_is_greater_than_255"; 4]
-                        .join("_")
+                    ["this_is_not_a_valid_namespace_because_its_lenth_is_greater_than_255"; 4].join("_")
                 ),
                 "more than 255 characters",
             ),
@@ -659,14 +456,8 @@ mod tests {
             ("busybox@".into(), "invalid digest"),
             ("busybox@sha256:abc".into(), "expected 64 hex digits"),
             (format!("busybox@sha256:{}", "A".repeat(64)), "lowercase"),
-            (
-                format!("busybox@md5:{}", "a".repeat(32)),
-                "unsupported algorithm",
-            ),
-            (
-                format!("busybox@sha512:{}", "a".repeat(64)),
-                "expected 128 hex digits",
-            ),
+            (format!("busybox@md5:{}", "a".repeat(32)), "unsupported algorithm"),
+            (format!("busybox@sha512:{}", "a".repeat(64)), "expected 128 hex digits"),
             ("a..b/c".into(), "invalid registry host"),
             ("-bad.io/c".into(), "invalid registry host"),
             ("reg.io:/c".into(), "invalid registry host"),
@@ -681,10 +472,7 @@ mod tests {
             ("bad name".into(), "invalid path component"),
             ("a/b$".into(), "invalid path component"),
             ("a".repeat(64), "64-byte hexadecimal"),
-            (
-                format!("docker.io/u/{}", "a".repeat(244)),
-                "more than 255 characters",
-            ),
+            (format!("docker.io/u/{}", "a".repeat(244)), "more than 255 characters"),
         ]
     }
 
@@ -694,10 +482,7 @@ mod tests {
             match Reference::parse(&input) {
                 Err(Error::InvalidArgument(m)) => {
                     assert!(m.contains(want), "{input:?}: message {m:?} lacks {want:?}");
-                    assert!(
-                        m.contains(&format!("{input:?}")),
-                        "{input:?}: message {m:?} does not name it"
-                    );
+                    assert!(m.contains(&format!("{input:?}")), "{input:?}: message {m:?} does not name it");
                 }
                 other => panic!("{input:?}: expected invalid-argument, got {other:?}"),
             }
@@ -708,20 +493,13 @@ mod tests {
     fn records_and_targets() {
         let r = Reference::parse("busybox").unwrap();
         assert_eq!(r.resolve_target(), "latest");
-        assert_eq!(
-            r.repo_tag().as_deref(),
-            Some("docker.io/library/busybox:latest")
-        );
+        assert_eq!(r.repo_tag().as_deref(), Some("docker.io/library/busybox:latest"));
         assert_eq!(r.record_name(), "docker.io/library/busybox:latest");
         assert_eq!(r.repo_digest(D), format!("docker.io/library/busybox@{D}"));
 
         let r = Reference::parse(&format!("busybox:1.36@{D}")).unwrap();
         assert_eq!(r.resolve_target(), D);
-        assert_eq!(
-            r.repo_tag(),
-            None,
-            "containerd's CRI drops the tag of tag+digest"
-        );
+        assert_eq!(r.repo_tag(), None, "containerd's CRI drops the tag of tag+digest");
         assert_eq!(r.record_name(), format!("docker.io/library/busybox@{D}"));
         assert_eq!(r.to_string(), format!("docker.io/library/busybox:1.36@{D}"));
 

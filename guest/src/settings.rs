@@ -60,21 +60,13 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::oci;
 use crate::platform::{self, PlatformPattern};
-use crate::policy::{
-    canonical_host, glob, HostPattern, HostPort, Image, Policy, RepositoryPattern, Verdict,
-};
+use crate::policy::{canonical_host, glob, HostPattern, HostPort, Image, Policy, RepositoryPattern, Verdict};
 use crate::reference::Reference;
 use crate::types::{label, Descriptor, PullRequest};
 
 /// The node-wide keys [`parse`] accepts besides the rules ([`SCOPED_KEYS`]): they cannot be
 /// set in a scope (a pulled image is shared by every pod).
-pub const NODE_KEYS: &[&str] = &[
-    "mode",
-    "discard_unpacked_layers",
-    "pinnedImages",
-    "scopes",
-    "runtimePlatforms",
-];
+pub const NODE_KEYS: &[&str] = &["mode", "discard_unpacked_layers", "pinnedImages", "scopes", "runtimePlatforms"];
 
 /// Whether [`parse`] knows `key`: a node-wide key or a rule.
 fn known(key: &str) -> bool {
@@ -178,10 +170,7 @@ impl Scope {
         }
         if !self.pod_labels.is_empty() {
             let Some(pod) = &req.pod else { return false };
-            let all = self
-                .pod_labels
-                .iter()
-                .all(|(k, g)| label(&pod.labels, k).is_some_and(|v| glob(g, v)));
+            let all = self.pod_labels.iter().all(|(k, g)| label(&pod.labels, k).is_some_and(|v| glob(g, v)));
             if !all {
                 return false;
             }
@@ -217,10 +206,7 @@ impl Settings {
 
     /// The `runtimePlatforms` entry of runtime handler `handler`, if any.
     pub fn runtime_platform(&self, handler: &str) -> Option<&RuntimePlatform> {
-        self.runtime_platforms
-            .iter()
-            .find(|(h, _)| h == handler)
-            .map(|(_, p)| p)
+        self.runtime_platforms.iter().find(|(h, _)| h == handler).map(|(_, p)| p)
     }
 
     /// The scopes that apply to `req`, in document order.
@@ -231,10 +217,7 @@ impl Settings {
     /// The policy of a pull of `req`: the top-level rules and those of every scope that
     /// applies to it.
     pub fn policy_for(&self, req: &PullRequest) -> Scoped<'_> {
-        Scoped {
-            settings: self,
-            scopes: self.scopes_for(req),
-        }
+        Scoped { settings: self, scopes: self.scopes_for(req) }
     }
 }
 
@@ -252,10 +235,7 @@ impl<'de> serde::Deserialize<'de> for Members {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<Members, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Members, A::Error> {
                 let mut members = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, Value>()? {
                     members.push((k, v));
@@ -272,21 +252,15 @@ fn invalid(key: &str, why: impl fmt::Display) -> Error {
 }
 
 fn bool_of(key: &str, v: &Value) -> Result<bool> {
-    v.as_bool()
-        .ok_or_else(|| invalid(key, format!("must be true or false, not {v}")))
+    v.as_bool().ok_or_else(|| invalid(key, format!("must be true or false, not {v}")))
 }
 
 fn u64_of(key: &str, v: &Value) -> Result<u64> {
-    v.as_u64()
-        .ok_or_else(|| invalid(key, format!("must be a whole number of 0 or more, not {v}")))
+    v.as_u64().ok_or_else(|| invalid(key, format!("must be a whole number of 0 or more, not {v}")))
 }
 
 /// A list of strings, each turned into a `T` by `item` (whose error names the entry).
-fn list_of<T>(
-    key: &str,
-    v: &Value,
-    item: impl Fn(&str) -> std::result::Result<T, String>,
-) -> Result<Vec<T>> {
+fn list_of<T>(key: &str, v: &Value, item: impl Fn(&str) -> std::result::Result<T, String>) -> Result<Vec<T>> {
     let Value::Array(items) = v else {
         return Err(invalid(key, format!("must be a list of strings, not {v}")));
     };
@@ -294,9 +268,7 @@ fn list_of<T>(
         .iter()
         .enumerate()
         .map(|(i, x)| {
-            let s = x.as_str().ok_or_else(|| {
-                invalid(key, format!("must be a list of strings; entry {i} is {x}"))
-            })?;
+            let s = x.as_str().ok_or_else(|| invalid(key, format!("must be a list of strings; entry {i} is {x}")))?;
             item(s).map_err(|why| invalid(key, format!("entry {i}: {why}")))
         })
         .collect()
@@ -328,18 +300,12 @@ fn tag_pattern(s: &str) -> std::result::Result<String, String> {
 
 /// A reference as the record name it normalizes to.
 fn pinned_name(s: &str) -> std::result::Result<String, String> {
-    Reference::parse(s)
-        .map(|r| r.record_name())
-        .map_err(|e| e.message().to_string())
+    Reference::parse(s).map(|r| r.record_name()).map_err(|e| e.message().to_string())
 }
 
 fn media_type(s: &str) -> std::result::Result<String, String> {
-    let ok = s
-        .split_once('/')
-        .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
-        && !s
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+    let ok = s.split_once('/').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+        && !s.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
     if ok {
         Ok(s.to_string())
     } else {
@@ -355,20 +321,17 @@ pub fn parse(doc: &str) -> Result<Settings> {
     if doc.trim().is_empty() {
         return Ok(Settings::DEFAULT);
     }
-    let value: Value = serde_json::from_str(doc)
-        .map_err(|e| Error::InvalidArgument(format!("settings are not valid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_str(doc).map_err(|e| Error::InvalidArgument(format!("settings are not valid JSON: {e}")))?;
     if !value.is_object() {
-        return Err(Error::InvalidArgument(
-            "settings must be a JSON object (for example {})".into(),
-        ));
+        return Err(Error::InvalidArgument("settings must be a JSON object (for example {})".into()));
     }
-    let Members(members) = serde_json::from_str(doc)
-        .map_err(|e| Error::InvalidArgument(format!("settings are not valid JSON: {e}")))?;
+    let Members(members) =
+        serde_json::from_str(doc).map_err(|e| Error::InvalidArgument(format!("settings are not valid JSON: {e}")))?;
     check_unique(&members)?;
     // Nested objects (scopes) are read as `Value`s, which keep only the last of a repeated
     // key: refuse repeats at any depth first.
-    serde_json::from_str::<NoRepeats>(doc)
-        .map_err(|e| Error::InvalidArgument(format!("settings: {e}")))?;
+    serde_json::from_str::<NoRepeats>(doc).map_err(|e| Error::InvalidArgument(format!("settings: {e}")))?;
     parse_members(&members)
 }
 
@@ -401,23 +364,15 @@ impl<'de> serde::Deserialize<'de> for NoRepeats {
             fn visit_unit<E>(self) -> std::result::Result<NoRepeats, E> {
                 Ok(NoRepeats)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> std::result::Result<NoRepeats, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<NoRepeats, A::Error> {
                 while seq.next_element::<NoRepeats>()?.is_some() {}
                 Ok(NoRepeats)
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<NoRepeats, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<NoRepeats, A::Error> {
                 let mut keys = std::collections::BTreeSet::new();
                 while let Some(k) = map.next_key::<String>()? {
                     if !keys.insert(k.clone()) {
-                        return Err(serde::de::Error::custom(format!(
-                            "key {k:?} is given twice in one object"
-                        )));
+                        return Err(serde::de::Error::custom(format!("key {k:?} is given twice in one object")));
                     }
                     map.next_value::<NoRepeats>()?;
                 }
@@ -452,34 +407,19 @@ fn parse_members(members: &[(String, Value)]) -> Result<Settings> {
                 settings.mode = match v.as_str() {
                     Some("enforce") => Mode::Enforce,
                     Some("audit") => Mode::Audit,
-                    _ => {
-                        return Err(invalid(
-                            key,
-                            format!("must be \"enforce\" or \"audit\", not {v}"),
-                        ))
-                    }
+                    _ => return Err(invalid(key, format!("must be \"enforce\" or \"audit\", not {v}"))),
                 }
             }
-            "allowedRegistries" => {
-                settings.allowed_registries = Some(list_of(key, v, HostPattern::parse)?)
-            }
-            "blockedRegistries" => {
-                settings.blocked_registries = list_of(key, v, HostPattern::parse)?
-            }
-            "allowedRepositories" => {
-                settings.allowed_repositories = Some(list_of(key, v, RepositoryPattern::parse)?)
-            }
-            "blockedRepositories" => {
-                settings.blocked_repositories = list_of(key, v, RepositoryPattern::parse)?
-            }
+            "allowedRegistries" => settings.allowed_registries = Some(list_of(key, v, HostPattern::parse)?),
+            "blockedRegistries" => settings.blocked_registries = list_of(key, v, HostPattern::parse)?,
+            "allowedRepositories" => settings.allowed_repositories = Some(list_of(key, v, RepositoryPattern::parse)?),
+            "blockedRepositories" => settings.blocked_repositories = list_of(key, v, RepositoryPattern::parse)?,
             "deniedTags" => settings.denied_tags = list_of(key, v, tag_pattern)?,
             "requireDigest" => settings.require_digest = bool_of(key, v)?,
             "platforms" => settings.platforms = Some(list_of(key, v, PlatformPattern::parse)?),
             "maxImageSize" => settings.max_image_size = Some(u64_of(key, v)?),
             "maxLayers" => settings.max_layers = Some(u64_of(key, v)?),
-            "allowedLayerMediaTypes" => {
-                settings.allowed_layer_media_types = Some(list_of(key, v, media_type)?)
-            }
+            "allowedLayerMediaTypes" => settings.allowed_layer_media_types = Some(list_of(key, v, media_type)?),
             "discard_unpacked_layers" => settings.discard_unpacked_layers = bool_of(key, v)?,
             "pinnedImages" => settings.pinned_images = list_of(key, v, pinned_name)?,
             "scopes" => settings.scopes = scopes(v)?,
@@ -534,25 +474,16 @@ fn runtime_platforms(v: &Value) -> Result<Vec<(String, RuntimePlatform)>> {
         let Value::Object(fields) = entry else {
             return Err(at(format!("must be an object, not {entry}")));
         };
-        let mut rp = RuntimePlatform {
-            platform: None,
-            snapshotter: None,
-        };
+        let mut rp = RuntimePlatform { platform: None, snapshotter: None };
         for (field, value) in fields {
-            let text = value
-                .as_str()
-                .ok_or_else(|| at(format!("{field:?} must be a string, not {value}")))?;
+            let text = value.as_str().ok_or_else(|| at(format!("{field:?} must be a string, not {value}")))?;
             match field.as_str() {
                 "platform" => {
                     let pattern = PlatformPattern::parse(text).map_err(at)?;
                     rp.platform = Some(pattern.platform());
                 }
                 "snapshotter" => rp.snapshotter = Some(snapshotter_name(text).map_err(at)?),
-                other => {
-                    return Err(at(format!(
-                        "unknown key {other:?} (known: platform, snapshotter)"
-                    )))
-                }
+                other => return Err(at(format!("unknown key {other:?} (known: platform, snapshotter)"))),
             }
         }
         if rp.platform.is_none() && rp.snapshotter.is_none() {
@@ -582,23 +513,16 @@ fn scopes(v: &Value) -> Result<Vec<Scope>> {
     let mut out: Vec<Scope> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let Some(map) = item.as_object() else {
-            return Err(invalid(
-                KEY,
-                format!("must be a list of objects; entry {i} is {item}"),
-            ));
+            return Err(invalid(KEY, format!("must be a list of objects; entry {i} is {item}")));
         };
         // Keys are unique here: `parse` refused a document repeating a key in any object.
-        let members: Vec<(String, Value)> =
-            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let members: Vec<(String, Value)> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let scope = scope(i, &members).map_err(|e| match e {
             Error::InvalidArgument(m) => invalid(KEY, format!("entry {i}: {m}")),
             other => other,
         })?;
         if out.iter().any(|s| s.name == scope.name) {
-            return Err(invalid(
-                KEY,
-                format!("entry {i}: name {:?} is given to two scopes", scope.name),
-            ));
+            return Err(invalid(KEY, format!("entry {i}: name {:?} is given to two scopes", scope.name)));
         }
         out.push(scope);
     }
@@ -625,17 +549,12 @@ fn scope(i: usize, members: &[(String, Value)]) -> Result<Scope> {
                     Some(n)
                         if !n.is_empty()
                             && n.len() <= 63
-                            && n.bytes().all(|b| {
-                                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
-                            }) =>
+                            && n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) =>
                     {
                         n.to_string()
                     }
                     _ => {
-                        return Err(invalid(
-                            key,
-                            format!("must be a name of letters, digits, '_', '.', '-', not {v}"),
-                        ))
+                        return Err(invalid(key, format!("must be a name of letters, digits, '_', '.', '-', not {v}")))
                     }
                 }
             }
@@ -643,32 +562,25 @@ fn scope(i: usize, members: &[(String, Value)]) -> Result<Scope> {
             "runtimeHandlers" => scope.runtime_handlers = Some(list_of(key, v, handler_glob)?),
             "podLabels" => {
                 let Value::Object(map) = v else {
-                    return Err(invalid(
-                        key,
-                        format!("must be an object of label key to value pattern, not {v}"),
-                    ));
+                    return Err(invalid(key, format!("must be an object of label key to value pattern, not {v}")));
                 };
                 for (k, g) in map {
-                    let g = g.as_str().ok_or_else(|| {
-                        invalid(
-                            key,
-                            format!("label {k:?}: the value pattern must be a string"),
-                        )
-                    })?;
-                    if k.is_empty()
-                        || k.bytes()
-                            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-                    {
+                    let g = g
+                        .as_str()
+                        .ok_or_else(|| invalid(key, format!("label {k:?}: the value pattern must be a string")))?;
+                    if k.is_empty() || k.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
                         return Err(invalid(key, format!("{k:?} is not a label key")));
                     }
                     scope.pod_labels.push((k.clone(), g.to_string()));
                 }
             }
             k if SCOPED_KEYS.contains(&k) => rules.push((key.clone(), v.clone())),
-            k if NODE_KEYS.contains(&k) => return Err(invalid(
-                key,
-                "is node-wide and cannot be set in a scope (a pulled image is shared by every pod)",
-            )),
+            k if NODE_KEYS.contains(&k) => {
+                return Err(invalid(
+                    key,
+                    "is node-wide and cannot be set in a scope (a pulled image is shared by every pod)",
+                ))
+            }
             _ => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown scope key {key:?} (known: {}, {})",
@@ -700,11 +612,7 @@ pub fn current() -> Settings {
 }
 
 fn texts<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
-    items
-        .into_iter()
-        .map(|t| format!("{t:?}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    items.into_iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", ")
 }
 
 impl Settings {
@@ -728,11 +636,7 @@ impl Settings {
                 Ok(h) if allowed.iter().any(|p| p.matches(h)) => Ok(()),
                 Ok(h) => Err(format!(
                     "{what} {h} is not an allowed registry (allowed: {})",
-                    if allowed.is_empty() {
-                        "none".to_string()
-                    } else {
-                        texts(allowed.iter().map(|p| &p.text))
-                    }
+                    if allowed.is_empty() { "none".to_string() } else { texts(allowed.iter().map(|p| &p.text)) }
                 )),
             };
             verdict.rule("allowedRegistries", outcome);
@@ -744,10 +648,7 @@ impl Settings {
             return;
         };
         let outcome = if p.architecture.is_empty() {
-            Err(format!(
-                "{what} names no platform (allowed: {})",
-                texts(allowed.iter().map(|a| &a.text))
-            ))
+            Err(format!("{what} names no platform (allowed: {})", texts(allowed.iter().map(|a| &a.text))))
         } else if allowed.iter().any(|a| a.matches(p)) {
             Ok(())
         } else {
@@ -771,15 +672,8 @@ impl Policy for Settings {
         self.registry_rules(&mut v, "registry", reference.domain());
         let name = reference.name();
         if !self.blocked_repositories.is_empty() {
-            let outcome = match self
-                .blocked_repositories
-                .iter()
-                .find(|p| p.matches(reference))
-            {
-                Some(p) => Err(format!(
-                    "repository {name} matches blocked pattern {:?}",
-                    p.text
-                )),
+            let outcome = match self.blocked_repositories.iter().find(|p| p.matches(reference)) {
+                Some(p) => Err(format!("repository {name} matches blocked pattern {:?}", p.text)),
                 None => Ok(()),
             };
             v.rule("blockedRepositories", outcome);
@@ -790,11 +684,7 @@ impl Policy for Settings {
             } else {
                 Err(format!(
                     "repository {name} is not an allowed repository (allowed: {})",
-                    if allowed.is_empty() {
-                        "none".to_string()
-                    } else {
-                        texts(allowed.iter().map(|p| &p.text))
-                    }
+                    if allowed.is_empty() { "none".to_string() } else { texts(allowed.iter().map(|p| &p.text)) }
                 ))
             };
             v.rule("allowedRepositories", outcome);
@@ -802,9 +692,7 @@ impl Policy for Settings {
         if self.require_digest {
             let outcome = match reference.digest() {
                 Some(_) => Ok(()),
-                None => Err(format!(
-                    "the reference names no digest; pull by digest, for example {name}@sha256:…"
-                )),
+                None => Err(format!("the reference names no digest; pull by digest, for example {name}@sha256:…")),
             };
             v.rule("requireDigest", outcome);
         }
@@ -833,10 +721,7 @@ impl Policy for Settings {
         if let Some(max) = self.max_layers {
             let n = m.layers.len() as u64;
             let outcome = if n > max {
-                Err(format!(
-                    "manifest {} has {n} layers, more than the {max} allowed",
-                    image.manifest_desc.digest
-                ))
+                Err(format!("manifest {} has {n} layers, more than the {max} allowed", image.manifest_desc.digest))
             } else {
                 Ok(())
             };
@@ -856,11 +741,7 @@ impl Policy for Settings {
             v.rule("maxImageSize", outcome);
         }
         if let Some(allowed) = &self.allowed_layer_media_types {
-            let bad: Vec<&Descriptor> = m
-                .layers
-                .iter()
-                .filter(|l| !allowed.contains(&l.media_type))
-                .collect();
+            let bad: Vec<&Descriptor> = m.layers.iter().filter(|l| !allowed.contains(&l.media_type)).collect();
             let outcome = match bad.first() {
                 None => Ok(()),
                 Some(first) => Err(format!(
@@ -879,12 +760,7 @@ impl Policy for Settings {
         v
     }
 
-    fn check_config(
-        &self,
-        _reference: &Reference,
-        _image: &Image<'_>,
-        config: &oci::Config,
-    ) -> Verdict {
+    fn check_config(&self, _reference: &Reference, _image: &Image<'_>, config: &oci::Config) -> Verdict {
         let mut v = Verdict::new();
         self.platform_rule(&mut v, "the image config", &config.platform());
         v
@@ -919,11 +795,9 @@ impl Scoped<'_> {
             let sv = check(&scope.rules);
             let rename = |rule: &str| format!("scopes[{}].{rule}", scope.name);
             v.checked.extend(sv.checked.iter().map(|r| rename(r)));
-            v.violations
-                .extend(sv.violations.into_iter().map(|x| crate::policy::Violation {
-                    rule: rename(&x.rule),
-                    reason: x.reason,
-                }));
+            v.violations.extend(
+                sv.violations.into_iter().map(|x| crate::policy::Violation { rule: rename(&x.rule), reason: x.reason }),
+            );
         }
         v
     }
@@ -946,18 +820,12 @@ impl Policy for Scoped<'_> {
         self.combine(|s| s.check_manifest(reference, image))
     }
 
-    fn check_config(
-        &self,
-        reference: &Reference,
-        image: &Image<'_>,
-        config: &oci::Config,
-    ) -> Verdict {
+    fn check_config(&self, reference: &Reference, image: &Image<'_>, config: &oci::Config) -> Verdict {
         self.combine(|s| s.check_config(reference, image, config))
     }
 
     fn allows_url_host(&self, host: &HostPort) -> bool {
-        self.settings.allows_url_host(host)
-            && self.scopes.iter().all(|s| s.rules.allows_url_host(host))
+        self.settings.allows_url_host(host) && self.scopes.iter().all(|s| s.rules.allows_url_host(host))
     }
 }
 
@@ -985,11 +853,7 @@ mod tests {
         ] {
             assert_eq!(parse(doc).unwrap(), Settings::DEFAULT, "{doc:?}");
         }
-        assert!(
-            parse(r#"{"discard_unpacked_layers": true}"#)
-                .unwrap()
-                .discard_unpacked_layers
-        );
+        assert!(parse(r#"{"discard_unpacked_layers": true}"#).unwrap().discard_unpacked_layers);
         let full = parse(
             r#"{
                 "mode": "audit",
@@ -1016,120 +880,49 @@ mod tests {
         assert_eq!(full.platforms.as_ref().unwrap().len(), 2);
         assert_eq!(
             full.pinned_images,
-            vec![
-                "registry.k8s.io/pause:3.10".to_string(),
-                "docker.io/library/busybox:latest".into()
-            ]
+            vec!["registry.k8s.io/pause:3.10".to_string(), "docker.io/library/busybox:latest".into()]
         );
-        assert_eq!(
-            (full.max_image_size, full.max_layers),
-            (Some(1 << 30), Some(40))
-        );
+        assert_eq!((full.max_image_size, full.max_layers), (Some(1 << 30), Some(40)));
         // An empty allow list is kept: it allows nothing.
-        assert_eq!(
-            parse(r#"{"allowedRegistries": []}"#)
-                .unwrap()
-                .allowed_registries,
-            Some(vec![])
-        );
+        assert_eq!(parse(r#"{"allowedRegistries": []}"#).unwrap().allowed_registries, Some(vec![]));
 
         // (document, what the message must say: the key, and why)
         let bad: &[(&str, &[&str])] = &[
-            (
-                r#"{"pinned": ["busybox"]}"#,
-                &["unknown setting \"pinned\"", "allowedRegistries"],
-            ),
-            (
-                r#"{"AllowedRegistries": []}"#,
-                &["unknown setting \"AllowedRegistries\""],
-            ),
+            (r#"{"pinned": ["busybox"]}"#, &["unknown setting \"pinned\"", "allowedRegistries"]),
+            (r#"{"AllowedRegistries": []}"#, &["unknown setting \"AllowedRegistries\""]),
             ("[]", &["must be a JSON object"]),
             ("true", &["must be a JSON object"]),
             ("{", &["not valid JSON"]),
-            (
-                r#"{"mode": "audit", "mode": "enforce"}"#,
-                &["\"mode\" is given twice"],
-            ),
-            (
-                r#"{"discard_unpacked_layers": "yes"}"#,
-                &["\"discard_unpacked_layers\" must be true or false"],
-            ),
-            (
-                r#"{"mode": "warn"}"#,
-                &["\"mode\"", "\"enforce\" or \"audit\""],
-            ),
+            (r#"{"mode": "audit", "mode": "enforce"}"#, &["\"mode\" is given twice"]),
+            (r#"{"discard_unpacked_layers": "yes"}"#, &["\"discard_unpacked_layers\" must be true or false"]),
+            (r#"{"mode": "warn"}"#, &["\"mode\"", "\"enforce\" or \"audit\""]),
             (r#"{"mode": 1}"#, &["\"mode\""]),
-            (
-                r#"{"allowedRegistries": "docker.io"}"#,
-                &["\"allowedRegistries\" must be a list of strings"],
-            ),
-            (
-                r#"{"allowedRegistries": [1]}"#,
-                &["\"allowedRegistries\"", "entry 0 is 1"],
-            ),
+            (r#"{"allowedRegistries": "docker.io"}"#, &["\"allowedRegistries\" must be a list of strings"]),
+            (r#"{"allowedRegistries": [1]}"#, &["\"allowedRegistries\"", "entry 0 is 1"]),
             (
                 r#"{"allowedRegistries": ["https://docker.io"]}"#,
-                &[
-                    "\"allowedRegistries\" entry 0",
-                    "not a registry host pattern",
-                ],
+                &["\"allowedRegistries\" entry 0", "not a registry host pattern"],
             ),
-            (
-                r#"{"blockedRegistries": ["ok.io", "*"]}"#,
-                &["\"blockedRegistries\" entry 1"],
-            ),
-            (
-                r#"{"blockedRegistries": ["reg*.io"]}"#,
-                &["\"blockedRegistries\"", "leading *."],
-            ),
-            (
-                r#"{"allowedRepositories": ["team/*"]}"#,
-                &["\"allowedRepositories\" entry 0", "registry"],
-            ),
-            (
-                r#"{"blockedRepositories": ["docker.io/Library/x*"]}"#,
-                &["\"blockedRepositories\"", "lowercase"],
-            ),
-            (
-                r#"{"blockedRepositories": ["busybox:latest"]}"#,
-                &["\"blockedRepositories\"", "without tag"],
-            ),
-            (
-                r#"{"deniedTags": ["a b"]}"#,
-                &["\"deniedTags\" entry 0", "tag pattern"],
-            ),
+            (r#"{"blockedRegistries": ["ok.io", "*"]}"#, &["\"blockedRegistries\" entry 1"]),
+            (r#"{"blockedRegistries": ["reg*.io"]}"#, &["\"blockedRegistries\"", "leading *."]),
+            (r#"{"allowedRepositories": ["team/*"]}"#, &["\"allowedRepositories\" entry 0", "registry"]),
+            (r#"{"blockedRepositories": ["docker.io/Library/x*"]}"#, &["\"blockedRepositories\"", "lowercase"]),
+            (r#"{"blockedRepositories": ["busybox:latest"]}"#, &["\"blockedRepositories\"", "without tag"]),
+            (r#"{"deniedTags": ["a b"]}"#, &["\"deniedTags\" entry 0", "tag pattern"]),
             (r#"{"deniedTags": [""]}"#, &["\"deniedTags\""]),
-            (
-                r#"{"requireDigest": "true"}"#,
-                &["\"requireDigest\" must be true or false"],
-            ),
-            (
-                r#"{"platforms": ["linux"]}"#,
-                &["\"platforms\" entry 0", "os/architecture"],
-            ),
-            (
-                r#"{"platforms": "linux/amd64"}"#,
-                &["\"platforms\" must be a list"],
-            ),
-            (
-                r#"{"maxImageSize": -1}"#,
-                &["\"maxImageSize\" must be a whole number"],
-            ),
+            (r#"{"requireDigest": "true"}"#, &["\"requireDigest\" must be true or false"]),
+            (r#"{"platforms": ["linux"]}"#, &["\"platforms\" entry 0", "os/architecture"]),
+            (r#"{"platforms": "linux/amd64"}"#, &["\"platforms\" must be a list"]),
+            (r#"{"maxImageSize": -1}"#, &["\"maxImageSize\" must be a whole number"]),
             (r#"{"maxImageSize": 1.5}"#, &["\"maxImageSize\""]),
             (r#"{"maxImageSize": "1G"}"#, &["\"maxImageSize\""]),
             (r#"{"maxLayers": true}"#, &["\"maxLayers\""]),
-            (
-                r#"{"allowedLayerMediaTypes": ["gzip"]}"#,
-                &["\"allowedLayerMediaTypes\" entry 0", "type/subtype"],
-            ),
+            (r#"{"allowedLayerMediaTypes": ["gzip"]}"#, &["\"allowedLayerMediaTypes\" entry 0", "type/subtype"]),
             (
                 r#"{"pinnedImages": ["pause", "Team/App"]}"#,
                 &["\"pinnedImages\" entry 1", "invalid reference \"Team/App\""],
             ),
-            (
-                r#"{"pinnedImages": "pause"}"#,
-                &["\"pinnedImages\" must be a list"],
-            ),
+            (r#"{"pinnedImages": "pause"}"#, &["\"pinnedImages\" must be a list"]),
         ];
         for (doc, wants) in bad {
             let m = invalid_message(doc);

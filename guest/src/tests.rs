@@ -16,19 +16,11 @@ use crate::types::{label, Descriptor, ImageInfo, Level, Pod, PullRequest, Snapsh
 const BUSYBOX: &str = "docker.io/library/busybox";
 
 fn req(reference: &str) -> PullRequest {
-    PullRequest {
-        reference: reference.into(),
-        platform: platform("linux/amd64"),
-        ..PullRequest::default()
-    }
+    PullRequest { reference: reference.into(), platform: platform("linux/amd64"), ..PullRequest::default() }
 }
 
 fn req_on(reference: &str, p: &str) -> PullRequest {
-    PullRequest {
-        reference: reference.into(),
-        platform: platform(p),
-        ..PullRequest::default()
-    }
+    PullRequest { reference: reference.into(), platform: platform(p), ..PullRequest::default() }
 }
 
 fn pull_ok(host: &FakeHost, r: &PullRequest) -> ImageInfo {
@@ -55,10 +47,7 @@ fn pulls_a_single_manifest_image() {
 
     assert_eq!(info.id, img.config.digest);
     assert_eq!(info.repo_tags, vec![format!("{BUSYBOX}:latest")]);
-    assert_eq!(
-        info.repo_digests,
-        vec![format!("{BUSYBOX}@{}", img.manifest.digest)]
-    );
+    assert_eq!(info.repo_digests, vec![format!("{BUSYBOX}@{}", img.manifest.digest)]);
     assert_eq!(info.chain_id, chain[1]);
     assert_eq!(info.manifest_digest, img.manifest.digest);
     assert_eq!(info.user, "nobody");
@@ -67,12 +56,7 @@ fn pulls_a_single_manifest_image() {
 
     let k0 = format!("extract-{}", hex_part(&chain[0]));
     let k1 = format!("extract-{}", hex_part(&chain[1]));
-    let (m, c, l0, l1) = (
-        &img.manifest.digest,
-        &img.config.digest,
-        &img.layers[0].digest,
-        &img.layers[1].digest,
-    );
+    let (m, c, l0, l1) = (&img.manifest.digest, &img.config.digest, &img.layers[0].digest, &img.layers[1].digest);
     assert_eq!(
         host.calls(),
         vec![
@@ -106,54 +90,28 @@ fn pulls_a_single_manifest_image() {
     assert_eq!(host.record_names().len(), 3);
     let rec = host.s.borrow().images[&format!("{BUSYBOX}:latest")].clone();
     assert_eq!(rec.target, img.manifest);
-    assert_eq!(
-        label(&rec.labels, "io.cri-containerd.image"),
-        Some("managed")
-    );
+    assert_eq!(label(&rec.labels, "io.cri-containerd.image"), Some("managed"));
     assert_eq!(label(&rec.labels, labels::IMAGE_ID), Some(c.as_str()));
     assert_eq!(label(&rec.labels, labels::IMAGE_MANIFEST), Some(m.as_str()));
-    assert_eq!(
-        label(&rec.labels, labels::IMAGE_CHAIN_ID),
-        Some(chain[1].as_str())
-    );
-    assert_eq!(
-        label(&rec.labels, labels::IMAGE_SIZE),
-        Some(info.size.to_string().as_str())
-    );
+    assert_eq!(label(&rec.labels, labels::IMAGE_CHAIN_ID), Some(chain[1].as_str()));
+    assert_eq!(label(&rec.labels, labels::IMAGE_SIZE), Some(info.size.to_string().as_str()));
     assert_eq!(label(&rec.labels, labels::IMAGE_USER), Some("nobody"));
 
     // Snapshots: two committed, no active key left.
     let s = host.s.borrow();
     assert_eq!(s.snapshots.len(), 2);
-    assert!(s
-        .snapshots
-        .values()
-        .all(|x| x.kind == SnapshotKind::Committed));
+    assert!(s.snapshots.values().all(|x| x.kind == SnapshotKind::Committed));
     assert_eq!(s.snapshots[&chain[1]].parent, chain[0]);
 
     // Progress and log.
     let stages: Vec<&str> = s.progress.iter().map(|(st, _)| st.as_str()).collect();
     assert_eq!(
         stages,
-        [
-            "resolving",
-            "resolved",
-            "fetching",
-            "fetching",
-            "unpacking",
-            "unpacked",
-            "unpacking",
-            "unpacked",
-            "done"
-        ]
+        ["resolving", "resolved", "fetching", "fetching", "unpacking", "unpacked", "unpacking", "unpacked", "done"]
     );
     assert!(s.progress.contains(&("unpacked".into(), l1.clone())));
-    assert!(s.logs.iter().any(
-        |(l, m)| *l == Level::Info && m.starts_with("pulling docker.io/library/busybox:latest")
-    ));
-    assert!(s.logs.iter().any(
-        |(l, m)| *l == Level::Info && m.starts_with("pulled docker.io/library/busybox:latest")
-    ));
+    assert!(s.logs.iter().any(|(l, m)| *l == Level::Info && m.starts_with("pulling docker.io/library/busybox:latest")));
+    assert!(s.logs.iter().any(|(l, m)| *l == Level::Info && m.starts_with("pulled docker.io/library/busybox:latest")));
 }
 
 #[test]
@@ -172,10 +130,7 @@ fn pulls_the_platform_manifest_from_an_index() {
     let info = pull_ok(&host, &req_on("127.0.0.1:5000/team/app:1.0", "linux/arm64"));
     assert_eq!(info.id, arm.config.digest);
     assert_eq!(info.manifest_digest, arm.manifest.digest);
-    assert_eq!(
-        info.repo_digests,
-        vec![format!("127.0.0.1:5000/team/app@{}", index.digest)]
-    );
+    assert_eq!(info.repo_digests, vec![format!("127.0.0.1:5000/team/app@{}", index.digest)]);
     // Size: index + chosen manifest + config + layers, as containerd's CRI.
     assert_eq!(info.size, index.size + size_of(&arm.manifest, &arm));
 
@@ -195,22 +150,8 @@ fn pulls_the_platform_manifest_from_an_index() {
     let host2 = FakeHost::new();
     host2.s.borrow_mut().remote = host.s.borrow().remote.clone();
     host2.tag("127.0.0.1:5000/team/app", "1.0", &index);
-    assert_eq!(
-        pull_ok(
-            &host2,
-            &req_on("127.0.0.1:5000/team/app:1.0", "linux/arm/v7")
-        )
-        .id,
-        armv7.config.digest
-    );
-    assert_eq!(
-        pull_ok(
-            &host2,
-            &req_on("127.0.0.1:5000/team/app:1.0", "linux/aarch64/v8")
-        )
-        .id,
-        arm.config.digest
-    );
+    assert_eq!(pull_ok(&host2, &req_on("127.0.0.1:5000/team/app:1.0", "linux/arm/v7")).id, armv7.config.digest);
+    assert_eq!(pull_ok(&host2, &req_on("127.0.0.1:5000/team/app:1.0", "linux/aarch64/v8")).id, arm.config.digest);
 }
 
 #[test]
@@ -229,30 +170,17 @@ fn follows_indexes_nested_in_an_index() {
     let info = pull_ok(&host, &req_on("127.0.0.1:5000/team/app:1.0", "linux/amd64"));
     assert_eq!(info.id, amd.config.digest);
     assert_eq!(info.manifest_digest, amd.manifest.digest);
-    assert_eq!(
-        info.size,
-        root.size + outer.size + inner.size + size_of(&amd.manifest, &amd)
-    );
+    assert_eq!(info.size, root.size + outer.size + inner.size + size_of(&amd.manifest, &amd));
     assert!(
         !host.calls().iter().any(|c| c.contains(&for_arm.digest)),
         "the arm64 index is not fetched for amd64: {:?}",
         host.calls()
     );
     // GC labels: root → outer → inner → manifest, so the whole path stays while the image does.
-    for (parent, child) in [
-        (&root, &outer.digest),
-        (&outer, &inner.digest),
-        (&inner, &amd.manifest.digest),
-    ] {
-        assert_eq!(
-            host.content_labels(&parent.digest)["containerd.io/gc.ref.content.m.0"],
-            *child
-        );
+    for (parent, child) in [(&root, &outer.digest), (&outer, &inner.digest), (&inner, &amd.manifest.digest)] {
+        assert_eq!(host.content_labels(&parent.digest)["containerd.io/gc.ref.content.m.0"], *child);
     }
-    assert_eq!(
-        pull_ok(&host, &req_on("127.0.0.1:5000/team/app:1.0", "linux/arm64")).id,
-        arm.config.digest
-    );
+    assert_eq!(pull_ok(&host, &req_on("127.0.0.1:5000/team/app:1.0", "linux/arm64")).id, arm.config.digest);
 
     // Nesting deeper than the limit is refused, not followed.
     let mut deep = host.push_index(&[(&amd.manifest, "linux/amd64")]);
@@ -260,11 +188,7 @@ fn follows_indexes_nested_in_an_index() {
         deep = host.push_index(&[(&deep, "")]);
     }
     host.tag("127.0.0.1:5000/team/deep", "1.0", &deep);
-    match pull(
-        &host,
-        &Settings::DEFAULT,
-        &req_on("127.0.0.1:5000/team/deep:1.0", "linux/amd64"),
-    ) {
+    match pull(&host, &Settings::DEFAULT, &req_on("127.0.0.1:5000/team/deep:1.0", "linux/amd64")) {
         Err(Error::InvalidArgument(m)) => {
             assert!(m.contains("nests indexes more than 4 deep"), "{m}")
         }
@@ -281,10 +205,7 @@ fn refuses_an_index_without_the_platform() {
     match pull(&host, &Settings::DEFAULT, &req_on("busybox", "linux/s390x")) {
         Err(Error::NotFound(m)) => {
             assert!(m.contains("docker.io/library/busybox:latest"), "{m}");
-            assert!(
-                m.contains("linux/s390x") && m.contains("it has: linux/amd64"),
-                "{m}"
-            );
+            assert!(m.contains("linux/s390x") && m.contains("it has: linux/amd64"), "{m}");
         }
         other => panic!("{other:?}"),
     }
@@ -305,29 +226,18 @@ fn second_pull_skips_committed_layers_and_shares_base_layers() {
     assert_eq!(first, again);
     let calls = host.calls();
     assert!(
-        !calls
-            .iter()
-            .any(|c| c.starts_with("apply") || c.starts_with("prepare") || c.starts_with("update")),
+        !calls.iter().any(|c| c.starts_with("apply") || c.starts_with("prepare") || c.starts_with("update")),
         "{calls:?}"
     );
     assert_eq!(host.record_names().len(), 3);
-    assert!(host
-        .s
-        .borrow()
-        .progress
-        .iter()
-        .any(|(s, d)| s == "skipped" && *d == img.layers[0].digest));
+    assert!(host.s.borrow().progress.iter().any(|(s, d)| s == "skipped" && *d == img.layers[0].digest));
 
     // Another image on the same base layer unpacks only its own layer.
     let other = host.push_image(&[b"base layer", b"other top"], "");
     host.tag("docker.io/user/other", "v1", &other.manifest);
     host.clear_calls();
     pull_ok(&host, &req("user/other:v1"));
-    let applies: Vec<String> = host
-        .calls()
-        .into_iter()
-        .filter(|c| c.starts_with("apply"))
-        .collect();
+    let applies: Vec<String> = host.calls().into_iter().filter(|c| c.starts_with("apply")).collect();
     assert_eq!(applies.len(), 1);
     assert!(applies[0].contains(&other.layers[1].digest));
 }
@@ -342,10 +252,7 @@ fn removes_a_stale_extract_key() {
     host.clear_calls();
     pull_ok(&host, &req("busybox"));
     let calls = host.calls();
-    let i = calls
-        .iter()
-        .position(|c| *c == format!("remove {key}"))
-        .expect("stale key removed");
+    let i = calls.iter().position(|c| *c == format!("remove {key}")).expect("stale key removed");
     assert_eq!(calls[i - 1], format!("prepare {key} "));
     assert_eq!(calls[i + 1], format!("prepare {key} "));
 }
@@ -370,26 +277,16 @@ fn refuses_a_layer_with_the_wrong_diff_id() {
     let host = FakeHost::new();
     let img = busybox(&host);
     let wrong = crate::digest::sha256(b"something else");
-    host.s
-        .borrow_mut()
-        .diff_override
-        .insert(img.layers[1].digest.clone(), wrong.clone());
+    host.s.borrow_mut().diff_override.insert(img.layers[1].digest.clone(), wrong.clone());
     match pull(&host, &Settings::DEFAULT, &req("busybox")) {
         Err(Error::FailedPrecondition(m)) => {
-            assert!(
-                m.contains(&img.layers[1].digest) && m.contains(&wrong) && m.contains("busybox"),
-                "{m}"
-            );
+            assert!(m.contains(&img.layers[1].digest) && m.contains(&wrong) && m.contains("busybox"), "{m}");
         }
         other => panic!("{other:?}"),
     }
     let chain = chain_ids(&img.diff_ids);
     let s = host.s.borrow();
-    assert!(
-        !s.snapshots
-            .contains_key(&format!("extract-{}", hex_part(&chain[1]))),
-        "key removed"
-    );
+    assert!(!s.snapshots.contains_key(&format!("extract-{}", hex_part(&chain[1]))), "key removed");
     assert!(!s.snapshots.contains_key(&chain[1]));
     assert!(s.images.is_empty(), "no records for a failed pull");
 }
@@ -398,18 +295,15 @@ fn refuses_a_layer_with_the_wrong_diff_id() {
 fn apply_errors_keep_their_case_and_drop_the_key() {
     let host = FakeHost::new();
     let img = busybox(&host);
-    host.s.borrow_mut().apply_error.insert(
-        img.layers[0].digest.clone(),
-        Error::FailedPrecondition("corrupt gzip".into()),
-    );
+    host.s
+        .borrow_mut()
+        .apply_error
+        .insert(img.layers[0].digest.clone(), Error::FailedPrecondition("corrupt gzip".into()));
     match pull(&host, &Settings::DEFAULT, &req("busybox")) {
         Err(Error::FailedPrecondition(m)) => {
             assert_eq!(
                 m,
-                format!(
-                    "applying layer {} of docker.io/library/busybox:latest: corrupt gzip",
-                    img.layers[0].digest
-                )
+                format!("applying layer {} of docker.io/library/busybox:latest: corrupt gzip", img.layers[0].digest)
             );
         }
         other => panic!("{other:?}"),
@@ -448,10 +342,7 @@ fn refuses_what_is_not_an_image() {
     // schema 1 served as application/json is recognized by its content.
     let generic = host.push_blob("application/json", br#"{"schemaVersion":1,"name":"x"}"#);
     host.tag(BUSYBOX, "generic", &generic);
-    assert!(matches!(
-        pull(&host, &Settings::DEFAULT, &req("busybox:generic")),
-        Err(Error::FailedPrecondition(_))
-    ));
+    assert!(matches!(pull(&host, &Settings::DEFAULT, &req("busybox:generic")), Err(Error::FailedPrecondition(_))));
 
     let odd = host.push_blob("application/vnd.example.thing", b"{}");
     host.tag(BUSYBOX, "odd", &odd);
@@ -470,10 +361,7 @@ fn refuses_what_is_not_an_image() {
         Err(Error::InvalidArgument(m)) => assert!(m.contains("not a container image"), "{m}"),
         other => panic!("{other:?}"),
     }
-    assert!(
-        !host.calls().iter().any(|c| c.starts_with("fetch")),
-        "nothing fetched for refused images"
-    );
+    assert!(!host.calls().iter().any(|c| c.starts_with("fetch")), "nothing fetched for refused images");
 }
 
 #[test]
@@ -485,10 +373,7 @@ fn resolve_errors_name_the_reference() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(
-        pull(&host, &Settings::DEFAULT, &req("Bad")),
-        Err(Error::InvalidArgument(_))
-    ));
+    assert!(matches!(pull(&host, &Settings::DEFAULT, &req("Bad")), Err(Error::InvalidArgument(_))));
 }
 
 #[test]
@@ -521,10 +406,7 @@ fn digest_references_record_no_tag() {
     let by_digest = format!("busybox@{}", img.manifest.digest);
     let info = pull_ok(&host, &req(&by_digest));
     assert!(info.repo_tags.is_empty());
-    assert_eq!(
-        info.repo_digests,
-        vec![format!("{BUSYBOX}@{}", img.manifest.digest)]
-    );
+    assert_eq!(info.repo_digests, vec![format!("{BUSYBOX}@{}", img.manifest.digest)]);
     assert_eq!(host.record_names().len(), 2);
 
     // tag + digest: resolved by digest; containerd's CRI records no tag.
@@ -534,10 +416,7 @@ fn digest_references_record_no_tag() {
 
     // A digest the registry does not have.
     let missing = format!("busybox@{}", crate::digest::sha256(b"x"));
-    assert!(matches!(
-        pull(&host, &Settings::DEFAULT, &req(&missing)),
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(pull(&host, &Settings::DEFAULT, &req(&missing)), Err(Error::NotFound(_))));
 }
 
 #[test]
@@ -556,14 +435,9 @@ fn a_moved_tag_follows_the_new_image() {
     assert_eq!(label(&rec.labels, labels::IMAGE_USER), Some("root"));
 
     // The old image keeps its ID and digest records, without the tag.
-    let old = catalog::status(&host, &v1.config.digest, &[])
-        .unwrap()
-        .unwrap();
+    let old = catalog::status(&host, &v1.config.digest, &[]).unwrap().unwrap();
     assert!(old.repo_tags.is_empty());
-    assert_eq!(
-        old.repo_digests,
-        vec![format!("{BUSYBOX}@{}", v1.manifest.digest)]
-    );
+    assert_eq!(old.repo_digests, vec![format!("{BUSYBOX}@{}", v1.manifest.digest)]);
 }
 
 #[test]
@@ -583,14 +457,8 @@ fn keeps_foreign_labels_when_updating_a_record() {
     host.tag(BUSYBOX, "latest", &v2.manifest);
     pull_ok(&host, &req("busybox"));
     let rec = host.s.borrow().images[&name].clone();
-    assert_eq!(
-        label(&rec.labels, "io.cri-containerd.pinned"),
-        Some("pinned")
-    );
-    assert_eq!(
-        label(&rec.labels, labels::IMAGE_ID),
-        Some(v2.config.digest.as_str())
-    );
+    assert_eq!(label(&rec.labels, "io.cri-containerd.pinned"), Some("pinned"));
+    assert_eq!(label(&rec.labels, labels::IMAGE_ID), Some(v2.config.digest.as_str()));
     let _ = img;
 }
 
@@ -607,26 +475,13 @@ fn pinned_images_by_setting_and_by_containerds_label() {
     assert!(pull(&host, &pinning, &req("busybox")).unwrap().pinned);
     assert!(!pull(&host, &pinning, &req("user/other")).unwrap().pinned);
     for arg in ["busybox", img.config.digest.as_str()] {
-        assert!(
-            catalog::status(&host, arg, pinned).unwrap().unwrap().pinned,
-            "{arg}"
-        );
-        assert!(
-            !catalog::status(&host, arg, &[]).unwrap().unwrap().pinned,
-            "{arg}"
-        );
+        assert!(catalog::status(&host, arg, pinned).unwrap().unwrap().pinned, "{arg}");
+        assert!(!catalog::status(&host, arg, &[]).unwrap().unwrap().pinned, "{arg}");
     }
     let listed = |pinned: &[String]| -> Vec<(String, bool)> {
-        catalog::list(&host, pinned)
-            .unwrap()
-            .into_iter()
-            .map(|i| (i.id, i.pinned))
-            .collect()
+        catalog::list(&host, pinned).unwrap().into_iter().map(|i| (i.id, i.pinned)).collect()
     };
-    let mut want = vec![
-        (img.config.digest.clone(), true),
-        (other.config.digest.clone(), false),
-    ];
+    let mut want = vec![(img.config.digest.clone(), true), (other.config.digest.clone(), false)];
     want.sort();
     assert_eq!(listed(pinned), want);
 
@@ -638,12 +493,7 @@ fn pinned_images_by_setting_and_by_containerds_label() {
         .unwrap()
         .labels
         .push((labels::CRI_PINNED.into(), labels::CRI_PINNED_PINNED.into()));
-    assert!(
-        catalog::status(&host, "user/other", &[])
-            .unwrap()
-            .unwrap()
-            .pinned
-    );
+    assert!(catalog::status(&host, "user/other", &[]).unwrap().unwrap().pinned);
     let all_pinned: Vec<(String, bool)> = want.iter().map(|(id, _)| (id.clone(), true)).collect();
     assert_eq!(listed(pinned), all_pinned);
     // Another value of the label does not.
@@ -662,13 +512,8 @@ fn discard_unpacked_layers_drops_layer_references() {
     let host = FakeHost::new();
     let img = busybox(&host);
     pull_ok(&host, &req("busybox"));
-    assert!(host
-        .content_labels(&img.manifest.digest)
-        .contains_key("containerd.io/gc.ref.content.l.0"));
-    let discard = Settings {
-        discard_unpacked_layers: true,
-        ..Settings::DEFAULT
-    };
+    assert!(host.content_labels(&img.manifest.digest).contains_key("containerd.io/gc.ref.content.l.0"));
+    let discard = Settings { discard_unpacked_layers: true, ..Settings::DEFAULT };
     pull(&host, &discard, &req("busybox")).unwrap();
     let ml = host.content_labels(&img.manifest.digest);
     assert_eq!(ml.len(), 1, "{ml:?}");
@@ -692,11 +537,7 @@ fn status_finds_images_by_name_id_and_prefix() {
         hex[..12].to_string(),
         format!("sha256:{}", &hex[..5]),
     ] {
-        assert_eq!(
-            catalog::status(&host, &arg, &[]).unwrap().as_ref(),
-            Some(&info),
-            "{arg}"
-        );
+        assert_eq!(catalog::status(&host, &arg, &[]).unwrap().as_ref(), Some(&info), "{arg}");
     }
     for arg in ["busybox:other", "alpine", "sha256:ffff", "fffff"] {
         // (a prefix that matches nothing, unless the random ID starts with it)
@@ -705,14 +546,8 @@ fn status_finds_images_by_name_id_and_prefix() {
         }
         assert_eq!(catalog::status(&host, arg, &[]).unwrap(), None, "{arg}");
     }
-    assert!(matches!(
-        catalog::status(&host, "Bad Name", &[]),
-        Err(Error::InvalidArgument(_))
-    ));
-    assert!(matches!(
-        catalog::status(&host, "", &[]),
-        Err(Error::InvalidArgument(_))
-    ));
+    assert!(matches!(catalog::status(&host, "Bad Name", &[]), Err(Error::InvalidArgument(_))));
+    assert!(matches!(catalog::status(&host, "", &[]), Err(Error::InvalidArgument(_))));
 }
 
 #[test]
@@ -723,16 +558,10 @@ fn a_hex_name_is_a_name_first() {
     let other = busybox(&host);
     pull_ok(&host, &req("abc"));
     pull_ok(&host, &req("busybox"));
-    assert_eq!(
-        catalog::status(&host, "abc", &[]).unwrap().unwrap().id,
-        named.config.digest
-    );
+    assert_eq!(catalog::status(&host, "abc", &[]).unwrap().unwrap().id, named.config.digest);
     // Without a record named abc, "abc…" would be an ID prefix.
     let prefix = &hex_part(&other.config.digest)[..6];
-    assert_eq!(
-        catalog::status(&host, prefix, &[]).unwrap().unwrap().id,
-        other.config.digest
-    );
+    assert_eq!(catalog::status(&host, prefix, &[]).unwrap().unwrap().id, other.config.digest);
 }
 
 #[test]
@@ -746,19 +575,13 @@ fn an_ambiguous_prefix_is_refused() {
         host.tag(&name, "latest", &img.manifest);
         ids.push(pull_ok(&host, &req(&name)).id);
         let first = &hex_part(&ids[ids.len() - 1])[..1];
-        if ids[..ids.len() - 1]
-            .iter()
-            .any(|id| hex_part(id).starts_with(first))
-        {
+        if ids[..ids.len() - 1].iter().any(|id| hex_part(id).starts_with(first)) {
             let query = format!("sha256:{first}");
             match catalog::status(&host, &query, &[]) {
                 Err(Error::FailedPrecondition(m)) => assert!(m.contains("ambiguous"), "{m}"),
                 other => panic!("{other:?}"),
             }
-            assert!(matches!(
-                catalog::remove(&host, &query),
-                Err(Error::FailedPrecondition(_))
-            ));
+            assert!(matches!(catalog::remove(&host, &query), Err(Error::FailedPrecondition(_))));
             return;
         }
     }
@@ -789,10 +612,7 @@ fn images_that_lost_content_or_snapshots_are_not_ready() {
 
     // Pulling again repairs it.
     assert_eq!(pull_ok(&host, &req("busybox")), a);
-    assert_eq!(
-        catalog::status(&host, &img.config.digest, &[]).unwrap(),
-        Some(a)
-    );
+    assert_eq!(catalog::status(&host, &img.config.digest, &[]).unwrap(), Some(a));
 }
 
 #[test]
@@ -806,28 +626,19 @@ fn list_checks_readiness_in_batches_and_agrees_with_status() {
     // written straight into the fake's stores, three records each.
     const N: usize = 600;
     let host = FakeHost::new();
-    let chains: Vec<String> = (0..4)
-        .map(|c| sha256(format!("chain {c}").as_bytes()))
-        .collect();
+    let chains: Vec<String> = (0..4).map(|c| sha256(format!("chain {c}").as_bytes())).collect();
     let mut ids = Vec::new();
     {
         let mut s = host.s.borrow_mut();
         for chain in &chains {
-            s.snapshots.insert(
-                chain.clone(),
-                Snap {
-                    parent: String::new(),
-                    kind: SnapshotKind::Committed,
-                },
-            );
+            s.snapshots.insert(chain.clone(), Snap { parent: String::new(), kind: SnapshotKind::Committed });
         }
         for i in 0..N {
             let config = format!("config {i}").into_bytes();
             let manifest = format!("manifest {i}").into_bytes();
             let (id, mdigest) = (sha256(&config), sha256(&manifest));
             s.content.insert(id.clone(), (config, Default::default()));
-            s.content
-                .insert(mdigest.clone(), (manifest, Default::default()));
+            s.content.insert(mdigest.clone(), (manifest, Default::default()));
             let labels = vec![
                 (labels::IMAGE_ID.to_string(), id.clone()),
                 (labels::IMAGE_MANIFEST.to_string(), mdigest.clone()),
@@ -835,19 +646,9 @@ fn list_checks_readiness_in_batches_and_agrees_with_status() {
                 (labels::IMAGE_SIZE.to_string(), i.to_string()),
             ];
             let name = format!("docker.io/library/img{i}");
-            for record in [
-                id.clone(),
-                format!("{name}:latest"),
-                format!("{name}@{mdigest}"),
-            ] {
-                s.images.insert(
-                    record.clone(),
-                    ImageRecord {
-                        name: record,
-                        labels: labels.clone(),
-                        ..Default::default()
-                    },
-                );
+            for record in [id.clone(), format!("{name}:latest"), format!("{name}@{mdigest}")] {
+                s.images
+                    .insert(record.clone(), ImageRecord { name: record, labels: labels.clone(), ..Default::default() });
             }
             ids.push((id, mdigest));
         }
@@ -872,19 +673,13 @@ fn list_checks_readiness_in_batches_and_agrees_with_status() {
         ],
         "the records' names and labels only, then one look-up per batch, none per image"
     );
-    let mut want: Vec<&str> = (0..N)
-        .filter(|&i| ready(i))
-        .map(|i| ids[i].0.as_str())
-        .collect();
+    let mut want: Vec<&str> = (0..N).filter(|&i| ready(i)).map(|i| ids[i].0.as_str()).collect();
     want.sort_unstable();
     let got: Vec<&str> = listed.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(got, want, "sorted by ID, ready images only");
     let first = listed.iter().find(|i| i.id == ids[0].0).unwrap();
     assert_eq!(first.repo_tags, vec!["docker.io/library/img0:latest"]);
-    assert_eq!(
-        first.repo_digests,
-        vec![format!("docker.io/library/img0@{}", ids[0].1)]
-    );
+    assert_eq!(first.repo_digests, vec![format!("docker.io/library/img0@{}", ids[0].1)]);
     assert_eq!(first.chain_id, chains[0]);
 
     // The batched path and the single-image path (status) agree (on the first 40 images:
@@ -896,22 +691,13 @@ fn list_checks_readiness_in_batches_and_agrees_with_status() {
             assert_eq!(Some(&status), listed.iter().find(|l| &l.id == id));
         }
     }
-    assert!(
-        !host.s.borrow().lookups.contains(&"list".to_string()),
-        "status and list read names and labels only"
-    );
+    assert!(!host.s.borrow().lookups.contains(&"list".to_string()), "status and list read names and labels only");
     // Why each one is not ready is logged, as by status.
     let logs = host.s.borrow().logs.clone();
     for what in ["config", "manifest", "snapshot"] {
-        assert!(
-            logs.iter()
-                .any(|(_, m)| m.contains("is not ready") && m.contains(what)),
-            "{what}: {logs:?}"
-        );
+        assert!(logs.iter().any(|(_, m)| m.contains("is not ready") && m.contains(what)), "{what}: {logs:?}");
     }
-    assert!(logs
-        .iter()
-        .any(|(l, m)| *l == Level::Warn && m.contains("not committed")));
+    assert!(logs.iter().any(|(l, m)| *l == Level::Warn && m.contains("not committed")));
 }
 
 #[test]
@@ -921,10 +707,7 @@ fn records_of_others_are_ignored() {
     let info = pull_ok(&host, &req("busybox"));
     host.s.borrow_mut().images.insert(
         "docker.io/library/foreign:latest".into(),
-        crate::types::ImageRecord {
-            name: "docker.io/library/foreign:latest".into(),
-            ..Default::default()
-        },
+        crate::types::ImageRecord { name: "docker.io/library/foreign:latest".into(), ..Default::default() },
     );
     assert_eq!(catalog::list(&host, &[]).unwrap(), vec![info]);
     assert_eq!(catalog::status(&host, "foreign", &[]).unwrap(), None);
@@ -942,34 +725,20 @@ fn remove_deletes_every_record_of_the_image() {
     let other = host.push_image(&[b"other"], "");
     host.tag("docker.io/user/other", "latest", &other.manifest);
     let kept = pull_ok(&host, &req("user/other"));
-    assert_eq!(
-        catalog::status(&host, "busybox:1.36", &[])
-            .unwrap()
-            .unwrap()
-            .repo_tags
-            .len(),
-        2
-    );
+    assert_eq!(catalog::status(&host, "busybox:1.36", &[]).unwrap().unwrap().repo_tags.len(), 2);
 
     host.clear_calls();
     catalog::remove(&host, "busybox:1.36").unwrap();
     let calls = host.calls();
     assert_eq!(calls.len(), 4, "{calls:?}");
-    assert_eq!(
-        calls[3],
-        format!("delete {}", img.config.digest),
-        "the ID record goes last"
-    );
+    assert_eq!(calls[3], format!("delete {}", img.config.digest), "the ID record goes last");
     assert_eq!(catalog::status(&host, "busybox", &[]).unwrap(), None);
     assert_eq!(catalog::list(&host, &[]).unwrap(), vec![kept]);
 
     // Unknown images are fine.
     catalog::remove(&host, "busybox").unwrap();
     catalog::remove(&host, &img.config.digest).unwrap();
-    assert!(matches!(
-        catalog::remove(&host, "UPPER"),
-        Err(Error::InvalidArgument(_))
-    ));
+    assert!(matches!(catalog::remove(&host, "UPPER"), Err(Error::InvalidArgument(_))));
 }
 
 #[test]
@@ -979,21 +748,13 @@ fn facade_uses_the_configured_settings() {
     let host = FakeHost::new();
     busybox(&host);
     let info = crate::pull_image(&host, &req("busybox")).unwrap();
-    assert_eq!(
-        crate::image_status(&host, "busybox").unwrap(),
-        Some(info.clone())
-    );
+    assert_eq!(crate::image_status(&host, "busybox").unwrap(), Some(info.clone()));
     assert_eq!(crate::list_images(&host).unwrap(), vec![info]);
     crate::remove_image(&host, "busybox").unwrap();
     assert!(crate::list_images(&host).unwrap().is_empty());
     let err = crate::pull_image(&host, &req("nope")).unwrap_err();
     assert!(err.is_not_found());
-    assert!(host
-        .s
-        .borrow()
-        .logs
-        .iter()
-        .any(|(_, m)| m.starts_with("pull of \"nope\" failed: not-found")));
+    assert!(host.s.borrow().logs.iter().any(|(_, m)| m.starts_with("pull of \"nope\" failed: not-found")));
 }
 
 // ---- policy ---------------------------------------------------------------------------
@@ -1012,18 +773,11 @@ fn denied(host: &FakeHost, doc: &str, r: &PullRequest) -> String {
 }
 
 fn fetches(host: &FakeHost) -> Vec<String> {
-    host.calls()
-        .into_iter()
-        .filter(|c| c.starts_with("fetch"))
-        .collect()
+    host.calls().into_iter().filter(|c| c.starts_with("fetch")).collect()
 }
 
 fn logged(host: &FakeHost, level: Level, needle: &str) -> bool {
-    host.s
-        .borrow()
-        .logs
-        .iter()
-        .any(|(l, m)| *l == level && m.contains(needle))
+    host.s.borrow().logs.iter().any(|(l, m)| *l == level && m.contains(needle))
 }
 
 /// Pushes the same small image under several names.
@@ -1054,92 +808,28 @@ fn reference_rules_decide_before_the_registry_is_asked() {
     ];
     // (settings, reference, denied rule or None)
     let cases: &[(&str, &str, Option<&str>)] = &[
-        (
-            r#"{"allowedRegistries": ["registry.io"]}"#,
-            "registry.io/team/app",
-            None,
-        ),
-        (
-            r#"{"allowedRegistries": ["registry.io"]}"#,
-            "registry.io:5000/team/app",
-            None,
-        ),
-        (
-            r#"{"allowedRegistries": ["registry.io"]}"#,
-            "REGISTRY.IO/team/app",
-            None,
-        ),
-        (
-            r#"{"allowedRegistries": ["registry.io"]}"#,
-            "registry.io.evil.com/team/app",
-            Some("allowedRegistries"),
-        ),
-        (
-            r#"{"allowedRegistries": ["registry.io"]}"#,
-            "evilregistry.io/team/app",
-            Some("allowedRegistries"),
-        ),
-        (
-            r#"{"allowedRegistries": ["registry.io"]}"#,
-            "busybox",
-            Some("allowedRegistries"),
-        ),
-        (
-            r#"{"allowedRegistries": ["registry.io:5000"]}"#,
-            "registry.io/team/app",
-            Some("allowedRegistries"),
-        ),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "registry.io/team/app", None),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "registry.io:5000/team/app", None),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "REGISTRY.IO/team/app", None),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "registry.io.evil.com/team/app", Some("allowedRegistries")),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "evilregistry.io/team/app", Some("allowedRegistries")),
+        (r#"{"allowedRegistries": ["registry.io"]}"#, "busybox", Some("allowedRegistries")),
+        (r#"{"allowedRegistries": ["registry.io:5000"]}"#, "registry.io/team/app", Some("allowedRegistries")),
         (r#"{"allowedRegistries": ["docker.io"]}"#, "busybox", None),
-        (
-            r#"{"allowedRegistries": ["*.example.com"]}"#,
-            "a.example.com/x/y",
-            None,
-        ),
-        (
-            r#"{"allowedRegistries": ["*.example.com"]}"#,
-            "example.com/x/y",
-            Some("allowedRegistries"),
-        ),
-        (
-            r#"{"allowedRegistries": []}"#,
-            "registry.io/team/app",
-            Some("allowedRegistries"),
-        ),
-        (
-            r#"{"blockedRegistries": ["registry.io"]}"#,
-            "registry.io:5000/team/app",
-            Some("blockedRegistries"),
-        ),
-        (
-            r#"{"blockedRegistries": ["registry.io"]}"#,
-            "registry.io.evil.com/team/app",
-            None,
-        ),
-        (
-            r#"{"blockedRegistries": ["127.0.0.1"]}"#,
-            "127.1:5000/team/app",
-            Some("blockedRegistries"),
-        ),
-        (
-            r#"{"blockedRegistries": ["127.0.0.1"]}"#,
-            "127.0.0.1:5000/team/app",
-            Some("blockedRegistries"),
-        ),
+        (r#"{"allowedRegistries": ["*.example.com"]}"#, "a.example.com/x/y", None),
+        (r#"{"allowedRegistries": ["*.example.com"]}"#, "example.com/x/y", Some("allowedRegistries")),
+        (r#"{"allowedRegistries": []}"#, "registry.io/team/app", Some("allowedRegistries")),
+        (r#"{"blockedRegistries": ["registry.io"]}"#, "registry.io:5000/team/app", Some("blockedRegistries")),
+        (r#"{"blockedRegistries": ["registry.io"]}"#, "registry.io.evil.com/team/app", None),
+        (r#"{"blockedRegistries": ["127.0.0.1"]}"#, "127.1:5000/team/app", Some("blockedRegistries")),
+        (r#"{"blockedRegistries": ["127.0.0.1"]}"#, "127.0.0.1:5000/team/app", Some("blockedRegistries")),
         (
             r#"{"allowedRegistries": ["*.io"], "blockedRegistries": ["evilregistry.io"]}"#,
             "evilregistry.io/team/app",
             Some("blockedRegistries"),
         ),
-        (
-            r#"{"allowedRepositories": ["registry.io/team/*"]}"#,
-            "registry.io/team/app",
-            None,
-        ),
-        (
-            r#"{"allowedRepositories": ["registry.io/team/*"]}"#,
-            "registry.io/teamevil/app",
-            Some("allowedRepositories"),
-        ),
+        (r#"{"allowedRepositories": ["registry.io/team/*"]}"#, "registry.io/team/app", None),
+        (r#"{"allowedRepositories": ["registry.io/team/*"]}"#, "registry.io/teamevil/app", Some("allowedRepositories")),
         (
             r#"{"allowedRepositories": ["registry.io/team/*"]}"#,
             "registry.io.evil.com/team/app",
@@ -1150,53 +840,21 @@ fn reference_rules_decide_before_the_registry_is_asked() {
             "registry.io/team/app-dev",
             Some("allowedRepositories"),
         ),
-        (
-            r#"{"allowedRepositories": ["busybox"]}"#,
-            "docker.io/library/busybox:1.0",
-            None,
-        ),
-        (
-            r#"{"allowedRepositories": ["**/app"]}"#,
-            "registry.io/team/app-dev",
-            Some("allowedRepositories"),
-        ),
-        (
-            r#"{"blockedRepositories": ["registry.io/team/app"]}"#,
-            "registry.io/team/app-dev",
-            None,
-        ),
+        (r#"{"allowedRepositories": ["busybox"]}"#, "docker.io/library/busybox:1.0", None),
+        (r#"{"allowedRepositories": ["**/app"]}"#, "registry.io/team/app-dev", Some("allowedRepositories")),
+        (r#"{"blockedRepositories": ["registry.io/team/app"]}"#, "registry.io/team/app-dev", None),
         (
             r#"{"blockedRepositories": ["registry.io/team/app"]}"#,
             "registry.io:5000/team/app",
             Some("blockedRepositories"),
         ),
-        (
-            r#"{"blockedRepositories": ["registry.io/**"]}"#,
-            "registry.io/team/app",
-            Some("blockedRepositories"),
-        ),
-        (
-            r#"{"deniedTags": ["latest"]}"#,
-            "busybox",
-            Some("deniedTags"),
-        ),
-        (
-            r#"{"deniedTags": ["latest"]}"#,
-            "busybox:latest",
-            Some("deniedTags"),
-        ),
+        (r#"{"blockedRepositories": ["registry.io/**"]}"#, "registry.io/team/app", Some("blockedRepositories")),
+        (r#"{"deniedTags": ["latest"]}"#, "busybox", Some("deniedTags")),
+        (r#"{"deniedTags": ["latest"]}"#, "busybox:latest", Some("deniedTags")),
         (r#"{"deniedTags": ["latest"]}"#, "busybox:1.0", None),
-        (
-            r#"{"deniedTags": ["1.*"]}"#,
-            "busybox:1.0",
-            Some("deniedTags"),
-        ),
+        (r#"{"deniedTags": ["1.*"]}"#, "busybox:1.0", Some("deniedTags")),
         (r#"{"deniedTags": ["Latest"]}"#, "busybox:latest", None),
-        (
-            r#"{"requireDigest": true}"#,
-            "busybox:1.0",
-            Some("requireDigest"),
-        ),
+        (r#"{"requireDigest": true}"#, "busybox:1.0", Some("requireDigest")),
         (r#"{"requireDigest": false}"#, "busybox:1.0", None),
     ];
     for (doc, reference, want) in cases {
@@ -1207,19 +865,9 @@ fn reference_rules_decide_before_the_registry_is_asked() {
             (None, Ok(_)) => {}
             (Some(rule), Err(Error::PermissionDenied(m))) => {
                 assert!(m.starts_with("policy denies "), "{doc} {reference}: {m}");
-                assert!(
-                    m.contains(&format!("rule {rule}: ")),
-                    "{doc} {reference}: {m}"
-                );
-                assert!(
-                    host.calls().is_empty(),
-                    "{doc} {reference}: {:?}",
-                    host.calls()
-                );
-                assert!(
-                    host.s.borrow().content.is_empty(),
-                    "resolved before deciding"
-                );
+                assert!(m.contains(&format!("rule {rule}: ")), "{doc} {reference}: {m}");
+                assert!(host.calls().is_empty(), "{doc} {reference}: {:?}", host.calls());
+                assert!(host.s.borrow().content.is_empty(), "resolved before deciding");
                 assert!(logged(&host, Level::Warn, "reference stage: denied"));
             }
             (want, got) => panic!("{doc} {reference}: want {want:?}, got {got:?}"),
@@ -1234,18 +882,10 @@ fn digests_pass_tag_and_digest_rules() {
     let doc = r#"{"deniedTags": ["latest"], "requireDigest": true}"#;
     let by_digest = format!("busybox@{}", img.manifest.digest);
     let m = denied(&host, doc, &req("busybox"));
-    assert!(
-        m.contains("rule requireDigest") && m.contains("rule deniedTags"),
-        "{m}"
-    );
+    assert!(m.contains("rule requireDigest") && m.contains("rule deniedTags"), "{m}");
     pull(&host, &settings(doc), &req(&by_digest)).unwrap();
     // With a digest the tag plays no part in what is pulled, so it is not judged.
-    pull(
-        &host,
-        &settings(doc),
-        &req(&format!("busybox:latest@{}", img.manifest.digest)),
-    )
-    .unwrap();
+    pull(&host, &settings(doc), &req(&format!("busybox:latest@{}", img.manifest.digest))).unwrap();
 }
 
 #[test]
@@ -1255,20 +895,11 @@ fn manifest_rules_decide_before_config_and_layers_are_fetched() {
     let size = img.config.size + img.layers.iter().map(|l| l.size).sum::<u64>();
     let cases: Vec<(String, Option<&str>)> = vec![
         (format!(r#"{{"maxImageSize": {size}}}"#), None),
-        (
-            format!(r#"{{"maxImageSize": {}}}"#, size - 1),
-            Some("maxImageSize"),
-        ),
+        (format!(r#"{{"maxImageSize": {}}}"#, size - 1), Some("maxImageSize")),
         (r#"{"maxLayers": 2}"#.into(), None),
         (r#"{"maxLayers": 1}"#.into(), Some("maxLayers")),
         (r#"{"maxLayers": 0}"#.into(), Some("maxLayers")),
-        (
-            format!(
-                r#"{{"allowedLayerMediaTypes": ["{}"]}}"#,
-                crate::fake::LAYER_TAR
-            ),
-            None,
-        ),
+        (format!(r#"{{"allowedLayerMediaTypes": ["{}"]}}"#, crate::fake::LAYER_TAR), None),
         (
             r#"{"allowedLayerMediaTypes": ["application/vnd.oci.image.layer.v1.tar+zstd"]}"#.into(),
             Some("allowedLayerMediaTypes"),
@@ -1287,26 +918,12 @@ fn manifest_rules_decide_before_config_and_layers_are_fetched() {
             (want, got) => panic!("{doc}: want {want:?}, got {got:?}"),
         }
     }
-    let m = denied(
-        &host,
-        &format!(r#"{{"maxImageSize": {}}}"#, size - 1),
-        &req("busybox"),
-    );
-    assert!(
-        m.contains(&format!("is {size} bytes")) && m.contains(&format!("{} allowed", size - 1)),
-        "{m}"
-    );
+    let m = denied(&host, &format!(r#"{{"maxImageSize": {}}}"#, size - 1), &req("busybox"));
+    assert!(m.contains(&format!("is {size} bytes")) && m.contains(&format!("{} allowed", size - 1)), "{m}");
     let m = denied(&host, r#"{"maxLayers": 1}"#, &req("busybox"));
     assert!(m.contains("has 2 layers, more than the 1 allowed"), "{m}");
-    let m = denied(
-        &host,
-        r#"{"allowedLayerMediaTypes": ["a/b"]}"#,
-        &req("busybox"),
-    );
-    assert!(
-        m.contains("2 of 2 layers have") && m.contains(crate::fake::LAYER_TAR),
-        "{m}"
-    );
+    let m = denied(&host, r#"{"allowedLayerMediaTypes": ["a/b"]}"#, &req("busybox"));
+    assert!(m.contains("2 of 2 layers have") && m.contains(crate::fake::LAYER_TAR), "{m}");
 }
 
 #[test]
@@ -1314,34 +931,16 @@ fn platform_rules_judge_the_index_entry_and_the_config() {
     let host = FakeHost::new();
     let amd = host.push_image(&[b"amd64 layer"], "");
     let arm = host.push_image_for(&[b"arm64 layer"], "", "linux/arm64");
-    let index = host.push_index(&[
-        (&amd.manifest, "linux/amd64"),
-        (&arm.manifest, "linux/arm64/v8"),
-    ]);
+    let index = host.push_index(&[(&amd.manifest, "linux/amd64"), (&arm.manifest, "linux/arm64/v8")]);
     host.tag("quay.io/team/multi", "1", &index);
     host.tag("quay.io/team/single", "1", &amd.manifest);
     let only_arm = r#"{"platforms": ["linux/arm64"]}"#;
 
     // From an index: the entry's platform, before the config is fetched.
-    let m = denied(
-        &host,
-        only_arm,
-        &req_on("quay.io/team/multi:1", "linux/amd64"),
-    );
-    assert!(
-        m.contains("rule platforms") && m.contains("linux/amd64") && m.contains("\"linux/arm64\""),
-        "{m}"
-    );
-    assert_eq!(
-        fetches(&host),
-        vec![format!("fetch {}", amd.manifest.digest)]
-    );
-    pull(
-        &host,
-        &settings(only_arm),
-        &req_on("quay.io/team/multi:1", "linux/arm64"),
-    )
-    .unwrap();
+    let m = denied(&host, only_arm, &req_on("quay.io/team/multi:1", "linux/amd64"));
+    assert!(m.contains("rule platforms") && m.contains("linux/amd64") && m.contains("\"linux/arm64\""), "{m}");
+    assert_eq!(fetches(&host), vec![format!("fetch {}", amd.manifest.digest)]);
+    pull(&host, &settings(only_arm), &req_on("quay.io/team/multi:1", "linux/arm64")).unwrap();
 
     // A single manifest: the config's platform, before any layer is fetched.
     let host = FakeHost::new();
@@ -1351,12 +950,7 @@ fn platform_rules_judge_the_index_entry_and_the_config() {
     assert!(m.contains("the image config is for linux/amd64"), "{m}");
     assert_eq!(fetches(&host), vec![format!("fetch {}", amd.config.digest)]);
     assert!(logged(&host, Level::Warn, "config stage: denied"));
-    pull(
-        &host,
-        &settings(r#"{"platforms": ["linux/amd64", "linux/arm64"]}"#),
-        &req("quay.io/team/single:1"),
-    )
-    .unwrap();
+    pull(&host, &settings(r#"{"platforms": ["linux/amd64", "linux/arm64"]}"#), &req("quay.io/team/single:1")).unwrap();
 }
 
 #[test]
@@ -1379,7 +973,8 @@ fn audit_mode_logs_violations_and_pulls() {
 fn every_decision_is_logged() {
     let host = FakeHost::new();
     busybox(&host);
-    let doc = r#"{"allowedRegistries": ["docker.io"], "deniedTags": ["dev"], "maxLayers": 5, "platforms": ["linux/amd64"]}"#;
+    let doc =
+        r#"{"allowedRegistries": ["docker.io"], "deniedTags": ["dev"], "maxLayers": 5, "platforms": ["linux/amd64"]}"#;
     pull(&host, &settings(doc), &req("busybox")).unwrap();
     for needle in [
         "policy: docker.io/library/busybox:latest: reference stage: allowed by allowedRegistries, deniedTags",
@@ -1388,11 +983,7 @@ fn every_decision_is_logged() {
     ] {
         assert!(logged(&host, Level::Info, needle), "{needle:?}: {:?}", host.s.borrow().logs);
     }
-    assert!(logged(
-        &host,
-        Level::Debug,
-        "resolved stage: allowed, no rule applies"
-    ));
+    assert!(logged(&host, Level::Debug, "resolved stage: allowed, no rule applies"));
 }
 
 #[test]
@@ -1414,40 +1005,23 @@ fn a_policy_of_its_own_sees_each_stage() {
         fn check_root(&self, _: &Reference, root: &Descriptor) -> Verdict {
             self.seen.borrow_mut().push(format!("root {}", root.digest));
             let mut v = Verdict::new();
-            let outcome = if root.digest == self.refuse {
-                Err("refused".to_string())
-            } else {
-                Ok(())
-            };
+            let outcome = if root.digest == self.refuse { Err("refused".to_string()) } else { Ok(()) };
             v.rule("spy", outcome);
             v
         }
         fn check_manifest(&self, _: &Reference, image: &Image<'_>) -> Verdict {
-            self.seen
-                .borrow_mut()
-                .push(format!("manifest {}", image.manifest_desc.digest));
+            self.seen.borrow_mut().push(format!("manifest {}", image.manifest_desc.digest));
             Verdict::new()
         }
         fn check_config(&self, _: &Reference, _: &Image<'_>, c: &crate::oci::Config) -> Verdict {
-            self.seen
-                .borrow_mut()
-                .push(format!("config {}", c.architecture));
+            self.seen.borrow_mut().push(format!("config {}", c.architecture));
             Verdict::new()
         }
     }
     let host = FakeHost::new();
     let img = busybox(&host);
-    let spy = Spy {
-        seen: RefCell::new(vec![]),
-        refuse: String::new(),
-    };
-    crate::pull::pull_with(
-        &host,
-        &crate::pull::Options::default(),
-        &spy,
-        &req("busybox"),
-    )
-    .unwrap();
+    let spy = Spy { seen: RefCell::new(vec![]), refuse: String::new() };
+    crate::pull::pull_with(&host, &crate::pull::Options::default(), &spy, &req("busybox")).unwrap();
     assert_eq!(
         spy.seen.into_inner(),
         vec![
@@ -1459,20 +1033,11 @@ fn a_policy_of_its_own_sees_each_stage() {
     );
     let host = FakeHost::new();
     let img = busybox(&host);
-    let spy = Spy {
-        seen: RefCell::new(vec![]),
-        refuse: img.manifest.digest.clone(),
-    };
-    match crate::pull::pull_with(
-        &host,
-        &crate::pull::Options::default(),
-        &spy,
-        &req("busybox"),
-    ) {
-        Err(Error::PermissionDenied(m)) => assert_eq!(
-            m,
-            "policy denies docker.io/library/busybox:latest: rule spy: refused"
-        ),
+    let spy = Spy { seen: RefCell::new(vec![]), refuse: img.manifest.digest.clone() };
+    match crate::pull::pull_with(&host, &crate::pull::Options::default(), &spy, &req("busybox")) {
+        Err(Error::PermissionDenied(m)) => {
+            assert_eq!(m, "policy denies docker.io/library/busybox:latest: rule spy: refused")
+        }
         other => panic!("{other:?}"),
     }
     assert!(host.calls().is_empty());
@@ -1482,22 +1047,14 @@ fn a_policy_of_its_own_sees_each_stage() {
 // ---- scopes: policy by pod and runtime handler ----------------------------------------
 
 /// A request for `reference` from a pod in `namespace` with `labels`, or from no pod.
-fn req_for(
-    reference: &str,
-    namespace: Option<&str>,
-    labels: &[(&str, &str)],
-    handler: &str,
-) -> PullRequest {
+fn req_for(reference: &str, namespace: Option<&str>, labels: &[(&str, &str)], handler: &str) -> PullRequest {
     PullRequest {
         runtime_handler: handler.into(),
         pod: namespace.map(|ns| Pod {
             namespace: ns.into(),
             name: "web-0".into(),
             uid: "5f1c".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             annotations: Vec::new(),
         }),
         ..req(reference)
@@ -1518,17 +1075,10 @@ const SCOPED: &str = r#"{
 #[test]
 fn scopes_match_namespace_labels_and_handler() {
     let s = settings(SCOPED);
-    let names = |r: &PullRequest| -> Vec<String> {
-        s.scopes_for(r).iter().map(|x| x.name.clone()).collect()
-    };
+    let names = |r: &PullRequest| -> Vec<String> { s.scopes_for(r).iter().map(|x| x.name.clone()).collect() };
     let app = "registry.example.com/team-a/app";
     /// (namespace, labels, handler, scopes that apply)
-    type Case<'a> = (
-        Option<&'a str>,
-        &'a [(&'a str, &'a str)],
-        &'a str,
-        &'a [&'a str],
-    );
+    type Case<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a str, &'a [&'a str]);
     let cases: &[Case] = &[
         (None, &[], "", &[]),
         (None, &[("compliance", "pci-dss")], "kata", &["3"]),
@@ -1541,12 +1091,7 @@ fn scopes_match_namespace_labels_and_handler() {
         (Some("default"), &[("compliance", "pci")], "", &["pci"]),
         (Some("default"), &[("compliance", "none")], "", &[]),
         (Some("default"), &[("other", "pci")], "", &[]),
-        (
-            Some("prod-eu"),
-            &[("compliance", "pci-dss")],
-            "gvisor-sandbox",
-            &["prod", "pci", "3"],
-        ),
+        (Some("prod-eu"), &[("compliance", "pci-dss")], "gvisor-sandbox", &["prod", "pci", "3"]),
         (Some("team-a"), &[], "runc", &["team-a"]),
         (Some("team-a"), &[], "gvisor", &["team-a"]),
     ];
@@ -1562,13 +1107,7 @@ fn scopes_match_namespace_labels_and_handler() {
 #[test]
 fn the_same_image_is_allowed_in_one_namespace_and_denied_in_another() {
     let host = FakeHost::new();
-    let img = everywhere(
-        &host,
-        &[
-            "registry.example.com/team-a/app",
-            "registry.example.com/team-b/app",
-        ],
-    );
+    let img = everywhere(&host, &["registry.example.com/team-a/app", "registry.example.com/team-b/app"]);
     let tagged = "registry.example.com/team-a/app:1.0";
     let by_digest = format!("registry.example.com/team-a/app@{}", img.manifest.digest);
     let s = settings(SCOPED);
@@ -1588,39 +1127,13 @@ fn the_same_image_is_allowed_in_one_namespace_and_denied_in_another() {
     let m = denied(&host, SCOPED, &req_for(tagged, Some("prod-x"), &[], ""));
     assert!(m.contains("rule scopes[prod].requireDigest:"), "{m}");
     assert!(!m.contains("team-a]"), "{m}");
-    assert!(logged(
-        &host,
-        Level::Warn,
-        "reference stage: denied: rule scopes[prod].requireDigest"
-    ));
+    assert!(logged(&host, Level::Warn, "reference stage: denied: rule scopes[prod].requireDigest"));
     pull(&host, &s, &req_for(&by_digest, Some("prod-x"), &[], "")).unwrap();
 
     // team-a may pull only its own repositories; other namespaces may pull team-b's.
-    let m = denied(
-        &host,
-        SCOPED,
-        &req_for(
-            "registry.example.com/team-b/app:1.0",
-            Some("team-a"),
-            &[],
-            "",
-        ),
-    );
-    assert!(
-        m.contains("rule scopes[team-a].allowedRepositories:"),
-        "{m}"
-    );
-    pull(
-        &host,
-        &s,
-        &req_for(
-            "registry.example.com/team-b/app:1.0",
-            Some("team-b"),
-            &[],
-            "",
-        ),
-    )
-    .unwrap();
+    let m = denied(&host, SCOPED, &req_for("registry.example.com/team-b/app:1.0", Some("team-a"), &[], ""));
+    assert!(m.contains("rule scopes[team-a].allowedRepositories:"), "{m}");
+    pull(&host, &s, &req_for("registry.example.com/team-b/app:1.0", Some("team-b"), &[], "")).unwrap();
 
     // An unnamed scope is named by its index; a manifest-stage rule in a scope applies too.
     let m = denied(&host, SCOPED, &req_for(tagged, Some("team-a"), &[], "kata"));
@@ -1630,10 +1143,7 @@ fn the_same_image_is_allowed_in_one_namespace_and_denied_in_another() {
     let doc = r#"{"deniedTags": ["1.0"], "scopes": [
         {"name": "prod", "namespaces": ["prod-*"], "requireDigest": true}]}"#;
     let m = denied(&host, doc, &req_for(tagged, Some("prod-x"), &[], ""));
-    assert!(
-        m.contains("rule deniedTags:") && m.contains("rule scopes[prod].requireDigest:"),
-        "{m}"
-    );
+    assert!(m.contains("rule deniedTags:") && m.contains("rule scopes[prod].requireDigest:"), "{m}");
 }
 
 #[test]
@@ -1642,18 +1152,9 @@ fn audit_mode_covers_scoped_rules() {
     everywhere(&host, &["registry.example.com/team-a/app"]);
     let doc = r#"{"mode": "audit", "scopes": [
         {"name": "prod", "namespaces": ["prod-*"], "requireDigest": true}]}"#;
-    let r = req_for(
-        "registry.example.com/team-a/app:1.0",
-        Some("prod-x"),
-        &[],
-        "",
-    );
+    let r = req_for("registry.example.com/team-a/app:1.0", Some("prod-x"), &[], "");
     pull(&host, &settings(doc), &r).unwrap();
-    assert!(logged(
-        &host,
-        Level::Warn,
-        "would deny: rule scopes[prod].requireDigest"
-    ));
+    assert!(logged(&host, Level::Warn, "would deny: rule scopes[prod].requireDigest"));
 }
 
 #[test]
@@ -1662,80 +1163,31 @@ fn scope_settings_are_checked() {
     assert_eq!(ok.scopes.len(), 4);
     assert_eq!(ok.scopes[3].name, "3");
     assert!(ok.scopes[1].rules.require_digest);
-    assert_eq!(
-        ok.scopes[1].namespaces.as_deref(),
-        Some(&["prod-*".to_string()][..])
-    );
+    assert_eq!(ok.scopes[1].namespaces.as_deref(), Some(&["prod-*".to_string()][..]));
     // (document, what the message must say)
     let bad: &[(&str, &[&str])] = &[
-        (
-            r#"{"scopes": {}}"#,
-            &["\"scopes\" must be a list of objects"],
-        ),
+        (r#"{"scopes": {}}"#, &["\"scopes\" must be a list of objects"]),
         (r#"{"scopes": [1]}"#, &["\"scopes\"", "entry 0 is 1"]),
         (
             r#"{"scopes": [{"namespaces": ["Prod"]}]}"#,
-            &[
-                "\"scopes\" entry 0",
-                "\"namespaces\"",
-                "not a namespace pattern",
-            ],
+            &["\"scopes\" entry 0", "\"namespaces\"", "not a namespace pattern"],
         ),
-        (
-            r#"{"scopes": [{"namespaces": "prod"}]}"#,
-            &["\"namespaces\" must be a list"],
-        ),
-        (
-            r#"{"scopes": [{"podLabels": ["app"]}]}"#,
-            &["\"podLabels\" must be an object"],
-        ),
-        (
-            r#"{"scopes": [{"podLabels": {"app": 1}}]}"#,
-            &["\"podLabels\"", "label \"app\""],
-        ),
-        (
-            r#"{"scopes": [{"runtimeHandlers": ["ka ta"]}]}"#,
-            &["\"runtimeHandlers\"", "not a runtime handler pattern"],
-        ),
+        (r#"{"scopes": [{"namespaces": "prod"}]}"#, &["\"namespaces\" must be a list"]),
+        (r#"{"scopes": [{"podLabels": ["app"]}]}"#, &["\"podLabels\" must be an object"]),
+        (r#"{"scopes": [{"podLabels": {"app": 1}}]}"#, &["\"podLabels\"", "label \"app\""]),
+        (r#"{"scopes": [{"runtimeHandlers": ["ka ta"]}]}"#, &["\"runtimeHandlers\"", "not a runtime handler pattern"]),
         (
             r#"{"scopes": [{"requireDigest": "yes"}]}"#,
-            &[
-                "\"scopes\" entry 0",
-                "\"requireDigest\" must be true or false",
-            ],
+            &["\"scopes\" entry 0", "\"requireDigest\" must be true or false"],
         ),
-        (
-            r#"{"scopes": [{"mode": "audit"}]}"#,
-            &["\"scopes\" entry 0", "\"mode\" is node-wide"],
-        ),
-        (
-            r#"{"scopes": [{"pinnedImages": []}]}"#,
-            &["\"pinnedImages\" is node-wide"],
-        ),
-        (
-            r#"{"scopes": [{"scopes": []}]}"#,
-            &["\"scopes\" is node-wide"],
-        ),
-        (
-            r#"{"scopes": [{"namespace": ["a"]}]}"#,
-            &["unknown scope key \"namespace\"", "namespaces"],
-        ),
-        (
-            r#"{"scopes": [{"name": "a", "name": "b"}]}"#,
-            &["key \"name\" is given twice in one object"],
-        ),
-        (
-            r#"{"scopes": [{"name": "x"}, {"name": "x"}]}"#,
-            &["entry 1", "name \"x\" is given to two scopes"],
-        ),
-        (
-            r#"{"scopes": [{"name": ""}]}"#,
-            &["\"name\" must be a name"],
-        ),
-        (
-            r#"{"scopes": [{"name": "1"}, {}]}"#,
-            &["entry 1", "name \"1\" is given to two scopes"],
-        ),
+        (r#"{"scopes": [{"mode": "audit"}]}"#, &["\"scopes\" entry 0", "\"mode\" is node-wide"]),
+        (r#"{"scopes": [{"pinnedImages": []}]}"#, &["\"pinnedImages\" is node-wide"]),
+        (r#"{"scopes": [{"scopes": []}]}"#, &["\"scopes\" is node-wide"]),
+        (r#"{"scopes": [{"namespace": ["a"]}]}"#, &["unknown scope key \"namespace\"", "namespaces"]),
+        (r#"{"scopes": [{"name": "a", "name": "b"}]}"#, &["key \"name\" is given twice in one object"]),
+        (r#"{"scopes": [{"name": "x"}, {"name": "x"}]}"#, &["entry 1", "name \"x\" is given to two scopes"]),
+        (r#"{"scopes": [{"name": ""}]}"#, &["\"name\" must be a name"]),
+        (r#"{"scopes": [{"name": "1"}, {}]}"#, &["entry 1", "name \"1\" is given to two scopes"]),
     ];
     for (doc, wants) in bad {
         let m = match crate::settings::parse(doc) {
@@ -1759,10 +1211,7 @@ fn a_second_tag_fetches_nothing() {
     host.clear_calls();
     let info = pull_ok(&host, &req("busybox:1.36"));
     assert_eq!(fetches(&host), Vec::<String>::new());
-    assert_eq!(
-        info.repo_tags,
-        vec![format!("{BUSYBOX}:1.36"), format!("{BUSYBOX}:latest")]
-    );
+    assert_eq!(info.repo_tags, vec![format!("{BUSYBOX}:1.36"), format!("{BUSYBOX}:latest")]);
     assert!(host.calls().contains(&format!("create {BUSYBOX}:1.36")));
 }
 
@@ -1781,9 +1230,7 @@ fn committed_layers_are_not_fetched_even_when_their_blobs_are_gone() {
     let info = pull(&host, &discard, &req("busybox:1.36")).unwrap();
     assert_eq!(fetches(&host), Vec::<String>::new());
     assert_eq!(info.repo_tags.len(), 2);
-    assert!(catalog::status(&host, "busybox:1.36", &[])
-        .unwrap()
-        .is_some());
+    assert!(catalog::status(&host, "busybox:1.36", &[]).unwrap().is_some());
 
     // A new image on the same base fetches only its own top layer.
     let other = host.push_image(&[b"base layer", b"other top"], "");
@@ -1792,10 +1239,7 @@ fn committed_layers_are_not_fetched_even_when_their_blobs_are_gone() {
     pull(&host, &discard, &req("user/other:v1")).unwrap();
     assert_eq!(
         fetches(&host),
-        vec![
-            format!("fetch {}", other.config.digest),
-            format!("fetch {}", other.layers[1].digest)
-        ]
+        vec![format!("fetch {}", other.config.digest), format!("fetch {}", other.layers[1].digest)]
     );
 }
 
@@ -1810,15 +1254,8 @@ fn a_lost_snapshot_is_fetched_and_unpacked_again() {
     host.s.borrow_mut().content.remove(&img.layers[1].digest);
     host.clear_calls();
     pull_ok(&host, &req("busybox"));
-    assert_eq!(
-        fetches(&host),
-        vec![format!("fetch {}", img.layers[1].digest)]
-    );
-    let applies: Vec<String> = host
-        .calls()
-        .into_iter()
-        .filter(|c| c.starts_with("apply"))
-        .collect();
+    assert_eq!(fetches(&host), vec![format!("fetch {}", img.layers[1].digest)]);
+    let applies: Vec<String> = host.calls().into_iter().filter(|c| c.starts_with("apply")).collect();
     assert_eq!(applies.len(), 1, "{applies:?}");
 }
 
@@ -1830,11 +1267,7 @@ fn index_entries_without_a_platform_are_matched_by_their_config() {
     let arm = host.push_image_for(&[b"arm64 layer"], "", "linux/arm64");
     let amd = host.push_image_for(&[b"amd64 layer"], "", "linux/amd64");
     let s390 = host.push_image_for(&[b"s390x layer"], "", "linux/s390x");
-    let index = host.push_index(&[
-        (&arm.manifest, ""),
-        (&amd.manifest, ""),
-        (&s390.manifest, "linux/s390x"),
-    ]);
+    let index = host.push_index(&[(&arm.manifest, ""), (&amd.manifest, ""), (&s390.manifest, "linux/s390x")]);
     host.tag(BUSYBOX, "latest", &index);
     let info = pull_ok(&host, &req("busybox"));
     assert_eq!(info.id, amd.config.digest);
@@ -1845,11 +1278,7 @@ fn index_entries_without_a_platform_are_matched_by_their_config() {
     assert_eq!(info.id, s390.config.digest);
     assert_eq!(fetches(&host)[0], format!("fetch {}", s390.manifest.digest));
     // Nothing fits: not found, listing the platforms the index names.
-    match pull(
-        &host,
-        &Settings::DEFAULT,
-        &req_on("busybox", "linux/ppc64le"),
-    ) {
+    match pull(&host, &Settings::DEFAULT, &req_on("busybox", "linux/ppc64le")) {
         Err(Error::NotFound(m)) => assert!(m.contains("it has: linux/s390x"), "{m}"),
         other => panic!("{other:?}"),
     }
@@ -1860,19 +1289,10 @@ fn arm64_falls_back_to_32_bit_arm_and_amd64_to_386() {
     let host = FakeHost::new();
     let v7 = host.push_image_for(&[b"arm v7"], "", "linux/arm/v7");
     let i386 = host.push_image_for(&[b"386"], "", "linux/386");
-    let index = host.push_index(&[
-        (&v7.manifest, "linux/arm/v7"),
-        (&i386.manifest, "linux/386"),
-    ]);
+    let index = host.push_index(&[(&v7.manifest, "linux/arm/v7"), (&i386.manifest, "linux/386")]);
     host.tag(BUSYBOX, "latest", &index);
-    assert_eq!(
-        pull_ok(&host, &req_on("busybox", "linux/arm64/v8")).id,
-        v7.config.digest
-    );
-    assert_eq!(
-        pull_ok(&host, &req_on("busybox", "linux/amd64")).id,
-        i386.config.digest
-    );
+    assert_eq!(pull_ok(&host, &req_on("busybox", "linux/arm64/v8")).id, v7.config.digest);
+    assert_eq!(pull_ok(&host, &req_on("busybox", "linux/amd64")).id, i386.config.digest);
 }
 
 #[test]
@@ -1891,10 +1311,7 @@ fn artifacts_are_refused_naming_their_type() {
     host.tag(BUSYBOX, "sbom", &manifest);
     match pull(&host, &Settings::DEFAULT, &req("busybox:sbom")) {
         Err(Error::InvalidArgument(m)) => {
-            assert!(
-                m.contains("artifact type \"application/vnd.example.sbom\""),
-                "{m}"
-            );
+            assert!(m.contains("artifact type \"application/vnd.example.sbom\""), "{m}");
             assert!(m.contains("not a container image"), "{m}");
         }
         other => panic!("{other:?}"),
@@ -1906,10 +1323,7 @@ fn artifacts_are_refused_naming_their_type() {
 fn non_distributable_layers_keep_only_allowed_urls() {
     let host = FakeHost::new();
     let layer_bytes: &[u8] = b"foreign layer";
-    let mut layer = host.push_blob(
-        "application/vnd.oci.image.layer.nondistributable.v1.tar",
-        layer_bytes,
-    );
+    let mut layer = host.push_blob("application/vnd.oci.image.layer.nondistributable.v1.tar", layer_bytes);
     layer.urls = vec![
         "https://mcr.microsoft.com/blob/1".into(),
         "https://evil.example/blob/1".into(),
@@ -1928,51 +1342,23 @@ fn non_distributable_layers_keep_only_allowed_urls() {
     host.tag("mcr.microsoft.com/windows/base", "1", &manifest);
 
     let doc = r#"{"allowedRegistries": ["mcr.microsoft.com"]}"#;
-    let info = pull(
-        &host,
-        &settings(doc),
-        &req("mcr.microsoft.com/windows/base:1"),
-    )
-    .unwrap();
+    let info = pull(&host, &settings(doc), &req("mcr.microsoft.com/windows/base:1")).unwrap();
     assert_eq!(info.id, config.digest);
     let fetched = host.s.borrow().fetched.clone();
-    let l = fetched
-        .iter()
-        .find(|d| d.digest == layer.digest)
-        .expect("layer fetched");
+    let l = fetched.iter().find(|d| d.digest == layer.digest).expect("layer fetched");
     assert_eq!(
         l.urls,
-        vec![
-            "https://mcr.microsoft.com/blob/1".to_string(),
-            "HTTP://MCR.microsoft.com:80/blob/1".into()
-        ]
+        vec!["https://mcr.microsoft.com/blob/1".to_string(), "HTTP://MCR.microsoft.com:80/blob/1".into()]
     );
-    assert!(logged(
-        &host,
-        Level::Warn,
-        "dropped URL \"https://evil.example/blob/1\""
-    ));
+    assert!(logged(&host, Level::Warn, "dropped URL \"https://evil.example/blob/1\""));
     assert!(logged(&host, Level::Warn, "dropped URL \"ftp://"));
     // Without a registry policy every http(s) URL stays.
     let host2 = FakeHost::new();
     host2.s.borrow_mut().remote = host.s.borrow().remote.clone();
     host2.tag("mcr.microsoft.com/windows/base", "1", &manifest);
-    pull(
-        &host2,
-        &Settings::DEFAULT,
-        &req("mcr.microsoft.com/windows/base:1"),
-    )
-    .unwrap();
+    pull(&host2, &Settings::DEFAULT, &req("mcr.microsoft.com/windows/base:1")).unwrap();
     let fetched = host2.s.borrow().fetched.clone();
-    assert_eq!(
-        fetched
-            .iter()
-            .find(|d| d.digest == layer.digest)
-            .unwrap()
-            .urls
-            .len(),
-        3
-    );
+    assert_eq!(fetched.iter().find(|d| d.digest == layer.digest).unwrap().urls.len(), 3);
 }
 
 // ---- metadata -------------------------------------------------------------------------
@@ -1990,18 +1376,11 @@ fn tags_and_digests_merge_like_update_image_metadata() {
     let info = pull_ok(&host, &req("busybox"));
     assert_eq!(
         info.repo_tags,
-        vec![
-            format!("{BUSYBOX}:1.36"),
-            format!("{BUSYBOX}:latest"),
-            "quay.io/mirror/busybox:latest".to_string()
-        ]
+        vec![format!("{BUSYBOX}:1.36"), format!("{BUSYBOX}:latest"), "quay.io/mirror/busybox:latest".to_string()]
     );
     assert_eq!(
         info.repo_digests,
-        vec![
-            format!("{BUSYBOX}@{}", img.manifest.digest),
-            format!("quay.io/mirror/busybox@{}", img.manifest.digest)
-        ]
+        vec![format!("{BUSYBOX}@{}", img.manifest.digest), format!("quay.io/mirror/busybox@{}", img.manifest.digest)]
     );
     // One record per name: the ID, three tags, two digests.
     assert_eq!(host.record_names().len(), 6);
@@ -2019,14 +1398,9 @@ fn a_digest_pull_of_a_tagged_image_keeps_its_tags() {
     let v2 = host.push_image(&[b"v2 layer"], "");
     host.tag(BUSYBOX, "latest", &v2.manifest);
     pull_ok(&host, &req("busybox"));
-    let old = catalog::status(&host, &img.config.digest, &[])
-        .unwrap()
-        .unwrap();
+    let old = catalog::status(&host, &img.config.digest, &[]).unwrap().unwrap();
     assert!(old.repo_tags.is_empty());
-    assert_eq!(
-        old.repo_digests,
-        vec![format!("{BUSYBOX}@{}", img.manifest.digest)]
-    );
+    assert_eq!(old.repo_digests, vec![format!("{BUSYBOX}@{}", img.manifest.digest)]);
     assert_eq!(catalog::list(&host, &[]).unwrap().len(), 2);
 }
 
@@ -2034,28 +1408,18 @@ fn a_digest_pull_of_a_tagged_image_keeps_its_tags() {
 
 /// What `ctr pull` leaves behind: `blobs` in the content store, the snapshots of `diff_ids`
 /// committed (unless empty), and a record `name` → `root` without pullbox's labels.
-fn ctr_pull(
-    host: &FakeHost,
-    name: &str,
-    root: &Descriptor,
-    blobs: &[&Descriptor],
-    diff_ids: &[String],
-) {
+fn ctr_pull(host: &FakeHost, name: &str, root: &Descriptor, blobs: &[&Descriptor], diff_ids: &[String]) {
     use crate::fake::Snap;
     let mut s = host.s.borrow_mut();
     for d in std::iter::once(root).chain(blobs.iter().copied()) {
         let bytes = s.remote[&d.digest].clone();
-        s.content
-            .insert(d.digest.clone(), (bytes, Default::default()));
+        s.content.insert(d.digest.clone(), (bytes, Default::default()));
     }
     let mut parent = String::new();
     for chain in chain_ids(diff_ids) {
         s.snapshots.insert(
             chain.clone(),
-            Snap {
-                parent: std::mem::replace(&mut parent, chain),
-                kind: SnapshotKind::Committed,
-            },
+            Snap { parent: std::mem::replace(&mut parent, chain), kind: SnapshotKind::Committed },
         );
     }
     s.images.insert(
@@ -2077,13 +1441,7 @@ fn pushed_blobs(img: &Pushed) -> Vec<&Descriptor> {
 fn unlabelled_records_are_images_as_a_pull_would_describe_them() {
     let host = FakeHost::new();
     let img = busybox(&host);
-    ctr_pull(
-        &host,
-        &format!("{BUSYBOX}:latest"),
-        &img.manifest,
-        &pushed_blobs(&img),
-        &img.diff_ids,
-    );
+    ctr_pull(&host, &format!("{BUSYBOX}:latest"), &img.manifest, &pushed_blobs(&img), &img.diff_ids);
 
     // The same image pulled by pullbox elsewhere: same ID, chain, size, user.
     let other = FakeHost::new();
@@ -2095,16 +1453,8 @@ fn unlabelled_records_are_images_as_a_pull_would_describe_them() {
         ..pulled
     };
     assert_eq!(catalog::list(&host, &[]).unwrap(), vec![want.clone()]);
-    for arg in [
-        "busybox",
-        &img.config.digest,
-        &hex_part(&img.config.digest)[..12],
-    ] {
-        assert_eq!(
-            catalog::status(&host, arg, &[]).unwrap(),
-            Some(want.clone()),
-            "{arg}"
-        );
+    for arg in ["busybox", &img.config.digest, &hex_part(&img.config.digest)[..12]] {
+        assert_eq!(catalog::status(&host, arg, &[]).unwrap(), Some(want.clone()), "{arg}");
     }
     assert_eq!(want.size, size_of(&img.manifest, &img));
     assert_eq!(want.user, "nobody");
@@ -2115,10 +1465,7 @@ fn unlabelled_records_are_images_as_a_pull_would_describe_them() {
     // deletes both tools' records.
     host.tag(BUSYBOX, "1.36", &img.manifest);
     let joined = pull_ok(&host, &req("busybox:1.36"));
-    assert_eq!(
-        joined.repo_tags,
-        vec![format!("{BUSYBOX}:1.36"), format!("{BUSYBOX}:latest")]
-    );
+    assert_eq!(joined.repo_tags, vec![format!("{BUSYBOX}:1.36"), format!("{BUSYBOX}:latest")]);
     assert_eq!(catalog::list(&host, &[]).unwrap(), vec![joined]);
     catalog::remove(&host, "busybox:latest").unwrap();
     assert!(host.record_names().is_empty(), "{:?}", host.record_names());
@@ -2130,10 +1477,7 @@ fn unlabelled_index_records_take_the_entry_on_the_node() {
     let host = FakeHost::new();
     let amd = host.push_image_for(&[b"amd64 layer"], "", "linux/amd64");
     let arm = host.push_image_for(&[b"arm64 layer"], "1000", "linux/arm64");
-    let index = host.push_index(&[
-        (&amd.manifest, "linux/amd64"),
-        (&arm.manifest, "linux/arm64"),
-    ]);
+    let index = host.push_index(&[(&amd.manifest, "linux/amd64"), (&arm.manifest, "linux/arm64")]);
     let name = "registry.example.com/multi:1";
 
     // Only amd64's manifest is in the store (`ctr pull` on an amd64 node).
@@ -2164,22 +1508,10 @@ fn unlabelled_records_that_are_not_ready_images_are_left_out() {
     let host = FakeHost::new();
     let img = busybox(&host);
     // Not unpacked: content there, no snapshot.
-    ctr_pull(
-        &host,
-        "docker.io/library/packed:1",
-        &img.manifest,
-        &pushed_blobs(&img),
-        &[],
-    );
+    ctr_pull(&host, "docker.io/library/packed:1", &img.manifest, &pushed_blobs(&img), &[]);
     // Config missing.
     let two = host.push_image(&[b"two"], "");
-    ctr_pull(
-        &host,
-        "docker.io/library/noconfig:1",
-        &two.manifest,
-        &[],
-        &two.diff_ids,
-    );
+    ctr_pull(&host, "docker.io/library/noconfig:1", &two.manifest, &[], &two.diff_ids);
     // An artifact (config not an image config).
     let cfg = host.push_blob("application/vnd.example.config+json", b"{}");
     let art = host.push_blob(
@@ -2208,13 +1540,7 @@ fn unlabelled_records_that_are_not_ready_images_are_left_out() {
         assert_eq!(catalog::status(&host, name, &[]).unwrap(), None, "{name}");
     }
     // Unpacking it makes the first one READY.
-    ctr_pull(
-        &host,
-        "docker.io/library/packed:1",
-        &img.manifest,
-        &pushed_blobs(&img),
-        &img.diff_ids,
-    );
+    ctr_pull(&host, "docker.io/library/packed:1", &img.manifest, &pushed_blobs(&img), &img.diff_ids);
     assert_eq!(catalog::list(&host, &[]).unwrap().len(), 1);
 }
 
@@ -2223,17 +1549,9 @@ fn many_unlabelled_records_are_read_with_one_list_and_each_target_once() {
     use crate::unlabelled::GET_EACH_UP_TO;
     let host = FakeHost::new();
     let img = busybox(&host);
-    let names: Vec<String> = (0..=GET_EACH_UP_TO)
-        .map(|i| format!("docker.io/library/copy{i}:latest"))
-        .collect();
+    let names: Vec<String> = (0..=GET_EACH_UP_TO).map(|i| format!("docker.io/library/copy{i}:latest")).collect();
     for name in &names {
-        ctr_pull(
-            &host,
-            name,
-            &img.manifest,
-            &pushed_blobs(&img),
-            &img.diff_ids,
-        );
+        ctr_pull(&host, name, &img.manifest, &pushed_blobs(&img), &img.diff_ids);
     }
     host.s.borrow_mut().lookups.clear();
     host.s.borrow_mut().reads = 0;
@@ -2241,11 +1559,7 @@ fn many_unlabelled_records_are_read_with_one_list_and_each_target_once() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].repo_tags.len(), names.len());
     let s = host.s.borrow();
-    assert!(
-        !s.lookups.iter().any(|l| l.starts_with("get ")),
-        "{:?}",
-        s.lookups
-    );
+    assert!(!s.lookups.iter().any(|l| l.starts_with("get ")), "{:?}", s.lookups);
     assert_eq!(s.lookups.iter().filter(|l| *l == "list").count(), 1);
     assert_eq!(s.reads, 2, "one read of the manifest and one of the config");
     drop(s);
@@ -2258,10 +1572,7 @@ fn many_unlabelled_records_are_read_with_one_list_and_each_target_once() {
     assert_eq!(catalog::list(&host, &[]).unwrap().len(), 1);
     let s = host.s.borrow();
     assert!(!s.lookups.contains(&"list".to_string()), "{:?}", s.lookups);
-    assert_eq!(
-        s.lookups.iter().filter(|l| l.starts_with("get ")).count(),
-        1
-    );
+    assert_eq!(s.lookups.iter().filter(|l| l.starts_with("get ")).count(), 1);
 }
 
 // ---- runtimePlatforms: platform and snapshotter by runtime handler ---------------------
@@ -2269,16 +1580,10 @@ fn many_unlabelled_records_are_read_with_one_list_and_each_target_once() {
 #[test]
 fn runtime_platforms_pick_platform_and_snapshotter_by_handler() {
     let host = FakeHost::new();
-    host.s
-        .borrow_mut()
-        .other_snapshots
-        .insert("native".into(), Default::default());
+    host.s.borrow_mut().other_snapshots.insert("native".into(), Default::default());
     let amd = host.push_image(&[b"amd64 base", b"amd64 top"], "");
     let arm = host.push_image(&[b"arm64 layer"], "");
-    let index = host.push_index(&[
-        (&amd.manifest, "linux/amd64"),
-        (&arm.manifest, "linux/arm64"),
-    ]);
+    let index = host.push_index(&[(&amd.manifest, "linux/amd64"), (&arm.manifest, "linux/arm64")]);
     let app = "127.0.0.1:5000/team/app";
     host.tag(app, "1.0", &index);
     let s = settings(
@@ -2293,40 +1598,19 @@ fn runtime_platforms_pick_platform_and_snapshotter_by_handler() {
     let kata = pull(&host, &s, &req_for(&reference, None, &[], "kata")).unwrap();
     assert_eq!(kata.id, arm.config.digest);
     let calls = host.calls();
-    let select = calls
-        .iter()
-        .position(|c| c == "select native")
-        .expect("selected");
-    let prepare = calls
-        .iter()
-        .position(|c| c.starts_with("prepare "))
-        .unwrap();
+    let select = calls.iter().position(|c| c == "select native").expect("selected");
+    let prepare = calls.iter().position(|c| c.starts_with("prepare ")).unwrap();
     assert!(select < prepare, "{calls:?}");
-    assert!(
-        host.s.borrow().snapshots.is_empty(),
-        "nothing in the default snapshotter"
-    );
+    assert!(host.s.borrow().snapshots.is_empty(), "nothing in the default snapshotter");
     let arm_chain = kata.chain_id.clone();
-    assert_eq!(
-        host.s.borrow().other_snapshots["native"][&arm_chain].kind,
-        SnapshotKind::Committed
-    );
-    assert_eq!(
-        host.content_labels(&arm.config.digest)["containerd.io/gc.ref.snapshot.native"],
-        arm_chain
-    );
+    assert_eq!(host.s.borrow().other_snapshots["native"][&arm_chain].kind, SnapshotKind::Committed);
+    assert_eq!(host.content_labels(&arm.config.digest)["containerd.io/gc.ref.snapshot.native"], arm_chain);
     let rec = host.s.borrow().images[&kata.id].clone();
-    assert_eq!(
-        label(&rec.labels, labels::IMAGE_SNAPSHOTTER),
-        Some("native")
-    );
+    assert_eq!(label(&rec.labels, labels::IMAGE_SNAPSHOTTER), Some("native"));
 
     // Status and list look the snapshot up in `native` and find the image READY.
     host.s.borrow_mut().selected = None;
-    assert_eq!(
-        catalog::status(&host, &reference, &[]).unwrap(),
-        Some(kata.clone())
-    );
+    assert_eq!(catalog::status(&host, &reference, &[]).unwrap(), Some(kata.clone()));
     host.s.borrow_mut().selected = None;
     assert_eq!(catalog::list(&host, &[]).unwrap(), vec![kata.clone()]);
 
@@ -2337,10 +1621,7 @@ fn runtime_platforms_pick_platform_and_snapshotter_by_handler() {
     let plain = pull(&host, &s, &req_for(&reference, None, &[], "")).unwrap();
     assert_eq!(plain.id, amd.config.digest);
     assert!(!host.calls().iter().any(|c| c.starts_with("select")));
-    assert_eq!(
-        host.s.borrow().snapshots[&plain.chain_id].kind,
-        SnapshotKind::Committed
-    );
+    assert_eq!(host.s.borrow().snapshots[&plain.chain_id].kind, SnapshotKind::Committed);
     let rec = host.s.borrow().images[&plain.id].clone();
     assert_eq!(label(&rec.labels, labels::IMAGE_SNAPSHOTTER), None);
 
@@ -2354,11 +1635,7 @@ fn runtime_platforms_pick_platform_and_snapshotter_by_handler() {
     };
     let mut want = vec![bare(kata.clone()), bare(plain.clone())];
     want.sort_by(|a, b| a.id.cmp(&b.id));
-    let got: Vec<ImageInfo> = catalog::list(&host, &[])
-        .unwrap()
-        .into_iter()
-        .map(bare)
-        .collect();
+    let got: Vec<ImageInfo> = catalog::list(&host, &[]).unwrap().into_iter().map(bare).collect();
     assert_eq!(got, want);
 
     // A snapshotter the host does not offer fails the pull naming the handler, before
@@ -2382,30 +1659,12 @@ fn runtime_platforms_settings_are_checked() {
     for (doc, needle) in [
         (r#"{"runtimePlatforms": []}"#, "must be an object"),
         (r#"{"runtimePlatforms": {"kata": {}}}"#, "names neither"),
-        (
-            r#"{"runtimePlatforms": {"kata": {"platform": "arm64"}}}"#,
-            "not a platform",
-        ),
-        (
-            r#"{"runtimePlatforms": {"kata": {"snapshotter": "a/b"}}}"#,
-            "not a snapshotter",
-        ),
-        (
-            r#"{"runtimePlatforms": {"kata": {"snapshoter": "native"}}}"#,
-            "unknown key",
-        ),
-        (
-            r#"{"runtimePlatforms": {"ka*": {"snapshotter": "native"}}}"#,
-            "not a pattern",
-        ),
-        (
-            r#"{"runtimePlatforms": {"kata": {"platform": 1}}}"#,
-            "must be a string",
-        ),
-        (
-            r#"{"scopes": [{"runtimePlatforms": {}}]}"#,
-            "runtimePlatforms",
-        ),
+        (r#"{"runtimePlatforms": {"kata": {"platform": "arm64"}}}"#, "not a platform"),
+        (r#"{"runtimePlatforms": {"kata": {"snapshotter": "a/b"}}}"#, "not a snapshotter"),
+        (r#"{"runtimePlatforms": {"kata": {"snapshoter": "native"}}}"#, "unknown key"),
+        (r#"{"runtimePlatforms": {"ka*": {"snapshotter": "native"}}}"#, "not a pattern"),
+        (r#"{"runtimePlatforms": {"kata": {"platform": 1}}}"#, "must be a string"),
+        (r#"{"scopes": [{"runtimePlatforms": {}}]}"#, "runtimePlatforms"),
     ] {
         let e = crate::settings::parse(doc).unwrap_err();
         assert!(matches!(e, Error::InvalidArgument(_)), "{doc}: {e}");
@@ -2413,9 +1672,6 @@ fn runtime_platforms_settings_are_checked() {
     }
     let s = settings(r#"{"runtimePlatforms": {"": {"platform": "linux/arm/v7"}}}"#);
     let p = s.runtime_platform("").unwrap().platform.clone().unwrap();
-    assert_eq!(
-        (p.os.as_str(), p.architecture.as_str(), p.variant.as_str()),
-        ("linux", "arm", "v7")
-    );
+    assert_eq!((p.os.as_str(), p.architecture.as_str(), p.variant.as_str()), ("linux", "arm", "v7"));
     assert!(s.runtime_platform("kata").is_none());
 }

@@ -204,10 +204,7 @@ pub struct ImageInfo {
 
 /// The value of label `key` in a list of pairs.
 pub fn label<'a>(labels: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    labels
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
+    labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
 /// Sets `key` to `value` in a list of pairs, replacing an earlier value.

@@ -64,9 +64,7 @@ pub struct Derived {
 /// Errors: those of `images.list` (a failed `images.get` or content look-up only leaves
 /// its record out).
 pub fn fill<H: Host + ?Sized>(host: &H, records: &mut [Record]) -> Result<()> {
-    let missing: Vec<usize> = (0..records.len())
-        .filter(|&i| records[i].id.is_none())
-        .collect();
+    let missing: Vec<usize> = (0..records.len()).filter(|&i| records[i].id.is_none()).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -83,10 +81,7 @@ pub fn fill<H: Host + ?Sized>(host: &H, records: &mut [Record]) -> Result<()> {
         }
         targets
     } else {
-        host.image_list()?
-            .into_iter()
-            .map(|r| (r.name, r.target))
-            .collect()
+        host.image_list()?.into_iter().map(|r| (r.name, r.target)).collect()
     };
     let mut by_target: HashMap<String, Option<Derived>> = HashMap::new();
     for i in missing {
@@ -94,22 +89,16 @@ pub fn fill<H: Host + ?Sized>(host: &H, records: &mut [Record]) -> Result<()> {
         let Some(target) = targets.get(&record.name) else {
             continue;
         };
-        let derived =
-            by_target
-                .entry(target.digest.clone())
-                .or_insert_with(|| match derive(host, target) {
-                    Ok(d) => Some(d),
-                    Err(e) => {
-                        host.log(
-                            Level::Debug,
-                            &format!(
-                                "image record {} (target {}) is left out: {e}",
-                                record.name, target.digest
-                            ),
-                        );
-                        None
-                    }
-                });
+        let derived = by_target.entry(target.digest.clone()).or_insert_with(|| match derive(host, target) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                host.log(
+                    Level::Debug,
+                    &format!("image record {} (target {}) is left out: {e}", record.name, target.digest),
+                );
+                None
+            }
+        });
         if let Some(d) = derived {
             record.id = Some(d.id.clone());
             record.manifest = Some(d.manifest.clone());
@@ -165,9 +154,7 @@ pub fn derive<H: Host + ?Sized>(host: &H, root: &Descriptor) -> Result<Derived> 
     Ok(Derived {
         id: manifest.config.digest.clone(),
         manifest: manifest_desc.digest,
-        chain_id: digest::chain_ids(&config.diff_ids)
-            .pop()
-            .unwrap_or_default(),
+        chain_id: digest::chain_ids(&config.diff_ids).pop().unwrap_or_default(),
         size: image_size(&path, &manifest),
         user: config.user,
     })
@@ -175,11 +162,7 @@ pub fn derive<H: Host + ?Sized>(host: &H, root: &Descriptor) -> Result<Derived> 
 
 /// The config of `manifest` (read from `desc`), checked to be an image config that lists
 /// one diff ID per layer.
-fn read_config<H: Host + ?Sized>(
-    host: &H,
-    desc: &Descriptor,
-    manifest: &oci::Manifest,
-) -> Result<oci::Config> {
+fn read_config<H: Host + ?Sized>(host: &H, desc: &Descriptor, manifest: &oci::Manifest) -> Result<oci::Config> {
     if !oci::is_image_config(&manifest.config.media_type) {
         return Err(Error::InvalidArgument(format!(
             "manifest {} has a config of media type {:?}: not a container image",
@@ -229,10 +212,7 @@ fn in_index<H: Host + ?Sized>(
         let (manifest, config) = match read {
             Ok(mc) => mc,
             Err(e) if present.len() > 1 => {
-                host.log(
-                    Level::Debug,
-                    &format!("index {}: entry {} skipped: {e}", root.digest, entry.digest),
-                );
+                host.log(Level::Debug, &format!("index {}: entry {} skipped: {e}", root.digest, entry.digest));
                 continue;
             }
             Err(e) => return Err(e),

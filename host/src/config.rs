@@ -280,8 +280,7 @@ mod tests {
         assert_eq!(c.socket, PathBuf::from("/run/pullbox/pullbox.sock"));
         assert_eq!(c.mode().unwrap(), 0o660);
         assert_eq!(c.backend, BackendKind::Embedded);
-        let c: DaemonConfig =
-            toml::from_str("backend = \"containerd\"\n[containerd]\nnamespace = \"x\"\n").unwrap();
+        let c: DaemonConfig = toml::from_str("backend = \"containerd\"\n[containerd]\nnamespace = \"x\"\n").unwrap();
         assert_eq!(c.backend, BackendKind::Containerd);
         assert_eq!(c.containerd.namespace, "x");
         assert_eq!(c.containerd.snapshotter, "overlayfs");

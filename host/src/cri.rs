@@ -267,10 +267,8 @@ impl CriImageService for Cri {
             }
             result
         });
-        let info = task
-            .await
-            .map_err(|e| Status::internal(format!("pull task failed: {e}")))?
-            .map_err(|e| status(&e))?;
+        let info =
+            task.await.map_err(|e| Status::internal(format!("pull task failed: {e}")))?.map_err(|e| status(&e))?;
         Ok(Response::new(PullImageResponse { image_ref: info.id }))
     }
 
@@ -323,7 +321,12 @@ mod tests {
         assert_eq!((c.runtime_handler.as_str(), c.pod.is_none()), ("kata", true));
         assert_eq!(c.annotations.keys().collect::<Vec<_>>(), ["a", "b"]);
         req.sandbox_config = Some(PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata { name: "web-0".into(), uid: "u1".into(), namespace: "prod-x".into(), attempt: 2 }),
+            metadata: Some(PodSandboxMetadata {
+                name: "web-0".into(),
+                uid: "u1".into(),
+                namespace: "prod-x".into(),
+                attempt: 2,
+            }),
             labels: map(&[("app", "web")]),
             annotations: map(&[("note", "x")]),
             ..PodSandboxConfig::default()

@@ -358,9 +358,8 @@ impl Runtime {
             ),
             _ => anyhow::bail!("puller {} is not a WebAssembly component", path.display()),
         }
-        let component = self
-            .compile(&bytes)
-            .map_err(|e| anyhow::anyhow!("cannot load puller {}: {e:#}", path.display()))?;
+        let component =
+            self.compile(&bytes).map_err(|e| anyhow::anyhow!("cannot load puller {}: {e:#}", path.display()))?;
         let mut linker: Linker<CallState> = Linker::new(&self.engine);
         PullerWorld::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)?;
         let pre = linker

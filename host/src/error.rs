@@ -116,9 +116,7 @@ impl Error {
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::FailedPrecondition(_) | Error::Mismatch { .. } | Error::BadLayer { .. } => {
-                Code::FailedPrecondition
-            }
+            Error::FailedPrecondition(_) | Error::Mismatch { .. } | Error::BadLayer { .. } => Code::FailedPrecondition,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable { .. } => Code::Unavailable,
@@ -144,10 +142,7 @@ impl Error {
     }
 
     /// An `Unavailable` error with a cause.
-    pub fn unavailable(
-        what: impl Into<String>,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Error {
+    pub fn unavailable(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Error {
         Error::Unavailable { what: what.into(), source: Some(Box::new(source)) }
     }
 

@@ -9,15 +9,15 @@
 
 pub mod artifact;
 pub mod backend;
-pub mod error;
-pub mod oci;
-pub mod engine;
-pub mod interfaces;
-pub mod registry;
-pub mod session;
-pub mod service;
 pub mod config;
 pub mod cri;
+pub mod engine;
+pub mod error;
+pub mod interfaces;
 pub mod metrics;
-pub mod verdict;
+pub mod oci;
+pub mod registry;
+pub mod service;
+pub mod session;
 pub mod snapshotter;
+pub mod verdict;

@@ -98,11 +98,7 @@ impl Metrics {
 
     /// Records how the shadow puller's verdict on a pull compared with the real one.
     pub fn shadow_done(&self, comparison: &crate::verdict::Comparison) {
-        self.shadow
-            .get_or_create(&ResultLabel {
-                result: comparison.word().into(),
-            })
-            .inc();
+        self.shadow.get_or_create(&ResultLabel { result: comparison.word().into() }).inc();
         if matches!(comparison, crate::verdict::Comparison::Disagree { .. }) {
             self.disagreements.inc();
         }
@@ -124,7 +120,10 @@ impl Metrics {
                 let m = self.clone();
                 async move {
                     (
-                        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         m.render(),
                     )
                 }

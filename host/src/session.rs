@@ -144,9 +144,7 @@ impl Session {
 
     /// The lease writes go under; `FailedPrecondition` for a request that may not write.
     pub fn lease(&self) -> Result<&LeaseId> {
-        self.lease
-            .as_ref()
-            .ok_or_else(|| Error::FailedPrecondition("only pull-image may write to the stores".into()))
+        self.lease.as_ref().ok_or_else(|| Error::FailedPrecondition("only pull-image may write to the stores".into()))
     }
 
     /// Starts downloading `desc` from `repo` unless this session already does.
@@ -170,7 +168,8 @@ impl Session {
         let task = tokio::spawn(async move {
             let stage = EndStage(stage);
             let download = async {
-                let _permit = permits.acquire_owned().await.map_err(|_| Error::Cancelled("download queue closed".into()))?;
+                let _permit =
+                    permits.acquire_owned().await.map_err(|_| Error::Cancelled("download queue closed".into()))?;
                 let (content, stage) = (backend.content.as_ref(), stage.0.as_deref());
                 registry.fetch(&repo, &desc2, content, &lease, stage, progress.as_ref(), &credentials).await
             };

@@ -39,18 +39,16 @@
 use std::{pin::Pin, sync::Arc};
 
 use containerd_client::services::v1::snapshots::{
-    CleanupRequest, CommitSnapshotRequest, Info, Kind, ListSnapshotsRequest, ListSnapshotsResponse,
-    MountsRequest, MountsResponse, PrepareSnapshotRequest, PrepareSnapshotResponse,
-    RemoveSnapshotRequest, StatSnapshotRequest, StatSnapshotResponse, UpdateSnapshotRequest,
-    UpdateSnapshotResponse, UsageRequest, UsageResponse, ViewSnapshotRequest, ViewSnapshotResponse,
+    CleanupRequest, CommitSnapshotRequest, Info, Kind, ListSnapshotsRequest, ListSnapshotsResponse, MountsRequest,
+    MountsResponse, PrepareSnapshotRequest, PrepareSnapshotResponse, RemoveSnapshotRequest, StatSnapshotRequest,
+    StatSnapshotResponse, UpdateSnapshotRequest, UpdateSnapshotResponse, UsageRequest, UsageResponse,
+    ViewSnapshotRequest, ViewSnapshotResponse,
 };
 use tonic::{Request, Response, Status};
 
 pub use crate::backend::embedded::proxy::ProxyStore;
 use crate::{
-    backend::{
-        containerd::to_mount, embedded::proxy::ProxyInfo, Differ, Labels, SnapshotKind, Stage,
-    },
+    backend::{containerd::to_mount, embedded::proxy::ProxyInfo, Differ, Labels, SnapshotKind, Stage},
     error::{Error, Result as HostResult},
     oci::{Descriptor, Digest, Mount},
 };
@@ -58,10 +56,7 @@ use crate::{
 /// The generated server side of the service (see `host/build.rs`).
 #[allow(clippy::all, missing_docs)]
 mod generated {
-    include!(concat!(
-        env!("OUT_DIR"),
-        "/containerd.services.snapshots.v1.Snapshots.rs"
-    ));
+    include!(concat!(env!("OUT_DIR"), "/containerd.services.snapshots.v1.Snapshots.rs"));
 }
 
 pub use generated::snapshots_server::SnapshotsServer;
@@ -99,10 +94,7 @@ fn labels(map: std::collections::HashMap<String, String>) -> Labels {
 }
 
 fn timestamp(nanos: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: nanos.div_euclid(1_000_000_000),
-        nanos: nanos.rem_euclid(1_000_000_000) as i32,
-    }
+    prost_types::Timestamp { seconds: nanos.div_euclid(1_000_000_000), nanos: nanos.rem_euclid(1_000_000_000) as i32 }
 }
 
 fn kind(k: SnapshotKind) -> Kind {
@@ -130,124 +122,63 @@ fn mounts(m: Vec<crate::oci::Mount>) -> Vec<containerd_client::types::Mount> {
 
 #[tonic::async_trait]
 impl generated::snapshots_server::Snapshots for Server {
-    async fn prepare(
-        &self,
-        r: Request<PrepareSnapshotRequest>,
-    ) -> Result<Response<PrepareSnapshotResponse>, Status> {
+    async fn prepare(&self, r: Request<PrepareSnapshotRequest>) -> Result<Response<PrepareSnapshotResponse>, Status> {
         let r = r.into_inner();
-        let m = self
-            .store
-            .create(&r.key, &r.parent, SnapshotKind::Active, &labels(r.labels))
-            .await
-            .map_err(status)?;
+        let m = self.store.create(&r.key, &r.parent, SnapshotKind::Active, &labels(r.labels)).await.map_err(status)?;
         Ok(Response::new(PrepareSnapshotResponse { mounts: mounts(m) }))
     }
 
-    async fn view(
-        &self,
-        r: Request<ViewSnapshotRequest>,
-    ) -> Result<Response<ViewSnapshotResponse>, Status> {
+    async fn view(&self, r: Request<ViewSnapshotRequest>) -> Result<Response<ViewSnapshotResponse>, Status> {
         let r = r.into_inner();
-        let m = self
-            .store
-            .create(&r.key, &r.parent, SnapshotKind::View, &labels(r.labels))
-            .await
-            .map_err(status)?;
+        let m = self.store.create(&r.key, &r.parent, SnapshotKind::View, &labels(r.labels)).await.map_err(status)?;
         Ok(Response::new(ViewSnapshotResponse { mounts: mounts(m) }))
     }
 
     async fn mounts(&self, r: Request<MountsRequest>) -> Result<Response<MountsResponse>, Status> {
-        let m = self
-            .store
-            .mounts(&r.into_inner().key)
-            .await
-            .map_err(status)?;
+        let m = self.store.mounts(&r.into_inner().key).await.map_err(status)?;
         Ok(Response::new(MountsResponse { mounts: mounts(m) }))
     }
 
     async fn commit(&self, r: Request<CommitSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = r.into_inner();
-        self.store
-            .commit(&r.name, &r.key, labels(r.labels))
-            .await
-            .map_err(status)?;
+        self.store.commit(&r.name, &r.key, labels(r.labels)).await.map_err(status)?;
         Ok(Response::new(()))
     }
 
     async fn remove(&self, r: Request<RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
-        self.store
-            .remove(&r.into_inner().key)
-            .await
-            .map_err(status)?;
+        self.store.remove(&r.into_inner().key).await.map_err(status)?;
         Ok(Response::new(()))
     }
 
-    async fn stat(
-        &self,
-        r: Request<StatSnapshotRequest>,
-    ) -> Result<Response<StatSnapshotResponse>, Status> {
+    async fn stat(&self, r: Request<StatSnapshotRequest>) -> Result<Response<StatSnapshotResponse>, Status> {
         let i = self.store.stat(&r.into_inner().key).await.map_err(status)?;
-        Ok(Response::new(StatSnapshotResponse {
-            info: Some(info(i)),
-        }))
+        Ok(Response::new(StatSnapshotResponse { info: Some(info(i)) }))
     }
 
-    async fn update(
-        &self,
-        r: Request<UpdateSnapshotRequest>,
-    ) -> Result<Response<UpdateSnapshotResponse>, Status> {
+    async fn update(&self, r: Request<UpdateSnapshotRequest>) -> Result<Response<UpdateSnapshotResponse>, Status> {
         let r = r.into_inner();
-        let given = r
-            .info
-            .ok_or_else(|| Status::invalid_argument("no snapshot info in the update"))?;
+        let given = r.info.ok_or_else(|| Status::invalid_argument("no snapshot info in the update"))?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        let i = self
-            .store
-            .update(&given.name, labels(given.labels), paths)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(UpdateSnapshotResponse {
-            info: Some(info(i)),
-        }))
+        let i = self.store.update(&given.name, labels(given.labels), paths).await.map_err(status)?;
+        Ok(Response::new(UpdateSnapshotResponse { info: Some(info(i)) }))
     }
 
-    type ListStream =
-        Pin<Box<dyn futures::Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
+    type ListStream = Pin<Box<dyn futures::Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
 
-    async fn list(
-        &self,
-        r: Request<ListSnapshotsRequest>,
-    ) -> Result<Response<Self::ListStream>, Status> {
-        let filters = r
-            .into_inner()
-            .filters
-            .iter()
-            .map(|f| Filter::parse(f))
-            .collect::<Result<Vec<_>, _>>()?;
+    async fn list(&self, r: Request<ListSnapshotsRequest>) -> Result<Response<Self::ListStream>, Status> {
+        let filters = r.into_inner().filters.iter().map(|f| Filter::parse(f)).collect::<Result<Vec<_>, _>>()?;
         let all = self.store.list().await.map_err(status)?;
-        let kept: Vec<Info> = all
-            .into_iter()
-            .filter(|i| filters.is_empty() || filters.iter().any(|f| f.matches(i)))
-            .map(info)
-            .collect();
-        let batches: Vec<Result<ListSnapshotsResponse, Status>> = kept
-            .chunks(LIST_BATCH)
-            .map(|c| Ok(ListSnapshotsResponse { info: c.to_vec() }))
-            .collect();
+        let kept: Vec<Info> =
+            all.into_iter().filter(|i| filters.is_empty() || filters.iter().any(|f| f.matches(i))).map(info).collect();
+        let batches: Vec<Result<ListSnapshotsResponse, Status>> =
+            kept.chunks(LIST_BATCH).map(|c| Ok(ListSnapshotsResponse { info: c.to_vec() })).collect();
         Ok(Response::new(Box::pin(futures::stream::iter(batches))))
     }
 
     async fn usage(&self, r: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
-        let u = self
-            .store
-            .usage(&r.into_inner().key)
-            .await
-            .map_err(status)?;
+        let u = self.store.usage(&r.into_inner().key).await.map_err(status)?;
         let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        Ok(Response::new(UsageResponse {
-            size: clamp(u.size),
-            inodes: clamp(u.inodes),
-        }))
+        Ok(Response::new(UsageResponse { size: clamp(u.size), inodes: clamp(u.inodes) }))
     }
 
     async fn cleanup(&self, _: Request<CleanupRequest>) -> Result<Response<()>, Status> {
@@ -358,21 +289,14 @@ fn operator(s: &str) -> Option<(usize, &'static str)> {
 impl Filter {
     fn parse(filter: &str) -> Result<Filter, Status> {
         let mut selectors = Vec::new();
-        for part in split_unquoted(filter, ',')
-            .into_iter()
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-        {
+        for part in split_unquoted(filter, ',').into_iter().map(str::trim).filter(|p| !p.is_empty()) {
             let (path, test) = match operator(part) {
                 Some((_, "~=")) => {
                     return Err(Status::unimplemented(format!(
                         "regular-expression filters ({part:?}) are not supported"
                     )))
                 }
-                Some((at, op)) => (
-                    &part[..at],
-                    Some((op == "==", unquote(&part[at + op.len()..])?)),
-                ),
+                Some((at, op)) => (&part[..at], Some((op == "==", unquote(&part[at + op.len()..])?))),
                 None => (part, None),
             };
             let field = match path.trim() {
@@ -381,11 +305,7 @@ impl Filter {
                 "kind" => Field::Kind,
                 p => match p.strip_prefix("labels.") {
                     Some(key) => Field::Label(unquote(key)?),
-                    None => {
-                        return Err(Status::invalid_argument(format!(
-                            "unknown snapshot field in filter {part:?}"
-                        )))
-                    }
+                    None => return Err(Status::invalid_argument(format!("unknown snapshot field in filter {part:?}"))),
                 },
             };
             selectors.push(Selector { field, test });
@@ -418,14 +338,9 @@ mod tests {
     use super::*;
 
     /// A server on a socket in a fresh store, and a client of containerd-client's making.
-    async fn start() -> (
-        tempfile::TempDir,
-        SnapshotsClient<tonic::transport::Channel>,
-    ) {
+    async fn start() -> (tempfile::TempDir, SnapshotsClient<tonic::transport::Channel>) {
         let dir = tempfile::tempdir().unwrap();
-        let store = ProxyStore::open(&dir.path().join("root"), Default::default())
-            .await
-            .unwrap();
+        let store = ProxyStore::open(&dir.path().join("root"), Default::default()).await.unwrap();
         let socket = dir.path().join("s.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         tokio::spawn(
@@ -436,11 +351,7 @@ mod tests {
         let channel = Endpoint::from_static("http://pullbox")
             .connect_with_connector(tower::service_fn(move |_| {
                 let socket = socket.clone();
-                async move {
-                    tokio::net::UnixStream::connect(socket)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
+                async move { tokio::net::UnixStream::connect(socket).await.map(hyper_util::rt::TokioIo::new) }
             }))
             .await
             .unwrap();
@@ -448,10 +359,7 @@ mod tests {
     }
 
     fn map(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     async fn names(
@@ -480,35 +388,15 @@ mod tests {
             parent: parent.into(),
             labels: map(&[("containerd.io/snapshot.ref", "x")]),
         };
-        let m = c
-            .prepare(prepare("default/1/extract", ""))
-            .await
-            .unwrap()
-            .into_inner()
-            .mounts;
+        let m = c.prepare(prepare("default/1/extract", "")).await.unwrap().into_inner().mounts;
         assert_eq!((m.len(), m[0].r#type.as_str()), (1, "bind"));
-        assert!(
-            m[0].source
-                .starts_with(dir.path().canonicalize().unwrap().to_str().unwrap()),
-            "{m:?}"
-        );
+        assert!(m[0].source.starts_with(dir.path().canonicalize().unwrap().to_str().unwrap()), "{m:?}");
         std::fs::write(std::path::Path::new(&m[0].source).join("f"), b"layer").unwrap();
-        let again = c
-            .prepare(prepare("default/1/extract", ""))
-            .await
-            .unwrap_err();
+        let again = c.prepare(prepare("default/1/extract", "")).await.unwrap_err();
         assert_eq!(again.code(), Code::AlreadyExists);
-        let mounts = c
-            .mounts(MountsRequest {
-                snapshotter: "pullbox".into(),
-                key: "default/1/extract".into(),
-            })
-            .await;
+        let mounts = c.mounts(MountsRequest { snapshotter: "pullbox".into(), key: "default/1/extract".into() }).await;
         assert_eq!(mounts.unwrap().into_inner().mounts, m);
-        let missing = c
-            .prepare(prepare("default/2/x", "default/9/nope"))
-            .await
-            .unwrap_err();
+        let missing = c.prepare(prepare("default/2/x", "default/9/nope")).await.unwrap_err();
         assert_eq!(missing.code(), Code::NotFound);
 
         let commit = |name: &str, key: &str| CommitSnapshotRequest {
@@ -517,46 +405,18 @@ mod tests {
             key: key.into(),
             labels: map(&[("containerd.io/snapshot.ref", "sha256:1")]),
         };
-        c.commit(commit("default/3/sha256:1", "default/1/extract"))
-            .await
-            .unwrap();
-        let gone = c
-            .commit(commit("default/3/sha256:2", "default/1/extract"))
-            .await
-            .unwrap_err();
+        c.commit(commit("default/3/sha256:1", "default/1/extract")).await.unwrap();
+        let gone = c.commit(commit("default/3/sha256:2", "default/1/extract")).await.unwrap_err();
         assert_eq!(gone.code(), Code::NotFound);
-        let stat = |key: &str| StatSnapshotRequest {
-            snapshotter: "pullbox".into(),
-            key: key.into(),
-        };
-        let info = c
-            .stat(stat("default/3/sha256:1"))
-            .await
-            .unwrap()
-            .into_inner()
-            .info
-            .unwrap();
-        assert_eq!(
-            (info.kind, info.parent.as_str()),
-            (Kind::Committed as i32, "")
-        );
-        assert_eq!(
-            info.labels,
-            map(&[("containerd.io/snapshot.ref", "sha256:1")])
-        );
+        let stat = |key: &str| StatSnapshotRequest { snapshotter: "pullbox".into(), key: key.into() };
+        let info = c.stat(stat("default/3/sha256:1")).await.unwrap().into_inner().info.unwrap();
+        assert_eq!((info.kind, info.parent.as_str()), (Kind::Committed as i32, ""));
+        assert_eq!(info.labels, map(&[("containerd.io/snapshot.ref", "sha256:1")]));
         assert!(info.created_at.unwrap().seconds > 1_600_000_000);
-        assert_eq!(
-            c.stat(stat("default/1/extract")).await.unwrap_err().code(),
-            Code::NotFound
-        );
+        assert_eq!(c.stat(stat("default/1/extract")).await.unwrap_err().code(), Code::NotFound);
 
         // A container's rootfs on the layer: an overlay; a view of it with one lower is a bind.
-        let m = c
-            .prepare(prepare("default/4/ctr", "default/3/sha256:1"))
-            .await
-            .unwrap()
-            .into_inner()
-            .mounts;
+        let m = c.prepare(prepare("default/4/ctr", "default/3/sha256:1")).await.unwrap().into_inner().mounts;
         assert_eq!(m[0].r#type, "overlay");
         assert!(
             m[0].options.iter().any(|o| o.starts_with("upperdir="))
@@ -569,125 +429,48 @@ mod tests {
             labels: Default::default(),
         };
         let m = c.view(view).await.unwrap().into_inner().mounts;
-        assert_eq!(
-            (m[0].r#type.as_str(), m[0].options[0].as_str()),
-            ("bind", "ro")
-        );
-        let not_active = c
-            .commit(commit("default/6/y", "default/5/v"))
-            .await
-            .unwrap_err();
+        assert_eq!((m[0].r#type.as_str(), m[0].options[0].as_str()), ("bind", "ro"));
+        let not_active = c.commit(commit("default/6/y", "default/5/v")).await.unwrap_err();
         assert_eq!(not_active.code(), Code::FailedPrecondition);
 
         // Labels: by field path, and all at once.
         let update = |labels: &[(&str, &str)], paths: &[&str]| UpdateSnapshotRequest {
             snapshotter: "pullbox".into(),
-            info: Some(Info {
-                name: "default/3/sha256:1".into(),
-                labels: map(labels),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: paths.iter().map(|p| p.to_string()).collect(),
-            }),
+            info: Some(Info { name: "default/3/sha256:1".into(), labels: map(labels), ..Default::default() }),
+            update_mask: Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() }),
         };
-        let i = c
-            .update(update(&[("a", "1")], &["labels.a"]))
-            .await
-            .unwrap()
-            .into_inner()
-            .info
-            .unwrap();
-        assert_eq!(
-            i.labels,
-            map(&[("containerd.io/snapshot.ref", "sha256:1"), ("a", "1")])
-        );
-        let i = c
-            .update(update(&[("b", "2")], &[]))
-            .await
-            .unwrap()
-            .into_inner()
-            .info
-            .unwrap();
+        let i = c.update(update(&[("a", "1")], &["labels.a"])).await.unwrap().into_inner().info.unwrap();
+        assert_eq!(i.labels, map(&[("containerd.io/snapshot.ref", "sha256:1"), ("a", "1")]));
+        let i = c.update(update(&[("b", "2")], &[])).await.unwrap().into_inner().info.unwrap();
         assert_eq!(i.labels, map(&[("b", "2")]));
-        assert_eq!(
-            c.update(update(&[], &["kind"])).await.unwrap_err().code(),
-            Code::InvalidArgument
-        );
+        assert_eq!(c.update(update(&[], &["kind"])).await.unwrap_err().code(), Code::InvalidArgument);
 
+        assert_eq!(names(&mut c, &[]).await.unwrap(), ["default/3/sha256:1", "default/4/ctr", "default/5/v"]);
+        assert_eq!(names(&mut c, &["kind==active"]).await.unwrap(), ["default/4/ctr"]);
         assert_eq!(
-            names(&mut c, &[]).await.unwrap(),
-            ["default/3/sha256:1", "default/4/ctr", "default/5/v"]
-        );
-        assert_eq!(
-            names(&mut c, &["kind==active"]).await.unwrap(),
-            ["default/4/ctr"]
-        );
-        assert_eq!(
-            names(
-                &mut c,
-                &["parent==\"default/3/sha256:1\",kind!=view", "labels.b==2"]
-            )
-            .await
-            .unwrap(),
+            names(&mut c, &["parent==\"default/3/sha256:1\",kind!=view", "labels.b==2"]).await.unwrap(),
             ["default/3/sha256:1", "default/4/ctr"]
         );
-        assert_eq!(
-            names(&mut c, &["labels.\"b\""]).await.unwrap(),
-            ["default/3/sha256:1"]
-        );
-        assert_eq!(
-            names(&mut c, &["name~=x"]).await.unwrap_err().code(),
-            Code::Unimplemented
-        );
-        assert_eq!(
-            names(&mut c, &["size==1"]).await.unwrap_err().code(),
-            Code::InvalidArgument
-        );
+        assert_eq!(names(&mut c, &["labels.\"b\""]).await.unwrap(), ["default/3/sha256:1"]);
+        assert_eq!(names(&mut c, &["name~=x"]).await.unwrap_err().code(), Code::Unimplemented);
+        assert_eq!(names(&mut c, &["size==1"]).await.unwrap_err().code(), Code::InvalidArgument);
 
         let usage = c
-            .usage(UsageRequest {
-                snapshotter: "pullbox".into(),
-                key: "default/3/sha256:1".into(),
-            })
+            .usage(UsageRequest { snapshotter: "pullbox".into(), key: "default/3/sha256:1".into() })
             .await
             .unwrap()
             .into_inner();
         assert!(usage.size >= 5 && usage.inodes == 2, "{usage:?}");
 
-        let remove = |key: &str| RemoveSnapshotRequest {
-            snapshotter: "pullbox".into(),
-            key: key.into(),
-        };
-        assert_eq!(
-            c.remove(remove("default/3/sha256:1"))
-                .await
-                .unwrap_err()
-                .code(),
-            Code::FailedPrecondition
-        );
+        let remove = |key: &str| RemoveSnapshotRequest { snapshotter: "pullbox".into(), key: key.into() };
+        assert_eq!(c.remove(remove("default/3/sha256:1")).await.unwrap_err().code(), Code::FailedPrecondition);
         for key in ["default/5/v", "default/4/ctr", "default/3/sha256:1"] {
             c.remove(remove(key)).await.unwrap();
         }
-        assert_eq!(
-            c.remove(remove("default/3/sha256:1"))
-                .await
-                .unwrap_err()
-                .code(),
-            Code::NotFound
-        );
-        c.cleanup(CleanupRequest {
-            snapshotter: "pullbox".into(),
-        })
-        .await
-        .unwrap();
+        assert_eq!(c.remove(remove("default/3/sha256:1")).await.unwrap_err().code(), Code::NotFound);
+        c.cleanup(CleanupRequest { snapshotter: "pullbox".into() }).await.unwrap();
         assert!(names(&mut c, &[]).await.unwrap().is_empty());
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("root/snapshots"))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(dir.path().join("root/snapshots")).unwrap().count(), 0);
     }
 
     #[test]
@@ -696,14 +479,8 @@ mod tests {
         assert_eq!(
             f,
             Filter(vec![
-                Selector {
-                    field: Field::Label("containerd.io/gc.root".into()),
-                    test: Some((true, "a,b".into()))
-                },
-                Selector {
-                    field: Field::Name,
-                    test: Some((false, "x".into()))
-                },
+                Selector { field: Field::Label("containerd.io/gc.root".into()), test: Some((true, "a,b".into())) },
+                Selector { field: Field::Name, test: Some((false, "x".into())) },
             ])
         );
     }

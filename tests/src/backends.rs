@@ -64,10 +64,7 @@ impl Store {
             Backend::Embedded => None,
             Backend::Containerd => Some((containerd::shared()?, containerd::fresh_namespace())),
         };
-        Ok(Store {
-            backend,
-            containerd,
-        })
+        Ok(Store { backend, containerd })
     }
 
     pub fn backend(&self) -> Backend {
@@ -134,17 +131,11 @@ impl Store {
     /// namespace is collected first (see the module docs). `root` is the embedded store's.
     #[track_caller]
     pub fn assert_clean(&self, root: &Path, after: &str) {
-        let leftovers = |s: &Store| {
-            s.leftovers(root)
-                .unwrap_or_else(|e| panic!("{after}: cannot list the store: {e:#}"))
-        };
+        let leftovers =
+            |s: &Store| s.leftovers(root).unwrap_or_else(|e| panic!("{after}: cannot list the store: {e:#}"));
         let mut left = leftovers(self);
         let Some((ctd, ns)) = self.containerd() else {
-            assert!(
-                left.is_empty(),
-                "{after} left behind in {}: {left:#?}",
-                root.display()
-            );
+            assert!(left.is_empty(), "{after} left behind in {}: {left:#?}", root.display());
             return;
         };
         if left.is_empty() {
@@ -153,8 +144,7 @@ impl Store {
         let first = left.clone();
         let t = Instant::now();
         while !left.is_empty() && t.elapsed() < COLLECT_TIMEOUT {
-            ctd.collect(ns)
-                .unwrap_or_else(|e| panic!("{after}: collecting {ns} failed: {e:#}"));
+            ctd.collect(ns).unwrap_or_else(|e| panic!("{after}: collecting {ns} failed: {e:#}"));
             left = leftovers(self);
             if !left.is_empty() {
                 std::thread::sleep(Duration::from_millis(100));

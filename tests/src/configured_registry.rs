@@ -36,12 +36,7 @@ pub enum Auth {
     /// HTTP basic auth against these users (name, password), stored bcrypt-hashed.
     Htpasswd(Vec<(String, String)>),
     /// Bearer tokens from a token server (see [`crate::token_server`]).
-    Token {
-        realm: String,
-        service: String,
-        issuer: String,
-        root_cert_bundle: PathBuf,
-    },
+    Token { realm: String, service: String, issuer: String, root_cert_bundle: PathBuf },
 }
 
 /// The registry's TLS settings.
@@ -73,10 +68,7 @@ impl ConfiguredRegistry {
     }
 
     fn try_start(storage: &Path, auth: &Auth, tls: Option<&Tls>, redirect: Option<&str>) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("pullbox-registry-cfg-")
-            .tempdir()?
-            .keep();
+        let dir = tempfile::Builder::new().prefix("pullbox-registry-cfg-").tempdir()?.keep();
         let addr = loopback_addr()?;
         let mut config = format!(
             "version: 0.1\n\
@@ -107,23 +99,15 @@ impl ConfiguredRegistry {
                 let mut file = String::new();
                 for (user, password) in users {
                     // The lowest cost bcrypt allows: the registry checks it on every request.
-                    let hash = bcrypt::hash_with_result(password, 4)?
-                        .format_for_version(bcrypt::Version::TwoA);
+                    let hash = bcrypt::hash_with_result(password, 4)?.format_for_version(bcrypt::Version::TwoA);
                     file.push_str(&format!("{user}:{hash}\n"));
                 }
                 let path = dir.join("htpasswd");
                 fs::write(&path, file)?;
-                config.push_str(&format!(
-                    "auth:\n  htpasswd:\n    realm: pullbox-test\n    path: {}\n",
-                    path.display()
-                ));
+                config
+                    .push_str(&format!("auth:\n  htpasswd:\n    realm: pullbox-test\n    path: {}\n", path.display()));
             }
-            Auth::Token {
-                realm,
-                service,
-                issuer,
-                root_cert_bundle,
-            } => {
+            Auth::Token { realm, service, issuer, root_cert_bundle } => {
                 config.push_str(&format!(
                     "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
                     root_cert_bundle.display()
@@ -132,9 +116,7 @@ impl ConfiguredRegistry {
         }
         let config_path = dir.join("config.yml");
         fs::write(&config_path, config)?;
-        let service = serve(&config_path, dir, &addr, || {
-            TcpStream::connect(&addr).is_ok()
-        })?;
+        let service = serve(&config_path, dir, &addr, || TcpStream::connect(&addr).is_ok())?;
         Ok(ConfiguredRegistry { addr, service })
     }
 

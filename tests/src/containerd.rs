@@ -97,11 +97,7 @@ pub fn fresh_namespace() -> String {
 /// `<prefix>-<pid>-<n>`, a name no other caller in this process gets.
 fn unique(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A running containerd. See the module docs.
@@ -124,14 +120,10 @@ impl Containerd {
     }
 
     fn start_config(proxy: Option<(&str, &Path)>) -> Result<Self> {
-        let parent = std::env::var_os("PULLBOX_TEST_CONTAINERD_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
+        let parent =
+            std::env::var_os("PULLBOX_TEST_CONTAINERD_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&parent)?;
-        let dir = tempfile::Builder::new()
-            .prefix("pbctd-")
-            .tempdir_in(&parent)?
-            .keep();
+        let dir = tempfile::Builder::new().prefix("pbctd-").tempdir_in(&parent)?.keep();
         let socket = dir.join(SOCKET);
         if socket.as_os_str().len() > 100 {
             let _ = fs::remove_dir_all(&dir);
@@ -199,7 +191,9 @@ impl Containerd {
         fs::create_dir_all(&dir)?;
         fs::write(
             dir.join("hosts.toml"),
-            format!("server = \"http://{addr}\"\n\n[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+            format!(
+                "server = \"http://{addr}\"\n\n[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
         )?;
         Ok(())
     }
@@ -227,12 +221,7 @@ impl Containerd {
     /// keys, lease ids), without the header.
     pub fn list(&self, namespace: &str, what: &str) -> Result<Vec<String>> {
         let out = self.ctr_ok(namespace, &[what, "ls"])?;
-        Ok(out
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().next())
-            .map(str::to_owned)
-            .collect())
+        Ok(out.lines().skip(1).filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect())
     }
 
     /// Runs containerd's garbage collector now and waits for it: containerd's API has no
@@ -241,10 +230,7 @@ impl Containerd {
     /// lease.
     pub fn collect(&self, namespace: &str) -> Result<()> {
         let id = unique("pbt-gc");
-        self.ctr_ok(
-            namespace,
-            &["leases", "create", "--id", &id, "--expires", "1m"],
-        )?;
+        self.ctr_ok(namespace, &["leases", "create", "--id", &id, "--expires", "1m"])?;
         self.ctr_ok(namespace, &["leases", "delete", "--sync", &id])?;
         Ok(())
     }
@@ -253,11 +239,7 @@ impl Containerd {
 /// Runs `ctr --address SOCKET -n NAMESPACE ARGS...` (with [`CTR_TIMEOUT`]).
 fn ctr(socket: &Path, namespace: &str, args: &[&str]) -> Result<Captured> {
     let mut cmd = Command::new(CTR_BIN);
-    cmd.arg("--address")
-        .arg(socket)
-        .args(["-n", namespace])
-        .args(args)
-        .env("PATH", PATH);
+    cmd.arg("--address").arg(socket).args(["-n", namespace]).args(args).env("PATH", PATH);
     run(cmd, CTR_TIMEOUT)
 }
 

@@ -236,7 +236,8 @@ fn raw_layer(layout: &Layout, tag: &str, tar: &[u8], file: &Path) -> Result<()> 
 
 /// The manifest of `corpus-mixed` (see the module docs), the image ID, the layer media types.
 fn mixed(layout: &Layout, work: &Path) -> Result<(Vec<u8>, String, Vec<String>)> {
-    let manifest: Value = serde_json::from_slice(&layout.blob(layout.descriptor("corpus")?["digest"].as_str().unwrap())?)?;
+    let manifest: Value =
+        serde_json::from_slice(&layout.blob(layout.descriptor("corpus")?["digest"].as_str().unwrap())?)?;
     let mut mixed = manifest.clone();
     let layers = mixed["layers"].as_array_mut().context("manifest layers")?;
     ensure!(layers.len() == LAYERS, "corpus has {} layers, not {LAYERS}", layers.len());

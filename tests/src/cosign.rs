@@ -51,10 +51,7 @@ impl TestKey {
 
     /// The public key as SPKI PEM (`-----BEGIN PUBLIC KEY-----`).
     pub fn public_pem(&self) -> String {
-        self.0
-            .verifying_key()
-            .to_public_key_pem(LineEnding::LF)
-            .expect("PEM encoding")
+        self.0.verifying_key().to_public_key_pem(LineEnding::LF).expect("PEM encoding")
     }
 
     /// The signature of `payload` as cosign stores it: base64 of the DER ECDSA signature
@@ -132,12 +129,7 @@ fn signature_manifest(
 
 /// Pushes a signature manifest of `layers` to `repo` under the `.sig` tag of `subject` (a
 /// manifest digest), replacing what was there; returns its digest.
-pub fn push_sig_tag(
-    registry: &Registry,
-    repo: &str,
-    subject: &str,
-    layers: &[Layer],
-) -> Result<String> {
+pub fn push_sig_tag(registry: &Registry, repo: &str, subject: &str, layers: &[Layer]) -> Result<String> {
     let m = signature_manifest(registry, repo, layers, None)?;
     registry.put_manifest(repo, &sig_tag(subject), OCI_MANIFEST, &m)?;
     Ok(crate::oci::sha256_digest(&m))
@@ -182,10 +174,8 @@ pub fn push_referrer(
 /// A settings document of the cosign puller: `keys` (name → key) and one rule named `name`
 /// for the repository pattern `repositories`, needing one of `keys`.
 pub fn settings(keys: &[(&str, &TestKey)], name: &str, repositories: &str) -> Result<String> {
-    let keys: serde_json::Map<String, Value> = keys
-        .iter()
-        .map(|(n, k)| (n.to_string(), Value::String(k.public_pem())))
-        .collect();
+    let keys: serde_json::Map<String, Value> =
+        keys.iter().map(|(n, k)| (n.to_string(), Value::String(k.public_pem()))).collect();
     let names: Vec<&String> = keys.keys().collect();
     let doc = json!({
         "keys": keys,

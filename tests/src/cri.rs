@@ -168,7 +168,10 @@ except grpc.RpcError as e:
     let out = crate::process::run(cmd, Duration::from_secs(30))?;
     let mut lines = out.stdout.lines();
     let version = lines.next().unwrap_or_default();
-    anyhow::ensure!(version == GRPCIO_VERSION, "grpcio {version:?} instead of {GRPCIO_VERSION}: run `make setup`\n{out}");
+    anyhow::ensure!(
+        version == GRPCIO_VERSION,
+        "grpcio {version:?} instead of {GRPCIO_VERSION}: run `make setup`\n{out}"
+    );
     match lines.next().and_then(|l| l.split_once(' ')) {
         Some(("ok", hex)) => Ok(Ok(hex::decode(hex.trim()).context("grpcio's answer")?)),
         Some(("error", status)) => Ok(Err(status.to_owned())),

@@ -24,9 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::oci::{
-    is_root, layer_entries, skopeo_copy, EntryKind, Layout, Platform, RemoteImage, RemoteIndex,
-};
+use crate::oci::{is_root, layer_entries, skopeo_copy, EntryKind, Layout, Platform, RemoteImage, RemoteIndex};
 use crate::process::tool;
 use crate::registry::Registry;
 use crate::tree::{scan, Tree};
@@ -118,28 +116,14 @@ impl Fixture {
         layout.add_layer("app", layer1)?;
         layout.add_layer("app", layer2)?;
         layout.add_layer("app", layer3)?;
-        let mut config = vec![
-            "--config.user",
-            app::USER,
-            "--config.env",
-            app::ENV,
-            "--config.workingdir",
-            app::WORKDIR,
-        ];
+        let mut config =
+            vec!["--config.user", app::USER, "--config.env", app::ENV, "--config.workingdir", app::WORKDIR];
         for arg in app::CMD {
             config.extend(["--config.cmd", arg]);
         }
         layout.config("app", &config)?;
-        layout.config_as(
-            "app",
-            "app-arm64",
-            &["--architecture", "arm64", "--no-history"],
-        )?;
-        layout.config_as(
-            "app",
-            "app-armv7",
-            &["--architecture", "arm", "--no-history"],
-        )?;
+        layout.config_as("app", "app-arm64", &["--architecture", "arm64", "--no-history"])?;
+        layout.config_as("app", "app-armv7", &["--architecture", "arm", "--no-history"])?;
         layout.write_index(
             "multi",
             &[
@@ -158,30 +142,16 @@ impl Fixture {
         // there), then push those bytes unchanged.
         let zstd = work.join("zstd");
         tool(
-            crate::oci::skopeo(&[
-                "copy",
-                "--quiet",
-                "--dest-compress",
-                "--dest-compress-format",
-                "zstd",
-            ])
-            .args([oci("app"), format!("oci:{}:app", zstd.display())]),
+            crate::oci::skopeo(&["copy", "--quiet", "--dest-compress", "--dest-compress-format", "zstd"])
+                .args([oci("app"), format!("oci:{}:app", zstd.display())]),
         )?;
-        skopeo_copy(
-            &format!("oci:{}:app", zstd.display()),
-            &docker("team/app-zstd:1.0"),
-            &[],
-        )?;
+        skopeo_copy(&format!("oci:{}:app", zstd.display()), &docker("team/app-zstd:1.0"), &[])?;
         let plain = work.join("plain");
         tool(
             crate::oci::skopeo(&["copy", "--quiet", "--dest-decompress"])
                 .args([oci("app"), format!("dir:{}", plain.display())]),
         )?;
-        skopeo_copy(
-            &format!("dir:{}", plain.display()),
-            &docker("team/app-plain:1.0"),
-            &[],
-        )?;
+        skopeo_copy(&format!("dir:{}", plain.display()), &docker("team/app-plain:1.0"), &[])?;
 
         let app = RemoteImage::inspect(&format!("{addr}/team/app:1.0"))?;
         let app_second_tag = RemoteImage::inspect(&format!("{addr}/team/app:1.1"))?;
@@ -226,16 +196,10 @@ fn write(root: &Path, path: &str, contents: impl AsRef<[u8]>, mode: u32) -> Resu
 
 fn layer1(root: &Path) -> Result<()> {
     fs::create_dir_all(root.join("bin"))?;
-    fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .context("copy /bin/busybox (install busybox-static)")?;
+    fs::copy("/bin/busybox", root.join("bin/busybox")).context("copy /bin/busybox (install busybox-static)")?;
     fs::set_permissions(root.join("bin/busybox"), fs::Permissions::from_mode(0o755))?;
     symlink("busybox", root.join("bin/sh"))?;
-    write(
-        root,
-        "etc/passwd",
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-        0o644,
-    )?;
+    write(root, "etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n", 0o644)?;
     write(root, "etc/group", "root:x:0:\napp:x:1000:\n", 0o644)?;
     write(root, app::LAYER1_FILE, app::LAYER1_CONTENT, 0o644)?;
     write(root, app::DELETED, "deleted in layer 3\n", 0o644)?;

@@ -101,7 +101,10 @@ fn gzip(data: &[u8]) -> Result<Vec<u8>> {
 /// here) as `ADDR/<name>`, for the host's platform; returns the reference. `work` is a
 /// scratch directory for the layout.
 pub fn push_image(registry: &Registry, name: &str, layers: &[Vec<u8>], work: &Path) -> Result<String> {
-    let blobs = layers.iter().map(|tar| Ok(GzipLayer { gz: gzip(tar)?, diff_id: sha256_digest(tar) })).collect::<Result<Vec<_>>>()?;
+    let blobs = layers
+        .iter()
+        .map(|tar| Ok(GzipLayer { gz: gzip(tar)?, diff_id: sha256_digest(tar) }))
+        .collect::<Result<Vec<_>>>()?;
     push_layers(registry, name, &blobs, work)
 }
 
@@ -126,7 +129,8 @@ pub fn push_layers(registry: &Registry, name: &str, layers: &[GzipLayer], work: 
     let mut diff_ids = Vec::new();
     for layer in layers {
         diff_ids.push(layer.diff_id.clone());
-        descriptors.push(json!({ "mediaType": MEDIA_TYPE_LAYER_GZIP, "digest": put(&layer.gz)?, "size": layer.gz.len() }));
+        descriptors
+            .push(json!({ "mediaType": MEDIA_TYPE_LAYER_GZIP, "digest": put(&layer.gz)?, "size": layer.gz.len() }));
     }
     let platform = Platform::host();
     let config = serde_json::to_vec(&json!({

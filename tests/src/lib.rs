@@ -29,27 +29,27 @@
 //! test code, and every message says which command failed and what it printed.
 
 pub mod backends;
+pub mod bombs;
+pub mod configured_registry;
 pub mod containerd;
+pub mod corpus;
 pub mod cosign;
 pub mod cri;
 pub mod fixture;
+pub mod gate;
+pub mod hostile;
+pub mod mounts;
 pub mod oci;
 pub mod policy;
 pub mod process;
+pub mod proxy;
 pub mod pullbox;
 pub mod registry;
+pub mod sandbox;
 pub mod service;
-pub mod configured_registry;
-pub mod proxy;
 pub mod tls;
 pub mod token_server;
-pub mod sandbox;
 pub mod tree;
-pub mod corpus;
-pub mod gate;
-pub mod hostile;
-pub mod bombs;
-pub mod mounts;
 
 pub use fixture::{app, fixture, Fixture};
 pub use oci::{chain_id, Platform, RemoteImage, RemoteIndex};

@@ -49,9 +49,7 @@ pub fn file_digest(path: &Path) -> Result<String> {
 
 /// The hex part of `sha256:<hex>`; panics on anything else (test inputs are well formed).
 pub fn digest_hex(digest: &str) -> &str {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .unwrap_or_else(|| panic!("not a sha256 digest: {digest}"));
+    let hex = digest.strip_prefix("sha256:").unwrap_or_else(|| panic!("not a sha256 digest: {digest}"));
     assert!(is_hex64(hex), "not a sha256 digest: {digest}");
     hex
 }
@@ -62,9 +60,7 @@ pub fn is_sha256_digest(s: &str) -> bool {
 }
 
 fn is_hex64(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The chain ID of a stack of layers, bottom first (OCI image spec, "Layer ChainID"):
@@ -73,17 +69,13 @@ fn is_hex64(s: &str) -> bool {
 pub fn chain_id<S: AsRef<str>>(diff_ids: &[S]) -> String {
     let mut ids = diff_ids.iter().map(AsRef::as_ref);
     let first = ids.next().expect("chain_id of no layers").to_owned();
-    ids.fold(first, |chain, diff_id| {
-        sha256_digest(format!("{chain} {diff_id}").as_bytes())
-    })
+    ids.fold(first, |chain, diff_id| sha256_digest(format!("{chain} {diff_id}").as_bytes()))
 }
 
 /// Whether this process runs as root. Otherwise `umoci` works rootless and the images
 /// cannot carry files owned by other users.
 pub fn is_root() -> bool {
-    fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 /// An OCI platform: `os/architecture[/variant]`.
@@ -115,11 +107,7 @@ impl Platform {
             "powerpc64" => "ppc64le",
             other => other,
         };
-        Platform {
-            os: "linux".into(),
-            architecture: architecture.into(),
-            variant: None,
-        }
+        Platform { os: "linux".into(), architecture: architecture.into(), variant: None }
     }
 
     fn to_json(&self) -> Value {
@@ -232,10 +220,7 @@ impl Layout {
     /// Reads blob `digest` and checks that it has that digest.
     pub fn blob(&self, digest: &str) -> Result<Vec<u8>> {
         let bytes = fs::read(self.blob_path(digest))?;
-        ensure!(
-            sha256_digest(&bytes) == digest,
-            "blob {digest} does not match its digest"
-        );
+        ensure!(sha256_digest(&bytes) == digest, "blob {digest} does not match its digest");
         Ok(bytes)
     }
 
@@ -257,21 +242,17 @@ impl Layout {
             descriptor["platform"] = platform.to_json();
             manifests.push(descriptor);
         }
-        let index =
-            json!({ "schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": manifests });
+        let index = json!({ "schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": manifests });
         let bytes = serde_json::to_vec(&index)?;
         let digest = self.write_blob(&bytes)?;
         let path = self.dir.join("index.json");
         let mut top: Value = serde_json::from_slice(&fs::read(&path)?)?;
-        top["manifests"]
-            .as_array_mut()
-            .context("index.json has no manifests")?
-            .push(json!({
-                "mediaType": MEDIA_TYPE_INDEX,
-                "digest": digest,
-                "size": bytes.len(),
-                "annotations": { "org.opencontainers.image.ref.name": tag },
-            }));
+        top["manifests"].as_array_mut().context("index.json has no manifests")?.push(json!({
+            "mediaType": MEDIA_TYPE_INDEX,
+            "digest": digest,
+            "size": bytes.len(),
+            "annotations": { "org.opencontainers.image.ref.name": tag },
+        }));
         fs::write(&path, serde_json::to_vec(&top)?)?;
         Ok(digest)
     }
@@ -296,27 +277,16 @@ pub fn skopeo(args: &[&str]) -> Command {
 /// for `--preserve-digests`.
 pub fn skopeo_copy(src: &str, dest: &str, extra: &[&str]) -> Result<()> {
     tool(
-        skopeo(&[
-            "copy",
-            "--quiet",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-        ])
-        .args(extra)
-        .args([src, dest]),
+        skopeo(&["copy", "--quiet", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false"])
+            .args(extra)
+            .args([src, dest]),
     )?;
     Ok(())
 }
 
 /// `skopeo inspect --raw` of `docker://reference`: the manifest or index bytes as served.
 pub fn fetch_manifest(reference: &str) -> Result<Vec<u8>> {
-    tool(&mut skopeo(&[
-        "inspect",
-        "--tls-verify=false",
-        "--raw",
-        &format!("docker://{reference}"),
-    ]))
+    tool(&mut skopeo(&["inspect", "--tls-verify=false", "--raw", &format!("docker://{reference}")]))
 }
 
 /// An image (one manifest) as the registry serves it. `reference` is what the test passes
@@ -358,14 +328,8 @@ impl RemoteImage {
     pub fn inspect(reference: &str) -> Result<Self> {
         let raw = fetch_manifest(reference)?;
         let manifest: Value = serde_json::from_slice(&raw)?;
-        ensure!(
-            manifest["config"].is_object(),
-            "{reference} is not an image manifest (an index?): {manifest}"
-        );
-        let config_digest = manifest["config"]["digest"]
-            .as_str()
-            .context("config.digest")?
-            .to_owned();
+        ensure!(manifest["config"].is_object(), "{reference} is not an image manifest (an index?): {manifest}");
+        let config_digest = manifest["config"]["digest"].as_str().context("config.digest")?.to_owned();
         let config_size = manifest["config"]["size"].as_u64().context("config.size")?;
         let config_raw = tool(&mut skopeo(&[
             "inspect",
@@ -383,11 +347,7 @@ impl RemoteImage {
             .as_array()
             .context("config.rootfs.diff_ids")?
             .iter()
-            .map(|d| {
-                d.as_str()
-                    .map(str::to_owned)
-                    .context("diff ID is not a string")
-            })
+            .map(|d| d.as_str().map(str::to_owned).context("diff ID is not a string"))
             .collect::<Result<_>>()?;
         let layers: Vec<LayerDescriptor> = manifest["layers"]
             .as_array()
@@ -395,21 +355,13 @@ impl RemoteImage {
             .iter()
             .map(|l| {
                 Ok(LayerDescriptor {
-                    media_type: l["mediaType"]
-                        .as_str()
-                        .context("layer mediaType")?
-                        .to_owned(),
+                    media_type: l["mediaType"].as_str().context("layer mediaType")?.to_owned(),
                     digest: l["digest"].as_str().context("layer digest")?.to_owned(),
                     size: l["size"].as_u64().context("layer size")?,
                 })
             })
             .collect::<Result<_>>()?;
-        ensure!(
-            layers.len() == diff_ids.len(),
-            "{reference}: {} layers but {} diff IDs",
-            layers.len(),
-            diff_ids.len()
-        );
+        ensure!(layers.len() == diff_ids.len(), "{reference}: {} layers but {} diff IDs", layers.len(), diff_ids.len());
         Ok(RemoteImage {
             reference: reference.to_owned(),
             repo: repo_of(reference),
@@ -426,9 +378,7 @@ impl RemoteImage {
 
     /// The repository path without the registry host, for example `team/app`.
     pub fn path(&self) -> &str {
-        self.repo
-            .split_once('/')
-            .map_or(&self.repo, |(_, path)| path)
+        self.repo.split_once('/').map_or(&self.repo, |(_, path)| path)
     }
 
     /// The image ID pullbox must report: the config digest.
@@ -487,17 +437,11 @@ impl RemoteIndex {
         let index: Value = serde_json::from_slice(&raw)?;
         let repo = repo_of(reference);
         let mut images = Vec::new();
-        for entry in index["manifests"]
-            .as_array()
-            .with_context(|| format!("{reference} is not an index"))?
-        {
+        for entry in index["manifests"].as_array().with_context(|| format!("{reference} is not an index"))? {
             let p = &entry["platform"];
             let platform = Platform {
                 os: p["os"].as_str().context("platform.os")?.to_owned(),
-                architecture: p["architecture"]
-                    .as_str()
-                    .context("platform.architecture")?
-                    .to_owned(),
+                architecture: p["architecture"].as_str().context("platform.architecture")?.to_owned(),
                 variant: p["variant"].as_str().map(str::to_owned),
             };
             let digest = entry["digest"].as_str().context("manifest digest")?;
@@ -515,10 +459,7 @@ impl RemoteIndex {
 
     /// The image for `platform` (exact match, variant included).
     pub fn image_for(&self, platform: &Platform) -> Option<&RemoteImage> {
-        self.images
-            .iter()
-            .find(|(p, _)| p == platform)
-            .map(|(_, image)| image)
+        self.images.iter().find(|(p, _)| p == platform).map(|(_, image)| image)
     }
 
     /// `repo@<index digest>`.
@@ -571,12 +512,7 @@ pub fn layer_entries(blob: &Path, media_type: &str) -> Result<BTreeSet<(PathBuf,
         let path: PathBuf = entry
             .path()?
             .components()
-            .filter(|c| {
-                !matches!(
-                    c,
-                    std::path::Component::CurDir | std::path::Component::RootDir
-                )
-            })
+            .filter(|c| !matches!(c, std::path::Component::CurDir | std::path::Component::RootDir))
             .collect();
         if path.as_os_str().is_empty() {
             continue;
@@ -635,18 +571,9 @@ mod tests {
 
     #[test]
     fn repo_of_strips_tag_and_digest() {
-        assert_eq!(
-            repo_of("127.0.0.1:5000/team/app:1.0"),
-            "127.0.0.1:5000/team/app"
-        );
-        assert_eq!(
-            repo_of("127.0.0.1:5000/team/app@sha256:00"),
-            "127.0.0.1:5000/team/app"
-        );
-        assert_eq!(
-            repo_of("127.0.0.1:5000/team/app"),
-            "127.0.0.1:5000/team/app"
-        );
+        assert_eq!(repo_of("127.0.0.1:5000/team/app:1.0"), "127.0.0.1:5000/team/app");
+        assert_eq!(repo_of("127.0.0.1:5000/team/app@sha256:00"), "127.0.0.1:5000/team/app");
+        assert_eq!(repo_of("127.0.0.1:5000/team/app"), "127.0.0.1:5000/team/app");
     }
 
     #[test]

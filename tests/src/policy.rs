@@ -30,10 +30,7 @@ pub struct SettingsFile {
 impl SettingsFile {
     /// Writes `json` (any text: invalid documents are tests too).
     pub fn new(json: impl AsRef<str>) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("pullbox-settings-")
-            .tempdir()
-            .expect("temporary directory");
+        let dir = tempfile::Builder::new().prefix("pullbox-settings-").tempdir().expect("temporary directory");
         let path = dir.path().join("settings.json");
         std::fs::write(&path, json.as_ref()).expect("write settings");
         SettingsFile { dir, path }
@@ -48,12 +45,7 @@ impl SettingsFile {
 
 /// `pullbox pull --settings FILE ARGS... REF` on `pb`'s store; `args` go before the
 /// reference (for example `--puller`, `--platform`, `--log`).
-pub fn pull_with(
-    pb: &Pullbox,
-    settings: &SettingsFile,
-    args: &[&str],
-    reference: &str,
-) -> Captured {
+pub fn pull_with(pb: &Pullbox, settings: &SettingsFile, args: &[&str], reference: &str) -> Captured {
     let mut all: Vec<OsString> = vec!["--settings".into(), settings.path().into()];
     all.extend(args.iter().map(OsString::from));
     all.push(reference.into());
@@ -70,16 +62,8 @@ pub fn assert_denied(pb: &Pullbox, out: &Captured, rule: &str) {
         out.stderr.contains("policy denies") && out.stderr.contains(&format!("rule {rule}: ")),
         "expected a denial by rule {rule}:\n{out}"
     );
-    assert_eq!(
-        pb.images_json().len(),
-        0,
-        "a refused pull recorded an image:\n{out}"
-    );
-    assert_eq!(
-        pb.blob_digests().unwrap(),
-        Vec::<String>::new(),
-        "a refused pull left content behind:\n{out}"
-    );
+    assert_eq!(pb.images_json().len(), 0, "a refused pull recorded an image:\n{out}");
+    assert_eq!(pb.blob_digests().unwrap(), Vec::<String>::new(), "a refused pull left content behind:\n{out}");
 }
 
 /// Copies the fixture image `src` (`ADDR/repo:tag`) to `ADDR/<dest>` (`repo:tag`) and reads
@@ -94,11 +78,7 @@ pub fn private_copy(addr: &str, src: &str, dest: &str) -> Result<RemoteImage> {
 /// `DIR:tag`) to `ADDR/<dest>` and reads it back.
 pub fn push_layout_image(layout_image: &str, addr: &str, dest: &str) -> Result<RemoteImage> {
     let dest = format!("{addr}/{dest}");
-    skopeo_copy(
-        &format!("oci:{layout_image}"),
-        &format!("docker://{dest}"),
-        &[],
-    )?;
+    skopeo_copy(&format!("oci:{layout_image}"), &format!("docker://{dest}"), &[])?;
     RemoteImage::inspect(&dest)
 }
 
@@ -108,10 +88,7 @@ pub fn push_layout_image(layout_image: &str, addr: &str, dest: &str) -> Result<R
 pub fn delete_blob(addr: &str, repo: &str, digest: &str) -> Result<()> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "DELETE /v2/{repo}/blobs/{digest} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(stream, "DELETE /v2/{repo}/blobs/{digest} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     let response = String::from_utf8_lossy(&response);
@@ -143,14 +120,9 @@ pub fn push_puller(wasm: &Path, addr: &str, dest: &str) -> Result<String> {
     let put = |bytes: &[u8], media_type: &str| -> Result<serde_json::Value> {
         let hex = hex::encode(sha2::Sha256::digest(bytes));
         std::fs::write(blobs.join(&hex), bytes)?;
-        Ok(
-            serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()}),
-        )
+        Ok(serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()}))
     };
-    let mut layer = put(
-        &std::fs::read(wasm).with_context(|| format!("read {}", wasm.display()))?,
-        "application/wasm",
-    )?;
+    let mut layer = put(&std::fs::read(wasm).with_context(|| format!("read {}", wasm.display()))?, "application/wasm")?;
     layer["annotations"] = serde_json::json!({"org.opencontainers.image.title": "puller.wasm"});
     let manifest = serde_json::json!({
         "schemaVersion": 2,
@@ -159,21 +131,11 @@ pub fn push_puller(wasm: &Path, addr: &str, dest: &str) -> Result<String> {
         "config": put(b"{}", "application/vnd.oci.empty.v1+json")?,
         "layers": [layer],
     });
-    let mut desc = put(
-        manifest.to_string().as_bytes(),
-        "application/vnd.oci.image.manifest.v1+json",
-    )?;
+    let mut desc = put(manifest.to_string().as_bytes(), "application/vnd.oci.image.manifest.v1+json")?;
     desc["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "puller"});
     let index = serde_json::json!({"schemaVersion": 2, "manifests": [desc]});
     std::fs::write(layout.path().join("index.json"), index.to_string())?;
-    std::fs::write(
-        layout.path().join("oci-layout"),
-        r#"{"imageLayoutVersion": "1.0.0"}"#,
-    )?;
-    skopeo_copy(
-        &format!("oci:{}:puller", layout.path().display()),
-        &format!("docker://{addr}/{dest}"),
-        &[],
-    )?;
+    std::fs::write(layout.path().join("oci-layout"), r#"{"imageLayoutVersion": "1.0.0"}"#)?;
+    skopeo_copy(&format!("oci:{}:puller", layout.path().display()), &format!("docker://{addr}/{dest}"), &[])?;
     Ok(desc["digest"].as_str().unwrap_or_default().to_owned())
 }

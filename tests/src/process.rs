@@ -37,17 +37,12 @@ impl Captured {
 
     /// The last non-empty line of stdout, trimmed.
     pub fn last_line(&self) -> Option<&str> {
-        self.stdout
-            .lines()
-            .map(str::trim)
-            .rev()
-            .find(|l| !l.is_empty())
+        self.stdout.lines().map(str::trim).rev().find(|l| !l.is_empty())
     }
 
     /// Stdout parsed as JSON.
     pub fn json(&self) -> Result<serde_json::Value> {
-        serde_json::from_str(&self.stdout)
-            .with_context(|| format!("stdout of `{}` is not JSON:\n{self}", self.command))
+        serde_json::from_str(&self.stdout).with_context(|| format!("stdout of `{}` is not JSON:\n{self}", self.command))
     }
 
     /// Panics (showing everything) unless the command succeeded.

@@ -74,12 +74,7 @@ impl Pullbox {
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(120));
         let store = Store::new(backend)?;
-        Ok(Pullbox {
-            bin,
-            root,
-            store,
-            timeout,
-        })
+        Ok(Pullbox { bin, root, store, timeout })
     }
 
     /// Where the commands store images.
@@ -96,39 +91,25 @@ impl Pullbox {
 
     /// The workspace root (the parent of this crate).
     pub fn workspace() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_owned()
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
     }
 
     /// The binary; see the module docs for where it is looked for.
     pub fn bin() -> Result<PathBuf> {
         let workspace = Self::workspace();
-        let bin = match (
-            std::env::var_os("PULLBOX_BIN"),
-            std::env::var_os("CARGO_TARGET_DIR"),
-        ) {
+        let bin = match (std::env::var_os("PULLBOX_BIN"), std::env::var_os("CARGO_TARGET_DIR")) {
             (Some(bin), _) => PathBuf::from(bin),
             (None, Some(target)) => workspace.join(target).join("release/pullbox"),
             (None, None) => workspace.join("target/release/pullbox"),
         };
-        ensure!(
-            bin.is_file(),
-            "pullbox binary not found at {}: run `make build` (or set PULLBOX_BIN)",
-            bin.display()
-        );
+        ensure!(bin.is_file(), "pullbox binary not found at {}: run `make build` (or set PULLBOX_BIN)", bin.display());
         Ok(bin)
     }
 
     /// A puller component next to the binary, for example `pullbox-refuse.wasm`.
     pub fn puller(name: &str) -> Result<PathBuf> {
         let path = Self::bin()?.parent().unwrap().join(name);
-        ensure!(
-            path.is_file(),
-            "puller {} not found: run `make build`",
-            path.display()
-        );
+        ensure!(path.is_file(), "puller {} not found: run `make build`", path.display());
         Ok(path)
     }
 
@@ -138,17 +119,9 @@ impl Pullbox {
     }
 
     /// `pullbox SUBCOMMAND --root ROOT ARGS...`, with the pullbox environment cleared.
-    pub fn command<S: AsRef<OsStr>>(
-        &self,
-        subcommand: &str,
-        args: impl IntoIterator<Item = S>,
-    ) -> Command {
+    pub fn command<S: AsRef<OsStr>>(&self, subcommand: &str, args: impl IntoIterator<Item = S>) -> Command {
         let mut cmd = Command::new(&self.bin);
-        cmd.arg(subcommand)
-            .arg("--root")
-            .arg(self.root())
-            .args(self.store.cli_args())
-            .args(args);
+        cmd.arg(subcommand).arg("--root").arg(self.root()).args(self.store.cli_args()).args(args);
         for var in PULLBOX_ENV {
             cmd.env_remove(var);
         }
@@ -178,11 +151,7 @@ impl Pullbox {
 
     /// Runs `pullbox SUBCOMMAND --root ROOT ARGS...`; success or failure is the caller's to
     /// check.
-    pub fn run<S: AsRef<OsStr>>(
-        &self,
-        subcommand: &str,
-        args: impl IntoIterator<Item = S>,
-    ) -> Captured {
+    pub fn run<S: AsRef<OsStr>>(&self, subcommand: &str, args: impl IntoIterator<Item = S>) -> Captured {
         self.run_command(self.command(subcommand, args))
     }
 
@@ -193,10 +162,7 @@ impl Pullbox {
         let out = self.run("pull", args.iter().copied().chain([reference]));
         out.assert_success();
         let id = out.last_line().unwrap_or_default().to_owned();
-        assert!(
-            is_sha256_digest(&id),
-            "the last line of stdout is not an image ID:\n{out}"
-        );
+        assert!(is_sha256_digest(&id), "the last line of stdout is not an image ID:\n{out}");
         id
     }
 
@@ -223,9 +189,7 @@ impl Pullbox {
 
     /// Where the store keeps blob `digest`: `<root>/content/blobs/sha256/<hex>`.
     pub fn blob_path(&self, digest: &str) -> PathBuf {
-        self.root()
-            .join("content/blobs/sha256")
-            .join(digest_hex(digest))
+        self.root().join("content/blobs/sha256").join(digest_hex(digest))
     }
 
     /// Every snapshot's `fs` directory, `<root>/snapshots/<id>/fs`, sorted.

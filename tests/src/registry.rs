@@ -44,10 +44,7 @@ impl Registry {
 
     fn try_start() -> Result<Self> {
         // Each attempt has its own directory: a failed attempt's supervisor deletes its own.
-        let dir = tempfile::Builder::new()
-            .prefix("pullbox-registry-")
-            .tempdir()?
-            .keep();
+        let dir = tempfile::Builder::new().prefix("pullbox-registry-").tempdir()?.keep();
         let addr = loopback_addr()?;
         let storage = dir.join("storage");
         fs::create_dir_all(&storage)?;
@@ -62,9 +59,7 @@ impl Registry {
                 storage.display()
             ),
         )?;
-        let service = serve(&config, dir, &addr, || {
-            matches!(request(&addr, "GET", "/v2/"), Ok((200, _)))
-        })?;
+        let service = serve(&config, dir, &addr, || matches!(request(&addr, "GET", "/v2/"), Ok((200, _))))?;
         Ok(Registry { addr, service })
     }
 
@@ -88,8 +83,7 @@ impl Registry {
                     .lines()
                     .find_map(|l| {
                         let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
+                        k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
                     })
                     .context("no Content-Length")?;
                 Ok(Some(length))
@@ -123,12 +117,7 @@ impl Registry {
 /// Starts `docker-registry serve CONFIG` as a [`Service`] in `dir`, its log `registry.log`,
 /// and waits until `ready` says it answers on `addr`. [`crate::configured_registry`] starts
 /// its registries with it too.
-pub(crate) fn serve(
-    config: &Path,
-    dir: PathBuf,
-    addr: &str,
-    ready: impl FnMut() -> bool,
-) -> Result<Service> {
+pub(crate) fn serve(config: &Path, dir: PathBuf, addr: &str, ready: impl FnMut() -> bool) -> Result<Service> {
     let mut command = Command::new(REGISTRY_BIN);
     command.arg("serve").arg(config);
     Service::start(Spec {

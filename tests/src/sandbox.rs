@@ -52,16 +52,9 @@ impl SwapDaemon {
     /// Starts a daemon on a fresh store of `backend`, running a copy of `puller` with the
     /// settings document `settings`, and the TOML `extra` (top-level keys, then tables such as
     /// `[sandbox]`) in its config.
-    pub fn start(
-        backend: Backend,
-        puller: &Path,
-        settings: &str,
-        extra: &str,
-    ) -> Result<SwapDaemon> {
+    pub fn start(backend: Backend, puller: &Path, settings: &str, extra: &str) -> Result<SwapDaemon> {
         let store = Store::new(backend)?;
-        let files = tempfile::Builder::new()
-            .prefix("pbd-files-")
-            .tempdir_in("/tmp")?;
+        let files = tempfile::Builder::new().prefix("pbd-files-").tempdir_in("/tmp")?;
         let p = files.path().join("puller.wasm");
         let s = files.path().join("settings.json");
         std::fs::copy(puller, &p).with_context(|| format!("copy {}", puller.display()))?;
@@ -73,11 +66,7 @@ impl SwapDaemon {
             store.daemon_config(extra)
         );
         let daemon = cri::Daemon::start(&config)?;
-        Ok(SwapDaemon {
-            daemon,
-            store,
-            files,
-        })
+        Ok(SwapDaemon { daemon, store, files })
     }
 
     /// Fails the test when the daemon's store holds anything (see
@@ -105,9 +94,7 @@ impl SwapDaemon {
 
     /// Sends SIGHUP: reload the puller and its settings.
     pub fn sighup(&self) -> Result<()> {
-        let status = Command::new("kill")
-            .args(["-HUP", &self.pid()?.to_string()])
-            .status()?;
+        let status = Command::new("kill").args(["-HUP", &self.pid()?.to_string()]).status()?;
         ensure!(status.success(), "kill -HUP failed");
         Ok(())
     }
@@ -138,10 +125,7 @@ impl SwapDaemon {
                 }
             }
             if Instant::now() > deadline {
-                bail!(
-                    "the daemon did not switch to {want:?} in 15 s (last answer {last:?}): {}",
-                    self.daemon.log()
-                );
+                bail!("the daemon did not switch to {want:?} in 15 s (last answer {last:?}): {}", self.daemon.log());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -155,20 +139,13 @@ pub fn daemon_pid(daemon: &cri::Daemon) -> Result<u32> {
     let config = config.to_string_lossy();
     for entry in std::fs::read_dir("/proc")? {
         let entry = entry?;
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        let args: Vec<_> = cmdline
-            .split(|b| *b == 0)
-            .map(String::from_utf8_lossy)
-            .collect();
+        let args: Vec<_> = cmdline.split(|b| *b == 0).map(String::from_utf8_lossy).collect();
         if args.iter().any(|a| a == "serve") && args.iter().any(|a| a == config.as_ref()) {
             return Ok(pid);
         }
@@ -181,20 +158,11 @@ pub fn daemon_pid(daemon: &cri::Daemon) -> Result<u32> {
 pub async fn whoami(socket: &Path) -> Result<Option<String>> {
     let mut c = cri::connect(socket).await?;
     let req = ImageStatusRequest {
-        image: Some(ImageSpec {
-            image: WHOAMI.to_owned(),
-            ..ImageSpec::default()
-        }),
+        image: Some(ImageSpec { image: WHOAMI.to_owned(), ..ImageSpec::default() }),
         verbose: false,
     };
-    let status = c
-        .image_status(req)
-        .await
-        .map_err(|e| anyhow::anyhow!("ImageStatus: {e:?}"))?
-        .into_inner();
-    Ok(status
-        .image
-        .map(|i| i.repo_tags.get(1).cloned().unwrap_or_default()))
+    let status = c.image_status(req).await.map_err(|e| anyhow::anyhow!("ImageStatus: {e:?}"))?.into_inner();
+    Ok(status.image.map(|i| i.repo_tags.get(1).cloned().unwrap_or_default()))
 }
 
 /// The peak resident set size of process `pid`, in KiB (`VmHWM`).
@@ -226,25 +194,14 @@ pub fn wasm_tools() -> Result<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .context("no CARGO_HOME or HOME")?;
     let p = home.join("bin/wasm-tools");
-    ensure!(
-        p.is_file(),
-        "wasm-tools not found (run `make setup`, or set WASM_TOOLS)"
-    );
+    ensure!(p.is_file(), "wasm-tools not found (run `make setup`, or set WASM_TOOLS)");
     Ok(p)
 }
 
 /// Runs `wasm-tools ARGS`, which must succeed; returns stdout.
 pub fn run_wasm_tools(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
-    let out = Command::new(wasm_tools()?)
-        .args(args)
-        .output()
-        .context("cannot run wasm-tools")?;
-    ensure!(
-        out.status.success(),
-        "wasm-tools {:?} failed: {}",
-        args,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(wasm_tools()?).args(args).output().context("cannot run wasm-tools")?;
+    ensure!(out.status.success(), "wasm-tools {:?} failed: {}", args, String::from_utf8_lossy(&out.stderr));
     Ok(out.stdout)
 }
 
@@ -272,29 +229,14 @@ pub fn build_component(
     ])?;
     std::fs::write(&core_wat, edit(String::from_utf8(wat)?))?;
     // The text keeps the world's custom section (`@custom "component-type"`).
-    run_wasm_tools(&[
-        "parse".as_ref(),
-        core_wat.as_os_str(),
-        "-o".as_ref(),
-        core.as_os_str(),
-    ])?;
-    run_wasm_tools(&[
-        "component".as_ref(),
-        "new".as_ref(),
-        core.as_os_str(),
-        "-o".as_ref(),
-        component.as_os_str(),
-    ])?;
+    run_wasm_tools(&["parse".as_ref(), core_wat.as_os_str(), "-o".as_ref(), core.as_os_str()])?;
+    run_wasm_tools(&["component".as_ref(), "new".as_ref(), core.as_os_str(), "-o".as_ref(), component.as_os_str()])?;
     Ok(component)
 }
 
 /// A copy of the workspace's `wit/` in `dir`, with `edit` applied to each file's text and
 /// the files of `extra` (name, text) added.
-pub fn wit_copy(
-    dir: &Path,
-    edit: impl Fn(&str, String) -> String,
-    extra: &[(&str, &str)],
-) -> Result<PathBuf> {
+pub fn wit_copy(dir: &Path, edit: impl Fn(&str, String) -> String, extra: &[(&str, &str)]) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     for entry in std::fs::read_dir(Pullbox::workspace().join("wit"))? {
         let entry = entry?;

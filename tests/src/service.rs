@@ -86,33 +86,18 @@ impl Service {
     /// Starts `spec.command` under the supervisor. It does not wait for the program to
     /// answer: see [`Service::ready`].
     pub fn start(spec: Spec<'_>) -> Result<Service> {
-        let Spec {
-            name,
-            command,
-            dir,
-            log,
-            cleanup,
-            stop_timeout,
-        } = spec;
+        let Spec { name, command, dir, log, cleanup, stop_timeout } = spec;
         let log_path = dir.join(log);
         let log = fs::File::create(&log_path)?;
         let mut sh = Command::new("/bin/sh");
-        sh.arg("-c")
-            .arg(supervisor(cleanup))
-            .arg(&dir)
-            .arg(command.get_program())
-            .args(command.get_args());
+        sh.arg("-c").arg(supervisor(cleanup)).arg(&dir).arg(command.get_program()).args(command.get_args());
         for (key, value) in command.get_envs() {
             match value {
                 Some(value) => sh.env(key, value),
                 None => sh.env_remove(key),
             };
         }
-        let spawned = sh
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn();
+        let spawned = sh.stdin(Stdio::piped()).stdout(log.try_clone()?).stderr(log).spawn();
         let mut supervisor = match spawned {
             Ok(child) => child,
             Err(e) => {
@@ -122,43 +107,23 @@ impl Service {
         };
         let stdin = supervisor.stdin.take();
         // From here on, dropping the service stops everything and cleans up.
-        Ok(Service {
-            name: name.to_owned(),
-            dir,
-            log: log_path,
-            stop_timeout,
-            supervisor,
-            stdin,
-        })
+        Ok(Service { name: name.to_owned(), dir, log: log_path, stop_timeout, supervisor, stdin })
     }
 
     /// Waits until `probe` returns true, trying every 50 ms for at most `timeout`. Fails
     /// (and stops the service) with the log when the program exits first or the time runs
     /// out; `addr` says where it should answer, for those messages.
-    pub fn ready(
-        mut self,
-        addr: &str,
-        timeout: Duration,
-        mut probe: impl FnMut() -> bool,
-    ) -> Result<Service> {
+    pub fn ready(mut self, addr: &str, timeout: Duration, mut probe: impl FnMut() -> bool) -> Result<Service> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.supervisor.try_wait()? {
-                bail!(
-                    "{} exited ({status}) before answering on {addr}:\n{}",
-                    self.name,
-                    self.log()
-                );
+                bail!("{} exited ({status}) before answering on {addr}:\n{}", self.name, self.log());
             }
             if probe() {
                 return Ok(self);
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "{} did not answer on {addr} within {timeout:?}:\n{}",
-                    self.name,
-                    self.log()
-                );
+                bail!("{} did not answer on {addr} within {timeout:?}:\n{}", self.name, self.log());
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -179,10 +144,7 @@ impl Drop for Service {
     fn drop(&mut self) {
         // Closing the pipe tells the supervisor to stop the program and clean up.
         drop(self.stdin.take());
-        if !matches!(
-            wait_until(&mut self.supervisor, Instant::now() + self.stop_timeout),
-            Ok(Some(_))
-        ) {
+        if !matches!(wait_until(&mut self.supervisor, Instant::now() + self.stop_timeout), Ok(Some(_))) {
             let _ = self.supervisor.kill();
             let _ = self.supervisor.wait();
         }

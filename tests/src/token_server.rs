@@ -174,7 +174,9 @@ async fn serve(mut conn: TcpStream, s: &State) -> std::io::Result<()> {
             let body = serde_json::json!({"token": token, "expires_in": LIFETIME_SECS}).to_string();
             ("200 OK", body)
         }
-        ("/token", None) => ("401 Unauthorized", r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#.to_owned()),
+        ("/token", None) => {
+            ("401 Unauthorized", r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#.to_owned())
+        }
         _ => ("404 Not Found", String::new()),
     };
     let answer = format!(
@@ -210,7 +212,8 @@ fn sign(s: &State, user: &str, scopes: &[String]) -> String {
         "jti": jti,
         "access": access,
     });
-    let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+    let input =
+        format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
     let sig = s.key.sign(&SystemRandom::new(), input.as_bytes()).expect("ECDSA signing");
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
 }

@@ -52,8 +52,7 @@ pub type Tree = BTreeMap<PathBuf, Node>;
 /// Scans `root` recursively without following symlinks.
 pub fn scan(root: &Path) -> Result<Tree> {
     let mut tree = Tree::new();
-    scan_into(root, Path::new(""), &mut tree)
-        .with_context(|| format!("scanning {}", root.display()))?;
+    scan_into(root, Path::new(""), &mut tree).with_context(|| format!("scanning {}", root.display()))?;
     Ok(tree)
 }
 
@@ -68,26 +67,13 @@ fn scan_into(root: &Path, rel: &Path, tree: &mut Tree) -> Result<()> {
         let node = if ft.is_dir() {
             Node::Dir { mode, uid, gid }
         } else if ft.is_file() {
-            Node::File {
-                mode,
-                uid,
-                gid,
-                size: meta.len(),
-                digest: file_digest(&path)?,
-            }
+            Node::File { mode, uid, gid, size: meta.len(), digest: file_digest(&path)? }
         } else if ft.is_symlink() {
-            Node::Symlink {
-                target: fs::read_link(&path)?,
-                uid,
-                gid,
-            }
+            Node::Symlink { target: fs::read_link(&path)?, uid, gid }
         } else if ft.is_char_device() && meta.rdev() == 0 {
             Node::Whiteout
         } else {
-            Node::Special {
-                mode: meta.mode() & 0o170000,
-                rdev: meta.rdev(),
-            }
+            Node::Special { mode: meta.mode() & 0o170000, rdev: meta.rdev() }
         };
         let is_dir = ft.is_dir();
         tree.insert(rel.clone(), node);
@@ -147,10 +133,9 @@ pub fn diff(expected: &Tree, actual: &Tree) -> Vec<String> {
     for (path, node) in expected {
         match actual.get(path) {
             None => lines.push(format!("missing: {} ({node:?})", path.display())),
-            Some(other) if other != node => lines.push(format!(
-                "differs: {}: expected {node:?}, found {other:?}",
-                path.display()
-            )),
+            Some(other) if other != node => {
+                lines.push(format!("differs: {}: expected {node:?}, found {other:?}", path.display()))
+            }
             Some(_) => {}
         }
     }
@@ -167,20 +152,10 @@ mod tests {
     use super::*;
 
     fn file(digest: &str) -> Node {
-        Node::File {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 1,
-            digest: digest.into(),
-        }
+        Node::File { mode: 0o644, uid: 0, gid: 0, size: 1, digest: digest.into() }
     }
     fn dir() -> Node {
-        Node::Dir {
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-        }
+        Node::Dir { mode: 0o755, uid: 0, gid: 0 }
     }
 
     #[test]
@@ -201,12 +176,8 @@ mod tests {
         ]
         .into();
         let merged = merge_layers(&[lower, upper]);
-        let expected: Tree = [
-            ("etc".into(), dir()),
-            ("etc/a".into(), file("a2")),
-            ("d".into(), file("now a file")),
-        ]
-        .into();
+        let expected: Tree =
+            [("etc".into(), dir()), ("etc/a".into(), file("a2")), ("d".into(), file("now a file"))].into();
         assert_eq!(diff(&expected, &merged), Vec::<String>::new());
     }
 }

@@ -35,17 +35,11 @@ fn containerd() -> &'static Containerd {
 }
 
 fn config(namespace: &str) -> Config {
-    Config {
-        address: containerd().socket().to_owned(),
-        namespace: namespace.to_owned(),
-        ..Config::default()
-    }
+    Config { address: containerd().socket().to_owned(), namespace: namespace.to_owned(), ..Config::default() }
 }
 
 async fn backend(namespace: &str) -> Backend {
-    connect(&config(namespace))
-        .await
-        .expect("connecting to containerd")
+    connect(&config(namespace)).await.expect("connecting to containerd")
 }
 
 /// The image service over the containerd backend in `namespace`, with the default puller.
@@ -53,11 +47,7 @@ async fn service(namespace: &str) -> ImageService {
     let puller_path = Pullbox::puller("pullbox-puller.wasm").unwrap();
     let runtime = Runtime::new(None, Default::default()).unwrap();
     let puller = runtime.load(&puller_path, String::new()).await.unwrap();
-    ImageService::new(
-        backend(namespace).await,
-        Arc::new(Client::new().unwrap()),
-        puller,
-    )
+    ImageService::new(backend(namespace).await, Arc::new(Client::new().unwrap()), puller)
 }
 
 fn descriptor(media_type: &str, data: &[u8]) -> Descriptor {
@@ -92,10 +82,7 @@ async fn write_blob(b: &Backend, desc: &Descriptor, data: &[u8], lease: &LeaseId
         w.write(c).await.unwrap();
     }
     let info = w.commit().await.unwrap();
-    assert_eq!(
-        (info.digest.clone(), info.size),
-        (desc.digest.clone(), data.len() as u64)
-    );
+    assert_eq!((info.digest.clone(), info.size), (desc.digest.clone(), data.len() as u64));
 }
 
 /// The labels `ctr content ls` shows on blob `digest` in `namespace`.
@@ -124,11 +111,7 @@ fn content_labels(ctd: &Containerd, namespace: &str, digest: &str) -> BTreeMap<S
 
 /// The `containerd.io/gc.ref.*` labels among `labels`.
 fn gc_refs(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    labels
-        .iter()
-        .filter(|(k, _)| k.starts_with("containerd.io/gc.ref."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+    labels.iter().filter(|(k, _)| k.starts_with("containerd.io/gc.ref.")).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// The `ctr images ls` row of `name` in `namespace`, split on whitespace.
@@ -150,13 +133,7 @@ async fn pulled_image_runs_and_matches_ctr_pull() {
     let svc = service(ns).await;
     let reference = f.app.reference.clone();
     let info = svc
-        .pull(
-            &reference,
-            Platform::host(),
-            Arc::new(NoProgress),
-            Credentials::default(),
-            CancellationToken::new(),
-        )
+        .pull(&reference, Platform::host(), Arc::new(NoProgress), Credentials::default(), CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("pull failed: {e}\ncontainerd log:\n{}", ctd.log()));
     assert_eq!(info.id, f.app.config_digest);
@@ -171,60 +148,26 @@ async fn pulled_image_runs_and_matches_ctr_pull() {
         assert!(names.contains(name), "{name} not among {names:?}");
     }
     let row = image_row(ctd, ns, &reference);
-    assert!(
-        row.iter()
-            .any(|c| c.contains("io.cri-containerd.image=managed")),
-        "{row:?}"
-    );
+    assert!(row.iter().any(|c| c.contains("io.cri-containerd.image=managed")), "{row:?}");
     let leases = ctd.list(ns, "leases").unwrap();
-    assert!(
-        !leases.iter().any(|l| l.starts_with("pullbox-")),
-        "a pullbox lease is left: {leases:?}"
-    );
+    assert!(!leases.iter().any(|l| l.starts_with("pullbox-")), "a pullbox lease is left: {leases:?}");
 
     // containerd runs it.
-    let run = ctd
-        .ctr(&[
-            "run",
-            "--rm",
-            &reference,
-            "pullbox-run-app",
-            "/bin/sh",
-            "-c",
-            "echo hello",
-        ])
-        .unwrap();
+    let run = ctd.ctr(&["run", "--rm", &reference, "pullbox-run-app", "/bin/sh", "-c", "echo hello"]).unwrap();
     run.assert_success();
     assert_eq!(run.stdout.trim(), "hello", "{run}");
     let file = format!("/{}", app::LAYER3_FILE);
-    let run = ctd
-        .ctr(&[
-            "run",
-            "--rm",
-            &reference,
-            "pullbox-run-app-2",
-            "/bin/busybox",
-            "cat",
-            &file,
-        ])
-        .unwrap();
+    let run = ctd.ctr(&["run", "--rm", &reference, "pullbox-run-app-2", "/bin/busybox", "cat", &file]).unwrap();
     run.assert_success();
     assert_eq!(run.stdout, app::LAYER3_CONTENT, "{run}");
 
     // `ctr images pull` of the same reference, in another namespace: same manifest, config
     // and top snapshot, and the same garbage-collection references.
     let other = "ctr-reference";
-    ctd.ctr_ok(other, &["images", "pull", "--plain-http", &reference])
-        .unwrap();
-    assert_eq!(
-        image_row(ctd, other, &reference)[2],
-        image_row(ctd, ns, &reference)[2]
-    );
+    ctd.ctr_ok(other, &["images", "pull", "--plain-http", &reference]).unwrap();
+    assert_eq!(image_row(ctd, other, &reference)[2], image_row(ctd, ns, &reference)[2]);
     assert_eq!(image_row(ctd, ns, &reference)[2], f.app.manifest_digest);
-    let manifest = |namespace| {
-        ctd.ctr_ok(namespace, &["content", "get", &f.app.manifest_digest])
-            .unwrap()
-    };
+    let manifest = |namespace| ctd.ctr_ok(namespace, &["content", "get", &f.app.manifest_digest]).unwrap();
     assert_eq!(manifest(ns), manifest(other));
     let parsed: serde_json::Value = serde_json::from_str(&manifest(other)).unwrap();
     assert_eq!(parsed["config"]["digest"], info.id.as_str());
@@ -232,9 +175,7 @@ async fn pulled_image_runs_and_matches_ctr_pull() {
     for namespace in [ns, other] {
         let snapshots = ctd.ctr_ok(namespace, &["snapshots", "ls"]).unwrap();
         assert!(
-            snapshots
-                .lines()
-                .any(|l| l.starts_with(&chain) && l.trim_end().ends_with("Committed")),
+            snapshots.lines().any(|l| l.starts_with(&chain) && l.trim_end().ends_with("Committed")),
             "{chain} is not committed in {namespace}:\n{snapshots}"
         );
     }
@@ -246,17 +187,12 @@ async fn pulled_image_runs_and_matches_ctr_pull() {
         );
     }
     assert_eq!(
-        content_labels(ctd, ns, &f.app.config_digest)
-            .get("containerd.io/gc.ref.snapshot.overlayfs"),
+        content_labels(ctd, ns, &f.app.config_digest).get("containerd.io/gc.ref.snapshot.overlayfs"),
         Some(&chain)
     );
 
     // Status through the service reads it back from containerd.
-    let status = svc
-        .status(&reference)
-        .await
-        .unwrap()
-        .expect("image is READY");
+    let status = svc.status(&reference).await.unwrap().expect("image is READY");
     assert_eq!(status.id, info.id);
 }
 
@@ -288,9 +224,7 @@ async fn removed_image_is_collected_by_containerd() {
     let snapshots = ctd.list(ns, "snapshots").unwrap();
     assert_eq!(snapshots.len(), app::LAYERS, "{snapshots:?}");
     let layer_file = |digest: &str| {
-        ctd.root()
-            .join("io.containerd.content.v1.content/blobs/sha256")
-            .join(digest.trim_start_matches("sha256:"))
+        ctd.root().join("io.containerd.content.v1.content/blobs/sha256").join(digest.trim_start_matches("sha256:"))
     };
     for layer in &image.layers {
         assert!(layer_file(&layer.digest).is_file());
@@ -300,22 +234,12 @@ async fn removed_image_is_collected_by_containerd() {
     assert_eq!(removed, 3, "image ID, repo tag and repo digest");
     assert!(ctd.list(ns, "images").unwrap().is_empty());
     let content = ctd.list(ns, "content").unwrap();
-    assert!(
-        content.is_empty(),
-        "content left after removal: {content:?}"
-    );
+    assert!(content.is_empty(), "content left after removal: {content:?}");
     let snapshots = ctd.list(ns, "snapshots").unwrap();
-    assert!(
-        snapshots.is_empty(),
-        "snapshots left after removal: {snapshots:?}"
-    );
+    assert!(snapshots.is_empty(), "snapshots left after removal: {snapshots:?}");
     // Only this namespace held the zstd layers: their files are gone from disk too.
     for layer in &image.layers {
-        assert!(
-            !layer_file(&layer.digest).exists(),
-            "{} is still on disk",
-            layer.digest
-        );
+        assert!(!layer_file(&layer.digest).exists(), "{} is still on disk", layer.digest);
     }
     assert_eq!(report.blobs, image.blobs().len() as u64, "{report:?}");
     assert_eq!(report.snapshots, app::LAYERS as u64, "{report:?}");
@@ -337,49 +261,20 @@ async fn content_store_contract() {
     let data = noise(9 * 1024 * 1024 + 4321, 1);
     let desc = descriptor("application/octet-stream", &data);
     write_blob(&b, &desc, &data, &lease, 65_519).await;
-    assert_eq!(
-        b.content.info(&desc.digest).await.unwrap().size,
-        data.len() as u64
-    );
-    assert_eq!(
-        b.content.read(&desc.digest, 7, 5).await.unwrap(),
-        &data[7..12]
-    );
-    let tail = b
-        .content
-        .read(&desc.digest, data.len() as u64 - 3, 1000)
-        .await
-        .unwrap();
+    assert_eq!(b.content.info(&desc.digest).await.unwrap().size, data.len() as u64);
+    assert_eq!(b.content.read(&desc.digest, 7, 5).await.unwrap(), &data[7..12]);
+    let tail = b.content.read(&desc.digest, data.len() as u64 - 3, 1000).await.unwrap();
     assert_eq!(tail, &data[data.len() - 3..]);
     assert!(
-        matches!(
-            b.content.read(&desc.digest, 1 << 40, 10).await,
-            Err(pullbox::error::Error::InvalidArgument(_))
-        ),
+        matches!(b.content.read(&desc.digest, 1 << 40, 10).await, Err(pullbox::error::Error::InvalidArgument(_))),
         "a read past the end is refused, as on the embedded store"
     );
-    assert_eq!(
-        b.content.read(&desc.digest, data.len() as u64, 10).await.unwrap(),
-        Vec::<u8>::new()
-    );
-    assert_eq!(
-        b.content.read(&desc.digest, 0, 0).await.unwrap(),
-        Vec::<u8>::new()
-    );
-    let big = b
-        .content
-        .read(&desc.digest, 100, 3 * 1024 * 1024)
-        .await
-        .unwrap();
+    assert_eq!(b.content.read(&desc.digest, data.len() as u64, 10).await.unwrap(), Vec::<u8>::new());
+    assert_eq!(b.content.read(&desc.digest, 0, 0).await.unwrap(), Vec::<u8>::new());
+    let big = b.content.read(&desc.digest, 100, 3 * 1024 * 1024).await.unwrap();
     assert_eq!(big, &data[100..100 + 3 * 1024 * 1024]);
     let mut all = Vec::new();
-    b.content
-        .open(&desc.digest)
-        .await
-        .unwrap()
-        .read_to_end(&mut all)
-        .await
-        .unwrap();
+    b.content.open(&desc.digest).await.unwrap().read_to_end(&mut all).await.unwrap();
     assert!(all == data, "streamed read differs");
 
     // Writing it again: already there (and the second lease holds it).
@@ -394,17 +289,11 @@ async fn content_store_contract() {
     w.write(&data[..2 * 1024 * 1024 + 5]).await.unwrap();
     drop(w);
     let active = ctd.ctr_ok(ns, &["content", "active"]).unwrap();
-    assert!(
-        active.contains(&format!("layer-{}", desc.digest)),
-        "{active}"
-    );
+    assert!(active.contains(&format!("layer-{}", desc.digest)), "{active}");
     // containerd unlocks the ingest when it sees the stream end; until then the writer waits.
     let mut w = b.content.writer(&desc, &lease).await.unwrap();
     let offset = w.offset() as usize;
-    assert!(
-        offset > 0 && offset <= 2 * 1024 * 1024 + 5,
-        "resumed at {offset}"
-    );
+    assert!(offset > 0 && offset <= 2 * 1024 * 1024 + 5, "resumed at {offset}");
     w.write(&data[offset..]).await.unwrap();
     assert_eq!(w.commit().await.unwrap().digest, desc.digest);
 
@@ -427,17 +316,11 @@ async fn content_store_contract() {
     w.write(&wrong).await.unwrap();
     let err = w.commit().await.err().unwrap();
     assert!(matches!(&err, Error::Mismatch { .. }), "{err}");
-    assert!(matches!(
-        b.content.info(&desc.digest).await,
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
     let mut w = b.content.writer(&desc, &lease).await.unwrap();
     assert_eq!(w.offset(), 0, "the mismatched ingest was resumed");
     w.write(&data[..1000]).await.unwrap();
-    assert!(
-        matches!(w.commit().await, Err(Error::Mismatch { .. })),
-        "too short"
-    );
+    assert!(matches!(w.commit().await, Err(Error::Mismatch { .. })), "too short");
     let mut w = b.content.writer(&desc, &lease).await.unwrap();
     assert_eq!(w.offset(), 0);
     w.write(&data[..299_000]).await.unwrap();
@@ -448,70 +331,34 @@ async fn content_store_contract() {
     w.commit().await.unwrap();
 
     // Labels; an empty value removes one.
-    let labels = [
-        ("a".to_owned(), "1".to_owned()),
-        ("b".to_owned(), "2".to_owned()),
-    ]
-    .into();
-    assert_eq!(
-        b.content
-            .set_labels(&desc.digest, &labels)
-            .await
-            .unwrap()
-            .labels,
-        labels
-    );
-    let info = b
-        .content
-        .set_labels(&desc.digest, &[("a".to_owned(), String::new())].into())
-        .await
-        .unwrap();
+    let labels = [("a".to_owned(), "1".to_owned()), ("b".to_owned(), "2".to_owned())].into();
+    assert_eq!(b.content.set_labels(&desc.digest, &labels).await.unwrap().labels, labels);
+    let info = b.content.set_labels(&desc.digest, &[("a".to_owned(), String::new())].into()).await.unwrap();
     assert_eq!(info.labels, [("b".to_owned(), "2".to_owned())].into());
     assert_eq!(b.content.info(&desc.digest).await.unwrap(), info);
 
     // Delete.
     b.content.delete(&desc.digest).await.unwrap();
-    assert!(matches!(
-        b.content.info(&desc.digest).await,
-        Err(Error::NotFound(_))
-    ));
-    assert!(matches!(
-        b.content.delete(&desc.digest).await,
-        Err(Error::NotFound(_))
-    ));
-    assert!(matches!(
-        b.content.read(&desc.digest, 0, 10).await,
-        Err(Error::NotFound(_))
-    ));
-    assert!(matches!(
-        b.content.set_labels(&desc.digest, &labels).await,
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.content.delete(&desc.digest).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.content.read(&desc.digest, 0, 10).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.content.set_labels(&desc.digest, &labels).await, Err(Error::NotFound(_))));
 
     b.leases.delete(&lease).await.unwrap();
     b.leases.delete(&lease2).await.unwrap();
 
     // The writer that found a blob committed holds it under its own lease: the blob outlives
     // the lease it was written under, until that one goes too.
-    let (first, second) = (
-        b.leases.create().await.unwrap(),
-        b.leases.create().await.unwrap(),
-    );
+    let (first, second) = (b.leases.create().await.unwrap(), b.leases.create().await.unwrap());
     let data = noise(1000, 7);
     let desc = descriptor("application/octet-stream", &data);
     write_blob(&b, &desc, &data, &first, 100).await;
     let err = b.content.writer(&desc, &second).await.err().unwrap();
     assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
     b.leases.delete(&first).await.unwrap();
-    assert!(
-        b.content.info(&desc.digest).await.is_ok(),
-        "the second lease does not hold the blob"
-    );
+    assert!(b.content.info(&desc.digest).await.is_ok(), "the second lease does not hold the blob");
     b.leases.delete(&second).await.unwrap();
-    assert!(matches!(
-        b.content.info(&desc.digest).await,
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
 }
 
 /// A second writer of a blob waits for the first, then finds the blob committed.
@@ -570,22 +417,13 @@ async fn snapshots_and_differ_contract() {
 
     let mounts = s.prepare("extract-1", "", &lease).await.unwrap();
     assert_eq!(s.mounts("extract-1").await.unwrap(), mounts);
-    assert_eq!(
-        s.stat("extract-1").await.unwrap().kind,
-        SnapshotKind::Active
-    );
-    assert!(matches!(
-        s.prepare("extract-1", "", &lease).await,
-        Err(Error::AlreadyExists(_))
-    ));
+    assert_eq!(s.stat("extract-1").await.unwrap().kind, SnapshotKind::Active);
+    assert!(matches!(s.prepare("extract-1", "", &lease).await, Err(Error::AlreadyExists(_))));
     assert_eq!(b.differ.apply(&desc, &mounts).await.unwrap(), diff_id);
     s.commit("base", "extract-1", &lease).await.unwrap();
     assert!(matches!(s.stat("extract-1").await, Err(Error::NotFound(_))));
     let info = s.stat("base").await.unwrap();
-    assert_eq!(
-        (info.name.as_str(), info.parent.as_str(), info.kind),
-        ("base", "", SnapshotKind::Committed)
-    );
+    assert_eq!((info.name.as_str(), info.parent.as_str(), info.kind), ("base", "", SnapshotKind::Committed));
     let err = s.mounts("base").await.err().unwrap();
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
     let usage = s.usage("base").await.unwrap();
@@ -602,15 +440,9 @@ async fn snapshots_and_differ_contract() {
     let view = s.view("v-top", "top", &lease).await.unwrap();
     assert!(!view.is_empty());
     assert_eq!(s.stat("v-top").await.unwrap().kind, SnapshotKind::View);
-    assert!(matches!(
-        s.prepare("x", "nope", &lease).await,
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(s.prepare("x", "nope", &lease).await, Err(Error::NotFound(_))));
     let err = s.remove("base").await.err().unwrap();
-    assert!(
-        matches!(err, Error::FailedPrecondition(_)),
-        "a snapshot with children: {err}"
-    );
+    assert!(matches!(err, Error::FailedPrecondition(_)), "a snapshot with children: {err}");
     for key in ["v-top", "top", "base"] {
         s.remove(key).await.unwrap();
     }
@@ -623,10 +455,7 @@ async fn snapshots_and_differ_contract() {
     write_blob(&b, &bad_desc, &bad, &lease, 100).await;
     let mounts = s.prepare("extract-bad", "", &lease).await.unwrap();
     let err = b.differ.apply(&bad_desc, &mounts).await.err().unwrap();
-    assert!(
-        matches!(&err, Error::BadLayer { layer, .. } if *layer == bad_desc.digest.to_string()),
-        "{err:?}"
-    );
+    assert!(matches!(&err, Error::BadLayer { layer, .. } if *layer == bad_desc.digest.to_string()), "{err:?}");
     assert_eq!(err.code(), Code::FailedPrecondition);
     s.remove("extract-bad").await.unwrap();
     // A layer that is not in the content store.
@@ -656,67 +485,31 @@ async fn image_store_contract() {
         created_at: 0,
         updated_at: 0,
     };
-    let created = b
-        .images
-        .create(record("example.com/b:1", &target))
-        .await
-        .unwrap();
+    let created = b.images.create(record("example.com/b:1", &target)).await.unwrap();
     assert!(created.created_at > 0 && created.updated_at >= created.created_at);
     assert_eq!(created.target, target);
-    let err = b
-        .images
-        .create(record("example.com/b:1", &target))
-        .await
-        .err()
-        .unwrap();
+    let err = b.images.create(record("example.com/b:1", &target)).await.err().unwrap();
     assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
-    b.images
-        .create(record("example.com/a:1", &target))
-        .await
-        .unwrap();
+    b.images.create(record("example.com/a:1", &target)).await.unwrap();
     assert_eq!(b.images.get("example.com/b:1").await.unwrap(), created);
-    let names: Vec<_> = b
-        .images
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| i.name)
-        .collect();
+    let names: Vec<_> = b.images.list().await.unwrap().into_iter().map(|i| i.name).collect();
     assert_eq!(names, ["example.com/a:1", "example.com/b:1"]);
 
-    let other = descriptor(
-        "application/vnd.oci.image.manifest.v1+json",
-        br#"{"schemaVersion":2,"x":1}"#,
-    );
+    let other = descriptor("application/vnd.oci.image.manifest.v1+json", br#"{"schemaVersion":2,"x":1}"#);
     let mut changed = record("example.com/b:1", &other);
     changed.labels.insert("k".into(), "v".into());
     let updated = b.images.update(changed.clone()).await.unwrap();
     assert_eq!(updated.created_at, created.created_at);
     assert!(updated.updated_at >= created.updated_at);
-    assert_eq!(
-        (updated.target.clone(), updated.labels.clone()),
-        (other, changed.labels)
-    );
-    let err = b
-        .images
-        .update(record("example.com/nope:1", &target))
-        .await
-        .err()
-        .unwrap();
+    assert_eq!((updated.target.clone(), updated.labels.clone()), (other, changed.labels));
+    let err = b.images.update(record("example.com/nope:1", &target)).await.err().unwrap();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
 
     for name in ["example.com/a:1", "example.com/b:1"] {
         b.images.delete(name).await.unwrap();
     }
-    assert!(matches!(
-        b.images.get("example.com/b:1").await,
-        Err(Error::NotFound(_))
-    ));
-    assert!(matches!(
-        b.images.delete("example.com/b:1").await,
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(b.images.get("example.com/b:1").await, Err(Error::NotFound(_))));
+    assert!(matches!(b.images.delete("example.com/b:1").await, Err(Error::NotFound(_))));
     b.leases.delete(&lease).await.unwrap();
 }
 
@@ -730,35 +523,20 @@ async fn leases_hold_and_release_and_dead_owners_are_collected() {
     // A lease carries an expiry and its owner.
     let lease = b.leases.create().await.unwrap();
     let out = ctd.ctr_ok(ns, &["leases", "ls"]).unwrap();
-    let line = out
-        .lines()
-        .find(|l| l.starts_with(&lease.0))
-        .unwrap_or_else(|| panic!("{out}"));
+    let line = out.lines().find(|l| l.starts_with(&lease.0)).unwrap_or_else(|| panic!("{out}"));
     assert!(line.contains("containerd.io/gc.expire="), "{line}");
     assert!(line.contains("pullbox.io/owner="), "{line}");
-    assert!(
-        line.contains(&format!("/{}/", std::process::id())),
-        "{line}"
-    );
+    assert!(line.contains(&format!("/{}/", std::process::id())), "{line}");
 
     // What only a lease holds goes when it is deleted (synchronously).
     let data = noise(10_000, 5);
     let desc = descriptor("application/octet-stream", &data);
     write_blob(&b, &desc, &data, &lease, 4096).await;
     b.leases.collect().await.unwrap();
-    assert!(
-        b.content.info(&desc.digest).await.is_ok(),
-        "collected under a live lease"
-    );
+    assert!(b.content.info(&desc.digest).await.is_ok(), "collected under a live lease");
     b.leases.delete(&lease).await.unwrap();
-    assert!(matches!(
-        b.content.info(&desc.digest).await,
-        Err(Error::NotFound(_))
-    ));
-    assert!(matches!(
-        b.leases.delete(&lease).await,
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.leases.delete(&lease).await, Err(Error::NotFound(_))));
 
     // A blob and a snapshot another lease holds (as a pull holds what it found stored)
     // outlive the lease that wrote them, and go with the holder.
@@ -786,11 +564,9 @@ async fn leases_hold_and_release_and_dead_owners_are_collected() {
     let dead_pid = child.id();
     child.wait().unwrap();
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
-    let pid_ns =
-        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/self/ns/pid").unwrap());
+    let pid_ns = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/self/ns/pid").unwrap());
     let owner = format!("pullbox.io/owner={}/{pid_ns}/{dead_pid}/1", boot.trim());
-    ctd.ctr_ok(ns, &["leases", "create", "--id", "pullbox-dead", &owner])
-        .unwrap();
+    ctd.ctr_ok(ns, &["leases", "create", "--id", "pullbox-dead", &owner]).unwrap();
     let live = b.leases.create().await.unwrap();
     let data = noise(20_000, 6);
     let desc = descriptor("application/octet-stream", &data);
@@ -801,10 +577,7 @@ async fn leases_hold_and_release_and_dead_owners_are_collected() {
     let leases = ctd.list(ns, "leases").unwrap();
     assert!(!leases.contains(&"pullbox-dead".to_owned()), "{leases:?}");
     assert!(leases.contains(&live.0), "{leases:?}");
-    assert!(matches!(
-        b.content.info(&desc.digest).await,
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(b.content.info(&desc.digest).await, Err(Error::NotFound(_))));
     b.leases.delete(&live).await.unwrap();
 }
 
@@ -816,10 +589,7 @@ async fn connect_reports_misconfiguration() {
     c.address = "/nonexistent/containerd.sock".into();
     let err = connect(&c).await.err().unwrap();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
-    assert!(
-        err.to_string().contains("/nonexistent/containerd.sock"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("/nonexistent/containerd.sock"), "{err}");
 
     let mut c = config("default");
     c.snapshotter = "no-such-snapshotter".into();
@@ -855,9 +625,15 @@ async fn head_and_labels(proxy: &pullbox_tests::proxy::FaultProxy) {
     let pull = |reference: String| {
         let svc = &svc;
         async move {
-            svc.pull(&reference, Platform::host(), Arc::new(NoProgress), Credentials::default(), CancellationToken::new())
-                .await
-                .unwrap_or_else(|e| panic!("pull failed: {e}\ncontainerd log:\n{}", ctd.log()))
+            svc.pull(
+                &reference,
+                Platform::host(),
+                Arc::new(NoProgress),
+                Credentials::default(),
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("pull failed: {e}\ncontainerd log:\n{}", ctd.log()))
         }
     };
     assert_eq!(pull(reference.clone()).await.id, f.app.config_digest);
@@ -871,8 +647,10 @@ async fn head_and_labels(proxy: &pullbox_tests::proxy::FaultProxy) {
     assert_eq!(again, vec!["HEAD /v2/team/app/manifests/1.0".to_owned()]);
 
     let key = format!("containerd.io/distribution.source.{}", proxy.addr());
-    let blobs: Vec<&String> =
-        [&f.app.manifest_digest, &f.app.config_digest].into_iter().chain(f.app.layers.iter().map(|l| &l.digest)).collect();
+    let blobs: Vec<&String> = [&f.app.manifest_digest, &f.app.config_digest]
+        .into_iter()
+        .chain(f.app.layers.iter().map(|l| &l.digest))
+        .collect();
     for digest in &blobs {
         let labels = content_labels(ctd, ns, digest);
         assert_eq!(labels.get(&key).map(String::as_str), Some("team/app"), "labels of {digest}: {labels:?}");
@@ -895,6 +673,7 @@ async fn head_and_labels(proxy: &pullbox_tests::proxy::FaultProxy) {
 /// Links blob `digest` of repository `from` into `to` (a cross-repository mount).
 fn mount_blob(addr: &str, from: &str, to: &str, digest: &str) {
     let path = format!("/v2/{to}/blobs/uploads/?mount={digest}&from={from}");
-    let (status, response) = pullbox_tests::registry::send(addr, "POST", &path, "application/octet-stream", b"").unwrap();
+    let (status, response) =
+        pullbox_tests::registry::send(addr, "POST", &path, "application/octet-stream", b"").unwrap();
     assert_eq!(status, 201, "mount {digest} into {to}: {response}");
 }

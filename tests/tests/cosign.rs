@@ -30,8 +30,7 @@ fn setup(name: &str, key: &TestKey) -> (RemoteImage, SettingsFile) {
     let f = fixture();
     let addr = f.registry.addr();
     let img = private_copy(addr, &f.app.reference, &format!("signed/{name}:1.0")).unwrap();
-    let settings =
-        cosign::settings(&[("release", key)], "signed", &format!("{addr}/signed/**")).unwrap();
+    let settings = cosign::settings(&[("release", key)], "signed", &format!("{addr}/signed/**")).unwrap();
     (img, SettingsFile::new(settings))
 }
 
@@ -64,10 +63,7 @@ fn allowed(settings: &SettingsFile, reference: &str, id: &str) {
     let out = pull_with(&pb, settings, &args, reference);
     out.assert_success();
     assert_eq!(out.last_line(), Some(id), "{out}");
-    assert!(
-        out.stderr.contains("signed by key release"),
-        "the accepting key is logged:\n{out}"
-    );
+    assert!(out.stderr.contains("signed by key release"), "the accepting key is logged:\n{out}");
 }
 
 #[test]
@@ -79,10 +75,7 @@ fn a_signed_image_is_pulled_by_tag_and_by_digest() {
         &f.registry,
         &path(&img),
         &img.manifest_digest,
-        &[Layer::signed(
-            &key,
-            payload(&img.repo, &img.manifest_digest),
-        )],
+        &[Layer::signed(&key, payload(&img.repo, &img.manifest_digest))],
     )
     .unwrap();
     allowed(&settings, &img.reference, img.id());
@@ -93,15 +86,8 @@ fn a_signed_image_is_pulled_by_tag_and_by_digest() {
 fn an_unsigned_image_is_denied_as_unsigned() {
     let key = TestKey::generate().unwrap();
     let (img, settings) = setup("unsigned", &key);
-    let stderr = denied(
-        &settings,
-        &img.reference,
-        "unsigned: no cosign signature of",
-    );
-    assert!(
-        stderr.contains(&cosign::sig_tag(&img.manifest_digest)),
-        "names where it looked:\n{stderr}"
-    );
+    let stderr = denied(&settings, &img.reference, "unsigned: no cosign signature of");
+    assert!(stderr.contains(&cosign::sig_tag(&img.manifest_digest)), "names where it looked:\n{stderr}");
     // Images no rule covers are denied by `unmatched` (the default).
     let pb = Pullbox::new().unwrap();
     let args = args();
@@ -119,10 +105,7 @@ fn a_signature_by_another_key_is_denied_as_wrong_key() {
         &f.registry,
         &path(&img),
         &img.manifest_digest,
-        &[Layer::signed(
-            &stranger,
-            payload(&img.repo, &img.manifest_digest),
-        )],
+        &[Layer::signed(&stranger, payload(&img.repo, &img.manifest_digest))],
     )
     .unwrap();
     denied(&settings, &img.reference, "wrong key");
@@ -135,18 +118,10 @@ fn a_signature_of_another_digest_is_denied() {
     let f = fixture();
     // A valid signature of another image (the zstd variant), copied under this one's tag.
     let other = &f.app_zstd.manifest_digest;
-    push_sig_tag(
-        &f.registry,
-        &path(&img),
-        &img.manifest_digest,
-        &[Layer::signed(&key, payload(&img.repo, other))],
-    )
-    .unwrap();
+    push_sig_tag(&f.registry, &path(&img), &img.manifest_digest, &[Layer::signed(&key, payload(&img.repo, other))])
+        .unwrap();
     let stderr = denied(&settings, &img.reference, "signature of another digest");
-    assert!(
-        stderr.contains(other.as_str()),
-        "names the signed digest:\n{stderr}"
-    );
+    assert!(stderr.contains(other.as_str()), "names the signed digest:\n{stderr}");
 }
 
 #[test]
@@ -156,10 +131,7 @@ fn a_tampered_payload_is_denied() {
     let f = fixture();
     // A valid signature of another image whose payload was edited to name this one.
     let signature = key.sign(&payload(&img.repo, &f.app_zstd.manifest_digest));
-    let tampered = Layer {
-        payload: payload(&img.repo, &img.manifest_digest),
-        signature,
-    };
+    let tampered = Layer { payload: payload(&img.repo, &img.manifest_digest), signature };
     push_sig_tag(&f.registry, &path(&img), &img.manifest_digest, &[tampered]).unwrap();
     denied(&settings, &img.reference, "tampered payload");
 }
@@ -170,30 +142,16 @@ fn a_signature_is_found_through_referrers() {
     let (img, settings) = setup("referrers", &key);
     let f = fixture();
     let layer = Layer::signed(&key, payload(&img.repo, &img.manifest_digest));
-    let subject = (
-        img.manifest_digest.as_str(),
-        img.manifest_size,
-        OCI_MANIFEST,
-    );
+    let subject = (img.manifest_digest.as_str(), img.manifest_size, OCI_MANIFEST);
     let (_, api) = push_referrer(&f.registry, &path(&img), subject, &[layer]).unwrap();
     eprintln!(
         "the registry {} the OCI 1.1 referrers API: the {} path is exercised",
-        if api {
-            "serves"
-        } else {
-            "does not serve (404)"
-        },
+        if api { "serves" } else { "does not serve (404)" },
         if api { "API" } else { "tag schema fallback" }
     );
     // No `.sig` tag: only the referrer can make it pass.
-    let (status, _) = f
-        .registry
-        .get(&format!(
-            "/v2/{}/manifests/{}",
-            path(&img),
-            cosign::sig_tag(&img.manifest_digest)
-        ))
-        .unwrap();
+    let (status, _) =
+        f.registry.get(&format!("/v2/{}/manifests/{}", path(&img), cosign::sig_tag(&img.manifest_digest))).unwrap();
     assert_eq!(status, 404);
     allowed(&settings, &img.reference, img.id());
 }

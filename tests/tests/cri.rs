@@ -92,7 +92,8 @@ async fn cri_conversation_on_the_embedded_backend() {
     assert!(c.list_images(ListImagesRequest::default()).await.unwrap().into_inner().images.is_empty());
     c.remove_image(RemoveImageRequest { image: spec(&reference) }).await.unwrap();
     let blobs = daemon.root().join("content/blobs/sha256");
-    let left: Vec<_> = std::fs::read_dir(&blobs).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let left: Vec<_> =
+        std::fs::read_dir(&blobs).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "content left after RemoveImage: {left:?}");
 }
 
@@ -283,9 +284,7 @@ async fn sigterm_during_a_stalled_pull(proxy: &pullbox_tests::proxy::FaultProxy)
     let mut daemon = cri::Daemon::start("shutdown_grace_seconds = 20").unwrap();
     let mut c = cri::connect(daemon.socket()).await.unwrap();
     let reference = format!("{}/team/app:1.0", proxy.addr());
-    let pull = tokio::spawn(async move {
-        c.pull_image(pull_req(&reference)).await
-    });
+    let pull = tokio::spawn(async move { c.pull_image(pull_req(&reference)).await });
     // Wait until the layers are being downloaded.
     for _ in 0..200 {
         if f.app.layers.iter().any(|l| !proxy.requests_for(&l.digest).is_empty()) {
@@ -336,7 +335,10 @@ async fn image_fs_info_answers_from_a_background_measurement() {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    println!("ImageFsInfo over 30,100 entries: median {median:.3} ms, max {:.3} ms of 50 calls", times[times.len() - 1]);
+    println!(
+        "ImageFsInfo over 30,100 entries: median {median:.3} ms, max {:.3} ms of 50 calls",
+        times[times.len() - 1]
+    );
     assert!(median <= 5.0, "ImageFsInfo median {median:.3} ms");
     let last = last.unwrap();
     let inodes = |u: &k8s_cri::v1::FilesystemUsage| u.inodes_used.as_ref().unwrap().value;

@@ -9,9 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{
-    Image, ImageSpec, ImageStatusRequest, ListImagesRequest, PullImageRequest, RemoveImageRequest,
-};
+use k8s_cri::v1::{Image, ImageSpec, ImageStatusRequest, ListImagesRequest, PullImageRequest, RemoveImageRequest};
 use pullbox_tests::oci::skopeo;
 use pullbox_tests::{containerd::Containerd, cri, fixture};
 use tonic::transport::Channel;
@@ -21,10 +19,7 @@ use tonic::transport::Channel;
 const SETTLE: Duration = Duration::from_secs(10);
 
 fn spec(image: &str) -> Option<ImageSpec> {
-    Some(ImageSpec {
-        image: image.to_owned(),
-        ..ImageSpec::default()
-    })
+    Some(ImageSpec { image: image.to_owned(), ..ImageSpec::default() })
 }
 
 /// What the CRI says of an image: ID, repo tags, repo digests, size, uid, username, pinned.
@@ -63,15 +58,7 @@ async fn list(client: &mut ImageServiceClient<Channel>) -> Answer {
 }
 
 async fn status(client: &mut ImageServiceClient<Channel>, image: &str) -> Option<Image> {
-    client
-        .image_status(ImageStatusRequest {
-            image: spec(image),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .image
+    client.image_status(ImageStatusRequest { image: spec(image), verbose: false }).await.unwrap().into_inner().image
 }
 
 /// pullbox's `ListImages` equals containerd's once containerd's CRI has caught up, and
@@ -92,10 +79,7 @@ async fn agree(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        a, b,
-        "{step}: pullbox's ListImages (left) and containerd's (right)"
-    );
+    assert_eq!(a, b, "{step}: pullbox's ListImages (left) and containerd's (right)");
     for name in names {
         let x = status(ours, name).await.map(|i| norm(&i));
         let y = status(theirs, name).await.map(|i| norm(&i));
@@ -109,8 +93,7 @@ async fn images_of_ctr_and_pullbox_show_alike_on_both_sides() {
     let f = fixture();
     let ctd = Containerd::start().unwrap();
     ctd.allow_plain_http(f.registry.addr()).unwrap();
-    let daemon = cri::Daemon::start(&ctd.pullbox_config())
-    .unwrap();
+    let daemon = cri::Daemon::start(&ctd.pullbox_config()).unwrap();
     let mut ours = cri::connect(daemon.socket()).await.unwrap();
     let mut theirs = cri::connect(ctd.socket()).await.unwrap();
     let app_10 = f.reference("team/app:1.0");
@@ -118,54 +101,29 @@ async fn images_of_ctr_and_pullbox_show_alike_on_both_sides() {
     let app_digest = format!("{}@{}", f.app.repo, f.app.manifest_digest);
 
     // 1. `ctr pull`: no pullbox label anywhere, unpacked into overlayfs.
-    ctd.ctr_ok("k8s.io", &["images", "pull", "--plain-http", &app_10])
-        .unwrap();
-    let seen = agree(
-        &mut ours,
-        &mut theirs,
-        &[&app_10, &f.app.config_digest],
-        "ctr pull",
-    )
-    .await;
+    ctd.ctr_ok("k8s.io", &["images", "pull", "--plain-http", &app_10]).unwrap();
+    let seen = agree(&mut ours, &mut theirs, &[&app_10, &f.app.config_digest], "ctr pull").await;
     assert_eq!(seen.len(), 1, "{seen:?}");
     let app = &seen[&f.app.config_digest];
     assert_eq!(app.1, vec![app_10.clone()]);
     assert!(app.2.is_empty(), "ctr wrote no digest record: {app:?}");
 
     // 2. pullbox pulls another tag of the same image: one image with both tags.
-    ours.pull_image(PullImageRequest {
-        image: spec(&app_11),
-        ..PullImageRequest::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
-    let seen = agree(
-        &mut ours,
-        &mut theirs,
-        &[&app_10, &app_11, &app_digest],
-        "pullbox pull",
-    )
-    .await;
-    assert_eq!(
-        seen[&f.app.config_digest].1,
-        vec![app_10.clone(), app_11.clone()]
-    );
+    ours.pull_image(PullImageRequest { image: spec(&app_11), ..PullImageRequest::default() })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
+    let seen = agree(&mut ours, &mut theirs, &[&app_10, &app_11, &app_digest], "pullbox pull").await;
+    assert_eq!(seen[&f.app.config_digest].1, vec![app_10.clone(), app_11.clone()]);
 
     // 3. `ctr images import` of an OCI archive of an image of its own (another config).
-    f.layout
-        .config_as("app", "app-imported", &["--config.user", "4242"])
-        .unwrap();
+    f.layout.config_as("app", "app-imported", &["--config.user", "4242"]).unwrap();
     let archive = ctd.dir().join("imported.tar");
     let out = skopeo(&["copy", "--quiet"])
         .arg(format!("oci:{}", f.layout.image("app-imported")))
         .arg(format!("oci-archive:{}:1.0", archive.display()))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let imported = "import.example/team/imported:1.0";
     ctd.ctr_ok(
         "k8s.io",
@@ -181,84 +139,37 @@ async fn images_of_ctr_and_pullbox_show_alike_on_both_sides() {
     .unwrap();
     let seen = agree(&mut ours, &mut theirs, &[imported, &app_10], "ctr import").await;
     assert_eq!(seen.len(), 2, "{seen:?}");
-    let (imported_id, imported_image) = seen
-        .iter()
-        .find(|(id, _)| **id != f.app.config_digest)
-        .unwrap();
+    let (imported_id, imported_image) = seen.iter().find(|(id, _)| **id != f.app.config_digest).unwrap();
     assert_eq!(imported_image.1, vec![imported.to_string()]);
-    assert_eq!(
-        imported_image.2.len(),
-        1,
-        "--digests wrote a digest record: {imported_image:?}"
-    );
+    assert_eq!(imported_image.2.len(), 1, "--digests wrote a digest record: {imported_image:?}");
     assert_eq!(imported_image.4, Some(4242));
 
     // 4. pullbox removes the image by the name ctr gave it: every record of it goes, pullbox's
     // and ctr's.
-    ours.remove_image(RemoveImageRequest {
-        image: spec(&app_10),
-    })
-    .await
-    .unwrap();
-    let seen = agree(
-        &mut ours,
-        &mut theirs,
-        &[&app_10, &app_11],
-        "pullbox RemoveImage",
-    )
-    .await;
+    ours.remove_image(RemoveImageRequest { image: spec(&app_10) }).await.unwrap();
+    let seen = agree(&mut ours, &mut theirs, &[&app_10, &app_11], "pullbox RemoveImage").await;
     assert_eq!(seen.keys().collect::<Vec<_>>(), vec![imported_id]);
     // What is left is the imported image's: its names, and the ID record containerd's CRI
     // wrote when it adopted it.
     let left = ctd.list("k8s.io", "images").unwrap();
-    assert!(
-        left.iter()
-            .all(|n| n.starts_with("import.example/") || n == imported_id),
-        "{left:?}"
-    );
+    assert!(left.iter().all(|n| n.starts_with("import.example/") || n == imported_id), "{left:?}");
 
     // 5. pullbox pulls it again; `ctr images rm` takes its records away one by one.
-    ours.pull_image(PullImageRequest {
-        image: spec(&app_10),
-        ..PullImageRequest::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
+    ours.pull_image(PullImageRequest { image: spec(&app_10), ..PullImageRequest::default() })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
     agree(&mut ours, &mut theirs, &[&app_10], "pullbox pull again").await;
     ctd.ctr_ok("k8s.io", &["images", "rm", &app_10]).unwrap();
-    let seen = agree(
-        &mut ours,
-        &mut theirs,
-        &[&app_10, &app_digest],
-        "ctr rm of the tag",
-    )
-    .await;
+    let seen = agree(&mut ours, &mut theirs, &[&app_10, &app_digest], "ctr rm of the tag").await;
     let app = &seen[&f.app.config_digest];
-    assert!(
-        app.1.is_empty() && app.2 == vec![app_digest.clone()],
-        "{app:?}"
-    );
-    ctd.ctr_ok(
-        "k8s.io",
-        &["images", "rm", &app_digest, &f.app.config_digest],
-    )
-    .unwrap();
+    assert!(app.1.is_empty() && app.2 == vec![app_digest.clone()], "{app:?}");
+    ctd.ctr_ok("k8s.io", &["images", "rm", &app_digest, &f.app.config_digest]).unwrap();
     let seen = agree(&mut ours, &mut theirs, &[&app_digest], "ctr rm of the rest").await;
     assert_eq!(seen.len(), 1, "{seen:?}");
 
     // 6. pullbox removes the imported image by ID.
-    ours.remove_image(RemoveImageRequest {
-        image: spec(imported_id),
-    })
-    .await
-    .unwrap();
-    let seen = agree(
-        &mut ours,
-        &mut theirs,
-        &[imported],
-        "pullbox RemoveImage by ID",
-    )
-    .await;
+    ours.remove_image(RemoveImageRequest { image: spec(imported_id) }).await.unwrap();
+    let seen = agree(&mut ours, &mut theirs, &[imported], "pullbox RemoveImage by ID").await;
     assert!(seen.is_empty(), "{seen:?}");
     assert!(ctd.list("k8s.io", "images").unwrap().is_empty());
 }
@@ -273,10 +184,7 @@ async fn images_of_ctr_and_pullbox_show_alike_on_both_sides() {
 async fn list_images_of_many_unlabelled_records() {
     use pullbox_tests::oci::sha256_digest;
     use serde_json::json;
-    let n: usize = std::env::var("PULLBOX_BENCH_UNLABELLED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
+    let n: usize = std::env::var("PULLBOX_BENCH_UNLABELLED").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let ctd = Containerd::start().unwrap();
 
     // An OCI archive: one layer, n configs and manifests, an index naming each `t<i>`.
@@ -287,7 +195,8 @@ async fn list_images_of_many_unlabelled_records() {
     layer.append_data(&mut h, "hello", &b"hello\n"[..]).unwrap();
     let layer = layer.into_inner().unwrap();
     let mut blobs = vec![layer.clone()];
-    let desc = |media: &str, bytes: &[u8]| json!({"mediaType": media, "digest": sha256_digest(bytes), "size": bytes.len()});
+    let desc =
+        |media: &str, bytes: &[u8]| json!({"mediaType": media, "digest": sha256_digest(bytes), "size": bytes.len()});
     let layer_desc = desc("application/vnd.oci.image.layer.v1.tar", &layer);
     let mut entries = Vec::new();
     for i in 0..n {
@@ -327,24 +236,11 @@ async fn list_images_of_many_unlabelled_records() {
     let path = ctd.dir().join("many.tar");
     std::fs::write(&path, archive.into_inner().unwrap()).unwrap();
     let t = Instant::now();
-    ctd.ctr_ok(
-        "k8s.io",
-        &[
-            "images",
-            "import",
-            "--base-name",
-            "bench.example/many",
-            &path.display().to_string(),
-        ],
-    )
-    .unwrap();
-    eprintln!(
-        "ctr imported {n} images in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    ctd.ctr_ok("k8s.io", &["images", "import", "--base-name", "bench.example/many", &path.display().to_string()])
+        .unwrap();
+    eprintln!("ctr imported {n} images in {:.1} s", t.elapsed().as_secs_f64());
 
-    let daemon = cri::Daemon::start(&ctd.pullbox_config())
-    .unwrap();
+    let daemon = cri::Daemon::start(&ctd.pullbox_config()).unwrap();
     for (who, socket) in [("pullbox", daemon.socket()), ("containerd", ctd.socket())] {
         let mut client = cri::connect(socket).await.unwrap();
         // Wait until containerd's CRI has adopted them all (and warm pullbox's puller).

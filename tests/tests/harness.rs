@@ -5,8 +5,7 @@
 use std::path::PathBuf;
 
 use pullbox_tests::oci::{
-    diff_id_of, EntryKind, MEDIA_TYPE_INDEX, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR,
-    MEDIA_TYPE_LAYER_ZSTD,
+    diff_id_of, EntryKind, MEDIA_TYPE_INDEX, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD,
 };
 use pullbox_tests::tree::Node;
 use pullbox_tests::{app, chain_id, fixture, Platform, Registry};
@@ -19,10 +18,7 @@ fn harness_registry_starts_answers_and_stops() {
     let addr = registry.addr().to_owned();
     let dir = registry.dir().to_owned();
     drop(registry);
-    assert!(
-        std::net::TcpStream::connect(&addr).is_err(),
-        "the registry still listens on {addr}"
-    );
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "the registry still listens on {addr}");
     // The supervisor deletes the directory right after the registry exits.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while dir.exists() && std::time::Instant::now() < deadline {
@@ -49,38 +45,18 @@ fn harness_builds_and_pushes_image() {
     assert_eq!(image.diff_ids.len(), app::LAYERS);
     for (layer, diff_id) in image.layers.iter().zip(&image.diff_ids) {
         assert_eq!(layer.media_type, MEDIA_TYPE_LAYER_GZIP);
-        assert_eq!(
-            &diff_id_of(&f.layout.blob_path(&layer.digest), &layer.media_type).unwrap(),
-            diff_id
-        );
-        assert_eq!(
-            f.registry.blob_size(image.path(), &layer.digest).unwrap(),
-            Some(layer.size)
-        );
+        assert_eq!(&diff_id_of(&f.layout.blob_path(&layer.digest), &layer.media_type).unwrap(), diff_id);
+        assert_eq!(f.registry.blob_size(image.path(), &layer.digest).unwrap(), Some(layer.size));
     }
-    assert_eq!(
-        f.registry
-            .blob_size(image.path(), &image.config_digest)
-            .unwrap(),
-        Some(image.config_size)
-    );
-    assert_eq!(
-        f.registry
-            .blob_size(image.path(), &format!("sha256:{}", "0".repeat(64)))
-            .unwrap(),
-        None
-    );
+    assert_eq!(f.registry.blob_size(image.path(), &image.config_digest).unwrap(), Some(image.config_size));
+    assert_eq!(f.registry.blob_size(image.path(), &format!("sha256:{}", "0".repeat(64))).unwrap(), None);
 
     // The config carries what umoci config set.
     let config = &image.config["config"];
     assert_eq!(config["User"], app::USER);
     assert_eq!(config["Cmd"], serde_json::json!(app::CMD));
     assert_eq!(config["WorkingDir"], app::WORKDIR);
-    assert!(config["Env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|e| e == app::ENV));
+    assert!(config["Env"].as_array().unwrap().iter().any(|e| e == app::ENV));
     assert_eq!(image.config["architecture"], "amd64");
     assert_eq!(image.chain_id(), chain_id(&image.diff_ids));
 
@@ -93,9 +69,7 @@ fn harness_builds_and_pushes_image() {
 fn harness_layers_hold_what_the_tests_expect() {
     let f = fixture();
     let entries = &f.layer_entries;
-    let has = |layer: usize, path: &str, kind: EntryKind| {
-        entries[layer].contains(&(PathBuf::from(path), kind))
-    };
+    let has = |layer: usize, path: &str, kind: EntryKind| entries[layer].contains(&(PathBuf::from(path), kind));
     assert!(has(0, "bin/busybox", EntryKind::File));
     assert!(has(0, "bin/sh", EntryKind::Symlink));
     assert!(has(0, app::LAYER1_FILE, EntryKind::File));
@@ -103,15 +77,8 @@ fn harness_layers_hold_what_the_tests_expect() {
     assert!(has(0, app::OVERWRITTEN, EntryKind::File));
     assert!(has(1, app::LAYER2_FILE, EntryKind::File));
     assert!(has(1, app::OVERWRITTEN, EntryKind::File));
-    assert!(
-        !has(1, app::LAYER1_FILE, EntryKind::File),
-        "layer 2 repeats an unchanged file"
-    );
-    assert!(
-        has(2, app::DELETED, EntryKind::Whiteout),
-        "layer 3 has no whiteout: {:?}",
-        entries[2]
-    );
+    assert!(!has(1, app::LAYER1_FILE, EntryKind::File), "layer 2 repeats an unchanged file");
+    assert!(has(2, app::DELETED, EntryKind::Whiteout), "layer 3 has no whiteout: {:?}", entries[2]);
     assert!(has(2, app::SYMLINK, EntryKind::Symlink));
     assert!(has(2, app::HARDLINK, EntryKind::File));
     assert!(has(2, app::HARDLINK_TARGET, EntryKind::File));
@@ -127,20 +94,12 @@ fn harness_layers_hold_what_the_tests_expect() {
         Some(Node::File { digest, .. }) => digest.clone(),
         other => panic!("{path}: {other:?}"),
     };
-    assert_eq!(
-        digest(app::OVERWRITTEN),
-        pullbox_tests::oci::sha256_digest(app::OVERWRITTEN_V2.as_bytes())
-    );
+    assert_eq!(digest(app::OVERWRITTEN), pullbox_tests::oci::sha256_digest(app::OVERWRITTEN_V2.as_bytes()));
     assert_eq!(digest(app::HARDLINK), digest(app::HARDLINK_TARGET));
     if pullbox_tests::oci::is_root() {
         assert!(matches!(
             rootfs.get(&PathBuf::from(app::PRIVATE)),
-            Some(Node::File {
-                mode: 0o600,
-                uid: 1000,
-                gid: 1000,
-                ..
-            })
+            Some(Node::File { mode: 0o600, uid: 1000, gid: 1000, .. })
         ));
     }
 }
@@ -148,35 +107,16 @@ fn harness_layers_hold_what_the_tests_expect() {
 #[test]
 fn harness_recompressed_copies_keep_the_config() {
     let f = fixture();
-    for (image, media_type) in [
-        (&f.app_zstd, MEDIA_TYPE_LAYER_ZSTD),
-        (&f.app_uncompressed, MEDIA_TYPE_LAYER_TAR),
-    ] {
-        assert_eq!(
-            image.config_digest, f.app.config_digest,
-            "{}",
-            image.reference
-        );
-        assert_ne!(
-            image.manifest_digest, f.app.manifest_digest,
-            "{}",
-            image.reference
-        );
+    for (image, media_type) in [(&f.app_zstd, MEDIA_TYPE_LAYER_ZSTD), (&f.app_uncompressed, MEDIA_TYPE_LAYER_TAR)] {
+        assert_eq!(image.config_digest, f.app.config_digest, "{}", image.reference);
+        assert_ne!(image.manifest_digest, f.app.manifest_digest, "{}", image.reference);
         for layer in &image.layers {
             assert_eq!(layer.media_type, media_type, "{}", image.reference);
-            assert_eq!(
-                f.registry.blob_size(image.path(), &layer.digest).unwrap(),
-                Some(layer.size)
-            );
+            assert_eq!(f.registry.blob_size(image.path(), &layer.digest).unwrap(), Some(layer.size));
         }
     }
     // Uncompressed layers are named by their diff IDs.
-    let digests: Vec<_> = f
-        .app_uncompressed
-        .layers
-        .iter()
-        .map(|l| l.digest.clone())
-        .collect();
+    let digests: Vec<_> = f.app_uncompressed.layers.iter().map(|l| l.digest.clone()).collect();
     assert_eq!(digests, f.app.diff_ids);
 }
 

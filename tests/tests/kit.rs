@@ -17,31 +17,21 @@ use pullbox_tests::{cri, fixture, Captured, Pullbox};
 
 fn pull_req(image: &str) -> PullImageRequest {
     PullImageRequest {
-        image: Some(ImageSpec {
-            image: image.to_owned(),
-            ..ImageSpec::default()
-        }),
+        image: Some(ImageSpec { image: image.to_owned(), ..ImageSpec::default() }),
         ..Default::default()
     }
 }
 
 /// A free loopback port for a daemon's metrics.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The daemon's metrics, once `needle` is among them (or after 10 s, whatever they are).
 fn metrics_with(port: u16, needle: &str) -> String {
     let mut text = String::new();
     for _ in 0..200 {
-        let out = Command::new("curl")
-            .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
-            .output()
-            .unwrap();
+        let out = Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")]).output().unwrap();
         text = String::from_utf8_lossy(&out.stdout).into_owned();
         if text.contains(needle) {
             break;
@@ -67,19 +57,13 @@ fn policy_test(pb: &Pullbox, args: &[&str], dirs: &[PathBuf]) -> Captured {
 fn verdict<'a>(out: &'a Captured, reference: &str) -> &'a str {
     out.stdout
         .lines()
-        .find_map(|l| {
-            l.strip_prefix(reference)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
+        .find_map(|l| l.strip_prefix(reference).and_then(|rest| rest.strip_prefix(' ')))
         .unwrap_or_else(|| panic!("no verdict for {reference}:\n{out}"))
 }
 
 fn files_under(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir.join("blobs/sha256"))
-        .map(|d| {
-            d.map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy()))
-                .collect()
-        })
+        .map(|d| d.map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy())).collect())
         .unwrap_or_default()
 }
 
@@ -89,24 +73,13 @@ fn record_then_replay_several_images_offline_against_other_pullers_and_settings(
     let addr = f.registry.addr();
     // A private copy, so that the test can take its config away from the registry afterwards.
     let app = private_copy(addr, &f.app.reference, "kit/record-app:1.0").unwrap();
-    let refs = [
-        app.reference.clone(),
-        f.app_zstd.reference.clone(),
-        f.multi.reference.clone(),
-    ];
+    let refs = [app.reference.clone(), f.app_zstd.reference.clone(), f.multi.reference.clone()];
     let recordings = tempfile::tempdir().unwrap();
     let pb = pullbox();
     let mut dirs = Vec::new();
     for (i, reference) in refs.iter().enumerate() {
         let dir = recordings.path().join(format!("pull{i}"));
-        let out = pb.run(
-            "pull",
-            [
-                "--record".to_string(),
-                dir.display().to_string(),
-                reference.clone(),
-            ],
-        );
+        let out = pb.run("pull", ["--record".to_string(), dir.display().to_string(), reference.clone()]);
         out.assert_success();
         assert!(out.stderr.contains("recorded"), "{out}");
         dirs.push(dir);
@@ -115,41 +88,22 @@ fn record_then_replay_several_images_offline_against_other_pullers_and_settings(
     // What was kept: the OCI layout files, the manifest and config, no layer.
     let kept = files_under(&dirs[0]);
     for needed in ["oci-layout", "index.json", "pullbox-request.json"] {
-        assert!(
-            dirs[0].join(needed).is_file(),
-            "no {needed} in the recording"
-        );
+        assert!(dirs[0].join(needed).is_file(), "no {needed} in the recording");
     }
-    assert!(
-        kept.contains(&app.manifest_digest) && kept.contains(&app.config_digest),
-        "{kept:?}"
-    );
+    assert!(kept.contains(&app.manifest_digest) && kept.contains(&app.config_digest), "{kept:?}");
     for layer in &app.layers {
-        assert!(
-            !kept.contains(&layer.digest),
-            "layer {} was recorded",
-            layer.digest
-        );
+        assert!(!kept.contains(&layer.digest), "layer {} was recorded", layer.digest);
     }
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dirs[0].join("index.json")).unwrap())
-            .unwrap();
-    assert_eq!(
-        index["manifests"][0]["digest"],
-        app.manifest_digest.as_str()
-    );
+        serde_json::from_str(&std::fs::read_to_string(dirs[0].join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], app.manifest_digest.as_str());
     let multi_kept = files_under(&dirs[2]);
-    assert!(
-        multi_kept.contains(&f.multi.index_digest),
-        "the index was recorded: {multi_kept:?}"
-    );
+    assert!(multi_kept.contains(&f.multi.index_digest), "the index was recorded: {multi_kept:?}");
 
     // Offline: the registry no longer serves the private copy's config, a real pull fails,
     // the replay does not need it.
     delete_blob(addr, "kit/record-app", &app.config_digest).unwrap();
-    pullbox()
-        .run("pull", [app.reference.as_str()])
-        .assert_failure();
+    pullbox().run("pull", [app.reference.as_str()]).assert_failure();
 
     // The default puller with no settings allows all three; exit 0.
     let other = pullbox();
@@ -158,10 +112,7 @@ fn record_then_replay_several_images_offline_against_other_pullers_and_settings(
     for reference in &refs {
         assert_eq!(verdict(&out, reference), "allow", "{out}");
     }
-    assert!(
-        other.images_json().is_empty() && other.blob_digests().unwrap().is_empty(),
-        "replay wrote to the store"
-    );
+    assert!(other.images_json().is_empty() && other.blob_digests().unwrap().is_empty(), "replay wrote to the store");
 
     // Candidate settings that refuse three-layer images: the app images are denied, naming
     // the rule, and the exit is non-zero.
@@ -170,40 +121,19 @@ fn record_then_replay_several_images_offline_against_other_pullers_and_settings(
     let out = policy_test(&other, &["--settings", &settings], &dirs);
     out.assert_failure();
     let app_verdict = verdict(&out, &refs[0]);
-    assert!(
-        app_verdict.starts_with("deny: ") && app_verdict.contains("rule maxLayers"),
-        "{out}"
-    );
+    assert!(app_verdict.starts_with("deny: ") && app_verdict.contains("rule maxLayers"), "{out}");
 
     // An expected-results file: matching results exit 0, a difference does not.
     let expect_dir = tempfile::tempdir().unwrap();
     let expect = expect_dir.path().join("expected.txt");
-    let expectations = |zstd: &str| {
-        format!(
-            "# maxLayers 1\n{} deny\n{} {zstd}\n{} deny\n",
-            refs[0], refs[1], refs[2]
-        )
-    };
+    let expectations = |zstd: &str| format!("# maxLayers 1\n{} deny\n{} {zstd}\n{} deny\n", refs[0], refs[1], refs[2]);
     std::fs::write(&expect, expectations("deny")).unwrap();
     let expect_arg = expect.display().to_string();
-    policy_test(
-        &other,
-        &["--settings", &settings, "--expect", &expect_arg],
-        &dirs,
-    )
-    .assert_success();
+    policy_test(&other, &["--settings", &settings, "--expect", &expect_arg], &dirs).assert_success();
     std::fs::write(&expect, expectations("allow")).unwrap();
-    let out = policy_test(
-        &other,
-        &["--settings", &settings, "--expect", &expect_arg],
-        &dirs,
-    );
+    let out = policy_test(&other, &["--settings", &settings, "--expect", &expect_arg], &dirs);
     out.assert_failure();
-    assert!(
-        out.stderr
-            .contains(&format!("{}: expected allow, got deny", refs[1])),
-        "{out}"
-    );
+    assert!(out.stderr.contains(&format!("{}: expected allow, got deny", refs[1])), "{out}");
 
     // Another puller: the allowlist, listing only the private copy's manifest, taken from
     // the registry by digest.
@@ -212,56 +142,29 @@ fn record_then_replay_several_images_offline_against_other_pullers_and_settings(
     let allowlist_file = Pullbox::puller("pullbox-allowlist.wasm").unwrap();
     let digest = push_puller(&allowlist_file, addr, "kit/record-allowlist:1").unwrap();
     let allowlist = format!("oci://{addr}/kit/record-allowlist@{digest}");
-    let out = policy_test(
-        &other,
-        &["--puller", &allowlist, "--settings", &allow_path],
-        &dirs,
-    );
+    let out = policy_test(&other, &["--puller", &allowlist, "--settings", &allow_path], &dirs);
     out.assert_failure();
     assert_eq!(verdict(&out, &refs[0]), "allow", "{out}");
-    assert!(
-        verdict(&out, &refs[1]).starts_with("deny: ")
-            && verdict(&out, &refs[1]).contains("digests"),
-        "{out}"
-    );
+    assert!(verdict(&out, &refs[1]).starts_with("deny: ") && verdict(&out, &refs[1]).contains("digests"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_puller_from_the_registry_by_digest_is_loaded_and_reloaded_on_a_new_digest() {
     let f = fixture();
     let addr = f.registry.addr();
-    let default = push_puller(
-        &Pullbox::puller("pullbox-puller.wasm").unwrap(),
-        addr,
-        "kit/pullers:default",
-    )
-    .unwrap();
-    let refuse = push_puller(
-        &Pullbox::puller("pullbox-refuse.wasm").unwrap(),
-        addr,
-        "kit/pullers:refuse",
-    )
-    .unwrap();
+    let default = push_puller(&Pullbox::puller("pullbox-puller.wasm").unwrap(), addr, "kit/pullers:default").unwrap();
+    let refuse = push_puller(&Pullbox::puller("pullbox-refuse.wasm").unwrap(), addr, "kit/pullers:refuse").unwrap();
     let by_digest = |d: &str| format!("oci://{addr}/kit/pullers@{d}");
     let port = free_port();
-    let daemon = cri::Daemon::start(&format!(
-        "puller = {:?}\nmetrics_address = \"127.0.0.1:{port}\"",
-        by_digest(&default)
-    ))
-    .unwrap();
+    let daemon =
+        cri::Daemon::start(&format!("puller = {:?}\nmetrics_address = \"127.0.0.1:{port}\"", by_digest(&default)))
+            .unwrap();
     let mut c = cri::connect(daemon.socket()).await.unwrap();
     let reference = f.reference("team/app:1.0");
-    let image = c
-        .pull_image(pull_req(&reference))
-        .await
-        .unwrap()
-        .into_inner()
-        .image_ref;
+    let image = c.pull_image(pull_req(&reference)).await.unwrap().into_inner().image_ref;
     assert_eq!(image, f.app.config_digest);
-    let cached = daemon.root().join("cache/pullers").join(format!(
-        "sha256-{}.wasm",
-        default.trim_start_matches("sha256:")
-    ));
+    let cached =
+        daemon.root().join("cache/pullers").join(format!("sha256-{}.wasm", default.trim_start_matches("sha256:")));
     assert_eq!(
         std::fs::read(&cached).unwrap(),
         std::fs::read(Pullbox::puller("pullbox-puller.wasm").unwrap()).unwrap()
@@ -281,24 +184,15 @@ async fn a_puller_from_the_registry_by_digest_is_loaded_and_reloaded_on_a_new_di
             }
         }
     }
-    let refused =
-        refused.unwrap_or_else(|| panic!("the new digest was not loaded:\n{}", daemon.log()));
+    let refused = refused.unwrap_or_else(|| panic!("the new digest was not loaded:\n{}", daemon.log()));
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(daemon.log().contains("puller reloaded"), "{}", daemon.log());
 
     // The same digest again: not reloaded.
     daemon.signal("HUP").unwrap();
     let text = metrics_with(port, "pullbox_puller_reloads_total{result=\"ok\"} 2");
-    assert!(
-        text.contains("pullbox_puller_reloads_total{result=\"ok\"} 2"),
-        "{text}\n{}",
-        daemon.log()
-    );
-    assert!(
-        daemon.log().contains("unchanged; not reloaded"),
-        "{}",
-        daemon.log()
-    );
+    assert!(text.contains("pullbox_puller_reloads_total{result=\"ok\"} 2"), "{text}\n{}", daemon.log());
+    assert!(daemon.log().contains("unchanged; not reloaded"), "{}", daemon.log());
 
     // The CLI takes the same references.
     let pb = pullbox();
@@ -309,31 +203,21 @@ async fn a_puller_from_the_registry_by_digest_is_loaded_and_reloaded_on_a_new_di
     // Refused: a tag without a digest (unless tags are allowed), a digest the registry does
     // not have, an artifact that is not a puller.
     let tag = format!("oci://{addr}/kit/pullers:default");
-    let err = format!(
-        "{:#}",
-        cri::Daemon::start(&format!("puller = {tag:?}"))
-            .err()
-            .expect("a tag was accepted")
-    );
+    let err = format!("{:#}", cri::Daemon::start(&format!("puller = {tag:?}")).err().expect("a tag was accepted"));
     assert!(err.contains("names a tag, not a digest"), "{err}");
     let wrong = format!("sha256:{}", "0".repeat(64));
     let err = format!(
         "{:#}",
-        cri::Daemon::start(&format!("puller = {:?}", by_digest(&wrong)))
-            .err()
-            .expect("a wrong digest was accepted")
+        cri::Daemon::start(&format!("puller = {:?}", by_digest(&wrong))).err().expect("a wrong digest was accepted")
     );
     assert!(err.contains("cannot fetch puller"), "{err}");
     let not_a_puller = by_digest(&f.app.manifest_digest).replace("kit/pullers", "team/app");
     let err = format!(
         "{:#}",
-        cri::Daemon::start(&format!("puller = {not_a_puller:?}"))
-            .err()
-            .expect("an image was accepted")
+        cri::Daemon::start(&format!("puller = {not_a_puller:?}")).err().expect("an image was accepted")
     );
     assert!(err.contains("is not a puller artifact"), "{err}");
-    let tagged =
-        cri::Daemon::start(&format!("puller = {tag:?}\nallow_puller_tags = true")).unwrap();
+    let tagged = cri::Daemon::start(&format!("puller = {tag:?}\nallow_puller_tags = true")).unwrap();
     let mut c = cri::connect(tagged.socket()).await.unwrap();
     c.pull_image(pull_req(&reference)).await.unwrap();
 }
@@ -350,36 +234,16 @@ async fn a_shadow_puller_judges_each_pull_and_its_disagreements_are_counted() {
     .unwrap();
     let mut c = cri::connect(daemon.socket()).await.unwrap();
     // The real (default) puller allows; the shadow refuses, on the side: the pull succeeds.
-    let image = c
-        .pull_image(pull_req(&f.reference("team/app:1.0")))
-        .await
-        .unwrap()
-        .into_inner()
-        .image_ref;
+    let image = c.pull_image(pull_req(&f.reference("team/app:1.0"))).await.unwrap().into_inner().image_ref;
     assert_eq!(image, f.app.config_digest);
     let text = metrics_with(port, "pullbox_shadow_disagreements_total 1");
-    assert!(
-        text.contains("pullbox_shadow_disagreements_total 1"),
-        "{text}\n{}",
-        daemon.log()
-    );
-    assert!(
-        text.contains("pullbox_shadow_judgments_total{result=\"disagree\"} 1"),
-        "{text}"
-    );
-    assert!(
-        daemon.log().contains("shadow puller disagrees"),
-        "{}",
-        daemon.log()
-    );
+    assert!(text.contains("pullbox_shadow_disagreements_total 1"), "{text}\n{}", daemon.log());
+    assert!(text.contains("pullbox_shadow_judgments_total{result=\"disagree\"} 1"), "{text}");
+    assert!(daemon.log().contains("shadow puller disagrees"), "{}", daemon.log());
 
     // A shadow that agrees: the allowlist puller listing the image's manifest.
     let settings = daemon.dir().join("allow.json");
-    std::fs::write(
-        &settings,
-        format!(r#"{{"digests": ["{}"]}}"#, f.app.manifest_digest),
-    )
-    .unwrap();
+    std::fs::write(&settings, format!(r#"{{"digests": ["{}"]}}"#, f.app.manifest_digest)).unwrap();
     let allowlist = Pullbox::puller("pullbox-allowlist.wasm").unwrap();
     let port = free_port();
     let agreeing = cri::Daemon::start(&format!(
@@ -389,17 +253,8 @@ async fn a_shadow_puller_judges_each_pull_and_its_disagreements_are_counted() {
     ))
     .unwrap();
     let mut c = cri::connect(agreeing.socket()).await.unwrap();
-    c.pull_image(pull_req(&f.reference("team/app:1.0")))
-        .await
-        .unwrap();
+    c.pull_image(pull_req(&f.reference("team/app:1.0"))).await.unwrap();
     let text = metrics_with(port, "pullbox_shadow_judgments_total{result=\"agree\"} 1");
-    assert!(
-        text.contains("pullbox_shadow_judgments_total{result=\"agree\"} 1"),
-        "{text}\n{}",
-        agreeing.log()
-    );
-    assert!(
-        text.contains("pullbox_shadow_disagreements_total 0"),
-        "{text}"
-    );
+    assert!(text.contains("pullbox_shadow_judgments_total{result=\"agree\"} 1"), "{text}\n{}", agreeing.log());
+    assert!(text.contains("pullbox_shadow_disagreements_total 0"), "{text}");
 }

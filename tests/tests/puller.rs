@@ -7,9 +7,7 @@
 
 use serde_json::Value;
 
-use pullbox_tests::policy::{
-    delete_blob, private_copy, pull_with, push_layout_image, SettingsFile,
-};
+use pullbox_tests::policy::{delete_blob, private_copy, pull_with, push_layout_image, SettingsFile};
 use pullbox_tests::{fixture, Pullbox, RemoteImage};
 
 fn pullbox() -> Pullbox {
@@ -54,10 +52,7 @@ fn a_second_tag_is_recorded_without_fetching_again() {
     assert_eq!(out.last_line(), Some(f.app.id()));
     assert!(out.stderr.contains("nothing to fetch"), "{out}");
     let info = pb.inspect(&two.reference);
-    assert_eq!(
-        strings(&info, "repoTags"),
-        vec![one.reference.clone(), two.reference.clone()]
-    );
+    assert_eq!(strings(&info, "repoTags"), vec![one.reference.clone(), two.reference.clone()]);
     assert_eq!(strings(&info, "repoDigests"), vec![one.digest_reference()]);
     assert_eq!(pb.images_json().len(), 1);
 }
@@ -73,10 +68,7 @@ fn committed_snapshots_spare_fetching_discarded_layers() {
     pull_with(&pb, &discard, &[], &one.reference).assert_success();
     pb.run("gc", [""; 0]).assert_success();
     let blobs = pb.blob_digests().unwrap();
-    assert!(
-        one.layers.iter().all(|l| !blobs.contains(&l.digest)),
-        "layers kept: {blobs:?}"
-    );
+    assert!(one.layers.iter().all(|l| !blobs.contains(&l.digest)), "layers kept: {blobs:?}");
 
     // Layers gone locally and remotely; their snapshots are committed, so nothing is missing.
     for layer in &one.layers {
@@ -84,11 +76,7 @@ fn committed_snapshots_spare_fetching_discarded_layers() {
     }
     let out = pull_with(&pb, &discard, &["--log", "puller=debug"], &two.reference);
     out.assert_success();
-    assert!(
-        out.stderr
-            .contains("snapshots of the lowest 3 of 3 layers are committed"),
-        "{out}"
-    );
+    assert!(out.stderr.contains("snapshots of the lowest 3 of 3 layers are committed"), "{out}");
     assert_eq!(strings(&pb.inspect(f.app.id()), "repoTags").len(), 2);
 }
 
@@ -126,10 +114,7 @@ fn tags_and_digests_merge() {
     // By digest: only the repo digest.
     let info = pb.inspect(&id);
     assert_eq!(strings(&info, "repoTags"), Vec::<String>::new());
-    assert_eq!(
-        strings(&info, "repoDigests"),
-        vec![f.app.digest_reference()]
-    );
+    assert_eq!(strings(&info, "repoDigests"), vec![f.app.digest_reference()]);
     // Then two tags and the same image from two more repositories (zstd and uncompressed
     // copies: same config, same image ID, other manifests).
     for reference in [
@@ -150,11 +135,8 @@ fn tags_and_digests_merge() {
     ];
     tags.sort();
     assert_eq!(strings(&info, "repoTags"), tags);
-    let mut digests = vec![
-        f.app.digest_reference(),
-        f.app_zstd.digest_reference(),
-        f.app_uncompressed.digest_reference(),
-    ];
+    let mut digests =
+        vec![f.app.digest_reference(), f.app_zstd.digest_reference(), f.app_uncompressed.digest_reference()];
     digests.sort();
     assert_eq!(strings(&info, "repoDigests"), digests);
     assert_eq!(pb.images_json().len(), 1);

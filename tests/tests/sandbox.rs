@@ -41,13 +41,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{
-    ImageFsInfoRequest, ImageSpec, ImageStatusRequest, ListImagesRequest, PullImageRequest,
-    RemoveImageRequest,
+    ImageFsInfoRequest, ImageSpec, ImageStatusRequest, ListImagesRequest, PullImageRequest, RemoveImageRequest,
 };
 use pullbox_tests::backends::Backend;
 use pullbox_tests::sandbox::{
-    build_component, default_puller, hostile, peak_rss_kib, wit_copy, SlowServer, SwapDaemon,
-    WHOAMI,
+    build_component, default_puller, hostile, peak_rss_kib, wit_copy, SlowServer, SwapDaemon, WHOAMI,
 };
 use pullbox_tests::{cri, fixture, Captured, Pullbox};
 use serde_json::json;
@@ -57,24 +55,17 @@ use tonic::Code;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `[sandbox]` of most daemons here.
-const SANDBOX: &str =
-    "[sandbox]\nmemory_limit = 33554432\ncpu_limit_ms = 500\nstack_limit = 262144\n";
+const SANDBOX: &str = "[sandbox]\nmemory_limit = 33554432\ncpu_limit_ms = 500\nstack_limit = 262144\n";
 
 /// The CPU limit of [`SANDBOX`].
 const CPU_LIMIT: Duration = Duration::from_millis(500);
 
 fn spec(image: &str) -> Option<ImageSpec> {
-    Some(ImageSpec {
-        image: image.to_owned(),
-        ..ImageSpec::default()
-    })
+    Some(ImageSpec { image: image.to_owned(), ..ImageSpec::default() })
 }
 
 fn pull_req(image: &str) -> PullImageRequest {
-    PullImageRequest {
-        image: spec(image),
-        ..PullImageRequest::default()
-    }
+    PullImageRequest { image: spec(image), ..PullImageRequest::default() }
 }
 
 fn app() -> String {
@@ -111,10 +102,7 @@ impl Expect {
         Expect {
             at_least: limit,
             at_most: limit + Duration::from_secs(4),
-            ..Expect::new(
-                &[Code::ResourceExhausted, Code::Internal],
-                &["CPU time limit"],
-            )
+            ..Expect::new(&[Code::ResourceExhausted, Code::Internal], &["CPU time limit"])
         }
     }
 
@@ -139,11 +127,7 @@ impl Expect {
         );
         let m = status.message().to_lowercase();
         for n in &self.needles {
-            assert!(
-                m.contains(&n.to_lowercase()),
-                "{what}: the message does not mention {n:?}: {}",
-                status.message()
-            );
+            assert!(m.contains(&n.to_lowercase()), "{what}: the message does not mention {n:?}: {}", status.message());
         }
         assert!(
             self.any.is_empty() || self.any.iter().any(|n| m.contains(&n.to_lowercase())),
@@ -157,33 +141,21 @@ impl Expect {
             self.at_least,
             status.message()
         );
-        assert!(
-            took <= self.at_most,
-            "{what}: took {took:?}, more than {:?}: {}",
-            self.at_most,
-            status.message()
-        );
+        assert!(took <= self.at_most, "{what}: took {took:?}, more than {:?}: {}", self.at_most, status.message());
     }
 }
 
 /// A daemon on a fresh store of `b` running `pullbox-hostile` (settings `idle`) with the TOML
 /// `extra`.
 fn hostile_daemon(b: Backend, extra: &str) -> SwapDaemon {
-    SwapDaemon::start(
-        b,
-        &hostile().unwrap(),
-        &json!({"behavior": "idle"}).to_string(),
-        extra,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"))
+    SwapDaemon::start(b, &hostile().unwrap(), &json!({"behavior": "idle"}).to_string(), extra)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Swaps `pullbox-hostile` with `settings` in and waits until it serves.
 async fn use_hostile(d: &SwapDaemon, settings: &str) {
     d.swap(Some(&hostile().unwrap()), settings).unwrap();
-    d.wait_for(Some(settings))
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    d.wait_for(Some(settings)).await.unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// The daemon answers the calls that need no pull, with whatever puller serves.
@@ -193,20 +165,11 @@ async fn still_serves(d: &SwapDaemon, what: &str) {
     c.list_images(ListImagesRequest::default())
         .await
         .unwrap_or_else(|e| panic!("after {what}: ListImages failed: {e:?}\n{}", d.daemon.log()));
-    c.image_fs_info(ImageFsInfoRequest {})
+    c.image_fs_info(ImageFsInfoRequest {}).await.unwrap_or_else(|e| panic!("after {what}: ImageFsInfo failed: {e:?}"));
+    c.image_status(ImageStatusRequest { image: spec(WHOAMI), verbose: false })
         .await
-        .unwrap_or_else(|e| panic!("after {what}: ImageFsInfo failed: {e:?}"));
-    c.image_status(ImageStatusRequest {
-        image: spec(WHOAMI),
-        verbose: false,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("after {what}: ImageStatus failed: {e:?}"));
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "after {what}: the daemon took {:?} to answer",
-        t.elapsed()
-    );
+        .unwrap_or_else(|e| panic!("after {what}: ImageStatus failed: {e:?}"));
+    assert!(t.elapsed() < Duration::from_secs(2), "after {what}: the daemon took {:?} to answer", t.elapsed());
 }
 
 /// Swaps the default puller in, pulls the fixture's image, checks it (and that the store
@@ -218,62 +181,35 @@ async fn good_pull(d: &SwapDaemon, after: &str) {
     let pulled = tokio::time::timeout(REQUEST_TIMEOUT, c.pull_image(pull_req(&app())))
         .await
         .unwrap_or_else(|_| panic!("after {after}: the good pull did not finish"))
-        .unwrap_or_else(|e| {
-            panic!(
-                "after {after}: the good pull failed: {e:?}\n{}",
-                d.daemon.log()
-            )
-        })
+        .unwrap_or_else(|e| panic!("after {after}: the good pull failed: {e:?}\n{}", d.daemon.log()))
         .into_inner();
-    assert_eq!(
-        pulled.image_ref,
-        fixture().app.config_digest,
-        "after {after}"
-    );
+    assert_eq!(pulled.image_ref, fixture().app.config_digest, "after {after}");
     // The store check sees what a pull writes (else it would pass anything).
     let held = d.store.leftovers(&d.daemon.root()).unwrap();
     assert!(
         held.iter().any(|h| h.starts_with("snapshot")),
         "after {after}: the store check sees no snapshot of the image pulled: {held:?}"
     );
-    c.remove_image(RemoveImageRequest {
-        image: spec(&app()),
-    })
-    .await
-    .unwrap();
+    c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.unwrap();
     d.assert_clean(&format!("the good pull after {after}, removed"));
 }
 
 /// One round: the hostile puller with `settings` pulls `reference`; that fails as `expect`
 /// says; the daemon still serves; nothing is left in the store; a good pull follows.
-async fn round(
-    d: &SwapDaemon,
-    settings: serde_json::Value,
-    reference: &str,
-    expect: &Expect,
-) -> tonic::Status {
+async fn round(d: &SwapDaemon, settings: serde_json::Value, reference: &str, expect: &Expect) -> tonic::Status {
     let doc = settings.to_string();
     use_hostile(d, &doc).await;
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
     let answer = tokio::time::timeout(REQUEST_TIMEOUT, c.pull_image(pull_req(reference)))
         .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "{doc}: the pull did not end in {REQUEST_TIMEOUT:?}\n{}",
-                d.daemon.log()
-            )
-        });
+        .unwrap_or_else(|_| panic!("{doc}: the pull did not end in {REQUEST_TIMEOUT:?}\n{}", d.daemon.log()));
     let took = t.elapsed();
     let status = match answer {
         Ok(r) => panic!("{doc}: the pull succeeded: {:?}", r.into_inner()),
         Err(s) => s,
     };
-    eprintln!(
-        "{doc}: {:?} after {took:?}: {}",
-        status.code(),
-        first_line(status.message())
-    );
+    eprintln!("{doc}: {:?} after {took:?}: {}", status.code(), first_line(status.message()));
     expect.check(&doc, &status, took);
     still_serves(d, &doc).await;
     d.assert_clean(&doc);
@@ -289,21 +225,12 @@ fn first_line(s: &str) -> &str {
 
 async fn limits_stop_the_guest_and_the_daemon_serves_on(b: Backend) {
     let d = hostile_daemon(b, SANDBOX);
-    round(
-        &d,
-        json!({"behavior": "loop-in-pull"}),
-        &app(),
-        &Expect::cpu(CPU_LIMIT),
-    )
-    .await;
+    round(&d, json!({"behavior": "loop-in-pull"}), &app(), &Expect::cpu(CPU_LIMIT)).await;
     round(
         &d,
         json!({"behavior": "grow-memory"}),
         &app(),
-        &Expect::new(
-            &[Code::ResourceExhausted, Code::Internal],
-            &["memory limit"],
-        ),
+        &Expect::new(&[Code::ResourceExhausted, Code::Internal], &["memory limit"]),
     )
     .await;
     round(
@@ -317,51 +244,28 @@ async fn limits_stop_the_guest_and_the_daemon_serves_on(b: Backend) {
 
 async fn limits_apply_to_every_export_not_only_pulls(b: Backend) {
     let d = hostile_daemon(b, SANDBOX);
-    for (export, call) in [
-        ("list-images", "ListImages"),
-        ("image-status", "ImageStatus"),
-        ("remove-image", "RemoveImage"),
-    ] {
+    for (export, call) in
+        [("list-images", "ListImages"), ("image-status", "ImageStatus"), ("remove-image", "RemoveImage")]
+    {
         for (behavior, expect) in [
             ("loop-in-pull", Expect::cpu(CPU_LIMIT)),
-            (
-                "grow-memory",
-                Expect::new(
-                    &[Code::ResourceExhausted, Code::Internal],
-                    &["memory limit"],
-                ),
-            ),
+            ("grow-memory", Expect::new(&[Code::ResourceExhausted, Code::Internal], &["memory limit"])),
         ] {
             let doc = json!({"behavior": behavior, "export": export}).to_string();
             use_hostile(&d, &doc).await;
             let mut c = cri::connect(d.daemon.socket()).await.unwrap();
             let t = Instant::now();
             let answer = match call {
-                "ListImages" => c
-                    .list_images(ListImagesRequest::default())
-                    .await
-                    .map(|_| ()),
-                "ImageStatus" => c
-                    .image_status(ImageStatusRequest {
-                        image: spec(&app()),
-                        verbose: false,
-                    })
-                    .await
-                    .map(|_| ()),
-                _ => c
-                    .remove_image(RemoveImageRequest {
-                        image: spec(&app()),
-                    })
-                    .await
-                    .map(|_| ()),
+                "ListImages" => c.list_images(ListImagesRequest::default()).await.map(|_| ()),
+                "ImageStatus" => {
+                    c.image_status(ImageStatusRequest { image: spec(&app()), verbose: false }).await.map(|_| ())
+                }
+                _ => c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.map(|_| ()),
             };
             let status = answer.expect_err(&format!("{call} with {doc} succeeded"));
             expect.check(&format!("{call} with {doc}"), &status, t.elapsed());
             // The other exports of the same puller answer.
-            let pulled = c
-                .pull_image(pull_req(&app()))
-                .await
-                .expect_err("hostile pulls refuse");
+            let pulled = c.pull_image(pull_req(&app())).await.expect_err("hostile pulls refuse");
             assert_eq!(pulled.code(), Code::PermissionDenied, "{doc}: {pulled:?}");
         }
     }
@@ -372,28 +276,13 @@ async fn limits_apply_to_every_export_not_only_pulls(b: Backend) {
 
 async fn a_pull_stopped_midway_leaves_nothing_behind(b: Backend) {
     let d = hostile_daemon(b, SANDBOX);
-    round(
-        &d,
-        json!({"behavior": "trap-mid-pull"}),
-        &app(),
-        &Expect::trap(),
-    )
-    .await;
-    round(
-        &d,
-        json!({"behavior": "trap-mid-pull", "then": "loop"}),
-        &app(),
-        &Expect::cpu(CPU_LIMIT),
-    )
-    .await;
+    round(&d, json!({"behavior": "trap-mid-pull"}), &app(), &Expect::trap()).await;
+    round(&d, json!({"behavior": "trap-mid-pull", "then": "loop"}), &app(), &Expect::cpu(CPU_LIMIT)).await;
     round(
         &d,
         json!({"behavior": "trap-mid-pull", "then": "grow-memory"}),
         &app(),
-        &Expect::new(
-            &[Code::ResourceExhausted, Code::Internal],
-            &["memory limit"],
-        ),
+        &Expect::new(&[Code::ResourceExhausted, Code::Internal], &["memory limit"]),
     )
     .await;
     round(
@@ -437,15 +326,9 @@ async fn a_trap_does_not_disturb_a_pull_in_flight(b: Backend) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
-    let status = c
-        .pull_image(pull_req(&app()))
-        .await
-        .expect_err("trap-mid-pull succeeded");
+    let status = c.pull_image(pull_req(&app())).await.expect_err("trap-mid-pull succeeded");
     Expect::trap().check("trap-mid-pull", &status, t.elapsed());
-    assert!(
-        !in_flight.is_finished(),
-        "the sleepy pull ended before the trap: the test proves nothing"
-    );
+    assert!(!in_flight.is_finished(), "the sleepy pull ended before the trap: the test proves nothing");
     let pulled = in_flight
         .await
         .unwrap()
@@ -460,121 +343,69 @@ async fn a_trap_does_not_disturb_a_pull_in_flight(b: Backend) {
 
 async fn garbage_digests_paths_and_foreign_snapshot_keys_are_refused(b: Backend) {
     let d = hostile_daemon(b, SANDBOX);
-    let victim = tempfile::Builder::new()
-        .prefix("pullbox-victim-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let victim = tempfile::Builder::new().prefix("pullbox-victim-").tempdir_in("/tmp").unwrap();
     std::fs::write(victim.path().join("file"), "victim\n").unwrap();
     let beside_root: Vec<_> = dir_names(d.daemon.root().parent().unwrap());
     let doc = json!({"behavior": "bad-digests", "victim": victim.path()}).to_string();
     use_hostile(&d, &doc).await;
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
-    let status = c
-        .pull_image(pull_req(&app()))
-        .await
-        .expect_err("bad-digests succeeded");
+    let status = c.pull_image(pull_req(&app())).await.expect_err("bad-digests succeeded");
     eprintln!("bad-digests: {:?}: {}", status.code(), status.message());
     // Nothing escaped, whatever the host answered.
-    assert_eq!(
-        dir_names(victim.path()),
-        vec!["file".to_string()],
-        "the victim directory changed"
-    );
-    assert_eq!(
-        std::fs::read_to_string(victim.path().join("file")).unwrap(),
-        "victim\n"
-    );
-    assert_eq!(
-        dir_names(d.daemon.root().parent().unwrap()),
-        beside_root,
-        "files appeared beside the store root"
-    );
+    assert_eq!(dir_names(victim.path()), vec!["file".to_string()], "the victim directory changed");
+    assert_eq!(std::fs::read_to_string(victim.path().join("file")).unwrap(), "victim\n");
+    assert_eq!(dir_names(d.daemon.root().parent().unwrap()), beside_root, "files appeared beside the store root");
     still_serves(&d, &doc).await;
     d.assert_clean(&doc);
     // Every probe the WIT contract says is an error was one (the message lists any the
     // host accepted).
-    Expect::new(
-        &[Code::FailedPrecondition],
-        &["bad-digests: every probe refused"],
-    )
-    .check(&doc, &status, Duration::ZERO);
+    Expect::new(&[Code::FailedPrecondition], &["bad-digests: every probe refused"]).check(
+        &doc,
+        &status,
+        Duration::ZERO,
+    );
     good_pull(&d, &doc).await;
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut v: Vec<_> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }
 
 async fn huge_arguments_fail_the_request_not_the_host(b: Backend) {
     // Room for a 100 MiB string in the guest.
-    let d = hostile_daemon(
-        b,
-        "[sandbox]\nmemory_limit = 268435456\ncpu_limit_ms = 5000\nstack_limit = 262144\n",
-    );
+    let d = hostile_daemon(b, "[sandbox]\nmemory_limit = 268435456\ncpu_limit_ms = 5000\nstack_limit = 262144\n");
     round(
         &d,
         json!({"behavior": "huge-argument", "variant": "string", "bytes": 100 << 20}),
         &app(),
         // Refused after lifting ("longer than"), or before (wasmtime's hostcall fuel).
-        &Expect::new(
-            &[
-                Code::InvalidArgument,
-                Code::ResourceExhausted,
-                Code::Internal,
-            ],
-            &[],
-        )
-        .or_any(&["longer than", "too much data"]),
+        &Expect::new(&[Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &[])
+            .or_any(&["longer than", "too much data"]),
     )
     .await;
     round(
         &d,
         json!({"behavior": "huge-argument", "variant": "log", "bytes": 100 << 20}),
         &app(),
-        &Expect::new(
-            &[
-                Code::PermissionDenied,
-                Code::InvalidArgument,
-                Code::ResourceExhausted,
-                Code::Internal,
-            ],
-            &[],
-        ),
+        &Expect::new(&[Code::PermissionDenied, Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &[]),
     )
     .await;
     round(
         &d,
         json!({"behavior": "huge-argument", "variant": "list", "count": 1_000_000}),
         &app(),
-        &Expect::new(
-            &[
-                Code::InvalidArgument,
-                Code::ResourceExhausted,
-                Code::Internal,
-            ],
-            &[],
-        )
-        .or_any(&["more than 1024", "too much data"]),
+        &Expect::new(&[Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &[])
+            .or_any(&["more than 1024", "too much data"]),
     )
     .await;
 }
 
 async fn malformed_abi_arguments_trap_the_call_not_the_host(b: Backend) {
     let d = hostile_daemon(b, SANDBOX);
-    for variant in [
-        "oob-string",
-        "oob-list",
-        "misaligned",
-        "utf8",
-        "discriminant",
-        "enum",
-    ] {
+    for variant in ["oob-string", "oob-list", "misaligned", "utf8", "discriminant", "enum"] {
         round(
             &d,
             json!({"behavior": "bad-abi", "variant": variant}),
@@ -592,22 +423,15 @@ async fn malformed_abi_arguments_trap_the_call_not_the_host(b: Backend) {
 /// twice this test's memory limit, and applies to each of the calls running at once).
 async fn aliased_arguments_do_not_amplify_into_host_memory(b: Backend) {
     let memory_limit: u64 = 64 << 20;
-    let d = hostile_daemon(
-        b,
-        &format!("[sandbox]\nmemory_limit = {memory_limit}\ncpu_limit_ms = 5000\n"),
-    );
+    let d = hostile_daemon(b, &format!("[sandbox]\nmemory_limit = {memory_limit}\ncpu_limit_ms = 5000\n"));
     // Warm up (compile both pullers, one good pull), so the peak below is the abuse's.
     good_pull(&d, "start").await;
-    let doc =
-        json!({"behavior": "huge-argument", "variant": "aliased", "count": 512, "bytes": 1 << 20});
+    let doc = json!({"behavior": "huge-argument", "variant": "aliased", "count": 512, "bytes": 1 << 20});
     use_hostile(&d, &doc.to_string()).await;
     let pid = d.pid().unwrap();
     let before = peak_rss_kib(pid).unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
-    let status = c
-        .pull_image(pull_req(&app()))
-        .await
-        .expect_err("aliased labels succeeded");
+    let status = c.pull_image(pull_req(&app())).await.expect_err("aliased labels succeeded");
     let after = peak_rss_kib(pid).unwrap();
     let grew_mib = after.saturating_sub(before) / 1024;
     eprintln!(
@@ -637,8 +461,7 @@ async fn a_flood_of_fetches_is_bounded(b: Backend) {
     let before = peak_rss_kib(pid).unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
-    let answer =
-        tokio::time::timeout(Duration::from_secs(30), c.pull_image(pull_req(&app()))).await;
+    let answer = tokio::time::timeout(Duration::from_secs(30), c.pull_image(pull_req(&app()))).await;
     let took = t.elapsed();
     let after = peak_rss_kib(pid).unwrap();
     let status = answer
@@ -653,17 +476,10 @@ async fn a_flood_of_fetches_is_bounded(b: Backend) {
     );
     still_serves(&d, "fetch-flood").await;
     d.assert_clean("fetch-flood");
-    assert!(
-        !status.message().contains("ACCEPTED"),
-        "the host took every fetch: {}",
-        first_line(status.message())
-    );
+    assert!(!status.message().contains("ACCEPTED"), "the host took every fetch: {}", first_line(status.message()));
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let grew_mib = after.saturating_sub(before) / 1024;
-    assert!(
-        grew_mib < 128,
-        "the host grew by {grew_mib} MiB for one request's fetches"
-    );
+    assert!(grew_mib < 128, "the host grew by {grew_mib} MiB for one request's fetches");
 }
 
 /// The log interface promises that a guest cannot flood the host's log: message sizes *and
@@ -676,10 +492,7 @@ async fn a_flood_of_log_messages_is_capped(b: Backend) {
     let before = d.daemon.log().len();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
-    let status = c
-        .pull_image(pull_req(&app()))
-        .await
-        .expect_err("log-flood succeeded");
+    let status = c.pull_image(pull_req(&app())).await.expect_err("log-flood succeeded");
     let took = t.elapsed();
     let grew = d.daemon.log().len() - before;
     eprintln!(
@@ -689,11 +502,7 @@ async fn a_flood_of_log_messages_is_capped(b: Backend) {
         grew / 1024
     );
     still_serves(&d, &doc).await;
-    assert!(
-        grew < 1 << 20,
-        "100000 guest messages grew the daemon's log by {} KiB",
-        grew / 1024
-    );
+    assert!(grew < 1 << 20, "100000 guest messages grew the daemon's log by {} KiB", grew / 1024);
     good_pull(&d, &doc).await;
 }
 
@@ -713,36 +522,24 @@ async fn calls_beyond_the_instance_pool_fail_fast(b: Backend) {
             let socket = d.daemon.socket().to_owned();
             tokio::spawn(async move {
                 let mut c = cri::connect(&socket).await.unwrap();
-                c.pull_image(pull_req(&format!("pullbox-hostile/pool-{i}:1")))
-                    .await
+                c.pull_image(pull_req(&format!("pullbox-hostile/pool-{i}:1"))).await
             })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
-    let status = c
-        .list_images(ListImagesRequest::default())
-        .await
-        .expect_err("a third call found room in a pool of two");
+    let status =
+        c.list_images(ListImagesRequest::default()).await.expect_err("a third call found room in a pool of two");
     let took = t.elapsed();
-    eprintln!(
-        "third call with a pool of 2 busy: {:?} after {took:?}: {}",
-        status.code(),
-        first_line(status.message())
-    );
+    eprintln!("third call with a pool of 2 busy: {:?} after {took:?}: {}", status.code(), first_line(status.message()));
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(
-        took < Duration::from_millis(1000),
-        "the refusal took {took:?}"
-    );
+    assert!(took < Duration::from_millis(1000), "the refusal took {took:?}");
     for l in loops {
         let status = l.await.unwrap().expect_err("a looping pull succeeded");
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     }
-    c.list_images(ListImagesRequest::default())
-        .await
-        .expect("the pool is free again");
+    c.list_images(ListImagesRequest::default()).await.expect("the pool is free again");
 }
 
 // ---- time ----------------------------------------------------------------------------------
@@ -755,13 +552,7 @@ async fn time_in_host_imports_does_not_count_against_the_cpu_limit(b: Backend) {
         "reads": 2000,
     })
     .to_string();
-    let d = SwapDaemon::start(
-        b,
-        &hostile().unwrap(),
-        &doc,
-        "[sandbox]\ncpu_limit_ms = 300\n",
-    )
-    .unwrap();
+    let d = SwapDaemon::start(b, &hostile().unwrap(), &doc, "[sandbox]\ncpu_limit_ms = 300\n").unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     let t = Instant::now();
     let pulled = c
@@ -772,10 +563,7 @@ async fn time_in_host_imports_does_not_count_against_the_cpu_limit(b: Backend) {
     let took = t.elapsed();
     eprintln!("sleepy: {took:?} for a pull with a CPU limit of 300 ms");
     assert_eq!(pulled.image_ref, fixture().app.manifest_digest);
-    assert!(
-        took >= Duration::from_millis(1500),
-        "sleepy took only {took:?}: the slow server was not waited for"
-    );
+    assert!(took >= Duration::from_millis(1500), "sleepy took only {took:?}: the slow server was not waited for");
 }
 
 async fn looping_pullers_do_not_starve_other_requests(b: Backend) {
@@ -790,19 +578,14 @@ async fn looping_pullers_do_not_starve_other_requests(b: Backend) {
     // Distinct references, so that no pull waits for another of the same image.
     let started = Instant::now();
     // One more looping guest than the daemon's async runtime has worker threads (one per core).
-    let n = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        + 1;
+    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) + 1;
     let loops: Vec<_> = (0..n)
         .map(|i| {
             let socket = d.daemon.socket().to_owned();
             tokio::spawn(async move {
                 let mut c = cri::connect(&socket).await.unwrap();
                 let t = Instant::now();
-                let r = c
-                    .pull_image(pull_req(&format!("pullbox-hostile/loop-{i}:1")))
-                    .await;
+                let r = c.pull_image(pull_req(&format!("pullbox-hostile/loop-{i}:1"))).await;
                 (r, t.elapsed())
             })
         })
@@ -813,12 +596,7 @@ async fn looping_pullers_do_not_starve_other_requests(b: Backend) {
     for _ in 0..10 {
         let t = Instant::now();
         c.list_images(ListImagesRequest::default()).await.unwrap();
-        c.image_status(ImageStatusRequest {
-            image: spec(WHOAMI),
-            verbose: false,
-        })
-        .await
-        .unwrap();
+        c.image_status(ImageStatusRequest { image: spec(WHOAMI), verbose: false }).await.unwrap();
         c.image_fs_info(ImageFsInfoRequest {}).await.unwrap();
         worst = worst.max(t.elapsed());
     }
@@ -826,14 +604,8 @@ async fn looping_pullers_do_not_starve_other_requests(b: Backend) {
     eprintln!("while {n} guests loop: 10 x (ListImages, ImageStatus, ImageFsInfo), the slowest {worst:?}, all done {served:?} after the loops started");
     // An idle daemon answers in milliseconds; a starved one only once the loops end (after
     // `cpu`). 1 s leaves room for a loaded 2-core machine without blurring the two.
-    assert!(
-        worst < Duration::from_millis(1000),
-        "a request took {worst:?} while guests looped"
-    );
-    assert!(
-        served < cpu,
-        "the requests were answered only after {served:?}, when the loops were stopped"
-    );
+    assert!(worst < Duration::from_millis(1000), "a request took {worst:?} while guests looped");
+    assert!(served < cpu, "the requests were answered only after {served:?}, when the loops were stopped");
     for l in loops {
         let (r, took) = l.await.unwrap();
         let status = r.expect_err("a looping pull succeeded");
@@ -854,44 +626,22 @@ async fn wait_failed_reload(d: &SwapDaemon, from: usize) -> String {
         if new.contains("reload failed") {
             return new.to_owned();
         }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not log a failed reload in 15 s:\n{new}"
-        );
+        assert!(Instant::now() < deadline, "the daemon did not log a failed reload in 15 s:\n{new}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 async fn a_reload_that_traps_or_loops_keeps_the_last_good_puller(b: Backend) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let d = hostile_daemon(
-        b,
-        &format!("metrics_address = \"127.0.0.1:{port}\"\n{SANDBOX}"),
-    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let d = hostile_daemon(b, &format!("metrics_address = \"127.0.0.1:{port}\"\n{SANDBOX}"));
     let idle = json!({"behavior": "idle"}).to_string();
     d.wait_for(Some(&idle)).await.unwrap();
     let garbage = d.settings_path().with_file_name("garbage.wasm");
     std::fs::write(&garbage, b"\0asm\x0d\0\x01\0 not really").unwrap();
     let cases = [
-        (
-            None,
-            json!({"behavior": "loop-in-configure"}).to_string(),
-            "CPU time limit",
-        ),
-        (
-            None,
-            json!({"behavior": "trap-in-configure"}).to_string(),
-            "unreachable",
-        ),
-        (
-            None,
-            json!({"behavior": "no-such-behaviour"}).to_string(),
-            "no-such-behaviour",
-        ),
+        (None, json!({"behavior": "loop-in-configure"}).to_string(), "CPU time limit"),
+        (None, json!({"behavior": "trap-in-configure"}).to_string(), "unreachable"),
+        (None, json!({"behavior": "no-such-behaviour"}).to_string(), "no-such-behaviour"),
         (Some(garbage.as_path()), idle.clone(), "cannot load puller"),
     ];
     for (puller, settings, needle) in &cases {
@@ -900,58 +650,32 @@ async fn a_reload_that_traps_or_loops_keeps_the_last_good_puller(b: Backend) {
         d.swap(*puller, settings).unwrap();
         let logged = wait_failed_reload(&d, from).await;
         eprintln!("reload with {settings} refused after {:?}", t.elapsed());
-        assert!(
-            logged.contains(needle),
-            "the failed reload with {settings} does not mention {needle:?}:\n{logged}"
-        );
+        assert!(logged.contains(needle), "the failed reload with {settings} does not mention {needle:?}:\n{logged}");
         // Still the last good puller and settings, answering at once.
-        assert_eq!(
-            pullbox_tests::sandbox::whoami(d.daemon.socket())
-                .await
-                .unwrap()
-                .as_deref(),
-            Some(idle.as_str())
-        );
+        assert_eq!(pullbox_tests::sandbox::whoami(d.daemon.socket()).await.unwrap().as_deref(), Some(idle.as_str()));
         still_serves(&d, &format!("a refused reload ({settings})")).await;
     }
-    let out = std::process::Command::new("curl")
-        .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let failed = text
         .lines()
         .find_map(|l| l.strip_prefix("pullbox_puller_reloads_total{result=\"error\"} "))
         .and_then(|v| v.trim().parse::<u64>().ok());
-    assert!(
-        failed >= Some(cases.len() as u64),
-        "failed reloads not counted: {failed:?}\n{text}"
-    );
+    assert!(failed >= Some(cases.len() as u64), "failed reloads not counted: {failed:?}\n{text}");
     good_pull(&d, "refused reloads").await;
 }
 
 fn the_daemon_does_not_start_with_a_configure_that_traps_or_loops(b: Backend) {
     let hostile = hostile().unwrap();
-    for (behavior, needle) in [
-        ("loop-in-configure", "CPU time limit"),
-        ("trap-in-configure", "unreachable"),
-    ] {
+    for (behavior, needle) in [("loop-in-configure", "CPU time limit"), ("trap-in-configure", "unreachable")] {
         let t = Instant::now();
-        let err = match SwapDaemon::start(
-            b,
-            &hostile,
-            &json!({"behavior": behavior}).to_string(),
-            SANDBOX,
-        ) {
+        let err = match SwapDaemon::start(b, &hostile, &json!({"behavior": behavior}).to_string(), SANDBOX) {
             Ok(_) => panic!("the daemon started with {behavior}"),
             Err(e) => format!("{e:#}"),
         };
         assert!(err.contains(needle), "{behavior}: {err}");
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{behavior}: start took {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{behavior}: start took {:?}", t.elapsed());
     }
 }
 
@@ -963,22 +687,11 @@ fn pullbox(b: Backend) -> Pullbox {
 }
 
 /// `pullbox pull --puller pullbox-hostile.wasm --settings S REF` with a 500 ms CPU limit.
-fn cli_hostile(
-    pb: &Pullbox,
-    subcommand: &str,
-    settings: &serde_json::Value,
-    args: &[&str],
-) -> (Captured, Duration) {
+fn cli_hostile(pb: &Pullbox, subcommand: &str, settings: &serde_json::Value, args: &[&str]) -> (Captured, Duration) {
     let file = pb.root().join("hostile-settings.json");
     std::fs::write(&file, settings.to_string()).unwrap();
-    let mut cmd = pb.command(
-        subcommand,
-        ["--puller".as_ref(), hostile().unwrap().as_os_str()],
-    );
-    cmd.arg("--settings")
-        .arg(&file)
-        .args(args)
-        .env("PULLBOX_GUEST_CPU_MS", "500");
+    let mut cmd = pb.command(subcommand, ["--puller".as_ref(), hostile().unwrap().as_os_str()]);
+    cmd.arg("--settings").arg(&file).args(args).env("PULLBOX_GUEST_CPU_MS", "500");
     let t = Instant::now();
     let out = pb.run_command(cmd);
     (out, t.elapsed())
@@ -1015,11 +728,7 @@ fn cli_loop_in_pull(b: Backend) {
 }
 
 fn cli_loop_in_configure(b: Backend) {
-    cli_case(
-        b,
-        json!({"behavior": "loop-in-configure"}),
-        "CPU time limit",
-    );
+    cli_case(b, json!({"behavior": "loop-in-configure"}), "CPU time limit");
 }
 
 fn cli_grow_memory(b: Backend) {
@@ -1036,11 +745,7 @@ fn cli_trap_in_configure(b: Backend) {
 
 fn cli_trap_mid_pull(b: Backend) {
     cli_case(b, json!({"behavior": "trap-mid-pull"}), "unreachable");
-    cli_case(
-        b,
-        json!({"behavior": "trap-mid-pull", "then": "loop"}),
-        "CPU time limit",
-    );
+    cli_case(b, json!({"behavior": "trap-mid-pull", "then": "loop"}), "CPU time limit");
 }
 
 fn cli_bad_digests(b: Backend) {
@@ -1053,39 +758,21 @@ fn cli_huge_argument_and_bad_abi(b: Backend) {
         json!({"behavior": "huge-argument", "variant": "string", "bytes": 32 << 20}),
         &["longer than", "too much data"],
     );
-    cli_case(
-        b,
-        json!({"behavior": "bad-abi", "variant": "oob-string"}),
-        "puller failed",
-    );
+    cli_case(b, json!({"behavior": "bad-abi", "variant": "oob-string"}), "puller failed");
 }
 
 fn cli_sleepy_pull_succeeds_under_a_small_cpu_limit(b: Backend) {
     let pb = pullbox(b);
-    let (out, took) = cli_hostile(
-        &pb,
-        "pull",
-        &json!({"behavior": "sleepy", "reads": 5000}),
-        &[&app()],
-    );
+    let (out, took) = cli_hostile(&pb, "pull", &json!({"behavior": "sleepy", "reads": 5000}), &[&app()]);
     out.assert_success();
     eprintln!("sleepy, 5000 reads: {took:?}");
-    assert_eq!(
-        out.last_line(),
-        Some(fixture().app.manifest_digest.as_str())
-    );
+    assert_eq!(out.last_line(), Some(fixture().app.manifest_digest.as_str()));
 }
 
 fn cli_images_with_a_looping_list(b: Backend) {
     let pb = pullbox(b);
-    let (out, took) = cli_hostile(
-        &pb,
-        "images",
-        &json!({"behavior": "loop-in-pull", "export": "list-images"}),
-        &[],
-    );
-    out.assert_failure()
-        .assert_stderr_contains("CPU time limit");
+    let (out, took) = cli_hostile(&pb, "images", &json!({"behavior": "loop-in-pull", "export": "list-images"}), &[]);
+    out.assert_failure().assert_stderr_contains("CPU time limit");
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
 
@@ -1095,35 +782,19 @@ fn policy_check_reports_a_configure_that_traps_or_loops() {
     let hostile = hostile().unwrap();
     let file = pb.root().join("settings.json");
     for (settings, needle) in [
-        (
-            json!({"behavior": "loop-in-configure"}),
-            Some("CPU time limit"),
-        ),
-        (
-            json!({"behavior": "trap-in-configure"}),
-            Some("unreachable"),
-        ),
+        (json!({"behavior": "loop-in-configure"}), Some("CPU time limit")),
+        (json!({"behavior": "trap-in-configure"}), Some("unreachable")),
         (json!({"behavior": "no-such"}), Some("no-such")),
         (json!({"behavior": "idle"}), None),
     ] {
         std::fs::write(&file, settings.to_string()).unwrap();
-        let mut cmd = pb.command(
-            "policy",
-            [
-                "check".as_ref(),
-                hostile.as_os_str(),
-                "--settings".as_ref(),
-                file.as_os_str(),
-            ],
-        );
+        let mut cmd =
+            pb.command("policy", ["check".as_ref(), hostile.as_os_str(), "--settings".as_ref(), file.as_os_str()]);
         cmd.env("PULLBOX_GUEST_CPU_MS", "500");
         let t = Instant::now();
         let out = pb.run_command(cmd);
         let took = t.elapsed();
-        eprintln!(
-            "policy check {settings}: exit {:?} after {took:?}",
-            out.status.code()
-        );
+        eprintln!("policy check {settings}: exit {:?} after {took:?}", out.status.code());
         match needle {
             Some(n) => {
                 out.assert_failure().assert_stderr_contains(n);
@@ -1132,10 +803,7 @@ fn policy_check_reports_a_configure_that_traps_or_loops() {
                 out.assert_success();
             }
         }
-        assert!(
-            took < Duration::from_secs(3),
-            "policy check {settings} took {took:?} (PULLBOX_GUEST_CPU_MS=500)"
-        );
+        assert!(took < Duration::from_secs(3), "policy check {settings} took {took:?} (PULLBOX_GUEST_CPU_MS=500)");
     }
 }
 
@@ -1152,16 +820,11 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong(b: Backend) {
         world extra-import { include puller-world; import shell; }\n\
         world wasi-import { include puller-world; import wasi:cli/environment@0.2.0; }\n\
         world no-export { import log; import content; }\n";
-    let wasi = "package wasi:cli@0.2.0;\ninterface environment { get-environment: func() -> list<tuple<string, string>>; }\n";
-    let base = wit_copy(
-        &w.join("wit"),
-        same,
-        &[
-            ("hostile-test.wit", extra_wit),
-            ("deps/wasi-cli/environment.wit", wasi),
-        ],
-    )
-    .unwrap();
+    let wasi =
+        "package wasi:cli@0.2.0;\ninterface environment { get-environment: func() -> list<tuple<string, string>>; }\n";
+    let base =
+        wit_copy(&w.join("wit"), same, &[("hostile-test.wit", extra_wit), ("deps/wasi-cli/environment.wit", wasi)])
+            .unwrap();
     let lacking = wit_copy(
         &w.join("wit-lacking"),
         |name, t| {
@@ -1178,11 +841,7 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong(b: Backend) {
         &w.join("wit-extra-fn"),
         |name, t| {
             if name == "content.wit" {
-                t.replacen(
-                    "max-read: func() -> u32;",
-                    "max-read: func() -> u32;\n    exec: func(command: string);",
-                    1,
-                )
+                t.replacen("max-read: func() -> u32;", "max-read: func() -> u32;\n    exec: func(command: string);", 1)
             } else {
                 t
             }
@@ -1194,10 +853,7 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong(b: Backend) {
         &w.join("wit-wrong-type"),
         |name, t| {
             if name == "world.wit" {
-                t.replace(
-                    "configure: func(settings: string)",
-                    "configure: func(settings: u32)",
-                )
+                t.replace("configure: func(settings: string)", "configure: func(settings: u32)")
             } else {
                 t
             }
@@ -1205,67 +861,30 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong(b: Backend) {
         &[],
     )
     .unwrap();
-    let next_version = wit_copy(
-        &w.join("wit-next"),
-        |_, t| t.replace("pullbox:image@0.2.0", "pullbox:image@0.3.0"),
-        &[],
-    )
-    .unwrap();
+    let next_version =
+        wit_copy(&w.join("wit-next"), |_, t| t.replace("pullbox:image@0.2.0", "pullbox:image@0.3.0"), &[]).unwrap();
     let out = w.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let keep = |t: String| t;
     let cases: Vec<(PathBuf, &[&str])> = vec![
-        (
-            build_component(&base, "extra-import", &out, keep).unwrap(),
-            &["pullbox:image/shell@0.2.0"],
-        ),
-        (
-            build_component(&base, "wasi-import", &out, keep).unwrap(),
-            &["wasi:cli/environment@0.2.0"],
-        ),
-        (
-            build_component(&base, "no-export", &out, keep).unwrap(),
-            &["pullbox:image/puller@0.2.0"],
-        ),
-        (
-            build_component(&lacking, "puller-world", &w.join("out-lacking"), keep).unwrap(),
-            &["remove-image"],
-        ),
-        (
-            build_component(&extra_fn, "puller-world", &w.join("out-extra-fn"), keep).unwrap(),
-            &["exec"],
-        ),
-        (
-            build_component(&wrong_type, "puller-world", &w.join("out-wrong-type"), keep).unwrap(),
-            &["configure"],
-        ),
-        (
-            build_component(&next_version, "puller-world", &w.join("out-next"), keep).unwrap(),
-            &["@0.3.0"],
-        ),
+        (build_component(&base, "extra-import", &out, keep).unwrap(), &["pullbox:image/shell@0.2.0"]),
+        (build_component(&base, "wasi-import", &out, keep).unwrap(), &["wasi:cli/environment@0.2.0"]),
+        (build_component(&base, "no-export", &out, keep).unwrap(), &["pullbox:image/puller@0.2.0"]),
+        (build_component(&lacking, "puller-world", &w.join("out-lacking"), keep).unwrap(), &["remove-image"]),
+        (build_component(&extra_fn, "puller-world", &w.join("out-extra-fn"), keep).unwrap(), &["exec"]),
+        (build_component(&wrong_type, "puller-world", &w.join("out-wrong-type"), keep).unwrap(), &["configure"]),
+        (build_component(&next_version, "puller-world", &w.join("out-next"), keep).unwrap(), &["@0.3.0"]),
     ];
     let pb = pullbox(b);
     // Every case is checked before the test fails, so one run lists every gap.
     let mut wrong = Vec::new();
     for (component, needles) in &cases {
         for (what, out) in [
-            (
-                "policy check",
-                pb.run("policy", ["check".as_ref(), component.as_os_str()]),
-            ),
-            (
-                "pull --puller",
-                pb.run(
-                    "pull",
-                    ["--puller".as_ref(), component.as_os_str(), app().as_ref()],
-                ),
-            ),
+            ("policy check", pb.run("policy", ["check".as_ref(), component.as_os_str()])),
+            ("pull --puller", pb.run("pull", ["--puller".as_ref(), component.as_os_str(), app().as_ref()])),
         ] {
             eprintln!("{what} {}: {}", component.display(), out.stderr.trim());
-            if out.success()
-                || needles.iter().any(|n| !out.stderr.contains(n))
-                || out.stderr.contains("unreachable")
-            {
+            if out.success() || needles.iter().any(|n| !out.stderr.contains(n)) || out.stderr.contains("unreachable") {
                 wrong.push(format!(
                     "{what} {}: wanted a refusal naming {needles:?} before running it:\n{out}",
                     component.display()
@@ -1278,10 +897,7 @@ fn components_that_do_not_fit_are_refused_naming_what_is_wrong(b: Backend) {
             Err(e) => {
                 let err = format!("{e:#}");
                 if needles.iter().any(|n| !err.contains(n)) {
-                    wrong.push(format!(
-                        "serve with {}: wanted {needles:?}: {err}",
-                        component.display()
-                    ));
+                    wrong.push(format!("serve with {}: wanted {needles:?}: {err}", component.display()));
                 }
             }
         }
@@ -1320,10 +936,9 @@ fn oversized_memories_and_tables_are_refused_at_instantiation() {
     let work = tempfile::tempdir().unwrap();
     let wit = wit_copy(&work.path().join("wit"), |_, t| t, &[]).unwrap();
     // 256 MiB of initial memory; the default limit is 64 MiB.
-    let big_memory = build_component(&wit, "puller-world", &work.path().join("mem"), |t| {
-        replace_memory(&t, "(memory (;0;) 4096)")
-    })
-    .unwrap();
+    let big_memory =
+        build_component(&wit, "puller-world", &work.path().join("mem"), |t| replace_memory(&t, "(memory (;0;) 4096)"))
+            .unwrap();
     // A table of ten million entries.
     let big_table = build_component(&wit, "puller-world", &work.path().join("table"), |t| {
         add_before_first_func(&t, "  (table (;9;) 10000000 funcref)\n")
@@ -1332,16 +947,9 @@ fn oversized_memories_and_tables_are_refused_at_instantiation() {
     let pb = pullbox(Backend::Embedded);
     for (component, needle) in [(big_memory, "memory"), (big_table, "table")] {
         let out = pb.run("policy", ["check".as_ref(), component.as_os_str()]);
-        eprintln!(
-            "policy check {}: {}",
-            component.display(),
-            out.stderr.trim()
-        );
+        eprintln!("policy check {}: {}", component.display(), out.stderr.trim());
         out.assert_failure().assert_stderr_contains(needle);
-        assert!(
-            !out.stderr.contains("unreachable"),
-            "the component was run: {out}"
-        );
+        assert!(!out.stderr.contains("unreachable"), "the component was run: {out}");
     }
 }
 
@@ -1364,9 +972,7 @@ fn replace_memory(wat: &str, decl: &str) -> String {
 
 /// `text` inserted before the module's first function definition (after imports and types).
 fn add_before_first_func(wat: &str, text: &str) -> String {
-    let i = wat
-        .find("\n  (func ")
-        .expect("no function in the dummy module");
+    let i = wat.find("\n  (func ").expect("no function in the dummy module");
     format!("{}\n{}{}", &wat[..i], text, &wat[i + 1..])
 }
 
@@ -1396,10 +1002,7 @@ async fn loops_inside_host_imports_end_with_a_clear_error(b: Backend) {
         let t = Instant::now();
         let answer = match call {
             "ListImages" => c.list_images(ListImagesRequest::default()).await.map(|_| ()),
-            _ => c
-                .image_status(ImageStatusRequest { image: spec(&app()), verbose: false })
-                .await
-                .map(|_| ()),
+            _ => c.image_status(ImageStatusRequest { image: spec(&app()), verbose: false }).await.map(|_| ()),
         };
         let status = answer.expect_err(&format!("{call} with {doc} succeeded"));
         Expect::new(&[Code::ResourceExhausted], &["import budget"]).check(&doc, &status, t.elapsed());
@@ -1419,13 +1022,7 @@ async fn a_pull_past_its_deadline_ends_and_leaves_nothing(b: Backend) {
     let mut expect = Expect::new(&[Code::ResourceExhausted], &["deadline", "sandbox.pull_timeout_s"]);
     expect.at_least = Duration::from_secs(4);
     expect.at_most = Duration::from_secs(9);
-    round(
-        &d,
-        json!({"behavior": "sleepy", "resolve": [slow_ref.clone(), slow_ref]}),
-        &app(),
-        &expect,
-    )
-    .await;
+    round(&d, json!({"behavior": "sleepy", "resolve": [slow_ref.clone(), slow_ref]}), &app(), &expect).await;
 }
 
 async fn status_list_and_remove_cannot_write(b: Backend) {
@@ -1435,20 +1032,17 @@ async fn status_list_and_remove_cannot_write(b: Backend) {
     d.wait_for(None).await.unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
     c.pull_image(pull_req(&app())).await.unwrap();
-    for (export, call) in [
-        ("image-status", "ImageStatus"),
-        ("list-images", "ListImages"),
-        ("remove-image", "RemoveImage"),
-    ] {
+    for (export, call) in
+        [("image-status", "ImageStatus"), ("list-images", "ListImages"), ("remove-image", "RemoveImage")]
+    {
         let doc = json!({"behavior": "write-in-read", "export": export}).to_string();
         use_hostile(&d, &doc).await;
         let mut c = cri::connect(d.daemon.socket()).await.unwrap();
         let answer = match call {
             "ListImages" => c.list_images(ListImagesRequest::default()).await.map(|_| ()),
-            "ImageStatus" => c
-                .image_status(ImageStatusRequest { image: spec(&app()), verbose: false })
-                .await
-                .map(|_| ()),
+            "ImageStatus" => {
+                c.image_status(ImageStatusRequest { image: spec(&app()), verbose: false }).await.map(|_| ())
+            }
             _ => c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.map(|_| ()),
         };
         let status = answer.expect_err(&format!("{call} with {doc} succeeded"));
@@ -1458,11 +1052,7 @@ async fn status_list_and_remove_cannot_write(b: Backend) {
     d.swap(Some(&default_puller().unwrap()), "").unwrap();
     d.wait_for(None).await.unwrap();
     let mut c = cri::connect(d.daemon.socket()).await.unwrap();
-    let status = c
-        .image_status(ImageStatusRequest { image: spec(&app()), verbose: false })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = c.image_status(ImageStatusRequest { image: spec(&app()), verbose: false }).await.unwrap().into_inner();
     assert_eq!(
         status.image.map(|i| i.id),
         Some(fixture().app.config_digest.clone()),

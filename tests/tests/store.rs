@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pullbox_tests::corpus::{corpus, LAYERS};
+use pullbox_tests::gate::GateProxy;
 use pullbox_tests::hostile::{nonce, push_image, HostileTar};
 use pullbox_tests::mounts::{can_mount, compare_rootfs, find_named, Inventory, Mounted};
 use pullbox_tests::oci::{file_digest, is_root, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD};
-use pullbox_tests::gate::GateProxy;
 use pullbox_tests::tree::{diff, scan};
 use pullbox_tests::{app, fixture, Captured, Pullbox};
 
@@ -229,9 +229,7 @@ fn mount_needs_root() {
         // As an ordinary user, the refusal is what every run of this command tests.
         let pb = pullbox();
         let dir = tempfile::tempdir().unwrap();
-        pb.run("mount", ["x", &dir.path().display().to_string()])
-            .assert_failure()
-            .assert_stderr_contains("needs root");
+        pb.run("mount", ["x", &dir.path().display().to_string()]).assert_failure().assert_stderr_contains("needs root");
         return;
     }
     // As root: run it as `nobody`, on a store `nobody` owns.
@@ -308,7 +306,10 @@ fn kill_a_pull_midway(pb: &Pullbox) {
     let mut pull = Background::pull(pb, &[], &reference);
     wait_for(&mut pull.child, "layer 2 is half downloaded (the only download left) and its snapshot prepared", || {
         let inv = inventory(pb);
-        proxy.held() == 1 && Inventory::ingest_bytes(pb.root()) >= half && inv.snapshots.len() == 2 && inv.ingests.len() == 1
+        proxy.held() == 1
+            && Inventory::ingest_bytes(pb.root()) >= half
+            && inv.snapshots.len() == 2
+            && inv.ingests.len() == 1
     });
     pull.child.kill().unwrap();
     pull.child.wait().unwrap();
@@ -412,14 +413,20 @@ fn hostile_archives_are_refused_or_sanitized_and_nothing_lands_outside_the_store
                 let n = n.clone();
                 move |pb| {
                     for name in ["dotdot", "absolute", "climb"] {
-                        assert!(in_layers(pb, &format!("{n}-{name}")).is_some(), "{name} was not kept inside the image");
+                        assert!(
+                            in_layers(pb, &format!("{n}-{name}")).is_some(),
+                            "{name} was not kept inside the image"
+                        );
                     }
                 }
             })),
         ),
         (
             "write-through-absolute-symlink",
-            vec![HostileTar::new().symlink(&format!("{n}-link"), &outside_s).file(&format!("{n}-link/pwned"), b"x").finish()],
+            vec![HostileTar::new()
+                .symlink(&format!("{n}-link"), &outside_s)
+                .file(&format!("{n}-link/pwned"), b"x")
+                .finish()],
             Expect::Refused(format!("{n}-link/pwned")),
         ),
         (
@@ -521,8 +528,10 @@ fn hostile_archives_are_refused_or_sanitized_and_nothing_lands_outside_the_store
         dirs.extend(inventory(&pb).snapshots.iter().map(|id| snapshots.join(id.to_string())));
         dirs.extend([work.path().to_path_buf(), PathBuf::from("/etc"), std::env::temp_dir()]);
         let refs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-        let escaped: Vec<PathBuf> =
-            find_named(&refs, &n).into_iter().filter(|p| p != &outside && !p.starts_with(work.path().join("layout-"))).collect();
+        let escaped: Vec<PathBuf> = find_named(&refs, &n)
+            .into_iter()
+            .filter(|p| p != &outside && !p.starts_with(work.path().join("layout-")))
+            .collect();
         assert!(escaped.is_empty(), "{case}: written outside the snapshots: {escaped:?}");
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 1, "{case}: the outside directory changed");
         assert_eq!(fs::read(&victim).unwrap(), b"original", "{case}");
@@ -814,8 +823,18 @@ fn layer_bombs_are_refused_quickly_in_little_memory_and_the_store_stays_usable()
     let work = tempfile::tempdir().unwrap();
     let gib = 1u64 << 30;
     let cases: Vec<(&str, pullbox_tests::hostile::GzipLayer, &[&str], &[&str])> = vec![
-        ("long-name", bombs::long_name(gib).unwrap(), &[], &["GNU long name of 1073741824 bytes", "limit of 1048576 bytes"]),
-        ("pax-record", bombs::pax_record(gib).unwrap(), &[], &["PAX extended header of 1073741824 bytes", "limit of 1048576 bytes"]),
+        (
+            "long-name",
+            bombs::long_name(gib).unwrap(),
+            &[],
+            &["GNU long name of 1073741824 bytes", "limit of 1048576 bytes"],
+        ),
+        (
+            "pax-record",
+            bombs::pax_record(gib).unwrap(),
+            &[],
+            &["PAX extended header of 1073741824 bytes", "limit of 1048576 bytes"],
+        ),
         ("deep-pax-path", bombs::deep_path(20_000).unwrap(), &[], &["d/d/d/", "exceeds the limit of 1024 components"]),
         ("deep-short-path", bombs::deep_path(1500).unwrap(), &[], &["exceeds the limit of 1024 components"]),
         (
@@ -828,7 +847,9 @@ fn layer_bombs_are_refused_quickly_in_little_memory_and_the_store_stays_usable()
     let pb = pullbox();
     for (case, layer, args, expect) in cases {
         assert!(layer.gz.len() < 4 << 20, "{case}: the bomb itself is small ({} bytes)", layer.gz.len());
-        let reference = pullbox_tests::hostile::push_layers(&f.registry, &format!("bombs/{case}:1"), &[layer], work.path()).unwrap();
+        let reference =
+            pullbox_tests::hostile::push_layers(&f.registry, &format!("bombs/{case}:1"), &[layer], work.path())
+                .unwrap();
         let m = measured(&pb, "pull", args.iter().copied().chain([reference.as_str()]));
         m.out.assert_failure();
         for needle in expect {
@@ -903,7 +924,8 @@ fn a_full_disk_is_resource_exhaustion_and_the_store_recovers() {
     // The disk filled behind the store's back, to the last byte: the store still opens,
     // lists, removes and collects; once there is room, pulls work again.
     let junk = pb.root().join("junk");
-    let out = Command::new("dd").args(["if=/dev/zero", "bs=1M"]).arg(format!("of={}", junk.display())).output().unwrap();
+    let out =
+        Command::new("dd").args(["if=/dev/zero", "bs=1M"]).arg(format!("of={}", junk.display())).output().unwrap();
     assert!(!out.status.success(), "dd fills the disk: {}", String::from_utf8_lossy(&out.stderr));
     // Even the reserve's last blocks: whatever is left over.
     let _ = Command::new("dd").args(["if=/dev/zero", "bs=4k"]).arg(format!("of={}.tail", junk.display())).output();
@@ -1032,7 +1054,8 @@ fn the_store_is_its_owners_alone_and_older_stores_are_tightened() {
     assert_eq!(mode(&snapshot.join("fs")), 0o755);
 
     // A store as an older pullbox left it: root, blobs and database open to everyone.
-    let loosen = [pb.root().to_owned(), pb.root().join("content"), pb.root().join("content/blobs/sha256"), blob.clone()];
+    let loosen =
+        [pb.root().to_owned(), pb.root().join("content"), pb.root().join("content/blobs/sha256"), blob.clone()];
     for p in loosen.iter().chain([&pb.root().join("metadata.db"), &snapshot]) {
         let loose = if fs::metadata(p).unwrap().is_dir() { 0o755 } else { 0o644 };
         fs::set_permissions(p, fs::Permissions::from_mode(loose)).unwrap();

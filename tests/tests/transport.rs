@@ -43,7 +43,8 @@ const NO_ARGS: [&str; 0] = [];
 
 /// `--log` for the tests that search the output for secrets: everything at trace level
 /// except the compiler's own tracing of the puller (hundreds of megabytes, no secrets).
-const TRACE: &str = "trace,cranelift_codegen=warn,cranelift_frontend=warn,wasmtime_internal_cranelift=warn,regalloc2=warn";
+const TRACE: &str =
+    "trace,cranelift_codegen=warn,cranelift_frontend=warn,wasmtime_internal_cranelift=warn,regalloc2=warn";
 
 /// A private store, an empty hosts directory, and no Docker config unless a test writes one.
 struct Env {
@@ -53,10 +54,7 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        Env {
-            pb: Pullbox::new().unwrap_or_else(|e| panic!("{e:#}")),
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Env { pb: Pullbox::new().unwrap_or_else(|e| panic!("{e:#}")), dir: tempfile::tempdir().unwrap() }
     }
 
     fn hosts_dir(&self) -> PathBuf {
@@ -156,7 +154,9 @@ fn basic_auth_with_credentials_from_docker_config() {
 
     // Wrong password: refused; the wrong password does not leak either.
     let env = Env::new();
-    env.write_docker_config(&serde_json::json!({"auths": {reg.addr(): {"username": ALICE.0, "password": "pw-Wrong-Hh72"}}}));
+    env.write_docker_config(
+        &serde_json::json!({"auths": {reg.addr(): {"username": ALICE.0, "password": "pw-Wrong-Hh72"}}}),
+    );
     let out = env.pull(&["--log", TRACE], &reference);
     out.assert_failure().assert_stderr_contains("credentials were refused");
     assert_no_secrets(&out, &secrets_of(ALICE.0, "pw-Wrong-Hh72"));
@@ -227,7 +227,8 @@ fn bearer_tokens_from_a_token_server() {
     let asked: Vec<String> = tokens.requests()[before..].to_vec();
     assert_eq!(asked.len(), 1, "token requests: {asked:#?}");
     assert!(
-        asked[0].contains("scope=repository%3Ateam%2Fapp%3Apull") && asked[0].contains(&format!("service={}", token_server::SERVICE)),
+        asked[0].contains("scope=repository%3Ateam%2Fapp%3Apull")
+            && asked[0].contains(&format!("service={}", token_server::SERVICE)),
         "{asked:?}"
     );
     let mut secrets = secrets_of(BOB.0, BOB.1);
@@ -248,7 +249,8 @@ fn tls_with_a_ca_and_client_certificates_from_hosts_toml() {
     let reg = ConfiguredRegistry::start(&storage(f), &Auth::None, Some(&tls)).unwrap_or_else(|e| panic!("{e:#}"));
     let reference = format!("{}/team/app:1.0", reg.addr());
     let (client_cert, client_key) = pki.client();
-    let client = format!("client = [[{:?}, {:?}]]", client_cert.display().to_string(), client_key.display().to_string());
+    let client =
+        format!("client = [[{:?}, {:?}]]", client_cert.display().to_string(), client_key.display().to_string());
     let server = format!("server = \"https://{}\"", reg.addr());
 
     // Loopback without configuration means plain HTTP: the TLS registry cannot answer that.
@@ -305,7 +307,10 @@ fn a_mirror_serves_while_the_upstream_is_down() {
     let f = fixture();
     let down = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let env = Env::new();
-    env.hosts_toml(&down, &format!("[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", f.registry.addr()));
+    env.hosts_toml(
+        &down,
+        &format!("[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", f.registry.addr()),
+    );
     env.pull_app(&[], &format!("{down}/team/app:1.0"));
     let images = env.pb.images_json();
     assert!(images[0]["repoTags"].to_string().contains(&down), "named after the upstream: {images:#?}");
@@ -454,14 +459,21 @@ fn a_blob_redirect_to_another_host_carries_no_credentials_or_hosts_toml_headers(
     let blob_storage = BlobStorage::start(&storage(f)).unwrap_or_else(|e| panic!("{e:#}"));
     let at_storage = FaultProxy::start(blob_storage.addr()).unwrap();
     let users = vec![(ALICE.0.to_owned(), ALICE.1.to_owned())];
-    let reg = ConfiguredRegistry::start_redirecting(&storage(f), &Auth::Htpasswd(users), None, &format!("http://{}", at_storage.addr()))
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let reg = ConfiguredRegistry::start_redirecting(
+        &storage(f),
+        &Auth::Htpasswd(users),
+        None,
+        &format!("http://{}", at_storage.addr()),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let at_registry = FaultProxy::start(reg.addr()).unwrap();
     let header_secret = "hdr-Secret-Vq27Lp".to_owned();
 
     let env = Env::new();
     env.hosts_toml(at_registry.addr(), &format!("header = {{ X-Pullbox-Secret = {header_secret:?} }}\n"));
-    env.write_docker_config(&serde_json::json!({"auths": {at_registry.addr(): {"username": ALICE.0, "password": ALICE.1}}}));
+    env.write_docker_config(
+        &serde_json::json!({"auths": {at_registry.addr(): {"username": ALICE.0, "password": ALICE.1}}}),
+    );
     let out = env.pull(&["--log", TRACE], &format!("{}/team/app:1.0", at_registry.addr()));
     assert!(out.success(), "{out}\nregistry log:\n{}", reg.log());
     assert_eq!(out.last_line(), Some(f.app.id()), "{out}");
@@ -501,10 +513,18 @@ fn a_redirect_from_https_to_http_is_refused() {
     let tls = Tls { certificate: cert, key, client_ca: None };
     let blob_storage = BlobStorage::start(&storage(f)).unwrap_or_else(|e| panic!("{e:#}"));
     let at_storage = FaultProxy::start(blob_storage.addr()).unwrap();
-    let reg = ConfiguredRegistry::start_redirecting(&storage(f), &Auth::None, Some(&tls), &format!("http://{}", at_storage.addr()))
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let reg = ConfiguredRegistry::start_redirecting(
+        &storage(f),
+        &Auth::None,
+        Some(&tls),
+        &format!("http://{}", at_storage.addr()),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let env = Env::new();
-    env.hosts_toml(reg.addr(), &format!("server = \"https://{}\"\nca = {:?}\n", reg.addr(), pki.ca().display().to_string()));
+    env.hosts_toml(
+        reg.addr(),
+        &format!("server = \"https://{}\"\nca = {:?}\n", reg.addr(), pki.ca().display().to_string()),
+    );
     let out = env.pull(&[], &format!("{}/team/app:1.0", reg.addr()));
     out.assert_failure().assert_stderr_contains("redirected from HTTPS to plain HTTP");
     assert!(at_storage.requests().is_empty(), "the plain-HTTP target was asked: {:#?}", at_storage.requests());
@@ -526,7 +546,10 @@ fn pull_with_alice(image: &str) -> k8s_cri::v1::PullImageRequest {
 
 /// One CRI `PullImage` on `socket`, from a runtime of its own (the test's servers run on
 /// theirs, which cannot be started from inside another).
-fn cri_pull(socket: &std::path::Path, req: k8s_cri::v1::PullImageRequest) -> Result<k8s_cri::v1::PullImageResponse, tonic::Status> {
+fn cri_pull(
+    socket: &std::path::Path,
+    req: k8s_cri::v1::PullImageRequest,
+) -> Result<k8s_cri::v1::PullImageResponse, tonic::Status> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let mut c = cri::connect(socket).await.unwrap();
@@ -551,8 +574,13 @@ fn cri_credentials_never_reach_a_registry_the_puller_names() {
     let elsewhere = format!("{}/team/app:1.0", at_b.addr());
     let settings = serde_json::json!({"behavior": "sleepy", "resolve": [elsewhere], "reads": 1}).to_string();
     let hosts = tempfile::tempdir().unwrap();
-    let d = sandbox::SwapDaemon::start(pullbox_tests::backends::Backend::Embedded, &sandbox::hostile().unwrap(), &settings, &registry_section(hosts.path()))
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let d = sandbox::SwapDaemon::start(
+        pullbox_tests::backends::Backend::Embedded,
+        &sandbox::hostile().unwrap(),
+        &settings,
+        &registry_section(hosts.path()),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let pulled = cri_pull(d.daemon.socket(), pull_with_alice(&format!("{}/team/app:1.0", a.addr())))
         .unwrap_or_else(|e| panic!("the pull from A failed: {e:?}\n{}", d.daemon.log()));
     assert_eq!(pulled.image_ref, f.app.manifest_digest, "sleepy answers the manifest digest");
@@ -619,7 +647,10 @@ fn a_re_pull_of_an_unchanged_tag_sends_head_and_no_get() {
     let first = manifest_requests(&proxy.requests());
     assert_eq!(
         first,
-        vec!["HEAD /v2/team/app/manifests/1.0".to_owned(), format!("GET /v2/team/app/manifests/{}", f.app.manifest_digest)],
+        vec![
+            "HEAD /v2/team/app/manifests/1.0".to_owned(),
+            format!("GET /v2/team/app/manifests/{}", f.app.manifest_digest)
+        ],
         "first pull"
     );
     let seen = proxy.requests().len();
@@ -628,7 +659,8 @@ fn a_re_pull_of_an_unchanged_tag_sends_head_and_no_get() {
     assert_eq!(again, vec!["HEAD /v2/team/app/manifests/1.0".to_owned()], "re-pull of an unchanged tag");
 
     let key = format!("{}{}", pullbox::registry::DISTRIBUTION_SOURCE_LABEL, proxy.addr());
-    let blobs = [&f.app.manifest_digest, &f.app.config_digest].into_iter().chain(f.app.layers.iter().map(|l| &l.digest));
+    let blobs =
+        [&f.app.manifest_digest, &f.app.config_digest].into_iter().chain(f.app.layers.iter().map(|l| &l.digest));
     for digest in blobs {
         let labels = source_labels(env.pb.root(), digest);
         assert_eq!(labels, [(key.clone(), "team/app".to_owned())].into_iter().collect(), "labels of {digest}");
@@ -696,10 +728,13 @@ fn downloads_are_bounded_across_concurrent_pulls() {
             let reference = image.reference.replacen(f.registry.addr(), proxy.addr(), 1);
             let socket = d.socket().to_owned();
             std::thread::spawn(move || {
-                cri_pull(&socket, k8s_cri::v1::PullImageRequest {
-                    image: Some(k8s_cri::v1::ImageSpec { image: reference, ..Default::default() }),
-                    ..Default::default()
-                })
+                cri_pull(
+                    &socket,
+                    k8s_cri::v1::PullImageRequest {
+                        image: Some(k8s_cri::v1::ImageSpec { image: reference, ..Default::default() }),
+                        ..Default::default()
+                    },
+                )
             })
         })
         .collect();

@@ -48,9 +48,7 @@ pub struct Allowlist {
 impl Allowlist {
     /// An allowlist of `digests` (not validated; see [`Allowlist::parse`]).
     pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(digests: I) -> Allowlist {
-        Allowlist {
-            digests: digests.into_iter().map(Into::into).collect(),
-        }
+        Allowlist { digests: digests.into_iter().map(Into::into).collect() }
     }
 
     /// Parses the settings document `{"digests": [...]}`; empty means an empty list.
@@ -71,9 +69,7 @@ impl Allowlist {
         let mut list = Allowlist::default();
         for (key, value) in &map {
             if key != "digests" {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown setting {key:?} (known: digests)"
-                )));
+                return Err(Error::InvalidArgument(format!("unknown setting {key:?} (known: digests)")));
             }
             let serde_json::Value::Array(items) = value else {
                 return Err(Error::InvalidArgument(format!(
@@ -82,20 +78,12 @@ impl Allowlist {
             };
             for (i, item) in items.iter().enumerate() {
                 let d = item.as_str().ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "setting \"digests\" entry {i} must be a string, not {item}"
-                    ))
+                    Error::InvalidArgument(format!("setting \"digests\" entry {i} must be a string, not {item}"))
                 })?;
-                digest::parse(d).map_err(|e| {
-                    Error::InvalidArgument(format!(
-                        "setting \"digests\" entry {i}: {}",
-                        e.message()
-                    ))
-                })?;
+                digest::parse(d)
+                    .map_err(|e| Error::InvalidArgument(format!("setting \"digests\" entry {i}: {}", e.message())))?;
                 if !list.digests.insert(d.to_string()) {
-                    return Err(Error::InvalidArgument(format!(
-                        "setting \"digests\" entry {i}: {d} is listed twice"
-                    )));
+                    return Err(Error::InvalidArgument(format!("setting \"digests\" entry {i}: {d} is listed twice")));
                 }
             }
         }
@@ -122,10 +110,7 @@ impl Policy for Allowlist {
     fn check_reference(&self, reference: &Reference) -> Verdict {
         let mut v = Verdict::new();
         if self.is_empty() {
-            v.rule(
-                RULE,
-                Err("the allowlist is empty: no image may be pulled".into()),
-            );
+            v.rule(RULE, Err("the allowlist is empty: no image may be pulled".into()));
         } else if reference.digest().is_some_and(|d| self.contains(d)) {
             v.rule(RULE, Ok(()));
         }
@@ -139,10 +124,7 @@ impl Policy for Allowlist {
         } else if oci::kind_of(&root.media_type) != Kind::Index {
             // Not an index (or something the pull refuses anyway): nothing below it can
             // be listed instead.
-            v.rule(
-                RULE,
-                Err(format!("manifest {} is not on the allowlist", root.digest)),
-            );
+            v.rule(RULE, Err(format!("manifest {} is not on the allowlist", root.digest)));
         }
         // An index not listed: its manifest for the platform may be; decided next stage.
         v
@@ -150,29 +132,23 @@ impl Policy for Allowlist {
 
     fn check_manifest(&self, _reference: &Reference, image: &Image<'_>) -> Verdict {
         let mut v = Verdict::new();
-        let outcome =
-            if self.contains(&image.root.digest) || self.contains(&image.manifest_desc.digest) {
-                Ok(())
-            } else if let Some(entry) = image.index_entry {
-                Err(format!(
+        let outcome = if self.contains(&image.root.digest) || self.contains(&image.manifest_desc.digest) {
+            Ok(())
+        } else if let Some(entry) = image.index_entry {
+            Err(format!(
                 "neither index {} nor its manifest {entry} for the platform is on the allowlist",
                 image.root.digest,
                 entry = entry.digest
             ))
-            } else {
-                Err(format!(
-                    "manifest {} is not on the allowlist",
-                    image.manifest_desc.digest
-                ))
-            };
+        } else {
+            Err(format!("manifest {} is not on the allowlist", image.manifest_desc.digest))
+        };
         v.rule(RULE, outcome);
         v
     }
 }
 
-static CURRENT: Mutex<Allowlist> = Mutex::new(Allowlist {
-    digests: BTreeSet::new(),
-});
+static CURRENT: Mutex<Allowlist> = Mutex::new(Allowlist { digests: BTreeSet::new() });
 
 /// The allowlist puller: the default puller's machinery with [`Allowlist`] as its policy.
 pub struct AllowlistPuller;
@@ -193,16 +169,9 @@ impl Puller for AllowlistPuller {
 
     fn pull_image(host: &dyn Host, request: &PullRequest) -> Result<ImageInfo> {
         let list = Self::current();
-        host.log(
-            Level::Debug,
-            &format!("allowlist: {} digests allowed", list.len()),
-        );
-        pull_with(host, &Options::default(), &list, request).inspect_err(|e| {
-            host.log(
-                Level::Info,
-                &format!("pull of {:?} failed: {e}", request.reference),
-            )
-        })
+        host.log(Level::Debug, &format!("allowlist: {} digests allowed", list.len()));
+        pull_with(host, &Options::default(), &list, request)
+            .inspect_err(|e| host.log(Level::Info, &format!("pull of {:?} failed: {e}", request.reference)))
     }
 }
 
@@ -215,11 +184,7 @@ mod tests {
     use pullbox_puller::fake::{platform, FakeHost};
 
     fn req(reference: &str, p: &str) -> PullRequest {
-        PullRequest {
-            reference: reference.into(),
-            platform: platform(p),
-            ..PullRequest::default()
-        }
+        PullRequest { reference: reference.into(), platform: platform(p), ..PullRequest::default() }
     }
 
     fn pull(host: &FakeHost, list: &Allowlist, reference: &str, p: &str) -> Result<ImageInfo> {
@@ -241,20 +206,11 @@ mod tests {
             ("[]".to_string(), "must be a JSON object"),
             ("{".into(), "not valid JSON"),
             (r#"{"digest": []}"#.into(), "unknown setting \"digest\""),
-            (
-                r#"{"digests": "sha256:x"}"#.into(),
-                "\"digests\" must be a list",
-            ),
+            (r#"{"digests": "sha256:x"}"#.into(), "\"digests\" must be a list"),
             (r#"{"digests": [1]}"#.into(), "entry 0 must be a string"),
-            (
-                r#"{"digests": ["sha256:abc"]}"#.into(),
-                "entry 0: invalid digest",
-            ),
+            (r#"{"digests": ["sha256:abc"]}"#.into(), "entry 0: invalid digest"),
             (format!(r#"{{"digests": ["{d1}", "{d1}"]}}"#), "entry 1"),
-            (
-                format!(r#"{{"digests": ["{}"]}}"#, d1.to_uppercase()),
-                "entry 0: invalid digest",
-            ),
+            (format!(r#"{{"digests": ["{}"]}}"#, d1.to_uppercase()), "entry 0: invalid digest"),
         ] {
             match Allowlist::parse(&doc) {
                 Err(Error::InvalidArgument(m)) => assert!(m.contains(want), "{doc}: {m}"),
@@ -281,13 +237,7 @@ mod tests {
         let other = Allowlist::new([digest::sha256(b"something else")]);
         match pull(&host, &other, "quay.io/team/app:1.0", "linux/amd64") {
             Err(Error::PermissionDenied(m)) => {
-                assert!(
-                    m.contains(&format!(
-                        "manifest {} is not on the allowlist",
-                        img.manifest.digest
-                    )),
-                    "{m}"
-                );
+                assert!(m.contains(&format!("manifest {} is not on the allowlist", img.manifest.digest)), "{m}");
             }
             other => panic!("{other:?}"),
         }
@@ -297,10 +247,7 @@ mod tests {
         let info = pull(&host, &listed, "quay.io/team/app:1.0", "linux/amd64").unwrap();
         assert_eq!(info.id, img.config.digest);
         let by_digest = format!("quay.io/team/app@{}", img.manifest.digest);
-        assert_eq!(
-            pull(&host, &listed, &by_digest, "linux/amd64").unwrap().id,
-            img.config.digest
-        );
+        assert_eq!(pull(&host, &listed, &by_digest, "linux/amd64").unwrap().id, img.config.digest);
     }
 
     #[test]
@@ -308,27 +255,14 @@ mod tests {
         let host = FakeHost::new();
         let amd = host.push_image_for(&[b"amd"], "", "linux/amd64");
         let arm = host.push_image_for(&[b"arm"], "", "linux/arm64");
-        let index = host.push_index(&[
-            (&amd.manifest, "linux/amd64"),
-            (&arm.manifest, "linux/arm64"),
-        ]);
+        let index = host.push_index(&[(&amd.manifest, "linux/amd64"), (&arm.manifest, "linux/arm64")]);
         host.tag("quay.io/team/multi", "1", &index);
 
         let by_index = Allowlist::new([index.digest.clone()]);
-        assert_eq!(
-            pull(&host, &by_index, "quay.io/team/multi:1", "linux/arm64")
-                .unwrap()
-                .id,
-            arm.config.digest
-        );
+        assert_eq!(pull(&host, &by_index, "quay.io/team/multi:1", "linux/arm64").unwrap().id, arm.config.digest);
 
         let only_amd = Allowlist::new([amd.manifest.digest.clone()]);
-        assert_eq!(
-            pull(&host, &only_amd, "quay.io/team/multi:1", "linux/amd64")
-                .unwrap()
-                .id,
-            amd.config.digest
-        );
+        assert_eq!(pull(&host, &only_amd, "quay.io/team/multi:1", "linux/amd64").unwrap().id, amd.config.digest);
         // A fresh store over the same registry: nothing fetched yet.
         let remote = host.s.borrow().remote.clone();
         let host = FakeHost::new();
@@ -336,10 +270,7 @@ mod tests {
         host.tag("quay.io/team/multi", "1", &index);
         match pull(&host, &only_amd, "quay.io/team/multi:1", "linux/arm64") {
             Err(Error::PermissionDenied(m)) => {
-                assert!(
-                    m.contains(&index.digest) && m.contains(&arm.manifest.digest),
-                    "{m}"
-                )
+                assert!(m.contains(&index.digest) && m.contains(&arm.manifest.digest), "{m}")
             }
             other => panic!("{other:?}"),
         }
@@ -353,29 +284,18 @@ mod tests {
         let d = digest::sha256(b"x");
         AllowlistPuller::configure(&format!(r#"{{"digests": ["{d}"]}}"#)).unwrap();
         assert!(AllowlistPuller::configure(r#"{"digests": ["nope"]}"#).is_err());
-        assert!(
-            AllowlistPuller::current().contains(&d),
-            "a refused document keeps the old list"
-        );
+        assert!(AllowlistPuller::current().contains(&d), "a refused document keeps the old list");
 
         let host = FakeHost::new();
         let img = host.push_image(&[b"layer"], "");
         host.tag("quay.io/team/app", "1.0", &img.manifest);
-        AllowlistPuller::configure(&format!(r#"{{"digests": ["{}"]}}"#, img.manifest.digest))
-            .unwrap();
-        let info = AllowlistPuller::pull_image(&host, &req("quay.io/team/app:1.0", "linux/amd64"))
-            .unwrap();
-        assert_eq!(
-            AllowlistPuller::image_status(&host, "quay.io/team/app:1.0").unwrap(),
-            Some(info.clone())
-        );
+        AllowlistPuller::configure(&format!(r#"{{"digests": ["{}"]}}"#, img.manifest.digest)).unwrap();
+        let info = AllowlistPuller::pull_image(&host, &req("quay.io/team/app:1.0", "linux/amd64")).unwrap();
+        assert_eq!(AllowlistPuller::image_status(&host, "quay.io/team/app:1.0").unwrap(), Some(info.clone()));
         assert_eq!(AllowlistPuller::list_images(&host).unwrap(), vec![info]);
         AllowlistPuller::remove_image(&host, "quay.io/team/app:1.0").unwrap();
         assert!(AllowlistPuller::list_images(&host).unwrap().is_empty());
         AllowlistPuller::configure("").unwrap();
-        assert!(
-            AllowlistPuller::pull_image(&host, &req("quay.io/team/app:1.0", "linux/amd64"))
-                .is_err()
-        );
+        assert!(AllowlistPuller::pull_image(&host, &req("quay.io/team/app:1.0", "linux/amd64")).is_err());
     }
 }

@@ -42,9 +42,7 @@ use pullbox_puller::types::{Descriptor, ImageInfo, Level, PullRequest};
 use pullbox_puller::Puller;
 
 use settings::{CosignSettings, Rule};
-use verify::{
-    check, Outcome, Signature, SIGNATURE_ANNOTATION, SIGNATURE_ARTIFACT_TYPE, SIMPLE_SIGNING,
-};
+use verify::{check, Outcome, Signature, SIGNATURE_ANNOTATION, SIGNATURE_ARTIFACT_TYPE, SIMPLE_SIGNING};
 
 /// The rule that refuses images no rule applies to.
 pub const UNMATCHED: &str = "unmatched";
@@ -75,12 +73,7 @@ struct Found {
 impl<'a> Cosign<'a> {
     /// The policy of one pull through `host`.
     pub fn new(host: &'a dyn Host, settings: &'a CosignSettings) -> Cosign<'a> {
-        Cosign {
-            host,
-            settings,
-            found: RefCell::new(None),
-            failure: RefCell::new(None),
-        }
+        Cosign { host, settings, found: RefCell::new(None), failure: RefCell::new(None) }
     }
 
     /// The registry failure that made the last hook refuse, if any.
@@ -89,40 +82,28 @@ impl<'a> Cosign<'a> {
     }
 
     /// Judges one rule against the signatures found for `digest`.
-    fn judge(
-        &self,
-        rule: &Rule,
-        found: &Found,
-        digest: &str,
-        now: u64,
-    ) -> std::result::Result<String, String> {
+    fn judge(&self, rule: &Rule, found: &Found, digest: &str, now: u64) -> std::result::Result<String, String> {
         let keys = self.settings.keys_of(rule, now);
         if keys.is_empty() {
-            return Err(format!(
-                "every key of the rule ({}) has expired",
-                rule.keys.join(", ")
-            ));
+            return Err(format!("every key of the rule ({}) has expired", rule.keys.join(", ")));
         }
         if found.signatures.is_empty() {
-            return Err(format!(
-                "unsigned: no cosign signature of {digest} ({})",
-                found.places.join(", ")
-            ));
+            return Err(format!("unsigned: no cosign signature of {digest} ({})", found.places.join(", ")));
         }
         let (mut other, mut bad, mut malformed) = (None, 0, None);
         for sig in &found.signatures {
             match check(sig, &keys, digest) {
                 Outcome::Valid { key } => return Ok(key),
-                Outcome::OtherDigest { key, signed } => {
-                    other = Some((key, signed, sig.manifest.clone()))
-                }
+                Outcome::OtherDigest { key, signed } => other = Some((key, signed, sig.manifest.clone())),
                 Outcome::BadSignature => bad += 1,
                 Outcome::Malformed(why) => malformed = Some((why, sig.manifest.clone())),
             }
         }
         let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
         Err(if let Some((key, signed, manifest)) = other {
-            format!("signature of another digest: key {key} signed {signed}, not {digest} (signature manifest {manifest})")
+            format!(
+                "signature of another digest: key {key} signed {signed}, not {digest} (signature manifest {manifest})"
+            )
         } else if bad > 0 {
             format!(
                 "wrong key or tampered payload: {bad} signature(s) of {digest}, none verifies with key(s) {} over its payload",
@@ -140,20 +121,13 @@ impl<'a> Cosign<'a> {
             let found = find_signatures(self.host, name, digest)?;
             *self.found.borrow_mut() = Some(found);
         }
-        Ok(std::cell::Ref::map(self.found.borrow(), |f| {
-            f.as_ref().expect("looked up")
-        }))
+        Ok(std::cell::Ref::map(self.found.borrow(), |f| f.as_ref().expect("looked up")))
     }
 }
 
 /// The signature layers of the manifest `desc` (stored already): payloads fetched and read,
 /// digests verified.
-fn signature_layers(
-    host: &dyn Host,
-    name: &str,
-    desc: &Descriptor,
-    out: &mut Vec<Signature>,
-) -> Result<()> {
+fn signature_layers(host: &dyn Host, name: &str, desc: &Descriptor, out: &mut Vec<Signature>) -> Result<()> {
     let bytes = read_small(host, desc, "signature manifest")?;
     let manifest = oci::parse_manifest(desc, &bytes)?;
     let layers: Vec<Descriptor> = manifest
@@ -167,15 +141,10 @@ fn signature_layers(
     }
     host.fetch(name, &layers)?;
     for layer in layers {
-        let signature = pullbox_puller::types::label(&layer.annotations, SIGNATURE_ANNOTATION)
-            .unwrap_or_default()
-            .to_string();
+        let signature =
+            pullbox_puller::types::label(&layer.annotations, SIGNATURE_ANNOTATION).unwrap_or_default().to_string();
         let payload = read_small(host, &layer, "signature payload")?;
-        out.push(Signature {
-            manifest: desc.digest.clone(),
-            payload,
-            signature,
-        });
+        out.push(Signature { manifest: desc.digest.clone(), payload, signature });
     }
     Ok(())
 }
@@ -186,10 +155,7 @@ fn find_signatures(host: &dyn Host, name: &str, digest: &str) -> Result<Found> {
     let (_, hex) = digest::parse(digest)?;
     let algorithm = digest.split(':').next().unwrap_or_default();
     let tag = format!("{algorithm}-{hex}.sig");
-    let mut found = Found {
-        places: vec![format!("tag {tag}"), "referrers".into()],
-        ..Found::default()
-    };
+    let mut found = Found { places: vec![format!("tag {tag}"), "referrers".into()], ..Found::default() };
     match host.resolve(name, &tag) {
         Ok(desc) => signature_layers(host, name, &desc, &mut found.signatures)?,
         Err(Error::NotFound(_)) => {}
@@ -224,10 +190,7 @@ impl Policy for Cosign<'_> {
             } else {
                 v.rule(
                     UNMATCHED,
-                    Err(format!(
-                        "no signature rule covers {}, and unmatched images are denied",
-                        reference.name()
-                    )),
+                    Err(format!("no signature rule covers {}, and unmatched images are denied", reference.name())),
                 );
             }
         }
@@ -257,10 +220,7 @@ impl Policy for Cosign<'_> {
                 Ok(key) => {
                     self.host.log(
                         Level::Info,
-                        &format!(
-                            "cosign: {reference}: {} signed by key {key} ({})",
-                            root.digest, rule.name
-                        ),
+                        &format!("cosign: {reference}: {} signed by key {key} ({})", root.digest, rule.name),
                     );
                     v.rule(&rule.name, Ok(()));
                 }
@@ -281,23 +241,14 @@ pub struct CosignPuller;
 impl CosignPuller {
     /// The instance's settings.
     pub fn current() -> CosignSettings {
-        CURRENT
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default()
+        CURRENT.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()
     }
 }
 
 /// Pulls `request` through `host` under `settings`: see the crate docs.
-pub fn pull(
-    host: &dyn Host,
-    settings: &CosignSettings,
-    request: &PullRequest,
-) -> Result<ImageInfo> {
+pub fn pull(host: &dyn Host, settings: &CosignSettings, request: &PullRequest) -> Result<ImageInfo> {
     let policy = Cosign::new(host, settings);
-    pull_with(host, &Options::default(), &policy, request)
-        .map_err(|e| policy.take_failure().unwrap_or(e))
+    pull_with(host, &Options::default(), &policy, request).map_err(|e| policy.take_failure().unwrap_or(e))
 }
 
 impl Puller for CosignPuller {
@@ -309,12 +260,8 @@ impl Puller for CosignPuller {
 
     fn pull_image(host: &dyn Host, request: &PullRequest) -> Result<ImageInfo> {
         let settings = Self::current();
-        pull(host, &settings, request).inspect_err(|e| {
-            host.log(
-                Level::Info,
-                &format!("pull of {:?} failed: {e}", request.reference),
-            )
-        })
+        pull(host, &settings, request)
+            .inspect_err(|e| host.log(Level::Info, &format!("pull of {:?} failed: {e}", request.reference)))
     }
 }
 

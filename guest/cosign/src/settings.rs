@@ -62,9 +62,8 @@ impl Rule {
         if self.registries.is_empty() && self.repositories.is_empty() {
             return true;
         }
-        let host_matches = canonical_host(reference.domain())
-            .map(|h| self.registries.iter().any(|p| p.matches(&h)))
-            .unwrap_or(false);
+        let host_matches =
+            canonical_host(reference.domain()).map(|h| self.registries.iter().any(|p| p.matches(&h))).unwrap_or(false);
         host_matches || self.repositories.iter().any(|p| p.matches(reference))
     }
 }
@@ -87,31 +86,21 @@ fn invalid(msg: String) -> Error {
 }
 
 fn object<'a>(value: &'a Value, what: &str) -> Result<&'a serde_json::Map<String, Value>> {
-    value
-        .as_object()
-        .ok_or_else(|| invalid(format!("{what} must be a JSON object, not {value}")))
+    value.as_object().ok_or_else(|| invalid(format!("{what} must be a JSON object, not {value}")))
 }
 
 fn strings<'a>(value: &'a Value, what: &str) -> Result<Vec<&'a str>> {
-    let items = value
-        .as_array()
-        .ok_or_else(|| invalid(format!("{what} must be a list of strings, not {value}")))?;
+    let items = value.as_array().ok_or_else(|| invalid(format!("{what} must be a list of strings, not {value}")))?;
     items
         .iter()
         .enumerate()
-        .map(|(i, v)| {
-            v.as_str()
-                .ok_or_else(|| invalid(format!("{what} entry {i} must be a string, not {v}")))
-        })
+        .map(|(i, v)| v.as_str().ok_or_else(|| invalid(format!("{what} entry {i} must be a string, not {v}"))))
         .collect()
 }
 
 fn no_unknown(map: &serde_json::Map<String, Value>, known: &[&str], what: &str) -> Result<()> {
     match map.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => Err(invalid(format!(
-            "unknown setting {what}{k:?} (known: {})",
-            known.join(", ")
-        ))),
+        Some(k) => Err(invalid(format!("unknown setting {what}{k:?} (known: {})", known.join(", ")))),
         None => Ok(()),
     }
 }
@@ -126,14 +115,13 @@ fn parse_key(name: &str, value: &Value) -> Result<Key> {
                 .get("pem")
                 .and_then(Value::as_str)
                 .ok_or_else(|| invalid(format!("{what} needs \"pem\", a PEM public key")))?;
-            let expires = match map.get("expires") {
-                None => None,
-                Some(v) => Some(v.as_u64().ok_or_else(|| {
-                    invalid(format!(
-                        "{what}: \"expires\" must be seconds since the epoch, not {v}"
-                    ))
-                })?),
-            };
+            let expires =
+                match map.get("expires") {
+                    None => None,
+                    Some(v) => Some(v.as_u64().ok_or_else(|| {
+                        invalid(format!("{what}: \"expires\" must be seconds since the epoch, not {v}"))
+                    })?),
+                };
             (pem, expires)
         }
         other => {
@@ -169,29 +157,18 @@ fn parse_rule(i: usize, value: &Value, keys: &BTreeMap<String, Key>) -> Result<R
         None => Vec::new(),
         Some(v) => strings(v, &format!("{what}.repositories"))?
             .into_iter()
-            .map(|p| {
-                RepositoryPattern::parse(p)
-                    .map_err(|e| invalid(format!("{what}.repositories: {e}")))
-            })
+            .map(|p| RepositoryPattern::parse(p).map_err(|e| invalid(format!("{what}.repositories: {e}"))))
             .collect::<Result<_>>()?,
     };
     let names = strings(
-        map.get("keys").ok_or_else(|| {
-            invalid(format!(
-                "{what} needs \"keys\", the names of its trusted keys"
-            ))
-        })?,
+        map.get("keys").ok_or_else(|| invalid(format!("{what} needs \"keys\", the names of its trusted keys")))?,
         &format!("{what}.keys"),
     )?;
     if names.is_empty() {
-        return Err(invalid(format!(
-            "{what}.keys is empty: no image could pass it"
-        )));
+        return Err(invalid(format!("{what}.keys is empty: no image could pass it")));
     }
     if let Some(unknown) = names.iter().find(|n| !keys.contains_key(**n)) {
-        return Err(invalid(format!(
-            "{what}.keys: no key named {unknown:?} in \"keys\""
-        )));
+        return Err(invalid(format!("{what}.keys: no key named {unknown:?} in \"keys\"")));
     }
     Ok(Rule {
         name: format!("signatures[{name}]"),
@@ -211,26 +188,20 @@ impl CosignSettings {
         if doc.trim().is_empty() {
             return Ok(out);
         }
-        let value: Value = serde_json::from_str(doc)
-            .map_err(|e| invalid(format!("settings are not valid JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_str(doc).map_err(|e| invalid(format!("settings are not valid JSON: {e}")))?;
         let map = object(&value, "the settings")?;
         no_unknown(map, TOP_KEYS, "")?;
         out.audit = match map.get("mode").map(|m| (m, m.as_str())) {
             None | Some((_, Some("enforce"))) => false,
             Some((_, Some("audit"))) => true,
-            Some((m, _)) => {
-                return Err(invalid(format!(
-                    "setting \"mode\" must be \"enforce\" or \"audit\", not {m}"
-                )))
-            }
+            Some((m, _)) => return Err(invalid(format!("setting \"mode\" must be \"enforce\" or \"audit\", not {m}"))),
         };
         out.allow_unmatched = match map.get("unmatched").map(|m| (m, m.as_str())) {
             None | Some((_, Some("deny"))) => false,
             Some((_, Some("allow"))) => true,
             Some((m, _)) => {
-                return Err(invalid(format!(
-                    "setting \"unmatched\" must be \"deny\" or \"allow\", not {m}"
-                )))
+                return Err(invalid(format!("setting \"unmatched\" must be \"deny\" or \"allow\", not {m}")))
             }
         };
         if let Some(keys) = map.get("keys") {
@@ -239,17 +210,13 @@ impl CosignSettings {
             }
         }
         if let Some(rules) = map.get("rules") {
-            let items = rules
-                .as_array()
-                .ok_or_else(|| invalid(format!("setting \"rules\" must be a list, not {rules}")))?;
+            let items =
+                rules.as_array().ok_or_else(|| invalid(format!("setting \"rules\" must be a list, not {rules}")))?;
             let mut seen = BTreeSet::new();
             for (i, r) in items.iter().enumerate() {
                 let rule = parse_rule(i, r, &out.keys)?;
                 if !seen.insert(rule.name.clone()) {
-                    return Err(invalid(format!(
-                        "setting \"rules\" entry {i}: {} is named twice",
-                        rule.name
-                    )));
+                    return Err(invalid(format!("setting \"rules\" entry {i}: {} is named twice", rule.name)));
                 }
                 out.rules.push(rule);
             }
@@ -258,20 +225,13 @@ impl CosignSettings {
     }
 
     /// The rules that apply to `reference`, in order.
-    pub fn rules_for<'a>(
-        &'a self,
-        reference: &'a Reference,
-    ) -> impl Iterator<Item = &'a Rule> + 'a {
+    pub fn rules_for<'a>(&'a self, reference: &'a Reference) -> impl Iterator<Item = &'a Rule> + 'a {
         self.rules.iter().filter(move |r| r.applies(reference))
     }
 
     /// The keys of `rule` that are valid at `now` (seconds since the epoch).
     pub fn keys_of(&self, rule: &Rule, now: u64) -> Vec<&Key> {
-        rule.keys
-            .iter()
-            .filter_map(|n| self.keys.get(n))
-            .filter(|k| k.expires.is_none_or(|e| now < e))
-            .collect()
+        rule.keys.iter().filter_map(|n| self.keys.get(n)).filter(|k| k.expires.is_none_or(|e| now < e)).collect()
     }
 }
 
@@ -282,9 +242,7 @@ mod tests {
 
     fn doc(rules: &str) -> String {
         let pem = serde_json::to_string(&pem_of(&signing_key(1))).unwrap();
-        format!(
-            r#"{{"keys": {{"release": {pem}, "old": {{"pem": {pem}, "expires": 100}}}}, "rules": {rules}}}"#
-        )
+        format!(r#"{{"keys": {{"release": {pem}, "old": {{"pem": {pem}, "expires": 100}}}}, "rules": {rules}}}"#)
     }
 
     #[test]
@@ -299,20 +257,13 @@ mod tests {
             s.rules_for(&r).map(|r| r.name.clone()).collect::<Vec<_>>()
         };
         assert_eq!(names("127.0.0.1:5000/team/app:1"), ["signatures[team]"]);
-        assert_eq!(
-            names("127.1:5000/team/sub/app:1"),
-            ["signatures[team]"],
-            "canonical host"
-        );
+        assert_eq!(names("127.1:5000/team/sub/app:1"), ["signatures[team]"], "canonical host");
         assert!(names("127.0.0.1:5000/teamevil/app:1").is_empty());
         assert_eq!(names("r.example.com/x:1"), ["signatures[1]"]);
         assert!(names("example.com.evil.io/x:1").is_empty());
         assert!(!s.allow_unmatched && !s.audit);
         let all = CosignSettings::parse(&doc(r#"[{"keys": ["release"]}]"#)).unwrap();
-        assert_eq!(
-            all.rules_for(&Reference::parse("busybox").unwrap()).count(),
-            1
-        );
+        assert_eq!(all.rules_for(&Reference::parse("busybox").unwrap()).count(), 1);
         // Expired keys drop out.
         let rule = &s.rules[1];
         assert_eq!(s.keys_of(rule, 99).len(), 2);
@@ -321,38 +272,20 @@ mod tests {
 
     #[test]
     fn bad_settings_are_refused_naming_the_setting() {
-        assert_eq!(
-            CosignSettings::parse("").unwrap(),
-            CosignSettings::default()
-        );
+        assert_eq!(CosignSettings::parse("").unwrap(), CosignSettings::default());
         for (d, want) in [
             ("[]".to_string(), "must be a JSON object"),
             (r#"{"rule": []}"#.into(), "unknown setting \"rule\""),
             (r#"{"mode": "warn"}"#.into(), "\"mode\""),
             (r#"{"unmatched": 1}"#.into(), "\"unmatched\""),
             (r#"{"keys": {"k": "nope"}}"#.into(), "\"keys\".\"k\""),
-            (
-                r#"{"keys": {"k": {"pem": "x", "ttl": 1}}}"#.into(),
-                "unknown setting in",
-            ),
+            (r#"{"keys": {"k": {"pem": "x", "ttl": 1}}}"#.into(), "unknown setting in"),
             (doc(r#"[{"keys": []}]"#), "keys is empty"),
             (doc(r#"[{"keys": ["ci"]}]"#), "no key named \"ci\""),
-            (
-                doc(r#"[{"repositories": ["Team/**"], "keys": ["release"]}]"#),
-                "repositories",
-            ),
-            (
-                doc(r#"[{"registries": ["http://x"], "keys": ["release"]}]"#),
-                "registries",
-            ),
-            (
-                doc(r#"[{"name": "a", "keys": ["release"]}, {"name": "a", "keys": ["release"]}]"#),
-                "named twice",
-            ),
-            (
-                doc(r#"[{"key": ["release"]}]"#),
-                "unknown setting in setting \"rules\"[0]",
-            ),
+            (doc(r#"[{"repositories": ["Team/**"], "keys": ["release"]}]"#), "repositories"),
+            (doc(r#"[{"registries": ["http://x"], "keys": ["release"]}]"#), "registries"),
+            (doc(r#"[{"name": "a", "keys": ["release"]}, {"name": "a", "keys": ["release"]}]"#), "named twice"),
+            (doc(r#"[{"key": ["release"]}]"#), "unknown setting in setting \"rules\"[0]"),
         ] {
             match CosignSettings::parse(&d) {
                 Err(Error::InvalidArgument(m)) => assert!(m.contains(want), "{d}: {m}"),

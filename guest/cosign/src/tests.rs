@@ -21,11 +21,7 @@ fn settings(extra: &str) -> CosignSettings {
 }
 
 fn req(reference: &str) -> PullRequest {
-    PullRequest {
-        reference: reference.into(),
-        platform: platform("linux/amd64"),
-        ..PullRequest::default()
-    }
+    PullRequest { reference: reference.into(), platform: platform("linux/amd64"), ..PullRequest::default() }
 }
 
 fn image(host: &FakeHost) -> Pushed {
@@ -75,10 +71,7 @@ fn denied(host: &FakeHost, s: &CosignSettings, reference: &str, want: &[&str]) {
         other => panic!("{other:?}"),
     }
     assert!(
-        !host
-            .calls()
-            .iter()
-            .any(|c| c.contains("prepare") || c.contains("create")),
+        !host.calls().iter().any(|c| c.contains("prepare") || c.contains("create")),
         "a refused pull unpacked or recorded: {:?}",
         host.calls()
     );
@@ -93,18 +86,8 @@ fn a_signed_image_is_pulled_by_tag_and_digest() {
     let info = pull(&host, &s, &req("quay.io/team/app:1.0")).unwrap();
     assert_eq!(info.id, img.config.digest);
     let by_digest = format!("{NAME}@{}", img.manifest.digest);
-    assert_eq!(
-        pull(&host, &s, &req(&by_digest)).unwrap().id,
-        img.config.digest
-    );
-    assert!(
-        host.s
-            .borrow()
-            .logs
-            .iter()
-            .any(|(_, m)| m.contains("signed by key ci")),
-        "the accepting key is logged"
-    );
+    assert_eq!(pull(&host, &s, &req(&by_digest)).unwrap().id, img.config.digest);
+    assert!(host.s.borrow().logs.iter().any(|(_, m)| m.contains("signed by key ci")), "the accepting key is logged");
 }
 
 #[test]
@@ -113,40 +96,26 @@ fn unsigned_wrong_key_other_digest_and_tampered_are_denied() {
     // Unsigned: neither the tag nor a referrer; nothing but the root was fetched.
     let host = FakeHost::new();
     let img = image(&host);
-    denied(
-        &host,
-        &s,
-        "quay.io/team/app:1.0",
-        &["rule signatures[team]: unsigned", "tag sha256-"],
-    );
+    denied(&host, &s, "quay.io/team/app:1.0", &["rule signatures[team]: unsigned", "tag sha256-"]);
     assert!(host.calls().is_empty(), "{:?}", host.calls());
-    assert!(host.s.borrow().lookups.contains(&format!(
-        "referrers {NAME}@{} {SIGNATURE_ARTIFACT_TYPE}",
-        img.manifest.digest
-    )));
+    assert!(host
+        .s
+        .borrow()
+        .lookups
+        .contains(&format!("referrers {NAME}@{} {SIGNATURE_ARTIFACT_TYPE}", img.manifest.digest)));
 
     // Signed by a key the settings do not trust.
     let host = FakeHost::new();
     let img = image(&host);
     sign_under_tag(&host, &img.manifest.digest, &img.manifest.digest, 7);
-    denied(
-        &host,
-        &s,
-        "quay.io/team/app:1.0",
-        &["rule signatures[team]: wrong key", "release, ci"],
-    );
+    denied(&host, &s, "quay.io/team/app:1.0", &["rule signatures[team]: wrong key", "release, ci"]);
 
     // A trusted signature of another image copied under this image's tag.
     let host = FakeHost::new();
     let img = image(&host);
     let other = digest::sha256(b"another manifest");
     sign_under_tag(&host, &img.manifest.digest, &other, 1);
-    denied(
-        &host,
-        &s,
-        "quay.io/team/app:1.0",
-        &["signature of another digest", &other],
-    );
+    denied(&host, &s, "quay.io/team/app:1.0", &["signature of another digest", &other]);
 
     // That signature with its payload edited to name this image.
     let host = FakeHost::new();
@@ -183,23 +152,11 @@ fn a_signature_is_found_through_referrers() {
     let good = payload(NAME, d);
     let m = push_signatures(&host, &[(good.clone(), sign(&signing_key(1), &good))]);
     // An SBOM referrer is filtered out by artifact type.
-    host.push_referrer(
-        NAME,
-        d,
-        &host.push_blob(oci::OCI_MANIFEST, b"{}"),
-        "application/spdx+json",
-    );
+    host.push_referrer(NAME, d, &host.push_blob(oci::OCI_MANIFEST, b"{}"), "application/spdx+json");
     host.push_referrer(NAME, d, &m, SIGNATURE_ARTIFACT_TYPE);
     let s = settings("");
-    assert_eq!(
-        pull(&host, &s, &req("quay.io/team/app:1.0")).unwrap().id,
-        img.config.digest
-    );
-    assert!(
-        host.calls().contains(&format!("fetch {}", m.digest)),
-        "{:?}",
-        host.calls()
-    );
+    assert_eq!(pull(&host, &s, &req("quay.io/team/app:1.0")).unwrap().id, img.config.digest);
+    assert!(host.calls().contains(&format!("fetch {}", m.digest)), "{:?}", host.calls());
 }
 
 #[test]
@@ -207,22 +164,9 @@ fn unmatched_images_follow_the_unmatched_setting() {
     let host = FakeHost::new();
     let img = host.push_image(&[b"layer"], "");
     host.tag("quay.io/other/app", "1", &img.manifest);
-    denied(
-        &host,
-        &settings(""),
-        "quay.io/other/app:1",
-        &["rule unmatched: no signature rule covers"],
-    );
-    assert!(
-        host.s.borrow().lookups.is_empty(),
-        "refused before resolving"
-    );
-    pull(
-        &host,
-        &settings(r#", "unmatched": "allow""#),
-        &req("quay.io/other/app:1"),
-    )
-    .unwrap();
+    denied(&host, &settings(""), "quay.io/other/app:1", &["rule unmatched: no signature rule covers"]);
+    assert!(host.s.borrow().lookups.is_empty(), "refused before resolving");
+    pull(&host, &settings(r#", "unmatched": "allow""#), &req("quay.io/other/app:1")).unwrap();
 }
 
 #[test]
@@ -241,31 +185,16 @@ fn expired_keys_verify_nothing_by_the_hosts_clock() {
     host2.s.borrow_mut().remote = host.s.borrow().remote.clone();
     host2.s.borrow_mut().refs = host.s.borrow().refs.clone();
     host2.s.borrow_mut().now.seconds = 2_000_000_000;
-    denied(
-        &host2,
-        &s,
-        "quay.io/team/app:1.0",
-        &["rule signatures[0]: every key of the rule (release) has expired"],
-    );
+    denied(&host2, &s, "quay.io/team/app:1.0", &["rule signatures[0]: every key of the rule (release) has expired"]);
 }
 
 #[test]
 fn audit_mode_pulls_and_logs() {
     let host = FakeHost::new();
     let img = image(&host);
-    let info = pull(
-        &host,
-        &settings(r#", "mode": "audit""#),
-        &req("quay.io/team/app:1.0"),
-    )
-    .unwrap();
+    let info = pull(&host, &settings(r#", "mode": "audit""#), &req("quay.io/team/app:1.0")).unwrap();
     assert_eq!(info.id, img.config.digest);
-    assert!(host
-        .s
-        .borrow()
-        .logs
-        .iter()
-        .any(|(_, m)| m.contains("unsigned")));
+    assert!(host.s.borrow().logs.iter().any(|(_, m)| m.contains("unsigned")));
 }
 
 /// The only test that touches the instance's settings (tests run in parallel).
@@ -281,10 +210,7 @@ fn the_puller_uses_the_configured_settings() {
         other => panic!("{other:?}"),
     }
     let pem = serde_json::to_string(&pem_of(&signing_key(1))).unwrap();
-    CosignPuller::configure(&format!(
-        r#"{{"keys": {{"r": {pem}}}, "rules": [{{"keys": ["r"]}}]}}"#
-    ))
-    .unwrap();
+    CosignPuller::configure(&format!(r#"{{"keys": {{"r": {pem}}}, "rules": [{{"keys": ["r"]}}]}}"#)).unwrap();
     let info = CosignPuller::pull_image(&host, &req("quay.io/team/app:1.0")).unwrap();
     assert_eq!(CosignPuller::list_images(&host).unwrap(), vec![info]);
 }

@@ -50,14 +50,9 @@ impl Key {
     ///
     /// Errors (a message): not PEM, not SPKI, another curve or algorithm.
     pub fn from_pem(name: &str, pem: &str, expires: Option<u64>) -> Result<Key, String> {
-        let key = VerifyingKey::from_public_key_pem(pem.trim()).map_err(|e| {
-            format!("not an ECDSA P-256 public key in SPKI PEM (-----BEGIN PUBLIC KEY-----): {e}")
-        })?;
-        Ok(Key {
-            name: name.to_string(),
-            key,
-            expires,
-        })
+        let key = VerifyingKey::from_public_key_pem(pem.trim())
+            .map_err(|e| format!("not an ECDSA P-256 public key in SPKI PEM (-----BEGIN PUBLIC KEY-----): {e}"))?;
+        Ok(Key { name: name.to_string(), key, expires })
     }
 
     /// Whether `signature` (DER) is this key's over `payload`.
@@ -96,9 +91,7 @@ pub enum Outcome {
 pub fn check(sig: &Signature, keys: &[&Key], digest: &str) -> Outcome {
     let text = sig.signature.trim();
     if text.len() > MAX_SIGNATURE_B64 {
-        return Outcome::Malformed(format!(
-            "the signature is over {MAX_SIGNATURE_B64} bytes of base64"
-        ));
+        return Outcome::Malformed(format!("the signature is over {MAX_SIGNATURE_B64} bytes of base64"));
     }
     let der = match base64::engine::general_purpose::STANDARD.decode(text) {
         Ok(der) => der,
@@ -112,13 +105,8 @@ pub fn check(sig: &Signature, keys: &[&Key], digest: &str) -> Outcome {
         return Outcome::BadSignature;
     };
     match signed_digest(&sig.payload) {
-        Ok(signed) if signed == digest => Outcome::Valid {
-            key: key.name.clone(),
-        },
-        Ok(signed) => Outcome::OtherDigest {
-            key: key.name.clone(),
-            signed,
-        },
+        Ok(signed) if signed == digest => Outcome::Valid { key: key.name.clone() },
+        Ok(signed) => Outcome::OtherDigest { key: key.name.clone(), signed },
         Err(why) => Outcome::Malformed(format!("key {} signed {why}", key.name)),
     }
 }
@@ -180,11 +168,7 @@ pub(crate) mod tests {
     }
 
     fn signature(payload: Vec<u8>, signature: String) -> Signature {
-        Signature {
-            manifest: "sha256:sig".into(),
-            payload,
-            signature,
-        }
+        Signature { manifest: "sha256:sig".into(), payload, signature }
     }
 
     const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
@@ -195,10 +179,7 @@ pub(crate) mod tests {
         let (release, ci) = (key("release", 1), key("ci", 2));
         let p = payload("quay.io/team/app", DIGEST);
         let sig = signature(p.clone(), sign(&signing_key(2), &p));
-        assert_eq!(
-            check(&sig, &[&release, &ci], DIGEST),
-            Outcome::Valid { key: "ci".into() }
-        );
+        assert_eq!(check(&sig, &[&release, &ci], DIGEST), Outcome::Valid { key: "ci".into() });
     }
 
     #[test]
@@ -207,34 +188,22 @@ pub(crate) mod tests {
         let p = payload("quay.io/team/app", DIGEST);
         // Signed by a key the settings do not name.
         let by_stranger = signature(p.clone(), sign(&signing_key(9), &p));
-        assert_eq!(
-            check(&by_stranger, &[&release], DIGEST),
-            Outcome::BadSignature
-        );
+        assert_eq!(check(&by_stranger, &[&release], DIGEST), Outcome::BadSignature);
         // A trusted signature of another image, presented for this one.
         let other = payload("quay.io/team/app", OTHER);
         let of_other = signature(other.clone(), sign(&signing_key(1), &other));
         assert_eq!(
             check(&of_other, &[&release], DIGEST),
-            Outcome::OtherDigest {
-                key: "release".into(),
-                signed: OTHER.into()
-            }
+            Outcome::OtherDigest { key: "release".into(), signed: OTHER.into() }
         );
         // That signature with its payload edited to name this image.
-        let tampered = signature(
-            payload("quay.io/team/app", DIGEST),
-            of_other.signature.clone(),
-        );
+        let tampered = signature(payload("quay.io/team/app", DIGEST), of_other.signature.clone());
         assert_eq!(check(&tampered, &[&release], DIGEST), Outcome::BadSignature);
         // One byte of whitespace is tampering too: the signature covers the exact bytes.
         let mut spaced = p.clone();
         spaced.push(b' ');
         let valid = sign(&signing_key(1), &p);
-        assert_eq!(
-            check(&signature(spaced, valid), &[&release], DIGEST),
-            Outcome::BadSignature
-        );
+        assert_eq!(check(&signature(spaced, valid), &[&release], DIGEST), Outcome::BadSignature);
     }
 
     #[test]
@@ -243,25 +212,16 @@ pub(crate) mod tests {
         let p = payload("quay.io/team/app", DIGEST);
         for bad in ["", "!!!", "aGVsbG8=", &"A".repeat(400)] {
             assert!(
-                matches!(
-                    check(&signature(p.clone(), bad.into()), &[&release], DIGEST),
-                    Outcome::Malformed(_)
-                ),
+                matches!(check(&signature(p.clone(), bad.into()), &[&release], DIGEST), Outcome::Malformed(_)),
                 "{bad:?}"
             );
         }
         // A trusted key that signed something else than an image signature payload.
         let junk = br#"{"critical":{"type":"something else"}}"#.to_vec();
         let sig = signature(junk.clone(), sign(&signing_key(1), &junk));
-        assert!(
-            matches!(check(&sig, &[&release], DIGEST), Outcome::Malformed(m) if m.contains("something else"))
-        );
+        assert!(matches!(check(&sig, &[&release], DIGEST), Outcome::Malformed(m) if m.contains("something else")));
         assert_eq!(
-            check(
-                &signature(p.clone(), sign(&signing_key(1), &p)),
-                &[],
-                DIGEST
-            ),
+            check(&signature(p.clone(), sign(&signing_key(1), &p)), &[], DIGEST),
             Outcome::BadSignature,
             "no keys"
         );

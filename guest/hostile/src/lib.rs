@@ -169,11 +169,7 @@ static SETTINGS: Mutex<Option<Settings>> = Mutex::new(None);
 static DOCUMENT: Mutex<String> = Mutex::new(String::new());
 
 fn settings() -> Settings {
-    SETTINGS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or_default()
+    SETTINGS.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()
 }
 
 fn info(message: &str) {
@@ -185,14 +181,11 @@ struct Hostile;
 impl Guest for Hostile {
     fn configure(doc: String) -> Result<(), Error> {
         // Panics show up in the daemon's log before the trap.
-        std::panic::set_hook(Box::new(|p| {
-            log::log(log::Level::Error, &format!("pullbox-hostile: {p}"))
-        }));
+        std::panic::set_hook(Box::new(|p| log::log(log::Level::Error, &format!("pullbox-hostile: {p}"))));
         let s: Settings = if doc.trim().is_empty() {
             Settings::default()
         } else {
-            serde_json::from_str(&doc)
-                .map_err(|e| Error::InvalidArgument(format!("pullbox-hostile settings: {e}")))?
+            serde_json::from_str(&doc).map_err(|e| Error::InvalidArgument(format!("pullbox-hostile settings: {e}")))?
         };
         match s.behavior {
             Behavior::LoopInConfigure => spin(),
@@ -210,19 +203,14 @@ impl Guest for Hostile {
             s = o;
         }
         match s.behavior {
-            Behavior::Idle => Err(Error::PermissionDenied(
-                "pullbox-hostile: behavior idle refuses pulls".into(),
-            )),
+            Behavior::Idle => Err(Error::PermissionDenied("pullbox-hostile: behavior idle refuses pulls".into())),
             Behavior::TrapMidPull => trap_mid_pull(&s, &request.reference),
             Behavior::BadDigests => bad_digests(&s, &request.reference),
             Behavior::Sleepy => sleepy(&s, &request.reference),
             Behavior::FetchFlood => fetch_flood(&s, &request.reference),
             Behavior::HoldKey => hold_key(&s),
             _ if s.export == Export::PullImage => Err(misbehave(&s)),
-            b => Err(Error::PermissionDenied(format!(
-                "pullbox-hostile: behavior {} refuses pulls",
-                b.name()
-            ))),
+            b => Err(Error::PermissionDenied(format!("pullbox-hostile: behavior {} refuses pulls", b.name()))),
         }
     }
 
@@ -290,10 +278,7 @@ fn misbehave(s: &Settings) -> Error {
     match s.behavior {
         Behavior::LoopInPull => spin(),
         Behavior::GrowMemory => grow_memory(),
-        Behavior::Recursion => Error::Internal(format!(
-            "recursion returned {}",
-            recurse(black_box(u64::MAX))
-        )),
+        Behavior::Recursion => Error::Internal(format!("recursion returned {}", recurse(black_box(u64::MAX)))),
         Behavior::HugeArgument => huge_argument(s),
         Behavior::BadAbi => bad_abi(s),
         Behavior::LogFlood => log_flood(s),
@@ -382,10 +367,7 @@ fn code(e: &Error) -> &'static str {
 fn log_flood(s: &Settings) -> Error {
     let n = s.count.unwrap_or(1_000_000);
     for i in 0..n {
-        log::log(
-            log::Level::Error,
-            &format!("pullbox-hostile: log-flood message {i} of {n}"),
-        );
+        log::log(log::Level::Error, &format!("pullbox-hostile: log-flood message {i} of {n}"));
         log::progress("log-flood", &format!("{i}"));
     }
     Error::PermissionDenied(format!("log-flood: logged {n} messages"))
@@ -403,25 +385,19 @@ fn huge_argument(s: &Settings) -> Error {
     let bytes = s.bytes.unwrap_or(100 << 20) as usize;
     let count = s.count.unwrap_or(1_000_000) as usize;
     let variant = s.variant.as_deref().unwrap_or("string");
-    info(&format!(
-        "huge-argument {variant}: bytes={bytes} count={count}"
-    ));
+    info(&format!("huge-argument {variant}: bytes={bytes} count={count}"));
     match variant {
         "string" => {
             let huge = "a".repeat(bytes);
             match content::info(&huge) {
-                Ok(_) => Error::Internal(format!(
-                    "huge-argument string: the host ACCEPTED a {bytes}-byte digest"
-                )),
+                Ok(_) => Error::Internal(format!("huge-argument string: the host ACCEPTED a {bytes}-byte digest")),
                 Err(e) => with_prefix("huge-argument string: the host answered", e),
             }
         }
         "log" => {
             let huge = "a".repeat(bytes);
             log::log(log::Level::Info, &huge);
-            Error::PermissionDenied(format!(
-                "huge-argument log: the host took a {bytes}-byte message"
-            ))
+            Error::PermissionDenied(format!("huge-argument log: the host took a {bytes}-byte message"))
         }
         "list" => raw::fetch_aliased(count),
         "aliased" => raw::set_labels_aliased(count, bytes),
@@ -448,13 +424,7 @@ mod raw {
         #[link_name = "info"]
         fn content_info(ptr: *const u8, len: usize, ret: *mut u8);
         #[link_name = "set-labels"]
-        fn content_set_labels(
-            dptr: *const u8,
-            dlen: usize,
-            lptr: *const u8,
-            llen: usize,
-            ret: *mut u8,
-        );
+        fn content_set_labels(dptr: *const u8, dlen: usize, lptr: *const u8, llen: usize, ret: *mut u8);
     }
 
     #[link(wasm_import_module = "pullbox:image/registry@0.2.0")]
@@ -487,12 +457,10 @@ mod raw {
             return Error::Internal(format!("{what}: the host ACCEPTED it"));
         }
         let d = ret.0[at];
-        let ptr =
-            u32::from_le_bytes(ret.0[at + 4..at + 8].try_into().unwrap()) as usize as *const u8;
+        let ptr = u32::from_le_bytes(ret.0[at + 4..at + 8].try_into().unwrap()) as usize as *const u8;
         let len = u32::from_le_bytes(ret.0[at + 8..at + 12].try_into().unwrap()) as usize;
         // SAFETY: the host wrote a string of `len` bytes at `ptr` through cabi_realloc.
-        let m =
-            String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr, len) }).into_owned();
+        let m = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr, len) }).into_owned();
         let m = format!("{what}: the host answered: {m}");
         match d {
             0 => Error::NotFound(m),
@@ -515,9 +483,7 @@ mod raw {
         let name = b"127.0.0.1:1/pullbox-hostile/list";
         let mut list = vec![0u64; count * DESCRIPTOR_SIZE / 8];
         // SAFETY: a u64 buffer viewed as bytes (8-aligned, as a descriptor list must be).
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(list.as_mut_ptr() as *mut u8, count * DESCRIPTOR_SIZE)
-        };
+        let bytes = unsafe { std::slice::from_raw_parts_mut(list.as_mut_ptr() as *mut u8, count * DESCRIPTOR_SIZE) };
         let base = bytes.as_ptr() as u32;
         for i in 0..count {
             let r = &mut bytes[i * DESCRIPTOR_SIZE..(i + 1) * DESCRIPTOR_SIZE];
@@ -533,20 +499,8 @@ mod raw {
         let mut ret = RetArea([0; 64]);
         // SAFETY: every pointer names memory of this instance; the host reads, and writes
         // the return area.
-        unsafe {
-            registry_fetch(
-                name.as_ptr(),
-                name.len(),
-                bytes.as_ptr(),
-                count,
-                ret.0.as_mut_ptr(),
-            )
-        };
-        decode(
-            &ret,
-            4,
-            &format!("huge-argument list of {count} descriptors"),
-        )
+        unsafe { registry_fetch(name.as_ptr(), name.len(), bytes.as_ptr(), count, ret.0.as_mut_ptr()) };
+        decode(&ret, 4, &format!("huge-argument list of {count} descriptors"))
     }
 
     /// `count` label pairs whose keys and values all point at one `bytes`-long string.
@@ -555,29 +509,14 @@ mod raw {
         let digest = zero_digest();
         let mut pairs = vec![0u32; count * 4];
         for p in pairs.chunks_mut(4) {
-            p.copy_from_slice(&[
-                big.as_ptr() as u32,
-                bytes as u32,
-                big.as_ptr() as u32,
-                bytes as u32,
-            ]);
+            p.copy_from_slice(&[big.as_ptr() as u32, bytes as u32, big.as_ptr() as u32, bytes as u32]);
         }
         let mut ret = RetArea([0; 64]);
         // SAFETY: as in `fetch_aliased`.
         unsafe {
-            content_set_labels(
-                digest.as_ptr(),
-                digest.len(),
-                pairs.as_ptr() as *const u8,
-                count,
-                ret.0.as_mut_ptr(),
-            )
+            content_set_labels(digest.as_ptr(), digest.len(), pairs.as_ptr() as *const u8, count, ret.0.as_mut_ptr())
         };
-        decode(
-            &ret,
-            4,
-            &format!("huge-argument aliased: {count} label pairs of one {bytes}-byte string"),
-        )
+        decode(&ret, 4, &format!("huge-argument aliased: {count} label pairs of one {bytes}-byte string"))
     }
 
     /// One malformed call; the host must trap it.
@@ -590,11 +529,7 @@ mod raw {
         // canonical ABI's rules. The host must trap before it reads out of bounds.
         unsafe {
             match variant {
-                "oob-string" => content_info(
-                    (memory_end - 16) as *const u8,
-                    100 << 20,
-                    ret.0.as_mut_ptr(),
-                ),
+                "oob-string" => content_info((memory_end - 16) as *const u8, 100 << 20, ret.0.as_mut_ptr()),
                 "oob-list" => registry_fetch(
                     name.as_ptr(),
                     name.len(),
@@ -604,13 +539,7 @@ mod raw {
                 ),
                 "misaligned" => {
                     let buf = vec![0u64; 2 * DESCRIPTOR_SIZE / 8];
-                    registry_fetch(
-                        name.as_ptr(),
-                        name.len(),
-                        (buf.as_ptr() as *const u8).add(1),
-                        1,
-                        ret.0.as_mut_ptr(),
-                    )
+                    registry_fetch(name.as_ptr(), name.len(), (buf.as_ptr() as *const u8).add(1), 1, ret.0.as_mut_ptr())
                 }
                 "utf8" => {
                     let bad = [b's', b'h', 0xff, 0xfe, 0xc0, 0x80];
@@ -618,10 +547,7 @@ mod raw {
                 }
                 "discriminant" => {
                     let mut list = vec![0u64; DESCRIPTOR_SIZE / 8];
-                    let r = std::slice::from_raw_parts_mut(
-                        list.as_mut_ptr() as *mut u8,
-                        DESCRIPTOR_SIZE,
-                    );
+                    let r = std::slice::from_raw_parts_mut(list.as_mut_ptr() as *mut u8, DESCRIPTOR_SIZE);
                     put32(r, 0, LAYER_GZIP.as_ptr() as u32);
                     put32(r, 4, LAYER_GZIP.len() as u32);
                     put32(r, 8, digest.as_ptr() as u32);
@@ -634,9 +560,7 @@ mod raw {
                     log_log(99, m.as_ptr(), m.len());
                     return Error::Internal("bad-abi enum: the host ACCEPTED log level 99".into());
                 }
-                other => {
-                    return Error::InvalidArgument(format!("unknown bad-abi variant {other:?}"))
-                }
+                other => return Error::InvalidArgument(format!("unknown bad-abi variant {other:?}")),
             }
         }
         decode(&ret, 4, &format!("bad-abi {variant}"))
@@ -669,10 +593,7 @@ fn split_reference(reference: &str) -> Result<(String, String), Error> {
     }
     let slash = reference.rfind('/').unwrap_or(0);
     match reference[slash..].rfind(':') {
-        Some(i) => Ok((
-            reference[..slash + i].to_owned(),
-            reference[slash + i + 1..].to_owned(),
-        )),
+        Some(i) => Ok((reference[..slash + i].to_owned(), reference[slash + i + 1..].to_owned())),
         None => Ok((reference.to_owned(), "latest".to_owned())),
     }
 }
@@ -731,27 +652,15 @@ fn resolve_and_fetch(reference: &str) -> Result<Partial, Error> {
     let (name, tag) = split_reference(reference)?;
     let root = registry::resolve(&name, &tag)?;
     let manifest = read_all(&root.digest, root.size)?;
-    let m: OciManifest = serde_json::from_slice(&manifest).map_err(|e| {
-        Error::InvalidArgument(format!(
-            "pullbox-hostile reads single-platform manifests only: {e}"
-        ))
-    })?;
+    let m: OciManifest = serde_json::from_slice(&manifest)
+        .map_err(|e| Error::InvalidArgument(format!("pullbox-hostile reads single-platform manifests only: {e}")))?;
     let config = wit_descriptor(&m.config);
     let layers: Vec<Descriptor> = m.layers.iter().map(wit_descriptor).collect();
     let mut blobs = vec![config.clone()];
     blobs.extend(layers.iter().cloned());
     registry::fetch(&name, &blobs)?;
-    info(&format!(
-        "resolved {reference} to {}; fetching {} blobs",
-        root.digest,
-        blobs.len()
-    ));
-    Ok(Partial {
-        name,
-        root,
-        config,
-        layers,
-    })
+    info(&format!("resolved {reference} to {}; fetching {} blobs", root.digest, blobs.len()));
+    Ok(Partial { name, root, config, layers })
 }
 
 // ---- trap-mid-pull -----------------------------------------------------------------------
@@ -763,10 +672,7 @@ fn trap_mid_pull(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     let p = resolve_and_fetch(reference)?;
     let config = read_all(&p.config.digest, p.config.size)?;
     info(&format!("read the config ({} bytes)", config.len()));
-    let first = p
-        .layers
-        .first()
-        .ok_or_else(|| Error::InvalidArgument("image has no layers".into()))?;
+    let first = p.layers.first().ok_or_else(|| Error::InvalidArgument("image has no layers".into()))?;
     let key = format!("pullbox-hostile/active/{}", &p.root.digest);
     snapshots::prepare(&key, "")?;
     let diff_id = diff::apply(first, &key)?;
@@ -778,20 +684,11 @@ fn trap_mid_pull(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     content::set_labels(
         &p.root.digest,
         &[
-            (
-                "containerd.io/gc.ref.content.config".into(),
-                p.config.digest.clone(),
-            ),
-            (
-                format!("containerd.io/gc.ref.snapshot.{}", snapshots::name()),
-                committed.clone(),
-            ),
+            ("containerd.io/gc.ref.content.config".into(), p.config.digest.clone()),
+            (format!("containerd.io/gc.ref.snapshot.{}", snapshots::name()), committed.clone()),
         ],
     )?;
-    then(
-        s.then,
-        &format!("a partial pull of {} from {}", p.root.digest, p.name),
-    )
+    then(s.then, &format!("a partial pull of {} from {}", p.root.digest, p.name))
 }
 
 // ---- sleepy ------------------------------------------------------------------------------
@@ -816,10 +713,7 @@ fn sleepy(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     for _ in 0..reads {
         total += content::read(&root.digest, 0, n)?.len() as u64;
     }
-    info(&format!(
-        "sleepy: {reads} reads of {}, {total} bytes",
-        root.digest
-    ));
+    info(&format!("sleepy: {reads} reads of {}, {total} bytes", root.digest));
     Ok(ImageInfo {
         id: root.digest.clone(),
         repo_tags: vec![reference.to_owned()],
@@ -855,16 +749,11 @@ fn fetch_flood(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
             })
             .collect();
         if let Err(e) = registry::fetch(&name, &batch) {
-            return Err(with_prefix(
-                &format!("fetch-flood: refused after {started} fetches"),
-                e,
-            ));
+            return Err(with_prefix(&format!("fetch-flood: refused after {started} fetches"), e));
         }
         started += n;
     }
-    Err(Error::Internal(format!(
-        "fetch-flood: the host ACCEPTED {started} fetches in one request"
-    )))
+    Err(Error::Internal(format!("fetch-flood: the host ACCEPTED {started} fetches in one request")))
 }
 
 // ---- import-loop, write-in-read, hold-key --------------------------------------------------
@@ -899,11 +788,8 @@ fn write_in_read(deletes_allowed: bool) -> Error {
         return Error::Internal("write-in-read: the store holds no image".into());
     };
     let digest = record.target.digest.clone();
-    let chain = record
-        .labels
-        .iter()
-        .find(|(k, _)| k.starts_with("containerd.io/gc.ref.snapshot"))
-        .map(|(_, v)| v.clone());
+    let chain =
+        record.labels.iter().find(|(k, _)| k.starts_with("containerd.io/gc.ref.snapshot")).map(|(_, v)| v.clone());
     if !deletes_allowed {
         pr.must_refuse("images.delete(record)", images::delete(&record.name));
         pr.must_refuse("content.delete(target)", content::delete(&digest));
@@ -916,32 +802,20 @@ fn write_in_read(deletes_allowed: bool) -> Error {
         "images.create(copy)",
         images::create(&Image { name: format!("{}-copy", record.name), ..record.clone() }),
     );
-    pr.must_refuse(
-        "content.set-labels(target)",
-        content::set_labels(&digest, &[("x".into(), "y".into())]),
-    );
+    pr.must_refuse("content.set-labels(target)", content::set_labels(&digest, &[("x".into(), "y".into())]));
     pr.must_refuse("snapshots.prepare(fresh)", snapshots::prepare("pullbox-hostile/w", ""));
     if let (Some(chain), false) = (&chain, deletes_allowed) {
         pr.must_refuse("snapshots.remove(top snapshot)", snapshots::remove(chain));
     }
     let repo = record.name.split(['@', ':']).next().unwrap_or_default().to_owned();
     pr.must_refuse("registry.resolve", registry::resolve(&repo, "latest"));
-    pr.must_refuse(
-        "registry.fetch(target)",
-        registry::fetch(&repo, std::slice::from_ref(&record.target)),
-    );
-    pr.must_refuse(
-        "registry.referrers(target)",
-        registry::referrers(&repo, &record.target.digest, ""),
-    );
+    pr.must_refuse("registry.fetch(target)", registry::fetch(&repo, std::slice::from_ref(&record.target)));
+    pr.must_refuse("registry.referrers(target)", registry::referrers(&repo, &record.target.digest, ""));
     let summary = format!("{} refused [{}]", pr.refused.len(), pr.refused.join("; "));
     if pr.accepted.is_empty() {
         Error::FailedPrecondition(format!("write-in-read: every write refused: {summary}"))
     } else {
-        Error::Internal(format!(
-            "write-in-read: the host ACCEPTED [{}]; {summary}",
-            pr.accepted.join("; ")
-        ))
+        Error::Internal(format!("write-in-read: the host ACCEPTED [{}]; {summary}", pr.accepted.join("; ")))
     }
 }
 
@@ -988,10 +862,7 @@ impl Probes {
 }
 
 fn layer_at(layer: &Descriptor, digest: &str) -> Descriptor {
-    Descriptor {
-        digest: digest.to_owned(),
-        ..layer.clone()
-    }
+    Descriptor { digest: digest.to_owned(), ..layer.clone() }
 }
 
 /// Garbage at every import, after a real resolve and fetch so that the digests and layers it
@@ -1001,17 +872,10 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     let p = resolve_and_fetch(reference)?;
     // The config arriving means the fetch works; the layer is waited for by the probes.
     read_all(&p.config.digest, p.config.size)?;
-    let layer = p
-        .layers
-        .first()
-        .ok_or_else(|| Error::InvalidArgument("image has no layers".into()))?
-        .clone();
+    let layer = p.layers.first().ok_or_else(|| Error::InvalidArgument("image has no layers".into()))?.clone();
     let real = p.root.digest.clone();
     let up = "../".repeat(24);
-    let victim = s
-        .victim
-        .clone()
-        .unwrap_or_else(|| "/nonexistent/pullbox-hostile-victim".into());
+    let victim = s.victim.clone().unwrap_or_else(|| "/nonexistent/pullbox-hostile-victim".into());
     let victim_rel = victim.trim_start_matches('/').to_owned();
     let mut pr = Probes::default();
 
@@ -1034,10 +898,7 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     ] {
         pr.must_refuse(&format!("content.info({d:?})"), content::info(&d));
         pr.must_refuse(&format!("content.read({d:?})"), content::read(&d, 0, 4096));
-        pr.must_refuse(
-            &format!("content.set-labels({d:?})"),
-            content::set_labels(&d, &[("a".into(), "b".into())]),
-        );
+        pr.must_refuse(&format!("content.set-labels({d:?})"), content::set_labels(&d, &[("a".into(), "b".into())]));
         pr.must_refuse(
             &format!("diff.apply(layer {d:?})"),
             diff::apply(&layer_at(&layer, &d), "pullbox-hostile/probe/none"),
@@ -1052,36 +913,18 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         pr.must_refuse(&format!("content.delete({d:?})"), content::delete(&d));
     }
     // Absurd offsets and lengths on a real blob.
-    pr.must_refuse(
-        "content.read(real, offset u64::MAX)",
-        content::read(&real, u64::MAX, 1),
-    );
-    pr.must_refuse(
-        "content.read(real, offset u64::MAX - 1, 1 MiB)",
-        content::read(&real, u64::MAX - 1, 1 << 20),
-    );
-    pr.must_refuse(
-        "content.read(real, offset size + 1)",
-        content::read(&real, p.root.size + 1, 1),
-    );
-    pr.must_refuse(
-        "content.read(real, length u32::MAX)",
-        content::read(&real, 0, u32::MAX),
-    );
+    pr.must_refuse("content.read(real, offset u64::MAX)", content::read(&real, u64::MAX, 1));
+    pr.must_refuse("content.read(real, offset u64::MAX - 1, 1 MiB)", content::read(&real, u64::MAX - 1, 1 << 20));
+    pr.must_refuse("content.read(real, offset size + 1)", content::read(&real, p.root.size + 1, 1));
+    pr.must_refuse("content.read(real, length u32::MAX)", content::read(&real, 0, u32::MAX));
     // Labels no store should take.
-    pr.must_refuse(
-        "content.set-labels(real, empty key)",
-        content::set_labels(&real, &[(String::new(), "v".into())]),
-    );
+    pr.must_refuse("content.set-labels(real, empty key)", content::set_labels(&real, &[(String::new(), "v".into())]));
     pr.must_refuse(
         "content.set-labels(real, 5000-byte value)",
         content::set_labels(&real, &[("k".into(), "v".repeat(5000))]),
     );
     // The registry, with paths for names and references.
-    pr.must_refuse(
-        "registry.resolve(\"../../etc/passwd\", latest)",
-        registry::resolve("../../etc/passwd", "latest"),
-    );
+    pr.must_refuse("registry.resolve(\"../../etc/passwd\", latest)", registry::resolve("../../etc/passwd", "latest"));
     pr.must_refuse(
         "registry.resolve(name, \"../../../etc/passwd\")",
         registry::resolve(&p.name, "../../../etc/passwd"),
@@ -1097,14 +940,7 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     );
     pr.must_refuse(
         "registry.fetch(name, [size u64::MAX])",
-        registry::fetch(
-            &p.name,
-            &[Descriptor {
-                digest: zero_digest(),
-                size: u64::MAX,
-                ..layer.clone()
-            }],
-        ),
+        registry::fetch(&p.name, &[Descriptor { digest: zero_digest(), size: u64::MAX, ..layer.clone() }]),
     );
     pr.must_refuse(
         "registry.fetch(\"../../etc\", [layer])",
@@ -1128,14 +964,8 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     // a key, never a mount: host paths, binds and overlays cannot even be expressed).
     snapshots::prepare("pullbox-hostile/probe/active", "")?;
     snapshots::prepare("pullbox-hostile/probe/to-commit", "")?;
-    snapshots::commit(
-        "pullbox-hostile/probe/committed",
-        "pullbox-hostile/probe/to-commit",
-    )?;
-    pr.must_refuse(
-        "snapshots.prepare(existing key)",
-        snapshots::prepare("pullbox-hostile/probe/committed", ""),
-    );
+    snapshots::commit("pullbox-hostile/probe/committed", "pullbox-hostile/probe/to-commit")?;
+    pr.must_refuse("snapshots.prepare(existing key)", snapshots::prepare("pullbox-hostile/probe/committed", ""));
     let foreign = s.foreign_key.clone().unwrap_or_default();
     for key in [
         victim.clone(),
@@ -1147,48 +977,24 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         "pullbox-hostile/probe/unknown".to_owned(),
         foreign.clone(),
     ] {
-        pr.must_refuse(
-            &format!("diff.apply(real layer, {key:?})"),
-            diff::apply(&layer, &key),
-        );
-        pr.must_refuse(
-            &format!("snapshots.commit(x, {key:?})"),
-            snapshots::commit("pullbox-hostile/probe/x", &key),
-        );
-        pr.must_refuse(
-            &format!("snapshots.remove({key:?})"),
-            snapshots::remove(&key),
-        );
+        pr.must_refuse(&format!("diff.apply(real layer, {key:?})"), diff::apply(&layer, &key));
+        pr.must_refuse(&format!("snapshots.commit(x, {key:?})"), snapshots::commit("pullbox-hostile/probe/x", &key));
+        pr.must_refuse(&format!("snapshots.remove({key:?})"), snapshots::remove(&key));
     }
     pr.must_refuse(
         "diff.apply(real layer with a config media type, active)",
         diff::apply(
-            &Descriptor {
-                media_type: "application/vnd.oci.image.config.v1+json".into(),
-                ..layer.clone()
-            },
+            &Descriptor { media_type: "application/vnd.oci.image.config.v1+json".into(), ..layer.clone() },
             "pullbox-hostile/probe/active",
         ),
     );
     pr.must_refuse(
         "diff.apply(real layer with a wrong size, active)",
-        diff::apply(
-            &Descriptor {
-                size: layer.size + 1,
-                ..layer.clone()
-            },
-            "pullbox-hostile/probe/active",
-        ),
+        diff::apply(&Descriptor { size: layer.size + 1, ..layer.clone() }, "pullbox-hostile/probe/active"),
     );
     pr.must_refuse(
         "diff.apply(the config as a gzip layer, active)",
-        diff::apply(
-            &Descriptor {
-                media_type: LAYER_GZIP.into(),
-                ..p.config.clone()
-            },
-            "pullbox-hostile/probe/active",
-        ),
+        diff::apply(&Descriptor { media_type: LAYER_GZIP.into(), ..p.config.clone() }, "pullbox-hostile/probe/active"),
     );
     // Snapshot names that look like paths: opaque names, so the host may take them, but it
     // must not create anything outside its store.
@@ -1198,10 +1004,7 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     );
     pr.may_accept(
         &format!("snapshots.commit(\"{up}{victim_rel}/committed\", active)"),
-        snapshots::commit(
-            &format!("{up}{victim_rel}/committed"),
-            "pullbox-hostile/probe/active",
-        ),
+        snapshots::commit(&format!("{up}{victim_rel}/committed"), "pullbox-hostile/probe/active"),
     );
     pr.must_refuse(
         "snapshots.prepare(k, parent \"../../../etc\")",
@@ -1216,10 +1019,7 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
     // Image records with malformed targets, and names that are not there.
     let record = |name: &str, digest: &str| Image {
         name: name.to_owned(),
-        target: Descriptor {
-            digest: digest.to_owned(),
-            ..p.root.clone()
-        },
+        target: Descriptor { digest: digest.to_owned(), ..p.root.clone() },
         labels: Vec::new(),
         created_at: 0,
         updated_at: 0,
@@ -1228,36 +1028,17 @@ fn bad_digests(s: &Settings, reference: &str) -> Result<ImageInfo, Error> {
         "images.create(target \"sha256:../../etc/passwd\")",
         images::create(&record("pullbox-hostile/bad", "sha256:../../etc/passwd")),
     );
-    pr.must_refuse(
-        "images.create(empty name)",
-        images::create(&record("", &real)),
-    );
-    pr.must_refuse(
-        "images.update(absent)",
-        images::update(&record("pullbox-hostile/absent", &real)),
-    );
-    pr.must_refuse(
-        "images.get(\"../../etc/passwd\")",
-        images::get("../../etc/passwd"),
-    );
+    pr.must_refuse("images.create(empty name)", images::create(&record("", &real)));
+    pr.must_refuse("images.update(absent)", images::update(&record("pullbox-hostile/absent", &real)));
+    pr.must_refuse("images.get(\"../../etc/passwd\")", images::get("../../etc/passwd"));
     pr.must_refuse("images.delete(\"../../..\")", images::delete("../../.."));
 
-    let summary = format!(
-        "{} refused [{}]; tolerated [{}]",
-        pr.refused.len(),
-        pr.refused.join("; "),
-        pr.tolerated.join("; ")
-    );
+    let summary =
+        format!("{} refused [{}]; tolerated [{}]", pr.refused.len(), pr.refused.join("; "), pr.tolerated.join("; "));
     info(&format!("bad-digests: {summary}"));
     if pr.accepted.is_empty() {
-        Err(Error::FailedPrecondition(format!(
-            "bad-digests: every probe refused: {summary}"
-        )))
+        Err(Error::FailedPrecondition(format!("bad-digests: every probe refused: {summary}")))
     } else {
-        Err(Error::Internal(format!(
-            "bad-digests: the host ACCEPTED [{}]; {summary}",
-            pr.accepted.join("; ")
-        )))
+        Err(Error::Internal(format!("bad-digests: the host ACCEPTED [{}]; {summary}", pr.accepted.join("; "))))
     }
 }
-

@@ -34,15 +34,9 @@ impl Guest for Refuse {
     }
 
     fn pull_image(request: PullRequest) -> Result<ImageInfo, Error> {
-        let reason = REASON
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_else(|| DEFAULT_REASON.to_string());
-        log::log(
-            log::Level::Info,
-            &format!("refusing to pull {:?}: {reason}", request.reference),
-        );
+        let reason =
+            REASON.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_else(|| DEFAULT_REASON.to_string());
+        log::log(log::Level::Info, &format!("refusing to pull {:?}: {reason}", request.reference));
         Err(Error::PermissionDenied(reason))
     }
 
@@ -64,10 +58,7 @@ export!(Refuse);
 /// Parses `""`, `{}` or `{"reason": "<string>"}` (whitespace allowed; the string may use
 /// JSON escapes). Returns the reason, `None` for the default.
 fn parse_settings(doc: &str) -> Result<Option<String>, String> {
-    let mut p = Parser {
-        s: doc.as_bytes(),
-        i: 0,
-    };
+    let mut p = Parser { s: doc.as_bytes(), i: 0 };
     p.ws();
     if p.done() {
         return Ok(None);
@@ -76,11 +67,7 @@ fn parse_settings(doc: &str) -> Result<Option<String>, String> {
     p.ws();
     if p.eat(b'}') {
         p.ws();
-        return if p.done() {
-            Ok(None)
-        } else {
-            Err("trailing characters after settings".into())
-        };
+        return if p.done() { Ok(None) } else { Err("trailing characters after settings".into()) };
     }
     let key = p.string()?;
     if key != "reason" {
@@ -89,9 +76,7 @@ fn parse_settings(doc: &str) -> Result<Option<String>, String> {
     p.ws();
     p.expect(b':')?;
     p.ws();
-    let reason = p
-        .string()
-        .map_err(|e| format!("setting \"reason\" must be a string: {e}"))?;
+    let reason = p.string().map_err(|e| format!("setting \"reason\" must be a string: {e}"))?;
     p.ws();
     if p.eat(b',') {
         p.ws();
@@ -107,11 +92,7 @@ fn parse_settings(doc: &str) -> Result<Option<String>, String> {
     if !p.done() {
         return Err("trailing characters after settings".into());
     }
-    Ok(if reason.is_empty() {
-        None
-    } else {
-        Some(reason)
-    })
+    Ok(if reason.is_empty() { None } else { Some(reason) })
 }
 
 struct Parser<'a> {
@@ -154,8 +135,7 @@ impl Parser<'_> {
         self.expect(b'"')?;
         let mut out = String::new();
         loop {
-            let rest =
-                std::str::from_utf8(&self.s[self.i..]).map_err(|_| "invalid UTF-8".to_string())?;
+            let rest = std::str::from_utf8(&self.s[self.i..]).map_err(|_| "invalid UTF-8".to_string())?;
             let mut chars = rest.chars();
             let c = chars.next().ok_or("unterminated string")?;
             self.i += c.len_utf8();
@@ -176,9 +156,8 @@ impl Parser<'_> {
                         b'u' => {
                             let hex = self.s.get(self.i..self.i + 4).ok_or("short \\u escape")?;
                             self.i += 4;
-                            let code =
-                                u32::from_str_radix(std::str::from_utf8(hex).unwrap_or("x"), 16)
-                                    .map_err(|_| "bad \\u escape")?;
+                            let code = u32::from_str_radix(std::str::from_utf8(hex).unwrap_or("x"), 16)
+                                .map_err(|_| "bad \\u escape")?;
                             char::from_u32(code).unwrap_or('\u{fffd}')
                         }
                         _ => return Err(format!("bad escape \\{}", e as char)),
@@ -203,14 +182,8 @@ mod tests {
             ("{}", None),
             (" { } ", None),
             (r#"{"reason": ""}"#, None),
-            (
-                r#"{"reason": "maintenance until 18:00"}"#,
-                Some("maintenance until 18:00"),
-            ),
-            (
-                r#"{ "reason" : "say \"no\"\n\u00e9" }"#,
-                Some("say \"no\"\né"),
-            ),
+            (r#"{"reason": "maintenance until 18:00"}"#, Some("maintenance until 18:00")),
+            (r#"{ "reason" : "say \"no\"\n\u00e9" }"#, Some("say \"no\"\né")),
         ];
         for (doc, want) in ok {
             assert_eq!(parse_settings(doc).unwrap().as_deref(), *want, "{doc}");
@@ -218,10 +191,7 @@ mod tests {
         let bad: &[(&str, &str)] = &[
             (r#"{"pinned": []}"#, "unknown setting \"pinned\""),
             (r#"{"reason": 1}"#, "\"reason\" must be a string"),
-            (
-                r#"{"reason": "a", "other": 1}"#,
-                "unknown setting \"other\"",
-            ),
+            (r#"{"reason": "a", "other": 1}"#, "unknown setting \"other\""),
             (r#"{"reason": "a", "reason": "b"}"#, "given twice"),
             ("[]", "must be a JSON object"),
             (r#"{"reason": "a"} x"#, "trailing"),

@@ -277,8 +277,7 @@ impl Rewriter {
             } else {
                 None
             };
-            self.block =
-                Some(Block { stream, end_stream: flags & END_STREAM != 0, priority, fragment: rest.to_vec() });
+            self.block = Some(Block { stream, end_stream: flags & END_STREAM != 0, priority, fragment: rest.to_vec() });
         } else {
             let block = match &mut self.block {
                 Some(block) if block.stream == stream => block,
@@ -486,11 +485,10 @@ mod tests {
         .concat();
         let out = rewrite(&input, 4096).unwrap();
         let got = frames(&out);
-        assert_eq!(got.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>(), [
-            (HEADERS, END_STREAM),
-            (CONTINUATION, 0),
-            (CONTINUATION, END_HEADERS),
-        ]);
+        assert_eq!(
+            got.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>(),
+            [(HEADERS, END_STREAM), (CONTINUATION, 0), (CONTINUATION, END_HEADERS),]
+        );
         assert!(got.iter().all(|f| f.3.len() <= MAX_FRAME));
         let joined: Vec<u8> = got.iter().flat_map(|f| f.3.clone()).collect();
         assert_eq!(loona_hpack::Decoder::new().decode(&joined).unwrap(), request(REPLACEMENT, 40_000));
@@ -515,8 +513,8 @@ mod tests {
         let mut client = loona_hpack::Encoder::new();
         let big = encode(&mut client, &[(b"x-big".to_vec(), vec![b'a'; 3000])]);
         let refs = vec![0x80 | 62; 100];
-        let input =
-            [PREFACE.as_slice(), &frame(HEADERS, END_HEADERS, 1, &big), &frame(HEADERS, END_HEADERS, 3, &refs)].concat();
+        let input = [PREFACE.as_slice(), &frame(HEADERS, END_HEADERS, 1, &big), &frame(HEADERS, END_HEADERS, 3, &refs)]
+            .concat();
         assert!(matches!(rewrite(&input, input.len()), Err(ShimError::BlockTooLarge(_))));
         let huge = frame(HEADERS, END_HEADERS, 1, &vec![0; MAX_HEADER_BLOCK + 1]);
         assert!(matches!(rewrite(&[PREFACE.as_slice(), &huge[..20]].concat(), 20), Err(ShimError::BlockTooLarge(_))));

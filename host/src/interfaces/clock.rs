@@ -12,10 +12,7 @@ use crate::engine::{
 /// `now` as the WIT answers it: a clock before the epoch reads as the epoch.
 pub(crate) fn instant(now: SystemTime) -> Instant {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Instant {
-        seconds: since.as_secs(),
-        nanoseconds: since.subsec_nanos(),
-    }
+    Instant { seconds: since.as_secs(), nanoseconds: since.subsec_nanos() }
 }
 
 impl Host for CallState {

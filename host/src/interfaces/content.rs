@@ -13,7 +13,7 @@ use crate::{
     backend::Held,
     engine::{
         bindings::pullbox::image::{
-            content::{Host, BlobInfo},
+            content::{BlobInfo, Host},
             types::Error as WitError,
         },
         CallState,

@@ -56,7 +56,9 @@ pub struct Caps {
 
 /// The trap of a call that spent its import budget.
 #[derive(Debug, thiserror::Error)]
-#[error("the puller exceeded its import budget of {0} units (sandbox.import_budget): too many or too costly host calls")]
+#[error(
+    "the puller exceeded its import budget of {0} units (sandbox.import_budget): too many or too costly host calls"
+)]
 pub struct BudgetSpent(pub u64);
 
 /// The state of a snapshot key this call prepared.

@@ -87,25 +87,25 @@ impl Host for CallState {
         self.charge(1 + keys.len() as u64)?;
         let s = self.session.clone();
         let answered = async {
-                if keys.len() > MAX_LIST_KEYS {
-                    return Err(Error::InvalidArgument(format!("more than {MAX_LIST_KEYS} label keys")));
-                }
-                for k in &keys {
-                    if k.is_empty() {
-                        return Err(Error::InvalidArgument("a label key must not be empty".into()));
-                    }
-                    bounded("label key", k)?;
-                }
-                Ok(all(&s)
-                    .await?
-                    .iter()
-                    .map(|r| Labelled {
-                        name: r.name.clone(),
-                        values: keys.iter().map(|k| r.labels.get(k).cloned()).collect(),
-                    })
-                    .collect::<Vec<_>>())
+            if keys.len() > MAX_LIST_KEYS {
+                return Err(Error::InvalidArgument(format!("more than {MAX_LIST_KEYS} label keys")));
             }
-            .await;
+            for k in &keys {
+                if k.is_empty() {
+                    return Err(Error::InvalidArgument("a label key must not be empty".into()));
+                }
+                bounded("label key", k)?;
+            }
+            Ok(all(&s)
+                .await?
+                .iter()
+                .map(|r| Labelled {
+                    name: r.name.clone(),
+                    values: keys.iter().map(|k| r.labels.get(k).cloned()).collect(),
+                })
+                .collect::<Vec<_>>())
+        }
+        .await;
         if let Ok(r) = &answered {
             self.charge(r.len() as u64)?;
         }

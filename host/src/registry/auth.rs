@@ -151,9 +151,7 @@ pub struct AuthConfig {
 
 impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuthConfig")
-            .field("server_address", &self.server_address)
-            .finish_non_exhaustive()
+        f.debug_struct("AuthConfig").field("server_address", &self.server_address).finish_non_exhaustive()
     }
 }
 
@@ -167,7 +165,10 @@ enum Inner {
     Anonymous,
     /// One secret for the registry `server` (`host[:port]`, lowercase), its configured
     /// upstream included, mirrors excluded.
-    Static { secret: Secret, server: String },
+    Static {
+        secret: Secret,
+        server: String,
+    },
     Provider(Arc<dyn CredentialProvider>),
 }
 
@@ -220,7 +221,8 @@ impl Credentials {
         } else if !config.identity_token.is_empty() {
             Some(Secret::IdentityToken(config.identity_token.clone()))
         } else if !config.auth.is_empty() {
-            let bad = || Error::InvalidArgument("the auth field of the credentials is not base64 of user:password".into());
+            let bad =
+                || Error::InvalidArgument("the auth field of the credentials is not base64 of user:password".into());
             let decoded = base64::engine::general_purpose::STANDARD.decode(config.auth.trim()).map_err(|_| bad())?;
             let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
             let (user, pass) = decoded.split_once(':').ok_or_else(bad)?;
@@ -236,7 +238,9 @@ impl Credentials {
             s => s,
         };
         if server_host(server).is_empty() {
-            return Err(Error::InvalidArgument("the credentials name no registry: empty server address and image registry".into()));
+            return Err(Error::InvalidArgument(
+                "the credentials name no registry: empty server address and image registry".into(),
+            ));
         }
         Ok(Credentials::with_secret(secret, server))
     }
@@ -291,7 +295,8 @@ pub(crate) fn server_host(address: &str) -> String {
 
 /// Whether two registry hosts name the same registry, Docker Hub's aliases included.
 pub(crate) fn same_registry(a: &str, b: &str) -> bool {
-    let hub = |h: &str| matches!(h, "docker.io" | "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com");
+    let hub =
+        |h: &str| matches!(h, "docker.io" | "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com");
     let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
     a == b || (hub(&a) && hub(&b))
 }
@@ -313,10 +318,8 @@ pub(crate) fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) ->
         if scheme.eq_ignore_ascii_case("bearer") {
             let params = parse_params(rest)?;
             let realm = params.get("realm").filter(|r| !r.is_empty())?.clone();
-            let scopes = params
-                .get("scope")
-                .map(|s| s.split_whitespace().map(str::to_owned).collect())
-                .unwrap_or_default();
+            let scopes =
+                params.get("scope").map(|s| s.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
             return Some(Challenge::Bearer { realm, service: params.get("service").cloned(), scopes });
         }
         if scheme.eq_ignore_ascii_case("basic") {
@@ -464,8 +467,12 @@ impl Authorizer {
                 all.push(target.pull_scope());
                 all.sort();
                 all.dedup();
-                let key: TokenKey =
-                    (realm.clone(), service.clone().unwrap_or_default(), all.join(" "), secret.as_ref().map(Secret::fingerprint));
+                let key: TokenKey = (
+                    realm.clone(),
+                    service.clone().unwrap_or_default(),
+                    all.join(" "),
+                    secret.as_ref().map(Secret::fingerprint),
+                );
                 let cached = {
                     let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
                     let now = Instant::now();
@@ -476,12 +483,13 @@ impl Authorizer {
                     Some(t) => t,
                     None => {
                         let (token, lifetime) =
-                            fetch_token(http, target, &realm, service.as_deref(), &all, secret.as_ref(), timeout).await?;
+                            fetch_token(http, target, &realm, service.as_deref(), &all, secret.as_ref(), timeout)
+                                .await?;
                         let margin = (lifetime / 10).min(Duration::from_secs(30));
-                        self.tokens
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(key.clone(), CachedToken { token: token.clone(), expires: Instant::now() + lifetime - margin });
+                        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                            key.clone(),
+                            CachedToken { token: token.clone(), expires: Instant::now() + lifetime - margin },
+                        );
                         token
                     }
                 };
@@ -506,7 +514,8 @@ async fn fetch_token(
     timeout: Duration,
 ) -> Result<(String, Duration)> {
     let who = format!("the token service of {}", target.host);
-    let url = url::Url::parse(realm).map_err(|_| Error::PermissionDenied(format!("{}: invalid token realm", target.host)))?;
+    let url =
+        url::Url::parse(realm).map_err(|_| Error::PermissionDenied(format!("{}: invalid token realm", target.host)))?;
     let realm_loopback = match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -539,9 +548,7 @@ async fn fetch_token(
                 form.push(("service", s.to_owned()));
             }
             let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
-            http.post(url)
-                .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(body)
+            http.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body)
         }
         other => {
             let mut url = url;
@@ -566,7 +573,9 @@ async fn fetch_token(
     };
     let resp = match tokio::time::timeout(timeout, request.send()).await {
         Ok(r) => r.map_err(|e| Error::unavailable(format!("cannot reach {who}"), e.without_url()))?,
-        Err(_) => return Err(Error::Unavailable { what: format!("{who} did not answer within {timeout:?}"), source: None }),
+        Err(_) => {
+            return Err(Error::Unavailable { what: format!("{who} did not answer within {timeout:?}"), source: None })
+        }
     };
     let status = resp.status();
     if status.is_server_error() {
@@ -583,8 +592,10 @@ async fn fetch_token(
         access_token: Option<String>,
         expires_in: Option<u64>,
     }
-    let parsed: TokenResponse = serde_json::from_slice(&body)
-        .map_err(|_| Error::Unavailable { what: format!("{who} answered something that is not a token response"), source: None })?;
+    let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| Error::Unavailable {
+        what: format!("{who} answered something that is not a token response"),
+        source: None,
+    })?;
     let token = parsed
         .token
         .filter(|t| !t.is_empty())
@@ -675,7 +686,8 @@ mod tests {
         let c = Credentials::from_auth_config(&AuthConfig::default(), "r.io").unwrap();
         assert!(c.is_anonymous());
 
-        let err = Credentials::from_auth_config(&auth_config(|c| c.auth = "not base64 s3cr3t!".into()), "r.io").unwrap_err();
+        let err =
+            Credentials::from_auth_config(&auth_config(|c| c.auth = "not base64 s3cr3t!".into()), "r.io").unwrap_err();
         assert!(!err.to_string().contains("s3cr3t"), "{err}");
         let err = Credentials::from_auth_config(&auth_config(|c| c.auth = "bm9jb2xvbg==".into()), "r.io").unwrap_err();
         assert_eq!(err.code(), crate::error::Code::InvalidArgument);

@@ -159,7 +159,8 @@ fn entry_secret(e: &AuthEntry, path: &Path, key: &str) -> Result<Option<Secret>>
         return Ok(Some(Secret::RegistryToken(t)));
     }
     if let Some(auth) = some(&e.auth) {
-        let bad = || Error::InvalidArgument(format!("{}: the auth of {key} is not base64 of user:password", path.display()));
+        let bad =
+            || Error::InvalidArgument(format!("{}: the auth of {key} is not base64 of user:password", path.display()));
         let decoded = base64::engine::general_purpose::STANDARD.decode(auth.trim()).map_err(|_| bad())?;
         let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
         let (username, password) = decoded.split_once(':').ok_or_else(bad)?;
@@ -193,11 +194,15 @@ async fn run_helper(helper: &str, server: &str) -> Result<Option<Secret>> {
     let output = match tokio::time::timeout(HELPER_TIMEOUT, child.wait_with_output()).await {
         Ok(r) => r.map_err(Error::io(format!("running the credential helper {program}")))?,
         Err(_) => {
-            return Err(Error::Unavailable { what: format!("credential helper {program} did not answer within {HELPER_TIMEOUT:?}"), source: None })
+            return Err(Error::Unavailable {
+                what: format!("credential helper {program} did not answer within {HELPER_TIMEOUT:?}"),
+                source: None,
+            })
         }
     };
     if !output.status.success() {
-        let said = String::from_utf8_lossy(&output.stdout).to_lowercase() + &String::from_utf8_lossy(&output.stderr).to_lowercase();
+        let said = String::from_utf8_lossy(&output.stdout).to_lowercase()
+            + &String::from_utf8_lossy(&output.stderr).to_lowercase();
         if said.contains("credentials not found") {
             return Ok(None);
         }
@@ -213,8 +218,9 @@ async fn run_helper(helper: &str, server: &str) -> Result<Option<Secret>> {
         #[serde(rename = "Secret", default)]
         secret: String,
     }
-    let a: Answer = serde_json::from_slice(&output.stdout)
-        .map_err(|_| Error::PermissionDenied(format!("credential helper {program} answered something that is not credentials")))?;
+    let a: Answer = serde_json::from_slice(&output.stdout).map_err(|_| {
+        Error::PermissionDenied(format!("credential helper {program} answered something that is not credentials"))
+    })?;
     if a.secret.is_empty() && a.username.is_empty() {
         return Ok(None);
     }
@@ -294,7 +300,10 @@ mod tests {
             std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         };
-        helper("pbtest", r#"read server; case "$server" in reg.io) echo '{"ServerURL":"reg.io","Username":"hu","Secret":"hs"}';; tok.io) echo '{"Username":"<token>","Secret":"idt"}';; *) echo "credentials not found in native keychain"; exit 1;; esac"#);
+        helper(
+            "pbtest",
+            r#"read server; case "$server" in reg.io) echo '{"ServerURL":"reg.io","Username":"hu","Secret":"hs"}';; tok.io) echo '{"Username":"<token>","Secret":"idt"}';; *) echo "credentials not found in native keychain"; exit 1;; esac"#,
+        );
         helper("broken", "echo 'leaked-secret' >&2; exit 3");
         let path = std::env::var("PATH").unwrap_or_default();
         // Only this test changes PATH in this test binary.
@@ -303,10 +312,16 @@ mod tests {
             r#"{"credHelpers": {"reg.io": "pbtest", "tok.io": "pbtest", "none.io": "pbtest", "bad.io": "broken"},
                 "auths": {"none.io": {"auth": "dTpw"}}}"#,
         );
-        assert_eq!(c.secret("reg.io", "reg.io").await.unwrap(), Some(Secret::Basic { username: "hu".into(), password: "hs".into() }));
+        assert_eq!(
+            c.secret("reg.io", "reg.io").await.unwrap(),
+            Some(Secret::Basic { username: "hu".into(), password: "hs".into() })
+        );
         assert_eq!(c.secret("tok.io", "tok.io").await.unwrap(), Some(Secret::IdentityToken("idt".into())));
         // Not found by the helper: the auths entry still counts.
-        assert_eq!(c.secret("none.io", "none.io").await.unwrap(), Some(Secret::Basic { username: "u".into(), password: "p".into() }));
+        assert_eq!(
+            c.secret("none.io", "none.io").await.unwrap(),
+            Some(Secret::Basic { username: "u".into(), password: "p".into() })
+        );
         let err = c.secret("bad.io", "bad.io").await.unwrap_err();
         assert!(err.to_string().contains("docker-credential-broken") && !err.to_string().contains("leaked"), "{err}");
         let (_d, c) = config(r#"{"credsStore": "pbtest"}"#);

@@ -161,7 +161,15 @@ pub fn hosts_for(dir: Option<&Path>, registry: &str) -> Result<Vec<Host>> {
         .enumerate()
         .map(|(i, e)| {
             let (scheme, authority, path) = e.host.expect("every entry has a host now");
-            Host { scheme, authority, path, capabilities: e.capabilities, tls: e.tls, headers: e.headers, mirror: i < upstream }
+            Host {
+                scheme,
+                authority,
+                path,
+                capabilities: e.capabilities,
+                tls: e.tls,
+                headers: e.headers,
+                mirror: i < upstream,
+            }
         })
         .collect())
 }
@@ -283,7 +291,8 @@ fn entry(dir: &Path, server: Option<&str>, t: &toml::Table) -> std::result::Resu
         for (name, values) in table {
             let name = HeaderName::try_from(name.as_str()).map_err(|_| format!("invalid header name {name:?}"))?;
             for value in strings(values, "header")? {
-                let value = HeaderValue::try_from(value.as_str()).map_err(|_| format!("invalid value for header {name}"))?;
+                let value =
+                    HeaderValue::try_from(value.as_str()).map_err(|_| format!("invalid value for header {name}"))?;
                 headers.push((name.clone(), value));
             }
         }
@@ -362,7 +371,10 @@ mod tests {
         let h = hosts_for(None, "docker.io").unwrap();
         assert_eq!(h.len(), 1);
         assert!(!h[0].mirror);
-        assert_eq!(h[0].url("docker.io", "library/busybox", "manifests/latest"), "https://registry-1.docker.io/v2/library/busybox/manifests/latest");
+        assert_eq!(
+            h[0].url("docker.io", "library/busybox", "manifests/latest"),
+            "https://registry-1.docker.io/v2/library/busybox/manifests/latest"
+        );
         let h = hosts_for(None, "127.0.0.1:5000").unwrap();
         assert_eq!(h[0].url("127.0.0.1:5000", "a", "blobs/x"), "http://127.0.0.1:5000/v2/a/blobs/x");
         for (registry, http) in [
@@ -416,12 +428,22 @@ header = { X-Upstream = "1" }
         assert_eq!(h[0].headers.len(), 3);
         assert_eq!(h[0].capabilities, Capabilities { pull: true, resolve: true, push: false });
         assert!(!h[1].capabilities.resolve && h[1].capabilities.pull && h[1].tls.skip_verify);
-        assert_eq!(h[1].url("registry.io", "team/app", "blobs/sha256:1"), "http://aa-second.local/v2/team/app/blobs/sha256:1?ns=registry.io");
-        assert_eq!(h[2].url("registry.io", "team/app", "manifests/1"), "https://custom.local/some/api/team/app/manifests/1?ns=registry.io");
+        assert_eq!(
+            h[1].url("registry.io", "team/app", "blobs/sha256:1"),
+            "http://aa-second.local/v2/team/app/blobs/sha256:1?ns=registry.io"
+        );
+        assert_eq!(
+            h[2].url("registry.io", "team/app", "manifests/1"),
+            "https://custom.local/some/api/team/app/manifests/1?ns=registry.io"
+        );
         assert_eq!(h[3].tls.ca, [d.join("upstream-ca.pem")]);
         assert_eq!(h[3].headers[0].0.as_str(), "x-upstream");
         assert_eq!(h[3].capabilities, Capabilities::ALL);
-        assert_eq!(h.iter().map(|h| h.mirror).collect::<Vec<_>>(), [true, true, true, false], "only the upstream is not a mirror");
+        assert_eq!(
+            h.iter().map(|h| h.mirror).collect::<Vec<_>>(),
+            [true, true, true, false],
+            "only the upstream is not a mirror"
+        );
         // The upstream named by `server` is a different host: it gets `ns` too.
         assert!(h[3].url("registry.io", "a", "b").ends_with("?ns=registry.io"));
     }
@@ -432,8 +454,14 @@ header = { X-Upstream = "1" }
         write(dir.path(), "docker.io", "[host.\"http://127.0.0.1:5001\"]\ncapabilities = [\"pull\", \"resolve\"]\n");
         let h = hosts_for(Some(dir.path()), "docker.io").unwrap();
         assert_eq!(h.len(), 2);
-        assert_eq!(h[0].url("docker.io", "library/a", "manifests/1"), "http://127.0.0.1:5001/v2/library/a/manifests/1?ns=docker.io");
-        assert_eq!(h[1].url("docker.io", "library/a", "manifests/1"), "https://registry-1.docker.io/v2/library/a/manifests/1");
+        assert_eq!(
+            h[0].url("docker.io", "library/a", "manifests/1"),
+            "http://127.0.0.1:5001/v2/library/a/manifests/1?ns=docker.io"
+        );
+        assert_eq!(
+            h[1].url("docker.io", "library/a", "manifests/1"),
+            "https://registry-1.docker.io/v2/library/a/manifests/1"
+        );
     }
 
     #[test]

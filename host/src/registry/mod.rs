@@ -218,11 +218,16 @@ impl Client {
 
     /// A client with `config`.
     pub fn with_config(config: Config) -> Result<Client> {
-        let http = Self::builder(&config)
-            .build()
-            .map_err(|e| Error::unavailable("cannot set up the HTTP client", e))?;
+        let http =
+            Self::builder(&config).build().map_err(|e| Error::unavailable("cannot set up the HTTP client", e))?;
         let downloads = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1)));
-        Ok(Client { config, http, tls_clients: Mutex::new(HashMap::new()), auth: auth::Authorizer::default(), downloads })
+        Ok(Client {
+            config,
+            http,
+            tls_clients: Mutex::new(HashMap::new()),
+            auth: auth::Authorizer::default(),
+            downloads,
+        })
     }
 
     /// The settings.
@@ -290,8 +295,9 @@ impl Client {
             tracing::warn!(host = %host.authority, "several client certificates configured; using the first");
         }
         if let Some((p, pem)) = identities.into_iter().next() {
-            let id = reqwest::Identity::from_pem(&pem)
-                .map_err(|_| bad(format!("{} (and its key) is not a PEM certificate with a private key", p.display())))?;
+            let id = reqwest::Identity::from_pem(&pem).map_err(|_| {
+                bad(format!("{} (and its key) is not a PEM certificate with a private key", p.display()))
+            })?;
             b = b.identity(id);
         }
         if host.tls.skip_verify {
@@ -308,7 +314,8 @@ impl Client {
     fn backoff(&self, failures: u32) -> Duration {
         let base = self.config.backoff.saturating_mul(1 << failures.saturating_sub(1).min(16));
         let base = base.min(self.config.max_backoff);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         base + base.mul_f64(f64::from(nanos % 500) / 1000.0)
     }
 
@@ -466,7 +473,8 @@ impl Client {
         };
         let headers = resp.headers();
         let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-        let digest = text(header::HeaderName::from_static("docker-content-digest")).and_then(|d| d.parse::<Digest>().ok());
+        let digest =
+            text(header::HeaderName::from_static("docker-content-digest")).and_then(|d| d.parse::<Digest>().ok());
         let size = text(header::CONTENT_LENGTH).and_then(|n| n.parse::<u64>().ok());
         let media_type = text(header::CONTENT_TYPE)
             .map(|t| t.split(';').next().unwrap_or_default().trim().to_owned())
@@ -475,7 +483,14 @@ impl Client {
             (Some(digest), Some(size), Some(media_type))
                 if size > 0 && size <= MAX_MANIFEST && pinned.is_none_or(|p| *p == digest) =>
             {
-                Ok(Some(Descriptor { media_type, digest, size, annotations: Default::default(), platform: None, urls: Vec::new() }))
+                Ok(Some(Descriptor {
+                    media_type,
+                    digest,
+                    size,
+                    annotations: Default::default(),
+                    platform: None,
+                    urls: Vec::new(),
+                }))
             }
             _ => {
                 tracing::debug!(host = %host.authority, "{what}: the HEAD answer names no usable descriptor, trying GET");
@@ -511,12 +526,15 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned());
         if resp.content_length().is_some_and(|n| n > MAX_MANIFEST) {
-            return Err(Failure::Fatal(Error::ResourceExhausted(format!("{what} is larger than {MAX_MANIFEST} bytes"))));
+            return Err(Failure::Fatal(Error::ResourceExhausted(format!(
+                "{what} is larger than {MAX_MANIFEST} bytes"
+            ))));
         }
-        let body = read_capped(resp, MAX_MANIFEST, what, self.config.stall_timeout).await.map_err(|e| match e.code() {
-            crate::error::Code::Unavailable => Failure::Retry(e),
-            _ => Failure::Fatal(e),
-        })?;
+        let body =
+            read_capped(resp, MAX_MANIFEST, what, self.config.stall_timeout).await.map_err(|e| match e.code() {
+                crate::error::Code::Unavailable => Failure::Retry(e),
+                _ => Failure::Fatal(e),
+            })?;
 
         // The digest we trust: the one asked for, else the registry's, else our own hash.
         let expected = pinned.or(header_digest).unwrap_or_else(|| Digest::sha256_of(&body));
@@ -566,11 +584,8 @@ impl Client {
         let what = format!("{} {}", &endpoint[..endpoint.len() - 1], desc.digest);
         let hosts: Vec<Host> = self.hosts(repo.registry())?.into_iter().filter(|h| h.capabilities.pull).collect();
         // Node-wide: every pull sharing this client waits for the same permits.
-        let _permit = self
-            .downloads
-            .acquire()
-            .await
-            .map_err(|_| Error::Cancelled("the download queue is closed".into()))?;
+        let _permit =
+            self.downloads.acquire().await.map_err(|_| Error::Cancelled("the download queue is closed".into()))?;
         let started = Instant::now();
         let result = self
             .on_hosts(repo.registry(), hosts, &what, |host, http| {
@@ -747,8 +762,9 @@ impl Client {
             repository: repo.path(),
             mirror: host.mirror,
         };
-        let url = reqwest::Url::parse(url)
-            .map_err(|_| Failure::Fatal(Error::InvalidArgument(format!("{what}: no valid URL on {}", host.authority))))?;
+        let url = reqwest::Url::parse(url).map_err(|_| {
+            Failure::Fatal(Error::InvalidArgument(format!("{what}: no valid URL on {}", host.authority)))
+        })?;
         let home = url.origin();
         let stall = self.config.stall_timeout;
         let mut authz = self.auth.authorize(http, &target, credentials, stall).await.map_err(auth_failure)?;
@@ -937,9 +953,16 @@ fn transient(e: &reqwest::Error) -> bool {
     // rustls's errors are boxed inside the connector's errors; their variant names are the
     // stable way to recognize them through the layers.
     let debug = format!("{e:?}");
-    if ["InvalidCertificate", "AlertReceived", "InvalidMessage", "PeerIncompatible", "PeerMisbehaved", "NoCertificatesPresented"]
-        .iter()
-        .any(|v| debug.contains(v))
+    if [
+        "InvalidCertificate",
+        "AlertReceived",
+        "InvalidMessage",
+        "PeerIncompatible",
+        "PeerMisbehaved",
+        "NoCertificatesPresented",
+    ]
+    .iter()
+    .any(|v| debug.contains(v))
     {
         return false;
     }
@@ -1034,7 +1057,10 @@ async fn read_capped(resp: reqwest::Response, cap: u64, what: &str, stall: Durat
     loop {
         let chunk = match tokio::time::timeout(stall, body.next()).await {
             Err(_) => {
-                return Err(Error::Unavailable { what: format!("reading {what}: no data for {}", seconds(stall)), source: None })
+                return Err(Error::Unavailable {
+                    what: format!("reading {what}: no data for {}", seconds(stall)),
+                    source: None,
+                })
             }
             Ok(None) => break,
             Ok(Some(c)) => c.map_err(|e| Error::unavailable(format!("reading {what}"), e.without_url()))?,

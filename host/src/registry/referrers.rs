@@ -94,8 +94,7 @@ pub fn check_media_type(what: &str, s: &str, empty_ok: bool) -> Result<()> {
 /// `artifact_type` (all when empty). See the module docs for the bounds.
 pub fn parse_referrers(body: &[u8], artifact_type: &str, what: &str) -> Result<Vec<Referrer>> {
     let bad = |why: String| Error::FailedPrecondition(format!("{what}: {why}"));
-    let index: Index =
-        serde_json::from_slice(body).map_err(|e| bad(format!("not an image index: {e}")))?;
+    let index: Index = serde_json::from_slice(body).map_err(|e| bad(format!("not an image index: {e}")))?;
     if !index.media_type.is_empty() && index.media_type != INDEX_ACCEPT {
         return Err(bad(format!(
             "an index was expected, not {:?}",
@@ -108,18 +107,13 @@ pub fn parse_referrers(body: &[u8], artifact_type: &str, what: &str) -> Result<V
             continue;
         }
         if out.len() == MAX_REFERRERS {
-            return Err(Error::ResourceExhausted(format!(
-                "{what} lists more than {MAX_REFERRERS} referrers"
-            )));
+            return Err(Error::ResourceExhausted(format!("{what} lists more than {MAX_REFERRERS} referrers")));
         }
         let digest: Digest = e.digest.parse().map_err(|e: Error| bad(e.to_string()))?;
         check_media_type("media type", &e.media_type, false).map_err(|e| bad(e.to_string()))?;
-        check_media_type("artifact type", &e.artifact_type, true)
-            .map_err(|e| bad(e.to_string()))?;
+        check_media_type("artifact type", &e.artifact_type, true).map_err(|e| bad(e.to_string()))?;
         if e.size > MAX_MANIFEST {
-            return Err(bad(format!(
-                "referrer {digest} is larger than a manifest may be ({MAX_MANIFEST} bytes)"
-            )));
+            return Err(bad(format!("referrer {digest} is larger than a manifest may be ({MAX_MANIFEST} bytes)")));
         }
         let annotations = crate::interfaces::labels(e.annotations.into_iter().collect())
             .map_err(|e| bad(format!("referrer {digest}: {e}")))?;
@@ -148,26 +142,30 @@ impl Client {
     ) -> Result<Vec<Referrer>> {
         check_media_type("artifact type", artifact_type, true)?;
         let what = format!("referrers of {repo}@{digest}");
-        let hosts: Vec<Host> = self
-            .hosts(repo.registry())?
-            .into_iter()
-            .filter(|h| h.capabilities.resolve)
-            .collect();
+        let hosts: Vec<Host> = self.hosts(repo.registry())?.into_iter().filter(|h| h.capabilities.resolve).collect();
         let body = self
             .on_hosts(repo.registry(), hosts, &what, |host, http| {
                 let what = &what;
                 async move {
-                    let mut api = reqwest::Url::parse(&host.url(repo.registry(), repo.path(), &format!("referrers/{digest}")))
-                        .map_err(|_| Failure::Fatal(Error::InvalidArgument(format!("{what}: no valid URL"))))?;
+                    let mut api =
+                        reqwest::Url::parse(&host.url(repo.registry(), repo.path(), &format!("referrers/{digest}")))
+                            .map_err(|_| Failure::Fatal(Error::InvalidArgument(format!("{what}: no valid URL"))))?;
                     if !artifact_type.is_empty() {
                         api.query_pairs_mut().append_pair("artifactType", artifact_type);
                     }
-                    match self.retrying(&host, what, || self.index_once(&host, &http, repo, api.as_str(), credentials, what)).await {
+                    match self
+                        .retrying(&host, what, || self.index_once(&host, &http, repo, api.as_str(), credentials, what))
+                        .await
+                    {
                         Err(Failure::NextHost(Error::NotFound(_))) => {}
                         other => return other,
                     }
                     tracing::debug!(host = %host.authority, "{what}: no referrers API, reading the tag schema");
-                    let tag = host.url(repo.registry(), repo.path(), &format!("manifests/{}-{}", digest.algorithm_name(), digest.hex()));
+                    let tag = host.url(
+                        repo.registry(),
+                        repo.path(),
+                        &format!("manifests/{}-{}", digest.algorithm_name(), digest.hex()),
+                    );
                     self.retrying(&host, what, || self.index_once(&host, &http, repo, &tag, credentials, what)).await
                 }
             })
@@ -191,32 +189,16 @@ impl Client {
         what: &str,
     ) -> Result<Vec<u8>, Failure> {
         let accept = [(header::ACCEPT, INDEX_ACCEPT.to_owned())];
-        let resp = self
-            .request(
-                reqwest::Method::GET,
-                http,
-                host,
-                repo,
-                url,
-                &accept,
-                credentials,
-                what,
-            )
-            .await?;
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_REFERRERS_BYTES)
-        {
+        let resp = self.request(reqwest::Method::GET, http, host, repo, url, &accept, credentials, what).await?;
+        if resp.content_length().is_some_and(|n| n > MAX_REFERRERS_BYTES) {
             return Err(Failure::Fatal(Error::ResourceExhausted(format!(
                 "{what} is larger than {MAX_REFERRERS_BYTES} bytes"
             ))));
         }
-        read_capped(resp, MAX_REFERRERS_BYTES, what, self.config.stall_timeout)
-            .await
-            .map_err(|e| match e.code() {
-                Code::Unavailable => Failure::Retry(e),
-                _ => Failure::Fatal(e),
-            })
+        read_capped(resp, MAX_REFERRERS_BYTES, what, self.config.stall_timeout).await.map_err(|e| match e.code() {
+            Code::Unavailable => Failure::Retry(e),
+            _ => Failure::Fatal(e),
+        })
     }
 }
 
@@ -225,8 +207,10 @@ mod tests {
     use super::*;
 
     fn index(entries: &str) -> Vec<u8> {
-        format!(r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{entries}]}}"#)
-            .into_bytes()
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{entries}]}}"#
+        )
+        .into_bytes()
     }
 
     fn entry(artifact_type: &str, hex: char) -> String {
@@ -246,61 +230,31 @@ mod tests {
         let all = parse_referrers(&body, "", "r").unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].annotations.get("k").map(String::as_str), Some("v"));
-        let sigs = parse_referrers(
-            &body,
-            "application/vnd.dev.cosign.artifact.sig.v1+json",
-            "r",
-        )
-        .unwrap();
+        let sigs = parse_referrers(&body, "application/vnd.dev.cosign.artifact.sig.v1+json", "r").unwrap();
         assert_eq!(sigs.len(), 1);
         assert_eq!(sigs[0].digest.hex(), "a".repeat(64));
 
-        let bad_digest = index(
-            r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:../x","size":1}"#,
-        );
-        assert!(matches!(
-            parse_referrers(&bad_digest, "", "r"),
-            Err(Error::FailedPrecondition(_))
-        ));
+        let bad_digest =
+            index(r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:../x","size":1}"#);
+        assert!(matches!(parse_referrers(&bad_digest, "", "r"), Err(Error::FailedPrecondition(_))));
         let huge = index(&entry("a/b", 'c').replace("\"size\":10", "\"size\":99999999999"));
-        assert!(matches!(
-            parse_referrers(&huge, "", "r"),
-            Err(Error::FailedPrecondition(_))
-        ));
-        let manifest =
-            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
-        assert!(matches!(
-            parse_referrers(manifest, "", "r"),
-            Err(Error::FailedPrecondition(_))
-        ));
-        assert!(matches!(
-            parse_referrers(b"<html>", "", "r"),
-            Err(Error::FailedPrecondition(_))
-        ));
+        assert!(matches!(parse_referrers(&huge, "", "r"), Err(Error::FailedPrecondition(_))));
+        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+        assert!(matches!(parse_referrers(manifest, "", "r"), Err(Error::FailedPrecondition(_))));
+        assert!(matches!(parse_referrers(b"<html>", "", "r"), Err(Error::FailedPrecondition(_))));
     }
 
     #[test]
     fn more_than_the_cap_is_refused_after_filtering() {
         let many: Vec<String> = (0..=MAX_REFERRERS).map(|_| entry("a/b", 'd')).collect();
         let body = index(&many.join(","));
-        assert!(matches!(
-            parse_referrers(&body, "", "r"),
-            Err(Error::ResourceExhausted(_))
-        ));
-        assert!(
-            parse_referrers(&body, "c/d", "r").unwrap().is_empty(),
-            "filtered out before counting"
-        );
+        assert!(matches!(parse_referrers(&body, "", "r"), Err(Error::ResourceExhausted(_))));
+        assert!(parse_referrers(&body, "c/d", "r").unwrap().is_empty(), "filtered out before counting");
     }
 
     #[test]
     fn media_types_are_checked() {
-        check_media_type(
-            "t",
-            "application/vnd.dev.cosign.artifact.sig.v1+json",
-            false,
-        )
-        .unwrap();
+        check_media_type("t", "application/vnd.dev.cosign.artifact.sig.v1+json", false).unwrap();
         check_media_type("t", "", true).unwrap();
         for bad in ["", "application", "a/b&c=d e", "a/b/c", "/b", "a/"] {
             assert!(check_media_type("t", bad, false).is_err(), "{bad}");

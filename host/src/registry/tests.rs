@@ -141,7 +141,8 @@ fn blob(n: usize) -> (Vec<u8>, Descriptor) {
     (data, desc)
 }
 
-const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
+const MANIFEST: &[u8] =
+    br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
 
 fn manifest_reply() -> Reply {
     Reply::Full(
@@ -210,7 +211,11 @@ async fn bearer_tokens_are_fetched_once_per_scope_and_credentials() {
                 r#"Bearer realm="{}",service="test-registry",scope="repository:team/app:pull""#,
                 r.lock().unwrap()
             );
-            return Reply::Full(401, vec![("WWW-Authenticate".into(), challenge)], br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#.to_vec());
+            return Reply::Full(
+                401,
+                vec![("WWW-Authenticate".into(), challenge)],
+                br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#.to_vec(),
+            );
         }
         if req.path.contains("/manifests/") {
             manifest_reply()
@@ -229,15 +234,27 @@ async fn bearer_tokens_are_fetched_once_per_scope_and_credentials() {
     assert!(committed(&s, &desc.digest).await);
     assert_eq!(token_requests.load(Ordering::SeqCst), 1, "one token for the scope: {:#?}", server.seen());
     let token_query = server.seen().into_iter().find(|r| r.path.starts_with("/token")).unwrap().path;
-    assert!(token_query.contains("service=test-registry") && token_query.contains("scope=repository%3Ateam%2Fapp%3Apull"), "{token_query}");
+    assert!(
+        token_query.contains("service=test-registry") && token_query.contains("scope=repository%3Ateam%2Fapp%3Apull"),
+        "{token_query}"
+    );
 
     // Anonymous requests do not reuse alice's token: they ask for their own and are refused.
-    let err = c.resolve(&repo(&server.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous()).await.unwrap_err();
+    let err = c
+        .resolve(&repo(&server.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), crate::error::Code::PermissionDenied, "{err}");
     assert_eq!(token_requests.load(Ordering::SeqCst), 2);
     // Wrong credentials: refused, and the message holds no secret.
     let err = c
-        .resolve(&repo(&server.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::basic(&server.addr, "alice", "wrong-pw"))
+        .resolve(
+            &repo(&server.addr),
+            "1.0",
+            s.backend.content.as_ref(),
+            &s.lease,
+            &Credentials::basic(&server.addr, "alice", "wrong-pw"),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), crate::error::Code::PermissionDenied);
@@ -302,7 +319,9 @@ async fn basic_auth_after_the_challenge_then_up_front() {
     let (c, s) = (client(None), store().await);
     let err = fetch(&c, &s, &server.addr, &desc, &Credentials::anonymous()).await.unwrap_err();
     assert!(err.chain().contains("no credentials for this host"), "{}", err.chain());
-    let bob = Credentials::from_auth_config(&AuthConfig { auth: "Ym9iOnB3".into(), ..Default::default() }, &server.addr).unwrap();
+    let bob =
+        Credentials::from_auth_config(&AuthConfig { auth: "Ym9iOnB3".into(), ..Default::default() }, &server.addr)
+            .unwrap();
     fetch(&c, &s, &server.addr, &desc, &bob).await.unwrap();
     let before = server.seen().len();
     let (data2, desc2) = blob(11);
@@ -319,7 +338,8 @@ async fn server_errors_are_retried_with_backoff() {
     let (data, desc) = blob(500);
     let calls = Arc::new(AtomicUsize::new(0));
     let c2 = calls.clone();
-    let server = Server::start(move |_| if c2.fetch_add(1, Ordering::SeqCst) < 2 { status(503) } else { ok(&data) }).await;
+    let server =
+        Server::start(move |_| if c2.fetch_add(1, Ordering::SeqCst) < 2 { status(503) } else { ok(&data) }).await;
     let (c, s) = (client(None), store().await);
     fetch(&c, &s, &server.addr, &desc, &Credentials::anonymous()).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -383,7 +403,8 @@ async fn corrupt_bytes_are_never_committed() {
 async fn mirrors_first_then_the_upstream() {
     let (data, desc) = blob(64);
     let mirror = Server::start(|_| status(404)).await;
-    let upstream = Server::start(move |req| if req.path.contains("/manifests/") { manifest_reply() } else { ok(&data) }).await;
+    let upstream =
+        Server::start(move |req| if req.path.contains("/manifests/") { manifest_reply() } else { ok(&data) }).await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join(&upstream.addr);
     std::fs::create_dir_all(&d).unwrap();
@@ -393,7 +414,9 @@ async fn mirrors_first_then_the_upstream() {
     )
     .unwrap();
     let (c, s) = (client(Some(dir.path())), store().await);
-    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous()).await.unwrap();
+    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous())
+        .await
+        .unwrap();
     fetch(&c, &s, &upstream.addr, &desc, &Credentials::anonymous()).await.unwrap();
     let asked = mirror.seen();
     assert_eq!(asked.len(), 2, "{asked:#?}");
@@ -407,10 +430,15 @@ async fn mirrors_first_then_the_upstream() {
     // A mirror without `resolve` is not asked for tags.
     std::fs::write(
         d.join("hosts.toml"),
-        format!("server = \"http://{}\"\n[host.\"http://{}\"]\ncapabilities = [\"pull\"]\n", upstream.addr, mirror.addr),
+        format!(
+            "server = \"http://{}\"\n[host.\"http://{}\"]\ncapabilities = [\"pull\"]\n",
+            upstream.addr, mirror.addr
+        ),
     )
     .unwrap();
-    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous()).await.unwrap();
+    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous())
+        .await
+        .unwrap();
     assert_eq!(mirror.seen().len(), 2);
 }
 
@@ -421,7 +449,6 @@ fn content_ranges_parse() {
     assert_eq!(seconds(Duration::from_secs(2)), "2s");
     assert_eq!(seconds(Duration::from_millis(1500)), "1500ms");
 }
-
 
 /// A registry that wants basic auth from bob (`bob:pw`) and serves the manifest and `data`.
 fn bob_registry(data: Vec<u8>) -> impl Fn(&Seen) -> Reply + Send + Sync + 'static {
@@ -492,13 +519,21 @@ async fn mirrors_get_no_registry_credentials() {
     fetch(&c, &s, &upstream.addr, &desc, &creds).await.unwrap();
     let asked = mirror.seen();
     assert!(asked.len() >= 2, "the mirror was not tried first: {asked:#?}");
-    assert!(asked.iter().all(|r| !r.headers.contains_key("authorization")), "the mirror got the credentials: {asked:#?}");
-    assert!(upstream.seen().iter().any(|r| r.headers.get("authorization").map(String::as_str) == Some("Basic Ym9iOnB3")));
+    assert!(
+        asked.iter().all(|r| !r.headers.contains_key("authorization")),
+        "the mirror got the credentials: {asked:#?}"
+    );
+    assert!(upstream
+        .seen()
+        .iter()
+        .any(|r| r.headers.get("authorization").map(String::as_str) == Some("Basic Ym9iOnB3")));
 
     // Configured for the mirror: its `header` authenticates it, and the upstream is not asked.
     std::fs::write(d.join("hosts.toml"), hosts("header = { Authorization = \"Basic Ym9iOnB3\" }\n")).unwrap();
     let before = upstream.seen().len();
-    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous()).await.unwrap();
+    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous())
+        .await
+        .unwrap();
     assert_eq!(upstream.seen().len(), before, "the mirror with its header served the manifest");
 }
 
@@ -559,7 +594,9 @@ async fn redirects_to_another_host_carry_no_credentials_or_configured_headers() 
 #[tokio::test]
 async fn redirect_targets_are_not_answered_and_loops_end() {
     let (_, desc) = blob(10);
-    let other = Server::start(|_| Reply::Full(401, vec![("WWW-Authenticate".into(), r#"Basic realm="r""#.into())], Vec::new())).await;
+    let other =
+        Server::start(|_| Reply::Full(401, vec![("WWW-Authenticate".into(), r#"Basic realm="r""#.into())], Vec::new()))
+            .await;
     let to = format!("http://{}/elsewhere", other.addr);
     let registry = Server::start(move |_| Reply::Full(307, vec![("Location".into(), to.clone())], Vec::new())).await;
     let (c, s) = (client(None), store().await);
@@ -569,7 +606,8 @@ async fn redirect_targets_are_not_answered_and_loops_end() {
     assert!(other.seen().iter().all(|r| !r.headers.contains_key("authorization")), "{:#?}", other.seen());
     assert_eq!(other.seen().len(), 1, "the target's challenge was answered: {:#?}", other.seen());
 
-    let looping = Server::start(|req| Reply::Full(302, vec![("Location".into(), format!("{}x", req.path))], Vec::new())).await;
+    let looping =
+        Server::start(|req| Reply::Full(302, vec![("Location".into(), format!("{}x", req.path))], Vec::new())).await;
     let err = fetch(&c, &s, &looping.addr, &desc, &Credentials::anonymous()).await.unwrap_err();
     assert!(err.chain().contains(&format!("more than {MAX_REDIRECTS} times")), "{}", err.chain());
     assert_eq!(looping.seen().len(), MAX_REDIRECTS + 1);
@@ -645,7 +683,8 @@ async fn referrers_come_from_the_api_or_the_tag_schema_or_are_none() {
     let c = client(None);
 
     // The referrers API, filtered by the registry's answer and again here.
-    let api = Server::start(|req| if req.path.contains("/referrers/") { ok(&referrers_index()) } else { status(404) }).await;
+    let api =
+        Server::start(|req| if req.path.contains("/referrers/") { ok(&referrers_index()) } else { status(404) }).await;
     let found = c.referrers(&repo(&api.addr), &subject, sig_type, &Credentials::anonymous()).await.unwrap();
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].artifact_type, sig_type);

@@ -103,7 +103,12 @@ async fn main() -> Result<()> {
 
 /// [`PULLS`] pulls of `reference` through the puller at `path` with `settings`, each into a
 /// fresh embedded store; (wall time, guest time) of each.
-async fn pulls(runtime: &Runtime, path: &std::path::Path, settings: String, reference: &str) -> Result<Vec<(std::time::Duration, std::time::Duration)>> {
+async fn pulls(
+    runtime: &Runtime,
+    path: &std::path::Path,
+    settings: String,
+    reference: &str,
+) -> Result<Vec<(std::time::Duration, std::time::Duration)>> {
     let mut rows = Vec::new();
     for _ in 0..PULLS {
         let root = tempfile::tempdir()?;

@@ -68,12 +68,70 @@ impl Rng {
 }
 
 const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "in", "is", "for", "return", "struct", "impl", "fn", "let", "mut",
-    "self", "const", "static", "import", "from", "def", "class", "if", "else", "while", "int",
-    "char", "void", "package", "main", "error", "value", "config", "layer", "image", "pull",
-    "registry", "content", "snapshot", "digest", "manifest", "index", "license", "copyright",
-    "version", "#include", "<stdio.h>", "printf", "{", "}", "(", ")", ";", "=", "==", "->",
-    "0", "1", "42", "null", "true", "false", "string", "buffer", "length", "offset",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "for",
+    "return",
+    "struct",
+    "impl",
+    "fn",
+    "let",
+    "mut",
+    "self",
+    "const",
+    "static",
+    "import",
+    "from",
+    "def",
+    "class",
+    "if",
+    "else",
+    "while",
+    "int",
+    "char",
+    "void",
+    "package",
+    "main",
+    "error",
+    "value",
+    "config",
+    "layer",
+    "image",
+    "pull",
+    "registry",
+    "content",
+    "snapshot",
+    "digest",
+    "manifest",
+    "index",
+    "license",
+    "copyright",
+    "version",
+    "#include",
+    "<stdio.h>",
+    "printf",
+    "{",
+    "}",
+    "(",
+    ")",
+    ";",
+    "=",
+    "==",
+    "->",
+    "0",
+    "1",
+    "42",
+    "null",
+    "true",
+    "false",
+    "string",
+    "buffer",
+    "length",
+    "offset",
 ];
 
 /// `len` bytes: 8 KiB blocks, each either random (binary, already-compressed data) or
@@ -323,7 +381,13 @@ fn build_images(scale: f64) -> Result<(PathBuf, Vec<Image>)> {
         large_size: scaled(14 << 20, scale),
     };
     // big: 4,000 files of 0.5-64 KiB (~130 MB) and 56 of 16 MiB: ~1 GiB.
-    let big = Recipe { seed: 200, small: scaled(4000, scale), small_max: 64 << 10, large: 56, large_size: scaled(16 << 20, scale) };
+    let big = Recipe {
+        seed: 200,
+        small: scaled(4000, scale),
+        small_max: 64 << 10,
+        large: 56,
+        large_size: scaled(16 << 20, scale),
+    };
     let zstd = |i: u64| Recipe { seed: 300 + i, ..multi(i) };
 
     // Built in parallel: the big layer alone on one thread, the rest on the other.
@@ -476,7 +540,14 @@ async fn pullbox_containerd(reference: &str, run: usize, proxy: bool) -> Result<
 fn ctr_pull(reference: &str, run: usize) -> Result<Figure> {
     let ctd = Containerd::start()?;
     let mut cmd = Command::new(pullbox_tests::containerd::CTR_BIN);
-    cmd.arg("--address").arg(ctd.socket()).args(["-n", &format!("ctr{run}"), "images", "pull", "--plain-http", reference]);
+    cmd.arg("--address").arg(ctd.socket()).args([
+        "-n",
+        &format!("ctr{run}"),
+        "images",
+        "pull",
+        "--plain-http",
+        reference,
+    ]);
     let mut f = timed(cmd)?;
     f.daemon_rss_kib = containerd_hwm(&ctd);
     Ok(f)
@@ -574,13 +645,21 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize, 
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&tar_bytes)?;
     let layer_bytes = gz.finish()?;
-    let layer = Layer { media_type: GZIP_LAYER, digest: oci::sha256_digest(&layer_bytes), size: layer_bytes.len() as u64, diff_id, unpacked: 0 };
+    let layer = Layer {
+        media_type: GZIP_LAYER,
+        digest: oci::sha256_digest(&layer_bytes),
+        size: layer_bytes.len() as u64,
+        diff_id,
+        unpacked: 0,
+    };
     upload(addr, "bench/many", &layer_bytes)?;
     let t = Instant::now();
     for i in 0..N {
         let (_, _, manifest) = image_json(scratch.path(), std::slice::from_ref(&layer), &format!("n{i}"))?;
         let m: Value = serde_json::from_slice(&manifest)?;
-        let config = fs::read(scratch.path().join("blobs/sha256").join(oci::digest_hex(m["config"]["digest"].as_str().unwrap())))?;
+        let config = fs::read(
+            scratch.path().join("blobs/sha256").join(oci::digest_hex(m["config"]["digest"].as_str().unwrap())),
+        )?;
         upload(addr, "bench/many", &config)?;
         registry.put_manifest("bench/many", &format!("t{i}"), MANIFEST, &manifest)?;
     }
@@ -599,9 +678,12 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize, 
                 if i >= N {
                     return Ok::<_, anyhow::Error>(());
                 }
-                c.pull_image(PullImageRequest { image: spec(&format!("{addr}/bench/many:t{i}")), ..PullImageRequest::default() })
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e:?}\n{}", daemon.log()))?;
+                c.pull_image(PullImageRequest {
+                    image: spec(&format!("{addr}/bench/many:t{i}")),
+                    ..PullImageRequest::default()
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}\n{}", daemon.log()))?;
             }
         }));
     }
@@ -625,7 +707,14 @@ async fn list_images_1000(registry: &Registry) -> Result<(f64, f64, f64, usize, 
         fs_times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     fs_times.sort_by(f64::total_cmp);
-    Ok((pull_all, times[times.len() / 2], times[times.len() - 1], count, fs_times[fs_times.len() / 2], fs_times[fs_times.len() - 1]))
+    Ok((
+        pull_all,
+        times[times.len() / 2],
+        times[times.len() - 1],
+        count,
+        fs_times[fs_times.len() / 2],
+        fs_times[fs_times.len() - 1],
+    ))
 }
 
 /// Runs [`list_images_1000`] and prints its figures.
@@ -636,7 +725,10 @@ async fn list_images_report(registry: &Registry) -> Result<()> {
          pulling them (8 at a time) took {pull_all:.1} s",
         list_calls()
     );
-    println!("ImageFsInfo over {count} images (embedded daemon): median {fs_median:.2} ms, max {fs_max:.2} ms of {} calls", list_calls());
+    println!(
+        "ImageFsInfo over {count} images (embedded daemon): median {fs_median:.2} ms, max {fs_max:.2} ms of {} calls",
+        list_calls()
+    );
     Ok(())
 }
 
@@ -691,7 +783,10 @@ async fn main() -> Result<()> {
             best("pullbox pull (embedded)", pullbox_cli(&reference, &[])?);
             best("pullbox pull --sync-fs (embedded)", pullbox_cli(&reference, &["--sync-fs"])?);
             best("pullbox serve -> containerd", pullbox_containerd(&reference, run_id, false).await?);
-            best("pullbox serve -> containerd (pullbox snapshotter)", pullbox_containerd(&reference, run_id, true).await?);
+            best(
+                "pullbox serve -> containerd (pullbox snapshotter)",
+                pullbox_containerd(&reference, run_id, true).await?,
+            );
             best("skopeo copy (download only)", skopeo_copy(&reference)?);
         }
     }
@@ -701,7 +796,10 @@ async fn main() -> Result<()> {
         "pullbox pull benchmark: {} cores, scale {scale}, best of {runs} run(s); RSS = peak resident set (daemon: VmHWM)",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
-    println!("{:<58} {:<50} {:>8} {:>8} {:>8} {:>9} {:>12}", "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd");
+    println!(
+        "{:<58} {:<50} {:>8} {:>8} {:>8} {:>9} {:>12}",
+        "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd"
+    );
     for r in &rows {
         let ctr = rows.iter().find(|x| x.image == r.image && x.tool == "ctr images pull").map(|x| x.fig.wall);
         let par = rows.iter().find(|x| x.image == r.image && x.tool == "tar, all in parallel").map(|x| x.fig.wall);
@@ -731,9 +829,17 @@ async fn main() -> Result<()> {
     }
     let blob_gets = requests.iter().filter(|r| r.method == "GET" && r.path.contains("/blobs/")).count();
     println!();
-    println!("20 concurrent CRI pulls of multi (embedded, through a counting HTTP/1.1 proxy, one connection per request):");
-    println!("  1 pull: {single:.2} s ({single_gets} blob GETs); 20 pulls: {twenty:.2} s = {:.2}× one pull", twenty / single);
-    println!("  blob GETs in the 20 pulls: {blob_gets} (layer GETs per layer: {per_blob:?}); all requests: {}", requests.len());
+    println!(
+        "20 concurrent CRI pulls of multi (embedded, through a counting HTTP/1.1 proxy, one connection per request):"
+    );
+    println!(
+        "  1 pull: {single:.2} s ({single_gets} blob GETs); 20 pulls: {twenty:.2} s = {:.2}× one pull",
+        twenty / single
+    );
+    println!(
+        "  blob GETs in the 20 pulls: {blob_gets} (layer GETs per layer: {per_blob:?}); all requests: {}",
+        requests.len()
+    );
 
     println!();
     list_images_report(&registry).await?;

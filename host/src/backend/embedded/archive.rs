@@ -83,7 +83,10 @@ impl Entry {
 
     /// The PAX records, if any (already validated by the reader).
     pub(crate) fn pax_records(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.pax.iter().flat_map(|p| PaxExtensions::new(p).filter_map(Result::ok)).map(|r| (r.key_bytes(), r.value_bytes()))
+        self.pax
+            .iter()
+            .flat_map(|p| PaxExtensions::new(p).filter_map(Result::ok))
+            .map(|r| (r.key_bytes(), r.value_bytes()))
     }
 }
 
@@ -186,7 +189,11 @@ impl<R: Read> Archive<R> {
 
             let record = |key: &[u8]| -> Option<&[u8]> {
                 pax.as_deref().and_then(|p| {
-                    PaxExtensions::new(p).filter_map(Result::ok).filter(|r| r.key_bytes() == key).last().map(|r| r.value_bytes())
+                    PaxExtensions::new(p)
+                        .filter_map(Result::ok)
+                        .filter(|r| r.key_bytes() == key)
+                        .last()
+                        .map(|r| r.value_bytes())
                 })
             };
             let path = match (record(b"path"), &long_name) {
@@ -206,7 +213,8 @@ impl<R: Read> Archive<R> {
                     .ok_or_else(|| self.malformed("PAX size record is not a number"))?,
                 None => stored,
             };
-            let sparse = if kind == EntryType::GNUSparse { Some(self.read_sparse_map(&header, start, size)?) } else { None };
+            let sparse =
+                if kind == EntryType::GNUSparse { Some(self.read_sparse_map(&header, start, size)?) } else { None };
             self.left = size;
             self.pad = padding(size);
             return Ok(Some(Entry { header, path, link, pax, size, sparse }));
@@ -227,7 +235,8 @@ impl<R: Read> Archive<R> {
         if bytes.iter().all(|&b| b == 0) {
             return Ok(None);
         }
-        let sum: u32 = bytes[..148].iter().chain(&bytes[156..]).map(|&b| u32::from(b)).sum::<u32>() + 8 * u32::from(b' ');
+        let sum: u32 =
+            bytes[..148].iter().chain(&bytes[156..]).map(|&b| u32::from(b)).sum::<u32>() + 8 * u32::from(b' ');
         match header.cksum() {
             Ok(cksum) if cksum == sum => Ok(Some(header)),
             _ => Err(self.malformed("header checksum mismatch")),
@@ -477,10 +486,9 @@ pub(crate) mod tests {
         assert_eq!(e.size, 2);
         assert!(archive.next_entry().unwrap().is_none());
 
-        for (blocks, why) in [
-            (vec![(10u64, &b"ab"[..]), (11, b"c")], "overlapping"),
-            (vec![(100, b"z")], "past the file's size"),
-        ] {
+        for (blocks, why) in
+            [(vec![(10u64, &b"ab"[..]), (11, b"c")], "overlapping"), (vec![(100, b"z")], "past the file's size")]
+        {
             let tar = sparse_member(b"bad", 50, &blocks);
             let err = Archive::new(&tar[..]).next_entry().err().unwrap();
             assert!(err.to_string().contains(why), "{err}");

@@ -28,8 +28,8 @@
 
 use std::{
     fs::{self, File, OpenOptions},
-    os::fd::OwnedFd,
     io::{self, Read, Seek, SeekFrom},
+    os::fd::OwnedFd,
     os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
     time::Duration,
@@ -476,7 +476,10 @@ mod tests {
 
         assert_eq!(b.content.read(&desc.digest, 7, 5).await.unwrap(), &data[7..12]);
         assert_eq!(b.content.read(&desc.digest, data.len() as u64 - 3, 1000).await.unwrap(), &data[data.len() - 3..]);
-        assert!(matches!(b.content.read(&desc.digest, 1 << 40, 10).await, Err(Error::InvalidArgument(_))), "past the end");
+        assert!(
+            matches!(b.content.read(&desc.digest, 1 << 40, 10).await, Err(Error::InvalidArgument(_))),
+            "past the end"
+        );
         assert!(b.content.read(&desc.digest, data.len() as u64, 10).await.unwrap().is_empty(), "at the end");
         let mut all = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut b.content.open(&desc.digest).await.unwrap(), &mut all).await.unwrap();

@@ -164,11 +164,9 @@ fn open_connection(path: &Path) -> Result<Connection> {
     // Added after version 1 without breaking it: older pullbox binaries insert leases without
     // the column (namespace 0, "unknown") and read it not at all.
     let has_pid_ns = |conn: &Connection| -> Result<bool> {
-        Ok(conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('leases') WHERE name = 'pid_ns'",
-            [],
-            |r| r.get(0),
-        )?)
+        Ok(conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('leases') WHERE name = 'pid_ns'", [], |r| {
+            r.get(0)
+        })?)
     };
     // A current store is opened without a write, so it opens on a full disk.
     if version(&conn)? == SCHEMA_VERSION && has_pid_ns(&conn)? {

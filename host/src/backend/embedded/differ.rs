@@ -22,10 +22,10 @@
 //! does with its `WithParents` option.
 
 use std::{
-    sync::Arc,
     fs::File,
     io::{self, BufRead, BufReader, Read},
     path::{Component, PathBuf},
+    sync::Arc,
 };
 
 use async_trait::async_trait;
@@ -152,7 +152,9 @@ pub(super) fn layer_stream(
     let decompressed: Box<dyn Read + Send> = match compression {
         Compression::None => Box::new(blob),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(blob).map_err(decompress_error(digest))?),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(blob).map_err(decompress_error(digest))?)
+        }
     };
     Ok(HashingReader { inner: decompressed, hasher: Hasher::new(Algorithm::Sha256), read: 0, limit })
 }

@@ -192,9 +192,7 @@ fn mark_and_sweep(conn: &Connection, layout: &Layout) -> Result<(GcReport, Vec<P
 fn leases(conn: &Connection) -> Result<Vec<(String, Owner)>> {
     let mut stmt = conn.prepare("SELECT id, pid, start_time, boot_id, pid_ns FROM leases")?;
     let leases = stmt
-        .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?))
-        })?
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(leases)
 }

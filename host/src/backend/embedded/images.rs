@@ -61,9 +61,10 @@ pub(crate) fn all(conn: &Connection) -> Result<Vec<ImageRecord>> {
     let mut rows = stmt.query([])?;
     let mut all = Vec::new();
     while let Some(row) = rows.next()? {
-        let json = row.get_ref(0)?.as_str().map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-        })?;
+        let json = row
+            .get_ref(0)?
+            .as_str()
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
         all.push(serde_json::from_str::<ImageRecord>(json)?);
     }
     all.sort_unstable_by(|a, b| a.name.cmp(&b.name));

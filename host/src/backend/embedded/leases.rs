@@ -80,10 +80,7 @@ impl Owner {
         let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
         let unreadable = |what: &str| Error::Io {
             context: format!("reading this process's {what}"),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("/proc/{pid} unreadable or malformed"),
-            ),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("/proc/{pid} unreadable or malformed")),
         };
         let start_time = process(pid).ok_or_else(|| unreadable("start time"))?.start_time;
         let pid_ns = pid_namespace("self").ok_or_else(|| unreadable("PID namespace"))?;

@@ -43,9 +43,7 @@ pub const LEASE: &str = "containerd-proxy";
 pub(crate) fn is_containerd_key(key: &str) -> bool {
     let mut parts = key.splitn(3, '/');
     match (parts.next(), parts.next(), parts.next()) {
-        (Some(ns), Some(id), Some(_)) => {
-            !ns.is_empty() && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())
-        }
+        (Some(ns), Some(id), Some(_)) => !ns.is_empty() && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()),
         _ => false,
     }
 }
@@ -116,9 +114,7 @@ pub fn updated_labels(current: &Labels, given: &Labels, paths: &[String]) -> Res
                 None => labels.remove(key),
             };
         } else {
-            return Err(Error::InvalidArgument(format!(
-                "cannot update field {path:?} of a snapshot"
-            )));
+            return Err(Error::InvalidArgument(format!("cannot update field {path:?} of a snapshot")));
         }
     }
     Ok(labels)
@@ -136,12 +132,7 @@ impl ProxyStore {
         })
         .await?;
         let snapshots = Arc::new(Snapshots::new(layout.clone(), db.clone(), options.sync_fs));
-        Ok(ProxyStore {
-            layout,
-            db,
-            snapshots,
-            lease,
-        })
+        Ok(ProxyStore { layout, db, snapshots, lease })
     }
 
     /// The lease every proxy snapshot belongs to.
@@ -154,23 +145,13 @@ impl ProxyStore {
             return Ok(());
         }
         let parent = parent.to_owned();
-        self.db
-            .read(move |conn| require(conn, &parent).map(drop))
-            .await
+        self.db.read(move |conn| require(conn, &parent).map(drop)).await
     }
 
     /// containerd's `Prepare` (`kind` active) or `View` (`kind` view).
-    pub async fn create(
-        &self,
-        key: &str,
-        parent: &str,
-        kind: SnapshotKind,
-        labels: &Labels,
-    ) -> Result<Vec<Mount>> {
+    pub async fn create(&self, key: &str, parent: &str, kind: SnapshotKind, labels: &Labels) -> Result<Vec<Mount>> {
         self.check_parent(parent).await?;
-        self.snapshots
-            .create(key, parent, kind, &self.lease, labels)
-            .await
+        self.snapshots.create(key, parent, kind, &self.lease, labels).await
     }
 
     /// containerd's `Mounts`.
@@ -182,9 +163,7 @@ impl ProxyStore {
     /// containerd's `Commit`: the committed snapshot carries `labels`.
     pub async fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
         self.stat(key).await?;
-        self.snapshots
-            .commit_labeled(name, key, &self.lease, Some(labels))
-            .await
+        self.snapshots.commit_labeled(name, key, &self.lease, Some(labels)).await
     }
 
     /// containerd's `Remove`: deletes the snapshot's row and directory.
@@ -221,9 +200,7 @@ impl ProxyStore {
         self.db
             .read(|conn| {
                 let mut stmt = conn.prepare(&format!("{SELECT} ORDER BY s.id"))?;
-                let rows = stmt
-                    .query_map([LEASE], info_of)?
-                    .collect::<rusqlite::Result<_>>()?;
+                let rows = stmt.query_map([LEASE], info_of)?.collect::<rusqlite::Result<_>>()?;
                 Ok(rows)
             })
             .await
@@ -247,10 +224,7 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -268,114 +242,57 @@ mod tests {
         let current = labels(&[("a", "1"), ("b", "2")]);
         let given = labels(&[("b", "3"), ("c", "4")]);
         assert_eq!(updated_labels(&current, &given, &[]).unwrap(), given);
-        assert_eq!(
-            updated_labels(&current, &given, &["labels".into()]).unwrap(),
-            given
-        );
+        assert_eq!(updated_labels(&current, &given, &["labels".into()]).unwrap(), given);
         assert_eq!(
             updated_labels(&current, &given, &["labels.b".into(), "labels.a".into()]).unwrap(),
             labels(&[("b", "3")])
         );
-        assert!(matches!(
-            updated_labels(&current, &given, &["parent".into()]),
-            Err(Error::InvalidArgument(_))
-        ));
+        assert!(matches!(updated_labels(&current, &given, &["parent".into()]), Err(Error::InvalidArgument(_))));
     }
 
     #[tokio::test]
     async fn only_containerds_snapshots_are_visible_and_they_survive_gc() {
         let dir = tempfile::tempdir().unwrap();
         let backend = super::super::open(dir.path()).unwrap();
-        let proxy = ProxyStore::open(dir.path(), Options::default())
-            .await
-            .unwrap();
+        let proxy = ProxyStore::open(dir.path(), Options::default()).await.unwrap();
         // pullbox's own snapshot, held by nothing after its lease goes.
         let lease = backend.leases.create().await.unwrap();
-        backend
-            .snapshots
-            .prepare("extract-own", "", &lease)
-            .await
-            .unwrap();
-        backend
-            .snapshots
-            .commit("own", "extract-own", &lease)
-            .await
-            .unwrap();
+        backend.snapshots.prepare("extract-own", "", &lease).await.unwrap();
+        backend.snapshots.commit("own", "extract-own", &lease).await.unwrap();
 
         let l = labels(&[("containerd.io/snapshot.ref", "x")]);
-        proxy
-            .create("default/1/a", "", SnapshotKind::Active, &l)
-            .await
-            .unwrap();
+        proxy.create("default/1/a", "", SnapshotKind::Active, &l).await.unwrap();
         assert_eq!(proxy.stat("default/1/a").await.unwrap().labels, l);
-        proxy
-            .commit("default/2/base", "default/1/a", labels(&[("k", "v")]))
-            .await
-            .unwrap();
+        proxy.commit("default/2/base", "default/1/a", labels(&[("k", "v")])).await.unwrap();
         let base = proxy.stat("default/2/base").await.unwrap();
-        assert_eq!(
-            (base.kind, base.labels.clone()),
-            (SnapshotKind::Committed, labels(&[("k", "v")]))
-        );
-        proxy
-            .create(
-                "default/3/c",
-                "default/2/base",
-                SnapshotKind::Active,
-                &Labels::new(),
-            )
-            .await
-            .unwrap();
+        assert_eq!((base.kind, base.labels.clone()), (SnapshotKind::Committed, labels(&[("k", "v")])));
+        proxy.create("default/3/c", "default/2/base", SnapshotKind::Active, &Labels::new()).await.unwrap();
         assert!(matches!(
-            proxy
-                .create("default/4/v", "own", SnapshotKind::View, &Labels::new())
-                .await,
+            proxy.create("default/4/v", "own", SnapshotKind::View, &Labels::new()).await,
             Err(Error::NotFound(_))
         ));
         assert!(matches!(proxy.stat("own").await, Err(Error::NotFound(_))));
         assert!(matches!(proxy.remove("own").await, Err(Error::NotFound(_))));
         assert!(matches!(
-            proxy
-                .create("default/3/c", "", SnapshotKind::Active, &Labels::new())
-                .await,
+            proxy.create("default/3/c", "", SnapshotKind::Active, &Labels::new()).await,
             Err(Error::AlreadyExists(_))
         ));
-        let names: Vec<_> = proxy
-            .list()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|i| i.name)
-            .collect();
+        let names: Vec<_> = proxy.list().await.unwrap().into_iter().map(|i| i.name).collect();
         assert_eq!(names, ["default/2/base", "default/3/c"]);
 
         // pullbox's collector keeps containerd's snapshots and collects its own garbage.
         backend.leases.delete(&lease).await.unwrap();
         let report = backend.leases.collect().await.unwrap();
         assert_eq!(report.snapshots, 1);
-        assert!(
-            proxy.stat("default/2/base").await.is_ok() && proxy.stat("default/3/c").await.is_ok()
-        );
+        assert!(proxy.stat("default/2/base").await.is_ok() && proxy.stat("default/3/c").await.is_ok());
 
-        let updated = proxy
-            .update(
-                "default/2/base",
-                labels(&[("n", "1")]),
-                vec!["labels.n".into()],
-            )
-            .await
-            .unwrap();
+        let updated = proxy.update("default/2/base", labels(&[("n", "1")]), vec!["labels.n".into()]).await.unwrap();
         assert_eq!(updated.labels, labels(&[("k", "v"), ("n", "1")]));
-        assert!(matches!(
-            proxy.remove("default/2/base").await,
-            Err(Error::FailedPrecondition(_))
-        ));
+        assert!(matches!(proxy.remove("default/2/base").await, Err(Error::FailedPrecondition(_))));
         proxy.remove("default/3/c").await.unwrap();
         proxy.remove("default/2/base").await.unwrap();
         assert!(proxy.list().await.unwrap().is_empty());
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("snapshots"))
-            .unwrap()
-            .collect();
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("snapshots")).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
     }
 }

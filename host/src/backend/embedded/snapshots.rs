@@ -268,10 +268,7 @@ fn live_holder(conn: &Connection, key: &str, except: Option<&LeaseId>) -> Result
     let holders = stmt
         .query_map(params![Resource::Snapshot.as_str(), key], |r| Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(holders
-        .into_iter()
-        .find(|(id, owner)| except.is_none_or(|e| e.0 != *id) && owner.is_alive())
-        .map(|(id, _)| id))
+    Ok(holders.into_iter().find(|(id, owner)| except.is_none_or(|e| e.0 != *id) && owner.is_alive()).map(|(id, _)| id))
 }
 
 /// The name an active snapshot `key` will be committed as, when its key says so (see the
@@ -535,7 +532,10 @@ impl Snapshots {
                         return Err(Error::AlreadyExists(format!("snapshot {name}")));
                     };
                     // Unusable: this commit takes its place (see the module docs).
-                    tracing::warn!(snapshot = name, "replacing a snapshot that was damaged behind pullbox's back: {why}");
+                    tracing::warn!(
+                        snapshot = name,
+                        "replacing a snapshot that was damaged behind pullbox's back: {why}"
+                    );
                     tx.execute("DELETE FROM snapshots WHERE id = ?1", [existing.id])?;
                     trash = move_to_trash(&layout, &layout.snapshot(existing.id))
                         .map_err(Error::io(format!("replacing snapshot {name}")))?;
@@ -596,7 +596,11 @@ impl Snapshotter for Snapshots {
             match look {
                 Look::Pending(active) if Instant::now() < deadline => {
                     if !announced {
-                        tracing::info!(snapshot = key, active, "another pull is unpacking this snapshot; waiting for it");
+                        tracing::info!(
+                            snapshot = key,
+                            active,
+                            "another pull is unpacking this snapshot; waiting for it"
+                        );
                         announced = true;
                     }
                     tokio::time::sleep(WAIT_POLL).await;
@@ -686,8 +690,11 @@ mod tests {
     #[tokio::test]
     async fn commit_with_sync_fs() {
         let dir = tempfile::tempdir().unwrap();
-        let b = crate::backend::embedded::open_with(dir.path(), crate::backend::embedded::Options { sync_fs: true, ..Default::default() })
-            .unwrap();
+        let b = crate::backend::embedded::open_with(
+            dir.path(),
+            crate::backend::embedded::Options { sync_fs: true, ..Default::default() },
+        )
+        .unwrap();
         let lease = b.leases.create().await.unwrap();
         let m = b.snapshots.prepare("extract-1", "", &lease).await.unwrap();
         fs::write(Path::new(&m[0].source).join("file"), b"durable").unwrap();
@@ -811,8 +818,11 @@ mod tests {
         // Creating `next` collected the dead lease's snapshot; make another stale one by hand.
         assert!(matches!(b.snapshots.stat("extract-x").await, Err(Error::NotFound(_))));
         let dead = LeaseId("pullbox-dead".into());
-        db.execute("INSERT INTO leases (id, pid, start_time, boot_id, created_at) VALUES (?1, 1, 1, 'gone', 0)", [&dead.0])
-            .unwrap();
+        db.execute(
+            "INSERT INTO leases (id, pid, start_time, boot_id, created_at) VALUES (?1, 1, 1, 'gone', 0)",
+            [&dead.0],
+        )
+        .unwrap();
         b.snapshots.prepare("extract-y", "", &next).await.unwrap();
         db.execute("UPDATE lease_resources SET lease = ?1 WHERE key = 'extract-y'", [&dead.0]).unwrap();
         let started = std::time::Instant::now();

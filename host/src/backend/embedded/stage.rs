@@ -239,9 +239,10 @@ impl StagingDir {
         let path = layout.staging().join(uuid::Uuid::new_v4().simple().to_string());
         let context = format!("creating the staging directory {}", path.display());
         DirBuilder::new().mode(PRIVATE_DIR).create(&path).map_err(Error::io(context.clone()))?;
-        let lock = FileLock::try_acquire(&path.join(STAGING_LOCK))
-            .map_err(Error::io(context.clone()))?
-            .ok_or_else(|| Error::FailedPrecondition(format!("{} is locked although it was just made", path.display())))?;
+        let lock =
+            FileLock::try_acquire(&path.join(STAGING_LOCK)).map_err(Error::io(context.clone()))?.ok_or_else(|| {
+                Error::FailedPrecondition(format!("{} is locked although it was just made", path.display()))
+            })?;
         let dir = StagingDir { path, _lock: lock };
         // As the snapshotter makes a snapshot's directory: this one replaces it.
         DirBuilder::new().mode(0o755).create(dir.fs()).map_err(Error::io(context))?;
@@ -280,9 +281,10 @@ impl BufRead for Incoming {
                 io::Error::new(io::ErrorKind::UnexpectedEof, "the download stopped before the end of the layer")
             })?;
             // The transport never stores more than the size; a chunk beyond it is not ours.
-            self.remaining = self.remaining.checked_sub(chunk.len() as u64).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "more bytes than the layer's size")
-            })?;
+            self.remaining = self
+                .remaining
+                .checked_sub(chunk.len() as u64)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "more bytes than the layer's size"))?;
             self.chunk = chunk;
         }
         Ok(&self.chunk)

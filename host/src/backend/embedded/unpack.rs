@@ -84,9 +84,7 @@ use std::{
 };
 
 use rustix::{
-    fs::{
-        self as rfs, AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid, XattrFlags,
-    },
+    fs::{self as rfs, AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid, XattrFlags},
     io::Errno,
 };
 use tar::EntryType;
@@ -125,8 +123,7 @@ const SHOWN_NAME: usize = 256;
 /// Opening a directory along a path: never follow a symlink, never leak the fd to children.
 const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
 /// Resolving a whole path in one `openat2`: inside the directory, no symlink anywhere.
-const RESOLVE: ResolveFlags =
-    ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
 /// Applies the tar stream `archive` onto the directory `root`, whose lower layers (nearest
 /// first) are `lowers`; `layer` names the layer in errors. Returns the reader, positioned after
@@ -332,11 +329,10 @@ impl Meta {
         let mut atime = None;
         let mut xattrs = Vec::new();
         for (key, value) in entry.pax_records() {
-            let text = || {
-                std::str::from_utf8(value).map_err(|_| format!("PAX record {}: not UTF-8", shown(key)))
+            let text = || std::str::from_utf8(value).map_err(|_| format!("PAX record {}: not UTF-8", shown(key)));
+            let number = |v: &str| {
+                v.parse::<u64>().map_err(|_| format!("PAX record {}: bad number {}", shown(key), shown(v.as_bytes())))
             };
-            let number =
-                |v: &str| v.parse::<u64>().map_err(|_| format!("PAX record {}: bad number {}", shown(key), shown(v.as_bytes())));
             match key {
                 b"uid" => uid = number(text()?)?,
                 b"gid" => gid = number(text()?)?,
@@ -486,7 +482,10 @@ impl Unpacker<'_> {
         let e: io::Error = e.into();
         let host = [Errno::NOSPC, Errno::DQUOT, Errno::IO, Errno::ROFS, Errno::NOMEM, Errno::MFILE, Errno::NFILE];
         if host.iter().any(|errno| e.raw_os_error() == Some(errno.raw_os_error())) {
-            Error::Io { context: format!("layer {}: {entry}: {op} in {}", self.layer, self.root_path.display()), source: e }
+            Error::Io {
+                context: format!("layer {}: {entry}: {op} in {}", self.layer, self.root_path.display()),
+                source: e,
+            }
         } else {
             self.bad(entry, format_args!("{op}: {e}"))
         }
@@ -498,13 +497,15 @@ impl Unpacker<'_> {
     /// as containerd when they have none).
     fn open_dir(&self, path: &[impl AsRef<OsStr>], create: bool) -> Result<OwnedFd, WalkError> {
         if path.is_empty() {
-            return rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|errno| WalkError { at: ".".into(), errno });
+            return rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
+                .map_err(|errno| WalkError { at: ".".into(), errno });
         }
         if let Ok(dir) = rfs::openat2(&self.root, joined(path), DIR_FLAGS, Mode::empty(), RESOLVE) {
             return Ok(dir);
         }
         let fail = |i: usize, errno| WalkError { at: display(&path[..=i]), errno };
-        let mut dir = rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|errno| WalkError { at: ".".into(), errno })?;
+        let mut dir = rfs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
+            .map_err(|errno| WalkError { at: ".".into(), errno })?;
         for (i, name) in path.iter().enumerate() {
             let name = name.as_ref();
             let mut next = rfs::openat(&dir, name, DIR_FLAGS, Mode::empty());
@@ -688,7 +689,8 @@ impl Unpacker<'_> {
                         for &(offset, length) in &sparse.blocks {
                             self.copy(&shown, archive, length, &mut |buf, done| file.write_all_at(buf, offset + done))?;
                         }
-                        file.set_len(sparse.real_size).map_err(|e| self.fs_error(&shown, "extending the sparse file", e))?;
+                        file.set_len(sparse.real_size)
+                            .map_err(|e| self.fs_error(&shown, "extending the sparse file", e))?;
                     }
                 }
                 self.set_metadata(&shown, Node::Fd(file.as_fd()), &meta)?;
@@ -1328,7 +1330,10 @@ pub(crate) mod tests {
 
     #[test]
     fn oversized_extension_headers_are_refused_naming_the_limit() {
-        use crate::backend::embedded::archive::{tests::{header, huge}, MAX_SPECIAL};
+        use crate::backend::embedded::archive::{
+            tests::{header, huge},
+            MAX_SPECIAL,
+        };
         let s = sandbox();
         // A 1 GiB long name, streamed: refused before it is read.
         let bomb = huge(header(EntryType::GNULongName, b"././@LongLink", 1 << 30), b'a', 1 << 30);
@@ -1361,7 +1366,9 @@ pub(crate) mod tests {
         let mut t = Tar::new();
         t.0.append_pax_extensions([("linkpath", "x/".repeat(MAX_DEPTH + 1).as_bytes())]).unwrap();
         let tar = t.hardlink("h", "").finish();
-        assert!(matches!(apply(&s.root, tar), Err(Error::BadLayer { reason, .. }) if reason.contains("hard link target")));
+        assert!(
+            matches!(apply(&s.root, tar), Err(Error::BadLayer { reason, .. }) if reason.contains("hard link target"))
+        );
     }
 
     #[test]

@@ -76,7 +76,8 @@ fn print_table(images: &[ImageInfo]) {
     let mut rows = vec![["IMAGE".to_owned(), "DIGEST".to_owned(), "IMAGE ID".to_owned(), "SIZE".to_owned()]];
     for i in images {
         let short = |d: &str| d.split(':').nth(1).map(|h| h[..h.len().min(12)].to_owned()).unwrap_or_default();
-        let names: Vec<&String> = if i.repo_tags.is_empty() { i.repo_digests.iter().collect() } else { i.repo_tags.iter().collect() };
+        let names: Vec<&String> =
+            if i.repo_tags.is_empty() { i.repo_digests.iter().collect() } else { i.repo_tags.iter().collect() };
         let names = if names.is_empty() { vec![&i.id] } else { names };
         for n in names {
             rows.push([n.clone(), short(&i.manifest_digest), short(&i.id), DecimalBytes(i.size).to_string()]);
@@ -84,6 +85,15 @@ fn print_table(images: &[ImageInfo]) {
     }
     let widths: Vec<usize> = (0..4).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     for r in rows {
-        println!("{:<w0$}  {:<w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+        println!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
     }
 }

@@ -240,14 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
         let client = Client::with_config(transport(&cli))?;
         let puller = puller_file(&cli, &client, scratch.path()).await?;
-        return policy::test(
-            &puller,
-            settings,
-            limits(&cli),
-            recordings,
-            expect.as_deref(),
-        )
-        .await;
+        return policy::test(&puller, settings, limits(&cli), recordings, expect.as_deref()).await;
     }
     if let Command::Serve { config, snapshotter_address } = &cli.command {
         let overrides = serve::Overrides {
@@ -276,10 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = Runtime::new(Some(root.join("cache")), limits(&cli))?;
     let puller = runtime.load(&puller_path, settings).await?;
     let mut service = ImageService::new(backend, client, puller);
-    if let Command::Pull {
-        record: Some(_), ..
-    } = &cli.command
-    {
+    if let Command::Pull { record: Some(_), .. } = &cli.command {
         service = service.recording();
     }
 
@@ -297,7 +287,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { image } => images::inspect(&service, image).await,
         Command::Rmi { image } => images::rmi(&service, image).await,
         Command::Mount { image, dir } => mount::mount(&service, &root, image, dir).await,
-        Command::Gc | Command::Unmount { .. } | Command::Policy(_) | Command::Serve { .. } => unreachable!("handled above"),
+        Command::Gc | Command::Unmount { .. } | Command::Policy(_) | Command::Serve { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -318,11 +310,7 @@ async fn puller_file(cli: &Cli, client: &Client, cache: &Path) -> anyhow::Result
     };
     let credentials = pull::credentials(cli.docker_config.as_deref())?;
     let source = pullbox::artifact::Source::parse(p)?;
-    Ok(
-        pullbox::artifact::fetch(client, &source, &credentials, cache, cli.allow_puller_tags)
-            .await?
-            .0,
-    )
+    Ok(pullbox::artifact::fetch(client, &source, &credentials, cache, cli.allow_puller_tags).await?.0)
 }
 
 /// The store `--backend` names.
@@ -398,7 +386,9 @@ pub(crate) fn default_puller() -> anyhow::Result<PathBuf> {
         PathBuf::from("/usr/share/pullbox").join(NAME),
     ];
     candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
-        format!("no default puller found (looked for {}); build it with `make build` or pass --puller", candidates[0].display())
+        format!(
+            "no default puller found (looked for {}); build it with `make build` or pass --puller",
+            candidates[0].display()
+        )
     })
 }
-

@@ -243,7 +243,8 @@ mod tests {
 
     #[test]
     fn long_lowerdir_lists_become_relative() {
-        let (base, data) = relative_lowerdirs(&["lowerdir=/s/snapshots/3/fs:/s/snapshots/2/fs:/s/snapshots/1/fs"]).unwrap();
+        let (base, data) =
+            relative_lowerdirs(&["lowerdir=/s/snapshots/3/fs:/s/snapshots/2/fs:/s/snapshots/1/fs"]).unwrap();
         assert_eq!(base, Path::new("/s/snapshots"));
         assert_eq!(data, "lowerdir=3/fs:2/fs:1/fs");
     }
