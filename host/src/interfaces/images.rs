@@ -82,7 +82,7 @@ impl Host for CallState {
     async fn list_labels(&mut self, keys: Vec<String>) -> ImportResult<Vec<Labelled>> {
         self.charge(1 + keys.len() as u64)?;
         if keys.len() > MAX_LIST_KEYS {
-            return Err(Error::InvalidArgument(format!("more than {MAX_LIST_KEYS} label keys")).into());
+            return Err(Error::ResourceExhausted(format!("more than {MAX_LIST_KEYS} label keys")).into());
         }
         for k in &keys {
             if k.is_empty() {

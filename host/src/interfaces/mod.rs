@@ -5,7 +5,9 @@
 //! and converting the answer back.
 //!
 //! Backend failures become the WIT `error` variant (`?` into an [`ImportResult`], converted
-//! in `crate::bindings`); only host bugs and hostile guests trap. Everything a guest hands to the host is bounded here: strings,
+//! in `crate::bindings`); only host bugs and hostile guests trap. A guest that sends more
+//! items than a limit allows (labels, keys, descriptors) gets `resource-exhausted`, as for
+//! every other limit; a malformed or overlong item is `invalid-argument`. Everything a guest hands to the host is bounded here: strings,
 //! lists and label maps larger than the limits below are refused before any work is done.
 
 mod clock;
@@ -99,7 +101,7 @@ pub(crate) fn digest(s: &str) -> Result<Digest, Error> {
 /// Validates a guest-supplied label or annotation map.
 pub(crate) fn labels(pairs: Vec<(String, String)>) -> Result<Labels, Error> {
     if pairs.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument(format!("more than {MAX_LABELS} labels")));
+        return Err(Error::ResourceExhausted(format!("more than {MAX_LABELS} labels")));
     }
     let mut out = BTreeMap::new();
     for (k, v) in pairs {
@@ -129,7 +131,7 @@ pub(crate) fn descriptor(d: wit::Descriptor) -> Result<Descriptor, Error> {
         return Err(Error::InvalidArgument(format!("descriptor {} has a size over {MAX_BLOB} bytes", d.digest)));
     }
     if d.urls.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument("descriptor has too many urls".into()));
+        return Err(Error::ResourceExhausted(format!("descriptor has more than {MAX_LABELS} urls")));
     }
     Ok(Descriptor {
         media_type: bounded("media type", &d.media_type)?.to_owned(),
@@ -143,7 +145,7 @@ pub(crate) fn descriptor(d: wit::Descriptor) -> Result<Descriptor, Error> {
 
 fn platform(p: wit::Platform) -> Result<Platform, Error> {
     if p.os_features.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument("platform has too many os features".into()));
+        return Err(Error::ResourceExhausted(format!("platform has more than {MAX_LABELS} os features")));
     }
     Ok(Platform {
         os: bounded("os", &p.os)?.to_owned(),

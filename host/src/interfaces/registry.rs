@@ -45,7 +45,7 @@ impl Host for CallState {
         self.charge(1 + blobs.len() as u64)?;
         self.grants.write("registry.fetch")?;
         if blobs.len() > MAX_BATCH {
-            return Err(Error::InvalidArgument(format!("more than {MAX_BATCH} blobs in one fetch")).into());
+            return Err(Error::ResourceExhausted(format!("more than {MAX_BATCH} blobs in one fetch")).into());
         }
         let repo = Repository::parse(bounded("name", &name)?)?;
         let descs = blobs.into_iter().map(descriptor).collect::<Result<Vec<_>, _>>()?;
