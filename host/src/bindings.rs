@@ -142,15 +142,7 @@ impl From<&PullRequest> for exp::PullRequest {
 
 impl From<exp::ImageInfo> for ImageInfo {
     fn from(i: exp::ImageInfo) -> ImageInfo {
-        ImageInfo {
-            id: i.id,
-            repo_tags: i.repo_tags,
-            repo_digests: i.repo_digests,
-            size: i.size,
-            chain_id: i.chain_id,
-            manifest_digest: i.manifest_digest,
-            user: i.user,
-            pinned: i.pinned,
-        }
+        let exp::ImageInfo { id, repo_tags, repo_digests, size, chain_id, manifest_digest, user, pinned } = i;
+        ImageInfo { id, repo_tags, repo_digests, size, chain_id, manifest_digest, user, pinned }
     }
 }

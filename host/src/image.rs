@@ -55,23 +55,19 @@ pub struct PullRequest {
     pub context: PullContext,
 }
 
-/// An image as the puller answers it (the WIT `image-info`, the CRI `Image`).
+/// An image as the puller answers it (the WIT `image-info`, the CRI `Image`): `id` is the
+/// config digest, `size` counts compressed layers plus config, `chain_id` names the top
+/// snapshot, `manifest_digest` the manifest it was unpacked from, `user` is the config's
+/// `User` (empty when none), and `pinned` says kubelet must not garbage collect it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageInfo {
-    /// The image ID: the digest of its config.
     pub id: String,
-    /// Repository tags.
-    pub repo_tags: Vec<String>,
-    /// Repository digests.
-    pub repo_digests: Vec<String>,
-    /// Compressed layers plus config, in bytes.
     pub size: u64,
-    /// The chain ID of the top layer: the name of the image's top snapshot.
-    pub chain_id: String,
-    /// The digest of the manifest the image was unpacked from.
-    pub manifest_digest: String,
-    /// The config's `User`; empty when none.
+    pub repo_tags: Vec<String>,
+    pub repo_digests: Vec<String>,
     pub user: String,
-    /// Whether kubelet must not garbage collect the image.
     pub pinned: bool,
+    // What pullbox adds to the CRI's fields.
+    pub chain_id: String,
+    pub manifest_digest: String,
 }

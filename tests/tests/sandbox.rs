@@ -398,8 +398,7 @@ async fn huge_arguments_fail_the_request_not_the_host(b: Backend) {
         json!({"behavior": "huge-argument", "variant": "list", "count": 1_000_000}),
         &app(),
         // Too many items is a limit hit, whichever side counts them.
-        &Expect::new(&[Code::ResourceExhausted], &[])
-            .or_any(&["more than 1024", "too much data"]),
+        &Expect::new(&[Code::ResourceExhausted], &[]).or_any(&["more than 1024", "too much data"]),
     )
     .await;
 }
