@@ -171,12 +171,26 @@ pub struct ContainerdSection {
 
 impl Default for ContainerdSection {
     fn default() -> Self {
+        let backend = crate::backend::containerd::Config::default();
         ContainerdSection {
-            address: PathBuf::from("/run/containerd/containerd.sock"),
-            namespace: "k8s.io".into(),
-            snapshotter: "overlayfs".into(),
-            snapshotters: Vec::new(),
+            address: backend.address,
+            namespace: backend.namespace,
+            snapshotter: backend.snapshotter,
+            snapshotters: backend.snapshotters,
             root: PathBuf::from("/var/lib/containerd"),
+        }
+    }
+}
+
+impl ContainerdSection {
+    /// The containerd backend's settings this section gives (with the daemon's `sync_fs`).
+    pub fn backend(&self, sync_fs: bool) -> crate::backend::containerd::Config {
+        crate::backend::containerd::Config {
+            address: self.address.clone(),
+            namespace: self.namespace.clone(),
+            snapshotter: self.snapshotter.clone(),
+            snapshotters: self.snapshotters.clone(),
+            sync_fs,
         }
     }
 }

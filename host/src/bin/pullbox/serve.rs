@@ -424,15 +424,9 @@ async fn open_backend(config: &DaemonConfig) -> anyhow::Result<(Backend, PathBuf
         }
         BackendKind::Containerd => {
             let c = &config.containerd;
-            let backend = pullbox::backend::containerd::connect(&pullbox::backend::containerd::Config {
-                address: c.address.clone(),
-                namespace: c.namespace.clone(),
-                snapshotter: c.snapshotter.clone(),
-                snapshotters: c.snapshotters.clone(),
-                sync_fs: config.sync_fs,
-            })
-            .await
-            .with_context(|| format!("cannot use containerd at {}", c.address.display()))?;
+            let backend = pullbox::backend::containerd::connect(&c.backend(config.sync_fs))
+                .await
+                .with_context(|| format!("cannot use containerd at {}", c.address.display()))?;
             if config.unpacks_for_containerd() {
                 // Snapshots are this daemon's proxy snapshotter's: pullbox unpacks into them.
                 let options = embedded::Options { sync_fs: config.sync_fs, max_layer_bytes: config.max_layer_bytes };
