@@ -35,7 +35,7 @@ use crate::{
     backend::{BlobReader, ContentInfo, ContentStore, ContentWriter, Labels, LeaseId},
     error::Error,
     oci::{Descriptor, Digest, Hasher},
-    registry::{Client, Credentials, NoProgress, Repository},
+    registry::{Client, Credentials, NoProgress, Repository, Sink},
 };
 
 /// The scheme of a puller reference.
@@ -156,8 +156,8 @@ pub async fn fetch(
     }
     let shown = source.to_string();
     let failed = |source: Error| ArtifactError::Fetch { reference: shown.clone(), source };
-    let store = Memory::default();
-    let lease = LeaseId("puller".into());
+    let store = Arc::new(Memory::default());
+    let sink = Sink::new(store.clone(), LeaseId("puller".into()), Arc::new(NoProgress), credentials.clone());
     let pinned: Option<Digest> = reference.parse().ok();
     if let Some(digest) = &pinned {
         let file = cache_file(cache_dir, digest);
@@ -166,13 +166,13 @@ pub async fn fetch(
             return Ok((file, Some(digest.clone())));
         }
     }
-    let root = client.resolve(repo, reference, &store, &lease, credentials).await.map_err(failed)?;
+    let root = client.resolve(repo, reference, &sink).await.map_err(failed)?;
     let file = cache_file(cache_dir, &root.digest);
     if file.is_file() {
         return Ok((file, Some(root.digest)));
     }
     let layer = puller_layer(&shown, &store.bytes(&root.digest).unwrap_or_default())?;
-    client.fetch(repo, &layer, &store, &lease, None, &NoProgress, credentials).await.map_err(failed)?;
+    client.fetch(repo, &layer, &sink, None).await.map_err(failed)?;
     let bytes = store.bytes(&layer.digest).unwrap_or_default();
     write_atomically(cache_dir, &file, &bytes).map_err(|source| ArtifactError::Cache {
         reference: shown.clone(),
