@@ -1,7 +1,8 @@
 //! The image service: what the CLI (and the CRI server) call. Each operation builds a
-//! [`Session`], calls one export of the puller, and owns the lease lifecycle around it:
+//! [`Session`], calls one export of the puller, and ends the session when the export returns:
 //!
-//! - a pull runs under a fresh lease; when the puller returns, its downloads are settled and
+//! - a pull runs under a fresh lease, which its session owns ([`Session::for_pull`],
+//!   [`Session::release`]); when the puller returns, its downloads are settled and
 //!   the lease is deleted — on success the image records now hold everything, on failure what
 //!   the pull wrote is garbage and is collected at once;
 //! - status, list and remove run without a lease, so they cannot write;

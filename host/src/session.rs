@@ -1,8 +1,9 @@
 //! One request's context: the store state every host import of that request sees.
 //!
 //! A [`Session`] holds the backend, the registry client, the request's download [`Sink`]
-//! (content store, lease, progress, credentials) and the downloads it started. `registry.fetch` starts downloads as tokio tasks and returns at once;
-//! `content.*` and `diff.apply` on a digest being fetched first wait for that download
+//! (content store, lease, progress, credentials) and the downloads it started.
+//! `registry.fetch` starts downloads as tokio tasks and returns at once; `content.*` and
+//! `diff.apply` on a digest being fetched first wait for that download
 //! ([`Session::wait_fetched`]), so a guest overlaps downloads with unpacking without knowing
 //! how. A backend whose differ can ([`crate::backend::Differ::stage`]) also unpacks each layer
 //! while it downloads, and `diff.apply` then only moves it into place ([`Session::stage`]).
@@ -28,7 +29,7 @@
 //! shown to the guest) and a [`CancellationToken`]: once it is cancelled (CLI Ctrl-C, a CRI
 //! client that went away, daemon shutdown) every download of the session stops with
 //! `cancelled`, and the registry imports answer `cancelled`, so the puller fails and the
-//! service deletes the pull's lease.
+//! session deletes the pull's lease.
 //!
 //! A pull's session ([`Session::for_pull`]) creates the pull's lease and is its one owner:
 //! [`Session::release`] ends the request (its downloads settled or stopped, its stages

@@ -595,7 +595,12 @@ impl Client {
                         let written = blob.written();
                         let attempt = match attempt {
                             Ok(()) => blob.commit().await.map_err(Failure::Fatal),
-                            Err(f) => Err(f),
+                            Err(f) => {
+                                // Closed before any backoff: a writer waiting for this ingest
+                                // may take it meanwhile.
+                                drop(blob);
+                                Err(f)
+                            }
                         };
                         match attempt {
                             Err(Failure::Retry(e)) => {
