@@ -13,7 +13,7 @@
 //! generated with `pub_export_macro`, so the custom section describing the world is emitted
 //! where the export happens, once per component.
 
-use crate::error::Error;
+use crate::error::{same_case, Error};
 use crate::host::Host;
 use crate::types as t;
 
@@ -198,31 +198,13 @@ impl Host for WitHost {
 }
 
 fn to_wit(e: Error) -> wit::Error {
-    match e {
-        Error::NotFound(m) => wit::Error::NotFound(m),
-        Error::AlreadyExists(m) => wit::Error::AlreadyExists(m),
-        Error::InvalidArgument(m) => wit::Error::InvalidArgument(m),
-        Error::FailedPrecondition(m) => wit::Error::FailedPrecondition(m),
-        Error::PermissionDenied(m) => wit::Error::PermissionDenied(m),
-        Error::ResourceExhausted(m) => wit::Error::ResourceExhausted(m),
-        Error::Unavailable(m) => wit::Error::Unavailable(m),
-        Error::Cancelled(m) => wit::Error::Cancelled(m),
-        Error::Internal(m) => wit::Error::Internal(m),
-    }
+    use wit::Error as WitError;
+    same_case!(e, Error => WitError, |m| m)
 }
 
 fn from_wit(e: wit::Error) -> Error {
-    match e {
-        wit::Error::NotFound(m) => Error::NotFound(m),
-        wit::Error::AlreadyExists(m) => Error::AlreadyExists(m),
-        wit::Error::InvalidArgument(m) => Error::InvalidArgument(m),
-        wit::Error::FailedPrecondition(m) => Error::FailedPrecondition(m),
-        wit::Error::PermissionDenied(m) => Error::PermissionDenied(m),
-        wit::Error::ResourceExhausted(m) => Error::ResourceExhausted(m),
-        wit::Error::Unavailable(m) => Error::Unavailable(m),
-        wit::Error::Cancelled(m) => Error::Cancelled(m),
-        wit::Error::Internal(m) => Error::Internal(m),
-    }
+    use wit::Error as WitError;
+    same_case!(e, WitError => Error, |m| m)
 }
 
 fn snapshot_from(i: snapshots::SnapshotInfo) -> t::SnapshotInfo {

@@ -8,6 +8,28 @@
 
 use std::fmt;
 
+/// Maps `$e`, a value of an enum with the nine cases of the WIT `error` variant, to the same
+/// case of `$to`, its message passed through `$f`: the crate's one case-by-case mapping
+/// ([`Error::context`] and both directions across the component boundary use it).
+macro_rules! same_case {
+    ($e:expr, $from:ident => $to:ident, $f:expr) => {{
+        let f = $f;
+        match $e {
+            $from::NotFound(m) => $to::NotFound(f(m)),
+            $from::AlreadyExists(m) => $to::AlreadyExists(f(m)),
+            $from::InvalidArgument(m) => $to::InvalidArgument(f(m)),
+            $from::FailedPrecondition(m) => $to::FailedPrecondition(f(m)),
+            $from::PermissionDenied(m) => $to::PermissionDenied(f(m)),
+            $from::ResourceExhausted(m) => $to::ResourceExhausted(f(m)),
+            $from::Unavailable(m) => $to::Unavailable(f(m)),
+            $from::Cancelled(m) => $to::Cancelled(f(m)),
+            $from::Internal(m) => $to::Internal(f(m)),
+        }
+    }};
+}
+#[cfg_attr(not(target_arch = "wasm32"), allow(unused_imports))]
+pub(crate) use same_case;
+
 /// A guest-visible failure: the case decides the gRPC code, the message is for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
@@ -68,18 +90,7 @@ impl Error {
     /// The same case with `what: ` put before the message, for errors that come back from
     /// an import (`resolving docker.io/library/busybox:latest: manifest unknown`).
     pub fn context(self, what: impl fmt::Display) -> Error {
-        let wrap = |m: String| format!("{what}: {m}");
-        match self {
-            Error::NotFound(m) => Error::NotFound(wrap(m)),
-            Error::AlreadyExists(m) => Error::AlreadyExists(wrap(m)),
-            Error::InvalidArgument(m) => Error::InvalidArgument(wrap(m)),
-            Error::FailedPrecondition(m) => Error::FailedPrecondition(wrap(m)),
-            Error::PermissionDenied(m) => Error::PermissionDenied(wrap(m)),
-            Error::ResourceExhausted(m) => Error::ResourceExhausted(wrap(m)),
-            Error::Unavailable(m) => Error::Unavailable(wrap(m)),
-            Error::Cancelled(m) => Error::Cancelled(wrap(m)),
-            Error::Internal(m) => Error::Internal(wrap(m)),
-        }
+        same_case!(self, Error => Error, |m| format!("{what}: {m}"))
     }
 
     /// Whether this is `not-found`.

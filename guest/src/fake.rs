@@ -445,7 +445,10 @@ impl Host for FakeHost {
 
     fn image_list_labels(&self, keys: &[String]) -> Result<Vec<Labelled>> {
         self.lookup(format!("list-labels {}", keys.join(",")));
-        if keys.len() > MAX_LIST_KEYS || keys.iter().any(String::is_empty) {
+        if keys.len() > MAX_LIST_KEYS {
+            return Err(Error::ResourceExhausted(format!("{} label keys", keys.len())));
+        }
+        if keys.iter().any(String::is_empty) {
             return Err(Error::InvalidArgument(format!("label keys {keys:?}")));
         }
         Ok(self

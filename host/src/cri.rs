@@ -47,7 +47,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     backend::embedded::fsutil::disk_usage_lenient,
-    engine::ImageInfo,
+    image::ImageInfo,
     metrics::Metrics,
     oci::Platform,
     registry::{reference_registry, AuthConfig, Credentials},

@@ -6,11 +6,14 @@
 //!   call gets a fresh [`Store`] and instance from the [`InstancePre`] (about 35 µs), is
 //!   configured with the current settings, and then makes exactly one export call: guest
 //!   state never leaks from one request to the next.
-//! - [`CallState`] is the store data: the request's [`Session`] and the store limits. The
-//!   host side of each WIT interface lives in `crate::interfaces`.
+//! - [`CallState`] (`crate::call`) is the store data: the request's [`Session`] and the store
+//!   limits. The host side of each WIT interface lives in `crate::interfaces`; the generated
+//!   bindings and their conversions to host types in `crate::bindings`. This module speaks
+//!   host types only ([`PullRequest`], [`ImageInfo`], [`Code`]).
 //!
-//! A guest-visible error (the WIT `error` variant) is a [`CallError::Refused`]; a trap — a
-//! host bug, a hostile guest, or a limit hit — is a [`CallError::Trap`].
+//! A guest-visible error (the WIT `error` variant) is a [`CallError::Refused`]; a limit hit
+//! is a [`CallError::Limit`], recognised by the type of the trap's error (see `trap`); any
+//! other trap — a host bug or a hostile guest — is a [`CallError::Trap`].
 //!
 //! The sandbox ([`Limits`], the daemon's `[sandbox]` section):
 //! - linear memory per instance (64 MiB by default: a puller parses manifests and configs
@@ -25,7 +28,7 @@
 //!   answer is copied into guest memory through the guest's allocator (one call into the guest
 //!   per string of it); from the first such call to the import's return counts as guest time,
 //!   as one slice, so that a 21,000-string answer costs two clock reads, not 42,000 (see
-//!   [`CpuClock`]);
+//!   [`crate::call::CpuClock`]);
 //! - the pooling allocator where the machine allows it (a pool of [`Limits::max_calls`]
 //!   instances; calls beyond it fail with `resource-exhausted`), the on-demand allocator
 //!   otherwise;
@@ -42,35 +45,27 @@ use std::{
     hash::{Hash, Hasher as _},
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde::Deserialize;
 use wasmtime::{
     component::{Component, HasSelf, Linker},
-    CallHook, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig, Store,
     StoreLimitsBuilder, UpdateDeadline,
 };
 
 use crate::{
+    bindings::{from_wit_error, PullerWorld, PullerWorldPre},
+    call::{CallState, CpuClock, CpuLimit, GrowLimit, Limiter},
     error::Code,
+    image::{ImageInfo, PullRequest},
     interfaces::grants::{Access, BudgetSpent, Caps, Grants},
     oci::Digest,
     session::Session,
 };
 
-pub(crate) mod bindings {
-    //! Bindings generated from `wit/`; private to the host.
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "puller-world",
-        imports: { default: async | trappable },
-        exports: { default: async },
-    });
-}
-
-pub use bindings::exports::pullbox::image::puller::{ImageInfo, Pod, PullRequest};
-use bindings::{PullerWorld, PullerWorldPre};
+pub use crate::call::guest_time;
 
 /// How often the epoch ticker interrupts guest code to account its CPU time.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -163,77 +158,6 @@ impl Limits {
     }
 }
 
-/// Guest execution time of every call of this process, in nanoseconds.
-static GUEST_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Total time this process spent executing guest code (the `pullbox_guest_seconds` metric;
-/// benchmarks compare it with a pull's wall time).
-pub fn guest_time() -> Duration {
-    Duration::from_nanos(GUEST_NANOS.load(std::sync::atomic::Ordering::Relaxed))
-}
-
-/// Time accounting of one call: guest execution only, read from the clock at the call hook's
-/// transitions ([`CpuClock::hook`]).
-///
-/// Inside a host import the host calls back into the guest to allocate room for the import's
-/// answer, once per string and list of it. The clock starts at the first of those calls and
-/// runs on until the import returns: copying the answer into the guest counts as guest time
-/// (it is work the guest asked for), and the guest's allocator is charged as before, without
-/// two clock reads around each allocation.
-struct CpuClock {
-    limit: Duration,
-    used: Duration,
-    /// When guest code last started running; `None` while the host runs.
-    running_since: Option<Instant>,
-    /// Host imports under way: 0 while the guest runs on its own, 1 inside an import (a
-    /// count, not a flag, though the component model forbids an allocation the host calls
-    /// from inside an import to call an import again).
-    in_host: u32,
-}
-
-impl CpuClock {
-    fn new(limit: Duration) -> CpuClock {
-        CpuClock { limit, used: Duration::ZERO, running_since: None, in_host: 0 }
-    }
-
-    fn used_now(&self) -> Duration {
-        self.used + self.running_since.map(|t| t.elapsed()).unwrap_or_default()
-    }
-
-    /// Guest code starts (or goes on) running.
-    fn start(&mut self) {
-        self.running_since.get_or_insert_with(Instant::now);
-    }
-
-    /// The host takes over: adds the slice that ends now to this call's and the process's
-    /// guest time.
-    fn stop(&mut self) {
-        if let Some(t) = self.running_since.take() {
-            let slice = t.elapsed();
-            self.used += slice;
-            GUEST_NANOS.fetch_add(slice.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// The call hook: see the type's docs for what counts.
-    fn hook(&mut self, hook: CallHook) {
-        match hook {
-            CallHook::CallingWasm => self.start(),
-            // A return from an allocation inside an import leaves the clock running.
-            CallHook::ReturningFromWasm if self.in_host == 0 => self.stop(),
-            CallHook::ReturningFromWasm => {}
-            CallHook::CallingHost => {
-                self.stop();
-                self.in_host += 1;
-            }
-            CallHook::ReturningFromHost => {
-                self.in_host = self.in_host.saturating_sub(1);
-                self.start();
-            }
-        }
-    }
-}
-
 /// The most core instances, memories and tables one component instance may create (a
 /// component made by `wasm-tools component new` has a few core instances: the module and
 /// its adapter shims).
@@ -245,27 +169,6 @@ pub const HOSTCALL_BYTES: usize = 4 << 20;
 
 /// The most elements one table may hold (function tables of real pullers hold hundreds).
 pub const MAX_TABLE_ELEMENTS: usize = 100_000;
-
-/// The store data of one call.
-pub struct CallState {
-    pub(crate) session: Arc<Session>,
-    limits: StoreLimits,
-    clock: CpuClock,
-    /// Log messages and progress events this call has sent (see `interfaces::log`).
-    pub(crate) log_events: u32,
-    /// What the call may still do (access, snapshot keys, budget, caps).
-    pub(crate) grants: Grants,
-    /// The snapshotter this call's `snapshots` and `diff` imports use: the backend's default
-    /// until `snapshots.select` picks another it offers.
-    pub(crate) snapshots: Arc<dyn crate::backend::Snapshotter>,
-}
-
-impl CallState {
-    /// Spends `units` of the call's import budget; the error traps the call.
-    pub(crate) fn charge(&mut self, units: u64) -> wasmtime::Result<()> {
-        self.grants.charge(units).map_err(wasmtime::Error::new)
-    }
-}
 
 /// What went wrong in a call into the guest.
 #[derive(Debug, thiserror::Error)]
@@ -291,11 +194,6 @@ impl CallError {
         }
     }
 }
-
-/// The trap raised when a call uses more guest CPU time than allowed.
-#[derive(Debug, thiserror::Error)]
-#[error("the puller exceeded its CPU time limit of {} ms", .0.as_millis())]
-struct CpuLimit(Duration);
 
 /// The wasmtime engine and the compiled-component cache.
 pub struct Runtime {
@@ -483,8 +381,8 @@ impl Puller {
             .memories(MAX_INSTANCES)
             .tables(MAX_INSTANCES)
             .table_elements(MAX_TABLE_ELEMENTS)
-            .trap_on_grow_failure(true)
             .build();
+        let limits = Limiter::new(limits, MAX_TABLE_ELEMENTS);
         let clock = CpuClock::new(Duration::from_millis(self.limits.cpu_limit_ms));
         let grants = Grants::new(Access::Read, self.limits.caps());
         let snapshots = session.backend.snapshots.clone();
@@ -536,7 +434,13 @@ impl Puller {
         let (mut store, world) = self.instance(session, Access::Pull).await?;
         let limit = Duration::from_secs(self.limits.pull_timeout_s);
         let pulled = deadline("pull-image", limit, "sandbox.pull_timeout_s", async {
-            world.pullbox_image_puller().call_pull_image(&mut store, request).await.map_err(trap)?.map_err(refused)
+            world
+                .pullbox_image_puller()
+                .call_pull_image(&mut store, &request.into())
+                .await
+                .map_err(trap)?
+                .map(ImageInfo::from)
+                .map_err(refused)
         })
         .await;
         tracing::debug!(units = store.data().grants.spent(), "import budget spent by the pull");
@@ -547,7 +451,13 @@ impl Puller {
     pub async fn status(&self, session: Arc<Session>, reference: &str) -> Result<Option<ImageInfo>, CallError> {
         let (mut store, world) = self.instance(session, Access::Read).await?;
         deadline("image-status", self.short(), "sandbox.call_timeout_ms", async {
-            world.pullbox_image_puller().call_image_status(&mut store, reference).await.map_err(trap)?.map_err(refused)
+            world
+                .pullbox_image_puller()
+                .call_image_status(&mut store, reference)
+                .await
+                .map_err(trap)?
+                .map(|i| i.map(ImageInfo::from))
+                .map_err(refused)
         })
         .await
     }
@@ -556,7 +466,13 @@ impl Puller {
     pub async fn list(&self, session: Arc<Session>) -> Result<Vec<ImageInfo>, CallError> {
         let (mut store, world) = self.instance(session, Access::Read).await?;
         deadline("list-images", self.short(), "sandbox.call_timeout_ms", async {
-            world.pullbox_image_puller().call_list_images(&mut store).await.map_err(trap)?.map_err(refused)
+            world
+                .pullbox_image_puller()
+                .call_list_images(&mut store)
+                .await
+                .map_err(trap)?
+                .map(|l| l.into_iter().map(ImageInfo::from).collect())
+                .map_err(refused)
         })
         .await
     }
@@ -599,7 +515,7 @@ fn humantime(limit: Duration) -> String {
     }
 }
 
-/// Classifies a trap: a limit hit, or anything else.
+/// Classifies a trap by the type of its error: a limit hit, or anything else.
 fn trap(e: wasmtime::Error) -> CallError {
     if let Some(l) = e.downcast_ref::<CpuLimit>() {
         return CallError::Limit(l.to_string());
@@ -607,83 +523,33 @@ fn trap(e: wasmtime::Error) -> CallError {
     if let Some(b) = e.downcast_ref::<BudgetSpent>() {
         return CallError::Limit(b.to_string());
     }
+    if let Some(g) = e.downcast_ref::<GrowLimit>() {
+        return CallError::Limit(g.to_string());
+    }
+    if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+        return CallError::Limit("too many puller calls at once (sandbox.max_calls)".into());
+    }
     if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::StackOverflow) {
         return CallError::Limit("the puller exhausted its stack (stack limit)".into());
     }
-    let text = format!("{e:#}");
-    if text.contains("forcing trap when growing memory") || text.contains("memory minimum size") {
-        return CallError::Limit("the puller exceeded its memory limit (sandbox.memory_limit)".into());
-    }
-    if text.contains("too much data is being copied between the host and the guest") {
+    if hostcall_fuel_spent(&e) {
         return CallError::Limit(format!(
             "the puller passed too much data to one host call (more than {HOSTCALL_BYTES} bytes)"
         ));
-    }
-    if text.contains("maximum concurrent") {
-        return CallError::Limit("too many puller calls at once (sandbox.max_calls)".into());
     }
     // The cause first, for people and kubelet; the wasm backtrace goes to the debug log.
     tracing::debug!("puller trap: {e:?}");
     CallError::Trap(anyhow::anyhow!("{}", e.root_cause()))
 }
 
-fn refused(e: bindings::pullbox::image::types::Error) -> CallError {
-    let (code, message) = crate::interfaces::from_wit_error(e);
-    CallError::Refused { code, message }
+/// Whether `e` is wasmtime's refusal to copy more than [`HOSTCALL_BYTES`] into one host
+/// call. wasmtime 48 keeps that error's type (`HostcallFuelExhausted`) private, so this one
+/// limit is recognised by its message: the root cause, as wasmtime writes it.
+fn hostcall_fuel_spent(e: &wasmtime::Error) -> bool {
+    e.root_cause().to_string().starts_with("too much data is being copied between the host and the guest")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Drives a clock through `steps`: a hook, or a pause of some milliseconds.
-    fn run(steps: &[Result<CallHook, u64>]) -> Duration {
-        let mut clock = CpuClock::new(Duration::from_secs(60));
-        for step in steps {
-            match step {
-                Ok(hook) => clock.hook(*hook),
-                Err(ms) => std::thread::sleep(Duration::from_millis(*ms)),
-            }
-        }
-        assert!(clock.running_since.is_none() && clock.in_host == 0, "the call ended with the clock stopped");
-        clock.used
-    }
-
-    #[test]
-    fn the_clock_counts_guest_code_and_copying_answers_into_it_not_host_imports() {
-        use CallHook::*;
-        // An export that calls an import whose host side takes 200 ms and whose answer is
-        // copied in with three allocations; guest code runs 20 ms before and after.
-        let used = run(&[
-            Ok(CallingWasm),
-            Err(20),
-            Ok(CallingHost),
-            Err(200),
-            Ok(CallingWasm),
-            Ok(ReturningFromWasm),
-            Err(10),
-            Ok(CallingWasm),
-            Ok(ReturningFromWasm),
-            Ok(CallingWasm),
-            Ok(ReturningFromWasm),
-            Ok(ReturningFromHost),
-            Err(20),
-            Ok(ReturningFromWasm),
-        ]);
-        assert!(used >= Duration::from_millis(50), "guest code and the copying count: {used:?}");
-        assert!(used < Duration::from_millis(200), "the import's own work does not: {used:?}");
-
-        // An argument allocated in the guest before an export call: each counts on its own,
-        // and the time between them is the host's.
-        let used = run(&[
-            Ok(CallingWasm),
-            Err(10),
-            Ok(ReturningFromWasm),
-            Err(200),
-            Ok(CallingWasm),
-            Err(10),
-            Ok(ReturningFromWasm),
-        ]);
-        assert!(used >= Duration::from_millis(20) && used < Duration::from_millis(200), "{used:?}");
-    }
+fn refused(e: crate::bindings::wit::Error) -> CallError {
+    let (code, message) = from_wit_error(e);
+    CallError::Refused { code, message }
 }

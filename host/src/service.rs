@@ -28,20 +28,21 @@
 //! (see `backend::embedded`).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{Arc, Mutex},
 };
 
 use tokio::sync::watch;
 
+pub use crate::image::{PodContext, PullContext};
 use crate::{
     backend::{
         replay::{RecordedRequest, Recorder, Recording},
         Backend, GcReport,
     },
-    engine::{CallError, ImageInfo, Pod, PullRequest, Puller},
+    engine::{CallError, Puller},
     error::{Code, Error},
-    interfaces::wit_platform,
+    image::{ImageInfo, PullRequest},
     oci::{Digest, Platform},
     registry::{Credentials, Progress, SharedClient},
     session::Session,
@@ -66,59 +67,6 @@ impl ServiceError {
         match self {
             ServiceError::Puller(e) => e.code(),
             ServiceError::Host(e) => e.code(),
-        }
-    }
-}
-
-/// What a pull is for, as the caller (kubelet over the CRI, or the CLI) says: handed to the
-/// puller in its `pull-request`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct PullContext {
-    /// The runtime handler (runtime class); empty for the default one.
-    pub runtime_handler: String,
-    /// The CRI `ImageSpec.annotations`.
-    pub annotations: BTreeMap<String, String>,
-    /// The pod the image is for; `None` without a sandbox config.
-    pub pod: Option<PodContext>,
-}
-
-/// The pod a pull is for, from the CRI `PodSandboxConfig`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct PodContext {
-    /// Kubernetes namespace.
-    pub namespace: String,
-    /// Pod name.
-    pub name: String,
-    /// Pod UID.
-    pub uid: String,
-    /// Pod labels.
-    pub labels: BTreeMap<String, String>,
-    /// Pod annotations.
-    pub annotations: BTreeMap<String, String>,
-}
-
-fn pairs(m: &BTreeMap<String, String>) -> Vec<(String, String)> {
-    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-}
-
-impl PullContext {
-    /// The guest's `pull-request` of `reference` for `platform` in this context (maps as
-    /// lists sorted by key).
-    pub(crate) fn request(&self, reference: &str, platform: Platform) -> PullRequest {
-        PullRequest {
-            reference: reference.to_owned(),
-            platform: wit_platform(platform),
-            runtime_handler: self.runtime_handler.clone(),
-            annotations: pairs(&self.annotations),
-            pod: self.pod.as_ref().map(|p| Pod {
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
-                uid: p.uid.clone(),
-                labels: pairs(&p.labels),
-                annotations: pairs(&p.annotations),
-            }),
         }
     }
 }

@@ -110,16 +110,23 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd in a fresh directory and waits until it answers.
     pub fn start() -> Result<Self> {
-        Self::start_config(None)
+        Self::start_config(None, None)
     }
 
     /// [`Containerd::start`], with the proxy snapshotter `name` at the unix socket `address`
     /// (containerd connects to it on first use, so it may start later).
     pub fn start_with_proxy(name: &str, address: &Path) -> Result<Self> {
-        Self::start_config(Some((name, address)))
+        Self::start_config(Some((name, address)), None)
     }
 
-    fn start_config(proxy: Option<(&str, &Path)>) -> Result<Self> {
+    /// [`Containerd::start_with_proxy`], with containerd's CRI configured as on a node that
+    /// runs its pods from that snapshotter: the CRI plugin's `snapshotter` is `name` and its
+    /// `sandbox_image` is `sandbox_image` (which containerd pulls itself, onto `name`).
+    pub fn start_cri_on_proxy(name: &str, address: &Path, sandbox_image: &str) -> Result<Self> {
+        Self::start_config(Some((name, address)), Some(sandbox_image))
+    }
+
+    fn start_config(proxy: Option<(&str, &Path)>, sandbox_image: Option<&str>) -> Result<Self> {
         let parent =
             std::env::var_os("PULLBOX_TEST_CONTAINERD_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&parent)?;
@@ -134,6 +141,16 @@ impl Containerd {
         }
         let config = dir.join("config.toml");
         let mut toml = config_toml(&dir, &socket);
+        if let (Some((name, _)), Some(image)) = (proxy, sandbox_image) {
+            // Pods: CRI gives sandboxes an `oom_score_adj` below containerd's own, which a
+            // machine may forbid (a VM's or container's test runner); containerd's option
+            // for that raises it to containerd's.
+            let pods =
+                format!("disable_tcp_service = true\n  sandbox_image = {image:?}\n  restrict_oom_score_adj = true");
+            toml = toml
+                .replace("snapshotter = \"overlayfs\"", &format!("snapshotter = {name:?}"))
+                .replace("disable_tcp_service = true", &pods);
+        }
         if let Some((name, address)) = proxy {
             toml.push_str(&format!(
                 "\n[proxy_plugins]\n  [proxy_plugins.{name}]\n    type = \"snapshot\"\n    address = {:?}\n",

@@ -1,9 +1,11 @@
 //! A CRI client and a `pullbox serve` daemon for tests.
 //!
 //! - [`connect`]: the `k8s-cri` crate's generated `ImageServiceClient` over a unix socket
-//!   (pullbox's, or containerd's own CRI for comparisons).
+//!   (pullbox's, or containerd's own CRI for comparisons); [`connect_runtime`]: the
+//!   `RuntimeServiceClient` (containerd's CRI runs pods and containers).
 //! - [`Daemon`]: `pullbox serve` on a private socket and store root, with a generated TOML
-//!   config; stopped with SIGTERM on drop (the test can also stop it and check the exit).
+//!   config; stopped with SIGTERM on drop (the test can also stop it and check the exit, or
+//!   kill it with SIGKILL and start it again on the same config, root and sockets).
 //! - [`grpcio_call`]: one unary call from Python's `grpcio` (grpc C-core), which sends the
 //!   socket path as `:authority`. It runs in the virtualenv `make setup` makes
 //!   (`target/grpcio`, PyPI's grpcio [`GRPCIO_VERSION`]; Debian 12's python3-grpcio 1.51
@@ -17,13 +19,22 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::{image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::Pullbox;
 
 /// A CRI image-service client on the unix socket `socket`.
 pub async fn connect(socket: &Path) -> Result<ImageServiceClient<Channel>> {
+    Ok(ImageServiceClient::new(channel(socket).await?))
+}
+
+/// A CRI runtime-service client on the unix socket `socket`.
+pub async fn connect_runtime(socket: &Path) -> Result<RuntimeServiceClient<Channel>> {
+    Ok(RuntimeServiceClient::new(channel(socket).await?))
+}
+
+async fn channel(socket: &Path) -> Result<Channel> {
     let socket = socket.to_owned();
     // The URI is required by the API and unused: the connector dials the socket.
     let channel = Endpoint::try_from("http://[::]:50051")?
@@ -33,7 +44,7 @@ pub async fn connect(socket: &Path) -> Result<ImageServiceClient<Channel>> {
         }))
         .await
         .context("cannot connect to the CRI socket")?;
-    Ok(ImageServiceClient::new(channel))
+    Ok(channel)
 }
 
 /// `pullbox serve` with its own socket and root.
@@ -51,36 +62,59 @@ impl Daemon {
         let dir = tempfile::Builder::new().prefix("pbd-").tempdir_in("/tmp")?;
         let socket = dir.path().join("pullbox.sock");
         let root = dir.path().join("root");
-        let config = dir.path().join("config.toml");
         std::fs::write(
-            &config,
+            dir.path().join("config.toml"),
             format!("socket = {:?}\nroot = {:?}\n{extra}\n", socket.display().to_string(), root.display().to_string()),
         )?;
         let stderr = dir.path().join("stderr.log");
+        let mut d = Daemon { child: None, dir, socket, stderr };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    /// Starts `pullbox serve` on the daemon's config (appending to its log) and waits until
+    /// the socket accepts connections.
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.stderr)?;
         let child = Command::new(Pullbox::bin()?)
             .args(["serve", "--config"])
-            .arg(&config)
+            .arg(self.dir.path().join("config.toml"))
             .env("PULLBOX_LOG", "info")
             .env_remove("PULLBOX_ROOT")
             .env_remove("PULLBOX_PULLER")
             .env_remove("PULLBOX_SETTINGS")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr)?)
+            .stderr(log)
             .spawn()
             .context("cannot start pullbox serve")?;
-        let mut d = Daemon { child: Some(child), dir, socket, stderr };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
-            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("pullbox serve exited with {status}: {}", d.log());
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("pullbox serve exited with {status}: {}", self.log());
             }
             if Instant::now() > deadline {
-                bail!("pullbox serve did not open {} in 30 s: {}", d.socket.display(), d.log());
+                bail!("pullbox serve did not open {} in 30 s: {}", self.socket.display(), self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(d)
+        Ok(())
+    }
+
+    /// Kills the daemon with SIGKILL (a crash: nothing of its own runs) and waits for it.
+    pub fn kill(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("daemon stopped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the daemon again, after [`Daemon::kill`] or [`Daemon::stop`], on the same
+    /// config, root and sockets.
+    pub fn restart(&mut self) -> Result<()> {
+        anyhow::ensure!(self.child.is_none(), "the daemon is running");
+        self.spawn()
     }
 
     /// The CRI socket.

@@ -10,6 +10,8 @@
 //! - `ADDR/team/multi:1.0`: an index for `linux/amd64` (the `app` manifest itself),
 //!   `linux/arm64` and `linux/arm/v7` (same layers, a config whose architecture differs, so
 //!   each platform has its own image ID).
+//! - `ADDR/team/pause:1.0`: `app`'s layers with the command `busybox sleep 86400`, a pod
+//!   sandbox image for containerd's CRI (kept running, as `registry.k8s.io/pause` is).
 //!
 //! Building takes about a second: busybox is the only sizeable file. The fixture's files
 //! live inside the registry's directory, so the registry's supervisor deletes them when the
@@ -124,6 +126,8 @@ impl Fixture {
         layout.config("app", &config)?;
         layout.config_as("app", "app-arm64", &["--architecture", "arm64", "--no-history"])?;
         layout.config_as("app", "app-armv7", &["--architecture", "arm", "--no-history"])?;
+        let pause = ["--config.cmd", "/bin/busybox", "--config.cmd", "sleep", "--config.cmd", "86400", "--no-history"];
+        layout.config_as("app", "pause", &pause)?;
         layout.write_index(
             "multi",
             &[
@@ -138,6 +142,7 @@ impl Fixture {
         skopeo_copy(&oci("app"), &docker("team/app:1.0"), &[])?;
         skopeo_copy(&oci("app"), &docker("team/app:1.1"), &[])?;
         skopeo_copy(&oci("multi"), &docker("team/multi:1.0"), &["--all"])?;
+        skopeo_copy(&oci("pause"), &docker("team/pause:1.0"), &[])?;
         // Recompressed copies: convert into a new layout or directory first (digests change
         // there), then push those bytes unchanged.
         let zstd = work.join("zstd");

@@ -4,12 +4,15 @@
 //! mounts), runs containers from pullbox's store, and removes snapshots there when its
 //! garbage collector runs.
 //!
+//! containerd's own CRI on that snapshotter runs a pod whose sandbox image it pulled itself, and
+//! a pullbox killed mid-pull is repaired by its next start.
+//!
 //! Each test has its own daemon and containerd. Needs root. Run them alone with
 //! `cargo test --release -p pullbox-tests --test proxy_snapshotter`.
 
 use std::path::{Path, PathBuf};
 
-use pullbox_tests::{app, containerd::Containerd, cri::Daemon, fixture, Pullbox};
+use pullbox_tests::{app, containerd::Containerd, cri::Daemon, fixture, gate::GateProxy, Pullbox};
 
 /// The name containerd knows pullbox's snapshotter by, in these tests.
 const SNAPSHOTTER: &str = "pullbox";
@@ -101,25 +104,14 @@ fn containerd_pulls_runs_and_collects_through_pullbox() {
 /// download, into its own store, not by containerd's differ.
 #[tokio::test(flavor = "multi_thread")]
 async fn cri_pull_lands_in_pullbox_snapshotter() {
-    use k8s_cri::v1::{ImageSpec, PullImageRequest};
-
     let f = fixture();
     let (_sock_dir, socket) = snapshotter_socket();
     let ctd = Containerd::start_with_proxy(SNAPSHOTTER, &socket).unwrap();
-    let config = format!(
-        "{}snapshotter = {SNAPSHOTTER:?}\n[snapshotter]\naddress = {:?}\nname = {SNAPSHOTTER:?}\n",
-        ctd.pullbox_config(),
-        socket.display().to_string()
-    );
-    let daemon = Daemon::start(&config).unwrap();
+    let daemon = Daemon::start(&proxy_mode_config(&ctd, &socket)).unwrap();
     let mut client = pullbox_tests::cri::connect(daemon.socket()).await.unwrap();
     let reference = f.reference("team/app:1.0");
-    let request = PullImageRequest {
-        image: Some(ImageSpec { image: reference.clone(), ..ImageSpec::default() }),
-        ..PullImageRequest::default()
-    };
     let pulled = client
-        .pull_image(request)
+        .pull_image(pull_request(&reference))
         .await
         .unwrap_or_else(|e| panic!("{e:?}\npullbox log:\n{}\ncontainerd log:\n{}", daemon.log(), ctd.log()))
         .into_inner();
@@ -142,4 +134,194 @@ async fn cri_pull_lands_in_pullbox_snapshotter() {
         .ctr(&["run", "--rm", "--snapshotter", SNAPSHOTTER, &reference, "pb-cri-2", "/bin/sh", "-c", "echo hello"])
         .unwrap();
     assert_eq!(run.stdout.trim(), "hello", "{run}");
+}
+
+/// The config of a `pullbox serve` in proxy-snapshotter mode on `ctd`: records and content in
+/// containerd, snapshots in pullbox's own store through containerd, served at `socket`.
+fn proxy_mode_config(ctd: &Containerd, socket: &Path) -> String {
+    format!(
+        "{}snapshotter = {SNAPSHOTTER:?}\n[snapshotter]\naddress = {:?}\nname = {SNAPSHOTTER:?}\n",
+        ctd.pullbox_config(),
+        socket.display().to_string()
+    )
+}
+
+/// A CRI pull request for `reference`.
+fn pull_request(reference: &str) -> k8s_cri::v1::PullImageRequest {
+    k8s_cri::v1::PullImageRequest {
+        image: Some(k8s_cri::v1::ImageSpec { image: reference.to_owned(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// A node as stargz-snapshotter's and SOCI's users run one: kubelet's images through pullbox,
+/// containerd's CRI runs pods and containers on pullbox's snapshotter and pulls its sandbox
+/// image itself (its differ unpacking onto pullbox's mounts). A pod runs, its container reads
+/// a file of the image pullbox pulled; `ctr images pull --snapshotter` of another image
+/// afterwards runs too; pullbox lists the images it did not pull; removing the images and
+/// the pod reclaims pullbox's store.
+#[tokio::test(flavor = "multi_thread")]
+async fn containerd_cri_runs_pods_from_pullbox_snapshotter() {
+    use k8s_cri::v1::{
+        ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest, ImageSpec,
+        LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListImagesRequest, NamespaceMode, NamespaceOption,
+        PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+        StopPodSandboxRequest,
+    };
+
+    let f = fixture();
+    let (_sock_dir, socket) = snapshotter_socket();
+    let pause = f.reference("team/pause:1.0");
+    let ctd = Containerd::start_cri_on_proxy(SNAPSHOTTER, &socket, &pause).unwrap();
+    ctd.allow_plain_http(f.registry.addr()).unwrap();
+    let daemon = Daemon::start(&proxy_mode_config(&ctd, &socket)).unwrap();
+    let logs = || format!("pullbox log:\n{}\ncontainerd log:\n{}", daemon.log(), ctd.log());
+
+    // kubelet's pull goes to pullbox.
+    let mut images = pullbox_tests::cri::connect(daemon.socket()).await.unwrap();
+    let reference = f.reference("team/app:1.0");
+    let pulled = images.pull_image(pull_request(&reference)).await.unwrap_or_else(|e| panic!("{e:?}\n{}", logs()));
+    assert_eq!(pulled.into_inner().image_ref, f.app.config_digest);
+
+    // The pod, on the node's network (no CNI here); containerd pulls the sandbox image.
+    let mut runtime = pullbox_tests::cri::connect_runtime(ctd.socket()).await.unwrap();
+    let logs_dir = tempfile::tempdir().unwrap();
+    let sandbox_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "pb-pod".into(),
+            uid: "pb-pod-uid".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: logs_dir.path().display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption { network: NamespaceMode::Node as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = runtime
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(sandbox_config.clone()), ..Default::default() })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", logs()))
+        .into_inner()
+        .pod_sandbox_id;
+    let container = runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata { name: "app".into(), attempt: 0 }),
+                image: Some(ImageSpec { image: reference.clone(), ..Default::default() }),
+                command: ["/bin/busybox", "cat", &format!("/{}", app::LAYER3_FILE)].map(String::from).to_vec(),
+                log_path: "app.log".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(sandbox_config),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", logs()))
+        .into_inner()
+        .container_id;
+    runtime
+        .start_container(StartContainerRequest { container_id: container.clone() })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", logs()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        let status = runtime
+            .container_status(ContainerStatusRequest { container_id: container.clone(), verbose: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if status.state == ContainerState::ContainerExited as i32 || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.state, ContainerState::ContainerExited as i32, "{status:?}\n{}", logs());
+    assert_eq!(status.exit_code, 0, "{status:?}");
+    // CRI's log format: `<time> stdout F <line>`.
+    let log = std::fs::read_to_string(logs_dir.path().join("app.log")).unwrap();
+    assert!(log.trim_end().ends_with(&format!("stdout F {}", app::LAYER3_CONTENT.trim_end())), "{log}");
+
+    // The sandbox image came through containerd's differ onto pullbox's store, and pullbox
+    // lists it although it did not pull it.
+    let listed = images.list_images(ListImagesRequest::default()).await.unwrap().into_inner().images;
+    let tags: Vec<&String> = listed.iter().flat_map(|i| &i.repo_tags).collect();
+    assert!(tags.contains(&&pause) && tags.contains(&&reference), "{tags:?}");
+
+    // containerd's own pull of another image onto pullbox's snapshotter, after the CRI pull.
+    let zstd = &f.app_zstd.reference;
+    let pull = ctd.ctr(&["images", "pull", "--plain-http", "--snapshotter", SNAPSHOTTER, zstd]).unwrap();
+    assert!(pull.success(), "{pull}\n{}", logs());
+    assert_eq!(cat_layer3(&ctd, "k8s.io", zstd, "pb-zstd-1"), app::LAYER3_CONTENT);
+
+    // Removing the pod and every image reclaims pullbox's store.
+    runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod }).await.unwrap();
+    for image in ctd.list("k8s.io", "images").unwrap() {
+        ctd.ctr_ok("k8s.io", &["images", "rm", &image]).unwrap();
+    }
+    ctd.collect("k8s.io").unwrap();
+    let root = daemon.root();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !snapshot_dirs(&root).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(snapshot_dirs(&root).is_empty(), "left in pullbox's store: {:?}\n{}", snapshot_dirs(&root), logs());
+}
+
+/// A pullbox killed (SIGKILL) in the middle of a proxy-mode pull, with layer 1 committed and
+/// layer 2 half unpacked into the snapshot containerd prepared on pullbox's store: the next
+/// start and containerd's collector leave nothing behind, and the same pull then succeeds
+/// and runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_daemon_mid_pull_is_repaired_by_the_next_start() {
+    let f = fixture();
+    let gate = GateProxy::start(f.registry.addr()).unwrap();
+    let layer2 = &f.app.layers[1];
+    gate.hold(&layer2.digest, layer2.size / 2);
+    let (_sock_dir, socket) = snapshotter_socket();
+    let ctd = Containerd::start_with_proxy(SNAPSHOTTER, &socket).unwrap();
+    let mut daemon = Daemon::start(&proxy_mode_config(&ctd, &socket)).unwrap();
+    let root = daemon.root();
+    let reference = format!("{}/{}:1.0", gate.addr(), f.app.path());
+
+    let cri = daemon.socket().to_owned();
+    let request = pull_request(&reference);
+    let pull = tokio::spawn(async move { pullbox_tests::cri::connect(&cri).await.unwrap().pull_image(request).await });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(gate.held() == 1 && snapshot_dirs(&root).len() >= 2) {
+        assert!(std::time::Instant::now() < deadline, "the pull never reached layer 2:\n{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    daemon.kill().unwrap();
+    assert!(pull.await.unwrap().is_err(), "the pull's connection went with the daemon");
+    // What the crash left: the dead process's lease in containerd, holding layer 1's
+    // committed snapshot and layer 2's active one, both in pullbox's store.
+    assert!(!ctd.list("k8s.io", "leases").unwrap().is_empty());
+    assert!(snapshot_dirs(&root).len() >= 2);
+
+    gate.release(&layer2.digest);
+    daemon.restart().unwrap();
+    let mut client = pullbox_tests::cri::connect(daemon.socket()).await.unwrap();
+    let pulled = client
+        .pull_image(pull_request(&reference))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\npullbox log:\n{}\ncontainerd log:\n{}", daemon.log(), ctd.log()));
+    assert_eq!(pulled.into_inner().image_ref, f.app.config_digest);
+
+    // No lease of the dead process is left, nor a partial download; after containerd's
+    // collector, pullbox's store holds exactly the image's layers.
+    ctd.collect("k8s.io").unwrap();
+    assert_eq!(ctd.list("k8s.io", "leases").unwrap(), Vec::<String>::new(), "{}", daemon.log());
+    let active = ctd.ctr_ok("k8s.io", &["content", "active"]).unwrap();
+    assert_eq!(active.lines().skip(1).count(), 0, "{active}");
+    assert_eq!(snapshot_dirs(&root).len(), app::LAYERS, "{:?}\n{}", snapshot_dirs(&root), daemon.log());
+    assert_eq!(cat_layer3(&ctd, "k8s.io", &reference, "pb-crash-1"), app::LAYER3_CONTENT);
 }

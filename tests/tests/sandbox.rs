@@ -397,8 +397,8 @@ async fn huge_arguments_fail_the_request_not_the_host(b: Backend) {
         &d,
         json!({"behavior": "huge-argument", "variant": "list", "count": 1_000_000}),
         &app(),
-        &Expect::new(&[Code::InvalidArgument, Code::ResourceExhausted, Code::Internal], &[])
-            .or_any(&["more than 1024", "too much data"]),
+        // Too many items is a limit hit, whichever side counts them.
+        &Expect::new(&[Code::ResourceExhausted], &[]).or_any(&["more than 1024", "too much data"]),
     )
     .await;
 }

@@ -333,34 +333,58 @@ fn recurse(n: u64) -> u64 {
     recurse(black_box(n - 1)).wrapping_mul(3).wrapping_add(n)
 }
 
-/// The error `e` with `prefix` in front of its message, same case.
-fn with_prefix(prefix: &str, e: Error) -> Error {
-    let p = |m: String| format!("{prefix}: {m}");
+/// The WIT error cases in the order of their discriminants, by name.
+const CODES: [&str; 9] = [
+    "not-found",
+    "already-exists",
+    "invalid-argument",
+    "failed-precondition",
+    "permission-denied",
+    "resource-exhausted",
+    "unavailable",
+    "cancelled",
+    "internal",
+];
+
+/// Splits an error into its case's discriminant and its message (one direction).
+fn split(e: Error) -> (u8, String) {
     match e {
-        Error::NotFound(m) => Error::NotFound(p(m)),
-        Error::AlreadyExists(m) => Error::AlreadyExists(p(m)),
-        Error::InvalidArgument(m) => Error::InvalidArgument(p(m)),
-        Error::FailedPrecondition(m) => Error::FailedPrecondition(p(m)),
-        Error::PermissionDenied(m) => Error::PermissionDenied(p(m)),
-        Error::ResourceExhausted(m) => Error::ResourceExhausted(p(m)),
-        Error::Unavailable(m) => Error::Unavailable(p(m)),
-        Error::Cancelled(m) => Error::Cancelled(p(m)),
-        Error::Internal(m) => Error::Internal(p(m)),
+        Error::NotFound(m) => (0, m),
+        Error::AlreadyExists(m) => (1, m),
+        Error::InvalidArgument(m) => (2, m),
+        Error::FailedPrecondition(m) => (3, m),
+        Error::PermissionDenied(m) => (4, m),
+        Error::ResourceExhausted(m) => (5, m),
+        Error::Unavailable(m) => (6, m),
+        Error::Cancelled(m) => (7, m),
+        Error::Internal(m) => (8, m),
     }
 }
 
-fn code(e: &Error) -> &'static str {
-    match e {
-        Error::NotFound(_) => "not-found",
-        Error::AlreadyExists(_) => "already-exists",
-        Error::InvalidArgument(_) => "invalid-argument",
-        Error::FailedPrecondition(_) => "failed-precondition",
-        Error::PermissionDenied(_) => "permission-denied",
-        Error::ResourceExhausted(_) => "resource-exhausted",
-        Error::Unavailable(_) => "unavailable",
-        Error::Cancelled(_) => "cancelled",
-        Error::Internal(_) => "internal",
+/// The error of the case with discriminant `d` (an unknown one is `internal`) and message
+/// `m` (the other direction).
+fn case(d: u8, m: String) -> Error {
+    match d {
+        0 => Error::NotFound(m),
+        1 => Error::AlreadyExists(m),
+        2 => Error::InvalidArgument(m),
+        3 => Error::FailedPrecondition(m),
+        4 => Error::PermissionDenied(m),
+        5 => Error::ResourceExhausted(m),
+        6 => Error::Unavailable(m),
+        7 => Error::Cancelled(m),
+        _ => Error::Internal(m),
     }
+}
+
+/// The error `e` with `prefix` in front of its message, same case.
+fn with_prefix(prefix: &str, e: Error) -> Error {
+    let (d, m) = split(e);
+    case(d, format!("{prefix}: {m}"))
+}
+
+fn code(e: &Error) -> &'static str {
+    CODES[usize::from(split(e.clone()).0)]
 }
 
 /// Many small messages: the host caps their rate, not only their size.
@@ -461,18 +485,7 @@ mod raw {
         let len = u32::from_le_bytes(ret.0[at + 8..at + 12].try_into().unwrap()) as usize;
         // SAFETY: the host wrote a string of `len` bytes at `ptr` through cabi_realloc.
         let m = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr, len) }).into_owned();
-        let m = format!("{what}: the host answered: {m}");
-        match d {
-            0 => Error::NotFound(m),
-            1 => Error::AlreadyExists(m),
-            2 => Error::InvalidArgument(m),
-            3 => Error::FailedPrecondition(m),
-            4 => Error::PermissionDenied(m),
-            5 => Error::ResourceExhausted(m),
-            6 => Error::Unavailable(m),
-            7 => Error::Cancelled(m),
-            _ => Error::Internal(m),
-        }
+        super::case(d, format!("{what}: the host answered: {m}"))
     }
 
     /// `count` descriptors in one `registry.fetch`, every one well-formed and sharing the

@@ -4,9 +4,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::engine::{
+use crate::{
     bindings::pullbox::image::clock::{Host, Instant},
-    CallState,
+    call::CallState,
 };
 
 /// `now` as the WIT answers it: a clock before the epoch reads as the epoch.

@@ -11,19 +11,17 @@ use std::sync::Arc;
 
 use crate::{
     backend::Held,
-    engine::{
-        bindings::pullbox::image::{
-            content::{BlobInfo, Host},
-            types::Error as WitError,
-        },
-        CallState,
+    bindings::{
+        pullbox::image::content::{BlobInfo, Host},
+        wit::Error as WitError,
     },
+    call::CallState,
     error::Error,
     oci::Digest,
     session::Session,
 };
 
-use super::{answer, batch, digest, label_pairs, labels, ImportResult};
+use super::{batch, digest, label_pairs, labels, ImportResult};
 
 /// The largest read one call may ask for.
 pub const MAX_READ: u32 = 1 << 20;
@@ -36,19 +34,14 @@ pub(crate) async fn wait(s: &Session, d: &Digest) -> Result<(), Error> {
 impl Host for CallState {
     async fn info(&mut self, d: String) -> ImportResult<BlobInfo> {
         self.charge(1)?;
-        let (s, grants) = (self.session.clone(), &mut self.grants);
-        answer(
-            async {
-                let d = digest(&d)?;
-                wait(&s, &d).await?;
-                if grants.hold(format!("content {d}"))? {
-                    s.hold(Held::Content(&d)).await?;
-                }
-                let info = s.backend.content.info(&d).await?;
-                Ok(BlobInfo { digest: info.digest.to_string(), size: info.size, labels: label_pairs(info.labels) })
-            }
-            .await,
-        )
+        let s = self.session.clone();
+        let d = digest(&d)?;
+        wait(&s, &d).await?;
+        if self.grants.hold(format!("content {d}"))? {
+            s.hold(Held::Content(&d)).await?;
+        }
+        let info = s.backend.content.info(&d).await?;
+        Ok(BlobInfo { digest: info.digest.to_string(), size: info.size, labels: label_pairs(info.labels) })
     }
 
     async fn sizes(&mut self, ds: Vec<String>) -> ImportResult<Vec<Result<u64, WitError>>> {
@@ -65,30 +58,25 @@ impl Host for CallState {
         };
         let content = s.backend.content.clone();
         let ask = |asked: Vec<Digest>| async move { content.sizes(&asked).await };
-        answer(batch(ds, ("digests", "sizes"), check, ask).await)
+        Ok(batch(ds, ("digests", "sizes"), check, ask).await?)
     }
 
     async fn read(&mut self, d: String, offset: u64, length: u32) -> ImportResult<Vec<u8>> {
         self.charge(1 + u64::from(length.min(MAX_READ)) / 1024)?;
         let s = self.session.clone();
-        answer(
-            async {
-                let d = digest(&d)?;
-                if length > MAX_READ {
-                    return Err(Error::ResourceExhausted(format!(
-                        "read of {length} bytes is over the limit of {MAX_READ}"
-                    )));
-                }
-                wait(&s, &d).await?;
-                // The store refuses an offset past the end itself (one look-up, not two).
-                let bytes = s.backend.content.read(&d, offset, length as usize).await?;
-                if let Some(recorder) = &s.recorder {
-                    recorder.read(s.backend.content.as_ref(), &d).await;
-                }
-                Ok(bytes)
-            }
-            .await,
-        )
+        let d = digest(&d)?;
+        if length > MAX_READ {
+            return Err(
+                Error::ResourceExhausted(format!("read of {length} bytes is over the limit of {MAX_READ}")).into()
+            );
+        }
+        wait(&s, &d).await?;
+        // The store refuses an offset past the end itself (one look-up, not two).
+        let bytes = s.backend.content.read(&d, offset, length as usize).await?;
+        if let Some(recorder) = &s.recorder {
+            recorder.read(s.backend.content.as_ref(), &d).await;
+        }
+        Ok(bytes)
     }
 
     async fn max_read(&mut self) -> wasmtime::Result<u32> {
@@ -98,30 +86,21 @@ impl Host for CallState {
 
     async fn set_labels(&mut self, d: String, l: Vec<(String, String)>) -> ImportResult<()> {
         self.charge(1 + l.len() as u64)?;
-        let (s, grants) = (self.session.clone(), &self.grants);
-        answer(
-            async {
-                grants.write("content.set-labels")?;
-                let d = digest(&d)?;
-                let l = labels(l)?;
-                wait(&s, &d).await?;
-                s.backend.content.set_labels(&d, &l).await.map(|_| ())
-            }
-            .await,
-        )
+        self.grants.write("content.set-labels")?;
+        let s = self.session.clone();
+        let d = digest(&d)?;
+        let l = labels(l)?;
+        wait(&s, &d).await?;
+        s.backend.content.set_labels(&d, &l).await?;
+        Ok(())
     }
 
     async fn delete(&mut self, d: String) -> ImportResult<()> {
         self.charge(1)?;
-        let (s, grants) = (self.session.clone(), &self.grants);
-        answer(
-            async {
-                grants.delete("content.delete")?;
-                let d = digest(&d)?;
-                wait(&s, &d).await?;
-                s.backend.content.delete(&d).await
-            }
-            .await,
-        )
+        self.grants.delete("content.delete")?;
+        let s = self.session.clone();
+        let d = digest(&d)?;
+        wait(&s, &d).await?;
+        Ok(s.backend.content.delete(&d).await?)
     }
 }

@@ -6,29 +6,23 @@
 //! ([`super::grants::Grants::begin_apply`]); the host asks its own snapshotter for the mounts.
 //! A guest never hands the host a mount or a path.
 
-use crate::engine::{
-    bindings::pullbox::image::{diff::Host, types::Descriptor},
-    CallState,
+use crate::{
+    bindings::{pullbox::image::diff::Host, wit::Descriptor},
+    call::CallState,
+    error::Error,
 };
 
-use super::{answer, bounded, content::wait, descriptor, ImportResult};
+use super::{bounded, content::wait, descriptor, ImportResult};
 
 impl Host for CallState {
     async fn apply(&mut self, layer: Descriptor, key: String) -> ImportResult<String> {
         self.charge(1)?;
         let (s, snapshots) = (self.session.clone(), self.snapshots.clone());
-        let key = match bounded("key", &key) {
-            Ok(k) => k.to_owned(),
-            Err(e) => return answer(Err(e)),
-        };
-        let layer = match descriptor(layer) {
-            Ok(l) => l,
-            Err(e) => return answer(Err(e)),
-        };
-        if let Err(e) = self.grants.begin_apply(&key) {
-            return answer(Err(e));
-        }
-        let applied = async {
+        let key = bounded("key", &key)?.to_owned();
+        let layer = descriptor(layer)?;
+        self.grants.begin_apply(&key)?;
+        // The key is given back whatever the apply answers: the steps go in one block.
+        let applied: Result<String, Error> = async {
             s.lease()?;
             wait(&s, &layer.digest).await?;
             let ms = snapshots.mounts(&key).await?;
@@ -45,6 +39,6 @@ impl Host for CallState {
         }
         .await;
         self.grants.end_apply(&key);
-        answer(applied)
+        Ok(applied?)
     }
 }

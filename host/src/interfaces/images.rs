@@ -10,18 +10,16 @@
 
 use crate::{
     backend::{ImageRecord, ImageRecords},
-    engine::{
-        bindings::pullbox::image::{
-            images::{Host, Labelled},
-            types::Image,
-        },
-        CallState,
+    bindings::{
+        pullbox::image::images::{Host, Labelled},
+        wit::Image,
     },
+    call::CallState,
     error::Error,
     session::Session,
 };
 
-use super::{answer, bounded, descriptor, label_pairs, labels, wit_descriptor, ImportResult};
+use super::{bounded, descriptor, label_pairs, labels, wit_descriptor, ImportResult};
 
 /// The most records `list` hands to a guest in one call (each record is a few hundred bytes:
 /// this keeps the answer well inside a guest's default 64 MiB of memory).
@@ -70,82 +68,53 @@ impl Host for CallState {
     async fn get(&mut self, name: String) -> ImportResult<Image> {
         self.charge(1)?;
         let s = self.session.clone();
-        answer(async { s.backend.images.get(bounded("image name", &name)?).await.map(image) }.await)
+        Ok(s.backend.images.get(bounded("image name", &name)?).await.map(image)?)
     }
 
     async fn list(&mut self) -> ImportResult<Vec<Image>> {
         self.charge(1)?;
         let s = self.session.clone();
-        let records = all(&s).await;
-        if let Ok(r) = &records {
-            self.charge(r.len() as u64)?;
-        }
-        answer(records.map(|r| r.into_iter().map(image).collect()))
+        let records = all(&s).await?;
+        self.charge(records.len() as u64)?;
+        Ok(records.into_iter().map(image).collect())
     }
 
     async fn list_labels(&mut self, keys: Vec<String>) -> ImportResult<Vec<Labelled>> {
         self.charge(1 + keys.len() as u64)?;
+        if keys.len() > MAX_LIST_KEYS {
+            return Err(Error::ResourceExhausted(format!("more than {MAX_LIST_KEYS} label keys")).into());
+        }
+        for k in &keys {
+            if k.is_empty() {
+                return Err(Error::InvalidArgument("a label key must not be empty".into()).into());
+            }
+            bounded("label key", k)?;
+        }
         let s = self.session.clone();
-        let answered = async {
-            if keys.len() > MAX_LIST_KEYS {
-                return Err(Error::InvalidArgument(format!("more than {MAX_LIST_KEYS} label keys")));
-            }
-            for k in &keys {
-                if k.is_empty() {
-                    return Err(Error::InvalidArgument("a label key must not be empty".into()));
-                }
-                bounded("label key", k)?;
-            }
-            Ok(all(&s)
-                .await?
-                .iter()
-                .map(|r| Labelled {
-                    name: r.name.clone(),
-                    values: keys.iter().map(|k| r.labels.get(k).cloned()).collect(),
-                })
-                .collect::<Vec<_>>())
-        }
-        .await;
-        if let Ok(r) = &answered {
-            self.charge(r.len() as u64)?;
-        }
-        answer(answered)
+        let records = all(&s).await?;
+        self.charge(records.len() as u64)?;
+        Ok(records
+            .iter()
+            .map(|r| Labelled { name: r.name.clone(), values: keys.iter().map(|k| r.labels.get(k).cloned()).collect() })
+            .collect())
     }
 
     async fn create(&mut self, i: Image) -> ImportResult<Image> {
         self.charge(1 + i.labels.len() as u64)?;
-        let (s, grants) = (self.session.clone(), &mut self.grants);
-        answer(
-            async {
-                let record = record(i)?;
-                grants.create_record()?;
-                s.backend.images.create(record).await.map(image)
-            }
-            .await,
-        )
+        let record = record(i)?;
+        self.grants.create_record()?;
+        Ok(self.session.backend.images.create(record).await.map(image)?)
     }
 
     async fn update(&mut self, i: Image) -> ImportResult<Image> {
         self.charge(1 + i.labels.len() as u64)?;
-        let (s, grants) = (self.session.clone(), &self.grants);
-        answer(
-            async {
-                grants.write("images.update")?;
-                s.backend.images.update(record(i)?).await.map(image)
-            }
-            .await,
-        )
+        self.grants.write("images.update")?;
+        Ok(self.session.backend.images.update(record(i)?).await.map(image)?)
     }
 
     async fn delete(&mut self, name: String) -> ImportResult<()> {
         self.charge(1)?;
-        let (s, grants) = (self.session.clone(), &self.grants);
-        answer(
-            async {
-                grants.delete("images.delete")?;
-                s.backend.images.delete(bounded("image name", &name)?).await
-            }
-            .await,
-        )
+        self.grants.delete("images.delete")?;
+        Ok(self.session.backend.images.delete(bounded("image name", &name)?).await?)
     }
 }

@@ -3,9 +3,9 @@
 //! send at most [`MAX_EVENTS`] messages and events (a pull of a 127-layer image sends a few
 //! hundred); the rest are dropped, with one warning, so a guest cannot flood the log.
 
-use crate::engine::{
+use crate::{
     bindings::pullbox::image::log::{Host, Level},
-    CallState,
+    call::CallState,
 };
 
 /// The longest message kept; the rest is cut.

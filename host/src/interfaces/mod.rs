@@ -1,10 +1,13 @@
 //! The host side of the WIT interfaces: one module per interface, as wasmtime's own WASI
-//! crates do. Each module implements the generated `Host` trait on [`CallState`] by
+//! crates do. Each module implements the generated `Host` trait on
+//! [`CallState`](crate::call::CallState) by
 //! validating what the guest sent, calling a backend trait through the request's session,
 //! and converting the answer back.
 //!
-//! Backend failures become the WIT `error` variant ([`to_wit_error`]); only host bugs and
-//! hostile guests trap. Everything a guest hands to the host is bounded here: strings,
+//! Backend failures become the WIT `error` variant (`?` into an [`ImportResult`], converted
+//! in `crate::bindings`); only host bugs and hostile guests trap. A guest that sends more
+//! items than a limit allows (labels, keys, descriptors) gets `resource-exhausted`, as for
+//! every other limit; a malformed or overlong item is `invalid-argument`. Everything a guest hands to the host is bounded here: strings,
 //! lists and label maps larger than the limits below are refused before any work is done.
 
 mod clock;
@@ -18,9 +21,10 @@ mod snapshots;
 
 use std::{collections::BTreeMap, future::Future};
 
+pub(crate) use crate::bindings::wit_descriptor;
 use crate::{
     backend::Labels,
-    engine::{bindings::pullbox::image::types as wit, CallState},
+    bindings::{to_wit_error, wit, wit_error, ImportError},
     error::{Code, Error},
     oci::{Descriptor, Digest, Platform},
 };
@@ -33,8 +37,6 @@ pub const MAX_STRING: usize = 4096;
 /// The most descriptors one `registry.fetch` may name (an image with more layers than this is
 /// not a real image: Docker caps layers at 127, OCI tools at a few hundred).
 pub const MAX_BATCH: usize = 1024;
-
-impl wit::Host for CallState {}
 
 /// Answers a batched import (`content.sizes`, `snapshots.stats`): at most [`MAX_BATCH`]
 /// `items` (`ResourceExhausted` naming the `noun`s and the `call` otherwise); each is checked
@@ -79,48 +81,9 @@ where
         .collect())
 }
 
-/// Converts a host error into the WIT error the guest sees.
-pub(crate) fn to_wit_error(e: &Error) -> wit::Error {
-    wit_error(e.code(), e.chain())
-}
-
-/// The WIT error of `code` with `message`.
-pub(crate) fn wit_error(code: Code, message: String) -> wit::Error {
-    match code {
-        Code::NotFound => wit::Error::NotFound(message),
-        Code::AlreadyExists => wit::Error::AlreadyExists(message),
-        Code::InvalidArgument => wit::Error::InvalidArgument(message),
-        Code::FailedPrecondition => wit::Error::FailedPrecondition(message),
-        Code::PermissionDenied => wit::Error::PermissionDenied(message),
-        Code::ResourceExhausted => wit::Error::ResourceExhausted(message),
-        Code::Unavailable => wit::Error::Unavailable(message),
-        Code::Cancelled => wit::Error::Cancelled(message),
-        Code::Internal => wit::Error::Internal(message),
-    }
-}
-
-/// Splits a WIT error into its code and message.
-pub(crate) fn from_wit_error(e: wit::Error) -> (Code, String) {
-    match e {
-        wit::Error::NotFound(m) => (Code::NotFound, m),
-        wit::Error::AlreadyExists(m) => (Code::AlreadyExists, m),
-        wit::Error::InvalidArgument(m) => (Code::InvalidArgument, m),
-        wit::Error::FailedPrecondition(m) => (Code::FailedPrecondition, m),
-        wit::Error::PermissionDenied(m) => (Code::PermissionDenied, m),
-        wit::Error::ResourceExhausted(m) => (Code::ResourceExhausted, m),
-        wit::Error::Unavailable(m) => (Code::Unavailable, m),
-        wit::Error::Cancelled(m) => (Code::Cancelled, m),
-        wit::Error::Internal(m) => (Code::Internal, m),
-    }
-}
-
-/// The result type of a fallible import: the outer `Err` traps, the inner is the WIT error.
-pub(crate) type ImportResult<T> = wasmtime::Result<Result<T, wit::Error>>;
-
-/// Turns a host result into an import result.
-pub(crate) fn answer<T>(r: Result<T, Error>) -> ImportResult<T> {
-    Ok(r.map_err(|e| to_wit_error(&e)))
-}
+/// The result of a fallible import: `?` on a host error answers the guest with the WIT
+/// error, `?` on a `wasmtime::Error` traps (see [`ImportError`]).
+pub(crate) type ImportResult<T> = Result<T, ImportError>;
 
 /// Refuses a guest-supplied string longer than [`MAX_STRING`].
 pub(crate) fn bounded<'a>(what: &str, s: &'a str) -> Result<&'a str, Error> {
@@ -138,7 +101,7 @@ pub(crate) fn digest(s: &str) -> Result<Digest, Error> {
 /// Validates a guest-supplied label or annotation map.
 pub(crate) fn labels(pairs: Vec<(String, String)>) -> Result<Labels, Error> {
     if pairs.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument(format!("more than {MAX_LABELS} labels")));
+        return Err(Error::ResourceExhausted(format!("more than {MAX_LABELS} labels")));
     }
     let mut out = BTreeMap::new();
     for (k, v) in pairs {
@@ -168,7 +131,7 @@ pub(crate) fn descriptor(d: wit::Descriptor) -> Result<Descriptor, Error> {
         return Err(Error::InvalidArgument(format!("descriptor {} has a size over {MAX_BLOB} bytes", d.digest)));
     }
     if d.urls.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument("descriptor has too many urls".into()));
+        return Err(Error::ResourceExhausted(format!("descriptor has more than {MAX_LABELS} urls")));
     }
     Ok(Descriptor {
         media_type: bounded("media type", &d.media_type)?.to_owned(),
@@ -180,21 +143,9 @@ pub(crate) fn descriptor(d: wit::Descriptor) -> Result<Descriptor, Error> {
     })
 }
 
-/// Converts a descriptor for the guest.
-pub(crate) fn wit_descriptor(d: Descriptor) -> wit::Descriptor {
-    wit::Descriptor {
-        media_type: d.media_type,
-        digest: d.digest.to_string(),
-        size: d.size,
-        annotations: label_pairs(d.annotations),
-        platform: d.platform.map(wit_platform),
-        urls: d.urls,
-    }
-}
-
 fn platform(p: wit::Platform) -> Result<Platform, Error> {
     if p.os_features.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument("platform has too many os features".into()));
+        return Err(Error::ResourceExhausted(format!("platform has more than {MAX_LABELS} os features")));
     }
     Ok(Platform {
         os: bounded("os", &p.os)?.to_owned(),
@@ -203,15 +154,4 @@ fn platform(p: wit::Platform) -> Result<Platform, Error> {
         os_version: bounded("os version", &p.os_version)?.to_owned(),
         os_features: p.os_features,
     })
-}
-
-/// Converts a platform for the guest.
-pub(crate) fn wit_platform(p: Platform) -> wit::Platform {
-    wit::Platform {
-        os: p.os,
-        architecture: p.architecture,
-        variant: p.variant,
-        os_version: p.os_version,
-        os_features: p.os_features,
-    }
 }

@@ -9,94 +9,81 @@
 //! charges the import budget one unit per referrer it answers, on top of the call's unit.
 
 use crate::{
-    engine::{
-        bindings::pullbox::image::{
-            registry::{Host, Referrer},
-            types::Descriptor,
-        },
-        CallState,
+    bindings::{
+        pullbox::image::registry::{Host, Referrer},
+        wit::Descriptor,
     },
+    call::CallState,
     error::Error,
     registry::Repository,
 };
 
-use super::{answer, bounded, descriptor, digest, label_pairs, wit_descriptor, ImportResult, MAX_BATCH};
+use super::{bounded, descriptor, digest, label_pairs, wit_descriptor, ImportResult, MAX_BATCH};
 
 impl Host for CallState {
     async fn resolve(&mut self, name: String, reference: String) -> ImportResult<Descriptor> {
         self.charge(1)?;
-        let (s, grants) = (self.session.clone(), &self.grants);
-        answer(
-            async {
-                grants.write("registry.resolve")?;
-                let repo = Repository::parse(bounded("name", &name)?)?;
-                let reference = bounded("reference", &reference)?;
-                let sink = s.sink()?;
-                s.check_cancelled()?;
-                let resolving = s.registry.resolve(&repo, reference, sink);
-                let desc = tokio::select! {
-                    r = resolving => r?,
-                    () = s.cancel.cancelled() => return Err(Error::Cancelled("the pull was cancelled".into())),
-                };
-                tracing::debug!(%repo, reference, digest = %desc.digest, "resolved");
-                if let Some(recorder) = &s.recorder {
-                    recorder.resolved(&repo, reference, &desc);
-                }
-                Ok(wit_descriptor(desc))
-            }
-            .await,
-        )
+        self.grants.write("registry.resolve")?;
+        let s = self.session.clone();
+        let repo = Repository::parse(bounded("name", &name)?)?;
+        let reference = bounded("reference", &reference)?;
+        let sink = s.sink()?;
+        s.check_cancelled()?;
+        let resolving = s.registry.resolve(&repo, reference, sink);
+        let desc = tokio::select! {
+            r = resolving => r?,
+            () = s.cancel.cancelled() => return Err(cancelled().into()),
+        };
+        tracing::debug!(%repo, reference, digest = %desc.digest, "resolved");
+        if let Some(recorder) = &s.recorder {
+            recorder.resolved(&repo, reference, &desc);
+        }
+        Ok(wit_descriptor(desc))
     }
 
     async fn fetch(&mut self, name: String, blobs: Vec<Descriptor>) -> ImportResult<()> {
         self.charge(1 + blobs.len() as u64)?;
-        let (s, grants) = (self.session.clone(), &self.grants);
-        answer((|| {
-            grants.write("registry.fetch")?;
-            if blobs.len() > MAX_BATCH {
-                return Err(Error::InvalidArgument(format!("more than {MAX_BATCH} blobs in one fetch")));
-            }
-            let repo = Repository::parse(bounded("name", &name)?)?;
-            let descs = blobs.into_iter().map(descriptor).collect::<Result<Vec<_>, _>>()?;
-            for d in &descs {
-                s.start_fetch(&repo, d)?;
-            }
-            Ok(())
-        })())
+        self.grants.write("registry.fetch")?;
+        if blobs.len() > MAX_BATCH {
+            return Err(Error::ResourceExhausted(format!("more than {MAX_BATCH} blobs in one fetch")).into());
+        }
+        let repo = Repository::parse(bounded("name", &name)?)?;
+        let descs = blobs.into_iter().map(descriptor).collect::<Result<Vec<_>, _>>()?;
+        for d in &descs {
+            self.session.start_fetch(&repo, d)?;
+        }
+        Ok(())
     }
 
     async fn referrers(&mut self, name: String, subject: String, artifact_type: String) -> ImportResult<Vec<Referrer>> {
         self.charge(1)?;
-        let (s, grants) = (self.session.clone(), &self.grants);
-        let listed = async {
-            grants.write("registry.referrers")?;
-            let repo = Repository::parse(bounded("name", &name)?)?;
-            let subject = digest(&subject)?;
-            let artifact_type = bounded("artifact type", &artifact_type)?;
-            s.check_cancelled()?;
-            let asking = s.registry.referrers(&repo, &subject, artifact_type, &s.credentials);
-            let found = tokio::select! {
-                r = asking => r?,
-                () = s.cancel.cancelled() => return Err(Error::Cancelled("the pull was cancelled".into())),
-            };
-            tracing::debug!(%repo, %subject, artifact_type, count = found.len(), "referrers");
-            Ok(found)
-        }
-        .await;
-        if let Ok(found) = &listed {
-            self.charge(found.len() as u64)?;
-        }
-        answer(listed.map(|found| {
-            found
-                .into_iter()
-                .map(|r| Referrer {
-                    media_type: r.media_type,
-                    digest: r.digest.to_string(),
-                    size: r.size,
-                    artifact_type: r.artifact_type,
-                    annotations: label_pairs(r.annotations),
-                })
-                .collect()
-        }))
+        self.grants.write("registry.referrers")?;
+        let s = self.session.clone();
+        let repo = Repository::parse(bounded("name", &name)?)?;
+        let subject = digest(&subject)?;
+        let artifact_type = bounded("artifact type", &artifact_type)?;
+        s.check_cancelled()?;
+        let asking = s.registry.referrers(&repo, &subject, artifact_type, &s.credentials);
+        let found = tokio::select! {
+            r = asking => r?,
+            () = s.cancel.cancelled() => return Err(cancelled().into()),
+        };
+        tracing::debug!(%repo, %subject, artifact_type, count = found.len(), "referrers");
+        self.charge(found.len() as u64)?;
+        Ok(found
+            .into_iter()
+            .map(|r| Referrer {
+                media_type: r.media_type,
+                digest: r.digest.to_string(),
+                size: r.size,
+                artifact_type: r.artifact_type,
+                annotations: label_pairs(r.annotations),
+            })
+            .collect())
     }
+}
+
+/// The answer of a registry import once the request is cancelled.
+fn cancelled() -> Error {
+    Error::Cancelled("the pull was cancelled".into())
 }

@@ -12,17 +12,15 @@
 
 use crate::{
     backend::{self, Held, SnapshotKind},
-    engine::{
-        bindings::pullbox::image::{
-            snapshots::{DiskUsage, Host, Kind, SnapshotInfo},
-            types::Error as WitError,
-        },
-        CallState,
+    bindings::{
+        pullbox::image::snapshots::{DiskUsage, Host, Kind, SnapshotInfo},
+        wit::Error as WitError,
     },
+    call::CallState,
     error::Error,
 };
 
-use super::{answer, batch, bounded, label_pairs, ImportResult};
+use super::{batch, bounded, label_pairs, ImportResult};
 
 fn snapshot_info(i: backend::SnapshotInfo) -> SnapshotInfo {
     SnapshotInfo {
@@ -45,70 +43,51 @@ impl Host for CallState {
 
     async fn select(&mut self, snapshotter: String) -> ImportResult<()> {
         self.charge(1)?;
-        let chosen = bounded("snapshotter", &snapshotter)
-            .and_then(|name| {
-                self.grants.may_select()?;
-                self.session.backend.snapshotter(name)
-            })
-            .map(|chosen| self.snapshots = chosen);
-        answer(chosen)
+        let name = bounded("snapshotter", &snapshotter)?;
+        self.grants.may_select()?;
+        self.snapshots = self.session.backend.snapshotter(name)?;
+        Ok(())
     }
 
     async fn prepare(&mut self, key: String, parent: String) -> ImportResult<()> {
         self.charge(1)?;
-        let (s, snapshots, grants) = (self.session.clone(), self.snapshots.clone(), &mut self.grants);
-        answer(
-            async {
-                let (key, parent) = (bounded("key", &key)?, bounded("parent", &parent)?);
-                grants.create_snapshot()?;
-                match snapshots.prepare(key, parent, s.lease()?).await {
-                    Ok(_mounts) => {
-                        grants.prepared(key, true);
-                        Ok(())
-                    }
-                    Err(e @ Error::AlreadyExists(_)) => {
-                        // Only an active snapshot can be stale; a committed one (an image's
-                        // layer) or a view stays out of this call's reach.
-                        if matches!(snapshots.stat(key).await, Ok(i) if i.kind == SnapshotKind::Active) {
-                            grants.prepared(key, false);
-                        }
-                        Err(e)
-                    }
-                    Err(e) => Err(e),
-                }
+        let (key, parent) = (bounded("key", &key)?, bounded("parent", &parent)?);
+        self.grants.create_snapshot()?;
+        let (lease, snapshots) = (self.session.lease()?, self.snapshots.clone());
+        match snapshots.prepare(key, parent, lease).await {
+            Ok(_mounts) => {
+                self.grants.prepared(key, true);
+                Ok(())
             }
-            .await,
-        )
+            Err(e @ Error::AlreadyExists(_)) => {
+                // Only an active snapshot can be stale; a committed one (an image's layer) or
+                // a view stays out of this call's reach.
+                if matches!(snapshots.stat(key).await, Ok(i) if i.kind == SnapshotKind::Active) {
+                    self.grants.prepared(key, false);
+                }
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn commit(&mut self, name: String, key: String) -> ImportResult<()> {
         self.charge(1)?;
-        let (s, snapshots, grants) = (self.session.clone(), self.snapshots.clone(), &mut self.grants);
-        answer(
-            async {
-                let (name, key) = (bounded("name", &name)?, bounded("key", &key)?);
-                grants.may_commit(key)?;
-                snapshots.commit(name, key, s.lease()?).await?;
-                grants.forget(key);
-                Ok(())
-            }
-            .await,
-        )
+        let (name, key) = (bounded("name", &name)?, bounded("key", &key)?);
+        self.grants.may_commit(key)?;
+        self.snapshots.commit(name, key, self.session.lease()?).await?;
+        self.grants.forget(key);
+        Ok(())
     }
 
     async fn stat(&mut self, key: String) -> ImportResult<SnapshotInfo> {
         self.charge(1)?;
-        let (s, snapshots, grants) = (self.session.clone(), self.snapshots.clone(), &mut self.grants);
-        answer(
-            async {
-                let key = bounded("key", &key)?;
-                if grants.hold(format!("snapshot {} {key}", snapshots.name()))? {
-                    s.hold(Held::Snapshot(snapshots.name(), key)).await?;
-                }
-                snapshots.stat(key).await.map(snapshot_info)
-            }
-            .await,
-        )
+        let key = bounded("key", &key)?;
+        let snapshots = self.snapshots.clone();
+        if self.grants.hold(format!("snapshot {} {key}", snapshots.name()))? {
+            self.session.hold(Held::Snapshot(snapshots.name(), key)).await?;
+        }
+        Ok(snapshots.stat(key).await.map(snapshot_info)?)
     }
 
     async fn stats(&mut self, keys: Vec<String>) -> ImportResult<Vec<Result<SnapshotInfo, WitError>>> {
@@ -124,33 +103,21 @@ impl Host for CallState {
         let ask = |keys: Vec<String>| async move {
             Ok(snapshots.stats(&keys).await?.into_iter().map(|r| r.map(snapshot_info)).collect())
         };
-        answer(batch(keys, ("keys", "stats"), check, ask).await)
+        Ok(batch(keys, ("keys", "stats"), check, ask).await?)
     }
 
     async fn remove(&mut self, key: String) -> ImportResult<()> {
         self.charge(1)?;
-        let (snapshots, grants) = (self.snapshots.clone(), &mut self.grants);
-        answer(
-            async {
-                let key = bounded("key", &key)?;
-                grants.may_remove_snapshot(key)?;
-                snapshots.remove(key).await?;
-                grants.forget(key);
-                Ok(())
-            }
-            .await,
-        )
+        let key = bounded("key", &key)?;
+        self.grants.may_remove_snapshot(key)?;
+        self.snapshots.remove(key).await?;
+        self.grants.forget(key);
+        Ok(())
     }
 
     async fn usage(&mut self, key: String) -> ImportResult<DiskUsage> {
         self.charge(1)?;
-        let snapshots = self.snapshots.clone();
-        answer(
-            async {
-                let u = snapshots.usage(bounded("key", &key)?).await?;
-                Ok(DiskUsage { size: u.size, inodes: u.inodes })
-            }
-            .await,
-        )
+        let u = self.snapshots.usage(bounded("key", &key)?).await?;
+        Ok(DiskUsage { size: u.size, inodes: u.inodes })
     }
 }

@@ -1,7 +1,7 @@
 //! `images`, `inspect`, `rmi` and `gc`: reading and pruning the store.
 
 use anyhow::bail;
-use pullbox::{backend::Backend, engine::ImageInfo, service::ImageService};
+use pullbox::{backend::Backend, image::ImageInfo, service::ImageService};
 
 use indicatif::DecimalBytes;
 

@@ -77,6 +77,9 @@ pub async fn serve(config: Option<&Path>, overrides: Overrides) -> anyhow::Resul
         None => None,
     };
     let (backend, fs_root) = open_backend(&config).await?;
+    if config.unpacks_for_containerd() {
+        await_containerd_reconnect(&backend).await;
+    }
     match backend.leases.collect().await {
         Ok(r) => tracing::info!(
             blobs = r.blobs,
@@ -446,6 +449,51 @@ async fn open_backend(config: &DaemonConfig) -> anyhow::Result<(Backend, PathBuf
             }
         }
     })
+}
+
+/// How long a restarted daemon waits for containerd to reach its proxy snapshotter again.
+const PROXY_RECONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits until containerd reaches this daemon's proxy snapshotter. After a restart of pullbox,
+/// containerd's connection to the old socket is broken and its gRPC client redials only after
+/// a backoff (up to a few seconds); until then every call containerd forwards to the
+/// snapshotter fails at once with `unavailable`, and so would the start-up collection and the
+/// first pulls. The probe is what a pull does first: prepare a snapshot (under a lease of its
+/// own, which is deleted at once, so containerd's collector removes the probe). After
+/// [`PROXY_RECONNECT_TIMEOUT`] the daemon serves anyway, and says so.
+async fn await_containerd_reconnect(backend: &Backend) {
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        let answer = match backend.leases.create().await {
+            Ok(lease) => {
+                let key = format!("pullbox-reconnect-probe-{}", lease.0);
+                let prepared = backend.snapshots.prepare(&key, "", &lease).await;
+                let _ = backend.leases.delete(&lease).await;
+                prepared.map(drop)
+            }
+            Err(e) => Err(e),
+        };
+        match answer {
+            Err(pullbox::error::Error::Unavailable { what, .. }) if started.elapsed() < PROXY_RECONNECT_TIMEOUT => {
+                if !said {
+                    tracing::info!("waiting for containerd to reconnect to the proxy snapshotter: {what}");
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                tracing::warn!("containerd cannot use the proxy snapshotter (serving anyway): {e}");
+                return;
+            }
+            Ok(()) => {
+                if said {
+                    tracing::info!(after = ?started.elapsed(), "containerd reaches the proxy snapshotter again");
+                }
+                return;
+            }
+        }
+    }
 }
 
 /// Binds the CRI socket with `mode`, replacing a stale socket but nothing else.
