@@ -32,10 +32,13 @@ use std::{
 use async_trait::async_trait;
 
 use crate::{
-    backend::{BlobReader, ContentInfo, ContentStore, ContentWriter, Labels, LeaseId},
+    backend::{
+        ingest::{Checked, Ingest},
+        BlobReader, ContentInfo, ContentStore, ContentWriter, Labels, LeaseId,
+    },
     error::Error,
     oci::{Descriptor, Digest, Hasher},
-    registry::{Client, Credentials, NoProgress, Repository},
+    registry::{Client, Credentials, NoProgress, Repository, Sink},
 };
 
 /// The scheme of a puller reference.
@@ -156,8 +159,8 @@ pub async fn fetch(
     }
     let shown = source.to_string();
     let failed = |source: Error| ArtifactError::Fetch { reference: shown.clone(), source };
-    let store = Memory::default();
-    let lease = LeaseId("puller".into());
+    let store = Arc::new(Memory::default());
+    let sink = Sink::new(store.clone(), LeaseId("puller".into()), Arc::new(NoProgress), credentials.clone());
     let pinned: Option<Digest> = reference.parse().ok();
     if let Some(digest) = &pinned {
         let file = cache_file(cache_dir, digest);
@@ -166,13 +169,13 @@ pub async fn fetch(
             return Ok((file, Some(digest.clone())));
         }
     }
-    let root = client.resolve(repo, reference, &store, &lease, credentials).await.map_err(failed)?;
+    let root = client.resolve(repo, reference, &sink).await.map_err(failed)?;
     let file = cache_file(cache_dir, &root.digest);
     if file.is_file() {
         return Ok((file, Some(root.digest)));
     }
     let layer = puller_layer(&shown, &store.bytes(&root.digest).unwrap_or_default())?;
-    client.fetch(repo, &layer, &store, &lease, None, &NoProgress, credentials).await.map_err(failed)?;
+    client.fetch(repo, &layer, &sink, None).await.map_err(failed)?;
     let bytes = store.bytes(&layer.digest).unwrap_or_default();
     write_atomically(cache_dir, &file, &bytes).map_err(|source| ArtifactError::Cache {
         reference: shown.clone(),
@@ -257,7 +260,9 @@ impl ContentStore for Memory {
         if self.bytes(&expected.digest).is_some() {
             return Err(Error::AlreadyExists(format!("blob {}", expected.digest)));
         }
-        Ok(Box::new(MemoryWriter { expected: expected.clone(), data: Vec::new(), blobs: self.blobs.clone() }))
+        let ingest = MemoryWriter { digest: expected.digest.clone(), data: Vec::new(), blobs: self.blobs.clone() };
+        let hasher = Hasher::new(expected.digest.algorithm());
+        Ok(Box::new(Checked::new(expected.clone(), 0, Some(hasher), ingest)))
     }
 
     async fn set_labels(&self, digest: &Digest, _: &Labels) -> crate::error::Result<ContentInfo> {
@@ -270,49 +275,31 @@ impl ContentStore for Memory {
     }
 }
 
+/// One blob being written to [`Memory`]; [`Checked`] holds it to its descriptor.
 struct MemoryWriter {
-    expected: Descriptor,
+    digest: Digest,
     data: Vec<u8>,
     blobs: Arc<Mutex<HashMap<Digest, Vec<u8>>>>,
 }
 
 #[async_trait]
-impl ContentWriter for MemoryWriter {
-    fn offset(&self) -> u64 {
-        self.data.len() as u64
-    }
-
-    async fn truncate(&mut self) -> crate::error::Result<()> {
-        self.data.clear();
-        Ok(())
-    }
-
-    async fn write(&mut self, data: &[u8]) -> crate::error::Result<()> {
-        if (self.data.len() + data.len()) as u64 > self.expected.size {
-            return Err(Error::Mismatch {
-                what: format!("size of {}", self.expected.digest),
-                expected: self.expected.size.to_string(),
-                actual: format!("more than {}", self.expected.size),
-            });
-        }
+impl Ingest for MemoryWriter {
+    async fn append(&mut self, data: &[u8]) -> crate::error::Result<()> {
         self.data.extend_from_slice(data);
         Ok(())
     }
 
-    async fn commit(self: Box<Self>) -> crate::error::Result<ContentInfo> {
-        let mut hasher = Hasher::new(self.expected.digest.algorithm());
-        hasher.update(&self.data);
-        let actual = hasher.finish();
-        if actual != self.expected.digest || self.data.len() as u64 != self.expected.size {
-            return Err(Error::Mismatch {
-                what: format!("blob {}", self.expected.digest),
-                expected: self.expected.digest.to_string(),
-                actual: actual.to_string(),
-            });
-        }
+    async fn reset(&mut self) -> crate::error::Result<()> {
+        self.data.clear();
+        Ok(())
+    }
+
+    async fn discard(&mut self) {}
+
+    async fn commit(self) -> crate::error::Result<ContentInfo> {
         let size = self.data.len() as u64;
-        self.blobs.lock().unwrap_or_else(|e| e.into_inner()).insert(actual.clone(), self.data);
-        Ok(ContentInfo { digest: actual, size, labels: Labels::new() })
+        self.blobs.lock().unwrap_or_else(|e| e.into_inner()).insert(self.digest.clone(), self.data);
+        Ok(ContentInfo { digest: self.digest, size, labels: Labels::new() })
     }
 }
 

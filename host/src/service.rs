@@ -1,7 +1,8 @@
 //! The image service: what the CLI (and the CRI server) call. Each operation builds a
-//! [`Session`], calls one export of the puller, and owns the lease lifecycle around it:
+//! [`Session`], calls one export of the puller, and ends the session when the export returns:
 //!
-//! - a pull runs under a fresh lease; when the puller returns, its downloads are settled and
+//! - a pull runs under a fresh lease, which its session owns ([`Session::for_pull`],
+//!   [`Session::release`]); when the puller returns, its downloads are settled and
 //!   the lease is deleted — on success the image records now hold everything, on failure what
 //!   the pull wrote is garbage and is collected at once;
 //! - status, list and remove run without a lease, so they cannot write;
@@ -89,27 +90,6 @@ impl Drop for InFlightEntry {
     }
 }
 
-/// Deletes a pull's lease (and collects what it held) should the pull's future be dropped
-/// before it deleted the lease itself, so an abandoned pull leaves nothing held.
-struct LeaseGuard {
-    backend: Backend,
-    lease: Option<crate::backend::LeaseId>,
-}
-
-impl Drop for LeaseGuard {
-    fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else { return };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let backend = self.backend.clone();
-        runtime.spawn(async move {
-            tracing::debug!(lease = lease.0, "releasing the lease of an abandoned pull");
-            if backend.leases.delete(&lease).await.is_ok() {
-                let _ = backend.leases.collect().await;
-            }
-        });
-    }
-}
-
 /// The image service over one backend and one puller.
 pub struct ImageService {
     in_flight: InFlight,
@@ -191,7 +171,7 @@ impl ImageService {
     /// Checks that `puller` accepts its settings, then makes it the current puller; calls in
     /// flight finish on the old one. A puller that fails the check leaves the old one serving.
     pub async fn swap_puller(&self, puller: Puller) -> Result<(), ServiceError> {
-        puller.check(self.session(None, Arc::new(crate::registry::NoProgress))).await?;
+        puller.check(self.session()).await?;
         *self.puller.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(puller);
         Ok(())
     }
@@ -201,13 +181,14 @@ impl ImageService {
         &self.backend
     }
 
-    fn session(&self, lease: Option<crate::backend::LeaseId>, progress: Arc<dyn Progress>) -> Arc<Session> {
-        Arc::new(Session::new(self.backend.clone(), self.registry.clone(), lease, progress))
+    /// A session of a request that may not write.
+    fn session(&self) -> Arc<Session> {
+        Arc::new(Session::new(self.backend.clone(), self.registry.clone(), Arc::new(crate::registry::NoProgress)))
     }
 
     /// Checks that the puller accepts its settings.
     pub async fn check(&self) -> Result<(), ServiceError> {
-        Ok(self.puller().check(self.session(None, Arc::new(crate::registry::NoProgress))).await?)
+        Ok(self.puller().check(self.session()).await?)
     }
 
     /// Pulls `reference` for `platform` and returns the READY image. The registry is
@@ -302,7 +283,8 @@ impl ImageService {
         }
     }
 
-    /// One pull, under its own lease.
+    /// One pull, under its own lease, which its session creates and releases (see
+    /// [`Session::release`]; a pull dropped half-way releases it when its session goes).
     async fn pull_once(
         &self,
         request: PullRequest,
@@ -311,46 +293,26 @@ impl ImageService {
         cancel: CancellationToken,
         recorder: Option<Arc<Recorder>>,
     ) -> Result<ImageInfo, ServiceError> {
-        let lease = self.backend.leases.create().await?;
-        let mut guard = LeaseGuard { backend: self.backend.clone(), lease: Some(lease.clone()) };
         let session = Arc::new(
-            Session::new(self.backend.clone(), self.registry.clone(), Some(lease.clone()), progress)
+            Session::for_pull(self.backend.clone(), self.registry.clone(), progress)
+                .await?
                 .with_credentials(credentials)
                 .with_cancel(cancel)
                 .with_recorder(recorder),
         );
         let result = self.puller().pull(session.clone(), &request).await;
-        match &result {
-            Ok(_) => {
-                // A puller may have started downloads it never waited for; let them end
-                // before the lease that protects them goes.
-                if let Err(e) = session.settle().await {
-                    tracing::warn!("a download the puller did not use failed: {}", e.chain());
-                }
-            }
-            Err(_) => session.abort().await,
-        }
-        session.discard_stages().await;
-        let deleted = self.backend.leases.delete(&lease).await;
-        guard.lease = None;
-        deleted?;
-        if result.is_err() {
-            match self.backend.leases.collect().await {
-                Ok(r) => tracing::debug!(?r, "collected what the failed pull wrote"),
-                Err(e) => tracing::warn!("cannot collect what the failed pull wrote: {}", e.chain()),
-            }
-        }
+        session.release(result.is_ok()).await?;
         Ok(result?)
     }
 
     /// The READY image `reference` (a reference, an image ID or an ID prefix) names.
     pub async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, ServiceError> {
-        Ok(self.puller().status(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?)
+        Ok(self.puller().status(self.session(), reference).await?)
     }
 
     /// Every READY image.
     pub async fn list(&self) -> Result<Vec<ImageInfo>, ServiceError> {
-        Ok(self.puller().list(self.session(None, Arc::new(crate::registry::NoProgress))).await?)
+        Ok(self.puller().list(self.session()).await?)
     }
 
     /// Removes the image `reference` names, then collects what it no longer holds. Returns
@@ -366,7 +328,7 @@ impl ImageService {
         }
         let before = self.backend.images.list().await?.len();
         let census = self.backend.leases.census().await?;
-        self.puller().remove(self.session(None, Arc::new(crate::registry::NoProgress)), reference).await?;
+        self.puller().remove(self.session(), reference).await?;
         let removed = before.saturating_sub(self.backend.images.list().await?.len());
         let report = self.backend.leases.collect_since(census).await?;
         Ok((removed, report))

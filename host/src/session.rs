@@ -1,8 +1,9 @@
 //! One request's context: the store state every host import of that request sees.
 //!
-//! A [`Session`] holds the backend, the registry client, the request's lease and the
-//! downloads it started. `registry.fetch` starts downloads as tokio tasks and returns at once;
-//! `content.*` and `diff.apply` on a digest being fetched first wait for that download
+//! A [`Session`] holds the backend, the registry client, the request's download [`Sink`]
+//! (content store, lease, progress, credentials) and the downloads it started.
+//! `registry.fetch` starts downloads as tokio tasks and returns at once; `content.*` and
+//! `diff.apply` on a digest being fetched first wait for that download
 //! ([`Session::wait_fetched`]), so a guest overlaps downloads with unpacking without knowing
 //! how. A backend whose differ can ([`crate::backend::Differ::stage`]) also unpacks each layer
 //! while it downloads, and `diff.apply` then only moves it into place ([`Session::stage`]).
@@ -28,7 +29,14 @@
 //! shown to the guest) and a [`CancellationToken`]: once it is cancelled (CLI Ctrl-C, a CRI
 //! client that went away, daemon shutdown) every download of the session stops with
 //! `cancelled`, and the registry imports answer `cancelled`, so the puller fails and the
-//! service deletes the pull's lease.
+//! session deletes the pull's lease.
+//!
+//! A pull's session ([`Session::for_pull`]) creates the pull's lease and is its one owner:
+//! [`Session::release`] ends the request (its downloads settled or stopped, its stages
+//! discarded) and deletes the lease, collecting what it held when the pull failed; a session
+//! dropped before that (an abandoned pull: kubelet went away, the daemon stops) stops its
+//! downloads and deletes and collects its lease in the background, so an abandoned pull leaves
+//! nothing held.
 
 use std::{
     collections::HashMap,
@@ -43,7 +51,7 @@ use crate::{
     backend::{replay::Recorder, Backend, Held, LeaseId, Stage},
     error::{Error, Result},
     oci::{Descriptor, Digest},
-    registry::{Credentials, Progress, Repository, SharedClient},
+    registry::{Credentials, Progress, Repository, SharedClient, Sink},
 };
 
 /// The most distinct blobs one request may fetch (an image index with its manifests, configs
@@ -58,8 +66,12 @@ type FetchFuture = Shared<futures::future::BoxFuture<'static, FetchOutcome>>;
 pub struct Session {
     pub backend: Backend,
     pub registry: SharedClient,
-    /// The lease of a pull; `None` for requests that must not write (status, list, remove).
-    pub lease: Option<LeaseId>,
+    /// Where a pull's downloads go, under the pull's lease; `None` for requests that must not
+    /// write (status, list, remove).
+    sink: Option<Sink>,
+    /// Whether the session still owns its lease: set by [`Session::for_pull`], cleared by
+    /// [`Session::release`]; a session dropped while it is set releases the lease itself.
+    owns_lease: std::sync::atomic::AtomicBool,
     pub progress: Arc<dyn Progress>,
     /// The request's registry credentials. Never logged, never handed to the guest.
     pub credentials: Credentials,
@@ -86,18 +98,14 @@ impl Drop for EndStage {
 }
 
 impl Session {
-    /// A session whose writes go under `lease`; without one, writes are refused.
-    pub fn new(
-        backend: Backend,
-        registry: SharedClient,
-        lease: Option<LeaseId>,
-        progress: Arc<dyn Progress>,
-    ) -> Session {
+    /// A session that may not write (status, list, remove, a settings check): it has no lease.
+    pub fn new(backend: Backend, registry: SharedClient, progress: Arc<dyn Progress>) -> Session {
         Session {
             downloads: Arc::new(Semaphore::new(registry.max_concurrent_downloads().max(1) + 1)),
             backend,
             registry,
-            lease,
+            sink: None,
+            owns_lease: std::sync::atomic::AtomicBool::new(false),
             progress,
             credentials: Credentials::anonymous(),
             cancel: CancellationToken::new(),
@@ -107,8 +115,20 @@ impl Session {
         }
     }
 
+    /// A pull's session, under a lease it creates and owns (see the module docs): writes go
+    /// under it, and [`Session::release`] (or dropping the session) deletes it.
+    pub async fn for_pull(backend: Backend, registry: SharedClient, progress: Arc<dyn Progress>) -> Result<Session> {
+        let lease = backend.leases.create().await?;
+        let mut session = Session::new(backend, registry, progress);
+        let content = session.backend.content.clone();
+        session.sink = Some(Sink::new(content, lease, session.progress.clone(), session.credentials.clone()));
+        *session.owns_lease.get_mut() = true;
+        Ok(session)
+    }
+
     /// The same session with the request's registry credentials.
     pub fn with_credentials(mut self, credentials: Credentials) -> Session {
+        self.sink = self.sink.take().map(|s| s.with_credentials(credentials.clone()));
         self.credentials = credentials;
         self
     }
@@ -136,20 +156,25 @@ impl Session {
     /// Adds `resource` to the pull's lease, whether it exists or not (see the module docs);
     /// nothing for a request without a lease (status, list, remove).
     pub async fn hold(&self, resource: Held<'_>) -> Result<()> {
-        match &self.lease {
-            Some(lease) => self.backend.leases.hold(lease, resource).await,
+        match &self.sink {
+            Some(sink) => self.backend.leases.hold(sink.lease(), resource).await,
             None => Ok(()),
         }
     }
 
+    /// Where the request's downloads go; `FailedPrecondition` for a request that may not write.
+    pub fn sink(&self) -> Result<&Sink> {
+        self.sink.as_ref().ok_or_else(|| Error::FailedPrecondition("only pull-image may write to the stores".into()))
+    }
+
     /// The lease writes go under; `FailedPrecondition` for a request that may not write.
     pub fn lease(&self) -> Result<&LeaseId> {
-        self.lease.as_ref().ok_or_else(|| Error::FailedPrecondition("only pull-image may write to the stores".into()))
+        self.sink().map(Sink::lease)
     }
 
     /// Starts downloading `desc` from `repo` unless this session already does.
     pub fn start_fetch(&self, repo: &Repository, desc: &Descriptor) -> Result<()> {
-        let lease = self.lease()?.clone();
+        let sink = self.sink()?.clone();
         self.check_cancelled()?;
         let mut fetches = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
         if fetches.contains_key(&desc.digest) {
@@ -158,9 +183,8 @@ impl Session {
         if fetches.len() >= MAX_FETCHES {
             return Err(Error::ResourceExhausted(format!("one request may fetch at most {MAX_FETCHES} blobs")));
         }
-        let (backend, registry, progress) = (self.backend.clone(), self.registry.clone(), self.progress.clone());
-        let (repo, desc2, permits) = (repo.clone(), desc.clone(), self.downloads.clone());
-        let (credentials, cancel) = (self.credentials.clone(), self.cancel.clone());
+        let registry = self.registry.clone();
+        let (repo, desc2, permits, cancel) = (repo.clone(), desc.clone(), self.downloads.clone(), self.cancel.clone());
         let stage = self.backend.differ.stage(desc);
         if let Some(stage) = &stage {
             self.stages.lock().unwrap_or_else(|e| e.into_inner()).insert(desc.digest.clone(), stage.clone());
@@ -170,8 +194,7 @@ impl Session {
             let download = async {
                 let _permit =
                     permits.acquire_owned().await.map_err(|_| Error::Cancelled("download queue closed".into()))?;
-                let (content, stage) = (backend.content.as_ref(), stage.0.as_deref());
-                registry.fetch(&repo, &desc2, content, &lease, stage, progress.as_ref(), &credentials).await
+                registry.fetch(&repo, &desc2, &sink, stage.0.as_deref()).await
             };
             tokio::select! {
                 r = download => r,
@@ -236,9 +259,62 @@ impl Session {
     /// Stops every download this session started (a failed or cancelled request), then waits
     /// until they have stopped.
     pub async fn abort(&self) {
+        self.stop_downloads();
+        let _ = self.settle().await;
+    }
+
+    fn stop_downloads(&self) {
         for (_, handle) in self.fetches.lock().unwrap_or_else(|e| e.into_inner()).values() {
             handle.abort();
         }
-        let _ = self.settle().await;
+    }
+
+    /// Ends a pull whose puller returned, `succeeded` or not: lets the downloads it started
+    /// and never waited for end (success) or stops them (failure), discards what was unpacked
+    /// and not applied, then deletes the lease; after a failure, also collects what the pull
+    /// wrote. Once only: a second call (or a session without a lease) does nothing.
+    pub async fn release(&self, succeeded: bool) -> Result<()> {
+        if succeeded {
+            // A puller may have started downloads it never waited for; let them end before
+            // the lease that protects them goes.
+            if let Err(e) = self.settle().await {
+                tracing::warn!("a download the puller did not use failed: {}", e.chain());
+            }
+        } else {
+            self.abort().await;
+        }
+        self.discard_stages().await;
+        let Some(lease) = self.take_lease() else { return Ok(()) };
+        self.backend.leases.delete(&lease).await?;
+        if !succeeded {
+            match self.backend.leases.collect().await {
+                Ok(r) => tracing::debug!(?r, "collected what the failed pull wrote"),
+                Err(e) => tracing::warn!("cannot collect what the failed pull wrote: {}", e.chain()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The lease, if this session still owns it; it no longer does after this.
+    fn take_lease(&self) -> Option<LeaseId> {
+        let owned = self.owns_lease.swap(false, std::sync::atomic::Ordering::AcqRel);
+        owned.then(|| self.sink.as_ref().map(|s| s.lease().clone())).flatten()
+    }
+}
+
+impl Drop for Session {
+    /// An abandoned pull (its future dropped before [`Session::release`]): stops its downloads
+    /// and deletes its lease, then collects what the lease held, in the background.
+    fn drop(&mut self) {
+        let Some(lease) = self.take_lease() else { return };
+        self.stop_downloads();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let backend = self.backend.clone();
+        runtime.spawn(async move {
+            tracing::debug!(lease = lease.0, "releasing the lease of an abandoned pull");
+            if backend.leases.delete(&lease).await.is_ok() {
+                let _ = backend.leases.collect().await;
+            }
+        });
     }
 }

@@ -57,13 +57,13 @@ impl Verdict {
 pub async fn judge(puller: &Puller, recording: &Recording) -> Verdict {
     let request = recording.request.context.request(&recording.request.reference, recording.request.platform.clone());
     let (backend, remote) = Replay::open(recording.clone());
-    let lease = match backend.leases.create().await {
-        Ok(l) => l,
+    let session = match Session::for_pull(backend, remote, Arc::new(NoProgress)).await {
+        Ok(s) => Arc::new(s),
         Err(e) => return Verdict::Failed { code: e.code(), message: e.chain() },
     };
-    let session = Arc::new(Session::new(backend, remote, Some(lease), Arc::new(NoProgress)));
     let result = puller.pull(session.clone(), &request).await.map_err(|e| (e.code(), e.to_string()));
-    session.abort().await;
+    // Nothing of a replay outlives the judgment: stop what is left, drop the lease.
+    let _ = session.release(false).await;
     Verdict::of(&result)
 }
 

@@ -4,7 +4,8 @@
 //! these traits, so the same puller runs unchanged on either backend:
 //!
 //! - [`ContentStore`] / [`ContentWriter`]: blobs by digest, with labels; writes are verified
-//!   against the expected size and digest before they become visible.
+//!   against the expected size and digest before they become visible (one checked writer,
+//!   `ingest::Checked`, serves every store).
 //! - [`Snapshotter`]: containerd's snapshot model (active → committed, views).
 //! - [`Differ`]: applies a layer blob onto an active snapshot's mounts, returning the diff ID;
 //!   optionally unpacks a layer while it downloads ([`Stage`]).
@@ -18,6 +19,7 @@
 
 pub mod containerd;
 pub mod embedded;
+pub(crate) mod ingest;
 pub mod replay;
 
 use std::{collections::BTreeMap, sync::Arc};

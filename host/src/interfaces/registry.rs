@@ -27,9 +27,9 @@ impl Host for CallState {
         let s = self.session.clone();
         let repo = Repository::parse(bounded("name", &name)?)?;
         let reference = bounded("reference", &reference)?;
-        let lease = s.lease()?;
+        let sink = s.sink()?;
         s.check_cancelled()?;
-        let resolving = s.registry.resolve(&repo, reference, s.backend.content.as_ref(), lease, &s.credentials);
+        let resolving = s.registry.resolve(&repo, reference, sink);
         let desc = tokio::select! {
             r = resolving => r?,
             () = s.cancel.cancelled() => return Err(cancelled().into()),

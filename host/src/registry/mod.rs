@@ -1,15 +1,17 @@
 //! Registry transport: the OCI distribution protocol over HTTP(S), with containerd's host
 //! configuration, authentication, retries, resumption and a stall timeout.
 //!
-//! [`Client`] resolves references to root manifests and streams blobs into a
-//! [`ContentWriter`], verifying size and digest on the way (the writer checks both before the
-//! blob becomes visible). It owns everything the guest must not see: which hosts serve a
+//! [`Client`] resolves references to root manifests and streams blobs into a request's
+//! [`Sink`] (the content writer under the request's lease, tee'd into a layer's stage),
+//! verifying size and digest on the way (the writer checks both before the blob becomes
+//! visible). It owns everything the guest must not see: which hosts serve a
 //! registry, TLS, credentials and tokens. Key types:
 //!
 //! - [`Config`]: the hosts directory, the stall timeout and the retry policy.
 //! - [`Credentials`] (with [`AuthConfig`] for the CRI and [`DockerConfig`] for the CLI): what
-//!   one request authenticates with; passed with every call, never stored beyond it except as
-//!   the tokens it bought (see `auth`).
+//!   one request authenticates with; carried by its [`Sink`], never stored beyond it except
+//!   as the tokens it bought (see `auth`).
+//! - [`Sink`] / [`BlobSink`]: where one request's downloads go (see `sink`).
 //! - [`Progress`]: per-blob events for progress bars and metrics.
 //! - [`Referrer`]: what [`Client::referrers`] lists (OCI 1.1 referrers API, with the tag
 //!   schema fallback; see `referrers`).
@@ -62,6 +64,7 @@ mod docker_config;
 pub mod hosts;
 mod name;
 mod referrers;
+mod sink;
 
 use std::{
     collections::HashMap,
@@ -80,9 +83,10 @@ pub use docker_config::DockerConfig;
 pub use hosts::Host;
 pub use name::{reference_registry, Repository};
 pub use referrers::{Referrer, MAX_REFERRERS, MAX_REFERRERS_BYTES};
+pub use sink::{BlobSink, Sink};
 
 use crate::{
-    backend::{ContentStore, ContentWriter, LeaseId, Stage},
+    backend::Stage,
     error::{Error, Result},
     oci::{Descriptor, Digest, Hasher},
 };
@@ -197,6 +201,22 @@ fn auth_failure(e: Error) -> Failure {
 
 /// The key of a TLS configuration: a hash of the files' contents and `skip_verify`.
 type TlsKey = [u8; 32];
+
+/// Where one request goes: a repository on one host, through that host's HTTP client, with
+/// the request's credentials.
+struct Route<'a> {
+    host: &'a Host,
+    http: &'a reqwest::Client,
+    repo: &'a Repository,
+    credentials: &'a Credentials,
+}
+
+impl Route<'_> {
+    /// The URL of `path` (`manifests/<ref>`, `blobs/<digest>`) in the repository on the host.
+    fn url(&self, path: &str) -> String {
+        self.host.url(self.repo.registry(), self.repo.path(), path)
+    }
+}
 
 /// An OCI distribution client shared by every pull of a process.
 pub struct Client {
@@ -380,7 +400,7 @@ impl Client {
     }
 
     /// Resolves the manifest or index `reference` (a tag or digest) of `repo`, makes sure it
-    /// is stored in `content` under `lease` (verified), labels it with its distribution
+    /// is stored in `sink` (verified, under its lease), labels it with its distribution
     /// source, and returns its descriptor.
     ///
     /// Each host is asked with `HEAD` first: when its answer names a digest that is stored
@@ -389,14 +409,7 @@ impl Client {
     /// digest the `HEAD` named, or by `reference` when the host's `HEAD` answer is of no use
     /// (no `Docker-Content-Digest`, `Content-Length` or `Content-Type`, or a status such as
     /// 405).
-    pub async fn resolve(
-        &self,
-        repo: &Repository,
-        reference: &str,
-        content: &dyn ContentStore,
-        lease: &LeaseId,
-        credentials: &Credentials,
-    ) -> Result<Descriptor> {
+    pub async fn resolve(&self, repo: &Repository, reference: &str, sink: &Sink) -> Result<Descriptor> {
         let pinned: Option<Digest> = if reference.contains(':') { Some(reference.parse()?) } else { None };
         if pinned.is_none() && !name::valid_tag(reference) {
             return Err(Error::InvalidArgument(format!("invalid tag {reference:?}")));
@@ -407,12 +420,12 @@ impl Client {
             .on_hosts(repo.registry(), hosts, &what, |host, http| {
                 let (what, pinned) = (&what, pinned.clone());
                 async move {
-                    let head = self
-                        .retrying(&host, what, || self.head_once(&host, &http, repo, reference, pinned.as_ref(), credentials, what))
-                        .await?;
+                    let route = Route { host: &host, http: &http, repo, credentials: sink.credentials() };
+                    let head =
+                        self.retrying(&host, what, || self.head_once(&route, reference, pinned.as_ref(), what)).await?;
                     let (reference, pinned) = match head {
                         Some(desc) => {
-                            if is_stored(content, &desc, lease).await.map_err(Failure::Fatal)? {
+                            if sink.holds(&desc).await.map_err(Failure::Fatal)? {
                                 tracing::debug!(%repo, reference, digest = %desc.digest, "resolved with HEAD; stored already");
                                 return Ok((desc, None));
                             }
@@ -420,9 +433,7 @@ impl Client {
                         }
                         None => (reference.to_owned(), pinned),
                     };
-                    self.retrying(&host, what, || {
-                        self.resolve_once(&host, &http, repo, &reference, pinned.clone(), credentials, what)
-                    })
+                    self.retrying(&host, what, || self.resolve_once(&route, &reference, pinned.clone(), what))
                     .await
                     .map(|(desc, body)| (desc, Some(body)))
                 }
@@ -430,37 +441,26 @@ impl Client {
             .await?;
         tracing::debug!(%repo, reference, digest = %desc.digest, size = desc.size, "resolved");
         if let Some(body) = body {
-            match content.writer(&desc, lease).await {
-                Ok(mut w) => {
-                    w.truncate().await?;
-                    w.write(&body).await?;
-                    w.commit().await?;
-                }
-                Err(Error::AlreadyExists(_)) => {}
-                Err(e) => return Err(e),
-            }
+            sink.put(&desc, &body).await?;
         }
-        label_source(content, &desc.digest, repo).await;
+        sink.label_source(&desc.digest, repo).await;
         Ok(desc)
     }
 
     /// Asks one host for the manifest `reference` with `HEAD`: its descriptor when the answer
     /// names digest, size and media type; `None` when it does not, or the host answers `HEAD`
     /// with an error that a `GET` may not share (405, 400, ...): the caller then uses `GET`.
-    #[allow(clippy::too_many_arguments)]
     async fn head_once(
         &self,
-        host: &Host,
-        http: &reqwest::Client,
-        repo: &Repository,
+        route: &Route<'_>,
         reference: &str,
         pinned: Option<&Digest>,
-        credentials: &Credentials,
         what: &str,
     ) -> Result<Option<Descriptor>, Failure> {
-        let url = host.url(repo.registry(), repo.path(), &format!("manifests/{reference}"));
+        let host = route.host;
+        let url = route.url(&format!("manifests/{reference}"));
         let accept = [(header::ACCEPT, MANIFEST_ACCEPT.to_owned())];
-        let resp = match self.request(reqwest::Method::HEAD, http, host, repo, &url, &accept, credentials, what).await {
+        let resp = match self.request(reqwest::Method::HEAD, route, &url, &accept, what).await {
             Ok(r) => r,
             // A GET would be refused the same way, or not found, or not answered: no fallback.
             Err(Failure::NextHost(e))
@@ -499,20 +499,19 @@ impl Client {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Fetches the manifest `reference` from one host with `GET` and verifies it against
+    /// `pinned` (else the digest the host names, else its own hash).
     async fn resolve_once(
         &self,
-        host: &Host,
-        http: &reqwest::Client,
-        repo: &Repository,
+        route: &Route<'_>,
         reference: &str,
         pinned: Option<Digest>,
-        credentials: &Credentials,
         what: &str,
     ) -> Result<(Descriptor, Vec<u8>), Failure> {
-        let url = host.url(repo.registry(), repo.path(), &format!("manifests/{reference}"));
+        let host = route.host;
+        let url = route.url(&format!("manifests/{reference}"));
         let accept = [(header::ACCEPT, MANIFEST_ACCEPT.to_owned())];
-        let resp = self.request(reqwest::Method::GET, http, host, repo, &url, &accept, credentials, what).await?;
+        let resp = self.request(reqwest::Method::GET, route, &url, &accept, what).await?;
         let header_digest = resp
             .headers()
             .get("docker-content-digest")
@@ -564,20 +563,15 @@ impl Client {
         Ok((desc, body))
     }
 
-    /// Streams the blob `desc` of `repo` into `content` under `lease`, resuming an
-    /// interrupted ingest, retrying transient failures, falling back to the next host; every
-    /// chunk stored also goes to `stage`, a layer unpacking as it downloads. Returns once the
-    /// blob is committed.
-    #[allow(clippy::too_many_arguments)]
+    /// Streams the blob `desc` of `repo` into `sink`, resuming an interrupted ingest,
+    /// retrying transient failures, falling back to the next host; every chunk stored also
+    /// goes to `stage`, a layer unpacking as it downloads. Returns once the blob is committed.
     pub async fn fetch(
         &self,
         repo: &Repository,
         desc: &Descriptor,
-        content: &dyn ContentStore,
-        lease: &LeaseId,
+        sink: &Sink,
         stage: Option<&dyn Stage>,
-        progress: &dyn Progress,
-        credentials: &Credentials,
     ) -> Result<()> {
         // Manifests and indexes live under `manifests/`, everything else under `blobs/`.
         let endpoint = if is_manifest(&desc.media_type) { "manifests" } else { "blobs" };
@@ -591,16 +585,23 @@ impl Client {
             .on_hosts(repo.registry(), hosts, &what, |host, http| {
                 let what = &what;
                 async move {
+                    let route = Route { host: &host, http: &http, repo, credentials: sink.credentials() };
                     let mut failures = 0;
                     loop {
-                        let writer = match content.writer(desc, lease).await {
-                            Ok(w) => w,
-                            Err(Error::AlreadyExists(_)) => return Ok(()),
-                            Err(e) => return Err(Failure::Fatal(e)),
+                        let Some(mut blob) = sink.open(desc, stage).await.map_err(Failure::Fatal)? else {
+                            return Ok(());
                         };
-                        let mut written = 0;
-                        let attempt =
-                            self.fetch_once(&host, &http, repo, desc, endpoint, writer, stage, progress, credentials, what, &mut written).await;
+                        let attempt = self.fetch_once(&route, &mut blob, endpoint, what).await;
+                        let written = blob.written();
+                        let attempt = match attempt {
+                            Ok(()) => blob.commit().await.map_err(Failure::Fatal),
+                            Err(f) => {
+                                // Closed before any backoff: a writer waiting for this ingest
+                                // may take it meanwhile.
+                                drop(blob);
+                                Err(f)
+                            }
+                        };
                         match attempt {
                             Err(Failure::Retry(e)) => {
                                 // Progress made: the next attempt resumes; it is a first failure.
@@ -620,8 +621,8 @@ impl Client {
             .await;
         match &result {
             Ok(()) => {
-                label_source(content, &desc.digest, repo).await;
-                progress.done(&desc.digest);
+                sink.label_source(&desc.digest, repo).await;
+                sink.progress().done(&desc.digest);
                 tracing::debug!(digest = %desc.digest, size = desc.size, elapsed = ?started.elapsed(), "blob ready");
             }
             Err(e) => tracing::debug!(digest = %desc.digest, "blob download failed: {}", e.chain()),
@@ -629,26 +630,20 @@ impl Client {
         result
     }
 
-    /// One download attempt from one host; `written` counts the bytes it stored.
-    #[allow(clippy::too_many_arguments)]
+    /// One download attempt from one host into `blob` (from `endpoint`, `manifests` or
+    /// `blobs`); the caller commits the blob once the attempt has stored all of it.
     async fn fetch_once(
         &self,
-        host: &Host,
-        http: &reqwest::Client,
-        repo: &Repository,
-        desc: &Descriptor,
+        route: &Route<'_>,
+        blob: &mut BlobSink<'_>,
         endpoint: &str,
-        mut writer: Box<dyn ContentWriter>,
-        stage: Option<&dyn Stage>,
-        progress: &dyn Progress,
-        credentials: &Credentials,
         what: &str,
-        written: &mut u64,
     ) -> Result<(), Failure> {
-        let url = host.url(repo.registry(), repo.path(), &format!("{endpoint}/{}", desc.digest));
-        let mut offset = writer.offset();
+        let (host, desc) = (route.host, blob.descriptor().clone());
+        let url = route.url(&format!("{endpoint}/{}", desc.digest));
+        let mut offset = blob.offset();
         if offset > desc.size {
-            writer.truncate().await.map_err(Failure::Fatal)?;
+            blob.truncate().await.map_err(Failure::Fatal)?;
             offset = 0;
         }
         let mut headers = Vec::new();
@@ -660,7 +655,7 @@ impl Client {
         if offset > 0 && offset < desc.size {
             headers.push((header::RANGE, format!("bytes={offset}-")));
         }
-        let resp = self.request(reqwest::Method::GET, http, host, repo, &url, &headers, credentials, what).await?;
+        let resp = self.request(reqwest::Method::GET, route, &url, &headers, what).await?;
         if offset > 0 {
             let resumed_at = (resp.status() == StatusCode::PARTIAL_CONTENT)
                 .then(|| resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(range_start))
@@ -668,7 +663,7 @@ impl Client {
             if resumed_at != Some(offset) {
                 // The host sent the whole blob (or another range): start over.
                 tracing::debug!(host = %host.authority, digest = %desc.digest, offset, "host does not resume; starting over");
-                writer.truncate().await.map_err(Failure::Fatal)?;
+                blob.truncate().await.map_err(Failure::Fatal)?;
                 if resp.status() == StatusCode::PARTIAL_CONTENT {
                     return Err(Failure::Retry(Error::Unavailable {
                         what: format!("{what}: {} answered a range that was not asked for", host.authority),
@@ -677,7 +672,7 @@ impl Client {
                 }
             }
         }
-        let mut pos = writer.offset();
+        let mut pos = blob.offset();
         if let Some(len) = resp.content_length() {
             if pos + len != desc.size {
                 return Err(Failure::Fatal(Error::Mismatch {
@@ -688,7 +683,7 @@ impl Client {
             }
         }
         tracing::debug!(host = %host.authority, digest = %desc.digest, offset = pos, size = desc.size, "downloading");
-        progress.start(&desc.digest, pos, desc.size);
+        blob.start();
         let stall = self.config.stall_timeout;
         let mut body = resp.bytes_stream();
         loop {
@@ -720,13 +715,8 @@ impl Client {
                     actual: format!("more than {}", desc.size),
                 }));
             }
-            writer.write(&chunk).await.map_err(Failure::Fatal)?;
-            if let Some(stage) = stage {
-                stage.feed(pos, chunk.clone()).await;
-            }
             pos += chunk.len() as u64;
-            *written += chunk.len() as u64;
-            progress.advance(&desc.digest, chunk.len() as u64);
+            blob.write(chunk).await.map_err(Failure::Fatal)?;
         }
         if pos < desc.size {
             // The connection ended early without an error: resume.
@@ -735,24 +725,20 @@ impl Client {
                 source: None,
             }));
         }
-        writer.commit().await.map_err(Failure::Fatal)?;
         Ok(())
     }
 
     /// Sends a `method` (GET or HEAD) request to `host`, answering an authentication
     /// challenge once; maps HTTP failures to [`Failure`]s.
-    #[allow(clippy::too_many_arguments)]
     async fn request(
         &self,
         method: reqwest::Method,
-        http: &reqwest::Client,
-        host: &Host,
-        repo: &Repository,
+        route: &Route<'_>,
         url: &str,
         headers: &[(header::HeaderName, String)],
-        credentials: &Credentials,
         what: &str,
     ) -> Result<reqwest::Response, Failure> {
+        let Route { host, http, repo, credentials } = *route;
         let origin = host.origin();
         let target = auth::Target {
             origin: &origin,
@@ -770,7 +756,7 @@ impl Client {
         let mut authz = self.auth.authorize(http, &target, credentials, stall).await.map_err(auth_failure)?;
         let mut challenged = false;
         loop {
-            let resp = self.send(&method, http, host, url.clone(), headers, authz.header.as_ref(), what).await?;
+            let resp = self.send(&method, route, url.clone(), headers, authz.header.as_ref(), what).await?;
             // A challenge from a host redirected to is not answered: the credentials are not
             // for it.
             let redirected = resp.url().origin() != home;
@@ -799,17 +785,16 @@ impl Client {
     /// `url`'s origin (scheme, host and port), never to another one a redirect leads to;
     /// `headers` (`Accept`, `Range`) go to every hop. A redirect from HTTPS to plain HTTP is
     /// refused. Returns the first answer that is not a redirect.
-    #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
         method: &reqwest::Method,
-        http: &reqwest::Client,
-        host: &Host,
+        route: &Route<'_>,
         mut url: reqwest::Url,
         headers: &[(header::HeaderName, String)],
         authorization: Option<&header::HeaderValue>,
         what: &str,
     ) -> Result<reqwest::Response, Failure> {
+        let (http, host) = (route.http, route.host);
         let home = url.origin();
         let stall = self.config.stall_timeout;
         let mut hops = 0;
@@ -891,22 +876,6 @@ impl Client {
     }
 }
 
-/// Whether the blob `desc` is stored already; when it is, `lease` now holds it (so the caller
-/// may rely on it). A blob collected between the two questions counts as absent.
-async fn is_stored(content: &dyn ContentStore, desc: &Descriptor, lease: &LeaseId) -> Result<bool> {
-    match content.info(&desc.digest).await {
-        Ok(info) if info.size == desc.size => {}
-        Ok(_) | Err(Error::NotFound(_)) => return Ok(false),
-        Err(e) => return Err(e),
-    }
-    // Opening a writer of a committed blob adds it to the lease and answers `AlreadyExists`.
-    match content.writer(desc, lease).await {
-        Err(Error::AlreadyExists(_)) => Ok(true),
-        Ok(_) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// `repositories` (a [`DISTRIBUTION_SOURCE_LABEL`] value) with `path` added: comma-separated,
 /// sorted, without duplicates, as containerd writes it. `None` when `path` is listed already.
 pub fn merge_source(repositories: Option<&str>, path: &str) -> Option<String> {
@@ -917,24 +886,6 @@ pub fn merge_source(repositories: Option<&str>, path: &str) -> Option<String> {
     all.push(path);
     all.sort_unstable();
     Some(all.join(","))
-}
-
-/// Adds `repo` to the blob's `containerd.io/distribution.source.<registry>` label, as
-/// containerd does for every blob it pulls. Best effort: a label that cannot be written is
-/// logged, the pull goes on (the label only tells peer mirrors where the blob came from).
-async fn label_source(content: &dyn ContentStore, digest: &Digest, repo: &Repository) {
-    let key = format!("{DISTRIBUTION_SOURCE_LABEL}{}", repo.registry());
-    let result = async {
-        let info = content.info(digest).await?;
-        if let Some(value) = merge_source(info.labels.get(&key).map(String::as_str), repo.path()) {
-            content.set_labels(digest, &[(key.clone(), value)].into_iter().collect()).await?;
-        }
-        Ok::<_, Error>(())
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::warn!(%digest, label = key, "cannot label the blob with its source: {}", e.chain());
-    }
 }
 
 /// `host[:port]` of a URL, for messages (never its path or query, which may be signed).
@@ -1099,27 +1050,10 @@ pub trait Remote: Send + Sync {
     fn max_concurrent_downloads(&self) -> usize;
 
     /// See [`Client::resolve`].
-    async fn resolve(
-        &self,
-        repo: &Repository,
-        reference: &str,
-        content: &dyn ContentStore,
-        lease: &LeaseId,
-        credentials: &Credentials,
-    ) -> Result<Descriptor>;
+    async fn resolve(&self, repo: &Repository, reference: &str, sink: &Sink) -> Result<Descriptor>;
 
     /// See [`Client::fetch`].
-    #[allow(clippy::too_many_arguments)]
-    async fn fetch(
-        &self,
-        repo: &Repository,
-        desc: &Descriptor,
-        content: &dyn ContentStore,
-        lease: &LeaseId,
-        stage: Option<&dyn Stage>,
-        progress: &dyn Progress,
-        credentials: &Credentials,
-    ) -> Result<()>;
+    async fn fetch(&self, repo: &Repository, desc: &Descriptor, sink: &Sink, stage: Option<&dyn Stage>) -> Result<()>;
 
     /// See [`Client::referrers`].
     async fn referrers(
@@ -1137,28 +1071,12 @@ impl Remote for Client {
         self.config.max_concurrent_downloads
     }
 
-    async fn resolve(
-        &self,
-        repo: &Repository,
-        reference: &str,
-        content: &dyn ContentStore,
-        lease: &LeaseId,
-        credentials: &Credentials,
-    ) -> Result<Descriptor> {
-        Client::resolve(self, repo, reference, content, lease, credentials).await
+    async fn resolve(&self, repo: &Repository, reference: &str, sink: &Sink) -> Result<Descriptor> {
+        Client::resolve(self, repo, reference, sink).await
     }
 
-    async fn fetch(
-        &self,
-        repo: &Repository,
-        desc: &Descriptor,
-        content: &dyn ContentStore,
-        lease: &LeaseId,
-        stage: Option<&dyn Stage>,
-        progress: &dyn Progress,
-        credentials: &Credentials,
-    ) -> Result<()> {
-        Client::fetch(self, repo, desc, content, lease, stage, progress, credentials).await
+    async fn fetch(&self, repo: &Repository, desc: &Descriptor, sink: &Sink, stage: Option<&dyn Stage>) -> Result<()> {
+        Client::fetch(self, repo, desc, sink, stage).await
     }
 
     async fn referrers(

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use reqwest::header;
 use serde::Deserialize;
 
-use super::{read_capped, Client, Credentials, Failure, Host, Repository, MAX_MANIFEST};
+use super::{read_capped, Client, Credentials, Failure, Host, Repository, Route, MAX_MANIFEST};
 use crate::{
     error::{Code, Error, Result},
     oci::Digest,
@@ -147,26 +147,19 @@ impl Client {
             .on_hosts(repo.registry(), hosts, &what, |host, http| {
                 let what = &what;
                 async move {
-                    let mut api =
-                        reqwest::Url::parse(&host.url(repo.registry(), repo.path(), &format!("referrers/{digest}")))
-                            .map_err(|_| Failure::Fatal(Error::InvalidArgument(format!("{what}: no valid URL"))))?;
+                    let route = Route { host: &host, http: &http, repo, credentials };
+                    let mut api = reqwest::Url::parse(&route.url(&format!("referrers/{digest}")))
+                        .map_err(|_| Failure::Fatal(Error::InvalidArgument(format!("{what}: no valid URL"))))?;
                     if !artifact_type.is_empty() {
                         api.query_pairs_mut().append_pair("artifactType", artifact_type);
                     }
-                    match self
-                        .retrying(&host, what, || self.index_once(&host, &http, repo, api.as_str(), credentials, what))
-                        .await
-                    {
+                    match self.retrying(&host, what, || self.index_once(&route, api.as_str(), what)).await {
                         Err(Failure::NextHost(Error::NotFound(_))) => {}
                         other => return other,
                     }
                     tracing::debug!(host = %host.authority, "{what}: no referrers API, reading the tag schema");
-                    let tag = host.url(
-                        repo.registry(),
-                        repo.path(),
-                        &format!("manifests/{}-{}", digest.algorithm_name(), digest.hex()),
-                    );
-                    self.retrying(&host, what, || self.index_once(&host, &http, repo, &tag, credentials, what)).await
+                    let tag = route.url(&format!("manifests/{}-{}", digest.algorithm_name(), digest.hex()));
+                    self.retrying(&host, what, || self.index_once(&route, &tag, what)).await
                 }
             })
             .await;
@@ -179,17 +172,9 @@ impl Client {
     }
 
     /// One `GET` of an index (`url`) on one host, its body read up to [`MAX_REFERRERS_BYTES`].
-    async fn index_once(
-        &self,
-        host: &Host,
-        http: &reqwest::Client,
-        repo: &Repository,
-        url: &str,
-        credentials: &Credentials,
-        what: &str,
-    ) -> Result<Vec<u8>, Failure> {
+    async fn index_once(&self, route: &Route<'_>, url: &str, what: &str) -> Result<Vec<u8>, Failure> {
         let accept = [(header::ACCEPT, INDEX_ACCEPT.to_owned())];
-        let resp = self.request(reqwest::Method::GET, http, host, repo, url, &accept, credentials, what).await?;
+        let resp = self.request(reqwest::Method::GET, route, url, &accept, what).await?;
         if resp.content_length().is_some_and(|n| n > MAX_REFERRERS_BYTES) {
             return Err(Failure::Fatal(Error::ResourceExhausted(format!(
                 "{what} is larger than {MAX_REFERRERS_BYTES} bytes"

@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use super::*;
-use crate::backend::{embedded, Backend};
+use crate::backend::{embedded, Backend, LeaseId};
 
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
@@ -165,6 +165,13 @@ async fn store() -> Store {
     Store { _dir: dir, backend, lease }
 }
 
+impl Store {
+    /// A request's sink into this store, asking the registry with `credentials`.
+    fn sink(&self, credentials: &Credentials) -> Sink {
+        Sink::new(self.backend.content.clone(), self.lease.clone(), Arc::new(NoProgress), credentials.clone())
+    }
+}
+
 fn client(hosts_dir: Option<&Path>) -> Client {
     Client::with_config(Config {
         hosts_dir: hosts_dir.map(Path::to_owned),
@@ -183,7 +190,7 @@ fn repo(addr: &str) -> Repository {
 }
 
 async fn fetch(c: &Client, s: &Store, addr: &str, desc: &Descriptor, creds: &Credentials) -> Result<()> {
-    c.fetch(&repo(addr), desc, s.backend.content.as_ref(), &s.lease, None, &NoProgress, creds).await
+    c.fetch(&repo(addr), desc, &s.sink(creds), None).await
 }
 
 async fn committed(s: &Store, digest: &Digest) -> bool {
@@ -228,7 +235,7 @@ async fn bearer_tokens_are_fetched_once_per_scope_and_credentials() {
     let (c, s) = (client(None), store().await);
     let alice = Credentials::basic(&server.addr, "alice", "s3cret");
 
-    let desc_m = c.resolve(&repo(&server.addr), "1.0", s.backend.content.as_ref(), &s.lease, &alice).await.unwrap();
+    let desc_m = c.resolve(&repo(&server.addr), "1.0", &s.sink(&alice)).await.unwrap();
     assert_eq!(desc_m.digest, Digest::sha256_of(MANIFEST));
     fetch(&c, &s, &server.addr, &desc, &alice).await.unwrap();
     assert!(committed(&s, &desc.digest).await);
@@ -240,21 +247,12 @@ async fn bearer_tokens_are_fetched_once_per_scope_and_credentials() {
     );
 
     // Anonymous requests do not reuse alice's token: they ask for their own and are refused.
-    let err = c
-        .resolve(&repo(&server.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous())
-        .await
-        .unwrap_err();
+    let err = c.resolve(&repo(&server.addr), "1.0", &s.sink(&Credentials::anonymous())).await.unwrap_err();
     assert_eq!(err.code(), crate::error::Code::PermissionDenied, "{err}");
     assert_eq!(token_requests.load(Ordering::SeqCst), 2);
     // Wrong credentials: refused, and the message holds no secret.
     let err = c
-        .resolve(
-            &repo(&server.addr),
-            "1.0",
-            s.backend.content.as_ref(),
-            &s.lease,
-            &Credentials::basic(&server.addr, "alice", "wrong-pw"),
-        )
+        .resolve(&repo(&server.addr), "1.0", &s.sink(&Credentials::basic(&server.addr, "alice", "wrong-pw")))
         .await
         .unwrap_err();
     assert_eq!(err.code(), crate::error::Code::PermissionDenied);
@@ -291,7 +289,7 @@ async fn a_refused_cached_token_is_replaced_once() {
     *realm.lock().unwrap() = format!("http://{}/token", server.addr);
     let (c, s) = (client(None), store().await);
     let anon = Credentials::anonymous();
-    c.resolve(&repo(&server.addr), "1.0", s.backend.content.as_ref(), &s.lease, &anon).await.unwrap();
+    c.resolve(&repo(&server.addr), "1.0", &s.sink(&anon)).await.unwrap();
     assert_eq!(issued.load(Ordering::SeqCst), 1);
     // The registry now wants the next token: the cached one is refused, dropped, replaced.
     accepted.store(2, Ordering::SeqCst);
@@ -414,9 +412,7 @@ async fn mirrors_first_then_the_upstream() {
     )
     .unwrap();
     let (c, s) = (client(Some(dir.path())), store().await);
-    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous())
-        .await
-        .unwrap();
+    c.resolve(&repo(&upstream.addr), "1.0", &s.sink(&Credentials::anonymous())).await.unwrap();
     fetch(&c, &s, &upstream.addr, &desc, &Credentials::anonymous()).await.unwrap();
     let asked = mirror.seen();
     assert_eq!(asked.len(), 2, "{asked:#?}");
@@ -436,9 +432,7 @@ async fn mirrors_first_then_the_upstream() {
         ),
     )
     .unwrap();
-    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous())
-        .await
-        .unwrap();
+    c.resolve(&repo(&upstream.addr), "1.0", &s.sink(&Credentials::anonymous())).await.unwrap();
     assert_eq!(mirror.seen().len(), 2);
 }
 
@@ -482,11 +476,11 @@ async fn credentials_without_a_server_address_stay_with_the_request_registry() {
     // The registry as the host reads it from the request's reference.
     let creds = bob_for(&reference_registry(&format!("{}/team/app:1.0", a.addr)));
 
-    c.resolve(&repo(&a.addr), "1.0", s.backend.content.as_ref(), &s.lease, &creds).await.unwrap();
+    c.resolve(&repo(&a.addr), "1.0", &s.sink(&creds)).await.unwrap();
     fetch(&c, &s, &a.addr, &desc, &creds).await.unwrap();
     assert!(a.seen().iter().any(|r| r.headers.contains_key("authorization")), "A never got the credentials");
 
-    let err = c.resolve(&repo(&b.addr), "1.0", s.backend.content.as_ref(), &s.lease, &creds).await.unwrap_err();
+    let err = c.resolve(&repo(&b.addr), "1.0", &s.sink(&creds)).await.unwrap_err();
     assert_eq!(err.code(), crate::error::Code::PermissionDenied, "{err}");
     assert!(err.chain().contains("no credentials for this host"), "{}", err.chain());
     let (_, other) = blob(33);
@@ -515,7 +509,7 @@ async fn mirrors_get_no_registry_credentials() {
     std::fs::write(d.join("hosts.toml"), hosts("")).unwrap();
     let (c, s) = (client(Some(dir.path())), store().await);
     let creds = bob_for(&upstream.addr);
-    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &creds).await.unwrap();
+    c.resolve(&repo(&upstream.addr), "1.0", &s.sink(&creds)).await.unwrap();
     fetch(&c, &s, &upstream.addr, &desc, &creds).await.unwrap();
     let asked = mirror.seen();
     assert!(asked.len() >= 2, "the mirror was not tried first: {asked:#?}");
@@ -531,9 +525,7 @@ async fn mirrors_get_no_registry_credentials() {
     // Configured for the mirror: its `header` authenticates it, and the upstream is not asked.
     std::fs::write(d.join("hosts.toml"), hosts("header = { Authorization = \"Basic Ym9iOnB3\" }\n")).unwrap();
     let before = upstream.seen().len();
-    c.resolve(&repo(&upstream.addr), "1.0", s.backend.content.as_ref(), &s.lease, &Credentials::anonymous())
-        .await
-        .unwrap();
+    c.resolve(&repo(&upstream.addr), "1.0", &s.sink(&Credentials::anonymous())).await.unwrap();
     assert_eq!(upstream.seen().len(), before, "the mirror with its header served the manifest");
 }
 
@@ -643,7 +635,8 @@ async fn stored_manifests_resolve_with_head_alone() {
     let (c, s) = (client(None), store().await);
     let asked = || server.seen().into_iter().map(|r| format!("{} {}", r.method, r.path)).collect::<Vec<_>>();
     let (r, anon) = (repo(&server.addr), Credentials::anonymous());
-    let resolve = || c.resolve(&r, "1.0", s.backend.content.as_ref(), &s.lease, &anon);
+    let sink = s.sink(&anon);
+    let resolve = || c.resolve(&r, "1.0", &sink);
     let first = resolve().await.unwrap();
     assert_eq!(first.digest, Digest::sha256_of(MANIFEST));
     let get = format!("GET /v2/team/app/manifests/{}", first.digest);

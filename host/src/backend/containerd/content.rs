@@ -1,7 +1,7 @@
 //! The content store over containerd's content service.
 //!
-//! [`Content`] implements [`ContentStore`]; [`Writer`] implements [`ContentWriter`] over one
-//! `Write` stream.
+//! [`Content`] implements [`ContentStore`]; [`Writer`] is one `Write` stream, whose writes the
+//! backends' shared [`Checked`] writer holds to the blob's size (containerd checks the digest).
 //!
 //! A write is one bidirectional `Write` call, opened with a `STAT` message that names the
 //! ingest reference, the expected digest and the total size; containerd answers with the
@@ -39,7 +39,10 @@ use futures::{channel::mpsc, SinkExt, StreamExt};
 
 use super::{parse_digest, Conn};
 use crate::{
-    backend::{BlobReader, ContentInfo, ContentStore, ContentWriter, Labels, LeaseId},
+    backend::{
+        ingest::{Checked, Ingest},
+        BlobReader, ContentInfo, ContentStore, ContentWriter, Labels, LeaseId,
+    },
     error::{Error, Result},
     oci::{Descriptor, Digest},
 };
@@ -137,7 +140,6 @@ impl Content {
             reference: reference.to_owned(),
             tx,
             responses,
-            offset,
             sent: offset,
             buf: Vec::new(),
             in_flight: 0,
@@ -231,8 +233,9 @@ impl ContentStore for Content {
         let mut restarted = false;
         loop {
             match self.open(expected, lease, &reference).await {
-                Ok(mut w) => {
-                    if w.offset > expected.size {
+                Ok(w) => {
+                    let mut w = Checked::new(expected.clone(), w.sent, None, w);
+                    if w.offset() > expected.size {
                         // Left by a writer that wrote more than this blob has: start again.
                         w.truncate().await?;
                     }
@@ -299,8 +302,6 @@ pub(crate) struct Writer {
     reference: String,
     tx: mpsc::Sender<WriteContentRequest>,
     responses: Streaming<WriteContentResponse>,
-    /// Bytes accepted: sent, plus buffered in `buf`.
-    offset: u64,
     /// Bytes sent; containerd's offset once it has handled every message sent.
     sent: u64,
     /// Bytes not yet sent, fewer than [`CHUNK`].
@@ -365,6 +366,7 @@ impl Writer {
     /// Commits what was sent; a status error as containerd sent it.
     async fn finish(&mut self) -> Result<(), Status> {
         let data = std::mem::take(&mut self.buf);
+        let sent = self.sent + data.len() as u64;
         let req = WriteContentRequest {
             action: WriteAction::Commit as i32,
             offset: self.sent as i64,
@@ -373,7 +375,7 @@ impl Writer {
             data,
             ..Default::default()
         };
-        self.sent = self.offset;
+        self.sent = sent;
         self.send(req).await?;
         // No more messages: containerd ends the call after answering the commit.
         self.tx.close_channel();
@@ -401,14 +403,9 @@ impl Writer {
 }
 
 #[async_trait]
-impl ContentWriter for Writer {
-    fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    async fn truncate(&mut self) -> Result<()> {
+impl Ingest for Writer {
+    async fn reset(&mut self) -> Result<()> {
         self.buf.clear();
-        self.offset = 0;
         if self.sent == 0 {
             return Ok(());
         }
@@ -418,19 +415,7 @@ impl ContentWriter for Writer {
         self.send(req).await.map_err(|s| self.error(s))
     }
 
-    async fn write(&mut self, mut data: &[u8]) -> Result<()> {
-        let size = self.expected.size;
-        if data.len() as u64 > size - self.offset.min(size) {
-            let got = self.offset + data.len() as u64;
-            // The bytes so far belong to something else: do not resume from them.
-            self.truncate().await?;
-            return Err(Error::Mismatch {
-                what: format!("size of blob {}", self.expected.digest),
-                expected: format!("{size} bytes"),
-                actual: format!("at least {got} bytes"),
-            });
-        }
-        self.offset += data.len() as u64;
+    async fn append(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
             let take = (CHUNK - self.buf.len()).min(data.len());
             self.buf.extend_from_slice(&data[..take]);
@@ -442,18 +427,14 @@ impl ContentWriter for Writer {
         Ok(())
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<ContentInfo> {
+    async fn discard(&mut self) {
+        self.tx.close_channel();
+        abort(&self.conn, &self.reference).await;
+    }
+
+    /// Commits; containerd verifies size and digest.
+    async fn commit(mut self) -> Result<ContentInfo> {
         let digest = self.expected.digest.clone();
-        if self.offset != self.expected.size {
-            let (expected, actual) = (self.expected.size, self.offset);
-            self.tx.close_channel();
-            abort(&self.conn, &self.reference).await;
-            return Err(Error::Mismatch {
-                what: format!("size of blob {digest}"),
-                expected: format!("{expected} bytes"),
-                actual: format!("{actual} bytes"),
-            });
-        }
         match self.finish().await {
             Ok(()) => {}
             // Committed by another writer (another reference) meanwhile: the same bytes.

@@ -1,12 +1,13 @@
 //! The content store: blobs by digest in containerd's on-disk layout, with resumable,
 //! verified writes.
 //!
-//! [`Content`] implements [`ContentStore`]; [`Writer`] implements [`ContentWriter`].
+//! [`Content`] implements [`ContentStore`]; [`Writer`] is one ingest on disk, whose writes the
+//! backends' shared [`Checked`] writer holds to the blob's size and digest.
 //!
 //! A write goes to `content/ingest/<sha256(ref)>/data`, where the ingest reference is the
 //! blob's digest (so an interrupted write of a blob is found again by the next writer of the
 //! same blob, in any process), with `ref` and `total` beside it as in containerd. Bytes are
-//! hashed as they arrive; [`ContentWriter::commit`] checks size and digest, fsyncs, and renames
+//! hashed as they arrive; [`ContentWriter::commit`] checks size and digest ([`Checked`]), fsyncs, and renames
 //! the file into `content/blobs/<alg>/<hex>`, an atomic step, so a blob is either complete and
 //! verified or absent.
 //!
@@ -47,7 +48,10 @@ use super::{
     Layout,
 };
 use crate::{
-    backend::{BlobReader, ContentInfo, ContentStore, ContentWriter, Labels, LeaseId},
+    backend::{
+        ingest::{Checked, Ingest},
+        BlobReader, ContentInfo, ContentStore, ContentWriter, Labels, LeaseId,
+    },
     error::{Error, Result},
     oci::{Algorithm, Descriptor, Digest, Hasher},
 };
@@ -201,18 +205,17 @@ impl ContentStore for Content {
             let (dir, reference, expected) = (dir.clone(), reference.clone(), expected.clone());
             blocking(move || open_ingest(&dir, &reference, &expected)).await?
         };
-        Ok(Box::new(Writer {
+        let ingest = Writer {
             layout: self.layout.clone(),
             db: self.db.clone(),
-            expected: expected.clone(),
+            digest: digest.clone(),
             lease: lease.clone(),
             reference,
             dir,
             file: tokio::fs::File::from_std(file),
-            hasher,
-            offset,
             _lock: lock,
-        }))
+        };
+        Ok(Box::new(Checked::new(expected.clone(), offset, Some(hasher), ingest)))
     }
 
     async fn set_labels(&self, digest: &Digest, labels: &Labels) -> Result<ContentInfo> {
@@ -326,91 +329,51 @@ fn open_ingest(dir: &Path, reference: &str, expected: &Descriptor) -> Result<(Fi
     Ok((file, hasher, offset))
 }
 
-/// An open, locked ingest.
+/// An open, locked ingest; [`Checked`] holds its writes to the descriptor.
 pub(crate) struct Writer {
     layout: Layout,
     db: Db,
-    expected: Descriptor,
+    digest: Digest,
     lease: LeaseId,
     reference: String,
     dir: PathBuf,
     file: tokio::fs::File,
-    hasher: Hasher,
-    offset: u64,
     /// Held until the writer is dropped (after commit has removed the ingest).
     _lock: FileLock,
 }
 
 impl Writer {
     fn io_err(&self, what: &str) -> impl FnOnce(io::Error) -> Error {
-        Error::io(format!("{what} ingest of blob {} in {}", self.expected.digest, self.dir.display()))
+        Error::io(format!("{what} ingest of blob {} in {}", self.digest, self.dir.display()))
+    }
+}
+
+#[async_trait]
+impl Ingest for Writer {
+    async fn append(&mut self, data: &[u8]) -> Result<()> {
+        self.file.write_all(data).await.map_err(self.io_err("writing"))
+    }
+
+    async fn reset(&mut self) -> Result<()> {
+        self.file.set_len(0).await.map_err(self.io_err("truncating"))?;
+        self.file.seek(SeekFrom::Start(0)).await.map_err(self.io_err("truncating"))?;
+        Ok(())
     }
 
     /// Removes the ingest, with the lock still held. A failure is only logged: the caller's
     /// outcome (a mismatch, or a committed blob) stands, and the collector removes ingests
     /// that no lease holds.
-    async fn discard(&self) {
+    async fn discard(&mut self) {
         let dir = self.dir.clone();
-        let context = format!("discarding ingest of blob {}", self.expected.digest);
+        let context = format!("discarding ingest of blob {}", self.digest);
         if let Err(e) = blocking(move || remove_all(&dir).map_err(Error::io(context))).await {
             tracing::warn!(error = %e.chain(), "leaving an ingest behind");
         }
     }
-}
 
-#[async_trait]
-impl ContentWriter for Writer {
-    fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    async fn truncate(&mut self) -> Result<()> {
-        self.file.set_len(0).await.map_err(self.io_err("truncating"))?;
-        self.file.seek(SeekFrom::Start(0)).await.map_err(self.io_err("truncating"))?;
-        self.hasher = Hasher::new(self.expected.digest.algorithm());
-        self.offset = 0;
-        Ok(())
-    }
-
-    async fn write(&mut self, data: &[u8]) -> Result<()> {
-        let size = self.expected.size;
-        if data.len() as u64 > size - self.offset {
-            let got = self.offset + data.len() as u64;
-            // The bytes so far belong to something else: do not resume from them.
-            self.truncate().await?;
-            return Err(Error::Mismatch {
-                what: format!("size of blob {}", self.expected.digest),
-                expected: format!("{size} bytes"),
-                actual: format!("at least {got} bytes"),
-            });
-        }
-        self.file.write_all(data).await.map_err(self.io_err("writing"))?;
-        self.hasher.update(data);
-        self.offset += data.len() as u64;
-        Ok(())
-    }
-
-    async fn commit(mut self: Box<Self>) -> Result<ContentInfo> {
-        let digest = self.expected.digest.clone();
+    async fn commit(mut self) -> Result<ContentInfo> {
+        let digest = self.digest.clone();
         self.file.flush().await.map_err(self.io_err("flushing"))?;
-        if self.offset != self.expected.size {
-            self.discard().await;
-            return Err(Error::Mismatch {
-                what: format!("size of blob {digest}"),
-                expected: format!("{} bytes", self.expected.size),
-                actual: format!("{} bytes", self.offset),
-            });
-        }
-        let hasher = std::mem::replace(&mut self.hasher, Hasher::new(digest.algorithm()));
-        let actual = hasher.finish();
-        if actual != digest {
-            self.discard().await;
-            return Err(Error::Mismatch {
-                what: format!("blob {digest}"),
-                expected: digest.to_string(),
-                actual: actual.to_string(),
-            });
-        }
         self.file.sync_all().await.map_err(self.io_err("syncing"))?;
 
         let (layout, lease, reference, dir) =

@@ -41,7 +41,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     oci::{Descriptor, Digest, Mount},
-    registry::{Credentials, Progress, Remote, Repository, SharedClient},
+    registry::{Credentials, Remote, Repository, SharedClient, Sink},
 };
 
 /// The snapshotter name replayed pullers see (in GC labels they write).
@@ -161,14 +161,7 @@ impl Remote for Replay {
         crate::registry::DEFAULT_MAX_CONCURRENT_DOWNLOADS
     }
 
-    async fn resolve(
-        &self,
-        repo: &Repository,
-        reference: &str,
-        _: &dyn ContentStore,
-        _: &LeaseId,
-        _: &Credentials,
-    ) -> Result<Descriptor> {
+    async fn resolve(&self, repo: &Repository, reference: &str, _: &Sink) -> Result<Descriptor> {
         let name = repo.to_string();
         if let Some(r) = self.recording.resolved.iter().find(|r| r.name == name && r.reference == reference) {
             return Ok(r.root.clone());
@@ -195,16 +188,7 @@ impl Remote for Replay {
         Err(Error::NotFound(format!("{name}:{reference} (not resolved in the recording)")))
     }
 
-    async fn fetch(
-        &self,
-        _: &Repository,
-        desc: &Descriptor,
-        _: &dyn ContentStore,
-        _: &LeaseId,
-        _: Option<&dyn Stage>,
-        progress: &dyn Progress,
-        _: &Credentials,
-    ) -> Result<()> {
+    async fn fetch(&self, _: &Repository, desc: &Descriptor, sink: &Sink, _: Option<&dyn Stage>) -> Result<()> {
         if let Some(bytes) = self.recording.blobs.get(&desc.digest) {
             if bytes.len() as u64 != desc.size {
                 return Err(Error::Mismatch {
@@ -217,7 +201,7 @@ impl Remote for Replay {
             self.state().fetched.insert(desc.digest.clone(), desc.size);
         }
         self.state().deleted.remove(&desc.digest);
-        progress.done(&desc.digest);
+        sink.progress().done(&desc.digest);
         Ok(())
     }
 

@@ -57,12 +57,12 @@ async fn a_replay_answers_what_was_recorded_and_pretends_to_download_and_unpack(
     let img = image();
     let replay = Replay::new(img.recording.clone());
     let lease = LeaseId("l".into());
-    let creds = Credentials::anonymous();
-    let root = replay.resolve(&repo(), "1.0", replay.as_ref(), &lease, &creds).await.unwrap();
+    let sink = Sink::new(replay.clone(), lease.clone(), Arc::new(NoProgress), Credentials::anonymous());
+    let root = replay.resolve(&repo(), "1.0", &sink).await.unwrap();
     assert_eq!(root, img.manifest);
-    let by_digest = replay.resolve(&repo(), img.manifest.digest.as_str(), replay.as_ref(), &lease, &creds).await;
+    let by_digest = replay.resolve(&repo(), img.manifest.digest.as_str(), &sink).await;
     assert_eq!(by_digest.unwrap(), img.manifest);
-    let other = replay.resolve(&repo(), "2.0", replay.as_ref(), &lease, &creds).await.unwrap_err();
+    let other = replay.resolve(&repo(), "2.0", &sink).await.unwrap_err();
     assert!(other.to_string().contains("not resolved in the recording"), "{other}");
 
     let bytes = replay.read(&img.manifest.digest, 0, 1 << 20).await.unwrap();
@@ -70,7 +70,7 @@ async fn a_replay_answers_what_was_recorded_and_pretends_to_download_and_unpack(
     assert!(matches!(replay.info(&img.layer.digest).await, Err(Error::NotFound(_))), "no layer before a fetch");
     assert!(matches!(replay.apply(&img.layer, &[]).await, Err(Error::NotFound(_))), "no apply before a fetch");
 
-    replay.fetch(&repo(), &img.layer, replay.as_ref(), &lease, None, &NoProgress, &creds).await.unwrap();
+    replay.fetch(&repo(), &img.layer, &sink, None).await.unwrap();
     assert_eq!(replay.info(&img.layer.digest).await.unwrap().size, img.layer.size);
     assert!(matches!(replay.read(&img.layer.digest, 0, 10).await, Err(Error::NotFound(_))), "layers have no bytes");
     replay.prepare("k", "", &lease).await.unwrap();

@@ -327,7 +327,6 @@ async fn set_shadow(
     let scratch = Arc::new(pullbox::session::Session::new(
         service.backend().clone(),
         loader.client.clone(),
-        None,
         Arc::new(pullbox::registry::NoProgress),
     ));
     loaded
