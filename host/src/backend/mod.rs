@@ -18,6 +18,7 @@
 
 pub mod containerd;
 pub mod embedded;
+mod owner;
 pub mod replay;
 
 use std::{collections::BTreeMap, sync::Arc};

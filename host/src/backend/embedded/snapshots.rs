@@ -65,9 +65,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row as SqlRow};
 
 use super::{
     blocking,
-    db::{add_resource, drop_resource, Db, Resource},
+    db::{add_resource, drop_resource, owner_from_row, Db, Resource},
     fsutil::{disk_usage, remove_all, sync_filesystem, PRIVATE_DIR},
-    leases::Owner,
     now_nanos, Layout,
 };
 use crate::{
@@ -266,7 +265,7 @@ fn live_holder(conn: &Connection, key: &str, except: Option<&LeaseId>) -> Result
          WHERE r.kind = ?1 AND r.key = ?2",
     )?;
     let holders = stmt
-        .query_map(params![Resource::Snapshot.as_str(), key], |r| Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?)))?
+        .query_map(params![Resource::Snapshot.as_str(), key], |r| Ok((r.get::<_, String>(0)?, owner_from_row(r, 1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(holders.into_iter().find(|(id, owner)| except.is_none_or(|e| e.0 != *id) && owner.is_alive()).map(|(id, _)| id))
 }
