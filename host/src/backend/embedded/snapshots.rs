@@ -96,6 +96,16 @@ const PREPARE_WAIT_LIMIT: Duration = Duration::from_secs(30 * 60);
 /// The prefix of the keys pullers unpack layers into (see the module docs).
 const EXTRACT_PREFIX: &str = "extract-";
 
+/// Whether `key` has the shape of the keys containerd's metadata layer gives a backend
+/// snapshotter: `<namespace>/<id>/<key>`, with a decimal id.
+pub(crate) fn is_containerd_key(key: &str) -> bool {
+    let mut parts = key.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(ns), Some(id), Some(_)) => !ns.is_empty() && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()),
+        _ => false,
+    }
+}
+
 /// The embedded snapshotter.
 pub(crate) struct Snapshots {
     layout: Layout,
@@ -273,7 +283,7 @@ fn live_holder(conn: &Connection, key: &str, except: Option<&LeaseId>) -> Result
 /// The name an active snapshot `key` will be committed as, when its key says so (see the
 /// module docs): `extract-<hex>` → `sha256:<hex>`, `<anything> <name>` → `<name>`.
 fn unpack_target(key: &str) -> Option<String> {
-    if super::proxy::is_containerd_key(key) {
+    if is_containerd_key(key) {
         // containerd's own unpacks through the proxy snapshotter (`<namespace>/<id>/<key>`)
         // commit under keys of the same shape, never under a name pullbox's pulls stat.
         return None;
