@@ -16,11 +16,14 @@
 use std::io::Write;
 
 use pullbox::{
-    backend::{containerd, embedded, Backend, Held, ImageRecord, LeaseId, SnapshotKind},
+    backend::{containerd, embedded, Backend, Held, ImageRecord, SnapshotKind},
     error::{Code, Error},
     oci::{Descriptor, Digest},
 };
-use pullbox_tests::containerd::{fresh_namespace, shared, Containerd};
+use pullbox_tests::{
+    blobs::{descriptor, noise, write_blob},
+    containerd::{fresh_namespace, shared, Containerd},
+};
 use tokio::io::AsyncReadExt;
 
 /// One backend under test.
@@ -49,41 +52,6 @@ async fn subjects() -> Vec<Subject> {
     let backend = containerd::connect(&config).await.expect("connecting to containerd");
     let containerd = Subject { name: "containerd", backend, containerd: Some((ctd, namespace)), _root: None };
     vec![embedded, containerd]
-}
-
-fn descriptor(media_type: &str, data: &[u8]) -> Descriptor {
-    Descriptor {
-        media_type: media_type.into(),
-        digest: Digest::sha256_of(data),
-        size: data.len() as u64,
-        annotations: Default::default(),
-        platform: None,
-        urls: vec![],
-    }
-}
-
-/// Deterministic bytes that do not compress (xorshift64).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
-
-/// Writes `data` as the blob `desc` under `lease`, in chunks of `chunk` bytes.
-async fn write_blob(b: &Backend, desc: &Descriptor, data: &[u8], lease: &LeaseId, chunk: usize) {
-    let mut w = b.content.writer(desc, lease).await.unwrap();
-    assert_eq!(w.offset(), 0);
-    for c in data.chunks(chunk) {
-        w.write(c).await.unwrap();
-    }
-    let info = w.commit().await.unwrap();
-    assert_eq!((info.digest.clone(), info.size), (desc.digest.clone(), data.len() as u64));
 }
 
 /// Whether blob `digest` is in the store.
