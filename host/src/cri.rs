@@ -46,7 +46,7 @@ use k8s_cri::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    backend::embedded::fsutil::disk_usage_lenient,
+    backend::embedded::image_fs_usage,
     image::ImageInfo,
     metrics::Metrics,
     oci::Platform,
@@ -110,7 +110,7 @@ async fn measure_fs(
         }
         let dir = root.clone();
         let started = Instant::now();
-        let usage = match tokio::task::spawn_blocking(move || disk_usage_lenient(&dir)).await {
+        let usage = match tokio::task::spawn_blocking(move || image_fs_usage(&dir)).await {
             Ok(u) => u,
             Err(e) => {
                 tracing::warn!("disk usage task failed: {e}");

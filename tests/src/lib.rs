@@ -29,6 +29,7 @@
 //! test code, and every message says which command failed and what it printed.
 
 pub mod backends;
+pub mod blobs;
 pub mod bombs;
 pub mod configured_registry;
 pub mod containerd;

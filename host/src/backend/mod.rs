@@ -20,6 +20,7 @@
 pub mod containerd;
 pub mod embedded;
 pub(crate) mod ingest;
+mod owner;
 pub mod replay;
 
 use std::{collections::BTreeMap, sync::Arc};

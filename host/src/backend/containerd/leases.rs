@@ -5,11 +5,12 @@
 //! - `containerd.io/gc.expire`, [`LEASE_EXPIRY`] ahead: containerd's collector ignores (and
 //!   deletes) an expired lease, so what a killed pullbox wrote becomes garbage even if no
 //!   pullbox ever runs again;
-//! - [`OWNER_LABEL`], the owning process as `<boot id>/<pid namespace>/<pid>/<start time>`
-//!   (start time: field 22 of `/proc/<pid>/stat`), so that [`Leases::collect`] deletes the
+//! - [`OWNER_LABEL`], the owning process ([`Owner`], in its text form
+//!   `<boot id>/<pid namespace>/<pid>/<start time>`), so that [`Leases::collect`] deletes the
 //!   leases of dead pullbox processes at once instead of waiting for their expiry. A lease is
-//!   judged only by a process that can: one of another boot is dead; one whose owner ran in
-//!   another PID namespace (the daemon in a pod, the CLI on the host) is left to its expiry.
+//!   judged only by a process that can ([`Owner::is_certainly_gone`]): one of another boot is
+//!   dead; one whose owner ran in another PID namespace (the daemon in a pod, the CLI on the
+//!   host) is left to its expiry.
 //!
 //! `delete` is synchronous (containerd runs its collector before answering), so when a pull
 //! ends, what only its lease held is gone. containerd's API has no "collect now" call:
@@ -21,8 +22,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs,
-    os::unix::fs::MetadataExt,
     time::Duration,
 };
 
@@ -38,7 +37,7 @@ use containerd_client::{
 
 use super::{now_secs, rfc3339, Conn};
 use crate::{
-    backend::{Census, GcReport, Held, LeaseId, Leases},
+    backend::{owner::Owner, Census, GcReport, Held, LeaseId, Leases},
     error::{Error, Result},
 };
 
@@ -89,11 +88,10 @@ impl LeaseManager {
     async fn delete_dead(&self) -> Result<u64> {
         let req = self.conn.request(ListRequest { filters: vec![format!("labels.\"{OWNER_LABEL}\"")] });
         let leases = self.client().list(req).await.map_err(|s| self.conn.error(s))?.into_inner().leases;
-        let here = Here::current();
         let mut deleted = 0;
         for lease in leases {
             let Some(owner) = lease.labels.get(OWNER_LABEL).and_then(|v| Owner::parse(v)) else { continue };
-            if here.judges_dead(&owner) {
+            if owner.is_certainly_gone() {
                 tracing::info!(lease = %lease.id, pid = owner.pid, "deleting the lease of a pullbox process that is gone");
                 match self.delete_with(&LeaseId(lease.id), false).await {
                     Ok(()) => deleted += 1,
@@ -147,7 +145,7 @@ impl Leases for LeaseManager {
         let id = format!("pullbox-{}", uuid::Uuid::new_v4().simple());
         let labels = HashMap::from([
             (EXPIRE_LABEL.to_owned(), rfc3339(now_secs() + LEASE_EXPIRY.as_secs())),
-            (OWNER_LABEL.to_owned(), Here::current().owner()?.to_string()),
+            (OWNER_LABEL.to_owned(), Owner::current()?.to_string()),
         ]);
         self.create_with(id, labels).await
     }
@@ -192,106 +190,5 @@ impl Leases for LeaseManager {
         let report = GcReport { leases, ..before.gone(&after) };
         tracing::info!(?report, "containerd garbage collected");
         Ok(report)
-    }
-}
-
-/// The process that owns a lease. See the module docs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Owner {
-    boot_id: String,
-    pid_ns: u64,
-    pid: u32,
-    start_time: u64,
-}
-
-impl Owner {
-    fn parse(s: &str) -> Option<Owner> {
-        let mut parts = s.split('/');
-        let owner = Owner {
-            boot_id: parts.next()?.to_owned(),
-            pid_ns: parts.next()?.parse().ok()?,
-            pid: parts.next()?.parse().ok()?,
-            start_time: parts.next()?.parse().ok()?,
-        };
-        parts.next().is_none().then_some(owner)
-    }
-}
-
-impl std::fmt::Display for Owner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}/{}/{}", self.boot_id, self.pid_ns, self.pid, self.start_time)
-    }
-}
-
-/// Where this process runs: its boot and PID namespace.
-struct Here {
-    boot_id: String,
-    pid_ns: u64,
-}
-
-impl Here {
-    fn current() -> Here {
-        Here {
-            boot_id: fs::read_to_string("/proc/sys/kernel/random/boot_id")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default(),
-            pid_ns: fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino()),
-        }
-    }
-
-    /// This process as a lease owner.
-    fn owner(&self) -> Result<Owner> {
-        let pid = std::process::id();
-        let start_time = start_time(pid).ok_or_else(|| Error::Io {
-            context: "reading this process's start time".into(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("/proc/{pid}/stat unreadable or malformed"),
-            ),
-        })?;
-        Ok(Owner { boot_id: self.boot_id.clone(), pid_ns: self.pid_ns, pid, start_time })
-    }
-
-    /// Whether `owner` is certainly gone: it ran in another boot, or in this PID namespace
-    /// as a process that no longer runs (its pid is free or reused by a later process).
-    fn judges_dead(&self, owner: &Owner) -> bool {
-        if self.boot_id.is_empty() || owner.boot_id.is_empty() {
-            return false;
-        }
-        if owner.boot_id != self.boot_id {
-            return true;
-        }
-        owner.pid_ns == self.pid_ns && self.pid_ns != 0 && start_time(owner.pid) != Some(owner.start_time)
-    }
-}
-
-/// The start time of process `pid`, or `None` when there is no such process.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 2, the command, is in parentheses and may contain anything: count after the last `)`.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owners_round_trip_and_are_judged() {
-        let here = Here::current();
-        let me = here.owner().unwrap();
-        assert_eq!(Owner::parse(&me.to_string()), Some(me.clone()));
-        assert_eq!(Owner::parse("a/1/2"), None);
-        assert_eq!(Owner::parse("a/1/2/3/4"), None);
-        assert!(!here.judges_dead(&me));
-        assert!(here.judges_dead(&Owner { start_time: me.start_time + 1, ..me.clone() }));
-        assert!(here.judges_dead(&Owner { boot_id: "another boot".into(), ..me.clone() }));
-        // Another PID namespace: cannot tell, so alive.
-        assert!(!here.judges_dead(&Owner { pid_ns: me.pid_ns + 1, start_time: 0, ..me.clone() }));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        assert!(here.judges_dead(&Owner { pid, ..me }));
     }
 }

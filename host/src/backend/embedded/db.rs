@@ -31,7 +31,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 
 use super::{blocking, fsutil::Reserve};
 use crate::{
-    backend::LeaseId,
+    backend::{owner::Owner, LeaseId},
     error::{Error, Result},
 };
 
@@ -247,4 +247,15 @@ pub(crate) fn add_resource(conn: &Connection, lease: &LeaseId, kind: Resource, k
 pub(crate) fn drop_resource(conn: &Connection, kind: Resource, key: &str) -> Result<()> {
     conn.execute("DELETE FROM lease_resources WHERE kind = ?1 AND key = ?2", params![kind.as_str(), key])?;
     Ok(())
+}
+
+/// The lease owner in columns `pid, start_time, boot_id, pid_ns` of the `leases` table, which
+/// start at column `first` of `row`.
+pub(crate) fn owner_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Owner> {
+    Ok(Owner {
+        pid: row.get(first)?,
+        start_time: row.get::<_, i64>(first + 1)? as u64,
+        boot_id: row.get(first + 2)?,
+        pid_ns: row.get::<_, i64>(first + 3)? as u64,
+    })
 }

@@ -36,16 +36,14 @@ use rusqlite::{params, Connection};
 
 use super::{
     algorithm_name, blocking,
-    db::{Db, Resource},
+    db::{owner_from_row, Db, Resource},
     fsutil::{disk_usage, remove_all, FileLock},
-    images, ingest_dir_name,
-    leases::Owner,
-    snapshots,
+    images, ingest_dir_name, snapshots,
     stage::STAGING_LOCK,
     Layout, ALGORITHMS, TRASH_PREFIX,
 };
 use crate::{
-    backend::GcReport,
+    backend::{owner::Owner, GcReport},
     error::{Error, Result},
     oci::Digest,
 };
@@ -192,7 +190,7 @@ fn mark_and_sweep(conn: &Connection, layout: &Layout) -> Result<(GcReport, Vec<P
 fn leases(conn: &Connection) -> Result<Vec<(String, Owner)>> {
     let mut stmt = conn.prepare("SELECT id, pid, start_time, boot_id, pid_ns FROM leases")?;
     let leases = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?)))?
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, owner_from_row(r, 1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(leases)
 }

@@ -28,10 +28,23 @@
 //! it is opened: once, since the root's mode then says it is done.
 //!
 //! [`open`] returns a [`Backend`] made of: [`content::Content`] (content store and writers),
-//! [`snapshots::Snapshots`] (the `overlayfs` snapshotter), [`differ::Applier`] (the layer
-//! applier, which uses [`unpack`] for the hostile-archive-safe tar extraction, and unpacks
-//! layers while they download with [`stage::Staging`]),
+//! [`snapshots::Snapshots`] (the `overlayfs` snapshotter), [`pipeline::Applier`] (the layer
+//! applier, [`differ`], which uses [`unpack`] for the hostile-archive-safe tar extraction, and
+//! unpacks layers while they download with [`stage::Staging`]),
 //! [`images::Images`] and [`leases::LeaseManager`] (leases, and garbage collection in [`gc`]).
+//!
+//! The modules import only downward, from the ground up:
+//!
+//! ```text
+//! fsutil, archive                 files, locks, disk usage; the tar reader
+//! unpack, db                      hostile-archive-safe extraction; the metadata database
+//! content, images, snapshots      the stores (lease owners: crate::backend::owner)
+//! pipeline                        what differ and stage share: Applier, layer_stream, ...
+//! stage, differ                   unpack while downloading; apply from the stored blob
+//! gc                              mark and sweep over the stores
+//! leases                          leases; creating one collects what dead owners left
+//! proxy                           containerd's snapshots in this store
+//! ```
 //!
 //! Several processes (the daemon and CLI invocations) may use one root at once: the database
 //! serializes their writes, and every decision that could race with another process (is this
@@ -50,10 +63,11 @@ mod archive;
 mod content;
 mod db;
 mod differ;
-pub(crate) mod fsutil;
+mod fsutil;
 mod gc;
 mod images;
 mod leases;
+mod pipeline;
 pub mod proxy;
 mod snapshots;
 mod stage;
@@ -96,7 +110,7 @@ pub struct Options {
     pub max_layer_bytes: u64,
 }
 
-pub use differ::DEFAULT_MAX_LAYER_BYTES;
+pub use pipeline::DEFAULT_MAX_LAYER_BYTES;
 
 impl Default for Options {
     fn default() -> Options {
@@ -112,7 +126,7 @@ pub fn open_with(root: &Path, options: Options) -> Result<Backend> {
         content: Arc::new(content::Content::new(layout.clone(), db.clone())),
         snapshots: Arc::new(snapshots::Snapshots::new(layout.clone(), db.clone(), options.sync_fs)),
         other_snapshotters: Vec::new(),
-        differ: Arc::new(differ::Applier::new(layout.clone(), db.clone(), options.max_layer_bytes)),
+        differ: Arc::new(pipeline::Applier::new(layout.clone(), db.clone(), options.max_layer_bytes)),
         images: Arc::new(images::Images::new(db.clone())),
         leases: Arc::new(leases::LeaseManager::new(layout, db)),
     })
@@ -268,6 +282,13 @@ const TRASH_PREFIX: &str = "rm-";
 /// The directory name of an ingest reference.
 fn ingest_dir_name(reference: &str) -> String {
     Digest::sha256_of(reference.as_bytes()).hex().to_owned()
+}
+
+/// The disk use of the tree at `root` (a store's root: the image filesystem that CRI's
+/// `ImageFsInfo` reports) while others change it: entries that vanish or cannot be read are
+/// skipped, so the answer is never an error.
+pub fn image_fs_usage(root: &Path) -> crate::backend::Usage {
+    fsutil::disk_usage_lenient(root)
 }
 
 /// Runs blocking filesystem or database work on tokio's blocking pool. A panic in `f` is

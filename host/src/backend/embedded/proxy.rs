@@ -15,8 +15,8 @@
 //!
 //! Every call on a key or name containerd did not create here answers `NotFound`, as if the
 //! rest of the store did not exist. containerd names backend snapshots
-//! `<namespace>/<id>/<key>` ([`is_containerd_key`]), so its keys never collide with the keys
-//! pullbox's own pulls use (`extract-<hex>`, `sha256:<hex>`).
+//! `<namespace>/<id>/<key>` ([`super::snapshots::is_containerd_key`], a key shape the snapshotter knows), so its
+//! keys never collide with the keys pullbox's own pulls use (`extract-<hex>`, `sha256:<hex>`).
 
 use std::sync::Arc;
 
@@ -37,16 +37,6 @@ use crate::{
 
 /// The permanent lease that holds containerd's snapshots.
 pub const LEASE: &str = "containerd-proxy";
-
-/// Whether `key` has the shape of the keys containerd's metadata layer gives a backend
-/// snapshotter: `<namespace>/<id>/<key>`, with a decimal id.
-pub(crate) fn is_containerd_key(key: &str) -> bool {
-    let mut parts = key.splitn(3, '/');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(ns), Some(id), Some(_)) => !ns.is_empty() && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()),
-        _ => false,
-    }
-}
 
 /// What containerd's `Stat`, `Update` and `List` answer for one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,6 +212,7 @@ impl ProxyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::embedded::snapshots::is_containerd_key;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

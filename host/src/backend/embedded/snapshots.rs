@@ -65,9 +65,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row as SqlRow};
 
 use super::{
     blocking,
-    db::{add_resource, drop_resource, Db, Resource},
+    db::{add_resource, drop_resource, owner_from_row, Db, Resource},
     fsutil::{disk_usage, remove_all, sync_filesystem, PRIVATE_DIR},
-    leases::Owner,
     now_nanos, Layout,
 };
 use crate::{
@@ -96,6 +95,16 @@ const PREPARE_WAIT_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 /// The prefix of the keys pullers unpack layers into (see the module docs).
 const EXTRACT_PREFIX: &str = "extract-";
+
+/// Whether `key` has the shape of the keys containerd's metadata layer gives a backend
+/// snapshotter: `<namespace>/<id>/<key>`, with a decimal id.
+pub(crate) fn is_containerd_key(key: &str) -> bool {
+    let mut parts = key.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(ns), Some(id), Some(_)) => !ns.is_empty() && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()),
+        _ => false,
+    }
+}
 
 /// The embedded snapshotter.
 pub(crate) struct Snapshots {
@@ -266,7 +275,7 @@ fn live_holder(conn: &Connection, key: &str, except: Option<&LeaseId>) -> Result
          WHERE r.kind = ?1 AND r.key = ?2",
     )?;
     let holders = stmt
-        .query_map(params![Resource::Snapshot.as_str(), key], |r| Ok((r.get::<_, String>(0)?, Owner::from_row(r, 1)?)))?
+        .query_map(params![Resource::Snapshot.as_str(), key], |r| Ok((r.get::<_, String>(0)?, owner_from_row(r, 1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(holders.into_iter().find(|(id, owner)| except.is_none_or(|e| e.0 != *id) && owner.is_alive()).map(|(id, _)| id))
 }
@@ -274,7 +283,7 @@ fn live_holder(conn: &Connection, key: &str, except: Option<&LeaseId>) -> Result
 /// The name an active snapshot `key` will be committed as, when its key says so (see the
 /// module docs): `extract-<hex>` → `sha256:<hex>`, `<anything> <name>` → `<name>`.
 fn unpack_target(key: &str) -> Option<String> {
-    if super::proxy::is_containerd_key(key) {
+    if is_containerd_key(key) {
         // containerd's own unpacks through the proxy snapshotter (`<namespace>/<id>/<key>`)
         // commit under keys of the same shape, never under a name pullbox's pulls stat.
         return None;

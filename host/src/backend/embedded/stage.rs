@@ -36,8 +36,8 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
     blocking,
-    differ::{finish_layer, layer_stream, upper_dir, Applier},
     fsutil::{remove_all, FileLock, PRIVATE_DIR},
+    pipeline::{finish_layer, layer_stream, upper_dir, Applier},
     unpack::{inherit_parents, unpack_staged, CreatedParents},
     Layout,
 };

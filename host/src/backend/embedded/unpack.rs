@@ -32,7 +32,7 @@
 //!
 //! Bounds, so that a crafted layer costs what its bytes cost and no more (the archive reader,
 //! [`super::archive`], bounds long names, PAX headers and sparse maps to 1 MiB each; the
-//! stream's size cap is the differ's):
+//! stream's size cap, [`LayerTooLarge`], is the layer pipeline's: [`super::pipeline`]):
 //!
 //! - [`MAX_PATH`] (4095 bytes: `PATH_MAX` less its NUL) on a cleaned path, and [`MAX_DEPTH`]
 //!   (1024 components) on its depth, for entries and hard link targets. Real trees stay far
@@ -91,10 +91,25 @@ use tar::EntryType;
 
 use super::{
     archive::{Archive, ArchiveError, Entry},
-    differ::LayerTooLarge,
     fsutil::remove_at,
 };
 use crate::error::{Error, Result};
+
+/// A layer's uncompressed stream went past the cap: the error inside the `io::Error` that the
+/// layer stream ([`super::pipeline::layer_stream`]) returns, for the unpacker to find
+/// ([`LayerTooLarge::find`]) and report as resource exhaustion.
+#[derive(Debug, thiserror::Error)]
+#[error("the layer's uncompressed size exceeds the limit of {limit} bytes (max_layer_bytes)")]
+pub(crate) struct LayerTooLarge {
+    pub(crate) limit: u64,
+}
+
+impl LayerTooLarge {
+    /// The cap error inside `e`, if that is what `e` is.
+    pub(crate) fn find(e: &io::Error) -> Option<&LayerTooLarge> {
+        e.get_ref().and_then(|inner| inner.downcast_ref())
+    }
+}
 
 /// The prefix that marks an OCI whiteout.
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -1396,7 +1411,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_size_cap_is_resource_exhaustion() {
-        use crate::{backend::embedded::differ::layer_stream, oci::Compression};
+        use crate::{backend::embedded::pipeline::layer_stream, oci::Compression};
         let s = sandbox();
         let tar = Tar::new().file("small", b"ok").file("big", &[7u8; 64 * 1024]).finish();
         let digest = crate::oci::Digest::sha256_of(&tar);
