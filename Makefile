@@ -100,7 +100,7 @@ $(COSIGN_CORE): $(GUEST_SOURCES) | $(ALLOWLIST_CORE)
 	  --target $(WASM_TARGET) --profile $(WASM_PROFILE) -p pullbox-cosign
 	touch $(COSIGN_CORE)
 
-# The hostile puller (tests/tests/sandbox.rs) depends on no other guest crate; a run of its
+# The hostile puller (tests/all/sandbox/) depends on no other guest crate; a run of its
 # own keeps this rule apart from the others'.
 $(HOSTILE_CORE): $(GUEST_SOURCES) | $(PULLER_CORE)
 	$(WASM_TOOLCHAIN_CHECK)

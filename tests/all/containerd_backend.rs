@@ -2,9 +2,11 @@
 //! fixture registry, through pullbox's library: the backend traits directly, and the
 //! [`ImageService`] with the default puller (`make build`'s `pullbox-puller.wasm`).
 //!
-//! One containerd serves every test of this binary; each test works in its own namespace, so
+//! One containerd serves every test of this module (its own, not the
+//! process's shared one: a test here checks that blob files left the disk, which another
+//! suite's namespace could still hold); each test works in its own namespace, so
 //! one test's garbage collection never finds another's images missing. Needs root. Run them
-//! alone with `cargo test --release -p pullbox-tests --test containerd_backend`.
+//! alone with `cargo test --release -p pullbox-tests --test all -- containerd_backend::`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,7 +27,7 @@ use pullbox_tests::{app, containerd::Containerd, fixture, Pullbox};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
-/// The containerd of this test binary, started on first use.
+/// The containerd of this module, started on first use.
 fn containerd() -> &'static Containerd {
     static CONTAINERD: OnceLock<Result<Containerd, String>> = OnceLock::new();
     CONTAINERD

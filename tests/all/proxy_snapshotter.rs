@@ -5,7 +5,7 @@
 //! garbage collector runs.
 //!
 //! Each test has its own daemon and containerd. Needs root. Run them alone with
-//! `cargo test --release -p pullbox-tests --test proxy_snapshotter`.
+//! `cargo test --release -p pullbox-tests --test all -- proxy_snapshotter::`.
 
 use std::path::{Path, PathBuf};
 

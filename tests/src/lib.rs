@@ -4,7 +4,7 @@
 //!   stopped (and its files deleted) when dropped or when the test process ends.
 //! - [`oci`]: building images with `umoci` ([`oci::Layout`]), pushing and reading them back
 //!   with `skopeo` ([`oci::RemoteImage`], [`oci::RemoteIndex`]), [`oci::chain_id`].
-//! - [`fixture::fixture`]: the shared images, built and pushed once per test binary
+//! - [`fixture::fixture`]: the shared images, built and pushed once per test process
 //!   (about a second); [`fixture::app`] lists what the main image contains.
 //! - [`pullbox::Pullbox`]: the `pullbox` binary with a private store root.
 //! - [`cosign`]: cosign keys, payloads and signatures the tests make and push themselves.

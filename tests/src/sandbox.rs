@@ -1,4 +1,4 @@
-//! Helpers of the hostile-puller suite (`tests/tests/sandbox.rs`).
+//! Helpers of the hostile-puller suite (`tests/all/sandbox/`).
 //!
 //! - [`SwapDaemon`]: a [`cri::Daemon`] whose puller and settings are files of the test's
 //!   own, so the test can rewrite them and send SIGHUP (the daemon's live reload), and learn

@@ -23,7 +23,7 @@
 //! is written once, as a plain function taking the [`Backend`]; [`on_both_backends!`] at the
 //! end of this file turns each listed function into two tests, `embedded::NAME` and
 //! `containerd::NAME`. Run one backend with `cargo test --release -p pullbox-tests --test
-//! sandbox -- embedded::` (or `containerd::`).
+//! all -- sandbox::embedded::` (or `sandbox::containerd::`).
 //!
 //! To add a test case:
 //! 1. write `async fn NAME(b: Backend) { ... }` (or `fn NAME(b: Backend)` when it needs no
