@@ -5,7 +5,10 @@
 //! per suite, and cargo links one binary instead of fourteen.
 //!
 //! Run one suite by its module path: `cargo test --release -p pullbox-tests --test all --
-//! sandbox::` (needs `make build` first).
+//! sandbox::` (needs `make build` first). Tests that need root are
+//! `#[ignore = "needs root: ..."]`, so an ordinary user's run lists them as ignored instead of
+//! passing them unchecked; `make test-integration` run as root (as CI runs) adds
+//! `--include-ignored`.
 
 mod cli;
 mod containerd_backend;

@@ -131,11 +131,9 @@ fn layer_bombs_are_refused_quickly_in_little_memory_and_the_store_stays_usable()
 }
 
 #[test]
+#[ignore = "needs root: mounts a tmpfs as the store (make test-integration as root runs it)"]
 fn a_sparse_file_stays_sparse_on_a_small_disk() {
-    if !is_root() {
-        eprintln!("skipped: mounting a tmpfs needs root");
-        return;
-    }
+    require_root();
     let f = fixture();
     let work = tempfile::tempdir().unwrap();
     let store = TmpfsStore::new(64);
@@ -157,11 +155,9 @@ fn a_sparse_file_stays_sparse_on_a_small_disk() {
 }
 
 #[test]
+#[ignore = "needs root: mounts a tmpfs as the store (make test-integration as root runs it)"]
 fn a_full_disk_is_resource_exhaustion_and_the_store_recovers() {
-    if !is_root() {
-        eprintln!("skipped: mounting a tmpfs needs root");
-        return;
-    }
+    require_root();
     let f = fixture();
     let work = tempfile::tempdir().unwrap();
     let store = TmpfsStore::new(96);
@@ -206,11 +202,9 @@ fn a_full_disk_is_resource_exhaustion_and_the_store_recovers() {
 }
 
 #[test]
+#[ignore = "needs root: mounts a tmpfs as the store (make test-integration as root runs it)"]
 fn trees_of_any_depth_are_deleted_by_rmi_and_gc() {
-    if !is_root() {
-        eprintln!("skipped: mounting a tmpfs needs root");
-        return;
-    }
+    require_root();
     let f = fixture();
     let store = TmpfsStore::new(256);
     let pb = &store.pb;

@@ -2,8 +2,10 @@
 //! unpack` through `pullbox mount`), hostile archives, READY-only answers after damage, crash
 //! safety (`kill -9` mid-pull) and concurrent pulls and removes.
 //!
-//! Needs `make build` first. Mount-based checks need root (CI runs as root); without it they
-//! are skipped with a message. Images: the shared fixture's `team/app`, the umoci-built corpus
+//! Needs `make build` first. Tests that mount need root: they are `#[ignore = "needs root: ..."]`,
+//! so that an ordinary user's run lists them as ignored; `make test-integration` run as root
+//! (as CI runs) includes them (`--include-ignored`). A few tests that also run unprivileged
+//! compare mounted root filesystems only when run as root. Images: the shared fixture's `team/app`, the umoci-built corpus
 //! of [`pullbox_tests::corpus`] and hand-made hostile layers ([`pullbox_tests::hostile`]).
 //! Pulls are held in a known state with the gated proxy ([`pullbox_tests::gate`]): a download
 //! held after some bytes, until the test releases it.
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 use pullbox_tests::corpus::{corpus, LAYERS};
 use pullbox_tests::gate::GateProxy;
 use pullbox_tests::hostile::{nonce, push_image, HostileTar};
-use pullbox_tests::mounts::{can_mount, compare_rootfs, find_named, Inventory, Mounted};
+use pullbox_tests::mounts::{compare_rootfs, find_named, require_root, Inventory, Mounted};
 use pullbox_tests::oci::{file_digest, is_root, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD};
 use pullbox_tests::tree::{diff, scan};
 use pullbox_tests::{app, fixture, Captured, Pullbox};

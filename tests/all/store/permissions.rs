@@ -16,10 +16,9 @@ fn mount_options(dir: &Path) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root: mounts the store's images (make test-integration as root runs it)"]
 fn mounts_are_read_only_nosuid_and_nodev() {
-    if !can_mount() {
-        return;
-    }
+    require_root();
     let f = fixture();
     let pb = pullbox();
     let spare = tempfile::tempdir().unwrap();

@@ -3,10 +3,9 @@
 use super::*;
 
 #[test]
+#[ignore = "needs root: mounts the store's images (make test-integration as root runs it)"]
 fn corpus_mounts_exactly_as_umoci_unpacks_it() {
-    if !can_mount() {
-        return;
-    }
+    require_root();
     let c = corpus();
     assert_eq!(
         c.mixed_media_types.iter().map(String::as_str).collect::<BTreeSet<_>>(),
@@ -41,10 +40,9 @@ fn corpus_mounts_exactly_as_umoci_unpacks_it() {
 }
 
 #[test]
+#[ignore = "needs root: mounts the store's images (make test-integration as root runs it)"]
 fn a_mount_outlives_rmi_and_unmount_releases_it() {
-    if !can_mount() {
-        return;
-    }
+    require_root();
     let f = fixture();
     let pb = pullbox();
     pb.pull(&[], &f.app.reference);
