@@ -613,12 +613,12 @@ async fn connect_reports_misconfiguration() {
 /// dropped inside another's.
 #[test]
 fn re_pulls_send_head_only_and_blobs_carry_distribution_source_labels() {
-    let proxy = pullbox_tests::proxy::FaultProxy::start(fixture().registry.addr()).unwrap();
+    let proxy = pullbox_tests::fault_server::FaultServer::proxy(fixture().registry.addr()).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(head_and_labels(&proxy));
 }
 
-async fn head_and_labels(proxy: &pullbox_tests::proxy::FaultProxy) {
+async fn head_and_labels(proxy: &pullbox_tests::fault_server::FaultServer) {
     let f = fixture();
     let ctd = containerd();
     let ns = "pullbox-registry";

@@ -39,7 +39,7 @@ pub(super) async fn a_pull_past_its_deadline_ends_and_leaves_nothing(b: Backend)
     // The guest waits in host imports (a registry that answers after 10 s, twice): no CPU
     // time, no budget to speak of; the 4 s deadline ends it (and leaves the good pull that
     // follows, a few seconds on containerd, time enough).
-    let slow = SlowServer::start(Duration::from_millis(10_000)).unwrap();
+    let slow = slow_server(Duration::from_millis(10_000)).unwrap();
     let extra = format!("{SANDBOX}pull_timeout_s = 4\n");
     let d = hostile_daemon(b, &extra);
     let slow_ref = format!("{}/slow/image:1", slow.addr());
@@ -90,7 +90,7 @@ pub(super) async fn another_requests_snapshot_is_no_capability(b: Backend) {
     // Request A prepares an active snapshot and stays in flight (a registry that answers after
     // 4 s); request B, of the same puller, names A's key to apply, commit and remove: refused.
     let f = fixture();
-    let slow = SlowServer::start(Duration::from_millis(4000)).unwrap();
+    let slow = slow_server(Duration::from_millis(4000)).unwrap();
     let held = f.reference("team/held:1");
     let key = "pullbox-hostile/held-by-another-request";
     let doc = json!({

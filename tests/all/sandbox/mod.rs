@@ -47,7 +47,7 @@ use k8s_cri::v1::{
 };
 use pullbox_tests::backends::Backend;
 use pullbox_tests::sandbox::{
-    build_component, default_puller, hostile, peak_rss_kib, wit_copy, SlowServer, SwapDaemon, WHOAMI,
+    build_component, default_puller, hostile, peak_rss_kib, slow_server, wit_copy, SwapDaemon, WHOAMI,
 };
 use pullbox_tests::{cri, fixture, Captured, Pullbox};
 use serde_json::json;

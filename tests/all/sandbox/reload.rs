@@ -18,7 +18,7 @@ async fn wait_failed_reload(d: &SwapDaemon, from: usize) -> String {
 }
 
 pub(super) async fn a_reload_that_traps_or_loops_keeps_the_last_good_puller(b: Backend) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = pullbox_tests::service::free_port().unwrap();
     let d = hostile_daemon(b, &format!("metrics_address = \"127.0.0.1:{port}\"\n{SANDBOX}"));
     let idle = json!({"behavior": "idle"}).to_string();
     d.wait_for(Some(&idle)).await.unwrap();

@@ -3,7 +3,7 @@
 use super::*;
 
 pub(super) async fn time_in_host_imports_does_not_count_against_the_cpu_limit(b: Backend) {
-    let slow = SlowServer::start(Duration::from_millis(1500)).unwrap();
+    let slow = slow_server(Duration::from_millis(1500)).unwrap();
     let doc = json!({
         "behavior": "sleepy",
         "resolve": [format!("{}/slow/image:1", slow.addr())],

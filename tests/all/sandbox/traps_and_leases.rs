@@ -36,7 +36,7 @@ pub(super) async fn a_trap_does_not_disturb_a_pull_in_flight(b: Backend) {
     let f = fixture();
     // Long enough that the trapping pull (a real partial pull, slower on containerd and on a
     // loaded machine) ends first.
-    let slow = SlowServer::start(Duration::from_millis(6000)).unwrap();
+    let slow = slow_server(Duration::from_millis(6000)).unwrap();
     let other = f.reference("team/app-zstd:1.0");
     let doc = json!({
         "behavior": "trap-mid-pull",

@@ -7,7 +7,7 @@
 //! (as CI runs) includes them (`--include-ignored`). A few tests that also run unprivileged
 //! compare mounted root filesystems only when run as root. Images: the shared fixture's `team/app`, the umoci-built corpus
 //! of [`pullbox_tests::corpus`] and hand-made hostile layers ([`pullbox_tests::hostile`]).
-//! Pulls are held in a known state with the gated proxy ([`pullbox_tests::gate`]): a download
+//! Pulls are held in a known state with the tests' HTTP server ([`pullbox_tests::fault_server`]): a download
 //! held after some bytes, until the test releases it.
 //!
 //! The suite's sections are the parts of this folder; this file holds what they share.
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pullbox_tests::corpus::{corpus, LAYERS};
-use pullbox_tests::gate::GateProxy;
+use pullbox_tests::fault_server::FaultServer;
 use pullbox_tests::hostile::{nonce, push_image, HostileTar};
 use pullbox_tests::mounts::{compare_rootfs, find_named, require_root, Inventory, Mounted};
 use pullbox_tests::oci::{file_digest, is_root, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD};
@@ -114,12 +114,12 @@ fn app_blobs() -> BTreeSet<String> {
 }
 
 /// A gated proxy in front of the fixture's registry.
-fn proxy() -> GateProxy {
-    GateProxy::start(fixture().registry.addr()).unwrap_or_else(|e| panic!("{e:#}"))
+fn proxy() -> FaultServer {
+    FaultServer::proxy(fixture().registry.addr()).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The GETs of blob `digest` through `proxy` that started a download (not a resumption).
-fn downloads(proxy: &GateProxy, digest: &str) -> usize {
+fn downloads(proxy: &FaultServer, digest: &str) -> usize {
     proxy.downloads(&format!("/blobs/{digest}"))
 }
 

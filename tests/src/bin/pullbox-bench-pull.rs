@@ -39,7 +39,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{ImageFsInfoRequest, ImageSpec, ListImagesRequest, PullImageRequest};
-use pullbox_tests::{containerd::Containerd, cri, oci, proxy::FaultProxy, registry::upload, Pullbox, Registry};
+use pullbox_tests::{containerd::Containerd, cri, fault_server::FaultServer, oci, registry::upload, Pullbox, Registry};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -617,9 +617,9 @@ async fn pull_one(proxy: &str, reference: &str, n: usize) -> Result<f64> {
 }
 
 /// The proxy runs its own tokio runtime, which cannot be built from inside ours.
-fn start_proxy(upstream: &str) -> Result<FaultProxy> {
+fn start_proxy(upstream: &str) -> Result<FaultServer> {
     let upstream = upstream.to_owned();
-    std::thread::spawn(move || FaultProxy::start(&upstream)).join().unwrap()
+    std::thread::spawn(move || FaultServer::proxy(&upstream)).join().unwrap()
 }
 
 /// How many `ListImages` calls [`list_images_1000`] times: `PULLBOX_BENCH_LIST_CALLS`, default 21.
