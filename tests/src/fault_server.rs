@@ -344,29 +344,7 @@ async fn read_head<R: AsyncRead + Unpin>(r: &mut R, kind: Kind) -> io::Result<Op
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let parsed = match kind {
-            Kind::Request => {
-                let mut req = httparse::Request::new(&mut headers);
-                match req.parse(&buf).map_err(|e| invalid(e.to_string()))? {
-                    httparse::Status::Complete(len) => {
-                        let (method, path) = (req.method.unwrap_or_default(), req.path.unwrap_or_default());
-                        Some((len, format!("{method} {path} HTTP/1.1"), pairs(req.headers)))
-                    }
-                    httparse::Status::Partial => None,
-                }
-            }
-            Kind::Response => {
-                let mut resp = httparse::Response::new(&mut headers);
-                match resp.parse(&buf).map_err(|e| invalid(e.to_string()))? {
-                    httparse::Status::Complete(len) => {
-                        let (code, reason) = (resp.code.unwrap_or_default(), resp.reason.unwrap_or_default());
-                        Some((len, format!("HTTP/1.1 {code} {reason}"), pairs(resp.headers)))
-                    }
-                    httparse::Status::Partial => None,
-                }
-            }
-        };
+        let parsed = parse(kind, &buf).map_err(|e| invalid(e.to_string()))?;
         if let Some((len, line, headers)) = parsed {
             let rest = buf.split_off(len);
             return Ok(Some((Head { line, headers }, rest)));
@@ -386,8 +364,33 @@ async fn read_head<R: AsyncRead + Unpin>(r: &mut R, kind: Kind) -> io::Result<Op
     }
 }
 
-fn pairs(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
-    headers.iter().map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).trim().to_owned())).collect()
+/// A complete head at the start of `buf`: its length, first line and headers; `None` when
+/// `buf` holds only part of one.
+fn parse(kind: Kind, buf: &[u8]) -> Result<Option<(usize, String, Vec<(String, String)>)>, httparse::Error> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let (status, line, headers) = match kind {
+        Kind::Request => {
+            let mut req = httparse::Request::new(&mut headers);
+            let status = req.parse(buf)?;
+            (
+                status,
+                format!("{} {} HTTP/1.1", req.method.unwrap_or_default(), req.path.unwrap_or_default()),
+                req.headers,
+            )
+        }
+        Kind::Response => {
+            let mut resp = httparse::Response::new(&mut headers);
+            let status = resp.parse(buf)?;
+            (
+                status,
+                format!("HTTP/1.1 {} {}", resp.code.unwrap_or_default(), resp.reason.unwrap_or_default()),
+                resp.headers,
+            )
+        }
+    };
+    let httparse::Status::Complete(len) = status else { return Ok(None) };
+    let pairs = headers.iter().map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).trim().to_owned()));
+    Ok(Some((len, line, pairs.collect())))
 }
 
 async fn handle(mut client: TcpStream, state: &State) -> io::Result<()> {
