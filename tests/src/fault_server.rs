@@ -345,9 +345,9 @@ async fn read_head<R: AsyncRead + Unpin>(r: &mut R, kind: Kind) -> io::Result<Op
     let mut chunk = [0u8; 8192];
     loop {
         let parsed = parse(kind, &buf).map_err(|e| invalid(e.to_string()))?;
-        if let Some((len, line, headers)) = parsed {
+        if let Some((head, len)) = parsed {
             let rest = buf.split_off(len);
-            return Ok(Some((Head { line, headers }, rest)));
+            return Ok(Some((head, rest)));
         }
         if buf.len() > MAX_HEAD {
             return Err(invalid("head too large".to_owned()));
@@ -364,33 +364,31 @@ async fn read_head<R: AsyncRead + Unpin>(r: &mut R, kind: Kind) -> io::Result<Op
     }
 }
 
-/// A complete head at the start of `buf`: its length, first line and headers; `None` when
-/// `buf` holds only part of one.
-fn parse(kind: Kind, buf: &[u8]) -> Result<Option<(usize, String, Vec<(String, String)>)>, httparse::Error> {
+/// A complete head at the start of `buf` and its length; `None` when `buf` holds only part
+/// of one.
+fn parse(kind: Kind, buf: &[u8]) -> Result<Option<(Head, usize)>, httparse::Error> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let (status, line, headers) = match kind {
         Kind::Request => {
-            let mut req = httparse::Request::new(&mut headers);
-            let status = req.parse(buf)?;
+            let mut r = httparse::Request::new(&mut headers);
             (
-                status,
-                format!("{} {} HTTP/1.1", req.method.unwrap_or_default(), req.path.unwrap_or_default()),
-                req.headers,
+                r.parse(buf)?,
+                format!("{} {} HTTP/1.1", r.method.unwrap_or_default(), r.path.unwrap_or_default()),
+                r.headers,
             )
         }
         Kind::Response => {
-            let mut resp = httparse::Response::new(&mut headers);
-            let status = resp.parse(buf)?;
+            let mut r = httparse::Response::new(&mut headers);
             (
-                status,
-                format!("HTTP/1.1 {} {}", resp.code.unwrap_or_default(), resp.reason.unwrap_or_default()),
-                resp.headers,
+                r.parse(buf)?,
+                format!("HTTP/1.1 {} {}", r.code.unwrap_or_default(), r.reason.unwrap_or_default()),
+                r.headers,
             )
         }
     };
     let httparse::Status::Complete(len) = status else { return Ok(None) };
-    let pairs = headers.iter().map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).trim().to_owned()));
-    Ok(Some((len, line, pairs.collect())))
+    let headers = headers.iter().map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).trim().to_owned()));
+    Ok(Some((Head { line, headers: headers.collect() }, len)))
 }
 
 async fn handle(mut client: TcpStream, state: &State) -> io::Result<()> {
