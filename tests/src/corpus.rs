@@ -1,7 +1,7 @@
 //! The store corpus: images built with `umoci` that hold every kind of entry an applier must
 //! get right, and `umoci unpack`'s root filesystem of them as the reference.
 //!
-//! Key items: [`corpus`] (built and pushed once per test binary, into the shared fixture's
+//! Key items: [`corpus`] (built and pushed once per test process, into the shared fixture's
 //! registry) and [`Corpus`]. The image `ADDR/store/corpus:1` has six layers, bottom first:
 //!
 //! 1. (umoci) regular files; an executable; setuid, setgid and sticky (and setgid+sticky)

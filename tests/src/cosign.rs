@@ -1,4 +1,4 @@
-//! Cosign signatures made and pushed by the tests themselves (`tests/tests/cosign.rs`, the
+//! Cosign signatures made and pushed by the tests themselves (`tests/all/cosign.rs`, the
 //! engine bench): keys, simple-signing payloads, signature manifests under the `.sig` tag,
 //! and OCI 1.1 referrers with the referrers tag schema.
 //!

@@ -1,4 +1,4 @@
-//! The shared test images: built once per test binary, pushed to one registry.
+//! The shared test images: built once per test process, pushed to one registry.
 //!
 //! Key items: [`fixture`] (builds everything on first use, returns the same [`Fixture`]
 //! afterwards) and [`app`] (what the main image contains, as constants the tests assert).

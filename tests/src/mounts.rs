@@ -7,7 +7,8 @@
 //! snapshot directories, ingests and mount records under a store root) and [`find_named`]
 //! (where a name turns up in a set of directories).
 //!
-//! Mounting needs root: [`can_mount`] says whether this process may.
+//! Mounting needs root: tests that mount are `#[ignore = "needs root: ..."]` and call
+//! [`require_root`] first.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -21,12 +22,11 @@ use crate::process::Captured;
 use crate::pullbox::Pullbox;
 use crate::tree::{diff, scan};
 
-/// Whether this process may mount (root). Mount-based tests return early otherwise, saying so.
-pub fn can_mount() -> bool {
-    if !is_root() {
-        eprintln!("skipping: mounting needs root (CI runs as root)");
-    }
-    is_root()
+/// Fails the calling test unless this process is root: a root-only test (ignored by default,
+/// see the module docs) that an ordinary user runs with `--include-ignored` says why it fails.
+#[track_caller]
+pub fn require_root() {
+    assert!(is_root(), "this test needs root (it mounts); run it as root, or leave out --include-ignored");
 }
 
 /// An image mounted with `pullbox mount`; unmounted with `pullbox unmount` when dropped.

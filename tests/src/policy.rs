@@ -1,4 +1,4 @@
-//! Helpers for the policy and puller tests (`tests/tests/policy.rs`, `tests/tests/puller.rs`):
+//! Helpers for the policy and puller tests (`tests/all/policy.rs`, `tests/all/puller.rs`):
 //! settings files, private copies of the fixture images, and removing blobs from the
 //! registry to prove that a pull did not fetch them.
 //!

@@ -1,4 +1,4 @@
-//! Helpers of the hostile-puller suite (`tests/tests/sandbox.rs`).
+//! Helpers of the hostile-puller suite (`tests/all/sandbox/`).
 //!
 //! - [`SwapDaemon`]: a [`cri::Daemon`] whose puller and settings are files of the test's
 //!   own, so the test can rewrite them and send SIGHUP (the daemon's live reload), and learn
@@ -10,21 +10,18 @@
 //! - [`peak_rss_kib`]: a process's peak resident memory, to catch host-side amplification.
 //! - [`wasm_tools`] and [`build_component`]: components made from WIT by the test itself
 //!   (load-time checks).
-//! - [`SlowServer`]: a TCP server that answers every request after a delay, to make a host
+//! - [`slow_server`]: a server that answers every request after a delay, to make a host
 //!   import take long while the guest does nothing.
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{ImageSpec, ImageStatusRequest};
 
 use crate::backends::{Backend, Store};
+use crate::fault_server::{Fault, FaultServer};
 use crate::{cri, Pullbox};
 
 /// The reference `pullbox-hostile` answers with its behavior and settings.
@@ -256,49 +253,11 @@ pub fn wit_copy(dir: &Path, edit: impl Fn(&str, String) -> String, extra: &[(&st
     Ok(dir.to_owned())
 }
 
-/// A TCP server on 127.0.0.1 that reads a request, waits `delay`, answers `404` and closes;
-/// stopped when dropped. Each connection gets its own thread.
-pub struct SlowServer {
-    addr: String,
-    stop: Arc<AtomicBool>,
-}
-
-impl SlowServer {
-    pub fn start(delay: Duration) -> Result<SlowServer> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?.to_string();
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        std::thread::spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        std::thread::spawn(move || {
-                            let _ = conn.set_nonblocking(false);
-                            let mut buf = [0u8; 4096];
-                            let _ = conn.read(&mut buf);
-                            std::thread::sleep(delay);
-                            let _ = conn.write_all(
-                                b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
-                            );
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Ok(SlowServer { addr, stop })
-    }
-
-    /// `127.0.0.1:PORT`.
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-}
-
-impl Drop for SlowServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
+/// A server on 127.0.0.1 that answers every request `404` after `delay`, to make a host
+/// import take long while the guest does nothing; stopped when dropped.
+pub fn slow_server(delay: Duration) -> Result<FaultServer> {
+    let server = FaultServer::local()?;
+    let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    server.inject("", Fault::Delay(millis), usize::MAX);
+    Ok(server)
 }

@@ -154,8 +154,13 @@ impl Drop for Service {
 /// `127.0.0.1:PORT` with a port that is free now. Another process may take it before the
 /// service binds it: start such a service with [`start_retrying`].
 pub fn loopback_addr() -> Result<String> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    Ok(format!("127.0.0.1:{port}"))
+    Ok(format!("127.0.0.1:{}", free_port()?))
+}
+
+/// A port of 127.0.0.1 that is free now (for a daemon's metrics, or an address where nothing
+/// listens); see [`loopback_addr`] for the race.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Calls `start` until it succeeds, at most a few times (port races); the error lists every

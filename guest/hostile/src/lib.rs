@@ -1,5 +1,5 @@
 //! `pullbox-hostile`: a puller that misbehaves on purpose, for pullbox's sandbox tests
-//! (`tests/tests/sandbox.rs`).
+//! (`tests/all/sandbox/`).
 //!
 //! Operators run pullers written by others, so the host must survive whatever a component
 //! does. This component does the bad things, one per request, chosen by its settings

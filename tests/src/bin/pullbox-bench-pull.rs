@@ -39,7 +39,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{ImageFsInfoRequest, ImageSpec, ListImagesRequest, PullImageRequest};
-use pullbox_tests::{containerd::Containerd, cri, oci, proxy::FaultProxy, registry::upload, Pullbox, Registry};
+use pullbox_tests::{containerd::Containerd, cri, fault_server::FaultServer, oci, registry::upload, Pullbox, Registry};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -616,12 +616,6 @@ async fn pull_one(proxy: &str, reference: &str, n: usize) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// The proxy runs its own tokio runtime, which cannot be built from inside ours.
-fn start_proxy(upstream: &str) -> Result<FaultProxy> {
-    let upstream = upstream.to_owned();
-    std::thread::spawn(move || FaultProxy::start(&upstream)).join().unwrap()
-}
-
 /// How many `ListImages` calls [`list_images_1000`] times: `PULLBOX_BENCH_LIST_CALLS`, default 21.
 fn list_calls() -> usize {
     std::env::var("PULLBOX_BENCH_LIST_CALLS").ok().and_then(|s| s.parse().ok()).unwrap_or(21).max(1)
@@ -817,10 +811,10 @@ async fn main() -> Result<()> {
 
     // 20 concurrent pulls of one image through a counting proxy, against one pull.
     let multi = &images[0];
-    let proxy = start_proxy(registry.addr())?;
+    let proxy = FaultServer::proxy(registry.addr())?;
     let single = pull_one(proxy.addr(), "bench/multi:1", 1).await?;
     let single_gets = proxy.requests().iter().filter(|r| r.method == "GET" && r.path.contains("/blobs/")).count();
-    let proxy = start_proxy(registry.addr())?;
+    let proxy = FaultServer::proxy(registry.addr())?;
     let twenty = pull_one(proxy.addr(), "bench/multi:1", 20).await?;
     let requests = proxy.requests();
     let mut per_blob = Vec::new();

@@ -1,6 +1,6 @@
 //! Tests of the harness itself: the registry, the images umoci builds and what skopeo pushes.
 //! They need no pullbox binary, so they show that a failing CLI test is about pullbox, not
-//! about the fixture. Run them alone with `cargo test -p pullbox-tests -- harness`.
+//! about the fixture. Run them alone with `cargo test -p pullbox-tests --test all -- harness::`.
 
 use std::path::PathBuf;
 

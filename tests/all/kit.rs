@@ -24,7 +24,7 @@ fn pull_req(image: &str) -> PullImageRequest {
 
 /// A free loopback port for a daemon's metrics.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    pullbox_tests::service::free_port().unwrap()
 }
 
 /// The daemon's metrics, once `needle` is among them (or after 10 s, whatever they are).

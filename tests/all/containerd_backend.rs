@@ -3,9 +3,11 @@
 //! [`ImageService`] with the default puller (`make build`'s `pullbox-puller.wasm`). What every
 //! backend's traits do, containerd's included, is checked in `backend_contract.rs`.
 //!
-//! One containerd serves every test of this binary; each test works in its own namespace, so
+//! One containerd serves every test of this module (its own, not the
+//! process's shared one: a test here checks that blob files left the disk, which another
+//! suite's namespace could still hold); each test works in its own namespace, so
 //! one test's garbage collection never finds another's images missing. Needs root. Run them
-//! alone with `cargo test --release -p pullbox-tests --test containerd_backend`.
+//! alone with `cargo test --release -p pullbox-tests --test all -- containerd_backend::`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -29,7 +31,7 @@ use pullbox_tests::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// The containerd of this test binary, started on first use.
+/// The containerd of this module, started on first use.
 fn containerd() -> &'static Containerd {
     static CONTAINERD: OnceLock<Result<Containerd, String>> = OnceLock::new();
     CONTAINERD
@@ -296,12 +298,12 @@ async fn connect_reports_misconfiguration() {
 /// dropped inside another's.
 #[test]
 fn re_pulls_send_head_only_and_blobs_carry_distribution_source_labels() {
-    let proxy = pullbox_tests::proxy::FaultProxy::start(fixture().registry.addr()).unwrap();
+    let proxy = pullbox_tests::fault_server::FaultServer::proxy(fixture().registry.addr()).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(head_and_labels(&proxy));
 }
 
-async fn head_and_labels(proxy: &pullbox_tests::proxy::FaultProxy) {
+async fn head_and_labels(proxy: &pullbox_tests::fault_server::FaultServer) {
     let f = fixture();
     let ctd = containerd();
     let ns = "pullbox-registry";

@@ -146,7 +146,7 @@ async fn the_puller_decides_through_the_daemon() {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_pulls() {
     let f = fixture();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = pullbox_tests::service::free_port().unwrap();
     let daemon = cri::Daemon::start(&format!("metrics_address = \"127.0.0.1:{port}\"")).unwrap();
     let mut c = cri::connect(daemon.socket()).await.unwrap();
     c.pull_image(pull_req(&f.reference("team/app:1.0"))).await.unwrap();
@@ -188,7 +188,7 @@ async fn live_swap_on_sighup_keeps_the_last_good_puller() {
     let bin = Pullbox::bin().unwrap();
     let puller = dir.path().join("puller.wasm");
     std::fs::copy(bin.with_file_name("pullbox-refuse.wasm"), &puller).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = pullbox_tests::service::free_port().unwrap();
     let daemon = cri::Daemon::start(&format!(
         "puller = {:?}\nmetrics_address = \"127.0.0.1:{port}\"",
         puller.display().to_string()
@@ -267,15 +267,15 @@ async fn pinned_images_follow_the_settings() {
 
 #[test]
 fn sigterm_cancels_pulls_in_flight_and_cleans_up() {
-    use pullbox_tests::proxy::FaultProxy;
+    use pullbox_tests::fault_server::FaultServer;
     let f = fixture();
     // The proxy runs its own runtime: start (and drop) it outside the test's.
-    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    let proxy = FaultServer::proxy(f.registry.addr()).unwrap();
     tokio::runtime::Runtime::new().unwrap().block_on(sigterm_during_a_stalled_pull(&proxy));
 }
 
-async fn sigterm_during_a_stalled_pull(proxy: &pullbox_tests::proxy::FaultProxy) {
-    use pullbox_tests::proxy::Fault;
+async fn sigterm_during_a_stalled_pull(proxy: &pullbox_tests::fault_server::FaultServer) {
+    use pullbox_tests::fault_server::Fault;
     let f = fixture();
     // Every layer download stalls after a few bytes: the pull hangs in the middle.
     for layer in &f.app.layers {

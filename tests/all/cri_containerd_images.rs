@@ -180,7 +180,7 @@ async fn images_of_ctr_and_pullbox_show_alike_on_both_sides() {
 /// image from content at every call. Prints the median and max of 21 calls, pullbox's and
 /// containerd's own CRI's.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore]
+#[ignore = "measurement, not a check: run it with --include-ignored --nocapture"]
 async fn list_images_of_many_unlabelled_records() {
     use pullbox_tests::oci::sha256_digest;
     use serde_json::json;

@@ -8,11 +8,11 @@
 //! a pullbox killed mid-pull is repaired by its next start.
 //!
 //! Each test has its own daemon and containerd. Needs root. Run them alone with
-//! `cargo test --release -p pullbox-tests --test proxy_snapshotter`.
+//! `cargo test --release -p pullbox-tests --test all -- proxy_snapshotter::`.
 
 use std::path::{Path, PathBuf};
 
-use pullbox_tests::{app, containerd::Containerd, cri::Daemon, fixture, gate::GateProxy, Pullbox};
+use pullbox_tests::{app, containerd::Containerd, cri::Daemon, fault_server::FaultServer, fixture, Pullbox};
 
 /// The name containerd knows pullbox's snapshotter by, in these tests.
 const SNAPSHOTTER: &str = "pullbox";
@@ -283,7 +283,7 @@ async fn containerd_cri_runs_pods_from_pullbox_snapshotter() {
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_daemon_mid_pull_is_repaired_by_the_next_start() {
     let f = fixture();
-    let gate = GateProxy::start(f.registry.addr()).unwrap();
+    let gate = FaultServer::proxy(f.registry.addr()).unwrap();
     let layer2 = &f.app.layers[1];
     gate.hold(&layer2.digest, layer2.size / 2);
     let (_sock_dir, socket) = snapshotter_socket();

@@ -23,7 +23,6 @@
 //! the images are those of [`pullbox_tests::fixture`]. Needs `make build` first.
 
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -33,8 +32,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
 use pullbox_tests::configured_registry::{Auth, BlobStorage, ConfiguredRegistry, Tls};
+use pullbox_tests::fault_server::{Fault, FaultServer};
 use pullbox_tests::oci::LayerDescriptor;
-use pullbox_tests::proxy::{Fault, FaultProxy};
 use pullbox_tests::tls::Pki;
 use pullbox_tests::token_server::{self, TokenServer};
 use pullbox_tests::{cri, fixture, sandbox, Captured, Fixture, Pullbox, Registry};
@@ -287,7 +286,7 @@ fn tls_with_a_ca_and_client_certificates_from_hosts_toml() {
 fn a_mirror_without_the_image_falls_back_to_the_upstream() {
     let f = fixture();
     let mirror = Registry::start().unwrap_or_else(|e| panic!("{e:#}"));
-    let recorder = FaultProxy::start(mirror.addr()).unwrap();
+    let recorder = FaultServer::proxy(mirror.addr()).unwrap();
     let env = Env::new();
     env.hosts_toml(
         f.registry.addr(),
@@ -305,7 +304,7 @@ fn a_mirror_without_the_image_falls_back_to_the_upstream() {
 #[test]
 fn a_mirror_serves_while_the_upstream_is_down() {
     let f = fixture();
-    let down = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let down = pullbox_tests::service::loopback_addr().unwrap();
     let env = Env::new();
     env.hosts_toml(
         &down,
@@ -317,8 +316,8 @@ fn a_mirror_serves_while_the_upstream_is_down() {
 }
 
 /// The fixture registry behind a fault-injecting proxy.
-fn proxied(f: &Fixture) -> (FaultProxy, String) {
-    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+fn proxied(f: &Fixture) -> (FaultServer, String) {
+    let proxy = FaultServer::proxy(f.registry.addr()).unwrap();
     let reference = format!("{}/team/app:1.0", proxy.addr());
     (proxy, reference)
 }
@@ -457,7 +456,7 @@ const STORAGE_BLOBS: &str = "/docker/registry/v2/blobs/";
 fn a_blob_redirect_to_another_host_carries_no_credentials_or_hosts_toml_headers() {
     let f = fixture();
     let blob_storage = BlobStorage::start(&storage(f)).unwrap_or_else(|e| panic!("{e:#}"));
-    let at_storage = FaultProxy::start(blob_storage.addr()).unwrap();
+    let at_storage = FaultServer::proxy(blob_storage.addr()).unwrap();
     let users = vec![(ALICE.0.to_owned(), ALICE.1.to_owned())];
     let reg = ConfiguredRegistry::start_redirecting(
         &storage(f),
@@ -466,7 +465,7 @@ fn a_blob_redirect_to_another_host_carries_no_credentials_or_hosts_toml_headers(
         &format!("http://{}", at_storage.addr()),
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
-    let at_registry = FaultProxy::start(reg.addr()).unwrap();
+    let at_registry = FaultServer::proxy(reg.addr()).unwrap();
     let header_secret = "hdr-Secret-Vq27Lp".to_owned();
 
     let env = Env::new();
@@ -512,7 +511,7 @@ fn a_redirect_from_https_to_http_is_refused() {
     let (cert, key) = pki.server();
     let tls = Tls { certificate: cert, key, client_ca: None };
     let blob_storage = BlobStorage::start(&storage(f)).unwrap_or_else(|e| panic!("{e:#}"));
-    let at_storage = FaultProxy::start(blob_storage.addr()).unwrap();
+    let at_storage = FaultServer::proxy(blob_storage.addr()).unwrap();
     let reg = ConfiguredRegistry::start_redirecting(
         &storage(f),
         &Auth::None,
@@ -570,7 +569,7 @@ fn cri_credentials_never_reach_a_registry_the_puller_names() {
     let f = fixture();
     let a = htpasswd_registry(f);
     let b = htpasswd_registry(f);
-    let at_b = FaultProxy::start(b.addr()).unwrap();
+    let at_b = FaultServer::proxy(b.addr()).unwrap();
     let elsewhere = format!("{}/team/app:1.0", at_b.addr());
     let settings = serde_json::json!({"behavior": "sleepy", "resolve": [elsewhere], "reads": 1}).to_string();
     let hosts = tempfile::tempdir().unwrap();
@@ -602,7 +601,7 @@ fn cri_credentials_are_not_sent_to_a_mirror() {
     let f = fixture();
     let upstream = htpasswd_registry(f);
     let mirror = htpasswd_registry(f);
-    let at_mirror = FaultProxy::start(mirror.addr()).unwrap();
+    let at_mirror = FaultServer::proxy(mirror.addr()).unwrap();
     let hosts = tempfile::tempdir().unwrap();
     let dir = hosts.path().join(upstream.addr());
     fs::create_dir_all(&dir).unwrap();
@@ -621,7 +620,7 @@ fn cri_credentials_are_not_sent_to_a_mirror() {
 }
 
 /// The manifest requests among `requests`, as `METHOD path`.
-fn manifest_requests(requests: &[pullbox_tests::proxy::Logged]) -> Vec<String> {
+fn manifest_requests(requests: &[pullbox_tests::fault_server::Logged]) -> Vec<String> {
     requests.iter().filter(|r| r.path.contains("/manifests/")).map(|r| format!("{} {}", r.method, r.path)).collect()
 }
 
@@ -678,7 +677,7 @@ fn a_moved_tag_is_fetched_again() {
     let v2 = serde_json::to_vec(&moved).unwrap();
     let media_type = pullbox_tests::oci::MEDIA_TYPE_MANIFEST;
     f.registry.put_manifest("team/app", &tag, media_type, &v1).unwrap();
-    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    let proxy = FaultServer::proxy(f.registry.addr()).unwrap();
     let reference = format!("{}/team/app:{tag}", proxy.addr());
     let env = Env::new();
     env.pull_app(&[], &reference);
@@ -716,7 +715,7 @@ fn a_registry_refusing_head_is_asked_with_get() {
 #[test]
 fn downloads_are_bounded_across_concurrent_pulls() {
     let f = fixture();
-    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    let proxy = FaultServer::proxy(f.registry.addr()).unwrap();
     proxy.inject("/blobs/", Fault::Delay(300), 1000);
     let hosts = tempfile::tempdir().unwrap();
     let config = format!("{}max_concurrent_downloads = 2\n", registry_section(hosts.path()));
