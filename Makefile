@@ -15,7 +15,7 @@
 # build's cache is never invalidated by guest flags. The core modules become components
 # with `wasm-tools component new`, which is installed with cargo when missing.
 
-.PHONY: bench bench-engine all build pullers host setup test test-unit test-integration check demo clippy fmt fmt-check clean-demo
+.PHONY: bench bench-engine all build pullers host setup test test-unit test-integration check demo clippy fmt fmt-check lint clean-demo
 .DELETE_ON_ERROR:
 
 # ---- variables ------------------------------------------------------------------------
@@ -175,7 +175,10 @@ INTEGRATION_FLAGS  := $(if $(filter 0,$(shell id -u)),--include-ignored $(addpre
 test-integration: build
 	$(CARGO) test --release --locked -p pullbox-tests -- $(INTEGRATION_FLAGS)
 
-test: fmt-check build test-unit test-integration
+# Lints first: the formatting check and clippy (-D warnings) fail fast.
+lint: fmt-check clippy
+
+test: lint build test-unit test-integration
 
 # What CI runs, and the README's test command: set up the machine, then build and test.
 check: setup test
@@ -198,6 +201,7 @@ bench: build
 
 clippy:
 	$(CARGO) clippy --release --locked -p pullbox -p pullbox-tests -p pullbox-puller -p pullbox-refuse -p pullbox-allowlist -p pullbox-cosign -p pullbox-hostile --all-targets -- -D warnings
+	@! grep -rn --include='*.rs' 'allow(clippy::too_many_arguments)' host guest tests || { echo 'no too_many_arguments allows: pass the struct that owns the parameters'; exit 1; }
 
 fmt:
 	$(CARGO) fmt --all
