@@ -1,6 +1,6 @@
 //! The transport against a scripted HTTP server on loopback: authentication flows, token
 //! caching, retries, resumption, the stall timeout and mirror fallback, with the embedded
-//! content store underneath. (The integration tests in `tests/tests/transport.rs` run the
+//! content store underneath. (The integration tests in `tests/all/transport.rs` run the
 //! same paths against Debian's registry, a token server and a fault-injecting proxy.)
 
 use std::{
