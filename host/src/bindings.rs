@@ -25,8 +25,8 @@ wasmtime::component::bindgen!({
     trappable_error_type: { "pullbox:image/types.error" => crate::bindings::ImportError },
 });
 
-pub(crate) use exports::pullbox::image::puller as exp;
-pub(crate) use pullbox::image::types as wit;
+pub(crate) use self::exports::pullbox::image::puller as exp;
+pub(crate) use self::pullbox::image::types as wit;
 
 /// What a fallible import fails with: an answer for the guest, or a trap.
 #[derive(Debug)]
