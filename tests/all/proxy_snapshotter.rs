@@ -5,7 +5,8 @@
 //! garbage collector runs.
 //!
 //! containerd's own CRI on that snapshotter runs a pod whose sandbox image it pulled itself, and
-//! a pullbox killed mid-pull is repaired by its next start.
+//! a pullbox killed mid-pull is repaired by its next start, and a containerd killed mid-pull
+//! and started again leaves nothing once the next pull is done.
 //!
 //! Each test has its own daemon and containerd. Needs root. Run them alone with
 //! `cargo test --release -p pullbox-tests --test all -- proxy_snapshotter::`.
@@ -333,4 +334,57 @@ async fn killed_daemon_mid_pull_is_repaired_by_the_next_start() {
     assert_eq!(active.lines().skip(1).count(), 0, "{active}");
     assert_eq!(snapshot_dirs(&root).len(), app::LAYERS, "{:?}\n{}", snapshot_dirs(&root), daemon.log());
     assert_eq!(cat_layer3(&ctd, "k8s.io", &reference, "pb-crash-1"), app::LAYER3_CONTENT);
+}
+
+/// containerd killed (SIGKILL) in the middle of a proxy-mode pull, with layer 1 committed and
+/// layer 2 half unpacked into the snapshot it prepared on pullbox's store, while pullbox keeps
+/// running: the pull fails with a clear error; once containerd is started again on the same
+/// root, the same pull succeeds and runs, the failed pull's lease is gone (pullbox could not
+/// delete it while containerd was down) and, after containerd's collector, pullbox's store
+/// holds exactly the image's layers.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_containerd_mid_pull_leaves_nothing_once_it_is_back() {
+    let f = fixture();
+    let gate = FaultServer::proxy(f.registry.addr()).unwrap();
+    let layer2 = &f.app.layers[1];
+    gate.hold(&layer2.digest, layer2.size / 2);
+    let (_sock_dir, socket) = snapshotter_socket();
+    let mut ctd = Containerd::start_with_proxy(SNAPSHOTTER, &socket).unwrap();
+    let daemon = Daemon::start(&proxy_mode_config(&ctd, &socket)).unwrap();
+    let root = daemon.root();
+    let reference = format!("{}/{}:1.0", gate.addr(), f.app.path());
+
+    let cri = daemon.socket().to_owned();
+    let request = pull_request(&reference);
+    let pull = tokio::spawn(async move { pullbox_tests::cri::connect(&cri).await.unwrap().pull_image(request).await });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(gate.held() == 1 && snapshot_dirs(&root).len() >= 2) {
+        assert!(std::time::Instant::now() < deadline, "the pull never reached layer 2:\n{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ctd.crash().unwrap();
+    // The rest of layer 2 arrives for a content write containerd's crash cut off.
+    gate.release(&layer2.digest);
+    let failed = pull.await.unwrap().expect_err("the pull outlived containerd's crash");
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}\n{}", daemon.log());
+    assert!(failed.message().contains("containerd"), "{failed:?}");
+    ctd.restart().unwrap();
+    // What the crash left in containerd's database: the failed pull's lease (pullbox could
+    // not delete it while containerd was down), holding layer 1's committed snapshot and
+    // layer 2's active one.
+    assert!(!ctd.list("k8s.io", "leases").unwrap().is_empty());
+
+    let mut client = pullbox_tests::cri::connect(daemon.socket()).await.unwrap();
+    let pulled = client
+        .pull_image(pull_request(&reference))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\npullbox log:\n{}\ncontainerd log:\n{}", daemon.log(), ctd.log()));
+    assert_eq!(pulled.into_inner().image_ref, f.app.config_digest);
+
+    ctd.collect("k8s.io").unwrap();
+    assert_eq!(ctd.list("k8s.io", "leases").unwrap(), Vec::<String>::new(), "{}", daemon.log());
+    let active = ctd.ctr_ok("k8s.io", &["content", "active"]).unwrap();
+    assert_eq!(active.lines().skip(1).count(), 0, "{active}");
+    assert_eq!(snapshot_dirs(&root).len(), app::LAYERS, "{:?}\n{}", snapshot_dirs(&root), daemon.log());
+    assert_eq!(cat_layer3(&ctd, "k8s.io", &reference, "pb-ctd-crash-1"), app::LAYER3_CONTENT);
 }

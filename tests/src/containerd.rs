@@ -175,6 +175,21 @@ impl Containerd {
         Ok(Containerd { socket, service })
     }
 
+    /// Kills containerd with SIGKILL (a crash: its shims, root and state stay); it stays down
+    /// until [`Containerd::restart`].
+    pub fn crash(&mut self) -> Result<()> {
+        self.service.crash()
+    }
+
+    /// Starts containerd again after [`Containerd::crash`], on the same config, root and
+    /// sockets; returns once it answers.
+    pub fn restart(&mut self) -> Result<()> {
+        let socket = self.socket.clone();
+        self.service.restart(READY_TIMEOUT, || {
+            socket.exists() && ctr(&socket, "default", &["version"]).is_ok_and(|c| c.success())
+        })
+    }
+
     /// containerd's gRPC socket (CRI's too).
     pub fn socket(&self) -> &Path {
         &self.socket

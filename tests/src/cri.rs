@@ -57,9 +57,10 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts the daemon with the TOML `extra` appended to a config that sets the socket and
-    /// the root; waits until the socket accepts connections.
+    /// the root (in a fresh directory under `$TMPDIR`, else `/tmp`); waits until the socket
+    /// accepts connections.
     pub fn start(extra: &str) -> Result<Daemon> {
-        let dir = tempfile::Builder::new().prefix("pbd-").tempdir_in("/tmp")?;
+        let dir = tempfile::Builder::new().prefix("pbd-").tempdir()?;
         let socket = dir.path().join("pullbox.sock");
         let root = dir.path().join("root");
         std::fs::write(

@@ -4,6 +4,9 @@
 //! with its output in a log file of the service's own directory; [`Service::ready`] waits
 //! until a probe says the program answers (failing with its log when it exits first or takes
 //! too long); dropping the value stops the program and deletes the directory.
+//! [`Service::crash`] kills the program with SIGKILL and [`Service::restart`] has the
+//! supervisor start it again on the same directory (a crash, then a restart as a node's init
+//! system makes).
 //!
 //! The supervisor's stdin is a pipe from the test process. When that pipe closes — the
 //! `Service` is dropped, or the test process exits without dropping it (a `static` fixture is
@@ -27,26 +30,48 @@ use crate::process::wait_until;
 /// How many times [`start_retrying`] tries.
 const START_ATTEMPTS: usize = 5;
 
+/// The program's process ID, written by the supervisor into the service's directory.
+const PID_FILE: &str = ".supervised-pid";
+
+/// When this file is in the service's directory as the program exits, the supervisor starts
+/// the program again instead of exiting ([`Service::crash`], [`Service::restart`]).
+const RESPAWN_FILE: &str = ".supervised-respawn";
+
+/// While this file is in the service's directory, a program to be started again waits.
+const HOLD_FILE: &str = ".supervised-hold";
+
 /// The supervisor: `$0` is the directory to delete afterwards, `"$@"` the program and its
-/// arguments. It exits when the program does. Its watcher, a subshell, reads the pipe from
-/// the test process (kept on fd 3, since an asynchronous list's stdin is `/dev/null`); at end
-/// of file it stops the program, runs `cleanup` (which sees the directory as `$dir`) and
-/// deletes the directory.
+/// arguments. It exits when the program does, unless [`RESPAWN_FILE`] exists then: it waits
+/// while [`HOLD_FILE`] exists, and starts the program again if [`RESPAWN_FILE`] still does.
+/// The running program's PID is in [`PID_FILE`]. Its
+/// watcher, a subshell, reads the pipe from the test process (kept on fd 3, since an
+/// asynchronous list's stdin is `/dev/null`); at end of file it stops the program, runs
+/// `cleanup` (which sees the directory as `$dir`) and deletes the directory.
 fn supervisor(cleanup: &str) -> String {
     format!(
         r#"
 exec 3<&0
 dir=$0
-"$@" </dev/null 3<&- &
-pid=$!
 (
     read -r _ <&3
-    kill "$pid" 2>/dev/null
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    rm -f "$dir/{RESPAWN_FILE}" "$dir/{HOLD_FILE}"
+    pid=$(cat "$dir/{PID_FILE}" 2>/dev/null)
+    if [ -n "$pid" ]; then
+        kill "$pid" 2>/dev/null
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    fi
 {cleanup}
     rm -rf "$dir"
 ) &
-wait "$pid"
+while :; do
+    "$@" </dev/null 3<&- &
+    pid=$!
+    echo "$pid" >"$dir/{PID_FILE}"
+    wait "$pid"
+    while [ -e "$dir/{HOLD_FILE}" ]; do sleep 0.05; done
+    [ -e "$dir/{RESPAWN_FILE}" ] || break
+    rm -f "$dir/{RESPAWN_FILE}"
+done
 "#
     )
 }
@@ -80,6 +105,8 @@ pub struct Service {
     stop_timeout: Duration,
     supervisor: Child,
     stdin: Option<ChildStdin>,
+    /// The PID of the program [`Service::crash`] killed, until [`Service::restart`].
+    crashed: Option<String>,
 }
 
 impl Service {
@@ -107,7 +134,7 @@ impl Service {
         };
         let stdin = supervisor.stdin.take();
         // From here on, dropping the service stops everything and cleans up.
-        Ok(Service { name: name.to_owned(), dir, log: log_path, stop_timeout, supervisor, stdin })
+        Ok(Service { name: name.to_owned(), dir, log: log_path, stop_timeout, supervisor, stdin, crashed: None })
     }
 
     /// Waits until `probe` returns true, trying every 50 ms for at most `timeout`. Fails
@@ -124,6 +151,47 @@ impl Service {
             }
             if Instant::now() >= deadline {
                 bail!("{} did not answer on {addr} within {timeout:?}:\n{}", self.name, self.log());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the program with SIGKILL (a crash: nothing of its own runs, its files stay) and
+    /// waits until it is gone. It stays down until [`Service::restart`].
+    pub fn crash(&mut self) -> Result<()> {
+        let pid = fs::read_to_string(self.dir.join(PID_FILE)).context("the supervisor wrote no PID")?;
+        let pid = pid.trim().to_owned();
+        fs::write(self.dir.join(HOLD_FILE), b"")?;
+        fs::write(self.dir.join(RESPAWN_FILE), b"")?;
+        let killed = Command::new("kill").args(["-KILL", &pid]).status()?.success();
+        anyhow::ensure!(killed, "kill -KILL {pid} ({}) failed", self.name);
+        let deadline = Instant::now() + self.stop_timeout;
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            anyhow::ensure!(Instant::now() < deadline, "{} (pid {pid}) outlived SIGKILL", self.name);
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.crashed = Some(pid);
+        Ok(())
+    }
+
+    /// Has the supervisor start the program again in the same directory after
+    /// [`Service::crash`] (its output goes on into the same log), and waits until `probe`
+    /// says it answers, as [`Service::ready`] does.
+    pub fn restart(&mut self, timeout: Duration, mut probe: impl FnMut() -> bool) -> Result<()> {
+        let old = self.crashed.take().context("the program was not crashed")?;
+        fs::remove_file(self.dir.join(HOLD_FILE))?;
+        let pid_file = self.dir.join(PID_FILE);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.supervisor.try_wait()? {
+                bail!("{} was not restarted: its supervisor exited ({status}):\n{}", self.name, self.log());
+            }
+            let respawned = fs::read_to_string(&pid_file).is_ok_and(|p| !p.trim().is_empty() && p.trim() != old);
+            if respawned && probe() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("{} did not answer within {timeout:?} of its restart:\n{}", self.name, self.log());
             }
             thread::sleep(Duration::from_millis(50));
         }

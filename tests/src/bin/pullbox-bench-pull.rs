@@ -10,7 +10,9 @@
 //!    too slow for a gigabyte. `PULLBOX_BENCH_SCALE` (default 1) scales every size.
 //!    `PULLBOX_BENCH_ONLY=list` skips everything but the `ListImages` measurement below (no
 //!    images are built, no containerd is started); `PULLBOX_BENCH_LIST_CALLS` (default 21)
-//!    sets how many `ListImages` calls it times.
+//!    sets how many `ListImages` calls it times. `PULLBOX_BENCH_ONLY=multi,zstd` (image tags)
+//!    measures only those images' rows, and `PULLBOX_BENCH_TOOLS=tar,embedded` only the tools
+//!    whose name contains one of the words; both skip part 4.
 //! 2. Pushes them with `skopeo` to a fresh `docker-registry` on loopback.
 //! 3. For each image, measures wall time and peak RSS (`/usr/bin/time -f '%e %M'` for
 //!    processes; `VmHWM` from `/proc` for daemons, each started fresh per run) of:
@@ -496,7 +498,7 @@ fn spec(image: &str) -> Option<ImageSpec> {
 
 /// `pullbox pull [ARGS] REFERENCE` into a fresh embedded store.
 fn pullbox_cli(reference: &str, args: &[&str]) -> Result<Figure> {
-    let root = tempfile::Builder::new().prefix("pbbench-").tempdir_in(Pullbox::workspace().join("target"))?;
+    let root = tempfile::Builder::new().prefix("pbbench-").tempdir()?;
     let bin = Pullbox::bin()?;
     // Warm the compiled-puller cache, as any node's store has it.
     let warm = Command::new(&bin).arg("images").arg("--root").arg(root.path()).output()?;
@@ -554,7 +556,7 @@ fn ctr_pull(reference: &str, run: usize) -> Result<Figure> {
 }
 
 fn skopeo_copy(reference: &str) -> Result<Figure> {
-    let dir = tempfile::Builder::new().prefix("pbbench-skopeo-").tempdir_in(Pullbox::workspace().join("target"))?;
+    let dir = tempfile::Builder::new().prefix("pbbench-skopeo-").tempdir()?;
     let mut cmd = Command::new("skopeo");
     cmd.args(["--insecure-policy", "copy", "--quiet", "--preserve-digests", "--src-tls-verify=false"])
         .arg(format!("docker://{reference}"))
@@ -564,7 +566,7 @@ fn skopeo_copy(reference: &str) -> Result<Figure> {
 
 /// `tar` extracting each layer blob into its own directory: `parallel` all at once.
 fn tar_extract(layout: &Path, image: &Image, parallel: bool) -> Result<Figure> {
-    let dir = tempfile::Builder::new().prefix("pbbench-tar-").tempdir_in(Pullbox::workspace().join("target"))?;
+    let dir = tempfile::Builder::new().prefix("pbbench-tar-").tempdir()?;
     let mut script = String::new();
     for (i, l) in image.layers.iter().enumerate() {
         let blob = layout.join("blobs/sha256").join(oci::digest_hex(&l.digest));
@@ -582,6 +584,68 @@ fn tar_extract(layout: &Path, image: &Image, parallel: bool) -> Result<Figure> {
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c").arg(script);
     timed(cmd)
+}
+
+// ---- the scratch filesystem ---------------------------------------------------------------
+
+/// The size of the scratch filesystem: the largest image unpacked by one tool, its blobs and
+/// the registry's copy fit many times over (outputs are deleted after each measurement).
+const SCRATCH_BYTES: u64 = 24 << 30;
+
+/// A fresh ext4 filesystem (with a journal, as `mkfs.ext4` makes it and as nodes run) in a
+/// sparse file under `target/`, loop-mounted in `/tmp`; every tool writes into it (it becomes
+/// `TMPDIR`). Unmounted and deleted on drop.
+///
+/// Why not the machine's own disk: its ext4 may run without a journal (this machine's does),
+/// and there ext4 refuses to reuse an inode freed in the last 60 seconds (300 more while its
+/// table block is dirty; `recently_deleted` in `fs/ext4/ialloc.c`), checking each candidate
+/// in turn. A tool that creates 15,000 files right after the previous tool's output was
+/// deleted then spends a third of its time in that scan (measured with `perf`: pullbox's
+/// `multi` pull varied from 2.5 to 4.9 s by it), and which tool pays depends on the order.
+struct ScratchFs {
+    image: PathBuf,
+    mount: PathBuf,
+}
+
+impl ScratchFs {
+    fn create() -> Result<ScratchFs> {
+        let image = Pullbox::workspace().join("target/bench-scratch.ext4");
+        let mount = PathBuf::from(format!("/tmp/pbbench-fs-{}", std::process::id()));
+        let _ = fs::remove_file(&image);
+        fs::File::create(&image)?.set_len(SCRATCH_BYTES)?;
+        fs::create_dir_all(&mount)?;
+        let scratch = ScratchFs { image, mount };
+        // Inode tables and journal written now, not by a background thread during the runs.
+        let mut mkfs = Command::new("mkfs.ext4");
+        mkfs.args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(&scratch.image);
+        pullbox_tests::process::tool(&mut mkfs)?;
+        let mut mount = Command::new("mount");
+        mount.args(["-o", "loop"]).arg(&scratch.image).arg(&scratch.mount);
+        pullbox_tests::process::tool(&mut mount)?;
+        Ok(scratch)
+    }
+}
+
+impl Drop for ScratchFs {
+    /// Unmounts once the services that used it are gone (their supervisors delete their
+    /// directories after they exit): tries for 10 s, then detaches it lazily.
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut cmd = Command::new("umount");
+            cmd.args(lazy.then_some("-l")).arg(&self.mount).stderr(Stdio::null());
+            cmd.status().is_ok_and(|s| s.success())
+        };
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while !umount(false) {
+            if Instant::now() > deadline {
+                umount(true);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let _ = fs::remove_dir(&self.mount);
+        let _ = fs::remove_file(&self.image);
+    }
 }
 
 // ---- the table -------------------------------------------------------------------------
@@ -734,7 +798,24 @@ async fn main() -> Result<()> {
     if std::env::var("PULLBOX_BENCH_ONLY").is_ok_and(|v| v == "list") {
         return list_images_report(&Registry::start()?).await;
     }
-    let (layout, images) = build_images(scale)?;
+    // `PULLBOX_BENCH_ONLY=multi,zstd` and `PULLBOX_BENCH_TOOLS=tar,embedded`: a part of the table.
+    let words = |var: &str| -> Option<Vec<String>> {
+        std::env::var(var).ok().map(|v| v.split(',').map(|w| w.trim().to_owned()).filter(|w| !w.is_empty()).collect())
+    };
+    let only_images = words("PULLBOX_BENCH_ONLY");
+    let only_tools = words("PULLBOX_BENCH_TOOLS");
+    let partial = only_images.is_some() || only_tools.is_some();
+    let (layout, mut images) = build_images(scale)?;
+    let scratch = ScratchFs::create()?;
+    // Every tool's output, the daemons' roots and containerd's directories go there. Set
+    // before any thread of this process reads the environment.
+    std::env::set_var("TMPDIR", &scratch.mount);
+    eprintln!("scratch filesystem: ext4 on {} at {}", scratch.image.display(), scratch.mount.display());
+    if let Some(tags) = &only_images {
+        images.retain(|i| tags.iter().any(|t| t == i.tag));
+        ensure!(!images.is_empty(), "PULLBOX_BENCH_ONLY names none of multi, big, zstd (or list)");
+    }
+    let wanted = |tool: &str| only_tools.as_ref().is_none_or(|ws| ws.iter().any(|w| tool.contains(w.as_str())));
     let registry = Registry::start()?;
     for image in &images {
         oci::skopeo_copy(
@@ -771,17 +852,33 @@ async fn main() -> Result<()> {
         for _ in 0..runs {
             run_id += 1;
             eprintln!("[{:.0} s] {} run {run_id}", started.elapsed().as_secs_f64(), image.tag);
-            best("tar, one after another", tar_extract(&layout, image, false)?);
-            best("tar, all in parallel", tar_extract(&layout, image, true)?);
-            best("ctr images pull", ctr_pull(&reference, run_id)?);
-            best("pullbox pull (embedded)", pullbox_cli(&reference, &[])?);
-            best("pullbox pull --sync-fs (embedded)", pullbox_cli(&reference, &["--sync-fs"])?);
-            best("pullbox serve -> containerd", pullbox_containerd(&reference, run_id, false).await?);
-            best(
-                "pullbox serve -> containerd (pullbox snapshotter)",
-                pullbox_containerd(&reference, run_id, true).await?,
-            );
-            best("skopeo copy (download only)", skopeo_copy(&reference)?);
+            if wanted("tar, one after another") {
+                best("tar, one after another", tar_extract(&layout, image, false)?);
+            }
+            if wanted("tar, all in parallel") {
+                best("tar, all in parallel", tar_extract(&layout, image, true)?);
+            }
+            if wanted("ctr images pull") {
+                best("ctr images pull", ctr_pull(&reference, run_id)?);
+            }
+            if wanted("pullbox pull (embedded)") {
+                best("pullbox pull (embedded)", pullbox_cli(&reference, &[])?);
+            }
+            if wanted("pullbox pull --sync-fs (embedded)") {
+                best("pullbox pull --sync-fs (embedded)", pullbox_cli(&reference, &["--sync-fs"])?);
+            }
+            if wanted("pullbox serve -> containerd") {
+                best("pullbox serve -> containerd", pullbox_containerd(&reference, run_id, false).await?);
+            }
+            if wanted("pullbox serve -> containerd (pullbox snapshotter)") {
+                best(
+                    "pullbox serve -> containerd (pullbox snapshotter)",
+                    pullbox_containerd(&reference, run_id, true).await?,
+                );
+            }
+            if wanted("skopeo copy (download only)") {
+                best("skopeo copy (download only)", skopeo_copy(&reference)?);
+            }
         }
     }
 
@@ -809,6 +906,11 @@ async fn main() -> Result<()> {
         );
     }
 
+    if partial {
+        println!();
+        println!("total benchmark time {:.0} s (a part of the table only)", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     // 20 concurrent pulls of one image through a counting proxy, against one pull.
     let multi = &images[0];
     let proxy = FaultServer::proxy(registry.addr())?;

@@ -12,6 +12,11 @@
 //!   dead; one whose owner ran in another PID namespace (the daemon in a pod, the CLI on the
 //!   host) is left to its expiry.
 //!
+//! A pull's lease that cannot be deleted when the pull ends (containerd was down or
+//! restarting) is remembered and deleted before the next lease is created, or at the next
+//! collection: pullbox outlives a containerd restart without leaving that lease's content and
+//! snapshots to its 24-hour expiry.
+//!
 //! `delete` is synchronous (containerd runs its collector before answering), so when a pull
 //! ends, what only its lease held is gone. containerd's API has no "collect now" call:
 //! `collect` creates a short-lived lease and deletes it synchronously, which runs the
@@ -60,11 +65,39 @@ const GC_LEASE_EXPIRY: Duration = Duration::from_secs(60);
 pub(crate) struct LeaseManager {
     conn: Conn,
     snapshotter: String,
+    /// Leases whose delete failed for a reason other than their absence: deleted later, see
+    /// [`LeaseManager::delete_undeleted`].
+    undeleted: std::sync::Mutex<Vec<LeaseId>>,
 }
 
 impl LeaseManager {
     pub(crate) fn new(conn: Conn, snapshotter: String) -> LeaseManager {
-        LeaseManager { conn, snapshotter }
+        LeaseManager { conn, snapshotter, undeleted: std::sync::Mutex::default() }
+    }
+
+    fn undeleted(&self) -> std::sync::MutexGuard<'_, Vec<LeaseId>> {
+        self.undeleted.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Deletes the leases whose delete failed earlier (containerd was unreachable); keeps
+    /// those that fail again. Returns how many went.
+    async fn delete_undeleted(&self) -> u64 {
+        let pending = std::mem::take(&mut *self.undeleted());
+        let mut deleted = 0;
+        for lease in pending {
+            match self.delete_with(&lease, true).await {
+                Ok(()) => {
+                    tracing::info!(lease = %lease.0, "deleted the lease of a pull that ended while containerd was away");
+                    deleted += 1;
+                }
+                Err(Error::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::debug!(lease = %lease.0, "the lease still cannot be deleted: {}", e.chain());
+                    self.undeleted().push(lease);
+                }
+            }
+        }
+        deleted
     }
 
     fn client(&self) -> LeasesClient<Channel> {
@@ -84,11 +117,13 @@ impl LeaseManager {
         Ok(())
     }
 
-    /// Deletes the leases of pullbox processes known to be gone; returns how many.
+    /// Deletes the leases of pullbox processes known to be gone, and this process's leases
+    /// whose delete failed; returns how many.
     async fn delete_dead(&self) -> Result<u64> {
+        let retried = self.delete_undeleted().await;
         let req = self.conn.request(ListRequest { filters: vec![format!("labels.\"{OWNER_LABEL}\"")] });
         let leases = self.client().list(req).await.map_err(|s| self.conn.error(s))?.into_inner().leases;
-        let mut deleted = 0;
+        let mut deleted = retried;
         for lease in leases {
             let Some(owner) = lease.labels.get(OWNER_LABEL).and_then(|v| Owner::parse(v)) else { continue };
             if owner.is_certainly_gone() {
@@ -142,6 +177,9 @@ impl LeaseManager {
 #[async_trait]
 impl Leases for LeaseManager {
     async fn create(&self) -> Result<LeaseId> {
+        if !self.undeleted().is_empty() {
+            self.delete_undeleted().await;
+        }
         let id = format!("pullbox-{}", uuid::Uuid::new_v4().simple());
         let labels = HashMap::from([
             (EXPIRE_LABEL.to_owned(), rfc3339(now_secs() + LEASE_EXPIRY.as_secs())),
@@ -151,7 +189,13 @@ impl Leases for LeaseManager {
     }
 
     async fn delete(&self, lease: &LeaseId) -> Result<()> {
-        self.delete_with(lease, true).await
+        match self.delete_with(lease, true).await {
+            Err(e) if !matches!(e, Error::NotFound(_)) => {
+                self.undeleted().push(lease.clone());
+                Err(e)
+            }
+            done => done,
+        }
     }
 
     /// containerd's `AddResource` (it does not check that the resource exists).
