@@ -658,6 +658,8 @@ struct Row {
     image: String,
     tool: &'static str,
     fig: Figure,
+    /// Every run's wall time, in order.
+    walls: Vec<f64>,
 }
 
 async fn pull_one(proxy: &str, reference: &str, n: usize) -> Result<f64> {
@@ -842,11 +844,12 @@ async fn main() -> Result<()> {
         // Each tool `runs` times; the row keeps the fastest wall and the largest RSS.
         let mut best = |tool: &'static str, f: Figure| {
             if let Some(r) = rows.iter_mut().find(|r| r.image == name && r.tool == tool) {
+                r.walls.push(f.wall);
                 r.fig.wall = r.fig.wall.min(f.wall);
                 r.fig.rss_kib = r.fig.rss_kib.max(f.rss_kib);
                 r.fig.daemon_rss_kib = r.fig.daemon_rss_kib.max(f.daemon_rss_kib);
             } else {
-                rows.push(Row { image: name.clone(), tool, fig: f });
+                rows.push(Row { image: name.clone(), tool, walls: vec![f.wall], fig: f });
             }
         };
         for _ in 0..runs {
@@ -888,21 +891,22 @@ async fn main() -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!(
-        "{:<58} {:<50} {:>8} {:>8} {:>8} {:>9} {:>12}",
-        "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd"
+        "{:<58} {:<50} {:>8} {:>8} {:>8} {:>9} {:>12}  {}",
+        "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd", "every run's wall s"
     );
     for r in &rows {
         let ctr = rows.iter().find(|x| x.image == r.image && x.tool == "ctr images pull").map(|x| x.fig.wall);
         let par = rows.iter().find(|x| x.image == r.image && x.tool == "tar, all in parallel").map(|x| x.fig.wall);
         println!(
-            "{:<58} {:<50} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>12}",
+            "{:<58} {:<50} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>12}  {}",
             r.image,
             r.tool,
             r.fig.wall,
             ctr.map_or(f64::NAN, |c| r.fig.wall / c),
             par.map_or(f64::NAN, |p| r.fig.wall / p),
             mb(r.fig.rss_kib),
-            r.fig.daemon_rss_kib.map(mb).unwrap_or_default()
+            r.fig.daemon_rss_kib.map(mb).unwrap_or_default(),
+            r.walls.iter().map(|w| format!("{w:.2}")).collect::<Vec<_>>().join(" ")
         );
     }
 
