@@ -141,7 +141,7 @@ impl Content {
             tx,
             responses,
             sent: offset,
-            buf: Vec::new(),
+            buf: Vec::with_capacity(CHUNK),
             in_flight: 0,
         })
     }
@@ -346,9 +346,11 @@ impl Writer {
         }
     }
 
-    /// Sends `len` bytes of the buffer as one `WRITE`.
-    async fn flush(&mut self, len: usize) -> Result<(), Status> {
-        let data: Vec<u8> = self.buf.drain(..len).collect();
+    /// Sends the full buffer ([`CHUNK`] bytes) as one `WRITE`; the message takes the buffer
+    /// itself, not a copy.
+    async fn flush(&mut self) -> Result<(), Status> {
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let len = data.len();
         let req = WriteContentRequest {
             action: WriteAction::Write as i32,
             offset: self.sent as i64,
@@ -421,7 +423,7 @@ impl Ingest for Writer {
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
             if self.buf.len() == CHUNK {
-                self.flush(CHUNK).await.map_err(|s| self.error(s))?;
+                self.flush().await.map_err(|s| self.error(s))?;
             }
         }
         Ok(())
