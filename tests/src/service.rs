@@ -43,10 +43,10 @@ const HOLD_FILE: &str = ".supervised-hold";
 /// The supervisor: `$0` is the directory to delete afterwards, `"$@"` the program and its
 /// arguments. It exits when the program does, unless [`RESPAWN_FILE`] exists then: it waits
 /// while [`HOLD_FILE`] exists, and starts the program again if [`RESPAWN_FILE`] still does.
-/// The running program's PID is in [`PID_FILE`]. Its
-/// watcher, a subshell, reads the pipe from the test process (kept on fd 3, since an
-/// asynchronous list's stdin is `/dev/null`); at end of file it stops the program, runs
-/// `cleanup` (which sees the directory as `$dir`) and deletes the directory.
+/// The running program's PID is in [`PID_FILE`]. Its watcher, a subshell, reads the pipe from
+/// the test process (kept on fd 3, since an asynchronous list's stdin is `/dev/null`); at end
+/// of file it removes both files (so the program is not started again), stops the program,
+/// runs `cleanup` (which sees the directory as `$dir`) and deletes the directory.
 fn supervisor(cleanup: &str) -> String {
     format!(
         r#"

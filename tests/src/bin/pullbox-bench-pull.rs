@@ -26,6 +26,10 @@
 //!    one tiny layer, pushed with the registry API and pulled over CRI), and `ImageFsInfo`
 //!    over the same daemon (answered from the background measurement).
 //!
+//! Every tool writes into a fresh journaled ext4, loop-mounted for the run ([`ScratchFs`]; it
+//! is `TMPDIR`), not into the machine's own disk, which may be a journal-less ext4 whose inode
+//! allocator slows down after the previous tool's files were deleted.
+//!
 //! Every pull starts from an empty store but with a warm compiled-puller cache (a
 //! `pullbox images` or `ListImages` call first), as a node's daemon has. Everything runs on
 //! one machine: the registry's reads come from the page cache.
