@@ -286,54 +286,84 @@ async fn containerd_cri_runs_pods_from_pullbox_snapshotter() {
     assert!(snapshot_dirs(&root).is_empty(), "left in pullbox's store: {:?}\n{}", snapshot_dirs(&root), logs());
 }
 
+/// A proxy-mode pull of the app image through a gate that holds layer 2 halfway: pullbox's
+/// daemon and containerd, and the pull in flight, once layer 1's snapshot is committed and
+/// layer 2's prepared on pullbox's store.
+struct HeldPull {
+    gate: FaultServer,
+    _sock_dir: tempfile::TempDir,
+    ctd: Containerd,
+    daemon: Daemon,
+    reference: String,
+    pull: tokio::task::JoinHandle<Result<tonic::Response<k8s_cri::v1::PullImageResponse>, tonic::Status>>,
+}
+
+impl HeldPull {
+    fn start() -> HeldPull {
+        let f = fixture();
+        let gate = FaultServer::proxy(f.registry.addr()).unwrap();
+        let layer2 = &f.app.layers[1];
+        gate.hold(&layer2.digest, layer2.size / 2);
+        let (sock_dir, socket) = snapshotter_socket();
+        let ctd = Containerd::start_with_proxy(SNAPSHOTTER, &socket).unwrap();
+        let daemon = Daemon::start(&proxy_mode_config(&ctd, &socket)).unwrap();
+        let reference = format!("{}/{}:1.0", gate.addr(), f.app.path());
+        let cri = daemon.socket().to_owned();
+        let request = pull_request(&reference);
+        let pull =
+            tokio::spawn(async move { pullbox_tests::cri::connect(&cri).await.unwrap().pull_image(request).await });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !(gate.held() == 1 && snapshot_dirs(&daemon.root()).len() >= 2) {
+            assert!(std::time::Instant::now() < deadline, "the pull never reached layer 2:\n{}", daemon.log());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        HeldPull { gate, _sock_dir: sock_dir, ctd, daemon, reference, pull }
+    }
+
+    /// Lets the rest of layer 2 through.
+    fn release(&self) {
+        self.gate.release(&fixture().app.layers[1].digest);
+    }
+
+    /// After a crash: the same pull succeeds, and once containerd's collector ran no lease
+    /// and no partial download is left, pullbox's store holds exactly the image's layers, and
+    /// a container of the image runs (under the container ID `id`).
+    async fn pull_again_and_check_nothing_is_left(&self, id: &str) {
+        let (ctd, daemon) = (&self.ctd, &self.daemon);
+        let mut client = pullbox_tests::cri::connect(daemon.socket()).await.unwrap();
+        let pulled = client
+            .pull_image(pull_request(&self.reference))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\npullbox log:\n{}\ncontainerd log:\n{}", daemon.log(), ctd.log()));
+        assert_eq!(pulled.into_inner().image_ref, fixture().app.config_digest);
+
+        ctd.collect("k8s.io").unwrap();
+        assert_eq!(ctd.list("k8s.io", "leases").unwrap(), Vec::<String>::new(), "{}", daemon.log());
+        let active = ctd.ctr_ok("k8s.io", &["content", "active"]).unwrap();
+        assert_eq!(active.lines().skip(1).count(), 0, "{active}");
+        let root = daemon.root();
+        assert_eq!(snapshot_dirs(&root).len(), app::LAYERS, "{:?}\n{}", snapshot_dirs(&root), daemon.log());
+        assert_eq!(cat_layer3(ctd, "k8s.io", &self.reference, id), app::LAYER3_CONTENT);
+    }
+}
+
 /// A pullbox killed (SIGKILL) in the middle of a proxy-mode pull, with layer 1 committed and
 /// layer 2 half unpacked into the snapshot containerd prepared on pullbox's store: the next
 /// start and containerd's collector leave nothing behind, and the same pull then succeeds
 /// and runs.
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_daemon_mid_pull_is_repaired_by_the_next_start() {
-    let f = fixture();
-    let gate = FaultServer::proxy(f.registry.addr()).unwrap();
-    let layer2 = &f.app.layers[1];
-    gate.hold(&layer2.digest, layer2.size / 2);
-    let (_sock_dir, socket) = snapshotter_socket();
-    let ctd = Containerd::start_with_proxy(SNAPSHOTTER, &socket).unwrap();
-    let mut daemon = Daemon::start(&proxy_mode_config(&ctd, &socket)).unwrap();
-    let root = daemon.root();
-    let reference = format!("{}/{}:1.0", gate.addr(), f.app.path());
-
-    let cri = daemon.socket().to_owned();
-    let request = pull_request(&reference);
-    let pull = tokio::spawn(async move { pullbox_tests::cri::connect(&cri).await.unwrap().pull_image(request).await });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !(gate.held() == 1 && snapshot_dirs(&root).len() >= 2) {
-        assert!(std::time::Instant::now() < deadline, "the pull never reached layer 2:\n{}", daemon.log());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    daemon.kill().unwrap();
-    assert!(pull.await.unwrap().is_err(), "the pull's connection went with the daemon");
+    let mut held = HeldPull::start();
+    held.daemon.kill().unwrap();
+    assert!((&mut held.pull).await.unwrap().is_err(), "the pull's connection went with the daemon");
     // What the crash left: the dead process's lease in containerd, holding layer 1's
     // committed snapshot and layer 2's active one, both in pullbox's store.
-    assert!(!ctd.list("k8s.io", "leases").unwrap().is_empty());
-    assert!(snapshot_dirs(&root).len() >= 2);
+    assert!(!held.ctd.list("k8s.io", "leases").unwrap().is_empty());
+    assert!(snapshot_dirs(&held.daemon.root()).len() >= 2);
 
-    gate.release(&layer2.digest);
-    daemon.restart().unwrap();
-    let mut client = pullbox_tests::cri::connect(daemon.socket()).await.unwrap();
-    let pulled = client
-        .pull_image(pull_request(&reference))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\npullbox log:\n{}\ncontainerd log:\n{}", daemon.log(), ctd.log()));
-    assert_eq!(pulled.into_inner().image_ref, f.app.config_digest);
-
-    // No lease of the dead process is left, nor a partial download; after containerd's
-    // collector, pullbox's store holds exactly the image's layers.
-    ctd.collect("k8s.io").unwrap();
-    assert_eq!(ctd.list("k8s.io", "leases").unwrap(), Vec::<String>::new(), "{}", daemon.log());
-    let active = ctd.ctr_ok("k8s.io", &["content", "active"]).unwrap();
-    assert_eq!(active.lines().skip(1).count(), 0, "{active}");
-    assert_eq!(snapshot_dirs(&root).len(), app::LAYERS, "{:?}\n{}", snapshot_dirs(&root), daemon.log());
-    assert_eq!(cat_layer3(&ctd, "k8s.io", &reference, "pb-crash-1"), app::LAYER3_CONTENT);
+    held.release();
+    held.daemon.restart().unwrap();
+    held.pull_again_and_check_nothing_is_left("pb-crash-1").await;
 }
 
 /// containerd killed (SIGKILL) in the middle of a proxy-mode pull, with layer 1 committed and
@@ -344,47 +374,18 @@ async fn killed_daemon_mid_pull_is_repaired_by_the_next_start() {
 /// holds exactly the image's layers.
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_containerd_mid_pull_leaves_nothing_once_it_is_back() {
-    let f = fixture();
-    let gate = FaultServer::proxy(f.registry.addr()).unwrap();
-    let layer2 = &f.app.layers[1];
-    gate.hold(&layer2.digest, layer2.size / 2);
-    let (_sock_dir, socket) = snapshotter_socket();
-    let mut ctd = Containerd::start_with_proxy(SNAPSHOTTER, &socket).unwrap();
-    let daemon = Daemon::start(&proxy_mode_config(&ctd, &socket)).unwrap();
-    let root = daemon.root();
-    let reference = format!("{}/{}:1.0", gate.addr(), f.app.path());
-
-    let cri = daemon.socket().to_owned();
-    let request = pull_request(&reference);
-    let pull = tokio::spawn(async move { pullbox_tests::cri::connect(&cri).await.unwrap().pull_image(request).await });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !(gate.held() == 1 && snapshot_dirs(&root).len() >= 2) {
-        assert!(std::time::Instant::now() < deadline, "the pull never reached layer 2:\n{}", daemon.log());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    ctd.crash().unwrap();
+    let mut held = HeldPull::start();
+    held.ctd.crash().unwrap();
     // The rest of layer 2 arrives for a content write containerd's crash cut off.
-    gate.release(&layer2.digest);
-    let failed = pull.await.unwrap().expect_err("the pull outlived containerd's crash");
-    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}\n{}", daemon.log());
+    held.release();
+    let failed = (&mut held.pull).await.unwrap().expect_err("the pull outlived containerd's crash");
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}\n{}", held.daemon.log());
     assert!(failed.message().contains("containerd"), "{failed:?}");
-    ctd.restart().unwrap();
+    held.ctd.restart().unwrap();
     // What the crash left in containerd's database: the failed pull's lease (pullbox could
     // not delete it while containerd was down), holding layer 1's committed snapshot and
     // layer 2's active one.
-    assert!(!ctd.list("k8s.io", "leases").unwrap().is_empty());
+    assert!(!held.ctd.list("k8s.io", "leases").unwrap().is_empty());
 
-    let mut client = pullbox_tests::cri::connect(daemon.socket()).await.unwrap();
-    let pulled = client
-        .pull_image(pull_request(&reference))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\npullbox log:\n{}\ncontainerd log:\n{}", daemon.log(), ctd.log()));
-    assert_eq!(pulled.into_inner().image_ref, f.app.config_digest);
-
-    ctd.collect("k8s.io").unwrap();
-    assert_eq!(ctd.list("k8s.io", "leases").unwrap(), Vec::<String>::new(), "{}", daemon.log());
-    let active = ctd.ctr_ok("k8s.io", &["content", "active"]).unwrap();
-    assert_eq!(active.lines().skip(1).count(), 0, "{active}");
-    assert_eq!(snapshot_dirs(&root).len(), app::LAYERS, "{:?}\n{}", snapshot_dirs(&root), daemon.log());
-    assert_eq!(cat_layer3(&ctd, "k8s.io", &reference, "pb-ctd-crash-1"), app::LAYER3_CONTENT);
+    held.pull_again_and_check_nothing_is_left("pb-ctd-crash-1").await;
 }

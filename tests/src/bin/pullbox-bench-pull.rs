@@ -895,8 +895,8 @@ async fn main() -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!(
-        "{:<58} {:<50} {:>8} {:>8} {:>8} {:>9} {:>12}  {}",
-        "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd", "every run's wall s"
+        "{:<58} {:<50} {:>8} {:>8} {:>8} {:>9} {:>12}  every run's wall s",
+        "image", "tool", "wall s", "×ctr", "×par.tar", "RSS", "containerd"
     );
     for r in &rows {
         let ctr = rows.iter().find(|x| x.image == r.image && x.tool == "ctr images pull").map(|x| x.fig.wall);
