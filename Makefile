@@ -132,10 +132,11 @@ host:
 
 build: host pullers
 
-# Debian packages and cargo tools the build and the tests need (run as root).
+# Debian packages and cargo tools the build and the tests need (run as root); `time`, `zstd`
+# and `e2fsprogs` (mkfs.ext4 for its scratch filesystem) are for `make bench`.
 APT_PACKAGES := build-essential pkg-config ca-certificates git \
                 rustc-web cargo-web rust-web-src lld-22 protobuf-compiler \
-                docker-registry umoci skopeo busybox-static containerd runc jq curl time zstd \
+                docker-registry umoci skopeo busybox-static containerd runc jq curl time zstd e2fsprogs \
                 python3-venv
 
 # A grpc C-core client for the CRI tests (tests/src/cri.rs `grpcio_call`): PyPI's grpcio in a
