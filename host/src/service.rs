@@ -183,7 +183,7 @@ impl ImageService {
 
     /// A session of a request that may not write.
     fn session(&self) -> Arc<Session> {
-        Arc::new(Session::new(self.backend.clone(), self.registry.clone(), Arc::new(crate::registry::NoProgress)))
+        Arc::new(Session::new(self.backend.clone(), self.registry.clone()))
     }
 
     /// Checks that the puller accepts its settings.

@@ -72,9 +72,6 @@ pub struct Session {
     /// Whether the session still owns its lease: set by [`Session::for_pull`], cleared by
     /// [`Session::release`]; a session dropped while it is set releases the lease itself.
     owns_lease: std::sync::atomic::AtomicBool,
-    pub progress: Arc<dyn Progress>,
-    /// The request's registry credentials. Never logged, never handed to the guest.
-    pub credentials: Credentials,
     /// Cancels the request: its downloads stop, its registry imports answer `cancelled`.
     pub cancel: CancellationToken,
     fetches: Mutex<HashMap<Digest, (FetchFuture, tokio::task::AbortHandle)>>,
@@ -99,15 +96,13 @@ impl Drop for EndStage {
 
 impl Session {
     /// A session that may not write (status, list, remove, a settings check): it has no lease.
-    pub fn new(backend: Backend, registry: SharedClient, progress: Arc<dyn Progress>) -> Session {
+    pub fn new(backend: Backend, registry: SharedClient) -> Session {
         Session {
             downloads: Arc::new(Semaphore::new(registry.max_concurrent_downloads().max(1) + 1)),
             backend,
             registry,
             sink: None,
             owns_lease: std::sync::atomic::AtomicBool::new(false),
-            progress,
-            credentials: Credentials::anonymous(),
             cancel: CancellationToken::new(),
             recorder: None,
             fetches: Mutex::new(HashMap::new()),
@@ -119,17 +114,17 @@ impl Session {
     /// under it, and [`Session::release`] (or dropping the session) deletes it.
     pub async fn for_pull(backend: Backend, registry: SharedClient, progress: Arc<dyn Progress>) -> Result<Session> {
         let lease = backend.leases.create().await?;
-        let mut session = Session::new(backend, registry, progress);
+        let mut session = Session::new(backend, registry);
         let content = session.backend.content.clone();
-        session.sink = Some(Sink::new(content, lease, session.progress.clone(), session.credentials.clone()));
+        session.sink = Some(Sink::new(content, lease, progress, Credentials::anonymous()));
         *session.owns_lease.get_mut() = true;
         Ok(session)
     }
 
-    /// The same session with the request's registry credentials.
+    /// The same session with the request's registry credentials (a pull's: they go with its
+    /// sink; never logged, never handed to the guest).
     pub fn with_credentials(mut self, credentials: Credentials) -> Session {
-        self.sink = self.sink.take().map(|s| s.with_credentials(credentials.clone()));
-        self.credentials = credentials;
+        self.sink = self.sink.take().map(|s| s.with_credentials(credentials));
         self
     }
 

@@ -34,7 +34,7 @@ impl Host for CallState {
                 Some(diff_id) => diff_id,
                 None => s.backend.differ.apply(&layer, &ms).await?,
             };
-            s.progress.done(&layer.digest);
+            s.sink()?.progress().done(&layer.digest);
             Ok(diff_id.to_string())
         }
         .await;

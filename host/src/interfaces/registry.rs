@@ -62,8 +62,9 @@ impl Host for CallState {
         let repo = Repository::parse(bounded("name", &name)?)?;
         let subject = digest(&subject)?;
         let artifact_type = bounded("artifact type", &artifact_type)?;
+        let credentials = s.sink()?.credentials();
         s.check_cancelled()?;
-        let asking = s.registry.referrers(&repo, &subject, artifact_type, &s.credentials);
+        let asking = s.registry.referrers(&repo, &subject, artifact_type, credentials);
         let found = tokio::select! {
             r = asking => r?,
             () = s.cancel.cancelled() => return Err(cancelled().into()),

@@ -324,11 +324,7 @@ async fn set_shadow(
 ) -> anyhow::Result<Key> {
     let loaded =
         loader.load(live.shadow_puller.as_deref(), live.shadow_settings.as_deref(), live.allow_puller_tags).await?;
-    let scratch = Arc::new(pullbox::session::Session::new(
-        service.backend().clone(),
-        loader.client.clone(),
-        Arc::new(pullbox::registry::NoProgress),
-    ));
+    let scratch = Arc::new(pullbox::session::Session::new(service.backend().clone(), loader.client.clone()));
     loaded
         .puller
         .check(scratch)
