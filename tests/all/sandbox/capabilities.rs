@@ -24,10 +24,7 @@ pub(super) async fn loops_inside_host_imports_end_with_a_clear_error(b: Backend)
         use_hostile(&d, &doc).await;
         let mut c = cri::connect(d.daemon.socket()).await.unwrap();
         let t = Instant::now();
-        let answer = match call {
-            "ListImages" => c.list_images(ListImagesRequest::default()).await.map(|_| ()),
-            _ => c.image_status(ImageStatusRequest { image: spec(&app()), verbose: false }).await.map(|_| ()),
-        };
+        let answer = read_call(&mut c, call).await;
         let status = answer.expect_err(&format!("{call} with {doc} succeeded"));
         Expect::new(&[Code::ResourceExhausted], &["import budget"]).check(&doc, &status, t.elapsed());
         let pulled = c.pull_image(pull_req(&app())).await.expect_err("hostile pulls refuse");
@@ -62,13 +59,7 @@ pub(super) async fn status_list_and_remove_cannot_write(b: Backend) {
         let doc = json!({"behavior": "write-in-read", "export": export}).to_string();
         use_hostile(&d, &doc).await;
         let mut c = cri::connect(d.daemon.socket()).await.unwrap();
-        let answer = match call {
-            "ListImages" => c.list_images(ListImagesRequest::default()).await.map(|_| ()),
-            "ImageStatus" => {
-                c.image_status(ImageStatusRequest { image: spec(&app()), verbose: false }).await.map(|_| ())
-            }
-            _ => c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.map(|_| ()),
-        };
+        let answer = read_call(&mut c, call).await;
         let status = answer.expect_err(&format!("{call} with {doc} succeeded"));
         Expect::new(&[Code::FailedPrecondition], &["every write refused"]).check(&doc, &status, Duration::ZERO);
     }

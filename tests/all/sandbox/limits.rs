@@ -34,13 +34,7 @@ pub(super) async fn limits_apply_to_every_export_not_only_pulls(b: Backend) {
             use_hostile(&d, &doc).await;
             let mut c = cri::connect(d.daemon.socket()).await.unwrap();
             let t = Instant::now();
-            let answer = match call {
-                "ListImages" => c.list_images(ListImagesRequest::default()).await.map(|_| ()),
-                "ImageStatus" => {
-                    c.image_status(ImageStatusRequest { image: spec(&app()), verbose: false }).await.map(|_| ())
-                }
-                _ => c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.map(|_| ()),
-            };
+            let answer = read_call(&mut c, call).await;
             let status = answer.expect_err(&format!("{call} with {doc} succeeded"));
             expect.check(&format!("{call} with {doc}"), &status, t.elapsed());
             // The other exports of the same puller answer.

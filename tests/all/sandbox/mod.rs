@@ -92,6 +92,19 @@ fn app() -> String {
     fixture().reference("team/app:1.0")
 }
 
+/// Calls the CRI method that a read export serves (`ListImages`, `ImageStatus` of [`app`], or
+/// `RemoveImage` of it for any other name), keeping only its status.
+async fn read_call(
+    c: &mut k8s_cri::v1::image_service_client::ImageServiceClient<tonic::transport::Channel>,
+    call: &str,
+) -> Result<(), tonic::Status> {
+    match call {
+        "ListImages" => c.list_images(ListImagesRequest::default()).await.map(|_| ()),
+        "ImageStatus" => c.image_status(ImageStatusRequest { image: spec(&app()), verbose: false }).await.map(|_| ()),
+        _ => c.remove_image(RemoveImageRequest { image: spec(&app()) }).await.map(|_| ()),
+    }
+}
+
 /// What a hostile request must fail with.
 struct Expect {
     /// The acceptable status codes.
