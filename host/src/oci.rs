@@ -196,6 +196,21 @@ pub struct Descriptor {
     pub urls: Vec<String>,
 }
 
+impl Descriptor {
+    /// The descriptor of `data` as a blob of `media_type` (sha256, no annotations, platform or
+    /// URLs).
+    pub fn of_bytes(media_type: &str, data: &[u8]) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest: Digest::sha256_of(data),
+            size: data.len() as u64,
+            annotations: BTreeMap::new(),
+            platform: None,
+            urls: Vec::new(),
+        }
+    }
+}
+
 /// A mount, in `mount(8)`'s terms.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {

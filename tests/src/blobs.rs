@@ -3,19 +3,12 @@
 
 use pullbox::{
     backend::{Backend, LeaseId},
-    oci::{Descriptor, Digest},
+    oci::Descriptor,
 };
 
 /// The descriptor of `data` as a blob of `media_type`.
 pub fn descriptor(media_type: &str, data: &[u8]) -> Descriptor {
-    Descriptor {
-        media_type: media_type.into(),
-        digest: Digest::sha256_of(data),
-        size: data.len() as u64,
-        annotations: Default::default(),
-        platform: None,
-        urls: vec![],
-    }
+    Descriptor::of_bytes(media_type, data)
 }
 
 /// Deterministic bytes that do not compress (xorshift64).

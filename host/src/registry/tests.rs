@@ -130,14 +130,7 @@ async fn serve(mut conn: TcpStream, handler: Handler, log: Arc<Mutex<Vec<Seen>>>
 /// A blob of `n` deterministic bytes and its descriptor.
 fn blob(n: usize) -> (Vec<u8>, Descriptor) {
     let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
-    let desc = Descriptor {
-        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-        digest: Digest::sha256_of(&data),
-        size: n as u64,
-        annotations: Default::default(),
-        platform: None,
-        urls: Vec::new(),
-    };
+    let desc = Descriptor::of_bytes("application/vnd.oci.image.layer.v1.tar", &data);
     (data, desc)
 }
 

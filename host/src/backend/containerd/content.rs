@@ -463,14 +463,7 @@ mod tests {
     use super::*;
 
     fn desc(media_type: &str) -> Descriptor {
-        Descriptor {
-            media_type: media_type.into(),
-            digest: Digest::sha256_of(b"x"),
-            size: 1,
-            annotations: Default::default(),
-            platform: None,
-            urls: vec![],
-        }
+        Descriptor::of_bytes(media_type, b"x")
     }
 
     #[test]

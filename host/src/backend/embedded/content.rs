@@ -401,14 +401,7 @@ mod tests {
     use crate::backend::{embedded::open, Backend};
 
     fn descriptor(data: &[u8]) -> Descriptor {
-        Descriptor {
-            media_type: "application/octet-stream".into(),
-            digest: Digest::sha256_of(data),
-            size: data.len() as u64,
-            annotations: Default::default(),
-            platform: None,
-            urls: vec![],
-        }
+        Descriptor::of_bytes("application/octet-stream", data)
     }
 
     async fn setup() -> (tempfile::TempDir, Backend, LeaseId) {

@@ -79,14 +79,7 @@ mod tests {
     }
 
     async fn store(b: &Backend, lease: &LeaseId, media_type: &str, data: &[u8]) -> Descriptor {
-        let desc = Descriptor {
-            media_type: media_type.into(),
-            digest: Digest::sha256_of(data),
-            size: data.len() as u64,
-            annotations: Default::default(),
-            platform: None,
-            urls: vec![],
-        };
+        let desc = Descriptor::of_bytes(media_type, data);
         let mut w = b.content.writer(&desc, lease).await.unwrap();
         w.write(data).await.unwrap();
         w.commit().await.unwrap();

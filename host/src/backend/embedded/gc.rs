@@ -353,14 +353,7 @@ mod tests {
     }
 
     async fn blob(b: &Backend, lease: &LeaseId, data: &[u8]) -> Descriptor {
-        let desc = Descriptor {
-            media_type: "application/octet-stream".into(),
-            digest: Digest::sha256_of(data),
-            size: data.len() as u64,
-            annotations: Default::default(),
-            platform: None,
-            urls: vec![],
-        };
+        let desc = blob_descriptor(data);
         let mut w = b.content.writer(&desc, lease).await.unwrap();
         w.write(data).await.unwrap();
         w.commit().await.unwrap();
@@ -464,14 +457,7 @@ mod tests {
     }
 
     fn blob_descriptor(data: &[u8]) -> Descriptor {
-        Descriptor {
-            media_type: "application/octet-stream".into(),
-            digest: Digest::sha256_of(data),
-            size: data.len() as u64,
-            annotations: Default::default(),
-            platform: None,
-            urls: vec![],
-        }
+        Descriptor::of_bytes("application/octet-stream", data)
     }
 
     #[tokio::test]

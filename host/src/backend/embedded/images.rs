@@ -169,14 +169,7 @@ mod tests {
     fn record(name: &str, data: &[u8]) -> ImageRecord {
         ImageRecord {
             name: name.into(),
-            target: Descriptor {
-                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                digest: Digest::sha256_of(data),
-                size: data.len() as u64,
-                annotations: Default::default(),
-                platform: None,
-                urls: vec![],
-            },
+            target: Descriptor::of_bytes("application/vnd.oci.image.manifest.v1+json", data),
             labels: [("io.cri-containerd.image".to_owned(), "managed".to_owned())].into(),
             created_at: 0,
             updated_at: 0,

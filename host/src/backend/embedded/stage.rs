@@ -325,14 +325,7 @@ mod tests {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         e.write_all(tar).unwrap();
         let blob = e.finish().unwrap();
-        let desc = Descriptor {
-            media_type: GZIP.into(),
-            digest: Digest::sha256_of(&blob),
-            size: blob.len() as u64,
-            annotations: Default::default(),
-            platform: None,
-            urls: vec![],
-        };
+        let desc = Descriptor::of_bytes(GZIP, &blob);
         (desc, blob)
     }
 

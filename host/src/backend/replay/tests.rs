@@ -13,14 +13,7 @@ struct Image {
 }
 
 fn desc(media_type: &str, bytes: &[u8]) -> Descriptor {
-    Descriptor {
-        media_type: media_type.into(),
-        digest: Digest::sha256_of(bytes),
-        size: bytes.len() as u64,
-        annotations: Default::default(),
-        platform: None,
-        urls: Vec::new(),
-    }
+    Descriptor::of_bytes(media_type, bytes)
 }
 
 fn image() -> Image {
